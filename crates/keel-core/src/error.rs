@@ -1,0 +1,139 @@
+//! Errors of the domain and of the store contract.
+//!
+//! [`StoreError`] separates the cases a caller must treat differently: a missing job (404),
+//! a move the state machine refuses or a duplicate (409), a stale lease token (the worker
+//! lost its lease and must drop its result), invalid input (422), a transient failure worth
+//! retrying with backoff (connection lost, lock timeout, serialisation failure), and a
+//! permanent failure that retrying will not fix.
+
+use std::error::Error as StdError;
+use std::fmt;
+
+use serde::Serialize;
+
+use crate::ids::JobId;
+use crate::job::IllegalTransition;
+
+/// One field that failed validation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct FieldError {
+    /// Path of the field, e.g. `max_attempts` or `tags[3]`.
+    pub field: String,
+    /// What is wrong with it.
+    pub message: String,
+}
+
+/// Every field error found in one value (never just the first).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(transparent)]
+pub struct ValidationErrors(pub Vec<FieldError>);
+
+impl fmt::Display for ValidationErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str("; ")?;
+            }
+            write!(f, "{}: {}", e.field, e.message)?;
+        }
+        Ok(())
+    }
+}
+
+impl StdError for ValidationErrors {}
+
+/// A boxed underlying cause (driver error, I/O error).
+pub type BoxError = Box<dyn StdError + Send + Sync + 'static>;
+
+/// Why a store operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// No job with this id.
+    #[error("job {0} not found")]
+    NotFound(JobId),
+
+    /// The state machine refuses this move from the job's current state.
+    #[error("job {id}: {source}")]
+    IllegalTransition {
+        /// The job.
+        id: JobId,
+        /// The refused move.
+        #[source]
+        source: IllegalTransition,
+    },
+
+    /// The write conflicts with stored data (e.g. a job with this id already exists).
+    #[error("conflict: {0}")]
+    Conflict(String),
+
+    /// The lease token does not match the job's current lease: the lease expired and was
+    /// rescued, the job was cancelled, or it already finished. The caller's work is void.
+    #[error("job {0}: lease token is stale (the lease expired, was taken over, or the job finished)")]
+    StaleLease(JobId),
+
+    /// A job in an insert failed validation; nothing in that insert was stored.
+    #[error("job #{index} is invalid: {errors}")]
+    Invalid {
+        /// Position of the offending job in the submitted batch.
+        index: usize,
+        /// Every problem with it.
+        errors: ValidationErrors,
+    },
+
+    /// A failure that may succeed if retried (lost connection, pool timeout, lock or
+    /// serialisation conflict, database starting up or shutting down).
+    #[error("transient store error while {context}")]
+    Transient {
+        /// What was being attempted.
+        context: String,
+        /// The underlying cause.
+        #[source]
+        source: BoxError,
+    },
+
+    /// A failure retrying will not fix (schema mismatch, corrupt row, disk full, bug).
+    #[error("store error while {context}")]
+    Permanent {
+        /// What was being attempted.
+        context: String,
+        /// The underlying cause.
+        #[source]
+        source: BoxError,
+    },
+}
+
+impl StoreError {
+    /// Whether retrying the same operation may succeed.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, StoreError::Transient { .. })
+    }
+
+    /// Shorthand for a [`StoreError::Transient`].
+    pub fn transient(context: impl Into<String>, source: impl Into<BoxError>) -> Self {
+        StoreError::Transient {
+            context: context.into(),
+            source: source.into(),
+        }
+    }
+
+    /// Shorthand for a [`StoreError::Permanent`].
+    pub fn permanent(context: impl Into<String>, source: impl Into<BoxError>) -> Self {
+        StoreError::Permanent {
+            context: context.into(),
+            source: source.into(),
+        }
+    }
+
+    /// A short, stable name for the error class, usable as a metric label.
+    pub fn class(&self) -> &'static str {
+        match self {
+            StoreError::NotFound(_) => "not_found",
+            StoreError::IllegalTransition { .. } => "illegal_transition",
+            StoreError::Conflict(_) => "conflict",
+            StoreError::StaleLease(_) => "stale_lease",
+            StoreError::Invalid { .. } => "invalid",
+            StoreError::Transient { .. } => "transient",
+            StoreError::Permanent { .. } => "permanent",
+        }
+    }
+}

@@ -1,0 +1,748 @@
+//! The job model: what a job is, the states it moves through, and the one function that
+//! decides which moves are legal.
+//!
+//! Both stores derive the `WHERE state IN (…)` guard of every state-changing statement from
+//! [`Transition::sources`], so the SQL cannot drift from [`JobState::apply`]; the
+//! conformance suite then checks every (state, transition) pair against the database.
+
+use std::fmt;
+use std::str::FromStr;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+
+use crate::backoff::Backoff;
+use crate::clock::Timestamp;
+use crate::error::{FieldError, ValidationErrors};
+use crate::ids::{JobId, JobKind, LeaseToken, QueueName, TenantId, WorkerId};
+
+/// Where a job is in its life. See `docs/job-states.md` for the diagram.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JobState {
+    /// Waiting for its `run_at`; the promoter makes it available.
+    Scheduled,
+    /// Ready to be leased by a worker.
+    Available,
+    /// Leased by a worker; its lease must be renewed by heartbeats or it will be rescued.
+    Running,
+    /// Failed with attempts left; becomes available again at `run_at`.
+    Retryable,
+    /// Finished successfully (terminal).
+    Completed,
+    /// Failed for good: attempts exhausted or a permanent error (terminal).
+    Discarded,
+    /// Cancelled by a user before it finished (terminal).
+    Cancelled,
+}
+
+impl JobState {
+    /// Every state, in lifecycle order.
+    pub const ALL: [JobState; 7] = [
+        JobState::Scheduled,
+        JobState::Available,
+        JobState::Running,
+        JobState::Retryable,
+        JobState::Completed,
+        JobState::Discarded,
+        JobState::Cancelled,
+    ];
+
+    /// The terminal states: a job here never runs again unless a user retries it, and
+    /// retention deletes it once it is old enough.
+    pub const FINISHED: [JobState; 3] = [
+        JobState::Completed,
+        JobState::Discarded,
+        JobState::Cancelled,
+    ];
+
+    /// Whether the job is in a terminal state.
+    pub fn is_finished(self) -> bool {
+        Self::FINISHED.contains(&self)
+    }
+
+    /// The lowercase name stored in the database and shown in the API.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            JobState::Scheduled => "scheduled",
+            JobState::Available => "available",
+            JobState::Running => "running",
+            JobState::Retryable => "retryable",
+            JobState::Completed => "completed",
+            JobState::Discarded => "discarded",
+            JobState::Cancelled => "cancelled",
+        }
+    }
+
+    /// The state after `transition`, or an error if the move is illegal from here.
+    /// This is the single definition of Keel's state machine.
+    pub fn apply(self, transition: Transition) -> Result<JobState, IllegalTransition> {
+        use JobState::*;
+        use Transition as T;
+        let to = match (self, transition) {
+            (Scheduled | Retryable, T::Promote) => Available,
+            (Available, T::Lease) => Running,
+            (Running, T::Complete) => Completed,
+            (Running, T::Fail { retry: true }) => Retryable,
+            (Running, T::Fail { retry: false }) => Discarded,
+            (Running, T::Rescue { retry: true }) => Retryable,
+            (Running, T::Rescue { retry: false }) => Discarded,
+            (Running, T::Release) => Available,
+            (Scheduled | Available | Retryable | Running, T::Cancel) => Cancelled,
+            (Scheduled | Retryable | Completed | Discarded | Cancelled, T::Retry) => Available,
+            (from, transition) => return Err(IllegalTransition { from, transition }),
+        };
+        Ok(to)
+    }
+}
+
+impl fmt::Display for JobState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for JobState {
+    type Err = crate::ids::InvalidId;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Self::ALL
+            .into_iter()
+            .find(|st| st.as_str() == s)
+            .ok_or_else(|| crate::ids::InvalidId {
+                what: "job state",
+                reason: format!(
+                    "{s:?} is not one of scheduled, available, running, retryable, completed, discarded, cancelled"
+                ),
+            })
+    }
+}
+
+/// Something that happens to a job. Which states it may happen in is decided by
+/// [`JobState::apply`] alone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Transition {
+    /// `run_at` reached: scheduled or retryable → available.
+    Promote,
+    /// A worker took it: available → running, `attempt` + 1.
+    Lease,
+    /// The worker reported success.
+    Complete,
+    /// The worker reported failure; `retry` is whether attempts remain and the error was not
+    /// permanent.
+    Fail {
+        /// Whether the job gets another attempt.
+        retry: bool,
+    },
+    /// The lease expired without a heartbeat (the worker died or stalled); treated as a
+    /// failed attempt.
+    Rescue {
+        /// Whether the job gets another attempt.
+        retry: bool,
+    },
+    /// The worker gave the job back unfinished (graceful shutdown): the attempt does not
+    /// count.
+    Release,
+    /// A user cancelled it.
+    Cancel,
+    /// A user asked for it to run again now.
+    Retry,
+}
+
+impl Transition {
+    /// Every transition, for exhaustive tests.
+    pub const ALL: [Transition; 10] = [
+        Transition::Promote,
+        Transition::Lease,
+        Transition::Complete,
+        Transition::Fail { retry: true },
+        Transition::Fail { retry: false },
+        Transition::Rescue { retry: true },
+        Transition::Rescue { retry: false },
+        Transition::Release,
+        Transition::Cancel,
+        Transition::Retry,
+    ];
+
+    /// The states this transition may start from, derived from [`JobState::apply`]. Stores
+    /// build their `WHERE state IN (…)` guards from this list.
+    pub fn sources(self) -> Vec<JobState> {
+        JobState::ALL
+            .into_iter()
+            .filter(|s| s.apply(self).is_ok())
+            .collect()
+    }
+
+    /// A short name for messages and logs.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Transition::Promote => "promote",
+            Transition::Lease => "lease",
+            Transition::Complete => "complete",
+            Transition::Fail { .. } => "fail",
+            Transition::Rescue { .. } => "rescue",
+            Transition::Release => "release",
+            Transition::Cancel => "cancel",
+            Transition::Retry => "retry",
+        }
+    }
+}
+
+/// A move the state machine refuses, e.g. cancelling a completed job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("cannot {} a job that is {from}", transition.as_str())]
+pub struct IllegalTransition {
+    /// The state the job was in.
+    pub from: JobState,
+    /// What was attempted.
+    pub transition: Transition,
+}
+
+/// A job's priority: 0 is the most urgent, 9 the least. Within a queue, lower values are
+/// leased first; equal priorities go by `run_at`, then by id (creation order).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(try_from = "u8", into = "u8")]
+pub struct Priority(u8);
+
+impl Priority {
+    /// The most urgent priority.
+    pub const HIGHEST: Priority = Priority(0);
+    /// The least urgent priority.
+    pub const LOWEST: Priority = Priority(9);
+    /// The default: in the middle, so both more and less urgent work can be expressed.
+    pub const DEFAULT: Priority = Priority(4);
+
+    /// Validates `p` (0..=9).
+    pub fn new(p: u8) -> Result<Self, String> {
+        if p <= Self::LOWEST.0 {
+            Ok(Self(p))
+        } else {
+            Err(format!("must be between 0 (highest) and 9 (lowest), got {p}"))
+        }
+    }
+
+    /// The numeric value.
+    pub const fn get(self) -> u8 {
+        self.0
+    }
+}
+
+impl Default for Priority {
+    fn default() -> Self {
+        Self::DEFAULT
+    }
+}
+
+impl TryFrom<u8> for Priority {
+    type Error = String;
+    fn try_from(p: u8) -> Result<Self, Self::Error> {
+        Self::new(p)
+    }
+}
+
+impl From<Priority> for u8 {
+    fn from(p: Priority) -> u8 {
+        p.0
+    }
+}
+
+/// One failed attempt, as recorded in the job's `errors`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AttemptError {
+    /// Which attempt failed (1-based).
+    pub attempt: u32,
+    /// When the failure was recorded.
+    pub at: Timestamp,
+    /// What went wrong, truncated to [`AttemptError::MAX_MESSAGE_BYTES`].
+    pub message: String,
+}
+
+impl AttemptError {
+    /// Longest message kept per attempt. Bounded so a worker that dumps a huge stack trace
+    /// every attempt cannot grow one row without limit.
+    pub const MAX_MESSAGE_BYTES: usize = 4096;
+
+    /// Builds a record, truncating the message on a character boundary.
+    pub fn new(attempt: u32, at: Timestamp, message: &str) -> Self {
+        let mut end = message.len().min(Self::MAX_MESSAGE_BYTES);
+        while !message.is_char_boundary(end) {
+            end -= 1;
+        }
+        Self {
+            attempt,
+            at,
+            message: message[..end].to_owned(),
+        }
+    }
+}
+
+/// The lease a running job is held under.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Lease {
+    /// Who holds it.
+    pub owner: WorkerId,
+    /// The fencing token the holder must present.
+    pub token: LeaseToken,
+    /// When it lapses unless renewed.
+    pub expires_at: Timestamp,
+}
+
+/// A stored job: what was asked for, plus what Keel recorded while running it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Job {
+    /// Time-ordered id.
+    pub id: JobId,
+    /// Queue it runs in.
+    pub queue: QueueName,
+    /// Executor or handler that runs it.
+    pub kind: JobKind,
+    /// Tenant it belongs to.
+    pub tenant: TenantId,
+    /// Arguments, JSON, kept byte for byte as submitted.
+    pub args: Box<RawValue>,
+    /// 0 (highest) … 9.
+    pub priority: Priority,
+    /// Current state.
+    pub state: JobState,
+    /// Attempts started so far (incremented when leased).
+    pub attempt: u32,
+    /// Attempts allowed before the job is discarded.
+    pub max_attempts: u32,
+    /// How long one attempt may run.
+    #[serde(with = "duration_ms")]
+    pub timeout: Duration,
+    /// Retry delay policy.
+    pub backoff: Backoff,
+    /// Free-form labels for searching and grouping.
+    pub tags: Vec<String>,
+    /// Earliest time it may run (next run time when scheduled or retryable).
+    pub run_at: Timestamp,
+    /// One entry per failed attempt, oldest first.
+    pub errors: Vec<AttemptError>,
+    /// The result reported on completion.
+    pub result: Option<Box<RawValue>>,
+    /// The current lease, while running.
+    pub lease: Option<Lease>,
+    /// When it was inserted.
+    pub created_at: Timestamp,
+    /// When the latest attempt started.
+    pub started_at: Option<Timestamp>,
+    /// When it reached its terminal state.
+    pub finished_at: Option<Timestamp>,
+}
+
+impl PartialEq for Job {
+    fn eq(&self, other: &Self) -> bool {
+        self.id == other.id
+            && self.queue == other.queue
+            && self.kind == other.kind
+            && self.tenant == other.tenant
+            && self.args.get() == other.args.get()
+            && self.priority == other.priority
+            && self.state == other.state
+            && self.attempt == other.attempt
+            && self.max_attempts == other.max_attempts
+            && self.timeout == other.timeout
+            && self.backoff == other.backoff
+            && self.tags == other.tags
+            && self.run_at == other.run_at
+            && self.errors == other.errors
+            && self.result.as_ref().map(|r| r.get()) == other.result.as_ref().map(|r| r.get())
+            && self.lease == other.lease
+            && self.created_at == other.created_at
+            && self.started_at == other.started_at
+            && self.finished_at == other.finished_at
+    }
+}
+
+/// What a client submits. Build one with [`NewJob::new`] and the builder methods, then
+/// [`NewJob::validate`]; stores validate again before writing, so nothing unchecked is
+/// ever stored.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct NewJob {
+    /// Assigned up front so that the caller knows the id before the insert returns (needed
+    /// for idempotency records and for answering a client whose connection drops).
+    pub id: JobId,
+    /// Queue to run in.
+    pub queue: QueueName,
+    /// Executor or handler.
+    pub kind: JobKind,
+    /// Tenant.
+    pub tenant: TenantId,
+    /// Arguments (JSON).
+    pub args: Box<RawValue>,
+    /// 0 (highest) … 9.
+    pub priority: Priority,
+    /// Earliest run time; `None` means now.
+    pub run_at: Option<Timestamp>,
+    /// Attempts allowed, 1..=[`NewJob::MAX_ATTEMPTS_LIMIT`].
+    pub max_attempts: u32,
+    /// Per-attempt timeout, 1 ms ..= [`NewJob::MAX_TIMEOUT`].
+    #[serde(with = "duration_ms")]
+    pub timeout: Duration,
+    /// Retry policy.
+    pub backoff: Backoff,
+    /// Labels, at most [`NewJob::MAX_TAGS`], each at most [`NewJob::MAX_TAG_LEN`] bytes.
+    pub tags: Vec<String>,
+}
+
+impl NewJob {
+    /// Default attempts before a job is discarded (River and Sidekiq use 25 too).
+    pub const DEFAULT_MAX_ATTEMPTS: u32 = 25;
+    /// Upper bound on `max_attempts`; it also bounds the size of `errors`.
+    pub const MAX_ATTEMPTS_LIMIT: u32 = 1000;
+    /// Default per-attempt timeout.
+    pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
+    /// Longest per-attempt timeout.
+    pub const MAX_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
+    /// Default cap on serialised `args`, bytes. The API may configure a lower one.
+    pub const DEFAULT_MAX_ARGS_BYTES: usize = 1024 * 1024;
+    /// Most tags per job.
+    pub const MAX_TAGS: usize = 32;
+    /// Longest tag, bytes.
+    pub const MAX_TAG_LEN: usize = 128;
+
+    /// A job of `kind` with default queue, tenant, priority, attempts, timeout and backoff,
+    /// and `null` args.
+    pub fn new(kind: JobKind) -> Self {
+        Self {
+            id: JobId::new(),
+            queue: QueueName::default(),
+            kind,
+            tenant: TenantId::default(),
+            args: RawValue::from_string("null".to_owned())
+                .expect("`null` is valid JSON"),
+            priority: Priority::DEFAULT,
+            run_at: None,
+            max_attempts: Self::DEFAULT_MAX_ATTEMPTS,
+            timeout: Self::DEFAULT_TIMEOUT,
+            backoff: Backoff::default(),
+            tags: Vec::new(),
+        }
+    }
+
+    /// Sets the queue.
+    pub fn queue(mut self, q: QueueName) -> Self {
+        self.queue = q;
+        self
+    }
+
+    /// Sets the tenant.
+    pub fn tenant(mut self, t: TenantId) -> Self {
+        self.tenant = t;
+        self
+    }
+
+    /// Sets the args.
+    pub fn args(mut self, args: Box<RawValue>) -> Self {
+        self.args = args;
+        self
+    }
+
+    /// Sets the priority.
+    pub fn priority(mut self, p: Priority) -> Self {
+        self.priority = p;
+        self
+    }
+
+    /// Sets the earliest run time.
+    pub fn run_at(mut self, t: Timestamp) -> Self {
+        self.run_at = Some(t);
+        self
+    }
+
+    /// Sets the attempt limit.
+    pub fn max_attempts(mut self, n: u32) -> Self {
+        self.max_attempts = n;
+        self
+    }
+
+    /// Sets the per-attempt timeout.
+    pub fn timeout(mut self, t: Duration) -> Self {
+        self.timeout = t;
+        self
+    }
+
+    /// Sets the retry policy.
+    pub fn backoff(mut self, b: Backoff) -> Self {
+        self.backoff = b;
+        self
+    }
+
+    /// Sets the tags.
+    pub fn tags(mut self, tags: Vec<String>) -> Self {
+        self.tags = tags;
+        self
+    }
+
+    /// Checks every field against its bounds and reports *all* violations at once, so an
+    /// API client can fix its request in one round trip.
+    pub fn validate(&self, max_args_bytes: usize) -> Result<(), ValidationErrors> {
+        let mut errors = Vec::new();
+        let mut bad = |field: &str, message: String| {
+            errors.push(FieldError {
+                field: field.to_owned(),
+                message,
+            })
+        };
+        if self.args.get().len() > max_args_bytes {
+            bad(
+                "args",
+                format!(
+                    "must be at most {max_args_bytes} bytes of JSON, got {}",
+                    self.args.get().len()
+                ),
+            );
+        }
+        if self.max_attempts == 0 || self.max_attempts > Self::MAX_ATTEMPTS_LIMIT {
+            bad(
+                "max_attempts",
+                format!(
+                    "must be between 1 and {}, got {}",
+                    Self::MAX_ATTEMPTS_LIMIT,
+                    self.max_attempts
+                ),
+            );
+        }
+        if self.timeout < Duration::from_millis(1) || self.timeout > Self::MAX_TIMEOUT {
+            bad(
+                "timeout",
+                format!(
+                    "must be between 1 ms and {} s, got {} ms",
+                    Self::MAX_TIMEOUT.as_secs(),
+                    self.timeout.as_millis()
+                ),
+            );
+        }
+        if let Err(e) = self.backoff.validate() {
+            bad("backoff", e);
+        }
+        if self.tags.len() > Self::MAX_TAGS {
+            bad(
+                "tags",
+                format!("at most {} tags, got {}", Self::MAX_TAGS, self.tags.len()),
+            );
+        }
+        for (i, tag) in self.tags.iter().enumerate() {
+            if tag.is_empty() || tag.len() > Self::MAX_TAG_LEN {
+                bad(
+                    &format!("tags[{i}]"),
+                    format!("must be 1 to {} bytes, got {}", Self::MAX_TAG_LEN, tag.len()),
+                );
+            }
+        }
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(ValidationErrors(errors))
+        }
+    }
+
+    /// The job as stored right after insert at `now`: scheduled if `run_at` is in the
+    /// future, otherwise available.
+    pub fn into_job(self, now: Timestamp) -> Job {
+        let run_at = self.run_at.map_or(now, crate::clock::truncate_micros);
+        let state = if run_at > now {
+            JobState::Scheduled
+        } else {
+            JobState::Available
+        };
+        Job {
+            id: self.id,
+            queue: self.queue,
+            kind: self.kind,
+            tenant: self.tenant,
+            args: self.args,
+            priority: self.priority,
+            state,
+            attempt: 0,
+            max_attempts: self.max_attempts,
+            timeout: self.timeout,
+            backoff: self.backoff,
+            tags: self.tags,
+            run_at,
+            errors: Vec::new(),
+            result: None,
+            lease: None,
+            created_at: now,
+            started_at: None,
+            finished_at: None,
+        }
+    }
+}
+
+/// Serialises a `Duration` as whole milliseconds, the unit used by the API and the stores.
+mod duration_ms {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub(super) fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(d.as_millis().min(u128::from(u64::MAX)) as u64)
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        u64::deserialize(d).map(Duration::from_millis)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn state() -> impl Strategy<Value = JobState> {
+        proptest::sample::select(JobState::ALL.to_vec())
+    }
+
+    fn transition() -> impl Strategy<Value = Transition> {
+        proptest::sample::select(Transition::ALL.to_vec())
+    }
+
+    #[test]
+    fn the_documented_table() {
+        use JobState::*;
+        use Transition as T;
+        let legal = [
+            (Scheduled, T::Promote, Available),
+            (Retryable, T::Promote, Available),
+            (Available, T::Lease, Running),
+            (Running, T::Complete, Completed),
+            (Running, T::Fail { retry: true }, Retryable),
+            (Running, T::Fail { retry: false }, Discarded),
+            (Running, T::Rescue { retry: true }, Retryable),
+            (Running, T::Rescue { retry: false }, Discarded),
+            (Running, T::Release, Available),
+            (Scheduled, T::Cancel, Cancelled),
+            (Available, T::Cancel, Cancelled),
+            (Retryable, T::Cancel, Cancelled),
+            (Running, T::Cancel, Cancelled),
+            (Scheduled, T::Retry, Available),
+            (Retryable, T::Retry, Available),
+            (Completed, T::Retry, Available),
+            (Discarded, T::Retry, Available),
+            (Cancelled, T::Retry, Available),
+        ];
+        let mut count = 0;
+        for from in JobState::ALL {
+            for t in Transition::ALL {
+                let expected = legal
+                    .iter()
+                    .find(|(f, tr, _)| *f == from && *tr == t)
+                    .map(|(_, _, to)| *to);
+                match (from.apply(t), expected) {
+                    (Ok(to), Some(want)) => {
+                        assert_eq!(to, want, "{from} --{t:?}-->");
+                        count += 1;
+                    }
+                    (Err(e), None) => {
+                        assert_eq!((e.from, e.transition), (from, t));
+                    }
+                    (got, want) => panic!("{from} --{t:?}--> got {got:?}, want {want:?}"),
+                }
+            }
+        }
+        assert_eq!(count, legal.len());
+    }
+
+    #[test]
+    fn illegal_transition_message_reads_well() {
+        let e = JobState::Completed.apply(Transition::Cancel).unwrap_err();
+        assert_eq!(e.to_string(), "cannot cancel a job that is completed");
+    }
+
+    #[test]
+    fn state_names_round_trip() {
+        for s in JobState::ALL {
+            assert_eq!(s.as_str().parse::<JobState>().unwrap(), s);
+            assert_eq!(serde_json::to_string(&s).unwrap(), format!("\"{s}\""));
+        }
+        assert!("done".parse::<JobState>().is_err());
+    }
+
+    #[test]
+    fn validation_reports_every_field() {
+        let mut job = NewJob::new(JobKind::parse("noop").unwrap())
+            .max_attempts(0)
+            .timeout(Duration::ZERO)
+            .backoff(Backoff::Exponential {
+                base_ms: 0,
+                cap_ms: 0,
+            })
+            .args(RawValue::from_string("[1,2,3,4]".into()).unwrap());
+        job.tags = vec![String::new(); NewJob::MAX_TAGS + 1];
+        let errs = job.validate(4).unwrap_err();
+        let fields: Vec<&str> = errs.0.iter().map(|e| e.field.as_str()).collect();
+        for f in ["args", "max_attempts", "timeout", "backoff", "tags", "tags[0]"] {
+            assert!(fields.contains(&f), "missing {f} in {fields:?}");
+        }
+    }
+
+    #[test]
+    fn priority_bounds() {
+        assert!(Priority::new(9).is_ok());
+        assert!(Priority::new(10).unwrap_err().contains("between 0"));
+        assert!(serde_json::from_str::<Priority>("12").is_err());
+    }
+
+    #[test]
+    fn attempt_error_truncates_on_char_boundary() {
+        use crate::clock::Clock;
+        let msg = "é".repeat(AttemptError::MAX_MESSAGE_BYTES);
+        let e = AttemptError::new(1, crate::clock::SystemClock.now(), &msg);
+        assert!(e.message.len() <= AttemptError::MAX_MESSAGE_BYTES);
+        assert!(e.message.chars().all(|c| c == 'é'));
+    }
+
+    #[test]
+    fn into_job_picks_scheduled_or_available() {
+        use crate::clock::{Clock, SystemClock};
+        let now = SystemClock.now();
+        let kind = JobKind::parse("noop").unwrap();
+        let later = NewJob::new(kind.clone()).run_at(now + chrono::TimeDelta::seconds(5));
+        assert_eq!(later.into_job(now).state, JobState::Scheduled);
+        assert_eq!(NewJob::new(kind).into_job(now).state, JobState::Available);
+    }
+
+    proptest! {
+        // Terminal states only ever leave through an explicit user retry.
+        #[test]
+        fn finished_states_leave_only_by_retry(s in state(), t in transition()) {
+            if s.is_finished() {
+                if let Ok(to) = s.apply(t) {
+                    prop_assert_eq!(t, Transition::Retry);
+                    prop_assert_eq!(to, JobState::Available);
+                }
+            }
+        }
+
+        // Only a lease makes a job running, and only a running job can complete or fail:
+        // there is no way to record an outcome for work nobody ran.
+        #[test]
+        fn outcomes_require_running(s in state(), t in transition()) {
+            if let Ok(to) = s.apply(t) {
+                if to == JobState::Running {
+                    prop_assert_eq!((s, t), (JobState::Available, Transition::Lease));
+                }
+                if matches!(t, Transition::Complete | Transition::Fail { .. } | Transition::Rescue { .. } | Transition::Release) {
+                    prop_assert_eq!(s, JobState::Running);
+                }
+            }
+        }
+
+        // Any sequence of transitions, applied where legal, ends in a known state and never
+        // panics; sources() agrees with apply() at every step.
+        #[test]
+        fn random_walks_stay_in_the_machine(steps in proptest::collection::vec(transition(), 0..64)) {
+            let mut s = JobState::Available;
+            for t in steps {
+                prop_assert_eq!(t.sources().contains(&s), s.apply(t).is_ok());
+                if let Ok(next) = s.apply(t) {
+                    s = next;
+                }
+            }
+            prop_assert!(JobState::ALL.contains(&s));
+        }
+    }
+}

@@ -1,0 +1,300 @@
+//! The contract every durable backend fulfils.
+//!
+//! Operations take params structs rather than long argument lists (River's `riverdriver`
+//! does the same): adding a field later does not ripple through every call site, and a call
+//! reads as what it asks for. Batch operations (`complete`, `heartbeat`, `release`) report
+//! one outcome per item, in input order, so one stale lease in a batch does not fail the
+//! others; they fail as a whole only when the store itself failed.
+//!
+//! Every implementation must pass the conformance suite in `keel-store` (feature
+//! `testkit`), which checks each guarantee stated here against a real database.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde::Serialize;
+use serde_json::value::RawValue;
+
+use crate::clock::Timestamp;
+use crate::error::StoreError;
+use crate::ids::{JobId, JobKind, LeaseToken, QueueName, TenantId, WorkerId};
+use crate::job::{Job, JobState, NewJob};
+
+/// Identifies one lease of one job: what a worker presents to prove it still holds it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct LeaseRef {
+    /// The job.
+    pub id: JobId,
+    /// The token handed out when it was leased.
+    pub token: LeaseToken,
+}
+
+impl LeaseRef {
+    /// The lease a freshly leased job is held under, if it is running.
+    pub fn of(job: &Job) -> Option<Self> {
+        job.lease.as_ref().map(|l| Self {
+            id: job.id,
+            token: l.token,
+        })
+    }
+}
+
+/// Take up to `max` available jobs from `queue`.
+#[derive(Debug, Clone)]
+pub struct LeaseParams {
+    /// The queue to lease from.
+    pub queue: QueueName,
+    /// At most this many jobs (the number of free worker permits).
+    pub max: u32,
+    /// How long the lease lasts before it must be renewed.
+    pub lease_for: Duration,
+    /// Who is leasing.
+    pub owner: WorkerId,
+}
+
+/// Extend leases that are still held.
+#[derive(Debug, Clone)]
+pub struct HeartbeatParams {
+    /// The leases to extend.
+    pub leases: Vec<LeaseRef>,
+    /// New expiry is now + `lease_for`.
+    pub lease_for: Duration,
+}
+
+/// One successful run to record.
+#[derive(Debug, Clone)]
+pub struct Completion {
+    /// The lease the run held.
+    pub lease: LeaseRef,
+    /// What the run produced, if anything.
+    pub result: Option<Box<RawValue>>,
+}
+
+/// Record a failed attempt.
+#[derive(Debug, Clone)]
+pub struct FailParams {
+    /// The lease the run held.
+    pub lease: LeaseRef,
+    /// What went wrong (truncated when stored).
+    pub error: String,
+    /// The error will not go away by retrying: discard regardless of attempts left.
+    pub permanent: bool,
+}
+
+/// Filters and cursor for listing jobs. Pagination is by id (keyset), never by offset, so a
+/// page costs the same however deep it is and rows inserted meanwhile neither repeat nor
+/// shift earlier rows.
+#[derive(Debug, Clone, Default)]
+pub struct ListParams {
+    /// Only this queue.
+    pub queue: Option<QueueName>,
+    /// Only this state.
+    pub state: Option<JobState>,
+    /// Only this kind.
+    pub kind: Option<JobKind>,
+    /// Only this tenant.
+    pub tenant: Option<TenantId>,
+    /// Only ids greater than this (the `next` of the previous page).
+    pub after: Option<JobId>,
+    /// Page size, 1..=[`ListParams::MAX_LIMIT`].
+    pub limit: u32,
+}
+
+impl ListParams {
+    /// Largest page a store returns; larger limits are clamped.
+    pub const MAX_LIMIT: u32 = 1000;
+
+    /// The limit clamped into 1..=[`ListParams::MAX_LIMIT`].
+    pub fn effective_limit(&self) -> u32 {
+        self.limit.clamp(1, Self::MAX_LIMIT)
+    }
+}
+
+/// One page of jobs, oldest first.
+#[derive(Debug, Clone)]
+pub struct JobPage {
+    /// The jobs, by ascending id.
+    pub jobs: Vec<Job>,
+    /// Cursor for the next page; `None` when this page was not full.
+    pub next: Option<JobId>,
+}
+
+/// Make due scheduled and retryable jobs available.
+#[derive(Debug, Clone, Copy)]
+pub struct PromoteParams {
+    /// At most this many jobs per call, so one call's transaction stays short.
+    pub limit: u32,
+}
+
+/// How many jobs a promotion made available in one queue (so dispatchers of that queue can
+/// be woken).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Promoted {
+    /// The queue.
+    pub queue: QueueName,
+    /// Jobs made available in it.
+    pub count: u64,
+}
+
+/// Rescue running jobs whose lease expired.
+#[derive(Debug, Clone, Copy)]
+pub struct RescueParams {
+    /// At most this many jobs per call.
+    pub limit: u32,
+}
+
+/// A job taken back from a worker that stopped renewing its lease.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rescued {
+    /// The job.
+    pub id: JobId,
+    /// Its queue.
+    pub queue: QueueName,
+    /// `retryable` (attempts left) or `discarded`.
+    pub state: JobState,
+    /// Who held the lease that lapsed.
+    pub owner: Option<WorkerId>,
+}
+
+/// Delete finished jobs past retention.
+#[derive(Debug, Clone, Copy)]
+pub struct RetentionParams {
+    /// Delete jobs that finished before this instant.
+    pub finished_before: Timestamp,
+    /// At most this many rows per call.
+    pub limit: u32,
+}
+
+/// Number of jobs in each state.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct StateCounts {
+    /// Scheduled jobs.
+    pub scheduled: u64,
+    /// Available jobs.
+    pub available: u64,
+    /// Running jobs.
+    pub running: u64,
+    /// Retryable jobs.
+    pub retryable: u64,
+    /// Completed jobs.
+    pub completed: u64,
+    /// Discarded jobs.
+    pub discarded: u64,
+    /// Cancelled jobs.
+    pub cancelled: u64,
+}
+
+impl StateCounts {
+    fn slot(&mut self, state: JobState) -> &mut u64 {
+        match state {
+            JobState::Scheduled => &mut self.scheduled,
+            JobState::Available => &mut self.available,
+            JobState::Running => &mut self.running,
+            JobState::Retryable => &mut self.retryable,
+            JobState::Completed => &mut self.completed,
+            JobState::Discarded => &mut self.discarded,
+            JobState::Cancelled => &mut self.cancelled,
+        }
+    }
+
+    /// The count for `state`.
+    pub fn get(&self, state: JobState) -> u64 {
+        let mut copy = *self;
+        *copy.slot(state)
+    }
+
+    /// Adds `n` jobs in `state`.
+    pub fn add(&mut self, state: JobState, n: u64) {
+        *self.slot(state) += n;
+    }
+
+    /// All jobs counted.
+    pub fn total(&self) -> u64 {
+        JobState::ALL.iter().map(|s| self.get(*s)).sum()
+    }
+}
+
+/// Per-queue job counts by state.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct QueueStats {
+    /// The queue.
+    pub queue: QueueName,
+    /// Its jobs by state.
+    pub counts: StateCounts,
+}
+
+/// A durable job store.
+///
+/// Implementations are shared (`Arc<dyn Store>`) across every request handler and worker,
+/// so each method takes `&self` and is safe to call concurrently. Time comes from the
+/// [`crate::Clock`] the store was built with.
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Inserts every job or none (one transaction). Each job is validated first; the first
+    /// invalid one fails the call with [`StoreError::Invalid`]. A duplicate id is a
+    /// [`StoreError::Conflict`]. Returns the stored jobs in input order.
+    async fn insert(&self, jobs: Vec<NewJob>) -> Result<Vec<Job>, StoreError>;
+
+    /// One job by id.
+    async fn get(&self, id: JobId) -> Result<Job, StoreError>;
+
+    /// A page of jobs matching the filters, by ascending id.
+    async fn list(&self, params: ListParams) -> Result<JobPage, StoreError>;
+
+    /// Leases up to `max` available jobs of a queue, most urgent first (priority, then
+    /// `run_at`, then id). Each job is handed to exactly one caller, however many lease
+    /// concurrently; it becomes `running` with `attempt` + 1 and a fresh lease token.
+    async fn lease(&self, params: LeaseParams) -> Result<Vec<Job>, StoreError>;
+
+    /// Extends leases that are still held; per item, the new expiry or
+    /// [`StoreError::StaleLease`] / [`StoreError::NotFound`].
+    async fn heartbeat(
+        &self,
+        params: HeartbeatParams,
+    ) -> Result<Vec<Result<Timestamp, StoreError>>, StoreError>;
+
+    /// Marks runs completed with their results; per item, success or why not (a stale
+    /// token never overwrites the outcome of the run that replaced it).
+    async fn complete(
+        &self,
+        completions: Vec<Completion>,
+    ) -> Result<Vec<Result<(), StoreError>>, StoreError>;
+
+    /// Records a failed attempt: `retryable` with `run_at` = now + the job's backoff when
+    /// attempts remain and the error is not permanent, otherwise `discarded`.
+    async fn fail(&self, params: FailParams) -> Result<Job, StoreError>;
+
+    /// Gives leased jobs back unfinished (graceful shutdown): `available` again, the
+    /// attempt not counted.
+    async fn release(&self, leases: Vec<LeaseRef>)
+    -> Result<Vec<Result<(), StoreError>>, StoreError>;
+
+    /// Cancels a job that has not finished. A running job's lease is revoked, so its
+    /// worker's later complete or fail is rejected as stale.
+    async fn cancel(&self, id: JobId) -> Result<Job, StoreError>;
+
+    /// Makes a scheduled, retryable or finished job available now. A job that had used up
+    /// its attempts gets one more.
+    async fn retry(&self, id: JobId) -> Result<Job, StoreError>;
+
+    /// Makes scheduled and retryable jobs whose `run_at` has come available. Safe to run
+    /// from several processes at once.
+    async fn promote(&self, params: PromoteParams) -> Result<Vec<Promoted>, StoreError>;
+
+    /// Takes back running jobs whose lease expired: each counts as a failed attempt
+    /// (`retryable` with backoff, or `discarded` when none are left). Safe to run from
+    /// several processes at once; never touches a job that finished meanwhile.
+    async fn rescue(&self, params: RescueParams) -> Result<Vec<Rescued>, StoreError>;
+
+    /// Deletes finished jobs that finished before the cutoff; returns how many.
+    async fn delete_finished(&self, params: RetentionParams) -> Result<u64, StoreError>;
+
+    /// Job counts per queue and state, for queues that have any jobs.
+    async fn queue_stats(&self) -> Result<Vec<QueueStats>, StoreError>;
+
+    /// Checks the database answers (readiness).
+    async fn ping(&self) -> Result<(), StoreError>;
+
+    /// Flushes pending writes and closes connections. Later calls fail.
+    async fn close(&self);
+}
