@@ -68,7 +68,9 @@ pub enum StoreError {
 
     /// The lease token does not match the job's current lease: the lease expired and was
     /// rescued, the job was cancelled, or it already finished. The caller's work is void.
-    #[error("job {0}: lease token is stale (the lease expired, was taken over, or the job finished)")]
+    #[error(
+        "job {0}: lease token is stale (the lease expired, was taken over, or the job finished)"
+    )]
     StaleLease(JobId),
 
     /// A job in an insert failed validation; nothing in that insert was stored.

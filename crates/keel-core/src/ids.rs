@@ -257,7 +257,12 @@ mod tests {
             assert_eq!(err.what, "queue name");
         }
         let long = "a".repeat(QueueName::MAX_LEN + 1);
-        assert!(QueueName::parse(long).unwrap_err().reason.contains("at most 128"));
+        assert!(
+            QueueName::parse(long)
+                .unwrap_err()
+                .reason
+                .contains("at most 128")
+        );
     }
 
     #[test]

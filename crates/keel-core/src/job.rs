@@ -189,6 +189,26 @@ impl Transition {
     }
 }
 
+/// When a failed attempt runs again: `Some(run_at)` when attempts remain and the error is
+/// not permanent (now + a backoff delay drawn from `rng`), `None` when the job is to be
+/// discarded. Shared by `fail` and `rescue` on every backend so they cannot disagree.
+pub fn next_attempt_at(
+    attempt: u32,
+    max_attempts: u32,
+    backoff: &Backoff,
+    permanent: bool,
+    now: Timestamp,
+    rng: &mut impl rand::Rng,
+) -> Option<Timestamp> {
+    if permanent || attempt >= max_attempts {
+        return None;
+    }
+    let delay = backoff.delay(attempt, rng);
+    Some(crate::clock::truncate_micros(
+        now + crate::clock::to_delta(delay),
+    ))
+}
+
 /// A move the state machine refuses, e.g. cancelling a completed job.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[error("cannot {} a job that is {from}", transition.as_str())]
@@ -218,7 +238,9 @@ impl Priority {
         if p <= Self::LOWEST.0 {
             Ok(Self(p))
         } else {
-            Err(format!("must be between 0 (highest) and 9 (lowest), got {p}"))
+            Err(format!(
+                "must be between 0 (highest) and 9 (lowest), got {p}"
+            ))
         }
     }
 
@@ -411,8 +433,7 @@ impl NewJob {
             queue: QueueName::default(),
             kind,
             tenant: TenantId::default(),
-            args: RawValue::from_string("null".to_owned())
-                .expect("`null` is valid JSON"),
+            args: RawValue::from_string("null".to_owned()).expect("`null` is valid JSON"),
             priority: Priority::DEFAULT,
             run_at: None,
             max_attempts: Self::DEFAULT_MAX_ATTEMPTS,
@@ -528,7 +549,11 @@ impl NewJob {
             if tag.is_empty() || tag.len() > Self::MAX_TAG_LEN {
                 bad(
                     &format!("tags[{i}]"),
-                    format!("must be 1 to {} bytes, got {}", Self::MAX_TAG_LEN, tag.len()),
+                    format!(
+                        "must be 1 to {} bytes, got {}",
+                        Self::MAX_TAG_LEN,
+                        tag.len()
+                    ),
                 );
             }
         }
@@ -674,9 +699,30 @@ mod tests {
         job.tags = vec![String::new(); NewJob::MAX_TAGS + 1];
         let errs = job.validate(4).unwrap_err();
         let fields: Vec<&str> = errs.0.iter().map(|e| e.field.as_str()).collect();
-        for f in ["args", "max_attempts", "timeout", "backoff", "tags", "tags[0]"] {
+        for f in [
+            "args",
+            "max_attempts",
+            "timeout",
+            "backoff",
+            "tags",
+            "tags[0]",
+        ] {
             assert!(fields.contains(&f), "missing {f} in {fields:?}");
         }
+    }
+
+    #[test]
+    fn next_attempt_follows_attempts_and_permanence() {
+        use crate::clock::{Clock, SystemClock};
+        let now = SystemClock.now();
+        let b = Backoff::Fixed { delay_ms: 1500 };
+        let mut rng = rand::rng();
+        assert_eq!(
+            next_attempt_at(1, 3, &b, false, now, &mut rng),
+            Some(now + chrono::TimeDelta::milliseconds(1500))
+        );
+        assert_eq!(next_attempt_at(3, 3, &b, false, now, &mut rng), None);
+        assert_eq!(next_attempt_at(1, 3, &b, true, now, &mut rng), None);
     }
 
     #[test]
@@ -709,11 +755,9 @@ mod tests {
         // Terminal states only ever leave through an explicit user retry.
         #[test]
         fn finished_states_leave_only_by_retry(s in state(), t in transition()) {
-            if s.is_finished() {
-                if let Ok(to) = s.apply(t) {
-                    prop_assert_eq!(t, Transition::Retry);
-                    prop_assert_eq!(to, JobState::Available);
-                }
+            if s.is_finished() && let Ok(to) = s.apply(t) {
+                prop_assert_eq!(t, Transition::Retry);
+                prop_assert_eq!(to, JobState::Available);
             }
         }
 

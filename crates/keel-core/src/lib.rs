@@ -7,6 +7,8 @@
 //! socket, a file or a database driver; the only impurities are the clock (injected, see
 //! [`clock`]) and the random jitter of [`Backoff`] (the caller hands in the RNG).
 
+#![warn(missing_docs)]
+
 pub mod backoff;
 pub mod clock;
 pub mod error;
@@ -18,5 +20,8 @@ pub use backoff::Backoff;
 pub use clock::{Clock, ManualClock, SystemClock, Timestamp};
 pub use error::{FieldError, StoreError, ValidationErrors};
 pub use ids::{JobId, JobKind, LeaseToken, QueueName, TenantId, WorkerId};
-pub use job::{AttemptError, Job, JobState, Lease, NewJob, Priority, Transition};
+pub use job::{
+    AttemptError, IllegalTransition, Job, JobState, Lease, NewJob, Priority, Transition,
+    next_attempt_at,
+};
 pub use store::Store;

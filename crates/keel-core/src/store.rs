@@ -266,8 +266,10 @@ pub trait Store: Send + Sync + 'static {
 
     /// Gives leased jobs back unfinished (graceful shutdown): `available` again, the
     /// attempt not counted.
-    async fn release(&self, leases: Vec<LeaseRef>)
-    -> Result<Vec<Result<(), StoreError>>, StoreError>;
+    async fn release(
+        &self,
+        leases: Vec<LeaseRef>,
+    ) -> Result<Vec<Result<(), StoreError>>, StoreError>;
 
     /// Cancels a job that has not finished. A running job's lease is revoked, so its
     /// worker's later complete or fail is rejected as stale.
