@@ -1,1 +1,114 @@
-//! placeholder
+//! Keel's durable job stores.
+//!
+//! Two implementations of [`keel_core::Store`]:
+//! - [`sqlite::SqliteStore`], the embedded default: one file, zero setup. One writer thread
+//!   group-commits every write waiting in its bounded queue into one transaction; a small
+//!   pool of read connections serves reads concurrently (WAL).
+//! - [`postgres::PgStore`], for several replicas sharing one database: leases with
+//!   `FOR UPDATE SKIP LOCKED`, batched statements with arrays/`unnest`, a bounded pool.
+//!
+//! Both apply their embedded, versioned [`migrate`]ions and must pass the same conformance
+//! suite (feature `testkit`, module `testkit`), River's `riverdrivertest` being the model.
+
+#![warn(missing_docs)]
+
+pub mod migrate;
+pub mod postgres;
+pub mod sqlite;
+#[cfg(feature = "testkit")]
+pub mod testkit;
+
+mod codec;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use keel_core::{Clock, Store, StoreError};
+
+pub use migrate::MigrationReport;
+pub use postgres::{PgOptions, PgStore};
+pub use sqlite::{SqliteOptions, SqliteStore};
+
+/// Where the jobs live, parsed from `KEEL_DATABASE_URL`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DatabaseUrl {
+    /// `sqlite://path/to/file.db` (relative to the working directory) or
+    /// `sqlite:///absolute/path.db`.
+    Sqlite(PathBuf),
+    /// `postgres://…` or `postgresql://…`, passed to the driver as is (libpq URL syntax,
+    /// including `?options=-csearch_path%3Dschema`).
+    Postgres(String),
+}
+
+impl DatabaseUrl {
+    /// Parses a database URL, naming the accepted forms when it is not one of them.
+    pub fn parse(url: &str) -> Result<Self, String> {
+        if let Some(path) = url
+            .strip_prefix("sqlite://")
+            .or_else(|| url.strip_prefix("sqlite:"))
+        {
+            if path.is_empty() {
+                return Err("sqlite URL has no file path (try sqlite://keel.db)".into());
+            }
+            return Ok(Self::Sqlite(PathBuf::from(path)));
+        }
+        if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            url.parse::<tokio_postgres::Config>()
+                .map_err(|e| format!("invalid postgres URL: {e}"))?;
+            return Ok(Self::Postgres(url.to_owned()));
+        }
+        Err("database URL must start with sqlite:// or postgres:// (e.g. sqlite://keel.db)".into())
+    }
+}
+
+/// Opens the store named by `url`, applies pending migrations, and returns it ready to use.
+pub async fn open(
+    url: &DatabaseUrl,
+    sqlite: SqliteOptions,
+    pg: PgOptions,
+    clock: Arc<dyn Clock>,
+) -> Result<(Arc<dyn Store>, MigrationReport), StoreError> {
+    match url {
+        DatabaseUrl::Sqlite(path) => {
+            let store = SqliteStore::open(path, sqlite, clock).await?;
+            let report = store.migrate().await?;
+            Ok((Arc::new(store), report))
+        }
+        DatabaseUrl::Postgres(url) => {
+            let store = PgStore::connect(url, pg, clock).await?;
+            let report = store.migrate().await?;
+            Ok((Arc::new(store), report))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_both_backends_and_explains_the_rest() {
+        assert_eq!(
+            DatabaseUrl::parse("sqlite://keel.db").unwrap(),
+            DatabaseUrl::Sqlite("keel.db".into())
+        );
+        assert_eq!(
+            DatabaseUrl::parse("sqlite:///var/lib/keel.db").unwrap(),
+            DatabaseUrl::Sqlite("/var/lib/keel.db".into())
+        );
+        assert!(matches!(
+            DatabaseUrl::parse("postgres://root@127.0.0.1:5432/test").unwrap(),
+            DatabaseUrl::Postgres(_)
+        ));
+        assert!(
+            DatabaseUrl::parse("mysql://x")
+                .unwrap_err()
+                .contains("sqlite://")
+        );
+        assert!(
+            DatabaseUrl::parse("sqlite://")
+                .unwrap_err()
+                .contains("no file path")
+        );
+    }
+}

@@ -1,0 +1,901 @@
+//! The embedded default store: one SQLite file.
+//!
+//! Durability: WAL journal with `synchronous=FULL`, so a commit is on disk (the WAL is
+//! fsynced) before any caller is answered — G1 holds across `kill -9` and power loss.
+//! Writes go through the single [`writer`] thread (group commit); reads run on a small pool
+//! of read-only connections in blocking threads, concurrently with writes (WAL readers never
+//! block the writer or each other).
+
+mod rows;
+mod writer;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, LazyLock, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use keel_core::clock::to_delta;
+use keel_core::store::{
+    Completion, FailParams, HeartbeatParams, JobPage, LeaseParams, LeaseRef, ListParams,
+    PromoteParams, Promoted, QueueStats, RescueParams, Rescued, RetentionParams, StateCounts,
+};
+use keel_core::{
+    AttemptError, Clock, Job, JobId, JobState, LeaseToken, NewJob, QueueName, Store, StoreError,
+    Timestamp, Transition, WorkerId, next_attempt_at,
+};
+use rusqlite::types::Value;
+use rusqlite::{Connection, ErrorCode, OpenFlags, OptionalExtension, params};
+use tokio::sync::Semaphore;
+
+use crate::codec;
+use crate::migrate::{self, MigrationReport};
+use rows::{COLUMNS, job_from_row, micros, uuid_from_blob};
+use writer::Writer;
+
+/// Tuning for [`SqliteStore`].
+#[derive(Debug, Clone)]
+pub struct SqliteOptions {
+    /// Read-only connections serving `get`, `list` and statistics concurrently with writes.
+    /// Reads beyond this wait for a free connection (bounded, G5).
+    pub read_connections: usize,
+    /// How long a statement waits on a lock held by another process before failing with a
+    /// transient error. Only matters if something else opens the same file.
+    pub busy_timeout: Duration,
+    /// Capacity of the queue into the writer thread; when full, writers wait (backpressure)
+    /// rather than queue without bound.
+    pub write_queue: usize,
+    /// Most writes committed in one transaction (one fsync).
+    pub max_batch: usize,
+}
+
+impl Default for SqliteOptions {
+    fn default() -> Self {
+        Self {
+            read_connections: 4,
+            busy_timeout: Duration::from_secs(5),
+            write_queue: 4096,
+            max_batch: 512,
+        }
+    }
+}
+
+/// A job store on one SQLite file. Cloning is not needed: share it as `Arc<dyn Store>`.
+pub struct SqliteStore {
+    path: PathBuf,
+    clock: Arc<dyn Clock>,
+    writer: Writer,
+    writer_thread: Mutex<Option<JoinHandle<()>>>,
+    readers: Arc<ReadPool>,
+}
+
+impl std::fmt::Debug for SqliteStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SqliteStore")
+            .field("path", &self.path)
+            .field("writer", &self.writer)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Maps a SQLite error to the store's error classes: busy/locked (another connection holds
+/// the lock) and I/O hiccups are transient; constraint violations are conflicts; the rest is
+/// permanent.
+pub(crate) fn map_err(context: &str, e: &rusqlite::Error) -> StoreError {
+    match e.sqlite_error_code() {
+        Some(ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked) => {
+            StoreError::transient(context.to_owned(), e.to_string())
+        }
+        Some(ErrorCode::ConstraintViolation) => StoreError::Conflict(format!("{context}: {e}")),
+        _ => StoreError::permanent(context.to_owned(), e.to_string()),
+    }
+}
+
+fn open_connection(
+    path: &Path,
+    flags: OpenFlags,
+    opts: &SqliteOptions,
+) -> Result<Connection, StoreError> {
+    let ctx = format!("opening SQLite database {}", path.display());
+    let conn = Connection::open_with_flags(path, flags).map_err(|e| map_err(&ctx, &e))?;
+    conn.busy_timeout(opts.busy_timeout)
+        .map_err(|e| map_err(&ctx, &e))?;
+    conn.set_prepared_statement_cache_capacity(64);
+    Ok(conn)
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the database at `path` and starts the writer thread. Call
+    /// [`SqliteStore::migrate`] before use (or use [`crate::open`], which does).
+    pub async fn open(
+        path: &Path,
+        opts: SqliteOptions,
+        clock: Arc<dyn Clock>,
+    ) -> Result<Self, StoreError> {
+        let path = path.to_owned();
+        let (writer_conn, readers) = tokio::task::spawn_blocking({
+            let path = path.clone();
+            let opts = opts.clone();
+            move || -> Result<_, StoreError> {
+                if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                    std::fs::create_dir_all(dir).map_err(|e| {
+                        StoreError::permanent(format!("creating directory {}", dir.display()), e)
+                    })?;
+                }
+                let w = open_connection(
+                    &path,
+                    OpenFlags::SQLITE_OPEN_READ_WRITE
+                        | OpenFlags::SQLITE_OPEN_CREATE
+                        | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+                    &opts,
+                )?;
+                // WAL: readers and the writer do not block each other. FULL: the WAL is
+                // fsynced at every commit, so an acknowledged write survives power loss.
+                w.pragma_update(None, "journal_mode", "WAL")
+                    .and_then(|_| w.pragma_update(None, "synchronous", "FULL"))
+                    .and_then(|_| w.pragma_update(None, "foreign_keys", "ON"))
+                    .map_err(|e| map_err("configuring the write connection", &e))?;
+                let mut readers = Vec::with_capacity(opts.read_connections.max(1));
+                for _ in 0..opts.read_connections.max(1) {
+                    let r = open_connection(
+                        &path,
+                        OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+                        &opts,
+                    )?;
+                    r.pragma_update(None, "query_only", "ON")
+                        .map_err(|e| map_err("configuring a read connection", &e))?;
+                    readers.push(r);
+                }
+                Ok((w, readers))
+            }
+        })
+        .await
+        .map_err(|e| StoreError::permanent("opening SQLite database", e))??;
+        let (writer, handle) = Writer::spawn(writer_conn, opts.write_queue, opts.max_batch)
+            .map_err(|e| StoreError::permanent("starting the SQLite writer thread", e))?;
+        Ok(Self {
+            path,
+            clock,
+            writer,
+            writer_thread: Mutex::new(Some(handle)),
+            readers: Arc::new(ReadPool::new(readers)),
+        })
+    }
+
+    /// Applies pending migrations. Safe when several processes open the same file at once:
+    /// `BEGIN IMMEDIATE` makes them take turns, and each re-reads what is applied.
+    pub async fn migrate(&self) -> Result<MigrationReport, StoreError> {
+        self.writer
+            .write("applying SQLite migrations", |conn| {
+                conn.execute_batch(
+                    "CREATE TABLE IF NOT EXISTS keel_schema_migrations (
+                        version INTEGER PRIMARY KEY,
+                        name TEXT NOT NULL,
+                        checksum TEXT NOT NULL,
+                        applied_at INTEGER NOT NULL)",
+                )
+                .map_err(|e| map_err("creating keel_schema_migrations", &e))?;
+                let applied = {
+                    let mut stmt = conn
+                        .prepare("SELECT version, checksum FROM keel_schema_migrations")
+                        .map_err(|e| map_err("reading applied migrations", &e))?;
+                    stmt.query_map([], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?)))
+                        .and_then(|rows| rows.collect::<Result<Vec<_>, _>>())
+                        .map_err(|e| map_err("reading applied migrations", &e))?
+                };
+                let todo = migrate::pending(migrate::SQLITE, &applied)
+                    .map_err(|e| StoreError::permanent("planning SQLite migrations", e))?;
+                let mut report = MigrationReport {
+                    applied: Vec::new(),
+                    current: applied.iter().map(|(v, _)| *v).max().unwrap_or(0),
+                };
+                for m in todo {
+                    let ctx = format!("applying migration {} ({})", m.version, m.name);
+                    conn.execute_batch(m.sql).map_err(|e| map_err(&ctx, &e))?;
+                    conn.execute(
+                        "INSERT INTO keel_schema_migrations (version, name, checksum, applied_at)
+                         VALUES (?1, ?2, ?3, ?4)",
+                        params![
+                            m.version,
+                            m.name,
+                            m.checksum(),
+                            chrono::Utc::now().timestamp_micros()
+                        ],
+                    )
+                    .map_err(|e| map_err(&ctx, &e))?;
+                    report.applied.push(m.version);
+                    report.current = m.version;
+                }
+                Ok(report)
+            })
+            .await
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    async fn read<T, F>(&self, context: &'static str, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
+    {
+        self.readers.run(context, f).await
+    }
+}
+
+/// A fixed set of read-only connections. A semaphore bounds how many reads run at once; the
+/// connection itself moves into the blocking thread for the duration of the read.
+struct ReadPool {
+    permits: Semaphore,
+    idle: Mutex<Vec<Connection>>,
+}
+
+impl ReadPool {
+    fn new(conns: Vec<Connection>) -> Self {
+        Self {
+            permits: Semaphore::new(conns.len()),
+            idle: Mutex::new(conns),
+        }
+    }
+
+    async fn run<T, F>(self: &Arc<Self>, context: &'static str, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
+    {
+        let permit = self
+            .permits
+            .acquire()
+            .await
+            .map_err(|_| StoreError::permanent(context, "the SQLite store is closed"))?;
+        let pool = Arc::clone(self);
+        let out = tokio::task::spawn_blocking(move || {
+            let conn = pool
+                .idle
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .pop()
+                .ok_or_else(|| StoreError::permanent(context, "no idle read connection"))?;
+            let out = f(&conn);
+            pool.idle
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(conn);
+            out
+        })
+        .await
+        .map_err(|e| StoreError::permanent(context, e))?;
+        drop(permit);
+        out
+    }
+
+    fn close(&self) {
+        self.permits.close();
+        self.idle.lock().unwrap_or_else(|p| p.into_inner()).clear();
+    }
+}
+
+/// `state IN ('a', 'b')` for the states `t` may start from (see keel-core's
+/// `Transition::sources`): the SQL guard can never disagree with the state machine.
+fn state_guard(t: Transition) -> String {
+    let list: Vec<String> = t
+        .sources()
+        .iter()
+        .map(|s| format!("'{}'", s.as_str()))
+        .collect();
+    format!("state IN ({})", list.join(", "))
+}
+
+static CANCEL_SQL: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "UPDATE jobs SET state = 'cancelled', finished_at = ?2, lease_token = NULL,
+                lease_expires_at = NULL
+         WHERE id = ?1 AND {} RETURNING {COLUMNS}",
+        state_guard(Transition::Cancel)
+    )
+});
+
+static RETRY_SQL: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "UPDATE jobs SET state = 'available', run_at = ?2, finished_at = NULL, result = NULL,
+                lease_token = NULL, lease_expires_at = NULL,
+                max_attempts = max(max_attempts, attempt + 1)
+         WHERE id = ?1 AND {} RETURNING {COLUMNS}",
+        state_guard(Transition::Retry)
+    )
+});
+
+static PROMOTE_SQL: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "UPDATE jobs SET state = 'available'
+         WHERE id IN (SELECT id FROM jobs WHERE {} AND run_at <= ?1 ORDER BY run_at LIMIT ?2)
+         RETURNING queue",
+        state_guard(Transition::Promote)
+    )
+});
+
+static DELETE_FINISHED_SQL: LazyLock<String> = LazyLock::new(|| {
+    let finished: Vec<String> = JobState::FINISHED
+        .iter()
+        .map(|s| format!("'{}'", s.as_str()))
+        .collect();
+    format!(
+        "DELETE FROM jobs WHERE id IN (SELECT id FROM jobs
+             WHERE state IN ({}) AND finished_at < ?1 ORDER BY finished_at LIMIT ?2)",
+        finished.join(", ")
+    )
+});
+
+const LEASE_SQL: &str = "UPDATE jobs SET state = 'running', attempt = attempt + 1,
+        lease_owner = ?1, lease_token = randomblob(16), lease_expires_at = ?2, started_at = ?3
+    WHERE id IN (SELECT id FROM jobs WHERE state = 'available' AND queue = ?4
+                 ORDER BY priority, run_at, id LIMIT ?5)
+    RETURNING ";
+
+/// Whether a job exists, to tell a stale token from a missing job after a guarded update
+/// matched nothing.
+fn stale_or_missing(conn: &Connection, id: JobId) -> StoreError {
+    match conn
+        .prepare_cached("SELECT 1 FROM jobs WHERE id = ?1")
+        .and_then(|mut s| s.exists([id.as_bytes()]))
+    {
+        Ok(true) => StoreError::StaleLease(id),
+        Ok(false) => StoreError::NotFound(id),
+        Err(e) => map_err("checking a lease", &e),
+    }
+}
+
+/// After a guarded transition matched nothing: the job is missing, or in a state the
+/// transition may not start from.
+fn refused(conn: &Connection, id: JobId, t: Transition) -> StoreError {
+    let state: Result<Option<String>, _> = conn
+        .prepare_cached("SELECT state FROM jobs WHERE id = ?1")
+        .and_then(|mut s| s.query_row([id.as_bytes()], |r| r.get(0)).optional());
+    match state {
+        Ok(None) => StoreError::NotFound(id),
+        Ok(Some(s)) => match s.parse::<JobState>() {
+            Ok(from) => match from.apply(t) {
+                Err(source) => StoreError::IllegalTransition { id, source },
+                // Legal now: it changed between the update and this read; report a conflict
+                // so the caller can retry.
+                Ok(_) => StoreError::Conflict(format!("job {id} changed concurrently; retry")),
+            },
+            Err(e) => StoreError::permanent("decoding stored state", e),
+        },
+        Err(e) => map_err("reading job state", &e),
+    }
+}
+
+fn query_jobs(
+    conn: &Connection,
+    context: &str,
+    sql: &str,
+    params: impl rusqlite::Params,
+) -> Result<Vec<Job>, StoreError> {
+    let mut stmt = conn.prepare_cached(sql).map_err(|e| map_err(context, &e))?;
+    let mut rows = stmt.query(params).map_err(|e| map_err(context, &e))?;
+    let mut jobs = Vec::new();
+    while let Some(row) = rows.next().map_err(|e| map_err(context, &e))? {
+        jobs.push(job_from_row(row)?);
+    }
+    Ok(jobs)
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    async fn insert(&self, jobs: Vec<NewJob>) -> Result<Vec<Job>, StoreError> {
+        for (index, job) in jobs.iter().enumerate() {
+            job.validate(NewJob::DEFAULT_MAX_ARGS_BYTES)
+                .map_err(|errors| StoreError::Invalid { index, errors })?;
+        }
+        if jobs.is_empty() {
+            return Ok(Vec::new());
+        }
+        let clock = Arc::clone(&self.clock);
+        self.writer
+            .write("inserting jobs", move |conn| {
+                let now = clock.now();
+                let mut stmt = conn
+                    .prepare_cached(
+                        "INSERT INTO jobs (id, queue, kind, tenant, args, priority, state,
+                            attempt, max_attempts, timeout_ms, backoff, tags, run_at, errors,
+                            created_at)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 0, ?8, ?9, ?10, ?11, ?12, '[]', ?13)",
+                    )
+                    .map_err(|e| map_err("inserting jobs", &e))?;
+                let mut out = Vec::with_capacity(jobs.len());
+                for new in jobs {
+                    let job = new.into_job(now);
+                    stmt.execute(params![
+                        job.id.as_bytes(),
+                        job.queue.as_str(),
+                        job.kind.as_str(),
+                        job.tenant.as_str(),
+                        job.args.get(),
+                        job.priority.get(),
+                        job.state.as_str(),
+                        job.max_attempts,
+                        job.timeout.as_millis() as i64,
+                        codec::backoff_to_json(&job.backoff),
+                        codec::tags_to_json(&job.tags),
+                        micros(job.run_at),
+                        micros(job.created_at),
+                    ])
+                    .map_err(|e| match map_err("inserting jobs", &e) {
+                        StoreError::Conflict(_) => {
+                            StoreError::Conflict(format!("a job with id {} already exists", job.id))
+                        }
+                        other => other,
+                    })?;
+                    out.push(job);
+                }
+                Ok(out)
+            })
+            .await
+    }
+
+    async fn get(&self, id: JobId) -> Result<Job, StoreError> {
+        self.read("reading a job", move |conn| {
+            let sql = format!("SELECT {COLUMNS} FROM jobs WHERE id = ?1");
+            query_jobs(conn, "reading a job", &sql, [id.as_bytes()])?
+                .pop()
+                .ok_or(StoreError::NotFound(id))
+        })
+        .await
+    }
+
+    async fn list(&self, p: ListParams) -> Result<JobPage, StoreError> {
+        let limit = p.effective_limit();
+        self.read("listing jobs", move |conn| {
+            let mut clauses = Vec::new();
+            let mut args: Vec<Value> = Vec::new();
+            let mut filter = |clause: &str, v: Value| {
+                args.push(v);
+                clauses.push(format!("{clause} ?{}", args.len()));
+            };
+            if let Some(q) = &p.queue {
+                filter("queue =", Value::Text(q.to_string()));
+            }
+            if let Some(t) = &p.tenant {
+                filter("tenant =", Value::Text(t.to_string()));
+            }
+            if let Some(s) = p.state {
+                filter("state =", Value::Text(s.as_str().to_owned()));
+            }
+            if let Some(k) = &p.kind {
+                filter("kind =", Value::Text(k.to_string()));
+            }
+            if let Some(after) = p.after {
+                filter("id >", Value::Blob(after.as_bytes().to_vec()));
+            }
+            let where_ = if clauses.is_empty() {
+                String::new()
+            } else {
+                format!("WHERE {}", clauses.join(" AND "))
+            };
+            args.push(Value::Integer(i64::from(limit)));
+            let sql = format!(
+                "SELECT {COLUMNS} FROM jobs {where_} ORDER BY id LIMIT ?{}",
+                args.len()
+            );
+            let jobs = query_jobs(conn, "listing jobs", &sql, rusqlite::params_from_iter(args))?;
+            let next = (jobs.len() == limit as usize)
+                .then(|| jobs.last().map(|j| j.id))
+                .flatten();
+            Ok(JobPage { jobs, next })
+        })
+        .await
+    }
+
+    async fn lease(&self, p: LeaseParams) -> Result<Vec<Job>, StoreError> {
+        if p.max == 0 {
+            return Ok(Vec::new());
+        }
+        let clock = Arc::clone(&self.clock);
+        let context = format!("leasing jobs from queue {}", p.queue);
+        self.writer
+            .write(&context.clone(), move |conn| {
+                let now = clock.now();
+                let expires = now + to_delta(p.lease_for);
+                let sql = format!("{LEASE_SQL}{COLUMNS}");
+                let mut jobs = query_jobs(
+                    conn,
+                    &context,
+                    &sql,
+                    params![
+                        p.owner.as_str(),
+                        micros(expires),
+                        micros(now),
+                        p.queue.as_str(),
+                        p.max
+                    ],
+                )?;
+                // RETURNING gives no order; callers get jobs in lease order.
+                jobs.sort_by_key(|j| (j.priority, j.run_at, j.id));
+                Ok(jobs)
+            })
+            .await
+    }
+
+    async fn heartbeat(
+        &self,
+        p: HeartbeatParams,
+    ) -> Result<Vec<Result<Timestamp, StoreError>>, StoreError> {
+        let clock = Arc::clone(&self.clock);
+        self.writer
+            .write("extending leases", move |conn| {
+                let expires = clock.now() + to_delta(p.lease_for);
+                let mut stmt = conn
+                    .prepare_cached(
+                        "UPDATE jobs SET lease_expires_at = ?1
+                         WHERE id = ?2 AND lease_token = ?3 AND state = 'running'",
+                    )
+                    .map_err(|e| map_err("extending leases", &e))?;
+                p.leases
+                    .iter()
+                    .map(|l| {
+                        let n = stmt
+                            .execute(params![
+                                micros(expires),
+                                l.id.as_bytes(),
+                                l.token.as_uuid().as_bytes()
+                            ])
+                            .map_err(|e| map_err("extending leases", &e))?;
+                        Ok(if n == 1 {
+                            Ok(expires)
+                        } else {
+                            Err(stale_or_missing(conn, l.id))
+                        })
+                    })
+                    .collect()
+            })
+            .await
+    }
+
+    async fn complete(
+        &self,
+        completions: Vec<Completion>,
+    ) -> Result<Vec<Result<(), StoreError>>, StoreError> {
+        let clock = Arc::clone(&self.clock);
+        self.writer
+            .write("completing jobs", move |conn| {
+                let now = clock.now();
+                let mut stmt = conn
+                    .prepare_cached(
+                        "UPDATE jobs SET state = 'completed', result = ?1, finished_at = ?2,
+                                lease_token = NULL, lease_expires_at = NULL
+                         WHERE id = ?3 AND lease_token = ?4 AND state = 'running'",
+                    )
+                    .map_err(|e| map_err("completing jobs", &e))?;
+                completions
+                    .iter()
+                    .map(|c| {
+                        let n = stmt
+                            .execute(params![
+                                c.result.as_ref().map(|r| r.get()),
+                                micros(now),
+                                c.lease.id.as_bytes(),
+                                c.lease.token.as_uuid().as_bytes()
+                            ])
+                            .map_err(|e| map_err("completing jobs", &e))?;
+                        Ok(if n == 1 {
+                            Ok(())
+                        } else {
+                            Err(stale_or_missing(conn, c.lease.id))
+                        })
+                    })
+                    .collect()
+            })
+            .await
+    }
+
+    async fn fail(&self, p: FailParams) -> Result<Job, StoreError> {
+        let clock = Arc::clone(&self.clock);
+        self.writer
+            .write("recording a failed attempt", move |conn| {
+                let now = clock.now();
+                let id = p.lease.id;
+                let row: Option<(String, Option<Vec<u8>>, u32, u32, String)> = conn
+                    .prepare_cached(
+                        "SELECT state, lease_token, attempt, max_attempts, backoff
+                         FROM jobs WHERE id = ?1",
+                    )
+                    .and_then(|mut s| {
+                        s.query_row([id.as_bytes()], |r| {
+                            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+                        })
+                        .optional()
+                    })
+                    .map_err(|e| map_err("recording a failed attempt", &e))?;
+                let Some((state, token, attempt, max_attempts, backoff)) = row else {
+                    return Err(StoreError::NotFound(id));
+                };
+                let held = token
+                    .map(|t| uuid_from_blob("lease_token", &t))
+                    .transpose()?
+                    .map(LeaseToken::from_uuid);
+                if state != JobState::Running.as_str() || held != Some(p.lease.token) {
+                    return Err(StoreError::StaleLease(id));
+                }
+                let backoff = codec::backoff_from_json(&backoff)?;
+                let next = next_attempt_at(
+                    attempt,
+                    max_attempts,
+                    &backoff,
+                    p.permanent,
+                    now,
+                    &mut rand::rng(),
+                );
+                let error =
+                    codec::attempt_error_to_json(&AttemptError::new(attempt, now, &p.error));
+                let (state, run_at, finished_at) = match next {
+                    Some(run_at) => (JobState::Retryable, micros(run_at), None),
+                    None => (JobState::Discarded, micros(now), Some(micros(now))),
+                };
+                let sql = format!(
+                    "UPDATE jobs SET state = ?1, run_at = ?2, finished_at = ?3,
+                            errors = json_insert(errors, '$[#]', json(?4)),
+                            lease_token = NULL, lease_expires_at = NULL
+                     WHERE id = ?5 RETURNING {COLUMNS}"
+                );
+                query_jobs(
+                    conn,
+                    "recording a failed attempt",
+                    &sql,
+                    params![state.as_str(), run_at, finished_at, error, id.as_bytes()],
+                )?
+                .pop()
+                .ok_or(StoreError::NotFound(id))
+            })
+            .await
+    }
+
+    async fn release(
+        &self,
+        leases: Vec<LeaseRef>,
+    ) -> Result<Vec<Result<(), StoreError>>, StoreError> {
+        self.writer
+            .write("releasing leases", move |conn| {
+                let mut stmt = conn
+                    .prepare_cached(
+                        "UPDATE jobs SET state = 'available', attempt = attempt - 1,
+                                lease_token = NULL, lease_expires_at = NULL
+                         WHERE id = ?1 AND lease_token = ?2 AND state = 'running'",
+                    )
+                    .map_err(|e| map_err("releasing leases", &e))?;
+                leases
+                    .iter()
+                    .map(|l| {
+                        let n = stmt
+                            .execute(params![l.id.as_bytes(), l.token.as_uuid().as_bytes()])
+                            .map_err(|e| map_err("releasing leases", &e))?;
+                        Ok(if n == 1 {
+                            Ok(())
+                        } else {
+                            Err(stale_or_missing(conn, l.id))
+                        })
+                    })
+                    .collect()
+            })
+            .await
+    }
+
+    async fn cancel(&self, id: JobId) -> Result<Job, StoreError> {
+        let clock = Arc::clone(&self.clock);
+        self.writer
+            .write("cancelling a job", move |conn| {
+                let now = micros(clock.now());
+                query_jobs(
+                    conn,
+                    "cancelling a job",
+                    &CANCEL_SQL,
+                    params![id.as_bytes(), now],
+                )?
+                .pop()
+                .ok_or_else(|| refused(conn, id, Transition::Cancel))
+            })
+            .await
+    }
+
+    async fn retry(&self, id: JobId) -> Result<Job, StoreError> {
+        let clock = Arc::clone(&self.clock);
+        self.writer
+            .write("retrying a job", move |conn| {
+                let now = micros(clock.now());
+                query_jobs(
+                    conn,
+                    "retrying a job",
+                    &RETRY_SQL,
+                    params![id.as_bytes(), now],
+                )?
+                .pop()
+                .ok_or_else(|| refused(conn, id, Transition::Retry))
+            })
+            .await
+    }
+
+    async fn promote(&self, p: PromoteParams) -> Result<Vec<Promoted>, StoreError> {
+        let clock = Arc::clone(&self.clock);
+        self.writer
+            .write("promoting due jobs", move |conn| {
+                let now = micros(clock.now());
+                let mut stmt = conn
+                    .prepare_cached(&PROMOTE_SQL)
+                    .map_err(|e| map_err("promoting due jobs", &e))?;
+                let queues = stmt
+                    .query_map(params![now, p.limit], |r| r.get::<_, String>(0))
+                    .and_then(|rows| rows.collect::<Result<Vec<_>, _>>())
+                    .map_err(|e| map_err("promoting due jobs", &e))?;
+                let mut counts: BTreeMap<String, u64> = BTreeMap::new();
+                for q in queues {
+                    *counts.entry(q).or_default() += 1;
+                }
+                counts
+                    .into_iter()
+                    .map(|(q, count)| {
+                        Ok(Promoted {
+                            queue: QueueName::parse(q)
+                                .map_err(|e| StoreError::permanent("decoding stored queue", e))?,
+                            count,
+                        })
+                    })
+                    .collect()
+            })
+            .await
+    }
+
+    async fn rescue(&self, p: RescueParams) -> Result<Vec<Rescued>, StoreError> {
+        let clock = Arc::clone(&self.clock);
+        self.writer
+            .write("rescuing expired leases", move |conn| {
+                let now = clock.now();
+                let expired: Vec<(Vec<u8>, String, Option<String>, u32, u32, String)> = conn
+                    .prepare_cached(
+                        "SELECT id, queue, lease_owner, attempt, max_attempts, backoff FROM jobs
+                         WHERE state = 'running' AND lease_expires_at < ?1
+                         ORDER BY lease_expires_at LIMIT ?2",
+                    )
+                    .and_then(|mut s| {
+                        s.query_map(params![micros(now), p.limit], |r| {
+                            Ok((
+                                r.get(0)?,
+                                r.get(1)?,
+                                r.get(2)?,
+                                r.get(3)?,
+                                r.get(4)?,
+                                r.get(5)?,
+                            ))
+                        })?
+                        .collect()
+                    })
+                    .map_err(|e| map_err("finding expired leases", &e))?;
+                let mut update = conn
+                    .prepare_cached(
+                        "UPDATE jobs SET state = ?1, run_at = ?2, finished_at = ?3,
+                                errors = json_insert(errors, '$[#]', json(?4)),
+                                lease_token = NULL, lease_expires_at = NULL
+                         WHERE id = ?5 AND state = 'running'",
+                    )
+                    .map_err(|e| map_err("rescuing expired leases", &e))?;
+                let mut rng = rand::rng();
+                let mut out = Vec::with_capacity(expired.len());
+                for (id, queue, owner, attempt, max_attempts, backoff) in expired {
+                    let backoff = codec::backoff_from_json(&backoff)?;
+                    let next =
+                        next_attempt_at(attempt, max_attempts, &backoff, false, now, &mut rng);
+                    let who = owner.as_deref().unwrap_or("unknown");
+                    let error = codec::attempt_error_to_json(&AttemptError::new(
+                        attempt,
+                        now,
+                        &format!("lease expired: worker {who} stopped renewing it"),
+                    ));
+                    let (state, run_at, finished_at) = match next {
+                        Some(run_at) => (JobState::Retryable, micros(run_at), None),
+                        None => (JobState::Discarded, micros(now), Some(micros(now))),
+                    };
+                    update
+                        .execute(params![state.as_str(), run_at, finished_at, error, id])
+                        .map_err(|e| map_err("rescuing expired leases", &e))?;
+                    out.push(Rescued {
+                        id: JobId::from_uuid(uuid_from_blob("id", &id)?),
+                        queue: QueueName::parse(queue)
+                            .map_err(|e| StoreError::permanent("decoding stored queue", e))?,
+                        state,
+                        owner: owner.and_then(|o| WorkerId::parse(o).ok()),
+                    });
+                }
+                Ok(out)
+            })
+            .await
+    }
+
+    async fn delete_finished(&self, p: RetentionParams) -> Result<u64, StoreError> {
+        self.writer
+            .write("deleting finished jobs", move |conn| {
+                conn.prepare_cached(&DELETE_FINISHED_SQL)
+                    .and_then(|mut s| s.execute(params![micros(p.finished_before), p.limit]))
+                    .map(|n| n as u64)
+                    .map_err(|e| map_err("deleting finished jobs", &e))
+            })
+            .await
+    }
+
+    async fn queue_stats(&self) -> Result<Vec<QueueStats>, StoreError> {
+        self.read("reading queue statistics", |conn| {
+            let rows: Vec<(String, String, i64)> = conn
+                .prepare_cached("SELECT queue, state, count(*) FROM jobs GROUP BY queue, state")
+                .and_then(|mut s| {
+                    s.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+                        .collect()
+                })
+                .map_err(|e| map_err("reading queue statistics", &e))?;
+            let mut by_queue: BTreeMap<String, StateCounts> = BTreeMap::new();
+            for (queue, state, n) in rows {
+                let state: JobState = state
+                    .parse()
+                    .map_err(|e| StoreError::permanent("decoding stored state", e))?;
+                by_queue.entry(queue).or_default().add(state, n as u64);
+            }
+            by_queue
+                .into_iter()
+                .map(|(q, counts)| {
+                    Ok(QueueStats {
+                        queue: QueueName::parse(q)
+                            .map_err(|e| StoreError::permanent("decoding stored queue", e))?,
+                        counts,
+                    })
+                })
+                .collect()
+        })
+        .await
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        self.read("pinging SQLite", |conn| {
+            conn.query_row("SELECT 1", [], |_| Ok(()))
+                .map_err(|e| map_err("pinging SQLite", &e))
+        })
+        .await
+    }
+
+    async fn close(&self) {
+        self.writer.close().await;
+        self.readers.close();
+        let handle = self
+            .writer_thread
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(h) = handle {
+            let _ = tokio::task::spawn_blocking(move || h.join()).await;
+        }
+    }
+}
+
+impl Drop for SqliteStore {
+    fn drop(&mut self) {
+        // Without an explicit close the writer thread still stops: dropping the last sender
+        // ends its loop after the queued writes commit.
+        self.readers.close();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn guards_follow_the_state_machine() {
+        assert_eq!(
+            state_guard(Transition::Cancel),
+            "state IN ('scheduled', 'available', 'running', 'retryable')"
+        );
+        assert_eq!(
+            state_guard(Transition::Promote),
+            "state IN ('scheduled', 'retryable')"
+        );
+    }
+}

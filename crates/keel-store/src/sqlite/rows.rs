@@ -1,0 +1,107 @@
+//! Reading and writing job rows in SQLite's column types.
+
+use std::time::Duration;
+
+use keel_core::clock::{from_micros, to_micros};
+use keel_core::{
+    Job, JobId, JobKind, Lease, LeaseToken, Priority, QueueName, StoreError, TenantId, Timestamp,
+    WorkerId,
+};
+use rusqlite::Row;
+use uuid::Uuid;
+
+use crate::codec;
+
+/// Every column of `jobs`, in the order [`job_from_row`] reads them.
+pub(super) const COLUMNS: &str = "id, queue, kind, tenant, args, priority, state, attempt, \
+     max_attempts, timeout_ms, backoff, tags, run_at, errors, result, lease_owner, lease_token, \
+     lease_expires_at, created_at, started_at, finished_at";
+
+fn corrupt(what: &str, detail: impl std::fmt::Display) -> StoreError {
+    StoreError::permanent(
+        format!("decoding stored {what}"),
+        format!("unexpected value: {detail}"),
+    )
+}
+
+pub(super) fn uuid_from_blob(what: &str, b: &[u8]) -> Result<Uuid, StoreError> {
+    Uuid::from_slice(b).map_err(|e| corrupt(what, e))
+}
+
+fn ts(what: &str, us: i64) -> Result<Timestamp, StoreError> {
+    from_micros(us).ok_or_else(|| corrupt(what, us))
+}
+
+fn opt_ts(what: &str, us: Option<i64>) -> Result<Option<Timestamp>, StoreError> {
+    us.map(|v| ts(what, v)).transpose()
+}
+
+/// Converts a timestamp to the stored form.
+pub(super) fn micros(t: Timestamp) -> i64 {
+    to_micros(t)
+}
+
+fn get<T: rusqlite::types::FromSql>(row: &Row<'_>, idx: usize) -> Result<T, StoreError> {
+    row.get(idx)
+        .map_err(|e| StoreError::permanent("reading a job row", e))
+}
+
+fn name<T>(
+    what: &str,
+    s: String,
+    parse: impl Fn(String) -> Result<T, keel_core::ids::InvalidId>,
+) -> Result<T, StoreError> {
+    parse(s).map_err(|e| corrupt(what, e))
+}
+
+fn u32_col(row: &Row<'_>, idx: usize, what: &str) -> Result<u32, StoreError> {
+    let v: i64 = get(row, idx)?;
+    u32::try_from(v).map_err(|_| corrupt(what, v))
+}
+
+/// Decodes a row selected with [`COLUMNS`].
+pub(super) fn job_from_row(row: &Row<'_>) -> Result<Job, StoreError> {
+    let id: Vec<u8> = get(row, 0)?;
+    let priority: i64 = get(row, 5)?;
+    let state: String = get(row, 6)?;
+    let timeout_ms: i64 = get(row, 9)?;
+    let lease_owner: Option<String> = get(row, 15)?;
+    let lease_token: Option<Vec<u8>> = get(row, 16)?;
+    let lease_expires_at: Option<i64> = get(row, 17)?;
+    let lease = match (lease_owner.clone(), lease_token, lease_expires_at) {
+        (Some(owner), Some(token), Some(expires)) => Some(Lease {
+            owner: name("lease_owner", owner, WorkerId::parse)?,
+            token: LeaseToken::from_uuid(uuid_from_blob("lease_token", &token)?),
+            expires_at: ts("lease_expires_at", expires)?,
+        }),
+        _ => None,
+    };
+    Ok(Job {
+        id: JobId::from_uuid(uuid_from_blob("id", &id)?),
+        queue: name("queue", get(row, 1)?, QueueName::parse)?,
+        kind: name("kind", get(row, 2)?, JobKind::parse)?,
+        tenant: name("tenant", get(row, 3)?, TenantId::parse)?,
+        args: codec::raw_json(get(row, 4)?, "args")?,
+        priority: u8::try_from(priority)
+            .ok()
+            .and_then(|p| Priority::new(p).ok())
+            .ok_or_else(|| corrupt("priority", priority))?,
+        state: state.parse().map_err(|e| corrupt("state", e))?,
+        attempt: u32_col(row, 7, "attempt")?,
+        max_attempts: u32_col(row, 8, "max_attempts")?,
+        timeout: Duration::from_millis(
+            u64::try_from(timeout_ms).map_err(|_| corrupt("timeout_ms", timeout_ms))?,
+        ),
+        backoff: codec::backoff_from_json(&get::<String>(row, 10)?)?,
+        tags: codec::tags_from_json(&get::<String>(row, 11)?)?,
+        run_at: ts("run_at", get(row, 12)?)?,
+        errors: codec::errors_from_json(&get::<String>(row, 13)?)?,
+        result: get::<Option<String>>(row, 14)?
+            .map(|r| codec::raw_json(r, "result"))
+            .transpose()?,
+        lease,
+        created_at: ts("created_at", get(row, 18)?)?,
+        started_at: opt_ts("started_at", get(row, 19)?)?,
+        finished_at: opt_ts("finished_at", get(row, 20)?)?,
+    })
+}
