@@ -1,0 +1,95 @@
+//! The one place driver and pool errors become [`StoreError`]s.
+//!
+//! The split matters to callers: a transient error is retried with backoff inside the
+//! request deadline and counted by the circuit breaker, a conflict is a 409, anything else is
+//! a permanent failure that retrying would only repeat. Every error carries what was being
+//! attempted ("leasing jobs from queue emails") and keeps the driver error as its source.
+
+use std::error::Error as StdError;
+
+use deadpool_postgres::{HookError, PoolError};
+use keel_core::StoreError;
+use tokio_postgres::error::SqlState;
+
+/// SQLSTATEs worth retrying: the server is going away or starting (57P0x), out of
+/// connections (53300), a serialisation failure or deadlock victim (40001, 40P01), or a lock
+/// that was not available (55P03, `NOWAIT` / `lock_timeout`). Class 08 (connection
+/// exceptions) is matched separately, as a class.
+const TRANSIENT: [&SqlState; 7] = [
+    &SqlState::T_R_SERIALIZATION_FAILURE,
+    &SqlState::T_R_DEADLOCK_DETECTED,
+    &SqlState::ADMIN_SHUTDOWN,
+    &SqlState::CRASH_SHUTDOWN,
+    &SqlState::CANNOT_CONNECT_NOW,
+    &SqlState::TOO_MANY_CONNECTIONS,
+    &SqlState::LOCK_NOT_AVAILABLE,
+];
+
+/// Maps a driver error raised while doing `context`.
+pub(super) fn db(e: tokio_postgres::Error, context: String) -> StoreError {
+    if let Some(code) = e.code() {
+        if *code == SqlState::UNIQUE_VIOLATION {
+            let detail = e
+                .as_db_error()
+                .map(|d| d.detail().unwrap_or(d.message()).to_owned())
+                .unwrap_or_default();
+            return StoreError::Conflict(format!("{context}: {detail}"));
+        }
+        if code.code().starts_with("08") || TRANSIENT.contains(&code) {
+            return StoreError::transient(context, e);
+        }
+        return StoreError::permanent(context, e);
+    }
+    // No SQLSTATE: the failure happened on the way to or from the server. A closed connection
+    // or an I/O error (refused, reset, timed out) may well succeed on another connection.
+    if e.is_closed() || has_io_source(&e) {
+        StoreError::transient(context, e)
+    } else {
+        StoreError::permanent(context, e)
+    }
+}
+
+/// Maps a failure to get a connection from the pool while doing `context`.
+pub(super) fn pool(e: PoolError, context: String) -> StoreError {
+    match e {
+        // Every connection busy for the whole acquire timeout, or the server too slow to
+        // accept a new one: load, not a defect.
+        PoolError::Timeout(_) => StoreError::transient(context, e),
+        PoolError::Backend(inner) => db(inner, context),
+        PoolError::PostCreateHook(HookError::Backend(inner)) => db(inner, context),
+        // Closed on purpose by `close()`: retrying cannot help.
+        PoolError::Closed => StoreError::permanent(context, "the store is closed"),
+        PoolError::NoRuntimeSpecified | PoolError::PostCreateHook(HookError::Message(_)) => {
+            StoreError::permanent(context, e)
+        }
+    }
+}
+
+fn has_io_source(e: &(dyn StdError + 'static)) -> bool {
+    let mut cur: Option<&(dyn StdError + 'static)> = Some(e);
+    while let Some(err) = cur {
+        if err.is::<std::io::Error>() {
+            return true;
+        }
+        cur = err.source();
+    }
+    false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pool_timeouts_are_transient_and_closed_is_not() {
+        let e = pool(
+            PoolError::Timeout(deadpool_postgres::TimeoutType::Wait),
+            "leasing jobs from queue q".into(),
+        );
+        assert!(e.is_transient());
+        assert!(e.to_string().contains("leasing jobs from queue q"), "{e}");
+        let e = pool(PoolError::Closed, "getting job x".into());
+        assert!(!e.is_transient());
+        assert_eq!(e.class(), "permanent");
+    }
+}

@@ -1,0 +1,844 @@
+//! [`PgStore`]: the job store for several Keel replicas sharing one Postgres database.
+//!
+//! - **Leases** take rows with `FOR UPDATE SKIP LOCKED`, so replicas leasing from the same
+//!   queue never block each other and never receive the same job.
+//! - **Batches** are one statement each: inserts, heartbeats, completions, releases and
+//!   rescues send their items as arrays and `unnest` them server-side, so a batch of a
+//!   thousand costs one round trip, not a thousand.
+//! - **State guards** come from the state machine ([`keel_core::Transition::sources`]); see
+//!   `sql.rs`.
+//! - **Time** comes from the injected [`Clock`], never from SQL `now()`, so every replica and
+//!   every test decides "expired" and "due" the same way.
+//! - **Connections** come from a bounded pool (deadpool) with an acquire timeout, a maximum
+//!   lifetime and a warm minimum; see `pool.rs`.
+//!
+//! Every statement is unqualified and resolves through the connection's `search_path`, so a
+//! URL with `?options=-csearch_path%3D<schema>` confines a store to one schema (tests run one
+//! schema each).
+
+mod error;
+mod pool;
+mod rows;
+mod sql;
+#[cfg(all(test, feature = "testkit"))]
+mod tests;
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use deadpool_postgres::{Object, Pool};
+use keel_core::clock::to_delta;
+use keel_core::store::{
+    Completion, FailParams, HeartbeatParams, JobPage, LeaseParams, LeaseRef, ListParams,
+    PromoteParams, Promoted, QueueStats, RescueParams, Rescued, RetentionParams, StateCounts,
+};
+use keel_core::{
+    AttemptError, Backoff, Clock, Job, JobId, JobState, NewJob, QueueName, Store, StoreError,
+    Timestamp, Transition, WorkerId, next_attempt_at,
+};
+use tokio_postgres::Row;
+use tokio_postgres::types::ToSql;
+use uuid::Uuid;
+
+use crate::codec;
+use crate::migrate::{self, MigrationReport};
+use sql::{ListQuery, SQL};
+
+/// Connection pool settings. Each bounds a resource so overload turns into fast, retryable
+/// errors instead of unbounded waits (guarantee G5).
+#[derive(Debug, Clone)]
+pub struct PgOptions {
+    /// Most connections this process opens. Postgres pays a process per connection and caps
+    /// them server-wide (`max_connections`), so N replicas × this must fit under the server's
+    /// limit with room for operators; callers beyond it wait up to `acquire_timeout`.
+    pub max_connections: usize,
+    /// Connections kept open and idle even when quiet, so the first requests after startup or
+    /// after connections were dropped do not each pay a TCP + authentication handshake.
+    pub min_idle: usize,
+    /// Connections older than this are closed instead of reused. Long-lived backends grow
+    /// (caches, plans); recycling them also lets a load balancer or PgBouncer in front of
+    /// Postgres rebalance, and picks up rotated credentials. `None` keeps them forever.
+    pub max_lifetime: Option<Duration>,
+    /// Longest a caller waits for a free connection before getting a transient error. Keeps
+    /// pool exhaustion from turning into an unbounded queue of waiting requests; it should be
+    /// well under the request deadline so the caller can still answer 503 in time.
+    pub acquire_timeout: Duration,
+    /// Longest to wait for a new connection to be established. An unreachable server (black-
+    /// holed packets, not a refusal) must fail fast rather than hang startup or a request.
+    pub connect_timeout: Duration,
+}
+
+impl Default for PgOptions {
+    fn default() -> Self {
+        Self {
+            max_connections: 16,
+            min_idle: 2,
+            max_lifetime: Some(Duration::from_secs(30 * 60)),
+            acquire_timeout: Duration::from_secs(5),
+            connect_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+impl PgOptions {
+    /// A small pool for tests: many tests run in parallel against one server, each with a
+    /// store of its own, and must not exhaust the server's connection limit together.
+    pub fn for_tests() -> Self {
+        Self {
+            max_connections: 8,
+            min_idle: 1,
+            ..Self::default()
+        }
+    }
+}
+
+/// A [`Store`] on Postgres. Cheap to share behind an `Arc`: every method borrows a pooled
+/// connection for the duration of one statement or transaction.
+pub struct PgStore {
+    pool: Pool,
+    clock: Arc<dyn Clock>,
+    /// `host:port/db` for messages (never the password).
+    target: String,
+    maintenance: pool::Maintenance,
+}
+
+impl std::fmt::Debug for PgStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgStore")
+            .field("target", &self.target)
+            .field("pool", &self.pool.status())
+            .field("clock", &self.clock)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Lazily built context for an error message: only formatted when something failed.
+type Ctx<'a> = &'a (dyn Fn() -> String + Send + Sync);
+
+impl PgStore {
+    /// Connects to the server at `url` (libpq URL syntax, including
+    /// `?options=-csearch_path%3D<schema>`), verifies it answers, warms `min_idle`
+    /// connections and starts the pool's maintenance task.
+    ///
+    /// Fails with [`StoreError::Transient`] when the server is unreachable or not accepting
+    /// connections yet (worth retrying at startup), and [`StoreError::Permanent`] for a
+    /// malformed URL, bad credentials or a missing database.
+    pub async fn connect(
+        url: &str,
+        opts: PgOptions,
+        clock: Arc<dyn Clock>,
+    ) -> Result<Self, StoreError> {
+        let mut cfg: tokio_postgres::Config = url
+            .parse()
+            .map_err(|e| StoreError::permanent("parsing the Postgres URL", e))?;
+        let target = describe(&cfg);
+        if opts.max_connections == 0 {
+            return Err(StoreError::permanent(
+                format!("configuring the pool for {target}"),
+                "max_connections must be at least 1",
+            ));
+        }
+        cfg.connect_timeout(opts.connect_timeout);
+        if cfg.get_application_name().is_none() {
+            // Shows up in pg_stat_activity, so operators can tell Keel's sessions apart.
+            cfg.application_name("keel");
+        }
+        let pool = pool::build(cfg, &opts).map_err(|e| {
+            StoreError::permanent(format!("building the connection pool for {target}"), e)
+        })?;
+        {
+            let conn = pool
+                .get()
+                .await
+                .map_err(|e| error::pool(e, format!("connecting to {target}")))?;
+            conn.simple_query("SELECT 1")
+                .await
+                .map_err(|e| error::db(e, format!("checking that {target} answers")))?;
+        }
+        if let Err(e) = pool::top_up(&pool, opts.min_idle).await {
+            tracing::warn!(error = %e, %target, "could not open min_idle Postgres connections");
+        }
+        let maintenance = pool::Maintenance::spawn(&pool, &opts);
+        Ok(Self {
+            pool,
+            clock,
+            target,
+            maintenance,
+        })
+    }
+
+    /// Applies pending migrations in one transaction. Safe to call from several processes
+    /// starting at once: they serialise on an advisory lock keyed by the schema (so stores in
+    /// different schemas do not wait for each other), and the later ones find nothing to do.
+    pub async fn migrate(&self) -> Result<MigrationReport, StoreError> {
+        let ctx = || format!("migrating the schema on {}", self.target);
+        let mut conn = self.conn(&ctx).await?;
+        let tx = conn.transaction().await.map_err(|e| error::db(e, ctx()))?;
+        let schema: Option<String> = tx
+            .query_one("SELECT current_schema()", &[])
+            .await
+            .and_then(|row| row.try_get(0))
+            .map_err(|e| error::db(e, ctx()))?;
+        let Some(schema) = schema else {
+            return Err(StoreError::permanent(
+                ctx(),
+                "no schema in the search_path exists, so there is nowhere to create Keel's \
+                 tables (create the schema, or fix options=-csearch_path in the URL)",
+            ));
+        };
+        // Lock before touching the tracking table: even CREATE TABLE IF NOT EXISTS fails when
+        // two sessions run it at the same moment.
+        tx.batch_execute(
+            "SELECT pg_advisory_xact_lock(hashtextextended('keel_migrate:' || current_schema(), 0));
+             CREATE TABLE IF NOT EXISTS keel_schema_migrations (
+                 version    bigint      PRIMARY KEY,
+                 name       text        NOT NULL,
+                 checksum   text        NOT NULL,
+                 applied_at timestamptz NOT NULL DEFAULT now()
+             );",
+        )
+        .await
+        .map_err(|e| error::db(e, ctx()))?;
+        let applied = tx
+            .query(
+                "SELECT version, checksum FROM keel_schema_migrations ORDER BY version",
+                &[],
+            )
+            .await
+            .map_err(|e| error::db(e, ctx()))?
+            .iter()
+            .map(|row| Ok((row.try_get(0)?, row.try_get(1)?)))
+            .collect::<Result<Vec<(i64, String)>, tokio_postgres::Error>>()
+            .map_err(|e| error::db(e, ctx()))?;
+        let todo = migrate::pending(migrate::POSTGRES, &applied)
+            .map_err(|e| StoreError::permanent(ctx(), e))?;
+        let now = self.clock.now();
+        let mut report = MigrationReport {
+            applied: Vec::with_capacity(todo.len()),
+            current: applied.iter().map(|(v, _)| *v).max().unwrap_or(0),
+        };
+        for m in todo {
+            let mctx = || {
+                format!(
+                    "applying migration {} ({}) in schema {schema}",
+                    m.version, m.name
+                )
+            };
+            tx.batch_execute(m.sql)
+                .await
+                .map_err(|e| error::db(e, mctx()))?;
+            tx.execute(
+                "INSERT INTO keel_schema_migrations (version, name, checksum, applied_at) \
+                 VALUES ($1, $2, $3, $4)",
+                &[&m.version, &m.name, &m.checksum(), &now],
+            )
+            .await
+            .map_err(|e| error::db(e, mctx()))?;
+            report.applied.push(m.version);
+            report.current = report.current.max(m.version);
+        }
+        tx.commit().await.map_err(|e| error::db(e, ctx()))?;
+        if !report.applied.is_empty() {
+            tracing::info!(
+                applied = ?report.applied,
+                version = report.current,
+                %schema,
+                "applied Postgres migrations"
+            );
+        }
+        Ok(report)
+    }
+
+    /// A pooled connection, or why none could be had.
+    async fn conn(&self, ctx: Ctx<'_>) -> Result<Object, StoreError> {
+        self.pool.get().await.map_err(|e| error::pool(e, ctx()))
+    }
+
+    /// Runs one prepared statement and returns its rows.
+    async fn query(
+        &self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+        ctx: Ctx<'_>,
+    ) -> Result<Vec<Row>, StoreError> {
+        let conn = self.conn(ctx).await?;
+        let stmt = conn
+            .prepare_cached(sql)
+            .await
+            .map_err(|e| error::db(e, ctx()))?;
+        conn.query(&stmt, params)
+            .await
+            .map_err(|e| error::db(e, ctx()))
+    }
+
+    /// Runs one lease-fenced batch statement (`heartbeat`, `complete`, `release`) whose
+    /// first two parameters are the ids and tokens of `leases` and which returns the
+    /// `(id, token)` pairs it applied to. Items it did not apply to are told apart with one
+    /// more query: the job exists (its lease is stale) or it does not.
+    async fn fenced_batch(
+        &self,
+        leases: &[LeaseRef],
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+        ctx: Ctx<'_>,
+    ) -> Result<Vec<Result<(), StoreError>>, StoreError> {
+        let conn = self.conn(ctx).await?;
+        let stmt = conn
+            .prepare_cached(sql)
+            .await
+            .map_err(|e| error::db(e, ctx()))?;
+        let rows = conn
+            .query(&stmt, params)
+            .await
+            .map_err(|e| error::db(e, ctx()))?;
+        let applied = rows
+            .iter()
+            .map(|r| Ok((r.try_get::<_, Uuid>(0)?, r.try_get::<_, Uuid>(1)?)))
+            .collect::<Result<HashSet<(Uuid, Uuid)>, tokio_postgres::Error>>()
+            .map_err(|e| error::db(e, ctx()))?;
+        let held = |l: &LeaseRef| applied.contains(&(*l.id.as_uuid(), *l.token.as_uuid()));
+        let missing: Vec<Uuid> = leases
+            .iter()
+            .filter(|l| !held(l))
+            .map(|l| *l.id.as_uuid())
+            .collect();
+        let existing: HashSet<Uuid> = if missing.is_empty() {
+            HashSet::new()
+        } else {
+            let stmt = conn
+                .prepare_cached(&SQL.existing)
+                .await
+                .map_err(|e| error::db(e, ctx()))?;
+            conn.query(&stmt, &[&missing])
+                .await
+                .map_err(|e| error::db(e, ctx()))?
+                .iter()
+                .map(|r| r.try_get::<_, Uuid>(0))
+                .collect::<Result<_, _>>()
+                .map_err(|e| error::db(e, ctx()))?
+        };
+        Ok(leases
+            .iter()
+            .map(|l| {
+                if held(l) {
+                    Ok(())
+                } else if existing.contains(l.id.as_uuid()) {
+                    Err(StoreError::StaleLease(l.id))
+                } else {
+                    Err(StoreError::NotFound(l.id))
+                }
+            })
+            .collect())
+    }
+
+    /// Runs a single-row guarded transition (`cancel`, `retry`). When the guard matched
+    /// nothing, reads the job's state to answer NotFound or IllegalTransition. Should the
+    /// state change between the two statements to one the transition accepts (a concurrent
+    /// retry, say), the transition is tried again, a bounded number of times.
+    async fn guarded(
+        &self,
+        id: JobId,
+        transition: Transition,
+        sql: &str,
+        ctx: Ctx<'_>,
+    ) -> Result<Job, StoreError> {
+        const ATTEMPTS: usize = 3;
+        let conn = self.conn(ctx).await?;
+        let update = conn
+            .prepare_cached(sql)
+            .await
+            .map_err(|e| error::db(e, ctx()))?;
+        let read = conn
+            .prepare_cached(&SQL.state_of)
+            .await
+            .map_err(|e| error::db(e, ctx()))?;
+        for _ in 0..ATTEMPTS {
+            let now = self.clock.now();
+            let row = conn
+                .query_opt(&update, &[id.as_uuid(), &now])
+                .await
+                .map_err(|e| error::db(e, ctx()))?;
+            if let Some(row) = row {
+                return rows::job_from_row(&row);
+            }
+            let Some(row) = conn
+                .query_opt(&read, &[id.as_uuid()])
+                .await
+                .map_err(|e| error::db(e, ctx()))?
+            else {
+                return Err(StoreError::NotFound(id));
+            };
+            let from = rows::state(rows::get(&row, 0, "state")?)?;
+            if let Err(source) = from.apply(transition) {
+                return Err(StoreError::IllegalTransition { id, source });
+            }
+        }
+        Err(StoreError::transient(
+            ctx(),
+            format!("job {id} kept changing state concurrently"),
+        ))
+    }
+}
+
+/// `host:port/db as user` for messages; the password never appears.
+fn describe(cfg: &tokio_postgres::Config) -> String {
+    use tokio_postgres::config::Host;
+    let hosts: Vec<String> = cfg
+        .get_hosts()
+        .iter()
+        .enumerate()
+        .map(|(i, h)| {
+            let port = cfg
+                .get_ports()
+                .get(i)
+                .or_else(|| cfg.get_ports().first())
+                .copied()
+                .unwrap_or(5432);
+            match h {
+                Host::Tcp(name) => format!("{name}:{port}"),
+                Host::Unix(path) => format!("{}:{port}", path.display()),
+            }
+        })
+        .collect();
+    let hosts = if hosts.is_empty() {
+        "localhost:5432".to_owned()
+    } else {
+        hosts.join(",")
+    };
+    let db = cfg.get_dbname().or(cfg.get_user()).unwrap_or("postgres");
+    match cfg.get_user() {
+        Some(user) => format!("postgres at {hosts}/{db} as {user}"),
+        None => format!("postgres at {hosts}/{db}"),
+    }
+}
+
+/// The state `from` moves to under `transition`, for transitions decided per row in Rust
+/// (`fail`, `rescue`).
+fn next_state(id: JobId, from: JobState, transition: Transition) -> Result<JobState, StoreError> {
+    from.apply(transition)
+        .map_err(|source| StoreError::IllegalTransition { id, source })
+}
+
+#[async_trait]
+impl Store for PgStore {
+    async fn insert(&self, jobs: Vec<NewJob>) -> Result<Vec<Job>, StoreError> {
+        for (index, job) in jobs.iter().enumerate() {
+            job.validate(NewJob::DEFAULT_MAX_ARGS_BYTES)
+                .map_err(|errors| StoreError::Invalid { index, errors })?;
+        }
+        if jobs.is_empty() {
+            return Ok(Vec::new());
+        }
+        let now = self.clock.now();
+        let jobs: Vec<Job> = jobs.into_iter().map(|j| j.into_job(now)).collect();
+        let n = jobs.len();
+        let mut ids = Vec::with_capacity(n);
+        let mut queues = Vec::with_capacity(n);
+        let mut kinds = Vec::with_capacity(n);
+        let mut tenants = Vec::with_capacity(n);
+        let mut args = Vec::with_capacity(n);
+        let mut priorities = Vec::with_capacity(n);
+        let mut states = Vec::with_capacity(n);
+        let mut max_attempts = Vec::with_capacity(n);
+        let mut timeouts = Vec::with_capacity(n);
+        let mut backoffs = Vec::with_capacity(n);
+        let mut tags = Vec::with_capacity(n);
+        let mut run_ats = Vec::with_capacity(n);
+        for j in &jobs {
+            ids.push(*j.id.as_uuid());
+            queues.push(j.queue.as_str());
+            kinds.push(j.kind.as_str());
+            tenants.push(j.tenant.as_str());
+            args.push(j.args.get());
+            priorities.push(i16::from(j.priority.get()));
+            states.push(j.state.as_str());
+            // Validation bounds these far below i32::MAX / i64::MAX.
+            max_attempts.push(i32::try_from(j.max_attempts).unwrap_or(i32::MAX));
+            timeouts.push(i64::try_from(j.timeout.as_millis()).unwrap_or(i64::MAX));
+            backoffs.push(codec::backoff_to_json(&j.backoff));
+            tags.push(codec::tags_to_json(&j.tags));
+            run_ats.push(j.run_at);
+        }
+        let ctx = || format!("inserting jobs (batch of {n})");
+        let conn = self.conn(&ctx).await?;
+        let stmt = conn
+            .prepare_cached(&SQL.insert)
+            .await
+            .map_err(|e| error::db(e, ctx()))?;
+        conn.execute(
+            &stmt,
+            &[
+                &ids,
+                &queues,
+                &kinds,
+                &tenants,
+                &args,
+                &priorities,
+                &states,
+                &max_attempts,
+                &timeouts,
+                &backoffs,
+                &tags,
+                &run_ats,
+                &now,
+            ],
+        )
+        .await
+        .map_err(|e| error::db(e, ctx()))?;
+        Ok(jobs)
+    }
+
+    async fn get(&self, id: JobId) -> Result<Job, StoreError> {
+        let ctx = || format!("reading job {id}");
+        let rows = self.query(&SQL.get, &[id.as_uuid()], &ctx).await?;
+        match rows.first() {
+            Some(row) => rows::job_from_row(row),
+            None => Err(StoreError::NotFound(id)),
+        }
+    }
+
+    async fn list(&self, params: ListParams) -> Result<JobPage, StoreError> {
+        let ctx = || "listing jobs".to_owned();
+        let q = ListQuery::new(&params);
+        let rows = self.query(&q.sql, &q.params(), &ctx).await?;
+        let jobs = rows
+            .iter()
+            .map(rows::job_from_row)
+            .collect::<Result<Vec<_>, _>>()?;
+        let full = jobs.len() >= params.effective_limit() as usize;
+        let next = if full {
+            jobs.last().map(|j| j.id)
+        } else {
+            None
+        };
+        Ok(JobPage { jobs, next })
+    }
+
+    async fn lease(&self, params: LeaseParams) -> Result<Vec<Job>, StoreError> {
+        if params.max == 0 {
+            return Ok(Vec::new());
+        }
+        let ctx = || format!("leasing jobs from queue {}", params.queue);
+        let now = self.clock.now();
+        let expires_at = now + to_delta(params.lease_for);
+        let rows = self
+            .query(
+                &SQL.lease,
+                &[
+                    &params.queue.as_str(),
+                    &i64::from(params.max),
+                    &params.owner.as_str(),
+                    &expires_at,
+                    &now,
+                ],
+                &ctx,
+            )
+            .await?;
+        let mut jobs = rows
+            .iter()
+            .map(rows::job_from_row)
+            .collect::<Result<Vec<_>, _>>()?;
+        // UPDATE … RETURNING does not keep the CTE's order.
+        jobs.sort_by_key(|j| (j.priority, j.run_at, j.id));
+        Ok(jobs)
+    }
+
+    async fn heartbeat(
+        &self,
+        params: HeartbeatParams,
+    ) -> Result<Vec<Result<Timestamp, StoreError>>, StoreError> {
+        if params.leases.is_empty() {
+            return Ok(Vec::new());
+        }
+        let ctx = || format!("extending leases (batch of {})", params.leases.len());
+        let expires_at = self.clock.now() + to_delta(params.lease_for);
+        let (ids, tokens) = split(&params.leases);
+        let outcomes = self
+            .fenced_batch(
+                &params.leases,
+                &SQL.heartbeat,
+                &[&ids, &tokens, &expires_at],
+                &ctx,
+            )
+            .await?;
+        Ok(outcomes
+            .into_iter()
+            .map(|r| r.map(|()| expires_at))
+            .collect())
+    }
+
+    async fn complete(
+        &self,
+        completions: Vec<Completion>,
+    ) -> Result<Vec<Result<(), StoreError>>, StoreError> {
+        if completions.is_empty() {
+            return Ok(Vec::new());
+        }
+        let ctx = || format!("completing jobs (batch of {})", completions.len());
+        let now = self.clock.now();
+        let leases: Vec<LeaseRef> = completions.iter().map(|c| c.lease).collect();
+        let (ids, tokens) = split(&leases);
+        let results: Vec<Option<&str>> = completions
+            .iter()
+            .map(|c| c.result.as_ref().map(|r| r.get()))
+            .collect();
+        self.fenced_batch(
+            &leases,
+            &SQL.complete,
+            &[&ids, &tokens, &results, &now],
+            &ctx,
+        )
+        .await
+    }
+
+    async fn fail(&self, params: FailParams) -> Result<Job, StoreError> {
+        let id = params.lease.id;
+        let ctx = || format!("recording a failed attempt of job {id}");
+        let now = self.clock.now();
+        let mut conn = self.conn(&ctx).await?;
+        let tx = conn.transaction().await.map_err(|e| error::db(e, ctx()))?;
+        let lock = tx
+            .prepare_cached(&SQL.fail_lock)
+            .await
+            .map_err(|e| error::db(e, ctx()))?;
+        let Some(row) = tx
+            .query_opt(&lock, &[id.as_uuid()])
+            .await
+            .map_err(|e| error::db(e, ctx()))?
+        else {
+            return Err(StoreError::NotFound(id));
+        };
+        let state = rows::state(rows::get(&row, 0, "state")?)?;
+        let token: Option<Uuid> = rows::get(&row, 1, "lease_token")?;
+        if token.as_ref() != Some(params.lease.token.as_uuid())
+            || !(Transition::Fail { retry: true })
+                .sources()
+                .contains(&state)
+        {
+            return Err(StoreError::StaleLease(id));
+        }
+        let attempt = rows::count("attempt", rows::get(&row, 2, "attempt")?)?;
+        let max_attempts = rows::count("max_attempts", rows::get(&row, 3, "max_attempts")?)?;
+        let backoff: Backoff = codec::backoff_from_json(rows::get(&row, 4, "backoff")?)?;
+        let run_at = next_attempt_at(
+            attempt,
+            max_attempts,
+            &backoff,
+            params.permanent,
+            now,
+            &mut rand::rng(),
+        );
+        let to = next_state(
+            id,
+            state,
+            Transition::Fail {
+                retry: run_at.is_some(),
+            },
+        )?;
+        let finished_at = run_at.is_none().then_some(now);
+        let entry = codec::attempt_error_to_json(&AttemptError::new(attempt, now, &params.error));
+        let update = tx
+            .prepare_cached(&SQL.fail_update)
+            .await
+            .map_err(|e| error::db(e, ctx()))?;
+        let row = tx
+            .query_one(
+                &update,
+                &[id.as_uuid(), &to.as_str(), &run_at, &finished_at, &entry],
+            )
+            .await
+            .map_err(|e| error::db(e, ctx()))?;
+        let job = rows::job_from_row(&row)?;
+        tx.commit().await.map_err(|e| error::db(e, ctx()))?;
+        Ok(job)
+    }
+
+    async fn release(
+        &self,
+        leases: Vec<LeaseRef>,
+    ) -> Result<Vec<Result<(), StoreError>>, StoreError> {
+        if leases.is_empty() {
+            return Ok(Vec::new());
+        }
+        let ctx = || format!("releasing jobs (batch of {})", leases.len());
+        let (ids, tokens) = split(&leases);
+        self.fenced_batch(&leases, &SQL.release, &[&ids, &tokens], &ctx)
+            .await
+    }
+
+    async fn cancel(&self, id: JobId) -> Result<Job, StoreError> {
+        let ctx = || format!("cancelling job {id}");
+        self.guarded(id, Transition::Cancel, &SQL.cancel, &ctx)
+            .await
+    }
+
+    async fn retry(&self, id: JobId) -> Result<Job, StoreError> {
+        let ctx = || format!("retrying job {id}");
+        self.guarded(id, Transition::Retry, &SQL.retry, &ctx).await
+    }
+
+    async fn promote(&self, params: PromoteParams) -> Result<Vec<Promoted>, StoreError> {
+        if params.limit == 0 {
+            return Ok(Vec::new());
+        }
+        let ctx = || "promoting due jobs".to_owned();
+        let now = self.clock.now();
+        let rows = self
+            .query(&SQL.promote, &[&now, &i64::from(params.limit)], &ctx)
+            .await?;
+        rows.iter()
+            .map(|row| {
+                let queue: &str = rows::get(row, 0, "queue")?;
+                let count: i64 = rows::get(row, 1, "count")?;
+                Ok(Promoted {
+                    queue: rows::parsed("queue", queue, QueueName::parse)?,
+                    count: u64::try_from(count).unwrap_or(0),
+                })
+            })
+            .collect()
+    }
+
+    async fn rescue(&self, params: RescueParams) -> Result<Vec<Rescued>, StoreError> {
+        if params.limit == 0 {
+            return Ok(Vec::new());
+        }
+        let ctx = || "rescuing jobs with expired leases".to_owned();
+        let now = self.clock.now();
+        let mut conn = self.conn(&ctx).await?;
+        let tx = conn.transaction().await.map_err(|e| error::db(e, ctx()))?;
+        let lock = tx
+            .prepare_cached(&SQL.rescue_lock)
+            .await
+            .map_err(|e| error::db(e, ctx()))?;
+        let expired = tx
+            .query(&lock, &[&now, &i64::from(params.limit)])
+            .await
+            .map_err(|e| error::db(e, ctx()))?;
+        if expired.is_empty() {
+            return Ok(Vec::new());
+        }
+        let n = expired.len();
+        let mut rescued = Vec::with_capacity(n);
+        let mut ids = Vec::with_capacity(n);
+        let mut states = Vec::with_capacity(n);
+        let mut run_ats = Vec::with_capacity(n);
+        let mut finished_ats = Vec::with_capacity(n);
+        let mut errors = Vec::with_capacity(n);
+        for row in &expired {
+            let id = JobId::from_uuid(rows::get(row, 0, "id")?);
+            let queue: &str = rows::get(row, 1, "queue")?;
+            let attempt = rows::count("attempt", rows::get(row, 2, "attempt")?)?;
+            let max_attempts = rows::count("max_attempts", rows::get(row, 3, "max_attempts")?)?;
+            let backoff = codec::backoff_from_json(rows::get(row, 4, "backoff")?)?;
+            let owner: Option<&str> = rows::get(row, 5, "lease_owner")?;
+            let owner = owner
+                .map(|o| rows::parsed("lease_owner", o, WorkerId::parse))
+                .transpose()?;
+            let run_at = next_attempt_at(
+                attempt,
+                max_attempts,
+                &backoff,
+                false,
+                now,
+                &mut rand::rng(),
+            );
+            let from = rows::state(rows::get(row, 6, "state")?)?;
+            let state = next_state(
+                id,
+                from,
+                Transition::Rescue {
+                    retry: run_at.is_some(),
+                },
+            )?;
+            let message = match &owner {
+                Some(o) => format!("lease expired: worker {o} stopped renewing it"),
+                None => "lease expired: its worker stopped renewing it".to_owned(),
+            };
+            ids.push(*id.as_uuid());
+            states.push(state.as_str());
+            run_ats.push(run_at);
+            finished_ats.push(run_at.is_none().then_some(now));
+            errors.push(codec::attempt_error_to_json(&AttemptError::new(
+                attempt, now, &message,
+            )));
+            rescued.push(Rescued {
+                id,
+                queue: rows::parsed("queue", queue, QueueName::parse)?,
+                state,
+                owner,
+            });
+        }
+        let update = tx
+            .prepare_cached(&SQL.rescue_update)
+            .await
+            .map_err(|e| error::db(e, ctx()))?;
+        tx.execute(&update, &[&ids, &states, &run_ats, &finished_ats, &errors])
+            .await
+            .map_err(|e| error::db(e, ctx()))?;
+        tx.commit().await.map_err(|e| error::db(e, ctx()))?;
+        Ok(rescued)
+    }
+
+    async fn delete_finished(&self, params: RetentionParams) -> Result<u64, StoreError> {
+        if params.limit == 0 {
+            return Ok(0);
+        }
+        let ctx = || "deleting finished jobs past retention".to_owned();
+        let conn = self.conn(&ctx).await?;
+        let stmt = conn
+            .prepare_cached(&SQL.delete_finished)
+            .await
+            .map_err(|e| error::db(e, ctx()))?;
+        conn.execute(&stmt, &[&params.finished_before, &i64::from(params.limit)])
+            .await
+            .map_err(|e| error::db(e, ctx()))
+    }
+
+    async fn queue_stats(&self) -> Result<Vec<QueueStats>, StoreError> {
+        let ctx = || "counting jobs per queue and state".to_owned();
+        let rows = self.query(&SQL.queue_stats, &[], &ctx).await?;
+        let mut by_queue: BTreeMap<String, StateCounts> = BTreeMap::new();
+        for row in &rows {
+            let queue: String = rows::get(row, 0, "queue")?;
+            let state = rows::state(rows::get(row, 1, "state")?)?;
+            let count: i64 = rows::get(row, 2, "count")?;
+            by_queue
+                .entry(queue)
+                .or_default()
+                .add(state, u64::try_from(count).unwrap_or(0));
+        }
+        by_queue
+            .into_iter()
+            .map(|(queue, counts)| {
+                Ok(QueueStats {
+                    queue: rows::parsed("queue", &queue, QueueName::parse)?,
+                    counts,
+                })
+            })
+            .collect()
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        let ctx = || format!("pinging {}", self.target);
+        let conn = self.conn(&ctx).await?;
+        conn.simple_query("SELECT 1")
+            .await
+            .map(drop)
+            .map_err(|e| error::db(e, ctx()))
+    }
+
+    async fn close(&self) {
+        self.pool.close();
+        self.maintenance.stop().await;
+    }
+}
+
+/// The ids and tokens of `leases`, as two array parameters.
+fn split(leases: &[LeaseRef]) -> (Vec<Uuid>, Vec<Uuid>) {
+    leases
+        .iter()
+        .map(|l| (*l.id.as_uuid(), *l.token.as_uuid()))
+        .unzip()
+}

@@ -1,0 +1,170 @@
+//! The connection pool and the small task that keeps it healthy.
+//!
+//! deadpool hands out connections and bounds how many exist; two policies it does not have
+//! are added here:
+//! - **max_lifetime**: a `pre_recycle` hook refuses connections older than the limit, so
+//!   they are closed instead of reused (server-side memory growth, credential rotation, and a
+//!   load balancer in front of Postgres that should see connections rebalance), and the
+//!   maintenance task evicts idle ones that reached it before a request trips over them.
+//! - **min_idle**: connections are opened at startup and topped up in the background, so the
+//!   first requests after startup or after a burst of dropped connections do not each pay for
+//!   a TCP + auth handshake.
+
+use std::sync::Mutex;
+use std::time::Duration;
+
+use deadpool_postgres::{
+    Hook, HookError, Manager, ManagerConfig, Pool, PoolError, RecyclingMethod, Runtime, Timeouts,
+    WeakPool,
+};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use super::PgOptions;
+
+/// How often the maintenance task evicts expired idle connections and tops the pool up.
+/// Checking is a mutex and two counters, so a second is cheap, and a connection lost to a
+/// server restart is replaced before most requests notice.
+const MAINTENANCE_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Builds the pool (no connection is opened yet).
+pub(super) fn build(
+    cfg: tokio_postgres::Config,
+    opts: &PgOptions,
+) -> Result<Pool, deadpool_postgres::BuildError> {
+    let manager = Manager::from_config(
+        cfg,
+        tokio_postgres::NoTls,
+        ManagerConfig {
+            // `is_closed` only: a health query on every checkout would add a round trip to
+            // every statement. A connection that died silently fails its next statement with
+            // a transient error, which callers retry, and is then discarded.
+            recycling_method: RecyclingMethod::Fast,
+        },
+    );
+    let mut builder = Pool::builder(manager)
+        .max_size(opts.max_connections)
+        .runtime(Runtime::Tokio1)
+        .timeouts(Timeouts {
+            wait: Some(opts.acquire_timeout),
+            create: Some(opts.connect_timeout),
+            recycle: Some(opts.acquire_timeout),
+        });
+    if let Some(max) = opts.max_lifetime {
+        builder = builder.pre_recycle(Hook::sync_fn(move |_, metrics| {
+            if metrics.age() >= max {
+                Err(HookError::message("connection reached max_lifetime"))
+            } else {
+                Ok(())
+            }
+        }));
+    }
+    builder.build()
+}
+
+/// Opens connections until at least `min_idle` are idle (or the pool is full). Never waits
+/// for a slot: when every connection is busy the pool is warm enough already.
+///
+/// The pool hands out idle connections before it creates new ones, so to create `n` new ones
+/// this holds the idle ones too, briefly; they all go back to the pool at the end.
+pub(super) async fn top_up(pool: &Pool, min_idle: usize) -> Result<(), PoolError> {
+    let status = pool.status();
+    let target = min_idle.min(status.max_size);
+    let room = status.max_size.saturating_sub(status.size);
+    let missing = target.saturating_sub(status.available).min(room);
+    if missing == 0 {
+        return Ok(());
+    }
+    let no_wait = Timeouts {
+        wait: Some(Duration::ZERO),
+        ..pool.timeouts()
+    };
+    let mut held = Vec::with_capacity(status.available + missing);
+    for _ in 0..status.available + missing {
+        match pool.timeout_get(&no_wait).await {
+            Ok(conn) => held.push(conn),
+            // Another task took the slot meanwhile: good enough.
+            Err(PoolError::Timeout(_)) => break,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// The background task enforcing `min_idle` and `max_lifetime`, and the means to stop it.
+#[derive(Debug)]
+pub(super) struct Maintenance {
+    stop: watch::Sender<bool>,
+    task: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl Maintenance {
+    /// Starts the task. It holds only a weak reference to the pool and exits when told to,
+    /// when this handle is dropped (the sender goes away), or when the pool is gone or closed,
+    /// so it never outlives the store.
+    pub(super) fn spawn(pool: &Pool, opts: &PgOptions) -> Self {
+        let (stop, stopped) = watch::channel(false);
+        let task = tokio::spawn(run(pool.weak(), opts.min_idle, opts.max_lifetime, stopped));
+        Self {
+            stop,
+            task: Mutex::new(Some(task)),
+        }
+    }
+
+    /// Stops the task and waits for it to finish.
+    pub(super) async fn stop(&self) {
+        let _ = self.stop.send(true);
+        let task = self
+            .task
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .take();
+        if let Some(task) = task {
+            let _ = task.await;
+        }
+    }
+
+    /// Whether the task has finished (for tests of `close`).
+    #[cfg(test)]
+    pub(super) fn is_stopped(&self) -> bool {
+        self.task
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .as_ref()
+            .is_none_or(JoinHandle::is_finished)
+    }
+}
+
+async fn run(
+    pool: WeakPool,
+    min_idle: usize,
+    max_lifetime: Option<Duration>,
+    mut stopped: watch::Receiver<bool>,
+) {
+    let mut tick = tokio::time::interval(MAINTENANCE_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            // Either close() asked us to stop or the store was dropped.
+            _ = stopped.changed() => return,
+        }
+        let Some(pool) = pool.upgrade() else { return };
+        if pool.is_closed() {
+            return;
+        }
+        if let Some(max) = max_lifetime {
+            let evicted = pool.retain(|_, metrics| metrics.age() < max);
+            if !evicted.removed.is_empty() {
+                tracing::debug!(
+                    evicted = evicted.removed.len(),
+                    "closed idle Postgres connections that reached max_lifetime"
+                );
+            }
+        }
+        if let Err(e) = top_up(&pool, min_idle).await {
+            // Requests will surface the same failure with context; this is only a hint.
+            tracing::debug!(error = %e, "could not top up the Postgres pool to min_idle");
+        }
+    }
+}

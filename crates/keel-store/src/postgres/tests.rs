@@ -1,0 +1,558 @@
+//! Postgres-specific tests: what the conformance suite cannot see from the `Store` trait.
+//!
+//! - **Plans.** The hot statements, exactly as the store sends them, must use their indexes
+//!   on a table shaped like production (mostly finished jobs, a few thousand live ones). A
+//!   sequential scan on `jobs` is invisible in functional tests on small tables and fatal at
+//!   a few million rows, so one test loads a realistic table, `ANALYZE`s it and reads the
+//!   plans. `EXPLAIN` without `ANALYZE` plans the statements without running them. Each
+//!   statement is checked twice: with its parameters bound (the custom plans Postgres uses
+//!   for a prepared statement's first executions) and as a generic plan (what a prepared
+//!   statement may switch to afterwards, planned without knowing the values).
+//! - **Connecting and migrating**: error classes for an unreachable server and a missing
+//!   database, concurrent migrations, a search_path naming no schema.
+//! - **The pool**: min_idle warming and top-up, max_lifetime, the acquire timeout, close,
+//!   and a connection killed under the store.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use deadpool_postgres::Object;
+use keel_core::store::ListParams;
+use keel_core::{Clock, JobId, JobState, ManualClock, QueueName, Store, StoreError};
+use serde_json::Value;
+use tokio_postgres::types::ToSql;
+
+use super::sql::{ListQuery, SQL};
+use super::{PgOptions, PgStore};
+use crate::testkit::{PgSchema, pg_url_or_skip};
+
+/// Rows loaded: 88 % completed, 6 % available over 8 queues, 2 % each running and
+/// scheduled, 2 % retryable. Ids are time-ordered like the UUIDv7s the store assigns.
+const LOAD: &str = "
+INSERT INTO jobs (id, queue, kind, tenant, args, priority, state, attempt, max_attempts,
+                  timeout_ms, backoff, tags, run_at, created_at, started_at, finished_at,
+                  lease_owner, lease_token, lease_expires_at)
+SELECT ('00000000-0000-7000-8000-' || lpad(to_hex(i), 12, '0'))::uuid,
+       'q' || (i % 8), 'noop', 't' || (i % 16), '{}'::json, (i % 10)::int2, s.state,
+       CASE WHEN s.state IN ('available', 'scheduled') THEN 0 ELSE 1 END,
+       25, 60000, '{\"type\":\"fixed\",\"delay_ms\":1000}'::jsonb, '[]'::jsonb,
+       CASE WHEN s.state IN ('scheduled', 'retryable') THEN now() + i * interval '1 ms'
+            ELSE now() - interval '1 hour' + i * interval '1 ms' END,
+       now() - interval '2 hours' + i * interval '1 ms',
+       CASE WHEN s.state IN ('running', 'completed', 'retryable')
+            THEN now() - interval '1 hour' END,
+       CASE WHEN s.state = 'completed' THEN now() - interval '30 minutes' + i * interval '1 ms' END,
+       CASE WHEN s.state IN ('running', 'completed') THEN 'w1' END,
+       CASE WHEN s.state = 'running' THEN gen_random_uuid() END,
+       CASE WHEN s.state = 'running' THEN now() + interval '30 seconds' END
+FROM (SELECT i,
+             CASE WHEN i % 100 < 88 THEN 'completed'
+                  WHEN i % 100 < 94 THEN 'available'
+                  WHEN i % 100 < 96 THEN 'running'
+                  WHEN i % 100 < 98 THEN 'scheduled'
+                  ELSE 'retryable' END AS state
+      FROM generate_series(1, 120000) AS i) AS s;
+ANALYZE jobs;
+";
+
+/// Every `(node type, relation)` pair that reads `jobs` with a sequential scan, and every
+/// index the plan uses.
+fn scan(plan: &Value, seq_scans: &mut usize, indexes: &mut Vec<String>) {
+    match plan {
+        Value::Object(map) => {
+            if map.get("Node Type").and_then(Value::as_str) == Some("Seq Scan")
+                && map.get("Relation Name").and_then(Value::as_str) == Some("jobs")
+            {
+                *seq_scans += 1;
+            }
+            if let Some(index) = map.get("Index Name").and_then(Value::as_str) {
+                indexes.push(index.to_owned());
+            }
+            map.values().for_each(|v| scan(v, seq_scans, indexes));
+        }
+        Value::Array(items) => items.iter().for_each(|v| scan(v, seq_scans, indexes)),
+        _ => {}
+    }
+}
+
+/// What is wrong with `plan`, if anything: a sequential scan on `jobs`, or (when `index` is
+/// given) not using the index the statement was designed for.
+fn check(name: &str, mode: &str, plan: &Value, index: Option<&str>) -> Option<String> {
+    let (mut seq_scans, mut indexes) = (0, Vec::new());
+    scan(plan, &mut seq_scans, &mut indexes);
+    let pretty = || serde_json::to_string_pretty(plan).unwrap_or_default();
+    if seq_scans > 0 {
+        return Some(format!(
+            "{name} ({mode}) scans jobs sequentially:\n{}",
+            pretty()
+        ));
+    }
+    match index {
+        Some(index) if !indexes.iter().any(|i| i == index) => Some(format!(
+            "{name} ({mode}) does not use {index} (uses {indexes:?}):\n{}",
+            pretty()
+        )),
+        _ => None,
+    }
+}
+
+/// One statement to check: its text, bound values for the custom plan, the same values as
+/// SQL literals for `EXECUTE` (generic plan), and the index it must use.
+struct Case<'a> {
+    name: &'a str,
+    sql: &'a str,
+    params: Vec<&'a (dyn ToSql + Sync)>,
+    literals: String,
+    /// The index the custom plan must use.
+    index: &'a str,
+    /// Whether the generic plan must use it too. A generic plan is planned without the
+    /// values, so for a selective filter with a LIMIT the planner may reasonably prefer
+    /// walking the primary key and filtering; Postgres only keeps a generic plan when it
+    /// costs no more than the custom ones, so for those statements the requirement is only
+    /// "no sequential scan".
+    generic_uses_index: bool,
+}
+
+async fn explain(conn: &Object, case: &Case<'_>) -> Vec<String> {
+    let row = conn
+        .query_one(&format!("EXPLAIN (FORMAT JSON) {}", case.sql), &case.params)
+        .await
+        .unwrap_or_else(|e| panic!("explaining {}: {e:?}", case.name));
+    let custom: Value = row.get(0);
+
+    let stmt = format!("keel_explain_{}", case.name.replace(' ', "_"));
+    conn.batch_execute(&format!(
+        "PREPARE {stmt} AS {}; SET plan_cache_mode = force_generic_plan",
+        case.sql
+    ))
+    .await
+    .unwrap_or_else(|e| panic!("preparing {}: {e:?}", case.name));
+    let row = conn
+        .query_one(
+            &format!("EXPLAIN (FORMAT JSON) EXECUTE {stmt}({})", case.literals),
+            &[],
+        )
+        .await
+        .unwrap_or_else(|e| panic!("explaining generic {}: {e:?}", case.name));
+    let generic: Value = row.get(0);
+    conn.batch_execute(&format!("DEALLOCATE {stmt}; RESET plan_cache_mode"))
+        .await
+        .unwrap_or_else(|e| panic!("cleaning up {}: {e:?}", case.name));
+
+    let generic_index = case.generic_uses_index.then_some(case.index);
+    [
+        check(case.name, "custom plan", &custom, Some(case.index)),
+        check(case.name, "generic plan", &generic, generic_index),
+    ]
+    .into_iter()
+    .flatten()
+    .collect()
+}
+
+#[tokio::test]
+async fn explain_hot_queries_use_indexes() {
+    let Some(base) = pg_url_or_skip("postgres::tests::explain_hot_queries_use_indexes") else {
+        return;
+    };
+    let schema = PgSchema::create(&base).await;
+    let clock = ManualClock::starting_now();
+    let store = PgStore::connect(&schema.url, PgOptions::for_tests(), Arc::new(clock.clone()))
+        .await
+        .expect("connect to the test server");
+    store.migrate().await.expect("migrate");
+    let conn = store.pool.get().await.expect("a pooled connection");
+    conn.batch_execute(LOAD)
+        .await
+        .expect("load and analyze jobs");
+    let total: i64 = conn
+        .query_one("SELECT count(*) FROM jobs", &[])
+        .await
+        .expect("count jobs")
+        .get(0);
+    assert!(total >= 100_000, "loaded only {total} rows");
+
+    let now = clock.now();
+    let ts = |t: keel_core::Timestamp| format!("'{}'::timestamptz", t.to_rfc3339());
+    let past = now - chrono::TimeDelta::minutes(10);
+
+    let queue = QueueName::parse("q3").expect("valid queue");
+    let by_queue_state = ListQuery::new(&ListParams {
+        queue: Some(queue.clone()),
+        state: Some(JobState::Available),
+        limit: 100,
+        ..ListParams::default()
+    });
+    let cursor = JobId::parse("00000000-0000-7000-8000-000000000400").expect("valid id");
+    let after_cursor = ListQuery::new(&ListParams {
+        after: Some(cursor),
+        limit: 100,
+        ..ListParams::default()
+    });
+    let limit = 100_i64;
+    let (owner, queue_name) = ("w2", queue.as_str());
+
+    let cases = [
+        Case {
+            name: "lease",
+            sql: &SQL.lease,
+            params: vec![&queue_name, &limit, &owner, &now, &now],
+            literals: format!("'q3', 100, 'w2', {}, {}", ts(now), ts(now)),
+            index: "jobs_lease_idx",
+            generic_uses_index: true,
+        },
+        Case {
+            name: "list by queue and state",
+            sql: &by_queue_state.sql,
+            params: by_queue_state.params(),
+            literals: "'q3', 'available', 100".to_owned(),
+            index: "jobs_queue_state_idx",
+            // Generic: walks jobs_pkey filtering by queue and state (ids are time-ordered,
+            // so the planner expects to fill the page early). Not a sequential scan, and
+            // costlier than the custom plans, so Postgres does not switch to it.
+            generic_uses_index: false,
+        },
+        Case {
+            name: "list after cursor",
+            sql: &after_cursor.sql,
+            params: after_cursor.params(),
+            literals: format!("'{cursor}', 100"),
+            index: "jobs_pkey",
+            generic_uses_index: true,
+        },
+        Case {
+            name: "promote",
+            sql: &SQL.promote,
+            params: vec![&now, &limit],
+            literals: format!("{}, 100", ts(now)),
+            index: "jobs_due_idx",
+            generic_uses_index: true,
+        },
+        Case {
+            name: "rescue",
+            sql: &SQL.rescue_lock,
+            params: vec![&now, &limit],
+            literals: format!("{}, 100", ts(now)),
+            index: "jobs_expired_lease_idx",
+            generic_uses_index: true,
+        },
+        Case {
+            name: "delete finished",
+            sql: &SQL.delete_finished,
+            params: vec![&past, &limit],
+            literals: format!("{}, 100", ts(past)),
+            index: "jobs_finished_idx",
+            generic_uses_index: true,
+        },
+    ];
+    let mut problems = Vec::new();
+    for case in &cases {
+        problems.extend(explain(&conn, case).await);
+    }
+    assert!(problems.is_empty(), "{}", problems.join("\n\n"));
+    drop(conn);
+    store.close().await;
+}
+
+fn clock() -> Arc<dyn Clock> {
+    Arc::new(ManualClock::starting_now())
+}
+
+/// `base` with its database name replaced (test URLs are `postgres://…/db[?…]`).
+fn with_database(base: &str, db: &str) -> String {
+    let (head, query) = base
+        .split_once('?')
+        .map_or((base, None), |(h, q)| (h, Some(q)));
+    let head = head.rsplit_once('/').map_or(head, |(h, _)| h);
+    match query {
+        Some(q) => format!("{head}/{db}?{q}"),
+        None => format!("{head}/{db}"),
+    }
+}
+
+#[tokio::test]
+async fn unreachable_server_is_a_fast_transient_error() {
+    let opts = PgOptions {
+        connect_timeout: Duration::from_secs(2),
+        ..PgOptions::for_tests()
+    };
+    let started = Instant::now();
+    // Port 1 on loopback: nothing listens there, the connection is refused at once.
+    let err = PgStore::connect("postgres://keel@127.0.0.1:1/keel", opts, clock())
+        .await
+        .expect_err("nothing listens on port 1");
+    assert!(err.is_transient(), "{err:?}");
+    assert!(
+        err.to_string()
+            .contains("connecting to postgres at 127.0.0.1:1/keel"),
+        "{err}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        started.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn malformed_url_and_missing_database_are_permanent() {
+    let err = PgStore::connect(
+        "postgres://x@127.0.0.1:5432/db?sslmode=nonsense",
+        PgOptions::for_tests(),
+        clock(),
+    )
+    .await
+    .expect_err("invalid URL");
+    assert_eq!(err.class(), "permanent", "{err:?}");
+
+    let Some(base) =
+        pg_url_or_skip("postgres::tests::malformed_url_and_missing_database_are_permanent")
+    else {
+        return;
+    };
+    let url = with_database(&base, "keel_no_such_database");
+    let err = PgStore::connect(&url, PgOptions::for_tests(), clock())
+        .await
+        .expect_err("the database does not exist");
+    assert_eq!(err.class(), "permanent", "{err:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_migrations_apply_once() {
+    let Some(base) = pg_url_or_skip("postgres::tests::concurrent_migrations_apply_once") else {
+        return;
+    };
+    let schema = PgSchema::create(&base).await;
+    let mut stores = Vec::new();
+    for _ in 0..4 {
+        stores.push(Arc::new(
+            PgStore::connect(&schema.url, PgOptions::for_tests(), clock())
+                .await
+                .expect("connect"),
+        ));
+    }
+    let tasks: Vec<_> = stores
+        .iter()
+        .map(|s| {
+            let s = Arc::clone(s);
+            tokio::spawn(async move { s.migrate().await })
+        })
+        .collect();
+    let mut applied = Vec::new();
+    for t in tasks {
+        let report = t.await.expect("task").expect("migrate");
+        assert_eq!(report.current, crate::migrate::POSTGRES.len() as i64);
+        applied.extend(report.applied);
+    }
+    let all: Vec<i64> = crate::migrate::POSTGRES.iter().map(|m| m.version).collect();
+    assert_eq!(applied, all, "each migration applied exactly once");
+    let again = stores[0].migrate().await.expect("migrate again");
+    assert!(again.applied.is_empty());
+    let conn = stores[0].pool.get().await.expect("connection");
+    let rows: i64 = conn
+        .query_one("SELECT count(*) FROM keel_schema_migrations", &[])
+        .await
+        .expect("count")
+        .get(0);
+    assert_eq!(rows, all.len() as i64);
+    drop(conn);
+    for s in stores {
+        s.close().await;
+    }
+}
+
+#[tokio::test]
+async fn search_path_without_schema_is_a_clear_error() {
+    let Some(base) = pg_url_or_skip("postgres::tests::search_path_without_schema_is_a_clear_error")
+    else {
+        return;
+    };
+    let sep = if base.contains('?') { '&' } else { '?' };
+    let url = format!("{base}{sep}options=-csearch_path%3Dkeel_no_such_schema");
+    let store = PgStore::connect(&url, PgOptions::for_tests(), clock())
+        .await
+        .expect("connecting does not need the schema");
+    let err = store.migrate().await.expect_err("nowhere to create tables");
+    assert_eq!(err.class(), "permanent");
+    let chain = format!(
+        "{err}: {}",
+        std::error::Error::source(&err)
+            .map(ToString::to_string)
+            .unwrap_or_default()
+    );
+    assert!(
+        chain.contains("no schema in the search_path exists"),
+        "{chain}"
+    );
+    store.close().await;
+}
+
+async fn backend_pid(conn: &Object) -> i32 {
+    conn.query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .expect("backend pid")
+        .get(0)
+}
+
+/// Waits (up to 5 s) for `cond`, polling.
+async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pool_keeps_min_idle_warm_and_retires_old_connections() {
+    let Some(base) =
+        pg_url_or_skip("postgres::tests::pool_keeps_min_idle_warm_and_retires_old_connections")
+    else {
+        return;
+    };
+    let opts = PgOptions {
+        max_connections: 4,
+        min_idle: 3,
+        max_lifetime: Some(Duration::from_millis(500)),
+        ..PgOptions::for_tests()
+    };
+    let store = PgStore::connect(&base, opts, clock())
+        .await
+        .expect("connect");
+    let status = store.pool.status();
+    assert!(
+        status.size >= 3,
+        "min_idle connections are opened at connect: {status:?}"
+    );
+
+    let held = [
+        store.pool.get().await.expect("connection"),
+        store.pool.get().await.expect("connection"),
+        store.pool.get().await.expect("connection"),
+    ];
+    let mut first = HashSet::new();
+    for c in &held {
+        first.insert(backend_pid(c).await);
+    }
+    drop(held);
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    // Past max_lifetime: whatever the pool hands out now is a new backend.
+    let conn = store.pool.get().await.expect("connection");
+    let pid = backend_pid(&conn).await;
+    assert!(
+        !first.contains(&pid),
+        "a connection older than max_lifetime was reused"
+    );
+    drop(conn);
+
+    // The maintenance task evicts expired idle connections and tops the pool back up.
+    let pool = store.pool.clone();
+    eventually("the pool to be topped up to min_idle", || {
+        pool.status().size >= 3
+    })
+    .await;
+
+    store.close().await;
+    assert!(store.pool.is_closed());
+    assert!(
+        store.maintenance.is_stopped(),
+        "close() stops and joins the maintenance task"
+    );
+    let err = store.ping().await.expect_err("closed");
+    assert_eq!(err.class(), "permanent", "{err:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exhausted_pool_fails_fast_and_transient() {
+    let Some(base) = pg_url_or_skip("postgres::tests::exhausted_pool_fails_fast_and_transient")
+    else {
+        return;
+    };
+    let opts = PgOptions {
+        max_connections: 1,
+        min_idle: 1,
+        acquire_timeout: Duration::from_millis(200),
+        ..PgOptions::for_tests()
+    };
+    let store = PgStore::connect(&base, opts, clock())
+        .await
+        .expect("connect");
+    let busy = store.pool.get().await.expect("the only connection");
+    let started = Instant::now();
+    let err = store.ping().await.expect_err("no connection free");
+    assert!(err.is_transient(), "{err:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "waited {:?}",
+        started.elapsed()
+    );
+    drop(busy);
+    store.ping().await.expect("the connection is back");
+    store.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_connection_is_transient_and_replaced() {
+    let Some(base) = pg_url_or_skip("postgres::tests::killed_connection_is_transient_and_replaced")
+    else {
+        return;
+    };
+    let opts = PgOptions {
+        max_connections: 2,
+        min_idle: 0,
+        ..PgOptions::for_tests()
+    };
+    let store = PgStore::connect(&base, opts, clock())
+        .await
+        .expect("connect");
+    let victim = store.pool.get().await.expect("connection");
+    let killer = store.pool.get().await.expect("connection");
+    let pid = backend_pid(&victim).await;
+    killer
+        .execute("SELECT pg_terminate_backend($1)", &[&pid])
+        .await
+        .expect("terminate");
+    drop(killer);
+    let e = victim
+        .simple_query("SELECT 1")
+        .await
+        .expect_err("the backend is gone");
+    let err = super::error::db(e, "running a query on a killed connection".into());
+    assert!(err.is_transient(), "{err:?}");
+    // The driver's connection task sees the socket close right after the error; from then on
+    // the pool's recycle check (`is_closed`) discards the connection instead of handing it
+    // out again.
+    eventually("the driver to notice the closed socket", || {
+        victim.is_closed()
+    })
+    .await;
+    drop(victim);
+    for _ in 0..3 {
+        store.ping().await.expect("a live connection");
+    }
+    store.close().await;
+}
+
+#[tokio::test]
+async fn duplicate_ids_are_conflicts_naming_the_key() {
+    let Some(base) = pg_url_or_skip("postgres::tests::duplicate_ids_are_conflicts_naming_the_key")
+    else {
+        return;
+    };
+    let schema = PgSchema::create(&base).await;
+    let store = PgStore::connect(&schema.url, PgOptions::for_tests(), clock())
+        .await
+        .expect("connect");
+    store.migrate().await.expect("migrate");
+    let job = keel_core::NewJob::new(keel_core::JobKind::parse("noop").expect("valid kind"));
+    store.insert(vec![job.clone()]).await.expect("first insert");
+    let err = store
+        .insert(vec![job.clone()])
+        .await
+        .expect_err("duplicate");
+    match &err {
+        StoreError::Conflict(msg) => assert!(msg.contains(&job.id.to_string()), "{msg}"),
+        other => panic!("expected a conflict, got {other:?}"),
+    }
+    store.close().await;
+}
