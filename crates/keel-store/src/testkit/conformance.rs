@@ -14,11 +14,11 @@ use std::time::Duration;
 use chrono::TimeDelta;
 use keel_core::store::{
     Completion, FailParams, HeartbeatParams, LeaseParams, LeaseRef, ListParams, PromoteParams,
-    RescueParams, RetentionParams, StateCounts,
+    Promoted, RescueParams, Rescued, RetentionParams, StateCounts,
 };
 use keel_core::{
     Backoff, Clock, Job, JobId, JobKind, JobState, LeaseToken, NewJob, Priority, QueueName,
-    StoreError, TenantId, Transition, WorkerId,
+    StoreError, TenantId, Timestamp, Transition, WorkerId,
 };
 use serde_json::value::RawValue;
 
@@ -149,6 +149,24 @@ async fn fail_one(h: &Harness, lease: LeaseRef, permanent: bool) -> Result<Job, 
             permanent,
         })
         .await
+}
+
+async fn promote(h: &Harness, limit: u32) -> Vec<Promoted> {
+    h.store.promote(PromoteParams { limit }).await.unwrap()
+}
+
+async fn rescue(h: &Harness, limit: u32) -> Vec<Rescued> {
+    h.store.rescue(RescueParams { limit }).await.unwrap()
+}
+
+async fn purge(h: &Harness, finished_before: Timestamp, limit: u32) -> u64 {
+    h.store
+        .delete_finished(RetentionParams {
+            finished_before,
+            limit,
+        })
+        .await
+        .unwrap()
 }
 
 async fn state_of(h: &Harness, id: JobId) -> JobState {
@@ -404,14 +422,11 @@ pub async fn every_transition_matches_the_state_machine(h: &Harness) {
                 Transition::Promote => {
                     // Everything is due an hour and a bit from now.
                     h.clock.advance(Duration::from_secs(3601));
-                    h.store
-                        .promote(PromoteParams { limit: 1000 })
-                        .await
-                        .unwrap();
+                    promote(h, 1000).await;
                 }
                 Transition::Rescue { .. } => {
                     h.clock.advance(LEASE_FOR + Duration::from_secs(1));
-                    h.store.rescue(RescueParams { limit: 1000 }).await.unwrap();
+                    rescue(h, 1000).await;
                 }
             }
             let after = state_of(h, id).await;
@@ -555,13 +570,7 @@ pub async fn lease_expiry_and_rescue(h: &Harness) {
     let (leased, lease) = lease_one(h, "rescue").await;
     assert_eq!(leased.id, inserted.id);
     h.clock.advance(Duration::from_secs(29));
-    assert!(
-        h.store
-            .rescue(RescueParams { limit: 100 })
-            .await
-            .unwrap()
-            .is_empty()
-    );
+    assert!(rescue(h, 100).await.is_empty());
     let renewed = h
         .store
         .heartbeat(HeartbeatParams {
@@ -584,16 +593,9 @@ pub async fn lease_expiry_and_rescue(h: &Harness) {
         renewed
     );
     h.clock.advance(Duration::from_secs(29));
-    assert!(
-        h.store
-            .rescue(RescueParams { limit: 100 })
-            .await
-            .unwrap()
-            .is_empty(),
-        "renewed lease was rescued"
-    );
+    assert!(rescue(h, 100).await.is_empty(), "renewed lease was rescued");
     h.clock.advance(Duration::from_secs(2));
-    let rescued = h.store.rescue(RescueParams { limit: 100 }).await.unwrap();
+    let rescued = rescue(h, 100).await;
     assert_eq!(rescued.len(), 1);
     assert_eq!(rescued[0].id, leased.id);
     assert_eq!(rescued[0].state, JobState::Retryable);
@@ -616,7 +618,7 @@ pub async fn lease_expiry_and_rescue(h: &Harness) {
     ));
     // The job runs again under a new lease.
     h.clock.advance(Duration::from_secs(1));
-    h.store.promote(PromoteParams { limit: 100 }).await.unwrap();
+    promote(h, 100).await;
     let (again, lease2) = lease_one(h, "rescue").await;
     assert_eq!(again.id, leased.id);
     assert_eq!(again.attempt, 2);
@@ -634,7 +636,7 @@ pub async fn rescue_discards_when_attempts_are_exhausted(h: &Harness) {
     insert_one(h, job("last").max_attempts(1)).await;
     let (leased, _) = lease_one(h, "last").await;
     h.clock.advance(LEASE_FOR + Duration::from_secs(1));
-    let rescued = h.store.rescue(RescueParams { limit: 10 }).await.unwrap();
+    let rescued = rescue(h, 10).await;
     assert_eq!(rescued.len(), 1);
     assert_eq!(rescued[0].state, JobState::Discarded);
     let after = h.store.get(leased.id).await.unwrap();
@@ -652,13 +654,7 @@ pub async fn rescue_never_touches_finished_jobs(h: &Harness) {
     complete_one(h, la, Some("1")).await.unwrap();
     fail_one(h, lb, true).await.unwrap();
     h.clock.advance(LEASE_FOR * 10);
-    assert!(
-        h.store
-            .rescue(RescueParams { limit: 10 })
-            .await
-            .unwrap()
-            .is_empty()
-    );
+    assert!(rescue(h, 10).await.is_empty());
     let a = h.store.get(a.id).await.unwrap();
     assert_eq!(a.state, JobState::Completed);
     assert_eq!(a.result.unwrap().get(), "1");
@@ -760,24 +756,12 @@ pub async fn scheduled_jobs_are_promoted_when_due(h: &Harness) {
     let at = h.clock.now() + TimeDelta::seconds(10);
     let j = insert_one(h, job("later").run_at(at)).await;
     assert_eq!(j.state, JobState::Scheduled);
-    assert!(
-        h.store
-            .promote(PromoteParams { limit: 100 })
-            .await
-            .unwrap()
-            .is_empty()
-    );
+    assert!(promote(h, 100).await.is_empty());
     assert!(lease(h, "later", 10).await.is_empty());
     h.clock.advance(Duration::from_secs(9));
-    assert!(
-        h.store
-            .promote(PromoteParams { limit: 100 })
-            .await
-            .unwrap()
-            .is_empty()
-    );
+    assert!(promote(h, 100).await.is_empty());
     h.clock.advance(Duration::from_secs(1));
-    let promoted = h.store.promote(PromoteParams { limit: 100 }).await.unwrap();
+    let promoted = promote(h, 100).await;
     assert_eq!(promoted.len(), 1);
     assert_eq!(
         (promoted[0].queue.as_str(), promoted[0].count),
@@ -791,9 +775,9 @@ pub async fn scheduled_jobs_are_promoted_when_due(h: &Harness) {
         .collect();
     h.store.insert(batch).await.unwrap();
     h.clock.advance(Duration::from_secs(2));
-    let first = h.store.promote(PromoteParams { limit: 3 }).await.unwrap();
+    let first = promote(h, 3).await;
     assert_eq!(first.iter().map(|p| p.count).sum::<u64>(), 3);
-    let rest = h.store.promote(PromoteParams { limit: 3 }).await.unwrap();
+    let rest = promote(h, 3).await;
     assert_eq!(rest.iter().map(|p| p.count).sum::<u64>(), 2);
 }
 
@@ -812,10 +796,10 @@ pub async fn retry_sets_run_at_from_backoff(h: &Harness) {
     assert!(after.lease.is_none() && after.finished_at.is_none());
     assert_eq!(h.store.get(j.id).await.unwrap(), after);
     h.clock.advance(Duration::from_millis(4999));
-    h.store.promote(PromoteParams { limit: 10 }).await.unwrap();
+    promote(h, 10).await;
     assert_eq!(state_of(h, j.id).await, JobState::Retryable);
     h.clock.advance(Duration::from_millis(1));
-    h.store.promote(PromoteParams { limit: 10 }).await.unwrap();
+    promote(h, 10).await;
     assert_eq!(state_of(h, j.id).await, JobState::Available);
 
     // Exponential with full jitter: within [now, now + window] for each attempt.
@@ -835,7 +819,7 @@ pub async fn retry_sets_run_at_from_backoff(h: &Harness) {
             after.run_at
         );
         h.clock.advance(b.window(attempt));
-        h.store.promote(PromoteParams { limit: 10 }).await.unwrap();
+        promote(h, 10).await;
     }
 }
 
@@ -853,7 +837,7 @@ pub async fn failures_exhaust_attempts_then_discard(h: &Harness) {
         fail_one(h, l1, false).await.unwrap().state,
         JobState::Retryable
     );
-    h.store.promote(PromoteParams { limit: 10 }).await.unwrap();
+    promote(h, 10).await;
     let (j, l2) = lease_one(h, "twice").await;
     assert_eq!(j.attempt, 2);
     let last = fail_one(h, l2, false).await.unwrap();
@@ -1092,30 +1076,9 @@ pub async fn retention_deletes_only_old_finished_jobs(h: &Harness) {
     h.clock.advance(Duration::from_secs(3600));
     let cutoff = h.clock.now();
     let recent = job_in_state(h, JobState::Completed, "ret-new").await.0.id;
-    let n1 = h
-        .store
-        .delete_finished(RetentionParams {
-            finished_before: cutoff,
-            limit: 2,
-        })
-        .await
-        .unwrap();
-    let n2 = h
-        .store
-        .delete_finished(RetentionParams {
-            finished_before: cutoff,
-            limit: 2,
-        })
-        .await
-        .unwrap();
-    let n3 = h
-        .store
-        .delete_finished(RetentionParams {
-            finished_before: cutoff,
-            limit: 2,
-        })
-        .await
-        .unwrap();
+    let n1 = purge(h, cutoff, 2).await;
+    let n2 = purge(h, cutoff, 2).await;
+    let n3 = purge(h, cutoff, 2).await;
     assert_eq!((n1, n2, n3), (2, 1, 0));
     for id in old {
         assert!(matches!(
