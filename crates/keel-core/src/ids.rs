@@ -231,6 +231,69 @@ name_type!(
     WorkerId, "worker id", 255, "local"
 );
 
+/// A client-chosen key that makes an enqueue idempotent (`Idempotency-Key` header). Scoped
+/// per tenant. 1..=255 bytes of visible ASCII, as in the IETF idempotency-key draft and
+/// Stripe's API; anything else is refused before it reaches storage.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct IdempotencyKey(String);
+
+impl IdempotencyKey {
+    /// Longest accepted key, in bytes.
+    pub const MAX_LEN: usize = 255;
+
+    /// Validates and wraps `s`.
+    pub fn parse(s: impl Into<String>) -> Result<Self, InvalidId> {
+        let s = s.into();
+        let fail = |reason: String| {
+            Err(InvalidId {
+                what: "idempotency key",
+                reason,
+            })
+        };
+        if s.is_empty() {
+            return fail("must not be empty".into());
+        }
+        if s.len() > Self::MAX_LEN {
+            return fail(format!(
+                "must be at most {} bytes, got {}",
+                Self::MAX_LEN,
+                s.len()
+            ));
+        }
+        if !s.bytes().all(|b| b.is_ascii_graphic()) {
+            return fail(
+                "may contain only visible ASCII characters (no spaces or controls)".into(),
+            );
+        }
+        Ok(Self(s))
+    }
+
+    /// The key as text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl TryFrom<String> for IdempotencyKey {
+    type Error = InvalidId;
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        Self::parse(s)
+    }
+}
+
+impl From<IdempotencyKey> for String {
+    fn from(k: IdempotencyKey) -> String {
+        k.0
+    }
+}
+
+impl fmt::Display for IdempotencyKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -271,6 +334,15 @@ mod tests {
         assert!(err.to_string().contains("invalid tenant"), "{err}");
         let ok: TenantId = serde_json::from_str("\"acme\"").unwrap();
         assert_eq!(ok.as_str(), "acme");
+    }
+
+    #[test]
+    fn idempotency_keys_are_visible_ascii() {
+        assert!(IdempotencyKey::parse("req_123-abc").is_ok());
+        assert!(IdempotencyKey::parse("").is_err());
+        assert!(IdempotencyKey::parse("has space").is_err());
+        assert!(IdempotencyKey::parse("é").is_err());
+        assert!(IdempotencyKey::parse("k".repeat(256)).is_err());
     }
 
     #[test]

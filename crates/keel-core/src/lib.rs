@@ -19,7 +19,7 @@ pub mod store;
 pub use backoff::Backoff;
 pub use clock::{Clock, ManualClock, SystemClock, Timestamp};
 pub use error::{FieldError, StoreError, ValidationErrors};
-pub use ids::{JobId, JobKind, LeaseToken, QueueName, TenantId, WorkerId};
+pub use ids::{IdempotencyKey, JobId, JobKind, LeaseToken, QueueName, TenantId, WorkerId};
 pub use job::{
     AttemptError, IllegalTransition, Job, JobState, Lease, NewJob, Priority, Transition,
     next_attempt_at,

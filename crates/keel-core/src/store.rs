@@ -17,7 +17,7 @@ use serde_json::value::RawValue;
 
 use crate::clock::Timestamp;
 use crate::error::StoreError;
-use crate::ids::{JobId, JobKind, LeaseToken, QueueName, TenantId, WorkerId};
+use crate::ids::{IdempotencyKey, JobId, JobKind, LeaseToken, QueueName, TenantId, WorkerId};
 use crate::job::{Job, JobState, NewJob};
 
 /// Identifies one lease of one job: what a worker presents to prove it still holds it.
@@ -214,13 +214,72 @@ impl StateCounts {
     }
 }
 
-/// Per-queue job counts by state.
+/// Per-queue job counts by state, and whether the queue is paused.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct QueueStats {
     /// The queue.
     pub queue: QueueName,
+    /// Whether leasing from it is paused.
+    pub paused: bool,
     /// Its jobs by state.
     pub counts: StateCounts,
+}
+
+/// The response an idempotent request produced, kept so a replay returns it byte for byte.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredResponse {
+    /// HTTP status of the original response.
+    pub status: u16,
+    /// Its body, exactly as sent.
+    pub body: Vec<u8>,
+}
+
+/// Builds the response to store for a first request, from the jobs as they will be stored.
+/// Called inside the insert transaction, so the response and the jobs commit together.
+pub type Respond = Box<dyn FnOnce(&[Job]) -> StoredResponse + Send>;
+
+/// Insert jobs under an idempotency key: the key, a fingerprint of the request and the
+/// response commit in the same transaction as the jobs.
+pub struct IdempotentInsert {
+    /// Tenant the key belongs to (keys are scoped per tenant).
+    pub tenant: TenantId,
+    /// The client's key.
+    pub key: IdempotencyKey,
+    /// A digest of what was asked (method, path, body): the same key with a different
+    /// fingerprint is a conflict, not a replay.
+    pub fingerprint: String,
+    /// The jobs to insert (atomically, as [`Store::insert`]).
+    pub jobs: Vec<NewJob>,
+    /// How long the key is remembered.
+    pub ttl: Duration,
+    /// Produces the response to store and return.
+    pub respond: Respond,
+}
+
+impl std::fmt::Debug for IdempotentInsert {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IdempotentInsert")
+            .field("tenant", &self.tenant)
+            .field("key", &self.key)
+            .field("fingerprint", &self.fingerprint)
+            .field("jobs", &self.jobs.len())
+            .field("ttl", &self.ttl)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What an idempotent insert did.
+#[derive(Debug, Clone)]
+pub enum IdempotentOutcome {
+    /// First use of the key: the jobs were inserted and this response stored.
+    Created {
+        /// The stored jobs.
+        jobs: Vec<Job>,
+        /// The response stored with the key.
+        response: StoredResponse,
+    },
+    /// The key was used before with the same request: here is the original response.
+    Replayed(StoredResponse),
 }
 
 /// A durable job store.
@@ -291,8 +350,26 @@ pub trait Store: Send + Sync + 'static {
     /// Deletes finished jobs that finished before the cutoff; returns how many.
     async fn delete_finished(&self, params: RetentionParams) -> Result<u64, StoreError>;
 
-    /// Job counts per queue and state, for queues that have any jobs.
+    /// Job counts per queue and state, and the paused flag, for every queue that has jobs
+    /// or has been paused or resumed; sorted by queue name.
     async fn queue_stats(&self) -> Result<Vec<QueueStats>, StoreError>;
+
+    /// Inserts jobs under an idempotency key (G3). First use of `(tenant, key)`: inserts the
+    /// jobs and stores the key, fingerprint and the response from `respond`, all in one
+    /// transaction. Later use with the same fingerprint while the key lives: inserts nothing
+    /// and returns the stored response. Same key, different fingerprint:
+    /// [`StoreError::Conflict`]. Concurrent first uses of one key create the jobs once.
+    async fn insert_idempotent(
+        &self,
+        req: IdempotentInsert,
+    ) -> Result<IdempotentOutcome, StoreError>;
+
+    /// Forgets idempotency keys whose time to live has passed; returns how many.
+    async fn delete_expired_idempotency_keys(&self, limit: u32) -> Result<u64, StoreError>;
+
+    /// Pauses or resumes leasing from a queue. Jobs can still be enqueued into a paused
+    /// queue; [`Store::lease`] returns nothing from it until it is resumed.
+    async fn set_queue_paused(&self, queue: QueueName, paused: bool) -> Result<(), StoreError>;
 
     /// Checks the database answers (readiness).
     async fn ping(&self) -> Result<(), StoreError>;

@@ -61,6 +61,16 @@ impl DatabaseUrl {
     }
 }
 
+/// The conflict both backends report when an idempotency key comes back with a different
+/// request: one wording, so API clients see the same 409 whichever store is behind it. The
+/// key is quoted as text (`"k-1"`), escaped, since it is client input.
+pub(crate) fn key_reused(key: &keel_core::IdempotencyKey) -> StoreError {
+    StoreError::Conflict(format!(
+        "idempotency key {:?} was already used with a different request",
+        key.as_str()
+    ))
+}
+
 /// Opens the store named by `url`, applies pending migrations, and returns it ready to use.
 pub async fn open(
     url: &DatabaseUrl,

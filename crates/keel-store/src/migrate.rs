@@ -33,18 +33,32 @@ impl Migration {
 }
 
 /// The SQLite migrations, in order.
-pub const SQLITE: &[Migration] = &[Migration {
-    version: 1,
-    name: "jobs",
-    sql: include_str!("../migrations/sqlite/0001_jobs.sql"),
-}];
+pub const SQLITE: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "jobs",
+        sql: include_str!("../migrations/sqlite/0001_jobs.sql"),
+    },
+    Migration {
+        version: 2,
+        name: "queues_idempotency",
+        sql: include_str!("../migrations/sqlite/0002_queues_idempotency.sql"),
+    },
+];
 
 /// The Postgres migrations, in order.
-pub const POSTGRES: &[Migration] = &[Migration {
-    version: 1,
-    name: "jobs",
-    sql: include_str!("../migrations/postgres/0001_jobs.sql"),
-}];
+pub const POSTGRES: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "jobs",
+        sql: include_str!("../migrations/postgres/0001_jobs.sql"),
+    },
+    Migration {
+        version: 2,
+        name: "queues_idempotency",
+        sql: include_str!("../migrations/postgres/0002_queues_idempotency.sql"),
+    },
+];
 
 /// What a migration run did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

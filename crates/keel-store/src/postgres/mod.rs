@@ -31,19 +31,20 @@ use async_trait::async_trait;
 use deadpool_postgres::{Object, Pool};
 use keel_core::clock::to_delta;
 use keel_core::store::{
-    Completion, FailParams, HeartbeatParams, JobPage, LeaseParams, LeaseRef, ListParams,
-    PromoteParams, Promoted, QueueStats, RescueParams, Rescued, RetentionParams, StateCounts,
+    Completion, FailParams, HeartbeatParams, IdempotentInsert, IdempotentOutcome, JobPage,
+    LeaseParams, LeaseRef, ListParams, PromoteParams, Promoted, QueueStats, RescueParams, Rescued,
+    RetentionParams, StateCounts, StoredResponse,
 };
 use keel_core::{
-    AttemptError, Backoff, Clock, Job, JobId, JobState, NewJob, QueueName, Store, StoreError,
-    Timestamp, Transition, WorkerId, next_attempt_at,
+    AttemptError, Backoff, Clock, IdempotencyKey, Job, JobId, JobState, NewJob, QueueName, Store,
+    StoreError, Timestamp, Transition, WorkerId, next_attempt_at,
 };
 use tokio_postgres::Row;
 use tokio_postgres::types::ToSql;
 use uuid::Uuid;
 
-use crate::codec;
 use crate::migrate::{self, MigrationReport};
+use crate::{codec, key_reused};
 use sql::{ListQuery, SQL};
 
 /// Connection pool settings. Each bounds a resource so overload turns into fast, retryable
@@ -424,69 +425,22 @@ fn next_state(id: JobId, from: JobState, transition: Transition) -> Result<JobSt
 #[async_trait]
 impl Store for PgStore {
     async fn insert(&self, jobs: Vec<NewJob>) -> Result<Vec<Job>, StoreError> {
-        for (index, job) in jobs.iter().enumerate() {
-            job.validate(NewJob::DEFAULT_MAX_ARGS_BYTES)
-                .map_err(|errors| StoreError::Invalid { index, errors })?;
-        }
+        validate_all(&jobs)?;
         if jobs.is_empty() {
             return Ok(Vec::new());
         }
         let now = self.clock.now();
         let jobs: Vec<Job> = jobs.into_iter().map(|j| j.into_job(now)).collect();
-        let n = jobs.len();
-        let mut ids = Vec::with_capacity(n);
-        let mut queues = Vec::with_capacity(n);
-        let mut kinds = Vec::with_capacity(n);
-        let mut tenants = Vec::with_capacity(n);
-        let mut args = Vec::with_capacity(n);
-        let mut priorities = Vec::with_capacity(n);
-        let mut states = Vec::with_capacity(n);
-        let mut max_attempts = Vec::with_capacity(n);
-        let mut timeouts = Vec::with_capacity(n);
-        let mut backoffs = Vec::with_capacity(n);
-        let mut tags = Vec::with_capacity(n);
-        let mut run_ats = Vec::with_capacity(n);
-        for j in &jobs {
-            ids.push(*j.id.as_uuid());
-            queues.push(j.queue.as_str());
-            kinds.push(j.kind.as_str());
-            tenants.push(j.tenant.as_str());
-            args.push(j.args.get());
-            priorities.push(i16::from(j.priority.get()));
-            states.push(j.state.as_str());
-            // Validation bounds these far below i32::MAX / i64::MAX.
-            max_attempts.push(i32::try_from(j.max_attempts).unwrap_or(i32::MAX));
-            timeouts.push(i64::try_from(j.timeout.as_millis()).unwrap_or(i64::MAX));
-            backoffs.push(codec::backoff_to_json(&j.backoff));
-            tags.push(codec::tags_to_json(&j.tags));
-            run_ats.push(j.run_at);
-        }
-        let ctx = || format!("inserting jobs (batch of {n})");
+        let ctx = || format!("inserting jobs (batch of {})", jobs.len());
         let conn = self.conn(&ctx).await?;
         let stmt = conn
             .prepare_cached(&SQL.insert)
             .await
             .map_err(|e| error::db(e, ctx()))?;
-        conn.execute(
-            &stmt,
-            &[
-                &ids,
-                &queues,
-                &kinds,
-                &tenants,
-                &args,
-                &priorities,
-                &states,
-                &max_attempts,
-                &timeouts,
-                &backoffs,
-                &tags,
-                &run_ats,
-                &now,
-            ],
-        )
-        .await
-        .map_err(|e| error::db(e, ctx()))?;
+        let columns = JobColumns::of(&jobs);
+        conn.execute(&stmt, &columns.params(&now))
+            .await
+            .map_err(|e| error::db(e, ctx()))?;
         Ok(jobs)
     }
 
@@ -799,25 +753,169 @@ impl Store for PgStore {
     async fn queue_stats(&self) -> Result<Vec<QueueStats>, StoreError> {
         let ctx = || "counting jobs per queue and state".to_owned();
         let rows = self.query(&SQL.queue_stats, &[], &ctx).await?;
-        let mut by_queue: BTreeMap<String, StateCounts> = BTreeMap::new();
+        let mut by_queue: BTreeMap<String, (bool, StateCounts)> = BTreeMap::new();
         for row in &rows {
             let queue: String = rows::get(row, 0, "queue")?;
-            let state = rows::state(rows::get(row, 1, "state")?)?;
-            let count: i64 = rows::get(row, 2, "count")?;
-            by_queue
-                .entry(queue)
-                .or_default()
-                .add(state, u64::try_from(count).unwrap_or(0));
+            let state: Option<&str> = rows::get(row, 1, "state")?;
+            let count: Option<i64> = rows::get(row, 2, "count")?;
+            let paused: bool = rows::get(row, 3, "paused")?;
+            let entry = by_queue.entry(queue).or_default();
+            entry.0 = paused;
+            if let (Some(state), Some(count)) = (state, count) {
+                entry
+                    .1
+                    .add(rows::state(state)?, u64::try_from(count).unwrap_or(0));
+            }
         }
         by_queue
             .into_iter()
-            .map(|(queue, counts)| {
+            .map(|(queue, (paused, counts))| {
                 Ok(QueueStats {
                     queue: rows::parsed("queue", &queue, QueueName::parse)?,
+                    paused,
                     counts,
                 })
             })
             .collect()
+    }
+
+    async fn insert_idempotent(
+        &self,
+        req: IdempotentInsert,
+    ) -> Result<IdempotentOutcome, StoreError> {
+        // Each retry follows a claimer of the same key that rolled back (or a key that
+        // expired between two statements); more than a few in a row is not bad luck.
+        const ATTEMPTS: usize = 5;
+        validate_all(&req.jobs)?;
+        let IdempotentInsert {
+            tenant,
+            key,
+            fingerprint,
+            jobs,
+            ttl,
+            respond,
+        } = req;
+        let ctx = || {
+            format!(
+                "inserting jobs under idempotency key {:?} of tenant {tenant}",
+                key.as_str()
+            )
+        };
+        let now = self.clock.now();
+        let expires_at = now + to_delta(ttl);
+        let key_params: [&(dyn ToSql + Sync); 3] = [&tenant.as_str(), &key.as_str(), &now];
+        let mut conn = self.conn(&ctx).await?;
+        let read = conn
+            .prepare_cached(&SQL.idempotency_read)
+            .await
+            .map_err(|e| error::db(e, ctx()))?;
+        // Fast path: a replay (the common reason a key comes back) needs no transaction, and
+        // never builds a response it would throw away.
+        if let Some(row) = conn
+            .query_opt(&read, &key_params)
+            .await
+            .map_err(|e| error::db(e, ctx()))?
+        {
+            return replay(&row, &fingerprint, &key);
+        }
+        let jobs: Vec<Job> = jobs.into_iter().map(|j| j.into_job(now)).collect();
+        // Built once, before claiming: `respond` is pure, and a losing attempt only discards
+        // it. The stored bytes are the ones this caller returns, so every replay matches.
+        let response = respond(&jobs);
+        let status = i16::try_from(response.status).map_err(|e| {
+            StoreError::permanent(format!("{}: response status {}", ctx(), response.status), e)
+        })?;
+        let columns = JobColumns::of(&jobs);
+        for _ in 0..ATTEMPTS {
+            let tx = conn.transaction().await.map_err(|e| error::db(e, ctx()))?;
+            let expire = tx
+                .prepare_cached(&SQL.idempotency_expire)
+                .await
+                .map_err(|e| error::db(e, ctx()))?;
+            tx.execute(&expire, &key_params)
+                .await
+                .map_err(|e| error::db(e, ctx()))?;
+            let claim = tx
+                .prepare_cached(&SQL.idempotency_claim)
+                .await
+                .map_err(|e| error::db(e, ctx()))?;
+            let claimed = tx
+                .query_opt(
+                    &claim,
+                    &[
+                        &tenant.as_str(),
+                        &key.as_str(),
+                        &fingerprint,
+                        &status,
+                        &response.body,
+                        &now,
+                        &expires_at,
+                    ],
+                )
+                .await
+                .map_err(|e| error::db(e, ctx()))?
+                .is_some();
+            if claimed {
+                if !jobs.is_empty() {
+                    let insert = tx
+                        .prepare_cached(&SQL.insert)
+                        .await
+                        .map_err(|e| error::db(e, ctx()))?;
+                    // A duplicate job id fails here as a Conflict; dropping `tx` rolls the
+                    // key back with the jobs.
+                    tx.execute(&insert, &columns.params(&now))
+                        .await
+                        .map_err(|e| error::db(e, ctx()))?;
+                }
+                tx.commit().await.map_err(|e| error::db(e, ctx()))?;
+                return Ok(IdempotentOutcome::Created { jobs, response });
+            }
+            // Another transaction committed the key while this one waited. Read it with a
+            // fresh statement: a snapshot taken after that commit.
+            tx.rollback().await.map_err(|e| error::db(e, ctx()))?;
+            if let Some(row) = conn
+                .query_opt(&read, &key_params)
+                .await
+                .map_err(|e| error::db(e, ctx()))?
+            {
+                return replay(&row, &fingerprint, &key);
+            }
+        }
+        Err(StoreError::transient(
+            ctx(),
+            "the key kept being claimed and released concurrently",
+        ))
+    }
+
+    async fn delete_expired_idempotency_keys(&self, limit: u32) -> Result<u64, StoreError> {
+        if limit == 0 {
+            return Ok(0);
+        }
+        let ctx = || "deleting expired idempotency keys".to_owned();
+        let conn = self.conn(&ctx).await?;
+        let stmt = conn
+            .prepare_cached(&SQL.idempotency_delete_expired)
+            .await
+            .map_err(|e| error::db(e, ctx()))?;
+        conn.execute(&stmt, &[&self.clock.now(), &i64::from(limit)])
+            .await
+            .map_err(|e| error::db(e, ctx()))
+    }
+
+    async fn set_queue_paused(&self, queue: QueueName, paused: bool) -> Result<(), StoreError> {
+        let ctx = || {
+            let verb = if paused { "pausing" } else { "resuming" };
+            format!("{verb} queue {queue}")
+        };
+        let conn = self.conn(&ctx).await?;
+        let stmt = conn
+            .prepare_cached(&SQL.set_queue_paused)
+            .await
+            .map_err(|e| error::db(e, ctx()))?;
+        conn.execute(&stmt, &[&queue.as_str(), &paused, &self.clock.now()])
+            .await
+            .map(drop)
+            .map_err(|e| error::db(e, ctx()))
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
@@ -833,6 +931,112 @@ impl Store for PgStore {
         self.pool.close();
         self.maintenance.stop().await;
     }
+}
+
+/// Validates every job of an insert before anything is written; the first invalid one names
+/// its position, and nothing (no job, no idempotency key) is stored.
+fn validate_all(jobs: &[NewJob]) -> Result<(), StoreError> {
+    for (index, job) in jobs.iter().enumerate() {
+        job.validate(NewJob::DEFAULT_MAX_ARGS_BYTES)
+            .map_err(|errors| StoreError::Invalid { index, errors })?;
+    }
+    Ok(())
+}
+
+/// New jobs as the twelve array parameters of `SQL.insert`, one array per column, so a batch
+/// of any size is one statement. Shared by `insert` and `insert_idempotent`, which must store
+/// jobs identically.
+struct JobColumns<'a> {
+    ids: Vec<Uuid>,
+    queues: Vec<&'a str>,
+    kinds: Vec<&'a str>,
+    tenants: Vec<&'a str>,
+    args: Vec<&'a str>,
+    priorities: Vec<i16>,
+    states: Vec<&'static str>,
+    max_attempts: Vec<i32>,
+    timeouts: Vec<i64>,
+    backoffs: Vec<String>,
+    tags: Vec<String>,
+    run_ats: Vec<Timestamp>,
+}
+
+impl<'a> JobColumns<'a> {
+    fn of(jobs: &'a [Job]) -> Self {
+        let n = jobs.len();
+        let mut c = Self {
+            ids: Vec::with_capacity(n),
+            queues: Vec::with_capacity(n),
+            kinds: Vec::with_capacity(n),
+            tenants: Vec::with_capacity(n),
+            args: Vec::with_capacity(n),
+            priorities: Vec::with_capacity(n),
+            states: Vec::with_capacity(n),
+            max_attempts: Vec::with_capacity(n),
+            timeouts: Vec::with_capacity(n),
+            backoffs: Vec::with_capacity(n),
+            tags: Vec::with_capacity(n),
+            run_ats: Vec::with_capacity(n),
+        };
+        for j in jobs {
+            c.ids.push(*j.id.as_uuid());
+            c.queues.push(j.queue.as_str());
+            c.kinds.push(j.kind.as_str());
+            c.tenants.push(j.tenant.as_str());
+            c.args.push(j.args.get());
+            c.priorities.push(i16::from(j.priority.get()));
+            c.states.push(j.state.as_str());
+            // Validation bounds these far below i32::MAX / i64::MAX.
+            c.max_attempts
+                .push(i32::try_from(j.max_attempts).unwrap_or(i32::MAX));
+            c.timeouts
+                .push(i64::try_from(j.timeout.as_millis()).unwrap_or(i64::MAX));
+            c.backoffs.push(codec::backoff_to_json(&j.backoff));
+            c.tags.push(codec::tags_to_json(&j.tags));
+            c.run_ats.push(j.run_at);
+        }
+        c
+    }
+
+    /// `$1..$13` of `SQL.insert`; `now` is the creation time.
+    fn params<'b>(&'b self, now: &'b Timestamp) -> [&'b (dyn ToSql + Sync); 13] {
+        [
+            &self.ids,
+            &self.queues,
+            &self.kinds,
+            &self.tenants,
+            &self.args,
+            &self.priorities,
+            &self.states,
+            &self.max_attempts,
+            &self.timeouts,
+            &self.backoffs,
+            &self.tags,
+            &self.run_ats,
+            now,
+        ]
+    }
+}
+
+/// The answer for a live key found stored (`SQL.idempotency_read`): the original response
+/// when the request is the same, a conflict when it is not.
+fn replay(
+    row: &Row,
+    fingerprint: &str,
+    key: &IdempotencyKey,
+) -> Result<IdempotentOutcome, StoreError> {
+    let stored: &str = rows::get(row, 0, "fingerprint")?;
+    if stored != fingerprint {
+        return Err(key_reused(key));
+    }
+    let status: i16 = rows::get(row, 1, "status")?;
+    let status = u16::try_from(status).map_err(|e| {
+        StoreError::permanent(format!("decoding stored response status ({status})"), e)
+    })?;
+    Ok(IdempotentOutcome::Replayed(StoredResponse {
+        status,
+        body: rows::get(row, 2, "body")?,
+    }))
 }
 
 /// The ids and tokens of `leases`, as two array parameters.

@@ -23,7 +23,7 @@ pub(super) fn get<'a, T: FromSql<'a>>(
     column: &'static str,
 ) -> Result<T, StoreError> {
     row.try_get(idx)
-        .map_err(|e| StoreError::permanent(format!("decoding column {column} of a job row"), e))
+        .map_err(|e| StoreError::permanent(format!("decoding stored column {column}"), e))
 }
 
 /// Parses a stored text value with `parse`, or a permanent error naming `column`.

@@ -52,7 +52,8 @@ fn target(t: Transition) -> &'static str {
 
 /// Every fixed statement of the store, each named after the operation that runs it
 /// (`fail_lock` / `fail_update` and `rescue_lock` / `rescue_update` are the two steps of
-/// those transactions; `existing` and `state_of` tell NotFound from a refused move).
+/// those transactions; `existing` and `state_of` tell NotFound from a refused move;
+/// `idempotency_*` are the steps of `insert_idempotent` and the key cleaner).
 #[derive(Debug)]
 pub(super) struct Statements {
     pub(super) insert: String,
@@ -72,6 +73,11 @@ pub(super) struct Statements {
     pub(super) rescue_update: String,
     pub(super) delete_finished: String,
     pub(super) queue_stats: String,
+    pub(super) set_queue_paused: String,
+    pub(super) idempotency_read: String,
+    pub(super) idempotency_expire: String,
+    pub(super) idempotency_claim: String,
+    pub(super) idempotency_delete_expired: String,
 }
 
 /// The statements, built on first use.
@@ -102,10 +108,16 @@ impl Statements {
             // replica has locked, so concurrent leasers never wait on each other and never
             // get the same job. The outer state guard is redundant with the row lock; it is
             // kept so the statement is correct on its own.
+            //
+            // A paused queue yields nothing. The NOT EXISTS references only $1, so Postgres
+            // plans it as an InitPlan run once per statement (one queues_pkey probe) gating
+            // the index walk, not as a join per job; and FOR UPDATE does not reach into it,
+            // so leasers of one queue never lock its settings row.
             lease: format!(
                 "WITH picked AS ( \
                    SELECT id FROM jobs \
                    WHERE state IN ({lease}) AND queue = $1 \
+                     AND NOT EXISTS (SELECT 1 FROM queues WHERE name = $1 AND paused) \
                    ORDER BY priority, run_at, id \
                    LIMIT $2 \
                    FOR UPDATE SKIP LOCKED \
@@ -226,7 +238,51 @@ impl Statements {
                    FOR UPDATE SKIP LOCKED)) \
                  AND j.state IN ({finished})"
             ),
-            queue_stats: "SELECT queue, state, count(*) FROM jobs GROUP BY queue, state".to_owned(),
+            // One statement, so counts and flags come from one snapshot. A queue known only
+            // from `queues` (paused or resumed, no jobs) comes back as one row with a NULL
+            // state and count.
+            queue_stats: "SELECT COALESCE(c.queue, q.name), c.state, c.n, \
+                   COALESCE(q.paused, false) \
+                 FROM (SELECT queue, state, count(*) AS n FROM jobs GROUP BY queue, state) c \
+                 FULL JOIN queues q ON q.name = c.queue"
+                .to_owned(),
+            set_queue_paused: "INSERT INTO queues (name, paused, updated_at) VALUES ($1, $2, $3) \
+                 ON CONFLICT (name) DO UPDATE \
+                 SET paused = excluded.paused, updated_at = excluded.updated_at"
+                .to_owned(),
+            // A live key only: an expired one is treated as absent until deleted.
+            idempotency_read: "SELECT fingerprint, status, body FROM idempotency_keys \
+                 WHERE tenant = $1 AND key = $2 AND expires_at > $3"
+                .to_owned(),
+            // Inside the claiming transaction, so the expired row and its replacement swap
+            // atomically; a concurrent claimer of the same key waits on the row lock.
+            idempotency_expire: "DELETE FROM idempotency_keys \
+                 WHERE tenant = $1 AND key = $2 AND expires_at <= $3"
+                .to_owned(),
+            // The exclusivity point. Under READ COMMITTED, when another transaction has
+            // inserted the same key and not finished, this waits for it; then it inserts
+            // (the other rolled back) or does nothing (it committed). No row back = lost.
+            idempotency_claim: "INSERT INTO idempotency_keys \
+                 (tenant, key, fingerprint, status, body, created_at, expires_at) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7) \
+                 ON CONFLICT (tenant, key) DO NOTHING \
+                 RETURNING 1"
+                .to_owned(),
+            // SKIP LOCKED: two cleaners split the work instead of queueing behind each other,
+            // and a key being replaced by a claimer right now is left to that claimer. The
+            // locked rows are addressed by ctid through an array (as in `promote`), so the
+            // delete is a TID scan of exactly those rows; a join on (tenant, key) is planned
+            // as a hash join over the whole table. A ctid is stable while its row is locked,
+            // and keys are never updated, only inserted and deleted.
+            idempotency_delete_expired: "DELETE FROM idempotency_keys k \
+                 WHERE k.ctid = ANY(ARRAY( \
+                   SELECT ctid FROM idempotency_keys \
+                   WHERE expires_at <= $1 \
+                   ORDER BY expires_at \
+                   LIMIT $2 \
+                   FOR UPDATE SKIP LOCKED)) \
+                 AND k.expires_at <= $1"
+                .to_owned(),
         }
     }
 }
@@ -319,6 +375,12 @@ mod tests {
         let s = &*SQL;
         assert!(s.lease.contains("state IN ('available')"), "{}", s.lease);
         assert!(s.lease.contains("SET state = 'running'"), "{}", s.lease);
+        assert!(
+            s.lease
+                .contains("NOT EXISTS (SELECT 1 FROM queues WHERE name = $1 AND paused)"),
+            "{}",
+            s.lease
+        );
         assert!(
             s.cancel
                 .contains("state IN ('scheduled', 'available', 'running', 'retryable')"),

@@ -18,8 +18,9 @@ use std::time::Duration;
 use async_trait::async_trait;
 use keel_core::clock::to_delta;
 use keel_core::store::{
-    Completion, FailParams, HeartbeatParams, JobPage, LeaseParams, LeaseRef, ListParams,
-    PromoteParams, Promoted, QueueStats, RescueParams, Rescued, RetentionParams, StateCounts,
+    Completion, FailParams, HeartbeatParams, IdempotentInsert, IdempotentOutcome, JobPage,
+    LeaseParams, LeaseRef, ListParams, PromoteParams, Promoted, QueueStats, RescueParams, Rescued,
+    RetentionParams, StateCounts, StoredResponse,
 };
 use keel_core::{
     AttemptError, Clock, Job, JobId, JobState, LeaseToken, NewJob, QueueName, Store, StoreError,
@@ -29,8 +30,8 @@ use rusqlite::types::Value;
 use rusqlite::{Connection, ErrorCode, OpenFlags, OptionalExtension, params};
 use tokio::sync::Semaphore;
 
-use crate::codec;
 use crate::migrate::{self, MigrationReport};
+use crate::{codec, key_reused};
 use rows::{COLUMNS, job_from_row, micros, uuid_from_blob};
 use writer::Writer;
 
@@ -333,6 +334,7 @@ const LEASE_SQL: &str = "UPDATE jobs SET state = 'running', attempt = attempt + 
         lease_owner = ?1, lease_token = randomblob(16), lease_expires_at = ?2, started_at = ?3
     WHERE id IN (SELECT id FROM jobs WHERE state = 'available' AND queue = ?4
                  ORDER BY priority, run_at, id LIMIT ?5)
+      AND NOT EXISTS (SELECT 1 FROM queues WHERE name = ?4 AND paused = 1)
     RETURNING ";
 
 /// Whether a job exists, to tell a stale token from a missing job after a guarded update
@@ -369,6 +371,59 @@ fn refused(conn: &Connection, id: JobId, t: Transition) -> StoreError {
     }
 }
 
+/// Validates every job of an insert before anything is written; the first invalid one names
+/// its position.
+fn validate_all(jobs: &[NewJob]) -> Result<(), StoreError> {
+    for (index, job) in jobs.iter().enumerate() {
+        job.validate(NewJob::DEFAULT_MAX_ARGS_BYTES)
+            .map_err(|errors| StoreError::Invalid { index, errors })?;
+    }
+    Ok(())
+}
+
+/// Writes new jobs as of `now`, inside the caller's transaction; returns them as stored.
+fn insert_rows(
+    conn: &Connection,
+    jobs: Vec<NewJob>,
+    now: Timestamp,
+) -> Result<Vec<Job>, StoreError> {
+    let mut stmt = conn
+        .prepare_cached(
+            "INSERT INTO jobs (id, queue, kind, tenant, args, priority, state,
+                attempt, max_attempts, timeout_ms, backoff, tags, run_at, errors,
+                created_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 0, ?8, ?9, ?10, ?11, ?12, '[]', ?13)",
+        )
+        .map_err(|e| map_err("inserting jobs", &e))?;
+    let mut out = Vec::with_capacity(jobs.len());
+    for new in jobs {
+        let job = new.into_job(now);
+        stmt.execute(params![
+            job.id.as_bytes(),
+            job.queue.as_str(),
+            job.kind.as_str(),
+            job.tenant.as_str(),
+            job.args.get(),
+            job.priority.get(),
+            job.state.as_str(),
+            job.max_attempts,
+            job.timeout.as_millis() as i64,
+            codec::backoff_to_json(&job.backoff),
+            codec::tags_to_json(&job.tags),
+            micros(job.run_at),
+            micros(job.created_at),
+        ])
+        .map_err(|e| match map_err("inserting jobs", &e) {
+            StoreError::Conflict(_) => {
+                StoreError::Conflict(format!("a job with id {} already exists", job.id))
+            }
+            other => other,
+        })?;
+        out.push(job);
+    }
+    Ok(out)
+}
+
 fn query_jobs(
     conn: &Connection,
     context: &str,
@@ -387,52 +442,14 @@ fn query_jobs(
 #[async_trait]
 impl Store for SqliteStore {
     async fn insert(&self, jobs: Vec<NewJob>) -> Result<Vec<Job>, StoreError> {
-        for (index, job) in jobs.iter().enumerate() {
-            job.validate(NewJob::DEFAULT_MAX_ARGS_BYTES)
-                .map_err(|errors| StoreError::Invalid { index, errors })?;
-        }
+        validate_all(&jobs)?;
         if jobs.is_empty() {
             return Ok(Vec::new());
         }
         let clock = Arc::clone(&self.clock);
         self.writer
             .write("inserting jobs", move |conn| {
-                let now = clock.now();
-                let mut stmt = conn
-                    .prepare_cached(
-                        "INSERT INTO jobs (id, queue, kind, tenant, args, priority, state,
-                            attempt, max_attempts, timeout_ms, backoff, tags, run_at, errors,
-                            created_at)
-                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 0, ?8, ?9, ?10, ?11, ?12, '[]', ?13)",
-                    )
-                    .map_err(|e| map_err("inserting jobs", &e))?;
-                let mut out = Vec::with_capacity(jobs.len());
-                for new in jobs {
-                    let job = new.into_job(now);
-                    stmt.execute(params![
-                        job.id.as_bytes(),
-                        job.queue.as_str(),
-                        job.kind.as_str(),
-                        job.tenant.as_str(),
-                        job.args.get(),
-                        job.priority.get(),
-                        job.state.as_str(),
-                        job.max_attempts,
-                        job.timeout.as_millis() as i64,
-                        codec::backoff_to_json(&job.backoff),
-                        codec::tags_to_json(&job.tags),
-                        micros(job.run_at),
-                        micros(job.created_at),
-                    ])
-                    .map_err(|e| match map_err("inserting jobs", &e) {
-                        StoreError::Conflict(_) => {
-                            StoreError::Conflict(format!("a job with id {} already exists", job.id))
-                        }
-                        other => other,
-                    })?;
-                    out.push(job);
-                }
-                Ok(out)
+                insert_rows(conn, jobs, clock.now())
             })
             .await
     }
@@ -832,25 +849,127 @@ impl Store for SqliteStore {
                         .collect()
                 })
                 .map_err(|e| map_err("reading queue statistics", &e))?;
-            let mut by_queue: BTreeMap<String, StateCounts> = BTreeMap::new();
+            let paused: Vec<(String, bool)> = conn
+                .prepare_cached("SELECT name, paused FROM queues")
+                .and_then(|mut s| s.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?.collect())
+                .map_err(|e| map_err("reading queue settings", &e))?;
+            let mut by_queue: BTreeMap<String, (bool, StateCounts)> = BTreeMap::new();
             for (queue, state, n) in rows {
                 let state: JobState = state
                     .parse()
                     .map_err(|e| StoreError::permanent("decoding stored state", e))?;
-                by_queue.entry(queue).or_default().add(state, n as u64);
+                by_queue.entry(queue).or_default().1.add(state, n as u64);
+            }
+            for (queue, p) in paused {
+                by_queue.entry(queue).or_default().0 = p;
             }
             by_queue
                 .into_iter()
-                .map(|(q, counts)| {
+                .map(|(q, (paused, counts))| {
                     Ok(QueueStats {
                         queue: QueueName::parse(q)
                             .map_err(|e| StoreError::permanent("decoding stored queue", e))?,
+                        paused,
                         counts,
                     })
                 })
                 .collect()
         })
         .await
+    }
+
+    async fn insert_idempotent(
+        &self,
+        req: IdempotentInsert,
+    ) -> Result<IdempotentOutcome, StoreError> {
+        validate_all(&req.jobs)?;
+        let clock = Arc::clone(&self.clock);
+        self.writer
+            .write("inserting jobs under an idempotency key", move |conn| {
+                let now = clock.now();
+                let existing: Option<(String, u16, Vec<u8>, i64)> = conn
+                    .prepare_cached(
+                        "SELECT fingerprint, status, body, expires_at FROM idempotency_keys
+                         WHERE tenant = ?1 AND key = ?2",
+                    )
+                    .and_then(|mut s| {
+                        s.query_row(params![req.tenant.as_str(), req.key.as_str()], |r| {
+                            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+                        })
+                        .optional()
+                    })
+                    .map_err(|e| map_err("reading an idempotency key", &e))?;
+                match existing {
+                    Some((fingerprint, status, body, expires)) if expires > micros(now) => {
+                        return if fingerprint == req.fingerprint {
+                            Ok(IdempotentOutcome::Replayed(StoredResponse { status, body }))
+                        } else {
+                            Err(key_reused(&req.key))
+                        };
+                    }
+                    Some(_) => {
+                        conn.prepare_cached(
+                            "DELETE FROM idempotency_keys WHERE tenant = ?1 AND key = ?2",
+                        )
+                        .and_then(|mut s| s.execute(params![req.tenant.as_str(), req.key.as_str()]))
+                        .map_err(|e| map_err("expiring an idempotency key", &e))?;
+                    }
+                    None => {}
+                }
+                let jobs = insert_rows(conn, req.jobs, now)?;
+                let response = (req.respond)(&jobs);
+                conn.prepare_cached(
+                    "INSERT INTO idempotency_keys
+                        (tenant, key, fingerprint, status, body, created_at, expires_at)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                )
+                .and_then(|mut s| {
+                    s.execute(params![
+                        req.tenant.as_str(),
+                        req.key.as_str(),
+                        req.fingerprint,
+                        response.status,
+                        response.body,
+                        micros(now),
+                        micros(now + to_delta(req.ttl)),
+                    ])
+                })
+                .map_err(|e| map_err("storing an idempotency key", &e))?;
+                Ok(IdempotentOutcome::Created { jobs, response })
+            })
+            .await
+    }
+
+    async fn delete_expired_idempotency_keys(&self, limit: u32) -> Result<u64, StoreError> {
+        let clock = Arc::clone(&self.clock);
+        self.writer
+            .write("deleting expired idempotency keys", move |conn| {
+                conn.prepare_cached(
+                    "DELETE FROM idempotency_keys WHERE rowid IN (
+                         SELECT rowid FROM idempotency_keys WHERE expires_at <= ?1
+                         ORDER BY expires_at LIMIT ?2)",
+                )
+                .and_then(|mut s| s.execute(params![micros(clock.now()), limit]))
+                .map(|n| n as u64)
+                .map_err(|e| map_err("deleting expired idempotency keys", &e))
+            })
+            .await
+    }
+
+    async fn set_queue_paused(&self, queue: QueueName, paused: bool) -> Result<(), StoreError> {
+        let clock = Arc::clone(&self.clock);
+        self.writer
+            .write("pausing or resuming a queue", move |conn| {
+                conn.prepare_cached(
+                    "INSERT INTO queues (name, paused, updated_at) VALUES (?1, ?2, ?3)
+                     ON CONFLICT (name) DO UPDATE SET paused = excluded.paused,
+                         updated_at = excluded.updated_at",
+                )
+                .and_then(|mut s| s.execute(params![queue.as_str(), paused, micros(clock.now())]))
+                .map(|_| ())
+                .map_err(|e| map_err("pausing or resuming a queue", &e))
+            })
+            .await
     }
 
     async fn ping(&self) -> Result<(), StoreError> {

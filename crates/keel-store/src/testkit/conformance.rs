@@ -13,12 +13,13 @@ use std::time::Duration;
 
 use chrono::TimeDelta;
 use keel_core::store::{
-    Completion, FailParams, HeartbeatParams, LeaseParams, LeaseRef, ListParams, PromoteParams,
-    Promoted, RescueParams, Rescued, RetentionParams, StateCounts,
+    Completion, FailParams, HeartbeatParams, IdempotentInsert, IdempotentOutcome, LeaseParams,
+    LeaseRef, ListParams, PromoteParams, Promoted, RescueParams, Rescued, RetentionParams,
+    StateCounts, StoredResponse,
 };
 use keel_core::{
-    Backoff, Clock, Job, JobId, JobKind, JobState, LeaseToken, NewJob, Priority, QueueName,
-    StoreError, TenantId, Timestamp, Transition, WorkerId,
+    Backoff, Clock, IdempotencyKey, Job, JobId, JobKind, JobState, LeaseToken, NewJob, Priority,
+    QueueName, StoreError, TenantId, Timestamp, Transition, WorkerId,
 };
 use serde_json::value::RawValue;
 
@@ -57,6 +58,11 @@ macro_rules! conformance_suite {
             retention_deletes_only_old_finished_jobs,
             queue_stats_match_rows,
             results_round_trip_byte_for_byte,
+            paused_queues_are_not_leased,
+            idempotent_insert_replays_and_conflicts,
+            idempotent_first_use_is_exclusive_under_concurrency,
+            idempotency_keys_expire,
+            idempotent_insert_of_invalid_job_stores_no_key,
         );
     };
     (@cases $harness:expr; $($case:ident),* $(,)?) => {
@@ -1159,4 +1165,213 @@ pub async fn results_round_trip_byte_for_byte(h: &Harness) {
     let done = h.store.get(j.id).await.unwrap();
     assert_eq!(done.result.unwrap().get(), body);
     assert_eq!(done.finished_at, Some(h.clock.now()));
+}
+
+/// A paused queue leases nothing until resumed; enqueueing into it still works, and the
+/// flag shows in the statistics (even for a queue without jobs).
+pub async fn paused_queues_are_not_leased(h: &Harness) {
+    h.store.set_queue_paused(q("held"), true).await.unwrap();
+    h.store.set_queue_paused(q("empty"), true).await.unwrap();
+    let j = insert_one(h, job("held")).await;
+    insert_one(h, job("free")).await;
+    assert!(lease(h, "held", 10).await.is_empty());
+    assert_eq!(
+        lease(h, "free", 10).await.len(),
+        1,
+        "other queues are unaffected"
+    );
+    let stats = h.store.queue_stats().await.unwrap();
+    let paused: Vec<(&str, bool)> = stats.iter().map(|s| (s.queue.as_str(), s.paused)).collect();
+    assert_eq!(paused, [("empty", true), ("free", false), ("held", true)]);
+    assert_eq!(stats[2].counts.available, 1);
+    h.store.set_queue_paused(q("held"), false).await.unwrap();
+    assert_eq!(lease_one(h, "held").await.0.id, j.id);
+    let stats = h.store.queue_stats().await.unwrap();
+    assert!(
+        stats
+            .iter()
+            .all(|s| s.queue.as_str() == "empty" || !s.paused)
+    );
+}
+
+fn idem(
+    tenant: &str,
+    key: &str,
+    fingerprint: &str,
+    jobs: Vec<NewJob>,
+    ttl: Duration,
+) -> IdempotentInsert {
+    IdempotentInsert {
+        tenant: TenantId::parse(tenant).unwrap(),
+        key: IdempotencyKey::parse(key).unwrap(),
+        fingerprint: fingerprint.to_owned(),
+        jobs,
+        ttl,
+        respond: Box::new(|jobs: &[Job]| StoredResponse {
+            status: 201,
+            body: format!("{{\"id\":\"{}\"}}", jobs[0].id).into_bytes(),
+        }),
+    }
+}
+
+async fn count_jobs(h: &Harness, queue: &str) -> usize {
+    let page = h
+        .store
+        .list(ListParams {
+            queue: Some(q(queue)),
+            limit: 1000,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    page.jobs.len()
+}
+
+/// The same key and request replays the stored response without inserting; the same key
+/// with another request is a conflict; keys are scoped per tenant.
+pub async fn idempotent_insert_replays_and_conflicts(h: &Harness) {
+    let ttl = Duration::from_secs(3600);
+    let first = h
+        .store
+        .insert_idempotent(idem("t1", "k-1", "fp-a", vec![job("idem")], ttl))
+        .await
+        .unwrap();
+    let IdempotentOutcome::Created { jobs, response } = first else {
+        panic!("first use must create");
+    };
+    assert_eq!(response.status, 201);
+    assert_eq!(
+        response.body,
+        format!("{{\"id\":\"{}\"}}", jobs[0].id).into_bytes()
+    );
+    assert_eq!(h.store.get(jobs[0].id).await.unwrap(), jobs[0]);
+    match h
+        .store
+        .insert_idempotent(idem("t1", "k-1", "fp-a", vec![job("idem")], ttl))
+        .await
+        .unwrap()
+    {
+        IdempotentOutcome::Replayed(r) => assert_eq!(r, response),
+        other => panic!("expected a replay, got {other:?}"),
+    }
+    assert_eq!(count_jobs(h, "idem").await, 1, "a replay inserted a job");
+    let err = h
+        .store
+        .insert_idempotent(idem("t1", "k-1", "fp-b", vec![job("idem")], ttl))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::Conflict(_)), "{err:?}");
+    assert!(err.to_string().contains("different request"), "{err}");
+    // Another tenant may use the same key independently.
+    let other = h
+        .store
+        .insert_idempotent(idem("t2", "k-1", "fp-b", vec![job("idem")], ttl))
+        .await
+        .unwrap();
+    assert!(matches!(other, IdempotentOutcome::Created { .. }));
+    assert_eq!(count_jobs(h, "idem").await, 2);
+}
+
+/// Fifty concurrent first uses of one key create exactly one job, and all fifty callers get
+/// the identical response.
+pub async fn idempotent_first_use_is_exclusive_under_concurrency(h: &Harness) {
+    let mut tasks = Vec::new();
+    for _ in 0..50 {
+        let store = Arc::clone(&h.store);
+        tasks.push(tokio::spawn(async move {
+            store
+                .insert_idempotent(idem(
+                    "race",
+                    "same-key",
+                    "fp",
+                    vec![job("idem-race")],
+                    Duration::from_secs(60),
+                ))
+                .await
+        }));
+    }
+    let mut created = 0;
+    let mut bodies = HashSet::new();
+    for t in tasks {
+        match t.await.unwrap().unwrap() {
+            IdempotentOutcome::Created { response, .. } => {
+                created += 1;
+                bodies.insert(response.body);
+            }
+            IdempotentOutcome::Replayed(r) => {
+                bodies.insert(r.body);
+            }
+        }
+    }
+    assert_eq!(created, 1);
+    assert_eq!(bodies.len(), 1, "callers saw different responses");
+    assert_eq!(count_jobs(h, "idem-race").await, 1);
+}
+
+/// A key is forgotten after its time to live: it can then be reused with any request, and
+/// the cleaner deletes expired keys.
+pub async fn idempotency_keys_expire(h: &Harness) {
+    let ttl = Duration::from_secs(60);
+    h.store
+        .insert_idempotent(idem("t", "old", "fp-a", vec![job("exp-idem")], ttl))
+        .await
+        .unwrap();
+    h.store
+        .insert_idempotent(idem("t", "gone", "fp-a", vec![job("exp-idem")], ttl))
+        .await
+        .unwrap();
+    h.clock.advance(Duration::from_secs(59));
+    assert_eq!(
+        h.store.delete_expired_idempotency_keys(100).await.unwrap(),
+        0
+    );
+    assert!(
+        h.store
+            .insert_idempotent(idem("t", "old", "fp-b", vec![job("exp-idem")], ttl))
+            .await
+            .is_err()
+    );
+    h.clock.advance(Duration::from_secs(1));
+    let reused = h
+        .store
+        .insert_idempotent(idem("t", "old", "fp-b", vec![job("exp-idem")], ttl))
+        .await
+        .unwrap();
+    assert!(
+        matches!(reused, IdempotentOutcome::Created { .. }),
+        "an expired key must not replay"
+    );
+    assert_eq!(
+        h.store.delete_expired_idempotency_keys(100).await.unwrap(),
+        1,
+        "only 'gone' is expired now"
+    );
+    assert_eq!(count_jobs(h, "exp-idem").await, 3);
+}
+
+/// An invalid job fails an idempotent insert without storing the key, so a corrected retry
+/// with the same key succeeds.
+pub async fn idempotent_insert_of_invalid_job_stores_no_key(h: &Harness) {
+    let ttl = Duration::from_secs(60);
+    let err = h
+        .store
+        .insert_idempotent(idem(
+            "t",
+            "fixme",
+            "fp-bad",
+            vec![job("idem-bad").max_attempts(0)],
+            ttl,
+        ))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, StoreError::Invalid { index: 0, .. }),
+        "{err:?}"
+    );
+    let ok = h
+        .store
+        .insert_idempotent(idem("t", "fixme", "fp-good", vec![job("idem-bad")], ttl))
+        .await
+        .unwrap();
+    assert!(matches!(ok, IdempotentOutcome::Created { .. }));
 }
