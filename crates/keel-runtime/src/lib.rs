@@ -1,12 +1,37 @@
 //! Keel's runtime: what makes stored jobs run.
 //!
-//! This crate will hold the per-queue dispatchers (leasing batches as worker permits free
-//! up, woken in-process or by Postgres `LISTEN/NOTIFY`), the bounded worker pools and the
-//! built-in executors, the maintenance loops (promote scheduled jobs, rescue expired leases,
-//! delete past retention) run by the elected leader, and the resilience primitives (bulkhead,
-//! circuit breaker, retry inside a deadline). It talks to storage only through
-//! [`keel_core::Store`]; it never imports axum, tonic or a database driver.
+//! Per-queue dispatchers lease batches as worker permits free up (woken in-process on
+//! enqueue, with a poll fallback), bounded worker pools run executors and Rust handlers
+//! under a timeout and a cancellation token, heartbeats extend leases, and maintenance
+//! loops promote scheduled jobs, rescue expired leases and delete finished jobs past
+//! retention. It talks to storage only through [`keel_core::Store`]; it never imports axum,
+//! tonic or a database driver.
 //!
-//! It is empty until the `keel serve` work lands: the foundation issue only lays the store.
+//! - [`Runtime::start`] / [`Runtime::shutdown`]: the lifecycle, with G6's two-phase stop.
+//! - [`RuntimeConfig`]: queues, leases, polling, grace, maintenance, webhook policy.
+//! - [`Handler`], [`JobContext`], [`JobError`], [`Handlers`]: the Rust handler API, and the
+//!   registry that maps job kinds to handlers (the built-ins live in [`executors`]).
+//! - [`RuntimeHandle`] is what the API holds: wakeups, cancellation of running jobs, and job
+//!   state events.
+//! - [`telemetry`]: the metrics the runtime records.
 
 #![warn(missing_docs)]
+
+pub mod config;
+pub mod executors;
+pub mod handle;
+pub mod handler;
+pub mod telemetry;
+
+mod dispatcher;
+mod heartbeat;
+mod inflight;
+mod maintenance;
+mod runtime;
+mod worker;
+
+pub use config::{InvalidConfig, MaintenanceConfig, QueueConfig, RuntimeConfig, WebhookConfig};
+pub use handle::{Events, JobEvent, RunningJobs, RuntimeHandle, Wakeups};
+pub use handler::{Handler, Handlers, JobContext, JobError, json_result};
+pub use runtime::{Runtime, ShutdownReport};
+pub use telemetry::{Outcome, describe_metrics};

@@ -1,0 +1,200 @@
+//! What the rest of Keel (the API, the binary) holds to talk to a running runtime, without
+//! reaching into its tasks: wake a queue's dispatcher after an enqueue, cancel a job that is
+//! running here, and follow job state changes (for `POST /v1/process`, and later `Watch`).
+//!
+//! All three are cheap to clone and share; none holds a lock across an await.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use keel_core::{JobId, JobState, QueueName};
+use tokio::sync::{Notify, broadcast};
+use tokio_util::sync::CancellationToken;
+
+/// A job changed state. Carries no payload: a subscriber that cares reads the job.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JobEvent {
+    /// The job.
+    pub id: JobId,
+    /// Its queue.
+    pub queue: QueueName,
+    /// The state it moved to.
+    pub state: JobState,
+}
+
+/// In-process fan-out of [`JobEvent`]s. Bounded: a subscriber that falls more than
+/// `capacity` events behind sees `RecvError::Lagged` and must re-read what it waits for from
+/// the store rather than block publishers (G5).
+#[derive(Debug, Clone)]
+pub struct Events {
+    tx: broadcast::Sender<JobEvent>,
+}
+
+impl Events {
+    /// A channel keeping at most `capacity` undelivered events per subscriber.
+    pub fn new(capacity: usize) -> Self {
+        let (tx, _) = broadcast::channel(capacity.max(1));
+        Self { tx }
+    }
+
+    /// Announces a state change. Never blocks; with no subscribers it is a no-op.
+    pub fn publish(&self, event: JobEvent) {
+        let _ = self.tx.send(event);
+    }
+
+    /// Follows state changes from now on. Subscribe *before* the action whose outcome you
+    /// wait for, or the event may pass before you listen.
+    pub fn subscribe(&self) -> broadcast::Receiver<JobEvent> {
+        self.tx.subscribe()
+    }
+}
+
+/// One `Notify` per queue served by this process, so an enqueue wakes the dispatcher of
+/// its queue at once instead of waiting for the next poll. The set of queues is fixed at
+/// start-up, so lookups take no lock.
+#[derive(Debug, Clone, Default)]
+pub struct Wakeups {
+    queues: Arc<HashMap<QueueName, Arc<Notify>>>,
+}
+
+impl Wakeups {
+    /// Wakeups for exactly these queues.
+    pub fn new(queues: impl IntoIterator<Item = QueueName>) -> Self {
+        Self {
+            queues: Arc::new(
+                queues
+                    .into_iter()
+                    .map(|q| (q, Arc::new(Notify::new())))
+                    .collect(),
+            ),
+        }
+    }
+
+    /// Wakes the dispatcher of `queue`, if this process serves it. A wakeup sent while the
+    /// dispatcher is busy is remembered (one permit), so none is lost.
+    pub fn job_available(&self, queue: &QueueName) {
+        if let Some(n) = self.queues.get(queue) {
+            n.notify_one();
+        }
+    }
+
+    /// The `Notify` a dispatcher waits on, if `queue` is served here.
+    pub fn for_queue(&self, queue: &QueueName) -> Option<Arc<Notify>> {
+        self.queues.get(queue).cloned()
+    }
+}
+
+/// The cancellation token of every job running in this process, so a user's cancel reaches
+/// the worker running it.
+#[derive(Debug, Clone, Default)]
+pub struct RunningJobs {
+    tokens: Arc<Mutex<HashMap<JobId, CancellationToken>>>,
+}
+
+impl RunningJobs {
+    /// Registers a job that started running; its worker watches `token`.
+    pub fn insert(&self, id: JobId, token: CancellationToken) {
+        self.lock().insert(id, token);
+    }
+
+    /// Forgets a job that stopped running here.
+    pub fn remove(&self, id: JobId) {
+        self.lock().remove(&id);
+    }
+
+    /// Cancels the job if it is running here; returns whether it was.
+    pub fn cancel(&self, id: JobId) -> bool {
+        match self.lock().get(&id) {
+            Some(token) => {
+                token.cancel();
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// How many jobs are running here.
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    /// Whether no job is running here.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<JobId, CancellationToken>> {
+        // The map is only ever updated by whole-entry inserts and removes, so a panic while
+        // holding the lock cannot leave it half-updated.
+        self.tokens.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Everything outside the runtime needs from it. Clone freely.
+#[derive(Debug, Clone)]
+pub struct RuntimeHandle {
+    /// Job state changes.
+    pub events: Events,
+    /// Dispatcher wakeups.
+    pub wakeups: Wakeups,
+    /// Jobs running in this process.
+    pub running: RunningJobs,
+}
+
+impl RuntimeHandle {
+    /// A handle for a runtime serving `queues`, with an event channel of `event_capacity`.
+    pub fn new(queues: impl IntoIterator<Item = QueueName>, event_capacity: usize) -> Self {
+        Self {
+            events: Events::new(event_capacity),
+            wakeups: Wakeups::new(queues),
+            running: RunningJobs::default(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn q(s: &str) -> QueueName {
+        QueueName::parse(s).unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_wakeup_sent_before_waiting_is_not_lost() {
+        let w = Wakeups::new([q("a")]);
+        w.job_available(&q("a"));
+        w.job_available(&q("unknown")); // no dispatcher here: ignored
+        let n = w.for_queue(&q("a")).unwrap();
+        tokio::time::timeout(std::time::Duration::from_secs(1), n.notified())
+            .await
+            .expect("the stored permit wakes the waiter");
+        assert!(w.for_queue(&q("unknown")).is_none());
+    }
+
+    #[test]
+    fn cancel_reaches_only_registered_jobs() {
+        let r = RunningJobs::default();
+        let id = JobId::new();
+        let token = CancellationToken::new();
+        r.insert(id, token.clone());
+        assert!(!r.cancel(JobId::new()));
+        assert!(r.cancel(id));
+        assert!(token.is_cancelled());
+        r.remove(id);
+        assert!(r.is_empty());
+    }
+
+    #[tokio::test]
+    async fn subscribers_see_events_published_after_they_subscribe() {
+        let e = Events::new(4);
+        let mut rx = e.subscribe();
+        let ev = JobEvent {
+            id: JobId::new(),
+            queue: q("a"),
+            state: JobState::Completed,
+        };
+        e.publish(ev.clone());
+        assert_eq!(rx.recv().await.unwrap(), ev);
+    }
+}

@@ -1,0 +1,204 @@
+//! The runtime's metrics: names, label sets and descriptions in one place, so dashboards
+//! and the code cannot drift apart.
+//!
+//! Labels come from bounded sets only: `queue` (configured queues), `kind` (registered job
+//! kinds; a job of an unknown kind is labelled `unknown`), `outcome` ([`Outcome`]) and
+//! `step`. Never ids or error strings (§6).
+//!
+//! The binary installs the Prometheus recorder; without one, every macro here is a no-op.
+
+use std::time::Duration;
+
+use keel_core::{JobKind, QueueName};
+use metrics::{
+    Unit, counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram,
+};
+
+/// Jobs whose run ended here, by queue, kind and [`Outcome`].
+pub const JOBS_FINISHED: &str = "keel_jobs_finished_total";
+/// Time a handler ran, by queue and kind (histogram, seconds).
+pub const JOB_DURATION: &str = "keel_job_duration_seconds";
+/// Time from a job's `run_at` to the start of its attempt, by queue (histogram, seconds):
+/// how far behind the workers are.
+pub const JOB_WAIT: &str = "keel_job_wait_seconds";
+/// Jobs running right now, by queue (gauge).
+pub const WORKERS_BUSY: &str = "keel_workers_busy";
+/// Jobs leased by this process, by queue.
+pub const JOBS_LEASED: &str = "keel_jobs_leased_total";
+/// Leases found lost while their job still ran here (rescued elsewhere or revoked): each is
+/// a possible duplicate run (G2), by queue.
+pub const LEASE_LOST: &str = "keel_jobs_lease_lost_total";
+/// Failed store calls of the runtime's loops, by `op` (lease, heartbeat, complete, fail,
+/// release, promote, rescue, delete_finished, delete_idempotency_keys).
+pub const STORE_ERRORS: &str = "keel_runtime_store_errors_total";
+/// Jobs made available by the promoter, by queue.
+pub const MAINTENANCE_PROMOTED: &str = "keel_maintenance_promoted_total";
+/// Jobs rescued from expired leases, by queue and the state they moved to.
+pub const MAINTENANCE_RESCUED: &str = "keel_maintenance_rescued_total";
+/// Rows deleted by retention, by `what` (jobs, idempotency_keys).
+pub const MAINTENANCE_DELETED: &str = "keel_maintenance_deleted_total";
+
+/// How a job's run in this process ended: the `outcome` label of [`JOBS_FINISHED`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Recorded as completed.
+    Completed,
+    /// Recorded as a failed attempt with attempts left.
+    Retryable,
+    /// Recorded as failed for good (permanent error or attempts exhausted).
+    Discarded,
+    /// The job was cancelled by a user while it ran; its outcome was dropped.
+    Cancelled,
+    /// The lease was gone when the outcome was written (rescued after it expired): the
+    /// outcome was dropped and the job may run (or have run) again elsewhere.
+    LeaseLost,
+    /// Given back unfinished at shutdown; the attempt does not count.
+    Released,
+    /// The outcome could not be written (the store kept failing); the lease will expire
+    /// and the job will be rescued.
+    Unrecorded,
+}
+
+impl Outcome {
+    /// The label value.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Completed => "completed",
+            Outcome::Retryable => "retryable",
+            Outcome::Discarded => "discarded",
+            Outcome::Cancelled => "cancelled",
+            Outcome::LeaseLost => "lease_lost",
+            Outcome::Released => "released",
+            Outcome::Unrecorded => "unrecorded",
+        }
+    }
+}
+
+/// Registers descriptions and units with the installed recorder. Call once after installing
+/// it; calling again is harmless. [`crate::Runtime::start`] calls it too.
+pub fn describe_metrics() {
+    describe_counter!(
+        JOBS_FINISHED,
+        "Jobs whose run ended in this process, by outcome."
+    );
+    describe_histogram!(JOB_DURATION, Unit::Seconds, "Time a job's handler ran.");
+    describe_histogram!(
+        JOB_WAIT,
+        Unit::Seconds,
+        "Time from a job's run_at to its start."
+    );
+    describe_gauge!(WORKERS_BUSY, "Jobs running now.");
+    describe_counter!(JOBS_LEASED, "Jobs leased by this process.");
+    describe_counter!(
+        LEASE_LOST,
+        "Leases lost while their job still ran here (possible duplicate runs)."
+    );
+    describe_counter!(
+        STORE_ERRORS,
+        "Failed store calls of the runtime loops, by operation."
+    );
+    describe_counter!(
+        MAINTENANCE_PROMOTED,
+        "Scheduled and retryable jobs made available."
+    );
+    describe_counter!(
+        MAINTENANCE_RESCUED,
+        "Running jobs rescued after their lease expired."
+    );
+    describe_counter!(MAINTENANCE_DELETED, "Rows deleted by retention.");
+}
+
+pub(crate) fn job_finished(queue: &QueueName, kind: &str, outcome: Outcome) {
+    counter!(JOBS_FINISHED, "queue" => queue.to_string(), "kind" => kind.to_owned(), "outcome" => outcome.as_str())
+        .increment(1);
+}
+
+pub(crate) fn job_duration(queue: &QueueName, kind: &str, d: Duration) {
+    histogram!(JOB_DURATION, "queue" => queue.to_string(), "kind" => kind.to_owned())
+        .record(d.as_secs_f64());
+}
+
+pub(crate) fn job_wait(queue: &QueueName, seconds: f64) {
+    histogram!(JOB_WAIT, "queue" => queue.to_string()).record(seconds.max(0.0));
+}
+
+pub(crate) fn jobs_leased(queue: &QueueName, n: usize) {
+    counter!(JOBS_LEASED, "queue" => queue.to_string()).increment(n as u64);
+}
+
+pub(crate) fn lease_lost(queue: &QueueName) {
+    counter!(LEASE_LOST, "queue" => queue.to_string()).increment(1);
+}
+
+pub(crate) fn store_error(op: &'static str) {
+    counter!(STORE_ERRORS, "op" => op).increment(1);
+}
+
+pub(crate) fn promoted(queue: &QueueName, n: u64) {
+    counter!(MAINTENANCE_PROMOTED, "queue" => queue.to_string()).increment(n);
+}
+
+pub(crate) fn rescued(queue: &QueueName, state: keel_core::JobState) {
+    counter!(MAINTENANCE_RESCUED, "queue" => queue.to_string(), "state" => state.as_str())
+        .increment(1);
+}
+
+pub(crate) fn deleted(what: &'static str, n: u64) {
+    counter!(MAINTENANCE_DELETED, "what" => what).increment(n);
+}
+
+/// The `kind` label for a job: its kind when a handler is registered for it, otherwise
+/// `unknown`, so kinds submitted by clients cannot grow the label set without bound.
+pub(crate) fn kind_label(kind: &JobKind, registered: bool) -> String {
+    if registered {
+        kind.to_string()
+    } else {
+        "unknown".to_owned()
+    }
+}
+
+/// Counts one running job in [`WORKERS_BUSY`] for as long as it lives, so the gauge comes
+/// back down however the run ends.
+pub(crate) struct BusyGuard {
+    queue: String,
+}
+
+impl BusyGuard {
+    pub(crate) fn new(queue: &QueueName) -> Self {
+        let queue = queue.to_string();
+        gauge!(WORKERS_BUSY, "queue" => queue.clone()).increment(1.0);
+        Self { queue }
+    }
+}
+
+impl Drop for BusyGuard {
+    fn drop(&mut self) {
+        gauge!(WORKERS_BUSY, "queue" => self.queue.clone()).decrement(1.0);
+    }
+}
+
+/// Displays an error with its whole `source()` chain ("leasing jobs: connection reset"),
+/// since the top-level message alone often only says what was being attempted.
+pub(crate) struct ErrorChain<'a>(pub(crate) &'a (dyn std::error::Error + 'static));
+
+impl std::fmt::Display for ErrorChain<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut source = self.0.source();
+        while let Some(s) = source {
+            write!(f, ": {s}")?;
+            source = s.source();
+        }
+        Ok(())
+    }
+}
+
+/// Logs a failed store call of a runtime loop: transient failures (the database blinked)
+/// at warn, anything else at error, since it needs an operator.
+pub(crate) fn report_store_error(what: &str, e: &keel_core::StoreError) {
+    if e.is_transient() {
+        tracing::warn!(error = %ErrorChain(e), "{what} failed");
+    } else {
+        tracing::error!(error = %ErrorChain(e), "{what} failed");
+    }
+}
