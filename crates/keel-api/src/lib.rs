@@ -1,8 +1,34 @@
-//! Keel's network interfaces: the HTTP/JSON API (axum), the gRPC API (tonic), the admin
-//! listener (profiles, task dumps, chaos switches), and the one `ApiError` type that maps
-//! domain and store errors to `application/problem+json` and `tonic::Status`.
+//! Keel's HTTP/JSON API (axum): the jobs and queues endpoints, probes, metrics and the
+//! OpenAPI document, behind one middleware stack (request id, logging, metrics, deadline,
+//! body limit, API-key auth), with one [`ApiError`] type that renders every failure as
+//! `application/problem+json` (RFC 9457).
 //!
-//! It depends on keel-core and keel-runtime, never on a store implementation: the binary
-//! hands it an `Arc<dyn Store>`. Empty until the `keel serve` work lands.
+//! [`admin::router`] serves the admin listener (loopback by default).
+//!
+//! It depends on keel-core and keel-runtime's [`keel_runtime::RuntimeHandle`], never on a
+//! store implementation: the binary hands it an `Arc<dyn Store>` inside [`ApiState`] and
+//! serves [`router`].
 
 #![warn(missing_docs)]
+
+pub mod admin;
+pub mod auth;
+pub mod config;
+pub mod dto;
+pub mod error;
+pub mod middleware;
+pub mod openapi;
+
+mod extract;
+mod job_in;
+mod routes;
+
+pub use config::{ApiConfig, ApiKey, hash_api_key};
+pub use error::{ApiError, Problem};
+pub use extract::IDEMPOTENCY_KEY;
+pub use job_in::{MAX_BATCH, MAX_DELAY_MS};
+pub use routes::jobs::{DEFAULT_LIST_LIMIT, IDEMPOTENT_REPLAYED};
+pub use routes::{ROUTES, router};
+pub use state::{ApiState, Readiness};
+
+mod state;

@@ -65,9 +65,10 @@ impl Clock for ManualClock {
 }
 
 /// Drops sub-microsecond precision so the value survives a round trip through Postgres.
+/// Timestamps too far out for chrono's nanosecond arithmetic (outside about 1677–2262) are
+/// returned unchanged; validation keeps such values away from storage anyway.
 pub fn truncate_micros(t: Timestamp) -> Timestamp {
-    t.duration_trunc(TimeDelta::microseconds(1))
-        .expect("truncating a valid timestamp to microseconds cannot overflow")
+    t.duration_trunc(TimeDelta::microseconds(1)).unwrap_or(t)
 }
 
 /// Converts a std duration to a chrono delta, saturating at the largest representable delta
@@ -97,6 +98,14 @@ mod tests {
         assert_eq!(clock.now(), t0);
         clock.advance(Duration::from_millis(1500));
         assert_eq!(clock.now() - t0, TimeDelta::milliseconds(1500));
+    }
+
+    #[test]
+    fn far_timestamps_do_not_panic() {
+        let far = DateTime::parse_from_rfc3339("2999-01-01T00:00:00Z")
+            .unwrap()
+            .to_utc();
+        assert_eq!(truncate_micros(far), far);
     }
 
     #[test]

@@ -422,6 +422,11 @@ impl NewJob {
     pub const DEFAULT_MAX_ARGS_BYTES: usize = 1024 * 1024;
     /// Most tags per job.
     pub const MAX_TAGS: usize = 32;
+    /// Earliest accepted `run_at`.
+    pub const MIN_RUN_AT: &'static str = "2000-01-01T00:00:00Z";
+    /// Latest accepted `run_at`: far enough for any real schedule, near enough that every
+    /// timestamp computation on it (backoff, leases, microsecond storage) stays in range.
+    pub const MAX_RUN_AT: &'static str = "2200-01-01T00:00:00Z";
     /// Longest tag, bytes.
     pub const MAX_TAG_LEN: usize = 128;
 
@@ -538,6 +543,22 @@ impl NewJob {
         }
         if let Err(e) = self.backoff.validate() {
             bad("backoff", e);
+        }
+        if let Some(at) = self.run_at {
+            let bound = |s: &str| chrono::DateTime::parse_from_rfc3339(s).map(|t| t.to_utc());
+            if let (Ok(min), Ok(max)) = (bound(Self::MIN_RUN_AT), bound(Self::MAX_RUN_AT))
+                && (at < min || at > max)
+            {
+                bad(
+                    "run_at",
+                    format!(
+                        "must be between {} and {}, got {}",
+                        Self::MIN_RUN_AT,
+                        Self::MAX_RUN_AT,
+                        at.to_rfc3339()
+                    ),
+                );
+            }
         }
         if self.tags.len() > Self::MAX_TAGS {
             bad(

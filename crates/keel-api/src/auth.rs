@@ -1,0 +1,160 @@
+//! API-key authentication and tenant scoping (G8).
+//!
+//! With keys configured, every `/v1` request must present `Authorization: Bearer <key>`.
+//! The key is hashed and compared with the configured digests in constant time; the
+//! plaintext is neither stored nor logged. The key's tenant then scopes the request: a
+//! body naming another tenant is refused (`403`), and another tenant's jobs are invisible
+//! (`404`, so their existence is not revealed).
+
+use axum::extract::{FromRequestParts, Request, State};
+use axum::http::request::Parts;
+use axum::http::{HeaderMap, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use keel_core::TenantId;
+
+use crate::config::{digests_equal, hash_api_key};
+use crate::error::ApiError;
+use crate::state::ApiState;
+
+/// Who is calling: the tenant their API key acts for, or nobody in particular when
+/// authentication is off (then any tenant may be named).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Caller {
+    tenant: Option<TenantId>,
+}
+
+impl Caller {
+    /// A caller bound to `tenant`.
+    pub fn tenant(tenant: TenantId) -> Self {
+        Self {
+            tenant: Some(tenant),
+        }
+    }
+
+    /// A caller with no tenant restriction (authentication disabled).
+    pub fn unrestricted() -> Self {
+        Self { tenant: None }
+    }
+
+    /// The tenant a request acts for: the one it names, which must be the caller's own, or
+    /// else the caller's (or `default` when unrestricted).
+    pub fn tenant_for(&self, named: Option<TenantId>) -> Result<TenantId, ApiError> {
+        match (&self.tenant, named) {
+            (Some(own), Some(named)) if *own != named => Err(ApiError::Forbidden(format!(
+                "this API key may not act for tenant {:?}",
+                named.as_str()
+            ))),
+            (_, Some(named)) => Ok(named),
+            (Some(own), None) => Ok(own.clone()),
+            (None, None) => Ok(TenantId::default()),
+        }
+    }
+
+    /// Whether the caller may see a job of `tenant`.
+    pub fn may_see(&self, tenant: &TenantId) -> bool {
+        self.tenant.as_ref().is_none_or(|own| own == tenant)
+    }
+
+    /// The tenant every read must be filtered to, if any.
+    pub fn scope(&self) -> Option<&TenantId> {
+        self.tenant.as_ref()
+    }
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for Caller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        // Fail closed: a route that forgot the auth layer answers 500 rather than serving
+        // every tenant.
+        parts
+            .extensions
+            .get::<Caller>()
+            .cloned()
+            .ok_or_else(|| ApiError::internal("the auth layer did not run for this route"))
+    }
+}
+
+/// The token of an `Authorization: Bearer <token>` header (scheme case-insensitive).
+fn bearer_token(headers: &HeaderMap) -> Option<&str> {
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = value.trim().split_once(' ')?;
+    let token = token.trim();
+    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
+}
+
+/// Innermost layer, on `/v1` routes only: resolves the [`Caller`] or answers `401` with
+/// `WWW-Authenticate: Bearer`. Inside the deadline so a slow check is bounded, and inside
+/// the body limit so nothing large is buffered for it.
+pub(crate) async fn authenticate(
+    State(state): State<ApiState>,
+    mut req: Request,
+    next: Next,
+) -> Response {
+    let keys = &state.config.api_keys;
+    let caller = if keys.is_empty() {
+        Caller::unrestricted()
+    } else {
+        let Some(token) = bearer_token(req.headers()) else {
+            return ApiError::Unauthorized.into_response();
+        };
+        let digest = hash_api_key(token);
+        // Compare with every key, without stopping at the first match.
+        let mut tenant = None;
+        for key in keys {
+            if digests_equal(&digest, &key.sha256) && tenant.is_none() {
+                tenant = Some(key.tenant.clone());
+            }
+        }
+        match tenant {
+            Some(t) => Caller::tenant(t),
+            None => return ApiError::Unauthorized.into_response(),
+        }
+    };
+    req.extensions_mut().insert(caller);
+    next.run(req).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::http::HeaderValue;
+
+    #[test]
+    fn bearer_parsing() {
+        let mut h = HeaderMap::new();
+        assert_eq!(bearer_token(&h), None);
+        h.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_static("Bearer abc"),
+        );
+        assert_eq!(bearer_token(&h), Some("abc"));
+        h.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_static("bearer  abc "),
+        );
+        assert_eq!(bearer_token(&h), Some("abc"));
+        h.insert(header::AUTHORIZATION, HeaderValue::from_static("Basic abc"));
+        assert_eq!(bearer_token(&h), None);
+        h.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer "));
+        assert_eq!(bearer_token(&h), None);
+    }
+
+    #[test]
+    fn tenant_scoping() {
+        let acme = TenantId::parse("acme").unwrap();
+        let other = TenantId::parse("other").unwrap();
+        let c = Caller::tenant(acme.clone());
+        assert_eq!(c.tenant_for(None).unwrap(), acme);
+        assert_eq!(c.tenant_for(Some(acme.clone())).unwrap(), acme);
+        assert!(matches!(
+            c.tenant_for(Some(other.clone())),
+            Err(ApiError::Forbidden(_))
+        ));
+        assert!(c.may_see(&acme) && !c.may_see(&other));
+        let open = Caller::unrestricted();
+        assert_eq!(open.tenant_for(None).unwrap(), TenantId::default());
+        assert!(open.may_see(&other));
+    }
+}

@@ -1,0 +1,119 @@
+//! What the HTTP API needs to know that is not in the store or the runtime: its limits and
+//! who may call it.
+
+use std::fmt;
+use std::time::Duration;
+
+use keel_core::{NewJob, TenantId};
+use sha2::{Digest, Sha256};
+
+/// Limits and credentials of the HTTP API. Built by the binary from its validated config;
+/// [`Default`] is what `keel serve` uses when nothing is configured.
+#[derive(Debug, Clone)]
+pub struct ApiConfig {
+    /// The deadline of every request (G7): auth, validation, store work and the response must
+    /// all fit in it, or the client gets `504` and the work done on its behalf is dropped.
+    /// A client may ask for less with `Request-Timeout: <ms>`, never for more, so one slow
+    /// caller cannot hold a connection and a store slot longer than the operator allows.
+    pub request_timeout: Duration,
+    /// Largest request body accepted, in bytes (`413` beyond it). Bounds the memory one
+    /// request can pin (G5); set a little above `max_args_bytes` so a job whose `args` are at
+    /// the limit still fits with its envelope.
+    pub max_body_bytes: usize,
+    /// Largest serialised `args` of one job, in bytes (`422` beyond it). The store keeps args
+    /// in the job row, so this bounds row size.
+    pub max_args_bytes: usize,
+    /// How long an `Idempotency-Key` is remembered (G3). Within this window a retried
+    /// enqueue returns the original response instead of creating a second job.
+    pub idempotency_ttl: Duration,
+    /// Accepted API keys, each bound to one tenant. Empty means no authentication: every
+    /// caller may act for any tenant. The binary allows that only on a loopback listener
+    /// (G8).
+    pub api_keys: Vec<ApiKey>,
+}
+
+impl ApiConfig {
+    /// Body limit of the default config: 1 MiB of args plus 64 KiB for the rest of the job.
+    pub const DEFAULT_MAX_BODY_BYTES: usize = NewJob::DEFAULT_MAX_ARGS_BYTES + 64 * 1024;
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        Self {
+            request_timeout: Duration::from_secs(2),
+            max_body_bytes: Self::DEFAULT_MAX_BODY_BYTES,
+            max_args_bytes: NewJob::DEFAULT_MAX_ARGS_BYTES,
+            idempotency_ttl: Duration::from_secs(24 * 3600),
+            api_keys: Vec::new(),
+        }
+    }
+}
+
+/// One accepted API key: the SHA-256 digest of the key and the tenant it acts for. Only the
+/// digest is kept, so a memory dump, a config echo or a log line cannot reveal a usable key.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ApiKey {
+    /// Every request made with this key acts for this tenant, and only this tenant.
+    pub tenant: TenantId,
+    /// SHA-256 of the key as the client sends it (see [`hash_api_key`]).
+    pub sha256: [u8; 32],
+}
+
+impl ApiKey {
+    /// The key for `tenant` whose plaintext is `key` (hashed at once, never kept).
+    pub fn new(tenant: TenantId, key: &str) -> Self {
+        Self {
+            tenant,
+            sha256: hash_api_key(key),
+        }
+    }
+}
+
+impl fmt::Debug for ApiKey {
+    // The digest is not the key, but there is no reason to print it either.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ApiKey")
+            .field("tenant", &self.tenant)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The digest an [`ApiKey`] stores for a plaintext key. Requests are authenticated by
+/// hashing the presented key the same way and comparing digests in constant time.
+pub fn hash_api_key(key: &str) -> [u8; 32] {
+    Sha256::digest(key.as_bytes()).into()
+}
+
+/// Compares two digests without an early exit, so the time taken does not tell an attacker
+/// how many leading bytes of a guess were right.
+pub(crate) fn digests_equal(a: &[u8; 32], b: &[u8; 32]) -> bool {
+    let diff = a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y));
+    std::hint::black_box(diff) == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn digests_compare_by_value() {
+        let a = hash_api_key("secret");
+        assert!(digests_equal(&a, &hash_api_key("secret")));
+        assert!(!digests_equal(&a, &hash_api_key("secreT")));
+    }
+
+    #[test]
+    fn debug_hides_the_digest() {
+        let key = ApiKey::new(TenantId::default(), "k");
+        let shown = format!("{key:?}");
+        assert!(!shown.contains("sha256"), "{shown}");
+        assert!(shown.contains("default"));
+    }
+
+    #[test]
+    fn default_body_limit_fits_max_args() {
+        let c = ApiConfig::default();
+        assert!(c.max_body_bytes > c.max_args_bytes);
+        assert_eq!(c.request_timeout, Duration::from_secs(2));
+    }
+}

@@ -1,0 +1,342 @@
+//! The JSON shapes of the HTTP API. Domain types stay in keel-core; these are what clients
+//! see, with their OpenAPI schemas derived beside them so the document cannot drift from
+//! the serialisation.
+
+use keel_core::store::{JobPage, QueueStats, StateCounts};
+use keel_core::{AttemptError, Backoff, Job, JobId, JobState, QueueName, Timestamp};
+use serde::Serialize;
+use serde_json::value::RawValue;
+use utoipa::ToSchema;
+
+/// The body of `POST /v1/jobs` and `POST /v1/process`. Only `kind` is required. Parsed field
+/// by field (see `job_in`) so that every error is reported at once; this type documents the
+/// shape.
+#[derive(Debug, ToSchema)]
+#[allow(dead_code)] // Documentation only: the body is parsed by `job_in`.
+pub struct JobIn {
+    /// Which executor or handler runs the job (`noop`, `echo`, `webhook`, …).
+    #[schema(example = "echo")]
+    kind: String,
+    /// Queue to run in; default `default`.
+    queue: Option<String>,
+    /// Tenant; defaults to the API key's tenant (or `default`). Naming another tenant than
+    /// the key's is refused with `403`.
+    tenant: Option<String>,
+    /// Arguments: any JSON, stored and returned byte for byte; default `null`.
+    #[schema(value_type = Value, required = false)]
+    args: Option<()>,
+    /// 0 (most urgent) … 9; default 4.
+    #[schema(minimum = 0, maximum = 9)]
+    priority: Option<u8>,
+    /// Earliest run time (RFC 3339). Exclusive with `delay_ms`.
+    #[schema(format = DateTime)]
+    run_at: Option<String>,
+    /// Run no earlier than this many milliseconds from now. Exclusive with `run_at`.
+    delay_ms: Option<u64>,
+    /// Attempts before the job is discarded, 1..=1000; default 25.
+    max_attempts: Option<u32>,
+    /// Per-attempt timeout in milliseconds; default 60000.
+    timeout_ms: Option<u64>,
+    /// Retry delay policy; default exponential with full jitter (1 s base, 1 h cap).
+    backoff: Option<BackoffOut>,
+    /// Labels, at most 32 of at most 128 bytes.
+    tags: Option<Vec<String>>,
+}
+
+/// The body of `POST /v1/jobs/batch`.
+#[derive(Debug, ToSchema)]
+#[allow(dead_code)] // Documentation only: the body is parsed by `job_in`.
+pub struct BatchIn {
+    /// 1 to 1000 jobs, inserted atomically: all or none.
+    jobs: Vec<JobIn>,
+}
+
+/// A retry delay policy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, ToSchema)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum BackoffOut {
+    /// Capped exponential growth with full jitter.
+    Exponential {
+        /// Upper bound of the first retry window, ms.
+        base_ms: u64,
+        /// Upper bound of every window, ms.
+        cap_ms: u64,
+    },
+    /// The same delay every time.
+    Fixed {
+        /// The delay, ms.
+        delay_ms: u64,
+    },
+}
+
+impl From<Backoff> for BackoffOut {
+    fn from(b: Backoff) -> Self {
+        match b {
+            Backoff::Exponential { base_ms, cap_ms } => BackoffOut::Exponential { base_ms, cap_ms },
+            Backoff::Fixed { delay_ms } => BackoffOut::Fixed { delay_ms },
+        }
+    }
+}
+
+/// One failed attempt.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct AttemptErrorOut {
+    /// Which attempt failed (1-based).
+    pub attempt: u32,
+    /// When (RFC 3339).
+    #[schema(value_type = String, format = DateTime)]
+    pub at: Timestamp,
+    /// What went wrong.
+    pub message: String,
+}
+
+impl From<AttemptError> for AttemptErrorOut {
+    fn from(e: AttemptError) -> Self {
+        Self {
+            attempt: e.attempt,
+            at: e.at,
+            message: e.message,
+        }
+    }
+}
+
+/// Who holds a running job and until when. The lease token is never shown: it is the
+/// worker's proof of ownership.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct LeaseOut {
+    /// The worker holding the lease.
+    pub owner: String,
+    /// When it lapses unless renewed (RFC 3339).
+    #[schema(value_type = String, format = DateTime)]
+    pub expires_at: Timestamp,
+}
+
+/// A job as the API shows it.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct JobOut {
+    /// Time-ordered id (UUIDv7).
+    #[schema(value_type = String, format = Uuid)]
+    pub id: JobId,
+    /// Queue.
+    #[schema(value_type = String)]
+    pub queue: QueueName,
+    /// Executor or handler.
+    pub kind: String,
+    /// Tenant.
+    pub tenant: String,
+    /// Arguments, byte for byte as submitted.
+    #[schema(value_type = Value)]
+    pub args: Box<RawValue>,
+    /// 0 (most urgent) … 9.
+    pub priority: u8,
+    /// One of scheduled, available, running, retryable, completed, discarded, cancelled.
+    #[schema(value_type = String, example = "available")]
+    pub state: JobState,
+    /// Attempts started so far.
+    pub attempt: u32,
+    /// Attempts allowed.
+    pub max_attempts: u32,
+    /// Per-attempt timeout, ms.
+    pub timeout_ms: u64,
+    /// Retry delay policy.
+    pub backoff: BackoffOut,
+    /// Labels.
+    pub tags: Vec<String>,
+    /// Earliest (next) run time (RFC 3339).
+    #[schema(value_type = String, format = DateTime)]
+    pub run_at: Timestamp,
+    /// One entry per failed attempt, oldest first.
+    pub errors: Vec<AttemptErrorOut>,
+    /// The result reported on completion (any JSON), or null.
+    #[schema(value_type = Option<Value>)]
+    pub result: Option<Box<RawValue>>,
+    /// The current lease, while running.
+    pub lease: Option<LeaseOut>,
+    /// When it was inserted (RFC 3339).
+    #[schema(value_type = String, format = DateTime)]
+    pub created_at: Timestamp,
+    /// When the latest attempt started.
+    #[schema(value_type = Option<String>, format = DateTime)]
+    pub started_at: Option<Timestamp>,
+    /// When it reached a terminal state.
+    #[schema(value_type = Option<String>, format = DateTime)]
+    pub finished_at: Option<Timestamp>,
+}
+
+impl From<Job> for JobOut {
+    fn from(j: Job) -> Self {
+        Self {
+            id: j.id,
+            queue: j.queue,
+            kind: j.kind.into(),
+            tenant: j.tenant.into(),
+            args: j.args,
+            priority: j.priority.get(),
+            state: j.state,
+            attempt: j.attempt,
+            max_attempts: j.max_attempts,
+            timeout_ms: u64::try_from(j.timeout.as_millis()).unwrap_or(u64::MAX),
+            backoff: j.backoff.into(),
+            tags: j.tags,
+            run_at: j.run_at,
+            errors: j.errors.into_iter().map(AttemptErrorOut::from).collect(),
+            result: j.result,
+            lease: j.lease.map(|l| LeaseOut {
+                owner: l.owner.into(),
+                expires_at: l.expires_at,
+            }),
+            created_at: j.created_at,
+            started_at: j.started_at,
+            finished_at: j.finished_at,
+        }
+    }
+}
+
+/// The response of `POST /v1/jobs/batch`.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct BatchOut {
+    /// The stored jobs, in request order.
+    pub jobs: Vec<JobOut>,
+}
+
+/// One page of `GET /v1/jobs`.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct JobPageOut {
+    /// Jobs by ascending id (oldest first).
+    pub jobs: Vec<JobOut>,
+    /// Pass as `after` to get the next page; null on the last page.
+    #[schema(value_type = Option<String>, format = Uuid)]
+    pub next: Option<JobId>,
+}
+
+impl From<JobPage> for JobPageOut {
+    fn from(p: JobPage) -> Self {
+        Self {
+            jobs: p.jobs.into_iter().map(JobOut::from).collect(),
+            next: p.next,
+        }
+    }
+}
+
+/// `GET /v1/jobs/{id}/result`: the result of a completed job (`200`), or just the state of
+/// one still on its way (`202`, `result` absent).
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct JobResultOut {
+    /// The job.
+    #[schema(value_type = String, format = Uuid)]
+    pub id: JobId,
+    /// Its state.
+    #[schema(value_type = String, example = "completed")]
+    pub state: JobState,
+    /// The result (any JSON; null if the job completed without one). Absent while the job
+    /// has not finished.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Value>)]
+    pub result: Option<Box<RawValue>>,
+}
+
+/// Job counts of one queue, by state.
+#[derive(Debug, Clone, Copy, Serialize, ToSchema)]
+pub struct QueueCounts {
+    /// Waiting for their run time.
+    pub scheduled: u64,
+    /// Ready to run.
+    pub available: u64,
+    /// Running.
+    pub running: u64,
+    /// Waiting for a retry.
+    pub retryable: u64,
+    /// Completed.
+    pub completed: u64,
+    /// Discarded.
+    pub discarded: u64,
+    /// Cancelled.
+    pub cancelled: u64,
+}
+
+impl From<StateCounts> for QueueCounts {
+    fn from(c: StateCounts) -> Self {
+        Self {
+            scheduled: c.scheduled,
+            available: c.available,
+            running: c.running,
+            retryable: c.retryable,
+            completed: c.completed,
+            discarded: c.discarded,
+            cancelled: c.cancelled,
+        }
+    }
+}
+
+/// One queue in `GET /v1/queues`.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct QueueOut {
+    /// The queue.
+    #[schema(value_type = String)]
+    pub queue: QueueName,
+    /// Whether leasing from it is paused.
+    pub paused: bool,
+    /// Its jobs by state.
+    pub counts: QueueCounts,
+}
+
+impl From<QueueStats> for QueueOut {
+    fn from(s: QueueStats) -> Self {
+        Self {
+            queue: s.queue,
+            paused: s.paused,
+            counts: s.counts.into(),
+        }
+    }
+}
+
+/// The response of pausing or resuming a queue.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct QueuePausedOut {
+    /// The queue.
+    #[schema(value_type = String)]
+    pub queue: QueueName,
+    /// Whether it is now paused.
+    pub paused: bool,
+}
+
+/// `GET /healthz`.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct HealthOut {
+    /// Always `ok`: answering at all is the signal.
+    #[schema(example = "ok")]
+    pub status: &'static str,
+}
+
+/// One dependency check of `GET /readyz`.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct CheckOut {
+    /// `ok` or `error`.
+    #[schema(example = "ok")]
+    pub status: &'static str,
+    /// How long the check took, when it succeeded.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub latency_ms: Option<u64>,
+    /// Why it failed (no internals beyond the operation attempted).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// The checks of `GET /readyz`.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct ReadyChecks {
+    /// The job store.
+    pub database: CheckOut,
+}
+
+/// `GET /readyz`.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct ReadyOut {
+    /// `ready` (`200`) or `unavailable` (`503`).
+    #[schema(example = "ready")]
+    pub status: &'static str,
+    /// Each dependency.
+    pub checks: ReadyChecks,
+    /// Whether shutdown has begun.
+    pub draining: bool,
+}

@@ -1,0 +1,454 @@
+//! The one error type of the HTTP API and its `application/problem+json` (RFC 9457) form.
+//!
+//! Every failure a handler or middleware can meet becomes an [`ApiError`]; one `match`
+//! ([`ApiError::classify`]) decides its status and problem type. The response carries the
+//! [`Problem`] as an extension too, so the request-id layer can stamp `request_id` into the
+//! body and the trace layer can log the cause of a `5xx` once, while the client only ever
+//! sees an opaque "internal error".
+
+use std::error::Error as StdError;
+use std::sync::Arc;
+
+use axum::extract::rejection::{BytesRejection, JsonRejection, PathRejection, QueryRejection};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use keel_core::{FieldError, JobId, JobState, StoreError};
+use serde::Serialize;
+use utoipa::ToSchema;
+
+/// Media type of every error body.
+pub const PROBLEM_JSON: &str = "application/problem+json";
+
+/// Prefix of every problem `type` URI; the last segment names the problem and is stable.
+pub const PROBLEM_TYPE_BASE: &str = "https://keel.dev/problems/";
+
+type BoxError = Box<dyn StdError + Send + Sync + 'static>;
+
+/// Everything that can go wrong while serving a request, by what the client should do
+/// about it. Converting to a response never fails and never panics.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// The request is malformed: not JSON, not an object, a bad id in the path, a bad
+    /// header. Fix the request.
+    #[error("{0}")]
+    BadRequest(String),
+    /// One or more query parameters are invalid; every one is listed. (A query string is
+    /// part of the request line, so this is a `400`, not a `422`.)
+    #[error("invalid query parameters")]
+    InvalidQuery(Vec<FieldError>),
+    /// No API key, or one that matches no configured key.
+    #[error("missing or invalid API key")]
+    Unauthorized,
+    /// The API key is valid but may not act for the tenant the request names.
+    #[error("{0}")]
+    Forbidden(String),
+    /// No such resource (or it belongs to another tenant, which is not revealed).
+    #[error("{detail}")]
+    NotFound {
+        /// What was not found.
+        detail: String,
+        /// The job, when a job was looked up.
+        job_id: Option<JobId>,
+    },
+    /// The path exists but not with this method.
+    #[error("method not allowed")]
+    MethodNotAllowed,
+    /// The state machine refuses the move (e.g. cancelling a completed job).
+    #[error("{detail}")]
+    IllegalTransition {
+        /// The job.
+        job_id: JobId,
+        /// The refused move, e.g. "cannot cancel a job that is completed".
+        detail: String,
+    },
+    /// The write conflicts with stored data (a duplicate, a stale lease).
+    #[error("{detail}")]
+    Conflict {
+        /// What conflicts.
+        detail: String,
+        /// The job, when known.
+        job_id: Option<JobId>,
+    },
+    /// An `Idempotency-Key` came back with a different request (G3).
+    #[error("{0}")]
+    IdempotencyKeyReused(String),
+    /// A job's result was asked for but the job ended without one (discarded or
+    /// cancelled).
+    #[error("{detail}")]
+    JobNotCompleted {
+        /// The job.
+        job_id: JobId,
+        /// The terminal state it ended in.
+        state: JobState,
+        /// What happened, including the last error of a discarded job.
+        detail: String,
+    },
+    /// The body is larger than the configured limit.
+    #[error("{}", too_large_detail(*limit))]
+    PayloadTooLarge {
+        /// The limit in bytes, when known.
+        limit: Option<usize>,
+    },
+    /// A body was sent with a content type other than JSON.
+    #[error("{0}")]
+    UnsupportedMediaType(String),
+    /// The body is well-formed JSON but invalid; every field error is listed.
+    #[error("the request is invalid")]
+    Validation(Vec<FieldError>),
+    /// A bug or a permanent failure. The client sees only "internal error"; the cause is
+    /// logged once, with the request id.
+    #[error("internal error")]
+    Internal(#[source] BoxError),
+    /// A dependency is down or the process is not ready; retry after `retry_after_secs`.
+    #[error("{detail}")]
+    Unavailable {
+        /// What is unavailable, phrased for the client (no internals).
+        detail: String,
+        /// Seconds the client should wait (`Retry-After`).
+        retry_after_secs: u32,
+        /// The underlying failure, logged, never sent.
+        #[source]
+        cause: Option<BoxError>,
+    },
+    /// The request deadline passed (G7). For `POST /v1/process`, `job_id` names the job,
+    /// which keeps running and can be polled.
+    #[error("deadline exceeded")]
+    DeadlineExceeded {
+        /// The job the request created, if it got that far.
+        job_id: Option<JobId>,
+    },
+}
+
+impl ApiError {
+    /// An internal error from any cause.
+    pub fn internal(cause: impl Into<BoxError>) -> Self {
+        ApiError::Internal(cause.into())
+    }
+
+    /// The job `id` does not exist (or is not visible to the caller).
+    pub fn job_not_found(id: JobId) -> Self {
+        ApiError::NotFound {
+            detail: format!("job {id} not found"),
+            job_id: Some(id),
+        }
+    }
+
+    /// The single mapping from error to HTTP status and problem `type` slug.
+    pub fn classify(&self) -> (StatusCode, &'static str) {
+        match self {
+            ApiError::BadRequest(_) => (StatusCode::BAD_REQUEST, "malformed-request"),
+            ApiError::InvalidQuery(_) => (StatusCode::BAD_REQUEST, "invalid-query"),
+            ApiError::Unauthorized => (StatusCode::UNAUTHORIZED, "unauthorized"),
+            ApiError::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
+            ApiError::NotFound { .. } => (StatusCode::NOT_FOUND, "not-found"),
+            ApiError::MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, "method-not-allowed"),
+            ApiError::IllegalTransition { .. } => (StatusCode::CONFLICT, "illegal-transition"),
+            ApiError::Conflict { .. } => (StatusCode::CONFLICT, "conflict"),
+            ApiError::IdempotencyKeyReused(_) => (StatusCode::CONFLICT, "idempotency-key-reused"),
+            ApiError::JobNotCompleted { .. } => (StatusCode::CONFLICT, "job-not-completed"),
+            ApiError::PayloadTooLarge { .. } => {
+                (StatusCode::PAYLOAD_TOO_LARGE, "payload-too-large")
+            }
+            ApiError::UnsupportedMediaType(_) => {
+                (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported-media-type")
+            }
+            ApiError::Validation(_) => (StatusCode::UNPROCESSABLE_ENTITY, "validation"),
+            ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
+            ApiError::Unavailable { .. } => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+            ApiError::DeadlineExceeded { .. } => (StatusCode::GATEWAY_TIMEOUT, "deadline-exceeded"),
+        }
+    }
+
+    /// The body the client sees (without `request_id`, which the request-id layer adds).
+    pub fn problem(&self) -> Problem {
+        let (status, slug) = self.classify();
+        let mut p = Problem {
+            type_uri: format!("{PROBLEM_TYPE_BASE}{slug}"),
+            title: status.canonical_reason().unwrap_or("Error").to_owned(),
+            status: status.as_u16(),
+            detail: self.to_string(),
+            request_id: None,
+            errors: Vec::new(),
+            job_id: None,
+            state: None,
+        };
+        match self {
+            ApiError::InvalidQuery(errors) | ApiError::Validation(errors) => {
+                p.errors = errors.iter().map(ProblemField::from).collect();
+                p.detail = match errors.len() {
+                    1 => format!("{} (1 error)", self),
+                    n => format!("{} ({n} errors)", self),
+                };
+            }
+            ApiError::NotFound { job_id, .. } | ApiError::Conflict { job_id, .. } => {
+                p.job_id = *job_id;
+            }
+            ApiError::IllegalTransition { job_id, .. } => p.job_id = Some(*job_id),
+            ApiError::JobNotCompleted { job_id, state, .. } => {
+                p.job_id = Some(*job_id);
+                p.state = Some(*state);
+            }
+            ApiError::DeadlineExceeded { job_id: Some(id) } => {
+                p.job_id = Some(*id);
+                p.detail = format!(
+                    "the request deadline passed before job {id} finished; it keeps running: \
+                     poll GET /v1/jobs/{id}"
+                );
+            }
+            _ => {}
+        }
+        p
+    }
+
+    /// The full cause chain, for the log line of a `5xx`.
+    fn cause(&self) -> Option<String> {
+        let source: &(dyn StdError + 'static) = match self {
+            ApiError::Internal(e) => e.as_ref(),
+            ApiError::Unavailable { cause: Some(e), .. } => e.as_ref(),
+            _ => return None,
+        };
+        let mut out = source.to_string();
+        let mut next = source.source();
+        while let Some(e) = next {
+            out.push_str(": ");
+            out.push_str(&e.to_string());
+            next = e.source();
+        }
+        Some(out)
+    }
+}
+
+/// One invalid field in a `422` (or one invalid query parameter in a `400`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, ToSchema)]
+pub struct ProblemField {
+    /// Path of the field, e.g. `priority` or `jobs[3].tags[0]`.
+    pub field: String,
+    /// What is wrong with it.
+    pub message: String,
+}
+
+impl From<&FieldError> for ProblemField {
+    fn from(e: &FieldError) -> Self {
+        Self {
+            field: e.field.clone(),
+            message: e.message.clone(),
+        }
+    }
+}
+
+/// An RFC 9457 problem document: the body of every error response.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, ToSchema)]
+pub struct Problem {
+    /// Stable URI naming the kind of problem, e.g.
+    /// `https://keel.dev/problems/validation`. Clients switch on this, not on `detail`.
+    #[serde(rename = "type")]
+    pub type_uri: String,
+    /// The status's reason phrase.
+    pub title: String,
+    /// The HTTP status, repeated for clients that lose headers.
+    pub status: u16,
+    /// What happened, for a human.
+    pub detail: String,
+    /// The request's id (`X-Request-Id`), to quote in a bug report and find in the logs.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub request_id: Option<String>,
+    /// Every invalid field (`422`) or query parameter (`400`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub errors: Vec<ProblemField>,
+    /// The job concerned, when there is one (e.g. the job a `504` from `/v1/process` left
+    /// running).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>, format = Uuid)]
+    pub job_id: Option<JobId>,
+    /// The job's state, when it explains the problem (a result asked of a cancelled job).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>)]
+    pub state: Option<JobState>,
+}
+
+impl Problem {
+    /// Serialises the problem; the body of the response.
+    pub(crate) fn to_body(&self) -> Vec<u8> {
+        // A struct of strings and numbers always serialises; the fallback only keeps this
+        // path panic-free.
+        serde_json::to_vec(self).unwrap_or_else(|_| {
+            br#"{"type":"about:blank","title":"Internal Server Error","status":500}"#.to_vec()
+        })
+    }
+}
+
+/// The cause of a `5xx`, attached to the response for the trace layer to log. Never
+/// serialised.
+#[derive(Debug, Clone)]
+pub(crate) struct ErrorCause(pub(crate) Arc<str>);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let problem = self.problem();
+        let status =
+            StatusCode::from_u16(problem.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let mut resp = (status, problem.to_body()).into_response();
+        let headers = resp.headers_mut();
+        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(PROBLEM_JSON));
+        match &self {
+            ApiError::Unauthorized => {
+                headers.insert(
+                    header::WWW_AUTHENTICATE,
+                    HeaderValue::from_static(r#"Bearer realm="keel""#),
+                );
+            }
+            ApiError::Unavailable {
+                retry_after_secs, ..
+            } => {
+                headers.insert(header::RETRY_AFTER, HeaderValue::from(*retry_after_secs));
+            }
+            ApiError::DeadlineExceeded { job_id: Some(id) } => {
+                if let Ok(v) = HeaderValue::from_str(&format!("/v1/jobs/{id}")) {
+                    headers.insert(header::LOCATION, v);
+                }
+            }
+            _ => {}
+        }
+        if let Some(cause) = self.cause() {
+            resp.extensions_mut().insert(ErrorCause(cause.into()));
+        }
+        resp.extensions_mut().insert(problem);
+        resp
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::NotFound(id) => ApiError::job_not_found(id),
+            StoreError::IllegalTransition { id, source } => ApiError::IllegalTransition {
+                job_id: id,
+                detail: source.to_string(),
+            },
+            StoreError::Conflict(detail) => ApiError::Conflict {
+                detail,
+                job_id: None,
+            },
+            StoreError::StaleLease(id) => ApiError::Conflict {
+                detail: format!("job {id}: the lease token is stale"),
+                job_id: Some(id),
+            },
+            StoreError::Invalid { errors, .. } => ApiError::Validation(errors.0),
+            e @ StoreError::Transient { .. } => ApiError::Unavailable {
+                detail: "the database is temporarily unavailable; retry shortly".to_owned(),
+                retry_after_secs: 1,
+                cause: Some(Box::new(e)),
+            },
+            e @ StoreError::Permanent { .. } => ApiError::internal(e),
+        }
+    }
+}
+
+fn too_large_detail(limit: Option<usize>) -> String {
+    match limit {
+        Some(n) => format!("the request body is larger than the limit of {n} bytes"),
+        None => "the request body is larger than the limit".to_owned(),
+    }
+}
+
+/// Maps one of axum's extractor rejections by the status axum chose for it, so a rejection
+/// we did not anticipate still comes out as problem+json with the right status.
+fn from_rejection(status: StatusCode, text: String) -> ApiError {
+    match status {
+        StatusCode::PAYLOAD_TOO_LARGE => ApiError::PayloadTooLarge { limit: None },
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => ApiError::UnsupportedMediaType(text),
+        StatusCode::UNPROCESSABLE_ENTITY => ApiError::Validation(vec![FieldError {
+            field: "body".to_owned(),
+            message: text,
+        }]),
+        s if s.is_client_error() => ApiError::BadRequest(text),
+        _ => ApiError::internal(text),
+    }
+}
+
+impl From<JsonRejection> for ApiError {
+    fn from(r: JsonRejection) -> Self {
+        from_rejection(r.status(), r.body_text())
+    }
+}
+
+impl From<BytesRejection> for ApiError {
+    fn from(r: BytesRejection) -> Self {
+        from_rejection(r.status(), r.body_text())
+    }
+}
+
+impl From<PathRejection> for ApiError {
+    fn from(r: PathRejection) -> Self {
+        from_rejection(r.status(), r.body_text())
+    }
+}
+
+impl From<QueryRejection> for ApiError {
+    fn from(r: QueryRejection) -> Self {
+        from_rejection(r.status(), r.body_text())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use keel_core::{IllegalTransition, Transition};
+
+    #[test]
+    fn store_errors_map_to_their_statuses() {
+        let id = JobId::new();
+        let cases: Vec<(StoreError, StatusCode)> = vec![
+            (StoreError::NotFound(id), StatusCode::NOT_FOUND),
+            (
+                StoreError::IllegalTransition {
+                    id,
+                    source: IllegalTransition {
+                        from: JobState::Completed,
+                        transition: Transition::Cancel,
+                    },
+                },
+                StatusCode::CONFLICT,
+            ),
+            (StoreError::Conflict("dup".into()), StatusCode::CONFLICT),
+            (StoreError::StaleLease(id), StatusCode::CONFLICT),
+            (
+                StoreError::transient("pinging", "connection reset"),
+                StatusCode::SERVICE_UNAVAILABLE,
+            ),
+            (
+                StoreError::permanent("reading", "disk on fire"),
+                StatusCode::INTERNAL_SERVER_ERROR,
+            ),
+        ];
+        for (e, want) in cases {
+            assert_eq!(ApiError::from(e).classify().0, want);
+        }
+    }
+
+    #[test]
+    fn internal_errors_are_opaque_but_keep_their_cause() {
+        let e = ApiError::from(StoreError::permanent(
+            "reading job",
+            "secret table xyz broke",
+        ));
+        let p = e.problem();
+        assert_eq!(p.detail, "internal error");
+        let resp = e.into_response();
+        let cause = resp
+            .extensions()
+            .get::<ErrorCause>()
+            .map(|c| c.0.to_string());
+        assert_eq!(
+            cause.as_deref(),
+            Some("store error while reading job: secret table xyz broke")
+        );
+    }
+
+    #[test]
+    fn unavailable_carries_retry_after() {
+        let resp = ApiError::from(StoreError::transient("x", "y")).into_response();
+        assert_eq!(resp.headers()[header::RETRY_AFTER], "1");
+        assert_eq!(resp.headers()[header::CONTENT_TYPE], PROBLEM_JSON);
+    }
+}

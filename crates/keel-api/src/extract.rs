@@ -1,0 +1,144 @@
+//! Extractors that reject with [`ApiError`], so a bad path id, a wrong content type or an
+//! oversized body comes out as problem+json like every other error.
+
+use axum::body::Bytes;
+use axum::extract::{FromRequest, FromRequestParts, Path, Request};
+use axum::http::request::Parts;
+use axum::http::{HeaderMap, HeaderName, header};
+use keel_core::{IdempotencyKey, JobId, QueueName};
+
+use crate::error::ApiError;
+use crate::state::ApiState;
+
+/// The header making an enqueue idempotent (G3).
+pub const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
+
+/// A job id from the path (`/v1/jobs/{id}`); `400` when it is not a UUID.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct JobIdPath(pub(crate) JobId);
+
+impl<S: Send + Sync> FromRequestParts<S> for JobIdPath {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        let Path(raw) = Path::<String>::from_request_parts(parts, state).await?;
+        JobId::parse(&raw)
+            .map(JobIdPath)
+            .map_err(|e| ApiError::BadRequest(format!("invalid job id in path: {}", e.reason)))
+    }
+}
+
+/// A queue name from the path (`/v1/queues/{queue}/…`); `400` when it is not a valid name.
+#[derive(Debug, Clone)]
+pub(crate) struct QueuePath(pub(crate) QueueName);
+
+impl<S: Send + Sync> FromRequestParts<S> for QueuePath {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        let Path(raw) = Path::<String>::from_request_parts(parts, state).await?;
+        QueueName::parse(raw)
+            .map(QueuePath)
+            .map_err(|e| ApiError::BadRequest(format!("invalid queue name in path: {}", e.reason)))
+    }
+}
+
+/// The `Idempotency-Key` header, if sent; `400` when it is not 1..=255 visible ASCII.
+#[derive(Debug, Clone)]
+pub(crate) struct IdempotencyKeyHeader(pub(crate) Option<IdempotencyKey>);
+
+impl<S: Send + Sync> FromRequestParts<S> for IdempotencyKeyHeader {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        let Some(v) = parts.headers.get(&IDEMPOTENCY_KEY) else {
+            return Ok(Self(None));
+        };
+        let bad =
+            |reason: String| ApiError::BadRequest(format!("invalid Idempotency-Key: {reason}"));
+        let s = v
+            .to_str()
+            .map_err(|_| bad("may contain only visible ASCII characters".to_owned()))?;
+        IdempotencyKey::parse(s)
+            .map(|k| Self(Some(k)))
+            .map_err(|e| bad(e.reason))
+    }
+}
+
+/// Whether a `Content-Type` is JSON: `application/json` or `application/*+json`, with any
+/// parameters (`; charset=utf-8`).
+fn is_json(headers: &HeaderMap) -> bool {
+    let Some(ct) = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+    else {
+        return false;
+    };
+    let essence = ct
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    essence == "application/json"
+        || (essence.starts_with("application/") && essence.ends_with("+json"))
+}
+
+/// The raw bytes of a JSON request body, unparsed: the handlers parse field by field (to
+/// report every error) and hash the exact bytes (idempotency fingerprint). `415` when a
+/// non-empty body is not declared as JSON, `413` past `max_body_bytes`.
+#[derive(Debug, Clone)]
+pub(crate) struct JsonBody(pub(crate) Bytes);
+
+impl FromRequest<ApiState> for JsonBody {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &ApiState) -> Result<Self, Self::Rejection> {
+        let json = is_json(req.headers());
+        let limit = state.config.max_body_bytes;
+        let body = Bytes::from_request(req, state)
+            .await
+            .map_err(|e| match ApiError::from(e) {
+                ApiError::PayloadTooLarge { .. } => {
+                    ApiError::PayloadTooLarge { limit: Some(limit) }
+                }
+                other => other,
+            })?;
+        if body.is_empty() {
+            return Err(ApiError::BadRequest(
+                "the request body is empty; expected a JSON object".to_owned(),
+            ));
+        }
+        if !json {
+            return Err(ApiError::UnsupportedMediaType(
+                "the request body must be sent with Content-Type: application/json".to_owned(),
+            ));
+        }
+        Ok(Self(body))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::http::HeaderValue;
+
+    #[test]
+    fn json_content_types() {
+        let mut h = HeaderMap::new();
+        assert!(!is_json(&h));
+        for ok in [
+            "application/json",
+            "application/json; charset=utf-8",
+            "Application/JSON",
+            "application/vnd.keel+json",
+        ] {
+            h.insert(header::CONTENT_TYPE, HeaderValue::from_static(ok));
+            assert!(is_json(&h), "{ok}");
+        }
+        for bad in ["text/plain", "application/x-www-form-urlencoded", "json"] {
+            h.insert(header::CONTENT_TYPE, HeaderValue::from_static(bad));
+            assert!(!is_json(&h), "{bad}");
+        }
+    }
+}

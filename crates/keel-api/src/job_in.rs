@@ -1,0 +1,540 @@
+//! Turning a request body into [`NewJob`]s, reporting every problem at once.
+//!
+//! A derived `Deserialize` stops at the first bad field. Clients fix requests faster when
+//! they see all of them, so the body is first split into `(name, raw JSON)` pairs (any valid
+//! JSON object splits; anything else is a `400`), then each field is parsed on its own and
+//! every failure — a wrong type, an unknown or duplicate field, an out-of-range value — is
+//! collected, then [`NewJob::validate`] adds its bound checks. `args` is kept as the raw
+//! text the client sent, byte for byte.
+
+use std::fmt;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use keel_core::{Backoff, FieldError, JobKind, NewJob, Priority, QueueName, TenantId, Timestamp};
+use serde::de::{DeserializeOwned, MapAccess, Visitor};
+use serde::{Deserialize, Deserializer};
+use serde_json::value::RawValue;
+
+use crate::auth::Caller;
+use crate::error::ApiError;
+
+/// Most jobs in one batch request.
+pub const MAX_BATCH: usize = 1000;
+
+/// How far from now a job may be scheduled, either way: ten years, as `delay_ms` or as the
+/// distance of `run_at` from now. Besides catching typos (year 2205 for 2025), it keeps
+/// timestamps well inside the range every layer can represent (nanosecond `chrono`
+/// arithmetic ends in 2262), so no client value can overflow one.
+pub const MAX_DELAY_MS: u64 = 10 * 365 * 24 * 3600 * 1000;
+
+/// The fields of a job body, in a stable order for messages.
+const JOB_FIELDS: [&str; 11] = [
+    "kind",
+    "queue",
+    "tenant",
+    "args",
+    "priority",
+    "run_at",
+    "delay_ms",
+    "max_attempts",
+    "timeout_ms",
+    "backoff",
+    "tags",
+];
+
+/// A JSON object's members as raw JSON, in order, duplicates kept (so they can be
+/// reported).
+struct Members(Vec<(String, Box<RawValue>)>);
+
+impl<'de> Deserialize<'de> for Members {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Members;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Members, A::Error> {
+                let mut members = Vec::new();
+                while let Some(name) = map.next_key::<String>()? {
+                    let value = map.next_value::<Box<RawValue>>()?;
+                    members.push((name, value));
+                }
+                Ok(Members(members))
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
+/// Splits a request body into its members; `400` if it is not valid JSON or not an
+/// object.
+fn members_of_body(body: &[u8]) -> Result<Members, ApiError> {
+    serde_json::from_slice::<Members>(body).map_err(|e| {
+        let what = if e.is_data() {
+            "the request body must be a JSON object"
+        } else {
+            "the request body is not valid JSON"
+        };
+        ApiError::BadRequest(format!("{what}: {e}"))
+    })
+}
+
+/// A serde error message without its " at line 1 column 7" suffix, which points into the
+/// field's own text and would only confuse.
+fn serde_message(e: &serde_json::Error) -> String {
+    let s = e.to_string();
+    let suffix = format!(" at line {} column {}", e.line(), e.column());
+    s.strip_suffix(&suffix).map_or(s.clone(), str::to_owned)
+}
+
+/// Collects field errors under a path prefix (`""` or `jobs[3].`).
+struct Errors<'a> {
+    prefix: &'a str,
+    list: Vec<FieldError>,
+}
+
+impl Errors<'_> {
+    fn add(&mut self, field: &str, message: impl Into<String>) {
+        self.list.push(FieldError {
+            field: format!("{}{field}", self.prefix),
+            message: message.into(),
+        });
+    }
+
+    /// Parses `raw` as `T`, recording `message` (or serde's own when `None`) on failure.
+    fn parse<T: DeserializeOwned>(
+        &mut self,
+        field: &str,
+        raw: &RawValue,
+        message: Option<&str>,
+    ) -> Option<T> {
+        match serde_json::from_str::<T>(raw.get()) {
+            Ok(v) => Some(v),
+            Err(e) => {
+                let msg = message.map_or_else(|| serde_message(&e), str::to_owned);
+                self.add(field, msg);
+                None
+            }
+        }
+    }
+}
+
+/// Whether `t` is at most [`MAX_DELAY_MS`] away from `now`, in either direction.
+fn within_horizon(now: Timestamp, t: Timestamp) -> bool {
+    let distance = (t - now).abs();
+    distance <= chrono::TimeDelta::milliseconds(MAX_DELAY_MS as i64)
+}
+
+/// What parsing a job needs besides its body.
+pub(crate) struct JobContext<'a> {
+    /// Who is calling: decides the tenant, and refuses another.
+    pub(crate) caller: &'a Caller,
+    /// The cap on `args`.
+    pub(crate) max_args_bytes: usize,
+    /// "Now", for `delay_ms`.
+    pub(crate) now: Timestamp,
+}
+
+/// A job that failed to parse: field errors (`422`) or a tenant the caller may not use
+/// (`403`, which wins: it is not something the client can fix by editing fields).
+enum JobFailure {
+    Fields(Vec<FieldError>),
+    Forbidden(ApiError),
+}
+
+/// Parses one job object (already split into members). Field paths get `prefix`.
+fn parse_job(members: Members, prefix: &str, cx: &JobContext<'_>) -> Result<NewJob, JobFailure> {
+    let mut errs = Errors {
+        prefix,
+        list: Vec::new(),
+    };
+    let mut seen: Vec<&'static str> = Vec::new();
+    let mut kind = None;
+    let mut kind_given = false;
+    let mut job = NewJob::new(JobKind::default());
+    let mut tenant = None;
+    let mut run_at = None;
+    let mut delay_ms: Option<u64> = None;
+
+    for (name, raw) in members.0 {
+        let Some(field) = JOB_FIELDS.iter().copied().find(|f| *f == name) else {
+            errs.add(
+                &name,
+                format!("unknown field; expected one of {}", JOB_FIELDS.join(", ")),
+            );
+            continue;
+        };
+        if seen.contains(&field) {
+            errs.add(field, "duplicate field");
+            continue;
+        }
+        seen.push(field);
+        // `null` means "not given" for every optional field.
+        if raw.get() == "null" && field != "kind" && field != "args" {
+            continue;
+        }
+        match field {
+            "kind" => {
+                kind_given = true;
+                if let Some(s) = errs.parse::<String>(field, &raw, Some("must be a string")) {
+                    match JobKind::parse(s) {
+                        Ok(k) => kind = Some(k),
+                        Err(e) => errs.add(field, e.reason),
+                    }
+                }
+            }
+            "queue" => {
+                if let Some(s) = errs.parse::<String>(field, &raw, Some("must be a string")) {
+                    match QueueName::parse(s) {
+                        Ok(q) => job.queue = q,
+                        Err(e) => errs.add(field, e.reason),
+                    }
+                }
+            }
+            "tenant" => {
+                if let Some(s) = errs.parse::<String>(field, &raw, Some("must be a string")) {
+                    match TenantId::parse(s) {
+                        Ok(t) => tenant = Some(t),
+                        Err(e) => errs.add(field, e.reason),
+                    }
+                }
+            }
+            "args" => job.args = raw,
+            "priority" => {
+                let msg = "must be an integer between 0 (highest) and 9 (lowest)";
+                if let Some(n) = errs.parse::<u64>(field, &raw, Some(msg)) {
+                    match u8::try_from(n)
+                        .map_err(|_| msg.to_owned())
+                        .and_then(Priority::new)
+                    {
+                        Ok(p) => job.priority = p,
+                        Err(_) => errs.add(field, format!("{msg}, got {n}")),
+                    }
+                }
+            }
+            "run_at" => {
+                let msg = "must be an RFC 3339 timestamp, e.g. 2030-01-01T00:00:00Z";
+                if let Some(s) = errs.parse::<String>(field, &raw, Some(msg)) {
+                    match DateTime::parse_from_rfc3339(&s) {
+                        Ok(t) if within_horizon(cx.now, t.with_timezone(&Utc)) => {
+                            run_at = Some(t.with_timezone(&Utc));
+                        }
+                        Ok(_) => {
+                            errs.add(field, "must be within ten years of now (use a closer time)")
+                        }
+                        Err(_) => errs.add(field, msg),
+                    }
+                }
+            }
+            "delay_ms" => {
+                let msg = format!("must be a whole number of milliseconds, at most {MAX_DELAY_MS}");
+                match errs.parse::<u64>(field, &raw, Some(&msg)) {
+                    Some(n) if n <= MAX_DELAY_MS => delay_ms = Some(n),
+                    Some(_) => errs.add(field, msg),
+                    None => {}
+                }
+            }
+            "max_attempts" => {
+                let msg = format!(
+                    "must be an integer between 1 and {}",
+                    NewJob::MAX_ATTEMPTS_LIMIT
+                );
+                if let Some(n) = errs.parse::<u32>(field, &raw, Some(&msg)) {
+                    job.max_attempts = n;
+                }
+            }
+            "timeout_ms" => {
+                let msg = format!(
+                    "must be a whole number of milliseconds between 1 and {}",
+                    NewJob::MAX_TIMEOUT.as_millis()
+                );
+                if let Some(n) = errs.parse::<u64>(field, &raw, Some(&msg)) {
+                    job.timeout = Duration::from_millis(n);
+                }
+            }
+            "backoff" => {
+                if let Some(b) = errs.parse::<Backoff>(field, &raw, None) {
+                    job.backoff = b;
+                }
+            }
+            "tags" => {
+                if let Some(t) =
+                    errs.parse::<Vec<String>>(field, &raw, Some("must be an array of strings"))
+                {
+                    job.tags = t;
+                }
+            }
+            _ => errs.add(field, "unknown field"),
+        }
+    }
+
+    match (kind, kind_given) {
+        (Some(k), _) => job.kind = k,
+        (None, false) => errs.add("kind", "is required"),
+        (None, true) => {}
+    }
+    match (run_at, delay_ms) {
+        (Some(_), Some(_)) => errs.add("delay_ms", "cannot be combined with run_at; send one"),
+        (Some(t), None) => job.run_at = Some(t),
+        (None, Some(ms)) => {
+            job.run_at = cx
+                .now
+                .checked_add_signed(chrono::TimeDelta::milliseconds(ms as i64));
+        }
+        (None, None) => {}
+    }
+    if let Err(v) = job.validate(cx.max_args_bytes) {
+        for e in v.0 {
+            // The API names the timeout field after its unit.
+            let field = if e.field == "timeout" {
+                "timeout_ms"
+            } else {
+                e.field.as_str()
+            };
+            errs.add(field, e.message);
+        }
+    }
+    let tenant = cx
+        .caller
+        .tenant_for(tenant)
+        .map_err(JobFailure::Forbidden)?;
+    job.tenant = tenant;
+    if errs.list.is_empty() {
+        Ok(job)
+    } else {
+        Err(JobFailure::Fields(errs.list))
+    }
+}
+
+/// Parses the body of `POST /v1/jobs` (and `/v1/process`).
+pub(crate) fn parse_single(body: &[u8], cx: &JobContext<'_>) -> Result<NewJob, ApiError> {
+    let members = members_of_body(body)?;
+    parse_job(members, "", cx).map_err(|f| match f {
+        JobFailure::Fields(errors) => ApiError::Validation(errors),
+        JobFailure::Forbidden(e) => e,
+    })
+}
+
+/// Parses the body of `POST /v1/jobs/batch`: `{"jobs": [job, …]}` with 1..=[`MAX_BATCH`]
+/// jobs. Every error of every job is reported, with paths like `jobs[3].priority`.
+pub(crate) fn parse_batch(body: &[u8], cx: &JobContext<'_>) -> Result<Vec<NewJob>, ApiError> {
+    let members = members_of_body(body)?;
+    let mut errors = Vec::new();
+    let mut list: Option<Vec<Box<RawValue>>> = None;
+    let mut saw_jobs = false;
+    for (name, raw) in members.0 {
+        if name != "jobs" {
+            errors.push(FieldError {
+                field: name,
+                message: "unknown field; expected jobs".to_owned(),
+            });
+            continue;
+        }
+        if saw_jobs {
+            errors.push(FieldError {
+                field: "jobs".to_owned(),
+                message: "duplicate field".to_owned(),
+            });
+            continue;
+        }
+        saw_jobs = true;
+        match serde_json::from_str::<Vec<Box<RawValue>>>(raw.get()) {
+            Ok(v) if (1..=MAX_BATCH).contains(&v.len()) => list = Some(v),
+            Ok(v) => errors.push(FieldError {
+                field: "jobs".to_owned(),
+                message: format!("must hold 1 to {MAX_BATCH} jobs, got {}", v.len()),
+            }),
+            Err(_) => errors.push(FieldError {
+                field: "jobs".to_owned(),
+                message: "must be an array of job objects".to_owned(),
+            }),
+        }
+    }
+    if !saw_jobs {
+        errors.push(FieldError {
+            field: "jobs".to_owned(),
+            message: "is required".to_owned(),
+        });
+    }
+    let mut jobs = Vec::new();
+    let mut forbidden = None;
+    for (i, raw) in list.unwrap_or_default().into_iter().enumerate() {
+        let prefix = format!("jobs[{i}].");
+        let members = match serde_json::from_str::<Members>(raw.get()) {
+            Ok(m) => m,
+            Err(_) => {
+                errors.push(FieldError {
+                    field: format!("jobs[{i}]"),
+                    message: "must be a JSON object".to_owned(),
+                });
+                continue;
+            }
+        };
+        match parse_job(members, &prefix, cx) {
+            Ok(job) => jobs.push(job),
+            Err(JobFailure::Fields(e)) => errors.extend(e),
+            Err(JobFailure::Forbidden(e)) => {
+                forbidden.get_or_insert(e);
+            }
+        }
+    }
+    if let Some(e) = forbidden {
+        return Err(e);
+    }
+    if errors.is_empty() {
+        Ok(jobs)
+    } else {
+        Err(ApiError::Validation(errors))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cx(caller: &Caller) -> JobContext<'_> {
+        JobContext {
+            caller,
+            max_args_bytes: 64,
+            now: Utc::now(),
+        }
+    }
+
+    fn fields(e: ApiError) -> Vec<String> {
+        match e {
+            ApiError::Validation(v) => v.into_iter().map(|e| e.field).collect(),
+            other => panic!("expected validation, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_full_job_parses_and_keeps_args_verbatim() {
+        let body =
+            br#"{"kind":"echo","queue":"emails","tenant":"acme","args":{"b": 1,  "a":[1, 2]},
+            "priority":0,"delay_ms":5000,"max_attempts":3,"timeout_ms":1500,
+            "backoff":{"type":"fixed","delay_ms":100},"tags":["x","y"]}"#;
+        let open = Caller::unrestricted();
+        let job = parse_single(body, &cx(&open)).unwrap();
+        assert_eq!(job.kind.as_str(), "echo");
+        assert_eq!(job.queue.as_str(), "emails");
+        assert_eq!(job.tenant.as_str(), "acme");
+        assert_eq!(job.args.get(), r#"{"b": 1,  "a":[1, 2]}"#);
+        assert_eq!(job.priority, Priority::HIGHEST);
+        assert!(job.run_at.is_some());
+        assert_eq!(job.max_attempts, 3);
+        assert_eq!(job.timeout, Duration::from_millis(1500));
+        assert_eq!(job.backoff, Backoff::Fixed { delay_ms: 100 });
+        assert_eq!(job.tags, ["x", "y"]);
+    }
+
+    #[test]
+    fn every_field_error_is_reported_at_once() {
+        let body = br#"{"queue":"bad queue","priority":"high","run_at":"tomorrow",
+            "max_attempts":0,"timeout_ms":-1,"backoff":{"type":"linear"},"tags":[1],
+            "colour":"red","args":"this is longer than sixty-four bytes for sure, really it is long"}"#;
+        let open = Caller::unrestricted();
+        let got = fields(parse_single(body, &cx(&open)).unwrap_err());
+        for f in [
+            "kind",
+            "queue",
+            "priority",
+            "run_at",
+            "max_attempts",
+            "timeout_ms",
+            "backoff",
+            "tags",
+            "colour",
+            "args",
+        ] {
+            assert!(got.iter().any(|g| g == f), "missing {f} in {got:?}");
+        }
+    }
+
+    #[test]
+    fn duplicates_nulls_and_exclusive_fields() {
+        let open = Caller::unrestricted();
+        let got = fields(
+            parse_single(
+                br#"{"kind":"a","kind":"b","run_at":"2030-01-01T00:00:00Z","delay_ms":1}"#,
+                &cx(&open),
+            )
+            .unwrap_err(),
+        );
+        assert_eq!(got, ["kind", "delay_ms"]);
+        let job = parse_single(br#"{"kind":"a","queue":null,"tags":null}"#, &cx(&open)).unwrap();
+        assert_eq!(job.queue, QueueName::default());
+        assert!(fields(parse_single(br#"{"kind":null}"#, &cx(&open)).unwrap_err()) == ["kind"]);
+    }
+
+    #[test]
+    fn malformed_bodies_are_bad_requests() {
+        let open = Caller::unrestricted();
+        for body in [&b"{"[..], b"[1,2]", b"\"job\"", b"{\"kind\":}"] {
+            assert!(
+                matches!(parse_single(body, &cx(&open)), Err(ApiError::BadRequest(_))),
+                "{}",
+                String::from_utf8_lossy(body)
+            );
+        }
+    }
+
+    #[test]
+    fn another_tenant_is_forbidden_not_invalid() {
+        let acme = Caller::tenant(TenantId::parse("acme").unwrap());
+        let e = parse_single(
+            br#"{"kind":"a","tenant":"other","priority":42}"#,
+            &cx(&acme),
+        )
+        .unwrap_err();
+        assert!(matches!(e, ApiError::Forbidden(_)), "{e:?}");
+        let job = parse_single(br#"{"kind":"a"}"#, &cx(&acme)).unwrap();
+        assert_eq!(job.tenant.as_str(), "acme");
+    }
+
+    #[test]
+    fn run_at_stays_within_the_horizon() {
+        let open = Caller::unrestricted();
+        for far in [
+            "2999-01-01T00:00:00Z",
+            "0001-01-01T00:00:00Z",
+            "9999-12-31T23:59:59Z",
+        ] {
+            let body = format!(r#"{{"kind":"a","run_at":"{far}"}}"#);
+            assert_eq!(
+                fields(parse_single(body.as_bytes(), &cx(&open)).unwrap_err()),
+                ["run_at"]
+            );
+        }
+        let soon = (Utc::now() + chrono::TimeDelta::days(365)).to_rfc3339();
+        let body = format!(r#"{{"kind":"a","run_at":"{soon}"}}"#);
+        assert!(parse_single(body.as_bytes(), &cx(&open)).is_ok());
+    }
+
+    #[test]
+    fn batch_errors_carry_their_index() {
+        let open = Caller::unrestricted();
+        let body = br#"{"jobs":[{"kind":"a"},{"kind":"b","priority":10},7,{"tags":"x"}]}"#;
+        let got = fields(parse_batch(body, &cx(&open)).unwrap_err());
+        assert_eq!(
+            got,
+            [
+                "jobs[1].priority",
+                "jobs[2]",
+                "jobs[3].tags",
+                "jobs[3].kind"
+            ]
+        );
+        assert_eq!(
+            fields(parse_batch(br#"{"jobs":[]}"#, &cx(&open)).unwrap_err()),
+            ["jobs"]
+        );
+        assert_eq!(
+            fields(parse_batch(br#"{}"#, &cx(&open)).unwrap_err()),
+            ["jobs"]
+        );
+        let ok = parse_batch(br#"{"jobs":[{"kind":"a"},{"kind":"b"}]}"#, &cx(&open)).unwrap();
+        assert_eq!(ok.len(), 2);
+    }
+}

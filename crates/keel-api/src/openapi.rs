@@ -1,0 +1,126 @@
+//! The OpenAPI document served at `/v1/openapi.json`, generated from the handlers'
+//! `#[utoipa::path]` attributes and the DTOs' schemas, and checked against the route table
+//! by a test.
+
+use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
+use utoipa::{Modify, OpenApi};
+
+use crate::dto;
+use crate::error::{Problem, ProblemField};
+use crate::routes::{health, jobs, process, queues};
+
+/// Adds the bearer API-key scheme the `/v1` operations refer to.
+struct BearerAuth;
+
+impl Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(Http::new(HttpAuthScheme::Bearer)),
+        );
+    }
+}
+
+/// Keel's HTTP API description. `ApiDoc::openapi()` builds it.
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "Keel",
+        description = "A durable job server. Errors are application/problem+json (RFC 9457). Every response carries X-Request-Id."
+    ),
+    paths(
+        health::get_health,
+        health::get_ready,
+        health::get_metrics,
+        health::get_openapi,
+        jobs::enqueue_job,
+        jobs::list_jobs,
+        jobs::enqueue_batch,
+        jobs::get_job,
+        jobs::get_job_result,
+        jobs::cancel_job,
+        jobs::retry_job,
+        process::process_job,
+        queues::list_queues,
+        queues::pause_queue,
+        queues::resume_queue,
+    ),
+    components(schemas(
+        dto::JobIn,
+        dto::BatchIn,
+        dto::JobOut,
+        dto::BatchOut,
+        dto::JobPageOut,
+        dto::JobResultOut,
+        dto::QueueOut,
+        dto::QueuePausedOut,
+        dto::HealthOut,
+        dto::ReadyOut,
+        Problem,
+        ProblemField,
+    )),
+    modifiers(&BearerAuth),
+    tags(
+        (name = "jobs", description = "Enqueue, inspect and control jobs"),
+        (name = "queues", description = "Queue statistics, pause and resume"),
+        (name = "probes", description = "Health, readiness, metrics and this document"),
+    )
+)]
+pub struct ApiDoc;
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use super::*;
+    use crate::routes::ROUTES;
+
+    /// Every (method, path) the document describes.
+    fn documented() -> BTreeSet<(String, String)> {
+        let doc = ApiDoc::openapi();
+        let mut out = BTreeSet::new();
+        for (path, item) in &doc.paths.paths {
+            let ops = [
+                ("get", item.get.is_some()),
+                ("post", item.post.is_some()),
+                ("put", item.put.is_some()),
+                ("delete", item.delete.is_some()),
+                ("patch", item.patch.is_some()),
+            ];
+            for (method, present) in ops {
+                if present {
+                    out.insert((method.to_owned(), path.clone()));
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn the_document_describes_exactly_the_served_routes() {
+        let served: BTreeSet<(String, String)> = ROUTES
+            .iter()
+            .map(|(m, p)| ((*m).to_owned(), (*p).to_owned()))
+            .collect();
+        let documented = documented();
+        let undocumented: Vec<_> = served.difference(&documented).collect();
+        let unserved: Vec<_> = documented.difference(&served).collect();
+        assert!(
+            undocumented.is_empty(),
+            "served but not documented: {undocumented:?}"
+        );
+        assert!(
+            unserved.is_empty(),
+            "documented but not served: {unserved:?}"
+        );
+        assert_eq!(served.len(), ROUTES.len(), "a route is listed twice");
+    }
+
+    #[test]
+    fn the_document_serialises() {
+        let json = ApiDoc::openapi().to_json().unwrap();
+        assert!(json.contains("\"/v1/jobs/{id}/result\""));
+        assert!(json.contains("\"bearer\""));
+    }
+}

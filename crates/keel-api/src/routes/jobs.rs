@@ -1,0 +1,638 @@
+//! `/v1/jobs…`: enqueue (single and batch, idempotent), read, result, cancel, retry, list.
+
+use axum::Json;
+use axum::body::Body;
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Query, State};
+use axum::http::{HeaderName, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use chrono::Utc;
+use keel_core::store::{IdempotentInsert, IdempotentOutcome, ListParams, StoredResponse};
+use keel_core::{
+    FieldError, IdempotencyKey, Job, JobId, JobKind, JobState, NewJob, QueueName, TenantId,
+};
+use keel_runtime::JobEvent;
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+
+use crate::auth::Caller;
+use crate::dto::{BatchIn, BatchOut, JobIn, JobOut, JobPageOut, JobResultOut};
+use crate::error::{ApiError, Problem};
+use crate::extract::{IdempotencyKeyHeader, JobIdPath, JsonBody};
+use crate::job_in::{self, JobContext};
+use crate::state::ApiState;
+
+/// Set on a response replayed from an idempotency record (G3).
+pub const IDEMPOTENT_REPLAYED: HeaderName = HeaderName::from_static("idempotent-replayed");
+
+/// Default page size of `GET /v1/jobs`.
+pub const DEFAULT_LIST_LIMIT: u32 = 100;
+
+/// The context `job_in` parses a body in.
+pub(crate) fn job_context<'a>(state: &ApiState, caller: &'a Caller) -> JobContext<'a> {
+    JobContext {
+        caller,
+        max_args_bytes: state.config.max_args_bytes,
+        now: Utc::now(),
+    }
+}
+
+/// What an enqueue asked the store to do.
+pub(crate) struct InsertRequest<'a> {
+    /// The route, part of the idempotency fingerprint: one key cannot be reused across
+    /// endpoints.
+    pub(crate) route: &'static str,
+    /// The tenant the idempotency key belongs to.
+    pub(crate) tenant: TenantId,
+    /// The client's `Idempotency-Key`, if any.
+    pub(crate) key: Option<IdempotencyKey>,
+    /// The exact request body, hashed into the fingerprint.
+    pub(crate) body: &'a [u8],
+    /// The parsed, validated jobs.
+    pub(crate) jobs: Vec<NewJob>,
+    /// Builds the response from the stored jobs. With a key it runs inside the insert
+    /// transaction, so what is stored is exactly what the first caller receives.
+    pub(crate) render: fn(&[Job]) -> StoredResponse,
+}
+
+/// What an enqueue did.
+pub(crate) enum Inserted {
+    /// New jobs; `response` is their rendering (stored with the key, if any).
+    Created {
+        jobs: Vec<Job>,
+        response: StoredResponse,
+    },
+    /// The key was seen before with the same request: the original response.
+    Replayed(StoredResponse),
+}
+
+/// The idempotency fingerprint: hex SHA-256 over method, route, tenant and the raw body,
+/// each length-prefixed so no two different requests hash the same input.
+fn fingerprint(route: &str, tenant: &TenantId, body: &[u8]) -> String {
+    let mut h = Sha256::new();
+    for part in [
+        b"POST".as_slice(),
+        route.as_bytes(),
+        tenant.as_str().as_bytes(),
+        body,
+    ] {
+        h.update((part.len() as u64).to_be_bytes());
+        h.update(part);
+    }
+    hex::encode(h.finalize())
+}
+
+/// Inserts the jobs, through the idempotency record when a key was sent, and wakes the
+/// dispatchers of their queues.
+pub(crate) async fn insert_jobs(
+    state: &ApiState,
+    req: InsertRequest<'_>,
+) -> Result<Inserted, ApiError> {
+    let inserted = match req.key {
+        None => {
+            let jobs = state.store.insert(req.jobs).await?;
+            let response = (req.render)(&jobs);
+            Inserted::Created { jobs, response }
+        }
+        Some(key) => {
+            let insert = IdempotentInsert {
+                fingerprint: fingerprint(req.route, &req.tenant, req.body),
+                tenant: req.tenant,
+                key,
+                jobs: req.jobs,
+                ttl: state.config.idempotency_ttl,
+                respond: Box::new(req.render),
+            };
+            match state.store.insert_idempotent(insert).await {
+                Ok(IdempotentOutcome::Created { jobs, response }) => {
+                    Inserted::Created { jobs, response }
+                }
+                Ok(IdempotentOutcome::Replayed(response)) => Inserted::Replayed(response),
+                // Fresh UUIDv7 ids cannot collide, so the only conflict here is the key.
+                Err(keel_core::StoreError::Conflict(detail)) => {
+                    return Err(ApiError::IdempotencyKeyReused(detail));
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    };
+    if let Inserted::Created { jobs, .. } = &inserted {
+        let mut woken: Vec<&QueueName> = Vec::new();
+        for job in jobs {
+            // Labels are the queue and kind names operators define, never ids.
+            metrics::counter!(
+                "keel_jobs_enqueued_total",
+                "queue" => job.queue.to_string(),
+                "kind" => job.kind.to_string()
+            )
+            .increment(1);
+            if !woken.contains(&&job.queue) {
+                state.runtime.wakeups.job_available(&job.queue);
+                woken.push(&job.queue);
+            }
+        }
+    }
+    Ok(inserted)
+}
+
+/// A `201` with the JSON of `value`, as stored for replays.
+fn created(value: &impl serde::Serialize) -> StoredResponse {
+    match serde_json::to_vec(value) {
+        Ok(body) => StoredResponse {
+            status: StatusCode::CREATED.as_u16(),
+            body,
+        },
+        // Cannot happen for these DTOs; answer (and store) a 500 rather than panic.
+        Err(_) => internal_stored_response(),
+    }
+}
+
+fn internal_stored_response() -> StoredResponse {
+    let p = ApiError::internal("could not render the enqueue response").problem();
+    StoredResponse {
+        status: p.status,
+        body: p.to_body(),
+    }
+}
+
+/// Renders `POST /v1/jobs`: the one job.
+pub(crate) fn render_job(jobs: &[Job]) -> StoredResponse {
+    match jobs.first() {
+        Some(job) => created(&JobOut::from(job.clone())),
+        None => internal_stored_response(),
+    }
+}
+
+/// Renders `POST /v1/jobs/batch`: every job, in order.
+fn render_batch(jobs: &[Job]) -> StoredResponse {
+    created(&BatchOut {
+        jobs: jobs.iter().cloned().map(JobOut::from).collect(),
+    })
+}
+
+/// The id in a stored single-job response, for its `Location` on replay.
+pub(crate) fn id_in_body(body: &[u8]) -> Option<JobId> {
+    #[derive(Deserialize)]
+    struct IdOnly {
+        id: JobId,
+    }
+    serde_json::from_slice::<IdOnly>(body).ok().map(|b| b.id)
+}
+
+/// The HTTP response for a stored response: its status and body byte for byte, marked
+/// `Idempotent-Replayed: true` when it is a replay.
+pub(crate) fn stored_response(
+    r: StoredResponse,
+    replayed: bool,
+    location: Option<JobId>,
+) -> Response {
+    let status = StatusCode::from_u16(r.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let json = status.is_success();
+    let mut resp = (status, Body::from(r.body)).into_response();
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static(if json {
+            "application/json"
+        } else {
+            crate::error::PROBLEM_JSON
+        }),
+    );
+    if replayed {
+        h.insert(IDEMPOTENT_REPLAYED, HeaderValue::from_static("true"));
+    }
+    if let Some(id) = location.filter(|_| json)
+        && let Ok(v) = HeaderValue::from_str(&format!("/v1/jobs/{id}"))
+    {
+        h.insert(header::LOCATION, v);
+    }
+    resp
+}
+
+/// Enqueue one job.
+///
+/// With `Idempotency-Key`, a retry of the same request (same key, tenant, route and body)
+/// returns the original response byte for byte with `Idempotent-Replayed: true` and
+/// creates nothing; the same key with a different request is a `409`.
+#[utoipa::path(
+    post,
+    path = "/v1/jobs",
+    tag = "jobs",
+    security(("bearer" = [])),
+    params(("Idempotency-Key" = Option<String>, Header, description = "1-255 visible ASCII characters; makes the enqueue idempotent for 24 h")),
+    request_body(content = JobIn, content_type = "application/json"),
+    responses(
+        (status = 201, description = "Created (or replayed, with `Idempotent-Replayed: true`)", body = JobOut,
+            headers(("Location" = String, description = "/v1/jobs/{id}"))),
+        (status = 400, description = "Malformed JSON or header", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "Missing or invalid API key", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "The body names another tenant than the API key's", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "Idempotency key reused with a different request", body = Problem, content_type = "application/problem+json"),
+        (status = 413, description = "Body too large", body = Problem, content_type = "application/problem+json"),
+        (status = 415, description = "Body not sent as application/json", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Invalid fields, all listed", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "Database temporarily unavailable", body = Problem, content_type = "application/problem+json"),
+        (status = 504, description = "Deadline exceeded", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+pub(crate) async fn enqueue_job(
+    State(state): State<ApiState>,
+    caller: Caller,
+    IdempotencyKeyHeader(key): IdempotencyKeyHeader,
+    JsonBody(body): JsonBody,
+) -> Result<Response, ApiError> {
+    let job = job_in::parse_single(&body, &job_context(&state, &caller))?;
+    let req = InsertRequest {
+        route: "/v1/jobs",
+        tenant: job.tenant.clone(),
+        key,
+        body: &body,
+        jobs: vec![job],
+        render: render_job,
+    };
+    Ok(match insert_jobs(&state, req).await? {
+        Inserted::Created { jobs, response } => {
+            stored_response(response, false, jobs.first().map(|j| j.id))
+        }
+        Inserted::Replayed(response) => {
+            let id = id_in_body(&response.body);
+            stored_response(response, true, id)
+        }
+    })
+}
+
+/// Enqueue 1 to 1000 jobs atomically (all or none). Honours `Idempotency-Key` like
+/// `POST /v1/jobs`.
+#[utoipa::path(
+    post,
+    path = "/v1/jobs/batch",
+    tag = "jobs",
+    security(("bearer" = [])),
+    params(("Idempotency-Key" = Option<String>, Header, description = "Makes the batch idempotent")),
+    request_body(content = BatchIn, content_type = "application/json"),
+    responses(
+        (status = 201, description = "Every job created (or the original response replayed)", body = BatchOut),
+        (status = 400, description = "Malformed JSON", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "A job names another tenant", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "Idempotency key reused with a different request", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Every error of every job, e.g. `jobs[3].priority`", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+pub(crate) async fn enqueue_batch(
+    State(state): State<ApiState>,
+    caller: Caller,
+    IdempotencyKeyHeader(key): IdempotencyKeyHeader,
+    JsonBody(body): JsonBody,
+) -> Result<Response, ApiError> {
+    let jobs = job_in::parse_batch(&body, &job_context(&state, &caller))?;
+    // Without auth a batch may mix tenants; its key then belongs to the first job's tenant.
+    let tenant = match jobs.first() {
+        Some(j) => j.tenant.clone(),
+        None => caller.tenant_for(None)?,
+    };
+    let req = InsertRequest {
+        route: "/v1/jobs/batch",
+        tenant,
+        key,
+        body: &body,
+        jobs,
+        render: render_batch,
+    };
+    Ok(match insert_jobs(&state, req).await? {
+        Inserted::Created { response, .. } => stored_response(response, false, None),
+        Inserted::Replayed(response) => stored_response(response, true, None),
+    })
+}
+
+/// Reads a job the caller may see; another tenant's job is "not found".
+pub(crate) async fn visible_job(
+    state: &ApiState,
+    caller: &Caller,
+    id: JobId,
+) -> Result<Job, ApiError> {
+    let job = state.store.get(id).await?;
+    if caller.may_see(&job.tenant) {
+        Ok(job)
+    } else {
+        Err(ApiError::job_not_found(id))
+    }
+}
+
+/// One job.
+#[utoipa::path(
+    get,
+    path = "/v1/jobs/{id}",
+    tag = "jobs",
+    security(("bearer" = [])),
+    params(("id" = String, Path, format = Uuid, description = "Job id")),
+    responses(
+        (status = 200, description = "The job", body = JobOut),
+        (status = 400, description = "Not a job id", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such job (or another tenant's)", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+pub(crate) async fn get_job(
+    State(state): State<ApiState>,
+    caller: Caller,
+    JobIdPath(id): JobIdPath,
+) -> Result<Json<JobOut>, ApiError> {
+    Ok(Json(visible_job(&state, &caller, id).await?.into()))
+}
+
+/// A job's result: `200` once completed; `202` with `Retry-After` while it is still on its
+/// way; `409` if it was discarded or cancelled (the problem names the state and, for a
+/// discarded job, its last error).
+#[utoipa::path(
+    get,
+    path = "/v1/jobs/{id}/result",
+    tag = "jobs",
+    security(("bearer" = [])),
+    params(("id" = String, Path, format = Uuid, description = "Job id")),
+    responses(
+        (status = 200, description = "Completed: the result", body = JobResultOut),
+        (status = 202, description = "Not finished yet; poll again", body = JobResultOut,
+            headers(("Retry-After" = u32, description = "Seconds until it is worth asking again"))),
+        (status = 404, description = "No such job", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "Discarded or cancelled: there is no result", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+pub(crate) async fn get_job_result(
+    State(state): State<ApiState>,
+    caller: Caller,
+    JobIdPath(id): JobIdPath,
+) -> Result<Response, ApiError> {
+    let job = visible_job(&state, &caller, id).await?;
+    match job.state {
+        JobState::Completed => {
+            let result = job
+                .result
+                .or_else(|| serde_json::value::RawValue::from_string("null".to_owned()).ok());
+            Ok(Json(JobResultOut {
+                id,
+                state: job.state,
+                result,
+            })
+            .into_response())
+        }
+        JobState::Discarded => {
+            let last = job.errors.last().map_or_else(
+                || "no error was recorded".to_owned(),
+                |e| format!("last error (attempt {}): {}", e.attempt, e.message),
+            );
+            Err(ApiError::JobNotCompleted {
+                job_id: id,
+                state: job.state,
+                detail: format!("job {id} was discarded and has no result; {last}"),
+            })
+        }
+        JobState::Cancelled => Err(ApiError::JobNotCompleted {
+            job_id: id,
+            state: job.state,
+            detail: format!("job {id} was cancelled and has no result"),
+        }),
+        JobState::Scheduled | JobState::Available | JobState::Running | JobState::Retryable => {
+            Ok((
+                StatusCode::ACCEPTED,
+                [(header::RETRY_AFTER, "1")],
+                Json(JobResultOut {
+                    id,
+                    state: job.state,
+                    result: None,
+                }),
+            )
+                .into_response())
+        }
+    }
+}
+
+/// Checks the caller may act on job `id` (only needed when the caller is tenant-bound).
+async fn check_scope(state: &ApiState, caller: &Caller, id: JobId) -> Result<(), ApiError> {
+    if caller.scope().is_some() {
+        visible_job(state, caller, id).await?;
+    }
+    Ok(())
+}
+
+/// Cancel a job that has not finished. A running job's lease is revoked and, if it runs in
+/// this process, its worker is told to stop.
+#[utoipa::path(
+    post,
+    path = "/v1/jobs/{id}/cancel",
+    tag = "jobs",
+    security(("bearer" = [])),
+    params(("id" = String, Path, format = Uuid, description = "Job id")),
+    responses(
+        (status = 200, description = "Cancelled", body = JobOut),
+        (status = 404, description = "No such job", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "Already finished", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+pub(crate) async fn cancel_job(
+    State(state): State<ApiState>,
+    caller: Caller,
+    JobIdPath(id): JobIdPath,
+) -> Result<Json<JobOut>, ApiError> {
+    check_scope(&state, &caller, id).await?;
+    let job = state.store.cancel(id).await?;
+    state.runtime.running.cancel(id);
+    state.runtime.events.publish(JobEvent {
+        id,
+        queue: job.queue.clone(),
+        state: job.state,
+    });
+    Ok(Json(job.into()))
+}
+
+/// Run a scheduled, retryable or finished job again now.
+#[utoipa::path(
+    post,
+    path = "/v1/jobs/{id}/retry",
+    tag = "jobs",
+    security(("bearer" = [])),
+    params(("id" = String, Path, format = Uuid, description = "Job id")),
+    responses(
+        (status = 200, description = "Available again", body = JobOut),
+        (status = 404, description = "No such job", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "Available or running: nothing to retry", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+pub(crate) async fn retry_job(
+    State(state): State<ApiState>,
+    caller: Caller,
+    JobIdPath(id): JobIdPath,
+) -> Result<Json<JobOut>, ApiError> {
+    check_scope(&state, &caller, id).await?;
+    let job = state.store.retry(id).await?;
+    state.runtime.wakeups.job_available(&job.queue);
+    state.runtime.events.publish(JobEvent {
+        id,
+        queue: job.queue.clone(),
+        state: job.state,
+    });
+    Ok(Json(job.into()))
+}
+
+/// Parses the query of `GET /v1/jobs`, reporting every bad parameter (as a `400` listing
+/// them in `errors`).
+fn list_params(pairs: Vec<(String, String)>, caller: &Caller) -> Result<ListParams, ApiError> {
+    const NAMES: [&str; 6] = ["queue", "state", "kind", "tenant", "after", "limit"];
+    let mut p = ListParams {
+        limit: DEFAULT_LIST_LIMIT,
+        ..ListParams::default()
+    };
+    let mut tenant = None;
+    let mut errors = Vec::new();
+    let mut seen: Vec<&str> = Vec::new();
+    for (name, value) in pairs {
+        let Some(field) = NAMES.iter().copied().find(|n| *n == name) else {
+            errors.push(FieldError {
+                field: name,
+                message: format!("unknown parameter; expected one of {}", NAMES.join(", ")),
+            });
+            continue;
+        };
+        if seen.contains(&field) {
+            errors.push(FieldError {
+                field: field.to_owned(),
+                message: "given more than once".to_owned(),
+            });
+            continue;
+        }
+        seen.push(field);
+        let outcome: Result<(), String> = match field {
+            "queue" => QueueName::parse(value)
+                .map(|q| p.queue = Some(q))
+                .map_err(|e| e.reason),
+            "state" => value
+                .parse::<JobState>()
+                .map(|s| p.state = Some(s))
+                .map_err(|e| e.reason),
+            "kind" => JobKind::parse(value)
+                .map(|k| p.kind = Some(k))
+                .map_err(|e| e.reason),
+            "tenant" => TenantId::parse(value)
+                .map(|t| tenant = Some(t))
+                .map_err(|e| e.reason),
+            "after" => JobId::parse(&value)
+                .map(|id| p.after = Some(id))
+                .map_err(|e| e.reason),
+            _ => match value.parse::<u32>() {
+                Ok(n) if (1..=ListParams::MAX_LIMIT).contains(&n) => {
+                    p.limit = n;
+                    Ok(())
+                }
+                _ => Err(format!(
+                    "must be a whole number between 1 and {}",
+                    ListParams::MAX_LIMIT
+                )),
+            },
+        };
+        if let Err(message) = outcome {
+            errors.push(FieldError {
+                field: field.to_owned(),
+                message,
+            });
+        }
+    }
+    if !errors.is_empty() {
+        return Err(ApiError::InvalidQuery(errors));
+    }
+    // A tenant-bound caller lists only its own jobs; naming another tenant is refused.
+    p.tenant = match (caller.scope(), tenant) {
+        (None, named) => named,
+        (Some(_), named) => Some(caller.tenant_for(named)?),
+    };
+    Ok(p)
+}
+
+/// List jobs, oldest first, with keyset pagination: pass the previous page's `next` as
+/// `after`. Every invalid parameter is reported at once in a `400`.
+#[utoipa::path(
+    get,
+    path = "/v1/jobs",
+    tag = "jobs",
+    security(("bearer" = [])),
+    params(
+        ("queue" = Option<String>, Query, description = "Only this queue"),
+        ("state" = Option<String>, Query, description = "Only this state"),
+        ("kind" = Option<String>, Query, description = "Only this kind"),
+        ("tenant" = Option<String>, Query, description = "Only this tenant (an API key sees only its own)"),
+        ("after" = Option<String>, Query, format = Uuid, description = "Cursor: the previous page's `next`"),
+        ("limit" = Option<u32>, Query, minimum = 1, maximum = 1000, description = "Page size, default 100"),
+    ),
+    responses(
+        (status = 200, description = "A page of jobs", body = JobPageOut),
+        (status = 400, description = "Invalid parameters, all listed in `errors`", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "`tenant` names another tenant than the API key's", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+pub(crate) async fn list_jobs(
+    State(state): State<ApiState>,
+    caller: Caller,
+    query: Result<Query<Vec<(String, String)>>, QueryRejection>,
+) -> Result<Json<JobPageOut>, ApiError> {
+    let Query(pairs) = query?;
+    let params = list_params(pairs, &caller)?;
+    Ok(Json(state.store.list(params).await?.into()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pairs(q: &[(&str, &str)]) -> Vec<(String, String)> {
+        q.iter()
+            .map(|(a, b)| ((*a).to_owned(), (*b).to_owned()))
+            .collect()
+    }
+
+    #[test]
+    fn list_params_report_every_bad_one() {
+        let open = Caller::unrestricted();
+        let e = list_params(
+            pairs(&[
+                ("state", "done"),
+                ("limit", "0"),
+                ("after", "x"),
+                ("page", "2"),
+                ("queue", "ok"),
+            ]),
+            &open,
+        )
+        .unwrap_err();
+        let ApiError::InvalidQuery(errors) = e else {
+            panic!("{e:?}")
+        };
+        let fields: Vec<_> = errors.iter().map(|e| e.field.as_str()).collect();
+        assert_eq!(fields, ["state", "limit", "after", "page"]);
+        let ok = list_params(pairs(&[("limit", "1000"), ("state", "running")]), &open).unwrap();
+        assert_eq!((ok.limit, ok.state), (1000, Some(JobState::Running)));
+        assert_eq!(
+            list_params(vec![], &open).unwrap().limit,
+            DEFAULT_LIST_LIMIT
+        );
+    }
+
+    #[test]
+    fn bound_callers_list_only_their_tenant() {
+        let acme = Caller::tenant(TenantId::parse("acme").unwrap());
+        let p = list_params(vec![], &acme).unwrap();
+        assert_eq!(p.tenant.unwrap().as_str(), "acme");
+        assert!(matches!(
+            list_params(pairs(&[("tenant", "other")]), &acme),
+            Err(ApiError::Forbidden(_))
+        ));
+    }
+
+    #[test]
+    fn fingerprints_separate_every_input() {
+        let t = TenantId::default();
+        let other = TenantId::parse("other").unwrap();
+        let a = fingerprint("/v1/jobs", &t, b"{}");
+        assert_eq!(a, fingerprint("/v1/jobs", &t, b"{}"));
+        assert_ne!(a, fingerprint("/v1/jobs/batch", &t, b"{}"));
+        assert_ne!(a, fingerprint("/v1/jobs", &other, b"{}"));
+        assert_ne!(a, fingerprint("/v1/jobs", &t, b"{ }"));
+        assert_eq!(a.len(), 64);
+    }
+}

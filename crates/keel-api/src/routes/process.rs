@@ -1,0 +1,117 @@
+//! `POST /v1/process`: enqueue a job and wait for its outcome within the request deadline —
+//! the seed's `/process` made useful. When the deadline comes first the answer is a `504`
+//! naming the job, which keeps running and can be polled.
+
+use std::time::Duration;
+
+use axum::Json;
+use axum::extract::State;
+use keel_core::{Job, JobId};
+use tokio::sync::broadcast::error::RecvError;
+use tokio::time::{Instant, MissedTickBehavior};
+
+use crate::auth::Caller;
+use crate::dto::{JobIn, JobOut};
+use crate::error::{ApiError, Problem};
+use crate::extract::{IdempotencyKeyHeader, JsonBody};
+use crate::job_in;
+use crate::middleware::Deadline;
+use crate::routes::jobs::{
+    InsertRequest, Inserted, id_in_body, insert_jobs, job_context, render_job,
+};
+use crate::state::ApiState;
+
+/// How often the job is re-read while waiting, in case its event was missed (published by
+/// another replica without cross-replica events, or lost to a lagging receiver).
+pub(crate) const FALLBACK_POLL: Duration = Duration::from_millis(250);
+
+/// How long before the request deadline the handler stops waiting, so that it — not the
+/// deadline layer — answers the `504`, with the job id in it.
+pub(crate) const DEADLINE_MARGIN: Duration = Duration::from_millis(20);
+
+/// Enqueue a job and wait until it finishes.
+///
+/// Any terminal state answers `200` with the job: `completed` (with `result`), `discarded`
+/// (with `errors`) or `cancelled` — the state says what happened, and a `5xx` stays reserved
+/// for failures of Keel itself. With `Idempotency-Key`, a retry after a `504` waits for the
+/// same job instead of creating another.
+#[utoipa::path(
+    post,
+    path = "/v1/process",
+    tag = "jobs",
+    security(("bearer" = [])),
+    params(
+        ("Idempotency-Key" = Option<String>, Header, description = "Retrying with the same key waits on the same job"),
+        ("Request-Timeout" = Option<u64>, Header, description = "Wait at most this many ms (capped by the server's request timeout)"),
+    ),
+    request_body(content = JobIn, content_type = "application/json"),
+    responses(
+        (status = 200, description = "The job reached a terminal state (completed, discarded or cancelled)", body = JobOut),
+        (status = 422, description = "Invalid fields, all listed", body = Problem, content_type = "application/problem+json"),
+        (status = 504, description = "Deadline passed; `job_id` names the job, which keeps running", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+pub(crate) async fn process_job(
+    State(state): State<ApiState>,
+    caller: Caller,
+    deadline: Deadline,
+    IdempotencyKeyHeader(key): IdempotencyKeyHeader,
+    JsonBody(body): JsonBody,
+) -> Result<Json<JobOut>, ApiError> {
+    let job = job_in::parse_single(&body, &job_context(&state, &caller))?;
+    // Subscribe before inserting: an event published between the insert and the
+    // subscription would otherwise be missed.
+    let mut events = state.runtime.events.subscribe();
+    let req = InsertRequest {
+        route: "/v1/process",
+        tenant: job.tenant.clone(),
+        key,
+        body: &body,
+        jobs: vec![job],
+        render: render_job,
+    };
+    let mut job: Option<Job> = None;
+    let id = match insert_jobs(&state, req).await? {
+        Inserted::Created { jobs, .. } => {
+            let first = jobs.into_iter().next();
+            let id = first.as_ref().map(|j| j.id);
+            job = first;
+            id
+        }
+        Inserted::Replayed(response) => id_in_body(&response.body),
+    }
+    .ok_or_else(|| ApiError::internal("the enqueue response names no job"))?;
+
+    let give_up = deadline
+        .0
+        .checked_sub(DEADLINE_MARGIN)
+        .unwrap_or(deadline.0);
+    let timed_out = || ApiError::DeadlineExceeded { job_id: Some(id) };
+    let store = &state.store;
+    let reread = |id: JobId| async move {
+        tokio::time::timeout_at(give_up, store.get(id))
+            .await
+            .map_err(|_| ApiError::DeadlineExceeded { job_id: Some(id) })?
+            .map_err(ApiError::from)
+    };
+    let mut job = match job {
+        Some(j) => j,
+        None => reread(id).await?,
+    };
+    let mut poll = tokio::time::interval_at(Instant::now() + FALLBACK_POLL, FALLBACK_POLL);
+    poll.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let mut events_open = true;
+    while !job.state.is_finished() {
+        tokio::select! {
+            () = tokio::time::sleep_until(give_up) => return Err(timed_out()),
+            ev = events.recv(), if events_open => match ev {
+                Ok(ev) if ev.id == id && ev.state.is_finished() => job = reread(id).await?,
+                Ok(_) => {}
+                Err(RecvError::Lagged(_)) => job = reread(id).await?,
+                Err(RecvError::Closed) => events_open = false,
+            },
+            _ = poll.tick() => job = reread(id).await?,
+        }
+    }
+    Ok(Json(job.into()))
+}

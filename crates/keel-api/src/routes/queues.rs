@@ -1,0 +1,74 @@
+//! `/v1/queues…`: statistics, pause and resume.
+
+use axum::Json;
+use axum::extract::State;
+
+use crate::dto::{QueueOut, QueuePausedOut};
+use crate::error::{ApiError, Problem};
+use crate::extract::QueuePath;
+use crate::state::ApiState;
+
+/// Every queue that has jobs or was ever paused or resumed, with job counts by state.
+#[utoipa::path(
+    get,
+    path = "/v1/queues",
+    tag = "queues",
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "Queues sorted by name", body = Vec<QueueOut>),
+        (status = 503, description = "Database temporarily unavailable", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+pub(crate) async fn list_queues(
+    State(state): State<ApiState>,
+) -> Result<Json<Vec<QueueOut>>, ApiError> {
+    let stats = state.store.queue_stats().await?;
+    Ok(Json(stats.into_iter().map(QueueOut::from).collect()))
+}
+
+/// Stop leasing from a queue. Jobs can still be enqueued into it; running jobs finish.
+#[utoipa::path(
+    post,
+    path = "/v1/queues/{queue}/pause",
+    tag = "queues",
+    security(("bearer" = [])),
+    params(("queue" = String, Path, description = "Queue name")),
+    responses(
+        (status = 200, description = "Paused", body = QueuePausedOut),
+        (status = 400, description = "Invalid queue name", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+pub(crate) async fn pause_queue(
+    State(state): State<ApiState>,
+    QueuePath(queue): QueuePath,
+) -> Result<Json<QueuePausedOut>, ApiError> {
+    state.store.set_queue_paused(queue.clone(), true).await?;
+    Ok(Json(QueuePausedOut {
+        queue,
+        paused: true,
+    }))
+}
+
+/// Resume leasing from a queue, and wake its dispatcher so waiting jobs start at once.
+#[utoipa::path(
+    post,
+    path = "/v1/queues/{queue}/resume",
+    tag = "queues",
+    security(("bearer" = [])),
+    params(("queue" = String, Path, description = "Queue name")),
+    responses(
+        (status = 200, description = "Resumed", body = QueuePausedOut),
+        (status = 400, description = "Invalid queue name", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+pub(crate) async fn resume_queue(
+    State(state): State<ApiState>,
+    QueuePath(queue): QueuePath,
+) -> Result<Json<QueuePausedOut>, ApiError> {
+    state.store.set_queue_paused(queue.clone(), false).await?;
+    state.runtime.wakeups.job_available(&queue);
+    Ok(Json(QueuePausedOut {
+        queue,
+        paused: false,
+    }))
+}

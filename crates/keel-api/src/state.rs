@@ -1,0 +1,75 @@
+//! What every handler shares.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use keel_core::Store;
+use keel_runtime::RuntimeHandle;
+use metrics_exporter_prometheus::PrometheusHandle;
+
+use crate::config::ApiConfig;
+
+/// Whether this process should still receive traffic. The binary flips it when shutdown
+/// starts (G6) so that `/readyz` turns `503` and load balancers drain the replica while
+/// in-flight requests finish. Cloning shares the flag.
+#[derive(Debug, Clone, Default)]
+pub struct Readiness {
+    draining: Arc<AtomicBool>,
+}
+
+impl Readiness {
+    /// A process that is not draining.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Marks the process as shutting down; `/readyz` answers `503` from now on. One-way:
+    /// a draining process never becomes ready again.
+    pub fn start_draining(&self) {
+        self.draining.store(true, Ordering::Release);
+    }
+
+    /// Whether [`Readiness::start_draining`] was called.
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Acquire)
+    }
+}
+
+/// Everything the handlers need, wired explicitly by the binary (no global state). Cloned
+/// into every request; each field is a shared handle, so cloning is cheap.
+#[derive(Clone)]
+pub struct ApiState {
+    /// Where jobs live.
+    pub store: Arc<dyn Store>,
+    /// Wakeups, running-job cancellation and job events of this process's runtime.
+    pub runtime: RuntimeHandle,
+    /// Limits and API keys.
+    pub config: Arc<ApiConfig>,
+    /// Renders the process's metrics for `GET /metrics`.
+    pub metrics: PrometheusHandle,
+    /// Flipped by the binary when draining; read by `GET /readyz`.
+    pub readiness: Readiness,
+}
+
+impl std::fmt::Debug for ApiState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ApiState")
+            .field("config", &self.config)
+            .field("readiness", &self.readiness)
+            .finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn draining_is_shared_by_clones() {
+        let r = Readiness::new();
+        let seen_by_handler = r.clone();
+        assert!(!seen_by_handler.is_draining());
+        r.start_draining();
+        assert!(seen_by_handler.is_draining());
+    }
+}

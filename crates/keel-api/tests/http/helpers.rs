@@ -1,0 +1,331 @@
+//! A router over a real SQLite store in a temporary directory, and a few request helpers.
+
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::http::{HeaderMap, Request, StatusCode};
+use keel_api::{ApiConfig, ApiState, Readiness, router};
+use keel_core::store::*;
+use keel_core::{Job, JobId, NewJob, QueueName, Store, StoreError, SystemClock, WorkerId};
+use keel_runtime::RuntimeHandle;
+use keel_store::{SqliteOptions, SqliteStore};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use serde_json::Value;
+use tower::ServiceExt;
+
+/// The process-wide recorder for this test binary, so `/metrics` shows what the
+/// middleware recorded.
+fn metrics_handle() -> PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            PrometheusBuilder::new()
+                .install_recorder()
+                .unwrap_or_else(|_| PrometheusBuilder::new().build_recorder().handle())
+        })
+        .clone()
+}
+
+/// A failure to inject into the store's request-path operations.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) enum Fault {
+    None,
+    Transient,
+    Permanent,
+    /// Sleep this long before answering (to outlast a deadline).
+    Slow(Duration),
+}
+
+/// The real store, with a switch that makes the operations a request uses fail or stall.
+/// Everything else passes straight through.
+pub(crate) struct FaultyStore {
+    inner: SqliteStore,
+    fault: Mutex<Fault>,
+    /// How many slowed operations ran to completion (a cancelled one never does).
+    pub(crate) slow_finished: Mutex<u32>,
+}
+
+impl FaultyStore {
+    pub(crate) fn set(&self, f: Fault) {
+        *self.fault.lock().unwrap() = f;
+    }
+
+    async fn check(&self, what: &str) -> Result<(), StoreError> {
+        let f = *self.fault.lock().unwrap();
+        match f {
+            Fault::None => Ok(()),
+            Fault::Transient => Err(StoreError::transient(what, "injected: connection reset")),
+            Fault::Permanent => Err(StoreError::permanent(
+                what,
+                "injected: table jobs is corrupt",
+            )),
+            Fault::Slow(d) => {
+                tokio::time::sleep(d).await;
+                *self.slow_finished.lock().unwrap() += 1;
+                Ok(())
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl Store for FaultyStore {
+    async fn insert(&self, jobs: Vec<NewJob>) -> Result<Vec<Job>, StoreError> {
+        self.check("inserting jobs").await?;
+        self.inner.insert(jobs).await
+    }
+    async fn get(&self, id: JobId) -> Result<Job, StoreError> {
+        self.check("reading a job").await?;
+        self.inner.get(id).await
+    }
+    async fn list(&self, p: ListParams) -> Result<JobPage, StoreError> {
+        self.check("listing jobs").await?;
+        self.inner.list(p).await
+    }
+    async fn lease(&self, p: LeaseParams) -> Result<Vec<Job>, StoreError> {
+        self.inner.lease(p).await
+    }
+    async fn heartbeat(
+        &self,
+        p: HeartbeatParams,
+    ) -> Result<Vec<Result<keel_core::Timestamp, StoreError>>, StoreError> {
+        self.inner.heartbeat(p).await
+    }
+    async fn complete(
+        &self,
+        c: Vec<Completion>,
+    ) -> Result<Vec<Result<(), StoreError>>, StoreError> {
+        self.inner.complete(c).await
+    }
+    async fn fail(&self, p: FailParams) -> Result<Job, StoreError> {
+        self.inner.fail(p).await
+    }
+    async fn release(&self, l: Vec<LeaseRef>) -> Result<Vec<Result<(), StoreError>>, StoreError> {
+        self.inner.release(l).await
+    }
+    async fn cancel(&self, id: JobId) -> Result<Job, StoreError> {
+        self.check("cancelling a job").await?;
+        self.inner.cancel(id).await
+    }
+    async fn retry(&self, id: JobId) -> Result<Job, StoreError> {
+        self.inner.retry(id).await
+    }
+    async fn promote(&self, p: PromoteParams) -> Result<Vec<Promoted>, StoreError> {
+        self.inner.promote(p).await
+    }
+    async fn rescue(&self, p: RescueParams) -> Result<Vec<Rescued>, StoreError> {
+        self.inner.rescue(p).await
+    }
+    async fn delete_finished(&self, p: RetentionParams) -> Result<u64, StoreError> {
+        self.inner.delete_finished(p).await
+    }
+    async fn queue_stats(&self) -> Result<Vec<QueueStats>, StoreError> {
+        self.check("reading queue statistics").await?;
+        self.inner.queue_stats().await
+    }
+    async fn insert_idempotent(
+        &self,
+        r: IdempotentInsert,
+    ) -> Result<IdempotentOutcome, StoreError> {
+        self.check("inserting jobs under an idempotency key")
+            .await?;
+        self.inner.insert_idempotent(r).await
+    }
+    async fn delete_expired_idempotency_keys(&self, limit: u32) -> Result<u64, StoreError> {
+        self.inner.delete_expired_idempotency_keys(limit).await
+    }
+    async fn set_queue_paused(&self, q: QueueName, paused: bool) -> Result<(), StoreError> {
+        self.inner.set_queue_paused(q, paused).await
+    }
+    async fn ping(&self) -> Result<(), StoreError> {
+        self.check("pinging the database").await?;
+        self.inner.ping().await
+    }
+    async fn close(&self) {
+        self.inner.close().await;
+    }
+}
+
+/// One API over one fresh database.
+pub(crate) struct TestApp {
+    pub(crate) router: Router,
+    pub(crate) store: Arc<FaultyStore>,
+    pub(crate) runtime: RuntimeHandle,
+    pub(crate) readiness: Readiness,
+    _dir: tempfile::TempDir,
+}
+
+/// A response, fully read.
+#[derive(Debug)]
+pub(crate) struct TestResponse {
+    pub(crate) status: StatusCode,
+    pub(crate) headers: HeaderMap,
+    pub(crate) body: Bytes,
+}
+
+impl TestResponse {
+    pub(crate) fn json(&self) -> Value {
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| {
+            panic!(
+                "body is not JSON ({e}): {:?}",
+                String::from_utf8_lossy(&self.body)
+            )
+        })
+    }
+
+    pub(crate) fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+
+    pub(crate) fn content_type(&self) -> &str {
+        self.header("content-type").unwrap_or("")
+    }
+
+    /// Asserts a problem+json response with `status` and problem type `slug`, with every
+    /// required member, and `request_id` equal to the `X-Request-Id` header. Returns the
+    /// body.
+    pub(crate) fn assert_problem(&self, status: u16, slug: &str) -> Value {
+        assert_eq!(
+            self.status.as_u16(),
+            status,
+            "body: {}",
+            String::from_utf8_lossy(&self.body)
+        );
+        assert_eq!(self.content_type(), "application/problem+json");
+        let p = self.json();
+        assert_eq!(
+            p["type"],
+            format!("https://keel.dev/problems/{slug}"),
+            "{p}"
+        );
+        assert_eq!(p["status"], status, "{p}");
+        assert!(p["title"].as_str().is_some_and(|t| !t.is_empty()), "{p}");
+        assert!(p["detail"].as_str().is_some_and(|t| !t.is_empty()), "{p}");
+        let rid = self.header("x-request-id").expect("x-request-id header");
+        assert_eq!(p["request_id"], rid, "{p}");
+        p
+    }
+}
+
+pub(crate) const QUEUES: [&str; 2] = ["default", "emails"];
+
+pub(crate) async fn app() -> TestApp {
+    app_with(ApiConfig::default()).await
+}
+
+pub(crate) async fn app_with(config: ApiConfig) -> TestApp {
+    let dir = tempfile::tempdir().unwrap();
+    let inner = SqliteStore::open(
+        &dir.path().join("keel.db"),
+        SqliteOptions::default(),
+        Arc::new(SystemClock),
+    )
+    .await
+    .unwrap();
+    inner.migrate().await.unwrap();
+    let store = Arc::new(FaultyStore {
+        inner,
+        fault: Mutex::new(Fault::None),
+        slow_finished: Mutex::new(0),
+    });
+    let runtime = RuntimeHandle::new(QUEUES.map(|q| QueueName::parse(q).unwrap()), 1024);
+    let readiness = Readiness::new();
+    let state = ApiState {
+        store: store.clone(),
+        runtime: runtime.clone(),
+        config: Arc::new(config),
+        metrics: metrics_handle(),
+        readiness: readiness.clone(),
+    };
+    TestApp {
+        router: router(state),
+        store,
+        runtime,
+        readiness,
+        _dir: dir,
+    }
+}
+
+impl TestApp {
+    pub(crate) async fn send(&self, req: Request<Body>) -> TestResponse {
+        let resp = self.router.clone().oneshot(req).await.unwrap();
+        let status = resp.status();
+        let headers = resp.headers().clone();
+        let body = axum::body::to_bytes(resp.into_body(), usize::MAX)
+            .await
+            .unwrap();
+        TestResponse {
+            status,
+            headers,
+            body,
+        }
+    }
+
+    pub(crate) async fn get(&self, path: &str) -> TestResponse {
+        self.send(Request::get(path).body(Body::empty()).unwrap())
+            .await
+    }
+
+    pub(crate) async fn post(&self, path: &str) -> TestResponse {
+        self.send(Request::post(path).body(Body::empty()).unwrap())
+            .await
+    }
+
+    pub(crate) async fn post_json(&self, path: &str, body: &str) -> TestResponse {
+        self.send(
+            json_request(path)
+                .body(Body::from(body.to_owned()))
+                .unwrap(),
+        )
+        .await
+    }
+
+    /// Enqueues `body` and returns the created job's JSON.
+    pub(crate) async fn enqueue(&self, body: &str) -> Value {
+        let r = self.post_json("/v1/jobs", body).await;
+        assert_eq!(
+            r.status,
+            StatusCode::CREATED,
+            "{}",
+            String::from_utf8_lossy(&r.body)
+        );
+        r.json()
+    }
+
+    /// Leases every available job of `queue` as a worker would.
+    pub(crate) async fn lease(&self, queue: &str) -> Vec<Job> {
+        self.store
+            .lease(LeaseParams {
+                queue: QueueName::parse(queue).unwrap(),
+                max: 100,
+                lease_for: Duration::from_secs(30),
+                owner: WorkerId::parse("test-worker").unwrap(),
+            })
+            .await
+            .unwrap()
+    }
+
+    /// Every job in the store.
+    pub(crate) async fn all_jobs(&self) -> Vec<Job> {
+        self.store
+            .list(ListParams {
+                limit: 1000,
+                ..ListParams::default()
+            })
+            .await
+            .unwrap()
+            .jobs
+    }
+}
+
+/// A POST request builder with a JSON content type.
+pub(crate) fn json_request(path: &str) -> axum::http::request::Builder {
+    Request::post(path).header("content-type", "application/json")
+}
+
+pub(crate) fn job_id(v: &Value) -> JobId {
+    JobId::parse(v["id"].as_str().unwrap()).unwrap()
+}

@@ -1,0 +1,153 @@
+//! POST /v1/process: enqueue and wait. The tests play the worker: they complete the job
+//! through the store and publish its event, as the runtime would.
+
+use std::time::{Duration, Instant};
+
+use axum::body::Body;
+use axum::http::StatusCode;
+use keel_api::ApiConfig;
+use keel_core::store::{Completion, LeaseRef};
+use keel_core::{JobState, Store as _};
+use keel_runtime::JobEvent;
+use serde_json::value::RawValue;
+
+use crate::helpers::*;
+
+/// Waits for a job to be enqueued, leases it and completes it with `result`; publishes the
+/// completion event when `publish`.
+async fn complete_next_job(app: &TestApp, result: &str, publish: bool) {
+    let job = loop {
+        if let Some(job) = app.lease("default").await.pop() {
+            break job;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    app.store
+        .complete(vec![Completion {
+            lease: LeaseRef::of(&job).unwrap(),
+            result: Some(RawValue::from_string(result.to_owned()).unwrap()),
+        }])
+        .await
+        .unwrap();
+    if publish {
+        app.runtime.events.publish(JobEvent {
+            id: job.id,
+            queue: job.queue,
+            state: JobState::Completed,
+        });
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waits_for_the_completion_event() {
+    let app = std::sync::Arc::new(app().await);
+    let worker = {
+        let app = app.clone();
+        tokio::spawn(async move { complete_next_job(&app, r#"{"sum": 3}"#, true).await })
+    };
+    let started = Instant::now();
+    let r = app
+        .post_json("/v1/process", r#"{"kind":"add","args":[1,2]}"#)
+        .await;
+    worker.await.unwrap();
+    assert_eq!(
+        r.status,
+        StatusCode::OK,
+        "{}",
+        String::from_utf8_lossy(&r.body)
+    );
+    let job = r.json();
+    assert_eq!(job["state"], "completed");
+    assert_eq!(job["result"], serde_json::json!({"sum": 3}));
+    assert!(started.elapsed() < Duration::from_millis(1500));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn falls_back_to_polling_when_no_event_comes() {
+    let app = std::sync::Arc::new(app().await);
+    let worker = {
+        let app = app.clone();
+        tokio::spawn(async move { complete_next_job(&app, "42", false).await })
+    };
+    let r = app.post_json("/v1/process", r#"{"kind":"answer"}"#).await;
+    worker.await.unwrap();
+    assert_eq!(
+        r.status,
+        StatusCode::OK,
+        "{}",
+        String::from_utf8_lossy(&r.body)
+    );
+    assert_eq!(r.json()["result"], 42);
+}
+
+#[tokio::test]
+async fn the_deadline_answers_504_with_the_job_left_running() {
+    let app = app_with(ApiConfig {
+        request_timeout: Duration::from_millis(300),
+        ..Default::default()
+    })
+    .await;
+    let started = Instant::now();
+    let r = app.post_json("/v1/process", r#"{"kind":"slow"}"#).await;
+    let p = r.assert_problem(504, "deadline-exceeded");
+    assert!(started.elapsed() < Duration::from_millis(1500));
+    let id = p["job_id"].as_str().expect("the 504 names the job");
+    assert_eq!(
+        r.header("location"),
+        Some(format!("/v1/jobs/{id}").as_str())
+    );
+    let job = app.get(&format!("/v1/jobs/{id}")).await.json();
+    assert_eq!(job["state"], "available", "the job is still there to run");
+}
+
+#[tokio::test]
+async fn a_retry_with_the_same_key_waits_on_the_same_job() {
+    let app = app_with(ApiConfig {
+        request_timeout: Duration::from_millis(200),
+        ..Default::default()
+    })
+    .await;
+    let send = || {
+        app.send(
+            json_request("/v1/process")
+                .header("idempotency-key", "proc-1")
+                .body(Body::from(r#"{"kind":"slow"}"#))
+                .unwrap(),
+        )
+    };
+    let a = send().await.assert_problem(504, "deadline-exceeded");
+    let b = send().await.assert_problem(504, "deadline-exceeded");
+    assert_eq!(a["job_id"], b["job_id"]);
+    assert_eq!(app.all_jobs().await.len(), 1);
+}
+
+#[tokio::test]
+async fn a_cancelled_job_is_answered_with_its_state() {
+    let app = std::sync::Arc::new(app().await);
+    let canceller = {
+        let app = app.clone();
+        tokio::spawn(async move {
+            loop {
+                if let Some(job) = app.all_jobs().await.pop() {
+                    let r = app.post(&format!("/v1/jobs/{}/cancel", job.id)).await;
+                    assert_eq!(r.status, StatusCode::OK);
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+    };
+    let r = app.post_json("/v1/process", r#"{"kind":"noop"}"#).await;
+    canceller.await.unwrap();
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(r.json()["state"], "cancelled");
+}
+
+#[tokio::test]
+async fn invalid_bodies_are_refused_before_anything_is_stored() {
+    let app = app().await;
+    app.post_json("/v1/process", r#"{"priority":"high"}"#)
+        .await
+        .assert_problem(422, "validation");
+    assert!(app.all_jobs().await.is_empty());
+}
