@@ -1,7 +1,11 @@
 # Developer entry points. `make test` is the README's test command and what CI runs.
 CARGO ?= cargo
 
-.PHONY: test lint fmt bench-store migrate
+.PHONY: run test lint fmt bench-store migrate
+
+## Run Keel on the embedded SQLite default (./keel.db), API on 127.0.0.1:8080.
+run:
+	$(CARGO) run --release -- serve
 
 ## Run the whole test suite. Postgres-backed tests run when KEEL_TEST_DATABASE_URL is set
 ## (e.g. postgres://postgres@127.0.0.1:5432/postgres) and are skipped loudly otherwise.

@@ -1,0 +1,279 @@
+//! Explicit wiring: [`App::build`] opens the store, applies migrations and binds every
+//! listener (port 0 works: tests read the bound ports back); [`App::run_until_stopped`]
+//! runs the API, the admin listener and the runtime until the shutdown future resolves,
+//! then stops them in the order G6 requires.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use keel_api::{ApiConfig, ApiState, Readiness};
+use keel_core::{JobKind, Store, SystemClock};
+use keel_runtime::{
+    Handler, Handlers, MaintenanceConfig, Runtime, RuntimeConfig, RuntimeHandle, WebhookConfig,
+};
+use keel_store::{PgOptions, SqliteOptions};
+use metrics_exporter_prometheus::PrometheusHandle;
+use tokio::net::TcpListener;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+
+/// How many job events a slow subscriber may fall behind before it must re-read the store.
+const EVENT_CAPACITY: usize = 4096;
+/// How often queue depth gauges are refreshed and histogram upkeep runs.
+const GAUGE_INTERVAL: Duration = Duration::from_secs(5);
+
+/// A built, not yet running, Keel server.
+pub struct App {
+    config: Config,
+    store: Arc<dyn Store>,
+    handle: RuntimeHandle,
+    handlers: Handlers,
+    api_listener: TcpListener,
+    admin_listener: TcpListener,
+    metrics: PrometheusHandle,
+    readiness: Readiness,
+}
+
+impl std::fmt::Debug for App {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("App")
+            .field("api", &self.api_listener.local_addr().ok())
+            .field("admin", &self.admin_listener.local_addr().ok())
+            .finish_non_exhaustive()
+    }
+}
+
+impl App {
+    /// Opens the store (applying migrations), binds the API and admin listeners, and
+    /// prepares the runtime with the built-in executors.
+    pub async fn build(config: Config, metrics: PrometheusHandle) -> anyhow::Result<Self> {
+        let sqlite = SqliteOptions::default();
+        let pg = PgOptions {
+            max_connections: config.db_pool_max,
+            min_idle: config.db_pool_min_idle,
+            max_lifetime: Some(config.db_pool_max_lifetime),
+            acquire_timeout: config.db_acquire_timeout,
+            ..PgOptions::default()
+        };
+        let (store, report) =
+            keel_store::open(&config.database_url, sqlite, pg, Arc::new(SystemClock))
+                .await
+                .context("opening the job store")?;
+        if !report.applied.is_empty() {
+            tracing::info!(applied = ?report.applied, version = report.current, "applied migrations");
+        }
+        let api_listener = TcpListener::bind(config.addr)
+            .await
+            .with_context(|| format!("binding the API listener on {}", config.addr))?;
+        let admin_listener = TcpListener::bind(config.admin_addr)
+            .await
+            .with_context(|| format!("binding the admin listener on {}", config.admin_addr))?;
+        let handle =
+            RuntimeHandle::new(config.queues.iter().map(|q| q.name.clone()), EVENT_CAPACITY);
+        let handlers = Handlers::builtin(&webhook_config(&config));
+        Ok(Self {
+            config,
+            store,
+            handle,
+            handlers,
+            api_listener,
+            admin_listener,
+            metrics,
+            readiness: Readiness::default(),
+        })
+    }
+
+    /// Registers a Rust handler for `kind` (embedding Keel in a Rust service).
+    pub fn with_handler(mut self, kind: JobKind, handler: Arc<dyn Handler>) -> Self {
+        self.handlers.register(kind, handler);
+        self
+    }
+
+    /// The address the API listener is bound to.
+    pub fn api_addr(&self) -> anyhow::Result<SocketAddr> {
+        Ok(self.api_listener.local_addr()?)
+    }
+
+    /// The address the admin listener is bound to.
+    pub fn admin_addr(&self) -> anyhow::Result<SocketAddr> {
+        Ok(self.admin_listener.local_addr()?)
+    }
+
+    /// The store, for tests and embedding.
+    pub fn store(&self) -> Arc<dyn Store> {
+        Arc::clone(&self.store)
+    }
+
+    /// Serves until `shutdown` resolves, then stops gracefully (G6):
+    /// 1. readiness turns 503 and the listeners stop accepting;
+    /// 2. in-flight requests finish (each is bounded by its own deadline) while workers keep
+    ///    running, so requests waiting on jobs (`/v1/process`) get their answers;
+    /// 3. dispatchers stop leasing; running jobs get what is left of the grace period, then
+    ///    are cancelled and released back to `available` without using an attempt;
+    /// 4. the store is closed.
+    pub async fn run_until_stopped(
+        self,
+        shutdown: impl Future<Output = ()> + Send,
+    ) -> anyhow::Result<()> {
+        let Self {
+            config,
+            store,
+            handle,
+            handlers,
+            api_listener,
+            admin_listener,
+            metrics,
+            readiness,
+        } = self;
+        let api_addr = api_listener
+            .local_addr()
+            .context("reading the API address")?;
+        let admin_addr = admin_listener
+            .local_addr()
+            .context("reading the admin address")?;
+        let root = CancellationToken::new();
+        let runtime = Runtime::start(
+            Arc::clone(&store),
+            runtime_config(&config),
+            handlers,
+            handle.clone(),
+        );
+
+        let api_state = ApiState {
+            store: Arc::clone(&store),
+            runtime: handle,
+            config: Arc::new(api_config(&config)),
+            metrics: metrics.clone(),
+            readiness: readiness.clone(),
+        };
+        let http_stop = root.child_token();
+        let api = tokio::spawn(
+            axum::serve(
+                api_listener,
+                keel_api::router(api_state).into_make_service(),
+            )
+            .with_graceful_shutdown(http_stop.clone().cancelled_owned())
+            .into_future(),
+        );
+        let admin_stop = root.child_token();
+        let admin_router = keel_api::admin::router(keel_api::admin::AdminState {
+            config: serde_json::to_value(&config).context("rendering the effective config")?,
+        });
+        let admin = tokio::spawn(
+            axum::serve(admin_listener, admin_router.into_make_service())
+                .with_graceful_shutdown(admin_stop.clone().cancelled_owned())
+                .into_future(),
+        );
+        let gauges = tokio::spawn(refresh_gauges(
+            Arc::clone(&store),
+            metrics,
+            root.child_token(),
+        ));
+        tracing::info!(
+            addr = %api_addr,
+            admin_addr = %admin_addr,
+            database = %config.database_url_kind(),
+            queues = ?config.queues.iter().map(|q| format!("{}:{}", q.name, q.concurrency)).collect::<Vec<_>>(),
+            "keel is serving"
+        );
+
+        shutdown.await;
+        let deadline = Instant::now() + config.shutdown_grace;
+        tracing::info!(
+            grace_ms = config.shutdown_grace.as_millis() as u64,
+            "shutdown requested: draining"
+        );
+        readiness.start_draining();
+        http_stop.cancel();
+        match tokio::time::timeout_at(deadline, api).await {
+            Ok(Ok(Ok(()))) => tracing::info!("API drained: in-flight requests finished"),
+            Ok(Ok(Err(e))) => tracing::error!(error = %e, "API server failed while draining"),
+            Ok(Err(e)) => tracing::error!(error = %e, "API server task failed"),
+            Err(_) => tracing::warn!("in-flight requests did not finish within the grace period"),
+        }
+        let report = runtime
+            .shutdown_within(deadline.saturating_duration_since(Instant::now()))
+            .await;
+        tracing::info!(
+            finished_in_grace = report.finished_in_grace,
+            released = report.released,
+            "workers stopped"
+        );
+        root.cancel();
+        let _ = admin.await;
+        let _ = gauges.await;
+        store.close().await;
+        tracing::info!("store closed; bye");
+        Ok(())
+    }
+}
+
+fn webhook_config(config: &Config) -> WebhookConfig {
+    WebhookConfig {
+        allow_private: config.webhook_allow_private,
+        ..WebhookConfig::default()
+    }
+}
+
+fn runtime_config(config: &Config) -> RuntimeConfig {
+    RuntimeConfig {
+        worker_id: config.worker_id.clone(),
+        queues: config.queues.clone(),
+        lease_for: config.lease_timeout,
+        heartbeat_every: config.heartbeat_interval,
+        poll_interval: config.poll_interval,
+        shutdown_grace: config.shutdown_grace,
+        maintenance: MaintenanceConfig {
+            interval: config.maintenance_interval,
+            retention: config.retention,
+            ..MaintenanceConfig::default()
+        },
+        webhook: webhook_config(config),
+    }
+}
+
+fn api_config(config: &Config) -> ApiConfig {
+    ApiConfig {
+        request_timeout: config.request_timeout,
+        max_body_bytes: config.max_body_bytes,
+        max_args_bytes: config.max_args_bytes,
+        idempotency_ttl: config.idempotency_ttl,
+        api_keys: config.api_keys.clone(),
+    }
+}
+
+/// Keeps `keel_queue_depth{queue,state}` current and runs the Prometheus histogram upkeep.
+/// A failed read keeps the last values (and is logged): metrics must not fail the server.
+async fn refresh_gauges(store: Arc<dyn Store>, metrics: PrometheusHandle, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(GAUGE_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        metrics.run_upkeep();
+        match store.queue_stats().await {
+            Ok(stats) => {
+                for s in stats {
+                    for state in keel_core::JobState::ALL {
+                        metrics::gauge!(
+                            "keel_queue_depth",
+                            "queue" => s.queue.to_string(),
+                            "state" => state.as_str()
+                        )
+                        .set(s.counts.get(state) as f64);
+                    }
+                    metrics::gauge!("keel_queue_paused", "queue" => s.queue.to_string())
+                        .set(if s.paused { 1.0 } else { 0.0 });
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "could not refresh queue depth gauges"),
+        }
+    }
+}

@@ -1,0 +1,227 @@
+//! The command line: what each `keel` subcommand takes, with examples in `--help`.
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::config::ServeArgs;
+
+/// Keel: a durable job server. Accepts jobs over HTTP, stores them durably (SQLite by
+/// default, Postgres for several replicas), runs them with retries, and reports results.
+#[derive(Debug, Parser)]
+#[command(name = "keel", version, about, long_about = None, after_help = "\
+Exit codes: 0 success; 1 the server refused the request (4xx/5xx); 69 the server or \
+database could not be reached; 78 invalid configuration.")]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// `keel` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the job server: HTTP API, worker pools, maintenance, admin listener.
+    #[command(after_help = "\
+Examples:
+  keel serve                                         # SQLite ./keel.db, API on 127.0.0.1:8080
+  KEEL_QUEUES=default:16,emails:4 keel serve
+  KEEL_DATABASE_URL=postgres://keel@db:5432/keel keel serve
+  keel serve --config /etc/keel/keel.toml --addr 0.0.0.0:8080 --api-keys acme=<sha256hex>
+
+Every setting can come from a flag, a KEEL_* environment variable (shown in brackets) or the \
+TOML file given by --config; flags win over the environment, which wins over the file. All \
+settings are validated before anything starts; invalid ones are all listed and keel exits \
+with code 78. SIGTERM or SIGINT stops gracefully: readiness turns 503, in-flight requests \
+finish, running jobs get the grace period, the rest are released unharmed.")]
+    Serve(Box<ServeArgs>),
+
+    /// Apply pending database migrations, then exit.
+    #[command(after_help = "\
+Examples:
+  keel migrate                                       # ./keel.db (SQLite)
+  keel migrate --database-url sqlite:///var/lib/keel/keel.db
+  KEEL_DATABASE_URL=postgres://keel@db:5432/keel keel migrate
+
+Safe while other Keel processes start on the same database: migrations take a lock and \
+each runs once.")]
+    Migrate {
+        /// Where jobs are stored: sqlite://PATH or postgres://USER@HOST:PORT/DB.
+        #[arg(long, env = "KEEL_DATABASE_URL", default_value = "sqlite://keel.db")]
+        database_url: String,
+    },
+
+    /// Enqueue a job on a running server.
+    #[command(after_help = "\
+Examples:
+  keel enqueue echo --args '{\"hello\":\"world\"}'
+  keel enqueue sleep --args '{\"ms\":500}' --queue default --priority 1
+  keel enqueue webhook --args '{\"url\":\"https://example.com/hook\"}' --idempotency-key order-42")]
+    Enqueue(EnqueueArgs),
+
+    /// Inspect or act on one job.
+    #[command(subcommand)]
+    Job(JobCommand),
+
+    /// List jobs.
+    #[command(subcommand)]
+    Jobs(JobsCommand),
+
+    /// Show queues, or pause and resume one.
+    #[command(after_help = "\
+Examples:
+  keel queues
+  keel queues pause emails
+  keel queues resume emails")]
+    Queues {
+        /// Where the server is.
+        #[command(flatten)]
+        client: ClientArgs,
+        /// Optional action.
+        #[command(subcommand)]
+        action: Option<QueueAction>,
+    },
+
+    /// Print the SHA-256 digest of an API key, for KEEL_API_KEYS (TENANT=DIGEST).
+    #[command(after_help = "\
+Examples:
+  keel hash-key 'my-secret-key'          # prints the hex digest
+  KEEL_API_KEYS=acme=$(keel hash-key \"$ACME_KEY\") keel serve --addr 0.0.0.0:8080")]
+    HashKey {
+        /// The key to hash.
+        key: String,
+    },
+}
+
+/// Where a client command finds the server.
+#[derive(Debug, Clone, Args)]
+pub struct ClientArgs {
+    /// Base URL of the Keel API.
+    #[arg(long, env = "KEEL_URL", default_value = "http://127.0.0.1:8080")]
+    pub url: String,
+    /// API key, if the server requires one.
+    #[arg(long, env = "KEEL_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+}
+
+/// `keel enqueue` arguments.
+#[derive(Debug, Args)]
+pub struct EnqueueArgs {
+    /// Job kind: a built-in executor (noop, sleep, echo, fail, webhook) or a handler name.
+    pub kind: String,
+    /// Arguments, as JSON.
+    #[arg(long, default_value = "null")]
+    pub args: String,
+    /// Queue.
+    #[arg(long)]
+    pub queue: Option<String>,
+    /// Priority, 0 (highest) to 9.
+    #[arg(long)]
+    pub priority: Option<u8>,
+    /// Delay before the first attempt, in milliseconds.
+    #[arg(long)]
+    pub delay_ms: Option<u64>,
+    /// Attempts allowed before the job is discarded.
+    #[arg(long)]
+    pub max_attempts: Option<u32>,
+    /// Per-attempt timeout, in milliseconds.
+    #[arg(long)]
+    pub timeout_ms: Option<u64>,
+    /// Idempotency key: repeating the command with the same key returns the same job.
+    #[arg(long)]
+    pub idempotency_key: Option<String>,
+    /// Tenant (when the server has no API keys).
+    #[arg(long)]
+    pub tenant: Option<String>,
+    /// Where the server is.
+    #[command(flatten)]
+    pub client: ClientArgs,
+}
+
+/// `keel job …`
+#[derive(Debug, Subcommand)]
+pub enum JobCommand {
+    /// Show a job.
+    #[command(after_help = "Example:\n  keel job get 01936b2e-7d1c-7a9e-9f3e-2b8f0c1d2e3f")]
+    Get {
+        /// Job id.
+        id: String,
+        /// Where the server is.
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Show a job's result (exit code 1 while it is not completed).
+    #[command(after_help = "Example:\n  keel job result 01936b2e-7d1c-7a9e-9f3e-2b8f0c1d2e3f")]
+    Result {
+        /// Job id.
+        id: String,
+        /// Where the server is.
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Cancel a job (a running one is stopped).
+    #[command(after_help = "Example:\n  keel job cancel 01936b2e-7d1c-7a9e-9f3e-2b8f0c1d2e3f")]
+    Cancel {
+        /// Job id.
+        id: String,
+        /// Where the server is.
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Run a job again now.
+    #[command(after_help = "Example:\n  keel job retry 01936b2e-7d1c-7a9e-9f3e-2b8f0c1d2e3f")]
+    Retry {
+        /// Job id.
+        id: String,
+        /// Where the server is.
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+}
+
+/// `keel jobs …`
+#[derive(Debug, Subcommand)]
+pub enum JobsCommand {
+    /// List jobs, oldest first, with optional filters; pass --after with the printed `next`
+    /// to get the following page.
+    #[command(after_help = "\
+Examples:
+  keel jobs list --state discarded
+  keel jobs list --queue emails --limit 20 --after 01936b2e-7d1c-7a9e-9f3e-2b8f0c1d2e3f")]
+    List {
+        /// Only this queue.
+        #[arg(long)]
+        queue: Option<String>,
+        /// Only this state.
+        #[arg(long)]
+        state: Option<String>,
+        /// Only this kind.
+        #[arg(long)]
+        kind: Option<String>,
+        /// Only this tenant.
+        #[arg(long)]
+        tenant: Option<String>,
+        /// Start after this id.
+        #[arg(long)]
+        after: Option<String>,
+        /// Page size (1-1000).
+        #[arg(long)]
+        limit: Option<u32>,
+        /// Where the server is.
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+}
+
+/// `keel queues pause|resume`
+#[derive(Debug, Subcommand)]
+pub enum QueueAction {
+    /// Stop leasing jobs from a queue (enqueueing still works).
+    Pause {
+        /// Queue name.
+        queue: String,
+    },
+    /// Resume leasing from a paused queue.
+    Resume {
+        /// Queue name.
+        queue: String,
+    },
+}

@@ -1,0 +1,279 @@
+//! What each subcommand does. Client commands print the server's JSON to stdout and errors
+//! to stderr, with the exit codes documented in `keel --help`.
+
+// A CLI's answers go to stdout.
+#![allow(clippy::print_stdout)]
+
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use keel_client::{Client, ClientError, JobIn, ListQuery};
+use keel_core::SystemClock;
+use keel_store::{DatabaseUrl, PgOptions, SqliteOptions};
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+
+use crate::cli::{ClientArgs, EnqueueArgs, JobCommand, JobsCommand, QueueAction};
+use crate::config::{Config, ServeArgs};
+use crate::{App, EX_CONFIG, EX_UNAVAILABLE, telemetry};
+
+/// `keel serve`.
+pub async fn serve(args: &ServeArgs) -> ExitCode {
+    let config = match Config::resolve(args) {
+        Ok(c) => c,
+        Err(e) => {
+            eprint!("error: {e}");
+            return ExitCode::from(EX_CONFIG);
+        }
+    };
+    if let Err(e) = telemetry::init_logging(config.log_format, &config.log_level) {
+        eprintln!("error: setting up logging: {e:#}");
+        return ExitCode::FAILURE;
+    }
+    if config.insecure_no_auth && !config.addr.ip().is_loopback() && config.api_keys.is_empty() {
+        tracing::warn!(
+            addr = %config.addr,
+            "serving a non-loopback address WITHOUT authentication (--insecure-no-auth): anyone who can connect can enqueue, read and cancel jobs"
+        );
+    }
+    let metrics = match telemetry::metrics_handle() {
+        Ok(m) => m,
+        Err(e) => {
+            tracing::error!(error = %e, "setting up metrics");
+            return ExitCode::FAILURE;
+        }
+    };
+    let app = match App::build(config, metrics).await {
+        Ok(app) => app,
+        Err(e) => {
+            tracing::error!(error = format!("{e:#}"), "cannot start");
+            eprintln!("error: {e:#}");
+            let unavailable = e
+                .chain()
+                .any(|c| c.downcast_ref::<keel_core::StoreError>().is_some());
+            return ExitCode::from(if unavailable { EX_UNAVAILABLE } else { 1 });
+        }
+    };
+    match app.run_until_stopped(shutdown_signal()).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = format!("{e:#}"), "server failed");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Resolves on SIGTERM (Kubernetes, systemd) or SIGINT (Ctrl-C).
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => tracing::info!(signal = "SIGINT", "signal received"),
+        () = term => tracing::info!(signal = "SIGTERM", "signal received"),
+    }
+}
+
+/// `keel migrate`.
+pub async fn migrate(url: &str) -> ExitCode {
+    let url = match DatabaseUrl::parse(url) {
+        Ok(u) => u,
+        Err(e) => {
+            eprintln!("error: KEEL_DATABASE_URL / --database-url: {e}");
+            return ExitCode::from(EX_CONFIG);
+        }
+    };
+    match keel_store::open(
+        &url,
+        SqliteOptions::default(),
+        PgOptions::default(),
+        Arc::new(SystemClock),
+    )
+    .await
+    {
+        Ok((store, report)) => {
+            store.close().await;
+            if report.applied.is_empty() {
+                eprintln!("schema is up to date (version {})", report.current);
+            } else {
+                eprintln!(
+                    "applied migrations {:?}; schema is at version {}",
+                    report.applied, report.current
+                );
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {:#}", anyhow::Error::from(e));
+            ExitCode::from(EX_UNAVAILABLE)
+        }
+    }
+}
+
+fn client(args: &ClientArgs) -> Result<Client, ExitCode> {
+    Client::new(args.url.clone(), args.api_key.clone()).map_err(|e| {
+        eprintln!("error: {e}");
+        ExitCode::FAILURE
+    })
+}
+
+/// Prints a successful answer as pretty JSON, or the error with its exit code.
+fn report<T: Serialize>(outcome: Result<T, ClientError>) -> ExitCode {
+    match outcome {
+        Ok(v) => match serde_json::to_string_pretty(&v) {
+            Ok(s) => {
+                println!("{s}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: printing the answer: {e}");
+                ExitCode::FAILURE
+            }
+        },
+        Err(e) => fail(&e),
+    }
+}
+
+fn fail(e: &ClientError) -> ExitCode {
+    eprintln!("error: {e}");
+    match e {
+        ClientError::Api { problem, .. } => {
+            for f in &problem.errors {
+                eprintln!("  {}: {}", f.field, f.message);
+            }
+            if let Some(id) = &problem.request_id {
+                eprintln!("  (request id {id})");
+            }
+            ExitCode::FAILURE
+        }
+        ClientError::Unreachable { source, .. } => {
+            eprintln!("  {source}");
+            ExitCode::from(EX_UNAVAILABLE)
+        }
+        ClientError::Decode(_) => ExitCode::FAILURE,
+    }
+}
+
+/// `keel enqueue`.
+pub async fn enqueue(args: EnqueueArgs) -> ExitCode {
+    let client = match client(&args.client) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let parsed: serde_json::Value = match serde_json::from_str(&args.args) {
+        Ok(v) => v,
+        Err(e) => {
+            eprintln!("error: --args is not valid JSON: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let job = JobIn {
+        kind: args.kind,
+        queue: args.queue,
+        tenant: args.tenant,
+        args: Some(parsed),
+        priority: args.priority,
+        delay_ms: args.delay_ms,
+        max_attempts: args.max_attempts,
+        timeout_ms: args.timeout_ms,
+        ..JobIn::default()
+    };
+    report(
+        client
+            .enqueue(&job, args.idempotency_key.as_deref())
+            .await
+            .map(|e| e.job),
+    )
+}
+
+/// `keel job …`.
+pub async fn job(cmd: JobCommand) -> ExitCode {
+    match cmd {
+        JobCommand::Get { id, client: c } => match client(&c) {
+            Ok(c) => report(c.get_job(&id).await),
+            Err(code) => code,
+        },
+        JobCommand::Cancel { id, client: c } => match client(&c) {
+            Ok(c) => report(c.cancel_job(&id).await),
+            Err(code) => code,
+        },
+        JobCommand::Retry { id, client: c } => match client(&c) {
+            Ok(c) => report(c.retry_job(&id).await),
+            Err(code) => code,
+        },
+        JobCommand::Result { id, client: c } => match client(&c) {
+            Ok(c) => match c.job_result(&id).await {
+                Ok(Some(v)) => report::<serde_json::Value>(Ok(v)),
+                Ok(None) => {
+                    eprintln!("job {id} has not finished yet");
+                    ExitCode::FAILURE
+                }
+                Err(e) => fail(&e),
+            },
+            Err(code) => code,
+        },
+    }
+}
+
+/// `keel jobs list`.
+pub async fn jobs(cmd: JobsCommand) -> ExitCode {
+    let JobsCommand::List {
+        queue,
+        state,
+        kind,
+        tenant,
+        after,
+        limit,
+        client: c,
+    } = cmd;
+    match client(&c) {
+        Ok(c) => report(
+            c.list_jobs(&ListQuery {
+                queue,
+                state,
+                kind,
+                tenant,
+                after,
+                limit,
+            })
+            .await,
+        ),
+        Err(code) => code,
+    }
+}
+
+/// `keel queues [pause|resume NAME]`.
+pub async fn queues(args: &ClientArgs, action: Option<QueueAction>) -> ExitCode {
+    let c = match client(args) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    match action {
+        None => report(c.queues().await),
+        Some(QueueAction::Pause { queue }) => report(c.set_paused(&queue, true).await),
+        Some(QueueAction::Resume { queue }) => report(c.set_paused(&queue, false).await),
+    }
+}
+
+/// `keel hash-key`.
+pub fn hash_key(key: &str) -> ExitCode {
+    if key.is_empty() {
+        eprintln!("error: the key must not be empty");
+        return ExitCode::from(2);
+    }
+    println!("{}", hex::encode(Sha256::digest(key.as_bytes())));
+    ExitCode::SUCCESS
+}

@@ -1,0 +1,845 @@
+//! Keel's configuration: defaults, an optional TOML file, `KEEL_*` environment variables and
+//! command-line flags, in rising order of precedence (a flag beats its env var, which beats
+//! the file, which beats the default).
+//!
+//! Everything arrives as text and is validated in one pass before any network or database
+//! I/O, so a misconfigured deployment hears about *every* bad field in one message and exits
+//! with code 78 (`EX_CONFIG`) instead of failing on the first one, being fixed, and failing
+//! on the next. Secrets (the database password, API key digests) never appear in `Debug`
+//! output or in `/debug/config`.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Args;
+use keel_api::ApiKey;
+use keel_core::{QueueName, TenantId, WorkerId};
+use keel_runtime::QueueConfig;
+use keel_store::DatabaseUrl;
+use serde::Serialize;
+
+/// How logs are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// One JSON object per line (default: what log pipelines ingest).
+    Json,
+    /// Human-readable, for a terminal.
+    Pretty,
+}
+
+/// The `serve` settings as given (flags and env, through clap). Every field is optional text
+/// so that parsing problems are collected by [`Config::resolve`] rather than reported one at
+/// a time by the argument parser.
+#[derive(Debug, Clone, Default, Args)]
+pub struct ServeArgs {
+    /// TOML file with any of the settings below (keys are the flag names with `_`).
+    #[arg(long, env = "KEEL_CONFIG", value_name = "PATH")]
+    pub config: Option<PathBuf>,
+    /// API listener address. Non-loopback addresses require API keys.
+    #[arg(long, env = "KEEL_ADDR", value_name = "HOST:PORT")]
+    pub addr: Option<String>,
+    /// Admin listener address (/debug/*). Keep it on loopback.
+    #[arg(long, env = "KEEL_ADMIN_ADDR", value_name = "HOST:PORT")]
+    pub admin_addr: Option<String>,
+    /// Where jobs are stored: sqlite://PATH or postgres://USER@HOST:PORT/DB.
+    #[arg(long, env = "KEEL_DATABASE_URL", value_name = "URL")]
+    pub database_url: Option<String>,
+    /// Deadline of every API request, e.g. 2s or 500ms.
+    #[arg(long, env = "KEEL_REQUEST_TIMEOUT", value_name = "DURATION")]
+    pub request_timeout: Option<String>,
+    /// How long shutdown waits for in-flight requests and running jobs before releasing them.
+    #[arg(long, env = "KEEL_SHUTDOWN_GRACE", value_name = "DURATION")]
+    pub shutdown_grace: Option<String>,
+    /// Log format: json or pretty.
+    #[arg(long, env = "KEEL_LOG_FORMAT", value_name = "FORMAT")]
+    pub log_format: Option<String>,
+    /// Log filter, e.g. info or keel=debug,info.
+    #[arg(long, env = "KEEL_LOG_LEVEL", value_name = "FILTER")]
+    pub log_level: Option<String>,
+    /// Queues this process runs, with their concurrency: NAME:N[,NAME:N…].
+    #[arg(long, env = "KEEL_QUEUES", value_name = "LIST")]
+    pub queues: Option<String>,
+    /// Postgres pool: most connections.
+    #[arg(long, env = "KEEL_DB_POOL_MAX", value_name = "N")]
+    pub db_pool_max: Option<String>,
+    /// Postgres pool: connections kept open when idle.
+    #[arg(long, env = "KEEL_DB_POOL_MIN_IDLE", value_name = "N")]
+    pub db_pool_min_idle: Option<String>,
+    /// Postgres pool: connections older than this are replaced.
+    #[arg(long, env = "KEEL_DB_POOL_MAX_LIFETIME", value_name = "DURATION")]
+    pub db_pool_max_lifetime: Option<String>,
+    /// Postgres pool: longest wait for a free connection.
+    #[arg(long, env = "KEEL_DB_ACQUIRE_TIMEOUT", value_name = "DURATION")]
+    pub db_acquire_timeout: Option<String>,
+    /// How long finished jobs are kept before deletion.
+    #[arg(long, env = "KEEL_RETENTION", value_name = "DURATION")]
+    pub retention: Option<String>,
+    /// How long an Idempotency-Key is remembered.
+    #[arg(long, env = "KEEL_IDEMPOTENCY_TTL", value_name = "DURATION")]
+    pub idempotency_ttl: Option<String>,
+    /// Largest accepted request body, bytes.
+    #[arg(long, env = "KEEL_MAX_BODY_BYTES", value_name = "BYTES")]
+    pub max_body_bytes: Option<String>,
+    /// Largest accepted job args, bytes of JSON.
+    #[arg(long, env = "KEEL_MAX_ARGS_BYTES", value_name = "BYTES")]
+    pub max_args_bytes: Option<String>,
+    /// API keys as TENANT=SHA256HEX[,…] (hash a key with `keel hash-key`).
+    #[arg(long, env = "KEEL_API_KEYS", value_name = "LIST")]
+    pub api_keys: Option<String>,
+    /// Serve a non-loopback address without API keys (anyone who can connect can do anything).
+    #[arg(long, env = "KEEL_INSECURE_NO_AUTH", value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
+    pub insecure_no_auth: Option<String>,
+    /// Let the webhook executor call private and loopback addresses.
+    #[arg(long, env = "KEEL_WEBHOOK_ALLOW_PRIVATE", value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
+    pub webhook_allow_private: Option<String>,
+    /// How long a lease lasts without a heartbeat before the job is rescued.
+    #[arg(long, env = "KEEL_LEASE_TIMEOUT", value_name = "DURATION")]
+    pub lease_timeout: Option<String>,
+    /// How often running jobs' leases are renewed (must be under the lease timeout).
+    #[arg(long, env = "KEEL_HEARTBEAT_INTERVAL", value_name = "DURATION")]
+    pub heartbeat_interval: Option<String>,
+    /// Fallback poll interval of idle dispatchers (wakeups are immediate; this bounds a missed one).
+    #[arg(long, env = "KEEL_POLL_INTERVAL", value_name = "DURATION")]
+    pub poll_interval: Option<String>,
+    /// How often maintenance (promote, rescue, retention) runs.
+    #[arg(long, env = "KEEL_MAINTENANCE_INTERVAL", value_name = "DURATION")]
+    pub maintenance_interval: Option<String>,
+    /// Name of this process in leases and logs (default: host-pid).
+    #[arg(long, env = "KEEL_WORKER_ID", value_name = "ID")]
+    pub worker_id: Option<String>,
+}
+
+/// Effective, validated configuration.
+#[derive(Clone, Serialize)]
+pub struct Config {
+    /// API listener.
+    pub addr: SocketAddr,
+    /// Admin listener.
+    pub admin_addr: SocketAddr,
+    /// Job store.
+    #[serde(serialize_with = "redacted_url")]
+    pub database_url: DatabaseUrl,
+    /// Per-request deadline.
+    #[serde(with = "duration_text")]
+    pub request_timeout: Duration,
+    /// Shutdown grace period.
+    #[serde(with = "duration_text")]
+    pub shutdown_grace: Duration,
+    /// Log format.
+    pub log_format: LogFormat,
+    /// Log filter directives.
+    pub log_level: String,
+    /// Queues run here.
+    #[serde(serialize_with = "queues_text")]
+    pub queues: Vec<QueueConfig>,
+    /// Postgres pool: most connections.
+    pub db_pool_max: usize,
+    /// Postgres pool: warm idle connections.
+    pub db_pool_min_idle: usize,
+    /// Postgres pool: connection lifetime.
+    #[serde(with = "duration_text")]
+    pub db_pool_max_lifetime: Duration,
+    /// Postgres pool: acquire timeout.
+    #[serde(with = "duration_text")]
+    pub db_acquire_timeout: Duration,
+    /// Finished-job retention.
+    #[serde(with = "duration_text")]
+    pub retention: Duration,
+    /// Idempotency key lifetime.
+    #[serde(with = "duration_text")]
+    pub idempotency_ttl: Duration,
+    /// Largest request body.
+    pub max_body_bytes: usize,
+    /// Largest job args.
+    pub max_args_bytes: usize,
+    /// API keys (digests only), each scoped to a tenant.
+    #[serde(serialize_with = "keys_redacted")]
+    pub api_keys: Vec<ApiKey>,
+    /// Serve non-loopback without keys.
+    pub insecure_no_auth: bool,
+    /// Webhooks may target private addresses.
+    pub webhook_allow_private: bool,
+    /// Lease duration.
+    #[serde(with = "duration_text")]
+    pub lease_timeout: Duration,
+    /// Heartbeat period.
+    #[serde(with = "duration_text")]
+    pub heartbeat_interval: Duration,
+    /// Dispatcher poll fallback.
+    #[serde(with = "duration_text")]
+    pub poll_interval: Duration,
+    /// Maintenance period.
+    #[serde(with = "duration_text")]
+    pub maintenance_interval: Duration,
+    /// This process's worker id.
+    pub worker_id: WorkerId,
+}
+
+impl fmt::Debug for Config {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // The JSON form is already redacted; reuse it so Debug can never leak more.
+        match serde_json::to_string(self) {
+            Ok(s) => f.write_str(&s),
+            Err(_) => f.write_str("Config { .. }"),
+        }
+    }
+}
+
+/// Every problem found in the configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigErrors(pub Vec<(String, String)>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "invalid configuration ({} problems):", self.0.len())?;
+        for (field, msg) in &self.0 {
+            writeln!(f, "  {field}: {msg}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+/// Parses a duration like `500ms`, `2s`, `5m`, `1h`, `7d`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s
+        .find(|c: char| !c.is_ascii_digit())
+        .ok_or_else(|| format!("{s:?} has no unit (use ms, s, m, h or d, e.g. 2s)"))?;
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a whole number followed by a unit (e.g. 2s)"))?;
+    let per = match unit {
+        "ms" => Duration::from_millis(1),
+        "s" => Duration::from_secs(1),
+        "m" => Duration::from_secs(60),
+        "h" => Duration::from_secs(3600),
+        "d" => Duration::from_secs(86_400),
+        other => {
+            return Err(format!(
+                "unknown unit {other:?} in {s:?} (use ms, s, m, h or d)"
+            ));
+        }
+    };
+    per.checked_mul(u32::try_from(n).map_err(|_| format!("{s:?} is too large"))?)
+        .ok_or_else(|| format!("{s:?} is too large"))
+}
+
+fn parse_bool(s: &str) -> Result<bool, String> {
+    match s.trim().to_ascii_lowercase().as_str() {
+        "true" | "1" | "yes" | "on" => Ok(true),
+        "false" | "0" | "no" | "off" | "" => Ok(false),
+        _ => Err(format!("{s:?} is not a boolean (use true or false)")),
+    }
+}
+
+fn parse_queues(s: &str) -> Result<Vec<QueueConfig>, String> {
+    let mut out: Vec<QueueConfig> = Vec::new();
+    for item in s.split(',').map(str::trim).filter(|i| !i.is_empty()) {
+        let (name, n) = item
+            .split_once(':')
+            .ok_or_else(|| format!("{item:?} must be NAME:CONCURRENCY, e.g. default:8"))?;
+        let name = QueueName::parse(name).map_err(|e| e.to_string())?;
+        let concurrency: usize = n
+            .parse()
+            .ok()
+            .filter(|c| (1..=10_000).contains(c))
+            .ok_or_else(|| format!("concurrency of {name} must be 1..=10000, got {n:?}"))?;
+        if out.iter().any(|q| q.name == name) {
+            return Err(format!("queue {name} is listed twice"));
+        }
+        out.push(QueueConfig { name, concurrency });
+    }
+    Ok(out)
+}
+
+fn parse_api_keys(s: &str) -> Result<Vec<ApiKey>, String> {
+    let mut out = Vec::new();
+    for item in s.split(',').map(str::trim).filter(|i| !i.is_empty()) {
+        let (tenant, hex_digest) = item.split_once('=').ok_or_else(|| {
+            "each entry must be TENANT=SHA256HEX (see `keel hash-key`)".to_owned()
+        })?;
+        let tenant = TenantId::parse(tenant).map_err(|e| e.to_string())?;
+        let bytes = hex::decode(hex_digest)
+            .ok()
+            .and_then(|b| <[u8; 32]>::try_from(b).ok())
+            .ok_or_else(|| {
+                format!("the key digest for tenant {tenant} must be 64 hex characters (SHA-256)")
+            })?;
+        out.push(ApiKey {
+            tenant,
+            sha256: bytes,
+        });
+    }
+    Ok(out)
+}
+
+fn parse_addr(s: &str) -> Result<SocketAddr, String> {
+    s.trim()
+        .parse()
+        .map_err(|_| format!("{s:?} is not an IP:PORT address (e.g. 127.0.0.1:8080)"))
+}
+
+fn parse_count(s: &str, min: usize, max: usize) -> Result<usize, String> {
+    s.trim()
+        .parse::<usize>()
+        .ok()
+        .filter(|n| (min..=max).contains(n))
+        .ok_or_else(|| format!("must be a whole number in {min}..={max}, got {s:?}"))
+}
+
+/// Reads the TOML file into `name → text` pairs, refusing unknown keys (a typo must not be
+/// silently ignored).
+fn read_file(path: &PathBuf, errors: &mut Vec<(String, String)>) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) => {
+            errors.push((
+                "config".into(),
+                format!("cannot read {}: {e}", path.display()),
+            ));
+            return out;
+        }
+    };
+    let table: toml::Table = match text.parse() {
+        Ok(t) => t,
+        Err(e) => {
+            errors.push((
+                "config".into(),
+                format!("{} is not valid TOML: {e}", path.display()),
+            ));
+            return out;
+        }
+    };
+    for (key, value) in table {
+        if !FIELDS.contains(&key.as_str()) {
+            errors.push((
+                format!("config:{key}"),
+                format!("unknown setting in {}", path.display()),
+            ));
+            continue;
+        }
+        let text = match value {
+            toml::Value::String(s) => s,
+            toml::Value::Integer(i) => i.to_string(),
+            toml::Value::Boolean(b) => b.to_string(),
+            toml::Value::Array(items) => items
+                .iter()
+                .map(|v| {
+                    v.as_str()
+                        .map(str::to_owned)
+                        .unwrap_or_else(|| v.to_string())
+                })
+                .collect::<Vec<_>>()
+                .join(","),
+            other => {
+                errors.push((
+                    format!("config:{key}"),
+                    format!("unsupported value {other}"),
+                ));
+                continue;
+            }
+        };
+        out.insert(key, text);
+    }
+    out
+}
+
+/// Setting names, as flags use them with `_` (and the TOML file uses them).
+const FIELDS: &[&str] = &[
+    "addr",
+    "admin_addr",
+    "database_url",
+    "request_timeout",
+    "shutdown_grace",
+    "log_format",
+    "log_level",
+    "queues",
+    "db_pool_max",
+    "db_pool_min_idle",
+    "db_pool_max_lifetime",
+    "db_acquire_timeout",
+    "retention",
+    "idempotency_ttl",
+    "max_body_bytes",
+    "max_args_bytes",
+    "api_keys",
+    "insecure_no_auth",
+    "webhook_allow_private",
+    "lease_timeout",
+    "heartbeat_interval",
+    "poll_interval",
+    "maintenance_interval",
+    "worker_id",
+];
+
+/// One place to read a setting: the flag/env value, else the file's, else the default.
+struct Sources<'a> {
+    args: BTreeMap<&'static str, Option<&'a String>>,
+    file: BTreeMap<String, String>,
+    errors: Vec<(String, String)>,
+}
+
+impl Sources<'_> {
+    fn get<T>(
+        &mut self,
+        name: &'static str,
+        default: &str,
+        parse: impl Fn(&str) -> Result<T, String>,
+    ) -> Option<T> {
+        let raw = self
+            .args
+            .get(name)
+            .copied()
+            .flatten()
+            .cloned()
+            .or_else(|| self.file.get(name).cloned())
+            .unwrap_or_else(|| default.to_owned());
+        match parse(&raw) {
+            Ok(v) => Some(v),
+            Err(e) => {
+                self.errors.push((name.to_owned(), e));
+                None
+            }
+        }
+    }
+}
+
+fn default_worker_id() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "keel".to_owned());
+    let host: String = host
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '.' {
+                c
+            } else {
+                '-'
+            }
+        })
+        .collect();
+    format!("{host}-{}", std::process::id())
+}
+
+impl Config {
+    /// Merges the file (if any), env and flags, and validates everything, returning every
+    /// problem at once.
+    pub fn resolve(args: &ServeArgs) -> Result<Self, ConfigErrors> {
+        let mut errors = Vec::new();
+        let file = args
+            .config
+            .as_ref()
+            .map(|p| read_file(p, &mut errors))
+            .unwrap_or_default();
+        let a = args;
+        let mut s = Sources {
+            args: BTreeMap::from([
+                ("addr", a.addr.as_ref()),
+                ("admin_addr", a.admin_addr.as_ref()),
+                ("database_url", a.database_url.as_ref()),
+                ("request_timeout", a.request_timeout.as_ref()),
+                ("shutdown_grace", a.shutdown_grace.as_ref()),
+                ("log_format", a.log_format.as_ref()),
+                ("log_level", a.log_level.as_ref()),
+                ("queues", a.queues.as_ref()),
+                ("db_pool_max", a.db_pool_max.as_ref()),
+                ("db_pool_min_idle", a.db_pool_min_idle.as_ref()),
+                ("db_pool_max_lifetime", a.db_pool_max_lifetime.as_ref()),
+                ("db_acquire_timeout", a.db_acquire_timeout.as_ref()),
+                ("retention", a.retention.as_ref()),
+                ("idempotency_ttl", a.idempotency_ttl.as_ref()),
+                ("max_body_bytes", a.max_body_bytes.as_ref()),
+                ("max_args_bytes", a.max_args_bytes.as_ref()),
+                ("api_keys", a.api_keys.as_ref()),
+                ("insecure_no_auth", a.insecure_no_auth.as_ref()),
+                ("webhook_allow_private", a.webhook_allow_private.as_ref()),
+                ("lease_timeout", a.lease_timeout.as_ref()),
+                ("heartbeat_interval", a.heartbeat_interval.as_ref()),
+                ("poll_interval", a.poll_interval.as_ref()),
+                ("maintenance_interval", a.maintenance_interval.as_ref()),
+                ("worker_id", a.worker_id.as_ref()),
+            ]),
+            file,
+            errors,
+        };
+        let positive = |d: Duration| {
+            if d.is_zero() {
+                Err("must be greater than zero".to_owned())
+            } else {
+                Ok(d)
+            }
+        };
+        let dur = |s: &str| parse_duration(s).and_then(positive);
+        let addr = s.get("addr", "127.0.0.1:8080", parse_addr);
+        let admin_addr = s.get("admin_addr", "127.0.0.1:9000", parse_addr);
+        let database_url = s.get("database_url", "sqlite://keel.db", DatabaseUrl::parse);
+        let request_timeout = s.get("request_timeout", "2s", dur);
+        let shutdown_grace = s.get("shutdown_grace", "30s", parse_duration);
+        let log_format = s.get("log_format", "json", |v| match v {
+            "json" => Ok(LogFormat::Json),
+            "pretty" => Ok(LogFormat::Pretty),
+            other => Err(format!("{other:?} is not json or pretty")),
+        });
+        let log_level = s.get("log_level", "info", |v| {
+            tracing_subscriber::EnvFilter::try_new(v)
+                .map(|_| v.to_owned())
+                .map_err(|e| format!("{v:?} is not a valid filter: {e}"))
+        });
+        let queues = s.get("queues", "default:8", parse_queues);
+        let db_pool_max = s.get("db_pool_max", "16", |v| parse_count(v, 1, 10_000));
+        let db_pool_min_idle = s.get("db_pool_min_idle", "2", |v| parse_count(v, 0, 10_000));
+        let db_pool_max_lifetime = s.get("db_pool_max_lifetime", "30m", dur);
+        let db_acquire_timeout = s.get("db_acquire_timeout", "5s", dur);
+        let retention = s.get("retention", "7d", dur);
+        let idempotency_ttl = s.get("idempotency_ttl", "24h", dur);
+        let max_body_bytes = s.get("max_body_bytes", "2097152", |v| {
+            parse_count(v, 1024, 64 << 20)
+        });
+        let max_args_bytes = s.get("max_args_bytes", "1048576", |v| {
+            parse_count(v, 2, keel_core::NewJob::DEFAULT_MAX_ARGS_BYTES)
+        });
+        let api_keys = s.get("api_keys", "", parse_api_keys);
+        let insecure_no_auth = s.get("insecure_no_auth", "false", parse_bool);
+        let webhook_allow_private = s.get("webhook_allow_private", "false", parse_bool);
+        let lease_timeout = s.get("lease_timeout", "30s", dur);
+        let heartbeat_interval = s.get("heartbeat_interval", "10s", dur);
+        let poll_interval = s.get("poll_interval", "1s", dur);
+        let maintenance_interval = s.get("maintenance_interval", "1s", dur);
+        let default_id = default_worker_id();
+        let worker_id = s.get("worker_id", &default_id, |v| {
+            WorkerId::parse(v).map_err(|e| e.to_string())
+        });
+        let mut errors = s.errors;
+
+        // Relations between fields, checked only when both sides parsed.
+        if let (Some(hb), Some(lease)) = (heartbeat_interval, lease_timeout)
+            && hb >= lease
+        {
+            errors.push((
+                "heartbeat_interval".into(),
+                format!("must be shorter than lease_timeout ({lease:?}), or leases lapse between heartbeats"),
+            ));
+        }
+        if let (Some(min), Some(max)) = (db_pool_min_idle, db_pool_max)
+            && min > max
+        {
+            errors.push((
+                "db_pool_min_idle".into(),
+                format!("must not exceed db_pool_max ({max})"),
+            ));
+        }
+        if let (Some(args), Some(body)) = (max_args_bytes, max_body_bytes)
+            && args > body
+        {
+            errors.push((
+                "max_args_bytes".into(),
+                format!("must not exceed max_body_bytes ({body})"),
+            ));
+        }
+        if let (Some(addr), Some(keys), Some(insecure)) = (addr, &api_keys, insecure_no_auth)
+            && !addr.ip().is_loopback()
+            && keys.is_empty()
+            && !insecure
+        {
+            errors.push((
+                "addr".into(),
+                format!(
+                    "refusing to listen on non-loopback {addr} without API keys: set KEEL_API_KEYS, or pass --insecure-no-auth to accept the risk"
+                ),
+            ));
+        }
+        if let Some(admin) = admin_addr
+            && !admin.ip().is_loopback()
+        {
+            errors.push((
+                "admin_addr".into(),
+                format!("{admin} is not loopback: the admin listener exposes profiles and configuration and must stay on 127.0.0.1 or ::1"),
+            ));
+        }
+
+        match (
+            addr,
+            admin_addr,
+            database_url,
+            request_timeout,
+            shutdown_grace,
+            log_format,
+            log_level,
+            queues,
+            db_pool_max,
+            db_pool_min_idle,
+            db_pool_max_lifetime,
+            db_acquire_timeout,
+            retention,
+            idempotency_ttl,
+            max_body_bytes,
+            max_args_bytes,
+            api_keys,
+            insecure_no_auth,
+            webhook_allow_private,
+            lease_timeout,
+            heartbeat_interval,
+            poll_interval,
+            maintenance_interval,
+            worker_id,
+        ) {
+            (
+                Some(addr),
+                Some(admin_addr),
+                Some(database_url),
+                Some(request_timeout),
+                Some(shutdown_grace),
+                Some(log_format),
+                Some(log_level),
+                Some(queues),
+                Some(db_pool_max),
+                Some(db_pool_min_idle),
+                Some(db_pool_max_lifetime),
+                Some(db_acquire_timeout),
+                Some(retention),
+                Some(idempotency_ttl),
+                Some(max_body_bytes),
+                Some(max_args_bytes),
+                Some(api_keys),
+                Some(insecure_no_auth),
+                Some(webhook_allow_private),
+                Some(lease_timeout),
+                Some(heartbeat_interval),
+                Some(poll_interval),
+                Some(maintenance_interval),
+                Some(worker_id),
+            ) if errors.is_empty() => Ok(Self {
+                addr,
+                admin_addr,
+                database_url,
+                request_timeout,
+                shutdown_grace,
+                log_format,
+                log_level,
+                queues,
+                db_pool_max,
+                db_pool_min_idle,
+                db_pool_max_lifetime,
+                db_acquire_timeout,
+                retention,
+                idempotency_ttl,
+                max_body_bytes,
+                max_args_bytes,
+                api_keys,
+                insecure_no_auth,
+                webhook_allow_private,
+                lease_timeout,
+                heartbeat_interval,
+                poll_interval,
+                maintenance_interval,
+                worker_id,
+            }),
+            _ => Err(ConfigErrors(errors)),
+        }
+    }
+}
+
+impl Config {
+    /// `sqlite` or `postgres`, for logs.
+    pub fn database_url_kind(&self) -> &'static str {
+        match self.database_url {
+            DatabaseUrl::Sqlite(_) => "sqlite",
+            DatabaseUrl::Postgres(_) => "postgres",
+        }
+    }
+}
+
+fn redacted_url<S: serde::Serializer>(url: &DatabaseUrl, s: S) -> Result<S::Ok, S::Error> {
+    match url {
+        DatabaseUrl::Sqlite(p) => s.serialize_str(&format!("sqlite://{}", p.display())),
+        DatabaseUrl::Postgres(u) => s.serialize_str(&redact_password(u)),
+    }
+}
+
+/// `postgres://user:secret@host/db` → `postgres://user:***@host/db`.
+fn redact_password(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let Some((userinfo, host)) = rest.split_once('@') else {
+        return url.to_owned();
+    };
+    match userinfo.split_once(':') {
+        Some((user, _)) => format!("{scheme}://{user}:***@{host}"),
+        None => url.to_owned(),
+    }
+}
+
+fn keys_redacted<S: serde::Serializer>(keys: &[ApiKey], s: S) -> Result<S::Ok, S::Error> {
+    let tenants: Vec<String> = keys.iter().map(|k| format!("{}=***", k.tenant)).collect();
+    tenants.serialize(s)
+}
+
+fn queues_text<S: serde::Serializer>(queues: &[QueueConfig], s: S) -> Result<S::Ok, S::Error> {
+    let text: Vec<String> = queues
+        .iter()
+        .map(|q| format!("{}:{}", q.name, q.concurrency))
+        .collect();
+    s.serialize_str(&text.join(","))
+}
+
+/// Durations shown as whole milliseconds with a unit, e.g. `2000ms`.
+mod duration_text {
+    use std::time::Duration;
+
+    pub(super) fn serialize<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&format!("{}ms", d.as_millis()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_need_a_unit() {
+        assert_eq!(parse_duration("2s"), Ok(Duration::from_secs(2)));
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("7d"), Ok(Duration::from_secs(7 * 86_400)));
+        assert!(parse_duration("2").unwrap_err().contains("no unit"));
+        assert!(parse_duration("fast").is_err());
+        assert!(parse_duration("2w").unwrap_err().contains("unknown unit"));
+        assert!(
+            parse_duration("99999999999s")
+                .unwrap_err()
+                .contains("too large")
+        );
+    }
+
+    #[test]
+    fn defaults_are_valid_and_safe() {
+        let c = Config::resolve(&ServeArgs::default()).unwrap();
+        assert!(c.addr.ip().is_loopback());
+        assert!(c.admin_addr.ip().is_loopback());
+        assert_eq!(c.database_url, DatabaseUrl::Sqlite("keel.db".into()));
+        assert_eq!(c.request_timeout, Duration::from_secs(2));
+        assert_eq!(c.queues[0].name.as_str(), "default");
+    }
+
+    #[test]
+    fn every_bad_field_is_reported_at_once() {
+        let args = ServeArgs {
+            addr: Some("nope".into()),
+            request_timeout: Some("fast".into()),
+            queues: Some("default:0".into()),
+            log_format: Some("xml".into()),
+            database_url: Some("mysql://x".into()),
+            ..Default::default()
+        };
+        let err = Config::resolve(&args).unwrap_err();
+        let fields: Vec<&str> = err.0.iter().map(|(f, _)| f.as_str()).collect();
+        assert_eq!(
+            fields,
+            [
+                "addr",
+                "database_url",
+                "request_timeout",
+                "log_format",
+                "queues"
+            ]
+        );
+        let text = err.to_string();
+        assert!(text.contains("5 problems"), "{text}");
+    }
+
+    #[test]
+    fn public_bind_needs_keys_or_explicit_insecurity() {
+        let public = ServeArgs {
+            addr: Some("0.0.0.0:8080".into()),
+            ..Default::default()
+        };
+        let err = Config::resolve(&public).unwrap_err();
+        assert!(err.to_string().contains("without API keys"), "{err}");
+        let insecure = ServeArgs {
+            insecure_no_auth: Some("true".into()),
+            ..public.clone()
+        };
+        assert!(Config::resolve(&insecure).is_ok());
+        let keyed = ServeArgs {
+            api_keys: Some(format!("acme={}", "ab".repeat(32))),
+            ..public
+        };
+        assert_eq!(Config::resolve(&keyed).unwrap().api_keys.len(), 1);
+    }
+
+    #[test]
+    fn admin_listener_stays_on_loopback() {
+        let args = ServeArgs {
+            admin_addr: Some("0.0.0.0:9000".into()),
+            ..Default::default()
+        };
+        assert!(
+            Config::resolve(&args)
+                .unwrap_err()
+                .to_string()
+                .contains("admin_addr")
+        );
+    }
+
+    #[test]
+    fn secrets_are_redacted() {
+        let args = ServeArgs {
+            database_url: Some("postgres://keel:hunter2@db:5432/keel".into()),
+            api_keys: Some(format!("acme={}", "cd".repeat(32))),
+            ..Default::default()
+        };
+        let c = Config::resolve(&args).unwrap();
+        let shown = format!("{c:?}");
+        assert!(!shown.contains("hunter2"), "{shown}");
+        assert!(!shown.contains(&"cd".repeat(32)), "{shown}");
+        assert!(shown.contains("keel:***@db"), "{shown}");
+    }
+
+    #[test]
+    fn file_values_sit_under_flags_and_typos_are_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keel.toml");
+        std::fs::write(
+            &path,
+            "request_timeout = \"5s\"\nqueues = [\"a:2\", \"b:3\"]\nretention = \"1d\"\n",
+        )
+        .unwrap();
+        let args = ServeArgs {
+            config: Some(path.clone()),
+            retention: Some("2d".into()),
+            ..Default::default()
+        };
+        let c = Config::resolve(&args).unwrap();
+        assert_eq!(c.request_timeout, Duration::from_secs(5));
+        assert_eq!(
+            c.retention,
+            Duration::from_secs(2 * 86_400),
+            "the flag wins"
+        );
+        assert_eq!(c.queues.len(), 2);
+        std::fs::write(&path, "request_timeot = \"5s\"\n").unwrap();
+        let err = Config::resolve(&args).unwrap_err();
+        assert!(err.to_string().contains("request_timeot"), "{err}");
+    }
+
+    #[test]
+    fn heartbeat_must_be_shorter_than_the_lease() {
+        let args = ServeArgs {
+            heartbeat_interval: Some("30s".into()),
+            lease_timeout: Some("30s".into()),
+            ..Default::default()
+        };
+        let err = Config::resolve(&args).unwrap_err();
+        assert_eq!(err.0[0].0, "heartbeat_interval");
+    }
+}

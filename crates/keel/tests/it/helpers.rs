@@ -1,0 +1,224 @@
+//! `spawn_app`: the real Keel (the same `App` that `keel serve` runs) on port 0, with a
+//! temporary SQLite file or a Postgres schema of its own, and a real HTTP client.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use keel::{App, Config, ServeArgs};
+use keel_client::{Client, JobOut};
+use keel_store::testkit::{PgSchema, pg_url_or_skip};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+/// Which store a test runs against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+/// Keeps the test database alive for the app's lifetime.
+#[allow(dead_code)]
+enum Backing {
+    Sqlite(tempfile::TempDir),
+    Postgres(PgSchema),
+}
+
+/// A running Keel for one test.
+pub struct TestApp {
+    pub admin_addr: SocketAddr,
+    pub base: String,
+    pub client: Client,
+    pub http: reqwest::Client,
+    pub database_url: String,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<anyhow::Result<()>>>,
+    _backing: Backing,
+}
+
+/// Settings every test app starts from: ephemeral ports, fast maintenance so retries and
+/// scheduled jobs move within a test's patience, and a short grace so stops are quick.
+pub fn test_args() -> ServeArgs {
+    ServeArgs {
+        addr: Some("127.0.0.1:0".into()),
+        admin_addr: Some("127.0.0.1:0".into()),
+        maintenance_interval: Some("25ms".into()),
+        poll_interval: Some("200ms".into()),
+        shutdown_grace: Some("5s".into()),
+        db_pool_max: Some("8".into()),
+        db_pool_min_idle: Some("1".into()),
+        webhook_allow_private: Some("true".into()),
+        ..ServeArgs::default()
+    }
+}
+
+/// Prepares a database for `backend`: the URL and what keeps it alive. `None` when the
+/// Postgres tests are skipped (a notice naming `test` has been printed).
+async fn database(backend: Backend, test: &str) -> Option<(String, Backing)> {
+    match backend {
+        Backend::Sqlite => {
+            let dir = tempfile::tempdir().expect("temp dir");
+            let url = format!("sqlite://{}", dir.path().join("keel.db").display());
+            Some((url, Backing::Sqlite(dir)))
+        }
+        Backend::Postgres => {
+            let base = pg_url_or_skip(test)?;
+            let schema = PgSchema::create(&base).await;
+            Some((schema.url.clone(), Backing::Postgres(schema)))
+        }
+    }
+}
+
+/// Starts Keel with [`test_args`] adjusted by `tweak`.
+pub async fn spawn_app_with(
+    backend: Backend,
+    test: &str,
+    tweak: impl FnOnce(&mut ServeArgs),
+) -> Option<TestApp> {
+    let (database_url, backing) = database(backend, test).await?;
+    let mut args = test_args();
+    args.database_url = Some(database_url.clone());
+    tweak(&mut args);
+    let config = Config::resolve(&args).unwrap_or_else(|e| panic!("{e}"));
+    let metrics = keel::telemetry::metrics_handle().expect("metrics recorder");
+    let app = App::build(config, metrics).await.expect("build app");
+    let addr = app.api_addr().unwrap();
+    let admin_addr = app.admin_addr().unwrap();
+    let (stop, stopped) = oneshot::channel::<()>();
+    let task = tokio::spawn(app.run_until_stopped(async move {
+        let _ = stopped.await;
+    }));
+    let base = format!("http://{addr}");
+    Some(TestApp {
+        admin_addr,
+        client: Client::new(base.clone(), None).unwrap(),
+        http: reqwest::Client::builder()
+            .timeout(Duration::from_secs(30))
+            .build()
+            .unwrap(),
+        base,
+        database_url,
+        stop: Some(stop),
+        task: Some(task),
+        _backing: backing,
+    })
+}
+
+/// Starts Keel with [`test_args`].
+pub async fn spawn_app(backend: Backend, test: &str) -> Option<TestApp> {
+    spawn_app_with(backend, test, |_| {}).await
+}
+
+impl TestApp {
+    /// Absolute URL of `path`.
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    /// The `/metrics` text.
+    pub async fn metrics(&self) -> String {
+        self.http
+            .get(self.url("/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
+    /// Polls the job until `done` holds, failing after `within`.
+    pub async fn wait_for(
+        &self,
+        id: &str,
+        within: Duration,
+        done: impl Fn(&JobOut) -> bool,
+    ) -> JobOut {
+        let deadline = Instant::now() + within;
+        loop {
+            let job = self.client.get_job(id).await.expect("get job");
+            if done(&job) {
+                return job;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "job {id} did not reach the expected condition within {within:?}; last seen: {job:#?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Stops the app gracefully and waits for it.
+    pub async fn stop(mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(t) = self.task.take() {
+            t.await.expect("app task").expect("app stopped cleanly");
+        }
+    }
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+    }
+}
+
+/// Sum of every sample of `metric` whose labels include all of `labels`
+/// (e.g. `[("queue", "q1")]`) in a Prometheus text exposition.
+pub fn metric_value(text: &str, metric: &str, labels: &[(&str, &str)]) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (name_labels, value) = l.rsplit_once(' ')?;
+            let (name, rest) = match name_labels.split_once('{') {
+                Some((n, r)) => (n, r),
+                None => (name_labels, ""),
+            };
+            if name != metric {
+                return None;
+            }
+            let ok = labels
+                .iter()
+                .all(|(k, v)| rest.contains(&format!("{k}=\"{v}\"")));
+            ok.then(|| value.parse::<f64>().ok()).flatten()
+        })
+        .sum()
+}
+
+/// Runs `test` against SQLite and Postgres as two `#[tokio::test]`s named `sqlite` and
+/// `postgres` inside a module named after the test.
+#[macro_export]
+macro_rules! both_backends {
+    ($name:ident) => {
+        mod $name {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn sqlite() {
+                super::$name(
+                    $crate::helpers::Backend::Sqlite,
+                    concat!(module_path!(), "::sqlite"),
+                )
+                .await;
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn postgres() {
+                super::$name(
+                    $crate::helpers::Backend::Postgres,
+                    concat!(module_path!(), "::postgres"),
+                )
+                .await;
+            }
+        }
+    };
+}
+
+/// Runs `fut` with a deadline, failing the test with `what` if it takes longer.
+pub async fn within<T>(limit: Duration, what: &str, fut: impl Future<Output = T>) -> T {
+    tokio::time::timeout(limit, fut)
+        .await
+        .unwrap_or_else(|_| panic!("{what} did not finish within {limit:?}"))
+}

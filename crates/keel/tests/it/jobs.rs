@@ -1,0 +1,163 @@
+//! Jobs run end to end: enqueue over HTTP, worker pools execute, results and retries are
+//! visible over HTTP.
+
+use std::time::Duration;
+
+use chrono::DateTime;
+use keel_client::JobIn;
+use serde_json::json;
+
+use crate::both_backends;
+use crate::helpers::{Backend, spawn_app};
+
+fn millis_between(a: &str, b: &str) -> i64 {
+    let a = DateTime::parse_from_rfc3339(a).unwrap();
+    let b = DateTime::parse_from_rfc3339(b).unwrap();
+    (b - a).num_milliseconds()
+}
+
+/// The quick start: an echo job's result is its args.
+async fn echo_job_completes_with_its_args(backend: Backend, test: &str) {
+    let Some(app) = spawn_app(backend, test).await else {
+        return;
+    };
+    let enq = app
+        .client
+        .enqueue(&JobIn::new("echo", json!({"hello": "world"})), None)
+        .await
+        .unwrap();
+    assert_eq!(enq.status, 201);
+    let id = enq.job.id.clone();
+    let done = app
+        .wait_for(&id, Duration::from_secs(10), |j| j.state == "completed")
+        .await;
+    assert_eq!(done.attempt, 1);
+    assert_eq!(done.result, Some(json!({"hello": "world"})));
+    assert_eq!(
+        app.client.job_result(&id).await.unwrap(),
+        Some(json!({"hello": "world"}))
+    );
+    app.stop().await;
+}
+both_backends!(echo_job_completes_with_its_args);
+
+/// A `fail` job set to fail twice ends completed on attempt 3 with two recorded errors,
+/// and each retry waited at least the backoff.
+async fn failing_job_retries_with_backoff_then_completes(backend: Backend, test: &str) {
+    let Some(app) = spawn_app(backend, test).await else {
+        return;
+    };
+    let job = JobIn {
+        backoff: Some(json!({"type": "fixed", "delay_ms": 300})),
+        ..JobIn::new("fail", json!({"times": 2}))
+    };
+    let id = app.client.enqueue(&job, None).await.unwrap().job.id;
+    let done = app
+        .wait_for(&id, Duration::from_secs(15), |j| j.state == "completed")
+        .await;
+    assert_eq!(done.attempt, 3);
+    assert_eq!(done.errors.len(), 2, "{:?}", done.errors);
+    assert_eq!(done.errors[0].attempt, 1);
+    assert_eq!(done.errors[1].attempt, 2);
+    // The second attempt failed at least one backoff after the first failure, and the
+    // third (successful) attempt started at least one backoff after the second failure.
+    assert!(millis_between(&done.errors[0].at, &done.errors[1].at) >= 300);
+    assert!(millis_between(&done.errors[1].at, done.started_at.as_deref().unwrap()) >= 300);
+    app.stop().await;
+}
+both_backends!(failing_job_retries_with_backoff_then_completes);
+
+/// Exhausted attempts discard the job; a retry gives it one more.
+async fn exhausted_job_is_discarded_and_can_be_retried(backend: Backend, test: &str) {
+    let Some(app) = spawn_app(backend, test).await else {
+        return;
+    };
+    let job = JobIn {
+        max_attempts: Some(1),
+        ..JobIn::new("fail", json!({"times": 1}))
+    };
+    let id = app.client.enqueue(&job, None).await.unwrap().job.id;
+    let done = app
+        .wait_for(&id, Duration::from_secs(10), |j| j.state == "discarded")
+        .await;
+    assert_eq!(done.errors.len(), 1);
+    let retried = app.client.retry_job(&id).await.unwrap();
+    assert_eq!(retried.max_attempts, 2);
+    let done = app
+        .wait_for(&id, Duration::from_secs(10), |j| j.state == "completed")
+        .await;
+    assert_eq!(done.attempt, 2);
+    app.stop().await;
+}
+both_backends!(exhausted_job_is_discarded_and_can_be_retried);
+
+/// Cancelling a running job stops it: the job ends cancelled, not completed.
+async fn cancel_stops_a_running_job(backend: Backend, test: &str) {
+    let Some(app) = spawn_app(backend, test).await else {
+        return;
+    };
+    let id = app
+        .client
+        .enqueue(&JobIn::new("sleep", json!({"ms": 60_000})), None)
+        .await
+        .unwrap()
+        .job
+        .id;
+    app.wait_for(&id, Duration::from_secs(10), |j| j.state == "running")
+        .await;
+    let cancelled = app.client.cancel_job(&id).await.unwrap();
+    assert_eq!(cancelled.state, "cancelled");
+    // The worker's slot frees up: a new job in the same queue runs.
+    let next = app
+        .client
+        .enqueue(&JobIn::new("noop", json!(null)), None)
+        .await
+        .unwrap()
+        .job
+        .id;
+    app.wait_for(&next, Duration::from_secs(10), |j| j.state == "completed")
+        .await;
+    assert_eq!(app.client.get_job(&id).await.unwrap().state, "cancelled");
+    app.stop().await;
+}
+both_backends!(cancel_stops_a_running_job);
+
+/// `POST /v1/process` answers with the finished job.
+async fn process_waits_for_the_result(backend: Backend, test: &str) {
+    let Some(app) = spawn_app(backend, test).await else {
+        return;
+    };
+    let job = app
+        .client
+        .process(&JobIn::new("echo", json!({"n": 7})))
+        .await
+        .unwrap();
+    assert_eq!(job.state, "completed");
+    assert_eq!(job.result, Some(json!({"n": 7})));
+    app.stop().await;
+}
+both_backends!(process_waits_for_the_result);
+
+/// Paused queues hold their jobs until resumed.
+async fn paused_queue_holds_jobs_until_resumed(backend: Backend, test: &str) {
+    let Some(app) = spawn_app(backend, test).await else {
+        return;
+    };
+    app.client.set_paused("default", true).await.unwrap();
+    let id = app
+        .client
+        .enqueue(&JobIn::new("noop", json!(null)), None)
+        .await
+        .unwrap()
+        .job
+        .id;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(app.client.get_job(&id).await.unwrap().state, "available");
+    let queues = app.client.queues().await.unwrap();
+    assert!(queues.to_string().contains("\"paused\":true"), "{queues}");
+    app.client.set_paused("default", false).await.unwrap();
+    app.wait_for(&id, Duration::from_secs(10), |j| j.state == "completed")
+        .await;
+    app.stop().await;
+}
+both_backends!(paused_queue_holds_jobs_until_resumed);

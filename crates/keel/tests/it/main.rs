@@ -1,0 +1,20 @@
+//! Keel's integration tests: the real app (the same wiring as `keel serve`) on port 0, a real
+//! HTTP client, and real child processes where a test needs signals or exit codes. Each
+//! scenario runs on SQLite and on Postgres (skipped with a notice without
+//! `KEEL_TEST_DATABASE_URL`, failing with `KEEL_REQUIRE_SERVICES=1`).
+#![allow(
+    clippy::unwrap_used,
+    clippy::print_stdout,
+    clippy::print_stderr,
+    missing_docs,
+    unreachable_pub
+)]
+
+mod helpers;
+
+mod api_errors;
+mod config;
+mod idempotency;
+mod jobs;
+mod metrics;
+mod shutdown;
