@@ -225,6 +225,20 @@ pub struct QueueStats {
     pub counts: StateCounts,
 }
 
+/// How busy a store's connections are, for `keel_db_pool_connections{state}` and for
+/// diagnosing pool exhaustion.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct PoolStats {
+    /// Most connections the store will open.
+    pub max: usize,
+    /// Connections open and idle.
+    pub idle: usize,
+    /// Connections open and lent out.
+    pub in_use: usize,
+    /// Callers waiting for a connection (on SQLite: writes queued for the writer thread).
+    pub waiting: usize,
+}
+
 /// The response an idempotent request produced, kept so a replay returns it byte for byte.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoredResponse {
@@ -373,6 +387,9 @@ pub trait Store: Send + Sync + 'static {
 
     /// Checks the database answers (readiness).
     async fn ping(&self) -> Result<(), StoreError>;
+
+    /// Current connection pool occupancy. Cheap and non-blocking: called for metrics.
+    fn pool_stats(&self) -> PoolStats;
 
     /// Flushes pending writes and closes connections. Later calls fail.
     async fn close(&self);

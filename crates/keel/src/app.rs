@@ -247,7 +247,8 @@ fn api_config(config: &Config) -> ApiConfig {
     }
 }
 
-/// Keeps `keel_queue_depth{queue,state}` current and runs the Prometheus histogram upkeep.
+/// Keeps `keel_queue_depth{queue,state}` and `keel_db_pool_connections{state}` current and
+/// runs the Prometheus histogram upkeep.
 /// A failed read keeps the last values (and is logged): metrics must not fail the server.
 async fn refresh_gauges(store: Arc<dyn Store>, metrics: PrometheusHandle, stop: CancellationToken) {
     let mut tick = tokio::time::interval(GAUGE_INTERVAL);
@@ -258,6 +259,15 @@ async fn refresh_gauges(store: Arc<dyn Store>, metrics: PrometheusHandle, stop: 
             _ = tick.tick() => {}
         }
         metrics.run_upkeep();
+        let pool = store.pool_stats();
+        for (state, n) in [
+            ("max", pool.max),
+            ("idle", pool.idle),
+            ("in_use", pool.in_use),
+            ("waiting", pool.waiting),
+        ] {
+            metrics::gauge!("keel_db_pool_connections", "state" => state).set(n as f64);
+        }
         match store.queue_stats().await {
             Ok(stats) => {
                 for s in stats {

@@ -144,6 +144,10 @@ impl Store for FaultyStore {
         self.check("pinging the database").await?;
         self.inner.ping().await
     }
+
+    fn pool_stats(&self) -> keel_core::store::PoolStats {
+        self.inner.pool_stats()
+    }
     async fn close(&self) {
         self.inner.close().await;
     }

@@ -120,6 +120,10 @@ impl Store for Flaky {
     async fn ping(&self) -> Result<(), StoreError> {
         self.inner.ping().await
     }
+
+    fn pool_stats(&self) -> keel_core::store::PoolStats {
+        self.inner.pool_stats()
+    }
     async fn close(&self) {
         self.inner.close().await
     }

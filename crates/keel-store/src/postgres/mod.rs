@@ -32,8 +32,8 @@ use deadpool_postgres::{Object, Pool};
 use keel_core::clock::to_delta;
 use keel_core::store::{
     Completion, FailParams, HeartbeatParams, IdempotentInsert, IdempotentOutcome, JobPage,
-    LeaseParams, LeaseRef, ListParams, PromoteParams, Promoted, QueueStats, RescueParams, Rescued,
-    RetentionParams, StateCounts, StoredResponse,
+    LeaseParams, LeaseRef, ListParams, PoolStats, PromoteParams, Promoted, QueueStats,
+    RescueParams, Rescued, RetentionParams, StateCounts, StoredResponse,
 };
 use keel_core::{
     AttemptError, Backoff, Clock, IdempotencyKey, Job, JobId, JobState, NewJob, QueueName, Store,
@@ -925,6 +925,16 @@ impl Store for PgStore {
             .await
             .map(drop)
             .map_err(|e| error::db(e, ctx()))
+    }
+
+    fn pool_stats(&self) -> PoolStats {
+        let st = self.pool.status();
+        PoolStats {
+            max: st.max_size,
+            idle: st.available,
+            in_use: st.size.saturating_sub(st.available),
+            waiting: st.waiting,
+        }
     }
 
     async fn close(&self) {

@@ -19,8 +19,8 @@ use async_trait::async_trait;
 use keel_core::clock::to_delta;
 use keel_core::store::{
     Completion, FailParams, HeartbeatParams, IdempotentInsert, IdempotentOutcome, JobPage,
-    LeaseParams, LeaseRef, ListParams, PromoteParams, Promoted, QueueStats, RescueParams, Rescued,
-    RetentionParams, StateCounts, StoredResponse,
+    LeaseParams, LeaseRef, ListParams, PoolStats, PromoteParams, Promoted, QueueStats,
+    RescueParams, Rescued, RetentionParams, StateCounts, StoredResponse,
 };
 use keel_core::{
     AttemptError, Clock, Job, JobId, JobState, LeaseToken, NewJob, QueueName, Store, StoreError,
@@ -232,12 +232,14 @@ impl SqliteStore {
 struct ReadPool {
     permits: Semaphore,
     idle: Mutex<Vec<Connection>>,
+    size: usize,
 }
 
 impl ReadPool {
     fn new(conns: Vec<Connection>) -> Self {
         Self {
             permits: Semaphore::new(conns.len()),
+            size: conns.len(),
             idle: Mutex::new(conns),
         }
     }
@@ -970,6 +972,18 @@ impl Store for SqliteStore {
                 .map_err(|e| map_err("pausing or resuming a queue", &e))
             })
             .await
+    }
+
+    fn pool_stats(&self) -> PoolStats {
+        let readers = self.readers.size;
+        let idle = self.readers.permits.available_permits();
+        PoolStats {
+            // The read connections plus the one write connection.
+            max: readers + 1,
+            idle,
+            in_use: readers.saturating_sub(idle) + 1,
+            waiting: self.writer.queued(),
+        }
     }
 
     async fn ping(&self) -> Result<(), StoreError> {

@@ -112,7 +112,7 @@ pub(super) struct Writer {
 impl std::fmt::Debug for Writer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Writer")
-            .field("queued", &(self.tx.max_capacity() - self.tx.capacity()))
+            .field("queued", &self.queued())
             .finish()
     }
 }
@@ -149,6 +149,11 @@ impl Writer {
             .await
             .map_err(|_| closed(context))?;
         answer.await.map_err(|_| closed(context))?
+    }
+
+    /// Writes waiting in the queue for the writer thread.
+    pub(super) fn queued(&self) -> usize {
+        self.tx.max_capacity() - self.tx.capacity()
     }
 
     /// Asks the thread to finish what is queued before this call and stop; waits for it.
