@@ -124,12 +124,8 @@ async fn oversized_body_is_413(backend: Backend, test: &str) {
     };
     let big = "x".repeat(10_000);
     let resp = app
-        .http
-        .post(app.url("/v1/jobs"))
-        .json(&json!({"kind": "echo", "args": big}))
-        .send()
-        .await
-        .unwrap();
+        .post_json("/v1/jobs", &json!({"kind": "echo", "args": big}))
+        .await;
     problem(resp, StatusCode::PAYLOAD_TOO_LARGE).await;
     app.stop().await;
 }
@@ -156,13 +152,7 @@ async fn every_invalid_field_is_listed_in_one_422(backend: Backend, test: &str) 
     let Some(app) = spawn_app(backend, test).await else {
         return;
     };
-    let resp = app
-        .http
-        .post(app.url("/v1/jobs"))
-        .json(&json!({"kind": "", "priority": 42, "max_attempts": 0, "queue": "bad queue", "timeout_ms": "soon"}))
-        .send()
-        .await
-        .unwrap();
+    let resp = app.post_json("/v1/jobs", &json!({"kind": "", "priority": 42, "max_attempts": 0, "queue": "bad queue", "timeout_ms": "soon"})).await;
     let body = problem(resp, StatusCode::UNPROCESSABLE_ENTITY).await;
     let fields: Vec<&str> = body["errors"]
         .as_array()
@@ -191,42 +181,21 @@ async fn auth_is_401_and_tenant_scoped_403(backend: Backend, test: &str) {
         return;
     };
     let body = json!({"kind": "noop"});
-    let resp = app
-        .http
-        .post(app.url("/v1/jobs"))
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
+    let resp = app.post_json("/v1/jobs", &body).await;
     let resp_headers = resp.headers().clone();
     problem(resp, StatusCode::UNAUTHORIZED).await;
     assert!(resp_headers.contains_key("www-authenticate"));
-    let resp = app
-        .http
-        .post(app.url("/v1/jobs"))
-        .bearer_auth("wrong")
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
+    let resp = app.post_json_as("/v1/jobs", "wrong", &body).await;
     problem(resp, StatusCode::UNAUTHORIZED).await;
     let resp = app
-        .http
-        .post(app.url("/v1/jobs"))
-        .bearer_auth("acme-secret")
-        .json(&json!({"kind": "noop", "tenant": "globex"}))
-        .send()
-        .await
-        .unwrap();
+        .post_json_as(
+            "/v1/jobs",
+            "acme-secret",
+            &json!({"kind": "noop", "tenant": "globex"}),
+        )
+        .await;
     problem(resp, StatusCode::FORBIDDEN).await;
-    let resp = app
-        .http
-        .post(app.url("/v1/jobs"))
-        .bearer_auth("acme-secret")
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
+    let resp = app.post_json_as("/v1/jobs", "acme-secret", &body).await;
     assert_eq!(resp.status(), StatusCode::CREATED);
     let job: Value = resp.json().await.unwrap();
     assert_eq!(job["tenant"], "acme");
@@ -245,12 +214,11 @@ async fn process_past_deadline_is_504_with_job_id(backend: Backend, test: &str) 
         return;
     };
     let resp = app
-        .http
-        .post(app.url("/v1/process"))
-        .json(&json!({"kind": "sleep", "args": {"ms": 3000}}))
-        .send()
-        .await
-        .unwrap();
+        .post_json(
+            "/v1/process",
+            &json!({"kind": "sleep", "args": {"ms": 3000}}),
+        )
+        .await;
     let body = problem(resp, StatusCode::GATEWAY_TIMEOUT).await;
     let id = body["job_id"]
         .as_str()
@@ -351,13 +319,7 @@ async fn locked_sqlite_database_is_503_with_retry_after() {
     });
     tokio::time::sleep(Duration::from_millis(200)).await;
     let started = std::time::Instant::now();
-    let resp = app
-        .http
-        .post(app.url("/v1/jobs"))
-        .json(&json!({"kind": "noop"}))
-        .send()
-        .await
-        .unwrap();
+    let resp = app.post_json("/v1/jobs", &json!({"kind": "noop"})).await;
     assert!(
         started.elapsed() < Duration::from_secs(14),
         "answered by the deadline, not the store"

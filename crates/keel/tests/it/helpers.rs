@@ -116,6 +116,32 @@ impl TestApp {
         format!("{}{path}", self.base)
     }
 
+    /// `POST path` with a JSON body.
+    pub async fn post_json(&self, path: &str, body: &serde_json::Value) -> reqwest::Response {
+        self.http
+            .post(self.url(path))
+            .json(body)
+            .send()
+            .await
+            .unwrap()
+    }
+
+    /// `POST path` with a JSON body and an API key.
+    pub async fn post_json_as(
+        &self,
+        path: &str,
+        key: &str,
+        body: &serde_json::Value,
+    ) -> reqwest::Response {
+        self.http
+            .post(self.url(path))
+            .bearer_auth(key)
+            .json(body)
+            .send()
+            .await
+            .unwrap()
+    }
+
     /// The `/metrics` text.
     pub async fn metrics(&self) -> String {
         self.http
