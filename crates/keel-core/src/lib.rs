@@ -24,4 +24,4 @@ pub use job::{
     AttemptError, IllegalTransition, Job, JobState, Lease, NewJob, Priority, Transition,
     next_attempt_at,
 };
-pub use store::Store;
+pub use store::{Store, WakeupStream};

@@ -296,6 +296,16 @@ pub enum IdempotentOutcome {
     Replayed(StoredResponse),
 }
 
+/// Notices that jobs became available in a queue, sent by other processes sharing the
+/// database (Postgres `LISTEN/NOTIFY`), so an idle dispatcher starts a job within
+/// milliseconds of another replica's enqueue instead of at its next poll.
+#[async_trait]
+pub trait WakeupStream: Send {
+    /// The next queue with new work, or `None` when the stream has ended (store closed).
+    /// A notice may be spurious or coalesced; it only ever means "look now".
+    async fn next(&mut self) -> Option<QueueName>;
+}
+
 /// A durable job store.
 ///
 /// Implementations are shared (`Arc<dyn Store>`) across every request handler and worker,
@@ -390,6 +400,13 @@ pub trait Store: Send + Sync + 'static {
 
     /// Current connection pool occupancy. Cheap and non-blocking: called for metrics.
     fn pool_stats(&self) -> PoolStats;
+
+    /// Wakeups from other processes, if the backend can deliver them (Postgres); `None` for
+    /// a store only one process uses (SQLite), where in-process wakeups cover every
+    /// enqueue. Each call returns an independent stream.
+    fn wakeups(&self) -> Option<Box<dyn WakeupStream>> {
+        None
+    }
 
     /// Flushes pending writes and closes connections. Later calls fail.
     async fn close(&self);

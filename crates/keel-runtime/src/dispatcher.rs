@@ -62,6 +62,7 @@ pub(crate) async fn run(shared: Arc<Shared>, queue: QueueConfig, wake: Arc<Notif
                 let filled = jobs.len() >= max;
                 if !jobs.is_empty() {
                     telemetry::jobs_leased(&queue.name, jobs.len());
+                    telemetry::store_batch("lease", jobs.len());
                 }
                 for job in jobs {
                     let permit = permits.split(1);

@@ -23,6 +23,7 @@ pub mod handle;
 pub mod handler;
 pub mod telemetry;
 
+mod completer;
 mod dispatcher;
 mod heartbeat;
 mod inflight;

@@ -14,11 +14,12 @@ use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use keel_core::{Clock, QueueName, Store, SystemClock};
+use keel_core::{Clock, QueueName, Store, SystemClock, WakeupStream};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::completer::Completer;
 use crate::config::RuntimeConfig;
 use crate::handle::RuntimeHandle;
 use crate::handler::Handlers;
@@ -44,6 +45,8 @@ pub(crate) struct Shared {
     pub(crate) finished_in_grace: AtomicUsize,
     /// Runs released back to the queue after shutdown began.
     pub(crate) released: AtomicUsize,
+    /// Batches completions into one store write (see `completer.rs`).
+    pub(crate) completer: Completer,
     /// The wakeup of each queue served here.
     wakers: HashMap<QueueName, Arc<Notify>>,
 }
@@ -143,6 +146,12 @@ impl Runtime {
             })
             .collect::<HashMap<_, _>>();
         let root = CancellationToken::new();
+        let stop_heartbeats = root.child_token();
+        let background = TaskTracker::new();
+        // Stopped with the heartbeats, i.e. after every job task has ended, so no completion
+        // is left unwritten.
+        let completer = Completer::spawn(Arc::clone(&store), &background, stop_heartbeats.clone());
+        let wakeups = store.wakeups();
         let shared = Arc::new(Shared {
             store,
             handlers,
@@ -155,12 +164,14 @@ impl Runtime {
             hard_stop: root.child_token(),
             finished_in_grace: AtomicUsize::new(0),
             released: AtomicUsize::new(0),
+            completer,
             wakers,
         });
-        let stop_heartbeats = root.child_token();
         let loops_alive = Arc::new(AtomicUsize::new(0));
         let dispatchers = TaskTracker::new();
-        let background = TaskTracker::new();
+        if let Some(stream) = wakeups {
+            background.spawn(forward_wakeups(Arc::clone(&shared), stream));
+        }
         for q in &shared.config.queues {
             let wake = Arc::clone(&shared.wakers[&q.name]);
             let run = dispatcher::run(Arc::clone(&shared), q.clone(), wake);
@@ -259,6 +270,20 @@ impl Runtime {
 impl Drop for Runtime {
     fn drop(&mut self) {
         self.root.cancel();
+    }
+}
+
+/// Wakes local dispatchers when another process makes jobs available (Postgres
+/// `LISTEN/NOTIFY`), until shutdown begins or the store closes the stream.
+async fn forward_wakeups(shared: Arc<Shared>, mut stream: Box<dyn WakeupStream>) {
+    loop {
+        tokio::select! {
+            () = shared.draining.cancelled() => return,
+            next = stream.next() => match next {
+                Some(queue) => shared.wake(&queue),
+                None => return,
+            },
+        }
     }
 }
 

@@ -35,6 +35,8 @@ pub const STORE_ERRORS: &str = "keel_runtime_store_errors_total";
 pub const MAINTENANCE_PROMOTED: &str = "keel_maintenance_promoted_total";
 /// Jobs rescued from expired leases, by queue and the state they moved to.
 pub const MAINTENANCE_RESCUED: &str = "keel_maintenance_rescued_total";
+/// Items per batched store write, by operation: `complete`, or `lease` (jobs per lease).
+pub const STORE_BATCH_SIZE: &str = "keel_store_batch_size";
 /// Rows deleted by retention, by `what` (jobs, idempotency_keys).
 pub const MAINTENANCE_DELETED: &str = "keel_maintenance_deleted_total";
 
@@ -106,6 +108,11 @@ pub fn describe_metrics() {
         "Running jobs rescued after their lease expired."
     );
     describe_counter!(MAINTENANCE_DELETED, "Rows deleted by retention.");
+    describe_histogram!(
+        STORE_BATCH_SIZE,
+        Unit::Count,
+        "Items per batched store write (op = complete | lease)."
+    );
 }
 
 pub(crate) fn job_finished(queue: &QueueName, kind: &str, outcome: Outcome) {
@@ -128,6 +135,10 @@ pub(crate) fn jobs_leased(queue: &QueueName, n: usize) {
 
 pub(crate) fn lease_lost(queue: &QueueName) {
     counter!(LEASE_LOST, "queue" => queue.to_string()).increment(1);
+}
+
+pub(crate) fn store_batch(op: &'static str, n: usize) {
+    histogram!(STORE_BATCH_SIZE, "op" => op).record(n as f64);
 }
 
 pub(crate) fn store_error(op: &'static str) {

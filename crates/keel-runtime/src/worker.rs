@@ -223,12 +223,7 @@ async fn record(shared: &Shared, meta: &Meta, verdict: Verdict, cause: &Cause) -
                     lease: meta.lease,
                     result: result.clone(),
                 };
-                async move {
-                    let mut items = shared.store.complete(vec![completion]).await?;
-                    items
-                        .pop()
-                        .unwrap_or(Err(StoreError::NotFound(meta.lease.id)))
-                }
+                shared.completer.complete(completion)
             })
             .await;
             r.map(|()| {
