@@ -23,6 +23,8 @@ const LEASE_RETRY_BASE: Duration = Duration::from_millis(100);
 /// Longest delay between lease attempts while the store keeps failing, so the queue is
 /// picked up again soon after the store recovers.
 const LEASE_RETRY_CAP: Duration = Duration::from_secs(30);
+/// Longest a dispatcher with a backlog waits for more free slots before leasing.
+const BATCH_WINDOW: Duration = Duration::from_millis(2);
 
 /// Runs until shutdown's first phase ([`Shared::draining`]). Jobs already leased when it
 /// fires are still started: they were handed to us, and the shutdown decides their fate.
@@ -30,6 +32,10 @@ pub(crate) async fn run(shared: Arc<Shared>, queue: QueueConfig, wake: Arc<Notif
     let semaphore = Arc::new(Semaphore::new(queue.concurrency));
     let stop = shared.draining.clone();
     let mut failures: u32 = 0;
+    // Whether the last lease came back full, i.e. there is probably a backlog.
+    let mut backlog = false;
+    // Under a backlog, wait for this many free slots (briefly) before leasing again.
+    let batch = u32::try_from((queue.concurrency / 4).max(1)).unwrap_or(u32::MAX);
     loop {
         // Wait for a free slot, then take every free slot: one lease call fills them all.
         let mut permits = tokio::select! {
@@ -40,6 +46,16 @@ pub(crate) async fn run(shared: Arc<Shared>, queue: QueueConfig, wake: Arc<Notif
                 Err(_) => break, // never closed; nothing to lease for if it were
             },
         };
+        if backlog && batch > 1 {
+            // Jobs are waiting and workers finish one by one: leasing at every freed slot
+            // would make many one-job leases, each a round trip and a commit. Give more
+            // slots a moment to free up so one lease fills many. Bounded by BATCH_WINDOW,
+            // so slow jobs never leave free workers idle for long.
+            let more = Arc::clone(&semaphore).acquire_many_owned(batch - 1);
+            if let Ok(Ok(more)) = tokio::time::timeout(BATCH_WINDOW, more).await {
+                permits.merge(more);
+            }
+        }
         let free = semaphore.available_permits();
         if free > 0
             && let Ok(more) = Arc::clone(&semaphore).try_acquire_many_owned(free as u32)
@@ -60,6 +76,7 @@ pub(crate) async fn run(shared: Arc<Shared>, queue: QueueConfig, wake: Arc<Notif
             Ok(jobs) => {
                 failures = 0;
                 let filled = jobs.len() >= max;
+                backlog = filled;
                 if !jobs.is_empty() {
                     telemetry::jobs_leased(&queue.name, jobs.len());
                     telemetry::store_batch("lease", jobs.len());
@@ -92,6 +109,7 @@ pub(crate) async fn run(shared: Arc<Shared>, queue: QueueConfig, wake: Arc<Notif
             }
             Err(e) => {
                 drop(permits);
+                backlog = false;
                 failures = failures.saturating_add(1);
                 telemetry::store_error("lease");
                 telemetry::report_store_error(

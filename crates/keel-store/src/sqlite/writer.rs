@@ -210,6 +210,18 @@ fn commit_batch(conn: &mut Connection, batch: &mut [Box<dyn Task>]) -> Result<()
     let mut tx = conn
         .transaction_with_behavior(TransactionBehavior::Immediate)
         .map_err(|e| CommitError::from_sqlite("beginning a write batch", &e))?;
+    if let [task] = batch {
+        // A lone write needs no savepoint: the transaction is its unit of rollback, and
+        // skipping the savepoint spares SQLite journaling every page it touches twice.
+        return if task.run(&tx) {
+            tx.commit()
+                .map_err(|e| CommitError::from_sqlite("committing a write batch", &e))
+        } else {
+            // The task's own error is what its caller gets; nothing is kept.
+            tx.rollback()
+                .map_err(|e| CommitError::from_sqlite("rolling back a write", &e))
+        };
+    }
     for task in batch.iter_mut() {
         let sp = tx
             .savepoint()
