@@ -11,12 +11,19 @@
 //!   every test decides "expired" and "due" the same way.
 //! - **Connections** come from a bounded pool (deadpool) with an acquire timeout, a maximum
 //!   lifetime and a warm minimum; see `pool.rs`.
+//! - **Inserts are group-committed**: concurrent `insert` calls are merged into one
+//!   statement by a committer task, each caller answered after the commit; see `commit.rs`.
+//! - **Wakeups**: statements that make jobs available `pg_notify` the store's channel, and a
+//!   listening connection outside the pool turns the notifications into
+//!   [`Store::wakeups`] streams; see `listen.rs`.
 //!
 //! Every statement is unqualified and resolves through the connection's `search_path`, so a
 //! URL with `?options=-csearch_path%3D<schema>` confines a store to one schema (tests run one
 //! schema each).
 
+mod commit;
 mod error;
+mod listen;
 mod pool;
 mod rows;
 mod sql;
@@ -37,7 +44,7 @@ use keel_core::store::{
 };
 use keel_core::{
     AttemptError, Backoff, Clock, IdempotencyKey, Job, JobId, JobState, NewJob, QueueName, Store,
-    StoreError, Timestamp, Transition, WorkerId, next_attempt_at,
+    StoreError, Timestamp, Transition, WakeupStream, WorkerId, next_attempt_at,
 };
 use tokio_postgres::Row;
 use tokio_postgres::types::ToSql;
@@ -45,6 +52,8 @@ use uuid::Uuid;
 
 use crate::migrate::{self, MigrationReport};
 use crate::{codec, key_reused};
+use commit::{Committer, JobColumns};
+use listen::Listener;
 use sql::{ListQuery, SQL};
 
 /// Connection pool settings. Each bounds a resource so overload turns into fast, retryable
@@ -69,6 +78,20 @@ pub struct PgOptions {
     /// Longest to wait for a new connection to be established. An unreachable server (black-
     /// holed packets, not a refusal) must fail fast rather than hang startup or a request.
     pub connect_timeout: Duration,
+    /// Insert calls that may wait for the group committer. Beyond it callers wait to be
+    /// queued (backpressure, bounded by their own deadline) rather than the queue, and the
+    /// memory its jobs hold, growing without limit under overload.
+    pub insert_queue: usize,
+    /// Most jobs merged into one group commit. Larger batches amortise the commit further but
+    /// make each statement, and the wait of every caller in it, longer; past a couple of
+    /// thousand rows the per-row cost dominates and merging gains little. A single call with
+    /// more jobs is written on its own, never split.
+    pub insert_batch_max: usize,
+    /// Group commits in flight at once, each on its own pooled connection. One is enough to
+    /// batch, but then every batch waits for the previous one's WAL flush; a second overlaps
+    /// the next batch's round trip with that flush. More only splits the load into smaller
+    /// batches. Counts against `max_connections`.
+    pub insert_commits: usize,
 }
 
 impl Default for PgOptions {
@@ -79,6 +102,9 @@ impl Default for PgOptions {
             max_lifetime: Some(Duration::from_secs(30 * 60)),
             acquire_timeout: Duration::from_secs(5),
             connect_timeout: Duration::from_secs(5),
+            insert_queue: 4096,
+            insert_batch_max: 2000,
+            insert_commits: 2,
         }
     }
 }
@@ -96,13 +122,18 @@ impl PgOptions {
 }
 
 /// A [`Store`] on Postgres. Cheap to share behind an `Arc`: every method borrows a pooled
-/// connection for the duration of one statement or transaction.
+/// connection for the duration of one statement or transaction (inserts through the group
+/// committer, which borrows one per batch).
 pub struct PgStore {
     pool: Pool,
     clock: Arc<dyn Clock>,
     /// `host:port/db` for messages (never the password).
     target: String,
+    /// Where wakeups are sent and heard: `keel_jobs:<schema>`, fixed at connect.
+    channel: String,
     maintenance: pool::Maintenance,
+    committer: Committer,
+    listener: Listener,
 }
 
 impl std::fmt::Debug for PgStore {
@@ -110,6 +141,8 @@ impl std::fmt::Debug for PgStore {
         f.debug_struct("PgStore")
             .field("target", &self.target)
             .field("pool", &self.pool.status())
+            .field("channel", &self.channel)
+            .field("committer", &self.committer)
             .field("clock", &self.clock)
             .finish_non_exhaustive()
     }
@@ -121,7 +154,8 @@ type Ctx<'a> = &'a (dyn Fn() -> String + Send + Sync);
 impl PgStore {
     /// Connects to the server at `url` (libpq URL syntax, including
     /// `?options=-csearch_path%3D<schema>`), verifies it answers, warms `min_idle`
-    /// connections and starts the pool's maintenance task.
+    /// connections, and starts the pool's maintenance task, the group committer and the
+    /// wakeup listener (which connects in the background).
     ///
     /// Fails with [`StoreError::Transient`] when the server is unreachable or not accepting
     /// connections yet (worth retrying at startup), and [`StoreError::Permanent`] for a
@@ -146,27 +180,45 @@ impl PgStore {
             // Shows up in pg_stat_activity, so operators can tell Keel's sessions apart.
             cfg.application_name("keel");
         }
-        let pool = pool::build(cfg, &opts).map_err(|e| {
+        let pool = pool::build(cfg.clone(), &opts).map_err(|e| {
             StoreError::permanent(format!("building the connection pool for {target}"), e)
         })?;
-        {
+        let schema: Option<String> = {
             let conn = pool
                 .get()
                 .await
                 .map_err(|e| error::pool(e, format!("connecting to {target}")))?;
-            conn.simple_query("SELECT 1")
+            // Also proves the server answers. NULL when no schema of the search_path exists
+            // yet; `migrate` reports that, and wakeups fall back to a shared channel.
+            conn.query_one("SELECT current_schema()", &[])
                 .await
-                .map_err(|e| error::db(e, format!("checking that {target} answers")))?;
-        }
+                .and_then(|row| row.try_get(0))
+                .map_err(|e| error::db(e, format!("checking that {target} answers")))?
+        };
+        let channel = listen::channel_for(schema.as_deref());
         if let Err(e) = pool::top_up(&pool, opts.min_idle).await {
             tracing::warn!(error = %e, %target, "could not open min_idle Postgres connections");
         }
         let maintenance = pool::Maintenance::spawn(&pool, &opts);
+        let committer = Committer::spawn(
+            pool.clone(),
+            channel.clone(),
+            commit::Settings {
+                queue: opts.insert_queue,
+                max_batch: opts.insert_batch_max,
+                // Each commit holds a pooled connection; more could only wait for one.
+                concurrency: opts.insert_commits.min(opts.max_connections),
+            },
+        );
+        let listener = Listener::spawn(cfg, channel.clone());
         Ok(Self {
             pool,
             clock,
             target,
+            channel,
             maintenance,
+            committer,
+            listener,
         })
     }
 
@@ -337,12 +389,14 @@ impl PgStore {
     /// Runs a single-row guarded transition (`cancel`, `retry`). When the guard matched
     /// nothing, reads the job's state to answer NotFound or IllegalTransition. Should the
     /// state change between the two statements to one the transition accepts (a concurrent
-    /// retry, say), the transition is tried again, a bounded number of times.
+    /// retry, say), the transition is tried again, a bounded number of times. `notifies`:
+    /// the statement takes the wakeup channel as `$3`.
     async fn guarded(
         &self,
         id: JobId,
         transition: Transition,
         sql: &str,
+        notifies: bool,
         ctx: Ctx<'_>,
     ) -> Result<Job, StoreError> {
         const ATTEMPTS: usize = 3;
@@ -357,8 +411,10 @@ impl PgStore {
             .map_err(|e| error::db(e, ctx()))?;
         for _ in 0..ATTEMPTS {
             let now = self.clock.now();
+            let params: [&(dyn ToSql + Sync); 3] = [id.as_uuid(), &now, &self.channel];
+            let params = if notifies { &params[..] } else { &params[..2] };
             let row = conn
-                .query_opt(&update, &[id.as_uuid(), &now])
+                .query_opt(&update, params)
                 .await
                 .map_err(|e| error::db(e, ctx()))?;
             if let Some(row) = row {
@@ -429,19 +485,11 @@ impl Store for PgStore {
         if jobs.is_empty() {
             return Ok(Vec::new());
         }
+        // Stamped here, not in the committer: each job's times are those its own caller saw,
+        // whichever batch it lands in.
         let now = self.clock.now();
         let jobs: Vec<Job> = jobs.into_iter().map(|j| j.into_job(now)).collect();
-        let ctx = || format!("inserting jobs (batch of {})", jobs.len());
-        let conn = self.conn(&ctx).await?;
-        let stmt = conn
-            .prepare_cached(&SQL.insert)
-            .await
-            .map_err(|e| error::db(e, ctx()))?;
-        let columns = JobColumns::of(&jobs);
-        conn.execute(&stmt, &columns.params(&now))
-            .await
-            .map_err(|e| error::db(e, ctx()))?;
-        Ok(jobs)
+        self.committer.insert(jobs).await
     }
 
     async fn get(&self, id: JobId) -> Result<Job, StoreError> {
@@ -618,19 +666,20 @@ impl Store for PgStore {
         }
         let ctx = || format!("releasing jobs (batch of {})", leases.len());
         let (ids, tokens) = split(&leases);
-        self.fenced_batch(&leases, &SQL.release, &[&ids, &tokens], &ctx)
+        self.fenced_batch(&leases, &SQL.release, &[&ids, &tokens, &self.channel], &ctx)
             .await
     }
 
     async fn cancel(&self, id: JobId) -> Result<Job, StoreError> {
         let ctx = || format!("cancelling job {id}");
-        self.guarded(id, Transition::Cancel, &SQL.cancel, &ctx)
+        self.guarded(id, Transition::Cancel, &SQL.cancel, false, &ctx)
             .await
     }
 
     async fn retry(&self, id: JobId) -> Result<Job, StoreError> {
         let ctx = || format!("retrying job {id}");
-        self.guarded(id, Transition::Retry, &SQL.retry, &ctx).await
+        self.guarded(id, Transition::Retry, &SQL.retry, true, &ctx)
+            .await
     }
 
     async fn promote(&self, params: PromoteParams) -> Result<Vec<Promoted>, StoreError> {
@@ -640,7 +689,11 @@ impl Store for PgStore {
         let ctx = || "promoting due jobs".to_owned();
         let now = self.clock.now();
         let rows = self
-            .query(&SQL.promote, &[&now, &i64::from(params.limit)], &ctx)
+            .query(
+                &SQL.promote,
+                &[&now, &i64::from(params.limit), &self.channel],
+                &ctx,
+            )
             .await?;
         rows.iter()
             .map(|row| {
@@ -825,7 +878,7 @@ impl Store for PgStore {
         let status = i16::try_from(response.status).map_err(|e| {
             StoreError::permanent(format!("{}: response status {}", ctx(), response.status), e)
         })?;
-        let columns = JobColumns::of(&jobs);
+        let columns = JobColumns::of(&jobs, jobs.len(), &self.channel);
         for _ in 0..ATTEMPTS {
             let tx = conn.transaction().await.map_err(|e| error::db(e, ctx()))?;
             let expire = tx
@@ -863,7 +916,7 @@ impl Store for PgStore {
                         .map_err(|e| error::db(e, ctx()))?;
                     // A duplicate job id fails here as a Conflict; dropping `tx` rolls the
                     // key back with the jobs.
-                    tx.execute(&insert, &columns.params(&now))
+                    tx.execute(&insert, &columns.params())
                         .await
                         .map_err(|e| error::db(e, ctx()))?;
                 }
@@ -912,10 +965,13 @@ impl Store for PgStore {
             .prepare_cached(&SQL.set_queue_paused)
             .await
             .map_err(|e| error::db(e, ctx()))?;
-        conn.execute(&stmt, &[&queue.as_str(), &paused, &self.clock.now()])
-            .await
-            .map(drop)
-            .map_err(|e| error::db(e, ctx()))
+        conn.execute(
+            &stmt,
+            &[&queue.as_str(), &paused, &self.clock.now(), &self.channel],
+        )
+        .await
+        .map(drop)
+        .map_err(|e| error::db(e, ctx()))
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
@@ -933,11 +989,20 @@ impl Store for PgStore {
             max: st.max_size,
             idle: st.available,
             in_use: st.size.saturating_sub(st.available),
-            waiting: st.waiting,
+            // Inserts queued for the committer wait for a connection too, one batch away.
+            waiting: st.waiting + self.committer.queued(),
         }
     }
 
+    fn wakeups(&self) -> Option<Box<dyn WakeupStream>> {
+        Some(self.listener.subscribe())
+    }
+
+    /// Stops the listener (ending every wakeup stream), writes the inserts already queued
+    /// and waits for those in flight, then closes the pool and its maintenance task.
     async fn close(&self) {
+        self.listener.stop().await;
+        self.committer.close().await;
         self.pool.close();
         self.maintenance.stop().await;
     }
@@ -951,81 +1016,6 @@ fn validate_all(jobs: &[NewJob]) -> Result<(), StoreError> {
             .map_err(|errors| StoreError::Invalid { index, errors })?;
     }
     Ok(())
-}
-
-/// New jobs as the twelve array parameters of `SQL.insert`, one array per column, so a batch
-/// of any size is one statement. Shared by `insert` and `insert_idempotent`, which must store
-/// jobs identically.
-struct JobColumns<'a> {
-    ids: Vec<Uuid>,
-    queues: Vec<&'a str>,
-    kinds: Vec<&'a str>,
-    tenants: Vec<&'a str>,
-    args: Vec<&'a str>,
-    priorities: Vec<i16>,
-    states: Vec<&'static str>,
-    max_attempts: Vec<i32>,
-    timeouts: Vec<i64>,
-    backoffs: Vec<String>,
-    tags: Vec<String>,
-    run_ats: Vec<Timestamp>,
-}
-
-impl<'a> JobColumns<'a> {
-    fn of(jobs: &'a [Job]) -> Self {
-        let n = jobs.len();
-        let mut c = Self {
-            ids: Vec::with_capacity(n),
-            queues: Vec::with_capacity(n),
-            kinds: Vec::with_capacity(n),
-            tenants: Vec::with_capacity(n),
-            args: Vec::with_capacity(n),
-            priorities: Vec::with_capacity(n),
-            states: Vec::with_capacity(n),
-            max_attempts: Vec::with_capacity(n),
-            timeouts: Vec::with_capacity(n),
-            backoffs: Vec::with_capacity(n),
-            tags: Vec::with_capacity(n),
-            run_ats: Vec::with_capacity(n),
-        };
-        for j in jobs {
-            c.ids.push(*j.id.as_uuid());
-            c.queues.push(j.queue.as_str());
-            c.kinds.push(j.kind.as_str());
-            c.tenants.push(j.tenant.as_str());
-            c.args.push(j.args.get());
-            c.priorities.push(i16::from(j.priority.get()));
-            c.states.push(j.state.as_str());
-            // Validation bounds these far below i32::MAX / i64::MAX.
-            c.max_attempts
-                .push(i32::try_from(j.max_attempts).unwrap_or(i32::MAX));
-            c.timeouts
-                .push(i64::try_from(j.timeout.as_millis()).unwrap_or(i64::MAX));
-            c.backoffs.push(codec::backoff_to_json(&j.backoff));
-            c.tags.push(codec::tags_to_json(&j.tags));
-            c.run_ats.push(j.run_at);
-        }
-        c
-    }
-
-    /// `$1..$13` of `SQL.insert`; `now` is the creation time.
-    fn params<'b>(&'b self, now: &'b Timestamp) -> [&'b (dyn ToSql + Sync); 13] {
-        [
-            &self.ids,
-            &self.queues,
-            &self.kinds,
-            &self.tenants,
-            &self.args,
-            &self.priorities,
-            &self.states,
-            &self.max_attempts,
-            &self.timeouts,
-            &self.backoffs,
-            &self.tags,
-            &self.run_ats,
-            now,
-        ]
-    }
 }
 
 /// The answer for a live key found stored (`SQL.idempotency_read`): the original response

@@ -10,6 +10,12 @@
 //!
 //! Rows are always selected through [`COLUMNS`] with the table aliased `j`, and decoded by
 //! position in `rows.rs`.
+//!
+//! Every statement that makes jobs available (insert, promote, retry, release, resuming a
+//! queue) also calls `pg_notify(channel, queue)` for the queues it touched, in the same
+//! statement: the notification is delivered at commit and dropped with a rollback, so a
+//! listener is never woken for work that is not there. The channel is a parameter (see
+//! `listen.rs` for how it is named).
 
 use std::sync::LazyLock;
 
@@ -93,15 +99,26 @@ impl Statements {
             // One statement for the whole batch: columns travel as arrays and are zipped back
             // into rows by unnest. JSON travels as text and is cast here, so `args` is stored
             // exactly as submitted. attempt, errors, result and the lease take their defaults.
-            insert: "INSERT INTO jobs (id, queue, kind, tenant, args, priority, state, \
+            // created_at is per row: a group commit merges callers that arrived at different
+            // instants, and each job keeps the time its own caller saw.
+            //
+            // The same statement notifies listeners ($14 is the store's channel, $15 the
+            // distinct queues that received available jobs). A data-modifying CTE always runs
+            // to completion whether or not the outer query reads it, so the notifications are
+            // queued only if every row was inserted, and Postgres delivers them at commit.
+            insert: "WITH inserted AS ( \
+                 INSERT INTO jobs (id, queue, kind, tenant, args, priority, state, \
                  max_attempts, timeout_ms, backoff, tags, run_at, created_at) \
                  SELECT t.id, t.queue, t.kind, t.tenant, t.args::json, t.priority, t.state, \
-                 t.max_attempts, t.timeout_ms, t.backoff::jsonb, t.tags::jsonb, t.run_at, $13 \
+                 t.max_attempts, t.timeout_ms, t.backoff::jsonb, t.tags::jsonb, t.run_at, \
+                 t.created_at \
                  FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], \
                  $6::int2[], $7::text[], $8::int4[], $9::int8[], $10::text[], $11::text[], \
-                 $12::timestamptz[]) \
+                 $12::timestamptz[], $13::timestamptz[]) \
                  AS t(id, queue, kind, tenant, args, priority, state, max_attempts, timeout_ms, \
-                 backoff, tags, run_at)"
+                 backoff, tags, run_at, created_at) \
+                 ) \
+                 SELECT pg_notify($14, q.queue) FROM unnest($15::text[]) AS q(queue)"
                 .to_owned(),
             get: format!("SELECT {COLUMNS} FROM jobs j WHERE j.id = $1"),
             // The inner SELECT walks jobs_lease_idx in lease order and skips rows another
@@ -149,13 +166,18 @@ impl Statements {
                 to = target(Transition::Complete),
                 from = guard(Transition::Complete),
             ),
-            // The attempt the lease started does not count: it is given back.
+            // The attempt the lease started does not count: it is given back. The job is
+            // available again, so its queue's listeners are told ($3 is the channel; Postgres
+            // folds identical notifications of one transaction into one).
             release: format!(
-                "UPDATE jobs j SET state = '{to}', attempt = GREATEST(j.attempt - 1, 0), \
-                   lease_token = NULL, lease_expires_at = NULL \
-                 FROM unnest($1::uuid[], $2::uuid[]) AS l(id, token) \
-                 WHERE j.id = l.id AND j.lease_token = l.token AND j.state IN ({from}) \
-                 RETURNING l.id, l.token",
+                "WITH released AS ( \
+                   UPDATE jobs j SET state = '{to}', attempt = GREATEST(j.attempt - 1, 0), \
+                     lease_token = NULL, lease_expires_at = NULL \
+                   FROM unnest($1::uuid[], $2::uuid[]) AS l(id, token) \
+                   WHERE j.id = l.id AND j.lease_token = l.token AND j.state IN ({from}) \
+                   RETURNING l.id, l.token, j.queue \
+                 ) \
+                 SELECT r.id, r.token, pg_notify($3, r.queue) FROM released r",
                 to = target(Transition::Release),
                 from = guard(Transition::Release),
             ),
@@ -180,13 +202,18 @@ impl Statements {
                 to = target(Transition::Cancel),
                 from = guard(Transition::Cancel),
             ),
-            // A job that used up its attempts gets exactly one more.
+            // A job that used up its attempts gets exactly one more. The job is available
+            // now, so its queue's listeners are told ($3 is the channel); the columns come
+            // first, in `COLUMNS` order, so the row decodes like any other.
             retry: format!(
-                "UPDATE jobs j SET state = '{to}', run_at = $2, finished_at = NULL, \
-                   result = NULL, lease_token = NULL, lease_expires_at = NULL, \
-                   max_attempts = GREATEST(j.max_attempts, j.attempt + 1) \
-                 WHERE j.id = $1 AND j.state IN ({from}) \
-                 RETURNING {COLUMNS}",
+                "WITH retried AS ( \
+                   UPDATE jobs j SET state = '{to}', run_at = $2, finished_at = NULL, \
+                     result = NULL, lease_token = NULL, lease_expires_at = NULL, \
+                     max_attempts = GREATEST(j.max_attempts, j.attempt + 1) \
+                   WHERE j.id = $1 AND j.state IN ({from}) \
+                   RETURNING {COLUMNS} \
+                 ) \
+                 SELECT r.*, pg_notify($3, r.queue) FROM retried r",
                 to = target(Transition::Retry),
                 from = guard(Transition::Retry),
             ),
@@ -195,6 +222,9 @@ impl Statements {
             // first and the outer statement becomes primary-key lookups whatever the planner
             // guesses about the LIMIT (a semi-join could otherwise be planned as a hash join
             // over the whole table).
+            //
+            // Each queue that received jobs is notified once ($3 is the channel), in the same
+            // statement, so listeners hear of exactly the promotions that committed.
             promote: format!(
                 "WITH promoted AS ( \
                    UPDATE jobs j SET state = '{to}' \
@@ -207,7 +237,8 @@ impl Statements {
                    AND j.state IN ({from}) \
                    RETURNING j.queue \
                  ) \
-                 SELECT queue, count(*) FROM promoted GROUP BY queue ORDER BY queue",
+                 SELECT queue, count(*), pg_notify($3, queue) FROM promoted \
+                 GROUP BY queue ORDER BY queue",
                 to = target(Transition::Promote),
                 from = guard(Transition::Promote),
             ),
@@ -246,9 +277,15 @@ impl Statements {
                  FROM (SELECT queue, state, count(*) AS n FROM jobs GROUP BY queue, state) c \
                  FULL JOIN queues q ON q.name = c.queue"
                 .to_owned(),
-            set_queue_paused: "INSERT INTO queues (name, paused, updated_at) VALUES ($1, $2, $3) \
+            // Resuming a queue makes its waiting jobs leasable again: the same statement
+            // notifies the queue's listeners ($4 is the channel) when the flag is now off.
+            set_queue_paused: "WITH saved AS ( \
+                 INSERT INTO queues (name, paused, updated_at) VALUES ($1, $2, $3) \
                  ON CONFLICT (name) DO UPDATE \
-                 SET paused = excluded.paused, updated_at = excluded.updated_at"
+                 SET paused = excluded.paused, updated_at = excluded.updated_at \
+                 RETURNING name, paused \
+                 ) \
+                 SELECT pg_notify($4, s.name) FROM saved s WHERE NOT s.paused"
                 .to_owned(),
             // A live key only: an expired one is treated as absent until deleted.
             idempotency_read: "SELECT fingerprint, status, body FROM idempotency_keys \

@@ -14,6 +14,10 @@
 //!   database, concurrent migrations, a search_path naming no schema.
 //! - **The pool**: min_idle warming and top-up, max_lifetime, the acquire timeout, close,
 //!   and a connection killed under the store.
+//! - **Group commit**: concurrent inserts share commits; one caller's duplicate id fails
+//!   only that caller; close answers every caller.
+//! - **Wakeups**: a notification reaches other stores on the same schema and no other, and
+//!   the listener comes back after its connection is killed.
 
 use std::collections::{BTreeSet, HashSet};
 use std::sync::Arc;
@@ -276,6 +280,7 @@ async fn explain_hot_queries_use_indexes() {
     let limit = 100_i64;
     let (owner, queue_name) = ("w2", queue.as_str());
     let (tenant, key) = ("t3", "key-3");
+    let channel = "keel_jobs:explain";
 
     let cases = [
         Case {
@@ -311,8 +316,8 @@ async fn explain_hot_queries_use_indexes() {
         Case {
             name: "promote",
             sql: &SQL.promote,
-            params: vec![&now, &limit],
-            literals: format!("{}, 100", ts(now)),
+            params: vec![&now, &limit, &channel],
+            literals: format!("{}, 100, 'keel_jobs:explain'", ts(now)),
             index: "jobs_due_idx",
             generic_uses_index: true,
             once: &[],
@@ -835,5 +840,336 @@ async fn pausing_records_the_flag_and_time() {
     assert_eq!(updated_at, clock.now());
     assert!(updated_at > paused_at);
     drop(conn);
+    store.close().await;
+}
+
+fn noop() -> keel_core::NewJob {
+    keel_core::NewJob::new(keel_core::JobKind::parse("noop").expect("valid kind"))
+}
+
+async fn count_jobs(store: &PgStore) -> i64 {
+    let conn = store.pool.get().await.expect("connection");
+    conn.query_one("SELECT count(*) FROM jobs", &[])
+        .await
+        .expect("count jobs")
+        .get(0)
+}
+
+/// A migrated store in `schema` with `opts`.
+async fn store_in(schema: &PgSchema, opts: PgOptions) -> PgStore {
+    let store = PgStore::connect(&schema.url, opts, clock())
+        .await
+        .expect("connect");
+    store.migrate().await.expect("migrate");
+    store
+}
+
+/// Two hundred callers inserting one job each at the same moment are all answered, every
+/// job is stored, and the committer wrote them in a handful of statements, not two hundred.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_inserts_share_commits() {
+    let Some(base) = pg_url_or_skip("postgres::tests::concurrent_inserts_share_commits") else {
+        return;
+    };
+    let schema = PgSchema::create(&base).await;
+    let store = Arc::new(store_in(&schema, PgOptions::for_tests()).await);
+    const CALLERS: usize = 200;
+    let start = Arc::new(tokio::sync::Barrier::new(CALLERS));
+    let tasks: Vec<_> = (0..CALLERS)
+        .map(|_| {
+            let store = Arc::clone(&store);
+            let start = Arc::clone(&start);
+            tokio::spawn(async move {
+                start.wait().await;
+                store.insert(vec![noop()]).await
+            })
+        })
+        .collect();
+    let mut ids = HashSet::new();
+    for t in tasks {
+        let jobs = t.await.expect("task").expect("insert");
+        assert_eq!(jobs.len(), 1);
+        ids.insert(jobs[0].id);
+    }
+    assert_eq!(ids.len(), CALLERS);
+    assert_eq!(count_jobs(&store).await, CALLERS as i64);
+    let stats = store.committer.stats();
+    let commits = stats.commits.load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(
+        stats.requests.load(std::sync::atomic::Ordering::Relaxed),
+        CALLERS as u64
+    );
+    assert!(
+        commits <= 20,
+        "{CALLERS} concurrent inserts took {commits} commits; group commit should merge them"
+    );
+    store.close().await;
+}
+
+/// Callers merged into one batch: one whose job id is already stored and one whose own
+/// jobs repeat an id each get a conflict; the others' jobs are stored. The batch is forced
+/// by holding a lock that blocks inserts until every caller has queued behind the only
+/// commit slot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_callers_duplicate_fails_only_that_caller() {
+    let Some(base) =
+        pg_url_or_skip("postgres::tests::one_callers_duplicate_fails_only_that_caller")
+    else {
+        return;
+    };
+    let schema = PgSchema::create(&base).await;
+    let opts = PgOptions {
+        insert_commits: 1,
+        ..PgOptions::for_tests()
+    };
+    let store = Arc::new(store_in(&schema, opts).await);
+    let existing = noop();
+    store
+        .insert(vec![existing.clone()])
+        .await
+        .expect("first insert");
+
+    let mut holder = store.pool.get().await.expect("connection");
+    let watcher = store.pool.get().await.expect("connection");
+    let tx = holder.transaction().await.expect("begin");
+    tx.batch_execute("LOCK TABLE jobs IN SHARE MODE")
+        .await
+        .expect("block inserts");
+    let spawn_insert = |jobs: Vec<keel_core::NewJob>| {
+        let store = Arc::clone(&store);
+        tokio::spawn(async move { store.insert(jobs).await })
+    };
+    // Takes the only commit slot and waits on the lock.
+    let blocker = spawn_insert(vec![noop()]);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let waiting: i64 = watcher
+            .query_one(
+                "SELECT count(*) FROM pg_locks WHERE NOT granted AND relation = 'jobs'::regclass",
+                &[],
+            )
+            .await
+            .expect("read pg_locks")
+            .get(0);
+        if waiting > 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the first insert never blocked");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let repeated = noop();
+    let good_a = vec![noop(), noop()];
+    let good_b = vec![noop()];
+    let callers = [
+        spawn_insert(good_a.clone()),
+        spawn_insert(vec![existing.clone(), noop()]),
+        spawn_insert(vec![repeated.clone(), repeated.clone()]),
+        spawn_insert(good_b.clone()),
+    ];
+    eventually("every caller to queue behind the blocked commit", || {
+        store.committer.queued() == callers.len()
+    })
+    .await;
+    tx.commit().await.expect("release the lock");
+    blocker.await.expect("task").expect("the blocked insert");
+    let [a, existing_caller, repeated_caller, b] = callers;
+    let stored_a = a.await.expect("task").expect("caller a is unaffected");
+    let stored_b = b.await.expect("task").expect("caller b is unaffected");
+    for (what, outcome) in [
+        ("an id already stored", existing_caller.await.expect("task")),
+        (
+            "an id repeated in the call",
+            repeated_caller.await.expect("task"),
+        ),
+    ] {
+        match outcome {
+            Err(StoreError::Conflict(_)) => {}
+            other => panic!("{what}: expected a conflict, got {other:?}"),
+        }
+    }
+    assert_eq!(
+        stored_a.iter().map(|j| j.id).collect::<Vec<_>>(),
+        good_a.iter().map(|j| j.id).collect::<Vec<_>>()
+    );
+    assert_eq!(stored_b[0].id, good_b[0].id);
+    let ids: Vec<uuid::Uuid> = watcher
+        .query("SELECT id FROM jobs", &[])
+        .await
+        .expect("read ids")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    // The first insert, the blocker, and a's and b's three; nothing of the two that failed.
+    assert_eq!(ids.len(), 5, "{ids:?}");
+    for job in good_a.iter().chain(&good_b) {
+        assert!(ids.contains(job.id.as_uuid()), "{} was not stored", job.id);
+    }
+    assert!(!ids.contains(repeated.id.as_uuid()));
+    drop((holder, watcher));
+    store.close().await;
+}
+
+/// Inserts racing with close are each either stored and answered Ok, or refused and not
+/// stored; none hangs. After close, inserts fail and wakeup streams end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn close_answers_every_insert() {
+    let Some(base) = pg_url_or_skip("postgres::tests::close_answers_every_insert") else {
+        return;
+    };
+    let schema = PgSchema::create(&base).await;
+    let store = Arc::new(store_in(&schema, PgOptions::for_tests()).await);
+    let mut wakeups = store.wakeups().expect("Postgres delivers wakeups");
+    let tasks: Vec<_> = (0..100)
+        .map(|_| {
+            let store = Arc::clone(&store);
+            tokio::spawn(async move { store.insert(vec![noop()]).await })
+        })
+        .collect();
+    tokio::task::yield_now().await;
+    tokio::time::timeout(Duration::from_secs(10), store.close())
+        .await
+        .expect("close finishes");
+    let mut ok = 0;
+    for t in tasks {
+        let outcome = tokio::time::timeout(Duration::from_secs(10), t)
+            .await
+            .expect("every caller is answered")
+            .expect("task");
+        match outcome {
+            Ok(_) => ok += 1,
+            Err(e) => assert_eq!(e.class(), "permanent", "{e:?}"),
+        }
+    }
+    let err = store.insert(vec![noop()]).await.expect_err("closed");
+    assert_eq!(err.class(), "permanent", "{err:?}");
+    assert!(
+        tokio::time::timeout(Duration::from_secs(5), wakeups.next())
+            .await
+            .expect("the stream ends")
+            .is_none()
+    );
+    // Read through a store of its own: the closed one has no pool left.
+    let reader = store_in(&schema, PgOptions::for_tests()).await;
+    assert_eq!(count_jobs(&reader).await, ok);
+    reader.close().await;
+}
+
+/// The next wakeup on `stream`, or `None` if none comes within `wait`.
+async fn next_wakeup(
+    stream: &mut Box<dyn keel_core::WakeupStream>,
+    wait: Duration,
+) -> Option<QueueName> {
+    tokio::time::timeout(wait, stream.next())
+        .await
+        .ok()
+        .flatten()
+}
+
+/// An insert through one store wakes another store on the same schema, for that queue (and
+/// not for a queue that only got a scheduled job); promotion wakes it too. A store on
+/// another schema hears nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wakeups_reach_stores_on_the_same_schema_only() {
+    let Some(base) =
+        pg_url_or_skip("postgres::tests::wakeups_reach_stores_on_the_same_schema_only")
+    else {
+        return;
+    };
+    let schema = PgSchema::create(&base).await;
+    let other_schema = PgSchema::create(&base).await;
+    let clock = ManualClock::starting_now();
+    let a = PgStore::connect(&schema.url, PgOptions::for_tests(), Arc::new(clock.clone()))
+        .await
+        .expect("connect");
+    a.migrate().await.expect("migrate");
+    let b = store_in(&schema, PgOptions::for_tests()).await;
+    let elsewhere = store_in(&other_schema, PgOptions::for_tests()).await;
+    let mut heard = b.wakeups().expect("Postgres delivers wakeups");
+    let mut overheard = elsewhere.wakeups().expect("Postgres delivers wakeups");
+    eventually("both listeners to be listening", || {
+        b.listener.listens() >= 1 && elsewhere.listener.listens() >= 1
+    })
+    .await;
+
+    let later = QueueName::parse("later").expect("valid queue");
+    let mail = QueueName::parse("mail").expect("valid queue");
+    let due = clock.now() + chrono::TimeDelta::seconds(30);
+    a.insert(vec![noop().queue(later.clone()).run_at(due)])
+        .await
+        .expect("insert scheduled");
+    a.insert(vec![noop().queue(mail.clone()), noop().queue(mail.clone())])
+        .await
+        .expect("insert available");
+    assert_eq!(
+        next_wakeup(&mut heard, Duration::from_secs(5)).await,
+        Some(mail.clone()),
+        "the first wakeup is for the queue that got available jobs"
+    );
+
+    clock.advance(Duration::from_secs(60));
+    let promoted = a
+        .promote(keel_core::store::PromoteParams { limit: 10 })
+        .await
+        .expect("promote");
+    assert_eq!(promoted.len(), 1);
+    assert_eq!(
+        next_wakeup(&mut heard, Duration::from_secs(5)).await,
+        Some(later)
+    );
+    assert_eq!(
+        next_wakeup(&mut overheard, Duration::from_millis(500)).await,
+        None,
+        "a store on another schema was woken"
+    );
+    for s in [a, b, elsewhere] {
+        s.close().await;
+    }
+}
+
+/// Killing the listener's connection does not end the stream: the listener reconnects and
+/// later notifications arrive on the same stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listener_reconnects_after_its_connection_is_killed() {
+    let Some(base) =
+        pg_url_or_skip("postgres::tests::listener_reconnects_after_its_connection_is_killed")
+    else {
+        return;
+    };
+    let schema = PgSchema::create(&base).await;
+    let store = store_in(&schema, PgOptions::for_tests()).await;
+    let mut wakeups = store.wakeups().expect("Postgres delivers wakeups");
+    eventually("the listener to be listening", || {
+        store.listener.listens() >= 1
+    })
+    .await;
+    let conn = store.pool.get().await.expect("connection");
+    let killed: i64 = conn
+        .query_one(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
+             WHERE query = $1 AND pid <> pg_backend_pid()",
+            &[&format!("LISTEN \"{}\"", store.channel)],
+        )
+        .await
+        .expect("terminate the listener")
+        .get(0);
+    assert_eq!(
+        killed, 1,
+        "exactly one session listens on {}",
+        store.channel
+    );
+    drop(conn);
+    eventually("the listener to listen again", || {
+        store.listener.listens() >= 2
+    })
+    .await;
+    let queue = QueueName::parse("after-reconnect").expect("valid queue");
+    store
+        .insert(vec![noop().queue(queue.clone())])
+        .await
+        .expect("insert");
+    assert_eq!(
+        next_wakeup(&mut wakeups, Duration::from_secs(5)).await,
+        Some(queue)
+    );
     store.close().await;
 }

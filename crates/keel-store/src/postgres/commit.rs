@@ -1,0 +1,469 @@
+//! Group commit for [`PgStore::insert`](super::PgStore): many callers, one transaction.
+//!
+//! Each `insert` call sends its (validated) jobs over a bounded channel to one committer
+//! task and waits for the answer. The committer takes the first waiting request, drains
+//! whatever else is already queued (up to `max_batch` jobs), and writes them all with one
+//! `unnest` INSERT — one statement, so one transaction and one WAL flush — then answers
+//! every caller, only after the commit. Nothing lingers: a lone request at low load is
+//! written at once. Up to `concurrency` batches are in flight on separate pooled
+//! connections, so one commit's fsync does not stall the next batch's round trip; while
+//! every slot is busy, requests pile up in the channel and the next batch is larger. That
+//! is what makes the batch size follow the load without a timer.
+//!
+//! - **Backpressure**: the channel is bounded; when it is full, callers wait to send (their
+//!   own deadline still applies), instead of the queue growing without limit.
+//! - **Per-caller atomicity**: a merged write that fails for a reason other than a transient
+//!   one (a duplicate id in one caller's jobs, say) is retried caller by caller, each in its
+//!   own statement, so only the offending caller gets the error and the others' jobs are
+//!   stored. A transient failure (connection lost, pool exhausted) is every caller's: they
+//!   all get it and may retry.
+//! - **Callers who gave up** (deadline, disconnect) before their batch was written are
+//!   left out of it: they were already told the enqueue failed, so storing their jobs would
+//!   contradict that, and under overload it sheds work nobody waits for. Once written, a
+//!   batch stands even if a caller leaves meanwhile; the answer is dropped.
+//! - **Close** writes everything queued before it, refuses what comes after with a clear
+//!   error, and waits for the batches in flight.
+
+use std::collections::BTreeSet;
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use deadpool_postgres::Pool;
+use keel_core::{Job, JobState, StoreError, Timestamp};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
+use tokio::task::JoinHandle;
+use tokio_postgres::types::ToSql;
+use uuid::Uuid;
+
+use super::error;
+use super::sql::SQL;
+use crate::codec;
+
+/// How the committer batches; see [`PgOptions`](super::PgOptions) for each field's reason.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Settings {
+    /// Insert calls that may wait in the channel.
+    pub(super) queue: usize,
+    /// Jobs per batch, at most (one request larger than this is a batch of its own).
+    pub(super) max_batch: usize,
+    /// Batches written at once, each on its own connection.
+    pub(super) concurrency: usize,
+}
+
+/// Counters of what the committer wrote, for tests and diagnosis.
+#[derive(Debug, Default)]
+pub(super) struct Stats {
+    /// Insert statements that committed: one per merged batch, plus one per caller written
+    /// alone after a merged batch failed.
+    pub(super) commits: AtomicU64,
+    /// Insert calls answered with success.
+    pub(super) requests: AtomicU64,
+}
+
+/// One caller's insert, waiting for its batch.
+struct Request {
+    jobs: Vec<Job>,
+    reply: oneshot::Sender<Result<Vec<Job>, StoreError>>,
+}
+
+enum Message {
+    Insert(Request),
+    /// Write what was queued before this, stop, then signal.
+    Close(oneshot::Sender<()>),
+}
+
+/// The handle `PgStore` holds: sends requests and stops the task.
+pub(super) struct Committer {
+    tx: mpsc::Sender<Message>,
+    task: Mutex<Option<JoinHandle<()>>>,
+    stats: Arc<Stats>,
+}
+
+impl fmt::Debug for Committer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Committer")
+            .field("queued", &self.queued())
+            .field("stats", &self.stats)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What the committing tasks share.
+struct Shared {
+    pool: Pool,
+    /// The store's notification channel (`$14` of `SQL.insert`).
+    channel: String,
+    stats: Arc<Stats>,
+}
+
+impl Committer {
+    /// Starts the committer task, writing through `pool` and notifying `channel`.
+    pub(super) fn spawn(pool: Pool, channel: String, settings: Settings) -> Self {
+        let (tx, rx) = mpsc::channel(settings.queue.max(1));
+        let stats = Arc::new(Stats::default());
+        let shared = Arc::new(Shared {
+            pool,
+            channel,
+            stats: Arc::clone(&stats),
+        });
+        let task = tokio::spawn(run(shared, rx, settings));
+        Self {
+            tx,
+            task: Mutex::new(Some(task)),
+            stats,
+        }
+    }
+
+    /// Queues `jobs` (already validated, non-empty) for the next batch and returns them once
+    /// that batch has committed.
+    pub(super) async fn insert(&self, jobs: Vec<Job>) -> Result<Vec<Job>, StoreError> {
+        let n = jobs.len();
+        let (reply, answer) = oneshot::channel();
+        self.tx
+            .send(Message::Insert(Request { jobs, reply }))
+            .await
+            .map_err(|_| closed(n))?;
+        answer.await.map_err(|_| {
+            // The reply was dropped unanswered: the committer stopped (store closed) or the
+            // task writing the batch failed. Whether the jobs were stored is unknown.
+            StoreError::transient(
+                format!("inserting jobs (batch of {n})"),
+                "the group commit ended without an answer (store closing or writer failure); \
+                 the jobs may or may not be stored",
+            )
+        })?
+    }
+
+    /// Insert calls waiting in the channel.
+    pub(super) fn queued(&self) -> usize {
+        self.tx.max_capacity() - self.tx.capacity()
+    }
+
+    /// Writes what is queued, refuses later inserts, waits for the batches in flight, and
+    /// stops the task.
+    pub(super) async fn close(&self) {
+        let (done, wait) = oneshot::channel();
+        if self.tx.send(Message::Close(done)).await.is_ok() {
+            let _ = wait.await;
+        }
+        let task = self
+            .task
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .take();
+        if let Some(task) = task {
+            let _ = task.await;
+        }
+    }
+
+    /// What has been written so far.
+    #[cfg(test)]
+    pub(super) fn stats(&self) -> &Stats {
+        &self.stats
+    }
+}
+
+fn closed(n: usize) -> StoreError {
+    StoreError::permanent(
+        format!("inserting jobs (batch of {n})"),
+        "the Postgres store is closed",
+    )
+}
+
+/// Requests taken from the channel for one write.
+struct Batch {
+    requests: Vec<Request>,
+    jobs: usize,
+}
+
+impl Batch {
+    fn of(first: Request) -> Self {
+        Self {
+            jobs: first.jobs.len(),
+            requests: vec![first],
+        }
+    }
+}
+
+async fn run(shared: Arc<Shared>, mut rx: mpsc::Receiver<Message>, settings: Settings) {
+    // Bounded by the pool anyway (each commit holds a connection); the cap keeps the
+    // permit arithmetic below in range whatever was configured.
+    let concurrency = settings.concurrency.clamp(1, 1024);
+    let slots = Arc::new(Semaphore::new(concurrency));
+    let max_batch = settings.max_batch.max(1);
+    // A request drained that would have overfilled the batch: it opens the next one.
+    let mut carry: Option<Request> = None;
+    let mut closing = None;
+    loop {
+        // A free slot first, then the requests: while every slot is busy, requests collect
+        // in the channel and the batch taken next is larger.
+        let Ok(permit) = Arc::clone(&slots).acquire_owned().await else {
+            break; // unreachable: the semaphore is never closed
+        };
+        let first = match carry.take() {
+            Some(request) => request,
+            None => match rx.recv().await {
+                Some(Message::Insert(request)) => request,
+                Some(Message::Close(done)) => {
+                    closing = Some(done);
+                    break;
+                }
+                // Every sender is gone: the store was dropped without close().
+                None => break,
+            },
+        };
+        let mut batch = Batch::of(first);
+        while batch.jobs < max_batch {
+            match rx.try_recv() {
+                Ok(Message::Insert(request)) => {
+                    if batch.jobs + request.jobs.len() > max_batch {
+                        carry = Some(request);
+                        break;
+                    }
+                    batch.jobs += request.jobs.len();
+                    batch.requests.push(request);
+                }
+                Ok(Message::Close(done)) => {
+                    closing = Some(done);
+                    break;
+                }
+                Err(_) => break,
+            }
+        }
+        tokio::spawn(commit(Arc::clone(&shared), batch, permit));
+        if closing.is_some() {
+            break;
+        }
+    }
+    if let Some(request) = carry.take() {
+        // Queued before the close: written like the rest.
+        if let Ok(permit) = Arc::clone(&slots).acquire_owned().await {
+            tokio::spawn(commit(Arc::clone(&shared), Batch::of(request), permit));
+        }
+    }
+    // Refuse what was sent after the close; answer what slipped in meanwhile.
+    rx.close();
+    let mut waiters = Vec::from_iter(closing);
+    while let Ok(message) = rx.try_recv() {
+        match message {
+            Message::Insert(request) => {
+                let _ = request.reply.send(Err(closed(request.jobs.len())));
+            }
+            Message::Close(done) => waiters.push(done),
+        }
+    }
+    // Every slot back means no batch is in flight: each caller has been answered.
+    let all = u32::try_from(concurrency).expect("concurrency is clamped to 1024");
+    let _ = slots.acquire_many(all).await;
+    for done in waiters {
+        let _ = done.send(());
+    }
+}
+
+/// Writes one batch and answers its callers; `_permit` frees the slot when done.
+async fn commit(shared: Arc<Shared>, mut batch: Batch, _permit: OwnedSemaphorePermit) {
+    batch.requests.retain(|r| !r.reply.is_closed());
+    let Batch { requests, .. } = batch;
+    if requests.is_empty() {
+        return;
+    }
+    let jobs: usize = requests.iter().map(|r| r.jobs.len()).sum();
+    let merged = write(
+        &shared,
+        requests.iter().flat_map(|r| r.jobs.iter()),
+        jobs,
+        requests.len(),
+    )
+    .await;
+    match merged {
+        Ok(()) => answer_all(&shared, requests),
+        Err(e) if requests.len() == 1 => {
+            if let Some(r) = requests.into_iter().next() {
+                let _ = r.reply.send(Err(e));
+            }
+        }
+        Err(e) if !e.is_transient() => {
+            // Someone's jobs cannot be stored (most likely a duplicate id). Find out whose
+            // by writing each caller alone; rare enough that one statement each is fine.
+            tracing::debug!(
+                error = %e,
+                callers = requests.len(),
+                "group insert failed; retrying each caller's jobs separately"
+            );
+            for r in requests {
+                if r.reply.is_closed() {
+                    continue; // gave up meanwhile, and nothing of theirs was written
+                }
+                let n = r.jobs.len();
+                match write(&shared, r.jobs.iter(), n, 1).await {
+                    Ok(()) => answer_all(&shared, vec![r]),
+                    Err(e) => {
+                        let _ = r.reply.send(Err(e));
+                    }
+                }
+            }
+        }
+        Err(e) => {
+            // Every caller's failure: each gets its own error carrying the shared cause.
+            let context = format!(
+                "inserting jobs (group commit of {jobs} jobs from {} callers)",
+                requests.len()
+            );
+            let cause = Arc::new(e);
+            for r in requests {
+                let _ = r.reply.send(Err(StoreError::transient(
+                    context.clone(),
+                    SharedCause(Arc::clone(&cause)),
+                )));
+            }
+        }
+    }
+}
+
+fn answer_all(shared: &Shared, requests: Vec<Request>) {
+    shared.stats.commits.fetch_add(1, Ordering::Relaxed);
+    shared
+        .stats
+        .requests
+        .fetch_add(requests.len() as u64, Ordering::Relaxed);
+    for r in requests {
+        // The caller may have given up meanwhile; the jobs are stored regardless.
+        let _ = r.reply.send(Ok(r.jobs));
+    }
+}
+
+/// Inserts `jobs` (`n` of them, from `callers` insert calls) in one statement on a pooled
+/// connection.
+async fn write<'a>(
+    shared: &'a Shared,
+    jobs: impl Iterator<Item = &'a Job>,
+    n: usize,
+    callers: usize,
+) -> Result<(), StoreError> {
+    let ctx = || {
+        if callers == 1 {
+            format!("inserting jobs (batch of {n})")
+        } else {
+            format!("inserting jobs (group commit of {n} jobs from {callers} callers)")
+        }
+    };
+    let conn = shared.pool.get().await.map_err(|e| error::pool(e, ctx()))?;
+    let stmt = conn
+        .prepare_cached(&SQL.insert)
+        .await
+        .map_err(|e| error::db(e, ctx()))?;
+    let columns = JobColumns::of(jobs, n, &shared.channel);
+    conn.execute(&stmt, &columns.params())
+        .await
+        .map_err(|e| error::db(e, ctx()))?;
+    Ok(())
+}
+
+/// One failure reported to several callers: [`StoreError`] is not `Clone`, so each caller's
+/// error holds this as its source, which shows the original error and its cause chain.
+#[derive(Debug)]
+struct SharedCause(Arc<StoreError>);
+
+impl fmt::Display for SharedCause {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl std::error::Error for SharedCause {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        std::error::Error::source(&*self.0)
+    }
+}
+
+/// New jobs as the array parameters of `SQL.insert`, one array per column, so a batch of
+/// any size is one statement. Used by the committer and by `insert_idempotent`, which must
+/// store jobs identically and notify the same way.
+pub(super) struct JobColumns<'a> {
+    ids: Vec<Uuid>,
+    queues: Vec<&'a str>,
+    kinds: Vec<&'a str>,
+    tenants: Vec<&'a str>,
+    args: Vec<&'a str>,
+    priorities: Vec<i16>,
+    states: Vec<&'static str>,
+    max_attempts: Vec<i32>,
+    timeouts: Vec<i64>,
+    backoffs: Vec<String>,
+    tags: Vec<String>,
+    run_ats: Vec<Timestamp>,
+    created_ats: Vec<Timestamp>,
+    /// The store's notification channel.
+    channel: &'a str,
+    /// Queues that receive available jobs, each once: whom to notify.
+    notify: Vec<&'a str>,
+}
+
+impl<'a> JobColumns<'a> {
+    /// The columns of `jobs` (`n` is a capacity hint), notifying on `channel`.
+    pub(super) fn of(jobs: impl IntoIterator<Item = &'a Job>, n: usize, channel: &'a str) -> Self {
+        let mut c = Self {
+            ids: Vec::with_capacity(n),
+            queues: Vec::with_capacity(n),
+            kinds: Vec::with_capacity(n),
+            tenants: Vec::with_capacity(n),
+            args: Vec::with_capacity(n),
+            priorities: Vec::with_capacity(n),
+            states: Vec::with_capacity(n),
+            max_attempts: Vec::with_capacity(n),
+            timeouts: Vec::with_capacity(n),
+            backoffs: Vec::with_capacity(n),
+            tags: Vec::with_capacity(n),
+            run_ats: Vec::with_capacity(n),
+            created_ats: Vec::with_capacity(n),
+            channel,
+            notify: Vec::new(),
+        };
+        let mut notify = BTreeSet::new();
+        for j in jobs {
+            c.ids.push(*j.id.as_uuid());
+            c.queues.push(j.queue.as_str());
+            c.kinds.push(j.kind.as_str());
+            c.tenants.push(j.tenant.as_str());
+            c.args.push(j.args.get());
+            c.priorities.push(i16::from(j.priority.get()));
+            c.states.push(j.state.as_str());
+            // Validation bounds these far below i32::MAX / i64::MAX.
+            c.max_attempts
+                .push(i32::try_from(j.max_attempts).unwrap_or(i32::MAX));
+            c.timeouts
+                .push(i64::try_from(j.timeout.as_millis()).unwrap_or(i64::MAX));
+            c.backoffs.push(codec::backoff_to_json(&j.backoff));
+            c.tags.push(codec::tags_to_json(&j.tags));
+            c.run_ats.push(j.run_at);
+            c.created_ats.push(j.created_at);
+            if j.state == JobState::Available {
+                notify.insert(j.queue.as_str());
+            }
+        }
+        c.notify = notify.into_iter().collect();
+        c
+    }
+
+    /// `$1..$15` of `SQL.insert`.
+    pub(super) fn params(&self) -> [&(dyn ToSql + Sync); 15] {
+        [
+            &self.ids,
+            &self.queues,
+            &self.kinds,
+            &self.tenants,
+            &self.args,
+            &self.priorities,
+            &self.states,
+            &self.max_attempts,
+            &self.timeouts,
+            &self.backoffs,
+            &self.tags,
+            &self.run_ats,
+            &self.created_ats,
+            &self.channel,
+            &self.notify,
+        ]
+    }
+}

@@ -1,0 +1,292 @@
+//! Wakeups across replicas: one `LISTEN` connection per store, fanned out in-process.
+//!
+//! Every statement that makes jobs available calls `pg_notify(channel, queue)` (see
+//! `sql.rs`). A store keeps one connection of its own, outside the pool, that `LISTEN`s on
+//! the channel and forwards each notification's queue name into a broadcast channel; each
+//! [`Store::wakeups`](keel_core::Store::wakeups) call subscribes a new receiver. So an idle
+//! dispatcher in any replica starts a job within milliseconds of an enqueue anywhere,
+//! instead of at its next poll.
+//!
+//! - **Outside the pool**: a listening session must stay open and idle indefinitely, and a
+//!   pooled connection is recycled, lent to other statements and capped by `max_lifetime`.
+//! - **Per schema**: the channel is `keel_jobs:<schema>`, so stores in different schemas of
+//!   one database (tests, or several Keel deployments) do not wake each other.
+//! - **Reconnects** with capped exponential backoff and jitter when the connection drops.
+//!   Notifications sent while it was down are lost (Postgres keeps none for a session that
+//!   is not listening), and a subscriber cannot be told which queues it missed; the
+//!   runtime's poll fallback covers that gap, which is why the poll interval must stay
+//!   bounded even with wakeups on.
+//! - **Best effort**: a notice only ever means "look now". A lagging subscriber skips what
+//!   it missed (the poll covers it); an invalid payload is ignored.
+
+use std::future::poll_fn;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use keel_core::{QueueName, WakeupStream};
+use rand::Rng as _;
+use tokio::sync::{broadcast, watch};
+use tokio::task::JoinHandle;
+use tokio_postgres::{AsyncMessage, Config, NoTls};
+
+/// Notices buffered per subscriber before it lags. A subscriber that falls this far behind
+/// is busy leasing anyway; it skips ahead rather than holding memory for stale notices.
+const CAPACITY: usize = 1024;
+
+/// First reconnect delay after the connection drops; doubled per failed attempt.
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+
+/// Longest wait between reconnect attempts: a server back from a restart is listened to
+/// again within this, without a fleet of replicas hammering it while it is down.
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+/// Longest channel name Postgres accepts (`NAMEDATALEN` - 1 bytes); `pg_notify` rejects a
+/// longer one, which would fail the statement carrying it.
+const MAX_CHANNEL_LEN: usize = 63;
+
+/// The notification channel for a store whose tables live in `schema` (`current_schema()`
+/// at connect). Truncated to Postgres's limit: two schemas that differ only past it share a
+/// channel, which costs spurious wakeups, never lost ones. Without a schema (the store was
+/// connected before its schema existed) every such store shares the bare prefix.
+pub(super) fn channel_for(schema: Option<&str>) -> String {
+    let mut channel = match schema {
+        Some(s) => format!("keel_jobs:{s}"),
+        None => "keel_jobs".to_owned(),
+    };
+    if channel.len() > MAX_CHANNEL_LEN {
+        let mut end = MAX_CHANNEL_LEN;
+        while !channel.is_char_boundary(end) {
+            end -= 1;
+        }
+        channel.truncate(end);
+    }
+    channel
+}
+
+/// `LISTEN "<channel>"`, the channel quoted as an identifier (so case and punctuation are
+/// kept exactly as `pg_notify` receives them).
+fn listen_statement(channel: &str) -> String {
+    format!("LISTEN \"{}\"", channel.replace('"', "\"\""))
+}
+
+/// The listener task and the means to subscribe to it and stop it.
+#[derive(Debug)]
+pub(super) struct Listener {
+    /// Kept to hand out receivers; taken on `stop` so that, once the task has dropped its
+    /// clone too, every subscriber's stream ends.
+    sender: Mutex<Option<broadcast::Sender<QueueName>>>,
+    stop: watch::Sender<bool>,
+    task: Mutex<Option<JoinHandle<()>>>,
+    /// Successful `LISTEN`s so far: 1 after the first connection, +1 per reconnect.
+    #[cfg_attr(not(test), allow(dead_code))]
+    listens: Arc<AtomicU64>,
+}
+
+impl Listener {
+    /// Starts listening on `channel` over a connection of its own made from `cfg`. Returns at
+    /// once: the connection is made in the background (and remade whenever it drops), so an
+    /// unreachable server delays wakeups, never the store.
+    pub(super) fn spawn(mut cfg: Config, channel: String) -> Self {
+        // The connection idles for hours between notifications; keepalives make a peer that
+        // vanished without a FIN (a failover, a dropped NAT entry) show up as an error within
+        // about a minute, so the task reconnects instead of waiting forever on a dead socket.
+        cfg.keepalives(true)
+            .keepalives_idle(Duration::from_secs(30))
+            .keepalives_interval(Duration::from_secs(10))
+            .keepalives_retries(3);
+        let (sender, _) = broadcast::channel(CAPACITY);
+        let (stop, stopped) = watch::channel(false);
+        let listens = Arc::new(AtomicU64::new(0));
+        let task = tokio::spawn(run(
+            cfg,
+            channel,
+            sender.clone(),
+            stopped,
+            Arc::clone(&listens),
+        ));
+        Self {
+            sender: Mutex::new(Some(sender)),
+            stop,
+            task: Mutex::new(Some(task)),
+            listens,
+        }
+    }
+
+    /// A new, independent stream of notices. After `stop` it is an ended stream.
+    pub(super) fn subscribe(&self) -> Box<dyn WakeupStream> {
+        let receiver = self
+            .sender
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .as_ref()
+            .map(broadcast::Sender::subscribe);
+        let receiver = receiver.unwrap_or_else(|| {
+            // The store is closed: a receiver whose only sender is already gone ends at once.
+            let (_, receiver) = broadcast::channel(1);
+            receiver
+        });
+        Box::new(Wakeups { receiver })
+    }
+
+    /// Stops the task, closes its connection and ends every subscriber's stream.
+    pub(super) async fn stop(&self) {
+        let _ = self.stop.send(true);
+        drop(
+            self.sender
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .take(),
+        );
+        let task = self
+            .task
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .take();
+        if let Some(task) = task {
+            let _ = task.await;
+        }
+    }
+
+    /// How many times a `LISTEN` has succeeded (tests wait on it before sending).
+    #[cfg(test)]
+    pub(super) fn listens(&self) -> u64 {
+        self.listens.load(Ordering::Acquire)
+    }
+}
+
+/// One subscriber's view of the broadcast.
+struct Wakeups {
+    receiver: broadcast::Receiver<QueueName>,
+}
+
+#[async_trait]
+impl WakeupStream for Wakeups {
+    async fn next(&mut self) -> Option<QueueName> {
+        loop {
+            match self.receiver.recv().await {
+                Ok(queue) => return Some(queue),
+                // The missed notices cannot be replayed; the next one (or the poll) will do.
+                Err(broadcast::error::RecvError::Lagged(missed)) => {
+                    tracing::debug!(missed, "wakeup subscriber lagged; skipped notices");
+                }
+                Err(broadcast::error::RecvError::Closed) => return None,
+            }
+        }
+    }
+}
+
+/// Why a listening session ended.
+struct SessionEnd {
+    /// Whether it got as far as `LISTEN` (then the backoff starts over).
+    listened: bool,
+    error: String,
+}
+
+async fn run(
+    cfg: Config,
+    channel: String,
+    sender: broadcast::Sender<QueueName>,
+    mut stopped: watch::Receiver<bool>,
+    listens: Arc<AtomicU64>,
+) {
+    let listen = listen_statement(&channel);
+    let mut delay = BACKOFF_MIN;
+    loop {
+        let end = tokio::select! {
+            end = session(&cfg, &listen, &sender, &listens) => end,
+            // close() asked us to stop, or the store was dropped. Dropping the session's
+            // future closes its connection.
+            _ = stopped.changed() => return,
+        };
+        if end.listened {
+            delay = BACKOFF_MIN;
+        }
+        // Full jitter over the upper half: replicas that lost the server together do not
+        // reconnect in lockstep.
+        let pause = delay.mul_f64(rand::rng().random_range(0.5..=1.0));
+        tracing::warn!(
+            error = %end.error,
+            %channel,
+            retry_in_ms = pause.as_millis() as u64,
+            "Postgres wakeup listener disconnected; dispatchers rely on polling until it is back"
+        );
+        tokio::select! {
+            () = tokio::time::sleep(pause) => {}
+            _ = stopped.changed() => return,
+        }
+        delay = (delay * 2).min(BACKOFF_MAX);
+    }
+}
+
+/// Connects, listens, and forwards notifications until the connection fails.
+async fn session(
+    cfg: &Config,
+    listen: &str,
+    sender: &broadcast::Sender<QueueName>,
+    listens: &AtomicU64,
+) -> SessionEnd {
+    let (client, mut connection) = match cfg.connect(NoTls).await {
+        Ok(pair) => pair,
+        Err(e) => {
+            return SessionEnd {
+                listened: false,
+                error: format!("connecting: {e}"),
+            };
+        }
+    };
+    // The connection must be driven for LISTEN's reply to arrive, so the statement and the
+    // connection are polled together; poll_message (rather than awaiting the connection as a
+    // future) is what surfaces the notifications.
+    let subscribe = client.batch_execute(listen);
+    tokio::pin!(subscribe);
+    let mut listened = false;
+    loop {
+        tokio::select! {
+            done = &mut subscribe, if !listened => match done {
+                Ok(()) => {
+                    listened = true;
+                    listens.fetch_add(1, Ordering::AcqRel);
+                    tracing::debug!(%listen, "Postgres wakeup listener ready");
+                }
+                Err(e) => {
+                    return SessionEnd { listened, error: format!("{listen}: {e}") };
+                }
+            },
+            message = poll_fn(|cx| connection.poll_message(cx)) => match message {
+                Some(Ok(AsyncMessage::Notification(n))) => {
+                    // No subscriber is not an error: nobody is idle-waiting right now.
+                    if let Ok(queue) = QueueName::parse(n.payload()) {
+                        let _ = sender.send(queue);
+                    }
+                }
+                Some(Ok(_notice)) => {}
+                Some(Err(e)) => return SessionEnd { listened, error: e.to_string() },
+                None => {
+                    return SessionEnd {
+                        listened,
+                        error: "the server closed the connection".to_owned(),
+                    };
+                }
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn channels_fit_postgres_and_quote_safely() {
+        assert_eq!(channel_for(Some("public")), "keel_jobs:public");
+        assert_eq!(channel_for(None), "keel_jobs");
+        let long = "s".repeat(63);
+        assert_eq!(channel_for(Some(&long)).len(), MAX_CHANNEL_LEN);
+        let multibyte = "é".repeat(40);
+        let c = channel_for(Some(&multibyte));
+        assert!(c.len() <= MAX_CHANNEL_LEN && c.starts_with("keel_jobs:é"));
+        assert_eq!(listen_statement("a\"b"), "LISTEN \"a\"\"b\"");
+    }
+}
