@@ -2,6 +2,7 @@
 
 use clap::{Args, Parser, Subcommand};
 
+use crate::bench::BenchArgs;
 use crate::config::ServeArgs;
 
 /// Keel: a durable job server. Accepts jobs over HTTP, stores them durably (SQLite by
@@ -79,6 +80,31 @@ Examples:
         #[command(subcommand)]
         action: Option<QueueAction>,
     },
+
+    /// Measure Keel: the workloads of the performance protocol (drain, steady, paced,
+    /// enqueue, overload, footprint), with the pgbench reference on Postgres.
+    #[command(after_help = "\
+Examples:
+  keel bench                                         # all workloads, 3 runs, fresh SQLite file per run
+  keel bench --quick                                 # smoke run: 1 run, short workloads
+  keel bench --database-url postgres://postgres@127.0.0.1:5432/postgres
+  keel bench --workloads w2p --runs 5                # pickup latency at 500 jobs/s only
+  keel bench --workloads w3,w4 --server-env KEEL_DB_POOL_MAX=32
+  keel bench --url http://127.0.0.1:8080 --pid $(pidof keel) --workloads w1,w3
+
+Each run starts `keel serve` (this executable) on 127.0.0.1 with ephemeral ports, a fresh \
+database (a temporary SQLite file, or a new schema dropped afterwards on Postgres) and the \
+queue `bench` with 256 workers, then stops it with SIGTERM. The table on stdout gives the \
+median of each figure over the runs, its spread and issue 4's target; progress goes to \
+stderr; every run's raw figures go to the JSON file (--out). On Postgres, when pgbench is on \
+the PATH, each run also measures the same job lifecycle with pgbench on the same server and \
+reports Keel's W1 as a fraction of it. Ctrl-C stops the server, drops the schema and still \
+reports what was measured. See docs/benchmarks.md for what each workload does exactly.
+
+Exit codes: 0 every workload was measured (missed targets are reported, not failures); 1 a \
+workload could not be measured or the harness failed; 69 the server or database could not \
+be reached; 130 interrupted.")]
+    Bench(Box<BenchArgs>),
 
     /// Print the SHA-256 digest of an API key, for KEEL_API_KEYS (TENANT=DIGEST).
     #[command(after_help = "\

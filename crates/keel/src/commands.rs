@@ -277,3 +277,19 @@ pub fn hash_key(key: &str) -> ExitCode {
     println!("{}", hex::encode(Sha256::digest(key.as_bytes())));
     ExitCode::SUCCESS
 }
+
+/// `keel bench`.
+pub async fn bench(args: crate::bench::BenchArgs) -> ExitCode {
+    match crate::bench::run(args).await {
+        Ok(crate::bench::Outcome::Measured) => ExitCode::SUCCESS,
+        Ok(crate::bench::Outcome::Incomplete) => ExitCode::FAILURE,
+        Ok(crate::bench::Outcome::Interrupted) => ExitCode::from(130),
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            let unreachable = e
+                .chain()
+                .any(|c| c.downcast_ref::<crate::bench::Unreachable>().is_some());
+            ExitCode::from(if unreachable { EX_UNAVAILABLE } else { 1 })
+        }
+    }
+}

@@ -27,6 +27,7 @@ fn main() -> ExitCode {
             Command::Jobs(cmd) => commands::jobs(cmd).await,
             Command::Queues { client, action } => commands::queues(&client, action).await,
             Command::HashKey { key } => commands::hash_key(&key),
+            Command::Bench(args) => commands::bench(*args).await,
         }
     })
 }
