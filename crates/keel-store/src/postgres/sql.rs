@@ -150,18 +150,30 @@ impl Statements {
             // A lease is live while the job can still complete; the token is the fence.
             // RETURNING the submitted (id, token) pairs lets the caller match outcomes to
             // items even when a batch names the same job twice with different tokens.
+            // Batched lease-fenced updates first lock their rows in id order (`locked`):
+            // a heartbeat and a completion batch over the same running jobs would otherwise
+            // lock them in whatever order each join visits them, and deadlock.
             heartbeat: format!(
-                "UPDATE jobs j SET lease_expires_at = $3 \
-                 FROM unnest($1::uuid[], $2::uuid[]) AS l(id, token) \
-                 WHERE j.id = l.id AND j.lease_token = l.token AND j.state IN ({running}) \
+                "WITH l AS (SELECT * FROM unnest($1::uuid[], $2::uuid[]) AS l(id, token)), \
+                 locked AS (SELECT j.id FROM jobs j WHERE j.id IN (SELECT id FROM l) \
+                            ORDER BY j.id FOR UPDATE) \
+                 UPDATE jobs j SET lease_expires_at = $3 \
+                 FROM l \
+                 WHERE j.id = l.id AND j.id IN (SELECT id FROM locked) \
+                   AND j.lease_token = l.token AND j.state IN ({running}) \
                  RETURNING l.id, l.token"
             ),
             // lease_owner stays, as a record of who ran the job.
             complete: format!(
-                "UPDATE jobs j SET state = '{to}', result = l.result::json, finished_at = $4, \
+                "WITH l AS (SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::text[]) \
+                            AS l(id, token, result)), \
+                 locked AS (SELECT j.id FROM jobs j WHERE j.id IN (SELECT id FROM l) \
+                            ORDER BY j.id FOR UPDATE) \
+                 UPDATE jobs j SET state = '{to}', result = l.result::json, finished_at = $4, \
                    lease_token = NULL, lease_expires_at = NULL \
-                 FROM unnest($1::uuid[], $2::uuid[], $3::text[]) AS l(id, token, result) \
-                 WHERE j.id = l.id AND j.lease_token = l.token AND j.state IN ({from}) \
+                 FROM l \
+                 WHERE j.id = l.id AND j.id IN (SELECT id FROM locked) \
+                   AND j.lease_token = l.token AND j.state IN ({from}) \
                  RETURNING l.id, l.token",
                 to = target(Transition::Complete),
                 from = guard(Transition::Complete),
@@ -170,11 +182,15 @@ impl Statements {
             // available again, so its queue's listeners are told ($3 is the channel; Postgres
             // folds identical notifications of one transaction into one).
             release: format!(
-                "WITH released AS ( \
+                "WITH l AS (SELECT * FROM unnest($1::uuid[], $2::uuid[]) AS l(id, token)), \
+                 locked AS (SELECT j.id FROM jobs j WHERE j.id IN (SELECT id FROM l) \
+                            ORDER BY j.id FOR UPDATE), \
+                 released AS ( \
                    UPDATE jobs j SET state = '{to}', attempt = GREATEST(j.attempt - 1, 0), \
                      lease_token = NULL, lease_expires_at = NULL \
-                   FROM unnest($1::uuid[], $2::uuid[]) AS l(id, token) \
-                   WHERE j.id = l.id AND j.lease_token = l.token AND j.state IN ({from}) \
+                   FROM l \
+                   WHERE j.id = l.id AND j.id IN (SELECT id FROM locked) \
+                     AND j.lease_token = l.token AND j.state IN ({from}) \
                    RETURNING l.id, l.token, j.queue \
                  ) \
                  SELECT r.id, r.token, pg_notify($3, r.queue) FROM released r",

@@ -1173,3 +1173,78 @@ async fn listener_reconnects_after_its_connection_is_killed() {
     );
     store.close().await;
 }
+
+/// Heartbeats and completions over the same running jobs, each batch in a random order,
+/// must never deadlock: every batched lease-fenced update locks its rows in id order first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn overlapping_heartbeats_and_completions_do_not_deadlock() {
+    use keel_core::store::{Completion, HeartbeatParams, LeaseParams, LeaseRef};
+    use rand::seq::SliceRandom;
+
+    let Some(base) =
+        pg_url_or_skip("postgres::tests::overlapping_heartbeats_and_completions_do_not_deadlock")
+    else {
+        return;
+    };
+    let schema = PgSchema::create(&base).await;
+    let store = Arc::new(
+        PgStore::connect(&schema.url, PgOptions::for_tests(), clock())
+            .await
+            .expect("connect"),
+    );
+    store.migrate().await.expect("migrate");
+    for round in 0..5 {
+        let q = QueueName::parse(format!("dl{round}")).expect("valid queue");
+        let jobs: Vec<keel_core::NewJob> = (0..400)
+            .map(|_| {
+                keel_core::NewJob::new(keel_core::JobKind::parse("noop").expect("kind"))
+                    .queue(q.clone())
+            })
+            .collect();
+        store.insert(jobs).await.expect("insert");
+        let leased = store
+            .lease(LeaseParams {
+                queue: q.clone(),
+                max: 400,
+                lease_for: Duration::from_secs(60),
+                owner: keel_core::WorkerId::parse("dl").expect("worker"),
+            })
+            .await
+            .expect("lease");
+        let leases: Vec<LeaseRef> = leased.iter().filter_map(LeaseRef::of).collect();
+        let mut tasks = Vec::new();
+        for t in 0..4 {
+            let store = Arc::clone(&store);
+            let mut mine = leases.clone();
+            tasks.push(tokio::spawn(async move {
+                for _ in 0..10 {
+                    mine.shuffle(&mut rand::rng());
+                    if t % 2 == 0 {
+                        store
+                            .heartbeat(HeartbeatParams {
+                                leases: mine.clone(),
+                                lease_for: Duration::from_secs(60),
+                            })
+                            .await?;
+                    } else {
+                        let chunk: Vec<Completion> = mine[..50]
+                            .iter()
+                            .map(|l| Completion {
+                                lease: *l,
+                                result: None,
+                            })
+                            .collect();
+                        store.complete(chunk).await?;
+                    }
+                }
+                Ok::<(), StoreError>(())
+            }));
+        }
+        for t in tasks {
+            t.await
+                .expect("task")
+                .expect("no batch may fail (a deadlock is a 40P01 error)");
+        }
+    }
+    store.close().await;
+}
