@@ -11,7 +11,6 @@ use keel_client::{Client, ClientError, JobIn, ListQuery};
 use keel_core::SystemClock;
 use keel_store::{DatabaseUrl, PgOptions, SqliteOptions};
 use serde::Serialize;
-use sha2::{Digest, Sha256};
 
 use crate::cli::{ClientArgs, EnqueueArgs, JobCommand, JobsCommand, QueueAction};
 use crate::config::{Config, ServeArgs};
@@ -274,7 +273,8 @@ pub fn hash_key(key: &str) -> ExitCode {
         eprintln!("error: the key must not be empty");
         return ExitCode::from(2);
     }
-    println!("{}", hex::encode(Sha256::digest(key.as_bytes())));
+    // The same digest the server compares against (one definition, in keel-api).
+    println!("{}", hex::encode(keel_api::hash_api_key(key)));
     ExitCode::SUCCESS
 }
 
