@@ -7,7 +7,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use keel_core::{JobId, JobState, QueueName};
+use keel_core::{Job, JobId, JobState, QueueName};
 use tokio::sync::{Notify, broadcast};
 use tokio_util::sync::CancellationToken;
 
@@ -20,6 +20,17 @@ pub struct JobEvent {
     pub queue: QueueName,
     /// The state it moved to.
     pub state: JobState,
+}
+
+impl JobEvent {
+    /// The event announcing `job`'s current state.
+    pub fn of(job: &Job) -> Self {
+        Self {
+            id: job.id,
+            queue: job.queue.clone(),
+            state: job.state,
+        }
+    }
 }
 
 /// In-process fan-out of [`JobEvent`]s. Bounded: a subscriber that falls more than

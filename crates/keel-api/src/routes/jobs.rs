@@ -435,11 +435,7 @@ pub(crate) async fn cancel_job(
     check_scope(&state, &caller, id).await?;
     let job = state.store.cancel(id).await?;
     state.runtime.running.cancel(id);
-    state.runtime.events.publish(JobEvent {
-        id,
-        queue: job.queue.clone(),
-        state: job.state,
-    });
+    state.runtime.events.publish(JobEvent::of(&job));
     Ok(Json(job.into()))
 }
 
@@ -464,11 +460,7 @@ pub(crate) async fn retry_job(
     check_scope(&state, &caller, id).await?;
     let job = state.store.retry(id).await?;
     state.runtime.wakeups.job_available(&job.queue);
-    state.runtime.events.publish(JobEvent {
-        id,
-        queue: job.queue.clone(),
-        state: job.state,
-    });
+    state.runtime.events.publish(JobEvent::of(&job));
     Ok(Json(job.into()))
 }
 

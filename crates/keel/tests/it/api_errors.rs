@@ -3,7 +3,6 @@
 
 use std::time::Duration;
 
-use keel_client::JobIn;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
@@ -89,13 +88,7 @@ async fn illegal_transition_is_409(backend: Backend, test: &str) {
     let Some(app) = spawn_app(backend, test).await else {
         return;
     };
-    let id = app
-        .client
-        .enqueue(&JobIn::new("noop", json!(null)), None)
-        .await
-        .unwrap()
-        .job
-        .id;
+    let id = app.enqueue("noop", json!(null)).await;
     app.wait_for(&id, Duration::from_secs(10), |j| j.state == "completed")
         .await;
     let resp = app
@@ -237,13 +230,7 @@ async fn corrupt_row_is_opaque_500(backend: Backend, test: &str) {
         return;
     };
     app.client.set_paused("default", true).await.unwrap();
-    let id = app
-        .client
-        .enqueue(&JobIn::new("noop", json!(null)), None)
-        .await
-        .unwrap()
-        .job
-        .id;
+    let id = app.enqueue("noop", json!(null)).await;
     let uuid = uuid::Uuid::parse_str(&id).unwrap();
     match backend {
         Backend::Sqlite => {

@@ -116,6 +116,16 @@ impl TestApp {
         format!("{}{path}", self.base)
     }
 
+    /// Enqueues a `kind` job with `args` in the default queue; returns its id.
+    pub async fn enqueue(&self, kind: &str, args: serde_json::Value) -> String {
+        self.client
+            .enqueue(&keel_client::JobIn::new(kind, args), None)
+            .await
+            .unwrap()
+            .job
+            .id
+    }
+
     /// `POST path` with a JSON body.
     pub async fn post_json(&self, path: &str, body: &serde_json::Value) -> reqwest::Response {
         self.http

@@ -96,25 +96,13 @@ async fn cancel_stops_a_running_job(backend: Backend, test: &str) {
     let Some(app) = spawn_app(backend, test).await else {
         return;
     };
-    let id = app
-        .client
-        .enqueue(&JobIn::new("sleep", json!({"ms": 60_000})), None)
-        .await
-        .unwrap()
-        .job
-        .id;
+    let id = app.enqueue("sleep", json!({"ms": 60_000})).await;
     app.wait_for(&id, Duration::from_secs(10), |j| j.state == "running")
         .await;
     let cancelled = app.client.cancel_job(&id).await.unwrap();
     assert_eq!(cancelled.state, "cancelled");
     // The worker's slot frees up: a new job in the same queue runs.
-    let next = app
-        .client
-        .enqueue(&JobIn::new("noop", json!(null)), None)
-        .await
-        .unwrap()
-        .job
-        .id;
+    let next = app.enqueue("noop", json!(null)).await;
     app.wait_for(&next, Duration::from_secs(10), |j| j.state == "completed")
         .await;
     assert_eq!(app.client.get_job(&id).await.unwrap().state, "cancelled");
@@ -144,13 +132,7 @@ async fn paused_queue_holds_jobs_until_resumed(backend: Backend, test: &str) {
         return;
     };
     app.client.set_paused("default", true).await.unwrap();
-    let id = app
-        .client
-        .enqueue(&JobIn::new("noop", json!(null)), None)
-        .await
-        .unwrap()
-        .job
-        .id;
+    let id = app.enqueue("noop", json!(null)).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(app.client.get_job(&id).await.unwrap().state, "available");
     let queues = app.client.queues().await.unwrap();
