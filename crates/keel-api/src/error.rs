@@ -340,8 +340,23 @@ impl From<StoreError> for ApiError {
                 cause: Some(Box::new(e)),
             },
             e @ StoreError::Permanent { .. } => ApiError::internal(e),
+            StoreError::Unavailable {
+                reason,
+                retry_after,
+            } => ApiError::Unavailable {
+                detail: format!("the database is not taking requests ({reason}); retry shortly"),
+                retry_after_secs: retry_after_secs(retry_after),
+                cause: None,
+            },
         }
     }
+}
+
+/// Whole seconds for `Retry-After`, rounded up and at least 1 (a `0` invites an instant
+/// retry storm).
+pub(crate) fn retry_after_secs(d: std::time::Duration) -> u32 {
+    let secs = d.as_secs() + u64::from(d.subsec_nanos() > 0);
+    u32::try_from(secs.max(1)).unwrap_or(u32::MAX)
 }
 
 fn too_large_detail(limit: Option<usize>) -> String {

@@ -102,6 +102,17 @@ pub enum StoreError {
         #[source]
         source: BoxError,
     },
+
+    /// The call was refused without reaching the database, to protect it or the caller:
+    /// the circuit breaker is open, or too many calls are already in flight. Nothing was
+    /// done; try again after `retry_after`.
+    #[error("store unavailable: {reason}")]
+    Unavailable {
+        /// Why, phrased for an operator ("circuit open", "bulkhead full").
+        reason: &'static str,
+        /// When trying again makes sense.
+        retry_after: std::time::Duration,
+    },
 }
 
 impl StoreError {
@@ -136,6 +147,7 @@ impl StoreError {
             StoreError::Invalid { .. } => "invalid",
             StoreError::Transient { .. } => "transient",
             StoreError::Permanent { .. } => "permanent",
+            StoreError::Unavailable { .. } => "unavailable",
         }
     }
 }

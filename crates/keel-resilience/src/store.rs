@@ -1,0 +1,545 @@
+//! [`GuardedStore`]: the real store behind a bulkhead, a circuit breaker, fault injection
+//! and retries of transient read errors, all bounded by the caller's deadline (SPEC §5,
+//! "Database protection").
+//!
+//! Every call, in order:
+//! 1. marks the request's step as `store` (so a `504` says where the time went);
+//! 2. waits for a bulkhead slot — a semaphore capping store calls in flight — no longer than
+//!    the request's deadline (or `max_wait` outside a request), else fails with
+//!    [`StoreError::Unavailable`]: pool exhaustion turns into a fast refusal, never a hang;
+//! 3. asks the breaker; while it is open the call fails at once with
+//!    [`StoreError::Unavailable`] and the time until the next probe;
+//! 4. applies injected faults (chaos) as if they came from the database, so the breaker
+//!    reacts to them like to real ones;
+//! 5. calls the store and reports transient and permanent failures to the breaker (a `not
+//!    found` or a conflict is the database working);
+//! 6. for reads, retries a transient failure with capped exponential backoff and full
+//!    jitter while the deadline leaves room. Writes are not retried here: a write that
+//!    failed in flight may have committed, so its owner decides (the completer and the
+//!    heartbeat retry their own idempotent batches; clients retry enqueues with an
+//!    `Idempotency-Key`).
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use keel_core::store::{
+    Completion, FailParams, HeartbeatParams, IdempotentInsert, IdempotentOutcome, JobPage,
+    LeaseParams, LeaseRef, ListParams, PoolStats, PromoteParams, Promoted, QueueStats,
+    RescueParams, Rescued, RetentionParams,
+};
+use keel_core::{
+    Backoff, Job, JobId, NewJob, QueueName, Store, StoreError, Timestamp, WakeupStream,
+};
+use tokio::sync::{Semaphore, SemaphorePermit};
+use tokio::time::Instant;
+
+use crate::breaker::{BreakerConfig, CircuitBreaker};
+use crate::chaos::{Chaos, Dependency};
+use crate::scope::{RequestScope, Step};
+
+/// Settings of a [`GuardedStore`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StoreGuardConfig {
+    /// Store calls in flight at once (the bulkhead). Above the connection pool's size, so
+    /// that group commit still gets full batches, but bounded, so that a slow database
+    /// makes callers wait here (bounded by their deadline) rather than pile up.
+    pub max_in_flight: usize,
+    /// Longest wait for a bulkhead slot for calls made outside a request (dispatchers,
+    /// maintenance).
+    pub max_wait: Duration,
+    /// When the database breaker opens and how it recovers.
+    pub breaker: BreakerConfig,
+    /// Most attempts of one read (1 = no retry).
+    pub read_attempts: u32,
+    /// Backoff between read attempts (full jitter).
+    pub retry_backoff: Backoff,
+}
+
+impl Default for StoreGuardConfig {
+    fn default() -> Self {
+        Self {
+            max_in_flight: 512,
+            max_wait: Duration::from_secs(5),
+            breaker: BreakerConfig::default(),
+            read_attempts: 3,
+            retry_backoff: Backoff::Exponential {
+                base_ms: 10,
+                cap_ms: 250,
+            },
+        }
+    }
+}
+
+/// A [`Store`] guarded by a bulkhead, a breaker, fault injection and read retries.
+pub struct GuardedStore {
+    inner: Arc<dyn Store>,
+    config: StoreGuardConfig,
+    bulkhead: Semaphore,
+    breaker: CircuitBreaker,
+    chaos: Chaos,
+}
+
+impl std::fmt::Debug for GuardedStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GuardedStore")
+            .field("config", &self.config)
+            .field("breaker", &self.breaker.state())
+            .field("bulkhead_free", &self.bulkhead.available_permits())
+            .finish_non_exhaustive()
+    }
+}
+
+fn refused(reason: &'static str, retry_after: Duration) -> StoreError {
+    metrics::counter!("keel_store_refused_total", "reason" => reason).increment(1);
+    StoreError::Unavailable {
+        reason,
+        retry_after,
+    }
+}
+
+/// Whether an error means the database (or the way to it) is failing, as opposed to the
+/// database answering "no".
+fn is_dependency_failure(e: &StoreError) -> bool {
+    matches!(
+        e,
+        StoreError::Transient { .. } | StoreError::Permanent { .. }
+    )
+}
+
+impl GuardedStore {
+    /// Guards `inner`; the breaker is reported as `keel_circuit_state{dependency="database"}`.
+    pub fn new(inner: Arc<dyn Store>, config: StoreGuardConfig, chaos: Chaos) -> Self {
+        metrics::gauge!("keel_store_bulkhead_capacity").set(config.max_in_flight as f64);
+        Self {
+            inner,
+            config,
+            bulkhead: Semaphore::new(config.max_in_flight),
+            breaker: CircuitBreaker::reported(config.breaker, "database"),
+            chaos,
+        }
+    }
+
+    /// The database breaker (readiness reports it).
+    pub fn breaker(&self) -> &CircuitBreaker {
+        &self.breaker
+    }
+
+    /// Store calls in flight now.
+    pub fn in_flight(&self) -> usize {
+        self.config.max_in_flight - self.bulkhead.available_permits()
+    }
+
+    /// Steps 1–2: marks the step and takes a bulkhead slot within the deadline.
+    async fn admit(&self) -> Result<(SemaphorePermit<'_>, Instant), StoreError> {
+        let scope = RequestScope::current();
+        if let Some(s) = &scope {
+            s.enter(Step::Store);
+        }
+        let deadline = scope.as_ref().map_or_else(
+            || Instant::now() + self.config.max_wait,
+            RequestScope::deadline,
+        );
+        match tokio::time::timeout_at(deadline, self.bulkhead.acquire()).await {
+            Ok(Ok(slot)) => Ok((slot, deadline)),
+            // The semaphore is never closed; a timeout means the bulkhead stayed full.
+            Ok(Err(_)) | Err(_) => Err(refused(
+                "too many store calls in flight",
+                Duration::from_secs(1),
+            )),
+        }
+    }
+
+    /// Steps 3–5 for one attempt.
+    async fn attempt<T>(
+        &self,
+        dependency: Dependency,
+        op: impl Future<Output = Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
+        let permit = self
+            .breaker
+            .try_acquire()
+            .map_err(|open| refused("circuit open", open.retry_after))?;
+        let outcome = match self.chaos.inject(dependency).await {
+            Ok(()) => op.await,
+            Err(fault) => Err(StoreError::permanent("calling the store", fault)),
+        };
+        match &outcome {
+            Err(e) if is_dependency_failure(e) => permit.failure(),
+            _ => permit.success(),
+        }
+        outcome
+    }
+
+    /// A write: one attempt (the future is not started until admitted).
+    async fn write<T>(
+        &self,
+        op: impl Future<Output = Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
+        let (_slot, _) = self.admit().await?;
+        self.attempt(Dependency::StoreWrite, op).await
+    }
+
+    /// A read: retried on transient failures while the deadline leaves room (step 6).
+    async fn read<T, F, Fut>(&self, mut op: F) -> Result<T, StoreError>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, StoreError>>,
+    {
+        let (_slot, deadline) = self.admit().await?;
+        let attempts = self.config.read_attempts.max(1);
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match self.attempt(Dependency::StoreRead, op()).await {
+                Err(e) if e.is_transient() && attempt < attempts => {
+                    let delay = self.config.retry_backoff.delay(attempt, &mut rand::rng());
+                    if Instant::now() + delay >= deadline {
+                        return Err(e);
+                    }
+                    metrics::counter!("keel_store_retries_total").increment(1);
+                    tracing::debug!(error = %e, attempt, ?delay, "store read failed; retrying");
+                    tokio::time::sleep(delay).await;
+                }
+                other => return other,
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl Store for GuardedStore {
+    async fn insert(&self, jobs: Vec<NewJob>) -> Result<Vec<Job>, StoreError> {
+        self.write(self.inner.insert(jobs)).await
+    }
+
+    async fn get(&self, id: JobId) -> Result<Job, StoreError> {
+        self.read(|| self.inner.get(id)).await
+    }
+
+    async fn list(&self, params: ListParams) -> Result<JobPage, StoreError> {
+        self.read(|| self.inner.list(params.clone())).await
+    }
+
+    async fn lease(&self, params: LeaseParams) -> Result<Vec<Job>, StoreError> {
+        self.write(self.inner.lease(params)).await
+    }
+
+    async fn heartbeat(
+        &self,
+        params: HeartbeatParams,
+    ) -> Result<Vec<Result<Timestamp, StoreError>>, StoreError> {
+        self.write(self.inner.heartbeat(params)).await
+    }
+
+    async fn complete(
+        &self,
+        completions: Vec<Completion>,
+    ) -> Result<Vec<Result<(), StoreError>>, StoreError> {
+        self.write(self.inner.complete(completions)).await
+    }
+
+    async fn fail(&self, params: FailParams) -> Result<Job, StoreError> {
+        self.write(self.inner.fail(params)).await
+    }
+
+    async fn release(
+        &self,
+        leases: Vec<LeaseRef>,
+    ) -> Result<Vec<Result<(), StoreError>>, StoreError> {
+        self.write(self.inner.release(leases)).await
+    }
+
+    async fn cancel(&self, id: JobId) -> Result<Job, StoreError> {
+        self.write(self.inner.cancel(id)).await
+    }
+
+    async fn retry(&self, id: JobId) -> Result<Job, StoreError> {
+        self.write(self.inner.retry(id)).await
+    }
+
+    async fn promote(&self, params: PromoteParams) -> Result<Vec<Promoted>, StoreError> {
+        self.write(self.inner.promote(params)).await
+    }
+
+    async fn rescue(&self, params: RescueParams) -> Result<Vec<Rescued>, StoreError> {
+        self.write(self.inner.rescue(params)).await
+    }
+
+    async fn delete_finished(&self, params: RetentionParams) -> Result<u64, StoreError> {
+        self.write(self.inner.delete_finished(params)).await
+    }
+
+    async fn queue_stats(&self) -> Result<Vec<QueueStats>, StoreError> {
+        self.read(|| self.inner.queue_stats()).await
+    }
+
+    async fn insert_idempotent(
+        &self,
+        req: IdempotentInsert,
+    ) -> Result<IdempotentOutcome, StoreError> {
+        self.write(self.inner.insert_idempotent(req)).await
+    }
+
+    async fn delete_expired_idempotency_keys(&self, limit: u32) -> Result<u64, StoreError> {
+        self.write(self.inner.delete_expired_idempotency_keys(limit))
+            .await
+    }
+
+    async fn set_queue_paused(&self, queue: QueueName, paused: bool) -> Result<(), StoreError> {
+        self.write(self.inner.set_queue_paused(queue, paused)).await
+    }
+
+    /// Readiness asks the database itself, past the breaker and the bulkhead: a probe that
+    /// only echoed the breaker could never see the database come back. Injected faults
+    /// still apply, so `DB_FAILURE` makes `/readyz` fail as a real outage would.
+    async fn ping(&self) -> Result<(), StoreError> {
+        if let Err(fault) = self.chaos.inject(Dependency::StoreRead).await {
+            return Err(StoreError::permanent("pinging the database", fault));
+        }
+        self.inner.ping().await
+    }
+
+    fn pool_stats(&self) -> PoolStats {
+        self.inner.pool_stats()
+    }
+
+    fn wakeups(&self) -> Option<Box<dyn WakeupStream>> {
+        self.inner.wakeups()
+    }
+
+    async fn close(&self) {
+        self.inner.close().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    use keel_core::{JobKind, NewJob};
+    use keel_store::testkit::Harness;
+
+    use super::*;
+    use crate::chaos::ChaosSettings;
+
+    fn fast_breaker() -> BreakerConfig {
+        BreakerConfig {
+            consecutive_failures: 3,
+            open_for: Duration::from_millis(200),
+            probes: 1,
+            ..BreakerConfig::default()
+        }
+    }
+
+    fn job() -> NewJob {
+        NewJob::new(JobKind::parse("noop").expect("valid kind"))
+    }
+
+    #[tokio::test]
+    async fn injected_failures_open_the_breaker_which_then_fails_fast_and_recovers() {
+        let h = Harness::sqlite().await;
+        let chaos = Chaos::default();
+        let config = StoreGuardConfig {
+            breaker: fast_breaker(),
+            ..StoreGuardConfig::default()
+        };
+        let store = GuardedStore::new(Arc::clone(&h.store), config, chaos.clone());
+        let stored = store.insert(vec![job()]).await.expect("healthy insert");
+        let id = stored[0].id;
+
+        chaos.set(ChaosSettings::default().with_seed_switches(false, true));
+        for _ in 0..3 {
+            let e = store.get(id).await.unwrap_err();
+            assert_eq!(e.class(), "permanent");
+            let cause = std::error::Error::source(&e).map(ToString::to_string);
+            assert!(
+                cause.is_some_and(|c| c.contains("connection refused")),
+                "{e:?}"
+            );
+        }
+        assert_eq!(store.breaker().state(), crate::BreakerState::Open);
+        match store.insert(vec![job()]).await.unwrap_err() {
+            StoreError::Unavailable {
+                reason,
+                retry_after,
+            } => {
+                assert_eq!(reason, "circuit open");
+                assert!(retry_after <= Duration::from_millis(200));
+            }
+            other => panic!("expected a fast refusal, got {other:?}"),
+        }
+
+        // The database comes back; after open_for one probe closes the breaker.
+        chaos.set(ChaosSettings::default());
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        assert_eq!(store.get(id).await.expect("probe").id, id);
+        assert_eq!(store.breaker().state(), crate::BreakerState::Closed);
+        // Nothing stored before the outage was lost, and nothing was written during it.
+        let page = h.store.list(ListParams::default()).await.unwrap();
+        assert_eq!(page.jobs.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn answers_that_are_not_failures_do_not_trip_the_breaker() {
+        let h = Harness::sqlite().await;
+        let config = StoreGuardConfig {
+            breaker: fast_breaker(),
+            ..StoreGuardConfig::default()
+        };
+        let store = GuardedStore::new(Arc::clone(&h.store), config, Chaos::default());
+        for _ in 0..10 {
+            let e = store.get(JobId::new()).await.unwrap_err();
+            assert_eq!(e.class(), "not_found");
+        }
+        assert_eq!(store.breaker().state(), crate::BreakerState::Closed);
+    }
+
+    #[tokio::test]
+    async fn a_full_bulkhead_refuses_within_the_callers_deadline() {
+        let h = Harness::sqlite().await;
+        let chaos = Chaos::default();
+        let config = StoreGuardConfig {
+            max_in_flight: 1,
+            ..StoreGuardConfig::default()
+        };
+        let store = Arc::new(GuardedStore::new(
+            Arc::clone(&h.store),
+            config,
+            chaos.clone(),
+        ));
+        // One slow call holds the only slot.
+        chaos.set(ChaosSettings::parse("store_write.latency_ms=1000").unwrap());
+        let slow = tokio::spawn({
+            let store = Arc::clone(&store);
+            async move { store.insert(vec![job()]).await }
+        });
+        while store.in_flight() == 0 {
+            tokio::task::yield_now().await;
+        }
+        let scope = RequestScope::new(Instant::now() + Duration::from_millis(50));
+        let started = Instant::now();
+        let seen = scope.clone();
+        let e = scope.run(store.queue_stats()).await.unwrap_err();
+        let waited = started.elapsed();
+        assert!(matches!(e, StoreError::Unavailable { .. }), "{e:?}");
+        assert!(waited < Duration::from_millis(500), "waited {waited:?}");
+        assert_eq!(seen.step(), Step::Store);
+        assert_eq!(
+            slow.await.unwrap().unwrap().len(),
+            1,
+            "the slow call still completes"
+        );
+    }
+
+    /// Fails the first `failures` reads transiently, then reads from the real store.
+    struct FlakyReads {
+        inner: Arc<dyn Store>,
+        failures: AtomicU32,
+        calls: AtomicU32,
+    }
+
+    #[async_trait]
+    impl Store for FlakyReads {
+        async fn insert(&self, jobs: Vec<NewJob>) -> Result<Vec<Job>, StoreError> {
+            self.inner.insert(jobs).await
+        }
+        async fn get(&self, id: JobId) -> Result<Job, StoreError> {
+            self.calls.fetch_add(1, Ordering::SeqCst);
+            if self.failures.load(Ordering::SeqCst) > 0 {
+                self.failures.fetch_sub(1, Ordering::SeqCst);
+                return Err(StoreError::transient("reading a job", "connection reset"));
+            }
+            self.inner.get(id).await
+        }
+        async fn list(&self, p: ListParams) -> Result<JobPage, StoreError> {
+            self.inner.list(p).await
+        }
+        async fn lease(&self, p: LeaseParams) -> Result<Vec<Job>, StoreError> {
+            self.inner.lease(p).await
+        }
+        async fn heartbeat(
+            &self,
+            p: HeartbeatParams,
+        ) -> Result<Vec<Result<Timestamp, StoreError>>, StoreError> {
+            self.inner.heartbeat(p).await
+        }
+        async fn complete(
+            &self,
+            c: Vec<Completion>,
+        ) -> Result<Vec<Result<(), StoreError>>, StoreError> {
+            self.inner.complete(c).await
+        }
+        async fn fail(&self, p: FailParams) -> Result<Job, StoreError> {
+            self.inner.fail(p).await
+        }
+        async fn release(
+            &self,
+            l: Vec<LeaseRef>,
+        ) -> Result<Vec<Result<(), StoreError>>, StoreError> {
+            self.inner.release(l).await
+        }
+        async fn cancel(&self, id: JobId) -> Result<Job, StoreError> {
+            self.inner.cancel(id).await
+        }
+        async fn retry(&self, id: JobId) -> Result<Job, StoreError> {
+            self.inner.retry(id).await
+        }
+        async fn promote(&self, p: PromoteParams) -> Result<Vec<Promoted>, StoreError> {
+            self.inner.promote(p).await
+        }
+        async fn rescue(&self, p: RescueParams) -> Result<Vec<Rescued>, StoreError> {
+            self.inner.rescue(p).await
+        }
+        async fn delete_finished(&self, p: RetentionParams) -> Result<u64, StoreError> {
+            self.inner.delete_finished(p).await
+        }
+        async fn queue_stats(&self) -> Result<Vec<QueueStats>, StoreError> {
+            self.inner.queue_stats().await
+        }
+        async fn insert_idempotent(
+            &self,
+            r: IdempotentInsert,
+        ) -> Result<IdempotentOutcome, StoreError> {
+            self.inner.insert_idempotent(r).await
+        }
+        async fn delete_expired_idempotency_keys(&self, n: u32) -> Result<u64, StoreError> {
+            self.inner.delete_expired_idempotency_keys(n).await
+        }
+        async fn set_queue_paused(&self, q: QueueName, p: bool) -> Result<(), StoreError> {
+            self.inner.set_queue_paused(q, p).await
+        }
+        async fn ping(&self) -> Result<(), StoreError> {
+            self.inner.ping().await
+        }
+        fn pool_stats(&self) -> PoolStats {
+            self.inner.pool_stats()
+        }
+        async fn close(&self) {
+            self.inner.close().await;
+        }
+    }
+
+    #[tokio::test]
+    async fn transient_read_failures_are_retried_within_the_deadline() {
+        let h = Harness::sqlite().await;
+        let id = h.store.insert(vec![job()]).await.unwrap()[0].id;
+        let flaky = Arc::new(FlakyReads {
+            inner: Arc::clone(&h.store),
+            failures: AtomicU32::new(2),
+            calls: AtomicU32::new(0),
+        });
+        let store = GuardedStore::new(flaky.clone(), StoreGuardConfig::default(), Chaos::default());
+        assert_eq!(store.get(id).await.expect("third attempt").id, id);
+        assert_eq!(flaky.calls.load(Ordering::SeqCst), 3);
+
+        // With no time left for a backoff, the transient error is returned as is.
+        flaky.failures.store(5, Ordering::SeqCst);
+        flaky.calls.store(0, Ordering::SeqCst);
+        let scope = RequestScope::new(Instant::now());
+        let e = scope.run(store.get(id)).await.unwrap_err();
+        assert!(e.is_transient(), "{e:?}");
+        assert_eq!(flaky.calls.load(Ordering::SeqCst), 1);
+    }
+}
