@@ -15,10 +15,11 @@ use async_trait::async_trait;
 use serde::Serialize;
 use serde_json::value::RawValue;
 
-use crate::clock::Timestamp;
+use crate::backoff::Backoff;
+use crate::clock::{Timestamp, truncate_micros};
 use crate::error::StoreError;
 use crate::ids::{IdempotencyKey, JobId, JobKind, LeaseToken, QueueName, TenantId, WorkerId};
-use crate::job::{Job, JobState, NewJob};
+use crate::job::{Job, JobState, NewJob, next_attempt_at};
 
 /// Identifies one lease of one job: what a worker presents to prove it still holds it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -79,6 +80,34 @@ pub struct FailParams {
     pub error: String,
     /// The error will not go away by retrying: discard regardless of attempts left.
     pub permanent: bool,
+    /// When the failure itself says when to try again (a webhook receiver's `Retry-After`,
+    /// an open circuit's next probe): used instead of the job's backoff when attempts
+    /// remain, so the job neither hammers a receiver that asked for quiet nor waits longer
+    /// than it asked. A time in the past means now. Ignored when the job is discarded.
+    pub retry_at: Option<Timestamp>,
+}
+
+impl FailParams {
+    /// When this failed attempt runs again, or `None` to discard the job: `retry_at` (not
+    /// before `now`) when set, else now + the job's backoff, and `None` when the error is
+    /// permanent or `attempt` was the last of `max_attempts`. Every backend's `fail` uses it
+    /// so they cannot disagree.
+    pub fn next_run_at(
+        &self,
+        attempt: u32,
+        max_attempts: u32,
+        backoff: &Backoff,
+        now: Timestamp,
+        rng: &mut impl rand::Rng,
+    ) -> Option<Timestamp> {
+        if let Some(at) = self.retry_at
+            && !self.permanent
+            && attempt < max_attempts
+        {
+            return Some(truncate_micros(at.max(now)));
+        }
+        next_attempt_at(attempt, max_attempts, backoff, self.permanent, now, rng)
+    }
 }
 
 /// Filters and cursor for listing jobs. Pagination is by id (keyset), never by offset, so a
@@ -343,8 +372,9 @@ pub trait Store: Send + Sync + 'static {
         completions: Vec<Completion>,
     ) -> Result<Vec<Result<(), StoreError>>, StoreError>;
 
-    /// Records a failed attempt: `retryable` with `run_at` = now + the job's backoff when
-    /// attempts remain and the error is not permanent, otherwise `discarded`.
+    /// Records a failed attempt: `retryable` with `run_at` = [`FailParams::retry_at`] if
+    /// given, else now + the job's backoff, when attempts remain and the error is not
+    /// permanent; otherwise `discarded` (see [`FailParams::next_run_at`]).
     async fn fail(&self, params: FailParams) -> Result<Job, StoreError>;
 
     /// Gives leased jobs back unfinished (graceful shutdown): `available` again, the
@@ -410,4 +440,54 @@ pub trait Store: Send + Sync + 'static {
 
     /// Flushes pending writes and closes connections. Later calls fail.
     async fn close(&self);
+}
+
+#[cfg(test)]
+mod tests {
+    use chrono::TimeDelta;
+
+    use super::*;
+
+    fn params(permanent: bool, retry_at: Option<Timestamp>) -> FailParams {
+        FailParams {
+            lease: LeaseRef {
+                id: JobId::new(),
+                token: LeaseToken::new(),
+            },
+            error: "boom".into(),
+            permanent,
+            retry_at,
+        }
+    }
+
+    #[test]
+    fn retry_at_replaces_the_backoff_only_while_the_job_may_retry() {
+        let now = truncate_micros(chrono::Utc::now());
+        let hour = Backoff::Fixed {
+            delay_ms: 3_600_000,
+        };
+        let rng = &mut rand::rng();
+        let soon = now + TimeDelta::seconds(120);
+        assert_eq!(
+            params(false, Some(soon)).next_run_at(1, 3, &hour, now, rng),
+            Some(soon)
+        );
+        assert_eq!(
+            params(false, None).next_run_at(1, 3, &hour, now, rng),
+            Some(now + TimeDelta::hours(1))
+        );
+        assert_eq!(
+            params(false, Some(now - TimeDelta::seconds(5))).next_run_at(1, 3, &hour, now, rng),
+            Some(now),
+            "a time in the past means now"
+        );
+        assert_eq!(
+            params(true, Some(soon)).next_run_at(1, 3, &hour, now, rng),
+            None
+        );
+        assert_eq!(
+            params(false, Some(soon)).next_run_at(3, 3, &hour, now, rng),
+            None
+        );
+    }
 }

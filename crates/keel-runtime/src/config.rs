@@ -9,9 +9,10 @@ use std::fmt;
 use std::time::Duration;
 
 use keel_core::{QueueName, WorkerId};
+use keel_resilience::{BreakerConfig, Chaos};
 
 /// How the runtime runs jobs. Cheap to clone.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct RuntimeConfig {
     /// Recorded as the lease owner of every job this process runs, so an operator can see
     /// who ran (or is stuck running) a job, and a rescued job's error names the worker that
@@ -102,8 +103,13 @@ impl Default for MaintenanceConfig {
     }
 }
 
-/// The `webhook` executor.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// The `webhook` executor: who it may call, how it identifies and signs, and how it
+/// protects each receiver (and Keel) from the other.
+///
+/// Protection is per target host (scheme, host and port of the URL): a circuit breaker, a
+/// concurrency limit and an optional rate limit. Each host has its own, so a failing or slow
+/// receiver is refused, queued or slowed down without touching jobs to any other host.
+#[derive(Debug, Clone)]
 pub struct WebhookConfig {
     /// Allow targets that resolve to loopback, private, link-local and other internal
     /// addresses. Off by default (G8): a job author must not be able to make Keel call the
@@ -112,6 +118,112 @@ pub struct WebhookConfig {
     pub allow_private: bool,
     /// The `User-Agent` header sent, so receivers can identify (and allow-list) Keel.
     pub user_agent: String,
+    /// Signs every request the Standard Webhooks way (`webhook-id`, `webhook-timestamp`,
+    /// `webhook-signature`) so a receiver can tell Keel's calls from forgeries and replays.
+    /// `None`: requests are not signed.
+    pub signing_secret: Option<SigningSecret>,
+    /// When a host's circuit opens and how it recovers. A host that keeps failing (5xx,
+    /// 429, timeouts, connection errors) gets no requests while open: its jobs fail at once
+    /// and retry when the breaker will let a probe through, instead of each holding a worker
+    /// for a full timeout against a receiver that is down.
+    pub breaker: BreakerConfig,
+    /// Most requests in flight to one host from this process. Protects a receiver from a
+    /// burst of queued jobs, and bounds how many workers one slow host can hold.
+    pub host_concurrency: usize,
+    /// Requests per second allowed to one host, with a burst; `None` (the default) is no
+    /// limit. For receivers that publish a quota, so Keel stays under it instead of
+    /// collecting 429s.
+    pub host_rate: Option<HostRateLimit>,
+    /// Longest a job waits for a free slot under its host's concurrency limit or a token
+    /// from its rate limit (and never past the job's own timeout). A waiting job holds a
+    /// worker of its queue, so this bounds how long a saturated host can keep workers from
+    /// jobs to other hosts; past it the attempt fails as retryable.
+    pub host_wait: Duration,
+    /// Most hosts whose protection state is kept. Job authors choose URLs, so the set of
+    /// hosts is unbounded; past this many, hosts idle the longest are forgotten first (G5).
+    pub max_hosts: usize,
+    /// A host unused this long is forgotten when room is needed, whatever its age rank.
+    pub host_idle: Duration,
+    /// Longest delay a receiver's `Retry-After` may impose on a job; larger values are
+    /// capped, so a buggy or hostile receiver cannot park jobs for days.
+    pub max_retry_after: Duration,
+    /// Fault injection for webhook requests (latency, error rate), off by default. An
+    /// injected error is a failed attempt like a connection error, and counts against the
+    /// host's breaker.
+    pub chaos: Chaos,
+}
+
+impl WebhookConfig {
+    /// Default requests in flight per host: enough for a healthy receiver to keep up with a
+    /// busy queue, small enough that one host cannot take hundreds of connections.
+    pub const DEFAULT_HOST_CONCURRENCY: usize = 32;
+    /// Largest accepted `host_concurrency`.
+    pub const MAX_HOST_CONCURRENCY: usize = 10_000;
+    /// Default number of hosts tracked.
+    pub const DEFAULT_MAX_HOSTS: usize = 10_000;
+    /// Largest accepted `max_hosts` (each tracked host costs a few hundred bytes).
+    pub const MAX_MAX_HOSTS: usize = 1_000_000;
+
+    /// A host's breaker unless configured: opens after 5 failures in a row or half of at
+    /// least 20 calls in 10 s, stays open 30 s (a receiver that is down is rarely back
+    /// within seconds, and every refused job spends an attempt), then closes after 3
+    /// successful probes.
+    pub fn default_breaker() -> BreakerConfig {
+        BreakerConfig {
+            open_for: Duration::from_secs(30),
+            ..BreakerConfig::default()
+        }
+    }
+
+    /// Checks every field; reports every problem at once. Also part of
+    /// [`RuntimeConfig::validate`]; the executor itself corrects bad values rather than fail.
+    pub fn validate(&self) -> Result<(), InvalidConfig> {
+        let mut errors = Vec::new();
+        self.check(&mut errors);
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(InvalidConfig(errors))
+        }
+    }
+
+    /// Adds one message per bad field to `errors`, each prefixed with `webhook.`.
+    fn check(&self, errors: &mut Vec<String>) {
+        if let Err(e) = self.breaker.validate() {
+            errors.push(format!("webhook.breaker: {e}"));
+        }
+        if self.host_concurrency == 0 || self.host_concurrency > Self::MAX_HOST_CONCURRENCY {
+            errors.push(format!(
+                "webhook.host_concurrency must be 1..={}, got {}",
+                Self::MAX_HOST_CONCURRENCY,
+                self.host_concurrency
+            ));
+        }
+        if let Some(rate) = self.host_rate
+            && (rate.per_second == 0 || rate.burst == 0)
+        {
+            errors.push(format!(
+                "webhook.host_rate: per_second and burst must be at least 1, got {} and {}",
+                rate.per_second, rate.burst
+            ));
+        }
+        if self.host_wait.is_zero() {
+            errors.push("webhook.host_wait must be above zero".to_owned());
+        }
+        if self.max_hosts == 0 || self.max_hosts > Self::MAX_MAX_HOSTS {
+            errors.push(format!(
+                "webhook.max_hosts must be 1..={}, got {}",
+                Self::MAX_MAX_HOSTS,
+                self.max_hosts
+            ));
+        }
+        if self.host_idle.is_zero() {
+            errors.push("webhook.host_idle must be above zero".to_owned());
+        }
+        if self.max_retry_after.is_zero() {
+            errors.push("webhook.max_retry_after must be above zero".to_owned());
+        }
+    }
 }
 
 impl Default for WebhookConfig {
@@ -119,7 +231,86 @@ impl Default for WebhookConfig {
         Self {
             allow_private: false,
             user_agent: format!("keel/{}", env!("CARGO_PKG_VERSION")),
+            signing_secret: None,
+            breaker: Self::default_breaker(),
+            host_concurrency: Self::DEFAULT_HOST_CONCURRENCY,
+            host_rate: None,
+            host_wait: Duration::from_secs(5),
+            max_hosts: Self::DEFAULT_MAX_HOSTS,
+            host_idle: Duration::from_secs(600),
+            max_retry_after: Duration::from_secs(3600),
+            chaos: Chaos::default(),
         }
+    }
+}
+
+/// A token bucket for the requests to one host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HostRateLimit {
+    /// Sustained requests per second.
+    pub per_second: u32,
+    /// Requests allowed at once after a quiet spell (the bucket's size).
+    pub burst: u32,
+}
+
+/// The key the webhook executor signs requests with: the `whsec_<base64>` form of the
+/// Standard Webhooks specification, which receivers' libraries accept as is. Its `Debug`
+/// never shows the key, so a logged config cannot leak it (G8).
+#[derive(Clone, PartialEq, Eq)]
+pub struct SigningSecret {
+    key: Vec<u8>,
+}
+
+impl SigningSecret {
+    /// The prefix of the textual form.
+    pub const PREFIX: &'static str = "whsec_";
+    /// Shortest key accepted, in bytes (the specification asks for 24 to 64).
+    pub const MIN_BYTES: usize = 24;
+    /// Longest key accepted, in bytes.
+    pub const MAX_BYTES: usize = 64;
+
+    /// Parses `whsec_<base64 of 24 to 64 random bytes>`; the prefix may be left out, as
+    /// receivers' libraries allow. The error says what is wrong without echoing the secret.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        use base64::Engine as _;
+        let encoded = text.trim();
+        let encoded = encoded.strip_prefix(Self::PREFIX).unwrap_or(encoded);
+        let key = base64::engine::general_purpose::STANDARD
+            .decode(encoded)
+            .map_err(|_| {
+                format!(
+                    "the webhook signing secret must be {}<base64>, and its base64 does not decode",
+                    Self::PREFIX
+                )
+            })?;
+        if !(Self::MIN_BYTES..=Self::MAX_BYTES).contains(&key.len()) {
+            return Err(format!(
+                "the webhook signing secret must decode to {} to {} bytes, got {}",
+                Self::MIN_BYTES,
+                Self::MAX_BYTES,
+                key.len()
+            ));
+        }
+        Ok(Self { key })
+    }
+
+    /// The HMAC key (the decoded bytes).
+    pub(crate) fn key(&self) -> &[u8] {
+        &self.key
+    }
+}
+
+impl std::str::FromStr for SigningSecret {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Self::parse(s)
+    }
+}
+
+impl fmt::Debug for SigningSecret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("SigningSecret(<redacted>)")
     }
 }
 
@@ -177,6 +368,7 @@ impl RuntimeConfig {
         if self.maintenance.batch == 0 {
             errors.push("maintenance.batch must be at least 1".to_owned());
         }
+        self.webhook.check(&mut errors);
         if errors.is_empty() {
             Ok(())
         } else {
@@ -256,6 +448,60 @@ mod tests {
         assert_eq!(c.queues[0].name.as_str(), "default");
         assert_eq!(c.queues[0].concurrency, 8);
         assert!(c.heartbeat_every < c.lease_for);
+    }
+
+    #[test]
+    fn webhook_problems_are_reported_with_the_others() {
+        let c = RuntimeConfig {
+            poll_interval: Duration::ZERO,
+            webhook: WebhookConfig {
+                breaker: BreakerConfig {
+                    failure_rate: 2.0,
+                    ..WebhookConfig::default_breaker()
+                },
+                host_concurrency: 0,
+                host_rate: Some(HostRateLimit {
+                    per_second: 0,
+                    burst: 10,
+                }),
+                host_wait: Duration::ZERO,
+                max_hosts: 0,
+                host_idle: Duration::ZERO,
+                max_retry_after: Duration::ZERO,
+                ..WebhookConfig::default()
+            },
+            ..RuntimeConfig::default()
+        };
+        let errs = c.validate().unwrap_err().0;
+        for needle in [
+            "poll_interval",
+            "webhook.breaker: failure_rate",
+            "webhook.host_concurrency",
+            "webhook.host_rate",
+            "webhook.host_wait",
+            "webhook.max_hosts",
+            "webhook.host_idle",
+            "webhook.max_retry_after",
+        ] {
+            assert!(
+                errs.iter().any(|e| e.contains(needle)),
+                "{needle}: {errs:?}"
+            );
+        }
+        assert_eq!(c.webhook.validate().unwrap_err().0.len(), 7);
+        WebhookConfig::default().validate().unwrap();
+    }
+
+    #[test]
+    fn the_signing_secret_never_shows_in_debug_output() {
+        let secret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+        let c = WebhookConfig {
+            signing_secret: Some(secret.parse().unwrap()),
+            ..WebhookConfig::default()
+        };
+        let shown = format!("{c:?}");
+        assert!(shown.contains("SigningSecret(<redacted>)"), "{shown}");
+        assert!(!shown.contains("MfKQ9r8G"), "{shown}");
     }
 
     #[test]

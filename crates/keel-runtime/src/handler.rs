@@ -9,6 +9,7 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use keel_core::{Job, JobKind};
@@ -76,6 +77,12 @@ pub struct JobError {
     /// `true`: retrying cannot help (bad arguments, a 404); the job is discarded at once.
     /// `false`: the job is retried with backoff while attempts remain.
     pub permanent: bool,
+    /// When the failure itself says how long to wait before the next attempt (a receiver's
+    /// `Retry-After`, a circuit that will probe again in 20 s): the next attempt runs this
+    /// long after the failure is recorded instead of after the job's backoff. `None` (the
+    /// usual case) uses the backoff. Ignored when the job is discarded; at most
+    /// [`keel_core::Backoff::MAX`].
+    pub retry_after: Option<Duration>,
 }
 
 impl JobError {
@@ -84,6 +91,7 @@ impl JobError {
         Self {
             message: message.into(),
             permanent: false,
+            retry_after: None,
         }
     }
 
@@ -92,7 +100,14 @@ impl JobError {
         Self {
             message: message.into(),
             permanent: true,
+            retry_after: None,
         }
+    }
+
+    /// The same failure, retried `after` this long instead of after the job's backoff.
+    pub fn with_retry_after(mut self, after: Duration) -> Self {
+        self.retry_after = Some(after);
+        self
     }
 }
 
@@ -118,8 +133,8 @@ impl Handlers {
     }
 
     /// The built-in executors: `noop`, `sleep`, `echo`, `fail` and `webhook` (see
-    /// [`crate::executors`] for their arguments). The webhook executor uses `webhook`'s
-    /// SSRF policy and user agent.
+    /// [`crate::executors`] for their arguments). The webhook executor is built from
+    /// `webhook`: SSRF policy, user agent, signing secret, per-host protection and chaos.
     pub fn builtin(webhook: &WebhookConfig) -> Self {
         let mut h = Self::new();
         for (kind, handler) in [
@@ -171,5 +186,8 @@ mod tests {
         assert!(!JobError::retry("x").permanent);
         assert!(JobError::permanent("x").permanent);
         assert_eq!(JobError::retry("boom").to_string(), "boom");
+        assert_eq!(JobError::retry("x").retry_after, None);
+        let later = JobError::retry("x").with_retry_after(Duration::from_secs(3));
+        assert_eq!(later.retry_after, Some(Duration::from_secs(3)));
     }
 }

@@ -8,7 +8,8 @@
 //! tonic or a database driver.
 //!
 //! - [`Runtime::start`] / [`Runtime::shutdown`]: the lifecycle, with G6's two-phase stop.
-//! - [`RuntimeConfig`]: queues, leases, polling, grace, maintenance, webhook policy.
+//! - [`RuntimeConfig`]: queues, leases, polling, grace, maintenance, webhook policy
+//!   ([`WebhookConfig`]: SSRF guard, signing, per-host breaker and limits, chaos).
 //! - [`Handler`], [`JobContext`], [`JobError`], [`Handlers`]: the Rust handler API, and the
 //!   registry that maps job kinds to handlers (the built-ins live in [`executors`]).
 //! - [`RuntimeHandle`] is what the API holds: wakeups, cancellation of running jobs, and job
@@ -31,7 +32,10 @@ mod maintenance;
 mod runtime;
 mod worker;
 
-pub use config::{InvalidConfig, MaintenanceConfig, QueueConfig, RuntimeConfig, WebhookConfig};
+pub use config::{
+    HostRateLimit, InvalidConfig, MaintenanceConfig, QueueConfig, RuntimeConfig, SigningSecret,
+    WebhookConfig,
+};
 pub use handle::{Events, JobEvent, RunningJobs, RuntimeHandle, Wakeups};
 pub use handler::{Handler, Handlers, JobContext, JobError, json_result};
 pub use runtime::{Runtime, ShutdownReport};

@@ -32,7 +32,8 @@ pub(crate) struct Shared {
     pub(crate) handlers: Handlers,
     pub(crate) handle: RuntimeHandle,
     pub(crate) config: RuntimeConfig,
-    /// The store's clock: retention cutoffs are computed with it.
+    /// The store's clock: retention cutoffs and a failure's `retry_after` are computed
+    /// with it.
     pub(crate) clock: Arc<dyn Clock>,
     pub(crate) inflight: Inflight,
     /// Every job task (worker and handler), so shutdown can wait for them.

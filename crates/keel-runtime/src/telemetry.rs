@@ -35,10 +35,26 @@ pub const STORE_ERRORS: &str = "keel_runtime_store_errors_total";
 pub const MAINTENANCE_PROMOTED: &str = "keel_maintenance_promoted_total";
 /// Jobs rescued from expired leases, by queue and the state they moved to.
 pub const MAINTENANCE_RESCUED: &str = "keel_maintenance_rescued_total";
+/// Runs that may repeat work already done (G2), by queue: a rescued job that will run
+/// again after its lease expired, when the worker that held it may have done some or all of
+/// the work before it died or lost touch. The only way Keel runs a job twice.
+pub const DUPLICATE_RUNS: &str = "keel_jobs_duplicate_runs_total";
 /// Items per batched store write, by operation: `complete`, or `lease` (jobs per lease).
 pub const STORE_BATCH_SIZE: &str = "keel_store_batch_size";
 /// Rows deleted by retention, by `what` (jobs, idempotency_keys).
 pub const MAINTENANCE_DELETED: &str = "keel_maintenance_deleted_total";
+/// Webhook attempts by `outcome`: what the receiver answered (`success`, `redirect`,
+/// `client_error`, `throttled` = 429, `server_error`), how the exchange failed (`timeout`,
+/// `connect_error`, `network_error`, `injected` by chaos, `refused` by the SSRF guard), or
+/// why no request was sent (`circuit_open`, `rate_limited`, `host_busy`). Never labelled by
+/// host: job authors choose hosts, so they are unbounded.
+pub const WEBHOOK_REQUESTS: &str = "keel_webhook_requests_total";
+/// Webhook hosts whose circuit breaker is not closed (open, or half-open awaiting its
+/// probes) (gauge).
+pub const WEBHOOK_HOSTS_OPEN: &str = "keel_webhook_hosts_open";
+/// Webhook hosts whose protection state (breaker, limits) is kept in memory (gauge); at
+/// most the configured `max_hosts`, plus hosts with a request in flight.
+pub const WEBHOOK_HOSTS_TRACKED: &str = "keel_webhook_hosts_tracked";
 
 /// How a job's run in this process ended: the `outcome` label of [`JOBS_FINISHED`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -107,7 +123,23 @@ pub fn describe_metrics() {
         MAINTENANCE_RESCUED,
         "Running jobs rescued after their lease expired."
     );
+    describe_counter!(
+        DUPLICATE_RUNS,
+        "Rescued jobs that will run again although an earlier run may have done the work."
+    );
     describe_counter!(MAINTENANCE_DELETED, "Rows deleted by retention.");
+    describe_counter!(
+        WEBHOOK_REQUESTS,
+        "Webhook attempts by outcome, including those refused before any request."
+    );
+    describe_gauge!(
+        WEBHOOK_HOSTS_OPEN,
+        "Webhook hosts whose circuit breaker is open or half-open."
+    );
+    describe_gauge!(
+        WEBHOOK_HOSTS_TRACKED,
+        "Webhook hosts whose breaker and limits are kept in memory."
+    );
     describe_histogram!(
         STORE_BATCH_SIZE,
         Unit::Count,
@@ -152,10 +184,25 @@ pub(crate) fn promoted(queue: &QueueName, n: u64) {
 pub(crate) fn rescued(queue: &QueueName, state: keel_core::JobState) {
     counter!(MAINTENANCE_RESCUED, "queue" => queue.to_string(), "state" => state.as_str())
         .increment(1);
+    if !state.is_finished() {
+        counter!(DUPLICATE_RUNS, "queue" => queue.to_string()).increment(1);
+    }
 }
 
 pub(crate) fn deleted(what: &'static str, n: u64) {
     counter!(MAINTENANCE_DELETED, "what" => what).increment(n);
+}
+
+pub(crate) fn webhook_request(outcome: &'static str) {
+    counter!(WEBHOOK_REQUESTS, "outcome" => outcome).increment(1);
+}
+
+pub(crate) fn webhook_hosts_open(n: usize) {
+    gauge!(WEBHOOK_HOSTS_OPEN).set(n as f64);
+}
+
+pub(crate) fn webhook_hosts_tracked(n: usize) {
+    gauge!(WEBHOOK_HOSTS_TRACKED).set(n as f64);
 }
 
 /// The `kind` label for a job: its kind when a handler is registered for it, otherwise

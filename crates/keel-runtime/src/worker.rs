@@ -232,11 +232,17 @@ async fn record(shared: &Shared, meta: &Meta, verdict: Verdict, cause: &Cause) -
             })
         }
         Verdict::Fail(error) => {
+            // Fixed once, so a retried write asks for the same time. Capped like a configured
+            // backoff, so no handler's hint can park a job for years (or overflow the date).
+            let retry_at = error.retry_after.map(|after| {
+                shared.clock.now() + keel_core::clock::to_delta(after.min(keel_core::Backoff::MAX))
+            });
             let r = with_retries("fail", || {
                 shared.store.fail(FailParams {
                     lease: meta.lease,
                     error: error.message.clone(),
                     permanent: error.permanent,
+                    retry_at,
                 })
             })
             .await;

@@ -271,6 +271,7 @@ async fn result_of_a_discarded_or_cancelled_job_is_409() {
             lease: LeaseRef::of(&leased[0]).unwrap(),
             error: "upstream said no".into(),
             permanent: true,
+            retry_at: None,
         })
         .await
         .unwrap();

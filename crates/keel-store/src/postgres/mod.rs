@@ -92,6 +92,13 @@ pub struct PgOptions {
     /// the next batch's round trip with that flush. More only splits the load into smaller
     /// batches. Counts against `max_connections`.
     pub insert_commits: usize,
+    /// Server-side cap on each statement (`SET statement_timeout` on every new connection).
+    /// A request that gives up at its deadline drops its future, but the statement it had
+    /// sent keeps running on the server; this bounds how long. Set it a little above the
+    /// request timeout, so a statement a live request is waiting on is never cut first.
+    /// `None` (the default) leaves the server's setting alone. Migrations lift it for their
+    /// own transaction: a schema change may legitimately take longer.
+    pub statement_timeout: Option<Duration>,
 }
 
 impl Default for PgOptions {
@@ -105,6 +112,7 @@ impl Default for PgOptions {
             insert_queue: 4096,
             insert_batch_max: 2000,
             insert_commits: 2,
+            statement_timeout: None,
         }
     }
 }
@@ -180,6 +188,16 @@ impl PgStore {
             // Shows up in pg_stat_activity, so operators can tell Keel's sessions apart.
             cfg.application_name("keel");
         }
+        if let Some(t) = opts.statement_timeout {
+            // Appended to any options the URL carries (tests set search_path there).
+            let options = match cfg.get_options() {
+                Some(o) if !o.trim().is_empty() => {
+                    format!("{o} -c statement_timeout={}", t.as_millis().max(1))
+                }
+                _ => format!("-c statement_timeout={}", t.as_millis().max(1)),
+            };
+            cfg.options(&options);
+        }
         let pool = pool::build(cfg.clone(), &opts).map_err(|e| {
             StoreError::permanent(format!("building the connection pool for {target}"), e)
         })?;
@@ -244,7 +262,8 @@ impl PgStore {
         // Lock before touching the tracking table: even CREATE TABLE IF NOT EXISTS fails when
         // two sessions run it at the same moment.
         tx.batch_execute(
-            "SELECT pg_advisory_xact_lock(hashtextextended('keel_migrate:' || current_schema(), 0));
+            "SET LOCAL statement_timeout = 0;
+             SELECT pg_advisory_xact_lock(hashtextextended('keel_migrate:' || current_schema(), 0));
              CREATE TABLE IF NOT EXISTS keel_schema_migrations (
                  version    bigint      PRIMARY KEY,
                  name       text        NOT NULL,
@@ -624,14 +643,7 @@ impl Store for PgStore {
         let attempt = rows::count("attempt", rows::get(&row, 2, "attempt")?)?;
         let max_attempts = rows::count("max_attempts", rows::get(&row, 3, "max_attempts")?)?;
         let backoff: Backoff = codec::backoff_from_json(rows::get(&row, 4, "backoff")?)?;
-        let run_at = next_attempt_at(
-            attempt,
-            max_attempts,
-            &backoff,
-            params.permanent,
-            now,
-            &mut rand::rng(),
-        );
+        let run_at = params.next_run_at(attempt, max_attempts, &backoff, now, &mut rand::rng());
         let to = next_state(
             id,
             state,

@@ -1248,3 +1248,55 @@ async fn overlapping_heartbeats_and_completions_do_not_deadlock() {
     }
     store.close().await;
 }
+
+/// `statement_timeout` reaches every pooled connection (on top of the URL's own options,
+/// which confine the store to its schema), cuts a statement that runs past it, and does not
+/// stop migrations.
+#[tokio::test]
+async fn statement_timeout_bounds_every_statement_but_not_migrations() {
+    let Some(base) = pg_url_or_skip("postgres::tests::statement_timeout_bounds_every_statement")
+    else {
+        return;
+    };
+    let schema = PgSchema::create(&base).await;
+    let opts = PgOptions {
+        statement_timeout: Some(Duration::from_millis(300)),
+        ..PgOptions::for_tests()
+    };
+    let store = store_in(&schema, opts).await;
+    let conn = store.pool.get().await.expect("connection");
+    let shown: String = conn
+        .query_one("SHOW statement_timeout", &[])
+        .await
+        .expect("show")
+        .get(0);
+    assert_eq!(shown, "300ms");
+    let in_schema: Option<String> = conn
+        .query_one("SELECT current_schema()", &[])
+        .await
+        .expect("schema")
+        .get(0);
+    assert_eq!(
+        in_schema.as_deref(),
+        Some(schema.name.as_str()),
+        "URL options kept"
+    );
+    let started = Instant::now();
+    let err = conn
+        .query_one("SELECT pg_sleep(5)", &[])
+        .await
+        .expect_err("cut by statement_timeout");
+    assert_eq!(
+        err.code(),
+        Some(&tokio_postgres::error::SqlState::QUERY_CANCELED),
+        "{err}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+    drop(conn);
+    store.migrate().await.expect("migrations lift the timeout");
+    store.close().await;
+}

@@ -644,14 +644,7 @@ impl Store for SqliteStore {
                     return Err(StoreError::StaleLease(id));
                 }
                 let backoff = codec::backoff_from_json(&backoff)?;
-                let next = next_attempt_at(
-                    attempt,
-                    max_attempts,
-                    &backoff,
-                    p.permanent,
-                    now,
-                    &mut rand::rng(),
-                );
+                let next = p.next_run_at(attempt, max_attempts, &backoff, now, &mut rand::rng());
                 let error =
                     codec::attempt_error_to_json(&AttemptError::new(attempt, now, &p.error));
                 let (state, run_at, finished_at) = match next {

@@ -48,6 +48,7 @@ macro_rules! conformance_suite {
             batch_outcomes_are_per_item,
             scheduled_jobs_are_promoted_when_due,
             retry_sets_run_at_from_backoff,
+            failure_with_retry_at_runs_then,
             failures_exhaust_attempts_then_discard,
             permanent_failure_discards_at_once,
             release_does_not_count_the_attempt,
@@ -148,11 +149,21 @@ async fn complete_one(
 }
 
 async fn fail_one(h: &Harness, lease: LeaseRef, permanent: bool) -> Result<Job, StoreError> {
+    fail_at(h, lease, permanent, None).await
+}
+
+async fn fail_at(
+    h: &Harness,
+    lease: LeaseRef,
+    permanent: bool,
+    retry_at: Option<Timestamp>,
+) -> Result<Job, StoreError> {
     h.store
         .fail(FailParams {
             lease,
             error: "boom".into(),
             permanent,
+            retry_at,
         })
         .await
 }
@@ -827,6 +838,70 @@ pub async fn retry_sets_run_at_from_backoff(h: &Harness) {
         h.clock.advance(b.window(attempt));
         promote(h, 10).await;
     }
+}
+
+/// A failure that names its own retry time (a `Retry-After`) runs then, not after the
+/// backoff, to the microsecond; a time already past means now. Permanence and exhausted
+/// attempts still discard.
+pub async fn failure_with_retry_at_runs_then(h: &Harness) {
+    // The fixed 1 h backoff of `job` would put run_at an hour out.
+    insert_one(h, job("ra").max_attempts(3)).await;
+    let (j, l) = lease_one(h, "ra").await;
+    let now = h.clock.now();
+    let asked = now + TimeDelta::seconds(120) + TimeDelta::microseconds(7);
+    let after = fail_at(h, l, false, Some(asked)).await.unwrap();
+    assert_eq!(after.state, JobState::Retryable);
+    assert_eq!(after.run_at, asked);
+    assert_eq!(after.errors.len(), 1);
+    assert!(after.lease.is_none() && after.finished_at.is_none());
+    assert_eq!(h.store.get(j.id).await.unwrap().run_at, asked);
+    h.clock.advance(Duration::from_micros(120_000_006));
+    promote(h, 10).await;
+    assert_eq!(state_of(h, j.id).await, JobState::Retryable);
+    h.clock.advance(Duration::from_micros(1));
+    promote(h, 10).await;
+    assert_eq!(state_of(h, j.id).await, JobState::Available);
+
+    // Sub-microsecond precision is dropped, as for every stored time.
+    let (_, l) = lease_one(h, "ra").await;
+    let now = h.clock.now();
+    let fine = now + TimeDelta::seconds(1) + TimeDelta::nanoseconds(1_500);
+    let after = fail_at(h, l, false, Some(fine)).await.unwrap();
+    assert_eq!(
+        after.run_at,
+        now + TimeDelta::seconds(1) + TimeDelta::microseconds(1)
+    );
+    h.clock.advance(Duration::from_secs(2));
+    promote(h, 10).await;
+
+    // The last attempt is discarded whatever the failure asked for.
+    let (last, l) = lease_one(h, "ra").await;
+    assert_eq!(last.attempt, 3);
+    let done = fail_at(h, l, false, Some(h.clock.now() + TimeDelta::seconds(5)))
+        .await
+        .unwrap();
+    assert_eq!(done.state, JobState::Discarded);
+    assert_eq!(done.finished_at, Some(h.clock.now()));
+
+    // So is a permanent failure with attempts left.
+    insert_one(h, job("ra-perm").max_attempts(25)).await;
+    let (_, l) = lease_one(h, "ra-perm").await;
+    let perm = fail_at(h, l, true, Some(h.clock.now() + TimeDelta::seconds(5)))
+        .await
+        .unwrap();
+    assert_eq!(perm.state, JobState::Discarded);
+
+    // A time in the past means now: due at once, not lost in the past.
+    insert_one(h, job("ra-past")).await;
+    let (p, l) = lease_one(h, "ra-past").await;
+    let now = h.clock.now();
+    let past = fail_at(h, l, false, Some(now - TimeDelta::minutes(5)))
+        .await
+        .unwrap();
+    assert_eq!(past.state, JobState::Retryable);
+    assert_eq!(past.run_at, now);
+    promote(h, 10).await;
+    assert_eq!(state_of(h, p.id).await, JobState::Available);
 }
 
 /// With two attempts allowed, the second failure discards the job, keeping both errors.
