@@ -115,13 +115,13 @@ const BODY: &str = r#"{"kind":"webhook","queue":"default","args":{"url":"https:/
 
 fn enqueue(c: &mut Criterion) {
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let state = ApiState {
-        store: Arc::new(InstantStore),
-        runtime: RuntimeHandle::new([QueueName::default()], 1024),
-        config: Arc::new(ApiConfig::default()),
-        metrics: PrometheusBuilder::new().build_recorder().handle(),
-        readiness: Readiness::default(),
-    };
+    let state = ApiState::new(
+        Arc::new(InstantStore),
+        RuntimeHandle::new([QueueName::default()], 1024),
+        ApiConfig::default(),
+        PrometheusBuilder::new().build_recorder().handle(),
+        Readiness::default(),
+    );
     let app = router(state);
     let request = || {
         Request::post("/v1/jobs")

@@ -12,6 +12,7 @@ use axum::http::{HeaderMap, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use keel_core::TenantId;
+use keel_resilience::{Dependency, RequestScope, Step};
 
 use crate::config::{digests_equal, hash_api_key};
 use crate::error::ApiError;
@@ -76,6 +77,11 @@ impl<S: Send + Sync> FromRequestParts<S> for Caller {
     }
 }
 
+/// The digest of the API key a request was authenticated with, for the per-key rate limit.
+/// Only present when keys are configured; the plaintext key is never kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct KeyDigest(pub(crate) [u8; 32]);
+
 /// The token of an `Authorization: Bearer <token>` header (scheme case-insensitive).
 fn bearer_token(headers: &HeaderMap) -> Option<&str> {
     let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
@@ -84,14 +90,29 @@ fn bearer_token(headers: &HeaderMap) -> Option<&str> {
     (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
 }
 
-/// Innermost layer, on `/v1` routes only: resolves the [`Caller`] or answers `401` with
-/// `WWW-Authenticate: Bearer`. Inside the deadline so a slow check is bounded, and inside
-/// the body limit so nothing large is buffered for it.
+/// On `/v1` tenant routes only, after admission and before the rate limit (which needs the
+/// tenant): resolves the [`Caller`] or answers `401` with `WWW-Authenticate: Bearer`.
+/// Inside the deadline so a slow check is bounded, and inside the body limit so nothing
+/// large is buffered for it.
+///
+/// Marks the request as in the `auth` step, then applies the chaos faults of the `auth`
+/// dependency (`SLOW_AUTH`) before checking the key, whether or not keys are configured —
+/// the seed's experiment runs without keys. An injected failure is a `503` "authentication
+/// unavailable", as a real outage of an auth backend would be.
 pub(crate) async fn authenticate(
     State(state): State<ApiState>,
     mut req: Request,
     next: Next,
 ) -> Response {
+    RequestScope::enter_current(Step::Auth);
+    if let Err(fault) = state.chaos.inject(Dependency::Auth).await {
+        return ApiError::Unavailable {
+            detail: "authentication is unavailable; retry shortly".to_owned(),
+            retry_after_secs: 1,
+            cause: Some(Box::new(fault)),
+        }
+        .into_response();
+    }
     let keys = &state.config.api_keys;
     let caller = if keys.is_empty() {
         Caller::unrestricted()
@@ -108,7 +129,10 @@ pub(crate) async fn authenticate(
             }
         }
         match tenant {
-            Some(t) => Caller::tenant(t),
+            Some(t) => {
+                req.extensions_mut().insert(KeyDigest(digest));
+                Caller::tenant(t)
+            }
             None => return ApiError::Unauthorized.into_response(),
         }
     };

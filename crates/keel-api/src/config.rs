@@ -5,7 +5,10 @@ use std::fmt;
 use std::time::Duration;
 
 use keel_core::{NewJob, TenantId};
+use keel_resilience::AdaptiveLimitConfig;
 use sha2::{Digest, Sha256};
+
+use crate::rate_limit::RateLimitConfig;
 
 /// Limits and credentials of the HTTP API. Built by the binary from its validated config;
 /// [`Default`] is what `keel serve` uses when nothing is configured.
@@ -30,6 +33,15 @@ pub struct ApiConfig {
     /// caller may act for any tenant. The binary allows that only on a loopback listener
     /// (G8).
     pub api_keys: Vec<ApiKey>,
+    /// Bounds of the adaptive concurrency limit on the `/v1` routes (G5). `max` is a hard
+    /// cap on requests in flight; `min` keeps a latency blip from shutting the door.
+    pub admission: AdaptiveLimitConfig,
+    /// Enqueues are refused with `503` while more jobs than this wait to run (available,
+    /// scheduled and retryable, over every queue); 0 turns the cap off. Bounds the backlog
+    /// a flood can build faster than workers drain it.
+    pub max_queue_backlog: u64,
+    /// Per-tenant and per-key rate limits; the default limits nothing.
+    pub rate_limits: RateLimitConfig,
 }
 
 impl ApiConfig {
@@ -45,6 +57,9 @@ impl Default for ApiConfig {
             max_args_bytes: NewJob::DEFAULT_MAX_ARGS_BYTES,
             idempotency_ttl: Duration::from_secs(24 * 3600),
             api_keys: Vec::new(),
+            admission: AdaptiveLimitConfig::default(),
+            max_queue_backlog: 0,
+            rate_limits: RateLimitConfig::default(),
         }
     }
 }

@@ -327,6 +327,11 @@ pub struct CheckOut {
 pub struct ReadyChecks {
     /// The job store.
     pub database: CheckOut,
+    /// The circuit breaker in front of the job store: `error` while it is open, because the
+    /// requests this replica would get are refused until it closes. Absent when the store
+    /// has no breaker.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub database_breaker: Option<CheckOut>,
 }
 
 /// `GET /readyz`.

@@ -10,9 +10,10 @@ use std::error::Error as StdError;
 use std::sync::Arc;
 
 use axum::extract::rejection::{BytesRejection, JsonRejection, PathRejection, QueryRejection};
-use axum::http::{HeaderValue, StatusCode, header};
+use axum::http::{HeaderName, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use keel_core::{FieldError, JobId, JobState, StoreError};
+use keel_resilience::Step;
 use serde::Serialize;
 use utoipa::ToSchema;
 
@@ -21,6 +22,13 @@ pub const PROBLEM_JSON: &str = "application/problem+json";
 
 /// Prefix of every problem `type` URI; the last segment names the problem and is stable.
 pub const PROBLEM_TYPE_BASE: &str = "https://keel.dev/problems/";
+
+/// `RateLimit-Limit` (IETF draft `ratelimit-headers`): the size of the caller's bucket.
+pub const RATELIMIT_LIMIT: HeaderName = HeaderName::from_static("ratelimit-limit");
+/// `RateLimit-Remaining`: requests the caller may still send at once.
+pub const RATELIMIT_REMAINING: HeaderName = HeaderName::from_static("ratelimit-remaining");
+/// `RateLimit-Reset`: seconds until the next request will be accepted (on a `429`).
+pub const RATELIMIT_RESET: HeaderName = HeaderName::from_static("ratelimit-reset");
 
 type BoxError = Box<dyn StdError + Send + Sync + 'static>;
 
@@ -112,11 +120,76 @@ pub enum ApiError {
     },
     /// The request deadline passed (G7). For `POST /v1/process`, `job_id` names the job,
     /// which keeps running and can be polled.
-    #[error("deadline exceeded")]
+    #[error("{}", deadline_detail(*step))]
     DeadlineExceeded {
         /// The job the request created, if it got that far.
         job_id: Option<JobId>,
+        /// Where the request was when time ran out, so the client (and the operator reading
+        /// the log line) can tell a slow auth check from a slow database.
+        step: Option<Step>,
     },
+    /// The server shed the request to protect the requests it is already serving (G5):
+    /// too many in flight, or too many jobs waiting to run. Retry after `Retry-After`.
+    #[error("{}", reason.detail())]
+    Overloaded {
+        /// Why it was shed.
+        reason: ShedReason,
+    },
+    /// The caller's tenant or API key spent its rate limit. `Retry-After` says when the
+    /// next request will be accepted; the `RateLimit-*` headers describe the bucket.
+    #[error("rate limit exceeded; retry in {retry_after_secs} s")]
+    RateLimited {
+        /// Size of the bucket (`RateLimit-Limit`).
+        limit: u32,
+        /// Seconds until a request will be accepted (`Retry-After`, `RateLimit-Reset`).
+        retry_after_secs: u32,
+    },
+}
+
+/// Why a request was shed with `503` before any work was done for it; the `reason` label of
+/// `keel_requests_shed_total` (a bounded set, together with `rate_limit` for `429`s).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ShedReason {
+    /// The adaptive concurrency limit was reached.
+    Concurrency,
+    /// The queue backlog is above `max_queue_backlog` (enqueue routes only).
+    Backlog,
+}
+
+impl ShedReason {
+    /// The metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ShedReason::Concurrency => "concurrency",
+            ShedReason::Backlog => "backlog",
+        }
+    }
+
+    /// Seconds a shed client should wait. Concurrency frees up within a request's latency;
+    /// a backlog drains at the workers' pace and is re-counted every few seconds, so asking
+    /// sooner would only be shed again.
+    pub fn retry_after_secs(self) -> u32 {
+        match self {
+            ShedReason::Concurrency => 1,
+            ShedReason::Backlog => 5,
+        }
+    }
+
+    fn detail(self) -> &'static str {
+        match self {
+            ShedReason::Concurrency => "the server is at its concurrency limit; retry shortly",
+            ShedReason::Backlog => {
+                "too many jobs are waiting to run; retry once the backlog has drained"
+            }
+        }
+    }
+}
+
+fn deadline_detail(step: Option<Step>) -> String {
+    match step {
+        Some(step) => format!("deadline exceeded while {}", step.doing()),
+        None => "deadline exceeded".to_owned(),
+    }
 }
 
 impl ApiError {
@@ -156,6 +229,8 @@ impl ApiError {
             ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
             ApiError::Unavailable { .. } => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
             ApiError::DeadlineExceeded { .. } => (StatusCode::GATEWAY_TIMEOUT, "deadline-exceeded"),
+            ApiError::Overloaded { .. } => (StatusCode::SERVICE_UNAVAILABLE, "overloaded"),
+            ApiError::RateLimited { .. } => (StatusCode::TOO_MANY_REQUESTS, "rate-limited"),
         }
     }
 
@@ -188,7 +263,9 @@ impl ApiError {
                 p.job_id = Some(*job_id);
                 p.state = Some(*state);
             }
-            ApiError::DeadlineExceeded { job_id: Some(id) } => {
+            ApiError::DeadlineExceeded {
+                job_id: Some(id), ..
+            } => {
                 p.job_id = Some(*id);
                 p.detail = format!(
                     "the request deadline passed before job {id} finished; it keeps running: \
@@ -302,7 +379,24 @@ impl IntoResponse for ApiError {
             } => {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from(*retry_after_secs));
             }
-            ApiError::DeadlineExceeded { job_id: Some(id) } => {
+            ApiError::Overloaded { reason } => {
+                headers.insert(
+                    header::RETRY_AFTER,
+                    HeaderValue::from(reason.retry_after_secs()),
+                );
+            }
+            ApiError::RateLimited {
+                limit,
+                retry_after_secs,
+            } => {
+                headers.insert(header::RETRY_AFTER, HeaderValue::from(*retry_after_secs));
+                headers.insert(RATELIMIT_LIMIT, HeaderValue::from(*limit));
+                headers.insert(RATELIMIT_REMAINING, HeaderValue::from(0u32));
+                headers.insert(RATELIMIT_RESET, HeaderValue::from(*retry_after_secs));
+            }
+            ApiError::DeadlineExceeded {
+                job_id: Some(id), ..
+            } => {
                 if let Ok(v) = HeaderValue::from_str(&format!("/v1/jobs/{id}")) {
                     headers.insert(header::LOCATION, v);
                 }
@@ -340,13 +434,14 @@ impl From<StoreError> for ApiError {
                 cause: Some(Box::new(e)),
             },
             e @ StoreError::Permanent { .. } => ApiError::internal(e),
-            StoreError::Unavailable {
+            e @ StoreError::Unavailable {
                 reason,
                 retry_after,
             } => ApiError::Unavailable {
                 detail: format!("the database is not taking requests ({reason}); retry shortly"),
                 retry_after_secs: retry_after_secs(retry_after),
-                cause: None,
+                // Logged, so the log line of a refused request says why it was refused.
+                cause: Some(Box::new(e)),
             },
         }
     }
@@ -458,6 +553,50 @@ mod tests {
             cause.as_deref(),
             Some("store error while reading job: secret table xyz broke")
         );
+    }
+
+    #[test]
+    fn protection_answers_carry_their_headers_and_name_the_step() {
+        let resp = ApiError::Overloaded {
+            reason: ShedReason::Backlog,
+        }
+        .into_response();
+        assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(resp.headers()[header::RETRY_AFTER], "5");
+        assert!(
+            resp.extensions().get::<ErrorCause>().is_none(),
+            "nothing to log"
+        );
+
+        let resp = ApiError::RateLimited {
+            limit: 10,
+            retry_after_secs: 3,
+        }
+        .into_response();
+        assert_eq!(resp.status(), StatusCode::TOO_MANY_REQUESTS);
+        for (h, v) in [
+            (header::RETRY_AFTER, "3"),
+            (RATELIMIT_LIMIT, "10"),
+            (RATELIMIT_REMAINING, "0"),
+            (RATELIMIT_RESET, "3"),
+        ] {
+            assert_eq!(resp.headers()[&h], v, "{h}");
+        }
+
+        let p = ApiError::DeadlineExceeded {
+            job_id: None,
+            step: Some(Step::Auth),
+        }
+        .problem();
+        assert_eq!(p.detail, "deadline exceeded while authenticating");
+        let id = JobId::new();
+        let p = ApiError::DeadlineExceeded {
+            job_id: Some(id),
+            step: Some(Step::WaitJob),
+        }
+        .problem();
+        assert_eq!(p.job_id, Some(id));
+        assert!(p.detail.contains("keeps running"), "{}", p.detail);
     }
 
     #[test]

@@ -1,32 +1,38 @@
 //! Keel's HTTP/JSON API (axum): the jobs and queues endpoints, probes, metrics and the
 //! OpenAPI document, behind one middleware stack (request id, logging, metrics, deadline,
-//! body limit, API-key auth), with one [`ApiError`] type that renders every failure as
+//! body limit, then on the `/v1` routes admission control, API-key auth and per-tenant
+//! rate limits), with one [`ApiError`] type that renders every failure as
 //! `application/problem+json` (RFC 9457).
 //!
-//! [`admin::router`] serves the admin listener (loopback by default).
+//! [`admin::router`] serves the admin listener (loopback by default): the effective
+//! configuration and the chaos switches.
 //!
-//! It depends on keel-core and keel-runtime's [`keel_runtime::RuntimeHandle`], never on a
-//! store implementation: the binary hands it an `Arc<dyn Store>` inside [`ApiState`] and
+//! It depends on keel-core, keel-resilience (the request scope, the adaptive limit, chaos)
+//! and keel-runtime's [`keel_runtime::RuntimeHandle`], never on a store implementation: the binary hands it an `Arc<dyn Store>` inside [`ApiState`] and
 //! serves [`router`].
 
 #![warn(missing_docs)]
 
 pub mod admin;
+pub mod admission;
 pub mod auth;
 pub mod config;
 pub mod dto;
 pub mod error;
 pub mod middleware;
 pub mod openapi;
+pub mod rate_limit;
 
 mod extract;
 mod job_in;
 mod routes;
 
+pub use admission::{Admission, Backlog};
 pub use config::{ApiConfig, ApiKey, hash_api_key};
-pub use error::{ApiError, Problem};
+pub use error::{ApiError, Problem, ShedReason};
 pub use extract::IDEMPOTENCY_KEY;
 pub use job_in::{MAX_BATCH, MAX_DELAY_MS};
+pub use rate_limit::{Rate, RateLimitConfig, RateLimits};
 pub use routes::jobs::{DEFAULT_LIST_LIMIT, IDEMPOTENT_REPLAYED};
 pub use routes::{ROUTES, router};
 pub use state::{ApiState, Readiness};

@@ -6,10 +6,12 @@
 //! 3. `record_metrics` — request count and latency by method, route and status.
 //! 4. `panic_response` (via `CatchPanicLayer`) — a handler bug becomes a `500`, not a
 //!    dropped connection.
-//! 5. `enforce_deadline` — the request deadline (G7).
+//! 5. `enforce_deadline` — the request deadline (G7), and the [`RequestScope`] that carries
+//!    it (and the current step) down to the store.
 //! 6. `limit_body` — refuses oversized bodies before anyone reads them.
 //!
-//! Authentication ([`crate::auth`]) sits innermost, on the `/v1` routes only.
+//! On the `/v1` tenant routes only, innermost: admission ([`crate::admission`]), then
+//! authentication ([`crate::auth`]), then the rate limit ([`crate::rate_limit`]).
 
 use std::any::Any;
 use std::sync::Arc;
@@ -20,6 +22,7 @@ use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
+use keel_resilience::RequestScope;
 use tokio::time::Instant;
 use tracing::Instrument;
 
@@ -107,8 +110,9 @@ fn route_of(req: &Request) -> Arc<str> {
 }
 
 /// Second layer: one log line per request with `request_id`, `method`, `route`, `status`
-/// and `duration_ms`. Successes and client errors (expected conditions) log at INFO, server
-/// errors at ERROR with their cause — the one place a `5xx` cause is logged. Inside the
+/// and `duration_ms`. Successes and client errors (expected conditions) log at INFO, shed
+/// requests (`503` overloaded: the server protecting itself, as designed) at WARN, other
+/// server errors at ERROR with their cause — the one place a `5xx` cause is logged. Inside the
 /// request-id layer so it has the id; outside everything else so it sees their answers
 /// (`504`, `413`, `401`). Everything the handler logs happens inside a span carrying the
 /// request id.
@@ -125,17 +129,20 @@ pub(crate) async fn trace_request(req: Request, next: Next) -> Response {
     let resp = next.run(req).instrument(span).await;
     let status = resp.status().as_u16();
     let duration_ms = started.elapsed().as_secs_f64() * 1000.0;
-    if resp.status().is_server_error() {
+    let problem = resp
+        .extensions()
+        .get::<Problem>()
+        .map(|p| p.type_uri.as_str());
+    let shed = problem.is_some_and(|t| t.ends_with("/overloaded"));
+    if shed {
+        tracing::warn!(%request_id, %method, %route, status, duration_ms, problem, "request shed");
+    } else if resp.status().is_server_error() {
         let cause = resp
             .extensions()
             .get::<ErrorCause>()
             .map_or_else(|| "-".into(), |c| Arc::clone(&c.0));
         tracing::error!(%request_id, %method, %route, status, duration_ms, error = %cause, "request failed");
     } else {
-        let problem = resp
-            .extensions()
-            .get::<Problem>()
-            .map(|p| p.type_uri.as_str());
         tracing::info!(%request_id, %method, %route, status, duration_ms, problem, "request");
     }
     resp
@@ -211,9 +218,16 @@ fn requested_timeout(headers: &HeaderMap) -> Result<Option<Duration>, ApiError> 
 
 /// Fifth layer: the request deadline (G7) — `request_timeout`, or less if the client asked
 /// for less. When it passes, the inner future (auth, validation, the store call) is dropped,
-/// which cancels its work, and the client gets `504`. Outside auth and the body limit so
-/// that a slow auth check or a slow-trickling body is bounded too (SLOW_AUTH); inside trace
-/// and metrics so timeouts are logged and counted.
+/// which cancels its work, and the client gets `504` naming the step the request was in
+/// ("deadline exceeded while authenticating"). Outside admission, auth and the body limit
+/// so that a slow auth check or a slow-trickling body is bounded too (SLOW_AUTH); inside
+/// trace and metrics so timeouts are logged and counted.
+///
+/// The inner future runs inside a [`RequestScope`]: code far below (the store guard's
+/// bulkhead wait and retries) reads the deadline from it, and each layer marks its step in
+/// it. The scope's step is shared with the clone kept here, so it is still readable after
+/// the timeout dropped the inner future. Expiries are counted in
+/// `keel_requests_deadline_exceeded_total{step}`.
 pub(crate) async fn enforce_deadline(
     State(state): State<ApiState>,
     mut req: Request,
@@ -226,9 +240,20 @@ pub(crate) async fn enforce_deadline(
     };
     let at = Instant::now() + budget;
     req.extensions_mut().insert(Deadline(at));
-    match tokio::time::timeout_at(at, next.run(req)).await {
+    let scope = RequestScope::new(at);
+    let seen = scope.clone();
+    match tokio::time::timeout_at(at, scope.run(next.run(req))).await {
         Ok(resp) => resp,
-        Err(_) => ApiError::DeadlineExceeded { job_id: None }.into_response(),
+        Err(_) => {
+            let step = seen.step();
+            metrics::counter!("keel_requests_deadline_exceeded_total", "step" => step.as_str())
+                .increment(1);
+            ApiError::DeadlineExceeded {
+                job_id: None,
+                step: Some(step),
+            }
+            .into_response()
+        }
     }
 }
 

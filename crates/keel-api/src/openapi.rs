@@ -2,7 +2,12 @@
 //! `#[utoipa::path]` attributes and the DTOs' schemas, and checked against the route table
 //! by a test.
 
+use utoipa::openapi::content::Content;
+use utoipa::openapi::header::HeaderBuilder;
+use utoipa::openapi::response::ResponseBuilder;
+use utoipa::openapi::schema::{Object, Ref, Type};
 use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
+use utoipa::openapi::{RefOr, Response};
 use utoipa::{Modify, OpenApi};
 
 use crate::dto;
@@ -19,6 +24,67 @@ impl Modify for BearerAuth {
             "bearer",
             SecurityScheme::Http(Http::new(HttpAuthScheme::Bearer)),
         );
+    }
+}
+
+/// Adds the answers of the protection layers to every operation that has them — every
+/// operation behind an API key: `429` from the rate limit, `503` from admission control (or
+/// an unavailable dependency) and `504` from the deadline. Added here rather than on each
+/// handler so that no handler can forget one.
+struct ProtectionResponses;
+
+fn problem_response(description: &str, retry_after: bool) -> RefOr<Response> {
+    let mut b = ResponseBuilder::new().description(description).content(
+        crate::error::PROBLEM_JSON,
+        Content::new(Some(Ref::from_schema_name("Problem"))),
+    );
+    if retry_after {
+        b = b.header(
+            "Retry-After",
+            HeaderBuilder::new()
+                .schema(Object::with_type(Type::Integer))
+                .description(Some("Seconds to wait before retrying"))
+                .build(),
+        );
+    }
+    RefOr::T(b.build())
+}
+
+impl Modify for ProtectionResponses {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        for item in openapi.paths.paths.values_mut() {
+            let ops = [
+                &mut item.get,
+                &mut item.post,
+                &mut item.put,
+                &mut item.delete,
+                &mut item.patch,
+            ];
+            for op in ops.into_iter().flatten() {
+                if op.security.is_none() {
+                    continue;
+                }
+                let responses = &mut op.responses.responses;
+                responses.entry("429".to_owned()).or_insert_with(|| {
+                    problem_response(
+                        "Rate limit of the tenant or API key exceeded (RateLimit-Limit, RateLimit-Remaining and RateLimit-Reset describe the bucket)",
+                        true,
+                    )
+                });
+                responses.entry("503".to_owned()).or_insert_with(|| {
+                    problem_response(
+                        "Overloaded (shed by admission control) or a dependency is unavailable",
+                        true,
+                    )
+                });
+                responses.entry("504".to_owned()).or_insert_with(|| {
+                    problem_response(
+                        "Deadline exceeded; `detail` names the step the request was in",
+                        false,
+                    )
+                });
+            }
+        }
     }
 }
 
@@ -60,7 +126,7 @@ impl Modify for BearerAuth {
         Problem,
         ProblemField,
     )),
-    modifiers(&BearerAuth),
+    modifiers(&BearerAuth, &ProtectionResponses),
     tags(
         (name = "jobs", description = "Enqueue, inspect and control jobs"),
         (name = "queues", description = "Queue statistics, pause and resume"),
@@ -122,5 +188,16 @@ mod tests {
         let json = ApiDoc::openapi().to_json().unwrap();
         assert!(json.contains("\"/v1/jobs/{id}/result\""));
         assert!(json.contains("\"bearer\""));
+    }
+
+    #[test]
+    fn every_keyed_operation_documents_the_protection_answers() {
+        let doc = ApiDoc::openapi();
+        let enqueue = doc.paths.paths["/v1/jobs"].post.as_ref().unwrap();
+        for code in ["429", "503", "504"] {
+            assert!(enqueue.responses.responses.contains_key(code), "{code}");
+        }
+        let health = doc.paths.paths["/healthz"].get.as_ref().unwrap();
+        assert!(!health.responses.responses.contains_key("429"));
     }
 }

@@ -4,10 +4,13 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use keel_core::Store;
+use keel_resilience::{Chaos, CircuitBreaker};
 use keel_runtime::RuntimeHandle;
 use metrics_exporter_prometheus::PrometheusHandle;
 
+use crate::admission::Admission;
 use crate::config::ApiConfig;
+use crate::rate_limit::RateLimits;
 
 /// Whether this process should still receive traffic. The binary flips it when shutdown
 /// starts (G6) so that `/readyz` turns `503` and load balancers drain the replica while
@@ -49,6 +52,53 @@ pub struct ApiState {
     pub metrics: PrometheusHandle,
     /// Flipped by the binary when draining; read by `GET /readyz`.
     pub readiness: Readiness,
+    /// The adaptive concurrency limit and backlog cap of the `/v1` routes (G5).
+    pub admission: Admission,
+    /// Per-tenant and per-key token buckets.
+    pub rate_limits: RateLimits,
+    /// Fault injection; the auth layer applies the `auth` faults. Shared with the store
+    /// guard and `/debug/chaos`, so a change there reaches every dependency at once.
+    pub chaos: Chaos,
+    /// The breaker guarding the database, when the store is guarded by one: `/readyz`
+    /// reports the database down while it is open (requests are refused then anyway).
+    pub database_breaker: Option<CircuitBreaker>,
+}
+
+impl ApiState {
+    /// A state whose admission limit and rate limits are built from `config`, with chaos
+    /// off and no database breaker (see [`ApiState::with_chaos`] and
+    /// [`ApiState::with_database_breaker`]).
+    pub fn new(
+        store: Arc<dyn Store>,
+        runtime: RuntimeHandle,
+        config: ApiConfig,
+        metrics: PrometheusHandle,
+        readiness: Readiness,
+    ) -> Self {
+        Self {
+            store,
+            runtime,
+            admission: Admission::new(config.admission, config.max_queue_backlog),
+            rate_limits: RateLimits::new(&config.rate_limits),
+            config: Arc::new(config),
+            metrics,
+            readiness,
+            chaos: Chaos::default(),
+            database_breaker: None,
+        }
+    }
+
+    /// Uses `chaos` (shared with the store guard and the admin listener).
+    pub fn with_chaos(mut self, chaos: Chaos) -> Self {
+        self.chaos = chaos;
+        self
+    }
+
+    /// Reports `breaker` in `/readyz`.
+    pub fn with_database_breaker(mut self, breaker: CircuitBreaker) -> Self {
+        self.database_breaker = Some(breaker);
+        self
+    }
 }
 
 impl std::fmt::Debug for ApiState {
@@ -56,6 +106,9 @@ impl std::fmt::Debug for ApiState {
         f.debug_struct("ApiState")
             .field("config", &self.config)
             .field("readiness", &self.readiness)
+            .field("admission", &self.admission)
+            .field("rate_limits", &self.rate_limits)
+            .field("chaos", &self.chaos.settings())
             .finish_non_exhaustive()
     }
 }

@@ -9,8 +9,11 @@
 //!    [`StoreError::Unavailable`]: pool exhaustion turns into a fast refusal, never a hang;
 //! 3. asks the breaker; while it is open the call fails at once with
 //!    [`StoreError::Unavailable`] and the time until the next probe;
-//! 4. applies injected faults (chaos) as if they came from the database, so the breaker
-//!    reacts to them like to real ones;
+//! 4. applies injected faults (chaos): added latency, and errors that stand for the database
+//!    answering every call with a failure — the seed's `DB_FAILURE`, which must answer `500`
+//!    as the seed says. Injected errors are not reported to the breaker (an outage, where
+//!    the database cannot be reached at all, is what the breaker is for, and what cutting
+//!    the connection to it shows);
 //! 5. calls the store and reports transient and permanent failures to the breaker (a `not
 //!    found` or a conflict is the database working);
 //! 6. for reads, retries a transient failure with capped exponential backoff and full
@@ -161,10 +164,13 @@ impl GuardedStore {
             .breaker
             .try_acquire()
             .map_err(|open| refused("circuit open", open.retry_after))?;
-        let outcome = match self.chaos.inject(dependency).await {
-            Ok(()) => op.await,
-            Err(fault) => Err(StoreError::permanent("calling the store", fault)),
-        };
+        if let Err(fault) = self.chaos.inject(dependency).await {
+            // No verdict: an injected fault stands for the database *answering* with an
+            // error, which the breaker does not judge (see the module docs).
+            drop(permit);
+            return Err(StoreError::permanent("calling the store", fault));
+        }
+        let outcome = op.await;
         match &outcome {
             Err(e) if is_dependency_failure(e) => permit.failure(),
             _ => permit.success(),
@@ -338,7 +344,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn injected_failures_open_the_breaker_which_then_fails_fast_and_recovers() {
+    async fn injected_failures_are_answers_and_do_not_open_the_breaker() {
         let h = Harness::sqlite().await;
         let chaos = Chaos::default();
         let config = StoreGuardConfig {
@@ -346,11 +352,12 @@ mod tests {
             ..StoreGuardConfig::default()
         };
         let store = GuardedStore::new(Arc::clone(&h.store), config, chaos.clone());
-        let stored = store.insert(vec![job()]).await.expect("healthy insert");
-        let id = stored[0].id;
+        let id = store.insert(vec![job()]).await.expect("healthy insert")[0].id;
 
+        // DB_FAILURE: every call fails as the seed says, and keeps failing that way (500s),
+        // rather than turning into the breaker's 503s.
         chaos.set(ChaosSettings::default().with_seed_switches(false, true));
-        for _ in 0..3 {
+        for _ in 0..10 {
             let e = store.get(id).await.unwrap_err();
             assert_eq!(e.class(), "permanent");
             let cause = std::error::Error::source(&e).map(ToString::to_string);
@@ -358,9 +365,40 @@ mod tests {
                 cause.is_some_and(|c| c.contains("connection refused")),
                 "{e:?}"
             );
+            assert_eq!(
+                store.insert(vec![job()]).await.unwrap_err().class(),
+                "permanent"
+            );
+        }
+        assert_eq!(store.breaker().state(), crate::BreakerState::Closed);
+        chaos.set(ChaosSettings::default());
+        assert_eq!(store.get(id).await.expect("chaos off").id, id);
+        // Nothing was written while the faults were on.
+        let page = h.store.list(ListParams::default()).await.unwrap();
+        assert_eq!(page.jobs.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn real_failures_open_the_breaker_which_then_fails_fast_and_recovers() {
+        let h = Harness::sqlite().await;
+        let id = h.store.insert(vec![job()]).await.unwrap()[0].id;
+        let flaky = Arc::new(FlakyReads {
+            inner: Arc::clone(&h.store),
+            failures: AtomicU32::new(u32::MAX),
+            calls: AtomicU32::new(0),
+        });
+        let config = StoreGuardConfig {
+            breaker: fast_breaker(),
+            read_attempts: 1,
+            ..StoreGuardConfig::default()
+        };
+        let store = GuardedStore::new(flaky.clone(), config, Chaos::default());
+        for _ in 0..3 {
+            assert!(store.get(id).await.unwrap_err().is_transient());
         }
         assert_eq!(store.breaker().state(), crate::BreakerState::Open);
-        match store.insert(vec![job()]).await.unwrap_err() {
+        let calls = flaky.calls.load(Ordering::SeqCst);
+        match store.get(id).await.unwrap_err() {
             StoreError::Unavailable {
                 reason,
                 retry_after,
@@ -370,15 +408,17 @@ mod tests {
             }
             other => panic!("expected a fast refusal, got {other:?}"),
         }
+        assert_eq!(
+            flaky.calls.load(Ordering::SeqCst),
+            calls,
+            "refused without a call"
+        );
 
         // The database comes back; after open_for one probe closes the breaker.
-        chaos.set(ChaosSettings::default());
+        flaky.failures.store(0, Ordering::SeqCst);
         tokio::time::sleep(Duration::from_millis(250)).await;
         assert_eq!(store.get(id).await.expect("probe").id, id);
         assert_eq!(store.breaker().state(), crate::BreakerState::Closed);
-        // Nothing stored before the outage was lost, and nothing was written during it.
-        let page = h.store.list(ListParams::default()).await.unwrap();
-        assert_eq!(page.jobs.len(), 1);
     }
 
     #[tokio::test]

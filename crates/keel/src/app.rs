@@ -1,7 +1,8 @@
-//! Explicit wiring: [`App::build`] opens the store, applies migrations and binds every
-//! listener (port 0 works: tests read the bound ports back); [`App::run_until_stopped`]
-//! runs the API, the admin listener and the runtime until the shutdown future resolves,
-//! then stops them in the order G6 requires.
+//! Explicit wiring: [`App::build`] opens the store, applies migrations, wraps the store in
+//! its guard (bulkhead, circuit breaker, chaos, read retries) and binds every listener
+//! (port 0 works: tests read the bound ports back); [`App::run_until_stopped`] runs the
+//! API, the admin listener and the runtime until the shutdown future resolves, then stops
+//! them in the order G6 requires.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -9,8 +10,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use keel_api::{ApiConfig, ApiState, Readiness};
-use keel_core::{JobKind, Store, SystemClock};
+use keel_api::{ApiConfig, ApiState, RateLimitConfig, Readiness};
+use keel_core::{JobKind, JobState, Store, SystemClock};
+use keel_resilience::{Chaos, ChaosSettings, CircuitBreaker, GuardedStore, StoreGuardConfig};
 use keel_runtime::{
     Handler, Handlers, MaintenanceConfig, Runtime, RuntimeConfig, RuntimeHandle, WebhookConfig,
 };
@@ -24,13 +26,24 @@ use crate::config::Config;
 
 /// How many job events a slow subscriber may fall behind before it must re-read the store.
 const EVENT_CAPACITY: usize = 4096;
-/// How often queue depth gauges are refreshed and histogram upkeep runs.
+/// How often queue depth gauges (and the backlog figure admission control reads) are
+/// refreshed, histogram upkeep runs and idle rate-limit buckets are dropped.
 const GAUGE_INTERVAL: Duration = Duration::from_secs(5);
+/// How much longer than the request timeout a Postgres statement may run. A statement
+/// outliving its request (which gave up at the deadline and dropped its future) is cut by
+/// the server this long after; a live request never waits on a statement that long, so it
+/// is never cut first.
+const STATEMENT_TIMEOUT_MARGIN: Duration = Duration::from_secs(1);
 
 /// A built, not yet running, Keel server.
 pub struct App {
     config: Config,
+    /// The guarded store: what the API and the runtime use.
     store: Arc<dyn Store>,
+    /// The guard's database breaker, for `/readyz`.
+    database_breaker: CircuitBreaker,
+    /// Fault injection, shared by the auth layer, the store guard and `/debug/chaos`.
+    chaos: Chaos,
     handle: RuntimeHandle,
     handlers: Handlers,
     api_listener: TcpListener,
@@ -49,8 +62,8 @@ impl std::fmt::Debug for App {
 }
 
 impl App {
-    /// Opens the store (applying migrations), binds the API and admin listeners, and
-    /// prepares the runtime with the built-in executors.
+    /// Opens the store (applying migrations), guards it, binds the API and admin
+    /// listeners, and prepares the runtime with the built-in executors.
     pub async fn build(config: Config, metrics: PrometheusHandle) -> anyhow::Result<Self> {
         let sqlite = SqliteOptions::default();
         let pg = PgOptions {
@@ -58,6 +71,7 @@ impl App {
             min_idle: config.db_pool_min_idle,
             max_lifetime: Some(config.db_pool_max_lifetime),
             acquire_timeout: config.db_acquire_timeout,
+            statement_timeout: Some(config.request_timeout + STATEMENT_TIMEOUT_MARGIN),
             ..PgOptions::default()
         };
         let (store, report) =
@@ -67,6 +81,21 @@ impl App {
         if !report.applied.is_empty() {
             tracing::info!(applied = ?report.applied, version = report.current, "applied migrations");
         }
+        // Faults are applied from here on: opening and migrating above used the real store,
+        // so a process started with DB_FAILURE still comes up and shows what failing looks
+        // like, instead of failing to start.
+        let chaos = Chaos::new(config.chaos_settings());
+        warn_if_chaos(&chaos.settings());
+        let guarded = GuardedStore::new(
+            store,
+            StoreGuardConfig {
+                max_in_flight: config.store_max_in_flight,
+                ..StoreGuardConfig::default()
+            },
+            chaos.clone(),
+        );
+        let database_breaker = guarded.breaker().clone();
+        let store: Arc<dyn Store> = Arc::new(guarded);
         let api_listener = TcpListener::bind(config.addr)
             .await
             .with_context(|| format!("binding the API listener on {}", config.addr))?;
@@ -75,10 +104,12 @@ impl App {
             .with_context(|| format!("binding the admin listener on {}", config.admin_addr))?;
         let handle =
             RuntimeHandle::new(config.queues.iter().map(|q| q.name.clone()), EVENT_CAPACITY);
-        let handlers = Handlers::builtin(&webhook_config(&config));
+        let handlers = Handlers::builtin(&webhook_config(&config, &chaos));
         Ok(Self {
             config,
             store,
+            database_breaker,
+            chaos,
             handle,
             handlers,
             api_listener,
@@ -104,7 +135,8 @@ impl App {
         Ok(self.admin_listener.local_addr()?)
     }
 
-    /// The store, for tests and embedding.
+    /// The store as the API and the runtime see it (behind the guard: bulkhead, breaker,
+    /// chaos faults), for tests and embedding.
     pub fn store(&self) -> Arc<dyn Store> {
         Arc::clone(&self.store)
     }
@@ -123,6 +155,8 @@ impl App {
         let Self {
             config,
             store,
+            database_breaker,
+            chaos,
             handle,
             handlers,
             api_listener,
@@ -139,17 +173,23 @@ impl App {
         let root = CancellationToken::new();
         let runtime = Runtime::start(
             Arc::clone(&store),
-            runtime_config(&config),
+            runtime_config(&config, &chaos),
             handlers,
             handle.clone(),
         );
 
-        let api_state = ApiState {
-            store: Arc::clone(&store),
-            runtime: handle,
-            config: Arc::new(api_config(&config)),
-            metrics: metrics.clone(),
-            readiness: readiness.clone(),
+        let api_state = ApiState::new(
+            Arc::clone(&store),
+            handle,
+            api_config(&config),
+            metrics.clone(),
+            readiness.clone(),
+        )
+        .with_chaos(chaos.clone())
+        .with_database_breaker(database_breaker);
+        let protection = Protection {
+            admission: api_state.admission.clone(),
+            rate_limits: api_state.rate_limits.clone(),
         };
         let http_stop = root.child_token();
         let api = tokio::spawn(
@@ -163,6 +203,7 @@ impl App {
         let admin_stop = root.child_token();
         let admin_router = keel_api::admin::router(keel_api::admin::AdminState {
             config: serde_json::to_value(&config).context("rendering the effective config")?,
+            chaos,
         });
         let admin = tokio::spawn(
             axum::serve(admin_listener, admin_router.into_make_service())
@@ -172,6 +213,7 @@ impl App {
         let gauges = tokio::spawn(refresh_gauges(
             Arc::clone(&store),
             metrics,
+            protection,
             root.child_token(),
         ));
         tracing::info!(
@@ -213,14 +255,19 @@ impl App {
     }
 }
 
-fn webhook_config(config: &Config) -> WebhookConfig {
+fn webhook_config(config: &Config, chaos: &Chaos) -> WebhookConfig {
     WebhookConfig {
         allow_private: config.webhook_allow_private,
+        host_concurrency: config.webhook_host_concurrency,
+        host_wait: config.webhook_host_wait,
+        host_rate: config.webhook_host_rate_limit,
+        signing_secret: config.webhook_signing_secret.clone(),
+        chaos: chaos.clone(),
         ..WebhookConfig::default()
     }
 }
 
-fn runtime_config(config: &Config) -> RuntimeConfig {
+fn runtime_config(config: &Config, chaos: &Chaos) -> RuntimeConfig {
     RuntimeConfig {
         worker_id: config.worker_id.clone(),
         queues: config.queues.clone(),
@@ -233,7 +280,7 @@ fn runtime_config(config: &Config) -> RuntimeConfig {
             retention: config.retention,
             ..MaintenanceConfig::default()
         },
-        webhook: webhook_config(config),
+        webhook: webhook_config(config, chaos),
     }
 }
 
@@ -244,13 +291,67 @@ fn api_config(config: &Config) -> ApiConfig {
         max_args_bytes: config.max_args_bytes,
         idempotency_ttl: config.idempotency_ttl,
         api_keys: config.api_keys.clone(),
+        admission: config.admission_limit(),
+        max_queue_backlog: config.max_queue_backlog,
+        rate_limits: RateLimitConfig {
+            tenant_default: config.rate_limit,
+            tenants: config.tenant_rate_limits.clone(),
+            per_key: config.api_key_rate_limit,
+        },
     }
 }
 
-/// Keeps `keel_queue_depth{queue,state}` and `keel_db_pool_connections{state}` current and
-/// runs the Prometheus histogram upkeep.
+/// Says, loudly and once, that faults are being injected: a server that fails on purpose
+/// must never be mistaken for one failing by accident.
+fn warn_if_chaos(settings: &ChaosSettings) {
+    if !settings.is_active() {
+        return;
+    }
+    let faults: Vec<String> = keel_resilience::Dependency::ALL
+        .iter()
+        .filter_map(|dep| {
+            let f = settings.fault(*dep);
+            let mut parts = Vec::new();
+            if f.latency_ms > 0 {
+                parts.push(format!("{}.latency_ms={}", dep.as_str(), f.latency_ms));
+            }
+            if f.error_rate > 0.0 {
+                parts.push(format!("{}.error_rate={}", dep.as_str(), f.error_rate));
+            }
+            (!parts.is_empty()).then(|| parts.join(","))
+        })
+        .collect();
+    tracing::warn!(
+        faults = %faults.join(","),
+        "CHAOS IS ON: faults are being injected on purpose (KEEL_CHAOS, SLOW_AUTH, DB_FAILURE); \
+         change or clear them with PUT /debug/chaos on the admin listener"
+    );
+}
+
+/// The protection state the gauge loop maintains.
+struct Protection {
+    admission: keel_api::Admission,
+    rate_limits: keel_api::RateLimits,
+}
+
+/// States whose jobs are waiting to run: the backlog admission control caps.
+const BACKLOG_STATES: [JobState; 3] = [
+    JobState::Available,
+    JobState::Scheduled,
+    JobState::Retryable,
+];
+
+/// Keeps `keel_queue_depth{queue,state}`, `keel_db_pool_connections{state}`,
+/// `keel_tasks_alive` and `keel_admission_limit` current, feeds the backlog figure to admission control (so the
+/// backlog cap costs no query per request), drops idle rate-limit buckets (bounding their
+/// memory), and runs the Prometheus histogram upkeep.
 /// A failed read keeps the last values (and is logged): metrics must not fail the server.
-async fn refresh_gauges(store: Arc<dyn Store>, metrics: PrometheusHandle, stop: CancellationToken) {
+async fn refresh_gauges(
+    store: Arc<dyn Store>,
+    metrics: PrometheusHandle,
+    protection: Protection,
+    stop: CancellationToken,
+) {
     let mut tick = tokio::time::interval(GAUGE_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -259,6 +360,15 @@ async fn refresh_gauges(store: Arc<dyn Store>, metrics: PrometheusHandle, stop: 
             _ = tick.tick() => {}
         }
         metrics.run_upkeep();
+        // Every task of the process (requests, jobs, background loops): a task that outlives
+        // the client it worked for shows here as a level that does not come back down.
+        metrics::gauge!("keel_tasks_alive").set(
+            tokio::runtime::Handle::current()
+                .metrics()
+                .num_alive_tasks() as f64,
+        );
+        protection.admission.report();
+        protection.rate_limits.retain_recent();
         let pool = store.pool_stats();
         for (state, n) in [
             ("max", pool.max),
@@ -270,6 +380,11 @@ async fn refresh_gauges(store: Arc<dyn Store>, metrics: PrometheusHandle, stop: 
         }
         match store.queue_stats().await {
             Ok(stats) => {
+                let backlog: u64 = stats
+                    .iter()
+                    .flat_map(|s| BACKLOG_STATES.iter().map(|st| s.counts.get(*st)))
+                    .sum();
+                protection.admission.backlog().set(backlog);
                 for s in stats {
                     for state in keel_core::JobState::ALL {
                         metrics::gauge!(

@@ -11,13 +11,16 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
+use std::num::NonZeroU32;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Args;
-use keel_api::ApiKey;
+use keel_api::rate_limit::parse_tenant_rates;
+use keel_api::{ApiKey, Rate};
 use keel_core::{QueueName, TenantId, WorkerId};
-use keel_runtime::QueueConfig;
+use keel_resilience::{AdaptiveLimitConfig, ChaosSettings, StoreGuardConfig};
+use keel_runtime::{HostRateLimit, QueueConfig, SigningSecret};
 use keel_store::DatabaseUrl;
 use serde::Serialize;
 
@@ -96,6 +99,26 @@ pub struct ServeArgs {
     /// Let the webhook executor call private and loopback addresses.
     #[arg(long, env = "KEEL_WEBHOOK_ALLOW_PRIVATE", value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
     pub webhook_allow_private: Option<String>,
+    /// Webhook requests in flight to one host at once (default 32); more wait up to
+    /// --webhook-host-wait, then the attempt fails and is retried later.
+    #[arg(long, env = "KEEL_WEBHOOK_HOST_CONCURRENCY", value_name = "N")]
+    pub webhook_host_concurrency: Option<String>,
+    /// Longest a webhook job waits for its host's concurrency or rate limit (default 5s).
+    #[arg(long, env = "KEEL_WEBHOOK_HOST_WAIT", value_name = "DURATION")]
+    pub webhook_host_wait: Option<String>,
+    /// Rate limit per webhook host, e.g. 50/s or 50/s:100 (with a burst); off (default) =
+    /// unlimited.
+    #[arg(long, env = "KEEL_WEBHOOK_HOST_RATE_LIMIT", value_name = "RATE")]
+    pub webhook_host_rate_limit: Option<String>,
+    /// Sign webhook requests (Standard Webhooks: webhook-id, webhook-timestamp,
+    /// webhook-signature) with this whsec_<base64> secret.
+    #[arg(
+        long,
+        env = "KEEL_WEBHOOK_SIGNING_SECRET",
+        value_name = "SECRET",
+        hide_env_values = true
+    )]
+    pub webhook_signing_secret: Option<String>,
     /// How long a lease lasts without a heartbeat before the job is rescued.
     #[arg(long, env = "KEEL_LEASE_TIMEOUT", value_name = "DURATION")]
     pub lease_timeout: Option<String>,
@@ -111,6 +134,52 @@ pub struct ServeArgs {
     /// Name of this process in leases and logs (default: host-pid).
     #[arg(long, env = "KEEL_WORKER_ID", value_name = "ID")]
     pub worker_id: Option<String>,
+    /// Admission control: the concurrency limit of /v1 requests before anything is learned
+    /// (default 256, kept between the min and the max).
+    #[arg(long, env = "KEEL_ADMISSION_LIMIT_INITIAL", value_name = "N")]
+    pub admission_limit_initial: Option<String>,
+    /// Admission control: the limit never adapts below this (default 32, or the max if lower).
+    #[arg(long, env = "KEEL_ADMISSION_LIMIT_MIN", value_name = "N")]
+    pub admission_limit_min: Option<String>,
+    /// Admission control: hard cap on /v1 requests in flight; above the adaptive limit
+    /// requests get 503 with Retry-After at once (default 2048).
+    #[arg(long, env = "KEEL_ADMISSION_LIMIT_MAX", value_name = "N")]
+    pub admission_limit_max: Option<String>,
+    /// Refuse enqueues with 503 while more jobs than this wait to run (0 = no cap).
+    #[arg(long, env = "KEEL_MAX_QUEUE_BACKLOG", value_name = "JOBS")]
+    pub max_queue_backlog: Option<String>,
+    /// Default rate limit of each tenant, e.g. 200/s, 600/m or 200/s:400 (with a burst);
+    /// off = unlimited (default).
+    #[arg(long, env = "KEEL_RATE_LIMIT", value_name = "RATE")]
+    pub rate_limit: Option<String>,
+    /// Burst of the default rate limit: requests a quiet tenant may send at once (default:
+    /// the rate's count).
+    #[arg(long, env = "KEEL_RATE_LIMIT_BURST", value_name = "N")]
+    pub rate_limit_burst: Option<String>,
+    /// Per-tenant rate limits overriding the default: TENANT=RATE[:BURST][,…], e.g.
+    /// acme=50/s:100,other=10/s.
+    #[arg(long, env = "KEEL_TENANT_RATE_LIMITS", value_name = "LIST")]
+    pub tenant_rate_limits: Option<String>,
+    /// Rate limit of each API key, on top of its tenant's, e.g. 100/s:200; off (default) =
+    /// keys share their tenant's limit.
+    #[arg(long, env = "KEEL_API_KEY_RATE_LIMIT", value_name = "RATE")]
+    pub api_key_rate_limit: Option<String>,
+    /// Store calls in flight at once (the database bulkhead); callers beyond it wait no
+    /// longer than their deadline, then get 503 (default 512).
+    #[arg(long, env = "KEEL_STORE_MAX_IN_FLIGHT", value_name = "N")]
+    pub store_max_in_flight: Option<String>,
+    /// Fault injection at startup: DEP.SETTING=VALUE[,…] with DEP one of auth, store_read,
+    /// store_write, webhook and SETTING latency_ms or error_rate, e.g.
+    /// auth.latency_ms=3000,store_write.error_rate=0.5. Change it while running with
+    /// PUT /debug/chaos on the admin listener.
+    #[arg(long, env = "KEEL_CHAOS", value_name = "FAULTS")]
+    pub chaos: Option<String>,
+    /// Chaos switch from the seed: authentication takes 3 s (past the default 2 s deadline).
+    #[arg(long, env = "SLOW_AUTH", value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
+    pub slow_auth: Option<String>,
+    /// Chaos switch from the seed: every store call fails as "connection refused".
+    #[arg(long, env = "DB_FAILURE", value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
+    pub db_failure: Option<String>,
 }
 
 /// Effective, validated configuration.
@@ -163,6 +232,17 @@ pub struct Config {
     pub insecure_no_auth: bool,
     /// Webhooks may target private addresses.
     pub webhook_allow_private: bool,
+    /// Webhook requests in flight per host.
+    pub webhook_host_concurrency: usize,
+    /// Longest wait for a host's concurrency or rate limit.
+    #[serde(with = "duration_text")]
+    pub webhook_host_wait: Duration,
+    /// Requests per second (and burst) per webhook host, if limited.
+    #[serde(serialize_with = "host_rate_text")]
+    pub webhook_host_rate_limit: Option<HostRateLimit>,
+    /// The webhook signing secret, if any (shown only as redacted).
+    #[serde(serialize_with = "secret_redacted")]
+    pub webhook_signing_secret: Option<SigningSecret>,
     /// Lease duration.
     #[serde(with = "duration_text")]
     pub lease_timeout: Duration,
@@ -177,6 +257,32 @@ pub struct Config {
     pub maintenance_interval: Duration,
     /// This process's worker id.
     pub worker_id: WorkerId,
+    /// Admission control: starting concurrency limit.
+    pub admission_limit_initial: u32,
+    /// Admission control: lowest limit.
+    pub admission_limit_min: u32,
+    /// Admission control: highest limit (hard cap on requests in flight).
+    pub admission_limit_max: u32,
+    /// Enqueues refused above this many waiting jobs; 0 = no cap.
+    pub max_queue_backlog: u64,
+    /// Default per-tenant rate (burst included), if any.
+    #[serde(serialize_with = "rate_text")]
+    pub rate_limit: Option<Rate>,
+    /// Per-tenant overrides.
+    #[serde(serialize_with = "tenant_rates_text")]
+    pub tenant_rate_limits: BTreeMap<TenantId, Rate>,
+    /// Per-API-key rate, if any.
+    #[serde(serialize_with = "rate_text")]
+    pub api_key_rate_limit: Option<Rate>,
+    /// Database bulkhead size.
+    pub store_max_in_flight: usize,
+    /// Faults from `KEEL_CHAOS` (the seed switches are applied on top, see
+    /// [`Config::chaos_settings`]).
+    pub chaos: ChaosSettings,
+    /// `SLOW_AUTH`.
+    pub slow_auth: bool,
+    /// `DB_FAILURE`.
+    pub db_failure: bool,
 }
 
 impl fmt::Debug for Config {
@@ -280,6 +386,36 @@ fn parse_api_keys(s: &str) -> Result<Vec<ApiKey>, String> {
     Ok(out)
 }
 
+/// The highest admission limit accepted: far above what one process can serve, low enough
+/// that a typo cannot turn the cap off.
+const MAX_ADMISSION_LIMIT: usize = 1_000_000;
+
+/// `off` (or nothing) for no limit, else a [`Rate`]; also says whether the text named a
+/// burst (`RATE:BURST`), which `rate_limit_burst` must not contradict.
+fn parse_optional_rate(s: &str) -> Result<(Option<Rate>, bool), String> {
+    let s = s.trim();
+    if s.is_empty() || s.eq_ignore_ascii_case("off") {
+        return Ok((None, false));
+    }
+    Rate::parse(s).map(|r| (Some(r), s.contains(':')))
+}
+
+/// A per-host webhook rate: `N/s[:BURST]` (per second only: hosts are limited in
+/// requests per second), or `off`.
+fn parse_host_rate(s: &str) -> Result<Option<HostRateLimit>, String> {
+    let (rate, _) = parse_optional_rate(s)?;
+    let Some(rate) = rate else { return Ok(None) };
+    if rate.per != Duration::from_secs(1) {
+        return Err(format!(
+            "{s:?}: give a webhook host's rate per second (N/s[:BURST])"
+        ));
+    }
+    Ok(Some(HostRateLimit {
+        per_second: rate.requests.get(),
+        burst: rate.burst.get(),
+    }))
+}
+
 fn parse_addr(s: &str) -> Result<SocketAddr, String> {
     s.trim()
         .parse()
@@ -373,11 +509,27 @@ const FIELDS: &[&str] = &[
     "api_keys",
     "insecure_no_auth",
     "webhook_allow_private",
+    "webhook_host_concurrency",
+    "webhook_host_wait",
+    "webhook_host_rate_limit",
+    "webhook_signing_secret",
     "lease_timeout",
     "heartbeat_interval",
     "poll_interval",
     "maintenance_interval",
     "worker_id",
+    "admission_limit_initial",
+    "admission_limit_min",
+    "admission_limit_max",
+    "max_queue_backlog",
+    "rate_limit",
+    "rate_limit_burst",
+    "tenant_rate_limits",
+    "api_key_rate_limit",
+    "store_max_in_flight",
+    "chaos",
+    "slow_auth",
+    "db_failure",
 ];
 
 /// One place to read a setting: the flag/env value, else the file's, else the default.
@@ -435,6 +587,10 @@ impl Config {
     /// Merges the file (if any), env and flags, and validates everything, returning every
     /// problem at once.
     pub fn resolve(args: &ServeArgs) -> Result<Self, ConfigErrors> {
+        // `Sources::get` returns `None` only after recording an error, and the relation
+        // checks record one whenever they leave a value unset, so with no errors every value
+        // is present.
+        const PARSED: &str = "a setting that failed to parse always records an error";
         let mut errors = Vec::new();
         let file = args
             .config
@@ -463,11 +619,36 @@ impl Config {
                 ("api_keys", a.api_keys.as_ref()),
                 ("insecure_no_auth", a.insecure_no_auth.as_ref()),
                 ("webhook_allow_private", a.webhook_allow_private.as_ref()),
+                (
+                    "webhook_host_concurrency",
+                    a.webhook_host_concurrency.as_ref(),
+                ),
+                ("webhook_host_wait", a.webhook_host_wait.as_ref()),
+                (
+                    "webhook_host_rate_limit",
+                    a.webhook_host_rate_limit.as_ref(),
+                ),
+                ("webhook_signing_secret", a.webhook_signing_secret.as_ref()),
                 ("lease_timeout", a.lease_timeout.as_ref()),
                 ("heartbeat_interval", a.heartbeat_interval.as_ref()),
                 ("poll_interval", a.poll_interval.as_ref()),
                 ("maintenance_interval", a.maintenance_interval.as_ref()),
                 ("worker_id", a.worker_id.as_ref()),
+                (
+                    "admission_limit_initial",
+                    a.admission_limit_initial.as_ref(),
+                ),
+                ("admission_limit_min", a.admission_limit_min.as_ref()),
+                ("admission_limit_max", a.admission_limit_max.as_ref()),
+                ("max_queue_backlog", a.max_queue_backlog.as_ref()),
+                ("rate_limit", a.rate_limit.as_ref()),
+                ("rate_limit_burst", a.rate_limit_burst.as_ref()),
+                ("tenant_rate_limits", a.tenant_rate_limits.as_ref()),
+                ("api_key_rate_limit", a.api_key_rate_limit.as_ref()),
+                ("store_max_in_flight", a.store_max_in_flight.as_ref()),
+                ("chaos", a.chaos.as_ref()),
+                ("slow_auth", a.slow_auth.as_ref()),
+                ("db_failure", a.db_failure.as_ref()),
             ]),
             file,
             errors,
@@ -511,6 +692,18 @@ impl Config {
         let api_keys = s.get("api_keys", "", parse_api_keys);
         let insecure_no_auth = s.get("insecure_no_auth", "false", parse_bool);
         let webhook_allow_private = s.get("webhook_allow_private", "false", parse_bool);
+        let webhook_host_concurrency = s.get("webhook_host_concurrency", "32", |v| {
+            parse_count(v, 1, 10_000)
+        });
+        let webhook_host_wait = s.get("webhook_host_wait", "5s", dur);
+        let webhook_host_rate_limit = s.get("webhook_host_rate_limit", "off", parse_host_rate);
+        let webhook_signing_secret = s.get("webhook_signing_secret", "", |v| {
+            if v.trim().is_empty() {
+                Ok(None)
+            } else {
+                SigningSecret::parse(v).map(Some)
+            }
+        });
         let lease_timeout = s.get("lease_timeout", "30s", dur);
         let heartbeat_interval = s.get("heartbeat_interval", "10s", dur);
         let poll_interval = s.get("poll_interval", "1s", dur);
@@ -519,6 +712,42 @@ impl Config {
         let worker_id = s.get("worker_id", &default_id, |v| {
             WorkerId::parse(v).map_err(|e| e.to_string())
         });
+        // Empty means "not set": the admission bounds left unset follow the ones that are.
+        let limit = |v: &str| -> Result<Option<u32>, String> {
+            if v.trim().is_empty() {
+                return Ok(None);
+            }
+            parse_count(v, 1, MAX_ADMISSION_LIMIT).map(|n| Some(n as u32))
+        };
+        let admission_limit_initial = s.get("admission_limit_initial", "", limit);
+        let admission_limit_min = s.get("admission_limit_min", "", limit);
+        let admission_limit_max = s.get("admission_limit_max", "", limit);
+        let max_queue_backlog = s.get("max_queue_backlog", "0", |v| {
+            v.trim()
+                .parse::<u64>()
+                .map_err(|_| format!("must be a whole number of jobs (0 = no cap), got {v:?}"))
+        });
+        let rate_limit = s.get("rate_limit", "off", parse_optional_rate);
+        let rate_limit_burst = s.get("rate_limit_burst", "", |v| {
+            if v.trim().is_empty() {
+                return Ok(None);
+            }
+            v.trim()
+                .parse::<NonZeroU32>()
+                .map(Some)
+                .map_err(|_| format!("must be a whole number above 0, got {v:?}"))
+        });
+        let tenant_rate_limits = s.get("tenant_rate_limits", "", parse_tenant_rates);
+        let api_key_rate_limit = s.get("api_key_rate_limit", "off", parse_optional_rate);
+        let default_in_flight = StoreGuardConfig::default().max_in_flight.to_string();
+        let store_max_in_flight = s.get("store_max_in_flight", &default_in_flight, |v| {
+            parse_count(v, 1, 100_000)
+        });
+        let chaos = s.get("chaos", "", |v| {
+            ChaosSettings::parse(v).map_err(|errors| errors.join("; "))
+        });
+        let slow_auth = s.get("slow_auth", "false", parse_bool);
+        let db_failure = s.get("db_failure", "false", parse_bool);
         let mut errors = s.errors;
 
         // Relations between fields, checked only when both sides parsed.
@@ -567,12 +796,54 @@ impl Config {
             ));
         }
 
+        // The admission bounds: defaults follow the bounds that were given, so setting only
+        // the max (say 100) does not leave the default initial limit (256) above it.
+        let mut admission = None;
+        if let (Some(initial), Some(min), Some(max)) = (
+            admission_limit_initial,
+            admission_limit_min,
+            admission_limit_max,
+        ) {
+            let d = AdaptiveLimitConfig::default();
+            let max_v = max.unwrap_or(d.max.max(min.unwrap_or(0)));
+            let min_v = min.unwrap_or(d.min.min(max_v));
+            let initial_v = initial.unwrap_or(d.initial.clamp(min_v.min(max_v), max_v));
+            if min_v > max_v {
+                errors.push((
+                    "admission_limit_min".into(),
+                    format!("must not exceed admission_limit_max ({max_v})"),
+                ));
+            } else if !(min_v..=max_v).contains(&initial_v) {
+                errors.push((
+                    "admission_limit_initial".into(),
+                    format!("must lie between admission_limit_min ({min_v}) and admission_limit_max ({max_v})"),
+                ));
+            } else {
+                admission = Some((initial_v, min_v, max_v));
+            }
+        }
+        let mut rate = None;
+        if let (Some((rate_v, explicit_burst)), Some(burst)) = (rate_limit, rate_limit_burst) {
+            match (rate_v, burst) {
+                (None, Some(_)) => errors.push((
+                    "rate_limit_burst".into(),
+                    "needs rate_limit (a burst of what?)".to_owned(),
+                )),
+                (Some(_), Some(_)) if explicit_burst => errors.push((
+                    "rate_limit_burst".into(),
+                    "rate_limit already names a burst (RATE:BURST); give it in one place"
+                        .to_owned(),
+                )),
+                (Some(r), Some(b)) => rate = Some(Some(Rate { burst: b, ..r })),
+                (r, None) => rate = Some(r),
+            }
+        }
+
         if !errors.is_empty() {
             return Err(ConfigErrors(errors));
         }
-        // `Sources::get` returns `None` only after recording an error, so with no errors
-        // every value is present.
-        const PARSED: &str = "a setting that failed to parse always records an error";
+        let (admission_limit_initial, admission_limit_min, admission_limit_max) =
+            admission.expect(PARSED);
         Ok(Self {
             addr: addr.expect(PARSED),
             admin_addr: admin_addr.expect(PARSED),
@@ -593,16 +864,48 @@ impl Config {
             api_keys: api_keys.expect(PARSED),
             insecure_no_auth: insecure_no_auth.expect(PARSED),
             webhook_allow_private: webhook_allow_private.expect(PARSED),
+            webhook_host_concurrency: webhook_host_concurrency.expect(PARSED),
+            webhook_host_wait: webhook_host_wait.expect(PARSED),
+            webhook_host_rate_limit: webhook_host_rate_limit.expect(PARSED),
+            webhook_signing_secret: webhook_signing_secret.expect(PARSED),
             lease_timeout: lease_timeout.expect(PARSED),
             heartbeat_interval: heartbeat_interval.expect(PARSED),
             poll_interval: poll_interval.expect(PARSED),
             maintenance_interval: maintenance_interval.expect(PARSED),
             worker_id: worker_id.expect(PARSED),
+            admission_limit_initial,
+            admission_limit_min,
+            admission_limit_max,
+            max_queue_backlog: max_queue_backlog.expect(PARSED),
+            rate_limit: rate.expect(PARSED),
+            tenant_rate_limits: tenant_rate_limits.expect(PARSED),
+            api_key_rate_limit: api_key_rate_limit.expect(PARSED).0,
+            store_max_in_flight: store_max_in_flight.expect(PARSED),
+            chaos: chaos.expect(PARSED),
+            slow_auth: slow_auth.expect(PARSED),
+            db_failure: db_failure.expect(PARSED),
         })
     }
 }
 
 impl Config {
+    /// The faults to start with: `KEEL_CHAOS`, with the seed's `SLOW_AUTH` and `DB_FAILURE`
+    /// switches applied on top.
+    pub fn chaos_settings(&self) -> ChaosSettings {
+        self.chaos
+            .with_seed_switches(self.slow_auth, self.db_failure)
+    }
+
+    /// The adaptive limit's settings (bounds from the config, tuning from the defaults).
+    pub fn admission_limit(&self) -> AdaptiveLimitConfig {
+        AdaptiveLimitConfig {
+            initial: self.admission_limit_initial,
+            min: self.admission_limit_min,
+            max: self.admission_limit_max,
+            ..AdaptiveLimitConfig::default()
+        }
+    }
+
     /// `sqlite` or `postgres`, for logs.
     pub fn database_url_kind(&self) -> &'static str {
         match self.database_url {
@@ -644,6 +947,44 @@ fn queues_text<S: serde::Serializer>(queues: &[QueueConfig], s: S) -> Result<S::
         .map(|q| format!("{}:{}", q.name, q.concurrency))
         .collect();
     s.serialize_str(&text.join(","))
+}
+
+fn rate_text<S: serde::Serializer>(rate: &Option<Rate>, s: S) -> Result<S::Ok, S::Error> {
+    match rate {
+        Some(r) => s.serialize_str(&r.to_string()),
+        None => s.serialize_str("off"),
+    }
+}
+
+fn host_rate_text<S: serde::Serializer>(
+    rate: &Option<HostRateLimit>,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    match rate {
+        Some(r) => s.serialize_str(&format!("{}/s:{}", r.per_second, r.burst)),
+        None => s.serialize_str("off"),
+    }
+}
+
+fn secret_redacted<S: serde::Serializer>(
+    secret: &Option<SigningSecret>,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    match secret {
+        Some(_) => s.serialize_str("***"),
+        None => s.serialize_none(),
+    }
+}
+
+fn tenant_rates_text<S: serde::Serializer>(
+    rates: &BTreeMap<TenantId, Rate>,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    let text: BTreeMap<&str, String> = rates
+        .iter()
+        .map(|(t, r)| (t.as_str(), r.to_string()))
+        .collect();
+    text.serialize(s)
 }
 
 /// Durations shown as whole milliseconds with a unit, e.g. `2000ms`.
@@ -783,6 +1124,138 @@ mod tests {
         std::fs::write(&path, "request_timeot = \"5s\"\n").unwrap();
         let err = Config::resolve(&args).unwrap_err();
         assert!(err.to_string().contains("request_timeot"), "{err}");
+    }
+
+    #[test]
+    fn protection_defaults_limit_nothing_but_concurrency() {
+        let c = Config::resolve(&ServeArgs::default()).unwrap();
+        assert_eq!(c.admission_limit(), AdaptiveLimitConfig::default());
+        assert_eq!(c.max_queue_backlog, 0);
+        assert_eq!(c.rate_limit, None);
+        assert!(c.tenant_rate_limits.is_empty());
+        assert_eq!(c.api_key_rate_limit, None);
+        assert_eq!(
+            c.store_max_in_flight,
+            StoreGuardConfig::default().max_in_flight
+        );
+        assert!(!c.chaos_settings().is_active());
+        let shown = serde_json::to_value(&c).unwrap();
+        assert_eq!(shown["rate_limit"], "off");
+        assert_eq!(shown["admission_limit_max"], 2048);
+        assert_eq!(shown["chaos"]["auth"]["latency_ms"], 0);
+    }
+
+    #[test]
+    fn every_bad_protection_setting_is_reported_at_once() {
+        let args = ServeArgs {
+            admission_limit_initial: Some("0".into()),
+            admission_limit_min: Some("many".into()),
+            max_queue_backlog: Some("-1".into()),
+            rate_limit: Some("fast".into()),
+            rate_limit_burst: Some("0".into()),
+            tenant_rate_limits: Some("acme=1/d".into()),
+            api_key_rate_limit: Some("5".into()),
+            store_max_in_flight: Some("0".into()),
+            chaos: Some("db.latency_ms=1".into()),
+            slow_auth: Some("maybe".into()),
+            db_failure: Some("sure".into()),
+            ..Default::default()
+        };
+        let err = Config::resolve(&args).unwrap_err();
+        let fields: Vec<&str> = err.0.iter().map(|(f, _)| f.as_str()).collect();
+        assert_eq!(
+            fields,
+            [
+                "admission_limit_initial",
+                "admission_limit_min",
+                "max_queue_backlog",
+                "rate_limit",
+                "rate_limit_burst",
+                "tenant_rate_limits",
+                "api_key_rate_limit",
+                "store_max_in_flight",
+                "chaos",
+                "slow_auth",
+                "db_failure",
+            ],
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn admission_bounds_follow_the_ones_given_and_must_be_ordered() {
+        let only_max = ServeArgs {
+            admission_limit_max: Some("100".into()),
+            ..Default::default()
+        };
+        let l = Config::resolve(&only_max).unwrap().admission_limit();
+        assert_eq!((l.initial, l.min, l.max), (100, 32, 100));
+        assert!(l.validate().is_ok());
+        let tiny = ServeArgs {
+            admission_limit_max: Some("1".into()),
+            ..Default::default()
+        };
+        let l = Config::resolve(&tiny).unwrap().admission_limit();
+        assert_eq!((l.initial, l.min, l.max), (1, 1, 1));
+
+        let crossed = ServeArgs {
+            admission_limit_min: Some("50".into()),
+            admission_limit_max: Some("10".into()),
+            ..Default::default()
+        };
+        let err = Config::resolve(&crossed).unwrap_err();
+        assert_eq!(err.0[0].0, "admission_limit_min", "{err}");
+        let outside = ServeArgs {
+            admission_limit_initial: Some("5".into()),
+            admission_limit_min: Some("10".into()),
+            ..Default::default()
+        };
+        let err = Config::resolve(&outside).unwrap_err();
+        assert_eq!(err.0[0].0, "admission_limit_initial", "{err}");
+    }
+
+    #[test]
+    fn rate_limits_take_a_burst_in_one_place() {
+        let args = ServeArgs {
+            rate_limit: Some("200/s".into()),
+            rate_limit_burst: Some("400".into()),
+            tenant_rate_limits: Some("acme=50/s:100,other=10/s:20".into()),
+            api_key_rate_limit: Some("off".into()),
+            ..Default::default()
+        };
+        let c = Config::resolve(&args).unwrap();
+        assert_eq!(c.rate_limit.unwrap().to_string(), "200/s:400");
+        assert_eq!(c.tenant_rate_limits.len(), 2);
+        let shown = serde_json::to_value(&c).unwrap();
+        assert_eq!(shown["tenant_rate_limits"]["acme"], "50/s:100");
+
+        let twice = ServeArgs {
+            rate_limit: Some("200/s:300".into()),
+            ..args.clone()
+        };
+        let err = Config::resolve(&twice).unwrap_err();
+        assert_eq!(err.0[0].0, "rate_limit_burst", "{err}");
+        let orphan = ServeArgs {
+            rate_limit: None,
+            ..args
+        };
+        let err = Config::resolve(&orphan).unwrap_err();
+        assert!(err.to_string().contains("needs rate_limit"), "{err}");
+    }
+
+    #[test]
+    fn the_seed_switches_add_to_keel_chaos() {
+        let args = ServeArgs {
+            chaos: Some("webhook.error_rate=0.5".into()),
+            slow_auth: Some("true".into()),
+            db_failure: Some("1".into()),
+            ..Default::default()
+        };
+        let c = Config::resolve(&args).unwrap();
+        let chaos = c.chaos_settings();
+        assert_eq!(chaos.auth.latency_ms, ChaosSettings::SLOW_AUTH_MS);
+        assert_eq!(chaos.store_write.error_rate, 1.0);
+        assert_eq!(chaos.webhook.error_rate, 0.5);
     }
 
     #[test]

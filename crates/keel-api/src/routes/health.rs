@@ -7,6 +7,7 @@ use axum::Json;
 use axum::extract::State;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use keel_resilience::{BreakerState, CircuitBreaker};
 use tokio::time::Instant;
 use utoipa::OpenApi;
 
@@ -35,8 +36,11 @@ pub(crate) async fn get_health() -> Json<HealthOut> {
     Json(HealthOut { status: "ok" })
 }
 
-/// Readiness: the database answers within 2 s and the process is not draining. `503` (with
-/// `Retry-After`) tells the load balancer to send traffic elsewhere.
+/// Readiness: the database answers within 2 s, its circuit breaker is not open, and the
+/// process is not draining. `503` (with `Retry-After`) tells the load balancer to send
+/// traffic elsewhere. The ping goes past the breaker (a probe that only echoed the breaker
+/// could never see the database come back); the breaker check says whether this replica's
+/// requests would be refused right now.
 #[utoipa::path(
     get,
     path = "/readyz",
@@ -82,11 +86,17 @@ pub(crate) async fn get_ready(State(state): State<ApiState>, deadline: Deadline)
             }
         }
     };
+    let database_breaker = state.database_breaker.as_ref().map(breaker_check);
     let draining = state.readiness.is_draining();
-    let ready = database.status == "ok" && !draining;
+    let ready = database.status == "ok"
+        && database_breaker.as_ref().is_none_or(|c| c.status == "ok")
+        && !draining;
     let body = ReadyOut {
         status: if ready { "ready" } else { "unavailable" },
-        checks: ReadyChecks { database },
+        checks: ReadyChecks {
+            database,
+            database_breaker,
+        },
         draining,
     };
     if ready {
@@ -101,6 +111,23 @@ pub(crate) async fn get_ready(State(state): State<ApiState>, deadline: Deadline)
             Json(body),
         )
             .into_response()
+    }
+}
+
+/// `error` while the breaker is open. Half-open counts as ready: the breaker is letting
+/// probes through, and a replica kept out of rotation would get none from clients.
+fn breaker_check(breaker: &CircuitBreaker) -> CheckOut {
+    match breaker.state() {
+        BreakerState::Open => CheckOut {
+            status: "error",
+            latency_ms: None,
+            error: Some("circuit open: the database failed repeatedly; calls are refused until a probe succeeds".to_owned()),
+        },
+        BreakerState::Closed | BreakerState::HalfOpen => CheckOut {
+            status: "ok",
+            latency_ms: None,
+            error: None,
+        },
     }
 }
 

@@ -11,11 +11,13 @@ use axum::middleware::{from_fn, from_fn_with_state};
 use tower::ServiceBuilder;
 use tower_http::catch_panic::CatchPanicLayer;
 
+use crate::admission::admit;
 use crate::auth::authenticate;
 use crate::error::ApiError;
 use crate::middleware::{
     assign_request_id, enforce_deadline, limit_body, panic_response, record_metrics, trace_request,
 };
+use crate::rate_limit::limit_rate;
 use crate::state::ApiState;
 
 /// Declares every route once: the same tokens build the axum routes and [`ROUTES`], which
@@ -86,11 +88,23 @@ async fn method_not_allowed() -> ApiError {
 /// 2. trace: one log line per request, with the id and the final status;
 /// 3. metrics: counts everything below, including timeouts and auth failures;
 /// 4. catch-panic: a handler bug becomes an opaque `500` (logged and counted above);
-/// 5. deadline: bounds everything below — auth, body reading, validation, store (G7);
+/// 5. deadline: bounds everything below — admission, auth, body reading, validation, store
+///    (G7) — and opens the request scope the steps are marked in;
 /// 6. body limit: refuses a too-large declared body before auth or a handler reads it;
-/// 7. auth (`/v1` tenant routes only): innermost, after the cheap refusals above.
+///
+/// then, on the `/v1` tenant routes only (probes, metrics and the OpenAPI document must
+/// get through an overloaded server):
+/// 7. admission: sheds at once above the concurrency limit or backlog cap, before any work
+///    is spent on the request;
+/// 8. auth: resolves the caller (and applies the `auth` chaos faults);
+/// 9. rate limit: needs the caller's tenant and key, so after auth; marks the `validate`
+///    step on the way to the handler, whose extractors read and check the body.
 pub fn router(state: ApiState) -> Router {
-    let tenant = tenant_routes().route_layer(from_fn_with_state(state.clone(), authenticate));
+    // `route_layer`s wrap the routes in the order added: the last one added runs first.
+    let tenant = tenant_routes()
+        .route_layer(from_fn_with_state(state.clone(), limit_rate))
+        .route_layer(from_fn_with_state(state.clone(), authenticate))
+        .route_layer(from_fn_with_state(state.clone(), admit));
     let layers = ServiceBuilder::new()
         .layer(from_fn(assign_request_id))
         .layer(from_fn(trace_request))

@@ -7,6 +7,7 @@ use std::time::Duration;
 use axum::Json;
 use axum::extract::State;
 use keel_core::{Job, JobId};
+use keel_resilience::{RequestScope, Step};
 use tokio::sync::broadcast::error::RecvError;
 use tokio::time::{Instant, MissedTickBehavior};
 
@@ -35,6 +36,10 @@ pub(crate) const DEADLINE_MARGIN: Duration = Duration::from_millis(20);
 /// (with `errors`) or `cancelled` — the state says what happened, and a `5xx` stays reserved
 /// for failures of Keel itself. With `Idempotency-Key`, a retry after a `504` waits for the
 /// same job instead of creating another.
+///
+/// While waiting, the request is in the `wait_job` step and holds an admission slot (it is
+/// work in flight), but its latency is not fed to the adaptive limit: it waits on purpose,
+/// and a job's duration says nothing about how loaded the server is.
 #[utoipa::path(
     post,
     path = "/v1/process",
@@ -86,12 +91,19 @@ pub(crate) async fn process_job(
         .0
         .checked_sub(DEADLINE_MARGIN)
         .unwrap_or(deadline.0);
-    let timed_out = || ApiError::DeadlineExceeded { job_id: Some(id) };
+    let timed_out = |step: Step| {
+        metrics::counter!("keel_requests_deadline_exceeded_total", "step" => step.as_str())
+            .increment(1);
+        ApiError::DeadlineExceeded {
+            job_id: Some(id),
+            step: Some(step),
+        }
+    };
     let store = &state.store;
     let reread = |id: JobId| async move {
         tokio::time::timeout_at(give_up, store.get(id))
             .await
-            .map_err(|_| ApiError::DeadlineExceeded { job_id: Some(id) })?
+            .map_err(|_| timed_out(Step::Store))?
             .map_err(ApiError::from)
     };
     let mut job = match job {
@@ -102,8 +114,10 @@ pub(crate) async fn process_job(
     poll.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut events_open = true;
     while !job.state.is_finished() {
+        // Re-entered on every turn: a re-read marks the request as in the store.
+        RequestScope::enter_current(Step::WaitJob);
         tokio::select! {
-            () = tokio::time::sleep_until(give_up) => return Err(timed_out()),
+            () = tokio::time::sleep_until(give_up) => return Err(timed_out(Step::WaitJob)),
             ev = events.recv(), if events_open => match ev {
                 Ok(ev) if ev.id == id && ev.state.is_finished() => job = reread(id).await?,
                 Ok(_) => {}

@@ -221,6 +221,14 @@ pub(crate) async fn app() -> TestApp {
 }
 
 pub(crate) async fn app_with(config: ApiConfig) -> TestApp {
+    app_wired(config, |state| state).await
+}
+
+/// An app whose state `wire` finishes (chaos, a database breaker).
+pub(crate) async fn app_wired(
+    config: ApiConfig,
+    wire: impl FnOnce(ApiState) -> ApiState,
+) -> TestApp {
     let dir = tempfile::tempdir().unwrap();
     let inner = SqliteStore::open(
         &dir.path().join("keel.db"),
@@ -237,15 +245,15 @@ pub(crate) async fn app_with(config: ApiConfig) -> TestApp {
     });
     let runtime = RuntimeHandle::new(QUEUES.map(|q| QueueName::parse(q).unwrap()), 1024);
     let readiness = Readiness::new();
-    let state = ApiState {
-        store: store.clone(),
-        runtime: runtime.clone(),
-        config: Arc::new(config),
-        metrics: metrics_handle(),
-        readiness: readiness.clone(),
-    };
+    let state = ApiState::new(
+        store.clone(),
+        runtime.clone(),
+        config,
+        metrics_handle(),
+        readiness.clone(),
+    );
     TestApp {
-        router: router(state),
+        router: router(wire(state)),
         store,
         runtime,
         readiness,

@@ -10,3 +10,4 @@ mod jobs;
 mod middleware;
 mod probes;
 mod process;
+mod protection;

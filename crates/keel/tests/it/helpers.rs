@@ -20,7 +20,7 @@ pub enum Backend {
 
 /// Keeps the test database alive for the app's lifetime.
 #[allow(dead_code)]
-enum Backing {
+pub enum Backing {
     Sqlite(tempfile::TempDir),
     Postgres(PgSchema),
 }
@@ -55,7 +55,7 @@ pub fn test_args() -> ServeArgs {
 
 /// Prepares a database for `backend`: the URL and what keeps it alive. `None` when the
 /// Postgres tests are skipped (a notice naming `test` has been printed).
-async fn database(backend: Backend, test: &str) -> Option<(String, Backing)> {
+pub async fn database(backend: Backend, test: &str) -> Option<(String, Backing)> {
     match backend {
         Backend::Sqlite => {
             let dir = tempfile::tempdir().expect("temp dir");
@@ -114,6 +114,11 @@ impl TestApp {
     /// Absolute URL of `path`.
     pub fn url(&self, path: &str) -> String {
         format!("{}{path}", self.base)
+    }
+
+    /// Absolute URL of `path` on the admin listener.
+    pub fn admin_url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.admin_addr)
     }
 
     /// Enqueues a `kind` job with `args` in the default queue; returns its id.

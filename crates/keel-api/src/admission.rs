@@ -1,0 +1,203 @@
+//! Admission control (G5): whether the server takes a request at all.
+//!
+//! Two checks, both answered at once — a shed request costs a few atomic operations and a
+//! small `503`, never a wait in a queue the client cannot see:
+//! - **Concurrency**: an [`AdaptiveLimit`] (Netflix's gradient algorithm) learns how many
+//!   requests the server can have in flight before latency climbs, and refuses the rest
+//!   with `503` and `Retry-After: 1`.
+//! - **Backlog** (optional, enqueue routes only): when more jobs are waiting to run than
+//!   `max_queue_backlog`, new jobs are refused with `503` and `Retry-After: 5`, so a
+//!   backlog the workers cannot drain does not grow without bound. The figure is the one
+//!   the binary already counts every few seconds for `keel_queue_depth` ([`Backlog`]), so
+//!   the check adds no query per request; it lags by up to that period, which is fine for
+//!   a cap meant to stop a flood, not to count exactly.
+//!
+//! Both are counted in `keel_requests_shed_total{reason}`. The layer sits on the `/v1`
+//! tenant routes only: probes, metrics scrapes and the OpenAPI document must get through
+//! an overloaded server, or orchestrators would restart it for being busy.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use axum::extract::{MatchedPath, Request, State};
+use axum::http::Method;
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use keel_resilience::{AdaptiveLimit, AdaptiveLimitConfig, AdmissionPermit};
+use metrics::Gauge;
+
+use crate::error::{ApiError, ShedReason};
+use crate::state::ApiState;
+
+/// Routes that create jobs: the ones the backlog cap refuses.
+const ENQUEUE_ROUTES: [&str; 3] = ["/v1/jobs", "/v1/jobs/batch", "/v1/process"];
+
+/// The route that waits on purpose (for a job to finish): its latency says nothing about the
+/// server's, so it holds a slot but feeds no latency sample into the limit.
+const WAITING_ROUTE: &str = "/v1/process";
+
+/// Jobs waiting to run (available + scheduled + retryable, over every queue), as last
+/// counted by the binary's gauge loop. Cloning shares the figure.
+#[derive(Debug, Clone, Default)]
+pub struct Backlog(Arc<AtomicU64>);
+
+impl Backlog {
+    /// Records a fresh count.
+    pub fn set(&self, jobs: u64) {
+        self.0.store(jobs, Ordering::Relaxed);
+    }
+
+    /// The last count (0 until the first one).
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+#[derive(Debug)]
+struct Shared {
+    limit: AdaptiveLimit,
+    backlog: Backlog,
+    max_backlog: u64,
+    in_flight: Gauge,
+}
+
+/// The admission controller of one API; clones share it.
+#[derive(Debug, Clone)]
+pub struct Admission {
+    shared: Arc<Shared>,
+}
+
+impl Admission {
+    /// A controller with a fresh limit at `limit.initial`, refusing enqueues while the
+    /// backlog is above `max_backlog` (0 turns the cap off). Registers the shed counters at
+    /// zero, so dashboards see the series before the first shed request.
+    pub fn new(limit: AdaptiveLimitConfig, max_backlog: u64) -> Self {
+        for reason in [ShedReason::Concurrency, ShedReason::Backlog] {
+            metrics::counter!("keel_requests_shed_total", "reason" => reason.as_str()).increment(0);
+        }
+        let admission = Self {
+            shared: Arc::new(Shared {
+                limit: AdaptiveLimit::new(limit),
+                backlog: Backlog::default(),
+                max_backlog,
+                in_flight: metrics::gauge!("keel_admission_in_flight"),
+            }),
+        };
+        admission.report();
+        admission
+    }
+
+    /// The backlog figure the binary keeps current.
+    pub fn backlog(&self) -> &Backlog {
+        &self.shared.backlog
+    }
+
+    /// Requests admitted and not yet finished.
+    pub fn in_flight(&self) -> u32 {
+        self.shared.limit.in_flight()
+    }
+
+    /// The current concurrency limit.
+    pub fn limit(&self) -> u32 {
+        self.shared.limit.limit()
+    }
+
+    /// Sets `keel_admission_limit`. The limit moves with every finished request, but
+    /// reading it takes the limiter's lock, so the binary calls this on its gauge period
+    /// rather than every request paying for it.
+    pub fn report(&self) {
+        metrics::gauge!("keel_admission_limit").set(f64::from(self.shared.limit.limit()));
+    }
+
+    fn backlog_full(&self) -> bool {
+        let max = self.shared.max_backlog;
+        max > 0 && self.shared.backlog.get() > max
+    }
+
+    fn shed(reason: ShedReason) -> Response {
+        metrics::counter!("keel_requests_shed_total", "reason" => reason.as_str()).increment(1);
+        ApiError::Overloaded { reason }.into_response()
+    }
+}
+
+/// A request in flight: its slot in the limit, and its share of `keel_admission_in_flight`
+/// (a gauge moved by one atomic add each way, so it is live without taking the limiter's
+/// lock).
+struct Admitted {
+    permit: Option<AdmissionPermit>,
+    in_flight: Gauge,
+}
+
+impl Admitted {
+    fn new(permit: AdmissionPermit, in_flight: &Gauge) -> Self {
+        in_flight.increment(1.0);
+        Self {
+            permit: Some(permit),
+            in_flight: in_flight.clone(),
+        }
+    }
+
+    /// The request was served normally: its latency is a sample of the server's.
+    fn success(mut self) {
+        if let Some(p) = self.permit.take() {
+            p.success();
+        }
+    }
+}
+
+impl Drop for Admitted {
+    fn drop(&mut self) {
+        self.in_flight.decrement(1.0);
+    }
+}
+
+/// First layer of the `/v1` tenant routes, before authentication (SPEC §5: admission comes
+/// first, so an overloaded server does not even spend a key check on a request it will
+/// refuse). Sheds on a full backlog (enqueue routes), then on the concurrency limit.
+///
+/// A permit whose request ends in a `5xx`, or is dropped by the deadline layer, frees its
+/// slot without a latency sample: a failure's latency (a fast refusal from an open breaker,
+/// or a timeout) is not the server's normal latency and would teach the limit the wrong
+/// thing. `POST /v1/process` never feeds a sample (it waits on purpose).
+pub(crate) async fn admit(State(state): State<ApiState>, req: Request, next: Next) -> Response {
+    let admission = &state.admission;
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map(MatchedPath::as_str);
+    let waits = route == Some(WAITING_ROUTE);
+    if admission.backlog_full()
+        && req.method() == Method::POST
+        && route.is_some_and(|r| ENQUEUE_ROUTES.contains(&r))
+    {
+        return Admission::shed(ShedReason::Backlog);
+    }
+    let Some(permit) = admission.shared.limit.try_acquire() else {
+        return Admission::shed(ShedReason::Concurrency);
+    };
+    let admitted = Admitted::new(permit, &admission.shared.in_flight);
+    let resp = next.run(req).await;
+    if !waits && !resp.status().is_server_error() {
+        admitted.success();
+    }
+    resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_backlog_cap_is_off_at_zero_and_strict_above_the_limit() {
+        let off = Admission::new(AdaptiveLimitConfig::default(), 0);
+        off.backlog().set(u64::MAX);
+        assert!(!off.backlog_full());
+
+        let on = Admission::new(AdaptiveLimitConfig::default(), 100);
+        on.backlog().set(100);
+        assert!(!on.backlog_full(), "at the cap is still fine");
+        on.backlog().set(101);
+        assert!(on.backlog_full());
+        assert_eq!(on.limit(), AdaptiveLimitConfig::default().initial);
+    }
+}
