@@ -4,6 +4,7 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::bench::BenchArgs;
 use crate::config::ServeArgs;
+use crate::load::LoadArgs;
 
 /// Keel: a durable job server. Accepts jobs over HTTP, stores them durably (SQLite by
 /// default, Postgres for several replicas), runs them with retries, and reports results.
@@ -105,6 +106,25 @@ Exit codes: 0 every workload was measured (missed targets are reported, not fail
 workload could not be measured or the harness failed; 69 the server or database could not \
 be reached; 130 interrupted.")]
     Bench(Box<BenchArgs>),
+
+    /// Send HTTP load to a running Keel and summarise what came back.
+    #[command(after_help = "\
+Examples:
+  keel load --rate 2000 --duration 30s               # open model: 2000 enqueues/s on a schedule
+  keel load --concurrency 64 --duration 20s          # closed model: 64 connections back to back
+  keel load --rate 500 --path /v1/process --body '{\"kind\":\"sleep\",\"args\":{\"ms\":50}}'
+  keel load --get --path '/v1/jobs?limit=10' --concurrency 8
+  keel load --rate 5000 --json load.json             # also write the summary as JSON
+
+The open model (--rate) keeps sending on schedule however the server copes, so overload is \
+real; latency is measured from each request's scheduled instant. The closed model \
+(--concurrency, the default with 64 connections) measures capacity. The summary gives status \
+counts, goodput, and HDR latency quantiles of accepted (2xx) and shed (429/503) answers. \
+Progress shows on stderr when it is a terminal.
+
+Exit codes: 0 the load ran (whatever the answers); 2 invalid arguments; 69 the server could \
+not be reached.")]
+    Load(Box<LoadArgs>),
 
     /// Print the SHA-256 digest of an API key, for KEEL_API_KEYS (TENANT=DIGEST).
     #[command(after_help = "\

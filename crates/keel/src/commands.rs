@@ -293,3 +293,22 @@ pub async fn bench(args: crate::bench::BenchArgs) -> ExitCode {
         }
     }
 }
+
+/// `keel load`.
+pub async fn load(args: &crate::load::LoadArgs) -> ExitCode {
+    let summary = match crate::load::run(args).await {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            let unreachable = e.downcast_ref::<crate::load::Unreachable>().is_some();
+            return ExitCode::from(if unreachable { EX_UNAVAILABLE } else { 2 });
+        }
+    };
+    match crate::load::report(args, &summary) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

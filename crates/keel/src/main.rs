@@ -28,6 +28,7 @@ fn main() -> ExitCode {
             Command::Queues { client, action } => commands::queues(&client, action).await,
             Command::HashKey { key } => commands::hash_key(&key),
             Command::Bench(args) => commands::bench(*args).await,
+            Command::Load(args) => commands::load(&args).await,
         }
     })
 }

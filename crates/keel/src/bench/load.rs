@@ -69,10 +69,10 @@ impl Endpoint {
     }
 
     /// A request for `path` with the endpoint's headers; a body makes it a JSON POST.
-    pub(crate) fn request(&self, path: &'static str, body: Option<Bytes>) -> Request<Full<Bytes>> {
+    pub(crate) fn request(&self, path: &Uri, body: Option<Bytes>) -> Request<Full<Bytes>> {
         let post = body.is_some();
         let mut req = Request::new(Full::new(body.unwrap_or_default()));
-        *req.uri_mut() = Uri::from_static(path);
+        *req.uri_mut() = path.clone();
         if post {
             *req.method_mut() = Method::POST;
         }
@@ -168,6 +168,8 @@ pub(crate) struct Tally {
     pub(crate) statuses: BTreeMap<u16, u64>,
     /// Latency of the 2xx answers.
     pub(crate) latency: Latency,
+    /// Latency of the 429 and 503 answers: shedding is only useful when it is fast.
+    pub(crate) shed_latency: Latency,
     /// The first failure, to explain `failed` or `other_status`.
     pub(crate) first_error: Option<String>,
 }
@@ -181,6 +183,7 @@ impl Tally {
             failed: 0,
             statuses: BTreeMap::new(),
             latency: Latency::new(),
+            shed_latency: Latency::new(),
             first_error: None,
         }
     }
@@ -194,6 +197,7 @@ impl Tally {
             if status == StatusCode::TOO_MANY_REQUESTS || status == StatusCode::SERVICE_UNAVAILABLE
             {
                 self.shed += 1;
+                self.shed_latency.record(latency);
             } else {
                 self.other_status += 1;
             }
@@ -220,6 +224,7 @@ impl Tally {
             *self.statuses.entry(s).or_default() += n;
         }
         self.latency.merge(&other.latency);
+        self.shed_latency.merge(&other.shed_latency);
         if self.first_error.is_none() {
             self.first_error = other.first_error;
         }
@@ -235,13 +240,14 @@ pub(crate) struct ClosedReport {
     pub(crate) elapsed: Duration,
 }
 
-/// `clients` connections, each POSTing `body` to `path` back to back for `duration`.
+/// `clients` connections, each sending a request for `path` back to back for `duration`
+/// (a POST of `body` when there is one, else a GET).
 /// Connections are opened before the clock starts. `live` counts 2xx answers as they come,
 /// for the progress bar.
 pub(crate) async fn closed_loop(
     endpoint: &Endpoint,
-    path: &'static str,
-    body: Bytes,
+    path: Uri,
+    body: Option<Bytes>,
     clients: usize,
     duration: Duration,
     live: Arc<AtomicU64>,
@@ -257,7 +263,7 @@ pub(crate) async fn closed_loop(
         set.spawn(client(
             conn,
             endpoint.clone(),
-            path,
+            path.clone(),
             body.clone(),
             end,
             Arc::clone(&live),
@@ -278,8 +284,8 @@ pub(crate) async fn closed_loop(
 async fn client(
     conn: Conn,
     endpoint: Endpoint,
-    path: &'static str,
-    body: Bytes,
+    path: Uri,
+    body: Option<Bytes>,
     end: Instant,
     live: Arc<AtomicU64>,
 ) -> Tally {
@@ -298,10 +304,7 @@ async fn client(
             },
         };
         let sent = Instant::now();
-        match c
-            .send_timed(endpoint.request(path, Some(body.clone())))
-            .await
-        {
+        match c.send_timed(endpoint.request(&path, body.clone())).await {
             Ok((status, resp)) => {
                 tally.answered(status, &resp, sent.elapsed());
                 if status.is_success() {
@@ -355,20 +358,21 @@ pub(crate) struct OpenReport {
 /// Shared by the requests of an open-model run.
 struct OpenShared {
     endpoint: Endpoint,
-    path: &'static str,
-    body: Bytes,
+    path: Uri,
+    body: Option<Bytes>,
     idle: Mutex<Vec<Conn>>,
     tally: Mutex<Tally>,
     connections: AtomicU64,
     live: Arc<AtomicU64>,
 }
 
-/// POSTs `body` to `path` at `rate` requests per second for `duration`, on as many
+/// Sends requests for `path` (POSTs of `body` when there is one, else GETs) at `rate`
+/// requests per second for `duration`, on as many
 /// connections as needed, with at most `max_in_flight` requests outstanding.
 pub(crate) async fn open_loop(
     endpoint: &Endpoint,
-    path: &'static str,
-    body: Bytes,
+    path: Uri,
+    body: Option<Bytes>,
     rate: f64,
     duration: Duration,
     max_in_flight: usize,
@@ -462,9 +466,7 @@ async fn one_request(shared: &OpenShared, intended: Instant) {
             }
         },
     };
-    let req = shared
-        .endpoint
-        .request(shared.path, Some(shared.body.clone()));
+    let req = shared.endpoint.request(&shared.path, shared.body.clone());
     let outcome = conn.send_timed(req).await;
     let latency = intended.elapsed();
     match outcome {

@@ -14,13 +14,13 @@
 //! and watches the server under test; [`pgbench`] measures the database's own limit;
 //! [`stats`] and [`report`] turn runs into the table and the JSON.
 
-mod load;
+pub(crate) mod load;
 mod machine;
 mod pgbench;
-mod progress;
+pub(crate) mod progress;
 mod report;
 mod server;
-mod stats;
+pub(crate) mod stats;
 mod workloads;
 
 use std::collections::BTreeSet;

@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context as _;
-use hyper::StatusCode;
+use hyper::{StatusCode, Uri};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use tokio::io::{AsyncBufReadExt as _, AsyncRead, BufReader};
@@ -279,7 +279,10 @@ pub(crate) async fn wait_ready(endpoint: &Endpoint, deadline: Instant) -> anyhow
             }
         }
         if let Some(c) = conn.as_mut() {
-            match c.send_timed(endpoint.request("/readyz", None)).await {
+            match c
+                .send_timed(endpoint.request(&Uri::from_static("/readyz"), None))
+                .await
+            {
                 Ok((StatusCode::OK, _)) => return Ok(Instant::now()),
                 Ok((status, body)) => {
                     last = format!("{status}: {}", String::from_utf8_lossy(&body));

@@ -11,6 +11,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context as _;
 use bytes::Bytes;
+use hyper::Uri;
 use keel_client::{Client, ListQuery};
 use serde::Deserialize;
 use serde_json::json;
@@ -24,6 +25,11 @@ use super::report::RunRecord;
 use super::server::{RssSampler, rss_kib};
 use super::stats::{KIB_PER_MIB, Latency};
 use super::{Settings, Workload};
+
+/// Where every single-job workload sends its enqueues.
+fn jobs_uri() -> Uri {
+    Uri::from_static("/v1/jobs")
+}
 
 /// Jobs per `POST /v1/jobs/batch` in W1 (the API's maximum).
 const INSERT_BATCH: u64 = 1000;
@@ -348,7 +354,7 @@ async fn w1_drain(ctx: &Ctx<'_>, rec: &mut RunRecord) -> anyhow::Result<()> {
                     _ => (full.clone(), INSERT_BATCH.min(n)),
                 };
                 let (status, resp) = conn
-                    .send_timed(endpoint.request("/v1/jobs/batch", Some(body)))
+                    .send_timed(endpoint.request(&Uri::from_static("/v1/jobs/batch"), Some(body)))
                     .await
                     .with_context(|| format!("inserting batch {i}"))?;
                 anyhow::ensure!(
@@ -443,8 +449,15 @@ async fn w2_steady(ctx: &Ctx<'_>, rec: &mut RunRecord) -> anyhow::Result<()> {
     let ticker = ctx
         .progress
         .timed("W2", s.duration, Arc::clone(&live), "enqueued");
-    let report =
-        load::closed_loop(&ctx.endpoint, "/v1/jobs", body, s.clients, s.duration, live).await;
+    let report = load::closed_loop(
+        &ctx.endpoint,
+        jobs_uri(),
+        Some(body),
+        s.clients,
+        s.duration,
+        live,
+    )
+    .await;
     // Read at once: the completions of the window, not of the drain after it.
     let after = ctx.counts().await;
     let cpu = cpu_since(ctx, cpu).await;
@@ -514,8 +527,8 @@ async fn w2p_paced(ctx: &Ctx<'_>, rec: &mut RunRecord) -> anyhow::Result<()> {
         .timed("W2p", s.duration, Arc::clone(&live), "enqueued");
     let report = load::open_loop(
         &ctx.endpoint,
-        "/v1/jobs",
-        body,
+        jobs_uri(),
+        Some(body),
         s.paced_rate,
         s.duration,
         s.max_in_flight,
@@ -582,8 +595,8 @@ async fn enqueue_only(
         .timed(prefix, duration, Arc::clone(&live), "enqueued");
     let report = load::closed_loop(
         &ctx.endpoint,
-        "/v1/jobs",
-        ctx.job_body()?,
+        jobs_uri(),
+        Some(ctx.job_body()?),
         ctx.settings.clients,
         duration,
         live,
@@ -654,8 +667,8 @@ async fn w4_overload(ctx: &Ctx<'_>, rec: &mut RunRecord) -> anyhow::Result<()> {
         .timed("W4", s.overload_duration, Arc::clone(&live), "accepted");
     let report = load::open_loop(
         &ctx.endpoint,
-        "/v1/jobs",
-        ctx.job_body()?,
+        jobs_uri(),
+        Some(ctx.job_body()?),
         rate,
         s.overload_duration,
         s.max_in_flight,

@@ -55,6 +55,8 @@ fn every_command_has_help_with_examples() {
         vec!["jobs", "list", "--help"],
         vec!["queues", "--help"],
         vec!["hash-key", "--help"],
+        vec!["bench", "--help"],
+        vec!["load", "--help"],
     ] {
         let out = Command::new(env!("CARGO_BIN_EXE_keel"))
             .args(&args)
