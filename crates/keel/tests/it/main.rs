@@ -10,11 +10,18 @@
     unreachable_pub
 )]
 
+mod child;
 mod helpers;
 
 mod api_errors;
+mod chaos_crash;
+mod chaos_outage;
+mod chaos_overload;
+mod chaos_slow;
+mod chaos_webhook;
 mod config;
 mod idempotency;
 mod jobs;
 mod metrics;
+mod resilience_api;
 mod shutdown;

@@ -1,0 +1,129 @@
+//! Chaos, overload (G5): measure what a real Keel process sustains, then offer several times
+//! that for 20 s on a fixed schedule (open model: the load does not slow down when the
+//! server does). Memory stays under a stated bound, accepted requests keep their p99 under
+//! the request timeout, the excess is refused with fast 429/503 answers, and goodput stays
+//! within 10 % of the measured capacity.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use keel::load::{LoadArgs, run};
+
+use crate::both_backends;
+use crate::child::{KeelProcess, rss_kib};
+use crate::helpers::{Backend, database};
+
+/// Load offered during the overload, as a multiple of the measured capacity.
+const OVERLOAD: f64 = 3.0;
+const OVERLOAD_FOR: Duration = Duration::from_secs(20);
+/// Resident memory the server must stay under while overloaded.
+const RSS_BOUND_MIB: u64 = 512;
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
+/// A refusal is only useful if it is fast: well under the deadline.
+const SHED_P99_BOUND_MS: f64 = 500.0;
+
+fn args(base: &str) -> LoadArgs {
+    LoadArgs {
+        url: base.to_owned(),
+        api_key: None,
+        rate: None,
+        concurrency: None,
+        duration: Duration::from_secs(5),
+        path: "/v1/jobs".to_owned(),
+        body: r#"{"kind":"noop"}"#.to_owned(),
+        get: false,
+        max_in_flight: 4096,
+        json: None,
+    }
+}
+
+async fn overload_is_shed_fast_and_goodput_holds(backend: Backend, test: &str) {
+    let Some((url, _backing)) = database(backend, test).await else {
+        return;
+    };
+    let keel = KeelProcess::start(&url, &[("KEEL_REQUEST_TIMEOUT", "2s")]).await;
+    let http = reqwest::Client::new();
+    // Enqueue only: with the queue paused, no worker competes for the two cores.
+    let paused = http
+        .post(keel.url("/v1/queues/default/pause"))
+        .send()
+        .await
+        .unwrap();
+    assert!(paused.status().is_success());
+
+    // Capacity: 64 connections back to back.
+    let capacity_args = LoadArgs {
+        concurrency: Some(64),
+        ..args(&keel.base)
+    };
+    let capacity = run(&capacity_args).await.expect("capacity run");
+    let capacity_json = capacity.to_json(&capacity_args);
+    let capacity_per_s = capacity_json["goodput_per_s"].as_f64().unwrap();
+    assert!(capacity_per_s > 0.0, "{capacity_json}");
+
+    // Overload, with the server's RSS sampled every 100 ms.
+    let peak_kib = Arc::new(AtomicU64::new(0));
+    let sampling = Arc::new(AtomicBool::new(true));
+    let sampler = {
+        let (peak, sampling, pid) = (Arc::clone(&peak_kib), Arc::clone(&sampling), keel.pid());
+        tokio::spawn(async move {
+            while sampling.load(Ordering::Relaxed) {
+                if let Some(kib) = rss_kib(pid) {
+                    peak.fetch_max(kib, Ordering::Relaxed);
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+    };
+    let overload_args = LoadArgs {
+        rate: Some(capacity_per_s * OVERLOAD),
+        duration: OVERLOAD_FOR,
+        ..args(&keel.base)
+    };
+    let overload = run(&overload_args).await.expect("overload run");
+    sampling.store(false, Ordering::Relaxed);
+    sampler.await.unwrap();
+    let o = overload.to_json(&overload_args);
+    let peak_mib = peak_kib.load(Ordering::Relaxed) / 1024;
+    eprintln!(
+        "[{test}] capacity {capacity_per_s:.0}/s; offered {:.0}/s for {OVERLOAD_FOR:?}: \
+         goodput {:.0}/s ({:.0} %), accepted p99 {} ms, shed {} (p99 {} ms), other {}, \
+         failed {}, not sent {}, peak RSS {peak_mib} MiB",
+        capacity_per_s * OVERLOAD,
+        o["goodput_per_s"].as_f64().unwrap(),
+        100.0 * o["goodput_per_s"].as_f64().unwrap() / capacity_per_s,
+        o["latency_ok"]["p99_ms"],
+        o["shed"],
+        o["latency_shed"]["p99_ms"],
+        o["other_status"],
+        o["failed"],
+        o["unsent"],
+    );
+
+    assert!(
+        peak_mib < RSS_BOUND_MIB,
+        "peak RSS {peak_mib} MiB is over the {RSS_BOUND_MIB} MiB bound"
+    );
+    let accepted_p99 = o["latency_ok"]["p99_ms"].as_f64().unwrap();
+    assert!(
+        accepted_p99 < REQUEST_TIMEOUT.as_secs_f64() * 1000.0,
+        "accepted p99 {accepted_p99} ms is not under the request timeout: {o}"
+    );
+    assert!(o["shed"].as_u64().unwrap() > 0, "nothing was shed: {o}");
+    assert_eq!(o["other_status"], 0, "answers other than 2xx/429/503: {o}");
+    assert_eq!(o["failed"], 0, "requests without an answer: {o}");
+    let shed_p99 = o["latency_shed"]["p99_ms"].as_f64().unwrap();
+    assert!(
+        shed_p99 < SHED_P99_BOUND_MS,
+        "shed answers are slow: p99 {shed_p99} ms: {o}"
+    );
+    let goodput = o["goodput_per_s"].as_f64().unwrap();
+    assert!(
+        goodput >= 0.9 * capacity_per_s,
+        "goodput {goodput:.0}/s fell more than 10 % below the capacity {capacity_per_s:.0}/s: {o}"
+    );
+    keel.terminate(Duration::from_secs(15)).await;
+}
+
+both_backends!(overload_is_shed_fast_and_goodput_holds);

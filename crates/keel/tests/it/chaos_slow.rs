@@ -1,0 +1,178 @@
+//! Chaos, slow dependency (G7): with the seed's `SLOW_AUTH` and with latency injected into
+//! store writes, requests end in a `504` that names the slow step, within the deadline plus
+//! 50 ms; and a client that goes away takes its work with it — the server's count of live
+//! tasks returns to its baseline instead of staying up for as long as the slow store call
+//! would have taken.
+
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+
+use crate::both_backends;
+use crate::child::KeelProcess;
+use crate::helpers::{Backend, database, metric_value, within};
+
+const DEADLINE: Duration = Duration::from_millis(800);
+/// The deadline plus the 50 ms; loopback HTTP is inside this margin.
+const ANSWER_WITHIN: Duration = Duration::from_millis(850);
+
+async fn timed_post(http: &reqwest::Client, url: &str) -> (u16, serde_json::Value, Duration) {
+    let started = Instant::now();
+    let resp = http
+        .post(url)
+        .json(&json!({"kind": "noop"}))
+        .send()
+        .await
+        .unwrap();
+    let status = resp.status().as_u16();
+    let body = resp.json().await.unwrap_or(serde_json::Value::Null);
+    (status, body, started.elapsed())
+}
+
+async fn slow_auth_and_slow_store_answer_504_on_time(backend: Backend, test: &str) {
+    let Some((url, _backing)) = database(backend, test).await else {
+        return;
+    };
+    let http = reqwest::Client::new();
+    let deadline = format!("{}ms", DEADLINE.as_millis());
+
+    // The seed's experiment: SLOW_AUTH=true, then POST /v1/process.
+    let keel = KeelProcess::start(
+        &url,
+        &[
+            ("SLOW_AUTH", "true"),
+            ("KEEL_REQUEST_TIMEOUT", deadline.as_str()),
+        ],
+    )
+    .await;
+    for _ in 0..3 {
+        let (status, body, took) = timed_post(&http, &keel.url("/v1/process")).await;
+        assert_eq!(status, 504, "{body}");
+        assert!(
+            body["detail"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("authenticating"),
+            "the 504 must name the auth step: {body}"
+        );
+        assert!(
+            took >= DEADLINE && took <= ANSWER_WITHIN,
+            "answered after {took:?}, not within {DEADLINE:?} + 50 ms"
+        );
+    }
+
+    // Latency injected into every store write, switched at runtime on the admin listener
+    // (which also clears SLOW_AUTH): enqueues time out in the store step.
+    let set = http
+        .put(format!("{}/debug/chaos", keel.admin))
+        .json(&json!({"store_write": {"latency_ms": 20000}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(set.status(), 200, "{}", set.text().await.unwrap());
+    for _ in 0..3 {
+        let (status, body, took) = timed_post(&http, &keel.url("/v1/jobs")).await;
+        assert_eq!(status, 504, "{body}");
+        assert!(
+            body["detail"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("database"),
+            "the 504 must name the store step: {body}"
+        );
+        assert!(
+            took >= DEADLINE && took <= ANSWER_WITHIN,
+            "answered after {took:?}, not within {DEADLINE:?} + 50 ms"
+        );
+    }
+    keel.terminate(Duration::from_secs(15)).await;
+}
+
+both_backends!(slow_auth_and_slow_store_answer_504_on_time);
+
+async fn alive_tasks(http: &reqwest::Client, keel: &KeelProcess) -> f64 {
+    let text = http
+        .get(keel.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    metric_value(&text, "keel_tasks_alive", &[])
+}
+
+async fn a_client_that_leaves_takes_its_work_with_it(backend: Backend, test: &str) {
+    let Some((url, _backing)) = database(backend, test).await else {
+        return;
+    };
+    // Store writes take 20 s and the deadline is 30 s: only the client's departure can end
+    // the work done for it before then.
+    let keel = KeelProcess::start(
+        &url,
+        &[
+            ("KEEL_CHAOS", "store_write.latency_ms=20000"),
+            ("KEEL_REQUEST_TIMEOUT", "30s"),
+        ],
+    )
+    .await;
+    let http = reqwest::Client::new();
+    let baseline = within(Duration::from_secs(15), "a first tasks gauge", async {
+        loop {
+            let v = alive_tasks(&http, &keel).await;
+            if v > 0.0 {
+                return v;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+
+    // 50 clients that give up after 200 ms.
+    let impatient = reqwest::Client::builder()
+        .timeout(Duration::from_millis(200))
+        .build()
+        .unwrap();
+    let mut calls = tokio::task::JoinSet::new();
+    for _ in 0..50 {
+        let impatient = impatient.clone();
+        let url = keel.url("/v1/jobs");
+        calls.spawn(async move {
+            impatient
+                .post(url)
+                .json(&json!({"kind": "noop"}))
+                .send()
+                .await
+                .is_err()
+        });
+    }
+    let mut gave_up = 0;
+    while let Some(r) = calls.join_next().await {
+        gave_up += usize::from(r.unwrap());
+    }
+    assert_eq!(gave_up, 50, "every client must have given up waiting");
+
+    // Well before the 20 s store latency is over, the server holds no task for them.
+    let left_at = Instant::now();
+    let settled = within(
+        Duration::from_secs(12),
+        "tasks returning to baseline",
+        async {
+            loop {
+                let v = alive_tasks(&http, &keel).await;
+                if v <= baseline + 2.0 {
+                    return v;
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        },
+    )
+    .await;
+    eprintln!(
+        "[{test}] tasks alive: baseline {baseline}, back to {settled} {:?} after 50 clients left",
+        left_at.elapsed()
+    );
+    keel.terminate(Duration::from_secs(15)).await;
+}
+
+both_backends!(a_client_that_leaves_takes_its_work_with_it);
