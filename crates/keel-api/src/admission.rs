@@ -12,21 +12,23 @@
 //!   the check adds no query per request; it lags by up to that period, which is fine for
 //!   a cap meant to stop a flood, not to count exactly.
 //!
-//! Both are counted in `keel_requests_shed_total{reason}`. The layer sits on the `/v1`
-//! tenant routes only: probes, metrics scrapes and the OpenAPI document must get through
-//! an overloaded server, or orchestrators would restart it for being busy.
+//! Both are counted in `keel_requests_shed_total{reason}`. The layer is the outermost of
+//! the router and guards the `/v1` API only: probes, metrics scrapes and the OpenAPI
+//! document must get through an overloaded server, or orchestrators would restart it for
+//! being busy.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use axum::extract::{MatchedPath, Request, State};
+use axum::extract::{Request, State};
 use axum::http::Method;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use keel_resilience::{AdaptiveLimit, AdaptiveLimitConfig, AdmissionPermit};
-use metrics::Gauge;
+use metrics::{Counter, Gauge};
 
 use crate::error::{ApiError, ShedReason};
+use crate::middleware::{request_id_of, stamp_request_id};
 use crate::state::ApiState;
 
 /// Routes that create jobs: the ones the backlog cap refuses.
@@ -59,6 +61,10 @@ struct Shared {
     backlog: Backlog,
     max_backlog: u64,
     in_flight: Gauge,
+    /// `keel_requests_shed_total{reason}` handles, resolved once: a refusal must not pay
+    /// for a registry lookup.
+    shed_concurrency: Counter,
+    shed_backlog: Counter,
 }
 
 /// The admission controller of one API; clones share it.
@@ -72,15 +78,19 @@ impl Admission {
     /// backlog is above `max_backlog` (0 turns the cap off). Registers the shed counters at
     /// zero, so dashboards see the series before the first shed request.
     pub fn new(limit: AdaptiveLimitConfig, max_backlog: u64) -> Self {
-        for reason in [ShedReason::Concurrency, ShedReason::Backlog] {
-            metrics::counter!("keel_requests_shed_total", "reason" => reason.as_str()).increment(0);
-        }
+        let shed = |reason: ShedReason| {
+            let c = metrics::counter!("keel_requests_shed_total", "reason" => reason.as_str());
+            c.increment(0);
+            c
+        };
         let admission = Self {
             shared: Arc::new(Shared {
                 limit: AdaptiveLimit::new(limit),
                 backlog: Backlog::default(),
                 max_backlog,
                 in_flight: metrics::gauge!("keel_admission_in_flight"),
+                shed_concurrency: shed(ShedReason::Concurrency),
+                shed_backlog: shed(ShedReason::Backlog),
             }),
         };
         admission.report();
@@ -114,8 +124,11 @@ impl Admission {
         max > 0 && self.shared.backlog.get() > max
     }
 
-    fn shed(reason: ShedReason) -> Response {
-        metrics::counter!("keel_requests_shed_total", "reason" => reason.as_str()).increment(1);
+    fn shed(&self, reason: ShedReason) -> Response {
+        match reason {
+            ShedReason::Concurrency => self.shared.shed_concurrency.increment(1),
+            ShedReason::Backlog => self.shared.shed_backlog.increment(1),
+        }
         ApiError::Overloaded { reason }.into_response()
     }
 }
@@ -151,29 +164,47 @@ impl Drop for Admitted {
     }
 }
 
-/// First layer of the `/v1` tenant routes, before authentication (SPEC §5: admission comes
-/// first, so an overloaded server does not even spend a key check on a request it will
-/// refuse). Sheds on a full backlog (enqueue routes), then on the concurrency limit.
+/// Whether admission control guards `path`: the `/v1` API except its description. Probes,
+/// metrics scrapes and the OpenAPI document must get through an overloaded server.
+fn guarded(path: &str) -> bool {
+    path.starts_with("/v1/") && path != "/v1/openapi.json"
+}
+
+/// The outermost layer (SPEC §5: admission comes first). Sheds on a full backlog (enqueue
+/// routes), then on the concurrency limit, before a request id, a log line, a metric
+/// update or a key check is spent on it: under overload the refusals come by the thousand
+/// and each must cost next to nothing, or refusing load eats the CPU that serving it
+/// needs. A refusal is still a complete problem response with a request id; it is counted
+/// in `keel_requests_shed_total` (not in `http_requests_total`) and logged at DEBUG.
 ///
 /// A permit whose request ends in a `5xx`, or is dropped by the deadline layer, frees its
 /// slot without a latency sample: a failure's latency (a fast refusal from an open breaker,
 /// or a timeout) is not the server's normal latency and would teach the limit the wrong
 /// thing. `POST /v1/process` never feeds a sample (it waits on purpose).
 pub(crate) async fn admit(State(state): State<ApiState>, req: Request, next: Next) -> Response {
-    let admission = &state.admission;
-    let route = req
-        .extensions()
-        .get::<MatchedPath>()
-        .map(MatchedPath::as_str);
-    let waits = route == Some(WAITING_ROUTE);
-    if admission.backlog_full()
-        && req.method() == Method::POST
-        && route.is_some_and(|r| ENQUEUE_ROUTES.contains(&r))
-    {
-        return Admission::shed(ShedReason::Backlog);
+    let path = req.uri().path();
+    if !guarded(path) {
+        return next.run(req).await;
     }
-    let Some(permit) = admission.shared.limit.try_acquire() else {
-        return Admission::shed(ShedReason::Concurrency);
+    let admission = &state.admission;
+    let waits = path == WAITING_ROUTE;
+    let refused = if admission.backlog_full()
+        && req.method() == Method::POST
+        && ENQUEUE_ROUTES.contains(&path)
+    {
+        Some(ShedReason::Backlog)
+    } else {
+        None
+    };
+    let permit = match refused {
+        Some(_) => None,
+        None => admission.shared.limit.acquire().await,
+    };
+    let Some(permit) = permit else {
+        let reason = refused.unwrap_or(ShedReason::Concurrency);
+        let id = request_id_of(&req);
+        tracing::debug!(request_id = %id, path, reason = reason.as_str(), "request shed");
+        return stamp_request_id(admission.shed(reason), &id);
     };
     let admitted = Admitted::new(permit, &admission.shared.in_flight);
     let resp = next.run(req).await;
@@ -181,23 +212,4 @@ pub(crate) async fn admit(State(state): State<ApiState>, req: Request, next: Nex
         admitted.success();
     }
     resp
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_backlog_cap_is_off_at_zero_and_strict_above_the_limit() {
-        let off = Admission::new(AdaptiveLimitConfig::default(), 0);
-        off.backlog().set(u64::MAX);
-        assert!(!off.backlog_full());
-
-        let on = Admission::new(AdaptiveLimitConfig::default(), 100);
-        on.backlog().set(100);
-        assert!(!on.backlog_full(), "at the cap is still fine");
-        on.backlog().set(101);
-        assert!(on.backlog_full());
-        assert_eq!(on.limit(), AdaptiveLimitConfig::default().initial);
-    }
 }

@@ -1,6 +1,7 @@
 //! The layers every request passes through, outermost first (see [`crate::router`] for the
 //! order and why):
 //!
+//! 0. `admission::admit` — sheds load before anything else is spent on a request.
 //! 1. `assign_request_id` — gives the request an id, echoes it, stamps it into problems.
 //! 2. `trace_request` — one log line per request.
 //! 3. `record_metrics` — request count and latency by method, route and status.
@@ -73,11 +74,9 @@ fn sane_request_id(s: &str) -> bool {
     (1..=MAX_REQUEST_ID_LEN).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_graphic())
 }
 
-/// Outermost layer: assigns the request id, and on the way out echoes it as `X-Request-Id`
-/// and writes it into the problem body of an error response. Outermost so that every
-/// response, including those of the layers below (`504`, `413`, `401`), carries it.
-pub(crate) async fn assign_request_id(mut req: Request, next: Next) -> Response {
-    let id: Arc<str> = match req
+/// The request's id: a sane incoming `X-Request-Id`, or a fresh UUIDv7.
+pub(crate) fn request_id_of(req: &Request) -> Arc<str> {
+    match req
         .headers()
         .get(&X_REQUEST_ID)
         .and_then(|v| v.to_str().ok())
@@ -85,20 +84,33 @@ pub(crate) async fn assign_request_id(mut req: Request, next: Next) -> Response 
     {
         Some(s) => s.into(),
         None => uuid::Uuid::now_v7().to_string().into(),
-    };
-    req.extensions_mut().insert(RequestId(Arc::clone(&id)));
-    let mut resp = next.run(req).await;
+    }
+}
+
+/// Echoes `id` as `X-Request-Id` and writes it into the problem body of an error response.
+pub(crate) fn stamp_request_id(mut resp: Response, id: &str) -> Response {
     if let Some(problem) = resp.extensions_mut().get_mut::<Problem>() {
-        problem.request_id = Some(id.to_string());
+        problem.request_id = Some(id.to_owned());
         let body = problem.to_body();
         resp.headers_mut().remove(header::CONTENT_LENGTH);
         *resp.body_mut() = body.into();
     }
-    // Visible ASCII (checked above, or a UUID), so always a valid header value.
-    if let Ok(v) = HeaderValue::from_str(&id) {
+    // Visible ASCII (checked by `sane_request_id`, or a UUID), so always a valid value.
+    if let Ok(v) = HeaderValue::from_str(id) {
         resp.headers_mut().insert(X_REQUEST_ID, v);
     }
     resp
+}
+
+/// Assigns the request id, and on the way out echoes it as `X-Request-Id` and writes it
+/// into the problem body of an error response. Outside every other layer but admission, so
+/// that every response, including those of the layers below (`504`, `413`, `401`), carries
+/// it; admission stamps its own refusals the same way.
+pub(crate) async fn assign_request_id(mut req: Request, next: Next) -> Response {
+    let id = request_id_of(&req);
+    req.extensions_mut().insert(RequestId(Arc::clone(&id)));
+    let resp = next.run(req).await;
+    stamp_request_id(resp, &id)
 }
 
 /// The route a request matched, as registered (`/v1/jobs/{id}`), or `unmatched`: a bounded
@@ -111,8 +123,10 @@ fn route_of(req: &Request) -> Arc<str> {
 
 /// Second layer: one log line per request with `request_id`, `method`, `route`, `status`
 /// and `duration_ms`. Successes and client errors (expected conditions) log at INFO, shed
-/// requests (`503` overloaded: the server protecting itself, as designed) at WARN, other
-/// server errors at ERROR with their cause — the one place a `5xx` cause is logged. Inside the
+/// requests (`503` overloaded: the server protecting itself, as designed) at DEBUG — they
+/// come by the thousand exactly when CPU is short, so they are counted in
+/// `keel_requests_shed_total` rather than each written out — other server errors at ERROR
+/// with their cause — the one place a `5xx` cause is logged. Inside the
 /// request-id layer so it has the id; outside everything else so it sees their answers
 /// (`504`, `413`, `401`). Everything the handler logs happens inside a span carrying the
 /// request id.
@@ -135,7 +149,7 @@ pub(crate) async fn trace_request(req: Request, next: Next) -> Response {
         .map(|p| p.type_uri.as_str());
     let shed = problem.is_some_and(|t| t.ends_with("/overloaded"));
     if shed {
-        tracing::warn!(%request_id, %method, %route, status, duration_ms, problem, "request shed");
+        tracing::debug!(%request_id, %method, %route, status, duration_ms, problem, "request shed");
     } else if resp.status().is_server_error() {
         let cause = resp
             .extensions()

@@ -38,10 +38,25 @@ impl Readiness {
     }
 }
 
-/// Everything the handlers need, wired explicitly by the binary (no global state). Cloned
-/// into every request; each field is a shared handle, so cloning is cheap.
+/// Everything the handlers need, wired explicitly by the binary (no global state).
+///
+/// axum clones the state into every layer of every request, so it is one shared pointer:
+/// a clone is one atomic increment however many handles the API holds (a struct of a dozen
+/// `Arc`s would cost a dozen, twice per layer — measurable on the path that sheds load,
+/// where each request must cost next to nothing). Fields are read through `Deref`.
 #[derive(Clone)]
-pub struct ApiState {
+pub struct ApiState(Arc<ApiShared>);
+
+impl std::ops::Deref for ApiState {
+    type Target = ApiShared;
+
+    fn deref(&self) -> &ApiShared {
+        &self.0
+    }
+}
+
+/// The handles behind an [`ApiState`].
+pub struct ApiShared {
     /// Where jobs live.
     pub store: Arc<dyn Store>,
     /// Wakeups, running-job cancellation and job events of this process's runtime.
@@ -75,7 +90,7 @@ impl ApiState {
         metrics: PrometheusHandle,
         readiness: Readiness,
     ) -> Self {
-        Self {
+        Self(Arc::new(ApiShared {
             store,
             runtime,
             admission: Admission::new(config.admission, config.max_queue_backlog),
@@ -85,18 +100,39 @@ impl ApiState {
             readiness,
             chaos: Chaos::default(),
             database_breaker: None,
-        }
+        }))
+    }
+
+    /// The shared handles, for the builder methods below (only before the state is shared).
+    fn shared_mut(&mut self) -> &mut ApiShared {
+        Arc::get_mut(&mut self.0).expect("ApiState builder methods run before it is cloned")
     }
 
     /// Uses `chaos` (shared with the store guard and the admin listener).
+    ///
+    /// # Panics
+    /// If the state was already cloned (the builder methods run while wiring, before the
+    /// router shares it).
     pub fn with_chaos(mut self, chaos: Chaos) -> Self {
-        self.chaos = chaos;
+        self.shared_mut().chaos = chaos;
+        self
+    }
+
+    /// Replaces the store (e.g. with a guarded one wrapping it).
+    ///
+    /// # Panics
+    /// If the state was already cloned, as [`ApiState::with_chaos`].
+    pub fn with_store(mut self, store: Arc<dyn Store>) -> Self {
+        self.shared_mut().store = store;
         self
     }
 
     /// Reports `breaker` in `/readyz`.
+    ///
+    /// # Panics
+    /// If the state was already cloned, as [`ApiState::with_chaos`].
     pub fn with_database_breaker(mut self, breaker: CircuitBreaker) -> Self {
-        self.database_breaker = Some(breaker);
+        self.shared_mut().database_breaker = Some(breaker);
         self
     }
 }

@@ -2,9 +2,14 @@
 //! concurrency-limits ("Gradient2").
 //!
 //! A server has a concurrency at which it does the most work with the least queueing.
-//! Below it latency is flat; above it every extra request only waits. The limiter keeps two
-//! averages of request latency: a short one (what requests take now) and a long one (what
-//! they took when the server was not overloaded). Their ratio is the gradient:
+//! Below it latency is flat; above it every extra request only waits. The limiter collects
+//! request latencies in short sampling windows (`sample_window`, at least
+//! `min_window_samples` requests); each window's mean is the *short* latency (what requests
+//! take now), and a moving average over `long_window` windows — about a minute — is the
+//! *long* one (what they took before the load changed). Averaging over windows rather than
+//! requests matters: at thousands of requests a second a per-request average would forget
+//! the unloaded latency within a fraction of a second, and the limit would follow the
+//! overload up instead of holding it back. Their ratio is the gradient:
 //!
 //! ```text
 //! gradient  = clamp(tolerance × long / short, 0.5, 1.0)
@@ -15,12 +20,19 @@
 //! When latency rises above `tolerance` times its long-term average, the limit shrinks; when
 //! latency is flat, the queue term lets it grow. While the server is busy with fewer than
 //! half the requests it could admit, the limit does not grow (it has not been tested there).
-//! A request above the limit is refused at once: the caller sheds it with `503` and
-//! `Retry-After` rather than letting it wait in a queue it cannot see.
+//! A request above the limit may wait briefly for a slot ([`AdaptiveLimit::acquire`]): a
+//! bounded number of waiters, each for a bounded time, after which it is refused and the
+//! caller sheds it with `503` and `Retry-After`. The short wait is what keeps goodput up
+//! under overload: a waiting request costs no CPU and holds its client back, while every
+//! refusal costs a response and invites an immediate retry — refusing everything above the
+//! limit at once spends the CPU the admitted requests need on saying no, their latency
+//! climbs, the limit falls, and more is refused.
 
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use tokio::sync::Notify;
 use tokio::time::Instant;
 
 /// Bounds and tuning of an [`AdaptiveLimit`].
@@ -36,10 +48,16 @@ pub struct AdaptiveLimitConfig {
     pub tolerance: f64,
     /// Weight of each new estimate (0..=1]: lower reacts more slowly, and more calmly.
     pub smoothing: f64,
-    /// Samples in the long-term latency average.
+    /// Sampling windows in the long-term latency average.
     pub long_window: u32,
-    /// Samples in the short-term latency average.
-    pub short_window: u32,
+    /// Shortest sampling window: the limit is updated at most this often.
+    pub sample_window: Duration,
+    /// Fewest requests in a sampling window (a window stays open until it has them).
+    pub min_window_samples: u32,
+    /// Longest a request waits for a slot before it is refused (zero: refuse at once).
+    pub max_wait: Duration,
+    /// Most requests waiting for a slot at once; beyond it requests are refused at once.
+    pub max_waiting: u32,
 }
 
 impl Default for AdaptiveLimitConfig {
@@ -48,10 +66,13 @@ impl Default for AdaptiveLimitConfig {
             initial: 256,
             min: 32,
             max: 2048,
-            tolerance: 2.0,
+            tolerance: 3.0,
             smoothing: 0.2,
             long_window: 600,
-            short_window: 10,
+            sample_window: Duration::from_millis(100),
+            min_window_samples: 10,
+            max_wait: Duration::from_millis(250),
+            max_waiting: 4096,
         }
     }
 }
@@ -71,36 +92,64 @@ impl AdaptiveLimitConfig {
         if !(self.smoothing > 0.0 && self.smoothing <= 1.0) {
             return Err("smoothing must be in (0, 1]".to_owned());
         }
-        if self.long_window == 0 || self.short_window == 0 {
+        if self.long_window == 0 || self.min_window_samples == 0 {
             return Err("windows must hold at least one sample".to_owned());
         }
         Ok(())
     }
 }
 
-/// An exponential moving average that starts as a plain mean, so its first samples are not
-/// dragged towards zero.
+/// An exponential moving average over about `window` samples (factor `2 / (window + 1)`),
+/// which starts as a plain mean for its first [`Average::WARMUP`] samples so that it is not
+/// dragged towards zero at the start.
 #[derive(Debug, Clone, Copy)]
 struct Average {
-    window: f64,
+    factor: f64,
     count: u32,
     value: f64,
 }
 
 impl Average {
+    const WARMUP: u32 = 10;
+
     fn new(window: u32) -> Self {
         Self {
-            window: f64::from(window),
+            factor: 2.0 / (f64::from(window) + 1.0),
             count: 0,
             value: 0.0,
         }
     }
 
     fn add(&mut self, sample: f64) -> f64 {
-        self.count = self.count.saturating_add(1);
-        let n = f64::from(self.count).min(self.window);
-        self.value += (sample - self.value) / n;
+        if self.count < Self::WARMUP {
+            self.count += 1;
+            self.value += (sample - self.value) / f64::from(self.count);
+        } else {
+            self.value += (sample - self.value) * self.factor;
+        }
         self.value
+    }
+}
+
+/// The sampling window being filled.
+#[derive(Debug)]
+struct Window {
+    started: Instant,
+    /// Sum of the latencies in it, microseconds.
+    sum_us: f64,
+    samples: u32,
+    /// Most requests in flight at once during it: whether the limit was actually tested.
+    peak_in_flight: u32,
+}
+
+impl Window {
+    fn new(now: Instant) -> Self {
+        Self {
+            started: now,
+            sum_us: 0.0,
+            samples: 0,
+            peak_in_flight: 0,
+        }
     }
 }
 
@@ -109,13 +158,17 @@ struct Inner {
     limit: f64,
     in_flight: u32,
     long: Average,
-    short: Average,
+    window: Window,
 }
 
 #[derive(Debug)]
 struct Shared {
     config: AdaptiveLimitConfig,
     inner: Mutex<Inner>,
+    /// Woken (one waiter) whenever a slot is freed.
+    released: Notify,
+    /// Requests waiting in [`AdaptiveLimit::acquire`].
+    waiting: AtomicU32,
 }
 
 /// A shared adaptive limit; clones are the same limit.
@@ -134,8 +187,10 @@ impl AdaptiveLimit {
                     limit: f64::from(config.initial),
                     in_flight: 0,
                     long: Average::new(config.long_window),
-                    short: Average::new(config.short_window),
+                    window: Window::new(Instant::now()),
                 }),
+                released: Notify::new(),
+                waiting: AtomicU32::new(0),
             }),
         }
     }
@@ -167,6 +222,7 @@ impl AdaptiveLimit {
             return None;
         }
         inner.in_flight += 1;
+        inner.window.peak_in_flight = inner.window.peak_in_flight.max(inner.in_flight);
         Some(AdmissionPermit {
             limit: self.clone(),
             started: Instant::now(),
@@ -174,29 +230,84 @@ impl AdaptiveLimit {
         })
     }
 
+    /// [`AdaptiveLimit::try_acquire`], or else waits up to `max_wait` for a slot, unless
+    /// `max_waiting` requests are waiting already. `None` means refused.
+    pub async fn acquire(&self) -> Option<AdmissionPermit> {
+        let max_wait = self.shared.config.max_wait;
+        if let Some(p) = self.try_acquire() {
+            return Some(p);
+        }
+        let shared = &self.shared;
+        if max_wait.is_zero()
+            || shared.waiting.fetch_add(1, Ordering::AcqRel) >= shared.config.max_waiting
+        {
+            if !max_wait.is_zero() {
+                shared.waiting.fetch_sub(1, Ordering::AcqRel);
+            }
+            return None;
+        }
+        let _waiting = Waiting(&shared.waiting);
+        let deadline = Instant::now() + max_wait;
+        loop {
+            // Registered before the check, so a slot freed in between is not missed.
+            let released = shared.released.notified();
+            tokio::pin!(released);
+            released.as_mut().enable();
+            if let Some(p) = self.try_acquire() {
+                return Some(p);
+            }
+            if tokio::time::timeout_at(deadline, released).await.is_err() {
+                return self.try_acquire();
+            }
+        }
+    }
+
+    /// Requests waiting for a slot now.
+    pub fn waiting(&self) -> u32 {
+        self.shared.waiting.load(Ordering::Acquire)
+    }
+
     fn finish(&self, rtt: Option<Duration>) {
         let config = self.shared.config;
         let mut inner = self.lock();
-        let in_flight = inner.in_flight;
-        inner.in_flight = in_flight.saturating_sub(1);
+        inner.in_flight = inner.in_flight.saturating_sub(1);
+        self.shared.released.notify_one();
         let Some(rtt) = rtt else { return };
         // Microseconds, floored at 1 so a ratio never divides by zero.
-        let sample = (rtt.as_secs_f64() * 1e6).max(1.0);
-        let short = inner.short.add(sample);
-        let mut long = inner.long.add(sample);
+        inner.window.sum_us += (rtt.as_secs_f64() * 1e6).max(1.0);
+        inner.window.samples += 1;
+        let now = Instant::now();
+        if inner.window.samples < config.min_window_samples
+            || now.duration_since(inner.window.started) < config.sample_window
+        {
+            return;
+        }
+        let window = std::mem::replace(&mut inner.window, Window::new(now));
+        let short = window.sum_us / f64::from(window.samples);
+        let mut long = inner.long.add(short);
         // After a long overload the long average has learned the overloaded latency; let it
         // drift back down quickly once requests are fast again.
         if long / short > 2.0 {
             long *= 0.95;
             inner.long.value = long;
         }
-        if f64::from(in_flight) < inner.limit / 2.0 {
+        if f64::from(window.peak_in_flight) < inner.limit / 2.0 {
+            // The server was never near its limit: nothing was learned about it.
             return;
         }
         let gradient = (config.tolerance * long / short).clamp(0.5, 1.0);
         let estimate = inner.limit * gradient + inner.limit.sqrt();
         let next = inner.limit * (1.0 - config.smoothing) + estimate * config.smoothing;
         inner.limit = next.clamp(f64::from(config.min), f64::from(config.max));
+    }
+}
+
+/// Counts a waiter out however its wait ends (slot, timeout, or the caller giving up).
+struct Waiting<'a>(&'a AtomicU32);
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -268,11 +379,14 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn grows_while_latency_is_flat_and_shrinks_when_it_climbs() {
         let l = AdaptiveLimit::new(small());
-        drive(&l, 30, Duration::from_millis(5)).await;
+        // 10 s of 5 ms requests: 100 sampling windows.
+        drive(&l, 2000, Duration::from_millis(5)).await;
         let grown = l.limit();
         assert!(grown > 20, "flat latency lets the limit grow: {grown}");
 
-        drive(&l, 30, Duration::from_millis(50)).await;
+        // 10× the latency for 3 s. (Kept up for a minute or more, a new latency becomes the
+        // baseline: the long average follows it, as it should for a lasting change.)
+        drive(&l, 60, Duration::from_millis(50)).await;
         let shrunk = l.limit();
         assert!(
             shrunk < grown,
@@ -284,7 +398,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn stays_within_its_bounds() {
         let l = AdaptiveLimit::new(small());
-        drive(&l, 300, Duration::from_millis(1)).await;
+        drive(&l, 30_000, Duration::from_millis(1)).await;
         assert_eq!(l.limit(), 100);
         drive(&l, 300, Duration::from_secs(1)).await;
         assert!(l.limit() >= 4);
@@ -293,7 +407,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn an_idle_server_does_not_grow_its_limit() {
         let l = AdaptiveLimit::new(small());
-        for _ in 0..200 {
+        for _ in 0..2000 {
             let p = l.try_acquire().unwrap();
             tokio::time::advance(Duration::from_millis(1)).await;
             p.success();
@@ -307,5 +421,62 @@ mod tests {
         c.initial = 1000;
         assert!(c.validate().unwrap_err().contains("initial"));
         assert!(AdaptiveLimitConfig::default().validate().is_ok());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_waiter_gets_the_next_free_slot_and_a_late_one_is_refused() {
+        let l = AdaptiveLimit::new(AdaptiveLimitConfig {
+            initial: 1,
+            min: 1,
+            max: 1,
+            max_wait: Duration::from_millis(100),
+            max_waiting: 1,
+            ..AdaptiveLimitConfig::default()
+        });
+        let held = l.acquire().await.expect("free slot");
+        let waiter = tokio::spawn({
+            let l = l.clone();
+            async move { l.acquire().await.is_some() }
+        });
+        while l.waiting() == 0 {
+            tokio::task::yield_now().await;
+        }
+        // The queue holds one waiter: a second is refused at once.
+        let started = Instant::now();
+        assert!(l.acquire().await.is_none());
+        assert_eq!(started.elapsed(), Duration::ZERO);
+        tokio::time::advance(Duration::from_millis(50)).await;
+        drop(held);
+        assert!(waiter.await.unwrap(), "the waiter gets the freed slot");
+        assert_eq!(l.waiting(), 0);
+
+        // Nobody frees the slot: the wait ends at its bound, refused.
+        let _held = l.acquire().await.expect("free slot");
+        let started = Instant::now();
+        assert!(l.acquire().await.is_none());
+        assert_eq!(started.elapsed(), Duration::from_millis(100));
+        assert_eq!(l.waiting(), 0);
+    }
+
+    /// The failure this design avoids: at thousands of requests a second, a long average
+    /// kept per request would learn an overload's latency within a second and stop
+    /// holding the limit back.
+    #[tokio::test(start_paused = true)]
+    async fn a_sustained_overload_keeps_the_limit_down() {
+        let l = AdaptiveLimit::new(AdaptiveLimitConfig {
+            initial: 64,
+            min: 4,
+            max: 1000,
+            ..AdaptiveLimitConfig::default()
+        });
+        drive(&l, 1000, Duration::from_millis(2)).await;
+        let before = l.limit();
+        // Latency ×20 for 3 s: every round fills the limit.
+        drive(&l, 75, Duration::from_millis(40)).await;
+        let during = l.limit();
+        assert!(
+            during < before / 2,
+            "the limit must fall well below its unloaded level: {before} → {during}"
+        );
     }
 }

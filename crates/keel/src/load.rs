@@ -165,18 +165,22 @@ impl LoadSummary {
             .map(|(s, n)| format!("{s}: {n}"))
             .collect::<Vec<_>>()
             .join(" · ");
+        let requests = if self.model == "open" {
+            format!(
+                "{} scheduled · {} not sent (generator at {} in flight) · {} late",
+                self.scheduled, self.unsent, args.max_in_flight, self.late
+            )
+        } else {
+            format!("{} sent", self.scheduled)
+        };
         let mut out = format!(
             "keel load · {method} {} · {shape} · {:.1} s\n\
-             requests   {} scheduled · {} not sent (generator at {} in flight) · {} late\n\
+             requests   {requests}\n\
              answers    {} 2xx · {} shed (429/503) · {} other status · {} failed (no answer)\n\
              statuses   {}\n\
              goodput    {:.1} 2xx/s\n",
             args.path,
             self.elapsed.as_secs_f64(),
-            self.scheduled,
-            self.unsent,
-            args.max_in_flight,
-            self.late,
             t.ok,
             t.shed,
             t.other_status,

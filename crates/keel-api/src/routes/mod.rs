@@ -83,29 +83,31 @@ async fn method_not_allowed() -> ApiError {
 /// `axum::serve(listener, router(state).into_make_service())` (no connect info needed).
 ///
 /// Layers, outermost first — each sees the answers of those below it:
-/// 1. request id: first, so every response (even a `504` or `401`) carries it and every
+/// 0. admission (`/v1` only, not the OpenAPI document: probes and scrapes must get through
+///    an overloaded server): sheds at once above the concurrency limit or backlog cap,
+///    before anything else is spent on the request — refusals come by the thousand when
+///    CPU is shortest, so they skip the log line and the HTTP metrics below and are counted
+///    in `keel_requests_shed_total`; each still carries a request id;
+/// 1. request id: so every other response (even a `504` or `401`) carries it and every
 ///    problem body names it;
 /// 2. trace: one log line per request, with the id and the final status;
 /// 3. metrics: counts everything below, including timeouts and auth failures;
 /// 4. catch-panic: a handler bug becomes an opaque `500` (logged and counted above);
-/// 5. deadline: bounds everything below — admission, auth, body reading, validation, store
-///    (G7) — and opens the request scope the steps are marked in;
+/// 5. deadline: bounds everything below — auth, body reading, validation, store (G7) —
+///    and opens the request scope the steps are marked in;
 /// 6. body limit: refuses a too-large declared body before auth or a handler reads it;
 ///
-/// then, on the `/v1` tenant routes only (probes, metrics and the OpenAPI document must
-/// get through an overloaded server):
-/// 7. admission: sheds at once above the concurrency limit or backlog cap, before any work
-///    is spent on the request;
-/// 8. auth: resolves the caller (and applies the `auth` chaos faults);
-/// 9. rate limit: needs the caller's tenant and key, so after auth; marks the `validate`
+/// then, on the `/v1` tenant routes only:
+/// 7. auth: resolves the caller (and applies the `auth` chaos faults);
+/// 8. rate limit: needs the caller's tenant and key, so after auth; marks the `validate`
 ///    step on the way to the handler, whose extractors read and check the body.
 pub fn router(state: ApiState) -> Router {
     // `route_layer`s wrap the routes in the order added: the last one added runs first.
     let tenant = tenant_routes()
         .route_layer(from_fn_with_state(state.clone(), limit_rate))
-        .route_layer(from_fn_with_state(state.clone(), authenticate))
-        .route_layer(from_fn_with_state(state.clone(), admit));
+        .route_layer(from_fn_with_state(state.clone(), authenticate));
     let layers = ServiceBuilder::new()
+        .layer(from_fn_with_state(state.clone(), admit))
         .layer(from_fn(assign_request_id))
         .layer(from_fn(trace_request))
         .layer(from_fn(record_metrics))

@@ -43,13 +43,13 @@ async fn a_slow_auth_check_is_a_504_naming_the_auth_step() {
 
 #[tokio::test]
 async fn a_slow_database_behind_the_guard_is_a_504_naming_the_store_step() {
-    let app = app_wired(short_deadline(), |mut s| {
-        s.store = Arc::new(GuardedStore::new(
+    let app = app_wired(short_deadline(), |s| {
+        let guarded = GuardedStore::new(
             Arc::clone(&s.store),
             StoreGuardConfig::default(),
             Chaos::default(),
-        ));
-        s
+        );
+        s.with_store(Arc::new(guarded))
     })
     .await;
     app.store.set(Fault::Slow(Duration::from_millis(1000)));
@@ -78,6 +78,7 @@ fn one_at_a_time() -> ApiConfig {
             initial: 1,
             min: 1,
             max: 1,
+            max_wait: Duration::ZERO,
             ..AdaptiveLimitConfig::default()
         },
         ..Default::default()

@@ -128,9 +128,10 @@ async fn a_client_that_leaves_takes_its_work_with_it(backend: Backend, test: &st
     })
     .await;
 
-    // 50 clients that give up after 200 ms.
+    // 50 clients that give up after 6 s: longer than the gauge's 5 s refresh, so the gauge
+    // must first show their connections' tasks alive, then show them gone.
     let impatient = reqwest::Client::builder()
-        .timeout(Duration::from_millis(200))
+        .timeout(Duration::from_secs(6))
         .build()
         .unwrap();
     let mut calls = tokio::task::JoinSet::new();
@@ -146,6 +147,16 @@ async fn a_client_that_leaves_takes_its_work_with_it(backend: Backend, test: &st
                 .is_err()
         });
     }
+    let busy = within(Duration::from_secs(6), "the gauge counting the clients' tasks", async {
+        loop {
+            let v = alive_tasks(&http, &keel).await;
+            if v >= baseline + 40.0 {
+                return v;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    })
+    .await;
     let mut gave_up = 0;
     while let Some(r) = calls.join_next().await {
         gave_up += usize::from(r.unwrap());
@@ -154,22 +165,18 @@ async fn a_client_that_leaves_takes_its_work_with_it(backend: Backend, test: &st
 
     // Well before the 20 s store latency is over, the server holds no task for them.
     let left_at = Instant::now();
-    let settled = within(
-        Duration::from_secs(12),
-        "tasks returning to baseline",
-        async {
-            loop {
-                let v = alive_tasks(&http, &keel).await;
-                if v <= baseline + 2.0 {
-                    return v;
-                }
-                tokio::time::sleep(Duration::from_millis(200)).await;
+    let settled = within(Duration::from_secs(12), "tasks returning to baseline", async {
+        loop {
+            let v = alive_tasks(&http, &keel).await;
+            if v <= baseline + 2.0 {
+                return v;
             }
-        },
-    )
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    })
     .await;
     eprintln!(
-        "[{test}] tasks alive: baseline {baseline}, back to {settled} {:?} after 50 clients left",
+        "[{test}] tasks alive: baseline {baseline}, {busy} with 50 waiting clients, back to {settled} {:?} after they left",
         left_at.elapsed()
     );
     keel.terminate(Duration::from_secs(15)).await;
