@@ -1,7 +1,7 @@
 # Developer entry points. `make test` is the README's test command and what CI runs.
 CARGO ?= cargo
 
-.PHONY: run test lint fmt bench bench-store migrate
+.PHONY: run test lint fmt bench bench-store migrate profile-cpu profile-heap tasks
 
 ## Run Keel on the embedded SQLite default (./keel.db), API on 127.0.0.1:8080.
 run:
@@ -40,3 +40,59 @@ bench-store:
 ## Apply migrations to KEEL_DATABASE_URL (default sqlite://keel.db).
 migrate:
 	$(CARGO) run --release -- migrate
+
+## Diagnostics of a running Keel through its admin listener (docs/operations.md). ADMIN is
+## the listener's URL; with KEEL_ADMIN_TOKEN set (a non-loopback listener) it is sent as a
+## bearer token. Files land in profiles/ (git-ignored), named by time.
+ADMIN ?= http://127.0.0.1:9000
+PROFILE_SECONDS ?= 30
+PROFILES ?= profiles
+ADMIN_CURL = curl -sS --fail-with-body $(if $(KEEL_ADMIN_TOKEN),-H "Authorization: Bearer $(KEEL_ADMIN_TOKEN)")
+
+## CPU profile over PROFILE_SECONDS (pprof protobuf, for `go tool pprof`/`pprof`), then a
+## flamegraph SVG over the next PROFILE_SECONDS (one profile runs at a time, so the two
+## windows follow each other; open the SVG in a browser).
+profile-cpu:
+	@mkdir -p $(PROFILES)
+	@ts=$$(date +%Y%m%d-%H%M%S); \
+	echo "CPU profile: $(PROFILE_SECONDS) s from $(ADMIN) ..."; \
+	$(ADMIN_CURL) -o $(PROFILES)/cpu-$$ts.pb.gz "$(ADMIN)/debug/pprof/profile?seconds=$(PROFILE_SECONDS)" && \
+	echo "saved $(PROFILES)/cpu-$$ts.pb.gz  (go tool pprof -top $(PROFILES)/cpu-$$ts.pb.gz, or -http=: for a UI)" && \
+	echo "flamegraph: another $(PROFILE_SECONDS) s ..." && \
+	$(ADMIN_CURL) -o $(PROFILES)/cpu-$$ts.svg "$(ADMIN)/debug/pprof/profile?seconds=$(PROFILE_SECONDS)&format=flamegraph" && \
+	echo "saved $(PROFILES)/cpu-$$ts.svg"
+
+## Heap profile of live memory. Switches jemalloc's sampling on if it was off (then this
+## first profile is the baseline: only allocations from now on are recorded). From the
+## second run on, prints what grew since the previous profile (-symbolize=none: Keel's
+## profiles are already symbolized, with full Rust paths).
+profile-heap:
+	@mkdir -p $(PROFILES)
+	@ts=$$(date +%Y%m%d-%H%M%S); \
+	prev=$$(ls -t $(PROFILES)/heap-*.pb.gz 2>/dev/null | head -n 1); \
+	status=$$($(ADMIN_CURL) -X POST "$(ADMIN)/debug/pprof/heap/activate") || { echo "$$status"; exit 1; }; \
+	case "$$status" in *'"changed":true'*) \
+		echo "heap profiling was off and is now on: this profile is the baseline; run make profile-heap again later to see growth"; \
+		prev="";; \
+	esac; \
+	$(ADMIN_CURL) -o $(PROFILES)/heap-$$ts.pb.gz "$(ADMIN)/debug/pprof/heap" && \
+	echo "saved $(PROFILES)/heap-$$ts.pb.gz" && \
+	if [ -n "$$prev" ]; then \
+		echo "growth since $$prev:"; \
+		if command -v pprof >/dev/null 2>&1; then \
+			pprof -symbolize=none -top -diff_base "$$prev" $(PROFILES)/heap-$$ts.pb.gz | head -n 25; \
+		elif command -v go >/dev/null 2>&1; then \
+			go tool pprof -symbolize=none -top -diff_base "$$prev" $(PROFILES)/heap-$$ts.pb.gz | head -n 25; \
+		else \
+			echo "  install pprof (go install github.com/google/pprof@latest) or Go, then:"; \
+			echo "  pprof -symbolize=none -top -diff_base $$prev $(PROFILES)/heap-$$ts.pb.gz"; \
+		fi; \
+	fi
+
+## Task dump: every async task and where it waits (saved), and the grouped summary (printed).
+tasks:
+	@mkdir -p $(PROFILES)
+	@ts=$$(date +%Y%m%d-%H%M%S); \
+	$(ADMIN_CURL) -o $(PROFILES)/tasks-$$ts.txt "$(ADMIN)/debug/tasks" && \
+	echo "saved $(PROFILES)/tasks-$$ts.txt" && \
+	$(ADMIN_CURL) "$(ADMIN)/debug/tasks?summary=1"

@@ -83,7 +83,7 @@ impl<S: Send + Sync> FromRequestParts<S> for Caller {
 pub(crate) struct KeyDigest(pub(crate) [u8; 32]);
 
 /// The token of an `Authorization: Bearer <token>` header (scheme case-insensitive).
-fn bearer_token(headers: &HeaderMap) -> Option<&str> {
+pub(crate) fn bearer_token(headers: &HeaderMap) -> Option<&str> {
     let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
     let (scheme, token) = value.trim().split_once(' ')?;
     let token = token.trim();

@@ -4,11 +4,12 @@
 //! rate limits), with one [`ApiError`] type that renders every failure as
 //! `application/problem+json` (RFC 9457).
 //!
-//! [`admin::router`] serves the admin listener (loopback by default): the effective
-//! configuration and the chaos switches.
+//! [`admin::router`] serves the admin listener (loopback by default, a bearer token when
+//! not): CPU and heap profiles and task dumps (from keel-diag), the effective configuration
+//! and the chaos switches.
 //!
-//! It depends on keel-core, keel-resilience (the request scope, the adaptive limit, chaos)
-//! and keel-runtime's [`keel_runtime::RuntimeHandle`], never on a store implementation: the binary hands it an `Arc<dyn Store>` inside [`ApiState`] and
+//! It depends on keel-core, keel-resilience (the request scope, the adaptive limit, chaos),
+//! keel-diag (profilers and dumps, no HTTP) and keel-runtime's [`keel_runtime::RuntimeHandle`], never on a store implementation: the binary hands it an `Arc<dyn Store>` inside [`ApiState`] and
 //! serves [`router`].
 
 #![warn(missing_docs)]

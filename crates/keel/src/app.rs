@@ -12,6 +12,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use keel_api::{ApiConfig, ApiState, RateLimitConfig, Readiness};
 use keel_core::{JobKind, JobState, Store, SystemClock};
+use keel_diag::gauges::ProcessGauges;
 use keel_resilience::{Chaos, ChaosSettings, CircuitBreaker, GuardedStore, StoreGuardConfig};
 use keel_runtime::{
     Handler, Handlers, MaintenanceConfig, Runtime, RuntimeConfig, RuntimeHandle, WebhookConfig,
@@ -204,6 +205,7 @@ impl App {
         let admin_router = keel_api::admin::router(keel_api::admin::AdminState {
             config: serde_json::to_value(&config).context("rendering the effective config")?,
             chaos,
+            token: config.admin_token.clone(),
         });
         let admin = tokio::spawn(
             axum::serve(admin_listener, admin_router.into_make_service())
@@ -342,7 +344,8 @@ const BACKLOG_STATES: [JobState; 3] = [
 ];
 
 /// Keeps `keel_queue_depth{queue,state}`, `keel_db_pool_connections{state}`,
-/// `keel_tasks_alive` and `keel_admission_limit` current, feeds the backlog figure to admission control (so the
+/// `keel_tasks_alive`, `keel_admission_limit` and the runtime, allocator and process gauges
+/// ([`ProcessGauges`]) current, feeds the backlog figure to admission control (so the
 /// backlog cap costs no query per request), drops idle rate-limit buckets (bounding their
 /// memory), and runs the Prometheus histogram upkeep.
 /// A failed read keeps the last values (and is logged): metrics must not fail the server.
@@ -354,12 +357,14 @@ async fn refresh_gauges(
 ) {
     let mut tick = tokio::time::interval(GAUGE_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut process = ProcessGauges::new(tokio::runtime::Handle::current());
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = tick.tick() => {}
         }
         metrics.run_upkeep();
+        process.record();
         // Every task of the process (requests, jobs, background loops): a task that outlives
         // the client it worked for shows here as a level that does not come back down.
         metrics::gauge!("keel_tasks_alive").set(

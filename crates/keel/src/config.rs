@@ -16,6 +16,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Args;
+use keel_api::admin::AdminToken;
 use keel_api::rate_limit::parse_tenant_rates;
 use keel_api::{ApiKey, Rate};
 use keel_core::{QueueName, TenantId, WorkerId};
@@ -45,9 +46,19 @@ pub struct ServeArgs {
     /// API listener address. Non-loopback addresses require API keys.
     #[arg(long, env = "KEEL_ADDR", value_name = "HOST:PORT")]
     pub addr: Option<String>,
-    /// Admin listener address (/debug/*). Keep it on loopback.
+    /// Admin listener address (/debug/*: profiles, task dumps, config, chaos). Keep it on
+    /// loopback; a non-loopback address requires --admin-token.
     #[arg(long, env = "KEEL_ADMIN_ADDR", value_name = "HOST:PORT")]
     pub admin_addr: Option<String>,
+    /// Bearer token every admin request must present (Authorization: Bearer <token>), at
+    /// least 16 characters; required to put the admin listener on a non-loopback address.
+    #[arg(
+        long,
+        env = "KEEL_ADMIN_TOKEN",
+        value_name = "TOKEN",
+        hide_env_values = true
+    )]
+    pub admin_token: Option<String>,
     /// Where jobs are stored: sqlite://PATH or postgres://USER@HOST:PORT/DB.
     #[arg(long, env = "KEEL_DATABASE_URL", value_name = "URL")]
     pub database_url: Option<String>,
@@ -145,6 +156,10 @@ pub struct ServeArgs {
     /// requests get 503 with Retry-After at once (default 2048).
     #[arg(long, env = "KEEL_ADMISSION_LIMIT_MAX", value_name = "N")]
     pub admission_limit_max: Option<String>,
+    /// Admission control: how long a request above the limit may wait for a slot before it
+    /// is shed (default 250ms; 0 sheds at once).
+    #[arg(long, env = "KEEL_ADMISSION_MAX_WAIT", value_name = "DURATION")]
+    pub admission_max_wait: Option<String>,
     /// Refuse enqueues with 503 while more jobs than this wait to run (0 = no cap).
     #[arg(long, env = "KEEL_MAX_QUEUE_BACKLOG", value_name = "JOBS")]
     pub max_queue_backlog: Option<String>,
@@ -189,6 +204,9 @@ pub struct Config {
     pub addr: SocketAddr,
     /// Admin listener.
     pub admin_addr: SocketAddr,
+    /// Admin bearer token, if any (shown only as redacted).
+    #[serde(serialize_with = "admin_token_redacted")]
+    pub admin_token: Option<AdminToken>,
     /// Job store.
     #[serde(serialize_with = "redacted_url")]
     pub database_url: DatabaseUrl,
@@ -263,6 +281,9 @@ pub struct Config {
     pub admission_limit_min: u32,
     /// Admission control: highest limit (hard cap on requests in flight).
     pub admission_limit_max: u32,
+    /// Admission control: longest wait for a slot.
+    #[serde(with = "duration_text")]
+    pub admission_max_wait: Duration,
     /// Enqueues refused above this many waiting jobs; 0 = no cap.
     pub max_queue_backlog: u64,
     /// Default per-tenant rate (burst included), if any.
@@ -492,6 +513,7 @@ fn read_file(path: &PathBuf, errors: &mut Vec<(String, String)>) -> BTreeMap<Str
 const FIELDS: &[&str] = &[
     "addr",
     "admin_addr",
+    "admin_token",
     "database_url",
     "request_timeout",
     "shutdown_grace",
@@ -521,6 +543,7 @@ const FIELDS: &[&str] = &[
     "admission_limit_initial",
     "admission_limit_min",
     "admission_limit_max",
+    "admission_max_wait",
     "max_queue_backlog",
     "rate_limit",
     "rate_limit_burst",
@@ -602,6 +625,7 @@ impl Config {
             args: BTreeMap::from([
                 ("addr", a.addr.as_ref()),
                 ("admin_addr", a.admin_addr.as_ref()),
+                ("admin_token", a.admin_token.as_ref()),
                 ("database_url", a.database_url.as_ref()),
                 ("request_timeout", a.request_timeout.as_ref()),
                 ("shutdown_grace", a.shutdown_grace.as_ref()),
@@ -640,6 +664,7 @@ impl Config {
                 ),
                 ("admission_limit_min", a.admission_limit_min.as_ref()),
                 ("admission_limit_max", a.admission_limit_max.as_ref()),
+                ("admission_max_wait", a.admission_max_wait.as_ref()),
                 ("max_queue_backlog", a.max_queue_backlog.as_ref()),
                 ("rate_limit", a.rate_limit.as_ref()),
                 ("rate_limit_burst", a.rate_limit_burst.as_ref()),
@@ -663,6 +688,13 @@ impl Config {
         let dur = |s: &str| parse_duration(s).and_then(positive);
         let addr = s.get("addr", "127.0.0.1:8080", parse_addr);
         let admin_addr = s.get("admin_addr", "127.0.0.1:9000", parse_addr);
+        let admin_token = s.get("admin_token", "", |v| {
+            if v.is_empty() {
+                Ok(None)
+            } else {
+                AdminToken::parse(v).map(Some)
+            }
+        });
         let database_url = s.get("database_url", "sqlite://keel.db", DatabaseUrl::parse);
         let request_timeout = s.get("request_timeout", "2s", dur);
         let shutdown_grace = s.get("shutdown_grace", "30s", parse_duration);
@@ -722,6 +754,15 @@ impl Config {
         let admission_limit_initial = s.get("admission_limit_initial", "", limit);
         let admission_limit_min = s.get("admission_limit_min", "", limit);
         let admission_limit_max = s.get("admission_limit_max", "", limit);
+        let admission_max_wait = s.get("admission_max_wait", "250ms", |v| {
+            parse_duration(v).and_then(|d| {
+                if d > Duration::from_secs(60) {
+                    Err("must be at most 60s (a request waits inside its deadline)".to_owned())
+                } else {
+                    Ok(d)
+                }
+            })
+        });
         let max_queue_backlog = s.get("max_queue_backlog", "0", |v| {
             v.trim()
                 .parse::<u64>()
@@ -787,12 +828,13 @@ impl Config {
                 ),
             ));
         }
-        if let Some(admin) = admin_addr
+        // A token that failed to parse is reported under admin_token, not here too.
+        if let (Some(admin), Some(None)) = (admin_addr, &admin_token)
             && !admin.ip().is_loopback()
         {
             errors.push((
                 "admin_addr".into(),
-                format!("{admin} is not loopback: the admin listener exposes profiles and configuration and must stay on 127.0.0.1 or ::1"),
+                format!("refusing to put the admin listener on non-loopback {admin} without a token: it serves profiles, task dumps, configuration and the chaos switches; set KEEL_ADMIN_TOKEN (every admin request must then send Authorization: Bearer <token>), or keep it on 127.0.0.1 or ::1"),
             ));
         }
 
@@ -847,6 +889,7 @@ impl Config {
         Ok(Self {
             addr: addr.expect(PARSED),
             admin_addr: admin_addr.expect(PARSED),
+            admin_token: admin_token.expect(PARSED),
             database_url: database_url.expect(PARSED),
             request_timeout: request_timeout.expect(PARSED),
             shutdown_grace: shutdown_grace.expect(PARSED),
@@ -876,6 +919,7 @@ impl Config {
             admission_limit_initial,
             admission_limit_min,
             admission_limit_max,
+            admission_max_wait: admission_max_wait.expect(PARSED),
             max_queue_backlog: max_queue_backlog.expect(PARSED),
             rate_limit: rate.expect(PARSED),
             tenant_rate_limits: tenant_rate_limits.expect(PARSED),
@@ -902,6 +946,7 @@ impl Config {
             initial: self.admission_limit_initial,
             min: self.admission_limit_min,
             max: self.admission_limit_max,
+            max_wait: self.admission_max_wait,
             ..AdaptiveLimitConfig::default()
         }
     }
@@ -963,6 +1008,16 @@ fn host_rate_text<S: serde::Serializer>(
     match rate {
         Some(r) => s.serialize_str(&format!("{}/s:{}", r.per_second, r.burst)),
         None => s.serialize_str("off"),
+    }
+}
+
+fn admin_token_redacted<S: serde::Serializer>(
+    token: &Option<AdminToken>,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    match token {
+        Some(_) => s.serialize_str("***"),
+        None => s.serialize_none(),
     }
 }
 
@@ -1077,11 +1132,38 @@ mod tests {
             admin_addr: Some("0.0.0.0:9000".into()),
             ..Default::default()
         };
-        assert!(
-            Config::resolve(&args)
-                .unwrap_err()
-                .to_string()
-                .contains("admin_addr")
+        let err = Config::resolve(&args).unwrap_err();
+        assert_eq!(err.0.len(), 1, "{err}");
+        assert_eq!(err.0[0].0, "admin_addr", "{err}");
+        assert!(err.0[0].1.contains("KEEL_ADMIN_TOKEN"), "{err}");
+    }
+
+    #[test]
+    fn a_public_admin_listener_needs_a_token_and_hides_it() {
+        let token = "an-admin-token-of-some-length";
+        let args = ServeArgs {
+            admin_addr: Some("0.0.0.0:9000".into()),
+            admin_token: Some(token.into()),
+            ..Default::default()
+        };
+        let c = Config::resolve(&args).unwrap();
+        assert!(c.admin_token.is_some());
+        let shown = serde_json::to_value(&c).unwrap();
+        assert_eq!(shown["admin_token"], "***");
+        assert!(!format!("{c:?}").contains(token));
+        // A bad token is reported as such, once, even on a public address.
+        let weak = ServeArgs {
+            admin_token: Some("short".into()),
+            ..args
+        };
+        let err = Config::resolve(&weak).unwrap_err();
+        let fields: Vec<&str> = err.0.iter().map(|(f, _)| f.as_str()).collect();
+        assert_eq!(fields, ["admin_token"], "{err}");
+        // On loopback, no token is needed and none is shown.
+        let c = Config::resolve(&ServeArgs::default()).unwrap();
+        assert_eq!(
+            serde_json::to_value(&c).unwrap()["admin_token"],
+            serde_json::Value::Null
         );
     }
 

@@ -147,15 +147,19 @@ async fn a_client_that_leaves_takes_its_work_with_it(backend: Backend, test: &st
                 .is_err()
         });
     }
-    let busy = within(Duration::from_secs(6), "the gauge counting the clients' tasks", async {
-        loop {
-            let v = alive_tasks(&http, &keel).await;
-            if v >= baseline + 40.0 {
-                return v;
+    let busy = within(
+        Duration::from_secs(6),
+        "the gauge counting the clients' tasks",
+        async {
+            loop {
+                let v = alive_tasks(&http, &keel).await;
+                if v >= baseline + 40.0 {
+                    return v;
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
             }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-    })
+        },
+    )
     .await;
     let mut gave_up = 0;
     while let Some(r) = calls.join_next().await {
@@ -165,15 +169,19 @@ async fn a_client_that_leaves_takes_its_work_with_it(backend: Backend, test: &st
 
     // Well before the 20 s store latency is over, the server holds no task for them.
     let left_at = Instant::now();
-    let settled = within(Duration::from_secs(12), "tasks returning to baseline", async {
-        loop {
-            let v = alive_tasks(&http, &keel).await;
-            if v <= baseline + 2.0 {
-                return v;
+    let settled = within(
+        Duration::from_secs(12),
+        "tasks returning to baseline",
+        async {
+            loop {
+                let v = alive_tasks(&http, &keel).await;
+                if v <= baseline + 2.0 {
+                    return v;
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
             }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-    })
+        },
+    )
     .await;
     eprintln!(
         "[{test}] tasks alive: baseline {baseline}, {busy} with 50 waiting clients, back to {settled} {:?} after they left",

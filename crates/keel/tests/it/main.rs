@@ -20,6 +20,7 @@ mod chaos_overload;
 mod chaos_slow;
 mod chaos_webhook;
 mod config;
+mod diagnostics;
 mod idempotency;
 mod jobs;
 mod metrics;
