@@ -188,23 +188,26 @@ pub(crate) async fn admit(State(state): State<ApiState>, req: Request, next: Nex
     }
     let admission = &state.admission;
     let waits = path == WAITING_ROUTE;
-    let refused = if admission.backlog_full()
+    let admitted = if admission.backlog_full()
         && req.method() == Method::POST
         && ENQUEUE_ROUTES.contains(&path)
     {
-        Some(ShedReason::Backlog)
+        Err(ShedReason::Backlog)
     } else {
-        None
+        admission
+            .shared
+            .limit
+            .acquire()
+            .await
+            .ok_or(ShedReason::Concurrency)
     };
-    let permit = match refused {
-        Some(_) => None,
-        None => admission.shared.limit.acquire().await,
-    };
-    let Some(permit) = permit else {
-        let reason = refused.unwrap_or(ShedReason::Concurrency);
-        let id = request_id_of(&req);
-        tracing::debug!(request_id = %id, path, reason = reason.as_str(), "request shed");
-        return stamp_request_id(admission.shed(reason), &id);
+    let permit = match admitted {
+        Ok(permit) => permit,
+        Err(reason) => {
+            let id = request_id_of(&req);
+            tracing::debug!(request_id = %id, path, reason = reason.as_str(), "request shed");
+            return stamp_request_id(admission.shed(reason), &id);
+        }
     };
     let admitted = Admitted::new(permit, &admission.shared.in_flight);
     let resp = next.run(req).await;

@@ -271,7 +271,11 @@ impl AdaptiveLimit {
         let config = self.shared.config;
         let mut inner = self.lock();
         inner.in_flight = inner.in_flight.saturating_sub(1);
-        self.shared.released.notify_one();
+        // Only a waiter needs the wakeup; without one, `notify_one` would store a permit that
+        // makes the next waiter's first wait return at once for nothing.
+        if self.shared.waiting.load(Ordering::Acquire) > 0 {
+            self.shared.released.notify_one();
+        }
         let Some(rtt) = rtt else { return };
         // Microseconds, floored at 1 so a ratio never divides by zero.
         inner.window.sum_us += (rtt.as_secs_f64() * 1e6).max(1.0);

@@ -168,14 +168,7 @@ async fn postgres_outage_fails_fast_and_recovers() {
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let ready = http.get(keel.url("/readyz")).send().await.unwrap();
     assert_eq!(ready.status(), 503, "/readyz during the outage");
-    let metrics = http
-        .get(keel.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = keel.metrics(&http).await;
     assert_eq!(
         metric_value(
             &metrics,

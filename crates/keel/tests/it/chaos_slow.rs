@@ -91,14 +91,7 @@ async fn slow_auth_and_slow_store_answer_504_on_time(backend: Backend, test: &st
 both_backends!(slow_auth_and_slow_store_answer_504_on_time);
 
 async fn alive_tasks(http: &reqwest::Client, keel: &KeelProcess) -> f64 {
-    let text = http
-        .get(keel.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = keel.metrics(http).await;
     metric_value(&text, "keel_tasks_alive", &[])
 }
 

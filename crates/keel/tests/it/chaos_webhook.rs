@@ -133,14 +133,7 @@ async fn a_failing_host_does_not_slow_a_healthy_one(backend: Backend, test: &str
         fast_failed > 0,
         "no job failed fast on the open circuit: {bad_jobs:?}"
     );
-    let metrics = http
-        .get(keel.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = keel.metrics(&http).await;
     assert!(
         metric_value(
             &metrics,

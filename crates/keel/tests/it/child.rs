@@ -99,6 +99,17 @@ impl KeelProcess {
         format!("{}{path}", self.base)
     }
 
+    /// The Prometheus text of `/metrics`.
+    pub async fn metrics(&self, http: &reqwest::Client) -> String {
+        http.get(self.url("/metrics"))
+            .send()
+            .await
+            .expect("GET /metrics")
+            .text()
+            .await
+            .expect("metrics body")
+    }
+
     /// The process id.
     pub fn pid(&self) -> u32 {
         self.pid

@@ -160,14 +160,7 @@ async fn heap_profiles_come_from_jemalloc_in_the_keel_binary() {
         "the profile is not symbolized with Keel's functions: {names:?}"
     );
     // jemalloc's statistics reach /metrics in the binary (the first refresh is at start).
-    let metrics = http
-        .get(keel.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = keel.metrics(&http).await;
     let allocated = metric_value(&metrics, "keel_allocator_allocated_bytes", &[]);
     let resident = metric_value(&metrics, "keel_allocator_resident_bytes", &[]);
     assert!(
