@@ -48,7 +48,8 @@ pub struct App {
     handle: RuntimeHandle,
     handlers: Handlers,
     api_listener: TcpListener,
-    admin_listener: TcpListener,
+    /// `None` when the admin listener is switched off (`--admin-addr off`).
+    admin_listener: Option<TcpListener>,
     metrics: PrometheusHandle,
     readiness: Readiness,
 }
@@ -57,7 +58,10 @@ impl std::fmt::Debug for App {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("App")
             .field("api", &self.api_listener.local_addr().ok())
-            .field("admin", &self.admin_listener.local_addr().ok())
+            .field(
+                "admin",
+                &self.admin_listener.as_ref().and_then(|l| l.local_addr().ok()),
+            )
             .finish_non_exhaustive()
     }
 }
@@ -100,9 +104,14 @@ impl App {
         let api_listener = TcpListener::bind(config.addr)
             .await
             .with_context(|| format!("binding the API listener on {}", config.addr))?;
-        let admin_listener = TcpListener::bind(config.admin_addr)
-            .await
-            .with_context(|| format!("binding the admin listener on {}", config.admin_addr))?;
+        let admin_listener = match config.admin_addr {
+            Some(addr) => Some(
+                TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("binding the admin listener on {addr}"))?,
+            ),
+            None => None,
+        };
         let handle =
             RuntimeHandle::new(config.queues.iter().map(|q| q.name.clone()), EVENT_CAPACITY);
         let handlers = Handlers::builtin(&webhook_config(&config, &chaos));
@@ -131,9 +140,12 @@ impl App {
         Ok(self.api_listener.local_addr()?)
     }
 
-    /// The address the admin listener is bound to.
-    pub fn admin_addr(&self) -> anyhow::Result<SocketAddr> {
-        Ok(self.admin_listener.local_addr()?)
+    /// The address the admin listener is bound to (`None` when it is switched off).
+    pub fn admin_addr(&self) -> anyhow::Result<Option<SocketAddr>> {
+        Ok(match &self.admin_listener {
+            Some(l) => Some(l.local_addr()?),
+            None => None,
+        })
     }
 
     /// The store as the API and the runtime see it (behind the guard: bulkhead, breaker,
@@ -168,9 +180,10 @@ impl App {
         let api_addr = api_listener
             .local_addr()
             .context("reading the API address")?;
-        let admin_addr = admin_listener
-            .local_addr()
-            .context("reading the admin address")?;
+        let admin_addr = match &admin_listener {
+            Some(l) => Some(l.local_addr().context("reading the admin address")?),
+            None => None,
+        };
         let root = CancellationToken::new();
         let runtime = Runtime::start(
             Arc::clone(&store),
@@ -201,17 +214,22 @@ impl App {
             .with_graceful_shutdown(http_stop.clone().cancelled_owned())
             .into_future(),
         );
-        let admin_stop = root.child_token();
-        let admin_router = keel_api::admin::router(keel_api::admin::AdminState {
-            config: serde_json::to_value(&config).context("rendering the effective config")?,
-            chaos,
-            token: config.admin_token.clone(),
-        });
-        let admin = tokio::spawn(
-            axum::serve(admin_listener, admin_router.into_make_service())
-                .with_graceful_shutdown(admin_stop.clone().cancelled_owned())
-                .into_future(),
-        );
+        let admin = match admin_listener {
+            Some(listener) => {
+                let router = keel_api::admin::router(keel_api::admin::AdminState {
+                    config: serde_json::to_value(&config)
+                        .context("rendering the effective config")?,
+                    chaos,
+                    token: config.admin_token.clone(),
+                });
+                Some(tokio::spawn(
+                    axum::serve(listener, router.into_make_service())
+                        .with_graceful_shutdown(root.child_token().cancelled_owned())
+                        .into_future(),
+                ))
+            }
+            None => None,
+        };
         let gauges = tokio::spawn(refresh_gauges(
             Arc::clone(&store),
             metrics,
@@ -220,7 +238,7 @@ impl App {
         ));
         tracing::info!(
             addr = %api_addr,
-            admin_addr = %admin_addr,
+            admin_addr = %admin_addr.map_or_else(|| "off".to_owned(), |a| a.to_string()),
             database = %config.database_url_kind(),
             queues = ?config.queues.iter().map(|q| format!("{}:{}", q.name, q.concurrency)).collect::<Vec<_>>(),
             "keel is serving"
@@ -249,7 +267,9 @@ impl App {
             "workers stopped"
         );
         root.cancel();
-        let _ = admin.await;
+        if let Some(admin) = admin {
+            let _ = admin.await;
+        }
         let _ = gauges.await;
         store.close().await;
         tracing::info!("store closed; bye");

@@ -46,9 +46,9 @@ pub struct ServeArgs {
     /// API listener address. Non-loopback addresses require API keys.
     #[arg(long, env = "KEEL_ADDR", value_name = "HOST:PORT")]
     pub addr: Option<String>,
-    /// Admin listener address (/debug/*: profiles, task dumps, config, chaos). Keep it on
-    /// loopback; a non-loopback address requires --admin-token.
-    #[arg(long, env = "KEEL_ADMIN_ADDR", value_name = "HOST:PORT")]
+    /// Admin listener address (/debug/*: profiles, task dumps, config, chaos), or `off` for
+    /// none. Keep it on loopback; a non-loopback address requires --admin-token.
+    #[arg(long, env = "KEEL_ADMIN_ADDR", value_name = "HOST:PORT|off")]
     pub admin_addr: Option<String>,
     /// Bearer token every admin request must present (Authorization: Bearer <token>), at
     /// least 16 characters; required to put the admin listener on a non-loopback address.
@@ -202,8 +202,8 @@ pub struct ServeArgs {
 pub struct Config {
     /// API listener.
     pub addr: SocketAddr,
-    /// Admin listener.
-    pub admin_addr: SocketAddr,
+    /// Admin listener; `None` when switched off.
+    pub admin_addr: Option<SocketAddr>,
     /// Admin bearer token, if any (shown only as redacted).
     #[serde(serialize_with = "admin_token_redacted")]
     pub admin_token: Option<AdminToken>,
@@ -687,7 +687,13 @@ impl Config {
         };
         let dur = |s: &str| parse_duration(s).and_then(positive);
         let addr = s.get("addr", "127.0.0.1:8080", parse_addr);
-        let admin_addr = s.get("admin_addr", "127.0.0.1:9000", parse_addr);
+        let admin_addr = s.get("admin_addr", "127.0.0.1:9000", |v| {
+            if v.trim().eq_ignore_ascii_case("off") {
+                Ok(None)
+            } else {
+                parse_addr(v).map(Some)
+            }
+        });
         let admin_token = s.get("admin_token", "", |v| {
             if v.is_empty() {
                 Ok(None)
@@ -829,7 +835,7 @@ impl Config {
             ));
         }
         // A token that failed to parse is reported under admin_token, not here too.
-        if let (Some(admin), Some(None)) = (admin_addr, &admin_token)
+        if let (Some(Some(admin)), Some(None)) = (admin_addr, &admin_token)
             && !admin.ip().is_loopback()
         {
             errors.push((
@@ -1074,7 +1080,7 @@ mod tests {
     fn defaults_are_valid_and_safe() {
         let c = Config::resolve(&ServeArgs::default()).unwrap();
         assert!(c.addr.ip().is_loopback());
-        assert!(c.admin_addr.ip().is_loopback());
+        assert!(c.admin_addr.is_some_and(|a| a.ip().is_loopback()));
         assert_eq!(c.database_url, DatabaseUrl::Sqlite("keel.db".into()));
         assert_eq!(c.request_timeout, Duration::from_secs(2));
         assert_eq!(c.queues[0].name.as_str(), "default");
@@ -1124,6 +1130,23 @@ mod tests {
             ..public
         };
         assert_eq!(Config::resolve(&keyed).unwrap().api_keys.len(), 1);
+    }
+
+    #[test]
+    fn admin_listener_can_be_switched_off() {
+        let c = Config::resolve(&ServeArgs {
+            admin_addr: Some("off".into()),
+            ..ServeArgs::default()
+        })
+        .unwrap();
+        assert_eq!(c.admin_addr, None);
+        assert_eq!(serde_json::to_value(&c).unwrap()["admin_addr"], serde_json::Value::Null);
+        let err = Config::resolve(&ServeArgs {
+            admin_addr: Some("of".into()),
+            ..ServeArgs::default()
+        })
+        .unwrap_err();
+        assert_eq!(err.0[0].0, "admin_addr", "{err}");
     }
 
     #[test]

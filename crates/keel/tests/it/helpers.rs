@@ -84,7 +84,7 @@ pub async fn spawn_app_with(
     let metrics = keel::telemetry::metrics_handle().expect("metrics recorder");
     let app = App::build(config, metrics).await.expect("build app");
     let addr = app.api_addr().unwrap();
-    let admin_addr = app.admin_addr().unwrap();
+    let admin_addr = app.admin_addr().unwrap().expect("admin listener on");
     let (stop, stopped) = oneshot::channel::<()>();
     let task = tokio::spawn(app.run_until_stopped(async move {
         let _ = stopped.await;
