@@ -15,11 +15,14 @@ use axum::http::Request;
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use keel_api::{ApiConfig, ApiState, Readiness, router};
 use keel_core::store::{
-    Completion, FailParams, HeartbeatParams, IdempotentInsert, IdempotentOutcome, JobPage,
-    LeaseParams, LeaseRef, ListParams, PoolStats, PromoteParams, Promoted, QueueStats,
-    RescueParams, Rescued, RetentionParams,
+    CampaignParams, Completion, FailParams, HeartbeatParams, IdempotentInsert, IdempotentOutcome,
+    JobPage, Leadership, LeaseParams, LeaseRef, ListParams, PoolStats, PromoteParams, Promoted,
+    QueueStats, RescueParams, Rescued, RetentionParams, TickOutcome, TickParams,
 };
-use keel_core::{Clock, Job, JobId, NewJob, QueueName, Store, StoreError, SystemClock, Timestamp};
+use keel_core::{
+    Clock, Job, JobId, NewJob, NewSchedule, QueueName, Schedule, ScheduleName, Store, StoreError,
+    SystemClock, TenantId, Timestamp, WorkerId,
+};
 use keel_runtime::RuntimeHandle;
 use metrics_exporter_prometheus::PrometheusBuilder;
 use stats_alloc::{INSTRUMENTED_SYSTEM, Region, StatsAlloc};
@@ -100,6 +103,43 @@ impl Store for InstantStore {
         unused()
     }
     async fn set_queue_paused(&self, _: QueueName, _: bool) -> Result<(), StoreError> {
+        unused()
+    }
+    async fn campaign(&self, _: CampaignParams) -> Result<Leadership, StoreError> {
+        unused()
+    }
+    async fn resign(&self, _: &WorkerId) -> Result<(), StoreError> {
+        unused()
+    }
+    async fn save_schedule(&self, _: NewSchedule, _: bool) -> Result<(Schedule, bool), StoreError> {
+        unused()
+    }
+    async fn get_schedule(&self, _: &TenantId, _: &ScheduleName) -> Result<Schedule, StoreError> {
+        unused()
+    }
+    async fn list_schedules(
+        &self,
+        _: Option<&TenantId>,
+        _: Option<(TenantId, ScheduleName)>,
+        _: u32,
+    ) -> Result<Vec<Schedule>, StoreError> {
+        unused()
+    }
+    async fn delete_schedule(&self, _: &TenantId, _: &ScheduleName) -> Result<(), StoreError> {
+        unused()
+    }
+    async fn set_schedule_paused(
+        &self,
+        _: &TenantId,
+        _: &ScheduleName,
+        _: bool,
+    ) -> Result<Schedule, StoreError> {
+        unused()
+    }
+    async fn enqueue_ticks(&self, _: TickParams) -> Result<TickOutcome, StoreError> {
+        unused()
+    }
+    async fn delete_old_ticks(&self, _: Timestamp, _: u32) -> Result<u64, StoreError> {
         unused()
     }
     async fn ping(&self) -> Result<(), StoreError> {

@@ -8,6 +8,7 @@ use keel_core::{NewJob, TenantId};
 use keel_resilience::AdaptiveLimitConfig;
 use sha2::{Digest, Sha256};
 
+use crate::job_cache::JobCacheConfig;
 use crate::rate_limit::RateLimitConfig;
 
 /// Limits and credentials of the HTTP API. Built by the binary from its validated config;
@@ -42,6 +43,9 @@ pub struct ApiConfig {
     pub max_queue_backlog: u64,
     /// Per-tenant and per-key rate limits; the default limits nothing.
     pub rate_limits: RateLimitConfig,
+    /// The read cache of `GET /v1/jobs/{id}` and `/result` (capacity, time to live by
+    /// state): many clients polling one job cost the database one read per key.
+    pub job_cache: JobCacheConfig,
 }
 
 impl ApiConfig {
@@ -60,6 +64,7 @@ impl Default for ApiConfig {
             admission: AdaptiveLimitConfig::default(),
             max_queue_backlog: 0,
             rate_limits: RateLimitConfig::default(),
+            job_cache: JobCacheConfig::default(),
         }
     }
 }

@@ -3,7 +3,10 @@
 //! the serialisation.
 
 use keel_core::store::{JobPage, QueueStats, StateCounts};
-use keel_core::{AttemptError, Backoff, Job, JobId, JobState, QueueName, Timestamp};
+use keel_core::{
+    AttemptError, Backoff, Job, JobId, JobState, JobTemplate, QueueName, Schedule, Timestamp,
+    UniqueHold,
+};
 use serde::Serialize;
 use serde_json::value::RawValue;
 use utoipa::ToSchema;
@@ -41,6 +44,47 @@ pub struct JobIn {
     backoff: Option<BackoffOut>,
     /// Labels, at most 32 of at most 128 bytes.
     tags: Option<Vec<String>>,
+    /// Uniqueness: when another job of the tenant holds `key` (per `scope`), that job is
+    /// returned instead of creating this one (`POST /v1/jobs` answers `200` with
+    /// `Keel-Unique-Conflict`). The database enforces it across replicas.
+    unique: Option<UniqueIn>,
+}
+
+/// A uniqueness constraint on a new job.
+#[derive(Debug, ToSchema)]
+#[allow(dead_code)] // Documentation only: the body is parsed by `job_in`.
+pub struct UniqueIn {
+    /// The key, 1 to 255 bytes without control characters, scoped to the tenant.
+    #[schema(example = "invoice-42")]
+    key: String,
+    /// How long the key is held: `queued` (until the job first starts), `active` (until it
+    /// finishes) or `period` (for one window of `period`, whatever the job's state).
+    #[schema(example = "active")]
+    scope: String,
+    /// Required with scope `period`, allowed only then: the window, 1 s to 366 days, as
+    /// whole milliseconds or a string such as `"1h"` or `"1h30m"` (units ms, s, m, h, d).
+    /// Windows are aligned to the Unix epoch.
+    #[schema(value_type = Option<String>, example = "1h")]
+    period: Option<()>,
+}
+
+/// The unique key a job holds.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct UniqueOut {
+    /// The key as stored: the caller's key, followed for scope `period` by `@` and the
+    /// window's start in Unix milliseconds.
+    pub key: String,
+    /// `queued`, `active` or `period`.
+    pub scope: &'static str,
+}
+
+impl From<UniqueHold> for UniqueOut {
+    fn from(u: UniqueHold) -> Self {
+        Self {
+            key: u.key,
+            scope: u.scope.as_str(),
+        }
+    }
 }
 
 /// The body of `POST /v1/jobs/batch`.
@@ -161,6 +205,9 @@ pub struct JobOut {
     /// When it reached a terminal state.
     #[schema(value_type = Option<String>, format = DateTime)]
     pub finished_at: Option<Timestamp>,
+    /// Its unique key, when it was enqueued with one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub unique: Option<UniqueOut>,
 }
 
 impl From<Job> for JobOut {
@@ -188,6 +235,7 @@ impl From<Job> for JobOut {
             created_at: j.created_at,
             started_at: j.started_at,
             finished_at: j.finished_at,
+            unique: j.unique.map(UniqueOut::from),
         }
     }
 }
@@ -233,6 +281,170 @@ pub struct JobResultOut {
     #[serde(skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Option<Value>)]
     pub result: Option<Box<RawValue>>,
+}
+
+/// The body of `POST /v1/schedules` and `PUT /v1/schedules/{name}`. Parsed field by field
+/// (see `schedule_in`) so that every error is reported at once; this type documents the
+/// shape.
+#[derive(Debug, ToSchema)]
+#[allow(dead_code)] // Documentation only.
+pub struct ScheduleIn {
+    /// Unique per tenant: letters, digits, `-`, `_`, `.`, `:`, up to 128 bytes. Required
+    /// by `POST`; with `PUT` it comes from the path (and must match it if given here).
+    #[schema(example = "nightly-report")]
+    name: Option<String>,
+    /// Tenant; defaults to the API key's tenant (or `default`). Naming another tenant than
+    /// the key's is refused with `403`.
+    tenant: Option<String>,
+    /// Cron expression: 5 fields, or 6 with seconds first; names, ranges, steps, `L`, `W`,
+    /// `#` and nicknames such as `@daily`.
+    #[schema(example = "0 3 * * *")]
+    cron: String,
+    /// IANA time zone the expression is read in; default `UTC`.
+    #[schema(example = "Europe/Paris")]
+    timezone: Option<String>,
+    /// The job each tick enqueues.
+    job: JobTemplateIn,
+    /// A paused schedule enqueues nothing; default false.
+    paused: Option<bool>,
+    /// How far back ticks missed while no replica ran are caught up (the latest due tick
+    /// always is), at most 7 days; whole milliseconds or a string such as `"1h"`. Default
+    /// 1 h.
+    #[schema(value_type = Option<String>, example = "1h")]
+    catch_up: Option<()>,
+}
+
+/// The job a schedule enqueues at each tick: the fields of a job body a schedule fixes, with
+/// the same defaults.
+#[derive(Debug, ToSchema)]
+#[allow(dead_code)] // Documentation only.
+pub struct JobTemplateIn {
+    /// Executor or handler.
+    #[schema(example = "webhook")]
+    kind: String,
+    /// Queue; default `default`.
+    queue: Option<String>,
+    /// Arguments, passed to every tick's job byte for byte; default `null`.
+    #[schema(value_type = Value, required = false)]
+    args: Option<()>,
+    /// 0 (most urgent) … 9; default 4.
+    #[schema(minimum = 0, maximum = 9)]
+    priority: Option<u8>,
+    /// Attempts per tick's job, 1..=1000; default 25.
+    max_attempts: Option<u32>,
+    /// Per-attempt timeout in milliseconds; default 60000.
+    timeout_ms: Option<u64>,
+    /// Retry delay policy.
+    backoff: Option<BackoffOut>,
+    /// Labels.
+    tags: Option<Vec<String>>,
+}
+
+/// The job a schedule enqueues at each tick.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct JobTemplateOut {
+    /// Executor or handler.
+    pub kind: String,
+    /// Queue.
+    pub queue: String,
+    /// Arguments, byte for byte as submitted.
+    #[schema(value_type = Value)]
+    pub args: Box<RawValue>,
+    /// 0 (most urgent) … 9.
+    pub priority: u8,
+    /// Attempts allowed per tick's job.
+    pub max_attempts: u32,
+    /// Per-attempt timeout, ms.
+    pub timeout_ms: u64,
+    /// Retry delay policy.
+    pub backoff: BackoffOut,
+    /// Labels.
+    pub tags: Vec<String>,
+}
+
+impl From<JobTemplate> for JobTemplateOut {
+    fn from(t: JobTemplate) -> Self {
+        Self {
+            kind: t.kind.into(),
+            queue: t.queue.into(),
+            args: t.args,
+            priority: t.priority.get(),
+            max_attempts: t.max_attempts,
+            timeout_ms: u64::try_from(t.timeout.as_millis()).unwrap_or(u64::MAX),
+            backoff: t.backoff.into(),
+            tags: t.tags,
+        }
+    }
+}
+
+/// A cron schedule as the API shows it.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct ScheduleOut {
+    /// Tenant.
+    pub tenant: String,
+    /// Name, unique per tenant.
+    pub name: String,
+    /// Cron expression.
+    pub cron: String,
+    /// IANA time zone.
+    pub timezone: String,
+    /// The job each tick enqueues.
+    pub job: JobTemplateOut,
+    /// Whether ticks are skipped.
+    pub paused: bool,
+    /// Catch-up window, ms.
+    pub catch_up: u64,
+    /// The latest tick enqueued (RFC 3339), if any.
+    #[schema(value_type = Option<String>, format = DateTime)]
+    pub last_tick_at: Option<Timestamp>,
+    /// The next (up to) 5 tick times after now (RFC 3339); empty while paused.
+    #[schema(value_type = Vec<String>)]
+    pub next_ticks: Vec<Timestamp>,
+    /// When it was created (RFC 3339).
+    #[schema(value_type = String, format = DateTime)]
+    pub created_at: Timestamp,
+    /// When it was last replaced, paused or resumed (RFC 3339).
+    #[schema(value_type = String, format = DateTime)]
+    pub updated_at: Timestamp,
+}
+
+impl ScheduleOut {
+    /// How many upcoming ticks are shown.
+    pub const NEXT_TICKS: usize = 5;
+
+    /// `s` as shown at `now`.
+    pub fn at(s: Schedule, now: Timestamp) -> Self {
+        let next_ticks = match s.spec() {
+            Some(spec) if !s.paused => {
+                // Far enough for a yearly schedule's five ticks.
+                let horizon = now + chrono::TimeDelta::days(366 * 6);
+                spec.ticks(now, horizon, Self::NEXT_TICKS)
+            }
+            _ => Vec::new(),
+        };
+        Self {
+            tenant: s.tenant.into(),
+            name: s.name.into(),
+            cron: s.cron,
+            timezone: s.timezone,
+            job: s.job.into(),
+            paused: s.paused,
+            catch_up: u64::try_from(s.catch_up.as_millis()).unwrap_or(u64::MAX),
+            last_tick_at: s.last_tick_at,
+            next_ticks,
+            created_at: s.created_at,
+            updated_at: s.updated_at,
+        }
+    }
+}
+
+/// One page of `GET /v1/schedules`.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct SchedulePageOut {
+    /// Schedules by name.
+    pub schedules: Vec<ScheduleOut>,
+    /// Pass as `after` to get the next page; null on the last page.
+    pub next: Option<String>,
 }
 
 /// Job counts of one queue, by state.

@@ -413,33 +413,54 @@ impl IntoResponse for ApiError {
 
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
-        match e {
-            StoreError::NotFound(id) => ApiError::job_not_found(id),
+        ApiError::from_store(Arc::new(e))
+    }
+}
+
+impl ApiError {
+    /// The one mapping from a store error to the API's. Takes the error shared because a
+    /// coalesced read (the job cache: one store read for every concurrent reader of a key)
+    /// hands the same failure to every waiting request; the cause logged for a `5xx` is the
+    /// store error itself, whose `Display` and `source` chain an `Arc` passes through.
+    pub(crate) fn from_store(e: Arc<StoreError>) -> Self {
+        match &*e {
+            StoreError::NotFound(id) => ApiError::job_not_found(*id),
+            StoreError::ScheduleNotFound(_, name) => ApiError::NotFound {
+                detail: format!("schedule {name} not found"),
+                job_id: None,
+            },
             StoreError::IllegalTransition { id, source } => ApiError::IllegalTransition {
-                job_id: id,
+                job_id: *id,
                 detail: source.to_string(),
             },
             StoreError::Conflict(detail) => ApiError::Conflict {
-                detail,
+                detail: detail.clone(),
                 job_id: None,
             },
             StoreError::StaleLease(id) => ApiError::Conflict {
                 detail: format!("job {id}: the lease token is stale"),
-                job_id: Some(id),
+                job_id: Some(*id),
             },
-            StoreError::Invalid { errors, .. } => ApiError::Validation(errors.0),
-            e @ StoreError::Transient { .. } => ApiError::Unavailable {
+            StoreError::Invalid { errors, .. } => ApiError::Validation(errors.0.clone()),
+            StoreError::Transient { .. } => ApiError::Unavailable {
                 detail: "the database is temporarily unavailable; retry shortly".to_owned(),
                 retry_after_secs: 1,
                 cause: Some(Box::new(e)),
             },
-            e @ StoreError::Permanent { .. } => ApiError::internal(e),
-            e @ StoreError::Unavailable {
+            // A leader-only write reached a replica whose term had passed: the new leader
+            // does the work; the client may simply retry (on any replica).
+            StoreError::NotLeader(_) => ApiError::Unavailable {
+                detail: "leadership changed while the request was served; retry shortly".to_owned(),
+                retry_after_secs: 1,
+                cause: Some(Box::new(e)),
+            },
+            StoreError::Permanent { .. } => ApiError::internal(e),
+            StoreError::Unavailable {
                 reason,
                 retry_after,
             } => ApiError::Unavailable {
                 detail: format!("the database is not taking requests ({reason}); retry shortly"),
-                retry_after_secs: retry_after_secs(retry_after),
+                retry_after_secs: retry_after_secs(*retry_after),
                 // Logged, so the log line of a refused request says why it was refused.
                 cause: Some(Box::new(e)),
             },
@@ -530,6 +551,14 @@ mod tests {
                 StoreError::permanent("reading", "disk on fire"),
                 StatusCode::INTERNAL_SERVER_ERROR,
             ),
+            (
+                StoreError::ScheduleNotFound(
+                    keel_core::TenantId::default(),
+                    keel_core::ScheduleName::parse("nightly").unwrap(),
+                ),
+                StatusCode::NOT_FOUND,
+            ),
+            (StoreError::NotLeader(7), StatusCode::SERVICE_UNAVAILABLE),
         ];
         for (e, want) in cases {
             assert_eq!(ApiError::from(e).classify().0, want);
@@ -604,5 +633,21 @@ mod tests {
         let resp = ApiError::from(StoreError::transient("x", "y")).into_response();
         assert_eq!(resp.headers()[header::RETRY_AFTER], "1");
         assert_eq!(resp.headers()[header::CONTENT_TYPE], PROBLEM_JSON);
+        let resp = ApiError::from(StoreError::NotLeader(3)).into_response();
+        assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(resp.headers()[header::RETRY_AFTER], "1");
+    }
+
+    #[test]
+    fn a_missing_schedule_is_a_plain_not_found() {
+        let p = ApiError::from(StoreError::ScheduleNotFound(
+            keel_core::TenantId::parse("acme").unwrap(),
+            keel_core::ScheduleName::parse("nightly").unwrap(),
+        ))
+        .problem();
+        assert_eq!(p.status, 404);
+        assert_eq!(p.type_uri, format!("{PROBLEM_TYPE_BASE}not-found"));
+        assert_eq!(p.detail, "schedule nightly not found");
+        assert_eq!(p.job_id, None);
     }
 }

@@ -5,7 +5,7 @@ use axum::body::Bytes;
 use axum::extract::{FromRequest, FromRequestParts, Path, Request};
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderName, header};
-use keel_core::{IdempotencyKey, JobId, QueueName};
+use keel_core::{IdempotencyKey, JobId, QueueName, ScheduleName};
 
 use crate::error::ApiError;
 use crate::state::ApiState;
@@ -40,6 +40,22 @@ impl<S: Send + Sync> FromRequestParts<S> for QueuePath {
         QueueName::parse(raw)
             .map(QueuePath)
             .map_err(|e| ApiError::BadRequest(format!("invalid queue name in path: {}", e.reason)))
+    }
+}
+
+/// A schedule name from the path (`/v1/schedules/{name}…`); `400` when it is not a valid
+/// name.
+#[derive(Debug, Clone)]
+pub(crate) struct ScheduleNamePath(pub(crate) ScheduleName);
+
+impl<S: Send + Sync> FromRequestParts<S> for ScheduleNamePath {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        let Path(raw) = Path::<String>::from_request_parts(parts, state).await?;
+        ScheduleName::parse(raw).map(ScheduleNamePath).map_err(|e| {
+            ApiError::BadRequest(format!("invalid schedule name in path: {}", e.reason))
+        })
     }
 }
 

@@ -6,12 +6,18 @@
 //! every failure — a wrong type, an unknown or duplicate field, an out-of-range value — is
 //! collected, then [`NewJob::validate`] adds its bound checks. `args` is kept as the raw
 //! text the client sent, byte for byte.
+//!
+//! The same parser reads the job template of a schedule ([`parse_template`]): the fields a
+//! template fixes, with the same defaults and messages.
 
 use std::fmt;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use keel_core::{Backoff, FieldError, JobKind, NewJob, Priority, QueueName, TenantId, Timestamp};
+use keel_core::{
+    Backoff, FieldError, JobKind, JobTemplate, NewJob, Priority, QueueName, TenantId, Timestamp,
+    Unique, UniqueScope, UniqueScopeKind,
+};
 use serde::de::{DeserializeOwned, MapAccess, Visitor};
 use serde::{Deserialize, Deserializer};
 use serde_json::value::RawValue;
@@ -29,7 +35,7 @@ pub const MAX_BATCH: usize = 1000;
 pub const MAX_DELAY_MS: u64 = 10 * 365 * 24 * 3600 * 1000;
 
 /// The fields of a job body, in a stable order for messages.
-const JOB_FIELDS: [&str; 11] = [
+const JOB_FIELDS: &[&str] = &[
     "kind",
     "queue",
     "tenant",
@@ -41,11 +47,44 @@ const JOB_FIELDS: [&str; 11] = [
     "timeout_ms",
     "backoff",
     "tags",
+    "unique",
 ];
+
+/// The fields of a schedule's job template: a job's, less those a tick decides (tenant, run
+/// time) or that make no sense for a recurring job (uniqueness: every tick is a new job).
+const TEMPLATE_FIELDS: &[&str] = &[
+    "kind",
+    "queue",
+    "args",
+    "priority",
+    "max_attempts",
+    "timeout_ms",
+    "backoff",
+    "tags",
+];
+
+/// The members of `unique`.
+const UNIQUE_FIELDS: &[&str] = &["key", "scope", "period"];
+
+/// What is being parsed: a job to enqueue, or a schedule's template.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Shape {
+    Job,
+    Template,
+}
+
+impl Shape {
+    fn fields(self) -> &'static [&'static str] {
+        match self {
+            Shape::Job => JOB_FIELDS,
+            Shape::Template => TEMPLATE_FIELDS,
+        }
+    }
+}
 
 /// A JSON object's members as raw JSON, in order, duplicates kept (so they can be
 /// reported).
-struct Members(Vec<(String, Box<RawValue>)>);
+pub(crate) struct Members(pub(crate) Vec<(String, Box<RawValue>)>);
 
 impl<'de> Deserialize<'de> for Members {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
@@ -70,7 +109,7 @@ impl<'de> Deserialize<'de> for Members {
 
 /// Splits a request body into its members; `400` if it is not valid JSON or not an
 /// object.
-fn members_of_body(body: &[u8]) -> Result<Members, ApiError> {
+pub(crate) fn members_of_body(body: &[u8]) -> Result<Members, ApiError> {
     serde_json::from_slice::<Members>(body).map_err(|e| {
         let what = if e.is_data() {
             "the request body must be a JSON object"
@@ -90,13 +129,13 @@ fn serde_message(e: &serde_json::Error) -> String {
 }
 
 /// Collects field errors under a path prefix (`""` or `jobs[3].`).
-struct Errors<'a> {
-    prefix: &'a str,
-    list: Vec<FieldError>,
+pub(crate) struct Errors<'a> {
+    pub(crate) prefix: &'a str,
+    pub(crate) list: Vec<FieldError>,
 }
 
 impl Errors<'_> {
-    fn add(&mut self, field: &str, message: impl Into<String>) {
+    pub(crate) fn add(&mut self, field: &str, message: impl Into<String>) {
         self.list.push(FieldError {
             field: format!("{}{field}", self.prefix),
             message: message.into(),
@@ -104,7 +143,7 @@ impl Errors<'_> {
     }
 
     /// Parses `raw` as `T`, recording `message` (or serde's own when `None`) on failure.
-    fn parse<T: DeserializeOwned>(
+    pub(crate) fn parse<T: DeserializeOwned>(
         &mut self,
         field: &str,
         raw: &RawValue,
@@ -118,6 +157,132 @@ impl Errors<'_> {
                 None
             }
         }
+    }
+}
+
+/// What a duration field accepts, for messages.
+pub(crate) const DURATION_SYNTAX: &str = "must be a duration: whole milliseconds, or a string \
+    of numbers with units ms, s, m, h, d, such as \"500ms\", \"30s\", \"1h\" or \"1h30m\"";
+
+/// Parses a duration given as whole milliseconds (`3600000`, as the `_ms` fields take) or as
+/// a string of `<number><unit>` parts (`"1h"`, `"1h30m"`, `"500ms"`; units ms, s, m, h, d).
+pub(crate) fn parse_duration(raw: &RawValue) -> Result<Duration, String> {
+    if let Ok(ms) = serde_json::from_str::<u64>(raw.get()) {
+        return Ok(Duration::from_millis(ms));
+    }
+    let s: String = serde_json::from_str(raw.get()).map_err(|_| DURATION_SYNTAX.to_owned())?;
+    duration_of_str(s.trim()).ok_or_else(|| DURATION_SYNTAX.to_owned())
+}
+
+fn duration_of_str(s: &str) -> Option<Duration> {
+    let mut total_ms: u64 = 0;
+    let mut rest = s;
+    if rest.is_empty() {
+        return None;
+    }
+    while !rest.is_empty() {
+        let digits = rest
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(rest.len());
+        if digits == 0 {
+            return None;
+        }
+        let n: u64 = rest[..digits].parse().ok()?;
+        rest = &rest[digits..];
+        let unit_len = rest
+            .find(|c: char| c.is_ascii_digit())
+            .unwrap_or(rest.len());
+        let per_unit_ms: u64 = match &rest[..unit_len] {
+            "ms" => 1,
+            "s" => 1_000,
+            "m" => 60_000,
+            "h" => 3_600_000,
+            "d" => 86_400_000,
+            _ => return None,
+        };
+        rest = &rest[unit_len..];
+        total_ms = total_ms.checked_add(n.checked_mul(per_unit_ms)?)?;
+    }
+    Some(Duration::from_millis(total_ms))
+}
+
+/// Parses `unique` into `job.unique`, recording every problem under `unique.*`. When some
+/// member is wrong but the key parsed, a stand-in is still set so that the bound checks of
+/// [`NewJob::validate`] report the key's (and period's) problems too; the errors already
+/// recorded keep the job from being accepted.
+fn parse_unique(raw: &RawValue, job: &mut NewJob, errs: &mut Errors<'_>) {
+    let Ok(members) = serde_json::from_str::<Members>(raw.get()) else {
+        errs.add(
+            "unique",
+            "must be an object: {\"key\": \"...\", \"scope\": \"queued\" | \"active\" | \"period\", \"period\": \"1h\"}",
+        );
+        return;
+    };
+    let mut seen: Vec<&'static str> = Vec::new();
+    let (mut key, mut scope, mut period) = (None, None, None);
+    for (name, raw) in members.0 {
+        let Some(field) = UNIQUE_FIELDS.iter().copied().find(|f| *f == name) else {
+            errs.add(
+                &format!("unique.{name}"),
+                format!(
+                    "unknown field; expected one of {}",
+                    UNIQUE_FIELDS.join(", ")
+                ),
+            );
+            continue;
+        };
+        let path = format!("unique.{field}");
+        if seen.contains(&field) {
+            errs.add(&path, "duplicate field");
+            continue;
+        }
+        seen.push(field);
+        match field {
+            "key" => key = errs.parse::<String>(&path, &raw, Some("must be a string")),
+            "scope" => {
+                let msg = "must be one of queued, active, period";
+                match errs
+                    .parse::<String>(&path, &raw, Some(msg))
+                    .map(|s| UniqueScopeKind::parse(&s))
+                {
+                    Some(Some(k)) => scope = Some(k),
+                    Some(None) => errs.add(&path, msg),
+                    None => {}
+                }
+            }
+            _ => match parse_duration(&raw) {
+                Ok(p) => period = Some(p),
+                Err(m) => errs.add(&path, m),
+            },
+        }
+    }
+    if key.is_none() && !seen.contains(&"key") {
+        errs.add("unique.key", "is required");
+    }
+    let scope = match (scope, period) {
+        (Some(UniqueScopeKind::Queued), None) => UniqueScope::Queued,
+        (Some(UniqueScopeKind::Active), None) => UniqueScope::Active,
+        (Some(UniqueScopeKind::Period), Some(p)) => UniqueScope::Period(p),
+        (Some(UniqueScopeKind::Period), None) => {
+            errs.add("unique.period", "is required with scope period");
+            UniqueScope::Active
+        }
+        (Some(k), Some(_)) => {
+            errs.add(
+                "unique.period",
+                format!("is only allowed with scope period, not {}", k.as_str()),
+            );
+            UniqueScope::Active
+        }
+        (None, period) => {
+            if !seen.contains(&"scope") {
+                errs.add("unique.scope", "is required (queued, active or period)");
+            }
+            period.map_or(UniqueScope::Active, UniqueScope::Period)
+        }
+    };
+    if let Some(key) = key {
+        job.unique = Some(Unique { key, scope });
     }
 }
 
@@ -145,7 +310,28 @@ enum JobFailure {
 }
 
 /// Parses one job object (already split into members). Field paths get `prefix`.
-fn parse_job(members: Members, prefix: &str, cx: &JobContext<'_>) -> Result<NewJob, JobFailure> {
+fn parse_job(
+    members: Members,
+    prefix: &str,
+    cx: &JobContext<'_>,
+    shape: Shape,
+) -> Result<NewJob, JobFailure> {
+    let (job, errors) = read_job(members, prefix, cx, shape)?;
+    if errors.is_empty() {
+        Ok(job)
+    } else {
+        Err(JobFailure::Fields(errors))
+    }
+}
+
+/// Reads every field of a job object: the job (defaults where a field failed) and every
+/// problem found, or the refusal of a tenant the caller may not use.
+fn read_job(
+    members: Members,
+    prefix: &str,
+    cx: &JobContext<'_>,
+    shape: Shape,
+) -> Result<(NewJob, Vec<FieldError>), JobFailure> {
     let mut errs = Errors {
         prefix,
         list: Vec::new(),
@@ -158,11 +344,12 @@ fn parse_job(members: Members, prefix: &str, cx: &JobContext<'_>) -> Result<NewJ
     let mut run_at = None;
     let mut delay_ms: Option<u64> = None;
 
+    let fields = shape.fields();
     for (name, raw) in members.0 {
-        let Some(field) = JOB_FIELDS.iter().copied().find(|f| *f == name) else {
+        let Some(field) = fields.iter().copied().find(|f| *f == name) else {
             errs.add(
                 &name,
-                format!("unknown field; expected one of {}", JOB_FIELDS.join(", ")),
+                format!("unknown field; expected one of {}", fields.join(", ")),
             );
             continue;
         };
@@ -266,6 +453,7 @@ fn parse_job(members: Members, prefix: &str, cx: &JobContext<'_>) -> Result<NewJ
                     job.tags = t;
                 }
             }
+            "unique" => parse_unique(&raw, &mut job, &mut errs),
             _ => errs.add(field, "unknown field"),
         }
     }
@@ -285,7 +473,11 @@ fn parse_job(members: Members, prefix: &str, cx: &JobContext<'_>) -> Result<NewJ
         }
         (None, None) => {}
     }
-    if let Err(v) = job.validate(cx.max_args_bytes) {
+    // A template's bounds are checked with the rest of its schedule
+    // (`NewSchedule::validate`), which would report them a second time.
+    if shape == Shape::Job
+        && let Err(v) = job.validate(cx.max_args_bytes)
+    {
         for e in v.0 {
             // The API names the timeout field after its unit.
             let field = if e.field == "timeout" {
@@ -301,17 +493,13 @@ fn parse_job(members: Members, prefix: &str, cx: &JobContext<'_>) -> Result<NewJ
         .tenant_for(tenant)
         .map_err(JobFailure::Forbidden)?;
     job.tenant = tenant;
-    if errs.list.is_empty() {
-        Ok(job)
-    } else {
-        Err(JobFailure::Fields(errs.list))
-    }
+    Ok((job, errs.list))
 }
 
 /// Parses the body of `POST /v1/jobs` (and `/v1/process`).
 pub(crate) fn parse_single(body: &[u8], cx: &JobContext<'_>) -> Result<NewJob, ApiError> {
     let members = members_of_body(body)?;
-    parse_job(members, "", cx).map_err(|f| match f {
+    parse_job(members, "", cx, Shape::Job).map_err(|f| match f {
         JobFailure::Fields(errors) => ApiError::Validation(errors),
         JobFailure::Forbidden(e) => e,
     })
@@ -372,7 +560,7 @@ pub(crate) fn parse_batch(body: &[u8], cx: &JobContext<'_>) -> Result<Vec<NewJob
                 continue;
             }
         };
-        match parse_job(members, &prefix, cx) {
+        match parse_job(members, &prefix, cx, Shape::Job) {
             Ok(job) => jobs.push(job),
             Err(JobFailure::Fields(e)) => errors.extend(e),
             Err(JobFailure::Forbidden(e)) => {
@@ -388,6 +576,37 @@ pub(crate) fn parse_batch(body: &[u8], cx: &JobContext<'_>) -> Result<Vec<NewJob
     } else {
         Err(ApiError::Validation(errors))
     }
+}
+
+/// Parses a schedule's `job` (its template), recording problems under `job.*` in `errors`.
+/// Bounds are left to [`keel_core::NewSchedule::validate`], which the caller runs on the
+/// template returned: defaults stand in for the fields that failed, so every field is
+/// checked once. `None` only when `job` is not an object.
+pub(crate) fn parse_template(
+    raw: &RawValue,
+    cx: &JobContext<'_>,
+    errors: &mut Vec<FieldError>,
+) -> Option<JobTemplate> {
+    let Ok(members) = serde_json::from_str::<Members>(raw.get()) else {
+        errors.push(FieldError {
+            field: "job".to_owned(),
+            message: "must be a JSON object with at least kind".to_owned(),
+        });
+        return None;
+    };
+    // A template has no tenant field, so the caller's own is used: never refused.
+    let (job, problems) = read_job(members, "job.", cx, Shape::Template).ok()?;
+    errors.extend(problems);
+    Some(JobTemplate {
+        queue: job.queue,
+        kind: job.kind,
+        args: job.args,
+        priority: job.priority,
+        max_attempts: job.max_attempts,
+        timeout: job.timeout,
+        backoff: job.backoff,
+        tags: job.tags,
+    })
 }
 
 #[cfg(test)]
@@ -510,6 +729,123 @@ mod tests {
         let soon = (Utc::now() + chrono::TimeDelta::days(365)).to_rfc3339();
         let body = format!(r#"{{"kind":"a","run_at":"{soon}"}}"#);
         assert!(parse_single(body.as_bytes(), &cx(&open)).is_ok());
+    }
+
+    #[test]
+    fn durations_take_milliseconds_or_units() {
+        let d = |s: &str| parse_duration(&RawValue::from_string(s.to_owned()).unwrap());
+        assert_eq!(d("3600000"), Ok(Duration::from_secs(3600)));
+        assert_eq!(d(r#""1h""#), Ok(Duration::from_secs(3600)));
+        assert_eq!(d(r#""1h30m""#), Ok(Duration::from_secs(5400)));
+        assert_eq!(d(r#""500ms""#), Ok(Duration::from_millis(500)));
+        assert_eq!(d(r#""2d""#), Ok(Duration::from_secs(2 * 86_400)));
+        assert_eq!(d(r#"" 45s ""#), Ok(Duration::from_secs(45)));
+        for bad in [
+            r#""""#,
+            r#""h""#,
+            r#""1""#,
+            r#""1 h""#,
+            r#""1w""#,
+            r#""-1s""#,
+            "-5",
+            "1.5",
+            "true",
+            r#""99999999999999999999d""#,
+        ] {
+            assert!(d(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn unique_parses_each_scope() {
+        let open = Caller::unrestricted();
+        let parse = |u: &str| {
+            parse_single(
+                format!(r#"{{"kind":"a","unique":{u}}}"#).as_bytes(),
+                &cx(&open),
+            )
+            .map(|j| j.unique.unwrap())
+        };
+        assert_eq!(
+            parse(r#"{"key":"k","scope":"queued"}"#).unwrap().scope,
+            UniqueScope::Queued
+        );
+        assert_eq!(
+            parse(r#"{"key":"k","scope":"active"}"#).unwrap().scope,
+            UniqueScope::Active
+        );
+        let u = parse(r#"{"scope":"period","period":"1h","key":"k"}"#).unwrap();
+        assert_eq!(
+            (u.key.as_str(), u.scope),
+            ("k", UniqueScope::Period(Duration::from_secs(3600)))
+        );
+        let none = parse_single(br#"{"kind":"a","unique":null}"#, &cx(&open)).unwrap();
+        assert_eq!(none.unique, None);
+    }
+
+    #[test]
+    fn every_unique_problem_is_reported() {
+        let open = Caller::unrestricted();
+        let got = |u: &str| {
+            let mut f = fields(
+                parse_single(
+                    format!(r#"{{"kind":"a","unique":{u}}}"#).as_bytes(),
+                    &cx(&open),
+                )
+                .unwrap_err(),
+            );
+            f.sort();
+            f
+        };
+        assert_eq!(got("{}"), ["unique.key", "unique.scope"]);
+        assert_eq!(
+            got(r#"{"key":7,"scope":"sometimes","period":"x","extra":1}"#),
+            [
+                "unique.extra",
+                "unique.key",
+                "unique.period",
+                "unique.scope"
+            ]
+        );
+        assert_eq!(got(r#"{"key":"k","scope":"period"}"#), ["unique.period"]);
+        assert_eq!(
+            got(r#"{"key":"k","scope":"queued","period":"1h"}"#),
+            ["unique.period"]
+        );
+        // The bound checks of the key and the period still run beside a type error.
+        let long = "k".repeat(300);
+        assert_eq!(
+            got(&format!(r#"{{"key":"{long}","scope":1,"period":"100ms"}}"#)),
+            ["unique.key", "unique.period", "unique.scope"]
+        );
+        assert_eq!(got(r#"["k"]"#), ["unique"]);
+        assert_eq!(
+            got(r#"{"key":"k","key":"l","scope":"active"}"#),
+            ["unique.key"]
+        );
+    }
+
+    #[test]
+    fn a_template_refuses_what_a_tick_decides_and_keeps_defaults() {
+        let open = Caller::unrestricted();
+        let mut errors = Vec::new();
+        let raw = RawValue::from_string(
+            r#"{"kind":"w","run_at":"2030-01-01T00:00:00Z","unique":{},"tenant":"x","priority":1}"#
+                .to_owned(),
+        )
+        .unwrap();
+        let t = parse_template(&raw, &cx(&open), &mut errors).unwrap();
+        let mut got: Vec<_> = errors.iter().map(|e| e.field.as_str()).collect();
+        got.sort();
+        assert_eq!(got, ["job.run_at", "job.tenant", "job.unique"]);
+        assert_eq!(t.kind.as_str(), "w");
+        assert_eq!(t.priority.get(), 1);
+        assert_eq!(t.max_attempts, NewJob::DEFAULT_MAX_ATTEMPTS);
+
+        let mut errors = Vec::new();
+        let raw = RawValue::from_string("[1]".to_owned()).unwrap();
+        assert!(parse_template(&raw, &cx(&open), &mut errors).is_none());
+        assert_eq!(errors[0].field, "job");
     }
 
     #[test]

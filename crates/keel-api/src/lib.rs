@@ -1,4 +1,4 @@
-//! Keel's HTTP/JSON API (axum): the jobs and queues endpoints, probes, metrics and the
+//! Keel's HTTP/JSON API (axum): the jobs, schedules and queues endpoints, probes, metrics and the
 //! OpenAPI document, behind one middleware stack (request id, logging, metrics, deadline,
 //! body limit, then on the `/v1` routes admission control, API-key auth and per-tenant
 //! rate limits), with one [`ApiError`] type that renders every failure as
@@ -20,6 +20,7 @@ pub mod auth;
 pub mod config;
 pub mod dto;
 pub mod error;
+pub mod job_cache;
 pub mod middleware;
 pub mod openapi;
 pub mod rate_limit;
@@ -27,14 +28,17 @@ pub mod rate_limit;
 mod extract;
 mod job_in;
 mod routes;
+mod schedule_in;
 
 pub use admission::{Admission, Backlog};
 pub use config::{ApiConfig, ApiKey, hash_api_key};
 pub use error::{ApiError, Problem, ShedReason};
 pub use extract::IDEMPOTENCY_KEY;
+pub use job_cache::{JobCache, JobCacheConfig};
 pub use job_in::{MAX_BATCH, MAX_DELAY_MS};
 pub use rate_limit::{Rate, RateLimitConfig, RateLimits};
-pub use routes::jobs::{DEFAULT_LIST_LIMIT, IDEMPOTENT_REPLAYED};
+pub use routes::jobs::{DEFAULT_LIST_LIMIT, IDEMPOTENT_REPLAYED, UNIQUE_CONFLICT};
+pub use routes::schedules::DEFAULT_SCHEDULE_LIST_LIMIT;
 pub use routes::{ROUTES, router};
 pub use state::{ApiState, Readiness};
 

@@ -12,7 +12,7 @@ use utoipa::{Modify, OpenApi};
 
 use crate::dto;
 use crate::error::{Problem, ProblemField};
-use crate::routes::{health, jobs, process, queues};
+use crate::routes::{health, jobs, process, queues, schedules};
 
 /// Adds the bearer API-key scheme the `/v1` operations refer to.
 struct BearerAuth;
@@ -111,9 +111,18 @@ impl Modify for ProtectionResponses {
         queues::list_queues,
         queues::pause_queue,
         queues::resume_queue,
+        schedules::create_schedule,
+        schedules::list_schedules,
+        schedules::put_schedule,
+        schedules::get_schedule,
+        schedules::delete_schedule,
+        schedules::pause_schedule,
+        schedules::resume_schedule,
     ),
     components(schemas(
         dto::JobIn,
+        dto::UniqueIn,
+        dto::UniqueOut,
         dto::BatchIn,
         dto::JobOut,
         dto::BatchOut,
@@ -121,6 +130,11 @@ impl Modify for ProtectionResponses {
         dto::JobResultOut,
         dto::QueueOut,
         dto::QueuePausedOut,
+        dto::ScheduleIn,
+        dto::JobTemplateIn,
+        dto::JobTemplateOut,
+        dto::ScheduleOut,
+        dto::SchedulePageOut,
         dto::HealthOut,
         dto::ReadyOut,
         Problem,
@@ -130,6 +144,7 @@ impl Modify for ProtectionResponses {
     tags(
         (name = "jobs", description = "Enqueue, inspect and control jobs"),
         (name = "queues", description = "Queue statistics, pause and resume"),
+        (name = "schedules", description = "Cron schedules: each tick enqueues one job, exactly once"),
         (name = "probes", description = "Health, readiness, metrics and this document"),
     )
 )]
@@ -187,6 +202,8 @@ mod tests {
     fn the_document_serialises() {
         let json = ApiDoc::openapi().to_json().unwrap();
         assert!(json.contains("\"/v1/jobs/{id}/result\""));
+        assert!(json.contains("\"/v1/schedules/{name}/pause\""));
+        assert!(json.contains("Keel-Unique-Conflict"));
         assert!(json.contains("\"bearer\""));
     }
 

@@ -10,6 +10,7 @@ use metrics_exporter_prometheus::PrometheusHandle;
 
 use crate::admission::Admission;
 use crate::config::ApiConfig;
+use crate::job_cache::JobCache;
 use crate::rate_limit::RateLimits;
 
 /// Whether this process should still receive traffic. The binary flips it when shutdown
@@ -71,6 +72,9 @@ pub struct ApiShared {
     pub admission: Admission,
     /// Per-tenant and per-key token buckets.
     pub rate_limits: RateLimits,
+    /// The read cache of single-job reads. Handlers that change a job invalidate it before
+    /// answering; [`ApiState::follow_job_events`] invalidates everything else.
+    pub job_cache: JobCache,
     /// Fault injection; the auth layer applies the `auth` faults. Shared with the store
     /// guard and `/debug/chaos`, so a change there reaches every dependency at once.
     pub chaos: Chaos,
@@ -95,6 +99,7 @@ impl ApiState {
             runtime,
             admission: Admission::new(config.admission, config.max_queue_backlog),
             rate_limits: RateLimits::new(&config.rate_limits),
+            job_cache: JobCache::new(&config.job_cache),
             config: Arc::new(config),
             metrics,
             readiness,
@@ -125,6 +130,20 @@ impl ApiState {
     pub fn with_store(mut self, store: Arc<dyn Store>) -> Self {
         self.shared_mut().store = store;
         self
+    }
+
+    /// The task that keeps the job read cache true to job events (see
+    /// [`JobCache::follow`]): subscribed to the runtime's events when called, it invalidates
+    /// every announced job until `shutdown` resolves. The binary spawns it before serving and
+    /// awaits it at shutdown; without it, changes made by workers, maintenance and other
+    /// replicas show in `GET /v1/jobs/{id}` only when the entry expires.
+    pub fn follow_job_events(
+        &self,
+        shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    ) -> impl std::future::Future<Output = ()> + Send + 'static {
+        self.job_cache
+            .clone()
+            .follow(self.runtime.events.subscribe(), shutdown)
     }
 
     /// Reports `breaker` in `/readyz`.

@@ -121,6 +121,51 @@ pub struct JobIn {
     /// Labels.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tags: Option<Vec<String>>,
+    /// Uniqueness: if a job of the tenant holds the key, that job is returned instead
+    /// ([`Enqueued::unique_conflict`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub unique: Option<UniqueIn>,
+}
+
+/// A uniqueness constraint on a new job.
+#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
+pub struct UniqueIn {
+    /// The key, scoped to the tenant.
+    pub key: String,
+    /// `queued` (until the job starts), `active` (until it finishes) or `period`.
+    pub scope: String,
+    /// The window of scope `period`, e.g. `"1h"` or `"30m"`; only with that scope.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub period: Option<String>,
+}
+
+impl UniqueIn {
+    /// Unique by `key` while the job waits or runs (scope `active`).
+    pub fn active(key: impl Into<String>) -> Self {
+        Self {
+            key: key.into(),
+            scope: "active".to_owned(),
+            period: None,
+        }
+    }
+
+    /// Unique by `key` until the job first starts (scope `queued`).
+    pub fn queued(key: impl Into<String>) -> Self {
+        Self {
+            key: key.into(),
+            scope: "queued".to_owned(),
+            period: None,
+        }
+    }
+
+    /// Unique by `key` for each window of `period` (e.g. `"1h"`), whatever the job's state.
+    pub fn period(key: impl Into<String>, period: impl Into<String>) -> Self {
+        Self {
+            key: key.into(),
+            scope: "period".to_owned(),
+            period: Some(period.into()),
+        }
+    }
 }
 
 impl JobIn {
@@ -181,6 +226,18 @@ pub struct JobOut {
     /// End time.
     #[serde(default)]
     pub finished_at: Option<String>,
+    /// Its unique key, if it was enqueued with one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unique: Option<UniqueOut>,
+}
+
+/// The unique key a job holds.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
+pub struct UniqueOut {
+    /// The key as stored (for scope `period`, followed by `@` and the window's start).
+    pub key: String,
+    /// `queued`, `active` or `period`.
+    pub scope: String,
 }
 
 /// One failed attempt.
@@ -235,8 +292,138 @@ pub struct Enqueued {
     pub status: StatusCode,
     /// Whether this was an idempotent replay of an earlier request.
     pub replayed: bool,
+    /// Set when the job's unique key was held: the id of the holder, which is the job
+    /// returned (status 200), and nothing was created.
+    pub unique_conflict: Option<String>,
     /// The raw body, byte for byte.
     pub body: Vec<u8>,
+}
+
+/// The job a schedule enqueues at each tick. Only `kind` is required.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct JobTemplateIn {
+    /// Executor or handler.
+    pub kind: String,
+    /// Queue.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub queue: Option<String>,
+    /// Arguments.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub args: Option<Value>,
+    /// 0 (highest) … 9.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub priority: Option<u8>,
+    /// Attempts allowed per tick's job.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_attempts: Option<u32>,
+    /// Per-attempt timeout, ms.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub timeout_ms: Option<u64>,
+    /// Retry policy.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub backoff: Option<Value>,
+    /// Labels.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tags: Option<Vec<String>>,
+}
+
+/// A schedule to create or replace.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ScheduleIn {
+    /// Name: required by [`Client::create_schedule`]; [`Client::put_schedule`] takes it
+    /// from its argument.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// Tenant (when the server has no API keys).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tenant: Option<String>,
+    /// Cron expression (5 fields, or 6 with seconds first).
+    pub cron: String,
+    /// IANA time zone; the server defaults to `UTC`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub timezone: Option<String>,
+    /// The job each tick enqueues.
+    pub job: JobTemplateIn,
+    /// Create it paused.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub paused: Option<bool>,
+    /// How far back missed ticks are caught up, e.g. `"1h"`; the server defaults to 1 h.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub catch_up: Option<String>,
+}
+
+/// A schedule as the server reports it.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+pub struct ScheduleOut {
+    /// Tenant.
+    pub tenant: String,
+    /// Name.
+    pub name: String,
+    /// Cron expression.
+    pub cron: String,
+    /// Time zone.
+    pub timezone: String,
+    /// The job template.
+    pub job: Value,
+    /// Whether ticks are skipped.
+    pub paused: bool,
+    /// Catch-up window, ms.
+    pub catch_up: u64,
+    /// The latest tick enqueued.
+    #[serde(default)]
+    pub last_tick_at: Option<String>,
+    /// The next tick times (none while paused).
+    #[serde(default)]
+    pub next_ticks: Vec<String>,
+    /// Creation time.
+    pub created_at: String,
+    /// Last change.
+    pub updated_at: String,
+}
+
+/// A page of schedules.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+pub struct ScheduleList {
+    /// The schedules, by name.
+    pub schedules: Vec<ScheduleOut>,
+    /// Cursor for the next page.
+    pub next: Option<String>,
+}
+
+/// Filters for [`Client::list_schedules`].
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ScheduleQuery {
+    /// Tenant (when the server has no API keys).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tenant: Option<String>,
+    /// Cursor: the previous page's `next`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub after: Option<String>,
+    /// Page size.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub limit: Option<u32>,
+}
+
+/// `/v1/schedules/{name}` plus `suffix`, the name percent-encoded so that it stays one path
+/// segment whatever it holds (the server then rejects an invalid name itself).
+fn schedule_path(name: &str, suffix: &str) -> String {
+    let mut path = String::from("/v1/schedules/");
+    for b in name.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~:".contains(&b) {
+            path.push(char::from(b));
+        } else {
+            path.push_str(&format!("%{b:02X}"));
+        }
+    }
+    path.push_str(suffix);
+    path
+}
+
+/// The `tenant` query of the single-schedule routes.
+#[derive(Serialize)]
+struct TenantQuery<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tenant: Option<&'a str>,
 }
 
 /// A Keel API client. Cheap to clone (the connection pool is shared).
@@ -329,6 +516,11 @@ impl Client {
             .headers()
             .get("idempotent-replayed")
             .is_some_and(|v| v == "true");
+        let unique_conflict = resp
+            .headers()
+            .get("keel-unique-conflict")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
         let body = resp
             .bytes()
             .await
@@ -339,6 +531,7 @@ impl Client {
             job,
             status,
             replayed,
+            unique_conflict,
             body,
         })
     }
@@ -412,5 +605,117 @@ impl Client {
         let verb = if paused { "pause" } else { "resume" };
         self.json(self.request(Method::POST, &format!("/v1/queues/{queue}/{verb}")))
             .await
+    }
+
+    /// Creates a schedule (`schedule.name` required); a `409` if the name is taken.
+    pub async fn create_schedule(&self, schedule: &ScheduleIn) -> Result<ScheduleOut, ClientError> {
+        self.json(self.request(Method::POST, "/v1/schedules").json(schedule))
+            .await
+    }
+
+    /// Creates or replaces the schedule `name`; also says whether it was created.
+    pub async fn put_schedule(
+        &self,
+        name: &str,
+        schedule: &ScheduleIn,
+    ) -> Result<(ScheduleOut, bool), ClientError> {
+        let req = self
+            .request(Method::PUT, &schedule_path(name, ""))
+            .json(schedule);
+        let resp = self.send(req).await?;
+        let created = resp.status() == StatusCode::CREATED;
+        let s = resp
+            .json()
+            .await
+            .map_err(|e| ClientError::Decode(e.to_string()))?;
+        Ok((s, created))
+    }
+
+    /// One schedule, with its next ticks.
+    pub async fn get_schedule(
+        &self,
+        name: &str,
+        tenant: Option<&str>,
+    ) -> Result<ScheduleOut, ClientError> {
+        self.json(
+            self.request(Method::GET, &schedule_path(name, ""))
+                .query(&TenantQuery { tenant }),
+        )
+        .await
+    }
+
+    /// A page of schedules, by name.
+    pub async fn list_schedules(&self, q: &ScheduleQuery) -> Result<ScheduleList, ClientError> {
+        self.json(self.request(Method::GET, "/v1/schedules").query(q))
+            .await
+    }
+
+    /// Deletes a schedule (the jobs it enqueued stay).
+    pub async fn delete_schedule(
+        &self,
+        name: &str,
+        tenant: Option<&str>,
+    ) -> Result<(), ClientError> {
+        self.send(
+            self.request(Method::DELETE, &schedule_path(name, ""))
+                .query(&TenantQuery { tenant }),
+        )
+        .await
+        .map(drop)
+    }
+
+    /// Pauses (`true`) or resumes (`false`) a schedule.
+    pub async fn set_schedule_paused(
+        &self,
+        name: &str,
+        tenant: Option<&str>,
+        paused: bool,
+    ) -> Result<ScheduleOut, ClientError> {
+        let verb = if paused { "/pause" } else { "/resume" };
+        self.json(
+            self.request(Method::POST, &schedule_path(name, verb))
+                .query(&TenantQuery { tenant }),
+        )
+        .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn schedule_names_stay_one_path_segment() {
+        assert_eq!(
+            schedule_path("nightly", "/pause"),
+            "/v1/schedules/nightly/pause"
+        );
+        assert_eq!(schedule_path("a.b:c-d_e", ""), "/v1/schedules/a.b:c-d_e");
+        assert_eq!(schedule_path("a/b?c d", ""), "/v1/schedules/a%2Fb%3Fc%20d");
+    }
+
+    #[test]
+    fn bodies_leave_out_what_is_not_set() {
+        let job = JobIn {
+            unique: Some(UniqueIn::period("k", "1h")),
+            ..JobIn::new("sync", serde_json::json!(1))
+        };
+        assert_eq!(
+            serde_json::to_value(&job).unwrap(),
+            serde_json::json!({"kind":"sync","args":1,
+                "unique":{"key":"k","scope":"period","period":"1h"}})
+        );
+        let s = ScheduleIn {
+            cron: "@daily".into(),
+            job: JobTemplateIn {
+                kind: "noop".into(),
+                ..JobTemplateIn::default()
+            },
+            ..ScheduleIn::default()
+        };
+        assert_eq!(
+            serde_json::to_value(&s).unwrap(),
+            serde_json::json!({"cron":"@daily","job":{"kind":"noop"}})
+        );
     }
 }

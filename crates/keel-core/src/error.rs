@@ -11,7 +11,7 @@ use std::fmt;
 
 use serde::Serialize;
 
-use crate::ids::JobId;
+use crate::ids::{JobId, ScheduleName, TenantId};
 use crate::job::IllegalTransition;
 
 /// One field that failed validation.
@@ -61,6 +61,16 @@ pub enum StoreError {
         #[source]
         source: IllegalTransition,
     },
+
+    /// No schedule with this name in this tenant.
+    #[error("schedule {1} not found in tenant {0}")]
+    ScheduleNotFound(TenantId, ScheduleName),
+
+    /// A write made on behalf of the maintenance leader was refused because the caller no
+    /// longer holds the leadership it presented (its epoch was superseded or its term
+    /// expired). Nothing was written; the new leader does the work.
+    #[error("not the leader: leadership epoch {0} is no longer current")]
+    NotLeader(u64),
 
     /// The write conflicts with stored data (e.g. a job with this id already exists).
     #[error("conflict: {0}")]
@@ -141,6 +151,8 @@ impl StoreError {
     pub fn class(&self) -> &'static str {
         match self {
             StoreError::NotFound(_) => "not_found",
+            StoreError::ScheduleNotFound(..) => "not_found",
+            StoreError::NotLeader(_) => "not_leader",
             StoreError::IllegalTransition { .. } => "illegal_transition",
             StoreError::Conflict(_) => "conflict",
             StoreError::StaleLease(_) => "stale_lease",

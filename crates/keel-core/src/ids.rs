@@ -226,6 +226,10 @@ name_type!(
     JobKind, "job kind", 128, "noop"
 );
 name_type!(
+    /// A cron schedule's name, unique per tenant (`nightly-report`, `billing.sync`).
+    ScheduleName, "schedule name", 128, "schedule"
+);
+name_type!(
     /// Who holds a lease: a Keel replica's worker pool or an external worker. Recorded on
     /// the job so an operator can see who ran (or is stuck running) it.
     WorkerId, "worker id", 255, "local"

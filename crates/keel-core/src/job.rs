@@ -299,6 +299,154 @@ impl AttemptError {
     }
 }
 
+/// How long a unique job holds its key (see [`Unique`]). The database enforces it: two
+/// inserts of the same key in the same tenant, from any number of replicas at the same
+/// instant, create one job; the other insert gets that job back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UniqueScope {
+    /// Until the job first starts: the lease releases the key for good (a later retry of
+    /// the job does not take it back), so the same key can be enqueued again as soon as
+    /// the pending job runs (a "debounce" of pending work).
+    Queued,
+    /// Until the job finishes: waiting or `running`. The usual "one at a time" guard.
+    Active,
+    /// For one window of this length, aligned to the Unix epoch, whatever the job's state:
+    /// at most one job per key per window (River's `ByPeriod`).
+    Period(#[serde(with = "duration_ms")] Duration),
+}
+
+impl UniqueScope {
+    /// Shortest period of [`UniqueScope::Period`].
+    pub const MIN_PERIOD: Duration = Duration::from_secs(1);
+    /// Longest period of [`UniqueScope::Period`].
+    pub const MAX_PERIOD: Duration = Duration::from_secs(366 * 24 * 3600);
+
+    /// The scope's kind, as stored next to the key.
+    pub fn kind(&self) -> UniqueScopeKind {
+        match self {
+            UniqueScope::Queued => UniqueScopeKind::Queued,
+            UniqueScope::Active => UniqueScopeKind::Active,
+            UniqueScope::Period(_) => UniqueScopeKind::Period,
+        }
+    }
+}
+
+/// Which states hold a unique key: what the stores index (`unique_scope` column).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UniqueScopeKind {
+    /// `scheduled`, `available`, `retryable` — until the first lease, which clears the key.
+    Queued,
+    /// Those and `running`.
+    Active,
+    /// Every state (the key carries its window).
+    Period,
+}
+
+impl UniqueScopeKind {
+    /// The stored spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            UniqueScopeKind::Queued => "queued",
+            UniqueScopeKind::Active => "active",
+            UniqueScopeKind::Period => "period",
+        }
+    }
+
+    /// Parses the stored spelling.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "queued" => Some(UniqueScopeKind::Queued),
+            "active" => Some(UniqueScopeKind::Active),
+            "period" => Some(UniqueScopeKind::Period),
+            _ => None,
+        }
+    }
+
+    /// Whether a job in `state` that still has its key holds it under this scope (a
+    /// `queued` job loses its key when first leased, see [`UniqueScope::Queued`]).
+    pub fn holds_in(self, state: JobState) -> bool {
+        use JobState::*;
+        match self {
+            UniqueScopeKind::Queued => matches!(state, Scheduled | Available | Retryable),
+            UniqueScopeKind::Active => matches!(state, Scheduled | Available | Retryable | Running),
+            UniqueScopeKind::Period => true,
+        }
+    }
+}
+
+/// An optional uniqueness constraint on a new job (Oban's `unique`, River's `UniqueOpts`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Unique {
+    /// The caller's key, 1..=[`Unique::MAX_KEY_LEN`] bytes without control characters,
+    /// scoped per tenant.
+    pub key: String,
+    /// How long the key is held.
+    pub scope: UniqueScope,
+}
+
+impl Unique {
+    /// Longest key, bytes.
+    pub const MAX_KEY_LEN: usize = 255;
+
+    /// The key as stored at insert time `now`: the caller's key, plus for a period scope the
+    /// start of the window `now` falls in (Unix milliseconds), so each window has its own
+    /// key and one unique index serves every scope.
+    pub fn stored_key(&self, now: Timestamp) -> String {
+        match self.scope {
+            UniqueScope::Period(period) => {
+                let p = period.as_millis().max(1) as i64;
+                let window = now.timestamp_millis().div_euclid(p) * p;
+                format!("{}@{window}", self.key)
+            }
+            UniqueScope::Queued | UniqueScope::Active => self.key.clone(),
+        }
+    }
+
+    fn problems(&self) -> Vec<(&'static str, String)> {
+        let mut out = Vec::new();
+        if self.key.is_empty() || self.key.len() > Self::MAX_KEY_LEN {
+            out.push((
+                "unique.key",
+                format!(
+                    "must be 1 to {} bytes, got {}",
+                    Self::MAX_KEY_LEN,
+                    self.key.len()
+                ),
+            ));
+        } else if self.key.chars().any(char::is_control) {
+            out.push((
+                "unique.key",
+                "must not contain control characters".to_owned(),
+            ));
+        }
+        if let UniqueScope::Period(p) = self.scope
+            && (p < UniqueScope::MIN_PERIOD || p > UniqueScope::MAX_PERIOD)
+        {
+            out.push((
+                "unique.period",
+                format!(
+                    "must be between {} s and {} days, got {} ms",
+                    UniqueScope::MIN_PERIOD.as_secs(),
+                    UniqueScope::MAX_PERIOD.as_secs() / 86_400,
+                    p.as_millis()
+                ),
+            ));
+        }
+        out
+    }
+}
+
+/// The unique key a stored job holds (while its state is one [`UniqueScopeKind::holds_in`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UniqueHold {
+    /// The stored key ([`Unique::stored_key`]).
+    pub key: String,
+    /// Which states hold it.
+    pub scope: UniqueScopeKind,
+}
+
 /// The lease a running job is held under.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Lease {
@@ -352,6 +500,8 @@ pub struct Job {
     pub started_at: Option<Timestamp>,
     /// When it reached its terminal state.
     pub finished_at: Option<Timestamp>,
+    /// Its unique key, if it was inserted with one.
+    pub unique: Option<UniqueHold>,
 }
 
 impl PartialEq for Job {
@@ -375,6 +525,7 @@ impl PartialEq for Job {
             && self.created_at == other.created_at
             && self.started_at == other.started_at
             && self.finished_at == other.finished_at
+            && self.unique == other.unique
     }
 }
 
@@ -407,6 +558,10 @@ pub struct NewJob {
     pub backoff: Backoff,
     /// Labels, at most [`NewJob::MAX_TAGS`], each at most [`NewJob::MAX_TAG_LEN`] bytes.
     pub tags: Vec<String>,
+    /// Uniqueness: if another job of the tenant holds this key, the insert returns that job
+    /// instead of creating this one.
+    #[serde(default)]
+    pub unique: Option<Unique>,
 }
 
 impl NewJob {
@@ -445,7 +600,17 @@ impl NewJob {
             timeout: Self::DEFAULT_TIMEOUT,
             backoff: Backoff::default(),
             tags: Vec::new(),
+            unique: None,
         }
+    }
+
+    /// Makes the job unique by `key` within `scope` (see [`Unique`]).
+    pub fn unique(mut self, key: impl Into<String>, scope: UniqueScope) -> Self {
+        self.unique = Some(Unique {
+            key: key.into(),
+            scope,
+        });
+        self
     }
 
     /// Sets the queue.
@@ -578,6 +743,11 @@ impl NewJob {
                 );
             }
         }
+        if let Some(u) = &self.unique {
+            for (field, message) in u.problems() {
+                bad(field, message);
+            }
+        }
         if errors.is_empty() {
             Ok(())
         } else {
@@ -614,21 +784,25 @@ impl NewJob {
             created_at: now,
             started_at: None,
             finished_at: None,
+            unique: self.unique.map(|u| UniqueHold {
+                key: u.stored_key(now),
+                scope: u.scope.kind(),
+            }),
         }
     }
 }
 
 /// Serialises a `Duration` as whole milliseconds, the unit used by the API and the stores.
-mod duration_ms {
+pub(crate) mod duration_ms {
     use std::time::Duration;
 
     use serde::{Deserialize, Deserializer, Serializer};
 
-    pub(super) fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    pub(crate) fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
         s.serialize_u64(d.as_millis().min(u128::from(u64::MAX)) as u64)
     }
 
-    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    pub(crate) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
         u64::deserialize(d).map(Duration::from_millis)
     }
 }

@@ -14,14 +14,18 @@ pub mod clock;
 pub mod error;
 pub mod ids;
 pub mod job;
+pub mod schedule;
 pub mod store;
 
 pub use backoff::Backoff;
 pub use clock::{Clock, ManualClock, SystemClock, Timestamp};
 pub use error::{FieldError, StoreError, ValidationErrors};
-pub use ids::{IdempotencyKey, JobId, JobKind, LeaseToken, QueueName, TenantId, WorkerId};
-pub use job::{
-    AttemptError, IllegalTransition, Job, JobState, Lease, NewJob, Priority, Transition,
-    next_attempt_at,
+pub use ids::{
+    IdempotencyKey, JobId, JobKind, LeaseToken, QueueName, ScheduleName, TenantId, WorkerId,
 };
-pub use store::{Store, WakeupStream};
+pub use job::{
+    AttemptError, IllegalTransition, Job, JobState, Lease, NewJob, Priority, Transition, Unique,
+    UniqueHold, UniqueScope, UniqueScopeKind, next_attempt_at,
+};
+pub use schedule::{CronSpec, JobTemplate, NewSchedule, Schedule};
+pub use store::{ChangeStream, Store, WakeupStream};

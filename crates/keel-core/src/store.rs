@@ -18,8 +18,11 @@ use serde_json::value::RawValue;
 use crate::backoff::Backoff;
 use crate::clock::{Timestamp, truncate_micros};
 use crate::error::StoreError;
-use crate::ids::{IdempotencyKey, JobId, JobKind, LeaseToken, QueueName, TenantId, WorkerId};
+use crate::ids::{
+    IdempotencyKey, JobId, JobKind, LeaseToken, QueueName, ScheduleName, TenantId, WorkerId,
+};
 use crate::job::{Job, JobState, NewJob, next_attempt_at};
+use crate::schedule::{NewSchedule, Schedule};
 
 /// Identifies one lease of one job: what a worker presents to prove it still holds it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -325,6 +328,93 @@ pub enum IdempotentOutcome {
     Replayed(StoredResponse),
 }
 
+/// The maintenance leader's term number. It increases by one every time leadership passes
+/// to another replica (never on a renewal), so a write made by a former leader can be told
+/// from one made by the current leader (a fencing token).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub struct LeaderEpoch(pub u64);
+
+impl std::fmt::Display for LeaderEpoch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+/// Ask to become, or stay, the maintenance leader.
+#[derive(Debug, Clone)]
+pub struct CampaignParams {
+    /// Who asks: this replica's id.
+    pub owner: WorkerId,
+    /// How long the term lasts unless renewed. Another replica can take over only after it
+    /// lapses, so this bounds how long maintenance and cron pause when a leader dies.
+    pub ttl: Duration,
+}
+
+/// Who leads, as the store answered a campaign.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Leadership {
+    /// The current leader (the caller, if its campaign won or renewed).
+    pub owner: WorkerId,
+    /// Its term.
+    pub epoch: LeaderEpoch,
+    /// When its term lapses unless renewed.
+    pub expires_at: Timestamp,
+}
+
+/// Proof that a write is made by the current leader: the store refuses it with
+/// [`StoreError::NotLeader`] unless `owner` still holds the term `epoch`, unexpired.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fence {
+    /// The leader.
+    pub owner: WorkerId,
+    /// Its term.
+    pub epoch: LeaderEpoch,
+}
+
+/// Enqueue cron ticks of one schedule.
+#[derive(Debug, Clone)]
+pub struct TickParams {
+    /// The schedule's tenant.
+    pub tenant: TenantId,
+    /// The schedule.
+    pub schedule: ScheduleName,
+    /// Each tick and the job it enqueues, oldest first.
+    pub ticks: Vec<(Timestamp, NewJob)>,
+    /// The leader's fence (see [`Fence`]).
+    pub fence: Fence,
+}
+
+/// What [`Store::enqueue_ticks`] did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TickOutcome {
+    /// Ticks enqueued now, each with its job.
+    pub enqueued: Vec<(Timestamp, JobId)>,
+    /// Ticks skipped because they had been enqueued before (the `(schedule, tick)` key
+    /// exists), or because the schedule was paused or deleted meanwhile.
+    pub skipped: usize,
+}
+
+/// A job changed state, as announced to every replica sharing the database.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StateChange {
+    /// The job.
+    pub id: JobId,
+    /// Its queue.
+    pub queue: QueueName,
+    /// The state it moved to.
+    pub state: JobState,
+}
+
+/// State changes made by any process sharing the database (Postgres `NOTIFY`), including
+/// this one. Best effort, like [`WakeupStream`]: a change made while the listening
+/// connection was down is not delivered, so a consumer must also re-read what it waits for
+/// on a timer.
+#[async_trait]
+pub trait ChangeStream: Send {
+    /// The next change, or `None` when the stream has ended (store closed).
+    async fn next(&mut self) -> Option<StateChange>;
+}
+
 /// Notices that jobs became available in a queue, sent by other processes sharing the
 /// database (Postgres `LISTEN/NOTIFY`), so an idle dispatcher starts a job within
 /// milliseconds of another replica's enqueue instead of at its next poll.
@@ -345,6 +435,11 @@ pub trait Store: Send + Sync + 'static {
     /// Inserts every job or none (one transaction). Each job is validated first; the first
     /// invalid one fails the call with [`StoreError::Invalid`]. A duplicate id is a
     /// [`StoreError::Conflict`]. Returns the stored jobs in input order.
+    ///
+    /// A job with a [`NewJob::unique`] key that another job of its tenant holds (see
+    /// [`crate::UniqueScopeKind::holds_in`]) is not inserted: the holder is returned in its
+    /// place (its id differs from the one asked for). The database enforces this, so
+    /// concurrent inserts of one key from any number of processes create one job.
     async fn insert(&self, jobs: Vec<NewJob>) -> Result<Vec<Job>, StoreError>;
 
     /// One job by id.
@@ -425,6 +520,67 @@ pub trait Store: Send + Sync + 'static {
     /// queue; [`Store::lease`] returns nothing from it until it is resumed.
     async fn set_queue_paused(&self, queue: QueueName, paused: bool) -> Result<(), StoreError>;
 
+    /// Becomes or stays the maintenance leader if the term is free, lapsed, or the caller's
+    /// own (renewed to `now + ttl`); returns who leads either way. A new leader gets the
+    /// previous epoch + 1.
+    async fn campaign(&self, params: CampaignParams) -> Result<Leadership, StoreError>;
+
+    /// Gives up leadership if `owner` holds it (graceful shutdown), so another replica takes
+    /// over at its next campaign instead of after the term lapses.
+    async fn resign(&self, owner: &WorkerId) -> Result<(), StoreError>;
+
+    /// Creates a schedule, or replaces one of the same tenant and name when `replace`
+    /// (keeping its `created_at` and `last_tick_at`). Returns it and whether it was created.
+    /// Without `replace`, an existing schedule is a [`StoreError::Conflict`]. The caller
+    /// validates it first ([`NewSchedule::validate`]).
+    async fn save_schedule(
+        &self,
+        schedule: NewSchedule,
+        replace: bool,
+    ) -> Result<(Schedule, bool), StoreError>;
+
+    /// One schedule, or [`StoreError::ScheduleNotFound`].
+    async fn get_schedule(
+        &self,
+        tenant: &TenantId,
+        name: &ScheduleName,
+    ) -> Result<Schedule, StoreError>;
+
+    /// Schedules of one tenant, or of every tenant (maintenance), by tenant then name; at
+    /// most `limit`, after `(tenant, name)` when given (keyset pagination).
+    async fn list_schedules(
+        &self,
+        tenant: Option<&TenantId>,
+        after: Option<(TenantId, ScheduleName)>,
+        limit: u32,
+    ) -> Result<Vec<Schedule>, StoreError>;
+
+    /// Deletes a schedule (jobs it enqueued stay), or [`StoreError::ScheduleNotFound`].
+    async fn delete_schedule(
+        &self,
+        tenant: &TenantId,
+        name: &ScheduleName,
+    ) -> Result<(), StoreError>;
+
+    /// Pauses or resumes a schedule; returns it.
+    async fn set_schedule_paused(
+        &self,
+        tenant: &TenantId,
+        name: &ScheduleName,
+        paused: bool,
+    ) -> Result<Schedule, StoreError>;
+
+    /// Enqueues cron ticks exactly once (G4). In one transaction: checks the fence
+    /// ([`StoreError::NotLeader`] if stale), and for each tick not yet recorded for the
+    /// schedule, records the `(schedule, tick)` key and inserts its job; then moves the
+    /// schedule's `last_tick_at` forward. A tick recorded before is skipped, whoever
+    /// recorded it; so is every tick of a schedule paused or deleted meanwhile.
+    async fn enqueue_ticks(&self, params: TickParams) -> Result<TickOutcome, StoreError>;
+
+    /// Forgets tick records older than `before` (they only guard against enqueuing a tick
+    /// twice, and no tick that old is due any more); returns how many.
+    async fn delete_old_ticks(&self, before: Timestamp, limit: u32) -> Result<u64, StoreError>;
+
     /// Checks the database answers (readiness).
     async fn ping(&self) -> Result<(), StoreError>;
 
@@ -435,6 +591,17 @@ pub trait Store: Send + Sync + 'static {
     /// a store only one process uses (SQLite), where in-process wakeups cover every
     /// enqueue. Each call returns an independent stream.
     fn wakeups(&self) -> Option<Box<dyn WakeupStream>> {
+        None
+    }
+
+    /// Job state changes made by any process sharing the database, if the backend can
+    /// deliver them across processes (Postgres); `None` for SQLite, where the runtime's
+    /// in-process events already see every change. Announced: cancels (including of a
+    /// running job, so the replica running it stops it), retries and rescues. Completions
+    /// and failures are not (on Postgres a notifying transaction serialises commits, which
+    /// cost the completion path 15–20 %): a consumer waiting for a job to finish on another
+    /// process re-reads it on a timer. Each call returns an independent stream.
+    fn changes(&self) -> Option<Box<dyn ChangeStream>> {
         None
     }
 

@@ -28,12 +28,13 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use keel_core::store::{
-    Completion, FailParams, HeartbeatParams, IdempotentInsert, IdempotentOutcome, JobPage,
-    LeaseParams, LeaseRef, ListParams, PoolStats, PromoteParams, Promoted, QueueStats,
-    RescueParams, Rescued, RetentionParams,
+    CampaignParams, Completion, FailParams, HeartbeatParams, IdempotentInsert, IdempotentOutcome,
+    JobPage, Leadership, LeaseParams, LeaseRef, ListParams, PoolStats, PromoteParams, Promoted,
+    QueueStats, RescueParams, Rescued, RetentionParams, TickOutcome, TickParams,
 };
 use keel_core::{
-    Backoff, Job, JobId, NewJob, QueueName, Store, StoreError, Timestamp, WakeupStream,
+    Backoff, ChangeStream, Job, JobId, NewJob, NewSchedule, QueueName, Schedule, ScheduleName,
+    Store, StoreError, TenantId, Timestamp, WakeupStream, WorkerId,
 };
 use tokio::sync::{Semaphore, SemaphorePermit};
 use tokio::time::Instant;
@@ -297,6 +298,70 @@ impl Store for GuardedStore {
         self.write(self.inner.set_queue_paused(queue, paused)).await
     }
 
+    /// A write like any other: a campaign that the guard refuses (breaker open, bulkhead
+    /// full) is a failed campaign, and the leader steps down at once, which is what losing
+    /// the database must mean.
+    async fn campaign(&self, params: CampaignParams) -> Result<Leadership, StoreError> {
+        self.write(self.inner.campaign(params)).await
+    }
+
+    async fn resign(&self, owner: &WorkerId) -> Result<(), StoreError> {
+        self.write(self.inner.resign(owner)).await
+    }
+
+    async fn save_schedule(
+        &self,
+        schedule: NewSchedule,
+        replace: bool,
+    ) -> Result<(Schedule, bool), StoreError> {
+        self.write(self.inner.save_schedule(schedule, replace))
+            .await
+    }
+
+    async fn get_schedule(
+        &self,
+        tenant: &TenantId,
+        name: &ScheduleName,
+    ) -> Result<Schedule, StoreError> {
+        self.read(|| self.inner.get_schedule(tenant, name)).await
+    }
+
+    async fn list_schedules(
+        &self,
+        tenant: Option<&TenantId>,
+        after: Option<(TenantId, ScheduleName)>,
+        limit: u32,
+    ) -> Result<Vec<Schedule>, StoreError> {
+        self.read(|| self.inner.list_schedules(tenant, after.clone(), limit))
+            .await
+    }
+
+    async fn delete_schedule(
+        &self,
+        tenant: &TenantId,
+        name: &ScheduleName,
+    ) -> Result<(), StoreError> {
+        self.write(self.inner.delete_schedule(tenant, name)).await
+    }
+
+    async fn set_schedule_paused(
+        &self,
+        tenant: &TenantId,
+        name: &ScheduleName,
+        paused: bool,
+    ) -> Result<Schedule, StoreError> {
+        self.write(self.inner.set_schedule_paused(tenant, name, paused))
+            .await
+    }
+
+    async fn enqueue_ticks(&self, params: TickParams) -> Result<TickOutcome, StoreError> {
+        self.write(self.inner.enqueue_ticks(params)).await
+    }
+
+    async fn delete_old_ticks(&self, before: Timestamp, limit: u32) -> Result<u64, StoreError> {
+        self.write(self.inner.delete_old_ticks(before, limit)).await
+    }
+
     /// Readiness asks the database itself, past the breaker and the bulkhead: a probe that
     /// only echoed the breaker could never see the database come back. Injected faults
     /// still apply, so `DB_FAILURE` makes `/readyz` fail as a real outage would.
@@ -313,6 +378,12 @@ impl Store for GuardedStore {
 
     fn wakeups(&self) -> Option<Box<dyn WakeupStream>> {
         self.inner.wakeups()
+    }
+
+    /// Passes through like [`Store::wakeups`]: the stream is one long-lived listener, not a
+    /// call to bound or retry.
+    fn changes(&self) -> Option<Box<dyn ChangeStream>> {
+        self.inner.changes()
     }
 
     async fn close(&self) {
@@ -549,6 +620,51 @@ mod tests {
         }
         async fn set_queue_paused(&self, q: QueueName, p: bool) -> Result<(), StoreError> {
             self.inner.set_queue_paused(q, p).await
+        }
+        async fn campaign(&self, p: CampaignParams) -> Result<Leadership, StoreError> {
+            self.inner.campaign(p).await
+        }
+        async fn resign(&self, o: &WorkerId) -> Result<(), StoreError> {
+            self.inner.resign(o).await
+        }
+        async fn save_schedule(
+            &self,
+            s: NewSchedule,
+            replace: bool,
+        ) -> Result<(Schedule, bool), StoreError> {
+            self.inner.save_schedule(s, replace).await
+        }
+        async fn get_schedule(
+            &self,
+            t: &TenantId,
+            n: &ScheduleName,
+        ) -> Result<Schedule, StoreError> {
+            self.inner.get_schedule(t, n).await
+        }
+        async fn list_schedules(
+            &self,
+            t: Option<&TenantId>,
+            after: Option<(TenantId, ScheduleName)>,
+            limit: u32,
+        ) -> Result<Vec<Schedule>, StoreError> {
+            self.inner.list_schedules(t, after, limit).await
+        }
+        async fn delete_schedule(&self, t: &TenantId, n: &ScheduleName) -> Result<(), StoreError> {
+            self.inner.delete_schedule(t, n).await
+        }
+        async fn set_schedule_paused(
+            &self,
+            t: &TenantId,
+            n: &ScheduleName,
+            p: bool,
+        ) -> Result<Schedule, StoreError> {
+            self.inner.set_schedule_paused(t, n, p).await
+        }
+        async fn enqueue_ticks(&self, p: TickParams) -> Result<TickOutcome, StoreError> {
+            self.inner.enqueue_ticks(p).await
+        }
+        async fn delete_old_ticks(&self, b: Timestamp, n: u32) -> Result<u64, StoreError> {
+            self.inner.delete_old_ticks(b, n).await
         }
         async fn ping(&self) -> Result<(), StoreError> {
             self.inner.ping().await

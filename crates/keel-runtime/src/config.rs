@@ -38,6 +38,17 @@ pub struct RuntimeConfig {
     pub shutdown_grace: Duration,
     /// Promotion, rescue and cleanup.
     pub maintenance: MaintenanceConfig,
+    /// How long the maintenance leader's term lasts unless renewed. Only the leader runs
+    /// maintenance and cron; it renews every third of this, and steps down on its own as
+    /// soon as a renewal fails or is overdue (each campaign is bounded by a quarter of it),
+    /// so it never acts on a term it cannot prove. When a leader dies, the others take over
+    /// once its term lapses: this bounds how long promotion, rescue and cron pause. Shorter
+    /// means faster takeover and more campaign writes (one per replica per third of it).
+    pub leader_ttl: Duration,
+    /// Longest the cron loop sleeps between two looks at the schedules. It wakes for the
+    /// next tick of any schedule it knows; this bounds how long a schedule created or
+    /// changed meanwhile (on any replica) goes unnoticed.
+    pub cron_refresh: Duration,
     /// The built-in `webhook` executor.
     pub webhook: WebhookConfig,
 }
@@ -55,6 +66,8 @@ impl Default for RuntimeConfig {
             poll_interval: Duration::from_secs(1),
             shutdown_grace: Duration::from_secs(30),
             maintenance: MaintenanceConfig::default(),
+            leader_ttl: Self::DEFAULT_LEADER_TTL,
+            cron_refresh: Duration::from_secs(1),
             webhook: WebhookConfig::default(),
         }
     }
@@ -327,6 +340,14 @@ impl fmt::Display for InvalidConfig {
 impl std::error::Error for InvalidConfig {}
 
 impl RuntimeConfig {
+    /// Default [`RuntimeConfig::leader_ttl`]: maintenance and cron pause at most this long
+    /// after a leader dies.
+    pub const DEFAULT_LEADER_TTL: Duration = Duration::from_secs(5);
+    /// Shortest accepted [`RuntimeConfig::leader_ttl`]: a term must outlast a few database
+    /// round trips and the scheduling jitter of a busy machine, or a healthy leader would
+    /// keep stepping down.
+    pub const MIN_LEADER_TTL: Duration = Duration::from_millis(500);
+
     /// Checks the fields against each other and their bounds; reports every problem at once.
     pub fn validate(&self) -> Result<(), InvalidConfig> {
         let mut errors = Vec::new();
@@ -368,6 +389,16 @@ impl RuntimeConfig {
         if self.maintenance.batch == 0 {
             errors.push("maintenance.batch must be at least 1".to_owned());
         }
+        if self.leader_ttl < Self::MIN_LEADER_TTL {
+            errors.push(format!(
+                "leader_ttl must be at least {} ms, got {} ms",
+                Self::MIN_LEADER_TTL.as_millis(),
+                self.leader_ttl.as_millis()
+            ));
+        }
+        if self.cron_refresh.is_zero() {
+            errors.push("cron_refresh must be above zero".to_owned());
+        }
         self.webhook.check(&mut errors);
         if errors.is_empty() {
             Ok(())
@@ -403,6 +434,10 @@ impl RuntimeConfig {
             self.maintenance.interval = MaintenanceConfig::default().interval;
         }
         self.maintenance.batch = self.maintenance.batch.max(1);
+        self.leader_ttl = self.leader_ttl.max(Self::MIN_LEADER_TTL);
+        if self.cron_refresh.is_zero() {
+            self.cron_refresh = Duration::from_secs(1);
+        }
         self
     }
 }
@@ -532,6 +567,8 @@ mod tests {
                 batch: 0,
                 ..MaintenanceConfig::default()
             },
+            leader_ttl: Duration::from_millis(10),
+            cron_refresh: Duration::ZERO,
             ..RuntimeConfig::default()
         };
         let errs = c.validate().unwrap_err().0;
@@ -541,6 +578,8 @@ mod tests {
             "heartbeat_every",
             "poll_interval",
             "batch",
+            "leader_ttl",
+            "cron_refresh",
         ] {
             assert!(
                 errs.iter().any(|e| e.contains(needle)),

@@ -1,14 +1,16 @@
 //! What the rest of Keel (the API, the binary) holds to talk to a running runtime, without
 //! reaching into its tasks: wake a queue's dispatcher after an enqueue, cancel a job that is
-//! running here, and follow job state changes (for `POST /v1/process`, and later `Watch`).
+//! running here, follow job state changes (for `POST /v1/process`, and later `Watch`), and
+//! see whether this replica is the maintenance leader.
 //!
-//! All three are cheap to clone and share; none holds a lock across an await.
+//! All four are cheap to clone and share; none holds a lock across an await.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
+use keel_core::store::LeaderEpoch;
 use keel_core::{Job, JobId, JobState, QueueName};
-use tokio::sync::{Notify, broadcast};
+use tokio::sync::{Notify, broadcast, watch};
 use tokio_util::sync::CancellationToken;
 
 /// A job changed state. Carries no payload: a subscriber that cares reads the job.
@@ -141,6 +143,71 @@ impl RunningJobs {
     }
 }
 
+/// Whether this replica is the maintenance leader, and under which term: `Some(epoch)` while
+/// it leads, `None` otherwise (including before the first campaign and after shutdown).
+///
+/// Written only by the runtime's leader task (and by the loops that find out from the store
+/// that the term is gone); everyone else reads. A `watch` rather than a flag so a loop can
+/// sleep until leadership changes instead of polling it.
+#[derive(Debug, Clone)]
+pub struct LeaderWatch {
+    tx: Arc<watch::Sender<Option<LeaderEpoch>>>,
+}
+
+impl Default for LeaderWatch {
+    fn default() -> Self {
+        Self {
+            tx: Arc::new(watch::Sender::new(None)),
+        }
+    }
+}
+
+impl LeaderWatch {
+    /// The term this replica leads under now, if it leads.
+    pub fn current(&self) -> Option<LeaderEpoch> {
+        *self.tx.borrow()
+    }
+
+    /// Whether this replica leads now.
+    pub fn is_leader(&self) -> bool {
+        self.current().is_some()
+    }
+
+    /// Follows changes: `changed().await` returns when this replica gains or loses the lead.
+    pub fn subscribe(&self) -> watch::Receiver<Option<LeaderEpoch>> {
+        self.tx.subscribe()
+    }
+
+    /// Publishes `state`; returns the previous one. Subscribers are woken only when it
+    /// differs, so a renewal (same term) wakes nobody.
+    pub(crate) fn set(&self, state: Option<LeaderEpoch>) -> Option<LeaderEpoch> {
+        let mut previous = None;
+        self.tx.send_if_modified(|current| {
+            previous = *current;
+            if *current == state {
+                false
+            } else {
+                *current = state;
+                true
+            }
+        });
+        previous
+    }
+
+    /// Publishes `None` if the current term is still `epoch` (a later term, won meanwhile,
+    /// is not undone by news about an earlier one); returns whether it did.
+    pub(crate) fn clear_if(&self, epoch: LeaderEpoch) -> bool {
+        self.tx.send_if_modified(|state| {
+            if *state == Some(epoch) {
+                *state = None;
+                true
+            } else {
+                false
+            }
+        })
+    }
+}
+
 /// Everything outside the runtime needs from it. Clone freely.
 #[derive(Debug, Clone)]
 pub struct RuntimeHandle {
@@ -150,6 +217,9 @@ pub struct RuntimeHandle {
     pub wakeups: Wakeups,
     /// Jobs running in this process.
     pub running: RunningJobs,
+    /// Whether this replica is the maintenance leader (for readiness reports, the API and
+    /// tests).
+    pub leadership: LeaderWatch,
 }
 
 impl RuntimeHandle {
@@ -159,6 +229,7 @@ impl RuntimeHandle {
             events: Events::new(event_capacity),
             wakeups: Wakeups::new(queues),
             running: RunningJobs::default(),
+            leadership: LeaderWatch::default(),
         }
     }
 }
@@ -194,6 +265,23 @@ mod tests {
         assert!(token.is_cancelled());
         r.remove(id);
         assert!(r.is_empty());
+    }
+
+    #[tokio::test]
+    async fn news_of_a_lost_term_does_not_undo_a_later_one() {
+        let l = LeaderWatch::default();
+        let mut rx = l.subscribe();
+        assert!(!l.is_leader());
+        assert_eq!(l.set(Some(LeaderEpoch(3))), None);
+        rx.changed().await.unwrap();
+        assert_eq!(*rx.borrow_and_update(), Some(LeaderEpoch(3)));
+        assert_eq!(l.set(Some(LeaderEpoch(3))), Some(LeaderEpoch(3)));
+        assert!(!rx.has_changed().unwrap(), "a renewal wakes nobody");
+        assert!(!l.clear_if(LeaderEpoch(2)), "an older term");
+        assert_eq!(l.current(), Some(LeaderEpoch(3)));
+        assert!(l.clear_if(LeaderEpoch(3)));
+        assert!(!l.is_leader());
+        assert!(rx.has_changed().unwrap());
     }
 
     #[tokio::test]

@@ -1,14 +1,18 @@
 //! Maintenance: make due jobs available (promote), take back jobs whose lease expired
-//! (rescue), and delete finished jobs and idempotency keys past retention.
+//! (rescue), and delete finished jobs, idempotency keys and cron tick records past
+//! retention.
 //!
-//! Every step is a batched store call that is safe to run from several replicas at once
-//! (the statements skip rows another transaction holds), so running it everywhere is
-//! correct, if wasteful, until leader election arrives. Each step repeats while its batch
-//! comes back full, so a backlog drains in short transactions; a failing step is logged and
-//! the pass moves on to the next one.
+//! Only the maintenance leader runs it (see `leader.rs`), so N replicas do not run N times
+//! the same statements. That is for efficiency only: every step is a batched store call
+//! that is safe to run from several replicas at once (the statements skip rows another
+//! transaction holds), so a pass that overlaps a leadership handover does no harm. Each step
+//! repeats while its batch comes back full, so a backlog drains in short transactions; a
+//! failing step is logged and the pass moves on to the next one.
 
 use std::sync::Arc;
+use std::time::Duration;
 
+use keel_core::NewSchedule;
 use keel_core::clock::to_delta;
 use keel_core::store::{PromoteParams, RescueParams, RetentionParams};
 use tokio::time::MissedTickBehavior;
@@ -22,15 +26,39 @@ use crate::telemetry;
 /// others (the next pass continues it).
 const MAX_BATCHES_PER_PASS: usize = 100;
 
-/// Runs a pass every `maintenance.interval`, the first one at once, until `stop` fires.
+/// Cron tick records are kept this much longer than the longest catch-up window: a tick
+/// that old can never be due again, so its record no longer guards anything.
+const TICK_RECORD_MARGIN: Duration = Duration::from_secs(24 * 3600);
+
+/// While this replica leads, runs a pass every `maintenance.interval`, the first one as
+/// soon as it becomes leader; until `stop` fires.
 pub(crate) async fn run(shared: Arc<Shared>, stop: CancellationToken) {
-    let mut tick = tokio::time::interval(shared.config.maintenance.interval);
-    tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            biased;
-            () = stop.cancelled() => break,
-            _ = tick.tick() => pass(&shared, &stop).await,
+    let mut leadership = shared.handle.leadership.subscribe();
+    'terms: loop {
+        if leadership.borrow_and_update().is_none() {
+            tokio::select! {
+                biased;
+                () = stop.cancelled() => break,
+                changed = leadership.changed() => if changed.is_err() { break },
+            }
+            continue;
+        }
+        // A fresh interval per term: its first tick fires at once.
+        let mut tick = tokio::time::interval(shared.config.maintenance.interval);
+        tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                biased;
+                () = stop.cancelled() => break 'terms,
+                changed = leadership.changed() => {
+                    if changed.is_err() {
+                        break 'terms;
+                    }
+                    // Lost, or a new term: decide again.
+                    continue 'terms;
+                }
+                _ = tick.tick() => pass(&shared, &stop).await,
+            }
         }
     }
     tracing::debug!("maintenance stopped");
@@ -129,6 +157,26 @@ pub(crate) async fn pass(shared: &Shared, stop: &CancellationToken) {
                 telemetry::store_error("delete_idempotency_keys");
                 telemetry::report_store_error("deleting expired idempotency keys", &e);
                 break;
+            }
+        }
+    }
+
+    if let Some(before) =
+        now.checked_sub_signed(to_delta(NewSchedule::MAX_CATCH_UP + TICK_RECORD_MARGIN))
+    {
+        for _ in 0..MAX_BATCHES_PER_PASS {
+            match shared.store.delete_old_ticks(before, batch).await {
+                Ok(n) => {
+                    telemetry::deleted("schedule_ticks", n);
+                    if !full(n) || stop.is_cancelled() {
+                        break;
+                    }
+                }
+                Err(e) => {
+                    telemetry::store_error("delete_old_ticks");
+                    telemetry::report_store_error("deleting old cron tick records", &e);
+                    break;
+                }
             }
         }
     }

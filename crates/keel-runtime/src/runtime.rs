@@ -1,10 +1,13 @@
 //! The runtime as a whole: starting every loop, and the two-phase stop (G6).
 //!
 //! Tasks and their tokens:
-//! - one dispatcher per queue, and maintenance, stop at phase 1 (`draining`);
+//! - one dispatcher per queue, the leader task, maintenance and cron stop at phase 1
+//!   (`draining`); the leader task then resigns, so another replica takes over at once;
 //! - job tasks (workers and their handlers) are tracked in one [`TaskTracker`]; each job's
 //!   token is a child of `hard_stop`, which fires at phase 2;
-//! - heartbeats stop last, once every job has ended, so leases live through the grace.
+//! - heartbeats stop last, once every job has ended, so leases live through the grace; so
+//!   does the forwarding of other replicas' state changes, so a cancel made elsewhere still
+//!   reaches a job running here during the grace.
 //!
 //! All tokens descend from one root, cancelled when the [`Runtime`] is dropped, so a runtime
 //! dropped without [`Runtime::shutdown`] still stops (abruptly) rather than leaking loops.
@@ -14,17 +17,17 @@ use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use keel_core::{Clock, QueueName, Store, SystemClock, WakeupStream};
+use keel_core::{ChangeStream, Clock, JobState, QueueName, Store, SystemClock, WakeupStream};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::completer::Completer;
 use crate::config::RuntimeConfig;
-use crate::handle::RuntimeHandle;
+use crate::handle::{JobEvent, RuntimeHandle};
 use crate::handler::Handlers;
 use crate::inflight::Inflight;
-use crate::{dispatcher, heartbeat, maintenance, telemetry};
+use crate::{cron, dispatcher, heartbeat, leader, maintenance, telemetry};
 
 /// What every loop and job task of one runtime shares.
 pub(crate) struct Shared {
@@ -48,6 +51,9 @@ pub(crate) struct Shared {
     pub(crate) released: AtomicUsize,
     /// Batches completions into one store write (see `completer.rs`).
     pub(crate) completer: Completer,
+    /// Asks the leader task to campaign now rather than at its next renewal (a fenced
+    /// write was refused: find out who leads).
+    pub(crate) recampaign: Notify,
     /// The wakeup of each queue served here.
     wakers: HashMap<QueueName, Arc<Notify>>,
 }
@@ -98,8 +104,9 @@ impl std::fmt::Debug for Shared {
 }
 
 impl Runtime {
-    /// Starts a dispatcher and worker pool for each configured queue, the heartbeat task
-    /// and the maintenance task. Returns at once; jobs start running in the background.
+    /// Starts a dispatcher and worker pool for each configured queue, the heartbeat task,
+    /// the leader task, and maintenance and cron (which act only while this replica leads).
+    /// Returns at once; jobs start running in the background.
     ///
     /// `handle` is what the API holds: its [`crate::Wakeups`] should cover every configured
     /// queue (build it with [`RuntimeHandle::new`] from the same queue names), otherwise a
@@ -153,6 +160,7 @@ impl Runtime {
         // is left unwritten.
         let completer = Completer::spawn(Arc::clone(&store), &background, stop_heartbeats.clone());
         let wakeups = store.wakeups();
+        let changes = store.changes();
         let shared = Arc::new(Shared {
             store,
             handlers,
@@ -166,12 +174,20 @@ impl Runtime {
             finished_in_grace: AtomicUsize::new(0),
             released: AtomicUsize::new(0),
             completer,
+            recampaign: Notify::new(),
             wakers,
         });
         let loops_alive = Arc::new(AtomicUsize::new(0));
         let dispatchers = TaskTracker::new();
         if let Some(stream) = wakeups {
             background.spawn(forward_wakeups(Arc::clone(&shared), stream));
+        }
+        if let Some(stream) = changes {
+            background.spawn(forward_changes(
+                Arc::clone(&shared),
+                stream,
+                stop_heartbeats.clone(),
+            ));
         }
         for q in &shared.config.queues {
             let wake = Arc::clone(&shared.wakers[&q.name]);
@@ -180,9 +196,13 @@ impl Runtime {
         }
         let run = heartbeat::run(Arc::clone(&shared), stop_heartbeats.clone());
         spawn_loop(&background, &loops_alive, run);
+        let run = leader::run(Arc::clone(&shared), shared.draining.clone());
+        spawn_loop(&background, &loops_alive, run);
         let run = maintenance::run(Arc::clone(&shared), shared.draining.clone());
         spawn_loop(&background, &loops_alive, run);
-        let loops_started = shared.config.queues.len() + 2;
+        let run = cron::run(Arc::clone(&shared), shared.draining.clone());
+        spawn_loop(&background, &loops_alive, run);
+        let loops_started = shared.config.queues.len() + 4;
         dispatchers.close();
         background.close();
         tracing::info!(
@@ -211,7 +231,8 @@ impl Runtime {
         self.shared.inflight.len()
     }
 
-    /// Whether every loop (dispatchers, heartbeats, maintenance) is still running and no
+    /// Whether every loop (dispatchers, heartbeats, leader, maintenance, cron) is still
+    /// running and no
     /// shutdown has begun. A loop only ends early if it panicked, which leaves its queue
     /// unserved or its leases unrenewed: a liveness probe should restart the process.
     pub fn is_healthy(&self) -> bool {
@@ -219,7 +240,8 @@ impl Runtime {
             && self.loops_alive.load(Ordering::Relaxed) == self.loops_started
     }
 
-    /// The two-phase stop of G6. Phase 1: dispatchers stop leasing and maintenance stops;
+    /// The two-phase stop of G6. Phase 1: dispatchers stop leasing, maintenance and cron
+    /// stop, and this replica resigns the leadership if it held it;
     /// running jobs get up to `shutdown_grace` to finish normally. Phase 2: the jobs still
     /// running have their tokens cancelled and are released back to `available` without
     /// counting the attempt; a handler that ignores its token is aborted after two more
@@ -285,6 +307,40 @@ async fn forward_wakeups(shared: Arc<Shared>, mut stream: Box<dyn WakeupStream>)
                 None => return,
             },
         }
+    }
+}
+
+/// Feeds state changes made by any replica (Postgres `NOTIFY`) into this runtime's events,
+/// so a `POST /v1/process` waiting here sees a job finished elsewhere; and stops a job
+/// running here when it was cancelled through another replica. Changes made here arrive
+/// too: subscribers re-read the job, and cancelling a job that already stopped is a no-op.
+/// Runs until the heartbeats stop (`stop`), i.e. through the shutdown grace, or the store
+/// closes the stream.
+async fn forward_changes(
+    shared: Arc<Shared>,
+    mut stream: Box<dyn ChangeStream>,
+    stop: CancellationToken,
+) {
+    loop {
+        let change = tokio::select! {
+            () = stop.cancelled() => return,
+            next = stream.next() => match next {
+                Some(change) => change,
+                None => return,
+            },
+        };
+        if change.state == JobState::Cancelled && shared.handle.running.cancel(change.id) {
+            tracing::info!(
+                job_id = %change.id,
+                queue = %change.queue,
+                "job was cancelled through another replica; stopping it"
+            );
+        }
+        shared.handle.events.publish(JobEvent {
+            id: change.id,
+            queue: change.queue,
+            state: change.state,
+        });
     }
 }
 

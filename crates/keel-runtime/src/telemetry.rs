@@ -29,7 +29,8 @@ pub const JOBS_LEASED: &str = "keel_jobs_leased_total";
 /// a possible duplicate run (G2), by queue.
 pub const LEASE_LOST: &str = "keel_jobs_lease_lost_total";
 /// Failed store calls of the runtime's loops, by `op` (lease, heartbeat, complete, fail,
-/// release, promote, rescue, delete_finished, delete_idempotency_keys).
+/// release, promote, rescue, delete_finished, delete_idempotency_keys, delete_old_ticks,
+/// campaign, resign, list_schedules, enqueue_ticks).
 pub const STORE_ERRORS: &str = "keel_runtime_store_errors_total";
 /// Jobs made available by the promoter, by queue.
 pub const MAINTENANCE_PROMOTED: &str = "keel_maintenance_promoted_total";
@@ -41,7 +42,7 @@ pub const MAINTENANCE_RESCUED: &str = "keel_maintenance_rescued_total";
 pub const DUPLICATE_RUNS: &str = "keel_jobs_duplicate_runs_total";
 /// Items per batched store write, by operation: `complete`, or `lease` (jobs per lease).
 pub const STORE_BATCH_SIZE: &str = "keel_store_batch_size";
-/// Rows deleted by retention, by `what` (jobs, idempotency_keys).
+/// Rows deleted by retention, by `what` (jobs, idempotency_keys, schedule_ticks).
 pub const MAINTENANCE_DELETED: &str = "keel_maintenance_deleted_total";
 /// Webhook attempts by `outcome`: what the receiver answered (`success`, `redirect`,
 /// `client_error`, `throttled` = 429, `server_error`), how the exchange failed (`timeout`,
@@ -55,6 +56,20 @@ pub const WEBHOOK_HOSTS_OPEN: &str = "keel_webhook_hosts_open";
 /// Webhook hosts whose protection state (breaker, limits) is kept in memory (gauge); at
 /// most the configured `max_hosts`, plus hosts with a request in flight.
 pub const WEBHOOK_HOSTS_TRACKED: &str = "keel_webhook_hosts_tracked";
+
+/// 1 while this replica is the maintenance leader, else 0 (gauge). Summed over replicas it
+/// should be 1, and 0 only briefly, while a dead leader's term lapses.
+pub const LEADER: &str = "keel_leader";
+/// Leadership changes of this replica, by `change`: `acquired` or `lost` (a failed or
+/// overdue renewal, a term taken over, a fenced write refused, or shutdown).
+pub const LEADER_CHANGES: &str = "keel_leader_changes_total";
+/// Cron ticks handled by the leader, by `outcome`: `enqueued` (its job was inserted now) or
+/// `skipped` (the tick had been enqueued before, or the schedule was paused or deleted
+/// meanwhile).
+pub const CRON_TICKS: &str = "keel_cron_ticks_total";
+/// Time from a cron tick to the insert of its job (histogram, seconds): how late the
+/// leader is, including leader handovers and caught-up ticks.
+pub const CRON_LATENESS: &str = "keel_cron_tick_lateness_seconds";
 
 /// How a job's run in this process ended: the `outcome` label of [`JOBS_FINISHED`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -140,6 +155,23 @@ pub fn describe_metrics() {
         WEBHOOK_HOSTS_TRACKED,
         "Webhook hosts whose breaker and limits are kept in memory."
     );
+    describe_gauge!(
+        LEADER,
+        "1 while this replica is the maintenance leader, else 0."
+    );
+    describe_counter!(
+        LEADER_CHANGES,
+        "Leadership changes of this replica (change = acquired | lost)."
+    );
+    describe_counter!(
+        CRON_TICKS,
+        "Cron ticks handled by the leader (outcome = enqueued | skipped)."
+    );
+    describe_histogram!(
+        CRON_LATENESS,
+        Unit::Seconds,
+        "Time from a cron tick to the insert of its job."
+    );
     describe_histogram!(
         STORE_BATCH_SIZE,
         Unit::Count,
@@ -191,6 +223,24 @@ pub(crate) fn rescued(queue: &QueueName, state: keel_core::JobState) {
 
 pub(crate) fn deleted(what: &'static str, n: u64) {
     counter!(MAINTENANCE_DELETED, "what" => what).increment(n);
+}
+
+pub(crate) fn leader(leading: bool) {
+    gauge!(LEADER).set(if leading { 1.0 } else { 0.0 });
+}
+
+pub(crate) fn leader_change(change: &'static str) {
+    counter!(LEADER_CHANGES, "change" => change).increment(1);
+}
+
+pub(crate) fn cron_ticks(outcome: &'static str, n: usize) {
+    if n > 0 {
+        counter!(CRON_TICKS, "outcome" => outcome).increment(n as u64);
+    }
+}
+
+pub(crate) fn cron_lateness(seconds: f64) {
+    histogram!(CRON_LATENESS).record(seconds.max(0.0));
 }
 
 pub(crate) fn webhook_request(outcome: &'static str) {

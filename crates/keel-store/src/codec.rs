@@ -1,7 +1,8 @@
-//! The JSON encodings of the structured columns (`backoff`, `tags`, `errors`), shared by
-//! both backends so a row means the same thing wherever it is stored.
+//! The JSON encodings of the structured columns (`backoff`, `tags`, `errors`, a schedule's
+//! `job` template), shared by both backends so a row means the same thing wherever it is
+//! stored.
 
-use keel_core::{AttemptError, Backoff, StoreError};
+use keel_core::{AttemptError, Backoff, JobTemplate, StoreError};
 use serde_json::value::RawValue;
 
 /// `backoff` column text.
@@ -38,4 +39,15 @@ pub(crate) fn errors_from_json(s: &str) -> Result<Vec<AttemptError>, StoreError>
 pub(crate) fn raw_json(s: String, what: &'static str) -> Result<Box<RawValue>, StoreError> {
     RawValue::from_string(s)
         .map_err(|e| StoreError::permanent(format!("decoding stored {what}"), e))
+}
+
+/// A schedule's `job` column text. The template's `args` are raw JSON and serialise
+/// verbatim, so they come back byte for byte.
+pub(crate) fn template_to_json(t: &JobTemplate) -> String {
+    serde_json::to_string(t).expect("a JobTemplate always serialises")
+}
+
+/// Parses a stored schedule `job` template.
+pub(crate) fn template_from_json(s: &str) -> Result<JobTemplate, StoreError> {
+    serde_json::from_str(s).map_err(|e| StoreError::permanent("decoding stored job template", e))
 }

@@ -71,6 +71,29 @@ pub(crate) fn key_reused(key: &keel_core::IdempotencyKey) -> StoreError {
     ))
 }
 
+/// The conflict both backends report when a manual retry would put a job back among the
+/// holders of its unique key while another job of its tenant holds that key (an `active` or
+/// `queued` job that finished, then a new job took the key). One wording for both stores.
+pub(crate) fn unique_key_held(id: keel_core::JobId) -> StoreError {
+    StoreError::Conflict(format!(
+        "job {id} cannot be retried now: another job of its tenant holds its unique key"
+    ))
+}
+
+/// The conflict both backends report when a schedule is created (not replaced) under a name
+/// its tenant already uses.
+pub(crate) fn schedule_exists(
+    tenant: &keel_core::TenantId,
+    name: &keel_core::ScheduleName,
+) -> StoreError {
+    StoreError::Conflict(format!(
+        "schedule {name} already exists in tenant {tenant} (replace it instead)"
+    ))
+}
+
+/// The `leaders` row the maintenance leader holds (the only role so far).
+pub(crate) const MAINTENANCE_ROLE: &str = "maintenance";
+
 /// Opens the store named by `url`, applies pending migrations, and returns it ready to use.
 pub async fn open(
     url: &DatabaseUrl,

@@ -44,6 +44,11 @@ pub const SQLITE: &[Migration] = &[
         name: "queues_idempotency",
         sql: include_str!("../migrations/sqlite/0002_queues_idempotency.sql"),
     },
+    Migration {
+        version: 3,
+        name: "scale_out",
+        sql: include_str!("../migrations/sqlite/0003_scale_out.sql"),
+    },
 ];
 
 /// The Postgres migrations, in order.
@@ -57,6 +62,11 @@ pub const POSTGRES: &[Migration] = &[
         version: 2,
         name: "queues_idempotency",
         sql: include_str!("../migrations/postgres/0002_queues_idempotency.sql"),
+    },
+    Migration {
+        version: 3,
+        name: "scale_out",
+        sql: include_str!("../migrations/postgres/0003_scale_out.sql"),
     },
 ];
 

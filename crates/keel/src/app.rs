@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use keel_api::{ApiConfig, ApiState, RateLimitConfig, Readiness};
+use keel_api::{ApiConfig, ApiState, JobCacheConfig, RateLimitConfig, Readiness};
 use keel_core::{JobKind, JobState, Store, SystemClock};
 use keel_diag::gauges::ProcessGauges;
 use keel_resilience::{Chaos, ChaosSettings, CircuitBreaker, GuardedStore, StoreGuardConfig};
@@ -60,7 +60,10 @@ impl std::fmt::Debug for App {
             .field("api", &self.api_listener.local_addr().ok())
             .field(
                 "admin",
-                &self.admin_listener.as_ref().and_then(|l| l.local_addr().ok()),
+                &self
+                    .admin_listener
+                    .as_ref()
+                    .and_then(|l| l.local_addr().ok()),
             )
             .finish_non_exhaustive()
     }
@@ -205,6 +208,9 @@ impl App {
             admission: api_state.admission.clone(),
             rate_limits: api_state.rate_limits.clone(),
         };
+        // Subscribed before the API serves, so no job event is missed by the read cache.
+        let cache_events =
+            tokio::spawn(api_state.follow_job_events(root.child_token().cancelled_owned()));
         let http_stop = root.child_token();
         let api = tokio::spawn(
             axum::serve(
@@ -270,6 +276,7 @@ impl App {
         if let Some(admin) = admin {
             let _ = admin.await;
         }
+        let _ = cache_events.await;
         let _ = gauges.await;
         store.close().await;
         tracing::info!("store closed; bye");
@@ -302,7 +309,9 @@ fn runtime_config(config: &Config, chaos: &Chaos) -> RuntimeConfig {
             retention: config.retention,
             ..MaintenanceConfig::default()
         },
+        leader_ttl: config.leader_ttl,
         webhook: webhook_config(config, chaos),
+        ..RuntimeConfig::default()
     }
 }
 
@@ -319,6 +328,10 @@ fn api_config(config: &Config) -> ApiConfig {
             tenant_default: config.rate_limit,
             tenants: config.tenant_rate_limits.clone(),
             per_key: config.api_key_rate_limit,
+        },
+        job_cache: JobCacheConfig {
+            capacity: config.job_cache_capacity,
+            ..JobCacheConfig::default()
         },
     }
 }

@@ -67,6 +67,19 @@ Examples:
     #[command(subcommand)]
     Jobs(JobsCommand),
 
+    /// Create, inspect, pause or delete cron schedules.
+    #[command(
+        subcommand,
+        after_help = "\
+Examples:
+  keel schedule put nightly --cron \"0 3 * * *\" --timezone Europe/Paris --kind webhook \\
+      --args '{\"url\":\"https://example.com/nightly\"}'
+  keel schedule list
+  keel schedule get nightly
+  keel schedule pause nightly"
+    )]
+    Schedule(ScheduleCommand),
+
     /// Show queues, or pause and resume one.
     #[command(after_help = "\
 Examples:
@@ -255,6 +268,142 @@ Examples:
         #[command(flatten)]
         client: ClientArgs,
     },
+}
+
+/// `keel schedule …`
+#[derive(Debug, Subcommand)]
+pub enum ScheduleCommand {
+    /// Create a schedule (exit code 1 if one of this name exists; see `put`).
+    #[command(after_help = "\
+Examples:
+  keel schedule create nightly --cron \"0 3 * * *\" --timezone Europe/Paris --kind webhook \\
+      --args '{\"url\":\"https://example.com/nightly\"}'
+  keel schedule create every-5-min --cron \"*/5 * * * *\" --kind sync --queue imports --catch-up 30m
+  keel schedule create heartbeat --cron \"*/10 * * * * *\" --kind noop   # 6 fields: seconds first")]
+    Create(ScheduleDef),
+    /// Create a schedule or replace the one of this name (keeping its tick history, so no
+    /// tick runs twice across the change).
+    #[command(after_help = "\
+Examples:
+  keel schedule put nightly --cron \"0 3 * * *\" --timezone Europe/Paris --kind webhook \\
+      --args '{\"url\":\"https://example.com/nightly\"}'
+  keel schedule put reports --cron @daily --kind report --max-attempts 3 --tag billing --paused")]
+    Put(ScheduleDef),
+    /// Show a schedule and its next five ticks.
+    #[command(after_help = "Example:\n  keel schedule get nightly")]
+    Get {
+        /// Schedule name.
+        name: String,
+        /// Tenant (when the server has no API keys).
+        #[arg(long)]
+        tenant: Option<String>,
+        /// Where the server is.
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// List schedules by name; pass --after with the printed `next` for the following page.
+    #[command(after_help = "\
+Examples:
+  keel schedule list
+  keel schedule list --limit 20 --after nightly")]
+    List {
+        /// Tenant (when the server has no API keys).
+        #[arg(long)]
+        tenant: Option<String>,
+        /// Start after this name.
+        #[arg(long)]
+        after: Option<String>,
+        /// Page size (1-1000).
+        #[arg(long)]
+        limit: Option<u32>,
+        /// Where the server is.
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Delete a schedule (jobs it already enqueued stay).
+    #[command(after_help = "Example:\n  keel schedule delete nightly")]
+    Delete {
+        /// Schedule name.
+        name: String,
+        /// Tenant (when the server has no API keys).
+        #[arg(long)]
+        tenant: Option<String>,
+        /// Where the server is.
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Pause a schedule: its ticks are skipped until it is resumed.
+    #[command(after_help = "Example:\n  keel schedule pause nightly")]
+    Pause {
+        /// Schedule name.
+        name: String,
+        /// Tenant (when the server has no API keys).
+        #[arg(long)]
+        tenant: Option<String>,
+        /// Where the server is.
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Resume a paused schedule (missed ticks are caught up only within its catch-up
+    /// window).
+    #[command(after_help = "Example:\n  keel schedule resume nightly")]
+    Resume {
+        /// Schedule name.
+        name: String,
+        /// Tenant (when the server has no API keys).
+        #[arg(long)]
+        tenant: Option<String>,
+        /// Where the server is.
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+}
+
+/// What `keel schedule create|put` takes: the schedule and the job each tick enqueues.
+#[derive(Debug, Args)]
+pub struct ScheduleDef {
+    /// Schedule name, unique per tenant (letters, digits, `-`, `_`, `.`, `:`).
+    pub name: String,
+    /// Cron expression: 5 fields, or 6 with seconds first; `@daily`-style nicknames work.
+    #[arg(long)]
+    pub cron: String,
+    /// IANA time zone the expression is read in (server default: UTC).
+    #[arg(long)]
+    pub timezone: Option<String>,
+    /// Kind of the job each tick enqueues.
+    #[arg(long)]
+    pub kind: String,
+    /// The job's arguments, as JSON.
+    #[arg(long, default_value = "null")]
+    pub args: String,
+    /// The job's queue.
+    #[arg(long)]
+    pub queue: Option<String>,
+    /// The job's priority, 0 (highest) to 9.
+    #[arg(long)]
+    pub priority: Option<u8>,
+    /// Attempts allowed for each tick's job.
+    #[arg(long)]
+    pub max_attempts: Option<u32>,
+    /// Per-attempt timeout, in milliseconds.
+    #[arg(long)]
+    pub timeout_ms: Option<u64>,
+    /// A label on each tick's job (repeat for several).
+    #[arg(long = "tag")]
+    pub tags: Vec<String>,
+    /// Create it paused.
+    #[arg(long)]
+    pub paused: bool,
+    /// How far back ticks missed while no replica ran are caught up, e.g. 30m, 1h, 2d
+    /// (server default: 1h).
+    #[arg(long)]
+    pub catch_up: Option<String>,
+    /// Tenant (when the server has no API keys).
+    #[arg(long)]
+    pub tenant: Option<String>,
+    /// Where the server is.
+    #[command(flatten)]
+    pub client: ClientArgs,
 }
 
 /// `keel queues pause|resume`

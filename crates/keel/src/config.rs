@@ -145,6 +145,13 @@ pub struct ServeArgs {
     /// Name of this process in leases and logs (default: host-pid).
     #[arg(long, env = "KEEL_WORKER_ID", value_name = "ID")]
     pub worker_id: Option<String>,
+    /// Term of the maintenance leader (promotion, rescue, retention, cron) unless renewed:
+    /// when the leader dies, another replica takes over after at most this long.
+    #[arg(long, env = "KEEL_LEADER_TTL", value_name = "DURATION")]
+    pub leader_ttl: Option<String>,
+    /// Jobs kept in the read cache of GET /v1/jobs/{id} and /result (0 turns it off).
+    #[arg(long, env = "KEEL_JOB_CACHE_CAPACITY", value_name = "N")]
+    pub job_cache_capacity: Option<String>,
     /// Admission control: the concurrency limit of /v1 requests before anything is learned
     /// (default 256, kept between the min and the max).
     #[arg(long, env = "KEEL_ADMISSION_LIMIT_INITIAL", value_name = "N")]
@@ -275,6 +282,11 @@ pub struct Config {
     pub maintenance_interval: Duration,
     /// This process's worker id.
     pub worker_id: WorkerId,
+    /// Maintenance leader's term.
+    #[serde(with = "duration_text")]
+    pub leader_ttl: Duration,
+    /// Job read cache entries (0 = off).
+    pub job_cache_capacity: u64,
     /// Admission control: starting concurrency limit.
     pub admission_limit_initial: u32,
     /// Admission control: lowest limit.
@@ -540,6 +552,8 @@ const FIELDS: &[&str] = &[
     "poll_interval",
     "maintenance_interval",
     "worker_id",
+    "leader_ttl",
+    "job_cache_capacity",
     "admission_limit_initial",
     "admission_limit_min",
     "admission_limit_max",
@@ -658,6 +672,8 @@ impl Config {
                 ("poll_interval", a.poll_interval.as_ref()),
                 ("maintenance_interval", a.maintenance_interval.as_ref()),
                 ("worker_id", a.worker_id.as_ref()),
+                ("leader_ttl", a.leader_ttl.as_ref()),
+                ("job_cache_capacity", a.job_cache_capacity.as_ref()),
                 (
                     "admission_limit_initial",
                     a.admission_limit_initial.as_ref(),
@@ -749,6 +765,18 @@ impl Config {
         let default_id = default_worker_id();
         let worker_id = s.get("worker_id", &default_id, |v| {
             WorkerId::parse(v).map_err(|e| e.to_string())
+        });
+        let leader_ttl = s.get("leader_ttl", "5s", |v| {
+            let d = dur(v)?;
+            if d < Duration::from_millis(500) {
+                return Err(format!(
+                    "must be at least 500ms (a term must outlast a few database round trips), got {v:?}"
+                ));
+            }
+            Ok(d)
+        });
+        let job_cache_capacity = s.get("job_cache_capacity", "10000", |v| {
+            parse_count(v, 0, 10_000_000).map(|n| n as u64)
         });
         // Empty means "not set": the admission bounds left unset follow the ones that are.
         let limit = |v: &str| -> Result<Option<u32>, String> {
@@ -922,6 +950,8 @@ impl Config {
             poll_interval: poll_interval.expect(PARSED),
             maintenance_interval: maintenance_interval.expect(PARSED),
             worker_id: worker_id.expect(PARSED),
+            leader_ttl: leader_ttl.expect(PARSED),
+            job_cache_capacity: job_cache_capacity.expect(PARSED),
             admission_limit_initial,
             admission_limit_min,
             admission_limit_max,
@@ -1140,7 +1170,10 @@ mod tests {
         })
         .unwrap();
         assert_eq!(c.admin_addr, None);
-        assert_eq!(serde_json::to_value(&c).unwrap()["admin_addr"], serde_json::Value::Null);
+        assert_eq!(
+            serde_json::to_value(&c).unwrap()["admin_addr"],
+            serde_json::Value::Null
+        );
         let err = Config::resolve(&ServeArgs {
             admin_addr: Some("of".into()),
             ..ServeArgs::default()

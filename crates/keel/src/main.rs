@@ -40,6 +40,7 @@ fn main() -> ExitCode {
             Command::Enqueue(args) => commands::enqueue(args).await,
             Command::Job(cmd) => commands::job(cmd).await,
             Command::Jobs(cmd) => commands::jobs(cmd).await,
+            Command::Schedule(cmd) => commands::schedule(cmd).await,
             Command::Queues { client, action } => commands::queues(&client, action).await,
             Command::HashKey { key } => commands::hash_key(&key),
             Command::Bench(args) => commands::bench(*args).await,

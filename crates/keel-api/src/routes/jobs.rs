@@ -1,4 +1,5 @@
-//! `/v1/jobs…`: enqueue (single and batch, idempotent), read, result, cancel, retry, list.
+//! `/v1/jobs…`: enqueue (single and batch, idempotent, unique), read (through the job
+//! cache), result, cancel, retry, list.
 
 use axum::Json;
 use axum::body::Body;
@@ -25,6 +26,10 @@ use crate::state::ApiState;
 /// Set on a response replayed from an idempotency record (G3).
 pub const IDEMPOTENT_REPLAYED: HeaderName = HeaderName::from_static("idempotent-replayed");
 
+/// Set when `POST /v1/jobs` (or `/v1/process`) found its unique key held: the id of the job
+/// that holds it, which is the job the answer shows (`200` instead of `201`).
+pub const UNIQUE_CONFLICT: HeaderName = HeaderName::from_static("keel-unique-conflict");
+
 /// Default page size of `GET /v1/jobs`.
 pub const DEFAULT_LIST_LIMIT: u32 = 100;
 
@@ -50,9 +55,11 @@ pub(crate) struct InsertRequest<'a> {
     pub(crate) body: &'a [u8],
     /// The parsed, validated jobs.
     pub(crate) jobs: Vec<NewJob>,
-    /// Builds the response from the stored jobs. With a key it runs inside the insert
-    /// transaction, so what is stored is exactly what the first caller receives.
-    pub(crate) render: fn(&[Job]) -> StoredResponse,
+    /// Builds the response from the stored jobs and the ids that were asked for (a unique
+    /// job whose key was held comes back as the holder, with another id). With a key it
+    /// runs inside the insert transaction, so what is stored is exactly what the first
+    /// caller receives.
+    pub(crate) render: fn(&[Job], &[JobId]) -> StoredResponse,
 }
 
 /// What an enqueue did.
@@ -88,20 +95,23 @@ pub(crate) async fn insert_jobs(
     state: &ApiState,
     req: InsertRequest<'_>,
 ) -> Result<Inserted, ApiError> {
+    let requested: Vec<JobId> = req.jobs.iter().map(|j| j.id).collect();
+    let render = req.render;
     let inserted = match req.key {
         None => {
             let jobs = state.store.insert(req.jobs).await?;
-            let response = (req.render)(&jobs);
+            let response = render(&jobs, &requested);
             Inserted::Created { jobs, response }
         }
         Some(key) => {
+            let asked = requested.clone();
             let insert = IdempotentInsert {
                 fingerprint: fingerprint(req.route, &req.tenant, req.body),
                 tenant: req.tenant,
                 key,
                 jobs: req.jobs,
                 ttl: state.config.idempotency_ttl,
-                respond: Box::new(req.render),
+                respond: Box::new(move |jobs: &[Job]| render(jobs, &asked)),
             };
             match state.store.insert_idempotent(insert).await {
                 Ok(IdempotentOutcome::Created { jobs, response }) => {
@@ -118,7 +128,13 @@ pub(crate) async fn insert_jobs(
     };
     if let Inserted::Created { jobs, .. } = &inserted {
         let mut woken: Vec<&QueueName> = Vec::new();
-        for job in jobs {
+        // A unique job's holder was not enqueued now: neither counted nor worth a wakeup.
+        let new = jobs
+            .iter()
+            .zip(&requested)
+            .filter(|(job, asked)| job.id == **asked)
+            .map(|(job, _)| job);
+        for job in new {
             // Labels are the queue and kind names operators define, never ids.
             metrics::counter!(
                 "keel_jobs_enqueued_total",
@@ -137,9 +153,14 @@ pub(crate) async fn insert_jobs(
 
 /// A `201` with the JSON of `value`, as stored for replays.
 fn created(value: &impl serde::Serialize) -> StoredResponse {
+    json_response(StatusCode::CREATED, value)
+}
+
+/// `status` with the JSON of `value`, as stored for replays.
+fn json_response(status: StatusCode, value: &impl serde::Serialize) -> StoredResponse {
     match serde_json::to_vec(value) {
         Ok(body) => StoredResponse {
-            status: StatusCode::CREATED.as_u16(),
+            status: status.as_u16(),
             body,
         },
         // Cannot happen for these DTOs; answer (and store) a 500 rather than panic.
@@ -155,16 +176,19 @@ fn internal_stored_response() -> StoredResponse {
     }
 }
 
-/// Renders `POST /v1/jobs`: the one job.
-pub(crate) fn render_job(jobs: &[Job]) -> StoredResponse {
+/// Renders `POST /v1/jobs`: the one job, `201` if it was created, `200` if it is the
+/// holder of the unique key the request asked for (the holder's id differs).
+pub(crate) fn render_job(jobs: &[Job], requested: &[JobId]) -> StoredResponse {
     match jobs.first() {
-        Some(job) => created(&JobOut::from(job.clone())),
+        Some(job) if requested.first() == Some(&job.id) => created(&JobOut::from(job.clone())),
+        Some(job) => json_response(StatusCode::OK, &JobOut::from(job.clone())),
         None => internal_stored_response(),
     }
 }
 
-/// Renders `POST /v1/jobs/batch`: every job, in order.
-fn render_batch(jobs: &[Job]) -> StoredResponse {
+/// Renders `POST /v1/jobs/batch`: every job, in order (holders of unique keys in place of
+/// the jobs they kept out).
+fn render_batch(jobs: &[Job], _requested: &[JobId]) -> StoredResponse {
     created(&BatchOut {
         jobs: jobs.iter().cloned().map(JobOut::from).collect(),
     })
@@ -187,6 +211,9 @@ pub(crate) fn stored_response(
     location: Option<JobId>,
 ) -> Response {
     let status = StatusCode::from_u16(r.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    // A single-job enqueue answers `200` only with a unique key's holder, so the header can
+    // be rebuilt from a replayed response too (only status and body are stored).
+    let unique_conflict = location.filter(|_| status == StatusCode::OK);
     let json = status.is_success();
     let mut resp = (status, Body::from(r.body)).into_response();
     let h = resp.headers_mut();
@@ -206,6 +233,11 @@ pub(crate) fn stored_response(
     {
         h.insert(header::LOCATION, v);
     }
+    if let Some(id) = unique_conflict
+        && let Ok(v) = HeaderValue::from_str(&id.to_string())
+    {
+        h.insert(UNIQUE_CONFLICT, v);
+    }
     resp
 }
 
@@ -214,6 +246,9 @@ pub(crate) fn stored_response(
 /// With `Idempotency-Key`, a retry of the same request (same key, tenant, route and body)
 /// returns the original response byte for byte with `Idempotent-Replayed: true` and
 /// creates nothing; the same key with a different request is a `409`.
+///
+/// With `unique`, a job of the tenant that holds the key (per its scope) is answered
+/// instead, with `200` and `Keel-Unique-Conflict: <its id>`, and nothing is created.
 #[utoipa::path(
     post,
     path = "/v1/jobs",
@@ -224,6 +259,11 @@ pub(crate) fn stored_response(
     responses(
         (status = 201, description = "Created (or replayed, with `Idempotent-Replayed: true`)", body = JobOut,
             headers(("Location" = String, description = "/v1/jobs/{id}"))),
+        (status = 200, description = "Not created: another job holds the unique key; this is that job", body = JobOut,
+            headers(
+                ("Keel-Unique-Conflict" = String, description = "The id of the job holding the key"),
+                ("Location" = String, description = "/v1/jobs/{id} of that job"),
+            )),
         (status = 400, description = "Malformed JSON or header", body = Problem, content_type = "application/problem+json"),
         (status = 401, description = "Missing or invalid API key", body = Problem, content_type = "application/problem+json"),
         (status = 403, description = "The body names another tenant than the API key's", body = Problem, content_type = "application/problem+json"),
@@ -262,7 +302,8 @@ pub(crate) async fn enqueue_job(
 }
 
 /// Enqueue 1 to 1000 jobs atomically (all or none). Honours `Idempotency-Key` like
-/// `POST /v1/jobs`.
+/// `POST /v1/jobs`. A unique job whose key is held is not created: the holder stands in its
+/// place in the answer (a different id).
 #[utoipa::path(
     post,
     path = "/v1/jobs/batch",
@@ -304,13 +345,14 @@ pub(crate) async fn enqueue_batch(
     })
 }
 
-/// Reads a job the caller may see; another tenant's job is "not found".
+/// Reads a job the caller may see, through the job cache; another tenant's job is "not
+/// found" (checked on every answer, cached or not: the cache holds every tenant's jobs).
 pub(crate) async fn visible_job(
     state: &ApiState,
     caller: &Caller,
     id: JobId,
 ) -> Result<Job, ApiError> {
-    let job = state.store.get(id).await?;
+    let job = state.job_cache.get(&state.store, id).await?;
     if caller.may_see(&job.tenant) {
         Ok(job)
     } else {
@@ -405,7 +447,8 @@ pub(crate) async fn get_job_result(
     }
 }
 
-/// Checks the caller may act on job `id` (only needed when the caller is tenant-bound).
+/// Checks the caller may act on job `id` (only needed when the caller is tenant-bound). A
+/// cached read is enough: a job never changes tenant.
 async fn check_scope(state: &ApiState, caller: &Caller, id: JobId) -> Result<(), ApiError> {
     if caller.scope().is_some() {
         visible_job(state, caller, id).await?;
@@ -433,7 +476,11 @@ pub(crate) async fn cancel_job(
     JobIdPath(id): JobIdPath,
 ) -> Result<Json<JobOut>, ApiError> {
     check_scope(&state, &caller, id).await?;
-    let job = state.store.cancel(id).await?;
+    let cancelled = state.store.cancel(id).await;
+    // Before answering, whatever the outcome (a refusal says the job finished meanwhile):
+    // the caller's next read must not show the job as it was.
+    state.job_cache.invalidate(id).await;
+    let job = cancelled?;
     state.runtime.running.cancel(id);
     state.runtime.events.publish(JobEvent::of(&job));
     Ok(Json(job.into()))
@@ -449,7 +496,7 @@ pub(crate) async fn cancel_job(
     responses(
         (status = 200, description = "Available again", body = JobOut),
         (status = 404, description = "No such job", body = Problem, content_type = "application/problem+json"),
-        (status = 409, description = "Available or running: nothing to retry", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "Available or running: nothing to retry; or its unique key is held by another job now", body = Problem, content_type = "application/problem+json"),
     )
 )]
 pub(crate) async fn retry_job(
@@ -458,7 +505,9 @@ pub(crate) async fn retry_job(
     JobIdPath(id): JobIdPath,
 ) -> Result<Json<JobOut>, ApiError> {
     check_scope(&state, &caller, id).await?;
-    let job = state.store.retry(id).await?;
+    let retried = state.store.retry(id).await;
+    state.job_cache.invalidate(id).await;
+    let job = retried?;
     state.runtime.wakeups.job_available(&job.queue);
     state.runtime.events.publish(JobEvent::of(&job));
     Ok(Json(job.into()))

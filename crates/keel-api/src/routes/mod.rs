@@ -4,6 +4,7 @@ pub(crate) mod health;
 pub(crate) mod jobs;
 pub(crate) mod process;
 pub(crate) mod queues;
+pub(crate) mod schedules;
 
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
@@ -65,6 +66,13 @@ route_table! {
         get "/v1/queues" => queues::list_queues,
         post "/v1/queues/{queue}/pause" => queues::pause_queue,
         post "/v1/queues/{queue}/resume" => queues::resume_queue,
+        post "/v1/schedules" => schedules::create_schedule,
+        get "/v1/schedules" => schedules::list_schedules,
+        put "/v1/schedules/{name}" => schedules::put_schedule,
+        get "/v1/schedules/{name}" => schedules::get_schedule,
+        delete "/v1/schedules/{name}" => schedules::delete_schedule,
+        post "/v1/schedules/{name}/pause" => schedules::pause_schedule,
+        post "/v1/schedules/{name}/resume" => schedules::resume_schedule,
     }
 }
 

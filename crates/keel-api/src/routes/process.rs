@@ -6,6 +6,8 @@ use std::time::Duration;
 
 use axum::Json;
 use axum::extract::State;
+use axum::http::HeaderValue;
+use axum::response::{IntoResponse, Response};
 use keel_core::{Job, JobId};
 use keel_resilience::{RequestScope, Step};
 use tokio::sync::broadcast::error::RecvError;
@@ -18,7 +20,7 @@ use crate::extract::{IdempotencyKeyHeader, JsonBody};
 use crate::job_in;
 use crate::middleware::Deadline;
 use crate::routes::jobs::{
-    InsertRequest, Inserted, id_in_body, insert_jobs, job_context, render_job,
+    InsertRequest, Inserted, UNIQUE_CONFLICT, id_in_body, insert_jobs, job_context, render_job,
 };
 use crate::state::ApiState;
 
@@ -35,7 +37,8 @@ pub(crate) const DEADLINE_MARGIN: Duration = Duration::from_millis(20);
 /// Any terminal state answers `200` with the job: `completed` (with `result`), `discarded`
 /// (with `errors`) or `cancelled` — the state says what happened, and a `5xx` stays reserved
 /// for failures of Keel itself. With `Idempotency-Key`, a retry after a `504` waits for the
-/// same job instead of creating another.
+/// same job instead of creating another. With `unique`, a job holding the key is waited on
+/// instead of creating another, and the answer carries `Keel-Unique-Conflict: <its id>`.
 ///
 /// While waiting, the request is in the `wait_job` step and holds an admission slot (it is
 /// work in flight), but its latency is not fed to the adaptive limit: it waits on purpose,
@@ -51,7 +54,8 @@ pub(crate) const DEADLINE_MARGIN: Duration = Duration::from_millis(20);
     ),
     request_body(content = JobIn, content_type = "application/json"),
     responses(
-        (status = 200, description = "The job reached a terminal state (completed, discarded or cancelled)", body = JobOut),
+        (status = 200, description = "The job reached a terminal state (completed, discarded or cancelled)", body = JobOut,
+            headers(("Keel-Unique-Conflict" = Option<String>, description = "Set when the unique key was held: the id of the job waited on instead"))),
         (status = 422, description = "Invalid fields, all listed", body = Problem, content_type = "application/problem+json"),
         (status = 504, description = "Deadline passed; `job_id` names the job, which keeps running", body = Problem, content_type = "application/problem+json"),
     )
@@ -62,8 +66,9 @@ pub(crate) async fn process_job(
     deadline: Deadline,
     IdempotencyKeyHeader(key): IdempotencyKeyHeader,
     JsonBody(body): JsonBody,
-) -> Result<Json<JobOut>, ApiError> {
+) -> Result<Response, ApiError> {
     let job = job_in::parse_single(&body, &job_context(&state, &caller))?;
+    let asked = job.id;
     // Subscribe before inserting: an event published between the insert and the
     // subscription would otherwise be missed.
     let mut events = state.runtime.events.subscribe();
@@ -76,16 +81,18 @@ pub(crate) async fn process_job(
         render: render_job,
     };
     let mut job: Option<Job> = None;
-    let id = match insert_jobs(&state, req).await? {
+    // `held`: whether the job waited on is the holder of the request's unique key.
+    let (id, held) = match insert_jobs(&state, req).await? {
         Inserted::Created { jobs, .. } => {
             let first = jobs.into_iter().next();
             let id = first.as_ref().map(|j| j.id);
             job = first;
-            id
+            (id, id.is_some_and(|id| id != asked))
         }
-        Inserted::Replayed(response) => id_in_body(&response.body),
-    }
-    .ok_or_else(|| ApiError::internal("the enqueue response names no job"))?;
+        // The stored answer is `200` exactly when the first request met a holder.
+        Inserted::Replayed(response) => (id_in_body(&response.body), response.status == 200),
+    };
+    let id = id.ok_or_else(|| ApiError::internal("the enqueue response names no job"))?;
 
     let give_up = deadline
         .0
@@ -127,5 +134,9 @@ pub(crate) async fn process_job(
             _ = poll.tick() => job = reread(id).await?,
         }
     }
-    Ok(Json(job.into()))
+    let mut resp = Json(JobOut::from(job)).into_response();
+    if held && let Ok(v) = HeaderValue::from_str(&id.to_string()) {
+        resp.headers_mut().insert(UNIQUE_CONFLICT, v);
+    }
+    Ok(resp)
 }

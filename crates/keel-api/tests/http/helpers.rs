@@ -1,5 +1,6 @@
 //! A router over a real SQLite store in a temporary directory, and a few request helpers.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
@@ -9,11 +10,15 @@ use axum::body::{Body, Bytes};
 use axum::http::{HeaderMap, Request, StatusCode};
 use keel_api::{ApiConfig, ApiState, Readiness, router};
 use keel_core::store::*;
-use keel_core::{Job, JobId, NewJob, QueueName, Store, StoreError, SystemClock, WorkerId};
+use keel_core::{
+    Job, JobId, NewJob, NewSchedule, QueueName, Schedule, ScheduleName, Store, StoreError,
+    SystemClock, TenantId, WorkerId,
+};
 use keel_runtime::RuntimeHandle;
 use keel_store::{SqliteOptions, SqliteStore};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use serde_json::Value;
+use tokio_util::sync::{CancellationToken, DropGuard};
 use tower::ServiceExt;
 
 /// The process-wide recorder for this test binary, so `/metrics` shows what the
@@ -46,9 +51,16 @@ pub(crate) struct FaultyStore {
     fault: Mutex<Fault>,
     /// How many slowed operations ran to completion (a cancelled one never does).
     pub(crate) slow_finished: Mutex<u32>,
+    /// How many times a job was read (`get`), to see what the job cache saves.
+    reads: AtomicUsize,
 }
 
 impl FaultyStore {
+    /// Job reads (`get`) so far.
+    pub(crate) fn reads(&self) -> usize {
+        self.reads.load(Ordering::SeqCst)
+    }
+
     pub(crate) fn set(&self, f: Fault) {
         *self.fault.lock().unwrap() = f;
     }
@@ -78,6 +90,7 @@ impl Store for FaultyStore {
         self.inner.insert(jobs).await
     }
     async fn get(&self, id: JobId) -> Result<Job, StoreError> {
+        self.reads.fetch_add(1, Ordering::SeqCst);
         self.check("reading a job").await?;
         self.inner.get(id).await
     }
@@ -140,6 +153,64 @@ impl Store for FaultyStore {
     async fn set_queue_paused(&self, q: QueueName, paused: bool) -> Result<(), StoreError> {
         self.inner.set_queue_paused(q, paused).await
     }
+    async fn campaign(&self, p: CampaignParams) -> Result<Leadership, StoreError> {
+        self.inner.campaign(p).await
+    }
+    async fn resign(&self, owner: &WorkerId) -> Result<(), StoreError> {
+        self.inner.resign(owner).await
+    }
+    async fn save_schedule(
+        &self,
+        s: NewSchedule,
+        replace: bool,
+    ) -> Result<(Schedule, bool), StoreError> {
+        self.check("saving a schedule").await?;
+        self.inner.save_schedule(s, replace).await
+    }
+    async fn get_schedule(
+        &self,
+        tenant: &TenantId,
+        name: &ScheduleName,
+    ) -> Result<Schedule, StoreError> {
+        self.check("reading a schedule").await?;
+        self.inner.get_schedule(tenant, name).await
+    }
+    async fn list_schedules(
+        &self,
+        tenant: Option<&TenantId>,
+        after: Option<(TenantId, ScheduleName)>,
+        limit: u32,
+    ) -> Result<Vec<Schedule>, StoreError> {
+        self.check("listing schedules").await?;
+        self.inner.list_schedules(tenant, after, limit).await
+    }
+    async fn delete_schedule(
+        &self,
+        tenant: &TenantId,
+        name: &ScheduleName,
+    ) -> Result<(), StoreError> {
+        self.check("deleting a schedule").await?;
+        self.inner.delete_schedule(tenant, name).await
+    }
+    async fn set_schedule_paused(
+        &self,
+        tenant: &TenantId,
+        name: &ScheduleName,
+        paused: bool,
+    ) -> Result<Schedule, StoreError> {
+        self.check("pausing a schedule").await?;
+        self.inner.set_schedule_paused(tenant, name, paused).await
+    }
+    async fn enqueue_ticks(&self, p: TickParams) -> Result<TickOutcome, StoreError> {
+        self.inner.enqueue_ticks(p).await
+    }
+    async fn delete_old_ticks(
+        &self,
+        before: keel_core::Timestamp,
+        limit: u32,
+    ) -> Result<u64, StoreError> {
+        self.inner.delete_old_ticks(before, limit).await
+    }
     async fn ping(&self) -> Result<(), StoreError> {
         self.check("pinging the database").await?;
         self.inner.ping().await
@@ -147,6 +218,9 @@ impl Store for FaultyStore {
 
     fn pool_stats(&self) -> keel_core::store::PoolStats {
         self.inner.pool_stats()
+    }
+    fn changes(&self) -> Option<Box<dyn ChangeStream>> {
+        self.inner.changes()
     }
     async fn close(&self) {
         self.inner.close().await;
@@ -159,6 +233,8 @@ pub(crate) struct TestApp {
     pub(crate) store: Arc<FaultyStore>,
     pub(crate) runtime: RuntimeHandle,
     pub(crate) readiness: Readiness,
+    /// Stops the job cache's event follower when the app is dropped.
+    _follower: DropGuard,
     _dir: tempfile::TempDir,
 }
 
@@ -242,6 +318,7 @@ pub(crate) async fn app_wired(
         inner,
         fault: Mutex::new(Fault::None),
         slow_finished: Mutex::new(0),
+        reads: AtomicUsize::new(0),
     });
     let runtime = RuntimeHandle::new(QUEUES.map(|q| QueueName::parse(q).unwrap()), 1024);
     let readiness = Readiness::new();
@@ -252,11 +329,16 @@ pub(crate) async fn app_wired(
         metrics_handle(),
         readiness.clone(),
     );
+    let state = wire(state);
+    // As the binary does: job events invalidate the job cache.
+    let stop = CancellationToken::new();
+    tokio::spawn(state.follow_job_events(stop.clone().cancelled_owned()));
     TestApp {
-        router: router(wire(state)),
+        router: router(state),
         store,
         runtime,
         readiness,
+        _follower: stop.drop_guard(),
         _dir: dir,
     }
 }
@@ -284,6 +366,21 @@ impl TestApp {
     pub(crate) async fn post(&self, path: &str) -> TestResponse {
         self.send(Request::post(path).body(Body::empty()).unwrap())
             .await
+    }
+
+    pub(crate) async fn delete(&self, path: &str) -> TestResponse {
+        self.send(Request::delete(path).body(Body::empty()).unwrap())
+            .await
+    }
+
+    pub(crate) async fn put_json(&self, path: &str, body: &str) -> TestResponse {
+        self.send(
+            Request::put(path)
+                .header("content-type", "application/json")
+                .body(Body::from(body.to_owned()))
+                .unwrap(),
+        )
+        .await
     }
 
     pub(crate) async fn post_json(&self, path: &str, body: &str) -> TestResponse {

@@ -4,6 +4,7 @@
 #![allow(clippy::unwrap_used)]
 
 mod auth;
+mod cache;
 mod helpers;
 mod idempotency;
 mod jobs;
@@ -11,3 +12,5 @@ mod middleware;
 mod probes;
 mod process;
 mod protection;
+mod schedules;
+mod unique;

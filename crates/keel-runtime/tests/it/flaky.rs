@@ -5,11 +5,14 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 
 use async_trait::async_trait;
 use keel_core::store::{
-    Completion, FailParams, HeartbeatParams, IdempotentInsert, IdempotentOutcome, JobPage,
-    LeaseParams, LeaseRef, ListParams, PromoteParams, Promoted, QueueStats, RescueParams, Rescued,
-    RetentionParams,
+    CampaignParams, Completion, FailParams, HeartbeatParams, IdempotentInsert, IdempotentOutcome,
+    JobPage, Leadership, LeaseParams, LeaseRef, ListParams, PromoteParams, Promoted, QueueStats,
+    RescueParams, Rescued, RetentionParams, TickOutcome, TickParams,
 };
-use keel_core::{Job, JobId, NewJob, QueueName, Store, StoreError, Timestamp};
+use keel_core::{
+    ChangeStream, Job, JobId, NewJob, NewSchedule, QueueName, Schedule, ScheduleName, Store,
+    StoreError, TenantId, Timestamp, WakeupStream, WorkerId,
+};
 
 /// Delegates to a real store, except for the failures switched on here.
 pub(crate) struct Flaky {
@@ -20,6 +23,16 @@ pub(crate) struct Flaky {
     pub(crate) fail_completes: AtomicU32,
     /// This many next `lease` calls fail transiently.
     pub(crate) fail_leases: AtomicU32,
+    /// While set, every campaign for leadership fails transiently (the database is gone).
+    pub(crate) fail_campaigns: AtomicBool,
+    /// While set, every `enqueue_ticks` is refused as if the caller's term were superseded.
+    pub(crate) fence_ticks: AtomicBool,
+    /// Campaigns made (failed ones included).
+    pub(crate) campaigns: AtomicU32,
+    /// `promote` calls made (one per maintenance pass).
+    pub(crate) promotes: AtomicU32,
+    /// `enqueue_ticks` calls refused by `fence_ticks`.
+    pub(crate) refused_ticks: AtomicU32,
 }
 
 impl Flaky {
@@ -29,6 +42,11 @@ impl Flaky {
             fail_heartbeats: AtomicBool::new(false),
             fail_completes: AtomicU32::new(0),
             fail_leases: AtomicU32::new(0),
+            fail_campaigns: AtomicBool::new(false),
+            fence_ticks: AtomicBool::new(false),
+            campaigns: AtomicU32::new(0),
+            promotes: AtomicU32::new(0),
+            refused_ticks: AtomicU32::new(0),
         })
     }
 }
@@ -94,6 +112,7 @@ impl Store for Flaky {
         self.inner.retry(id).await
     }
     async fn promote(&self, params: PromoteParams) -> Result<Vec<Promoted>, StoreError> {
+        self.promotes.fetch_add(1, Ordering::SeqCst);
         self.inner.promote(params).await
     }
     async fn rescue(&self, params: RescueParams) -> Result<Vec<Rescued>, StoreError> {
@@ -117,8 +136,71 @@ impl Store for Flaky {
     async fn set_queue_paused(&self, queue: QueueName, paused: bool) -> Result<(), StoreError> {
         self.inner.set_queue_paused(queue, paused).await
     }
+    async fn campaign(&self, params: CampaignParams) -> Result<Leadership, StoreError> {
+        self.campaigns.fetch_add(1, Ordering::SeqCst);
+        if self.fail_campaigns.load(Ordering::SeqCst) {
+            return Err(blip("campaigning"));
+        }
+        self.inner.campaign(params).await
+    }
+    async fn resign(&self, owner: &WorkerId) -> Result<(), StoreError> {
+        self.inner.resign(owner).await
+    }
+    async fn save_schedule(
+        &self,
+        schedule: NewSchedule,
+        replace: bool,
+    ) -> Result<(Schedule, bool), StoreError> {
+        self.inner.save_schedule(schedule, replace).await
+    }
+    async fn get_schedule(
+        &self,
+        tenant: &TenantId,
+        name: &ScheduleName,
+    ) -> Result<Schedule, StoreError> {
+        self.inner.get_schedule(tenant, name).await
+    }
+    async fn list_schedules(
+        &self,
+        tenant: Option<&TenantId>,
+        after: Option<(TenantId, ScheduleName)>,
+        limit: u32,
+    ) -> Result<Vec<Schedule>, StoreError> {
+        self.inner.list_schedules(tenant, after, limit).await
+    }
+    async fn delete_schedule(
+        &self,
+        tenant: &TenantId,
+        name: &ScheduleName,
+    ) -> Result<(), StoreError> {
+        self.inner.delete_schedule(tenant, name).await
+    }
+    async fn set_schedule_paused(
+        &self,
+        tenant: &TenantId,
+        name: &ScheduleName,
+        paused: bool,
+    ) -> Result<Schedule, StoreError> {
+        self.inner.set_schedule_paused(tenant, name, paused).await
+    }
+    async fn enqueue_ticks(&self, params: TickParams) -> Result<TickOutcome, StoreError> {
+        if self.fence_ticks.load(Ordering::SeqCst) {
+            self.refused_ticks.fetch_add(1, Ordering::SeqCst);
+            return Err(StoreError::NotLeader(params.fence.epoch.0));
+        }
+        self.inner.enqueue_ticks(params).await
+    }
+    async fn delete_old_ticks(&self, before: Timestamp, limit: u32) -> Result<u64, StoreError> {
+        self.inner.delete_old_ticks(before, limit).await
+    }
     async fn ping(&self) -> Result<(), StoreError> {
         self.inner.ping().await
+    }
+    fn wakeups(&self) -> Option<Box<dyn WakeupStream>> {
+        self.inner.wakeups()
+    }
+    fn changes(&self) -> Option<Box<dyn ChangeStream>> {
+        self.inner.changes()
     }
 
     fn pool_stats(&self) -> keel_core::store::PoolStats {

@@ -23,21 +23,26 @@
 //!   batch stands even if a caller leaves meanwhile; the answer is dropped.
 //! - **Close** writes everything queued before it, refuses what comes after with a clear
 //!   error, and waits for the batches in flight.
+//! - **Unique jobs** go through the same batches: a batch holding any is written with
+//!   `SQL.insert_unique` in a transaction that skips jobs whose key is held and reads their
+//!   holders ([`insert_jobs`]), and each caller gets the holder in the place of its skipped
+//!   job. Batches without one keep the plain single statement, so the common path costs
+//!   nothing more.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use deadpool_postgres::Pool;
-use keel_core::{Job, JobState, StoreError, Timestamp};
+use deadpool_postgres::{GenericClient, Pool};
+use keel_core::{Job, JobId, JobState, StoreError, Timestamp};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio_postgres::types::ToSql;
 use uuid::Uuid;
 
-use super::error;
 use super::sql::SQL;
+use super::{error, rows};
 use crate::codec;
 
 /// How the committer batches; see [`PgOptions`](super::PgOptions) for each field's reason.
@@ -269,15 +274,11 @@ async fn commit(shared: Arc<Shared>, mut batch: Batch, _permit: OwnedSemaphorePe
         return;
     }
     let jobs: usize = requests.iter().map(|r| r.jobs.len()).sum();
-    let merged = write(
-        &shared,
-        requests.iter().flat_map(|r| r.jobs.iter()),
-        jobs,
-        requests.len(),
-    )
-    .await;
+    let all: Vec<&Job> = requests.iter().flat_map(|r| r.jobs.iter()).collect();
+    let merged = write(&shared, &all, requests.len()).await;
+    drop(all);
     match merged {
-        Ok(()) => answer_all(&shared, requests),
+        Ok(holders) => answer_all(&shared, requests, &holders),
         Err(e) if requests.len() == 1 => {
             if let Some(r) = requests.into_iter().next() {
                 let _ = r.reply.send(Err(e));
@@ -295,9 +296,11 @@ async fn commit(shared: Arc<Shared>, mut batch: Batch, _permit: OwnedSemaphorePe
                 if r.reply.is_closed() {
                     continue; // gave up meanwhile, and nothing of theirs was written
                 }
-                let n = r.jobs.len();
-                match write(&shared, r.jobs.iter(), n, 1).await {
-                    Ok(()) => answer_all(&shared, vec![r]),
+                let own: Vec<&Job> = r.jobs.iter().collect();
+                let written = write(&shared, &own, 1).await;
+                drop(own);
+                match written {
+                    Ok(holders) => answer_all(&shared, vec![r], &holders),
                     Err(e) => {
                         let _ = r.reply.send(Err(e));
                     }
@@ -321,7 +324,7 @@ async fn commit(shared: Arc<Shared>, mut batch: Batch, _permit: OwnedSemaphorePe
     }
 }
 
-fn answer_all(shared: &Shared, requests: Vec<Request>) {
+fn answer_all(shared: &Shared, requests: Vec<Request>, holders: &Holders) {
     shared.stats.commits.fetch_add(1, Ordering::Relaxed);
     shared
         .stats
@@ -329,18 +332,15 @@ fn answer_all(shared: &Shared, requests: Vec<Request>) {
         .fetch_add(requests.len() as u64, Ordering::Relaxed);
     for r in requests {
         // The caller may have given up meanwhile; the jobs are stored regardless.
-        let _ = r.reply.send(Ok(r.jobs));
+        let _ = r.reply.send(Ok(substitute(r.jobs, holders)));
     }
 }
 
-/// Inserts `jobs` (`n` of them, from `callers` insert calls) in one statement on a pooled
-/// connection.
-async fn write<'a>(
-    shared: &'a Shared,
-    jobs: impl Iterator<Item = &'a Job>,
-    n: usize,
-    callers: usize,
-) -> Result<(), StoreError> {
+/// Inserts `jobs` (from `callers` insert calls) on a pooled connection: one statement, or
+/// one transaction when unique jobs are among them. Returns the holders of the unique jobs
+/// that were not inserted.
+async fn write(shared: &Shared, jobs: &[&Job], callers: usize) -> Result<Holders, StoreError> {
+    let n = jobs.len();
     let ctx = || {
         if callers == 1 {
             format!("inserting jobs (batch of {n})")
@@ -348,16 +348,133 @@ async fn write<'a>(
             format!("inserting jobs (group commit of {n} jobs from {callers} callers)")
         }
     };
-    let conn = shared.pool.get().await.map_err(|e| error::pool(e, ctx()))?;
-    let stmt = conn
-        .prepare_cached(&SQL.insert)
+    let mut conn = shared.pool.get().await.map_err(|e| error::pool(e, ctx()))?;
+    if !jobs.iter().any(|j| j.unique.is_some()) {
+        return insert_jobs(&conn, jobs, &shared.channel, &ctx).await;
+    }
+    let tx = conn.transaction().await.map_err(|e| error::db(e, ctx()))?;
+    let holders = insert_jobs(&tx, jobs, &shared.channel, &ctx).await?;
+    tx.commit().await.map_err(|e| error::db(e, ctx()))?;
+    Ok(holders)
+}
+
+/// Unique jobs that were not inserted because their key was held: the id asked for → the
+/// job holding the key, which the caller gets in its place.
+pub(super) type Holders = HashMap<JobId, Job>;
+
+/// `jobs` with each job that was not inserted replaced by its key's holder, in order.
+pub(super) fn substitute(jobs: Vec<Job>, holders: &Holders) -> Vec<Job> {
+    if holders.is_empty() {
+        return jobs;
+    }
+    jobs.into_iter()
+        .map(|j| holders.get(&j.id).cloned().unwrap_or(j))
+        .collect()
+}
+
+/// Inserts `jobs` through `client` and notifies the wakeup `channel` of queues that got
+/// available jobs; the one insert routine of the store (group commits, idempotent inserts,
+/// cron ticks), so jobs are stored and announced the same way whichever path they take.
+///
+/// Without unique jobs this is one plain statement. With them, `client` must be a
+/// transaction (the caller commits): the insert skips jobs whose key is held, then the
+/// holders of those keys are read. A holder can vanish between the two statements (leased
+/// and so released, finished, deleted); the jobs it held are then inserted again, a bounded
+/// number of times, so concurrent inserts of one key from any number of replicas end with
+/// one job and every caller holding it.
+pub(super) async fn insert_jobs<C: GenericClient + Sync>(
+    client: &C,
+    jobs: &[&Job],
+    channel: &str,
+    ctx: &(dyn Fn() -> String + Send + Sync),
+) -> Result<Holders, StoreError> {
+    // Each round follows a holder that vanished between two statements; several in a row
+    // means the key is being taken and released continuously.
+    const ROUNDS: usize = 5;
+    if !jobs.iter().any(|j| j.unique.is_some()) {
+        let stmt = client
+            .prepare_cached(&SQL.insert)
+            .await
+            .map_err(|e| error::db(e, ctx()))?;
+        let columns = JobColumns::of(jobs.iter().copied(), jobs.len(), channel);
+        client
+            .execute(&stmt, &columns.params())
+            .await
+            .map_err(|e| error::db(e, ctx()))?;
+        return Ok(Holders::new());
+    }
+    let insert = client
+        .prepare_cached(&SQL.insert_unique)
         .await
         .map_err(|e| error::db(e, ctx()))?;
-    let columns = JobColumns::of(jobs, n, &shared.channel);
-    conn.execute(&stmt, &columns.params())
+    let read = client
+        .prepare_cached(&SQL.unique_holders)
         .await
         .map_err(|e| error::db(e, ctx()))?;
-    Ok(())
+    let mut holders = Holders::new();
+    let mut pending: Vec<&Job> = jobs.to_vec();
+    for _ in 0..ROUNDS {
+        let columns = JobColumns::of(pending.iter().copied(), pending.len(), channel);
+        let inserted = client
+            .query(&insert, &columns.unique_params())
+            .await
+            .map_err(|e| error::db(e, ctx()))?
+            .iter()
+            .map(|r| r.try_get::<_, Option<Uuid>>(0))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| error::db(e, ctx()))?
+            .into_iter()
+            .flatten()
+            .collect::<HashSet<Uuid>>();
+        // Only a job with a key can be skipped: any other conflict fails the statement.
+        let skipped: Vec<&Job> = pending
+            .iter()
+            .copied()
+            .filter(|j| !inserted.contains(j.id.as_uuid()) && j.unique.is_some())
+            .collect();
+        if skipped.is_empty() {
+            return Ok(holders);
+        }
+        let (tenants, keys): (Vec<&str>, Vec<&str>) = skipped
+            .iter()
+            .filter_map(|j| {
+                j.unique
+                    .as_ref()
+                    .map(|u| (j.tenant.as_str(), u.key.as_str()))
+            })
+            .unzip();
+        let mut found: HashMap<(String, String), Job> = HashMap::new();
+        for row in client
+            .query(&read, &[&tenants, &keys])
+            .await
+            .map_err(|e| error::db(e, ctx()))?
+        {
+            let holder = rows::job_from_row(&row)?;
+            if let Some(u) = &holder.unique {
+                found.insert((holder.tenant.to_string(), u.key.clone()), holder.clone());
+            }
+        }
+        pending.clear();
+        for j in skipped {
+            let key = j
+                .unique
+                .as_ref()
+                .map(|u| (j.tenant.to_string(), u.key.clone()));
+            match key.and_then(|k| found.get(&k)) {
+                Some(holder) => {
+                    holders.insert(j.id, holder.clone());
+                }
+                None => pending.push(j),
+            }
+        }
+        if pending.is_empty() {
+            return Ok(holders);
+        }
+    }
+    Err(StoreError::transient(
+        ctx(),
+        "the holder of a unique key kept changing while inserting its duplicate",
+    ))
 }
 
 /// One failure reported to several callers: [`StoreError`] is not `Clone`, so each caller's
@@ -394,6 +511,10 @@ pub(super) struct JobColumns<'a> {
     tags: Vec<String>,
     run_ats: Vec<Timestamp>,
     created_ats: Vec<Timestamp>,
+    /// Stored unique keys (`SQL.insert_unique` only).
+    unique_keys: Vec<Option<&'a str>>,
+    /// Their scopes' stored spelling.
+    unique_scopes: Vec<Option<&'static str>>,
     /// The store's notification channel.
     channel: &'a str,
     /// Queues that receive available jobs, each once: whom to notify.
@@ -417,6 +538,8 @@ impl<'a> JobColumns<'a> {
             tags: Vec::with_capacity(n),
             run_ats: Vec::with_capacity(n),
             created_ats: Vec::with_capacity(n),
+            unique_keys: Vec::with_capacity(n),
+            unique_scopes: Vec::with_capacity(n),
             channel,
             notify: Vec::new(),
         };
@@ -438,6 +561,10 @@ impl<'a> JobColumns<'a> {
             c.tags.push(codec::tags_to_json(&j.tags));
             c.run_ats.push(j.run_at);
             c.created_ats.push(j.created_at);
+            c.unique_keys
+                .push(j.unique.as_ref().map(|u| u.key.as_str()));
+            c.unique_scopes
+                .push(j.unique.as_ref().map(|u| u.scope.as_str()));
             if j.state == JobState::Available {
                 notify.insert(j.queue.as_str());
             }
@@ -464,6 +591,29 @@ impl<'a> JobColumns<'a> {
             &self.created_ats,
             &self.channel,
             &self.notify,
+        ]
+    }
+
+    /// `$1..$16` of `SQL.insert_unique` (which notifies from the rows it inserted, so it
+    /// takes no queue list).
+    pub(super) fn unique_params(&self) -> [&(dyn ToSql + Sync); 16] {
+        [
+            &self.ids,
+            &self.queues,
+            &self.kinds,
+            &self.tenants,
+            &self.args,
+            &self.priorities,
+            &self.states,
+            &self.max_attempts,
+            &self.timeouts,
+            &self.backoffs,
+            &self.tags,
+            &self.run_ats,
+            &self.created_ats,
+            &self.channel,
+            &self.unique_keys,
+            &self.unique_scopes,
         ]
     }
 }

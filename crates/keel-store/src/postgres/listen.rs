@@ -1,4 +1,5 @@
-//! Wakeups across replicas: one `LISTEN` connection per store, fanned out in-process.
+//! Wakeups and state changes across replicas: one `LISTEN` connection per store, fanned out
+//! in-process.
 //!
 //! Every statement that makes jobs available calls `pg_notify(channel, queue)` (see
 //! `sql.rs`). A store keeps one connection of its own, outside the pool, that `LISTEN`s on
@@ -18,6 +19,12 @@
 //!   bounded even with wakeups on.
 //! - **Best effort**: a notice only ever means "look now". A lagging subscriber skips what
 //!   it missed (the poll covers it); an invalid payload is ignored.
+//! - **State changes** travel on a second channel, `keel_changes:<schema>`, listened to on
+//!   the same connection: cancel, retry and rescue announce the jobs they moved as
+//!   `<id> <state> <queue>` lines (see `sql.rs`, which also says why completions and
+//!   failures are not announced), and each line becomes a
+//!   [`StateChange`] for every [`Store::changes`](keel_core::Store::changes) subscriber.
+//!   Best effort too: a consumer waiting for a job re-reads it on a timer as well.
 
 use std::future::poll_fn;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -25,7 +32,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use keel_core::{QueueName, WakeupStream};
+use keel_core::store::StateChange;
+use keel_core::{ChangeStream, JobId, JobState, QueueName, WakeupStream};
 use rand::Rng as _;
 use tokio::sync::{broadcast, watch};
 use tokio::task::JoinHandle;
@@ -34,6 +42,11 @@ use tokio_postgres::{AsyncMessage, Config, NoTls};
 /// Notices buffered per subscriber before it lags. A subscriber that falls this far behind
 /// is busy leasing anyway; it skips ahead rather than holding memory for stale notices.
 const CAPACITY: usize = 1024;
+
+/// State changes buffered per subscriber before it lags. Larger than [`CAPACITY`]: one
+/// completion batch announces up to a few thousand jobs at once, and a subscriber (a
+/// replica's event fan-out) drains them quickly but not within one notification.
+const CHANGES_CAPACITY: usize = 8192;
 
 /// First reconnect delay after the connection drops; doubled per failed attempt.
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
@@ -46,14 +59,24 @@ const BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// longer one, which would fail the statement carrying it.
 const MAX_CHANNEL_LEN: usize = 63;
 
-/// The notification channel for a store whose tables live in `schema` (`current_schema()`
-/// at connect). Truncated to Postgres's limit: two schemas that differ only past it share a
+/// The wakeup channel for a store whose tables live in `schema` (`current_schema()` at
+/// connect). Truncated to Postgres's limit: two schemas that differ only past it share a
 /// channel, which costs spurious wakeups, never lost ones. Without a schema (the store was
 /// connected before its schema existed) every such store shares the bare prefix.
 pub(super) fn channel_for(schema: Option<&str>) -> String {
+    named("keel_jobs", schema)
+}
+
+/// The state-change channel for `schema`, named and truncated like [`channel_for`]'s (two
+/// schemas sharing it cost a subscriber changes of jobs it does not know, never lost ones).
+pub(super) fn changes_channel_for(schema: Option<&str>) -> String {
+    named("keel_changes", schema)
+}
+
+fn named(prefix: &str, schema: Option<&str>) -> String {
     let mut channel = match schema {
-        Some(s) => format!("keel_jobs:{s}"),
-        None => "keel_jobs".to_owned(),
+        Some(s) => format!("{prefix}:{s}"),
+        None => prefix.to_owned(),
     };
     if channel.len() > MAX_CHANNEL_LEN {
         let mut end = MAX_CHANNEL_LEN;
@@ -71,12 +94,35 @@ fn listen_statement(channel: &str) -> String {
     format!("LISTEN \"{}\"", channel.replace('"', "\"\""))
 }
 
+/// The state changes in one notification's payload: `<id> <state> <queue>` lines. A line
+/// that does not parse is skipped (best effort, like the rest of the stream).
+pub(super) fn parse_changes(payload: &str) -> impl Iterator<Item = StateChange> + '_ {
+    payload.lines().filter_map(|line| {
+        let mut parts = line.splitn(3, ' ');
+        let id = JobId::parse(parts.next()?).ok()?;
+        let state = parts.next()?.parse::<JobState>().ok()?;
+        let queue = QueueName::parse(parts.next()?).ok()?;
+        Some(StateChange { id, queue, state })
+    })
+}
+
+/// Where a session forwards what it hears.
+#[derive(Clone)]
+struct Fanout {
+    /// The wakeup channel's name, to tell its notifications from the changes channel's.
+    jobs_channel: String,
+    wakeups: broadcast::Sender<QueueName>,
+    changes: broadcast::Sender<StateChange>,
+}
+
 /// The listener task and the means to subscribe to it and stop it.
 #[derive(Debug)]
 pub(super) struct Listener {
     /// Kept to hand out receivers; taken on `stop` so that, once the task has dropped its
     /// clone too, every subscriber's stream ends.
     sender: Mutex<Option<broadcast::Sender<QueueName>>>,
+    /// The same, for state changes.
+    changes: Mutex<Option<broadcast::Sender<StateChange>>>,
     stop: watch::Sender<bool>,
     task: Mutex<Option<JoinHandle<()>>>,
     /// Successful `LISTEN`s so far: 1 after the first connection, +1 per reconnect.
@@ -85,10 +131,10 @@ pub(super) struct Listener {
 }
 
 impl Listener {
-    /// Starts listening on `channel` over a connection of its own made from `cfg`. Returns at
-    /// once: the connection is made in the background (and remade whenever it drops), so an
-    /// unreachable server delays wakeups, never the store.
-    pub(super) fn spawn(mut cfg: Config, channel: String) -> Self {
+    /// Starts listening on `channel` (wakeups) and `changes_channel` over a connection of its
+    /// own made from `cfg`. Returns at once: the connection is made in the background (and
+    /// remade whenever it drops), so an unreachable server delays wakeups, never the store.
+    pub(super) fn spawn(mut cfg: Config, channel: String, changes_channel: &str) -> Self {
         // The connection idles for hours between notifications; keepalives make a peer that
         // vanished without a FIN (a failover, a dropped NAT entry) show up as an error within
         // about a minute, so the task reconnects instead of waiting forever on a dead socket.
@@ -97,17 +143,23 @@ impl Listener {
             .keepalives_interval(Duration::from_secs(10))
             .keepalives_retries(3);
         let (sender, _) = broadcast::channel(CAPACITY);
+        let (changes, _) = broadcast::channel(CHANGES_CAPACITY);
         let (stop, stopped) = watch::channel(false);
         let listens = Arc::new(AtomicU64::new(0));
-        let task = tokio::spawn(run(
-            cfg,
-            channel,
-            sender.clone(),
-            stopped,
-            Arc::clone(&listens),
-        ));
+        let listen = format!(
+            "{}; {}",
+            listen_statement(&channel),
+            listen_statement(changes_channel)
+        );
+        let fanout = Fanout {
+            jobs_channel: channel,
+            wakeups: sender.clone(),
+            changes: changes.clone(),
+        };
+        let task = tokio::spawn(run(cfg, listen, fanout, stopped, Arc::clone(&listens)));
         Self {
             sender: Mutex::new(Some(sender)),
+            changes: Mutex::new(Some(changes)),
             stop,
             task: Mutex::new(Some(task)),
             listens,
@@ -130,11 +182,32 @@ impl Listener {
         Box::new(Wakeups { receiver })
     }
 
+    /// A new, independent stream of state changes. After `stop` it is an ended stream.
+    pub(super) fn subscribe_changes(&self) -> Box<dyn ChangeStream> {
+        let receiver = self
+            .changes
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .as_ref()
+            .map(broadcast::Sender::subscribe);
+        let receiver = receiver.unwrap_or_else(|| {
+            let (_, receiver) = broadcast::channel(1);
+            receiver
+        });
+        Box::new(Changes { receiver })
+    }
+
     /// Stops the task, closes its connection and ends every subscriber's stream.
     pub(super) async fn stop(&self) {
         let _ = self.stop.send(true);
         drop(
             self.sender
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .take(),
+        );
+        drop(
+            self.changes
                 .lock()
                 .unwrap_or_else(|poisoned| poisoned.into_inner())
                 .take(),
@@ -177,6 +250,28 @@ impl WakeupStream for Wakeups {
     }
 }
 
+/// One subscriber's view of the state changes.
+struct Changes {
+    receiver: broadcast::Receiver<StateChange>,
+}
+
+#[async_trait]
+impl ChangeStream for Changes {
+    async fn next(&mut self) -> Option<StateChange> {
+        loop {
+            match self.receiver.recv().await {
+                Ok(change) => return Some(change),
+                // Its consumer re-reads what it waits for on a timer; skipping ahead bounds
+                // the memory a slow subscriber holds.
+                Err(broadcast::error::RecvError::Lagged(missed)) => {
+                    tracing::debug!(missed, "state change subscriber lagged; skipped changes");
+                }
+                Err(broadcast::error::RecvError::Closed) => return None,
+            }
+        }
+    }
+}
+
 /// Why a listening session ended.
 struct SessionEnd {
     /// Whether it got as far as `LISTEN` (then the backoff starts over).
@@ -186,16 +281,16 @@ struct SessionEnd {
 
 async fn run(
     cfg: Config,
-    channel: String,
-    sender: broadcast::Sender<QueueName>,
+    listen: String,
+    fanout: Fanout,
     mut stopped: watch::Receiver<bool>,
     listens: Arc<AtomicU64>,
 ) {
-    let listen = listen_statement(&channel);
+    let channel = fanout.jobs_channel.clone();
     let mut delay = BACKOFF_MIN;
     loop {
         let end = tokio::select! {
-            end = session(&cfg, &listen, &sender, &listens) => end,
+            end = session(&cfg, &listen, &fanout, &listens) => end,
             // close() asked us to stop, or the store was dropped. Dropping the session's
             // future closes its connection.
             _ = stopped.changed() => return,
@@ -221,12 +316,7 @@ async fn run(
 }
 
 /// Connects, listens, and forwards notifications until the connection fails.
-async fn session(
-    cfg: &Config,
-    listen: &str,
-    sender: &broadcast::Sender<QueueName>,
-    listens: &AtomicU64,
-) -> SessionEnd {
+async fn session(cfg: &Config, listen: &str, fanout: &Fanout, listens: &AtomicU64) -> SessionEnd {
     let (client, mut connection) = match cfg.connect(NoTls).await {
         Ok(pair) => pair,
         Err(e) => {
@@ -256,9 +346,15 @@ async fn session(
             },
             message = poll_fn(|cx| connection.poll_message(cx)) => match message {
                 Some(Ok(AsyncMessage::Notification(n))) => {
-                    // No subscriber is not an error: nobody is idle-waiting right now.
-                    if let Ok(queue) = QueueName::parse(n.payload()) {
-                        let _ = sender.send(queue);
+                    // No subscriber is not an error: nobody is waiting right now.
+                    if n.channel() == fanout.jobs_channel {
+                        if let Ok(queue) = QueueName::parse(n.payload()) {
+                            let _ = fanout.wakeups.send(queue);
+                        }
+                    } else if fanout.changes.receiver_count() > 0 {
+                        for change in parse_changes(n.payload()) {
+                            let _ = fanout.changes.send(change);
+                        }
                     }
                 }
                 Some(Ok(_notice)) => {}
@@ -288,5 +384,31 @@ mod tests {
         let c = channel_for(Some(&multibyte));
         assert!(c.len() <= MAX_CHANNEL_LEN && c.starts_with("keel_jobs:é"));
         assert_eq!(listen_statement("a\"b"), "LISTEN \"a\"\"b\"");
+        assert_eq!(changes_channel_for(Some("public")), "keel_changes:public");
+        assert_eq!(changes_channel_for(Some(&long)).len(), MAX_CHANNEL_LEN);
+        assert_ne!(changes_channel_for(Some(&long)), channel_for(Some(&long)));
+    }
+
+    #[test]
+    fn change_payloads_parse_line_by_line_and_skip_garbage() {
+        let a = JobId::new();
+        let b = JobId::new();
+        let payload = format!("{a} completed mail\nnot a change\n{b} cancelled q.1:x\n{a} bogus q");
+        let got: Vec<StateChange> = parse_changes(&payload).collect();
+        assert_eq!(
+            got,
+            [
+                StateChange {
+                    id: a,
+                    queue: QueueName::parse("mail").unwrap(),
+                    state: JobState::Completed
+                },
+                StateChange {
+                    id: b,
+                    queue: QueueName::parse("q.1:x").unwrap(),
+                    state: JobState::Cancelled
+                },
+            ]
+        );
     }
 }

@@ -16,6 +16,14 @@
 //! - **Wakeups**: statements that make jobs available `pg_notify` the store's channel, and a
 //!   listening connection outside the pool turns the notifications into
 //!   [`Store::wakeups`] streams; see `listen.rs`.
+//! - **State changes**: cancel, retry and rescue announce the jobs they moved (completions
+//!   and failures are not announced: see `sql.rs` for the measured reason) on a second
+//!   channel, heard on the same connection and handed to [`Store::changes`]
+//!   streams, so a replica waiting for a job sees it finish on another replica.
+//! - **Unique jobs** are inserted with `ON CONFLICT DO NOTHING` on the partial unique index
+//!   and answered with the key's holder (see `commit.rs`); **leadership** is a row with a
+//!   term and an epoch; **cron ticks** are recorded under a primary key in the transaction
+//!   that inserts their jobs, behind the leader's fence.
 //!
 //! Every statement is unqualified and resolves through the connection's `search_path`, so a
 //! URL with `?options=-csearch_path%3D<schema>` confines a store to one schema (tests run one
@@ -38,21 +46,23 @@ use async_trait::async_trait;
 use deadpool_postgres::{Object, Pool};
 use keel_core::clock::to_delta;
 use keel_core::store::{
-    Completion, FailParams, HeartbeatParams, IdempotentInsert, IdempotentOutcome, JobPage,
-    LeaseParams, LeaseRef, ListParams, PoolStats, PromoteParams, Promoted, QueueStats,
-    RescueParams, Rescued, RetentionParams, StateCounts, StoredResponse,
+    CampaignParams, Completion, FailParams, HeartbeatParams, IdempotentInsert, IdempotentOutcome,
+    JobPage, LeaderEpoch, Leadership, LeaseParams, LeaseRef, ListParams, PoolStats, PromoteParams,
+    Promoted, QueueStats, RescueParams, Rescued, RetentionParams, StateCounts, StoredResponse,
+    TickOutcome, TickParams,
 };
 use keel_core::{
-    AttemptError, Backoff, Clock, IdempotencyKey, Job, JobId, JobState, NewJob, QueueName, Store,
-    StoreError, Timestamp, Transition, WakeupStream, WorkerId, next_attempt_at,
+    AttemptError, Backoff, ChangeStream, Clock, IdempotencyKey, Job, JobId, JobState, NewJob,
+    NewSchedule, QueueName, Schedule, ScheduleName, Store, StoreError, TenantId, Timestamp,
+    Transition, WakeupStream, WorkerId, next_attempt_at,
 };
 use tokio_postgres::Row;
 use tokio_postgres::types::ToSql;
 use uuid::Uuid;
 
 use crate::migrate::{self, MigrationReport};
-use crate::{codec, key_reused};
-use commit::{Committer, JobColumns};
+use crate::{MAINTENANCE_ROLE, codec, key_reused, schedule_exists, unique_key_held};
+use commit::Committer;
 use listen::Listener;
 use sql::{ListQuery, SQL};
 
@@ -139,6 +149,8 @@ pub struct PgStore {
     target: String,
     /// Where wakeups are sent and heard: `keel_jobs:<schema>`, fixed at connect.
     channel: String,
+    /// Where state changes are sent and heard: `keel_changes:<schema>`.
+    changes_channel: String,
     maintenance: pool::Maintenance,
     committer: Committer,
     listener: Listener,
@@ -214,6 +226,7 @@ impl PgStore {
                 .map_err(|e| error::db(e, format!("checking that {target} answers")))?
         };
         let channel = listen::channel_for(schema.as_deref());
+        let changes_channel = listen::changes_channel_for(schema.as_deref());
         if let Err(e) = pool::top_up(&pool, opts.min_idle).await {
             tracing::warn!(error = %e, %target, "could not open min_idle Postgres connections");
         }
@@ -228,12 +241,13 @@ impl PgStore {
                 concurrency: opts.insert_commits.min(opts.max_connections),
             },
         );
-        let listener = Listener::spawn(cfg, channel.clone());
+        let listener = Listener::spawn(cfg, channel.clone(), &changes_channel);
         Ok(Self {
             pool,
             clock,
             target,
             channel,
+            changes_channel,
             maintenance,
             committer,
             listener,
@@ -347,8 +361,9 @@ impl PgStore {
 
     /// Runs one lease-fenced batch statement (`heartbeat`, `complete`, `release`) whose
     /// first two parameters are the ids and tokens of `leases` and which returns the
-    /// `(id, token)` pairs it applied to. Items it did not apply to are told apart with one
-    /// more query: the job exists (its lease is stale) or it does not.
+    /// `(id, token)` pairs it applied to (and rows of NULLs, skipped, for the notifications
+    /// `complete` sends). Items it did not apply to are told apart with one more query: the
+    /// job exists (its lease is stale) or it does not.
     async fn fenced_batch(
         &self,
         leases: &[LeaseRef],
@@ -367,9 +382,16 @@ impl PgStore {
             .map_err(|e| error::db(e, ctx()))?;
         let applied = rows
             .iter()
-            .map(|r| Ok((r.try_get::<_, Uuid>(0)?, r.try_get::<_, Uuid>(1)?)))
-            .collect::<Result<HashSet<(Uuid, Uuid)>, tokio_postgres::Error>>()
-            .map_err(|e| error::db(e, ctx()))?;
+            .map(|r| {
+                let id: Option<Uuid> = r.try_get(0)?;
+                let token: Option<Uuid> = r.try_get(1)?;
+                Ok(id.zip(token))
+            })
+            .collect::<Result<Vec<Option<(Uuid, Uuid)>>, tokio_postgres::Error>>()
+            .map_err(|e| error::db(e, ctx()))?
+            .into_iter()
+            .flatten()
+            .collect::<HashSet<(Uuid, Uuid)>>();
         let held = |l: &LeaseRef| applied.contains(&(*l.id.as_uuid(), *l.token.as_uuid()));
         let missing: Vec<Uuid> = leases
             .iter()
@@ -408,14 +430,15 @@ impl PgStore {
     /// Runs a single-row guarded transition (`cancel`, `retry`). When the guard matched
     /// nothing, reads the job's state to answer NotFound or IllegalTransition. Should the
     /// state change between the two statements to one the transition accepts (a concurrent
-    /// retry, say), the transition is tried again, a bounded number of times. `notifies`:
-    /// the statement takes the wakeup channel as `$3`.
+    /// retry, say), the transition is tried again, a bounded number of times. The statement
+    /// takes the id and now as `$1` and `$2`, then `channels` (wakeup and changes channels,
+    /// as it needs them).
     async fn guarded(
         &self,
         id: JobId,
         transition: Transition,
         sql: &str,
-        notifies: bool,
+        channels: &[&String],
         ctx: Ctx<'_>,
     ) -> Result<Job, StoreError> {
         const ATTEMPTS: usize = 3;
@@ -430,10 +453,10 @@ impl PgStore {
             .map_err(|e| error::db(e, ctx()))?;
         for _ in 0..ATTEMPTS {
             let now = self.clock.now();
-            let params: [&(dyn ToSql + Sync); 3] = [id.as_uuid(), &now, &self.channel];
-            let params = if notifies { &params[..] } else { &params[..2] };
+            let mut params: Vec<&(dyn ToSql + Sync)> = vec![id.as_uuid(), &now];
+            params.extend(channels.iter().map(|c| *c as &(dyn ToSql + Sync)));
             let row = conn
-                .query_opt(&update, params)
+                .query_opt(&update, &params)
                 .await
                 .map_err(|e| error::db(e, ctx()))?;
             if let Some(row) = row {
@@ -684,14 +707,32 @@ impl Store for PgStore {
 
     async fn cancel(&self, id: JobId) -> Result<Job, StoreError> {
         let ctx = || format!("cancelling job {id}");
-        self.guarded(id, Transition::Cancel, &SQL.cancel, false, &ctx)
-            .await
+        self.guarded(
+            id,
+            Transition::Cancel,
+            &SQL.cancel,
+            &[&self.changes_channel],
+            &ctx,
+        )
+        .await
     }
 
     async fn retry(&self, id: JobId) -> Result<Job, StoreError> {
         let ctx = || format!("retrying job {id}");
-        self.guarded(id, Transition::Retry, &SQL.retry, true, &ctx)
-            .await
+        self.guarded(
+            id,
+            Transition::Retry,
+            &SQL.retry,
+            &[&self.channel, &self.changes_channel],
+            &ctx,
+        )
+        .await
+        .map_err(|e| match e {
+            // The retry changes no key column, so the only uniqueness it can break is the
+            // job's unique key: another job took it while this one was finished.
+            StoreError::Conflict(_) => unique_key_held(id),
+            e => e,
+        })
     }
 
     async fn promote(&self, params: PromoteParams) -> Result<Vec<Promoted>, StoreError> {
@@ -793,9 +834,19 @@ impl Store for PgStore {
             .prepare_cached(&SQL.rescue_update)
             .await
             .map_err(|e| error::db(e, ctx()))?;
-        tx.execute(&update, &[&ids, &states, &run_ats, &finished_ats, &errors])
-            .await
-            .map_err(|e| error::db(e, ctx()))?;
+        tx.execute(
+            &update,
+            &[
+                &ids,
+                &states,
+                &run_ats,
+                &finished_ats,
+                &errors,
+                &self.changes_channel,
+            ],
+        )
+        .await
+        .map_err(|e| error::db(e, ctx()))?;
         tx.commit().await.map_err(|e| error::db(e, ctx()))?;
         Ok(rescued)
     }
@@ -886,11 +937,18 @@ impl Store for PgStore {
         let jobs: Vec<Job> = jobs.into_iter().map(|j| j.into_job(now)).collect();
         // Built once, before claiming: `respond` is pure, and a losing attempt only discards
         // it. The stored bytes are the ones this caller returns, so every replay matches.
-        let response = respond(&jobs);
-        let status = i16::try_from(response.status).map_err(|e| {
-            StoreError::permanent(format!("{}: response status {}", ctx(), response.status), e)
-        })?;
-        let columns = JobColumns::of(&jobs, jobs.len(), &self.channel);
+        // Unless unique jobs are among them: then the response must name the holders the
+        // insert finds, so it is built after the insert, and stored over a placeholder in
+        // the same transaction (no reader sees the placeholder: it never commits).
+        let response = if jobs.iter().any(|j| j.unique.is_some()) {
+            Response::AfterInsert(respond)
+        } else {
+            Response::Ready(respond(&jobs))
+        };
+        let (status, body) = match &response {
+            Response::Ready(r) => (status_of(r, &ctx)?, r.body.as_slice()),
+            Response::AfterInsert(_) => (0, &[][..]),
+        };
         for _ in 0..ATTEMPTS {
             let tx = conn.transaction().await.map_err(|e| error::db(e, ctx()))?;
             let expire = tx
@@ -912,7 +970,7 @@ impl Store for PgStore {
                         &key.as_str(),
                         &fingerprint,
                         &status,
-                        &response.body,
+                        &body,
                         &now,
                         &expires_at,
                     ],
@@ -921,17 +979,32 @@ impl Store for PgStore {
                 .map_err(|e| error::db(e, ctx()))?
                 .is_some();
             if claimed {
+                let mut holders = commit::Holders::new();
                 if !jobs.is_empty() {
-                    let insert = tx
-                        .prepare_cached(&SQL.insert)
-                        .await
-                        .map_err(|e| error::db(e, ctx()))?;
                     // A duplicate job id fails here as a Conflict; dropping `tx` rolls the
                     // key back with the jobs.
-                    tx.execute(&insert, &columns.params())
+                    let refs: Vec<&Job> = jobs.iter().collect();
+                    holders = commit::insert_jobs(&tx, &refs, &self.channel, &ctx).await?;
+                }
+                let jobs = commit::substitute(jobs, &holders);
+                let response = match response {
+                    Response::Ready(response) => response,
+                    Response::AfterInsert(respond) => {
+                        let response = respond(&jobs);
+                        let status = status_of(&response, &ctx)?;
+                        let update = tx
+                            .prepare_cached(&SQL.idempotency_respond)
+                            .await
+                            .map_err(|e| error::db(e, ctx()))?;
+                        tx.execute(
+                            &update,
+                            &[&tenant.as_str(), &key.as_str(), &status, &response.body],
+                        )
                         .await
                         .map_err(|e| error::db(e, ctx()))?;
-                }
+                        response
+                    }
+                };
                 tx.commit().await.map_err(|e| error::db(e, ctx()))?;
                 return Ok(IdempotentOutcome::Created { jobs, response });
             }
@@ -986,6 +1059,320 @@ impl Store for PgStore {
         .map_err(|e| error::db(e, ctx()))
     }
 
+    async fn campaign(&self, params: CampaignParams) -> Result<Leadership, StoreError> {
+        // A campaign that loses reads the winner; should that row vanish or lapse in between
+        // (never in normal operation: rows are not deleted), it simply campaigns again.
+        const ATTEMPTS: usize = 3;
+        let ctx = || format!("campaigning for leadership as {}", params.owner);
+        let conn = self.conn(&ctx).await?;
+        let campaign = conn
+            .prepare_cached(&SQL.campaign)
+            .await
+            .map_err(|e| error::db(e, ctx()))?;
+        let leader = conn
+            .prepare_cached(&SQL.leader)
+            .await
+            .map_err(|e| error::db(e, ctx()))?;
+        for _ in 0..ATTEMPTS {
+            let now = self.clock.now();
+            let expires_at = now + to_delta(params.ttl);
+            let won = conn
+                .query_opt(
+                    &campaign,
+                    &[&MAINTENANCE_ROLE, &params.owner.as_str(), &expires_at, &now],
+                )
+                .await
+                .map_err(|e| error::db(e, ctx()))?;
+            let row = match won {
+                Some(row) => Some(row),
+                None => conn
+                    .query_opt(&leader, &[&MAINTENANCE_ROLE])
+                    .await
+                    .map_err(|e| error::db(e, ctx()))?,
+            };
+            if let Some(row) = row {
+                let owner: &str = rows::get(&row, 0, "owner")?;
+                let epoch: i64 = rows::get(&row, 1, "epoch")?;
+                return Ok(Leadership {
+                    owner: rows::parsed("owner", owner, WorkerId::parse)?,
+                    epoch: LeaderEpoch(u64::try_from(epoch).map_err(|e| {
+                        StoreError::permanent(format!("decoding stored epoch ({epoch})"), e)
+                    })?),
+                    expires_at: rows::get(&row, 2, "expires_at")?,
+                });
+            }
+        }
+        Err(StoreError::transient(
+            ctx(),
+            "the leader row kept disappearing between the campaign and reading the winner",
+        ))
+    }
+
+    async fn resign(&self, owner: &WorkerId) -> Result<(), StoreError> {
+        let ctx = || format!("resigning leadership as {owner}");
+        // Now: a campaign at this very instant already finds the term lapsed.
+        let ended = self.clock.now();
+        let conn = self.conn(&ctx).await?;
+        let stmt = conn
+            .prepare_cached(&SQL.resign)
+            .await
+            .map_err(|e| error::db(e, ctx()))?;
+        conn.execute(&stmt, &[&MAINTENANCE_ROLE, &owner.as_str(), &ended])
+            .await
+            .map(drop)
+            .map_err(|e| error::db(e, ctx()))
+    }
+
+    async fn save_schedule(
+        &self,
+        schedule: NewSchedule,
+        replace: bool,
+    ) -> Result<(Schedule, bool), StoreError> {
+        let NewSchedule {
+            tenant,
+            name,
+            cron,
+            timezone,
+            job,
+            paused,
+            catch_up,
+        } = schedule;
+        let ctx = || format!("saving schedule {name} of tenant {tenant}");
+        let now = self.clock.now();
+        let template = codec::template_to_json(&job);
+        let catch_up_ms = i64::try_from(catch_up.as_millis()).map_err(|e| {
+            StoreError::permanent(format!("{}: catch_up of {catch_up:?}", ctx()), e)
+        })?;
+        let params: [&(dyn ToSql + Sync); 8] = [
+            &tenant.as_str(),
+            &name.as_str(),
+            &cron,
+            &timezone,
+            &template,
+            &paused,
+            &catch_up_ms,
+            &now,
+        ];
+        let sql = if replace {
+            &SQL.schedule_replace
+        } else {
+            &SQL.schedule_create
+        };
+        let rows = self.query(sql, &params, &ctx).await?;
+        let Some(row) = rows.first() else {
+            return Err(schedule_exists(&tenant, &name));
+        };
+        let created = if replace {
+            rows::get(row, 10, "created")?
+        } else {
+            true
+        };
+        Ok((rows::schedule_from_row(row)?, created))
+    }
+
+    async fn get_schedule(
+        &self,
+        tenant: &TenantId,
+        name: &ScheduleName,
+    ) -> Result<Schedule, StoreError> {
+        let ctx = || format!("reading schedule {name} of tenant {tenant}");
+        let rows = self
+            .query(&SQL.schedule_get, &[&tenant.as_str(), &name.as_str()], &ctx)
+            .await?;
+        match rows.first() {
+            Some(row) => rows::schedule_from_row(row),
+            None => Err(StoreError::ScheduleNotFound(tenant.clone(), name.clone())),
+        }
+    }
+
+    async fn list_schedules(
+        &self,
+        tenant: Option<&TenantId>,
+        after: Option<(TenantId, ScheduleName)>,
+        limit: u32,
+    ) -> Result<Vec<Schedule>, StoreError> {
+        let limit = limit.min(ListParams::MAX_LIMIT);
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let ctx = || match tenant {
+            Some(t) => format!("listing schedules of tenant {t}"),
+            None => "listing schedules".to_owned(),
+        };
+        let (after_tenant, after_name) = match &after {
+            Some((t, n)) => (Some(t.as_str()), Some(n.as_str())),
+            None => (None, None),
+        };
+        let rows = self
+            .query(
+                &SQL.schedule_list,
+                &[
+                    &tenant.map(TenantId::as_str),
+                    &after_tenant,
+                    &after_name,
+                    &i64::from(limit),
+                ],
+                &ctx,
+            )
+            .await?;
+        rows.iter().map(rows::schedule_from_row).collect()
+    }
+
+    async fn delete_schedule(
+        &self,
+        tenant: &TenantId,
+        name: &ScheduleName,
+    ) -> Result<(), StoreError> {
+        let ctx = || format!("deleting schedule {name} of tenant {tenant}");
+        let rows = self
+            .query(
+                &SQL.schedule_delete,
+                &[&tenant.as_str(), &name.as_str()],
+                &ctx,
+            )
+            .await?;
+        if rows.is_empty() {
+            return Err(StoreError::ScheduleNotFound(tenant.clone(), name.clone()));
+        }
+        Ok(())
+    }
+
+    async fn set_schedule_paused(
+        &self,
+        tenant: &TenantId,
+        name: &ScheduleName,
+        paused: bool,
+    ) -> Result<Schedule, StoreError> {
+        let ctx = || {
+            let verb = if paused { "pausing" } else { "resuming" };
+            format!("{verb} schedule {name} of tenant {tenant}")
+        };
+        let rows = self
+            .query(
+                &SQL.schedule_pause,
+                &[&tenant.as_str(), &name.as_str(), &paused, &self.clock.now()],
+                &ctx,
+            )
+            .await?;
+        match rows.first() {
+            Some(row) => rows::schedule_from_row(row),
+            None => Err(StoreError::ScheduleNotFound(tenant.clone(), name.clone())),
+        }
+    }
+
+    async fn enqueue_ticks(&self, params: TickParams) -> Result<TickOutcome, StoreError> {
+        let TickParams {
+            tenant,
+            schedule,
+            ticks,
+            fence,
+        } = params;
+        if ticks.is_empty() {
+            return Ok(TickOutcome::default());
+        }
+        for (index, (_, job)) in ticks.iter().enumerate() {
+            job.validate(NewJob::DEFAULT_MAX_ARGS_BYTES)
+                .map_err(|errors| StoreError::Invalid { index, errors })?;
+        }
+        let total = ticks.len();
+        let ctx = || format!("enqueuing {total} tick(s) of schedule {schedule} of tenant {tenant}");
+        let not_leader = || StoreError::NotLeader(fence.epoch.0);
+        let epoch = i64::try_from(fence.epoch.0).map_err(|_| not_leader())?;
+        let now = self.clock.now();
+        let mut conn = self.conn(&ctx).await?;
+        let tx = conn.transaction().await.map_err(|e| error::db(e, ctx()))?;
+        let keys: [&(dyn ToSql + Sync); 2] = [&tenant.as_str(), &schedule.as_str()];
+
+        let check = tx
+            .prepare_cached(&SQL.fence)
+            .await
+            .map_err(|e| error::db(e, ctx()))?;
+        let holds = tx
+            .query_opt(
+                &check,
+                &[&MAINTENANCE_ROLE, &fence.owner.as_str(), &epoch, &now],
+            )
+            .await
+            .map_err(|e| error::db(e, ctx()))?
+            .is_some();
+        if !holds {
+            return Err(not_leader());
+        }
+        let lock = tx
+            .prepare_cached(&SQL.schedule_lock)
+            .await
+            .map_err(|e| error::db(e, ctx()))?;
+        let live = match tx
+            .query_opt(&lock, &keys)
+            .await
+            .map_err(|e| error::db(e, ctx()))?
+        {
+            Some(row) => !rows::get::<bool>(&row, 0, "paused")?,
+            None => false,
+        };
+        if !live {
+            return Ok(TickOutcome {
+                enqueued: Vec::new(),
+                skipped: ticks.len(),
+            });
+        }
+
+        let tick_ats: Vec<Timestamp> = ticks.iter().map(|(at, _)| *at).collect();
+        let job_ids: Vec<Uuid> = ticks.iter().map(|(_, j)| *j.id.as_uuid()).collect();
+        let record = tx
+            .prepare_cached(&SQL.ticks_record)
+            .await
+            .map_err(|e| error::db(e, ctx()))?;
+        let recorded: HashSet<Uuid> = tx
+            .query(&record, &[keys[0], keys[1], &tick_ats, &job_ids])
+            .await
+            .map_err(|e| error::db(e, ctx()))?
+            .iter()
+            .map(|row| rows::get::<Uuid>(row, 1, "job_id"))
+            .collect::<Result<_, _>>()?;
+        let latest = tick_ats.iter().max().copied();
+        let mut enqueued = Vec::with_capacity(recorded.len());
+        let mut jobs = Vec::with_capacity(recorded.len());
+        for (at, job) in ticks {
+            if recorded.contains(job.id.as_uuid()) {
+                enqueued.push((at, job.id));
+                jobs.push(job.into_job(now));
+            }
+        }
+        if !jobs.is_empty() {
+            let refs: Vec<&Job> = jobs.iter().collect();
+            commit::insert_jobs(&tx, &refs, &self.channel, &ctx).await?;
+        }
+        let advance = tx
+            .prepare_cached(&SQL.schedule_advance)
+            .await
+            .map_err(|e| error::db(e, ctx()))?;
+        tx.execute(&advance, &[keys[0], keys[1], &latest])
+            .await
+            .map_err(|e| error::db(e, ctx()))?;
+        tx.commit().await.map_err(|e| error::db(e, ctx()))?;
+        enqueued.sort_by_key(|(at, _)| *at);
+        Ok(TickOutcome {
+            skipped: total - enqueued.len(),
+            enqueued,
+        })
+    }
+
+    async fn delete_old_ticks(&self, before: Timestamp, limit: u32) -> Result<u64, StoreError> {
+        if limit == 0 {
+            return Ok(0);
+        }
+        let ctx = || "deleting old cron tick records".to_owned();
+        let conn = self.conn(&ctx).await?;
+        let stmt = conn
+            .prepare_cached(&SQL.ticks_delete_old)
+            .await
+            .map_err(|e| error::db(e, ctx()))?;
+        conn.execute(&stmt, &[&before, &i64::from(limit)])
+            .await
+            .map_err(|e| error::db(e, ctx()))
+    }
+
     async fn ping(&self) -> Result<(), StoreError> {
         let ctx = || format!("pinging {}", self.target);
         let conn = self.conn(&ctx).await?;
@@ -1010,7 +1397,11 @@ impl Store for PgStore {
         Some(self.listener.subscribe())
     }
 
-    /// Stops the listener (ending every wakeup stream), writes the inserts already queued
+    fn changes(&self) -> Option<Box<dyn ChangeStream>> {
+        Some(self.listener.subscribe_changes())
+    }
+
+    /// Stops the listener (ending every wakeup and change stream), writes the inserts already queued
     /// and waits for those in flight, then closes the pool and its maintenance task.
     async fn close(&self) {
         self.listener.stop().await;
@@ -1028,6 +1419,22 @@ fn validate_all(jobs: &[NewJob]) -> Result<(), StoreError> {
             .map_err(|errors| StoreError::Invalid { index, errors })?;
     }
     Ok(())
+}
+
+/// The response an idempotent insert stores with its key.
+enum Response {
+    /// Built before the claim, stored by it.
+    Ready(StoredResponse),
+    /// Built after the insert, from the jobs as stored (holders in place of unique jobs
+    /// that were not inserted), and written over the claim's placeholder.
+    AfterInsert(keel_core::store::Respond),
+}
+
+/// A response's status as stored (`smallint`).
+fn status_of(response: &StoredResponse, ctx: Ctx<'_>) -> Result<i16, StoreError> {
+    i16::try_from(response.status).map_err(|e| {
+        StoreError::permanent(format!("{}: response status {}", ctx(), response.status), e)
+    })
 }
 
 /// The answer for a live key found stored (`SQL.idempotency_read`): the original response

@@ -1,4 +1,5 @@
-//! Decoding a row selected through [`COLUMNS`](super::sql::COLUMNS) into a [`Job`].
+//! Decoding a row selected through [`COLUMNS`](super::sql::COLUMNS) into a [`Job`], and one
+//! selected through [`SCHEDULE_COLUMNS`](super::sql::SCHEDULE_COLUMNS) into a [`Schedule`].
 //!
 //! Data read back is not trusted blindly: a value that does not decode (an unknown state, a
 //! name that fails validation, a negative attempt count) is a [`StoreError::Permanent`]
@@ -7,8 +8,8 @@
 use std::time::Duration;
 
 use keel_core::{
-    Job, JobId, JobKind, JobState, Lease, LeaseToken, Priority, QueueName, StoreError, TenantId,
-    Timestamp, WorkerId,
+    Job, JobId, JobKind, JobState, Lease, LeaseToken, Priority, QueueName, Schedule, ScheduleName,
+    StoreError, TenantId, Timestamp, UniqueHold, UniqueScopeKind, WorkerId,
 };
 use tokio_postgres::Row;
 use tokio_postgres::types::FromSql;
@@ -69,6 +70,8 @@ pub(super) fn job_from_row(row: &Row) -> Result<Job, StoreError> {
     let lease_owner: Option<&str> = get(row, 15, "lease_owner")?;
     let lease_token: Option<Uuid> = get(row, 16, "lease_token")?;
     let lease_expires_at: Option<Timestamp> = get(row, 17, "lease_expires_at")?;
+    let unique_key: Option<String> = get(row, 21, "unique_key")?;
+    let unique_scope: Option<&str> = get(row, 22, "unique_scope")?;
 
     let lease = match (lease_token, lease_expires_at) {
         (Some(token), Some(expires_at)) => {
@@ -98,6 +101,19 @@ pub(super) fn job_from_row(row: &Row) -> Result<Job, StoreError> {
     let timeout_ms = u64::try_from(timeout_ms).map_err(|e| {
         StoreError::permanent(format!("decoding stored timeout_ms ({timeout_ms})"), e)
     })?;
+    // A `queued` job's key is cleared when it is leased; its scope stays as a record.
+    let unique = match (unique_key, unique_scope) {
+        (Some(key), Some(scope)) => Some(UniqueHold {
+            key,
+            scope: UniqueScopeKind::parse(scope).ok_or_else(|| {
+                StoreError::permanent(
+                    "decoding stored unique_scope",
+                    format!("{scope:?} is not queued, active or period"),
+                )
+            })?,
+        }),
+        _ => None,
+    };
 
     Ok(Job {
         id: JobId::from_uuid(id),
@@ -119,5 +135,28 @@ pub(super) fn job_from_row(row: &Row) -> Result<Job, StoreError> {
         created_at: get(row, 18, "created_at")?,
         started_at: get(row, 19, "started_at")?,
         finished_at: get(row, 20, "finished_at")?,
+        unique,
+    })
+}
+
+/// Decodes one schedule.
+pub(super) fn schedule_from_row(row: &Row) -> Result<Schedule, StoreError> {
+    let tenant: &str = get(row, 0, "tenant")?;
+    let name: &str = get(row, 1, "name")?;
+    let catch_up_ms: i64 = get(row, 6, "catch_up_ms")?;
+    let catch_up_ms = u64::try_from(catch_up_ms).map_err(|e| {
+        StoreError::permanent(format!("decoding stored catch_up_ms ({catch_up_ms})"), e)
+    })?;
+    Ok(Schedule {
+        tenant: parsed("tenant", tenant, TenantId::parse)?,
+        name: parsed("schedule name", name, ScheduleName::parse)?,
+        cron: get(row, 2, "cron")?,
+        timezone: get(row, 3, "timezone")?,
+        job: codec::template_from_json(get(row, 4, "job")?)?,
+        paused: get(row, 5, "paused")?,
+        catch_up: Duration::from_millis(catch_up_ms),
+        last_tick_at: get(row, 7, "last_tick_at")?,
+        created_at: get(row, 8, "created_at")?,
+        updated_at: get(row, 9, "updated_at")?,
     })
 }

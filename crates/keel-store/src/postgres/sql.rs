@@ -16,6 +16,19 @@
 //! statement: the notification is delivered at commit and dropped with a rollback, so a
 //! listener is never woken for work that is not there. The channel is a parameter (see
 //! `listen.rs` for how it is named).
+//!
+//! Cancel, retry and rescue announce the jobs they move on the store's changes channel, in
+//! the same statement and so only if it commits: one `pg_notify` per statement (per
+//! [`CHANGES_PER_NOTIFICATION`] jobs), each payload a few `<id> <state> <queue>` lines.
+//!
+//! Completions and failures are *not* announced. A transaction that notifies takes a
+//! database-wide lock at commit and holds it through its WAL flush, so notifying
+//! transactions commit one at a time; on the completion path that cost `keel bench` 15–20 %
+//! (Postgres, 2 cores: W1 drain 15.7–18.7k jobs/s with completions announced in their
+//! statements, 20.0–20.8k without; announcing them from separate `synchronous_commit = off`
+//! transactions after the commit was no better, 15.1–15.3k). A replica waiting for a job that
+//! another replica finishes re-reads it on a timer instead (`/v1/process`: every 250 ms).
+//! Lease, insert and promote are not announced either: wakeups cover them.
 
 use std::sync::LazyLock;
 
@@ -29,7 +42,39 @@ use tokio_postgres::types::ToSql;
 pub(super) const COLUMNS: &str = "j.id, j.queue, j.kind, j.tenant, j.args::text, j.priority, \
      j.state, j.attempt, j.max_attempts, j.timeout_ms, j.backoff::text, j.tags::text, j.run_at, \
      j.errors::text, j.result::text, j.lease_owner, j.lease_token, j.lease_expires_at, \
-     j.created_at, j.started_at, j.finished_at";
+     j.created_at, j.started_at, j.finished_at, j.unique_key, j.unique_scope";
+
+/// The columns of a schedule, in the order `rows::schedule_from_row` decodes them, the table
+/// aliased `s`. The template comes back as text so its args keep their bytes.
+pub(super) const SCHEDULE_COLUMNS: &str = "s.tenant, s.name, s.cron, s.timezone, s.job::text, \
+     s.paused, s.catch_up_ms, s.last_tick_at, s.created_at, s.updated_at";
+
+/// States in which a job that still has its unique key holds it, for every scope but
+/// `period` (which holds in all): exactly the predicate of `jobs_unique_idx`
+/// (migrations/postgres/0003_scale_out.sql), in the same order. `ON CONFLICT` can only use
+/// a partial index as its arbiter when its own `WHERE` provably implies the index's, and the
+/// simplest proof is the identical expression; a unit test below holds the two together.
+const UNIQUE_HOLDING: &str = "j.unique_key IS NOT NULL \
+     AND (j.unique_scope = 'period' \
+          OR j.state IN ('scheduled', 'available', 'retryable', 'running'))";
+
+/// Most state changes in one notification. A line is at most 36 (id) + 1 + 9 (state) + 1 +
+/// 128 (queue) + 1 (newline) = 176 bytes, so 40 lines stay under 7,100 bytes, below
+/// Postgres's 8,000-byte payload limit (beyond which `pg_notify` fails the statement).
+pub(super) const CHANGES_PER_NOTIFICATION: usize = 40;
+
+/// A query that announces the rows of `source` (a CTE with columns `id`, `state`, `queue`)
+/// on the channel in parameter `channel`: one `pg_notify` per [`CHANGES_PER_NOTIFICATION`]
+/// rows, none when `source` is empty (no group, no call).
+fn announce(source: &str, channel: &str) -> String {
+    format!(
+        "SELECT pg_notify({channel}, string_agg(c.line, E'\\n')) \
+         FROM (SELECT s.id::text || ' ' || s.state || ' ' || s.queue AS line, \
+                      (row_number() OVER () - 1) / {CHANGES_PER_NOTIFICATION} AS chunk \
+               FROM {source} s) c \
+         GROUP BY c.chunk"
+    )
+}
 
 /// `'a', 'b'` for `state IN (…)`. State names are fixed lowercase identifiers, so quoting
 /// them is all the escaping they need.
@@ -63,6 +108,8 @@ fn target(t: Transition) -> &'static str {
 #[derive(Debug)]
 pub(super) struct Statements {
     pub(super) insert: String,
+    pub(super) insert_unique: String,
+    pub(super) unique_holders: String,
     pub(super) get: String,
     pub(super) lease: String,
     pub(super) heartbeat: String,
@@ -84,6 +131,21 @@ pub(super) struct Statements {
     pub(super) idempotency_expire: String,
     pub(super) idempotency_claim: String,
     pub(super) idempotency_delete_expired: String,
+    pub(super) idempotency_respond: String,
+    pub(super) campaign: String,
+    pub(super) leader: String,
+    pub(super) resign: String,
+    pub(super) fence: String,
+    pub(super) schedule_create: String,
+    pub(super) schedule_replace: String,
+    pub(super) schedule_get: String,
+    pub(super) schedule_list: String,
+    pub(super) schedule_delete: String,
+    pub(super) schedule_pause: String,
+    pub(super) schedule_lock: String,
+    pub(super) schedule_advance: String,
+    pub(super) ticks_record: String,
+    pub(super) ticks_delete_old: String,
 }
 
 /// The statements, built on first use.
@@ -120,6 +182,52 @@ impl Statements {
                  ) \
                  SELECT pg_notify($14, q.queue) FROM unnest($15::text[]) AS q(queue)"
                 .to_owned(),
+            // The insert for batches holding unique jobs (the plain one above stays as lean
+            // as before for the rest). A job whose key is held, by a committed job or by an
+            // earlier row of this very statement, is skipped rather than failing the batch;
+            // a concurrent transaction inserting the same key makes this wait for its
+            // outcome. RETURNING tells the caller which rows went in; it then reads the
+            // holders of the rest (`unique_holders`). Rows go in key order so that two
+            // batches taking the same keys lock them in the same order and cannot deadlock;
+            // one key repeated in the batch goes to the first job naming it.
+            // The conflict target names the partial unique index only (the primary key is
+            // no arbiter), so a duplicate id still fails as a Conflict.
+            //
+            // $14 is the wakeup channel ($15/$16 the keys and scopes); queues are notified
+            // from the rows actually inserted. The UNION's second branch yields one NULL
+            // row per notified queue; the caller skips NULL ids.
+            insert_unique: format!(
+                "WITH inserted AS ( \
+                 INSERT INTO jobs AS j (id, queue, kind, tenant, args, priority, state, \
+                 max_attempts, timeout_ms, backoff, tags, run_at, created_at, unique_key, \
+                 unique_scope) \
+                 SELECT t.id, t.queue, t.kind, t.tenant, t.args::json, t.priority, t.state, \
+                 t.max_attempts, t.timeout_ms, t.backoff::jsonb, t.tags::jsonb, t.run_at, \
+                 t.created_at, t.unique_key, t.unique_scope \
+                 FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], \
+                 $6::int2[], $7::text[], $8::int4[], $9::int8[], $10::text[], $11::text[], \
+                 $12::timestamptz[], $13::timestamptz[], $15::text[], $16::text[]) \
+                 WITH ORDINALITY \
+                 AS t(id, queue, kind, tenant, args, priority, state, max_attempts, timeout_ms, \
+                 backoff, tags, run_at, created_at, unique_key, unique_scope, ord) \
+                 ORDER BY t.tenant, t.unique_key, t.ord \
+                 ON CONFLICT (tenant, unique_key) WHERE {holding} DO NOTHING \
+                 RETURNING j.id, j.queue, j.state \
+                 ) \
+                 SELECT i.id FROM inserted i \
+                 UNION ALL \
+                 SELECT NULL FROM (SELECT pg_notify($14, i.queue) FROM inserted i \
+                   WHERE i.state = 'available' GROUP BY i.queue) n",
+                holding = UNIQUE_HOLDING.replace("j.", ""),
+            ),
+            // The jobs holding the given (tenant, key) pairs: at most one each, by the
+            // unique index.
+            unique_holders: format!(
+                "SELECT {COLUMNS} FROM jobs j \
+                 JOIN unnest($1::text[], $2::text[]) AS k(tenant, unique_key) \
+                   ON j.tenant = k.tenant AND j.unique_key = k.unique_key \
+                 WHERE {UNIQUE_HOLDING}"
+            ),
             get: format!("SELECT {COLUMNS} FROM jobs j WHERE j.id = $1"),
             // The inner SELECT walks jobs_lease_idx in lease order and skips rows another
             // replica has locked, so concurrent leasers never wait on each other and never
@@ -130,6 +238,10 @@ impl Statements {
             // plans it as an InitPlan run once per statement (one queues_pkey probe) gating
             // the index walk, not as a join per job; and FOR UPDATE does not reach into it,
             // so leasers of one queue never lock its settings row.
+            //
+            // A `queued`-scope unique job gives up its key for good when first leased, so
+            // the same key can be enqueued again while it runs, and a later retry of it
+            // never competes for the key with the job enqueued meanwhile.
             lease: format!(
                 "WITH picked AS ( \
                    SELECT id FROM jobs \
@@ -140,7 +252,9 @@ impl Statements {
                    FOR UPDATE SKIP LOCKED \
                  ) \
                  UPDATE jobs j SET state = '{to}', attempt = j.attempt + 1, lease_owner = $3, \
-                   lease_token = gen_random_uuid(), lease_expires_at = $4, started_at = $5 \
+                   lease_token = gen_random_uuid(), lease_expires_at = $4, started_at = $5, \
+                   unique_key = CASE WHEN j.unique_scope = 'queued' THEN NULL \
+                                     ELSE j.unique_key END \
                  FROM picked \
                  WHERE j.id = picked.id AND j.state IN ({lease}) \
                  RETURNING {COLUMNS}",
@@ -163,7 +277,8 @@ impl Statements {
                    AND j.lease_token = l.token AND j.state IN ({running}) \
                  RETURNING l.id, l.token"
             ),
-            // lease_owner stays, as a record of who ran the job.
+            // lease_owner stays, as a record of who ran the job. Not announced (see the
+            // module documentation).
             complete: format!(
                 "WITH l AS (SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::text[]) \
                             AS l(id, token, result)), \
@@ -202,7 +317,8 @@ impl Statements {
                  j.backoff::text FROM jobs j WHERE j.id = $1 FOR UPDATE"
                 .to_owned(),
             // $2 is retryable or discarded (decided in Rust from the locked row); $3 is the
-            // next run time when retryable; $4 is finished_at when discarded.
+            // next run time when retryable; $4 is finished_at when discarded. Not announced
+            // (see the module documentation).
             fail_update: format!(
                 "UPDATE jobs j SET state = $2, run_at = COALESCE($3, j.run_at), \
                    finished_at = $4, errors = j.errors || jsonb_build_array($5::text::jsonb), \
@@ -210,17 +326,24 @@ impl Statements {
                  WHERE j.id = $1 AND j.state IN ({fail_sources}) \
                  RETURNING {COLUMNS}"
             ),
+            // Announced on $3, so a replica running the job hears that its lease is gone.
             cancel: format!(
-                "UPDATE jobs j SET state = '{to}', finished_at = $2, \
-                   lease_token = NULL, lease_expires_at = NULL \
-                 WHERE j.id = $1 AND j.state IN ({from}) \
-                 RETURNING {COLUMNS}",
+                "WITH cancelled AS ( \
+                   UPDATE jobs j SET state = '{to}', finished_at = $2, \
+                     lease_token = NULL, lease_expires_at = NULL \
+                   WHERE j.id = $1 AND j.state IN ({from}) \
+                   RETURNING {COLUMNS} \
+                 ) \
+                 SELECT c.*, pg_notify($3, c.id::text || ' ' || c.state || ' ' || c.queue) \
+                 FROM cancelled c",
                 to = target(Transition::Cancel),
                 from = guard(Transition::Cancel),
             ),
             // A job that used up its attempts gets exactly one more. The job is available
-            // now, so its queue's listeners are told ($3 is the channel); the columns come
-            // first, in `COLUMNS` order, so the row decodes like any other.
+            // now, so its queue's listeners are told ($3 is the channel), and the change is
+            // announced ($4); the columns come first, in `COLUMNS` order, so the row decodes
+            // like any other. Putting an `active` job back among its key's holders while
+            // another job holds the key violates jobs_unique_idx (mapped to a Conflict).
             retry: format!(
                 "WITH retried AS ( \
                    UPDATE jobs j SET state = '{to}', run_at = $2, finished_at = NULL, \
@@ -229,7 +352,9 @@ impl Statements {
                    WHERE j.id = $1 AND j.state IN ({from}) \
                    RETURNING {COLUMNS} \
                  ) \
-                 SELECT r.*, pg_notify($3, r.queue) FROM retried r",
+                 SELECT r.*, pg_notify($3, r.queue), \
+                   pg_notify($4, r.id::text || ' ' || r.state || ' ' || r.queue) \
+                 FROM retried r",
                 to = target(Transition::Retry),
                 from = guard(Transition::Retry),
             ),
@@ -267,14 +392,21 @@ impl Statements {
                  LIMIT $2 \
                  FOR UPDATE SKIP LOCKED"
             ),
+            // The rescues are announced on $6 (the data-modifying CTE runs whatever the
+            // outer query reads).
             rescue_update: format!(
-                "UPDATE jobs j SET state = r.state, run_at = COALESCE(r.run_at, j.run_at), \
-                   finished_at = r.finished_at, \
-                   errors = j.errors || jsonb_build_array(r.error::jsonb), \
-                   lease_token = NULL, lease_expires_at = NULL \
-                 FROM unnest($1::uuid[], $2::text[], $3::timestamptz[], $4::timestamptz[], \
-                   $5::text[]) AS r(id, state, run_at, finished_at, error) \
-                 WHERE j.id = r.id AND j.state IN ({rescue_sources})"
+                "WITH rescued AS ( \
+                   UPDATE jobs j SET state = r.state, run_at = COALESCE(r.run_at, j.run_at), \
+                     finished_at = r.finished_at, \
+                     errors = j.errors || jsonb_build_array(r.error::jsonb), \
+                     lease_token = NULL, lease_expires_at = NULL \
+                   FROM unnest($1::uuid[], $2::text[], $3::timestamptz[], $4::timestamptz[], \
+                     $5::text[]) AS r(id, state, run_at, finished_at, error) \
+                   WHERE j.id = r.id AND j.state IN ({rescue_sources}) \
+                   RETURNING j.id, j.state, j.queue \
+                 ) \
+                 {announce}",
+                announce = announce("rescued", "$6"),
             ),
             delete_finished: format!(
                 "DELETE FROM jobs j WHERE j.id = ANY(ARRAY( \
@@ -335,6 +467,108 @@ impl Statements {
                    LIMIT $2 \
                    FOR UPDATE SKIP LOCKED)) \
                  AND k.expires_at <= $1"
+                .to_owned(),
+            // The response of a claim made before its jobs were inserted (they held unique
+            // jobs, whose holders the response must name): same transaction as the claim.
+            idempotency_respond: "UPDATE idempotency_keys SET status = $3, body = $4 \
+                 WHERE tenant = $1 AND key = $2"
+                .to_owned(),
+            // Takes the term if it is free, lapsed ($4 is now) or the caller's own; the
+            // epoch moves on only when the owner changes. A term is held while
+            // now < expires_at, so it can be taken exactly when the fence (below) stops
+            // accepting it: no instant with two leaders, none with a dead term. All SET expressions read the old
+            // row. Concurrent campaigns serialise on the row lock and re-check the WHERE
+            // against the winner's row, so one of them wins. No row back: another replica
+            // holds an unexpired term (`leader` reads it).
+            campaign: "INSERT INTO leaders AS l (role, owner, epoch, expires_at) \
+                 VALUES ($1, $2, 1, $3) \
+                 ON CONFLICT (role) DO UPDATE SET \
+                   epoch = CASE WHEN l.owner = excluded.owner THEN l.epoch ELSE l.epoch + 1 END, \
+                   owner = excluded.owner, expires_at = excluded.expires_at \
+                 WHERE l.owner = excluded.owner OR l.expires_at <= $4 \
+                 RETURNING l.owner, l.epoch, l.expires_at"
+                .to_owned(),
+            leader: "SELECT owner, epoch, expires_at FROM leaders WHERE role = $1".to_owned(),
+            // Ends the term now ($3), so any campaign from now on finds it lapsed.
+            resign: "UPDATE leaders SET expires_at = LEAST(expires_at, $3) \
+                 WHERE role = $1 AND owner = $2"
+                .to_owned(),
+            // FOR SHARE holds the leader row until the writes it fences commit: a takeover
+            // (an UPDATE of the row) waits for them, so every fenced write lands inside the
+            // term that allowed it.
+            fence: "SELECT 1 FROM leaders \
+                 WHERE role = $1 AND owner = $2 AND epoch = $3 AND expires_at > $4 \
+                 FOR SHARE"
+                .to_owned(),
+            // Templates travel as text and are stored as json (not jsonb): verbatim.
+            schedule_create: format!(
+                "INSERT INTO schedules AS s (tenant, name, cron, timezone, job, paused, \
+                   catch_up_ms, created_at, updated_at) \
+                 VALUES ($1, $2, $3, $4, $5::text::json, $6, $7, $8, $8) \
+                 ON CONFLICT (tenant, name) DO NOTHING \
+                 RETURNING {SCHEDULE_COLUMNS}"
+            ),
+            // created_at and last_tick_at are the existing row's. `xmax = 0` only on a row
+            // this statement inserted (an updated row carries the updating transaction's
+            // id): whether the schedule was created.
+            schedule_replace: format!(
+                "INSERT INTO schedules AS s (tenant, name, cron, timezone, job, paused, \
+                   catch_up_ms, created_at, updated_at) \
+                 VALUES ($1, $2, $3, $4, $5::text::json, $6, $7, $8, $8) \
+                 ON CONFLICT (tenant, name) DO UPDATE SET cron = excluded.cron, \
+                   timezone = excluded.timezone, job = excluded.job, paused = excluded.paused, \
+                   catch_up_ms = excluded.catch_up_ms, updated_at = excluded.updated_at \
+                 RETURNING {SCHEDULE_COLUMNS}, s.xmax = 0"
+            ),
+            schedule_get: format!(
+                "SELECT {SCHEDULE_COLUMNS} FROM schedules s WHERE s.tenant = $1 AND s.name = $2"
+            ),
+            // $1: the tenant or NULL for all; $2, $3: the keyset cursor or NULLs. Schedules
+            // are few (an operator writes each), so one statement serves every shape.
+            schedule_list: format!(
+                "SELECT {SCHEDULE_COLUMNS} FROM schedules s \
+                 WHERE ($1::text IS NULL OR s.tenant = $1) \
+                   AND ($2::text IS NULL OR (s.tenant, s.name) > ($2::text, $3::text)) \
+                 ORDER BY s.tenant, s.name \
+                 LIMIT $4"
+            ),
+            schedule_delete: "DELETE FROM schedules WHERE tenant = $1 AND name = $2 RETURNING 1"
+                .to_owned(),
+            schedule_pause: format!(
+                "UPDATE schedules s SET paused = $3, updated_at = $4 \
+                 WHERE s.tenant = $1 AND s.name = $2 \
+                 RETURNING {SCHEDULE_COLUMNS}"
+            ),
+            // Locks the schedule for the tick transaction: concurrent enqueuers of one
+            // schedule take turns (each then finds the other's ticks recorded), and a
+            // pause or delete waits for, or is seen by, the enqueue.
+            schedule_lock: "SELECT paused FROM schedules WHERE tenant = $1 AND name = $2 \
+                 FOR UPDATE"
+                .to_owned(),
+            // GREATEST ignores a NULL, so the first tick sets it.
+            schedule_advance: "UPDATE schedules SET last_tick_at = GREATEST(last_tick_at, $3) \
+                 WHERE tenant = $1 AND name = $2"
+                .to_owned(),
+            // The exactly-once point (G4): a tick recorded before, by anyone, is skipped;
+            // RETURNING names the ticks recorded now, whose jobs are then inserted in the
+            // same transaction.
+            ticks_record: "INSERT INTO schedule_ticks (tenant, schedule, tick_at, job_id) \
+                 SELECT $1::text, $2::text, t.tick_at, t.job_id \
+                 FROM unnest($3::timestamptz[], $4::uuid[]) AS t(tick_at, job_id) \
+                 ORDER BY t.tick_at \
+                 ON CONFLICT (tenant, schedule, tick_at) DO NOTHING \
+                 RETURNING tick_at, job_id"
+                .to_owned(),
+            // As idempotency_delete_expired: locked rows by ctid, SKIP LOCKED between
+            // cleaners.
+            ticks_delete_old: "DELETE FROM schedule_ticks t \
+                 WHERE t.ctid = ANY(ARRAY( \
+                   SELECT ctid FROM schedule_ticks \
+                   WHERE tick_at < $1 \
+                   ORDER BY tick_at \
+                   LIMIT $2 \
+                   FOR UPDATE SKIP LOCKED)) \
+                 AND t.tick_at < $1"
                 .to_owned(),
         }
     }
@@ -451,6 +685,49 @@ mod tests {
             "{}",
             s.delete_finished
         );
+    }
+
+    #[test]
+    fn the_unique_arbiter_is_the_index_predicate() {
+        let migration = include_str!("../../migrations/postgres/0003_scale_out.sql");
+        let index = migration
+            .split("CREATE UNIQUE INDEX jobs_unique_idx")
+            .nth(1)
+            .and_then(|rest| rest.split(';').next())
+            .expect("the migration creates jobs_unique_idx");
+        let squash = |s: &str| s.split_whitespace().collect::<Vec<_>>().join(" ");
+        let predicate = squash(&UNIQUE_HOLDING.replace("j.", ""));
+        assert!(
+            squash(index).ends_with(&format!("WHERE {predicate}")),
+            "{index} vs {predicate}"
+        );
+        let held = predicate.split("state IN (").nth(1).expect("a state list");
+        for s in JobState::ALL {
+            assert_eq!(
+                held.contains(&format!("'{}'", s.as_str())),
+                keel_core::UniqueScopeKind::Active.holds_in(s),
+                "{s} in {predicate}"
+            );
+        }
+        assert!(
+            SQL.insert_unique
+                .contains(&format!("WHERE {predicate} DO NOTHING"))
+        );
+    }
+
+    #[test]
+    fn announcements_fit_a_notification() {
+        let line = 36 + 1 + "discarded".len() + 1 + keel_core::QueueName::MAX_LEN + 1;
+        assert!(line * CHANGES_PER_NOTIFICATION < 8000);
+        // Completions and failures are not announced: a notifying transaction serialises
+        // commits (see the module documentation).
+        assert!(!SQL.complete.contains("pg_notify"), "{}", SQL.complete);
+        assert!(
+            !SQL.fail_update.contains("pg_notify"),
+            "{}",
+            SQL.fail_update
+        );
+        assert!(SQL.rescue_update.contains("pg_notify($6"));
     }
 
     #[test]

@@ -1,11 +1,11 @@
-//! Reading and writing job rows in SQLite's column types.
+//! Reading and writing job and schedule rows in SQLite's column types.
 
 use std::time::Duration;
 
 use keel_core::clock::{from_micros, to_micros};
 use keel_core::{
-    Job, JobId, JobKind, Lease, LeaseToken, Priority, QueueName, StoreError, TenantId, Timestamp,
-    WorkerId,
+    Job, JobId, JobKind, Lease, LeaseToken, Priority, QueueName, Schedule, ScheduleName,
+    StoreError, TenantId, Timestamp, UniqueHold, UniqueScopeKind, WorkerId,
 };
 use rusqlite::Row;
 use uuid::Uuid;
@@ -15,7 +15,7 @@ use crate::codec;
 /// Every column of `jobs`, in the order [`job_from_row`] reads them.
 pub(super) const COLUMNS: &str = "id, queue, kind, tenant, args, priority, state, attempt, \
      max_attempts, timeout_ms, backoff, tags, run_at, errors, result, lease_owner, lease_token, \
-     lease_expires_at, created_at, started_at, finished_at";
+     lease_expires_at, created_at, started_at, finished_at, unique_key, unique_scope";
 
 fn corrupt(what: &str, detail: impl std::fmt::Display) -> StoreError {
     StoreError::permanent(
@@ -28,7 +28,8 @@ pub(super) fn uuid_from_blob(what: &str, b: &[u8]) -> Result<Uuid, StoreError> {
     Uuid::from_slice(b).map_err(|e| corrupt(what, e))
 }
 
-fn ts(what: &str, us: i64) -> Result<Timestamp, StoreError> {
+/// Decodes a stored timestamp (microseconds); `what` names the column in the error.
+pub(super) fn ts(what: &str, us: i64) -> Result<Timestamp, StoreError> {
     from_micros(us).ok_or_else(|| corrupt(what, us))
 }
 
@@ -43,7 +44,7 @@ pub(super) fn micros(t: Timestamp) -> i64 {
 
 fn get<T: rusqlite::types::FromSql>(row: &Row<'_>, idx: usize) -> Result<T, StoreError> {
     row.get(idx)
-        .map_err(|e| StoreError::permanent("reading a job row", e))
+        .map_err(|e| StoreError::permanent("reading a stored row", e))
 }
 
 fn name<T>(
@@ -68,6 +69,17 @@ pub(super) fn job_from_row(row: &Row<'_>) -> Result<Job, StoreError> {
     let lease_owner: Option<String> = get(row, 15)?;
     let lease_token: Option<Vec<u8>> = get(row, 16)?;
     let lease_expires_at: Option<i64> = get(row, 17)?;
+    let unique_key: Option<String> = get(row, 21)?;
+    let unique_scope: Option<String> = get(row, 22)?;
+    // A `queued` job's key is cleared by its first lease while its scope stays: no key, no
+    // hold.
+    let unique = match (unique_key, unique_scope) {
+        (Some(key), Some(scope)) => Some(UniqueHold {
+            key,
+            scope: UniqueScopeKind::parse(&scope).ok_or_else(|| corrupt("unique_scope", &scope))?,
+        }),
+        _ => None,
+    };
     let lease = match (lease_owner.clone(), lease_token, lease_expires_at) {
         (Some(owner), Some(token), Some(expires)) => Some(Lease {
             owner: name("lease_owner", owner, WorkerId::parse)?,
@@ -103,5 +115,30 @@ pub(super) fn job_from_row(row: &Row<'_>) -> Result<Job, StoreError> {
         created_at: ts("created_at", get(row, 18)?)?,
         started_at: opt_ts("started_at", get(row, 19)?)?,
         finished_at: opt_ts("finished_at", get(row, 20)?)?,
+        unique,
+    })
+}
+
+/// Every column of `schedules`, in the order [`schedule_from_row`] reads them.
+pub(super) const SCHEDULE_COLUMNS: &str =
+    "tenant, name, cron, timezone, job, paused, catch_up_ms, last_tick_at, created_at, updated_at";
+
+/// Decodes a row selected with [`SCHEDULE_COLUMNS`].
+pub(super) fn schedule_from_row(row: &Row<'_>) -> Result<Schedule, StoreError> {
+    let job: String = get(row, 4)?;
+    let catch_up_ms: i64 = get(row, 6)?;
+    Ok(Schedule {
+        tenant: name("tenant", get(row, 0)?, TenantId::parse)?,
+        name: name("schedule name", get(row, 1)?, ScheduleName::parse)?,
+        cron: get(row, 2)?,
+        timezone: get(row, 3)?,
+        job: codec::template_from_json(&job)?,
+        paused: get(row, 5)?,
+        catch_up: Duration::from_millis(
+            u64::try_from(catch_up_ms).map_err(|_| corrupt("catch_up_ms", catch_up_ms))?,
+        ),
+        last_tick_at: opt_ts("last_tick_at", get(row, 7)?)?,
+        created_at: ts("created_at", get(row, 8)?)?,
+        updated_at: ts("updated_at", get(row, 9)?)?,
     })
 }

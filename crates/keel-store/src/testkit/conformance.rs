@@ -25,6 +25,10 @@ use serde_json::value::RawValue;
 
 use super::Harness;
 
+mod scale_out;
+
+pub use scale_out::*;
+
 /// Stamps out every conformance case as a `#[tokio::test]`. The argument is a callable
 /// taking the test's name (`&'static str`) and returning a future of `Option<Harness>`
 /// (`None` = skipped).
@@ -64,6 +68,19 @@ macro_rules! conformance_suite {
             idempotent_first_use_is_exclusive_under_concurrency,
             idempotency_keys_expire,
             idempotent_insert_of_invalid_job_stores_no_key,
+            unique_insert_returns_the_holder,
+            unique_hold_round_trips,
+            queued_scope_frees_the_key_at_lease,
+            active_scope_holds_until_finished,
+            period_scope_holds_for_its_window,
+            unique_jobs_in_a_batch_return_holders_in_place,
+            concurrent_unique_inserts_create_one_job,
+            idempotent_insert_of_a_held_unique_job_returns_the_holder,
+            leadership_is_won_renewed_lost_and_resigned,
+            schedules_are_saved_listed_paused_and_deleted,
+            ticks_enqueue_once_under_a_valid_fence,
+            concurrent_enqueue_ticks_create_one_job_per_tick,
+            old_ticks_are_deleted_by_tick_time,
         );
     };
     (@cases $harness:expr; $($case:ident),* $(,)?) => {

@@ -12,7 +12,7 @@ use keel::load::{LoadArgs, run};
 
 use crate::both_backends;
 use crate::child::{KeelProcess, rss_kib};
-use crate::helpers::{Backend, database};
+use crate::helpers::{Backend, CPU_HEAVY, database};
 
 /// Load offered during the overload, as a multiple of the measured capacity.
 const OVERLOAD: f64 = 3.0;
@@ -45,6 +45,7 @@ async fn overload_is_shed_fast_and_goodput_holds(backend: Backend, test: &str) {
     let Some((url, _backing)) = database(backend, test).await else {
         return;
     };
+    let _exclusive = CPU_HEAVY.lock().await;
     let keel = KeelProcess::start(&url, &[("KEEL_REQUEST_TIMEOUT", "2s")]).await;
     let http = reqwest::Client::new();
     // Enqueue only: with the queue paused, no worker competes for the two cores.

@@ -25,4 +25,5 @@ mod idempotency;
 mod jobs;
 mod metrics;
 mod resilience_api;
+mod scale_out;
 mod shutdown;

@@ -1,0 +1,381 @@
+//! `/v1/schedules…`: cron schedules of the caller's tenant — create, replace, read (with the
+//! next ticks), list, delete, pause and resume. Enqueuing their ticks is the maintenance
+//! leader's job (keel-runtime), exactly once per tick by the store's `(schedule, tick)` key.
+
+use axum::Json;
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Query, State};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use chrono::Utc;
+use keel_core::store::ListParams;
+use keel_core::{FieldError, ScheduleName, TenantId};
+
+use crate::auth::Caller;
+use crate::dto::{ScheduleIn, ScheduleOut, SchedulePageOut};
+use crate::error::{ApiError, Problem};
+use crate::extract::{JsonBody, ScheduleNamePath};
+use crate::routes::jobs::job_context;
+use crate::schedule_in::parse_schedule;
+use crate::state::ApiState;
+
+/// Default page size of `GET /v1/schedules`.
+pub const DEFAULT_SCHEDULE_LIST_LIMIT: u32 = 100;
+
+/// The query of the schedule routes: `tenant` everywhere; `after` and `limit` when listing.
+struct ScheduleQuery {
+    tenant: TenantId,
+    after: Option<ScheduleName>,
+    limit: u32,
+}
+
+/// Parses the query, reporting every bad parameter at once (`400`). A tenant-bound caller
+/// acts for its own tenant; naming another is `403`. An unrestricted caller acts for the
+/// tenant it names, or `default`.
+fn schedule_query(
+    pairs: Vec<(String, String)>,
+    caller: &Caller,
+    listing: bool,
+) -> Result<ScheduleQuery, ApiError> {
+    let names: &[&str] = if listing {
+        &["tenant", "after", "limit"]
+    } else {
+        &["tenant"]
+    };
+    let mut tenant = None;
+    let mut q = ScheduleQuery {
+        tenant: TenantId::default(),
+        after: None,
+        limit: DEFAULT_SCHEDULE_LIST_LIMIT,
+    };
+    let mut errors = Vec::new();
+    let mut seen: Vec<&str> = Vec::new();
+    for (name, value) in pairs {
+        let Some(field) = names.iter().copied().find(|n| *n == name) else {
+            errors.push(FieldError {
+                field: name,
+                message: format!("unknown parameter; expected one of {}", names.join(", ")),
+            });
+            continue;
+        };
+        if seen.contains(&field) {
+            errors.push(FieldError {
+                field: field.to_owned(),
+                message: "given more than once".to_owned(),
+            });
+            continue;
+        }
+        seen.push(field);
+        let outcome: Result<(), String> = match field {
+            "tenant" => TenantId::parse(value)
+                .map(|t| tenant = Some(t))
+                .map_err(|e| e.reason),
+            "after" => ScheduleName::parse(value)
+                .map(|n| q.after = Some(n))
+                .map_err(|e| e.reason),
+            _ => match value.parse::<u32>() {
+                Ok(n) if (1..=ListParams::MAX_LIMIT).contains(&n) => {
+                    q.limit = n;
+                    Ok(())
+                }
+                _ => Err(format!(
+                    "must be a whole number between 1 and {}",
+                    ListParams::MAX_LIMIT
+                )),
+            },
+        };
+        if let Err(message) = outcome {
+            errors.push(FieldError {
+                field: field.to_owned(),
+                message,
+            });
+        }
+    }
+    if !errors.is_empty() {
+        return Err(ApiError::InvalidQuery(errors));
+    }
+    q.tenant = caller.tenant_for(tenant)?;
+    Ok(q)
+}
+
+/// The query of a single-schedule route.
+fn tenant_of(
+    query: Result<Query<Vec<(String, String)>>, QueryRejection>,
+    caller: &Caller,
+) -> Result<TenantId, ApiError> {
+    let Query(pairs) = query?;
+    Ok(schedule_query(pairs, caller, false)?.tenant)
+}
+
+fn show(s: keel_core::Schedule) -> ScheduleOut {
+    ScheduleOut::at(s, Utc::now())
+}
+
+/// `status` with the schedule, and its `Location`.
+fn saved(status: StatusCode, s: keel_core::Schedule) -> Response {
+    let location = HeaderValue::from_str(&format!("/v1/schedules/{}", s.name)).ok();
+    let mut resp = (status, Json(show(s))).into_response();
+    if let Some(v) = location {
+        resp.headers_mut().insert(header::LOCATION, v);
+    }
+    resp
+}
+
+/// Create a schedule. Its first tick is the first one after now; `409` if the tenant already
+/// has a schedule of this name (replace it with `PUT`).
+#[utoipa::path(
+    post,
+    path = "/v1/schedules",
+    tag = "schedules",
+    security(("bearer" = [])),
+    request_body(content = ScheduleIn, content_type = "application/json"),
+    responses(
+        (status = 201, description = "Created", body = ScheduleOut,
+            headers(("Location" = String, description = "/v1/schedules/{name}"))),
+        (status = 400, description = "Malformed JSON", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "The body names another tenant than the API key's", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "A schedule of this name exists", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Invalid fields, all listed (e.g. `cron`, `timezone`, `job.kind`)", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+pub(crate) async fn create_schedule(
+    State(state): State<ApiState>,
+    caller: Caller,
+    JsonBody(body): JsonBody,
+) -> Result<Response, ApiError> {
+    let new = parse_schedule(&body, &job_context(&state, &caller), None)?;
+    let (schedule, _) = state.store.save_schedule(new, false).await?;
+    Ok(saved(StatusCode::CREATED, schedule))
+}
+
+/// Create (`201`) or replace (`200`) the schedule `name`. A replaced schedule keeps its
+/// creation time and its last enqueued tick, so no tick is enqueued twice across the change.
+#[utoipa::path(
+    put,
+    path = "/v1/schedules/{name}",
+    tag = "schedules",
+    security(("bearer" = [])),
+    params(("name" = String, Path, description = "Schedule name")),
+    request_body(content = ScheduleIn, content_type = "application/json"),
+    responses(
+        (status = 200, description = "Replaced", body = ScheduleOut),
+        (status = 201, description = "Created", body = ScheduleOut,
+            headers(("Location" = String, description = "/v1/schedules/{name}"))),
+        (status = 400, description = "Malformed JSON or name", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "The body names another tenant than the API key's", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Invalid fields, all listed", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+pub(crate) async fn put_schedule(
+    State(state): State<ApiState>,
+    caller: Caller,
+    ScheduleNamePath(name): ScheduleNamePath,
+    JsonBody(body): JsonBody,
+) -> Result<Response, ApiError> {
+    let new = parse_schedule(&body, &job_context(&state, &caller), Some(&name))?;
+    let (schedule, created) = state.store.save_schedule(new, true).await?;
+    let status = if created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok(saved(status, schedule))
+}
+
+/// The tenant's schedules by name, with keyset pagination: pass the previous page's `next`
+/// as `after`.
+#[utoipa::path(
+    get,
+    path = "/v1/schedules",
+    tag = "schedules",
+    security(("bearer" = [])),
+    params(
+        ("tenant" = Option<String>, Query, description = "Tenant (an API key sees only its own); default the key's, or `default`"),
+        ("after" = Option<String>, Query, description = "Cursor: the previous page's `next`"),
+        ("limit" = Option<u32>, Query, minimum = 1, maximum = 1000, description = "Page size, default 100"),
+    ),
+    responses(
+        (status = 200, description = "A page of schedules", body = SchedulePageOut),
+        (status = 400, description = "Invalid parameters, all listed in `errors`", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "`tenant` names another tenant than the API key's", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+pub(crate) async fn list_schedules(
+    State(state): State<ApiState>,
+    caller: Caller,
+    query: Result<Query<Vec<(String, String)>>, QueryRejection>,
+) -> Result<Json<SchedulePageOut>, ApiError> {
+    let Query(pairs) = query?;
+    let q = schedule_query(pairs, &caller, true)?;
+    let after = q.after.map(|name| (q.tenant.clone(), name));
+    let page = state
+        .store
+        .list_schedules(Some(&q.tenant), after, q.limit)
+        .await?;
+    let full = page.len() == q.limit as usize;
+    let next = page
+        .last()
+        .filter(|_| full)
+        .map(|s| s.name.as_str().to_owned());
+    let now = Utc::now();
+    Ok(Json(SchedulePageOut {
+        schedules: page.into_iter().map(|s| ScheduleOut::at(s, now)).collect(),
+        next,
+    }))
+}
+
+/// One schedule, with its next 5 ticks.
+#[utoipa::path(
+    get,
+    path = "/v1/schedules/{name}",
+    tag = "schedules",
+    security(("bearer" = [])),
+    params(
+        ("name" = String, Path, description = "Schedule name"),
+        ("tenant" = Option<String>, Query, description = "Tenant (an API key acts for its own)"),
+    ),
+    responses(
+        (status = 200, description = "The schedule", body = ScheduleOut),
+        (status = 400, description = "Invalid name or parameters", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such schedule in the tenant", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+pub(crate) async fn get_schedule(
+    State(state): State<ApiState>,
+    caller: Caller,
+    ScheduleNamePath(name): ScheduleNamePath,
+    query: Result<Query<Vec<(String, String)>>, QueryRejection>,
+) -> Result<Json<ScheduleOut>, ApiError> {
+    let tenant = tenant_of(query, &caller)?;
+    Ok(Json(show(state.store.get_schedule(&tenant, &name).await?)))
+}
+
+/// Delete a schedule. Jobs it already enqueued stay.
+#[utoipa::path(
+    delete,
+    path = "/v1/schedules/{name}",
+    tag = "schedules",
+    security(("bearer" = [])),
+    params(
+        ("name" = String, Path, description = "Schedule name"),
+        ("tenant" = Option<String>, Query, description = "Tenant (an API key acts for its own)"),
+    ),
+    responses(
+        (status = 204, description = "Deleted"),
+        (status = 404, description = "No such schedule in the tenant", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+pub(crate) async fn delete_schedule(
+    State(state): State<ApiState>,
+    caller: Caller,
+    ScheduleNamePath(name): ScheduleNamePath,
+    query: Result<Query<Vec<(String, String)>>, QueryRejection>,
+) -> Result<StatusCode, ApiError> {
+    let tenant = tenant_of(query, &caller)?;
+    state.store.delete_schedule(&tenant, &name).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Pause a schedule: its ticks are skipped until it is resumed.
+#[utoipa::path(
+    post,
+    path = "/v1/schedules/{name}/pause",
+    tag = "schedules",
+    security(("bearer" = [])),
+    params(
+        ("name" = String, Path, description = "Schedule name"),
+        ("tenant" = Option<String>, Query, description = "Tenant (an API key acts for its own)"),
+    ),
+    responses(
+        (status = 200, description = "Paused", body = ScheduleOut),
+        (status = 404, description = "No such schedule in the tenant", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+pub(crate) async fn pause_schedule(
+    State(state): State<ApiState>,
+    caller: Caller,
+    ScheduleNamePath(name): ScheduleNamePath,
+    query: Result<Query<Vec<(String, String)>>, QueryRejection>,
+) -> Result<Json<ScheduleOut>, ApiError> {
+    let tenant = tenant_of(query, &caller)?;
+    Ok(Json(show(
+        state
+            .store
+            .set_schedule_paused(&tenant, &name, true)
+            .await?,
+    )))
+}
+
+/// Resume a paused schedule. Ticks missed while paused are caught up only within its
+/// catch-up window (the latest one always).
+#[utoipa::path(
+    post,
+    path = "/v1/schedules/{name}/resume",
+    tag = "schedules",
+    security(("bearer" = [])),
+    params(
+        ("name" = String, Path, description = "Schedule name"),
+        ("tenant" = Option<String>, Query, description = "Tenant (an API key acts for its own)"),
+    ),
+    responses(
+        (status = 200, description = "Resumed", body = ScheduleOut),
+        (status = 404, description = "No such schedule in the tenant", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+pub(crate) async fn resume_schedule(
+    State(state): State<ApiState>,
+    caller: Caller,
+    ScheduleNamePath(name): ScheduleNamePath,
+    query: Result<Query<Vec<(String, String)>>, QueryRejection>,
+) -> Result<Json<ScheduleOut>, ApiError> {
+    let tenant = tenant_of(query, &caller)?;
+    Ok(Json(show(
+        state
+            .store
+            .set_schedule_paused(&tenant, &name, false)
+            .await?,
+    )))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pairs(q: &[(&str, &str)]) -> Vec<(String, String)> {
+        q.iter()
+            .map(|(a, b)| ((*a).to_owned(), (*b).to_owned()))
+            .collect()
+    }
+
+    #[test]
+    fn queries_report_every_bad_parameter_and_scope_the_tenant() {
+        let open = Caller::unrestricted();
+        let Err(ApiError::InvalidQuery(errors)) = schedule_query(
+            pairs(&[("limit", "0"), ("after", "bad name"), ("page", "2")]),
+            &open,
+            true,
+        ) else {
+            panic!("expected a 400")
+        };
+        let fields: Vec<_> = errors.iter().map(|e| e.field.as_str()).collect();
+        assert_eq!(fields, ["limit", "after", "page"]);
+        assert!(schedule_query(pairs(&[("limit", "5")]), &open, false).is_err());
+        let q = schedule_query(pairs(&[("tenant", "acme")]), &open, true).unwrap();
+        assert_eq!(
+            (q.tenant.as_str(), q.limit),
+            ("acme", DEFAULT_SCHEDULE_LIST_LIMIT)
+        );
+        let acme = Caller::tenant(TenantId::parse("acme").unwrap());
+        assert_eq!(
+            schedule_query(vec![], &acme, false)
+                .unwrap()
+                .tenant
+                .as_str(),
+            "acme"
+        );
+        assert!(matches!(
+            schedule_query(pairs(&[("tenant", "other")]), &acme, false),
+            Err(ApiError::Forbidden(_))
+        ));
+    }
+}

@@ -1,0 +1,266 @@
+//! Turning a schedule body into a [`NewSchedule`], reporting every problem at once: the
+//! fields' own parse errors (as `job_in` does for jobs, with the template's under `job.*`),
+//! then [`NewSchedule::validate`]'s checks — cron expression, time zone, the template's
+//! bounds, the catch-up window — for every field that parsed.
+
+use keel_core::{FieldError, JobKind, JobTemplate, NewSchedule, ScheduleName, TenantId};
+
+use crate::error::ApiError;
+use crate::job_in::{self, Errors, JobContext};
+
+/// The fields of a schedule body, in a stable order for messages.
+const SCHEDULE_FIELDS: &[&str] = &[
+    "name", "tenant", "cron", "timezone", "job", "paused", "catch_up",
+];
+
+/// Parses the body of `POST /v1/schedules` (`path_name` `None`: the body names it) or
+/// `PUT /v1/schedules/{name}` (`path_name` given: the body may repeat it, not change it).
+pub(crate) fn parse_schedule(
+    body: &[u8],
+    cx: &JobContext<'_>,
+    path_name: Option<&ScheduleName>,
+) -> Result<NewSchedule, ApiError> {
+    let members = job_in::members_of_body(body)?;
+    let mut errs = Errors {
+        prefix: "",
+        list: Vec::new(),
+    };
+    let mut seen: Vec<&'static str> = Vec::new();
+    let mut name = path_name.cloned();
+    let mut tenant = None;
+    let mut cron = None;
+    let mut timezone = "UTC".to_owned();
+    let mut template = None;
+    let mut paused = false;
+    let mut catch_up = NewSchedule::DEFAULT_CATCH_UP;
+
+    for (field_name, raw) in members.0 {
+        let Some(field) = SCHEDULE_FIELDS.iter().copied().find(|f| *f == field_name) else {
+            errs.add(
+                &field_name,
+                format!(
+                    "unknown field; expected one of {}",
+                    SCHEDULE_FIELDS.join(", ")
+                ),
+            );
+            continue;
+        };
+        if seen.contains(&field) {
+            errs.add(field, "duplicate field");
+            continue;
+        }
+        seen.push(field);
+        if raw.get() == "null" && !matches!(field, "cron" | "job") {
+            continue;
+        }
+        match field {
+            "name" => {
+                if let Some(s) = errs.parse::<String>(field, &raw, Some("must be a string")) {
+                    match (ScheduleName::parse(s), path_name) {
+                        (Ok(n), Some(p)) if &n != p => errs.add(
+                            field,
+                            format!("must match the name in the path ({p}), got {n}"),
+                        ),
+                        (Ok(n), _) => name = Some(n),
+                        (Err(e), _) => errs.add(field, e.reason),
+                    }
+                }
+            }
+            "tenant" => {
+                if let Some(s) = errs.parse::<String>(field, &raw, Some("must be a string")) {
+                    match TenantId::parse(s) {
+                        Ok(t) => tenant = Some(t),
+                        Err(e) => errs.add(field, e.reason),
+                    }
+                }
+            }
+            "cron" => cron = errs.parse::<String>(field, &raw, Some("must be a string")),
+            "timezone" => {
+                if let Some(tz) = errs.parse::<String>(
+                    field,
+                    &raw,
+                    Some("must be a string naming an IANA time zone"),
+                ) {
+                    timezone = tz;
+                }
+            }
+            "job" => template = job_in::parse_template(&raw, cx, &mut errs.list),
+            "paused" => {
+                if let Some(p) = errs.parse::<bool>(field, &raw, Some("must be true or false")) {
+                    paused = p;
+                }
+            }
+            _ => match job_in::parse_duration(&raw) {
+                Ok(d) => catch_up = d,
+                Err(m) => errs.add(field, m),
+            },
+        }
+    }
+    if name.is_none() && !seen.contains(&"name") {
+        errs.add("name", "is required");
+    }
+    if !seen.contains(&"cron") {
+        errs.add("cron", "is required");
+    }
+    if !seen.contains(&"job") {
+        errs.add("job", "is required (at least {\"kind\": \"...\"})");
+    }
+    let tenant = cx.caller.tenant_for(tenant)?;
+    let schedule = NewSchedule {
+        tenant,
+        name: name.unwrap_or_default(),
+        cron: cron.clone().unwrap_or_default(),
+        timezone,
+        job: template
+            .clone()
+            .unwrap_or_else(|| JobTemplate::new(JobKind::default())),
+        paused,
+        catch_up,
+    };
+    if let Err(v) = schedule.validate(cx.max_args_bytes) {
+        // A field that already failed to parse holds a stand-in; do not report it twice.
+        let failed: Vec<String> = errs.list.iter().map(|e| e.field.clone()).collect();
+        let skip_cron = cron.is_none();
+        let skip_job = template.is_none();
+        for e in v.0 {
+            // The API names the timeout field after its unit, as for jobs.
+            let field = if e.field == "job.timeout" {
+                "job.timeout_ms".to_owned()
+            } else {
+                e.field
+            };
+            let stand_in = (skip_cron && field == "cron") || (skip_job && field.starts_with("job"));
+            if !stand_in && !failed.contains(&field) {
+                errs.list.push(FieldError {
+                    field,
+                    message: e.message,
+                });
+            }
+        }
+    }
+    if errs.list.is_empty() {
+        Ok(schedule)
+    } else {
+        Err(ApiError::Validation(errs.list))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::auth::Caller;
+
+    fn cx(caller: &Caller) -> JobContext<'_> {
+        JobContext {
+            caller,
+            max_args_bytes: 1024,
+            now: chrono::Utc::now(),
+        }
+    }
+
+    fn fields(e: ApiError) -> Vec<String> {
+        match e {
+            ApiError::Validation(v) => v.into_iter().map(|e| e.field).collect(),
+            other => panic!("expected validation, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_full_schedule_parses_with_defaults_filled_in() {
+        let open = Caller::unrestricted();
+        let s = parse_schedule(
+            br#"{"name":"nightly","cron":"0 3 * * *","timezone":"Europe/Paris",
+                "job":{"kind":"webhook","args":{"url":"https://example.com"},"timeout_ms":5000},
+                "catch_up":"30m"}"#,
+            &cx(&open),
+            None,
+        )
+        .unwrap();
+        assert_eq!(s.name.as_str(), "nightly");
+        assert_eq!(s.tenant.as_str(), "default");
+        assert_eq!(s.job.kind.as_str(), "webhook");
+        assert_eq!(s.job.args.get(), r#"{"url":"https://example.com"}"#);
+        assert_eq!(s.job.timeout, Duration::from_secs(5));
+        assert_eq!(s.job.max_attempts, keel_core::NewJob::DEFAULT_MAX_ATTEMPTS);
+        assert_eq!(s.catch_up, Duration::from_secs(30 * 60));
+        assert!(!s.paused);
+
+        let path = ScheduleName::parse("from-path").unwrap();
+        let s = parse_schedule(
+            br#"{"cron":"@daily","job":{"kind":"noop"}}"#,
+            &cx(&open),
+            Some(&path),
+        )
+        .unwrap();
+        assert_eq!(s.name.as_str(), "from-path");
+        assert_eq!(s.timezone, "UTC");
+        assert_eq!(s.catch_up, NewSchedule::DEFAULT_CATCH_UP);
+    }
+
+    #[test]
+    fn every_problem_is_reported_once() {
+        let open = Caller::unrestricted();
+        let got = fields(
+            parse_schedule(
+                br#"{"cron":"61 * * * *","timezone":"Mars/Olympus","paused":"yes",
+                    "job":{"priority":12,"max_attempts":0,"timeout_ms":0,"run_at":"x"},
+                    "catch_up":"8d","colour":1}"#,
+                &cx(&open),
+                None,
+            )
+            .unwrap_err(),
+        );
+        let mut want = vec![
+            "paused",
+            "job.priority",
+            "job.run_at",
+            "job.kind",
+            "catch_up",
+            "colour",
+            "name",
+            "cron",
+            "timezone",
+            "job.max_attempts",
+            "job.timeout_ms",
+        ];
+        let mut got_sorted = got.clone();
+        got_sorted.sort();
+        want.sort();
+        assert_eq!(got_sorted, want, "{got:?}");
+    }
+
+    #[test]
+    fn missing_required_fields_and_a_name_that_contradicts_the_path() {
+        let open = Caller::unrestricted();
+        assert_eq!(
+            fields(parse_schedule(b"{}", &cx(&open), None).unwrap_err()),
+            ["name", "cron", "job"]
+        );
+        let path = ScheduleName::parse("a").unwrap();
+        assert_eq!(
+            fields(
+                parse_schedule(
+                    br#"{"name":"b","cron":"* * * * *","job":{"kind":"noop"}}"#,
+                    &cx(&open),
+                    Some(&path)
+                )
+                .unwrap_err()
+            ),
+            ["name"]
+        );
+    }
+
+    #[test]
+    fn another_tenant_is_forbidden() {
+        let acme = Caller::tenant(TenantId::parse("acme").unwrap());
+        let e = parse_schedule(
+            br#"{"name":"n","tenant":"other","cron":"* * * * *","job":{"kind":"noop"}}"#,
+            &cx(&acme),
+            None,
+        )
+        .unwrap_err();
+        assert!(matches!(e, ApiError::Forbidden(_)), "{e:?}");
+    }
+}
