@@ -396,7 +396,7 @@ mod tests {
     use std::sync::atomic::{AtomicU32, Ordering};
 
     use keel_core::{JobKind, NewJob};
-    use keel_store::testkit::Harness;
+    use keel_store::testkit::{Harness, Intercepted, Interceptor, Op};
 
     use super::*;
     use crate::chaos::ChaosSettings;
@@ -453,11 +453,7 @@ mod tests {
     async fn real_failures_open_the_breaker_which_then_fails_fast_and_recovers() {
         let h = Harness::sqlite().await;
         let id = h.store.insert(vec![job()]).await.unwrap()[0].id;
-        let flaky = Arc::new(FlakyReads {
-            inner: Arc::clone(&h.store),
-            failures: AtomicU32::new(u32::MAX),
-            calls: AtomicU32::new(0),
-        });
+        let flaky = FlakyReads::new(&h.store, u32::MAX);
         let config = StoreGuardConfig {
             breaker: fast_breaker(),
             read_attempts: 1,
@@ -544,136 +540,36 @@ mod tests {
         );
     }
 
-    /// Fails the first `failures` reads transiently, then reads from the real store.
+    /// Fails the first `failures` job reads transiently, then lets them through.
     struct FlakyReads {
-        inner: Arc<dyn Store>,
         failures: AtomicU32,
         calls: AtomicU32,
     }
 
-    #[async_trait]
-    impl Store for FlakyReads {
-        async fn insert(&self, jobs: Vec<NewJob>) -> Result<Vec<Job>, StoreError> {
-            self.inner.insert(jobs).await
+    impl FlakyReads {
+        fn new(inner: &Arc<dyn Store>, failures: u32) -> Arc<Intercepted<Self>> {
+            Intercepted::new(
+                Arc::clone(inner),
+                Self {
+                    failures: AtomicU32::new(failures),
+                    calls: AtomicU32::new(0),
+                },
+            )
         }
-        async fn get(&self, id: JobId) -> Result<Job, StoreError> {
+    }
+
+    #[async_trait]
+    impl Interceptor for FlakyReads {
+        async fn before(&self, op: Op) -> Result<(), StoreError> {
+            if op != Op::Get {
+                return Ok(());
+            }
             self.calls.fetch_add(1, Ordering::SeqCst);
             if self.failures.load(Ordering::SeqCst) > 0 {
                 self.failures.fetch_sub(1, Ordering::SeqCst);
                 return Err(StoreError::transient("reading a job", "connection reset"));
             }
-            self.inner.get(id).await
-        }
-        async fn list(&self, p: ListParams) -> Result<JobPage, StoreError> {
-            self.inner.list(p).await
-        }
-        async fn lease(&self, p: LeaseParams) -> Result<Vec<Job>, StoreError> {
-            self.inner.lease(p).await
-        }
-        async fn heartbeat(
-            &self,
-            p: HeartbeatParams,
-        ) -> Result<Vec<Result<Timestamp, StoreError>>, StoreError> {
-            self.inner.heartbeat(p).await
-        }
-        async fn complete(
-            &self,
-            c: Vec<Completion>,
-        ) -> Result<Vec<Result<(), StoreError>>, StoreError> {
-            self.inner.complete(c).await
-        }
-        async fn fail(&self, p: FailParams) -> Result<Job, StoreError> {
-            self.inner.fail(p).await
-        }
-        async fn release(
-            &self,
-            l: Vec<LeaseRef>,
-        ) -> Result<Vec<Result<(), StoreError>>, StoreError> {
-            self.inner.release(l).await
-        }
-        async fn cancel(&self, id: JobId) -> Result<Job, StoreError> {
-            self.inner.cancel(id).await
-        }
-        async fn retry(&self, id: JobId) -> Result<Job, StoreError> {
-            self.inner.retry(id).await
-        }
-        async fn promote(&self, p: PromoteParams) -> Result<Vec<Promoted>, StoreError> {
-            self.inner.promote(p).await
-        }
-        async fn rescue(&self, p: RescueParams) -> Result<Vec<Rescued>, StoreError> {
-            self.inner.rescue(p).await
-        }
-        async fn delete_finished(&self, p: RetentionParams) -> Result<u64, StoreError> {
-            self.inner.delete_finished(p).await
-        }
-        async fn queue_stats(&self) -> Result<Vec<QueueStats>, StoreError> {
-            self.inner.queue_stats().await
-        }
-        async fn insert_idempotent(
-            &self,
-            r: IdempotentInsert,
-        ) -> Result<IdempotentOutcome, StoreError> {
-            self.inner.insert_idempotent(r).await
-        }
-        async fn delete_expired_idempotency_keys(&self, n: u32) -> Result<u64, StoreError> {
-            self.inner.delete_expired_idempotency_keys(n).await
-        }
-        async fn set_queue_paused(&self, q: QueueName, p: bool) -> Result<(), StoreError> {
-            self.inner.set_queue_paused(q, p).await
-        }
-        async fn campaign(&self, p: CampaignParams) -> Result<Leadership, StoreError> {
-            self.inner.campaign(p).await
-        }
-        async fn resign(&self, o: &WorkerId) -> Result<(), StoreError> {
-            self.inner.resign(o).await
-        }
-        async fn save_schedule(
-            &self,
-            s: NewSchedule,
-            replace: bool,
-        ) -> Result<(Schedule, bool), StoreError> {
-            self.inner.save_schedule(s, replace).await
-        }
-        async fn get_schedule(
-            &self,
-            t: &TenantId,
-            n: &ScheduleName,
-        ) -> Result<Schedule, StoreError> {
-            self.inner.get_schedule(t, n).await
-        }
-        async fn list_schedules(
-            &self,
-            t: Option<&TenantId>,
-            after: Option<(TenantId, ScheduleName)>,
-            limit: u32,
-        ) -> Result<Vec<Schedule>, StoreError> {
-            self.inner.list_schedules(t, after, limit).await
-        }
-        async fn delete_schedule(&self, t: &TenantId, n: &ScheduleName) -> Result<(), StoreError> {
-            self.inner.delete_schedule(t, n).await
-        }
-        async fn set_schedule_paused(
-            &self,
-            t: &TenantId,
-            n: &ScheduleName,
-            p: bool,
-        ) -> Result<Schedule, StoreError> {
-            self.inner.set_schedule_paused(t, n, p).await
-        }
-        async fn enqueue_ticks(&self, p: TickParams) -> Result<TickOutcome, StoreError> {
-            self.inner.enqueue_ticks(p).await
-        }
-        async fn delete_old_ticks(&self, b: Timestamp, n: u32) -> Result<u64, StoreError> {
-            self.inner.delete_old_ticks(b, n).await
-        }
-        async fn ping(&self) -> Result<(), StoreError> {
-            self.inner.ping().await
-        }
-        fn pool_stats(&self) -> PoolStats {
-            self.inner.pool_stats()
-        }
-        async fn close(&self) {
-            self.inner.close().await;
+            Ok(())
         }
     }
 
@@ -681,11 +577,7 @@ mod tests {
     async fn transient_read_failures_are_retried_within_the_deadline() {
         let h = Harness::sqlite().await;
         let id = h.store.insert(vec![job()]).await.unwrap()[0].id;
-        let flaky = Arc::new(FlakyReads {
-            inner: Arc::clone(&h.store),
-            failures: AtomicU32::new(2),
-            calls: AtomicU32::new(0),
-        });
+        let flaky = FlakyReads::new(&h.store, 2);
         let store = GuardedStore::new(flaky.clone(), StoreGuardConfig::default(), Chaos::default());
         assert_eq!(store.get(id).await.expect("third attempt").id, id);
         assert_eq!(flaky.calls.load(Ordering::SeqCst), 3);

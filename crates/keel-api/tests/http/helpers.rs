@@ -9,12 +9,10 @@ use axum::Router;
 use axum::body::{Body, Bytes};
 use axum::http::{HeaderMap, Request, StatusCode};
 use keel_api::{ApiConfig, ApiState, Readiness, router};
-use keel_core::store::*;
-use keel_core::{
-    Job, JobId, NewJob, NewSchedule, QueueName, Schedule, ScheduleName, Store, StoreError,
-    SystemClock, TenantId, WorkerId,
-};
+use keel_core::store::{LeaseParams, ListParams};
+use keel_core::{Job, JobId, QueueName, Store, StoreError, SystemClock, WorkerId};
 use keel_runtime::RuntimeHandle;
+use keel_store::testkit::{Intercepted, Interceptor, Op};
 use keel_store::{SqliteOptions, SqliteStore};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use serde_json::Value;
@@ -44,10 +42,9 @@ pub(crate) enum Fault {
     Slow(Duration),
 }
 
-/// The real store, with a switch that makes the operations a request uses fail or stall.
-/// Everything else passes straight through.
+/// The switch that makes the operations a request uses fail or stall, in front of the real
+/// store (`Intercepted<FaultyStore>`). Everything else passes straight through.
 pub(crate) struct FaultyStore {
-    inner: SqliteStore,
     fault: Mutex<Fault>,
     /// How many slowed operations ran to completion (a cancelled one never does).
     pub(crate) slow_finished: Mutex<u32>,
@@ -64,14 +61,42 @@ impl FaultyStore {
     pub(crate) fn set(&self, f: Fault) {
         *self.fault.lock().unwrap() = f;
     }
+}
 
-    async fn check(&self, what: &str) -> Result<(), StoreError> {
+#[async_trait]
+impl Interceptor for FaultyStore {
+    async fn before(&self, op: Op) -> Result<(), StoreError> {
+        if op == Op::Get {
+            self.reads.fetch_add(1, Ordering::SeqCst);
+        }
+        // The operations a request makes; the runtime's are never faulted here.
+        let on_request_path = matches!(
+            op,
+            Op::Insert
+                | Op::Get
+                | Op::List
+                | Op::Cancel
+                | Op::QueueStats
+                | Op::InsertIdempotent
+                | Op::SaveSchedule
+                | Op::GetSchedule
+                | Op::ListSchedules
+                | Op::DeleteSchedule
+                | Op::SetSchedulePaused
+                | Op::Ping
+        );
+        if !on_request_path {
+            return Ok(());
+        }
         let f = *self.fault.lock().unwrap();
         match f {
             Fault::None => Ok(()),
-            Fault::Transient => Err(StoreError::transient(what, "injected: connection reset")),
+            Fault::Transient => Err(StoreError::transient(
+                op.doing(),
+                "injected: connection reset",
+            )),
             Fault::Permanent => Err(StoreError::permanent(
-                what,
+                op.doing(),
                 "injected: table jobs is corrupt",
             )),
             Fault::Slow(d) => {
@@ -83,154 +108,10 @@ impl FaultyStore {
     }
 }
 
-#[async_trait]
-impl Store for FaultyStore {
-    async fn insert(&self, jobs: Vec<NewJob>) -> Result<Vec<Job>, StoreError> {
-        self.check("inserting jobs").await?;
-        self.inner.insert(jobs).await
-    }
-    async fn get(&self, id: JobId) -> Result<Job, StoreError> {
-        self.reads.fetch_add(1, Ordering::SeqCst);
-        self.check("reading a job").await?;
-        self.inner.get(id).await
-    }
-    async fn list(&self, p: ListParams) -> Result<JobPage, StoreError> {
-        self.check("listing jobs").await?;
-        self.inner.list(p).await
-    }
-    async fn lease(&self, p: LeaseParams) -> Result<Vec<Job>, StoreError> {
-        self.inner.lease(p).await
-    }
-    async fn heartbeat(
-        &self,
-        p: HeartbeatParams,
-    ) -> Result<Vec<Result<keel_core::Timestamp, StoreError>>, StoreError> {
-        self.inner.heartbeat(p).await
-    }
-    async fn complete(
-        &self,
-        c: Vec<Completion>,
-    ) -> Result<Vec<Result<(), StoreError>>, StoreError> {
-        self.inner.complete(c).await
-    }
-    async fn fail(&self, p: FailParams) -> Result<Job, StoreError> {
-        self.inner.fail(p).await
-    }
-    async fn release(&self, l: Vec<LeaseRef>) -> Result<Vec<Result<(), StoreError>>, StoreError> {
-        self.inner.release(l).await
-    }
-    async fn cancel(&self, id: JobId) -> Result<Job, StoreError> {
-        self.check("cancelling a job").await?;
-        self.inner.cancel(id).await
-    }
-    async fn retry(&self, id: JobId) -> Result<Job, StoreError> {
-        self.inner.retry(id).await
-    }
-    async fn promote(&self, p: PromoteParams) -> Result<Vec<Promoted>, StoreError> {
-        self.inner.promote(p).await
-    }
-    async fn rescue(&self, p: RescueParams) -> Result<Vec<Rescued>, StoreError> {
-        self.inner.rescue(p).await
-    }
-    async fn delete_finished(&self, p: RetentionParams) -> Result<u64, StoreError> {
-        self.inner.delete_finished(p).await
-    }
-    async fn queue_stats(&self) -> Result<Vec<QueueStats>, StoreError> {
-        self.check("reading queue statistics").await?;
-        self.inner.queue_stats().await
-    }
-    async fn insert_idempotent(
-        &self,
-        r: IdempotentInsert,
-    ) -> Result<IdempotentOutcome, StoreError> {
-        self.check("inserting jobs under an idempotency key")
-            .await?;
-        self.inner.insert_idempotent(r).await
-    }
-    async fn delete_expired_idempotency_keys(&self, limit: u32) -> Result<u64, StoreError> {
-        self.inner.delete_expired_idempotency_keys(limit).await
-    }
-    async fn set_queue_paused(&self, q: QueueName, paused: bool) -> Result<(), StoreError> {
-        self.inner.set_queue_paused(q, paused).await
-    }
-    async fn campaign(&self, p: CampaignParams) -> Result<Leadership, StoreError> {
-        self.inner.campaign(p).await
-    }
-    async fn resign(&self, owner: &WorkerId) -> Result<(), StoreError> {
-        self.inner.resign(owner).await
-    }
-    async fn save_schedule(
-        &self,
-        s: NewSchedule,
-        replace: bool,
-    ) -> Result<(Schedule, bool), StoreError> {
-        self.check("saving a schedule").await?;
-        self.inner.save_schedule(s, replace).await
-    }
-    async fn get_schedule(
-        &self,
-        tenant: &TenantId,
-        name: &ScheduleName,
-    ) -> Result<Schedule, StoreError> {
-        self.check("reading a schedule").await?;
-        self.inner.get_schedule(tenant, name).await
-    }
-    async fn list_schedules(
-        &self,
-        tenant: Option<&TenantId>,
-        after: Option<(TenantId, ScheduleName)>,
-        limit: u32,
-    ) -> Result<Vec<Schedule>, StoreError> {
-        self.check("listing schedules").await?;
-        self.inner.list_schedules(tenant, after, limit).await
-    }
-    async fn delete_schedule(
-        &self,
-        tenant: &TenantId,
-        name: &ScheduleName,
-    ) -> Result<(), StoreError> {
-        self.check("deleting a schedule").await?;
-        self.inner.delete_schedule(tenant, name).await
-    }
-    async fn set_schedule_paused(
-        &self,
-        tenant: &TenantId,
-        name: &ScheduleName,
-        paused: bool,
-    ) -> Result<Schedule, StoreError> {
-        self.check("pausing a schedule").await?;
-        self.inner.set_schedule_paused(tenant, name, paused).await
-    }
-    async fn enqueue_ticks(&self, p: TickParams) -> Result<TickOutcome, StoreError> {
-        self.inner.enqueue_ticks(p).await
-    }
-    async fn delete_old_ticks(
-        &self,
-        before: keel_core::Timestamp,
-        limit: u32,
-    ) -> Result<u64, StoreError> {
-        self.inner.delete_old_ticks(before, limit).await
-    }
-    async fn ping(&self) -> Result<(), StoreError> {
-        self.check("pinging the database").await?;
-        self.inner.ping().await
-    }
-
-    fn pool_stats(&self) -> keel_core::store::PoolStats {
-        self.inner.pool_stats()
-    }
-    fn changes(&self) -> Option<Box<dyn ChangeStream>> {
-        self.inner.changes()
-    }
-    async fn close(&self) {
-        self.inner.close().await;
-    }
-}
-
 /// One API over one fresh database.
 pub(crate) struct TestApp {
     pub(crate) router: Router,
-    pub(crate) store: Arc<FaultyStore>,
+    pub(crate) store: Arc<Intercepted<FaultyStore>>,
     pub(crate) runtime: RuntimeHandle,
     pub(crate) readiness: Readiness,
     /// Stops the job cache's event follower when the app is dropped.
@@ -314,12 +195,14 @@ pub(crate) async fn app_wired(
     .await
     .unwrap();
     inner.migrate().await.unwrap();
-    let store = Arc::new(FaultyStore {
-        inner,
-        fault: Mutex::new(Fault::None),
-        slow_finished: Mutex::new(0),
-        reads: AtomicUsize::new(0),
-    });
+    let store = Intercepted::new(
+        Arc::new(inner),
+        FaultyStore {
+            fault: Mutex::new(Fault::None),
+            slow_finished: Mutex::new(0),
+            reads: AtomicUsize::new(0),
+        },
+    );
     let runtime = RuntimeHandle::new(QUEUES.map(|q| QueueName::parse(q).unwrap()), 1024);
     let readiness = Readiness::new();
     let state = ApiState::new(

@@ -15,7 +15,7 @@ use keel_core::{
     JobState, JobTemplate, NewSchedule, ScheduleName, Store, SystemClock, TenantId, Timestamp,
 };
 use keel_runtime::{Handlers, Runtime, RuntimeConfig, WebhookConfig};
-use keel_store::testkit::{PgSchema, pg_url_or_skip};
+use keel_store::testkit::{Intercepted, PgSchema, pg_url_or_skip};
 use keel_store::{PgOptions, PgStore};
 use tempfile::TempDir;
 use tokio::time::Instant;
@@ -242,7 +242,8 @@ async fn a_leader_that_loses_the_database_steps_down_at_once_postgres() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn only_the_leader_runs_maintenance() {
     let r = Replicas::sqlite(2).await;
-    let counted: Vec<Arc<Flaky>> = r.stores.iter().map(|s| Flaky::new(Arc::clone(s))).collect();
+    let counted: Vec<Arc<Intercepted<Flaky>>> =
+        r.stores.iter().map(|s| Flaky::new(Arc::clone(s))).collect();
     let stores: Vec<Arc<dyn Store>> = counted
         .iter()
         .map(|f| f.clone() as Arc<dyn Store>)

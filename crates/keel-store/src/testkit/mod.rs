@@ -13,6 +13,9 @@
 #![allow(clippy::unwrap_used)]
 
 pub mod conformance;
+pub mod intercept;
+
+pub use intercept::{Intercepted, Interceptor, Op};
 
 use std::io::Write as _;
 use std::sync::Arc;
