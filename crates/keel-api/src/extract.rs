@@ -5,7 +5,8 @@ use axum::body::Bytes;
 use axum::extract::{FromRequest, FromRequestParts, Path, Request};
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderName, header};
-use keel_core::{IdempotencyKey, JobId, QueueName, ScheduleName};
+use keel_core::store::ListParams;
+use keel_core::{FieldError, IdempotencyKey, JobId, QueueName, ScheduleName};
 
 use crate::error::ApiError;
 use crate::state::ApiState;
@@ -78,6 +79,58 @@ impl<S: Send + Sync> FromRequestParts<S> for IdempotencyKeyHeader {
         IdempotencyKey::parse(s)
             .map(|k| Self(Some(k)))
             .map_err(|e| bad(e.reason))
+    }
+}
+
+/// Parses a query string given as its `(name, value)` pairs, reporting every bad parameter
+/// at once: a name not in `known`, a name given more than once, and a value `apply` refuses
+/// (with its message). `apply` is called once per known name given, with the name as spelled
+/// in `known` and its value. Every error is listed, in the order of the pairs, in a `400`.
+pub(crate) fn parse_query_fields(
+    pairs: impl IntoIterator<Item = (String, String)>,
+    known: &[&str],
+    mut apply: impl FnMut(&str, String) -> Result<(), String>,
+) -> Result<(), ApiError> {
+    let mut errors = Vec::new();
+    let mut seen: Vec<&str> = Vec::new();
+    for (name, value) in pairs {
+        let Some(field) = known.iter().copied().find(|n| *n == name) else {
+            errors.push(FieldError {
+                field: name,
+                message: format!("unknown parameter; expected one of {}", known.join(", ")),
+            });
+            continue;
+        };
+        if seen.contains(&field) {
+            errors.push(FieldError {
+                field: field.to_owned(),
+                message: "given more than once".to_owned(),
+            });
+            continue;
+        }
+        seen.push(field);
+        if let Err(message) = apply(field, value) {
+            errors.push(FieldError {
+                field: field.to_owned(),
+                message,
+            });
+        }
+    }
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(ApiError::InvalidQuery(errors))
+    }
+}
+
+/// Parses a `limit` query parameter: a whole number in `1..=ListParams::MAX_LIMIT`.
+pub(crate) fn parse_limit(value: &str) -> Result<u32, String> {
+    match value.parse::<u32>() {
+        Ok(n) if (1..=ListParams::MAX_LIMIT).contains(&n) => Ok(n),
+        _ => Err(format!(
+            "must be a whole number between 1 and {}",
+            ListParams::MAX_LIMIT
+        )),
     }
 }
 

@@ -9,9 +9,7 @@ use axum::http::{HeaderName, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use chrono::Utc;
 use keel_core::store::{IdempotentInsert, IdempotentOutcome, ListParams, StoredResponse};
-use keel_core::{
-    FieldError, IdempotencyKey, Job, JobId, JobKind, JobState, NewJob, QueueName, TenantId,
-};
+use keel_core::{IdempotencyKey, Job, JobId, JobKind, JobState, NewJob, QueueName, TenantId};
 use keel_runtime::JobEvent;
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
@@ -19,7 +17,7 @@ use sha2::{Digest, Sha256};
 use crate::auth::Caller;
 use crate::dto::{BatchIn, BatchOut, JobIn, JobOut, JobPageOut, JobResultOut};
 use crate::error::{ApiError, Problem};
-use crate::extract::{IdempotencyKeyHeader, JobIdPath, JsonBody};
+use crate::extract::{IdempotencyKeyHeader, JobIdPath, JsonBody, parse_limit, parse_query_fields};
 use crate::job_in::{self, JobContext};
 use crate::state::ApiState;
 
@@ -522,62 +520,26 @@ fn list_params(pairs: Vec<(String, String)>, caller: &Caller) -> Result<ListPara
         ..ListParams::default()
     };
     let mut tenant = None;
-    let mut errors = Vec::new();
-    let mut seen: Vec<&str> = Vec::new();
-    for (name, value) in pairs {
-        let Some(field) = NAMES.iter().copied().find(|n| *n == name) else {
-            errors.push(FieldError {
-                field: name,
-                message: format!("unknown parameter; expected one of {}", NAMES.join(", ")),
-            });
-            continue;
-        };
-        if seen.contains(&field) {
-            errors.push(FieldError {
-                field: field.to_owned(),
-                message: "given more than once".to_owned(),
-            });
-            continue;
-        }
-        seen.push(field);
-        let outcome: Result<(), String> = match field {
-            "queue" => QueueName::parse(value)
-                .map(|q| p.queue = Some(q))
-                .map_err(|e| e.reason),
-            "state" => value
-                .parse::<JobState>()
-                .map(|s| p.state = Some(s))
-                .map_err(|e| e.reason),
-            "kind" => JobKind::parse(value)
-                .map(|k| p.kind = Some(k))
-                .map_err(|e| e.reason),
-            "tenant" => TenantId::parse(value)
-                .map(|t| tenant = Some(t))
-                .map_err(|e| e.reason),
-            "after" => JobId::parse(&value)
-                .map(|id| p.after = Some(id))
-                .map_err(|e| e.reason),
-            _ => match value.parse::<u32>() {
-                Ok(n) if (1..=ListParams::MAX_LIMIT).contains(&n) => {
-                    p.limit = n;
-                    Ok(())
-                }
-                _ => Err(format!(
-                    "must be a whole number between 1 and {}",
-                    ListParams::MAX_LIMIT
-                )),
-            },
-        };
-        if let Err(message) = outcome {
-            errors.push(FieldError {
-                field: field.to_owned(),
-                message,
-            });
-        }
-    }
-    if !errors.is_empty() {
-        return Err(ApiError::InvalidQuery(errors));
-    }
+    parse_query_fields(pairs, &NAMES, |field, value| match field {
+        "queue" => QueueName::parse(value)
+            .map(|q| p.queue = Some(q))
+            .map_err(|e| e.reason),
+        "state" => value
+            .parse::<JobState>()
+            .map(|s| p.state = Some(s))
+            .map_err(|e| e.reason),
+        "kind" => JobKind::parse(value)
+            .map(|k| p.kind = Some(k))
+            .map_err(|e| e.reason),
+        "tenant" => TenantId::parse(value)
+            .map(|t| tenant = Some(t))
+            .map_err(|e| e.reason),
+        "after" => JobId::parse(&value)
+            .map(|id| p.after = Some(id))
+            .map_err(|e| e.reason),
+        // "limit", the only name left.
+        _ => parse_limit(&value).map(|n| p.limit = n),
+    })?;
     // A tenant-bound caller lists only its own jobs; naming another tenant is refused.
     p.tenant = match (caller.scope(), tenant) {
         (None, named) => named,

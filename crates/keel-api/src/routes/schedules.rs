@@ -8,13 +8,12 @@ use axum::extract::{Query, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use chrono::Utc;
-use keel_core::store::ListParams;
-use keel_core::{FieldError, ScheduleName, TenantId};
+use keel_core::{ScheduleName, TenantId};
 
 use crate::auth::Caller;
 use crate::dto::{ScheduleIn, ScheduleOut, SchedulePageOut};
 use crate::error::{ApiError, Problem};
-use crate::extract::{JsonBody, ScheduleNamePath};
+use crate::extract::{JsonBody, ScheduleNamePath, parse_limit, parse_query_fields};
 use crate::routes::jobs::job_context;
 use crate::schedule_in::parse_schedule;
 use crate::state::ApiState;
@@ -43,59 +42,23 @@ fn schedule_query(
         &["tenant"]
     };
     let mut tenant = None;
-    let mut q = ScheduleQuery {
-        tenant: TenantId::default(),
-        after: None,
-        limit: DEFAULT_SCHEDULE_LIST_LIMIT,
-    };
-    let mut errors = Vec::new();
-    let mut seen: Vec<&str> = Vec::new();
-    for (name, value) in pairs {
-        let Some(field) = names.iter().copied().find(|n| *n == name) else {
-            errors.push(FieldError {
-                field: name,
-                message: format!("unknown parameter; expected one of {}", names.join(", ")),
-            });
-            continue;
-        };
-        if seen.contains(&field) {
-            errors.push(FieldError {
-                field: field.to_owned(),
-                message: "given more than once".to_owned(),
-            });
-            continue;
-        }
-        seen.push(field);
-        let outcome: Result<(), String> = match field {
-            "tenant" => TenantId::parse(value)
-                .map(|t| tenant = Some(t))
-                .map_err(|e| e.reason),
-            "after" => ScheduleName::parse(value)
-                .map(|n| q.after = Some(n))
-                .map_err(|e| e.reason),
-            _ => match value.parse::<u32>() {
-                Ok(n) if (1..=ListParams::MAX_LIMIT).contains(&n) => {
-                    q.limit = n;
-                    Ok(())
-                }
-                _ => Err(format!(
-                    "must be a whole number between 1 and {}",
-                    ListParams::MAX_LIMIT
-                )),
-            },
-        };
-        if let Err(message) = outcome {
-            errors.push(FieldError {
-                field: field.to_owned(),
-                message,
-            });
-        }
-    }
-    if !errors.is_empty() {
-        return Err(ApiError::InvalidQuery(errors));
-    }
-    q.tenant = caller.tenant_for(tenant)?;
-    Ok(q)
+    let mut after = None;
+    let mut limit = DEFAULT_SCHEDULE_LIST_LIMIT;
+    parse_query_fields(pairs, names, |field, value| match field {
+        "tenant" => TenantId::parse(value)
+            .map(|t| tenant = Some(t))
+            .map_err(|e| e.reason),
+        "after" => ScheduleName::parse(value)
+            .map(|n| after = Some(n))
+            .map_err(|e| e.reason),
+        // "limit", the only name left.
+        _ => parse_limit(&value).map(|n| limit = n),
+    })?;
+    Ok(ScheduleQuery {
+        tenant: caller.tenant_for(tenant)?,
+        after,
+        limit,
+    })
 }
 
 /// The query of a single-schedule route.
@@ -276,6 +239,23 @@ pub(crate) async fn delete_schedule(
     Ok(StatusCode::NO_CONTENT)
 }
 
+/// Pauses (`paused`) or resumes the schedule `name` of the caller's tenant.
+async fn set_paused(
+    state: &ApiState,
+    caller: &Caller,
+    name: &ScheduleName,
+    query: Result<Query<Vec<(String, String)>>, QueryRejection>,
+    paused: bool,
+) -> Result<Json<ScheduleOut>, ApiError> {
+    let tenant = tenant_of(query, caller)?;
+    Ok(Json(show(
+        state
+            .store
+            .set_schedule_paused(&tenant, name, paused)
+            .await?,
+    )))
+}
+
 /// Pause a schedule: its ticks are skipped until it is resumed.
 #[utoipa::path(
     post,
@@ -297,13 +277,7 @@ pub(crate) async fn pause_schedule(
     ScheduleNamePath(name): ScheduleNamePath,
     query: Result<Query<Vec<(String, String)>>, QueryRejection>,
 ) -> Result<Json<ScheduleOut>, ApiError> {
-    let tenant = tenant_of(query, &caller)?;
-    Ok(Json(show(
-        state
-            .store
-            .set_schedule_paused(&tenant, &name, true)
-            .await?,
-    )))
+    set_paused(&state, &caller, &name, query, true).await
 }
 
 /// Resume a paused schedule. Ticks missed while paused are caught up only within its
@@ -328,13 +302,7 @@ pub(crate) async fn resume_schedule(
     ScheduleNamePath(name): ScheduleNamePath,
     query: Result<Query<Vec<(String, String)>>, QueryRejection>,
 ) -> Result<Json<ScheduleOut>, ApiError> {
-    let tenant = tenant_of(query, &caller)?;
-    Ok(Json(show(
-        state
-            .store
-            .set_schedule_paused(&tenant, &name, false)
-            .await?,
-    )))
+    set_paused(&state, &caller, &name, query, false).await
 }
 
 #[cfg(test)]
