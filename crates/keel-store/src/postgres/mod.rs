@@ -254,6 +254,33 @@ impl PgStore {
         })
     }
 
+    /// `SHOW <setting>` on every connection the pool can hold: all `max_connections` are
+    /// checked out at once (so the pool opens the missing ones, exactly as load would) and
+    /// each answers. For the tests that guard G1: `synchronous_commit` and `fsync` can be
+    /// set per session (startup options, a `SET` on connect, the role or the database), and
+    /// a downgrade on any pooled session would go unnoticed by a SIGKILL test of Keel,
+    /// since a killed client does not take the server's WAL buffers with it.
+    #[cfg(any(test, feature = "testkit"))]
+    pub async fn show_on_every_connection(&self, setting: &str) -> Result<Vec<String>, StoreError> {
+        let ctx = || format!("checking out every pooled connection of {}", self.target);
+        let mut held = Vec::with_capacity(self.pool.status().max_size);
+        for _ in 0..self.pool.status().max_size {
+            held.push(self.pool.get().await.map_err(|e| error::pool(e, ctx()))?);
+        }
+        let mut out = Vec::with_capacity(held.len());
+        for conn in &held {
+            let row = conn
+                .query_one("SELECT current_setting($1)", &[&setting])
+                .await
+                .map_err(|e| error::db(e, format!("reading {setting}")))?;
+            out.push(
+                row.try_get(0)
+                    .map_err(|e| error::db(e, format!("reading {setting}")))?,
+            );
+        }
+        Ok(out)
+    }
+
     /// Applies pending migrations in one transaction. Safe to call from several processes
     /// starting at once: they serialise on an advisory lock keyed by the schema (so stores in
     /// different schemas do not wait for each other), and the later ones find nothing to do.

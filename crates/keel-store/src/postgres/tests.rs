@@ -24,7 +24,7 @@
 
 use std::collections::{BTreeSet, HashSet};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use deadpool_postgres::Object;
 use keel_core::store::ListParams;
@@ -408,11 +408,13 @@ fn with_database(base: &str, db: &str) -> String {
 
 #[tokio::test]
 async fn unreachable_server_is_a_fast_transient_error() {
+    // Connect and acquire timeouts an hour long: the error can only be the refusal itself,
+    // not a timeout running out.
     let opts = PgOptions {
-        connect_timeout: Duration::from_secs(2),
+        connect_timeout: Duration::from_secs(3600),
+        acquire_timeout: Duration::from_secs(3600),
         ..PgOptions::for_tests()
     };
-    let started = Instant::now();
     // Port 1 on loopback: nothing listens there, the connection is refused at once.
     let err = PgStore::connect("postgres://keel@127.0.0.1:1/keel", opts, clock())
         .await
@@ -422,11 +424,6 @@ async fn unreachable_server_is_a_fast_transient_error() {
         err.to_string()
             .contains("connecting to postgres at 127.0.0.1:1/keel"),
         "{err}"
-    );
-    assert!(
-        started.elapsed() < Duration::from_secs(5),
-        "took {:?}",
-        started.elapsed()
     );
 }
 
@@ -530,13 +527,15 @@ async fn backend_pid(conn: &Object) -> i32 {
         .get(0)
 }
 
-/// Waits (up to 5 s) for `cond`, polling.
+/// Polls `cond` until it holds; gives up (fails) after 20 s, a hang guard.
 async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while !cond() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    tokio::time::timeout(Duration::from_secs(20), async {
+        while !cond() {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("gave up waiting for {what}"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -613,15 +612,10 @@ async fn exhausted_pool_fails_fast_and_transient() {
     let store = PgStore::connect(&base, opts, clock())
         .await
         .expect("connect");
+    // Held for the rest of the test: only the acquire timeout can end the ping's wait.
     let busy = store.pool.get().await.expect("the only connection");
-    let started = Instant::now();
     let err = store.ping().await.expect_err("no connection free");
     assert!(err.is_transient(), "{err:?}");
-    assert!(
-        started.elapsed() < Duration::from_secs(2),
-        "waited {:?}",
-        started.elapsed()
-    );
     drop(busy);
     store.ping().await.expect("the connection is back");
     store.close().await;
@@ -755,25 +749,27 @@ async fn idempotent_claim_waits_for_an_unfinished_holder() {
             let store = Arc::clone(&store);
             async move { store.insert_idempotent(keyed_request(key)).await }
         });
-        let deadline = Instant::now() + Duration::from_secs(5);
-        loop {
-            let waiting: i64 = watcher
-                .query_one(
-                    "SELECT count(*) FROM pg_locks \
-                     WHERE NOT granted AND locktype = 'transactionid' \
-                       AND transactionid::text = $1",
-                    &[&xid],
-                )
-                .await
-                .expect("read pg_locks")
-                .get(0);
-            if waiting > 0 {
-                break;
+        tokio::time::timeout(Duration::from_secs(20), async {
+            loop {
+                let waiting: i64 = watcher
+                    .query_one(
+                        "SELECT count(*) FROM pg_locks \
+                         WHERE NOT granted AND locktype = 'transactionid' \
+                           AND transactionid::text = $1",
+                        &[&xid],
+                    )
+                    .await
+                    .expect("read pg_locks")
+                    .get(0);
+                if waiting > 0 {
+                    break;
+                }
+                assert!(!task.is_finished(), "the claim did not wait for the holder");
+                tokio::time::sleep(Duration::from_millis(20)).await;
             }
-            assert!(!task.is_finished(), "the claim did not wait for the holder");
-            assert!(Instant::now() < deadline, "the claim never blocked");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        })
+        .await
+        .expect("the claim blocked on the holder");
         if commit {
             tx.commit().await.expect("commit the holder");
         } else {
@@ -954,22 +950,24 @@ async fn one_callers_duplicate_fails_only_that_caller() {
     };
     // Takes the only commit slot and waits on the lock.
     let blocker = spawn_insert(vec![noop()]);
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        let waiting: i64 = watcher
-            .query_one(
-                "SELECT count(*) FROM pg_locks WHERE NOT granted AND relation = 'jobs'::regclass",
-                &[],
-            )
-            .await
-            .expect("read pg_locks")
-            .get(0);
-        if waiting > 0 {
-            break;
+    tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            let waiting: i64 = watcher
+                .query_one(
+                    "SELECT count(*) FROM pg_locks WHERE NOT granted AND relation = 'jobs'::regclass",
+                    &[],
+                )
+                .await
+                .expect("read pg_locks")
+                .get(0);
+            if waiting > 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        assert!(Instant::now() < deadline, "the first insert never blocked");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    })
+    .await
+    .expect("the first insert blocked on the lock");
     let repeated = noop();
     let good_a = vec![noop(), noop()];
     let good_b = vec![noop()];
@@ -1297,20 +1295,15 @@ async fn statement_timeout_bounds_every_statement_but_not_migrations() {
         Some(schema.name.as_str()),
         "URL options kept"
     );
-    let started = Instant::now();
+    // A minute's sleep cancelled by the server: the 300 ms statement_timeout did it.
     let err = conn
-        .query_one("SELECT pg_sleep(5)", &[])
+        .query_one("SELECT pg_sleep(60)", &[])
         .await
         .expect_err("cut by statement_timeout");
     assert_eq!(
         err.code(),
         Some(&tokio_postgres::error::SqlState::QUERY_CANCELED),
         "{err}"
-    );
-    assert!(
-        started.elapsed() < Duration::from_secs(3),
-        "{:?}",
-        started.elapsed()
     );
     drop(conn);
     store.migrate().await.expect("migrations lift the timeout");

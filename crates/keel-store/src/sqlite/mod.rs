@@ -226,6 +226,53 @@ impl SqliteStore {
         &self.path
     }
 
+    /// `PRAGMA <name>` as it is in force on every connection this store uses: the writer's
+    /// first (`"writer"`), then each reader's (`"reader"`). The writer's answer is read
+    /// inside a batch transaction on the writer thread, so it is the setting its commits
+    /// run under. For the tests that guard G1: durability is a per-connection setting, and
+    /// a downgrade on any writing connection would go unnoticed by a SIGKILL test (the OS
+    /// page cache survives the kill).
+    #[cfg(any(test, feature = "testkit"))]
+    pub async fn pragma_on_every_connection(
+        &self,
+        name: &'static str,
+    ) -> Result<Vec<(&'static str, String)>, StoreError> {
+        fn query(conn: &Connection, name: &str) -> Result<String, StoreError> {
+            conn.pragma_query_value(None, name, |row| row.get::<_, Value>(0))
+                .map(|v| match v {
+                    Value::Integer(i) => i.to_string(),
+                    Value::Text(t) => t,
+                    other => format!("{other:?}"),
+                })
+                .map_err(|e| map_err("reading a pragma", &e))
+        }
+        let mut out = vec![(
+            "writer",
+            self.writer
+                .write("reading a pragma on the writer", move |conn| {
+                    query(conn, name)
+                })
+                .await?,
+        )];
+        // Every permit at once: each idle connection is then ours, and each is asked.
+        let all = u32::try_from(self.readers.size).unwrap_or(u32::MAX);
+        let _permits =
+            self.readers.permits.acquire_many(all).await.map_err(|_| {
+                StoreError::permanent("reading a pragma", "the SQLite store is closed")
+            })?;
+        let readers = Arc::clone(&self.readers);
+        let answers = tokio::task::spawn_blocking(move || {
+            let idle = readers.idle.lock().unwrap_or_else(|p| p.into_inner());
+            idle.iter()
+                .map(|conn| query(conn, name))
+                .collect::<Result<Vec<_>, _>>()
+        })
+        .await
+        .map_err(|e| StoreError::permanent("reading a pragma", e))??;
+        out.extend(answers.into_iter().map(|v| ("reader", v)));
+        Ok(out)
+    }
+
     async fn read<T, F>(&self, context: &'static str, f: F) -> Result<T, StoreError>
     where
         T: Send + 'static,

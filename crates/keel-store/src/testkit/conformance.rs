@@ -1417,11 +1417,13 @@ pub async fn idempotency_keys_expire(h: &Harness) {
         h.store.delete_expired_idempotency_keys(100).await.unwrap(),
         0
     );
+    let reused = h
+        .store
+        .insert_idempotent(idem("t", "old", "fp-b", vec![job("exp-idem")], ttl))
+        .await;
     assert!(
-        h.store
-            .insert_idempotent(idem("t", "old", "fp-b", vec![job("exp-idem")], ttl))
-            .await
-            .is_err()
+        matches!(reused, Err(StoreError::Conflict(_))),
+        "a live key reused with another request is a conflict: {reused:?}"
     );
     h.clock.advance(Duration::from_secs(1));
     let reused = h
