@@ -251,18 +251,35 @@ impl Runtime {
         self.shutdown_within(grace).await
     }
 
+    /// Phase 1 of the stop on its own: dispatchers stop leasing, maintenance and cron stop,
+    /// and the leadership is resigned; running jobs carry on. Returns once the last lease
+    /// in flight has come back and its jobs were started, so from then on this process
+    /// takes no lease. The server calls it the moment the signal arrives, before it spends
+    /// time draining HTTP, so that jobs enqueued meanwhile are left to the other replicas
+    /// (or the next start) rather than started here and cut short. Idempotent; the
+    /// shutdown that follows does the rest.
+    pub async fn stop_leasing(&self) {
+        if !self.shared.draining.is_cancelled() {
+            tracing::info!(
+                running = self.shared.inflight.len(),
+                "runtime draining: no new leases; running jobs may finish"
+            );
+        }
+        self.shared.draining.cancel();
+        // A lease in flight completes and its jobs are started; after this no job is added.
+        self.dispatchers.wait().await;
+    }
+
     /// [`Runtime::shutdown`] with `grace` instead of the configured `shutdown_grace`: for a
     /// caller that already spent part of the overall grace period draining other things
     /// (the HTTP listener) and gives the workers what is left.
     pub async fn shutdown_within(self, grace: std::time::Duration) -> ShutdownReport {
+        self.stop_leasing().await;
         tracing::info!(
             running = self.shared.inflight.len(),
             grace_ms = grace.as_millis() as u64,
-            "runtime stopping: no new leases; running jobs may finish"
+            "runtime stopping: running jobs may finish within the grace period"
         );
-        self.shared.draining.cancel();
-        // A lease in flight completes and its jobs are started; after this no job is added.
-        self.dispatchers.wait().await;
         self.shared.jobs.close();
         if tokio::time::timeout(grace, self.shared.jobs.wait())
             .await

@@ -157,13 +157,16 @@ impl App {
         Arc::clone(&self.store)
     }
 
-    /// Serves until `shutdown` resolves, then stops gracefully (G6):
-    /// 1. readiness turns 503 and the listeners stop accepting;
-    /// 2. in-flight requests finish (each is bounded by its own deadline) while workers keep
-    ///    running, so requests waiting on jobs (`/v1/process`) get their answers;
-    /// 3. dispatchers stop leasing; running jobs get what is left of the grace period, then
-    ///    are cancelled and released back to `available` without using an attempt;
-    /// 4. the store is closed.
+    /// Serves until `shutdown` resolves, then stops gracefully (G6), all within
+    /// `shutdown_grace` of the signal:
+    /// 1. readiness turns 503 and dispatchers stop leasing (no lease is taken after the
+    ///    signal); running jobs carry on;
+    /// 2. after `shutdown_delay` (0 by default) the API listener stops accepting;
+    /// 3. in-flight requests finish (each is bounded by its own deadline) while workers keep
+    ///    running, so requests waiting on running jobs (`/v1/process`) get their answers;
+    /// 4. running jobs get what is left of the grace period, then are cancelled and
+    ///    released back to `available` without using an attempt;
+    /// 5. the store is closed.
     pub async fn run_until_stopped(
         self,
         shutdown: impl Future<Output = ()> + Send,
@@ -256,8 +259,21 @@ impl App {
             grace_ms = config.shutdown_grace.as_millis() as u64,
             "shutdown requested: draining"
         );
+        // Readiness fails and no lease is taken from here on (jobs enqueued during the drain
+        // are left to other replicas, or to the next start); the API keeps accepting for
+        // `shutdown_delay`, so load balancers that poll /readyz stop routing here before
+        // the listener closes and a client never meets a refused connection mid-rollout.
         readiness.start_draining();
+        runtime.stop_leasing().await;
+        if !config.shutdown_delay.is_zero() {
+            tracing::info!(
+                delay_ms = config.shutdown_delay.as_millis() as u64,
+                "readiness is failing; still accepting requests before closing the listener"
+            );
+            tokio::time::sleep_until(deadline.min(Instant::now() + config.shutdown_delay)).await;
+        }
         http_stop.cancel();
+        tracing::info!("API listener closed; in-flight requests finishing");
         match tokio::time::timeout_at(deadline, api).await {
             Ok(Ok(Ok(()))) => tracing::info!("API drained: in-flight requests finished"),
             Ok(Ok(Err(e))) => tracing::error!(error = %e, "API server failed while draining"),
@@ -333,6 +349,7 @@ fn api_config(config: &Config) -> ApiConfig {
             capacity: config.job_cache_capacity,
             ..JobCacheConfig::default()
         },
+        process_poll: ApiConfig::DEFAULT_PROCESS_POLL,
     }
 }
 

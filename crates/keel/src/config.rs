@@ -68,6 +68,10 @@ pub struct ServeArgs {
     /// How long shutdown waits for in-flight requests and running jobs before releasing them.
     #[arg(long, env = "KEEL_SHUTDOWN_GRACE", value_name = "DURATION")]
     pub shutdown_grace: Option<String>,
+    /// After SIGTERM, keep accepting requests this long while /readyz answers 503, so load
+    /// balancers stop routing here before the listener closes (part of the grace period).
+    #[arg(long, env = "KEEL_SHUTDOWN_DELAY", value_name = "DURATION")]
+    pub shutdown_delay: Option<String>,
     /// Log format: json or pretty.
     #[arg(long, env = "KEEL_LOG_FORMAT", value_name = "FORMAT")]
     pub log_format: Option<String>,
@@ -223,6 +227,10 @@ pub struct Config {
     /// Shutdown grace period.
     #[serde(with = "duration_text")]
     pub shutdown_grace: Duration,
+    /// How long the API keeps accepting after the signal, with readiness failing, before
+    /// its listener closes (counted in the grace period).
+    #[serde(with = "duration_text")]
+    pub shutdown_delay: Duration,
     /// Log format.
     pub log_format: LogFormat,
     /// Log filter directives.
@@ -529,6 +537,7 @@ const FIELDS: &[&str] = &[
     "database_url",
     "request_timeout",
     "shutdown_grace",
+    "shutdown_delay",
     "log_format",
     "log_level",
     "queues",
@@ -643,6 +652,7 @@ impl Config {
                 ("database_url", a.database_url.as_ref()),
                 ("request_timeout", a.request_timeout.as_ref()),
                 ("shutdown_grace", a.shutdown_grace.as_ref()),
+                ("shutdown_delay", a.shutdown_delay.as_ref()),
                 ("log_format", a.log_format.as_ref()),
                 ("log_level", a.log_level.as_ref()),
                 ("queues", a.queues.as_ref()),
@@ -720,6 +730,7 @@ impl Config {
         let database_url = s.get("database_url", "sqlite://keel.db", DatabaseUrl::parse);
         let request_timeout = s.get("request_timeout", "2s", dur);
         let shutdown_grace = s.get("shutdown_grace", "30s", parse_duration);
+        let shutdown_delay = s.get("shutdown_delay", "0s", parse_duration);
         let log_format = s.get("log_format", "json", |v| match v {
             "json" => Ok(LogFormat::Json),
             "pretty" => Ok(LogFormat::Pretty),
@@ -826,6 +837,17 @@ impl Config {
         let mut errors = s.errors;
 
         // Relations between fields, checked only when both sides parsed.
+        if let (Some(delay), Some(grace)) = (shutdown_delay, shutdown_grace)
+            && delay > Duration::ZERO
+            && delay >= grace
+        {
+            errors.push((
+                "shutdown_delay".into(),
+                format!(
+                    "must be shorter than shutdown_grace ({grace:?}): the delay is spent inside the grace period"
+                ),
+            ));
+        }
         if let (Some(hb), Some(lease)) = (heartbeat_interval, lease_timeout)
             && hb >= lease
         {
@@ -927,6 +949,7 @@ impl Config {
             database_url: database_url.expect(PARSED),
             request_timeout: request_timeout.expect(PARSED),
             shutdown_grace: shutdown_grace.expect(PARSED),
+            shutdown_delay: shutdown_delay.expect(PARSED),
             log_format: log_format.expect(PARSED),
             log_level: log_level.expect(PARSED),
             queues: queues.expect(PARSED),

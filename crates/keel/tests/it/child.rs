@@ -3,6 +3,7 @@
 //! own RSS.
 
 use std::process::Stdio;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use nix::sys::signal::{Signal, kill};
@@ -15,6 +16,10 @@ use tokio::sync::oneshot;
 /// migrations included).
 const STARTUP: Duration = Duration::from_secs(60);
 
+/// Most log lines a child keeps for [`KeelProcess::logs`] (the oldest are dropped past it,
+/// so a chatty child cannot grow a test's memory without bound).
+const KEPT_LOG_LINES: usize = 10_000;
+
 /// A running `keel serve`.
 pub struct KeelProcess {
     child: Child,
@@ -23,6 +28,8 @@ pub struct KeelProcess {
     pub base: String,
     /// `http://<admin addr>`.
     pub admin: String,
+    /// Its stdout log lines after the announcement, in order.
+    logs: Arc<Mutex<Vec<String>>>,
 }
 
 /// The API and admin addresses from the "keel is serving" JSON log line.
@@ -68,6 +75,8 @@ impl KeelProcess {
         let pid = child.id().expect("child pid");
         let stdout = child.stdout.take().expect("child stdout");
         let (tx, rx) = oneshot::channel();
+        let logs: Arc<Mutex<Vec<String>>> = Arc::default();
+        let kept = Arc::clone(&logs);
         tokio::spawn(async move {
             let mut tx = Some(tx);
             let mut lines = BufReader::new(stdout).lines();
@@ -79,6 +88,11 @@ impl KeelProcess {
                     let _ = tx.send(addrs);
                 } else if tx.is_none() {
                     eprintln!("[keel {pid}] {line}");
+                    let mut kept = kept.lock().unwrap();
+                    if kept.len() == KEPT_LOG_LINES {
+                        kept.remove(0);
+                    }
+                    kept.push(line);
                 }
             }
         });
@@ -91,7 +105,24 @@ impl KeelProcess {
             pid,
             base: format!("http://{api}"),
             admin: format!("http://{admin}"),
+            logs,
         }
+    }
+
+    /// The `message` of every log line since the announcement, in order.
+    pub fn log_messages(&self) -> Vec<String> {
+        self.logs
+            .lock()
+            .unwrap()
+            .iter()
+            .filter_map(|l| {
+                let v: serde_json::Value = serde_json::from_str(l).ok()?;
+                v.get("message")
+                    .or_else(|| v.get("fields")?.get("message"))
+                    .and_then(|m| m.as_str())
+                    .map(str::to_owned)
+            })
+            .collect()
     }
 
     /// Absolute URL of `path` on the API listener.
@@ -121,12 +152,17 @@ impl KeelProcess {
         let _ = self.child.wait().await;
     }
 
-    /// SIGTERM, then waits for the exit status (SIGKILL after `limit`).
-    pub async fn terminate(mut self, limit: Duration) -> Option<std::process::ExitStatus> {
-        let _ = kill(
+    /// Sends `signal` (SIGTERM or SIGINT for a graceful stop).
+    pub fn signal(&self, signal: Signal) {
+        kill(
             Pid::from_raw(i32::try_from(self.pid).expect("pid fits i32")),
-            Signal::SIGTERM,
-        );
+            signal,
+        )
+        .expect("signal the child");
+    }
+
+    /// Waits for the exit status, SIGKILLing the child after `limit` (then `None`).
+    pub async fn wait_exit(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
         match tokio::time::timeout(limit, self.child.wait()).await {
             Ok(status) => status.ok(),
             Err(_) => {
@@ -134,6 +170,23 @@ impl KeelProcess {
                 None
             }
         }
+    }
+
+    /// SIGTERM, then waits for the exit status (SIGKILL after `limit`, then `None`).
+    #[must_use = "a test that stops Keel should check it stopped cleanly (see `stop`)"]
+    pub async fn terminate(mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        self.signal(Signal::SIGTERM);
+        self.wait_exit(limit).await
+    }
+
+    /// SIGTERM, and asserts a clean exit (status 0) within `limit` (G6).
+    pub async fn stop(self, limit: Duration) {
+        let pid = self.pid;
+        let status = self.terminate(limit).await;
+        assert!(
+            status.is_some_and(|s| s.success()),
+            "keel {pid} did not stop cleanly after SIGTERM: {status:?}"
+        );
     }
 }
 
