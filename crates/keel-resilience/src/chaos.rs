@@ -226,6 +226,8 @@ impl std::error::Error for InjectedFault {}
 struct Shared {
     active: AtomicBool,
     settings: RwLock<ChaosSettings>,
+    /// Fires at every change of the settings, ending injected latencies in progress.
+    changed: tokio::sync::Notify,
 }
 
 /// The process's fault injection switchboard; clones share it.
@@ -251,7 +253,9 @@ impl Chaos {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Replaces the settings (takes effect for calls that start afterwards).
+    /// Replaces the settings. Calls that start afterwards get the new faults; a latency
+    /// being injected right now ends at once, so clearing chaos restores service without
+    /// waiting out delays injected before (up to a minute each).
     pub fn set(&self, settings: ChaosSettings) {
         *self
             .shared
@@ -262,6 +266,7 @@ impl Chaos {
             .active
             .store(settings.is_active(), Ordering::Release);
         metrics::gauge!("keel_chaos_active").set(if settings.is_active() { 1.0 } else { 0.0 });
+        self.shared.changed.notify_waiters();
     }
 
     /// Whether any fault is set.
@@ -269,15 +274,21 @@ impl Chaos {
         self.shared.active.load(Ordering::Acquire)
     }
 
-    /// Applies `dep`'s faults to one call: sleeps the added latency, then fails at the
-    /// configured rate. Returns at once when chaos is off.
+    /// Applies `dep`'s faults to one call: sleeps the added latency (cut short if the
+    /// settings change meanwhile), then fails at the configured rate. Returns at once when
+    /// chaos is off.
     pub async fn inject(&self, dep: Dependency) -> Result<(), InjectedFault> {
         if !self.is_active() {
             return Ok(());
         }
-        let fault = self.settings().fault(dep);
+        // Registered before the settings are read, so a change right after is not missed.
+        let changed = self.shared.changed.notified();
+        let mut fault = self.settings().fault(dep);
         if fault.latency_ms > 0 {
-            tokio::time::sleep(Duration::from_millis(fault.latency_ms)).await;
+            tokio::select! {
+                () = tokio::time::sleep(Duration::from_millis(fault.latency_ms)) => {}
+                () = changed => fault = self.settings().fault(dep),
+            }
         }
         if fault.error_rate > 0.0 && rand::random::<f64>() < fault.error_rate {
             metrics::counter!("keel_chaos_faults_total", "dependency" => dep.as_str()).increment(1);
@@ -290,6 +301,27 @@ impl Chaos {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// On the paused clock: without the cut, the injected minute would pass in virtual
+    /// time before the call returned.
+    #[tokio::test(start_paused = true)]
+    async fn clearing_chaos_ends_a_latency_in_progress() {
+        let chaos = Chaos::new(ChaosSettings::parse("store_write.latency_ms=60000").unwrap());
+        let started = tokio::time::Instant::now();
+        let call = tokio::spawn({
+            let chaos = chaos.clone();
+            async move { chaos.inject(Dependency::StoreWrite).await }
+        });
+        // Let the call start its injected sleep.
+        tokio::task::yield_now().await;
+        chaos.set(ChaosSettings::default());
+        assert_eq!(call.await.unwrap(), Ok(()));
+        assert_eq!(
+            started.elapsed(),
+            Duration::ZERO,
+            "the call waited out its injected latency"
+        );
+    }
 
     #[test]
     fn parses_the_spec_and_lists_every_mistake() {

@@ -162,6 +162,12 @@ pub(crate) const METRICS: &[MetricDef] = &[
         Unit::Pct,
     ),
     m(
+        "w4.shed_p99_ms",
+        "W4",
+        "p99 of shed answers (from schedule), ms",
+        Unit::Ms,
+    ),
+    m(
         "w4.other_errors",
         "W4",
         "other errors and timeouts",
@@ -272,6 +278,11 @@ pub(crate) fn target(backend: Backend, key: &str) -> Option<Target> {
         "w4.goodput_pct" => Some(AtLeast(90.0)),
         // The server's request deadline (KEEL_REQUEST_TIMEOUT, 2 s by default).
         "w4.p99_ms" => Some(AtMost(2000.0)),
+        // A refusal is only useful if it is fast: after at most the admission wait (250 ms
+        // by default), well under the deadline.
+        "w4.shed_p99_ms" => Some(AtMost(1000.0)),
+        // G5: memory stays bounded under any offered load.
+        "w4.peak_rss_mib" => Some(AtMost(512.0)),
         "w5.rss_idle_mib" => Some(AtMost(30.0)),
         _ => None,
     };

@@ -690,6 +690,7 @@ async fn w4_overload(ctx: &Ctx<'_>, rec: &mut RunRecord) -> anyhow::Result<()> {
     rec.set("w4.goodput_pct", goodput.map(|g| g / capacity * 100.0));
     rec.set("w4.p99_ms", t.latency.quantile_ms(0.99));
     rec.set("w4.shed_pct", Some(t.shed as f64 / scheduled * 100.0));
+    rec.set("w4.shed_p99_ms", t.shed_latency.quantile_ms(0.99));
     rec.set("w4.other_errors", Some((t.other_status + t.failed) as f64));
     rec.set(
         "w4.unsent_pct",

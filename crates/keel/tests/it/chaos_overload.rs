@@ -1,8 +1,11 @@
 //! Chaos, overload (G5): measure what a real Keel process sustains, then offer several times
-//! that for 20 s on a fixed schedule (open model: the load does not slow down when the
-//! server does). Memory stays under a stated bound, accepted requests keep their p99 under
-//! the request timeout, the excess is refused with fast 429/503 answers, and goodput stays
-//! within 10 % of the measured capacity.
+//! that on a fixed schedule (open model: the load does not slow down when the server does).
+//! The excess is refused with 429/503 (never a 5xx of another kind, never a request left
+//! without an answer) and memory stays under a stated bound.
+//!
+//! How fast the refusals are and how much goodput holds up are performance figures, not
+//! test assertions: `keel bench` W4 measures them against their targets (goodput ≥ 90 % of
+//! capacity, accepted p99 ≤ the request timeout, shed p99 ≤ 1 s, peak RSS ≤ 512 MiB).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -16,15 +19,11 @@ use crate::helpers::{Backend, CPU_HEAVY, database};
 
 /// Load offered during the overload, as a multiple of the measured capacity.
 const OVERLOAD: f64 = 3.0;
-const OVERLOAD_FOR: Duration = Duration::from_secs(20);
+const OVERLOAD_FOR: Duration = Duration::from_secs(10);
 /// Connections of the capacity run, and the most requests the overload keeps outstanding.
 const CLIENTS: usize = 2048;
 /// Resident memory the server must stay under while overloaded.
 const RSS_BOUND_MIB: u64 = 512;
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
-/// A refusal is only useful if it is fast: after at most the admission wait (250 ms by
-/// default), well under the 2 s deadline.
-const SHED_P99_BOUND_MS: f64 = 1000.0;
 
 fn args(base: &str) -> LoadArgs {
     LoadArgs {
@@ -41,7 +40,7 @@ fn args(base: &str) -> LoadArgs {
     }
 }
 
-async fn overload_is_shed_fast_and_goodput_holds(backend: Backend, test: &str) {
+async fn overload_is_shed_and_memory_stays_bounded(backend: Backend, test: &str) {
     let Some((url, _backing)) = database(backend, test).await else {
         return;
     };
@@ -123,25 +122,11 @@ async fn overload_is_shed_fast_and_goodput_holds(backend: Backend, test: &str) {
         peak_mib < RSS_BOUND_MIB,
         "peak RSS {peak_mib} MiB is over the {RSS_BOUND_MIB} MiB bound"
     );
-    let accepted_p99 = o["latency_ok"]["p99_ms"].as_f64().unwrap();
-    assert!(
-        accepted_p99 < REQUEST_TIMEOUT.as_secs_f64() * 1000.0,
-        "accepted p99 {accepted_p99} ms is not under the request timeout: {o}"
-    );
+    assert!(o["ok"].as_u64().unwrap() > 0, "nothing was accepted: {o}");
     assert!(o["shed"].as_u64().unwrap() > 0, "nothing was shed: {o}");
     assert_eq!(o["other_status"], 0, "answers other than 2xx/429/503: {o}");
     assert_eq!(o["failed"], 0, "requests without an answer: {o}");
-    let shed_p99 = o["latency_shed"]["p99_ms"].as_f64().unwrap();
-    assert!(
-        shed_p99 < SHED_P99_BOUND_MS,
-        "shed answers are slow: p99 {shed_p99} ms: {o}"
-    );
-    let goodput = o["goodput_per_s"].as_f64().unwrap();
-    assert!(
-        goodput >= 0.9 * capacity_per_s,
-        "goodput {goodput:.0}/s fell more than 10 % below the capacity {capacity_per_s:.0}/s: {o}"
-    );
-    keel.terminate(Duration::from_secs(15)).await;
+    keel.stop(Duration::from_secs(15)).await;
 }
 
-both_backends!(overload_is_shed_fast_and_goodput_holds);
+both_backends!(overload_is_shed_and_memory_stays_bounded);
