@@ -46,11 +46,18 @@ pub struct ApiConfig {
     /// The read cache of `GET /v1/jobs/{id}` and `/result` (capacity, time to live by
     /// state): many clients polling one job cost the database one read per key.
     pub job_cache: JobCacheConfig,
+    /// How often `POST /v1/process` re-reads the job it waits on, in case the job's event
+    /// was missed (published by another replica without cross-replica events, or lost to a
+    /// lagging receiver). Events answer first; this bounds how late a missed one can make
+    /// the answer, at one read per waiter per period.
+    pub process_poll: Duration,
 }
 
 impl ApiConfig {
     /// Body limit of the default config: 1 MiB of args plus 64 KiB for the rest of the job.
     pub const DEFAULT_MAX_BODY_BYTES: usize = NewJob::DEFAULT_MAX_ARGS_BYTES + 64 * 1024;
+    /// [`ApiConfig::process_poll`] by default.
+    pub const DEFAULT_PROCESS_POLL: Duration = Duration::from_millis(250);
 }
 
 impl Default for ApiConfig {
@@ -65,6 +72,7 @@ impl Default for ApiConfig {
             max_queue_backlog: 0,
             rate_limits: RateLimitConfig::default(),
             job_cache: JobCacheConfig::default(),
+            process_poll: Self::DEFAULT_PROCESS_POLL,
         }
     }
 }

@@ -416,22 +416,22 @@ mod tests {
             let _ = tx.send(());
             parked.await.unwrap();
 
-            // A task that blocks its worker: the dump refuses to start, at once, saying so.
-            let blocker = tokio::spawn(async {
-                std::thread::sleep(Duration::from_millis(1500));
+            // A task that blocks its worker until the test lets it go: the dump refuses to
+            // start while it is blocked (not after it), saying so.
+            let (blocking_tx, blocking_rx) = tokio::sync::oneshot::channel::<()>();
+            let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
+            let blocker = tokio::spawn(async move {
+                let _ = blocking_tx.send(());
+                let _ = release_rx.recv();
             });
-            tokio::time::sleep(Duration::from_millis(50)).await;
-            let started = std::time::Instant::now();
+            blocking_rx.await.unwrap();
             let err = super::dump(&handle, DEFAULT_TIMEOUT).await.unwrap_err();
             assert!(
                 matches!(&err, DiagError::Blocked(m) if m.contains("1 runtime worker(s)")),
                 "{err:?}"
             );
-            assert!(
-                started.elapsed() < Duration::from_secs(1),
-                "{:?}",
-                started.elapsed()
-            );
+            assert!(!blocker.is_finished(), "refused only after the block ended");
+            release_tx.send(()).unwrap();
             blocker.await.unwrap();
         });
     }

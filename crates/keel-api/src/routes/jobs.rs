@@ -242,8 +242,10 @@ pub(crate) fn stored_response(
 /// Enqueue one job.
 ///
 /// With `Idempotency-Key`, a retry of the same request (same key, tenant, route and body)
-/// returns the original response byte for byte with `Idempotent-Replayed: true` and
-/// creates nothing; the same key with a different request is a `409`.
+/// returns the original response byte for byte, with its original status (as Stripe
+/// replays it: `201`, even though the job may have moved on since) and
+/// `Idempotent-Replayed: true`, and creates nothing; the same key with a different request
+/// is a `409`.
 ///
 /// With `unique`, a job of the tenant that holds the key (per its scope) is answered
 /// instead, with `200` and `Keel-Unique-Conflict: <its id>`, and nothing is created.
@@ -255,7 +257,7 @@ pub(crate) fn stored_response(
     params(("Idempotency-Key" = Option<String>, Header, description = "1-255 visible ASCII characters; makes the enqueue idempotent for 24 h")),
     request_body(content = JobIn, content_type = "application/json"),
     responses(
-        (status = 201, description = "Created (or replayed, with `Idempotent-Replayed: true`)", body = JobOut,
+        (status = 201, description = "Created, or the original 201 replayed byte for byte (with `Idempotent-Replayed: true`)", body = JobOut,
             headers(("Location" = String, description = "/v1/jobs/{id}"))),
         (status = 200, description = "Not created: another job holds the unique key; this is that job", body = JobOut,
             headers(

@@ -24,10 +24,6 @@ use crate::routes::jobs::{
 };
 use crate::state::ApiState;
 
-/// How often the job is re-read while waiting, in case its event was missed (published by
-/// another replica without cross-replica events, or lost to a lagging receiver).
-pub(crate) const FALLBACK_POLL: Duration = Duration::from_millis(250);
-
 /// How long before the request deadline the handler stops waiting, so that it — not the
 /// deadline layer — answers the `504`, with the job id in it.
 pub(crate) const DEADLINE_MARGIN: Duration = Duration::from_millis(20);
@@ -117,7 +113,8 @@ pub(crate) async fn process_job(
         Some(j) => j,
         None => reread(id).await?,
     };
-    let mut poll = tokio::time::interval_at(Instant::now() + FALLBACK_POLL, FALLBACK_POLL);
+    let every = state.config.process_poll;
+    let mut poll = tokio::time::interval_at(Instant::now() + every, every);
     poll.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut events_open = true;
     while !job.state.is_finished() {

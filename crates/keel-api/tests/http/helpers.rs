@@ -38,21 +38,40 @@ pub(crate) enum Fault {
     None,
     Transient,
     Permanent,
-    /// Sleep this long before answering (to outlast a deadline).
-    Slow(Duration),
+    /// Wait, without answering, until the test calls [`FaultyStore::release`]: the
+    /// operation outlasts any deadline for as long as the test says, with no clock involved.
+    Hang,
 }
 
 /// The switch that makes the operations a request uses fail or stall, in front of the real
 /// store (`Intercepted<FaultyStore>`). Everything else passes straight through.
 pub(crate) struct FaultyStore {
     fault: Mutex<Fault>,
-    /// How many slowed operations ran to completion (a cancelled one never does).
-    pub(crate) slow_finished: Mutex<u32>,
+    /// Opened by [`FaultyStore::release`]: every hung operation goes on.
+    released: tokio::sync::watch::Sender<bool>,
+    /// Operations that entered the hang.
+    hung: AtomicUsize,
+    /// Hung operations that went on after the release (a cancelled one never does).
+    hung_finished: AtomicUsize,
+    /// Hung operations dropped before the release: the request gave up and took its store
+    /// work with it (G7).
+    hung_dropped: AtomicUsize,
     /// How many times a job was read (`get`), to see what the job cache saves.
     reads: AtomicUsize,
 }
 
 impl FaultyStore {
+    pub(crate) fn new() -> Self {
+        Self {
+            fault: Mutex::new(Fault::None),
+            released: tokio::sync::watch::channel(false).0,
+            hung: AtomicUsize::new(0),
+            hung_finished: AtomicUsize::new(0),
+            hung_dropped: AtomicUsize::new(0),
+            reads: AtomicUsize::new(0),
+        }
+    }
+
     /// Job reads (`get`) so far.
     pub(crate) fn reads(&self) -> usize {
         self.reads.load(Ordering::SeqCst)
@@ -60,6 +79,43 @@ impl FaultyStore {
 
     pub(crate) fn set(&self, f: Fault) {
         *self.fault.lock().unwrap() = f;
+    }
+
+    /// Lets every hung operation go on (and any later one pass the hang at once).
+    pub(crate) fn release(&self) {
+        self.released.send_replace(true);
+    }
+
+    /// Operations that entered the hang so far.
+    pub(crate) fn hung(&self) -> usize {
+        self.hung.load(Ordering::SeqCst)
+    }
+
+    /// Hung operations that went on after [`FaultyStore::release`].
+    pub(crate) fn hung_finished(&self) -> usize {
+        self.hung_finished.load(Ordering::SeqCst)
+    }
+
+    /// Hung operations dropped while hanging.
+    pub(crate) fn hung_dropped(&self) -> usize {
+        self.hung_dropped.load(Ordering::SeqCst)
+    }
+}
+
+/// Counts a hung operation as dropped unless it was let go first.
+struct HangGuard<'a> {
+    store: &'a FaultyStore,
+    finished: bool,
+}
+
+impl Drop for HangGuard<'_> {
+    fn drop(&mut self) {
+        let counter = if self.finished {
+            &self.store.hung_finished
+        } else {
+            &self.store.hung_dropped
+        };
+        counter.fetch_add(1, Ordering::SeqCst);
     }
 }
 
@@ -99,9 +155,16 @@ impl Interceptor for FaultyStore {
                 op.doing(),
                 "injected: table jobs is corrupt",
             )),
-            Fault::Slow(d) => {
-                tokio::time::sleep(d).await;
-                *self.slow_finished.lock().unwrap() += 1;
+            Fault::Hang => {
+                let mut guard = HangGuard {
+                    store: self,
+                    finished: false,
+                };
+                let mut released = self.released.subscribe();
+                self.hung.fetch_add(1, Ordering::SeqCst);
+                // The sender lives in `self`, so the wait ends only by release or drop.
+                let _ = released.wait_for(|r| *r).await;
+                guard.finished = true;
                 Ok(())
             }
         }
@@ -195,14 +258,7 @@ pub(crate) async fn app_wired(
     .await
     .unwrap();
     inner.migrate().await.unwrap();
-    let store = Intercepted::new(
-        Arc::new(inner),
-        FaultyStore {
-            fault: Mutex::new(Fault::None),
-            slow_finished: Mutex::new(0),
-            reads: AtomicUsize::new(0),
-        },
-    );
+    let store = Intercepted::new(Arc::new(inner), FaultyStore::new());
     let runtime = RuntimeHandle::new(QUEUES.map(|q| QueueName::parse(q).unwrap()), 1024);
     let readiness = Readiness::new();
     let state = ApiState::new(

@@ -5,6 +5,8 @@ use std::sync::Arc;
 
 use axum::body::Body;
 use axum::http::StatusCode;
+use keel_core::store::{Completion, LeaseRef};
+use keel_core::{JobState, Store as _};
 
 use crate::helpers::*;
 
@@ -25,12 +27,32 @@ async fn a_replay_returns_the_original_bytes_and_creates_nothing() {
     let first = post_with_key(&app, "/v1/jobs", "order-42", body).await;
     assert_eq!(first.status, StatusCode::CREATED);
     assert!(first.header("idempotent-replayed").is_none());
+    assert_eq!(first.json()["state"], "available");
+
+    // The job moves on before the retry: a response rendered again from the job would say
+    // so, the stored original does not.
+    let job = app
+        .lease("default")
+        .await
+        .pop()
+        .expect("the job is available");
+    app.store
+        .complete(vec![Completion {
+            lease: LeaseRef::of(&job).unwrap(),
+            result: None,
+        }])
+        .await
+        .unwrap();
+    let id = job_id(&first.json());
+    assert_eq!(app.store.get(id).await.unwrap().state, JobState::Completed);
 
     let again = post_with_key(&app, "/v1/jobs", "order-42", body).await;
+    // The original status (201, as Stripe replays it), not a 200 for "found".
     assert_eq!(again.status, StatusCode::CREATED);
     assert_eq!(again.header("idempotent-replayed"), Some("true"));
     assert_eq!(again.content_type(), "application/json");
     assert_eq!(again.body, first.body, "byte for byte");
+    assert_eq!(again.json()["state"], "available", "the original answer");
     assert_eq!(again.header("location"), first.header("location"));
     assert_eq!(app.all_jobs().await.len(), 1);
 

@@ -1,7 +1,7 @@
 //! POST /v1/process: enqueue and wait. The tests play the worker: they complete the job
 //! through the store and publish its event, as the runtime would.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use axum::body::Body;
 use axum::http::StatusCode;
@@ -38,14 +38,21 @@ async fn complete_next_job(app: &TestApp, result: &str, publish: bool) {
     }
 }
 
+/// With the fallback re-read an hour away, only the event can end the wait.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn waits_for_the_completion_event() {
-    let app = std::sync::Arc::new(app().await);
+    let app = std::sync::Arc::new(
+        app_with(ApiConfig {
+            request_timeout: Duration::from_secs(3600),
+            process_poll: Duration::from_secs(3600),
+            ..Default::default()
+        })
+        .await,
+    );
     let worker = {
         let app = app.clone();
         tokio::spawn(async move { complete_next_job(&app, r#"{"sum": 3}"#, true).await })
     };
-    let started = Instant::now();
     let r = app
         .post_json("/v1/process", r#"{"kind":"add","args":[1,2]}"#)
         .await;
@@ -59,12 +66,19 @@ async fn waits_for_the_completion_event() {
     let job = r.json();
     assert_eq!(job["state"], "completed");
     assert_eq!(job["result"], serde_json::json!({"sum": 3}));
-    assert!(started.elapsed() < Duration::from_millis(1500));
 }
 
+/// No event is ever published: only the re-read can see the job finish.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn falls_back_to_polling_when_no_event_comes() {
-    let app = std::sync::Arc::new(app().await);
+    let app = std::sync::Arc::new(
+        app_with(ApiConfig {
+            request_timeout: Duration::from_secs(3600),
+            process_poll: Duration::from_millis(20),
+            ..Default::default()
+        })
+        .await,
+    );
     let worker = {
         let app = app.clone();
         tokio::spawn(async move { complete_next_job(&app, "42", false).await })
@@ -87,10 +101,9 @@ async fn the_deadline_answers_504_with_the_job_left_running() {
         ..Default::default()
     })
     .await;
-    let started = Instant::now();
     let r = app.post_json("/v1/process", r#"{"kind":"slow"}"#).await;
+    // The handler's own 504 (with the job id), not the deadline layer's.
     let p = r.assert_problem(504, "deadline-exceeded");
-    assert!(started.elapsed() < Duration::from_millis(1500));
     let id = p["job_id"].as_str().expect("the 504 names the job");
     assert_eq!(
         r.header("location"),

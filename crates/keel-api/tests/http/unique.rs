@@ -208,13 +208,24 @@ async fn a_batch_returns_holders_in_place() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn process_waits_on_the_holder() {
-    let app = std::sync::Arc::new(app().await);
+    // The waiting request re-reads its job every 20 ms: its first re-read shows it found
+    // the holder and waits on it.
+    let app = std::sync::Arc::new(
+        app_with(keel_api::ApiConfig {
+            request_timeout: Duration::from_secs(3600),
+            process_poll: Duration::from_millis(20),
+            ..Default::default()
+        })
+        .await,
+    );
     let holder = job_id(&app.enqueue(UNIQUE).await);
     let worker = {
         let app = app.clone();
         tokio::spawn(async move {
-            // Let the request find the holder waiting, then finish it.
-            tokio::time::sleep(Duration::from_millis(100)).await;
+            // Once the request waits on the holder, finish the holder.
+            while app.store.reads() == 0 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
             let job = app.lease("default").await.pop().unwrap();
             app.store
                 .complete(vec![Completion {

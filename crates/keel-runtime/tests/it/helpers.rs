@@ -15,14 +15,15 @@ pub(crate) const DEADLINE: Duration = Duration::from_secs(20);
 
 /// A fresh, migrated SQLite store in a temporary directory (kept alive by the `TempDir`).
 pub(crate) async fn store() -> (TempDir, Arc<dyn Store>) {
+    store_with_clock(Arc::new(SystemClock)).await
+}
+
+/// [`store`] on `clock`.
+pub(crate) async fn store_with_clock(clock: Arc<dyn Clock>) -> (TempDir, Arc<dyn Store>) {
     let dir = tempfile::tempdir().unwrap();
-    let store = SqliteStore::open(
-        &dir.path().join("keel.db"),
-        SqliteOptions::default(),
-        Arc::new(SystemClock),
-    )
-    .await
-    .unwrap();
+    let store = SqliteStore::open(&dir.path().join("keel.db"), SqliteOptions::default(), clock)
+        .await
+        .unwrap();
     store.migrate().await.unwrap();
     (dir, Arc::new(store))
 }
@@ -61,8 +62,18 @@ pub(crate) fn config(queues: &[(&str, usize)]) -> RuntimeConfig {
 
 /// Starts a runtime with a handle covering the configured queues.
 pub(crate) fn start(store: &Arc<dyn Store>, config: RuntimeConfig, handlers: Handlers) -> Runtime {
+    start_with_clock(store, config, handlers, Arc::new(SystemClock))
+}
+
+/// [`start`] with the clock the store was built with.
+pub(crate) fn start_with_clock(
+    store: &Arc<dyn Store>,
+    config: RuntimeConfig,
+    handlers: Handlers,
+    clock: Arc<dyn Clock>,
+) -> Runtime {
     let handle = RuntimeHandle::new(config.queues.iter().map(|q| q.name.clone()), 1024);
-    Runtime::start(Arc::clone(store), config, handlers, handle)
+    Runtime::start_with_clock(Arc::clone(store), config, handlers, handle, clock)
 }
 
 /// A job of `kind` with JSON `args` on `queue`.
@@ -89,18 +100,19 @@ where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<T, O>>,
 {
-    let deadline = tokio::time::Instant::now() + DEADLINE;
-    loop {
-        let last = match check().await {
-            Ok(v) => return v,
-            Err(o) => o,
-        };
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}; last saw {last:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    // The last observation, for the failure message; a hang guard, not a timing claim.
+    let mut last: Option<O> = None;
+    let polled = tokio::time::timeout(DEADLINE, async {
+        loop {
+            match check().await {
+                Ok(v) => return v,
+                Err(o) => last = Some(o),
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    polled.unwrap_or_else(|_| panic!("gave up waiting for {what}; last saw {last:?}"))
 }
 
 /// Waits until the job satisfies `pred`; returns it.

@@ -3,7 +3,7 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use keel::{App, Config, ServeArgs};
 use keel_client::{Client, JobOut};
@@ -169,25 +169,28 @@ impl TestApp {
             .unwrap()
     }
 
-    /// Polls the job until `done` holds, failing after `within`.
+    /// Polls the job until `done` holds; gives up (fails) after `limit`, a hang guard.
     pub async fn wait_for(
         &self,
         id: &str,
-        within: Duration,
+        limit: Duration,
         done: impl Fn(&JobOut) -> bool,
     ) -> JobOut {
-        let deadline = Instant::now() + within;
-        loop {
-            let job = self.client.get_job(id).await.expect("get job");
-            if done(&job) {
-                return job;
+        let mut last = None;
+        let polled = tokio::time::timeout(limit, async {
+            loop {
+                let job = self.client.get_job(id).await.expect("get job");
+                if done(&job) {
+                    return job;
+                }
+                last = Some(job);
+                tokio::time::sleep(Duration::from_millis(20)).await;
             }
-            assert!(
-                Instant::now() < deadline,
-                "job {id} did not reach the expected condition within {within:?}; last seen: {job:#?}"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        })
+        .await;
+        polled.unwrap_or_else(|_| {
+            panic!("job {id} did not reach the expected condition; last seen: {last:#?}")
+        })
     }
 
     /// Stops the app gracefully and waits for it.

@@ -46,7 +46,19 @@ async fn concurrent_identical_requests_create_one_job(backend: Backend, test: &s
     let page = app.client.list_jobs(&Default::default()).await.unwrap();
     assert_eq!(page.jobs.len(), 1, "exactly one job was created");
 
-    // A later replay says it is one.
+    // The job runs to completion before the later replay: a response rendered again from
+    // the job would now say `completed`; the stored original still says `available`.
+    let original: serde_json::Value =
+        serde_json::from_slice(bodies.iter().next().unwrap()).unwrap();
+    assert_eq!(original["state"], "available", "{original}");
+    let id = original["id"].as_str().unwrap().to_owned();
+    app.client.set_paused("default", false).await.unwrap();
+    app.wait_for(&id, std::time::Duration::from_secs(30), |j| {
+        j.state == "completed"
+    })
+    .await;
+
+    // A later replay says it is one, with the original status and bytes.
     let replay = app
         .http
         .post(app.url("/v1/jobs"))
@@ -55,6 +67,7 @@ async fn concurrent_identical_requests_create_one_job(backend: Backend, test: &s
         .send()
         .await
         .unwrap();
+    assert_eq!(replay.status(), StatusCode::CREATED);
     assert_eq!(replay.headers()["idempotent-replayed"], "true");
     assert_eq!(
         replay.bytes().await.unwrap().to_vec(),

@@ -8,7 +8,7 @@ use keel_client::JobIn;
 use serde_json::json;
 
 use crate::both_backends;
-use crate::helpers::{Backend, spawn_app};
+use crate::helpers::{Backend, spawn_app, spawn_app_with};
 
 fn millis_between(a: &str, b: &str) -> i64 {
     let a = DateTime::parse_from_rfc3339(a).unwrap();
@@ -128,12 +128,29 @@ both_backends!(process_waits_for_the_result);
 
 /// Paused queues hold their jobs until resumed.
 async fn paused_queue_holds_jobs_until_resumed(backend: Backend, test: &str) {
-    let Some(app) = spawn_app(backend, test).await else {
+    let Some(app) = spawn_app_with(backend, test, |a| {
+        a.queues = Some("default:8,other:8".into());
+    })
+    .await
+    else {
         return;
     };
     app.client.set_paused("default", true).await.unwrap();
-    let id = app.enqueue("noop", json!(null)).await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // One batch, so both queues' dispatchers are woken by the same commit: by the time the
+    // job of the running queue has been leased, run and completed, the paused queue's
+    // dispatcher has had the same chance to lease its job, and must not have.
+    let batch = app
+        .post_json(
+            "/v1/jobs/batch",
+            &json!({"jobs": [{"kind": "noop"}, {"kind": "noop", "queue": "other"}]}),
+        )
+        .await;
+    assert_eq!(batch.status(), 201);
+    let batch: serde_json::Value = batch.json().await.unwrap();
+    let id = batch["jobs"][0]["id"].as_str().unwrap().to_owned();
+    let other = batch["jobs"][1]["id"].as_str().unwrap().to_owned();
+    app.wait_for(&other, Duration::from_secs(10), |j| j.state == "completed")
+        .await;
     assert_eq!(app.client.get_job(&id).await.unwrap().state, "available");
     let queues = app.client.queues().await.unwrap();
     assert!(queues.to_string().contains("\"paused\":true"), "{queues}");

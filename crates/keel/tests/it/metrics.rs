@@ -43,47 +43,49 @@ async fn metrics_follow_requests_and_jobs(backend: Backend, test: &str) {
     app.wait_for(&failed, Duration::from_secs(10), |j| j.state == "discarded")
         .await;
     let q = queue.as_str();
-    // Counters are updated right after the store write the test observed; allow a moment.
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    loop {
-        let after = app.metrics().await;
-        let enqueued = metric_value(&after, "keel_jobs_enqueued_total", &[("queue", q)]);
-        let completed = metric_value(
-            &after,
-            "keel_jobs_finished_total",
-            &[("queue", q), ("outcome", "completed")],
-        );
-        let discarded = metric_value(
-            &after,
-            "keel_jobs_finished_total",
-            &[("queue", q), ("outcome", "discarded")],
-        );
-        let durations = metric_value(&after, "keel_job_duration_seconds_count", &[("queue", q)]);
-        let posts = metric_value(
-            &after,
-            "http_requests_total",
-            &[("method", "POST"), ("route", "/v1/jobs"), ("status", "201")],
-        );
-        let got = (
-            enqueued,
-            completed,
-            discarded,
-            durations >= 4.0,
-            posts - posts_before >= 4.0,
-        );
-        if got == (4.0, 3.0, 1.0, true, true) {
-            assert!(
-                after.contains("http_request_duration_seconds"),
-                "latency histogram missing"
+    // Counters are updated right after the store write the test observed: poll for them.
+    let mut last = None;
+    let settled = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            let after = app.metrics().await;
+            let enqueued = metric_value(&after, "keel_jobs_enqueued_total", &[("queue", q)]);
+            let completed = metric_value(
+                &after,
+                "keel_jobs_finished_total",
+                &[("queue", q), ("outcome", "completed")],
             );
-            break;
+            let discarded = metric_value(
+                &after,
+                "keel_jobs_finished_total",
+                &[("queue", q), ("outcome", "discarded")],
+            );
+            let durations =
+                metric_value(&after, "keel_job_duration_seconds_count", &[("queue", q)]);
+            let posts = metric_value(
+                &after,
+                "http_requests_total",
+                &[("method", "POST"), ("route", "/v1/jobs"), ("status", "201")],
+            );
+            let got = (
+                enqueued,
+                completed,
+                discarded,
+                durations >= 4.0,
+                posts - posts_before >= 4.0,
+            );
+            if got == (4.0, 3.0, 1.0, true, true) {
+                return after;
+            }
+            last = Some(got);
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "metrics did not move as expected: {got:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    })
+    .await;
+    let after = settled.unwrap_or_else(|_| panic!("metrics did not move as expected: {last:?}"));
+    assert!(
+        after.contains("http_request_duration_seconds"),
+        "latency histogram missing"
+    );
     app.stop().await;
 }
 both_backends!(metrics_follow_requests_and_jobs);
