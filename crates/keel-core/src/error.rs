@@ -92,6 +92,22 @@ pub enum StoreError {
         errors: ValidationErrors,
     },
 
+    /// The data was refused: a value the database cannot store or a rule it enforces
+    /// (Postgres SQLSTATE classes 22, 23 and 54; SQLite's `TOOBIG`, `MISMATCH`, `CHECK` and
+    /// `NOT NULL`), or one the store checks itself (a worker's result too deep to read
+    /// back). The request is at fault, not the database: the caller gets a `422`, and the
+    /// failure never counts against the database's health (breaker, readiness,
+    /// leadership), so one tenant's bad input cannot take the service down for the
+    /// others. Nothing was written.
+    #[error("the data was refused while {context}")]
+    Rejected {
+        /// What was being attempted.
+        context: String,
+        /// Why the data was refused (the database's own message, or the store's).
+        #[source]
+        source: BoxError,
+    },
+
     /// A failure that may succeed if retried (lost connection, pool timeout, lock or
     /// serialisation conflict, database starting up or shutting down).
     #[error("transient store error while {context}")]
@@ -139,6 +155,14 @@ impl StoreError {
         }
     }
 
+    /// Shorthand for a [`StoreError::Rejected`].
+    pub fn rejected(context: impl Into<String>, source: impl Into<BoxError>) -> Self {
+        StoreError::Rejected {
+            context: context.into(),
+            source: source.into(),
+        }
+    }
+
     /// Shorthand for a [`StoreError::Permanent`].
     pub fn permanent(context: impl Into<String>, source: impl Into<BoxError>) -> Self {
         StoreError::Permanent {
@@ -157,6 +181,7 @@ impl StoreError {
             StoreError::Conflict(_) => "conflict",
             StoreError::StaleLease(_) => "stale_lease",
             StoreError::Invalid { .. } => "invalid",
+            StoreError::Rejected { .. } => "rejected",
             StoreError::Transient { .. } => "transient",
             StoreError::Permanent { .. } => "permanent",
             StoreError::Unavailable { .. } => "unavailable",

@@ -285,16 +285,25 @@ impl AttemptError {
     /// every attempt cannot grow one row without limit.
     pub const MAX_MESSAGE_BYTES: usize = 4096;
 
-    /// Builds a record, truncating the message on a character boundary.
+    /// Builds a record, truncating the message on a character boundary and replacing any
+    /// NUL with U+FFFD: messages come from handlers and workers (anything at all), and are
+    /// stored as jsonb on Postgres, which cannot hold U+0000; replacing it on both backends
+    /// keeps them storing the same text, and a failure report from ever being refused.
     pub fn new(attempt: u32, at: Timestamp, message: &str) -> Self {
         let mut end = message.len().min(Self::MAX_MESSAGE_BYTES);
         while !message.is_char_boundary(end) {
             end -= 1;
         }
+        let kept = &message[..end];
+        let message = if kept.contains('\0') {
+            kept.replace('\0', "\u{FFFD}")
+        } else {
+            kept.to_owned()
+        };
         Self {
             attempt,
             at,
-            message: message[..end].to_owned(),
+            message,
         }
     }
 }
@@ -685,6 +694,8 @@ impl NewJob {
                     self.args.get().len()
                 ),
             );
+        } else if let Err(e) = crate::json_text::check(self.args.get()) {
+            bad("args", e.to_string());
         }
         if self.max_attempts == 0 || self.max_attempts > Self::MAX_ATTEMPTS_LIMIT {
             bad(
@@ -740,6 +751,13 @@ impl NewJob {
                         Self::MAX_TAG_LEN,
                         tag.len()
                     ),
+                );
+            } else if tag.chars().any(char::is_control) {
+                // Tags are stored as jsonb on Postgres, which cannot hold U+0000; the other
+                // control characters are refused with it, so that a tag always prints.
+                bad(
+                    &format!("tags[{i}]"),
+                    "must not contain control characters (U+0000-U+001F, U+007F-U+009F)".into(),
                 );
             }
         }

@@ -14,6 +14,7 @@ pub mod clock;
 pub mod error;
 pub mod ids;
 pub mod job;
+pub mod json_text;
 pub mod schedule;
 pub mod store;
 

@@ -499,9 +499,11 @@ pub trait Store: Send + Sync + 'static {
     /// Deletes finished jobs that finished before the cutoff; returns how many.
     async fn delete_finished(&self, params: RetentionParams) -> Result<u64, StoreError>;
 
-    /// Job counts per queue and state, and the paused flag, for every queue that has jobs
-    /// or has been paused or resumed; sorted by queue name.
-    async fn queue_stats(&self) -> Result<Vec<QueueStats>, StoreError>;
+    /// Job counts per queue and state, and the paused flag, sorted by queue name. Without a
+    /// tenant: every queue that has jobs or has been paused or resumed. With one: the
+    /// queues that hold jobs of that tenant, counting only those (a tenant learns nothing
+    /// of the others' queues or load).
+    async fn queue_stats(&self, tenant: Option<TenantId>) -> Result<Vec<QueueStats>, StoreError>;
 
     /// Inserts jobs under an idempotency key (G3). First use of `(tenant, key)`: inserts the
     /// jobs and stores the key, fingerprint and the response from `respond`, all in one

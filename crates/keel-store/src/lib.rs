@@ -91,6 +91,59 @@ pub(crate) fn schedule_exists(
     ))
 }
 
+/// Completes `completions` through `write`, except those whose result breaks the rules of
+/// stored JSON ([`keel_core::json_text`]): those are answered [`StoreError::Rejected`] here,
+/// on both backends alike, and never reach the database (Postgres would refuse some of
+/// them itself, SQLite none). Answers come back in the order of `completions`.
+pub(crate) async fn complete_checked<F, Fut>(
+    completions: Vec<keel_core::store::Completion>,
+    write: F,
+) -> Result<Vec<Result<(), StoreError>>, StoreError>
+where
+    F: FnOnce(Vec<keel_core::store::Completion>) -> Fut,
+    Fut: std::future::Future<Output = Result<Vec<Result<(), StoreError>>, StoreError>>,
+{
+    let total = completions.len();
+    let mut refused: Vec<Option<StoreError>> = Vec::with_capacity(total);
+    let mut accepted = Vec::with_capacity(total);
+    for c in completions {
+        match c
+            .result
+            .as_deref()
+            .map(|r| keel_core::json_text::check(r.get()))
+        {
+            Some(Err(e)) => refused.push(Some(StoreError::rejected(
+                format!("completing job {} with its result", c.lease.id),
+                e,
+            ))),
+            _ => {
+                refused.push(None);
+                accepted.push(c);
+            }
+        }
+    }
+    if accepted.len() == total {
+        return write(accepted).await;
+    }
+    let mut written = if accepted.is_empty() {
+        Vec::new().into_iter()
+    } else {
+        write(accepted).await?.into_iter()
+    };
+    Ok(refused
+        .into_iter()
+        .map(|r| match r {
+            Some(e) => Err(e),
+            None => written.next().unwrap_or_else(|| {
+                Err(StoreError::permanent(
+                    "completing jobs",
+                    "the backend answered fewer completions than it was given",
+                ))
+            }),
+        })
+        .collect())
+}
+
 /// The `leaders` row the maintenance leader holds (the only role so far).
 pub(crate) const MAINTENANCE_ROLE: &str = "maintenance";
 

@@ -1,8 +1,9 @@
 //! The one place driver and pool errors become [`StoreError`]s.
 //!
 //! The split matters to callers: a transient error is retried with backoff inside the
-//! request deadline and counted by the circuit breaker, a conflict is a 409, anything else is
-//! a permanent failure that retrying would only repeat. Every error carries what was being
+//! request deadline and counted by the circuit breaker, a conflict is a 409, data the
+//! server refuses is the request's fault (a 422 that never counts against the database's
+//! health), anything else is a permanent failure that retrying would only repeat. Every error carries what was being
 //! attempted ("leasing jobs from queue emails") and keeps the driver error as its source.
 
 use std::error::Error as StdError;
@@ -38,6 +39,12 @@ pub(super) fn db(e: tokio_postgres::Error, context: String) -> StoreError {
         if code.code().starts_with("08") || TRANSIENT.contains(&code) {
             return StoreError::transient(context, e);
         }
+        if is_data_error(code) {
+            let message = e
+                .as_db_error()
+                .map_or_else(|| e.to_string(), |d| d.message().to_owned());
+            return StoreError::rejected(context, message);
+        }
         return StoreError::permanent(context, e);
     }
     // No SQLSTATE: the failure happened on the way to or from the server. A closed connection
@@ -65,6 +72,14 @@ pub(super) fn pool(e: PoolError, context: String) -> StoreError {
     }
 }
 
+/// SQLSTATE classes that mean "the data is wrong", not "the database is": 22 (data
+/// exception: a value out of range, not representable like `\u0000` in jsonb, malformed),
+/// 23 (integrity constraint; unique violations are conflicts, matched before this) and 54
+/// (program limit exceeded: a value nested or sized past what the server handles).
+fn is_data_error(code: &SqlState) -> bool {
+    matches!(&code.code()[..2], "22" | "23" | "54")
+}
+
 fn has_io_source(e: &(dyn StdError + 'static)) -> bool {
     let mut cur: Option<&(dyn StdError + 'static)> = Some(e);
     while let Some(err) = cur {
@@ -79,6 +94,28 @@ fn has_io_source(e: &(dyn StdError + 'static)) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn data_errors_are_the_requests_fault() {
+        for code in [
+            SqlState::UNTRANSLATABLE_CHARACTER,
+            SqlState::NUMERIC_VALUE_OUT_OF_RANGE,
+            SqlState::CHECK_VIOLATION,
+            SqlState::NOT_NULL_VIOLATION,
+            SqlState::STATEMENT_TOO_COMPLEX,
+            SqlState::PROGRAM_LIMIT_EXCEEDED,
+        ] {
+            assert!(is_data_error(&code), "{code:?}");
+        }
+        for code in [
+            SqlState::CONNECTION_FAILURE,
+            SqlState::UNDEFINED_TABLE,
+            SqlState::DISK_FULL,
+            SqlState::T_R_DEADLOCK_DETECTED,
+        ] {
+            assert!(!is_data_error(&code), "{code:?}");
+        }
+    }
 
     #[test]
     fn pool_timeouts_are_transient_and_closed_is_not() {

@@ -281,6 +281,31 @@ impl PgStore {
         Ok(out)
     }
 
+    /// Writes completions whose results were checked ([`crate::complete_checked`]).
+    async fn write_completions(
+        &self,
+        completions: Vec<Completion>,
+    ) -> Result<Vec<Result<(), StoreError>>, StoreError> {
+        if completions.is_empty() {
+            return Ok(Vec::new());
+        }
+        let ctx = || format!("completing jobs (batch of {})", completions.len());
+        let now = self.clock.now();
+        let leases: Vec<LeaseRef> = completions.iter().map(|c| c.lease).collect();
+        let (ids, tokens) = split(&leases);
+        let results: Vec<Option<&str>> = completions
+            .iter()
+            .map(|c| c.result.as_ref().map(|r| r.get()))
+            .collect();
+        self.fenced_batch(
+            &leases,
+            &SQL.complete,
+            &[&ids, &tokens, &results, &now],
+            &ctx,
+        )
+        .await
+    }
+
     /// Applies pending migrations in one transaction. Safe to call from several processes
     /// starting at once: they serialise on an advisory lock keyed by the schema (so stores in
     /// different schemas do not wait for each other), and the later ones find nothing to do.
@@ -644,24 +669,7 @@ impl Store for PgStore {
         &self,
         completions: Vec<Completion>,
     ) -> Result<Vec<Result<(), StoreError>>, StoreError> {
-        if completions.is_empty() {
-            return Ok(Vec::new());
-        }
-        let ctx = || format!("completing jobs (batch of {})", completions.len());
-        let now = self.clock.now();
-        let leases: Vec<LeaseRef> = completions.iter().map(|c| c.lease).collect();
-        let (ids, tokens) = split(&leases);
-        let results: Vec<Option<&str>> = completions
-            .iter()
-            .map(|c| c.result.as_ref().map(|r| r.get()))
-            .collect();
-        self.fenced_batch(
-            &leases,
-            &SQL.complete,
-            &[&ids, &tokens, &results, &now],
-            &ctx,
-        )
-        .await
+        crate::complete_checked(completions, |c| self.write_completions(c)).await
     }
 
     async fn fail(&self, params: FailParams) -> Result<Job, StoreError> {
@@ -893,9 +901,15 @@ impl Store for PgStore {
             .map_err(|e| error::db(e, ctx()))
     }
 
-    async fn queue_stats(&self) -> Result<Vec<QueueStats>, StoreError> {
+    async fn queue_stats(&self, tenant: Option<TenantId>) -> Result<Vec<QueueStats>, StoreError> {
         let ctx = || "counting jobs per queue and state".to_owned();
-        let rows = self.query(&SQL.queue_stats, &[], &ctx).await?;
+        let rows = match &tenant {
+            None => self.query(&SQL.queue_stats, &[], &ctx).await?,
+            Some(t) => {
+                self.query(&SQL.queue_stats_of_tenant, &[&t.as_str()], &ctx)
+                    .await?
+            }
+        };
         let mut by_queue: BTreeMap<String, (bool, StateCounts)> = BTreeMap::new();
         for row in &rows {
             let queue: String = rows::get(row, 0, "queue")?;

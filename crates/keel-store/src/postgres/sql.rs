@@ -126,6 +126,7 @@ pub(super) struct Statements {
     pub(super) rescue_update: String,
     pub(super) delete_finished: String,
     pub(super) queue_stats: String,
+    pub(super) queue_stats_of_tenant: String,
     pub(super) set_queue_paused: String,
     pub(super) idempotency_read: String,
     pub(super) idempotency_expire: String,
@@ -424,6 +425,13 @@ impl Statements {
                    COALESCE(q.paused, false) \
                  FROM (SELECT queue, state, count(*) AS n FROM jobs GROUP BY queue, state) c \
                  FULL JOIN queues q ON q.name = c.queue"
+                .to_owned(),
+            // One tenant's view: only the queues holding its jobs, counting only those
+            // (served by the (tenant, state, id) index).
+            queue_stats_of_tenant: "SELECT c.queue, c.state, c.n, COALESCE(q.paused, false) \
+                 FROM (SELECT queue, state, count(*) AS n FROM jobs WHERE tenant = $1 \
+                       GROUP BY queue, state) c \
+                 LEFT JOIN queues q ON q.name = c.queue"
                 .to_owned(),
             // Resuming a queue makes its waiting jobs leasable again: the same statement
             // notifies the queue's listeners ($4 is the channel) when the flag is now off.

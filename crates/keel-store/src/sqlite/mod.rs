@@ -85,14 +85,30 @@ impl std::fmt::Debug for SqliteStore {
 }
 
 /// Maps a SQLite error to the store's error classes: busy/locked (another connection holds
-/// the lock) and I/O hiccups are transient; constraint violations are conflicts; the rest is
-/// permanent.
+/// the lock) and I/O hiccups are transient; unique and primary-key violations are
+/// conflicts; data SQLite refuses (too big, a type mismatch, a CHECK or NOT NULL rule) is
+/// the request's fault, as Postgres's classes 22, 23 and 54 are; the rest is permanent.
 pub(crate) fn map_err(context: &str, e: &rusqlite::Error) -> StoreError {
+    /// Extended result codes of the constraint violations that are the data's fault.
+    const CONSTRAINT_CHECK: i32 = 275;
+    const CONSTRAINT_NOTNULL: i32 = 1299;
+    let extended = match e {
+        rusqlite::Error::SqliteFailure(f, _) => f.extended_code,
+        _ => 0,
+    };
     match e.sqlite_error_code() {
         Some(ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked) => {
             StoreError::transient(context.to_owned(), e.to_string())
         }
+        Some(ErrorCode::ConstraintViolation)
+            if extended == CONSTRAINT_CHECK || extended == CONSTRAINT_NOTNULL =>
+        {
+            StoreError::rejected(context.to_owned(), e.to_string())
+        }
         Some(ErrorCode::ConstraintViolation) => StoreError::Conflict(format!("{context}: {e}")),
+        Some(ErrorCode::TooBig | ErrorCode::TypeMismatch) => {
+            StoreError::rejected(context.to_owned(), e.to_string())
+        }
         _ => StoreError::permanent(context.to_owned(), e.to_string()),
     }
 }
@@ -271,6 +287,44 @@ impl SqliteStore {
         .map_err(|e| StoreError::permanent("reading a pragma", e))??;
         out.extend(answers.into_iter().map(|v| ("reader", v)));
         Ok(out)
+    }
+
+    /// Writes completions whose results were checked ([`crate::complete_checked`]).
+    async fn write_completions(
+        &self,
+        completions: Vec<Completion>,
+    ) -> Result<Vec<Result<(), StoreError>>, StoreError> {
+        let clock = Arc::clone(&self.clock);
+        self.writer
+            .write("completing jobs", move |conn| {
+                let now = clock.now();
+                let mut stmt = conn
+                    .prepare_cached(
+                        "UPDATE jobs SET state = 'completed', result = ?1, finished_at = ?2,
+                                lease_token = NULL, lease_expires_at = NULL
+                         WHERE id = ?3 AND lease_token = ?4 AND state = 'running'",
+                    )
+                    .map_err(|e| map_err("completing jobs", &e))?;
+                completions
+                    .iter()
+                    .map(|c| {
+                        let n = stmt
+                            .execute(params![
+                                c.result.as_ref().map(|r| r.get()),
+                                micros(now),
+                                c.lease.id.as_bytes(),
+                                c.lease.token.as_uuid().as_bytes()
+                            ])
+                            .map_err(|e| map_err("completing jobs", &e))?;
+                        Ok(if n == 1 {
+                            Ok(())
+                        } else {
+                            Err(stale_or_missing(conn, c.lease.id))
+                        })
+                    })
+                    .collect()
+            })
+            .await
     }
 
     async fn read<T, F>(&self, context: &'static str, f: F) -> Result<T, StoreError>
@@ -681,37 +735,7 @@ impl Store for SqliteStore {
         &self,
         completions: Vec<Completion>,
     ) -> Result<Vec<Result<(), StoreError>>, StoreError> {
-        let clock = Arc::clone(&self.clock);
-        self.writer
-            .write("completing jobs", move |conn| {
-                let now = clock.now();
-                let mut stmt = conn
-                    .prepare_cached(
-                        "UPDATE jobs SET state = 'completed', result = ?1, finished_at = ?2,
-                                lease_token = NULL, lease_expires_at = NULL
-                         WHERE id = ?3 AND lease_token = ?4 AND state = 'running'",
-                    )
-                    .map_err(|e| map_err("completing jobs", &e))?;
-                completions
-                    .iter()
-                    .map(|c| {
-                        let n = stmt
-                            .execute(params![
-                                c.result.as_ref().map(|r| r.get()),
-                                micros(now),
-                                c.lease.id.as_bytes(),
-                                c.lease.token.as_uuid().as_bytes()
-                            ])
-                            .map_err(|e| map_err("completing jobs", &e))?;
-                        Ok(if n == 1 {
-                            Ok(())
-                        } else {
-                            Err(stale_or_missing(conn, c.lease.id))
-                        })
-                    })
-                    .collect()
-            })
-            .await
+        crate::complete_checked(completions, |c| self.write_completions(c)).await
     }
 
     async fn fail(&self, p: FailParams) -> Result<Job, StoreError> {
@@ -944,15 +968,26 @@ impl Store for SqliteStore {
             .await
     }
 
-    async fn queue_stats(&self) -> Result<Vec<QueueStats>, StoreError> {
-        self.read("reading queue statistics", |conn| {
-            let rows: Vec<(String, String, i64)> = conn
-                .prepare_cached("SELECT queue, state, count(*) FROM jobs GROUP BY queue, state")
-                .and_then(|mut s| {
-                    s.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
-                        .collect()
-                })
-                .map_err(|e| map_err("reading queue statistics", &e))?;
+    async fn queue_stats(&self, tenant: Option<TenantId>) -> Result<Vec<QueueStats>, StoreError> {
+        self.read("reading queue statistics", move |conn| {
+            let rows: Vec<(String, String, i64)> = match &tenant {
+                None => conn
+                    .prepare_cached("SELECT queue, state, count(*) FROM jobs GROUP BY queue, state")
+                    .and_then(|mut s| {
+                        s.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+                            .collect()
+                    }),
+                Some(t) => conn
+                    .prepare_cached(
+                        "SELECT queue, state, count(*) FROM jobs WHERE tenant = ?1 \
+                         GROUP BY queue, state",
+                    )
+                    .and_then(|mut s| {
+                        s.query_map([t.as_str()], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+                            .collect()
+                    }),
+            }
+            .map_err(|e| map_err("reading queue statistics", &e))?;
             let paused: Vec<(String, bool)> = conn
                 .prepare_cached("SELECT name, paused FROM queues")
                 .and_then(|mut s| s.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?.collect())
@@ -965,7 +1000,14 @@ impl Store for SqliteStore {
                 by_queue.entry(queue).or_default().1.add(state, n as u64);
             }
             for (queue, p) in paused {
-                by_queue.entry(queue).or_default().0 = p;
+                // A tenant sees the flag of the queues its jobs are in, no others.
+                match by_queue.get_mut(&queue) {
+                    Some(entry) => entry.0 = p,
+                    None if tenant.is_none() => {
+                        by_queue.entry(queue).or_default().0 = p;
+                    }
+                    None => {}
+                }
             }
             by_queue
                 .into_iter()

@@ -591,7 +591,7 @@ pub async fn lease_exclusivity_under_concurrency(h: &Harness) {
     assert_eq!(count.len(), JOBS, "every job was leased");
     let dups: Vec<_> = count.iter().filter(|(_, n)| **n > 1).collect();
     assert!(dups.is_empty(), "jobs leased more than once: {dups:?}");
-    let stats = h.store.queue_stats().await.unwrap();
+    let stats = h.store.queue_stats(None).await.unwrap();
     assert_eq!(stats.len(), 1);
     assert_eq!(stats[0].counts.completed, JOBS as u64);
     assert_eq!(stats[0].counts.total(), JOBS as u64);
@@ -1219,7 +1219,7 @@ pub async fn queue_stats_match_rows(h: &Harness) {
             let _ = j;
         }
     }
-    let stats = h.store.queue_stats().await.unwrap();
+    let stats = h.store.queue_stats(None).await.unwrap();
     let mut want: BTreeMap<String, StateCounts> = BTreeMap::new();
     let mut after = None;
     loop {
@@ -1272,13 +1272,13 @@ pub async fn paused_queues_are_not_leased(h: &Harness) {
         1,
         "other queues are unaffected"
     );
-    let stats = h.store.queue_stats().await.unwrap();
+    let stats = h.store.queue_stats(None).await.unwrap();
     let paused: Vec<(&str, bool)> = stats.iter().map(|s| (s.queue.as_str(), s.paused)).collect();
     assert_eq!(paused, [("empty", true), ("free", false), ("held", true)]);
     assert_eq!(stats[2].counts.available, 1);
     h.store.set_queue_paused(q("held"), false).await.unwrap();
     assert_eq!(lease_one(h, "held").await.0.id, j.id);
-    let stats = h.store.queue_stats().await.unwrap();
+    let stats = h.store.queue_stats(None).await.unwrap();
     assert!(
         stats
             .iter()

@@ -187,9 +187,9 @@ impl<I: Interceptor> Store for Intercepted<I> {
         self.interceptor.before(Op::DeleteFinished).await?;
         self.inner.delete_finished(params).await
     }
-    async fn queue_stats(&self) -> Result<Vec<QueueStats>, StoreError> {
+    async fn queue_stats(&self, tenant: Option<TenantId>) -> Result<Vec<QueueStats>, StoreError> {
         self.interceptor.before(Op::QueueStats).await?;
-        self.inner.queue_stats().await
+        self.inner.queue_stats(tenant).await
     }
     async fn insert_idempotent(
         &self,
