@@ -90,7 +90,7 @@ impl Store for InstantStore {
     async fn delete_finished(&self, _: RetentionParams) -> Result<u64, StoreError> {
         unused()
     }
-    async fn queue_stats(&self) -> Result<Vec<QueueStats>, StoreError> {
+    async fn queue_stats(&self, _: Option<TenantId>) -> Result<Vec<QueueStats>, StoreError> {
         unused()
     }
     async fn insert_idempotent(

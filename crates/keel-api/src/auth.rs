@@ -2,9 +2,12 @@
 //!
 //! With keys configured, every `/v1` request must present `Authorization: Bearer <key>`.
 //! The key is hashed and compared with the configured digests in constant time; the
-//! plaintext is neither stored nor logged. The key's tenant then scopes the request: a
-//! body naming another tenant is refused (`403`), and another tenant's jobs are invisible
-//! (`404`, so their existence is not revealed).
+//! plaintext is neither stored nor logged. A tenant key's tenant then scopes the request: a
+//! body naming another tenant is refused (`403`), another tenant's jobs are invisible
+//! (`404`, so their existence is not revealed), the queue listing counts only its own jobs,
+//! and queues (shared by every tenant) cannot be paused or resumed (`403`). An operator key
+//! ([`Role::Operator`]) may do all of that for any tenant, as every caller may when
+//! authentication is off (loopback only, G8). docs/security.md tells the whole model.
 
 use axum::extract::{FromRequestParts, Request, State};
 use axum::http::request::Parts;
@@ -14,38 +17,55 @@ use axum::response::{IntoResponse, Response};
 use keel_core::TenantId;
 use keel_resilience::{Dependency, RequestScope, Step};
 
-use crate::config::{digests_equal, hash_api_key};
+use crate::config::{Role, digests_equal, hash_api_key};
 use crate::error::ApiError;
 use crate::state::ApiState;
 
-/// Who is calling: the tenant their API key acts for, or nobody in particular when
-/// authentication is off (then any tenant may be named).
+/// Who is calling: the tenant their API key acts for and whether it may act for others
+/// (an operator key, or anyone when authentication is off).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Caller {
-    tenant: Option<TenantId>,
+    /// The key's own tenant (`None` when authentication is off).
+    own: Option<TenantId>,
+    /// Whether every tenant's jobs and the shared queues are the caller's business.
+    operator: bool,
 }
 
 impl Caller {
-    /// A caller bound to `tenant`.
+    /// A caller bound to `tenant` (a tenant key).
     pub fn tenant(tenant: TenantId) -> Self {
         Self {
-            tenant: Some(tenant),
+            own: Some(tenant),
+            operator: false,
         }
     }
 
-    /// A caller with no tenant restriction (authentication disabled).
-    pub fn unrestricted() -> Self {
-        Self { tenant: None }
+    /// An operator key of `tenant`: acts for `tenant` unless a request names another.
+    pub fn operator(tenant: TenantId) -> Self {
+        Self {
+            own: Some(tenant),
+            operator: true,
+        }
     }
 
-    /// The tenant a request acts for: the one it names, which must be the caller's own, or
-    /// else the caller's (or `default` when unrestricted).
+    /// A caller with no restriction at all (authentication disabled).
+    pub fn unrestricted() -> Self {
+        Self {
+            own: None,
+            operator: true,
+        }
+    }
+
+    /// The tenant a request acts for: the one it names (a tenant key may only name its
+    /// own), or else the caller's own (or `default` when authentication is off).
     pub fn tenant_for(&self, named: Option<TenantId>) -> Result<TenantId, ApiError> {
-        match (&self.tenant, named) {
-            (Some(own), Some(named)) if *own != named => Err(ApiError::Forbidden(format!(
-                "this API key may not act for tenant {:?}",
-                named.as_str()
-            ))),
+        match (&self.own, named) {
+            (Some(own), Some(named)) if !self.operator && *own != named => {
+                Err(ApiError::Forbidden(format!(
+                    "this API key may not act for tenant {:?}",
+                    named.as_str()
+                )))
+            }
             (_, Some(named)) => Ok(named),
             (Some(own), None) => Ok(own.clone()),
             (None, None) => Ok(TenantId::default()),
@@ -54,12 +74,29 @@ impl Caller {
 
     /// Whether the caller may see a job of `tenant`.
     pub fn may_see(&self, tenant: &TenantId) -> bool {
-        self.tenant.as_ref().is_none_or(|own| own == tenant)
+        self.scope().is_none_or(|own| own == tenant)
     }
 
-    /// The tenant every read must be filtered to, if any.
+    /// The tenant every read must be filtered to, if any (none for an operator).
     pub fn scope(&self) -> Option<&TenantId> {
-        self.tenant.as_ref()
+        if self.operator {
+            None
+        } else {
+            self.own.as_ref()
+        }
+    }
+
+    /// Refuses (`403`) unless the caller may pause and resume queues: every tenant's jobs
+    /// share a queue, so stopping one is an operator's decision, never a tenant's.
+    pub fn require_operator(&self, doing: &str) -> Result<(), ApiError> {
+        if self.operator {
+            Ok(())
+        } else {
+            Err(ApiError::Forbidden(format!(
+                "{doing} affects every tenant's jobs in it: it needs an operator key \
+                 (KEEL_API_KEYS entry ending in :operator)"
+            )))
+        }
     }
 }
 
@@ -122,16 +159,19 @@ pub(crate) async fn authenticate(
         };
         let digest = hash_api_key(token);
         // Compare with every key, without stopping at the first match.
-        let mut tenant = None;
+        let mut found = None;
         for key in keys {
-            if digests_equal(&digest, &key.sha256) && tenant.is_none() {
-                tenant = Some(key.tenant.clone());
+            if digests_equal(&digest, &key.sha256) && found.is_none() {
+                found = Some((key.tenant.clone(), key.role));
             }
         }
-        match tenant {
-            Some(t) => {
+        match found {
+            Some((tenant, role)) => {
                 req.extensions_mut().insert(KeyDigest(digest));
-                Caller::tenant(t)
+                match role {
+                    Role::Tenant => Caller::tenant(tenant),
+                    Role::Operator => Caller::operator(tenant),
+                }
             }
             None => return ApiError::Unauthorized.into_response(),
         }
@@ -177,8 +217,14 @@ mod tests {
             Err(ApiError::Forbidden(_))
         ));
         assert!(c.may_see(&acme) && !c.may_see(&other));
+        assert!(c.require_operator("pausing a queue").is_err());
         let open = Caller::unrestricted();
         assert_eq!(open.tenant_for(None).unwrap(), TenantId::default());
         assert!(open.may_see(&other));
+        let ops = Caller::operator(acme.clone());
+        assert_eq!(ops.tenant_for(None).unwrap(), acme);
+        assert_eq!(ops.tenant_for(Some(other.clone())).unwrap(), other);
+        assert!(ops.may_see(&other) && ops.scope().is_none());
+        assert!(ops.require_operator("pausing a queue").is_ok());
     }
 }

@@ -77,23 +77,64 @@ impl Default for ApiConfig {
     }
 }
 
-/// One accepted API key: the SHA-256 digest of the key and the tenant it acts for. Only the
-/// digest is kept, so a memory dump, a config echo or a log line cannot reveal a usable key.
+/// What a key may do beyond its tenant's own jobs (docs/security.md).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Role {
+    /// Acts for its tenant only: its jobs, its schedules, its own counts in the queue
+    /// listing. Queues are shared by every tenant, so it may not pause or resume one.
+    #[default]
+    Tenant,
+    /// Runs the service: acts for any tenant it names (its own by default), sees every
+    /// tenant's jobs and counts, and pauses and resumes queues.
+    Operator,
+}
+
+impl Role {
+    /// `tenant` or `operator`, as written after the digest in `KEEL_API_KEYS`.
+    pub fn parse(s: &str) -> Result<Self, String> {
+        match s {
+            "tenant" => Ok(Role::Tenant),
+            "operator" => Ok(Role::Operator),
+            other => Err(format!("{other:?} is not a role (tenant or operator)")),
+        }
+    }
+
+    /// The name `parse` reads.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Tenant => "tenant",
+            Role::Operator => "operator",
+        }
+    }
+}
+
+/// One accepted API key: the SHA-256 digest of the key, the tenant it acts for and its
+/// role. Only the digest is kept, so a memory dump, a config echo or a log line cannot
+/// reveal a usable key.
 #[derive(Clone, PartialEq, Eq)]
 pub struct ApiKey {
-    /// Every request made with this key acts for this tenant, and only this tenant.
+    /// Requests made with this key act for this tenant (an operator key may name another).
     pub tenant: TenantId,
     /// SHA-256 of the key as the client sends it (see [`hash_api_key`]).
     pub sha256: [u8; 32],
+    /// What the key may do beyond its tenant's jobs.
+    pub role: Role,
 }
 
 impl ApiKey {
-    /// The key for `tenant` whose plaintext is `key` (hashed at once, never kept).
+    /// The tenant key for `tenant` whose plaintext is `key` (hashed at once, never kept).
     pub fn new(tenant: TenantId, key: &str) -> Self {
         Self {
             tenant,
             sha256: hash_api_key(key),
+            role: Role::Tenant,
         }
+    }
+
+    /// The same key with `role`.
+    pub fn with_role(mut self, role: Role) -> Self {
+        self.role = role;
+        self
     }
 }
 
@@ -102,6 +143,7 @@ impl fmt::Debug for ApiKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ApiKey")
             .field("tenant", &self.tenant)
+            .field("role", &self.role)
             .finish_non_exhaustive()
     }
 }

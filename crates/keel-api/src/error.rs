@@ -103,6 +103,10 @@ pub enum ApiError {
     /// The body is well-formed JSON but invalid; every field error is listed.
     #[error("the request is invalid")]
     Validation(Vec<FieldError>),
+    /// The request is well-formed but cannot be acted on as a whole (the database refused a
+    /// value; a job that cannot start before the deadline it would be waited for).
+    #[error("{0}")]
+    Unprocessable(String),
     /// A bug or a permanent failure. The client sees only "internal error"; the cause is
     /// logged once, with the request id.
     #[error("internal error")]
@@ -187,6 +191,11 @@ impl ShedReason {
 
 fn deadline_detail(step: Option<Step>) -> String {
     match step {
+        Some(Step::ReadBody) => {
+            "the request body did not arrive before the request deadline (sent too slowly, or \
+             shorter than its Content-Length)"
+                .to_owned()
+        }
         Some(step) => format!("deadline exceeded while {}", step.doing()),
         None => "deadline exceeded".to_owned(),
     }
@@ -226,8 +235,14 @@ impl ApiError {
                 (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported-media-type")
             }
             ApiError::Validation(_) => (StatusCode::UNPROCESSABLE_ENTITY, "validation"),
+            ApiError::Unprocessable(_) => (StatusCode::UNPROCESSABLE_ENTITY, "unprocessable"),
             ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
             ApiError::Unavailable { .. } => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+            // The client did not send its body in time: its slowness, not ours.
+            ApiError::DeadlineExceeded {
+                step: Some(Step::ReadBody),
+                ..
+            } => (StatusCode::REQUEST_TIMEOUT, "request-timeout"),
             ApiError::DeadlineExceeded { .. } => (StatusCode::GATEWAY_TIMEOUT, "deadline-exceeded"),
             ApiError::Overloaded { .. } => (StatusCode::SERVICE_UNAVAILABLE, "overloaded"),
             ApiError::RateLimited { .. } => (StatusCode::TOO_MANY_REQUESTS, "rate-limited"),
@@ -442,6 +457,11 @@ impl ApiError {
                 job_id: Some(*id),
             },
             StoreError::Invalid { errors, .. } => ApiError::Validation(errors.0.clone()),
+            // The database's (or the store's) own words about the value, which name no
+            // internals beyond the problem with the data.
+            StoreError::Rejected { source, .. } => ApiError::Unprocessable(format!(
+                "a value in the request cannot be stored: {source}"
+            )),
             StoreError::Transient { .. } => ApiError::Unavailable {
                 detail: "the database is temporarily unavailable; retry shortly".to_owned(),
                 retry_after_secs: 1,

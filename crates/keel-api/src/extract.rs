@@ -8,6 +8,8 @@ use axum::http::{HeaderMap, HeaderName, header};
 use keel_core::store::ListParams;
 use keel_core::{FieldError, IdempotencyKey, JobId, QueueName, ScheduleName};
 
+use keel_resilience::{RequestScope, Step};
+
 use crate::error::ApiError;
 use crate::state::ApiState;
 
@@ -165,6 +167,8 @@ impl FromRequest<ApiState> for JsonBody {
     async fn from_request(req: Request, state: &ApiState) -> Result<Self, Self::Rejection> {
         let json = is_json(req.headers());
         let limit = state.config.max_body_bytes;
+        // A body that does not arrive in time is the client's doing: `408`, not `504`.
+        RequestScope::enter_current(Step::ReadBody);
         let body = Bytes::from_request(req, state)
             .await
             .map_err(|e| match ApiError::from(e) {
@@ -173,6 +177,7 @@ impl FromRequest<ApiState> for JsonBody {
                 }
                 other => other,
             })?;
+        RequestScope::enter_current(Step::Validate);
         if body.is_empty() {
             return Err(ApiError::BadRequest(
                 "the request body is empty; expected a JSON object".to_owned(),

@@ -477,7 +477,10 @@ mod tests {
         async fn delete_finished(&self, _: RetentionParams) -> Result<u64, StoreError> {
             unused()
         }
-        async fn queue_stats(&self) -> Result<Vec<QueueStats>, StoreError> {
+        async fn queue_stats(
+            &self,
+            _: Option<keel_core::TenantId>,
+        ) -> Result<Vec<QueueStats>, StoreError> {
             unused()
         }
         async fn insert_idempotent(

@@ -22,6 +22,8 @@ use serde::de::{DeserializeOwned, MapAccess, Visitor};
 use serde::{Deserialize, Deserializer};
 use serde_json::value::RawValue;
 
+use keel_runtime::Catalog;
+
 use crate::auth::Caller;
 use crate::error::ApiError;
 
@@ -296,6 +298,9 @@ fn within_horizon(now: Timestamp, t: Timestamp) -> bool {
 pub(crate) struct JobContext<'a> {
     /// Who is calling: decides the tenant, and refuses another.
     pub(crate) caller: &'a Caller,
+    /// What runs here: a job on a queue served here must have a kind with a handler and
+    /// args that handler accepts.
+    pub(crate) catalog: &'a Catalog,
     /// The cap on `args`.
     pub(crate) max_args_bytes: usize,
     /// "Now", for `delay_ms`.
@@ -488,6 +493,20 @@ fn read_job(
             errs.add(field, e.message);
         }
     }
+    // Whether it can ever run here: only once its kind and args are otherwise fine, so a
+    // field is reported once.
+    let named = |f: &str| {
+        let path = format!("{}{f}", errs.prefix);
+        errs.list.iter().any(|e| e.field == path)
+    };
+    if kind_given
+        && !named("kind")
+        && !named("args")
+        && !named("queue")
+        && let Err(e) = cx.catalog.check(&job.queue, &job.kind, &job.args)
+    {
+        errs.add(&e.field, e.message);
+    }
     let tenant = cx
         .caller
         .tenant_for(tenant)
@@ -613,9 +632,12 @@ pub(crate) fn parse_template(
 mod tests {
     use super::*;
 
+    static NO_CATALOG: std::sync::LazyLock<Catalog> = std::sync::LazyLock::new(Catalog::default);
+
     fn cx(caller: &Caller) -> JobContext<'_> {
         JobContext {
             caller,
+            catalog: &NO_CATALOG,
             max_args_bytes: 64,
             now: Utc::now(),
         }

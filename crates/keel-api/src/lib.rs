@@ -10,7 +10,7 @@
 //!
 //! It depends on keel-core, keel-resilience (the request scope, the adaptive limit, chaos),
 //! keel-diag (profilers and dumps, no HTTP) and keel-runtime's [`keel_runtime::RuntimeHandle`], never on a store implementation: the binary hands it an `Arc<dyn Store>` inside [`ApiState`] and
-//! serves [`router`].
+//! serves [`router`] with [`listener::serve`] (connection cap, header and idle timeouts).
 
 #![warn(missing_docs)]
 
@@ -21,6 +21,7 @@ pub mod config;
 pub mod dto;
 pub mod error;
 pub mod job_cache;
+pub mod listener;
 pub mod middleware;
 pub mod openapi;
 pub mod rate_limit;
@@ -31,11 +32,12 @@ mod routes;
 mod schedule_in;
 
 pub use admission::{Admission, Backlog};
-pub use config::{ApiConfig, ApiKey, hash_api_key};
+pub use config::{ApiConfig, ApiKey, Role, hash_api_key};
 pub use error::{ApiError, Problem, ShedReason};
 pub use extract::IDEMPOTENCY_KEY;
 pub use job_cache::{JobCache, JobCacheConfig};
 pub use job_in::{MAX_BATCH, MAX_DELAY_MS};
+pub use listener::ConnectionLimits;
 pub use rate_limit::{Rate, RateLimitConfig, RateLimits};
 pub use routes::jobs::{DEFAULT_LIST_LIMIT, IDEMPOTENT_REPLAYED, UNIQUE_CONFLICT};
 pub use routes::schedules::DEFAULT_SCHEDULE_LIST_LIMIT;

@@ -152,9 +152,13 @@ mod tests {
     use super::*;
     use crate::auth::Caller;
 
+    static NO_CATALOG: std::sync::LazyLock<keel_runtime::Catalog> =
+        std::sync::LazyLock::new(keel_runtime::Catalog::default);
+
     fn cx(caller: &Caller) -> JobContext<'_> {
         JobContext {
             caller,
+            catalog: &NO_CATALOG,
             max_args_bytes: 1024,
             now: chrono::Utc::now(),
         }

@@ -38,6 +38,10 @@ pub enum Step {
     Store = 4,
     /// Waiting on purpose for a job to finish (`POST /v1/process`).
     WaitJob = 5,
+    /// Receiving the request body. A deadline that passes here is the client's slowness
+    /// (a trickled body, or fewer bytes than its `Content-Length`), not the server's: the
+    /// API answers `408`, not `504`.
+    ReadBody = 6,
 }
 
 impl Step {
@@ -48,6 +52,7 @@ impl Step {
             3 => Step::Validate,
             4 => Step::Store,
             5 => Step::WaitJob,
+            6 => Step::ReadBody,
             _ => Step::Received,
         }
     }
@@ -61,6 +66,7 @@ impl Step {
             Step::Validate => "validate",
             Step::Store => "store",
             Step::WaitJob => "wait_job",
+            Step::ReadBody => "read_body",
         }
     }
 
@@ -73,6 +79,7 @@ impl Step {
             Step::Validate => "reading and validating the request",
             Step::Store => "waiting for the database",
             Step::WaitJob => "waiting for the job to finish",
+            Step::ReadBody => "receiving the request body",
         }
     }
 }

@@ -278,8 +278,8 @@ impl Store for GuardedStore {
         self.write(self.inner.delete_finished(params)).await
     }
 
-    async fn queue_stats(&self) -> Result<Vec<QueueStats>, StoreError> {
-        self.read(|| self.inner.queue_stats()).await
+    async fn queue_stats(&self, tenant: Option<TenantId>) -> Result<Vec<QueueStats>, StoreError> {
+        self.read(|| self.inner.queue_stats(tenant.clone())).await
     }
 
     async fn insert_idempotent(
@@ -527,7 +527,7 @@ mod tests {
         }
         let scope = RequestScope::new(Instant::now() + Duration::from_millis(50));
         let seen = scope.clone();
-        let e = scope.run(store.queue_stats()).await.unwrap_err();
+        let e = scope.run(store.queue_stats(None)).await.unwrap_err();
         // Refused at the caller's deadline, while the slot was still held: not after it.
         assert!(matches!(e, StoreError::Unavailable { .. }), "{e:?}");
         assert!(!slow.is_finished(), "refused only once the slot was free");

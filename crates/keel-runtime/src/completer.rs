@@ -205,7 +205,7 @@ mod tests {
             }
         }
         assert_eq!(stale, 1, "only the forged token is refused");
-        let stats = store.queue_stats().await.unwrap();
+        let stats = store.queue_stats(None).await.unwrap();
         assert_eq!(stats[0].counts.completed, 299);
         assert_eq!(stats[0].counts.get(JobState::Running), 1);
         stop.cancel();

@@ -13,6 +13,8 @@ use keel_core::{Job, JobId, JobState, QueueName};
 use tokio::sync::{Notify, broadcast, watch};
 use tokio_util::sync::CancellationToken;
 
+use crate::catalog::Catalog;
+
 /// A job changed state. Carries no payload: a subscriber that cares reads the job.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct JobEvent {
@@ -220,6 +222,9 @@ pub struct RuntimeHandle {
     /// Whether this replica is the maintenance leader (for readiness reports, the API and
     /// tests).
     pub leadership: LeaderWatch,
+    /// What runs here: served queues, handled kinds and their args checks, metric labels.
+    /// Empty (serves nothing, accepts every job) until [`RuntimeHandle::with_catalog`].
+    pub catalog: Catalog,
 }
 
 impl RuntimeHandle {
@@ -230,7 +235,15 @@ impl RuntimeHandle {
             wakeups: Wakeups::new(queues),
             running: RunningJobs::default(),
             leadership: LeaderWatch::default(),
+            catalog: Catalog::default(),
         }
+    }
+
+    /// The same handle with the catalog of what this process runs: set it once the
+    /// handlers are all registered, before the runtime and the API are started with it.
+    pub fn with_catalog(mut self, catalog: Catalog) -> Self {
+        self.catalog = catalog;
+        self
     }
 }
 

@@ -35,6 +35,15 @@ pub trait Handler: Send + Sync + 'static {
     /// outcome will be discarded or the job released, so return promptly. A handler that
     /// ignores it is aborted a little later at its next `.await`.
     async fn run(&self, ctx: JobContext) -> Result<Option<Box<RawValue>>, JobError>;
+
+    /// Checks a job's args when the job is enqueued, so that a job this handler could never
+    /// run is refused at once (a `422` naming the problem) rather than failing every
+    /// attempt hours later. Must be cheap and touch no network: it runs inside the enqueue
+    /// request. The default accepts any args.
+    fn check_args(&self, args: &RawValue) -> Result<(), String> {
+        let _ = args;
+        Ok(())
+    }
 }
 
 /// What a handler is given for one attempt.

@@ -15,11 +15,13 @@
 //! - [`Handler`], [`JobContext`], [`JobError`], [`Handlers`]: the Rust handler API, and the
 //!   registry that maps job kinds to handlers (the built-ins live in [`executors`]).
 //! - [`RuntimeHandle`] is what the API holds: wakeups, cancellation of running jobs, job
-//!   state events, and whether this replica leads ([`LeaderWatch`]).
+//!   state events, whether this replica leads ([`LeaderWatch`]), and the [`Catalog`] of
+//!   what runs here (served queues, handled kinds, bounded metric labels).
 //! - [`telemetry`]: the metrics the runtime records.
 
 #![warn(missing_docs)]
 
+pub mod catalog;
 pub mod config;
 pub mod executors;
 pub mod handle;
@@ -36,6 +38,7 @@ mod maintenance;
 mod runtime;
 mod worker;
 
+pub use catalog::Catalog;
 pub use config::{
     HostRateLimit, InvalidConfig, MaintenanceConfig, QueueConfig, RuntimeConfig, SigningSecret,
     WebhookConfig,

@@ -75,7 +75,7 @@ pub(crate) async fn pass(shared: &Shared, stop: &CancellationToken) {
                 let mut total = 0;
                 for p in &promoted {
                     total += p.count;
-                    telemetry::promoted(&p.queue, p.count);
+                    telemetry::promoted(shared.handle.catalog.queue_label(&p.queue), p.count);
                     shared.wake(&p.queue);
                 }
                 if !full(total) || stop.is_cancelled() {
@@ -94,7 +94,7 @@ pub(crate) async fn pass(shared: &Shared, stop: &CancellationToken) {
         match shared.store.rescue(RescueParams { limit: batch }).await {
             Ok(rescued) => {
                 for r in &rescued {
-                    telemetry::rescued(&r.queue, r.state);
+                    telemetry::rescued(shared.handle.catalog.queue_label(&r.queue), r.state);
                     tracing::warn!(
                         job_id = %r.id,
                         queue = %r.queue,

@@ -1,9 +1,9 @@
 //! The runtime's metrics: names, label sets and descriptions in one place, so dashboards
 //! and the code cannot drift apart.
 //!
-//! Labels come from bounded sets only: `queue` (configured queues), `kind` (registered job
-//! kinds; a job of an unknown kind is labelled `unknown`), `outcome` ([`Outcome`]) and
-//! `step`. Never ids or error strings (§6).
+//! Labels come from bounded sets only: `queue` (the queues served here, and `other` for the
+//! rest; see [`crate::Catalog`]), `kind` (registered job kinds; any other kind is labelled
+//! `other`), `outcome` ([`Outcome`]) and `step`. Never ids or error strings (§6).
 //!
 //! The binary installs the Prometheus recorder; without one, every macro here is a no-op.
 
@@ -209,15 +209,18 @@ pub(crate) fn store_error(op: &'static str) {
     counter!(STORE_ERRORS, "op" => op).increment(1);
 }
 
-pub(crate) fn promoted(queue: &QueueName, n: u64) {
-    counter!(MAINTENANCE_PROMOTED, "queue" => queue.to_string()).increment(n);
+/// `queue` is a label from the catalog: promotion and rescue touch every queue in the
+/// database, not only the ones served here.
+pub(crate) fn promoted(queue: &str, n: u64) {
+    counter!(MAINTENANCE_PROMOTED, "queue" => queue.to_owned()).increment(n);
 }
 
-pub(crate) fn rescued(queue: &QueueName, state: keel_core::JobState) {
-    counter!(MAINTENANCE_RESCUED, "queue" => queue.to_string(), "state" => state.as_str())
+/// `queue` is a label from the catalog, as for [`promoted`].
+pub(crate) fn rescued(queue: &str, state: keel_core::JobState) {
+    counter!(MAINTENANCE_RESCUED, "queue" => queue.to_owned(), "state" => state.as_str())
         .increment(1);
     if !state.is_finished() {
-        counter!(DUPLICATE_RUNS, "queue" => queue.to_string()).increment(1);
+        counter!(DUPLICATE_RUNS, "queue" => queue.to_owned()).increment(1);
     }
 }
 
@@ -256,12 +259,13 @@ pub(crate) fn webhook_hosts_tracked(n: usize) {
 }
 
 /// The `kind` label for a job: its kind when a handler is registered for it, otherwise
-/// `unknown`, so kinds submitted by clients cannot grow the label set without bound.
+/// [`crate::catalog::OTHER`], so kinds submitted by clients cannot grow the label set
+/// without bound.
 pub(crate) fn kind_label(kind: &JobKind, registered: bool) -> String {
     if registered {
         kind.to_string()
     } else {
-        "unknown".to_owned()
+        crate::catalog::OTHER.to_owned()
     }
 }
 

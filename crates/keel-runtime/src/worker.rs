@@ -199,7 +199,18 @@ async fn execute(shared: &Shared, job: Job, token: &CancellationToken, cause: &C
 
 fn verdict_of(joined: Result<Result<Option<Box<RawValue>>, JobError>, JoinError>) -> Verdict {
     match joined {
-        Ok(Ok(result)) => Verdict::Complete(result),
+        // A result is stored as sent and read back by every client: it meets the same rules
+        // as a client's args (depth, Unicode), or the attempt fails saying why. Permanent:
+        // the same code would produce the same result again.
+        Ok(Ok(result)) => match result
+            .as_deref()
+            .map(|r| keel_core::json_text::check(r.get()))
+        {
+            Some(Err(e)) => Verdict::Fail(JobError::permanent(format!(
+                "the handler's result was refused: it {e}"
+            ))),
+            _ => Verdict::Complete(result),
+        },
         Ok(Err(e)) => Verdict::Fail(e),
         Err(e) if e.is_panic() => {
             let payload = e.into_panic();

@@ -10,12 +10,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use keel_api::{ApiConfig, ApiState, JobCacheConfig, RateLimitConfig, Readiness};
+use keel_api::{ApiConfig, ApiState, ConnectionLimits, JobCacheConfig, RateLimitConfig, Readiness};
+use keel_core::store::StateCounts;
 use keel_core::{JobKind, JobState, Store, SystemClock};
 use keel_diag::gauges::ProcessGauges;
 use keel_resilience::{Chaos, ChaosSettings, CircuitBreaker, GuardedStore, StoreGuardConfig};
 use keel_runtime::{
-    Handler, Handlers, MaintenanceConfig, Runtime, RuntimeConfig, RuntimeHandle, WebhookConfig,
+    Catalog, Handler, Handlers, MaintenanceConfig, Runtime, RuntimeConfig, RuntimeHandle,
+    WebhookConfig,
 };
 use keel_store::{PgOptions, SqliteOptions};
 use metrics_exporter_prometheus::PrometheusHandle;
@@ -190,6 +192,12 @@ impl App {
             Some(l) => Some(l.local_addr().context("reading the admin address")?),
             None => None,
         };
+        // Every handler is registered by now: the catalog of what runs here is final.
+        let handle = handle.with_catalog(Catalog::new(
+            config.queues.iter().map(|q| q.name.clone()),
+            &handlers,
+        ));
+        let catalog = handle.catalog.clone();
         let root = CancellationToken::new();
         let runtime = Runtime::start(
             Arc::clone(&store),
@@ -215,14 +223,17 @@ impl App {
         let cache_events =
             tokio::spawn(api_state.follow_job_events(root.child_token().cancelled_owned()));
         let http_stop = root.child_token();
-        let api = tokio::spawn(
-            axum::serve(
-                api_listener,
-                keel_api::router(api_state).into_make_service(),
-            )
-            .with_graceful_shutdown(http_stop.clone().cancelled_owned())
-            .into_future(),
-        );
+        let api = tokio::spawn(keel_api::listener::serve(
+            api_listener,
+            keel_api::router(api_state),
+            ConnectionLimits {
+                header_read_timeout: config.header_read_timeout,
+                idle_timeout: config.idle_timeout,
+                max_connections: config.max_connections,
+                ..ConnectionLimits::default()
+            },
+            http_stop.clone().cancelled_owned(),
+        ));
         let admin = match admin_listener {
             Some(listener) => {
                 let router = keel_api::admin::router(keel_api::admin::AdminState {
@@ -243,6 +254,7 @@ impl App {
             Arc::clone(&store),
             metrics,
             protection,
+            catalog,
             root.child_token(),
         ));
         tracing::info!(
@@ -275,8 +287,7 @@ impl App {
         http_stop.cancel();
         tracing::info!("API listener closed; in-flight requests finishing");
         match tokio::time::timeout_at(deadline, api).await {
-            Ok(Ok(Ok(()))) => tracing::info!("API drained: in-flight requests finished"),
-            Ok(Ok(Err(e))) => tracing::error!(error = %e, "API server failed while draining"),
+            Ok(Ok(())) => tracing::info!("API drained: in-flight requests finished"),
             Ok(Err(e)) => tracing::error!(error = %e, "API server task failed"),
             Err(_) => tracing::warn!("in-flight requests did not finish within the grace period"),
         }
@@ -403,6 +414,7 @@ async fn refresh_gauges(
     store: Arc<dyn Store>,
     metrics: PrometheusHandle,
     protection: Protection,
+    catalog: Catalog,
     stop: CancellationToken,
 ) {
     let mut tick = tokio::time::interval(GAUGE_INTERVAL);
@@ -433,24 +445,39 @@ async fn refresh_gauges(
         ] {
             metrics::gauge!("keel_db_pool_connections", "state" => state).set(n as f64);
         }
-        match store.queue_stats().await {
+        match store.queue_stats(None).await {
             Ok(stats) => {
                 let backlog: u64 = stats
                     .iter()
                     .flat_map(|s| BACKLOG_STATES.iter().map(|st| s.counts.get(*st)))
                     .sum();
                 protection.admission.backlog().set(backlog);
-                for s in stats {
-                    for state in keel_core::JobState::ALL {
+                // Queues not served here are summed under `other`: any client can name a
+                // queue, so one series per name would be unbounded.
+                let mut by_label: std::collections::BTreeMap<&str, (StateCounts, bool)> =
+                    std::collections::BTreeMap::new();
+                by_label.entry(keel_runtime::catalog::OTHER).or_default();
+                for s in &stats {
+                    let entry = by_label.entry(catalog.queue_label(&s.queue)).or_default();
+                    for state in JobState::ALL {
+                        entry.0.add(state, s.counts.get(state));
+                    }
+                    entry.1 |= s.paused;
+                }
+                for (queue, (counts, paused)) in by_label {
+                    for state in JobState::ALL {
                         metrics::gauge!(
                             "keel_queue_depth",
-                            "queue" => s.queue.to_string(),
+                            "queue" => queue.to_owned(),
                             "state" => state.as_str()
                         )
-                        .set(s.counts.get(state) as f64);
+                        .set(counts.get(state) as f64);
                     }
-                    metrics::gauge!("keel_queue_paused", "queue" => s.queue.to_string())
-                        .set(if s.paused { 1.0 } else { 0.0 });
+                    // Paused or not is a property of one queue: not summed under `other`.
+                    if queue != keel_runtime::catalog::OTHER {
+                        metrics::gauge!("keel_queue_paused", "queue" => queue.to_owned())
+                            .set(if paused { 1.0 } else { 0.0 });
+                    }
                 }
             }
             Err(e) => tracing::warn!(error = %e, "could not refresh queue depth gauges"),

@@ -18,7 +18,7 @@ use std::time::Duration;
 use clap::Args;
 use keel_api::admin::AdminToken;
 use keel_api::rate_limit::parse_tenant_rates;
-use keel_api::{ApiKey, Rate};
+use keel_api::{ApiKey, Rate, Role};
 use keel_core::{QueueName, TenantId, WorkerId};
 use keel_resilience::{AdaptiveLimitConfig, ChaosSettings, StoreGuardConfig};
 use keel_runtime::{HostRateLimit, QueueConfig, SigningSecret};
@@ -72,6 +72,15 @@ pub struct ServeArgs {
     /// balancers stop routing here before the listener closes (part of the grace period).
     #[arg(long, env = "KEEL_SHUTDOWN_DELAY", value_name = "DURATION")]
     pub shutdown_delay: Option<String>,
+    /// Once a request's head starts arriving, all of it must within this (slowloris guard).
+    #[arg(long, env = "KEEL_HEADER_READ_TIMEOUT", value_name = "DURATION")]
+    pub header_read_timeout: Option<String>,
+    /// An API connection idle this long between requests is closed.
+    #[arg(long, env = "KEEL_IDLE_TIMEOUT", value_name = "DURATION")]
+    pub idle_timeout: Option<String>,
+    /// API connections served at once; more get an immediate 503.
+    #[arg(long, env = "KEEL_MAX_CONNECTIONS", value_name = "N")]
+    pub max_connections: Option<String>,
     /// Log format: json or pretty.
     #[arg(long, env = "KEEL_LOG_FORMAT", value_name = "FORMAT")]
     pub log_format: Option<String>,
@@ -105,7 +114,8 @@ pub struct ServeArgs {
     /// Largest accepted job args, bytes of JSON.
     #[arg(long, env = "KEEL_MAX_ARGS_BYTES", value_name = "BYTES")]
     pub max_args_bytes: Option<String>,
-    /// API keys as TENANT=SHA256HEX[,…] (hash a key with `keel hash-key`).
+    /// API keys as TENANT=SHA256HEX[:operator][,…] (hash a key with `keel hash-key`); an
+    /// operator key may act for any tenant and pause or resume queues.
     #[arg(long, env = "KEEL_API_KEYS", value_name = "LIST")]
     pub api_keys: Option<String>,
     /// Serve a non-loopback address without API keys (anyone who can connect can do anything).
@@ -231,6 +241,14 @@ pub struct Config {
     /// its listener closes (counted in the grace period).
     #[serde(with = "duration_text")]
     pub shutdown_delay: Duration,
+    /// From a request head's first byte to its last, at most.
+    #[serde(with = "duration_text")]
+    pub header_read_timeout: Duration,
+    /// Keep-alive idle timeout of API connections.
+    #[serde(with = "duration_text")]
+    pub idle_timeout: Duration,
+    /// Cap on API connections.
+    pub max_connections: usize,
     /// Log format.
     pub log_format: LogFormat,
     /// Log filter directives.
@@ -406,13 +424,19 @@ fn parse_queues(s: &str) -> Result<Vec<QueueConfig>, String> {
     Ok(out)
 }
 
+/// `TENANT=SHA256HEX[:ROLE],…`: each key's tenant, digest and role (`tenant` by default,
+/// or `operator`).
 fn parse_api_keys(s: &str) -> Result<Vec<ApiKey>, String> {
     let mut out = Vec::new();
     for item in s.split(',').map(str::trim).filter(|i| !i.is_empty()) {
-        let (tenant, hex_digest) = item.split_once('=').ok_or_else(|| {
-            "each entry must be TENANT=SHA256HEX (see `keel hash-key`)".to_owned()
+        let (tenant, rest) = item.split_once('=').ok_or_else(|| {
+            "each entry must be TENANT=SHA256HEX[:operator] (see `keel hash-key`)".to_owned()
         })?;
         let tenant = TenantId::parse(tenant).map_err(|e| e.to_string())?;
+        let (hex_digest, role) = match rest.split_once(':') {
+            Some((digest, role)) => (digest, Role::parse(role)?),
+            None => (rest, Role::Tenant),
+        };
         let bytes = hex::decode(hex_digest)
             .ok()
             .and_then(|b| <[u8; 32]>::try_from(b).ok())
@@ -422,6 +446,7 @@ fn parse_api_keys(s: &str) -> Result<Vec<ApiKey>, String> {
         out.push(ApiKey {
             tenant,
             sha256: bytes,
+            role,
         });
     }
     Ok(out)
@@ -538,6 +563,9 @@ const FIELDS: &[&str] = &[
     "request_timeout",
     "shutdown_grace",
     "shutdown_delay",
+    "header_read_timeout",
+    "idle_timeout",
+    "max_connections",
     "log_format",
     "log_level",
     "queues",
@@ -653,6 +681,9 @@ impl Config {
                 ("request_timeout", a.request_timeout.as_ref()),
                 ("shutdown_grace", a.shutdown_grace.as_ref()),
                 ("shutdown_delay", a.shutdown_delay.as_ref()),
+                ("header_read_timeout", a.header_read_timeout.as_ref()),
+                ("idle_timeout", a.idle_timeout.as_ref()),
+                ("max_connections", a.max_connections.as_ref()),
                 ("log_format", a.log_format.as_ref()),
                 ("log_level", a.log_level.as_ref()),
                 ("queues", a.queues.as_ref()),
@@ -731,6 +762,9 @@ impl Config {
         let request_timeout = s.get("request_timeout", "2s", dur);
         let shutdown_grace = s.get("shutdown_grace", "30s", parse_duration);
         let shutdown_delay = s.get("shutdown_delay", "0s", parse_duration);
+        let header_read_timeout = s.get("header_read_timeout", "10s", dur);
+        let idle_timeout = s.get("idle_timeout", "60s", dur);
+        let max_connections = s.get("max_connections", "10000", |v| parse_count(v, 1, 1_000_000));
         let log_format = s.get("log_format", "json", |v| match v {
             "json" => Ok(LogFormat::Json),
             "pretty" => Ok(LogFormat::Pretty),
@@ -950,6 +984,9 @@ impl Config {
             request_timeout: request_timeout.expect(PARSED),
             shutdown_grace: shutdown_grace.expect(PARSED),
             shutdown_delay: shutdown_delay.expect(PARSED),
+            header_read_timeout: header_read_timeout.expect(PARSED),
+            idle_timeout: idle_timeout.expect(PARSED),
+            max_connections: max_connections.expect(PARSED),
             log_format: log_format.expect(PARSED),
             log_level: log_level.expect(PARSED),
             queues: queues.expect(PARSED),
@@ -1041,7 +1078,13 @@ fn redact_password(url: &str) -> String {
 }
 
 fn keys_redacted<S: serde::Serializer>(keys: &[ApiKey], s: S) -> Result<S::Ok, S::Error> {
-    let tenants: Vec<String> = keys.iter().map(|k| format!("{}=***", k.tenant)).collect();
+    let tenants: Vec<String> = keys
+        .iter()
+        .map(|k| match k.role {
+            Role::Tenant => format!("{}=***", k.tenant),
+            role => format!("{}=***:{}", k.tenant, role.as_str()),
+        })
+        .collect();
     tenants.serialize(s)
 }
 

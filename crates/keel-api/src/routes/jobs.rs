@@ -32,9 +32,10 @@ pub const UNIQUE_CONFLICT: HeaderName = HeaderName::from_static("keel-unique-con
 pub const DEFAULT_LIST_LIMIT: u32 = 100;
 
 /// The context `job_in` parses a body in.
-pub(crate) fn job_context<'a>(state: &ApiState, caller: &'a Caller) -> JobContext<'a> {
+pub(crate) fn job_context<'a>(state: &'a ApiState, caller: &'a Caller) -> JobContext<'a> {
     JobContext {
         caller,
+        catalog: &state.runtime.catalog,
         max_args_bytes: state.config.max_args_bytes,
         now: Utc::now(),
     }
@@ -133,11 +134,13 @@ pub(crate) async fn insert_jobs(
             .filter(|(job, asked)| job.id == **asked)
             .map(|(job, _)| job);
         for job in new {
-            // Labels are the queue and kind names operators define, never ids.
+            // Bounded labels: a queue served here or `other`, a kind with a handler here or
+            // `other`; clients choose the names, so they are never labels themselves.
+            let catalog = &state.runtime.catalog;
             metrics::counter!(
                 "keel_jobs_enqueued_total",
-                "queue" => job.queue.to_string(),
-                "kind" => job.kind.to_string()
+                "queue" => catalog.queue_label(&job.queue).to_owned(),
+                "kind" => catalog.kind_label(&job.kind).to_owned()
             )
             .increment(1);
             if !woken.contains(&&job.queue) {

@@ -3,12 +3,15 @@
 use axum::Json;
 use axum::extract::State;
 
+use crate::auth::Caller;
 use crate::dto::{QueueOut, QueuePausedOut};
 use crate::error::{ApiError, Problem};
 use crate::extract::QueuePath;
 use crate::state::ApiState;
 
-/// Every queue that has jobs or was ever paused or resumed, with job counts by state.
+/// Queues with job counts by state. An operator (or anyone, without authentication) sees
+/// every queue that has jobs or was ever paused or resumed; a tenant key sees the queues
+/// that hold its jobs, counting only its own.
 #[utoipa::path(
     get,
     path = "/v1/queues",
@@ -21,12 +24,14 @@ use crate::state::ApiState;
 )]
 pub(crate) async fn list_queues(
     State(state): State<ApiState>,
+    caller: Caller,
 ) -> Result<Json<Vec<QueueOut>>, ApiError> {
-    let stats = state.store.queue_stats().await?;
+    let stats = state.store.queue_stats(caller.scope().cloned()).await?;
     Ok(Json(stats.into_iter().map(QueueOut::from).collect()))
 }
 
 /// Stop leasing from a queue. Jobs can still be enqueued into it; running jobs finish.
+/// A queue serves every tenant, so this needs an operator key (`403` for a tenant key).
 #[utoipa::path(
     post,
     path = "/v1/queues/{queue}/pause",
@@ -36,12 +41,15 @@ pub(crate) async fn list_queues(
     responses(
         (status = 200, description = "Paused", body = QueuePausedOut),
         (status = 400, description = "Invalid queue name", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "A tenant key: queues are shared, only an operator key may pause or resume them", body = Problem, content_type = "application/problem+json"),
     )
 )]
 pub(crate) async fn pause_queue(
     State(state): State<ApiState>,
+    caller: Caller,
     QueuePath(queue): QueuePath,
 ) -> Result<Json<QueuePausedOut>, ApiError> {
+    caller.require_operator("pausing a queue")?;
     state.store.set_queue_paused(queue.clone(), true).await?;
     Ok(Json(QueuePausedOut {
         queue,
@@ -50,6 +58,7 @@ pub(crate) async fn pause_queue(
 }
 
 /// Resume leasing from a queue, and wake its dispatcher so waiting jobs start at once.
+/// Needs an operator key, as pausing does.
 #[utoipa::path(
     post,
     path = "/v1/queues/{queue}/resume",
@@ -59,12 +68,15 @@ pub(crate) async fn pause_queue(
     responses(
         (status = 200, description = "Resumed", body = QueuePausedOut),
         (status = 400, description = "Invalid queue name", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "A tenant key: queues are shared, only an operator key may pause or resume them", body = Problem, content_type = "application/problem+json"),
     )
 )]
 pub(crate) async fn resume_queue(
     State(state): State<ApiState>,
+    caller: Caller,
     QueuePath(queue): QueuePath,
 ) -> Result<Json<QueuePausedOut>, ApiError> {
+    caller.require_operator("resuming a queue")?;
     state.store.set_queue_paused(queue.clone(), false).await?;
     state.runtime.wakeups.job_available(&queue);
     Ok(Json(QueuePausedOut {

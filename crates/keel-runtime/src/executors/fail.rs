@@ -35,6 +35,17 @@ impl Handler for Fail {
         }
         json_result(&serde_json::json!({ "attempts": attempt }))
     }
+
+    fn check_args(&self, args: &RawValue) -> Result<(), String> {
+        serde_json::from_str::<Args>(args.get())
+            .map(|_| ())
+            .map_err(|e| {
+                format!(
+                    "args must be {{\"times\": N, \"permanent\": BOOL}} with N a whole number \
+                 from 0 (permanent optional): {e}"
+                )
+            })
+    }
 }
 
 #[cfg(test)]

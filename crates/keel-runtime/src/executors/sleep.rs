@@ -22,15 +22,21 @@ struct Args {
     ms: u64,
 }
 
+/// The milliseconds to sleep, or what is wrong with the args.
+fn parse(args: &RawValue) -> Result<u64, String> {
+    let Args { ms } = serde_json::from_str(args.get())
+        .map_err(|e| format!("args must be {{\"ms\": N}} with N a whole number from 0: {e}"))?;
+    if ms > MAX_MS {
+        return Err(format!("ms must be at most {MAX_MS} (24 h), got {ms}"));
+    }
+    Ok(ms)
+}
+
 #[async_trait]
 impl Handler for Sleep {
     async fn run(&self, ctx: JobContext) -> Result<Option<Box<RawValue>>, JobError> {
-        let Args { ms } = ctx.args()?;
-        if ms > MAX_MS {
-            return Err(JobError::permanent(format!(
-                "invalid args for a sleep job: ms must be at most {MAX_MS} (24 h), got {ms}"
-            )));
-        }
+        let ms = parse(&ctx.job.args)
+            .map_err(|e| JobError::permanent(format!("invalid args for a sleep job: {e}")))?;
         let started = tokio::time::Instant::now();
         tokio::select! {
             () = tokio::time::sleep(Duration::from_millis(ms)) => {
@@ -42,12 +48,31 @@ impl Handler for Sleep {
             ))),
         }
     }
+
+    fn check_args(&self, args: &RawValue) -> Result<(), String> {
+        parse(args).map(|_| ())
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::executors::test_support::ctx;
+
+    #[test]
+    fn args_are_checked_at_enqueue() {
+        let raw = |s: &str| RawValue::from_string(s.to_owned()).unwrap();
+        assert_eq!(Sleep.check_args(&raw(r#"{"ms": 5}"#)), Ok(()));
+        for bad in [
+            r#"{"ms": -1}"#,
+            r#"{"ms": 1.5}"#,
+            "{}",
+            "[]",
+            r#"{"ms": 86400001}"#,
+        ] {
+            assert!(Sleep.check_args(&raw(bad)).is_err(), "{bad}");
+        }
+    }
 
     #[tokio::test]
     async fn sleeps_then_reports() {

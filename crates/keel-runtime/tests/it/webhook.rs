@@ -367,7 +367,7 @@ async fn the_per_host_concurrency_limit_holds_at_the_receiver() {
 
     // All six run (six workers), but only two requests reach the receiver.
     eventually("six jobs running and two requests held", || async {
-        let running = store.queue_stats().await.unwrap()[0].counts.running;
+        let running = store.queue_stats(None).await.unwrap()[0].counts.running;
         let held = gate.in_flight.load(Ordering::SeqCst);
         if running == 6 && held == 2 {
             Ok(())
@@ -380,7 +380,7 @@ async fn the_per_host_concurrency_limit_holds_at_the_receiver() {
     for done in 1..=6u64 {
         gate.release.add_permits(1);
         eventually("one more job to complete", || async {
-            let completed = store.queue_stats().await.unwrap()[0].counts.completed;
+            let completed = store.queue_stats(None).await.unwrap()[0].counts.completed;
             if completed >= done {
                 Ok(())
             } else {

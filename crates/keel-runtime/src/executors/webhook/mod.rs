@@ -400,6 +400,14 @@ impl Webhook {
 
 #[async_trait]
 impl Handler for Webhook {
+    /// The URL's syntax and scheme, the SSRF policy for hosts given as IP literals (a name
+    /// is resolved, and its addresses checked, only when the request is sent) and the
+    /// headers.
+    fn check_args(&self, args: &RawValue) -> Result<(), String> {
+        let args: Args = serde_json::from_str(args.get()).map_err(|e| e.to_string())?;
+        self.prepare(&args).map(|_| ()).map_err(|e| e.message)
+    }
+
     async fn run(&self, ctx: JobContext) -> Result<Option<Box<RawValue>>, JobError> {
         let margin = (ctx.job.timeout / 10).min(TIMEOUT_MARGIN);
         let deadline = Instant::now() + ctx.job.timeout.saturating_sub(margin);
