@@ -597,6 +597,38 @@ async fn pool_keeps_min_idle_warm_and_retires_old_connections() {
     assert_eq!(err.class(), "permanent", "{err:?}");
 }
 
+/// What the server refuses as data is the caller's fault (`rejected`), whatever the SQL:
+/// a NUL in jsonb (22P05), a number out of range (22003), JSON nested past the server's stack
+/// (54001). None of them counts against the database's health.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn data_the_server_refuses_is_rejected_not_a_failure() {
+    let Some(base) =
+        pg_url_or_skip("postgres::tests::data_the_server_refuses_is_rejected_not_a_failure")
+    else {
+        return;
+    };
+    let store = PgStore::connect(&base, PgOptions::for_tests(), clock())
+        .await
+        .expect("connect");
+    let conn = store.pool.get().await.expect("connection");
+    let deep = format!("{}0{}", "[".repeat(100_000), "]".repeat(100_000));
+    for (sql, param) in [
+        ("SELECT $1::text::jsonb", r#"["a\u0000b"]"#.to_owned()),
+        ("SELECT $1::text::smallint", "70000".to_owned()),
+        ("SELECT $1::text::jsonb", deep),
+    ] {
+        let e = conn
+            .query_one(sql, &[&param])
+            .await
+            .expect_err("the server refuses it");
+        let code = e.code().cloned();
+        let mapped = super::error::db(e, "storing a hostile value".into());
+        assert_eq!(mapped.class(), "rejected", "{code:?}: {mapped:?}");
+    }
+    drop(conn);
+    store.close().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn exhausted_pool_fails_fast_and_transient() {
     let Some(base) = pg_url_or_skip("postgres::tests::exhausted_pool_fails_fast_and_transient")

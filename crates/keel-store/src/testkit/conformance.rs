@@ -63,6 +63,7 @@ macro_rules! conformance_suite {
             retention_deletes_only_old_finished_jobs,
             queue_stats_match_rows,
             results_round_trip_byte_for_byte,
+            hostile_values_are_refused_as_the_callers_fault,
             paused_queues_are_not_leased,
             idempotent_insert_replays_and_conflicts,
             idempotent_first_use_is_exclusive_under_concurrency,
@@ -1257,6 +1258,78 @@ pub async fn results_round_trip_byte_for_byte(h: &Harness) {
     let done = h.store.get(j.id).await.unwrap();
     assert_eq!(done.result.unwrap().get(), body);
     assert_eq!(done.finished_at, Some(h.clock.now()));
+}
+
+/// Values no client may store, sent straight to the store (past every API check): both
+/// backends refuse them the same way, as the caller's fault (`invalid` or `rejected`, never
+/// `transient` or `permanent`, which would count against the database's health), store
+/// nothing, and go on working. A NUL in a failure message is replaced, identically.
+pub async fn hostile_values_are_refused_as_the_callers_fault(h: &Harness) {
+    let callers_fault = |e: &StoreError| matches!(e.class(), "invalid" | "rejected");
+    let deep = format!("{}0{}", "[".repeat(100_000), "]".repeat(100_000));
+    let mut tagged = job("hostile");
+    tagged.tags = vec!["a\0b".to_owned()];
+    for bad in [
+        job("hostile").args(raw(&deep)),
+        job("hostile").args(raw(r#"{"a":"\ud800"}"#)),
+        tagged,
+    ] {
+        let e = h.store.insert(vec![bad]).await.unwrap_err();
+        assert!(callers_fault(&e), "{e:?}");
+    }
+    assert!(
+        h.store
+            .list(ListParams {
+                queue: Some(q("hostile")),
+                limit: 10,
+                ..ListParams::default()
+            })
+            .await
+            .unwrap()
+            .jobs
+            .is_empty(),
+        "nothing was stored"
+    );
+
+    // Results: refused per item, and the job stays running under its lease.
+    insert_one(h, job("hostile")).await;
+    let (j, l) = lease_one(h, "hostile").await;
+    for bad in [deep.as_str(), r#""\udc00""#] {
+        let e = complete_one(h, l, Some(bad)).await.unwrap_err();
+        assert_eq!(e.class(), "rejected", "{e:?}");
+    }
+    assert_eq!(h.store.get(j.id).await.unwrap().state, JobState::Running);
+    complete_one(h, l, Some(r#"{"ok":"\u0000 is a character"}"#))
+        .await
+        .unwrap();
+    let done = h.store.get(j.id).await.unwrap();
+    assert_eq!(
+        done.result.unwrap().get(),
+        r#"{"ok":"\u0000 is a character"}"#,
+        "kept as sent"
+    );
+
+    // A failure message with NUL in it is stored, NUL replaced.
+    insert_one(h, job("hostile")).await;
+    let (j, l) = lease_one(h, "hostile").await;
+    let failed = h
+        .store
+        .fail(FailParams {
+            lease: l,
+            error: "bad\0byte".into(),
+            permanent: true,
+            retry_at: None,
+        })
+        .await
+        .unwrap();
+    assert_eq!(failed.errors[0].message, "bad\u{FFFD}byte");
+    assert_eq!(
+        h.store.get(j.id).await.unwrap().errors[0].message,
+        "bad\u{FFFD}byte"
+    );
+
+    // And the store goes on.
+    insert_one(h, job("hostile")).await;
 }
 
 /// A paused queue leases nothing until resumed; enqueueing into it still works, and the

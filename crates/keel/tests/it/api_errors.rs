@@ -7,31 +7,7 @@ use reqwest::StatusCode;
 use serde_json::{Value, json};
 
 use crate::both_backends;
-use crate::helpers::{Backend, spawn_app, spawn_app_with};
-
-/// Asserts an RFC 9457 problem response and returns its body.
-async fn problem(resp: reqwest::Response, status: StatusCode) -> Value {
-    assert_eq!(resp.status(), status);
-    let ct = resp.headers()["content-type"].to_str().unwrap().to_owned();
-    assert!(
-        ct.starts_with("application/problem+json"),
-        "content-type {ct}"
-    );
-    let request_id = resp.headers().get("x-request-id").cloned();
-    let body: Value = resp.json().await.unwrap();
-    assert_eq!(body["status"], status.as_u16(), "{body}");
-    assert!(body["title"].is_string(), "{body}");
-    assert!(body["type"].is_string(), "{body}");
-    let rid = body["request_id"]
-        .as_str()
-        .expect("problem carries request_id");
-    assert_eq!(
-        Some(rid),
-        request_id.as_ref().map(|h| h.to_str().unwrap()),
-        "body and header ids differ"
-    );
-    body
-}
+use crate::helpers::{Backend, problem, spawn_app, spawn_app_with};
 
 async fn malformed_requests_get_400(backend: Backend, test: &str) {
     let Some(app) = spawn_app(backend, test).await else {

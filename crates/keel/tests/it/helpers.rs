@@ -273,3 +273,27 @@ pub async fn within<T>(limit: Duration, what: &str, fut: impl Future<Output = T>
         .await
         .unwrap_or_else(|_| panic!("{what} did not finish within {limit:?}"))
 }
+
+/// Asserts an RFC 9457 problem response and returns its body.
+pub async fn problem(resp: reqwest::Response, status: reqwest::StatusCode) -> serde_json::Value {
+    assert_eq!(resp.status(), status);
+    let ct = resp.headers()["content-type"].to_str().unwrap().to_owned();
+    assert!(
+        ct.starts_with("application/problem+json"),
+        "content-type {ct}"
+    );
+    let request_id = resp.headers().get("x-request-id").cloned();
+    let body: serde_json::Value = resp.json().await.unwrap();
+    assert_eq!(body["status"], status.as_u16(), "{body}");
+    assert!(body["title"].is_string(), "{body}");
+    assert!(body["type"].is_string(), "{body}");
+    let rid = body["request_id"]
+        .as_str()
+        .expect("problem carries request_id");
+    assert_eq!(
+        Some(rid),
+        request_id.as_ref().map(|h| h.to_str().unwrap()),
+        "body and header ids differ"
+    );
+    body
+}

@@ -24,6 +24,7 @@ mod child;
 mod helpers;
 
 mod api_errors;
+mod bad_input;
 mod chaos_crash;
 mod chaos_outage;
 mod chaos_overload;
