@@ -62,8 +62,8 @@ profile-cpu:
 	$(ADMIN_CURL) -o $(PROFILES)/cpu-$$ts.svg "$(ADMIN)/debug/pprof/profile?seconds=$(PROFILE_SECONDS)&format=flamegraph" && \
 	echo "saved $(PROFILES)/cpu-$$ts.svg"
 
-## Heap profile of live memory. Switches jemalloc's sampling on if it was off (then this
-## first profile is the baseline: only allocations from now on are recorded). From the
+## Heap profile of live memory (sampling is on from the start; if someone switched it off,
+## this switches it on again and says the profile holds only what was allocated since). From the
 ## second run on, prints what grew since the previous profile (-symbolize=none: Keel's
 ## profiles are already symbolized, with full Rust paths).
 profile-heap:
@@ -72,7 +72,7 @@ profile-heap:
 	prev=$$(ls -t $(PROFILES)/heap-*.pb.gz 2>/dev/null | head -n 1); \
 	status=$$($(ADMIN_CURL) -X POST "$(ADMIN)/debug/pprof/heap/activate") || { echo "$$status"; exit 1; }; \
 	case "$$status" in *'"changed":true'*) \
-		echo "heap profiling was off and is now on: this profile is the baseline; run make profile-heap again later to see growth"; \
+		echo "heap profiling had been switched off and is on again: this profile holds only allocations from now on; run make profile-heap again later to see growth"; \
 		prev="";; \
 	esac; \
 	$(ADMIN_CURL) -o $(PROFILES)/heap-$$ts.pb.gz "$(ADMIN)/debug/pprof/heap" && \

@@ -172,6 +172,20 @@ pub(crate) fn parse_duration(raw: &RawValue) -> Result<Duration, String> {
     if let Ok(ms) = serde_json::from_str::<u64>(raw.get()) {
         return Ok(Duration::from_millis(ms));
     }
+    parse_duration_with_unit(raw)
+}
+
+/// [`parse_duration`] for a field whose name gives no unit and whose values are minutes or
+/// hours (a schedule's `catch_up`): a bare number is refused rather than read as
+/// milliseconds, since `5` meant as five minutes would silently become 5 ms.
+pub(crate) fn parse_duration_with_unit(raw: &RawValue) -> Result<Duration, String> {
+    if serde_json::from_str::<f64>(raw.get()).is_ok() {
+        return Err(
+            "must be a string with a unit, such as \"30m\" or \"1h\" (a bare number is \
+             ambiguous)"
+                .to_owned(),
+        );
+    }
     let s: String = serde_json::from_str(raw.get()).map_err(|_| DURATION_SYNTAX.to_owned())?;
     duration_of_str(s.trim()).ok_or_else(|| DURATION_SYNTAX.to_owned())
 }
@@ -410,6 +424,13 @@ fn read_job(
                 let msg = "must be an RFC 3339 timestamp, e.g. 2030-01-01T00:00:00Z";
                 if let Some(s) = errs.parse::<String>(field, &raw, Some(msg)) {
                     match DateTime::parse_from_rfc3339(&s) {
+                        // chrono keeps a leap second (`…:60`) as a nanosecond count past 1e9,
+                        // which no store can hold: it would be stored as the next second
+                        // while the answer echoed `:60`.
+                        Ok(t) if chrono::Timelike::nanosecond(&t) >= 1_000_000_000 => errs.add(
+                            field,
+                            "is a leap second (:60), which cannot be stored; use the second after it",
+                        ),
                         Ok(t) if within_horizon(cx.now, t.with_timezone(&Utc)) => {
                             run_at = Some(t.with_timezone(&Utc));
                         }
@@ -751,6 +772,26 @@ mod tests {
         let soon = (Utc::now() + chrono::TimeDelta::days(365)).to_rfc3339();
         let body = format!(r#"{{"kind":"a","run_at":"{soon}"}}"#);
         assert!(parse_single(body.as_bytes(), &cx(&open)).is_ok());
+    }
+
+    #[test]
+    fn a_leap_second_is_refused_not_shifted() {
+        let open = Caller::unrestricted();
+        let e = parse_single(
+            br#"{"kind":"a","run_at":"2030-06-30T23:59:60Z"}"#,
+            &cx(&open),
+        )
+        .unwrap_err();
+        assert_eq!(fields(e), ["run_at"]);
+    }
+
+    #[test]
+    fn durations_without_a_unit_in_their_name_need_one_in_their_value() {
+        let d = |s: &str| parse_duration_with_unit(&RawValue::from_string(s.to_owned()).unwrap());
+        assert_eq!(d(r#""5m""#), Ok(Duration::from_secs(300)));
+        for bad in ["5", "3600000", "1.5", r#""5""#] {
+            assert!(d(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

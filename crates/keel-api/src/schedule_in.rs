@@ -90,7 +90,7 @@ pub(crate) fn parse_schedule(
                     paused = p;
                 }
             }
-            _ => match job_in::parse_duration(&raw) {
+            _ => match job_in::parse_duration_with_unit(&raw) {
                 Ok(d) => catch_up = d,
                 Err(m) => errs.add(field, m),
             },

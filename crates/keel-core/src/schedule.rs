@@ -49,6 +49,21 @@ impl CronSpec {
                 ),
             });
             None
+        } else if !expr.trim_start().starts_with('@')
+            && !matches!(expr.split_whitespace().count(), 5 | 6)
+        {
+            // croner also reads a seventh (year) field; the documented syntax is five fields,
+            // or six with seconds first (or a nickname such as `@daily`), so anything else is
+            // refused rather than half-read.
+            errors.push(FieldError {
+                field: "cron".into(),
+                message: format!(
+                    "{expr:?} has {} fields; use 5 (minute hour day month weekday) or 6 \
+                     (seconds first)",
+                    expr.split_whitespace().count()
+                ),
+            });
+            None
         } else {
             match Cron::from_str(expr.trim()) {
                 Ok(c) => Some(c),
@@ -349,6 +364,10 @@ mod tests {
         assert_eq!(fields, ["cron", "timezone"], "{err}");
         assert!(CronSpec::parse("0 0 30 2 *", "UTC").is_err(), "never fires");
         assert!(CronSpec::parse(&"*".repeat(300), "UTC").is_err());
+        for fields in ["* * * *", "0 0 0 * * * 2030", "0 0 0 * * * * *"] {
+            let err = CronSpec::parse(fields, "UTC").unwrap_err();
+            assert!(err.to_string().contains("fields"), "{fields}: {err}");
+        }
     }
 
     #[test]

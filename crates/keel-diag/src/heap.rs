@@ -6,11 +6,13 @@
 //! profile (`inuse_space`). Two dumps taken minutes apart and compared with
 //! `pprof -diff_base` show what grew: the memory-leak runbook of docs/operations.md.
 //!
-//! Keel's build compiles the profiler in but inactive (`prof:true,prof_active:false` in
-//! `.cargo/config.toml`): while inactive it costs nothing measurable. [`activate`] turns
-//! sampling on in the running process, so a leak can be profiled where it happens without
-//! a restart (only allocations made after activation are seen);
-//! `_RJEM_MALLOC_CONF=prof_active:true` at start records from the first allocation.
+//! Keel's build compiles the profiler in and active (`prof:true,prof_active:true` in
+//! `.cargo/config.toml`), as Go's heap profile always is: a leak can be diffed against a
+//! baseline taken before it began, where it happens, without a restart. Its cost at the
+//! default rate is within run-to-run noise (docs/operations.md). [`deactivate`] stops
+//! sampling in the running process (discarding what was recorded) and [`activate`] starts
+//! it again, seeing only allocations made from then on; `_RJEM_MALLOC_CONF=prof_active:false`
+//! starts Keel with it off.
 
 use serde::Serialize;
 

@@ -84,10 +84,9 @@ impl App {
             statement_timeout: Some(config.request_timeout + STATEMENT_TIMEOUT_MARGIN),
             ..PgOptions::default()
         };
-        let (store, report) =
-            keel_store::open(&config.database_url, sqlite, pg, Arc::new(SystemClock))
-                .await
-                .context("opening the job store")?;
+        let (store, report) = open_store(&config, sqlite, pg)
+            .await
+            .context("opening the job store")?;
         if !report.applied.is_empty() {
             tracing::info!(applied = ?report.applied, version = report.current, "applied migrations");
         }
@@ -108,13 +107,17 @@ impl App {
         let store: Arc<dyn Store> = Arc::new(guarded);
         let api_listener = TcpListener::bind(config.addr)
             .await
-            .with_context(|| format!("binding the API listener on {}", config.addr))?;
+            .map_err(|e| BindError {
+                what: "API",
+                addr: config.addr,
+                source: e,
+            })?;
         let admin_listener = match config.admin_addr {
-            Some(addr) => Some(
-                TcpListener::bind(addr)
-                    .await
-                    .with_context(|| format!("binding the admin listener on {addr}"))?,
-            ),
+            Some(addr) => Some(TcpListener::bind(addr).await.map_err(|e| BindError {
+                what: "admin",
+                addr,
+                source: e,
+            })?),
             None => None,
         };
         let handle =
@@ -309,6 +312,71 @@ impl App {
         tracing::info!("store closed; bye");
         Ok(())
     }
+}
+
+/// A listener could not be bound (the address is in use, or not this host's): `keel serve`
+/// exits with [`crate::EX_OSERR`] for it.
+#[derive(Debug, thiserror::Error)]
+#[error("binding the {what} listener on {addr}")]
+pub struct BindError {
+    what: &'static str,
+    addr: SocketAddr,
+    #[source]
+    source: std::io::Error,
+}
+
+/// Opens (and migrates) the store, retrying while the database is not up yet: a pod often
+/// starts before its database. Only transient failures (refused, unreachable, starting up)
+/// are retried, with capped exponential backoff, each attempt logged, for at most
+/// `database_wait`; a bad URL, bad credentials or a missing database fail at once.
+async fn open_store(
+    config: &Config,
+    sqlite: SqliteOptions,
+    pg: PgOptions,
+) -> Result<(Arc<dyn Store>, keel_store::MigrationReport), keel_core::StoreError> {
+    const FIRST_DELAY: Duration = Duration::from_millis(250);
+    const MAX_DELAY: Duration = Duration::from_secs(5);
+    let give_up = Instant::now() + config.database_wait;
+    let mut delay = FIRST_DELAY;
+    let mut attempt = 1u32;
+    loop {
+        let opened = keel_store::open(
+            &config.database_url,
+            sqlite.clone(),
+            pg.clone(),
+            Arc::new(SystemClock),
+        )
+        .await;
+        match opened {
+            Err(e) if e.is_transient() && Instant::now() + delay < give_up => {
+                tracing::warn!(
+                    attempt,
+                    retry_in_ms = delay.as_millis() as u64,
+                    waited_ms = (config.database_wait
+                        - give_up.saturating_duration_since(Instant::now()))
+                    .as_millis() as u64,
+                    error = %error_chain(&e),
+                    "the database is not reachable yet; retrying (KEEL_DATABASE_WAIT)"
+                );
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(MAX_DELAY);
+                attempt += 1;
+            }
+            other => return other,
+        }
+    }
+}
+
+/// `e` and its sources, `: `-separated, for a log line.
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut next = e.source();
+    while let Some(cause) = next {
+        out.push_str(": ");
+        out.push_str(&cause.to_string());
+        next = cause.source();
+    }
+    out
 }
 
 fn webhook_config(config: &Config, chaos: &Chaos) -> WebhookConfig {

@@ -11,7 +11,8 @@ use crate::load::LoadArgs;
 #[derive(Debug, Parser)]
 #[command(name = "keel", version, about, long_about = None, after_help = "\
 Exit codes: 0 success; 1 the server refused the request (4xx/5xx); 69 the server or \
-database could not be reached; 78 invalid configuration.")]
+database could not be reached (`keel serve`: after KEEL_DATABASE_WAIT); 71 a listener could \
+not be bound (its address is in use); 78 invalid configuration.")]
 pub struct Cli {
     /// What to do.
     #[command(subcommand)]
@@ -153,11 +154,17 @@ Examples:
 /// Where a client command finds the server.
 #[derive(Debug, Clone, Args)]
 pub struct ClientArgs {
-    /// Base URL of the Keel API.
-    #[arg(long, env = "KEEL_URL", default_value = "http://127.0.0.1:8080")]
+    /// Base URL of the Keel API. Global: `keel queues pause q --url …` works as well as
+    /// `keel queues --url … pause q`.
+    #[arg(
+        long,
+        env = "KEEL_URL",
+        default_value = "http://127.0.0.1:8080",
+        global = true
+    )]
     pub url: String,
     /// API key, if the server requires one.
-    #[arg(long, env = "KEEL_API_KEY", hide_env_values = true)]
+    #[arg(long, env = "KEEL_API_KEY", hide_env_values = true, global = true)]
     pub api_key: Option<String>,
 }
 

@@ -18,7 +18,7 @@ use crate::cli::{
     ClientArgs, EnqueueArgs, JobCommand, JobsCommand, QueueAction, ScheduleCommand, ScheduleDef,
 };
 use crate::config::{Config, ServeArgs};
-use crate::{App, EX_CONFIG, EX_UNAVAILABLE, telemetry};
+use crate::{App, EX_CONFIG, EX_OSERR, EX_UNAVAILABLE, telemetry};
 
 /// `keel serve`.
 pub async fn serve(args: &ServeArgs) -> ExitCode {
@@ -54,7 +54,16 @@ pub async fn serve(args: &ServeArgs) -> ExitCode {
             let unavailable = e
                 .chain()
                 .any(|c| c.downcast_ref::<keel_core::StoreError>().is_some());
-            return ExitCode::from(if unavailable { EX_UNAVAILABLE } else { 1 });
+            let unbound = e
+                .chain()
+                .any(|c| c.downcast_ref::<crate::app::BindError>().is_some());
+            return ExitCode::from(if unavailable {
+                EX_UNAVAILABLE
+            } else if unbound {
+                EX_OSERR
+            } else {
+                1
+            });
         }
     };
     match app.run_until_stopped(shutdown_signal()).await {

@@ -62,6 +62,9 @@ pub struct ServeArgs {
     /// Where jobs are stored: sqlite://PATH or postgres://USER@HOST:PORT/DB.
     #[arg(long, env = "KEEL_DATABASE_URL", value_name = "URL")]
     pub database_url: Option<String>,
+    /// At startup, keep retrying an unreachable database this long (0s: fail at once).
+    #[arg(long, env = "KEEL_DATABASE_WAIT", value_name = "DURATION")]
+    pub database_wait: Option<String>,
     /// Deadline of every API request, e.g. 2s or 500ms.
     #[arg(long, env = "KEEL_REQUEST_TIMEOUT", value_name = "DURATION")]
     pub request_timeout: Option<String>,
@@ -231,6 +234,9 @@ pub struct Config {
     /// Job store.
     #[serde(serialize_with = "redacted_url")]
     pub database_url: DatabaseUrl,
+    /// How long startup retries an unreachable database.
+    #[serde(with = "duration_text")]
+    pub database_wait: Duration,
     /// Per-request deadline.
     #[serde(with = "duration_text")]
     pub request_timeout: Duration,
@@ -560,6 +566,7 @@ const FIELDS: &[&str] = &[
     "admin_addr",
     "admin_token",
     "database_url",
+    "database_wait",
     "request_timeout",
     "shutdown_grace",
     "shutdown_delay",
@@ -678,6 +685,7 @@ impl Config {
                 ("admin_addr", a.admin_addr.as_ref()),
                 ("admin_token", a.admin_token.as_ref()),
                 ("database_url", a.database_url.as_ref()),
+                ("database_wait", a.database_wait.as_ref()),
                 ("request_timeout", a.request_timeout.as_ref()),
                 ("shutdown_grace", a.shutdown_grace.as_ref()),
                 ("shutdown_delay", a.shutdown_delay.as_ref()),
@@ -759,6 +767,7 @@ impl Config {
             }
         });
         let database_url = s.get("database_url", "sqlite://keel.db", DatabaseUrl::parse);
+        let database_wait = s.get("database_wait", "30s", parse_duration);
         let request_timeout = s.get("request_timeout", "2s", dur);
         let shutdown_grace = s.get("shutdown_grace", "30s", parse_duration);
         let shutdown_delay = s.get("shutdown_delay", "0s", parse_duration);
@@ -981,6 +990,7 @@ impl Config {
             admin_addr: admin_addr.expect(PARSED),
             admin_token: admin_token.expect(PARSED),
             database_url: database_url.expect(PARSED),
+            database_wait: database_wait.expect(PARSED),
             request_timeout: request_timeout.expect(PARSED),
             shutdown_grace: shutdown_grace.expect(PARSED),
             shutdown_delay: shutdown_delay.expect(PARSED),

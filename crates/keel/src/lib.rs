@@ -20,3 +20,6 @@ pub use config::{Config, ServeArgs};
 pub const EX_CONFIG: u8 = 78;
 /// Exit code when a server or database cannot be reached (sysexits `EX_UNAVAILABLE`).
 pub const EX_UNAVAILABLE: u8 = 69;
+/// Exit code when a listener cannot be bound, e.g. its port is in use (sysexits
+/// `EX_OSERR`).
+pub const EX_OSERR: u8 = 71;

@@ -24,17 +24,22 @@ use crate::child::KeelProcess;
 use crate::helpers::{metric_value, within};
 
 /// A TCP proxy to one upstream that can be cut and restored.
-struct Proxy {
-    addr: SocketAddr,
+pub(crate) struct Proxy {
+    /// Where clients connect.
+    pub(crate) addr: SocketAddr,
     cut: watch::Sender<bool>,
     accept: tokio::task::JoinHandle<()>,
+    /// Connections refused while cut.
+    refused: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl Proxy {
-    async fn start(upstream: String) -> Self {
+    pub(crate) async fn start(upstream: String) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (cut, watching) = watch::channel(false);
+        let refused = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counted = Arc::clone(&refused);
         let accept = tokio::spawn(async move {
             loop {
                 let Ok((mut inbound, _)) = listener.accept().await else {
@@ -44,6 +49,7 @@ impl Proxy {
                 if *cut_now.borrow() {
                     // Refused: closed at once, as a dead host's firewall would.
                     drop(inbound);
+                    counted.fetch_add(1, Ordering::SeqCst);
                     continue;
                 }
                 let upstream = upstream.clone();
@@ -59,10 +65,20 @@ impl Proxy {
                 });
             }
         });
-        Self { addr, cut, accept }
+        Self {
+            addr,
+            cut,
+            accept,
+            refused,
+        }
     }
 
-    fn set_cut(&self, cut: bool) {
+    /// Connections refused while cut, so far.
+    pub(crate) fn refused(&self) -> usize {
+        self.refused.load(Ordering::SeqCst)
+    }
+
+    pub(crate) fn set_cut(&self, cut: bool) {
         self.cut.send_replace(cut);
     }
 }
@@ -74,7 +90,7 @@ impl Drop for Proxy {
 }
 
 /// `url` with its `host:port` replaced by `addr`.
-fn through(url: &str, addr: SocketAddr) -> String {
+pub(crate) fn through(url: &str, addr: SocketAddr) -> String {
     let config: tokio_postgres::Config = url.parse().expect("a Postgres URL");
     let host = match config.get_hosts().first() {
         Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),

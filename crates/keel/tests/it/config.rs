@@ -94,3 +94,121 @@ async fn admin_shows_redacted_config() {
     assert!(text.contains("acme=***"), "{text}");
     app.stop().await;
 }
+
+/// Client flags may follow the subcommand they belong to (`keel queues pause q --url …`).
+#[test]
+fn client_flags_are_accepted_after_the_subcommand() {
+    // Nothing listens on port 1: the command parses, then cannot reach the server (69), which
+    // is not the usage error (2) a misplaced flag would be.
+    let out = Command::new(env!("CARGO_BIN_EXE_keel"))
+        .args([
+            "queues",
+            "pause",
+            "default",
+            "--url",
+            "http://127.0.0.1:1",
+            "--api-key",
+            "k",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(69), "{out:?}");
+}
+
+/// A port already taken: a documented exit code (71), not a generic failure.
+#[test]
+fn a_port_in_use_exits_71() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_keel"))
+        .arg("serve")
+        .current_dir(dir.path())
+        .env("KEEL_ADDR", &addr)
+        .env("KEEL_ADMIN_ADDR", "off")
+        .env("KEEL_LOG_FORMAT", "json")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(71), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains(&addr),
+        "names the address: {out:?}"
+    );
+}
+
+/// A database that is not up yet is waited for (KEEL_DATABASE_WAIT), each attempt logged;
+/// one that never comes up ends in exit 69 once the wait is over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn startup_waits_for_a_database_that_is_not_up_yet() {
+    let Some(base) = keel_store::testkit::pg_url_or_skip("config::startup_waits_for_the_database")
+    else {
+        return;
+    };
+    let schema = keel_store::testkit::PgSchema::create(&base).await;
+    let config: tokio_postgres::Config = base.parse().unwrap();
+    let upstream = match (config.get_hosts().first(), config.get_ports().first()) {
+        (Some(tokio_postgres::config::Host::Tcp(h)), port) => {
+            format!("{h}:{}", port.copied().unwrap_or(5432))
+        }
+        other => panic!("the test database must be reached over TCP: {other:?}"),
+    };
+    let proxy = crate::chaos_outage::Proxy::start(upstream).await;
+    proxy.set_cut(true);
+    let url = crate::chaos_outage::through(&schema.url, proxy.addr);
+
+    // Never up: exit 69 after the wait.
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_keel"))
+        .arg("serve")
+        .env("KEEL_DATABASE_URL", &url)
+        .env("KEEL_DATABASE_WAIT", "1s")
+        .env("KEEL_ADDR", "127.0.0.1:0")
+        .env("KEEL_ADMIN_ADDR", "off")
+        .env("KEEL_LOG_FORMAT", "json")
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(69), "{out:?}");
+    let logged = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        logged.contains("not reachable yet"),
+        "each attempt is logged: {logged}"
+    );
+
+    // Up after a few attempts: the process comes up and serves.
+    let keel = tokio::spawn({
+        let url = url.clone();
+        async move {
+            crate::child::KeelProcess::start(
+                &url,
+                &[
+                    ("KEEL_DATABASE_WAIT", "60s"),
+                    ("KEEL_LOG_LEVEL", "warn,keel::app=info"),
+                ],
+            )
+            .await
+        }
+    });
+    // It tries (and is refused) before the database appears.
+    let refused = proxy.refused();
+    crate::helpers::within(
+        std::time::Duration::from_secs(60),
+        "a connection attempt while the database is down",
+        async {
+            while proxy.refused() <= refused {
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+        },
+    )
+    .await;
+    proxy.set_cut(false);
+    let keel = crate::helpers::within(
+        std::time::Duration::from_secs(60),
+        "keel coming up once the database does",
+        keel,
+    )
+    .await
+    .unwrap();
+    let ready = reqwest::get(keel.url("/readyz")).await.unwrap();
+    assert_eq!(ready.status(), 200);
+    keel.stop(std::time::Duration::from_secs(30)).await;
+}

@@ -169,20 +169,14 @@ async fn heap_profiles_come_from_jemalloc_in_the_keel_binary() {
     );
     keel.stop(Duration::from_secs(10)).await;
 
-    // Built in but inactive by default: refused with the way to switch it on, then
-    // switched on and off at runtime.
+    // On by default, at Go's rate (one sample per 512 KiB), so a leak can be diffed against a
+    // baseline taken before it began; switched off and on again at runtime.
     let keel = KeelProcess::start(&url, &[]).await;
     let admin = |path: &str| format!("{}{path}", keel.admin);
     let resp = http.get(admin("/debug/pprof/heap")).send().await.unwrap();
-    assert_eq!(resp.status(), 409);
-    let problem: serde_json::Value = resp.json().await.unwrap();
-    assert!(
-        problem["detail"]
-            .as_str()
-            .unwrap()
-            .contains("/debug/pprof/heap/activate"),
-        "{problem}"
-    );
+    assert_eq!(resp.status(), 200, "profiling is on from the start");
+    let profile = decode(&resp.bytes().await.unwrap());
+    assert!(sample_types(&profile).contains(&"inuse_space"));
     let on: serde_json::Value = http
         .post(admin("/debug/pprof/heap/activate"))
         .send()
@@ -192,21 +186,8 @@ async fn heap_profiles_come_from_jemalloc_in_the_keel_binary() {
         .await
         .unwrap();
     assert_eq!(on["active"], true, "{on}");
-    assert_eq!(on["changed"], true, "{on}");
+    assert_eq!(on["changed"], false, "already on: {on}");
     assert_eq!(on["sample_interval_bytes"], 1 << 19, "{on}");
-    let again: serde_json::Value = http
-        .post(admin("/debug/pprof/heap/activate"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    assert_eq!(again["changed"], false, "activation is idempotent: {again}");
-    let resp = http.get(admin("/debug/pprof/heap")).send().await.unwrap();
-    assert_eq!(resp.status(), 200);
-    let profile = decode(&resp.bytes().await.unwrap());
-    assert!(sample_types(&profile).contains(&"inuse_space"));
     let off: serde_json::Value = http
         .post(admin("/debug/pprof/heap/deactivate"))
         .send()
@@ -218,6 +199,25 @@ async fn heap_profiles_come_from_jemalloc_in_the_keel_binary() {
     assert_eq!(off["active"], false, "{off}");
     let resp = http.get(admin("/debug/pprof/heap")).send().await.unwrap();
     assert_eq!(resp.status(), 409);
+    let problem: serde_json::Value = resp.json().await.unwrap();
+    assert!(
+        problem["detail"]
+            .as_str()
+            .unwrap()
+            .contains("/debug/pprof/heap/activate"),
+        "{problem}"
+    );
+    let again: serde_json::Value = http
+        .post(admin("/debug/pprof/heap/activate"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(again["changed"], true, "{again}");
+    let resp = http.get(admin("/debug/pprof/heap")).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
     keel.stop(Duration::from_secs(10)).await;
 }
 
