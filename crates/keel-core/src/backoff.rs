@@ -79,11 +79,13 @@ impl Backoff {
         let max = Self::MAX.as_millis() as u64;
         match *self {
             Backoff::Exponential { base_ms, cap_ms } => {
+                // A cap below the base is well defined (every window is the cap), so it
+                // is not refused: only bounds a schema can state are.
                 if base_ms == 0 {
                     return Err("base_ms must be at least 1".into());
                 }
-                if cap_ms < base_ms {
-                    return Err(format!("cap_ms ({cap_ms}) must be >= base_ms ({base_ms})"));
+                if base_ms > max {
+                    return Err(format!("base_ms must be at most {max} (a week)"));
                 }
                 if cap_ms > max {
                     return Err(format!("cap_ms must be at most {max} (a week)"));
@@ -127,7 +129,10 @@ mod tests {
     #[test]
     fn validation_names_the_problem() {
         assert!(exp(0, 10).validate().unwrap_err().contains("base_ms"));
-        assert!(exp(10, 5).validate().unwrap_err().contains("cap_ms"));
+        assert!(exp(1, u64::MAX / 2).validate().unwrap_err().contains("cap_ms"));
+        // A cap under the base is allowed: every window is the cap.
+        assert!(exp(10, 5).validate().is_ok());
+        assert_eq!(exp(10, 5).window(1), Duration::from_millis(5));
         assert!(exp(1, u64::MAX).validate().unwrap_err().contains("a week"));
         assert!(Backoff::Fixed { delay_ms: 5 }.validate().is_ok());
     }

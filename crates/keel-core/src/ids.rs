@@ -165,6 +165,13 @@ macro_rules! name_type {
                 Ok(Self(s))
             }
 
+            /// The rule of [`Self::parse`] as a regular expression (ECMA-262 and Rust
+            /// `regex` alike), for the OpenAPI document: a value matches exactly when it
+            /// parses.
+            pub fn pattern() -> String {
+                format!("^[A-Za-z0-9][A-Za-z0-9_.:-]{{0,{}}}$", Self::MAX_LEN - 1)
+            }
+
             /// The name as text.
             pub fn as_str(&self) -> &str {
                 &self.0
@@ -245,6 +252,9 @@ pub struct IdempotencyKey(String);
 impl IdempotencyKey {
     /// Longest accepted key, in bytes.
     pub const MAX_LEN: usize = 255;
+
+    /// The rule of [`Self::parse`] as a regular expression, for the OpenAPI document.
+    pub const PATTERN: &'static str = "^[!-~]{1,255}$";
 
     /// Validates and wraps `s`.
     pub fn parse(s: impl Into<String>) -> Result<Self, InvalidId> {
@@ -357,5 +367,27 @@ mod tests {
         assert!(a.as_bytes() < b.as_bytes());
         assert_eq!(JobId::parse(&a.to_string()).unwrap(), a);
         assert!(JobId::parse("not-a-uuid").is_err());
+    }
+
+    proptest::proptest! {
+        /// The documented patterns and the parsers agree, both ways.
+        #[test]
+        fn names_match_their_pattern_exactly(s in "\\PC{0,140}") {
+            let re = regex::Regex::new(&QueueName::pattern()).unwrap();
+            proptest::prop_assert_eq!(re.is_match(&s), QueueName::parse(s.clone()).is_ok());
+            let key = regex::Regex::new(IdempotencyKey::PATTERN).unwrap();
+            proptest::prop_assert_eq!(key.is_match(&s), IdempotencyKey::parse(s.clone()).is_ok());
+        }
+
+        /// What the patterns generate parses.
+        #[test]
+        fn strings_of_the_patterns_parse(
+            name in "[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}",
+            key in "[!-~]{1,255}",
+        ) {
+            proptest::prop_assert!(QueueName::parse(name.clone()).is_ok());
+            proptest::prop_assert!(JobKind::parse(name).is_ok());
+            proptest::prop_assert!(IdempotencyKey::parse(key).is_ok());
+        }
     }
 }

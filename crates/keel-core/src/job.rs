@@ -388,7 +388,7 @@ impl UniqueScopeKind {
 /// An optional uniqueness constraint on a new job (Oban's `unique`, River's `UniqueOpts`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Unique {
-    /// The caller's key, 1..=[`Unique::MAX_KEY_LEN`] bytes without control characters,
+    /// The caller's key, 1..=[`Unique::MAX_KEY_LEN`] characters, none of them control characters,
     /// scoped per tenant.
     pub key: String,
     /// How long the key is held.
@@ -396,7 +396,7 @@ pub struct Unique {
 }
 
 impl Unique {
-    /// Longest key, bytes.
+    /// Longest key, in characters (JSON Schema counts characters, so the limit is one a client can check).
     pub const MAX_KEY_LEN: usize = 255;
 
     /// The key as stored at insert time `now`: the caller's key, plus for a period scope the
@@ -415,14 +415,11 @@ impl Unique {
 
     fn problems(&self) -> Vec<(&'static str, String)> {
         let mut out = Vec::new();
-        if self.key.is_empty() || self.key.len() > Self::MAX_KEY_LEN {
+        let chars = self.key.chars().count();
+        if chars == 0 || chars > Self::MAX_KEY_LEN {
             out.push((
                 "unique.key",
-                format!(
-                    "must be 1 to {} bytes, got {}",
-                    Self::MAX_KEY_LEN,
-                    self.key.len()
-                ),
+                format!("must be 1 to {} characters, got {chars}", Self::MAX_KEY_LEN),
             ));
         } else if self.key.chars().any(char::is_control) {
             out.push((
@@ -565,7 +562,7 @@ pub struct NewJob {
     pub timeout: Duration,
     /// Retry policy.
     pub backoff: Backoff,
-    /// Labels, at most [`NewJob::MAX_TAGS`], each at most [`NewJob::MAX_TAG_LEN`] bytes.
+    /// Labels, at most [`NewJob::MAX_TAGS`], each at most [`NewJob::MAX_TAG_LEN`] characters.
     pub tags: Vec<String>,
     /// Uniqueness: if another job of the tenant holds this key, the insert returns that job
     /// instead of creating this one.
@@ -588,10 +585,12 @@ impl NewJob {
     pub const MAX_TAGS: usize = 32;
     /// Earliest accepted `run_at`.
     pub const MIN_RUN_AT: &'static str = "2000-01-01T00:00:00Z";
-    /// Latest accepted `run_at`: far enough for any real schedule, near enough that every
-    /// timestamp computation on it (backoff, leases, microsecond storage) stays in range.
-    pub const MAX_RUN_AT: &'static str = "2200-01-01T00:00:00Z";
-    /// Longest tag, bytes.
+    /// Latest accepted `run_at`: far enough for any real schedule (the API documents
+    /// `run_at` up to 2199, plus a `delay_ms` of up to ten years), near enough that every
+    /// timestamp computation on it (backoff, leases, microsecond storage, chrono's
+    /// nanoseconds that end in 2262) stays in range.
+    pub const MAX_RUN_AT: &'static str = "2250-01-01T00:00:00Z";
+    /// Longest tag, in characters (as JSON Schema counts them).
     pub const MAX_TAG_LEN: usize = 128;
 
     /// A job of `kind` with default queue, tenant, priority, attempts, timeout and backoff,
@@ -743,14 +742,11 @@ impl NewJob {
             );
         }
         for (i, tag) in self.tags.iter().enumerate() {
-            if tag.is_empty() || tag.len() > Self::MAX_TAG_LEN {
+            let chars = tag.chars().count();
+            if chars == 0 || chars > Self::MAX_TAG_LEN {
                 bad(
                     &format!("tags[{i}]"),
-                    format!(
-                        "must be 1 to {} bytes, got {}",
-                        Self::MAX_TAG_LEN,
-                        tag.len()
-                    ),
+                    format!("must be 1 to {} characters, got {chars}", Self::MAX_TAG_LEN),
                 );
             } else if tag.chars().any(char::is_control) {
                 // Tags are stored as jsonb on Postgres, which cannot hold U+0000; the other
