@@ -25,16 +25,19 @@ pub struct JobIn {
     /// Tenant; defaults to the API key's tenant (or `default`). Naming another tenant than
     /// the key's is refused with `403`.
     tenant: Option<String>,
-    /// Arguments: any JSON, stored and returned byte for byte; default `null`.
+    /// Arguments: any JSON of at most `KEEL_MAX_ARGS_BYTES` (1 MiB), nested at most 64
+    /// arrays and objects deep, with no lone UTF-16 surrogate escape; stored and returned
+    /// byte for byte; default `null`.
     #[schema(value_type = Value, required = false)]
     args: Option<()>,
     /// 0 (most urgent) … 9; default 4.
     #[schema(minimum = 0, maximum = 9)]
     priority: Option<u8>,
-    /// Earliest run time (RFC 3339). Exclusive with `delay_ms`.
+    /// Earliest run time (RFC 3339), from 2001 to 2199 (pattern).
     #[schema(format = DateTime)]
     run_at: Option<String>,
-    /// Run no earlier than this many milliseconds from now. Exclusive with `run_at`.
+    /// Run no earlier than this many milliseconds after `run_at`, or after now without it;
+    /// at most ten years.
     delay_ms: Option<u64>,
     /// Attempts before the job is discarded, 1..=1000; default 25.
     max_attempts: Option<u32>,
@@ -42,7 +45,7 @@ pub struct JobIn {
     timeout_ms: Option<u64>,
     /// Retry delay policy; default exponential with full jitter (1 s base, 1 h cap).
     backoff: Option<BackoffOut>,
-    /// Labels, at most 32 of at most 128 bytes.
+    /// Labels, at most 32 of at most 128 characters.
     tags: Option<Vec<String>>,
     /// Uniqueness: when another job of the tenant holds `key` (per `scope`), that job is
     /// returned instead of creating this one (`POST /v1/jobs` answers `200` with
@@ -50,20 +53,52 @@ pub struct JobIn {
     unique: Option<UniqueIn>,
 }
 
+/// The body of `POST /v1/process`: a job body without `run_at` and `delay_ms` (the job runs
+/// now and the request waits for it; schedule later jobs with `POST /v1/jobs`).
+#[derive(Debug, ToSchema)]
+#[allow(dead_code)] // Documentation only: the body is parsed by `job_in`.
+pub struct ProcessIn {
+    /// Which executor or handler runs the job (`noop`, `echo`, `webhook`, …).
+    #[schema(example = "echo")]
+    kind: String,
+    /// Queue to run in; default `default`.
+    queue: Option<String>,
+    /// Tenant; defaults to the API key's tenant (or `default`).
+    tenant: Option<String>,
+    /// Arguments: any JSON of at most `KEEL_MAX_ARGS_BYTES` (1 MiB), nested at most 64
+    /// arrays and objects deep, with no lone UTF-16 surrogate escape; stored and returned
+    /// byte for byte; default `null`.
+    #[schema(value_type = Value, required = false)]
+    args: Option<()>,
+    /// 0 (most urgent) … 9; default 4.
+    #[schema(minimum = 0, maximum = 9)]
+    priority: Option<u8>,
+    /// Attempts before the job is discarded, 1..=1000; default 25.
+    max_attempts: Option<u32>,
+    /// Per-attempt timeout in milliseconds; default 60000.
+    timeout_ms: Option<u64>,
+    /// Retry delay policy.
+    backoff: Option<BackoffOut>,
+    /// Labels, at most 32 of at most 128 characters.
+    tags: Option<Vec<String>>,
+    /// Uniqueness: the job holding the key is waited on instead.
+    unique: Option<UniqueIn>,
+}
+
 /// A uniqueness constraint on a new job.
 #[derive(Debug, ToSchema)]
 #[allow(dead_code)] // Documentation only: the body is parsed by `job_in`.
 pub struct UniqueIn {
-    /// The key, 1 to 255 bytes without control characters, scoped to the tenant.
+    /// The key, 1 to 255 characters without control characters, scoped to the tenant.
     #[schema(example = "invoice-42")]
     key: String,
     /// How long the key is held: `queued` (until the job first starts), `active` (until it
     /// finishes) or `period` (for one window of `period`, whatever the job's state).
     #[schema(example = "active")]
     scope: String,
-    /// Required with scope `period`, allowed only then: the window, 1 s to 366 days, as
-    /// whole milliseconds or a string such as `"1h"` or `"1h30m"` (units ms, s, m, h, d).
-    /// Windows are aligned to the Unix epoch.
+    /// The window of scope `period`, 1 s to 366 days, as whole milliseconds or a string
+    /// such as `"1h"` or `"1h30m"` (units s, m, h, d); 60 s when not given. Windows are
+    /// aligned to the Unix epoch. The other scopes ignore it.
     #[schema(value_type = Option<String>, example = "1h")]
     period: Option<()>,
 }
@@ -324,7 +359,8 @@ pub struct JobTemplateIn {
     kind: String,
     /// Queue; default `default`.
     queue: Option<String>,
-    /// Arguments, passed to every tick's job byte for byte; default `null`.
+    /// Arguments, passed to every tick's job byte for byte (the limits of a job's `args`);
+    /// default `null`.
     #[schema(value_type = Value, required = false)]
     args: Option<()>,
     /// 0 (most urgent) … 9; default 4.

@@ -4,7 +4,7 @@
 use axum::body::Bytes;
 use axum::extract::{FromRequest, FromRequestParts, Path, Request};
 use axum::http::request::Parts;
-use axum::http::{HeaderMap, HeaderName, header};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, header};
 use keel_core::store::ListParams;
 use keel_core::{FieldError, IdempotencyKey, JobId, QueueName, ScheduleName};
 
@@ -73,15 +73,17 @@ impl<S: Send + Sync> FromRequestParts<S> for IdempotencyKeyHeader {
         let Some(v) = parts.headers.get(&IDEMPOTENCY_KEY) else {
             return Ok(Self(None));
         };
-        let bad =
-            |reason: String| ApiError::BadRequest(format!("invalid Idempotency-Key: {reason}"));
-        let s = v
-            .to_str()
-            .map_err(|_| bad("may contain only visible ASCII characters".to_owned()))?;
-        IdempotencyKey::parse(s)
-            .map(|k| Self(Some(k)))
-            .map_err(|e| bad(e.reason))
+        parse_idempotency_key(v).map(|k| Self(Some(k)))
     }
+}
+
+/// An `Idempotency-Key` header's value; `400` naming what is wrong with it.
+pub(crate) fn parse_idempotency_key(v: &HeaderValue) -> Result<IdempotencyKey, ApiError> {
+    let bad = |reason: String| ApiError::BadRequest(format!("invalid Idempotency-Key: {reason}"));
+    let s = v
+        .to_str()
+        .map_err(|_| bad("may contain only visible ASCII characters".to_owned()))?;
+    IdempotencyKey::parse(s).map_err(|e| bad(e.reason))
 }
 
 /// Parses a query string given as its `(name, value)` pairs, reporting every bad parameter
@@ -195,7 +197,6 @@ impl FromRequest<ApiState> for JsonBody {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use axum::http::HeaderValue;
 
     #[test]
     fn json_content_types() {

@@ -30,10 +30,11 @@ use crate::error::ApiError;
 /// Most jobs in one batch request.
 pub const MAX_BATCH: usize = 1000;
 
-/// How far from now a job may be scheduled, either way: ten years, as `delay_ms` or as the
-/// distance of `run_at` from now. Besides catching typos (year 2205 for 2025), it keeps
-/// timestamps well inside the range every layer can represent (nanosecond `chrono`
-/// arithmetic ends in 2262), so no client value can overflow one.
+/// The longest `delay_ms`: ten years. (`run_at` is bounded absolutely, by
+/// [`keel_core::NewJob::MIN_RUN_AT`] and [`keel_core::NewJob::MAX_RUN_AT`], a range the OpenAPI
+/// document can state.) Both keep timestamps well inside the range every layer can
+/// represent (nanosecond `chrono` arithmetic ends in 2262), so no client value can overflow
+/// one.
 pub const MAX_DELAY_MS: u64 = 10 * 365 * 24 * 3600 * 1000;
 
 /// The fields of a job body, in a stable order for messages.
@@ -65,13 +66,34 @@ const TEMPLATE_FIELDS: &[&str] = &[
     "tags",
 ];
 
+/// The window of a unique key of scope `period` when the body gives none.
+pub(crate) const DEFAULT_UNIQUE_PERIOD: Duration = Duration::from_secs(60);
+
 /// The members of `unique`.
 const UNIQUE_FIELDS: &[&str] = &["key", "scope", "period"];
 
-/// What is being parsed: a job to enqueue, or a schedule's template.
+/// The fields of a job waited for by `POST /v1/process`: a job's, less the run time. A job
+/// scheduled for later could only outlive its request (and end in a certain `504`), so the
+/// fields that delay it are refused rather than half-honoured.
+const PROCESS_FIELDS: &[&str] = &[
+    "kind",
+    "queue",
+    "tenant",
+    "args",
+    "priority",
+    "max_attempts",
+    "timeout_ms",
+    "backoff",
+    "tags",
+    "unique",
+];
+
+/// What is being parsed: a job to enqueue, one to enqueue and wait for, or a schedule's
+/// template.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Shape {
     Job,
+    Process,
     Template,
 }
 
@@ -79,6 +101,7 @@ impl Shape {
     fn fields(self) -> &'static [&'static str] {
         match self {
             Shape::Job => JOB_FIELDS,
+            Shape::Process => PROCESS_FIELDS,
             Shape::Template => TEMPLATE_FIELDS,
         }
     }
@@ -145,13 +168,26 @@ impl Errors<'_> {
     }
 
     /// Parses `raw` as `T`, recording `message` (or serde's own when `None`) on failure.
+    /// A number with no fractional part counts as an integer (`5.0` as `5`), as JSON Schema
+    /// says it is: clients whose JSON libraries write every number as a float must not see
+    /// their integers refused.
     pub(crate) fn parse<T: DeserializeOwned>(
         &mut self,
         field: &str,
         raw: &RawValue,
         message: Option<&str>,
     ) -> Option<T> {
-        match serde_json::from_str::<T>(raw.get()) {
+        let parsed = serde_json::from_str::<T>(raw.get()).or_else(|e| {
+            let Ok(mut v) = serde_json::from_str::<serde_json::Value>(raw.get()) else {
+                return Err(e);
+            };
+            if integral_floats_to_integers(&mut v) {
+                serde_json::from_value::<T>(v)
+            } else {
+                Err(e)
+            }
+        });
+        match parsed {
             Ok(v) => Some(v),
             Err(e) => {
                 let msg = message.map_or_else(|| serde_message(&e), str::to_owned);
@@ -159,6 +195,34 @@ impl Errors<'_> {
                 None
             }
         }
+    }
+}
+
+/// Turns every number in `v` that is a float with no fractional part (within the integer
+/// range) into an integer; says whether it changed anything.
+fn integral_floats_to_integers(v: &mut serde_json::Value) -> bool {
+    match v {
+        serde_json::Value::Number(n) if n.is_f64() => {
+            let f = n.as_f64().unwrap_or(f64::NAN);
+            // Only exactly representable integers: |f| < 2^53.
+            if f.fract() == 0.0 && f.abs() < 9_007_199_254_740_992.0 {
+                *v = if f < 0.0 {
+                    serde_json::Value::from(f as i64)
+                } else {
+                    serde_json::Value::from(f as u64)
+                };
+                true
+            } else {
+                false
+            }
+        }
+        serde_json::Value::Array(items) => items
+            .iter_mut()
+            .fold(false, |changed, i| integral_floats_to_integers(i) | changed),
+        serde_json::Value::Object(members) => members
+            .values_mut()
+            .fold(false, |changed, m| integral_floats_to_integers(m) | changed),
+        _ => false,
     }
 }
 
@@ -171,6 +235,12 @@ pub(crate) const DURATION_SYNTAX: &str = "must be a duration: whole milliseconds
 pub(crate) fn parse_duration(raw: &RawValue) -> Result<Duration, String> {
     if let Ok(ms) = serde_json::from_str::<u64>(raw.get()) {
         return Ok(Duration::from_millis(ms));
+    }
+    if let Ok(f) = serde_json::from_str::<f64>(raw.get())
+        && f.fract() == 0.0
+        && (0.0..9_007_199_254_740_992.0).contains(&f)
+    {
+        return Ok(Duration::from_millis(f as u64));
     }
     parse_duration_with_unit(raw)
 }
@@ -266,8 +336,22 @@ fn parse_unique(raw: &RawValue, job: &mut NewJob, errs: &mut Errors<'_>) {
                     None => {}
                 }
             }
+            // `null` is "not given", as for a job's optional fields.
+            _ if raw.get() == "null" => {}
+            // Checked whatever the scope, so a bad value never passes unnoticed.
             _ => match parse_duration(&raw) {
-                Ok(p) => period = Some(p),
+                Ok(p) if (UniqueScope::MIN_PERIOD..=UniqueScope::MAX_PERIOD).contains(&p) => {
+                    period = Some(p);
+                }
+                Ok(p) => errs.add(
+                    &path,
+                    format!(
+                        "must be between {} s and {} days, got {} ms",
+                        UniqueScope::MIN_PERIOD.as_secs(),
+                        UniqueScope::MAX_PERIOD.as_secs() / 86_400,
+                        p.as_millis()
+                    ),
+                ),
                 Err(m) => errs.add(&path, m),
             },
         }
@@ -275,37 +359,24 @@ fn parse_unique(raw: &RawValue, job: &mut NewJob, errs: &mut Errors<'_>) {
     if key.is_none() && !seen.contains(&"key") {
         errs.add("unique.key", "is required");
     }
-    let scope = match (scope, period) {
-        (Some(UniqueScopeKind::Queued), None) => UniqueScope::Queued,
-        (Some(UniqueScopeKind::Active), None) => UniqueScope::Active,
-        (Some(UniqueScopeKind::Period), Some(p)) => UniqueScope::Period(p),
-        (Some(UniqueScopeKind::Period), None) => {
-            errs.add("unique.period", "is required with scope period");
-            UniqueScope::Active
-        }
-        (Some(k), Some(_)) => {
-            errs.add(
-                "unique.period",
-                format!("is only allowed with scope period, not {}", k.as_str()),
-            );
-            UniqueScope::Active
-        }
-        (None, period) => {
+    // `period` is the window of scope `period` (60 s when not given, Oban's default) and
+    // means nothing to the other scopes, which ignore it: no field depends on another, so
+    // every body a schema allows is accepted.
+    let window = period.unwrap_or(DEFAULT_UNIQUE_PERIOD);
+    let scope = match scope {
+        Some(UniqueScopeKind::Queued) => UniqueScope::Queued,
+        Some(UniqueScopeKind::Active) => UniqueScope::Active,
+        Some(UniqueScopeKind::Period) => UniqueScope::Period(window),
+        None => {
             if !seen.contains(&"scope") {
                 errs.add("unique.scope", "is required (queued, active or period)");
             }
-            period.map_or(UniqueScope::Active, UniqueScope::Period)
+            UniqueScope::Active
         }
     };
     if let Some(key) = key {
         job.unique = Some(Unique { key, scope });
     }
-}
-
-/// Whether `t` is at most [`MAX_DELAY_MS`] away from `now`, in either direction.
-fn within_horizon(now: Timestamp, t: Timestamp) -> bool {
-    let distance = (t - now).abs();
-    distance <= chrono::TimeDelta::milliseconds(MAX_DELAY_MS as i64)
 }
 
 /// What parsing a job needs besides its body.
@@ -366,10 +437,18 @@ fn read_job(
     let fields = shape.fields();
     for (name, raw) in members.0 {
         let Some(field) = fields.iter().copied().find(|f| *f == name) else {
-            errs.add(
-                &name,
-                format!("unknown field; expected one of {}", fields.join(", ")),
-            );
+            if shape == Shape::Process && (name == "run_at" || name == "delay_ms") {
+                errs.add(
+                    &name,
+                    "is not accepted by /v1/process, which runs the job now and waits for it; \
+                     schedule a job for later with POST /v1/jobs",
+                );
+            } else {
+                errs.add(
+                    &name,
+                    format!("unknown field; expected one of {}", fields.join(", ")),
+                );
+            }
             continue;
         };
         if seen.contains(&field) {
@@ -431,12 +510,8 @@ fn read_job(
                             field,
                             "is a leap second (:60), which cannot be stored; use the second after it",
                         ),
-                        Ok(t) if within_horizon(cx.now, t.with_timezone(&Utc)) => {
-                            run_at = Some(t.with_timezone(&Utc));
-                        }
-                        Ok(_) => {
-                            errs.add(field, "must be within ten years of now (use a closer time)")
-                        }
+                        // Bounds are checked with the job (`NewJob::validate`).
+                        Ok(t) => run_at = Some(t.with_timezone(&Utc)),
                         Err(_) => errs.add(field, msg),
                     }
                 }
@@ -489,19 +564,20 @@ fn read_job(
         (None, false) => errs.add("kind", "is required"),
         (None, true) => {}
     }
+    // `delay_ms` counts from `run_at` when both are given, from now otherwise: the two
+    // compose, so no combination of valid fields is refused (a rule a schema can state).
     match (run_at, delay_ms) {
-        (Some(_), Some(_)) => errs.add("delay_ms", "cannot be combined with run_at; send one"),
-        (Some(t), None) => job.run_at = Some(t),
-        (None, Some(ms)) => {
-            job.run_at = cx
-                .now
+        (at, Some(ms)) => {
+            job.run_at = at
+                .unwrap_or(cx.now)
                 .checked_add_signed(chrono::TimeDelta::milliseconds(ms as i64));
         }
+        (Some(t), None) => job.run_at = Some(t),
         (None, None) => {}
     }
     // A template's bounds are checked with the rest of its schedule
     // (`NewSchedule::validate`), which would report them a second time.
-    if shape == Shape::Job
+    if shape != Shape::Template
         && let Err(v) = job.validate(cx.max_args_bytes)
     {
         for e in v.0 {
@@ -536,10 +612,19 @@ fn read_job(
     Ok((job, errs.list))
 }
 
-/// Parses the body of `POST /v1/jobs` (and `/v1/process`).
+/// Parses the body of `POST /v1/jobs`.
 pub(crate) fn parse_single(body: &[u8], cx: &JobContext<'_>) -> Result<NewJob, ApiError> {
+    parse_one(body, cx, Shape::Job)
+}
+
+/// Parses the body of `POST /v1/process`: a job without `run_at` or `delay_ms`.
+pub(crate) fn parse_process(body: &[u8], cx: &JobContext<'_>) -> Result<NewJob, ApiError> {
+    parse_one(body, cx, Shape::Process)
+}
+
+fn parse_one(body: &[u8], cx: &JobContext<'_>, shape: Shape) -> Result<NewJob, ApiError> {
     let members = members_of_body(body)?;
-    parse_job(members, "", cx, Shape::Job).map_err(|f| match f {
+    parse_job(members, "", cx, shape).map_err(|f| match f {
         JobFailure::Fields(errors) => ApiError::Validation(errors),
         JobFailure::Forbidden(e) => e,
     })
@@ -724,7 +809,17 @@ mod tests {
             )
             .unwrap_err(),
         );
-        assert_eq!(got, ["kind", "delay_ms"]);
+        assert_eq!(got, ["kind"]);
+        // delay_ms counts from run_at.
+        let job = parse_single(
+            br#"{"kind":"a","run_at":"2030-01-01T00:00:00Z","delay_ms":1500}"#,
+            &cx(&open),
+        )
+        .unwrap();
+        assert_eq!(
+            job.run_at.unwrap().to_rfc3339(),
+            "2030-01-01T00:00:01.500+00:00"
+        );
         let job = parse_single(br#"{"kind":"a","queue":null,"tags":null}"#, &cx(&open)).unwrap();
         assert_eq!(job.queue, QueueName::default());
         assert!(fields(parse_single(br#"{"kind":null}"#, &cx(&open)).unwrap_err()) == ["kind"]);
@@ -844,6 +939,11 @@ mod tests {
         );
         let none = parse_single(br#"{"kind":"a","unique":null}"#, &cx(&open)).unwrap();
         assert_eq!(none.unique, None);
+        // Scope period without a period takes the default window; the other scopes ignore one.
+        let u = parse(r#"{"scope":"period","key":"k"}"#).unwrap();
+        assert_eq!(u.scope, UniqueScope::Period(DEFAULT_UNIQUE_PERIOD));
+        let u = parse(r#"{"scope":"queued","period":"1h","key":"k"}"#).unwrap();
+        assert_eq!(u.scope, UniqueScope::Queued);
     }
 
     #[test]
@@ -870,9 +970,9 @@ mod tests {
                 "unique.scope"
             ]
         );
-        assert_eq!(got(r#"{"key":"k","scope":"period"}"#), ["unique.period"]);
+        // A period is checked whatever the scope, so a bad one is reported beside it.
         assert_eq!(
-            got(r#"{"key":"k","scope":"queued","period":"1h"}"#),
+            got(r#"{"key":"k","scope":"queued","period":"1 fortnight"}"#),
             ["unique.period"]
         );
         // The bound checks of the key and the period still run beside a type error.

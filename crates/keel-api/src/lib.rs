@@ -20,6 +20,8 @@ pub mod auth;
 pub mod config;
 pub mod dto;
 pub mod error;
+#[cfg(any(test, feature = "fuzzing"))]
+pub mod fuzzing;
 pub mod job_cache;
 pub mod listener;
 pub mod middleware;

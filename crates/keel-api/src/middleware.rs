@@ -212,21 +212,27 @@ pub(crate) fn panic_response(err: Box<dyn Any + Send + 'static>) -> Response {
     ApiError::internal(format!("handler panicked: {msg}")).into_response()
 }
 
-/// The client's `Request-Timeout: <ms>`, if any. Unparsable or zero values are a `400`: a
-/// client that asks for a deadline should learn that it was not understood.
-fn requested_timeout(headers: &HeaderMap) -> Result<Option<Duration>, ApiError> {
+/// The shortest deadline a client may ask for: below it a request could expire before its
+/// own body was read, and the answer would say nothing about the server.
+pub const MIN_REQUESTED_TIMEOUT_MS: u64 = 100;
+
+/// The client's `Request-Timeout: <ms>`, if any. Unparsable values, or fewer than
+/// [`MIN_REQUESTED_TIMEOUT_MS`], are a `400`: a client that asks for a deadline should
+/// learn that it was not understood.
+pub(crate) fn requested_timeout(headers: &HeaderMap) -> Result<Option<Duration>, ApiError> {
     let Some(v) = headers.get(&REQUEST_TIMEOUT) else {
         return Ok(None);
     };
     v.to_str()
         .ok()
         .and_then(|s| s.trim().parse::<u64>().ok())
-        .filter(|ms| *ms > 0)
+        .filter(|ms| *ms >= MIN_REQUESTED_TIMEOUT_MS)
         .map(|ms| Some(Duration::from_millis(ms)))
         .ok_or_else(|| {
-            ApiError::BadRequest(
-                "Request-Timeout must be a positive whole number of milliseconds".to_owned(),
-            )
+            ApiError::BadRequest(format!(
+                "Request-Timeout must be a whole number of milliseconds, at least \
+                 {MIN_REQUESTED_TIMEOUT_MS}"
+            ))
         })
 }
 
@@ -315,7 +321,7 @@ mod tests {
             requested_timeout(&h).unwrap(),
             Some(Duration::from_millis(250))
         );
-        for bad in ["0", "-1", "1.5", "soon"] {
+        for bad in ["0", "99", "-1", "1.5", "soon"] {
             h.insert(REQUEST_TIMEOUT, HeaderValue::from_static(bad));
             assert!(requested_timeout(&h).is_err(), "{bad}");
         }

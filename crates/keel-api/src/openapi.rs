@@ -1,7 +1,15 @@
 //! The OpenAPI document served at `/v1/openapi.json`, generated from the handlers'
 //! `#[utoipa::path]` attributes and the DTOs' schemas, and checked against the route table
 //! by a test.
+//!
+//! [`document`] then states what utoipa's attributes cannot: every answer each route can
+//! give (the protection layers', the body layers', the auth layer's), and every constraint
+//! the parsers enforce (name patterns, bounds, formats, header forms, fields that exclude
+//! each other), so that a client generated from it, and a fuzzer reading it (schemathesis,
+//! run in CI), agree with the server. Keep the tables below in step with `job_in`,
+//! `schedule_in`, `extract` and keel-core's validation.
 
+use serde_json::json;
 use utoipa::openapi::content::Content;
 use utoipa::openapi::header::HeaderBuilder;
 use utoipa::openapi::response::ResponseBuilder;
@@ -61,10 +69,54 @@ impl Modify for ProtectionResponses {
                 &mut item.patch,
             ];
             for op in ops.into_iter().flatten() {
+                // Every route parses its headers (`Request-Timeout`, `X-Request-Id`) and
+                // can fail inside: a malformed header is a 400, a bug an opaque 500.
+                let has_body = op.request_body.is_some();
+                let responses = &mut op.responses.responses;
+                responses.entry("400".to_owned()).or_insert_with(|| {
+                    problem_response(
+                        "Malformed request: not JSON, a bad path segment, query or header (e.g. Request-Timeout)",
+                        false,
+                    )
+                });
+                responses.entry("500".to_owned()).or_insert_with(|| {
+                    problem_response(
+                        "Internal error (opaque; the cause is logged with the request id)",
+                        false,
+                    )
+                });
+                if has_body {
+                    responses.entry("408".to_owned()).or_insert_with(|| {
+                        problem_response(
+                            "The request body did not arrive before the request deadline",
+                            false,
+                        )
+                    });
+                    responses.entry("413".to_owned()).or_insert_with(|| {
+                        problem_response("The body is larger than the limit", false)
+                    });
+                    responses.entry("415".to_owned()).or_insert_with(|| {
+                        problem_response("The body is not declared as JSON", false)
+                    });
+                    responses
+                        .entry("422".to_owned())
+                        .or_insert_with(|| problem_response("Invalid fields, all listed", false));
+                }
                 if op.security.is_none() {
                     continue;
                 }
-                let responses = &mut op.responses.responses;
+                responses.entry("401".to_owned()).or_insert_with(|| {
+                    problem_response(
+                        "Missing or unknown API key (WWW-Authenticate: Bearer)",
+                        false,
+                    )
+                });
+                responses.entry("403".to_owned()).or_insert_with(|| {
+                    problem_response(
+                        "The API key may not do this (another tenant, or an operator's action)",
+                        false,
+                    )
+                });
                 responses.entry("429".to_owned()).or_insert_with(|| {
                     problem_response(
                         "Rate limit of the tenant or API key exceeded (RateLimit-Limit, RateLimit-Remaining and RateLimit-Reset describe the bucket)",
@@ -121,6 +173,7 @@ impl Modify for ProtectionResponses {
     ),
     components(schemas(
         dto::JobIn,
+        dto::ProcessIn,
         dto::UniqueIn,
         dto::UniqueOut,
         dto::BatchIn,
@@ -149,6 +202,306 @@ impl Modify for ProtectionResponses {
     )
 )]
 pub struct ApiDoc;
+
+/// A 128-byte Keel name: queue, kind, tenant, schedule.
+fn name_schema(nullable: bool) -> serde_json::Value {
+    let pattern = keel_core::QueueName::pattern();
+    if nullable {
+        json!({"type": ["string", "null"], "pattern": pattern, "maxLength": 128})
+    } else {
+        json!({"type": "string", "pattern": pattern, "minLength": 1, "maxLength": 128})
+    }
+}
+
+/// An RFC 3339 time in the range a job's `run_at` may take
+/// ([`keel_core::NewJob::MIN_RUN_AT`] to [`keel_core::NewJob::MAX_RUN_AT`], whatever the
+/// offset), with days up to 28 so that every match is a real date, and no leap second.
+pub const RUN_AT_PATTERN: &str = concat!(
+    r"^(200[1-9]|20[1-9][0-9]|21[0-9]{2})-(0[1-9]|1[0-2])-(0[1-9]|1[0-9]|2[0-8])",
+    r"T([01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](\.[0-9]{1,6})?",
+    r"(Z|[+-]([01][0-9]|2[0-3]):[0-5][0-9])$"
+);
+
+/// A tag or a unique key: no control characters.
+const PRINTABLE_PATTERN: &str = r"^[^\u0000-\u001F\u007F-\u009F]*$";
+
+/// A duration with a unit, at most 7 days (a schedule's `catch_up`).
+pub const CATCH_UP_PATTERN: &str = concat!(
+    r"^([0-9]{1,6}ms|[0-9]{1,5}s|[0-9]{1,4}m|",
+    r"(1[0-5][0-9]|16[0-8]|[0-9]{1,2})h|[0-7]d)$"
+);
+
+/// A duration with a unit from 1 s to 366 days (a unique key's `period`).
+pub const PERIOD_PATTERN: &str = concat!(
+    r"^([1-9][0-9]{0,3}s|[1-9][0-9]{0,3}m|[1-9][0-9]{0,2}h|",
+    r"([1-9]|[1-9][0-9]|[12][0-9]{2}|3[0-5][0-9]|36[0-6])d)$"
+);
+
+/// The served document: [`ApiDoc`] plus what its attributes cannot state (see the module
+/// docs). Built once per request of `/v1/openapi.json`: cheap next to what the request
+/// costs the client.
+pub fn document() -> serde_json::Value {
+    let mut doc =
+        serde_json::to_value(ApiDoc::openapi()).unwrap_or_else(|_| json!({"openapi": "3.1.0"}));
+    constrain_parameters(&mut doc);
+    constrain_bodies(&mut doc);
+    add_examples(&mut doc);
+    doc
+}
+
+/// One realistic request body per write route: readers copy them, and the fuzzer's examples
+/// phase sends them as they are.
+fn add_examples(doc: &mut serde_json::Value) {
+    let job = json!({
+        "queue": "emails",
+        "kind": "send_welcome",
+        "args": {"user_id": 42},
+        "max_attempts": 5,
+        "tags": ["signup"],
+        "unique": {"key": "welcome-42", "scope": "queued"},
+    });
+    let schedule = json!({
+        "cron": "0 3 * * *",
+        "timezone": "Europe/Berlin",
+        "catch_up": "1h",
+        "job": {"queue": "reports", "kind": "nightly_report", "args": {"format": "pdf"}},
+    });
+    let mut named_schedule = schedule.clone();
+    named_schedule["name"] = json!("nightly-report");
+    let batch = json!({"jobs": [
+        {"queue": "emails", "kind": "send_welcome", "args": {"user_id": 42}},
+        {"queue": "emails", "kind": "send_welcome", "args": {"user_id": 43}, "delay_ms": 60000},
+    ]});
+    for (path, method, example) in [
+        ("/v1/jobs", "post", job),
+        ("/v1/jobs/batch", "post", batch),
+        ("/v1/schedules", "post", named_schedule),
+        ("/v1/schedules/{name}", "put", schedule),
+    ] {
+        let pointer = format!(
+            "/paths/{}/{method}/requestBody/content/application~1json",
+            path.replace('~', "~0").replace('/', "~1")
+        );
+        if let Some(media) = doc.pointer_mut(&pointer) {
+            media["example"] = example;
+        }
+    }
+}
+
+/// Path, query and header parameters, by name: what each parser accepts.
+fn constrain_parameters(doc: &mut serde_json::Value) {
+    let Some(paths) = doc.get_mut("paths").and_then(|p| p.as_object_mut()) else {
+        return;
+    };
+    for (path, item) in paths.iter_mut() {
+        let Some(item) = item.as_object_mut() else {
+            continue;
+        };
+        for op in item.values_mut() {
+            let Some(params) = op.get_mut("parameters").and_then(|p| p.as_array_mut()) else {
+                continue;
+            };
+            for param in params {
+                let name = param["name"].as_str().unwrap_or_default().to_owned();
+                let place = param["in"].as_str().unwrap_or_default().to_owned();
+                let schema = match (place.as_str(), name.as_str()) {
+                    ("path", "id") => json!({"type": "string", "format": "uuid"}),
+                    ("path", "queue" | "name") => name_schema(false),
+                    ("query", "queue" | "kind" | "tenant") => name_schema(false),
+                    ("query", "after") if path == "/v1/schedules" => name_schema(false),
+                    ("query", "after") => json!({"type": "string", "format": "uuid"}),
+                    ("query", "state") => json!({
+                        "type": "string",
+                        "enum": keel_core::JobState::ALL.map(|s| s.as_str()),
+                    }),
+                    ("query", "limit") => json!({"type": "integer", "minimum": 1, "maximum": 1000}),
+                    ("header", "Idempotency-Key") => json!({
+                        "type": "string",
+                        "pattern": keel_core::IdempotencyKey::PATTERN,
+                    }),
+                    ("header", "Request-Timeout") => json!({
+                        "type": "integer",
+                        "minimum": crate::middleware::MIN_REQUESTED_TIMEOUT_MS,
+                        "maximum": u64::MAX,
+                    }),
+                    _ => continue,
+                };
+                param["schema"] = schema;
+            }
+        }
+    }
+}
+
+/// The request bodies' fields: the bounds, patterns and exclusions `job_in` and
+/// `schedule_in` enforce.
+fn constrain_bodies(doc: &mut serde_json::Value) {
+    if let Some(body) = doc.pointer_mut(
+        "/paths/~1v1~1schedules~1{name}/put/requestBody/content/application~1json/schema",
+    ) {
+        *body = json!({"$ref": "#/components/schemas/SchedulePutIn"});
+    }
+    let Some(schemas) = doc
+        .pointer_mut("/components/schemas")
+        .and_then(|s| s.as_object_mut())
+    else {
+        return;
+    };
+    let tags = json!({
+        "type": ["array", "null"],
+        "maxItems": keel_core::NewJob::MAX_TAGS,
+        "items": {
+            "type": "string",
+            "minLength": 1,
+            "maxLength": keel_core::NewJob::MAX_TAG_LEN,
+            "pattern": PRINTABLE_PATTERN,
+        },
+    });
+    let job_fields = |with_run_time: bool, with_tenant: bool| {
+        let mut p = json!({
+            "kind": name_schema(false),
+            "queue": name_schema(true),
+            "priority": {"type": ["integer", "null"], "minimum": 0, "maximum": 9},
+            "max_attempts": {
+                "type": ["integer", "null"],
+                "minimum": 1,
+                "maximum": keel_core::NewJob::MAX_ATTEMPTS_LIMIT,
+            },
+            "timeout_ms": {
+                "type": ["integer", "null"],
+                "minimum": 1,
+                "maximum": keel_core::NewJob::MAX_TIMEOUT.as_millis(),
+            },
+            "tags": tags.clone(),
+        });
+        if with_tenant {
+            // `null` means "not given", as for `backoff`.
+            p["unique"] = json!({"oneOf": [
+                {"type": "null"},
+                {"$ref": "#/components/schemas/UniqueIn"},
+            ]});
+        }
+        if with_tenant {
+            p["tenant"] = name_schema(true);
+        }
+        if with_run_time {
+            p["run_at"] = json!({"type": ["string", "null"], "pattern": RUN_AT_PATTERN});
+            p["delay_ms"] = json!({
+                "type": ["integer", "null"],
+                "minimum": 0,
+                "maximum": crate::job_in::MAX_DELAY_MS,
+            });
+        }
+        p
+    };
+    for (schema, with_run_time, with_tenant) in [
+        ("JobIn", true, true),
+        ("ProcessIn", false, true),
+        ("JobTemplateIn", false, false),
+    ] {
+        let Some(s) = schemas.get_mut(schema) else {
+            continue;
+        };
+        merge_properties(s, &job_fields(with_run_time, with_tenant));
+        s["additionalProperties"] = json!(false);
+    }
+    if let Some(s) = schemas.get_mut("BatchIn") {
+        s["properties"]["jobs"]["minItems"] = json!(1);
+        s["properties"]["jobs"]["maxItems"] = json!(crate::job_in::MAX_BATCH);
+        s["additionalProperties"] = json!(false);
+    }
+    if let Some(s) = schemas.get_mut("UniqueIn") {
+        let key = json!({
+            "type": "string",
+            "minLength": 1,
+            "maxLength": keel_core::Unique::MAX_KEY_LEN,
+            "pattern": PRINTABLE_PATTERN,
+        });
+        // One schema with every type it may take (no oneOf: generators of negative cases
+        // misread alternatives nested in an object): pattern applies to the string,
+        // bounds to the number.
+        let period = json!({
+            "type": ["string", "integer", "null"],
+            "pattern": PERIOD_PATTERN,
+            "minimum": keel_core::UniqueScope::MIN_PERIOD.as_millis(),
+            "maximum": keel_core::UniqueScope::MAX_PERIOD.as_millis(),
+        });
+        merge_properties(
+            s,
+            &json!({
+                "key": key,
+                "scope": {"type": "string", "enum": ["queued", "active", "period"]},
+                "period": period,
+            }),
+        );
+        s["additionalProperties"] = json!(false);
+    }
+    if let Some(s) = schemas.get_mut("ScheduleIn") {
+        merge_properties(
+            s,
+            &json!({
+                "name": name_schema(true),
+                "tenant": name_schema(true),
+                "cron": {
+                    "type": "string",
+                    "maxLength": keel_core::CronSpec::MAX_EXPR_LEN,
+                    "pattern": keel_core::CronSpec::documented_pattern(),
+                },
+                "timezone": {
+                    "type": ["string", "null"],
+                    "enum": keel_core::CronSpec::time_zones()
+                        .into_iter()
+                        .map(serde_json::Value::from)
+                        .chain([serde_json::Value::Null])
+                        .collect::<Vec<_>>(),
+                },
+                "catch_up": {"type": ["string", "null"], "pattern": CATCH_UP_PATTERN},
+            }),
+        );
+        s["additionalProperties"] = json!(false);
+        // `PUT /v1/schedules/{name}` takes the name from its path: the same body without
+        // one. `POST` requires it.
+        let mut put = s.clone();
+        if let Some(props) = put["properties"].as_object_mut() {
+            props.remove("name");
+        }
+        put["description"] = json!(
+            "The body of `PUT /v1/schedules/{name}`: a schedule without `name` (the path names it)."
+        );
+        s["required"] = json!(["name", "cron", "job"]);
+        s["properties"]["name"]["type"] = json!("string");
+        schemas.insert("SchedulePutIn".to_owned(), put);
+    }
+    if let Some(s) = schemas.get_mut("BackoffOut") {
+        let week = keel_core::Backoff::MAX.as_millis();
+        if let Some(variants) = s["oneOf"].as_array_mut() {
+            for v in variants {
+                let props = &mut v["properties"];
+                if props.get("base_ms").is_some() {
+                    props["base_ms"]["minimum"] = json!(1);
+                    props["base_ms"]["maximum"] = json!(week);
+                    props["cap_ms"]["maximum"] = json!(week);
+                }
+                if props.get("delay_ms").is_some() {
+                    props["delay_ms"]["maximum"] = json!(week);
+                }
+            }
+        }
+    }
+}
+
+/// Replaces the named properties of an object schema, keeping their descriptions.
+fn merge_properties(schema: &mut serde_json::Value, with: &serde_json::Value) {
+    let Some(with) = with.as_object() else { return };
+    for (name, constrained) in with {
+        let slot = &mut schema["properties"][name];
+        let description = slot.get("description").cloned();
+        let mut constrained = constrained.clone();
+        if let Some(d) = description {
+            constrained["description"] = d;
+        }
+        *slot = constrained;
+    }
+}
 
 #[cfg(test)]
 mod tests {

@@ -96,7 +96,8 @@ pub(crate) fn parse_schedule(
             },
         }
     }
-    if name.is_none() && !seen.contains(&"name") {
+    // `null` counts as not given: a schedule needs its name (`POST` takes it from the body).
+    if name.is_none() && !errs.list.iter().any(|e| e.field == "name") {
         errs.add("name", "is required");
     }
     if !seen.contains(&"cron") {

@@ -9,12 +9,10 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use keel_resilience::{BreakerState, CircuitBreaker};
 use tokio::time::Instant;
-use utoipa::OpenApi;
 
 use crate::dto::{CheckOut, HealthOut, ReadyChecks, ReadyOut};
 use crate::error::ApiError;
 use crate::middleware::Deadline;
-use crate::openapi::ApiDoc;
 use crate::state::ApiState;
 
 /// Longest a readiness check may take (spec: dependencies reachable within 2 s).
@@ -157,6 +155,6 @@ pub(crate) async fn get_metrics(State(state): State<ApiState>) -> Response {
     responses((status = 200, description = "OpenAPI document", body = Object))
 )]
 pub(crate) async fn get_openapi() -> Result<Response, ApiError> {
-    let json = ApiDoc::openapi().to_json().map_err(ApiError::internal)?;
+    let json = serde_json::to_string(&crate::openapi::document()).map_err(ApiError::internal)?;
     Ok(([(header::CONTENT_TYPE, "application/json")], json).into_response())
 }

@@ -518,7 +518,10 @@ pub(crate) async fn retry_job(
 
 /// Parses the query of `GET /v1/jobs`, reporting every bad parameter (as a `400` listing
 /// them in `errors`).
-fn list_params(pairs: Vec<(String, String)>, caller: &Caller) -> Result<ListParams, ApiError> {
+pub(crate) fn list_params(
+    pairs: Vec<(String, String)>,
+    caller: &Caller,
+) -> Result<ListParams, ApiError> {
     const NAMES: [&str; 6] = ["queue", "state", "kind", "tenant", "after", "limit"];
     let mut p = ListParams {
         limit: DEFAULT_LIST_LIMIT,

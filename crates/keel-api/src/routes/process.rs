@@ -14,7 +14,7 @@ use tokio::sync::broadcast::error::RecvError;
 use tokio::time::{Instant, MissedTickBehavior};
 
 use crate::auth::Caller;
-use crate::dto::{JobIn, JobOut};
+use crate::dto::{JobOut, ProcessIn};
 use crate::error::{ApiError, Problem};
 use crate::extract::{IdempotencyKeyHeader, JsonBody};
 use crate::job_in;
@@ -48,11 +48,12 @@ pub(crate) const DEADLINE_MARGIN: Duration = Duration::from_millis(20);
         ("Idempotency-Key" = Option<String>, Header, description = "Retrying with the same key waits on the same job"),
         ("Request-Timeout" = Option<u64>, Header, description = "Wait at most this many ms (capped by the server's request timeout)"),
     ),
-    request_body(content = JobIn, content_type = "application/json"),
+    request_body(content = ProcessIn, content_type = "application/json"),
     responses(
         (status = 200, description = "The job reached a terminal state (completed, discarded or cancelled)", body = JobOut,
             headers(("Keel-Unique-Conflict" = Option<String>, description = "Set when the unique key was held: the id of the job waited on instead"))),
-        (status = 422, description = "Invalid fields, all listed; or a job that cannot start before the request deadline (`run_at`/`delay_ms` past it)", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "The Idempotency-Key was used with a different request", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Invalid fields, all listed (`run_at` and `delay_ms` are refused: the job runs now)", body = Problem, content_type = "application/problem+json"),
         (status = 504, description = "Deadline passed; `job_id` names the job, which keeps running", body = Problem, content_type = "application/problem+json"),
     )
 )]
@@ -63,21 +64,7 @@ pub(crate) async fn process_job(
     IdempotencyKeyHeader(key): IdempotencyKeyHeader,
     JsonBody(body): JsonBody,
 ) -> Result<Response, ApiError> {
-    let job = job_in::parse_single(&body, &job_context(&state, &caller))?;
-    // A job that cannot start before the deadline could only end in a 504: say so now,
-    // before anything is stored.
-    let left = deadline.0.saturating_duration_since(Instant::now());
-    if let Some(run_at) = job.run_at
-        && run_at > chrono::Utc::now() + keel_core::clock::to_delta(left)
-    {
-        return Err(ApiError::Unprocessable(format!(
-            "the job is to run at {}, after this request's deadline ({} ms from now): \
-             /v1/process could only time out; enqueue it with POST /v1/jobs and poll \
-             GET /v1/jobs/{{id}}",
-            run_at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
-            left.as_millis()
-        )));
-    }
+    let job = job_in::parse_process(&body, &job_context(&state, &caller))?;
     let asked = job.id;
     // Subscribe before inserting: an event published between the insert and the
     // subscription would otherwise be missed.

@@ -22,7 +22,7 @@ use crate::state::ApiState;
 pub const DEFAULT_SCHEDULE_LIST_LIMIT: u32 = 100;
 
 /// The query of the schedule routes: `tenant` everywhere; `after` and `limit` when listing.
-struct ScheduleQuery {
+pub(crate) struct ScheduleQuery {
     tenant: TenantId,
     after: Option<ScheduleName>,
     limit: u32,
@@ -31,7 +31,7 @@ struct ScheduleQuery {
 /// Parses the query, reporting every bad parameter at once (`400`). A tenant-bound caller
 /// acts for its own tenant; naming another is `403`. An unrestricted caller acts for the
 /// tenant it names, or `default`.
-fn schedule_query(
+pub(crate) fn schedule_query(
     pairs: Vec<(String, String)>,
     caller: &Caller,
     listing: bool,
