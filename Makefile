@@ -1,7 +1,7 @@
 # Developer entry points. `make test` is the README's test command and what CI runs.
 CARGO ?= cargo
 
-.PHONY: run test lint fmt bench bench-store migrate profile-cpu profile-heap tasks
+.PHONY: run test lint fmt bench bench-store migrate profile-cpu profile-heap tasks fuzz
 
 ## Run Keel on the embedded SQLite default (./keel.db), API on 127.0.0.1:8080.
 run:
@@ -32,6 +32,24 @@ bench:
 	else \
 		echo "make bench: BENCH_DATABASE_URL / KEEL_TEST_DATABASE_URL not set: Postgres skipped"; \
 	fi
+
+## Fuzz the parsers of outside input (docs/security.md#fuzzing): each cargo-fuzz target in
+## fuzz/ for FUZZ_SECONDS on nightly, without a sanitizer (safe Rust: panics and failed
+## assertions are the findings) and with debug assertions. The corpus grows in FUZZ_CORPUS,
+## outside the clone, from the seeds in fuzz/seeds; crashes land in fuzz/artifacts.
+FUZZ_SECONDS ?= 600
+FUZZ_TARGETS ?= job_body query_string cron config idempotency_key
+FUZZ_HOME ?= $(HOME)/.cache/keel-fuzz
+fuzz:
+	@command -v cargo-fuzz >/dev/null || $(CARGO) install cargo-fuzz --locked
+	@for t in $(FUZZ_TARGETS); do \
+		mkdir -p $(FUZZ_HOME)/corpus/$$t; \
+		echo "== fuzz $$t for $(FUZZ_SECONDS) s"; \
+		$(CARGO) +nightly fuzz run -s none -a --target-dir $(FUZZ_HOME)/target $$t \
+			$(FUZZ_HOME)/corpus/$$t fuzz/seeds/$$t -- \
+			-max_total_time=$(FUZZ_SECONDS) -timeout=10 -rss_limit_mb=2048 -print_final_stats=1 \
+			|| exit 1; \
+	done
 
 ## Store benchmarks (criterion): batch insert and lease+complete of 100 jobs per backend.
 bench-store:

@@ -505,24 +505,29 @@ fn parse_count(s: &str, min: usize, max: usize) -> Result<usize, String> {
 /// Reads the TOML file into `name → text` pairs, refusing unknown keys (a typo must not be
 /// silently ignored).
 fn read_file(path: &PathBuf, errors: &mut Vec<(String, String)>) -> BTreeMap<String, String> {
-    let mut out = BTreeMap::new();
-    let text = match std::fs::read_to_string(path) {
-        Ok(t) => t,
+    match std::fs::read_to_string(path) {
+        Ok(text) => file_settings(&text, &path.display().to_string(), errors),
         Err(e) => {
             errors.push((
                 "config".into(),
                 format!("cannot read {}: {e}", path.display()),
             ));
-            return out;
+            BTreeMap::new()
         }
-    };
+    }
+}
+
+/// A config file's text (read from `origin`, named in messages) as `name → text` pairs.
+fn file_settings(
+    text: &str,
+    origin: &str,
+    errors: &mut Vec<(String, String)>,
+) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
     let table: toml::Table = match text.parse() {
         Ok(t) => t,
         Err(e) => {
-            errors.push((
-                "config".into(),
-                format!("{} is not valid TOML: {e}", path.display()),
-            ));
+            errors.push(("config".into(), format!("{origin} is not valid TOML: {e}")));
             return out;
         }
     };
@@ -530,7 +535,7 @@ fn read_file(path: &PathBuf, errors: &mut Vec<(String, String)>) -> BTreeMap<Str
         if !FIELDS.contains(&key.as_str()) {
             errors.push((
                 format!("config:{key}"),
-                format!("unknown setting in {}", path.display()),
+                format!("unknown setting in {origin}"),
             ));
             continue;
         }
@@ -668,16 +673,33 @@ impl Config {
     /// Merges the file (if any), env and flags, and validates everything, returning every
     /// problem at once.
     pub fn resolve(args: &ServeArgs) -> Result<Self, ConfigErrors> {
-        // `Sources::get` returns `None` only after recording an error, and the relation
-        // checks record one whenever they leave a value unset, so with no errors every value
-        // is present.
-        const PARSED: &str = "a setting that failed to parse always records an error";
         let mut errors = Vec::new();
         let file = args
             .config
             .as_ref()
             .map(|p| read_file(p, &mut errors))
             .unwrap_or_default();
+        Self::resolve_sources(args, file, errors)
+    }
+
+    /// The settings of a config file's text alone, with no flags or environment: what
+    /// `--config` reads, callable without a file (the config fuzz target and its proptest
+    /// twin).
+    pub fn from_toml(text: &str) -> Result<Self, ConfigErrors> {
+        let mut errors = Vec::new();
+        let file = file_settings(text, "the config file", &mut errors);
+        Self::resolve_sources(&ServeArgs::default(), file, errors)
+    }
+
+    fn resolve_sources(
+        args: &ServeArgs,
+        file: BTreeMap<String, String>,
+        errors: Vec<(String, String)>,
+    ) -> Result<Self, ConfigErrors> {
+        // `Sources::get` returns `None` only after recording an error, and the relation
+        // checks record one whenever they leave a value unset, so with no errors every value
+        // is present.
+        const PARSED: &str = "a setting that failed to parse always records an error";
         let a = args;
         let mut s = Sources {
             args: BTreeMap::from([
@@ -1481,5 +1503,67 @@ mod tests {
         };
         let err = Config::resolve(&args).unwrap_err();
         assert_eq!(err.0[0].0, "heartbeat_interval");
+    }
+
+    /// The proptest twin of the `config` fuzz target: any file text is taken, or refused
+    /// with at least one reason, never a panic. Lines are built from the real setting names
+    /// and values near what each parser expects.
+    mod twin {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn value() -> impl Strategy<Value = String> {
+            prop_oneof![
+                any::<i64>().prop_map(|i| i.to_string()),
+                any::<bool>().prop_map(|b| b.to_string()),
+                "[ -~]{0,24}".prop_map(|s| format!("{s:?}")),
+                prop::sample::select(vec![
+                    "\"0s\"",
+                    "\"1ms\"",
+                    "\"30s\"",
+                    "\"5m\"",
+                    "\"off\"",
+                    "\"0.0.0.0:0\"",
+                    "\"[::1]:8080\"",
+                    "\"sqlite://x.db\"",
+                    "\"postgres://u@h/d\"",
+                    "\"default:4,bulk:0\"",
+                    "\"a=00\"",
+                    "\"10/s:5\"",
+                    "\"json\"",
+                    "[\"a\", 1]",
+                    "{ a = 1 }",
+                    "1.5",
+                    "1979-05-27T07:32:00Z",
+                ])
+                .prop_map(str::to_owned),
+            ]
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(512))]
+
+            #[test]
+            fn any_config_file_is_taken_or_refused_with_reasons(
+                lines in prop::collection::vec(
+                    (
+                        prop_oneof![
+                            prop::sample::select(FIELDS.to_vec()).prop_map(str::to_owned),
+                            "[a-z_]{1,12}",
+                        ],
+                        value(),
+                    ),
+                    0..8,
+                ),
+                junk in "[ -~\n]{0,40}",
+            ) {
+                let text: String = lines.iter().map(|(k, v)| format!("{k} = {v}\n")).collect();
+                for text in [text.as_str(), junk.as_str()] {
+                    if let Err(e) = Config::from_toml(text) {
+                        prop_assert!(!e.0.is_empty(), "refused without a reason: {text:?}");
+                    }
+                }
+            }
+        }
     }
 }
