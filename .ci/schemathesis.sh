@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Runs schemathesis (PyPI) against the OpenAPI document a fresh `keel serve` serves, with a
-# valid operator key, every check, and the examples, coverage and fuzzing phases. Any failure
-# fails CI. Called by .ci/run; runnable by hand (`bash .ci/schemathesis.sh`).
+# valid operator key, every check, and the examples, coverage and fuzzing phases; then
+# `promtool check metrics` on that server's /metrics, which by then holds a series for every
+# route and outcome the fuzzer reached. Any failure fails CI. Called by .ci/run; runnable by
+# hand (`bash .ci/schemathesis.sh`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -9,6 +11,13 @@ export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/keel-target}"
 SCHEMATHESIS_VERSION=4.32.5
 VENV="${KEEL_VENV:-$HOME/.cache/keel-venv}"
 export PIP_CACHE_DIR="${PIP_CACHE_DIR:-$HOME/.cache/pip}"
+
+if ! command -v promtool >/dev/null; then
+  echo "promtool is missing; installing prometheus (which ships it) with apt"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null
+fi
+promtool --version | head -n1
 
 if ! "$VENV/bin/st" --version 2>/dev/null | grep -q "$SCHEMATHESIS_VERSION"; then
   if ! python3 -m venv --help >/dev/null 2>&1 || ! python3 -c 'import ensurepip' 2>/dev/null; then
@@ -74,3 +83,12 @@ if [ "$status" -ne 0 ]; then
   exit "$status"
 fi
 echo "schemathesis: no failures"
+
+# Every metric family has HELP and TYPE, names and labels are well formed (promtool's lint).
+metrics="$work/metrics.txt"
+curl -sf "http://127.0.0.1:$port/metrics" -o "$metrics"
+if ! promtool check metrics <"$metrics"; then
+  echo "FATAL: promtool check metrics failed on /metrics (saved in $metrics)" >&2
+  exit 1
+fi
+echo "promtool check metrics: $(grep -c '^# HELP' "$metrics") metric families, no problems"

@@ -27,6 +27,7 @@ pub mod listener;
 pub mod middleware;
 pub mod openapi;
 pub mod rate_limit;
+pub mod telemetry;
 
 mod extract;
 mod job_in;
@@ -45,5 +46,6 @@ pub use routes::jobs::{DEFAULT_LIST_LIMIT, IDEMPOTENT_REPLAYED, UNIQUE_CONFLICT}
 pub use routes::schedules::DEFAULT_SCHEDULE_LIST_LIMIT;
 pub use routes::{ROUTES, router};
 pub use state::{ApiState, Readiness};
+pub use telemetry::describe_metrics;
 
 mod state;

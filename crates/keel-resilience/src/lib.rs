@@ -12,15 +12,18 @@
 //! - [`store`]: [`GuardedStore`], a [`keel_core::Store`] that wraps the real one with a
 //!   bulkhead, the breaker, fault injection and retries of transient errors inside the
 //!   deadline.
+//! - [`telemetry`]: what each of the metrics above counts (HELP text).
 
 pub mod breaker;
 pub mod chaos;
 pub mod limit;
 pub mod scope;
 pub mod store;
+pub mod telemetry;
 
 pub use breaker::{BreakerConfig, BreakerOpen, BreakerPermit, BreakerState, CircuitBreaker};
 pub use chaos::{Chaos, ChaosSettings, Dependency, Fault};
 pub use limit::{AdaptiveLimit, AdaptiveLimitConfig, AdmissionPermit};
 pub use scope::{RequestScope, Step};
 pub use store::{GuardedStore, StoreGuardConfig};
+pub use telemetry::describe_metrics;

@@ -60,8 +60,33 @@ pub fn metrics_handle() -> anyhow::Result<PrometheusHandle> {
             let handle = recorder.handle();
             metrics::set_global_recorder(recorder)
                 .map_err(|_| "a different metrics recorder is already installed".to_owned())?;
+            describe_metrics();
             Ok(handle)
         })
         .clone()
         .map_err(|e| anyhow::anyhow!(e))
+}
+
+/// Every metric family Keel exports gets its HELP text here, once the recorder is in place:
+/// each crate describes what it records, and this binary the gauges its refresh loop sets.
+fn describe_metrics() {
+    keel_api::describe_metrics();
+    keel_resilience::describe_metrics();
+    keel_runtime::describe_metrics();
+    metrics::describe_gauge!(
+        "keel_tasks_alive",
+        "Async tasks alive in the process (requests, jobs, background loops); a level that \
+         does not come back down is work outliving the client it was for."
+    );
+    metrics::describe_gauge!(
+        "keel_db_pool_connections",
+        "Database pool connections, by state: max, idle, in_use, waiting (callers queued \
+         for a connection)."
+    );
+    metrics::describe_gauge!(
+        "keel_queue_depth",
+        "Jobs per queue and state, counted by the store on each gauge refresh (queues \
+         this process does not serve are summed under `other`)."
+    );
+    metrics::describe_gauge!("keel_queue_paused", "1 if the queue is paused, else 0.");
 }

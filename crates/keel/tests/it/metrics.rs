@@ -86,6 +86,17 @@ async fn metrics_follow_requests_and_jobs(backend: Backend, test: &str) {
         after.contains("http_request_duration_seconds"),
         "latency histogram missing"
     );
+    // Every family says what it counts (what `promtool check metrics` asks in CI).
+    let without_help: Vec<&str> = after
+        .lines()
+        .filter_map(|line| line.strip_prefix("# TYPE "))
+        .filter_map(|rest| rest.split(' ').next())
+        .filter(|name| !after.contains(&format!("# HELP {name} ")))
+        .collect();
+    assert!(
+        without_help.is_empty(),
+        "metric families without HELP: {without_help:?}"
+    );
     app.stop().await;
 }
 both_backends!(metrics_follow_requests_and_jobs);
