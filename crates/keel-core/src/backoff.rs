@@ -129,7 +129,12 @@ mod tests {
     #[test]
     fn validation_names_the_problem() {
         assert!(exp(0, 10).validate().unwrap_err().contains("base_ms"));
-        assert!(exp(1, u64::MAX / 2).validate().unwrap_err().contains("cap_ms"));
+        assert!(
+            exp(1, u64::MAX / 2)
+                .validate()
+                .unwrap_err()
+                .contains("cap_ms")
+        );
         // A cap under the base is allowed: every window is the cap.
         assert!(exp(10, 5).validate().is_ok());
         assert_eq!(exp(10, 5).window(1), Duration::from_millis(5));

@@ -150,14 +150,20 @@ mod tests {
                 blocked_workers(&handle, Duration::from_millis(100)).await,
                 Some(0)
             );
-            let blocker = tokio::spawn(async {
-                std::thread::sleep(Duration::from_millis(800));
+            // The blocker says when it is inside its poll and stays there until released,
+            // so the watch window lies inside the blocking poll however slow the machine.
+            let (started_tx, started) = tokio::sync::oneshot::channel();
+            let (release, released) = std::sync::mpsc::channel::<()>();
+            let blocker = tokio::spawn(async move {
+                started_tx.send(()).unwrap();
+                released.recv().unwrap();
             });
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            started.await.unwrap();
             assert_eq!(
                 blocked_workers(&handle, Duration::from_millis(300)).await,
                 Some(1)
             );
+            release.send(()).unwrap();
             blocker.await.unwrap();
         });
     }

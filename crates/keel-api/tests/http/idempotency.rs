@@ -31,20 +31,7 @@ async fn a_replay_returns_the_original_bytes_and_creates_nothing() {
 
     // The job moves on before the retry: a response rendered again from the job would say
     // so, the stored original does not.
-    let job = app
-        .lease("default")
-        .await
-        .pop()
-        .expect("the job is available");
-    app.store
-        .complete(vec![Completion {
-            lease: LeaseRef::of(&job).unwrap(),
-            result: None,
-        }])
-        .await
-        .unwrap();
-    let id = job_id(&first.json());
-    assert_eq!(app.store.get(id).await.unwrap().state, JobState::Completed);
+    complete_all(&app, 1).await;
 
     let again = post_with_key(&app, "/v1/jobs", "order-42", body).await;
     // The original status (201, as Stripe replays it), not a 200 for "found".
@@ -105,10 +92,31 @@ async fn batches_replay_too() {
     let body = r#"{"jobs":[{"kind":"a"},{"kind":"b"}]}"#;
     let first = post_with_key(&app, "/v1/jobs/batch", "batch-1", body).await;
     assert_eq!(first.status, StatusCode::CREATED);
+    // Both jobs move on first, so only the stored original can match the first bytes.
+    complete_all(&app, 2).await;
     let again = post_with_key(&app, "/v1/jobs/batch", "batch-1", body).await;
+    assert_eq!(again.status, StatusCode::CREATED);
     assert_eq!(again.header("idempotent-replayed"), Some("true"));
     assert_eq!(again.body, first.body);
     assert_eq!(app.all_jobs().await.len(), 2);
+}
+
+/// Leases and completes the `n` available jobs on `default`, so that a response rendered
+/// afresh from them would differ from the one given when they were created.
+async fn complete_all(app: &TestApp, n: usize) {
+    let jobs = app.lease("default").await;
+    assert_eq!(jobs.len(), n, "the jobs are available");
+    let completions = jobs
+        .iter()
+        .map(|job| Completion {
+            lease: LeaseRef::of(job).unwrap(),
+            result: None,
+        })
+        .collect();
+    app.store.complete(completions).await.unwrap();
+    for job in app.all_jobs().await {
+        assert_eq!(job.state, JobState::Completed);
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -137,4 +145,11 @@ async fn fifty_concurrent_identical_requests_create_one_job() {
         .count();
     assert_eq!(originals, 1, "exactly one request created the job");
     assert_eq!(app.all_jobs().await.len(), 1);
+
+    // After the job has run, a late retry still gets the bytes all fifty got.
+    complete_all(&app, 1).await;
+    let late = post_with_key(&app, "/v1/jobs", "concurrent-key", body).await;
+    assert_eq!(late.status, StatusCode::CREATED);
+    assert_eq!(late.header("idempotent-replayed"), Some("true"));
+    assert_eq!(&late.body, first);
 }

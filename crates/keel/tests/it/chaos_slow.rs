@@ -134,10 +134,12 @@ async fn a_client_that_leaves_takes_its_work_with_it(backend: Backend, test: &st
     })
     .await;
 
-    // 50 clients that give up after 6 s: longer than the gauge's 5 s refresh, so the gauge
-    // must first show their connections' tasks alive, then show them gone.
+    // 50 clients that give up after 12 s: two of the gauge's 5 s refreshes, so the gauge
+    // must first show their connections' tasks alive, then show them gone. They leave at
+    // 12 s and the settle guard below is 40 s: both well inside the 60 s the store takes,
+    // so only their departure can end the work.
     let impatient = reqwest::Client::builder()
-        .timeout(Duration::from_secs(6))
+        .timeout(Duration::from_secs(12))
         .build()
         .unwrap();
     let mut calls = tokio::task::JoinSet::new();
@@ -154,7 +156,7 @@ async fn a_client_that_leaves_takes_its_work_with_it(backend: Backend, test: &st
         });
     }
     let busy = within(
-        Duration::from_secs(6),
+        Duration::from_secs(12),
         "the gauge counting the clients' tasks",
         async {
             loop {

@@ -260,11 +260,10 @@ macro_rules! both_backends {
     };
 }
 
-/// Held by the tests that load both cores for seconds on end (the overload measurement, the
-/// three-replica runs), so that they never overlap: the overload test compares a capacity
-/// measured in one window with a goodput measured in the next, and another heavy test
-/// starting in between would make the comparison meaningless. Other tests still run
-/// beside them. A tokio mutex: each test has its own runtime, and it works across them.
+/// Held by the tests that load both cores for seconds on end (the overload flood, the
+/// multi-replica runs), so that they never overlap: two of them at once on 2 cores would
+/// stretch every hang guard of both for nothing. Other tests still run beside them. A tokio
+/// mutex: each test has its own runtime, and it works across them.
 pub static CPU_HEAVY: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// Runs `fut` with a deadline, failing the test with `what` if it takes longer.

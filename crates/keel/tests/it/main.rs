@@ -6,7 +6,9 @@
 //! - on Postgres only: `scale_out` (several replicas share one database, which a SQLite
 //!   file cannot) and `chaos_outage` (the database sits behind a TCP proxy);
 //! - on SQLite only: `api_errors::locked_sqlite_database_is_503_with_retry_after` (another
-//!   process holding the file's write lock);
+//!   process holding the file's write lock), and the connection tests of `bad_input`
+//!   (`connections_that_stall_are_closed_and_framing_errors_are_4xx`,
+//!   `connections_past_the_cap_get_a_503`: they test the listener, not the store);
 //! - on the default SQLite store, because the store is not what they test: `config`
 //!   (flags, exit codes, redaction) and `diagnostics` (profiles, task dumps, gauges).
 //!
