@@ -503,6 +503,107 @@ mod tests {
         assert_eq!(store.breaker().state(), crate::BreakerState::Closed);
     }
 
+    /// Hostile values sent to the real stores (a NUL in a tag, which Postgres's jsonb
+    /// refuses; args nested 100 000 deep, past its stack) are the caller's fault: the
+    /// stores refuse them before the database sees them, however many arrive the breaker
+    /// stays closed, and the next caller is served. On both backends.
+    async fn hostile_values_do_not_trip_the_breaker(h: Harness) {
+        let config = StoreGuardConfig {
+            breaker: fast_breaker(),
+            ..StoreGuardConfig::default()
+        };
+        let store = GuardedStore::new(Arc::clone(&h.store), config, Chaos::default());
+        let deep = format!("{}0{}", "[".repeat(100_000), "]".repeat(100_000));
+        let mut classes = Vec::new();
+        for _ in 0..5 {
+            let mut tagged = job();
+            tagged.tags = vec!["a\0b".to_owned()];
+            let mut nested = job();
+            nested.args = serde_json::value::RawValue::from_string(deep.clone()).unwrap();
+            for hostile in [tagged, nested] {
+                let e = store.insert(vec![hostile]).await.unwrap_err();
+                classes.push(e.class());
+            }
+        }
+        assert!(
+            classes.iter().all(|c| matches!(*c, "invalid" | "rejected")),
+            "{} classes: {classes:?}",
+            h.backend()
+        );
+        assert_eq!(store.breaker().state(), crate::BreakerState::Closed);
+        store
+            .insert(vec![job()])
+            .await
+            .expect("the next caller is served");
+    }
+
+    #[tokio::test]
+    async fn hostile_values_do_not_trip_the_breaker_sqlite() {
+        hostile_values_do_not_trip_the_breaker(Harness::sqlite().await).await;
+    }
+
+    #[tokio::test]
+    async fn hostile_values_do_not_trip_the_breaker_postgres() {
+        let test = "keel_resilience::store::hostile_values_do_not_trip_the_breaker";
+        if let Some(h) = Harness::postgres(test).await {
+            hostile_values_do_not_trip_the_breaker(h).await;
+        }
+    }
+
+    /// Answers every insert with `error` (built afresh per call).
+    struct RefusedInserts(fn() -> StoreError);
+
+    impl RefusedInserts {
+        fn new_over(inner: &Arc<dyn Store>, error: fn() -> StoreError) -> Arc<Intercepted<Self>> {
+            Intercepted::new(Arc::clone(inner), Self(error))
+        }
+    }
+
+    #[async_trait]
+    impl Interceptor for RefusedInserts {
+        async fn before(&self, op: Op) -> Result<(), StoreError> {
+            if op == Op::Insert {
+                return Err((self.0)());
+            }
+            Ok(())
+        }
+    }
+
+    /// When the database itself refuses a value (what the Postgres store maps SQLSTATE
+    /// classes 22, 23 and 54 to: `postgres::tests::data_the_server_refuses_is_rejected_not_a_failure`),
+    /// the breaker does not count it; the same number of connection failures opens it.
+    #[tokio::test]
+    async fn a_rejected_value_is_not_a_database_failure() {
+        let h = Harness::sqlite().await;
+        let config = StoreGuardConfig {
+            breaker: fast_breaker(),
+            ..StoreGuardConfig::default()
+        };
+        let rejected: Arc<dyn Store> = RefusedInserts::new_over(&h.store, || {
+            StoreError::rejected(
+                "inserting jobs",
+                "22P05: unsupported Unicode escape sequence",
+            )
+        });
+        let store = GuardedStore::new(rejected, config, Chaos::default());
+        for _ in 0..10 {
+            let e = store.insert(vec![job()]).await.unwrap_err();
+            assert_eq!(e.class(), "rejected");
+        }
+        assert_eq!(store.breaker().state(), crate::BreakerState::Closed);
+        store.get(JobId::new()).await.unwrap_err(); // a read still reaches the store
+        assert_eq!(store.breaker().state(), crate::BreakerState::Closed);
+
+        let failing: Arc<dyn Store> = RefusedInserts::new_over(&h.store, || {
+            StoreError::transient("inserting jobs", "connection reset by peer")
+        });
+        let store = GuardedStore::new(failing, config, Chaos::default());
+        for _ in 0..3 {
+            store.insert(vec![job()]).await.unwrap_err();
+        }
+        assert_eq!(store.breaker().state(), crate::BreakerState::Open);
+    }
+
     #[tokio::test]
     async fn a_full_bulkhead_refuses_within_the_callers_deadline() {
         let h = Harness::sqlite().await;

@@ -1285,6 +1285,38 @@ mod tests {
         );
     }
 
+    /// Data SQLite refuses is the request's fault (`rejected`, a 422 that no breaker
+    /// counts), as Postgres's classes 22, 23 and 54 are; a duplicate key stays a conflict
+    /// and a broken statement a permanent failure. Real errors from a real connection.
+    #[test]
+    fn data_sqlite_refuses_is_rejected_not_a_failure() {
+        let conn = Connection::open_in_memory().unwrap();
+        conn.execute_batch(
+            "CREATE TABLE t (id INTEGER PRIMARY KEY, \
+             n INTEGER NOT NULL CHECK (n >= 0), u TEXT UNIQUE)",
+        )
+        .unwrap();
+        let class = |sql: &str| {
+            let e = conn.execute(sql, []).expect_err(sql);
+            map_err("storing a hostile value", &e).class()
+        };
+        assert_eq!(class("INSERT INTO t (n) VALUES (-1)"), "rejected", "CHECK");
+        assert_eq!(
+            class("INSERT INTO t (n) VALUES (NULL)"),
+            "rejected",
+            "NOT NULL"
+        );
+        assert_eq!(
+            class("INSERT INTO t (id, n) VALUES ('not a rowid', 1)"),
+            "rejected",
+            "MISMATCH"
+        );
+        conn.execute("INSERT INTO t (n, u) VALUES (1, 'a')", [])
+            .unwrap();
+        assert_eq!(class("INSERT INTO t (n, u) VALUES (2, 'a')"), "conflict");
+        assert_eq!(class("INSERT INTO missing VALUES (1)"), "permanent");
+    }
+
     async fn store() -> (SqliteStore, tempfile::TempDir) {
         let dir = tempfile::tempdir().unwrap();
         let store = SqliteStore::open(

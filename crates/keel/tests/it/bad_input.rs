@@ -281,6 +281,19 @@ async fn tenants_see_and_steer_only_their_own_work(backend: Backend, test: &str)
         .unwrap();
     assert_eq!(default["counts"]["available"], 3, "every tenant's: {all}");
     assert_eq!(default["paused"], true);
+    // Nor can a tenant start it again behind the operator's back.
+    let r = as_key("acme-key-000000001", "/v1/queues/default/resume", json!({}))
+        .await
+        .unwrap();
+    problem(r, StatusCode::FORBIDDEN).await;
+    let r = as_key(
+        "ops-key-00000000001",
+        "/v1/queues/default/resume",
+        json!({}),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
     // An operator acts for any tenant it names.
     let r = as_key(
         "ops-key-00000000001",
@@ -484,10 +497,22 @@ async fn connections_that_stall_are_closed_and_framing_errors_are_4xx() {
     .await
     .unwrap();
     let (status, body) = status_and_body(&until_closed(&mut huge, "the chunked answer").await);
-    assert!(
-        [400, 408, 413].contains(&status),
-        "framing is the client's problem: {status} {body}"
-    );
+    assert_eq!(status, 408, "framing is the client's problem: {body}");
+    assert_eq!(body["type"], "https://keel.dev/problems/request-timeout");
+
+    // A chunk size that is not hex: the body cannot be read, a 400 problem+json.
+    let mut garbled = TcpStream::connect(&addr).await.unwrap();
+    garbled
+        .write_all(
+            b"POST /v1/jobs HTTP/1.1\r\nHost: keel\r\nContent-Type: application/json\r\n\
+              Transfer-Encoding: chunked\r\n\r\nzz\r\n{}\r\n0\r\n\r\n",
+        )
+        .await
+        .unwrap();
+    let (status, body) =
+        status_and_body(&until_closed(&mut garbled, "the garbled-chunk answer").await);
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(body["status"], 400, "problem+json: {body}");
 
     let http = reqwest::Client::new();
     let ok = http.get(keel.url("/readyz")).send().await.unwrap();
