@@ -344,13 +344,15 @@ async fn above_the_concurrency_limit_requests_are_shed_but_probes_pass(
     };
     let http = app.http.clone();
     let process_url = app.url("/v1/process");
-    // Holds the only slot while its sleep job runs. Retried if it lands while a probe
-    // below holds the slot for a moment (then it is the one shed).
+    // Holds the only slot while its sleep job runs: 8 s, so that however slow the machine
+    // the requests below meet the slot taken (nothing can free it sooner: a cancel would
+    // itself need the slot). Retried if it lands while a probe below holds the slot for a
+    // moment (then it is the one shed).
     let holder = tokio::spawn(async move {
         for _ in 0..200 {
             let resp = http
                 .post(&process_url)
-                .json(&json!({"kind": "sleep", "args": {"ms": 1500}}))
+                .json(&json!({"kind": "sleep", "args": {"ms": 8000}}))
                 .send()
                 .await
                 .unwrap();
@@ -362,7 +364,7 @@ async fn above_the_concurrency_limit_requests_are_shed_but_probes_pass(
         panic!("the waiting request was never admitted");
     });
     let shed = within(
-        Duration::from_secs(5),
+        Duration::from_secs(8),
         "a request shed at the limit",
         async {
             loop {

@@ -67,7 +67,9 @@ async fn a_signal_drains_in_order_and_exits_0(backend: Backend, test: &str, sign
         &[
             ("KEEL_QUEUES", queues.as_str()),
             ("KEEL_REQUEST_TIMEOUT", "20s"),
-            ("KEEL_SHUTDOWN_DELAY", "4s"),
+            // Steps 1 and 2 below happen inside this delay: a few requests, with seconds
+            // to spare on a loaded machine.
+            ("KEEL_SHUTDOWN_DELAY", "8s"),
             ("KEEL_SHUTDOWN_GRACE", "10s"),
         ],
     )
