@@ -129,6 +129,65 @@ async fn a_panicking_handler_is_a_failed_attempt_and_the_pool_keeps_working() {
     rt.shutdown().await;
 }
 
+/// Returns what the job's args say, as its result: a handler with a bug in its output.
+struct Returns;
+
+#[async_trait]
+impl Handler for Returns {
+    async fn run(&self, ctx: JobContext) -> Result<Option<Box<RawValue>>, JobError> {
+        let text: String = serde_json::from_str(ctx.job.args.get()).unwrap();
+        Ok(Some(RawValue::from_string(text).unwrap()))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_result_no_client_could_read_fails_the_job_permanently() {
+    let (_dir, store) = store().await;
+    let mut handlers = builtins();
+    handlers.register(kind("returns"), Arc::new(Returns));
+    let rt = start(&store, config(&[("default", 1)]), handlers);
+    let deep = format!("{}0{}", "[".repeat(100), "]".repeat(100));
+    for (bad, why) in [
+        (deep.as_str(), "deeper than 64"),
+        (r#""\ud800""#, "surrogate"),
+    ] {
+        let args = serde_json::to_string(bad).unwrap();
+        let id = enqueue(
+            &rt,
+            &store,
+            vec![job("default", "returns", &args).max_attempts(5)],
+        )
+        .await[0]
+            .id;
+        let failed = wait_for(&store, id, "the job to be discarded", |j| {
+            j.state == JobState::Discarded
+        })
+        .await;
+        // One attempt, not five: the same code would return the same result again.
+        assert_eq!(failed.attempt, 1);
+        assert_eq!(failed.errors.len(), 1);
+        let message = &failed.errors[0].message;
+        assert!(
+            message.contains("the handler's result was refused") && message.contains(why),
+            "{message}"
+        );
+        assert!(failed.result.is_none(), "nothing unreadable was stored");
+    }
+    let good = enqueue(
+        &rt,
+        &store,
+        vec![job("default", "returns", r#""{\"ok\":1}""#)],
+    )
+    .await[0]
+        .id;
+    let done = wait_for(&store, good, "a readable result to complete", |j| {
+        j.state == JobState::Completed
+    })
+    .await;
+    assert_eq!(done.result.unwrap().get(), r#"{"ok":1}"#);
+    rt.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_attempt_past_its_timeout_fails_retryably() {
     let (_dir, store) = store().await;
