@@ -397,8 +397,13 @@ mod tests {
     #[test]
     fn a_dump_finds_a_parked_task_and_refuses_a_blocked_runtime() {
         // Both cases in one test: dumps are one at a time per process.
+        //
+        // The dump itself runs on one worker: tokio 1.54's dump rendezvous can strand a
+        // worker for good when another arrives over 250 ms late (a loaded machine), and the
+        // runtime's drop would then wait for it forever. With one worker there is no one to
+        // wait for.
         let mut builder = tokio::runtime::Builder::new_multi_thread();
-        builder.worker_threads(2).enable_all();
+        builder.worker_threads(1).enable_all();
         let runtime = crate::polls::watch(&mut builder).build().unwrap();
         runtime.block_on(async {
             let handle = tokio::runtime::Handle::current();
@@ -415,7 +420,16 @@ mod tests {
             assert!(full.contains("keel_diag::tasks::tests"), "{full}");
             let _ = tx.send(());
             parked.await.unwrap();
+        });
+        drop(runtime);
 
+        // The refusal needs a second worker: the blocked one cannot drive the timer that
+        // ends the watch window. No dump (and no rendezvous) is started, which is the point.
+        let mut builder = tokio::runtime::Builder::new_multi_thread();
+        builder.worker_threads(2).enable_all();
+        let runtime = crate::polls::watch(&mut builder).build().unwrap();
+        runtime.block_on(async {
+            let handle = tokio::runtime::Handle::current();
             // A task that blocks its worker until the test lets it go: the dump refuses to
             // start while it is blocked (not after it), saying so.
             let (blocking_tx, blocking_rx) = tokio::sync::oneshot::channel::<()>();

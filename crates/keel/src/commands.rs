@@ -46,7 +46,26 @@ pub async fn serve(args: &ServeArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let app = match App::build(config, metrics).await {
+    // Installed before anything is bound or answers /readyz: from here on SIGTERM and
+    // SIGINT never take their default action (death mid-request) but start a drain. A
+    // handler registered lazily, when the shutdown future is first polled, left a window
+    // after the listener came up in which a rollout's SIGTERM killed the process.
+    let mut signals = match ShutdownSignals::install() {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "installing the SIGTERM and SIGINT handlers");
+            return ExitCode::FAILURE;
+        }
+    };
+    let built = tokio::select! {
+        built = App::build(config, metrics) => built,
+        // A pod deleted while it waits for its database stops now, not after the wait.
+        signal = signals.recv() => {
+            tracing::info!(signal, "signal received while starting: exiting before serving");
+            return ExitCode::SUCCESS;
+        }
+    };
+    let app = match built {
         Ok(app) => app,
         Err(e) => {
             tracing::error!(error = format!("{e:#}"), "cannot start");
@@ -66,7 +85,11 @@ pub async fn serve(args: &ServeArgs) -> ExitCode {
             });
         }
     };
-    match app.run_until_stopped(shutdown_signal()).await {
+    let shutdown = async move {
+        let signal = signals.recv().await;
+        tracing::info!(signal, "signal received");
+    };
+    match app.run_until_stopped(shutdown).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!(error = format!("{e:#}"), "server failed");
@@ -75,27 +98,48 @@ pub async fn serve(args: &ServeArgs) -> ExitCode {
     }
 }
 
-/// Resolves on SIGTERM (Kubernetes, systemd) or SIGINT (Ctrl-C).
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        if tokio::signal::ctrl_c().await.is_err() {
-            std::future::pending::<()>().await;
-        }
-    };
+/// The signals that stop `keel serve`: SIGTERM (Kubernetes, systemd) and SIGINT (Ctrl-C).
+///
+/// tokio registers a signal handler when the listener is created, not when it is first
+/// awaited, so holding one of these from the start of `serve` means every later signal is
+/// delivered here.
+struct ShutdownSignals {
     #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
+    term: tokio::signal::unix::Signal,
+    #[cfg(unix)]
+    int: tokio::signal::unix::Signal,
+}
+
+impl ShutdownSignals {
+    #[cfg(unix)]
+    fn install() -> std::io::Result<Self> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Self {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+        })
+    }
+
     #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => tracing::info!(signal = "SIGINT", "signal received"),
-        () = term => tracing::info!(signal = "SIGTERM", "signal received"),
+    fn install() -> std::io::Result<Self> {
+        Ok(Self {})
+    }
+
+    /// Waits for the next signal and names it.
+    #[cfg(unix)]
+    async fn recv(&mut self) -> &'static str {
+        tokio::select! {
+            _ = self.term.recv() => "SIGTERM",
+            _ = self.int.recv() => "SIGINT",
+        }
+    }
+
+    #[cfg(not(unix))]
+    async fn recv(&mut self) -> &'static str {
+        match tokio::signal::ctrl_c().await {
+            Ok(()) => "Ctrl-C",
+            Err(_) => std::future::pending().await,
+        }
     }
 }
 

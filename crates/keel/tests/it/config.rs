@@ -211,4 +211,47 @@ async fn startup_waits_for_a_database_that_is_not_up_yet() {
     let ready = reqwest::get(keel.url("/readyz")).await.unwrap();
     assert_eq!(ready.status(), 200);
     keel.stop(std::time::Duration::from_secs(30)).await;
+
+    // SIGTERM while it waits for a database that is down: it stops at once with 0 (a
+    // deleted pod does not sit out the wait), proving the handler is in place before the
+    // process serves anything.
+    proxy.set_cut(true);
+    let refused = proxy.refused();
+    let waiting = tokio::process::Command::new(env!("CARGO_BIN_EXE_keel"))
+        .arg("serve")
+        .env("KEEL_DATABASE_URL", &url)
+        .env("KEEL_DATABASE_WAIT", "1h")
+        .env("KEEL_ADDR", "127.0.0.1:0")
+        .env("KEEL_ADMIN_ADDR", "off")
+        .env("KEEL_LOG_FORMAT", "json")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    crate::helpers::within(
+        std::time::Duration::from_secs(60),
+        "a connection attempt by the waiting process",
+        async {
+            while proxy.refused() <= refused {
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+        },
+    )
+    .await;
+    let pid = nix::unistd::Pid::from_raw(waiting.id().unwrap() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+    let out = crate::helpers::within(
+        std::time::Duration::from_secs(60),
+        "the waiting process exiting on SIGTERM",
+        waiting.wait_with_output(),
+    )
+    .await
+    .unwrap();
+    let logged = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert!(
+        logged.contains("signal received while starting"),
+        "the signal is handled, not fatal: {logged}"
+    );
 }
