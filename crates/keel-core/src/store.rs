@@ -54,6 +54,12 @@ pub struct LeaseParams {
     pub lease_for: Duration,
     /// Who is leasing.
     pub owner: WorkerId,
+    /// Only jobs of this tenant (an external worker holding a tenant's key); `None` takes
+    /// any tenant's (the built-in dispatchers, an operator's worker).
+    pub tenant: Option<TenantId>,
+    /// Only jobs of these kinds (the kinds an external worker has handlers for); empty
+    /// takes every kind.
+    pub kinds: Vec<JobKind>,
 }
 
 /// Extend leases that are still held.

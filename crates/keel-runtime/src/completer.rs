@@ -33,8 +33,11 @@ struct Pending {
 }
 
 /// Where workers send completions. Cheap to share.
+///
+/// The runtime has one for its built-in workers; the API has its own for external workers'
+/// completions (docs/workers.md), so both go through the same batched write.
 #[derive(Debug, Clone)]
-pub(crate) struct Completer {
+pub struct Completer {
     tx: mpsc::Sender<Pending>,
 }
 
@@ -51,8 +54,20 @@ impl Completer {
         Self { tx }
     }
 
+    /// A completer that lives as long as its clones: once the last one is dropped it
+    /// writes what was already sent and ends. For a caller with no task tracker of its own
+    /// (the API), whose every completion is awaited before the caller's request ends.
+    ///
+    /// # Panics
+    /// Outside a Tokio runtime (it spawns a task).
+    pub fn start(store: Arc<dyn Store>) -> Self {
+        let (tx, rx) = mpsc::channel(QUEUE);
+        tokio::spawn(run(store, rx, CancellationToken::new()));
+        Self { tx }
+    }
+
     /// Records one completion, in whatever batch it lands in; returns this item's outcome.
-    pub(crate) async fn complete(&self, completion: Completion) -> Result<(), StoreError> {
+    pub async fn complete(&self, completion: Completion) -> Result<(), StoreError> {
         let id = completion.lease.id;
         let (reply, answer) = oneshot::channel();
         self.tx
@@ -174,6 +189,8 @@ mod tests {
                 max: 300,
                 lease_for: Duration::from_secs(60),
                 owner: WorkerId::parse("t").unwrap(),
+                tenant: None,
+                kinds: Vec::new(),
             })
             .await
             .unwrap();

@@ -70,6 +70,8 @@ pub(crate) async fn run(shared: Arc<Shared>, queue: QueueConfig, wake: Arc<Notif
                 max: u32::try_from(max).unwrap_or(u32::MAX),
                 lease_for: shared.config.lease_for,
                 owner: shared.config.worker_id.clone(),
+                tenant: None,
+                kinds: Vec::new(),
             })
             .await;
         match leased {

@@ -29,6 +29,8 @@ async fn lease_complete(store: &dyn Store, queue: &QueueName) -> usize {
             max: BATCH as u32,
             lease_for: Duration::from_secs(60),
             owner: WorkerId::parse("bench").unwrap(),
+            tenant: None,
+            kinds: Vec::new(),
         })
         .await
         .unwrap();

@@ -351,6 +351,8 @@ impl TestApp {
                 max: 100,
                 lease_for: Duration::from_secs(30),
                 owner: WorkerId::parse("test-worker").unwrap(),
+                tenant: None,
+                kinds: Vec::new(),
             })
             .await
             .unwrap()

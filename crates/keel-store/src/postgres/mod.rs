@@ -52,8 +52,8 @@ use keel_core::store::{
     TickOutcome, TickParams,
 };
 use keel_core::{
-    AttemptError, Backoff, ChangeStream, Clock, IdempotencyKey, Job, JobId, JobState, NewJob,
-    NewSchedule, QueueName, Schedule, ScheduleName, Store, StoreError, TenantId, Timestamp,
+    AttemptError, Backoff, ChangeStream, Clock, IdempotencyKey, Job, JobId, JobKind, JobState,
+    NewJob, NewSchedule, QueueName, Schedule, ScheduleName, Store, StoreError, TenantId, Timestamp,
     Transition, WakeupStream, WorkerId, next_attempt_at,
 };
 use tokio_postgres::Row;
@@ -619,8 +619,8 @@ impl Store for PgStore {
         let ctx = || format!("leasing jobs from queue {}", params.queue);
         let now = self.clock.now();
         let expires_at = now + to_delta(params.lease_for);
-        let rows = self
-            .query(
+        let rows = if params.tenant.is_none() && params.kinds.is_empty() {
+            self.query(
                 &SQL.lease,
                 &[
                     &params.queue.as_str(),
@@ -631,7 +631,25 @@ impl Store for PgStore {
                 ],
                 &ctx,
             )
-            .await?;
+            .await?
+        } else {
+            let tenant = params.tenant.as_ref().map(TenantId::as_str);
+            let kinds: Vec<&str> = params.kinds.iter().map(JobKind::as_str).collect();
+            self.query(
+                &SQL.lease_filtered,
+                &[
+                    &params.queue.as_str(),
+                    &i64::from(params.max),
+                    &params.owner.as_str(),
+                    &expires_at,
+                    &now,
+                    &tenant,
+                    &kinds,
+                ],
+                &ctx,
+            )
+            .await?
+        };
         let mut jobs = rows
             .iter()
             .map(rows::job_from_row)

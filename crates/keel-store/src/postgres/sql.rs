@@ -112,6 +112,7 @@ pub(super) struct Statements {
     pub(super) unique_holders: String,
     pub(super) get: String,
     pub(super) lease: String,
+    pub(super) lease_filtered: String,
     pub(super) heartbeat: String,
     pub(super) complete: String,
     pub(super) release: String,
@@ -248,6 +249,30 @@ impl Statements {
                    SELECT id FROM jobs \
                    WHERE state IN ({lease}) AND queue = $1 \
                      AND NOT EXISTS (SELECT 1 FROM queues WHERE name = $1 AND paused) \
+                   ORDER BY priority, run_at, id \
+                   LIMIT $2 \
+                   FOR UPDATE SKIP LOCKED \
+                 ) \
+                 UPDATE jobs j SET state = '{to}', attempt = j.attempt + 1, lease_owner = $3, \
+                   lease_token = gen_random_uuid(), lease_expires_at = $4, started_at = $5, \
+                   unique_key = CASE WHEN j.unique_scope = 'queued' THEN NULL \
+                                     ELSE j.unique_key END \
+                 FROM picked \
+                 WHERE j.id = picked.id AND j.state IN ({lease}) \
+                 RETURNING {COLUMNS}",
+                lease = guard(Transition::Lease),
+                to = target(Transition::Lease),
+            ),
+            // An external worker's lease (docs/workers.md): the same walk, keeping only its
+            // tenant's jobs and the kinds it handles. The filters are residual on the index
+            // walk; the built-in dispatchers keep the unfiltered statement above.
+            lease_filtered: format!(
+                "WITH picked AS ( \
+                   SELECT id FROM jobs \
+                   WHERE state IN ({lease}) AND queue = $1 \
+                     AND NOT EXISTS (SELECT 1 FROM queues WHERE name = $1 AND paused) \
+                     AND ($6::text IS NULL OR tenant = $6) \
+                     AND (cardinality($7::text[]) = 0 OR kind = ANY($7)) \
                    ORDER BY priority, run_at, id \
                    LIMIT $2 \
                    FOR UPDATE SKIP LOCKED \

@@ -1254,6 +1254,8 @@ async fn overlapping_heartbeats_and_completions_do_not_deadlock() {
                 max: 400,
                 lease_for: Duration::from_secs(60),
                 owner: keel_core::WorkerId::parse("dl").expect("worker"),
+                tenant: None,
+                kinds: Vec::new(),
             })
             .await
             .expect("lease");
@@ -1387,6 +1389,8 @@ async fn changes_reach_another_store_on_the_same_schema() {
             max: 5,
             lease_for: Duration::from_secs(30),
             owner: keel_core::WorkerId::parse("w").expect("valid worker"),
+            tenant: None,
+            kinds: Vec::new(),
         })
         .await
         .expect("lease");
@@ -1522,6 +1526,8 @@ async fn many_changes_are_chunked_and_all_delivered() {
             max: N as u32,
             lease_for: Duration::from_secs(30),
             owner: keel_core::WorkerId::parse("w").expect("valid worker"),
+            tenant: None,
+            kinds: Vec::new(),
         })
         .await
         .expect("lease");

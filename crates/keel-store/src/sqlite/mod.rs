@@ -26,7 +26,7 @@ use keel_core::store::{
     TickParams,
 };
 use keel_core::{
-    AttemptError, Clock, Job, JobId, JobState, LeaseToken, NewJob, NewSchedule, QueueName,
+    AttemptError, Clock, Job, JobId, JobKind, JobState, LeaseToken, NewJob, NewSchedule, QueueName,
     Schedule, ScheduleName, Store, StoreError, TenantId, Timestamp, Transition, WorkerId,
     next_attempt_at,
 };
@@ -452,6 +452,18 @@ const LEASE_SQL: &str = "UPDATE jobs SET state = 'running', attempt = attempt + 
       AND NOT EXISTS (SELECT 1 FROM queues WHERE name = ?4 AND paused = 1)
     RETURNING ";
 
+/// [`LEASE_SQL`] for an external worker (docs/workers.md): only its tenant's jobs (`?6`,
+/// NULL for any) of the kinds it handles (`?7`, a JSON array, NULL for any).
+const LEASE_FILTERED_SQL: &str = "UPDATE jobs SET state = 'running', attempt = attempt + 1,
+        lease_owner = ?1, lease_token = randomblob(16), lease_expires_at = ?2, started_at = ?3,
+        unique_key = CASE WHEN unique_scope = 'queued' THEN NULL ELSE unique_key END
+    WHERE id IN (SELECT id FROM jobs WHERE state = 'available' AND queue = ?4
+                   AND (?6 IS NULL OR tenant = ?6)
+                   AND (?7 IS NULL OR kind IN (SELECT value FROM json_each(?7)))
+                 ORDER BY priority, run_at, id LIMIT ?5)
+      AND NOT EXISTS (SELECT 1 FROM queues WHERE name = ?4 AND paused = 1)
+    RETURNING ";
+
 /// Whether a job exists, to tell a stale token from a missing job after a guarded update
 /// matched nothing.
 fn stale_or_missing(conn: &Connection, id: JobId) -> StoreError {
@@ -676,19 +688,45 @@ impl Store for SqliteStore {
             .write(&context.clone(), move |conn| {
                 let now = clock.now();
                 let expires = now + to_delta(p.lease_for);
-                let sql = format!("{LEASE_SQL}{COLUMNS}");
-                let mut jobs = query_jobs(
-                    conn,
-                    &context,
-                    &sql,
-                    params![
-                        p.owner.as_str(),
-                        micros(expires),
-                        micros(now),
-                        p.queue.as_str(),
-                        p.max
-                    ],
-                )?;
+                let mut jobs = if p.tenant.is_none() && p.kinds.is_empty() {
+                    let sql = format!("{LEASE_SQL}{COLUMNS}");
+                    query_jobs(
+                        conn,
+                        &context,
+                        &sql,
+                        params![
+                            p.owner.as_str(),
+                            micros(expires),
+                            micros(now),
+                            p.queue.as_str(),
+                            p.max
+                        ],
+                    )?
+                } else {
+                    // The kinds go in as one JSON array, so the statement text (and its
+                    // cached preparation) is the same whatever their number.
+                    let kinds = (!p.kinds.is_empty()).then(|| {
+                        serde_json::to_string(
+                            &p.kinds.iter().map(JobKind::as_str).collect::<Vec<_>>(),
+                        )
+                        .unwrap_or_else(|_| "[]".to_owned())
+                    });
+                    let sql = format!("{LEASE_FILTERED_SQL}{COLUMNS}");
+                    query_jobs(
+                        conn,
+                        &context,
+                        &sql,
+                        params![
+                            p.owner.as_str(),
+                            micros(expires),
+                            micros(now),
+                            p.queue.as_str(),
+                            p.max,
+                            p.tenant.as_ref().map(TenantId::as_str),
+                            kinds
+                        ],
+                    )?
+                };
                 // RETURNING gives no order; callers get jobs in lease order.
                 jobs.sort_by_key(|j| (j.priority, j.run_at, j.id));
                 Ok(jobs)

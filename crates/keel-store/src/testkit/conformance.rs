@@ -44,6 +44,7 @@ macro_rules! conformance_suite {
             every_transition_matches_the_state_machine,
             lease_order_is_priority_then_run_at_then_id,
             lease_respects_queue_and_max,
+            lease_filters_by_tenant_and_kind,
             lease_exclusivity_under_concurrency,
             lease_expiry_and_rescue,
             rescue_discards_when_attempts_are_exhausted,
@@ -137,6 +138,8 @@ async fn lease(h: &Harness, queue: &str, max: u32) -> Vec<Job> {
             max,
             lease_for: LEASE_FOR,
             owner: owner(),
+            tenant: None,
+            kinds: Vec::new(),
         })
         .await
         .expect("lease")
@@ -542,6 +545,70 @@ pub async fn lease_respects_queue_and_max(h: &Harness) {
     assert_eq!(lease(h, "b", 10).await.len(), 3);
 }
 
+/// An external worker's lease (docs/workers.md) takes only its tenant's jobs of the kinds
+/// it handles, still in lease order; the unfiltered lease takes whatever is left.
+pub async fn lease_filters_by_tenant_and_kind(h: &Harness) {
+    let t = |name: &str| TenantId::parse(name).unwrap();
+    let batch: Vec<NewJob> = [
+        ("acme", "resize"),
+        ("acme", "email"),
+        ("globex", "resize"),
+        ("acme", "resize"),
+        ("acme", "other"),
+    ]
+    .into_iter()
+    .map(|(tenant, k)| NewJob::new(kind(k)).queue(q("ext")).tenant(t(tenant)))
+    .collect();
+    let inserted = h.store.insert(batch).await.unwrap();
+    let filtered = |tenant: Option<&str>, kinds: &[&str], max: u32| LeaseParams {
+        queue: q("ext"),
+        max,
+        lease_for: LEASE_FOR,
+        owner: owner(),
+        tenant: tenant.map(t),
+        kinds: kinds.iter().map(|k| kind(k)).collect(),
+    };
+    let got = h
+        .store
+        .lease(filtered(Some("acme"), &["resize", "email"], 10))
+        .await
+        .unwrap();
+    let ids: Vec<JobId> = got.iter().map(|j| j.id).collect();
+    // Same priority and run time: lease order is by id.
+    let mut want = vec![inserted[0].id, inserted[1].id, inserted[3].id];
+    want.sort();
+    assert_eq!(ids, want);
+    assert!(
+        got.iter()
+            .all(|j| j.state == JobState::Running && j.attempt == 1)
+    );
+    let got = h
+        .store
+        .lease(filtered(Some("acme"), &[], 10))
+        .await
+        .unwrap();
+    assert_eq!(
+        got.iter().map(|j| j.id).collect::<Vec<_>>(),
+        vec![inserted[4].id]
+    );
+    assert!(
+        h.store
+            .lease(filtered(Some("acme"), &[], 10))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let got = h
+        .store
+        .lease(filtered(None, &["resize"], 10))
+        .await
+        .unwrap();
+    assert_eq!(
+        got.iter().map(|j| j.id).collect::<Vec<_>>(),
+        vec![inserted[2].id]
+    );
+}
+
 /// Eight concurrent leasers drain 10,000 jobs: each job is leased exactly once and all end
 /// completed.
 pub async fn lease_exclusivity_under_concurrency(h: &Harness) {
@@ -563,6 +630,8 @@ pub async fn lease_exclusivity_under_concurrency(h: &Harness) {
                         max: 50,
                         lease_for: LEASE_FOR,
                         owner: owner(),
+                        tenant: None,
+                        kinds: Vec::new(),
                     })
                     .await
                     .expect("lease");
