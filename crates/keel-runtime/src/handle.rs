@@ -6,7 +6,7 @@
 //! All four are cheap to clone and share; none holds a lock across an await.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 
 use keel_core::store::LeaderEpoch;
 use keel_core::{Job, JobId, JobState, QueueName};
@@ -65,11 +65,17 @@ impl Events {
 }
 
 /// One `Notify` per queue served by this process, so an enqueue wakes the dispatcher of
-/// its queue at once instead of waiting for the next poll. The set of queues is fixed at
-/// start-up, so lookups take no lock.
+/// its queue at once instead of waiting for the next poll. The set of served queues is
+/// fixed at start-up, so their lookups take no lock.
+///
+/// Queues served by external workers (docs/workers.md) are not known in advance: a long
+/// poll registers its queue with [`Wakeups::external`] and holds the `Notify` while it
+/// waits; the registry keeps only a weak reference, so a queue nobody polls costs nothing
+/// and the map never outgrows the polls in flight.
 #[derive(Debug, Clone, Default)]
 pub struct Wakeups {
     queues: Arc<HashMap<QueueName, Arc<Notify>>>,
+    external: Arc<Mutex<HashMap<QueueName, Weak<Notify>>>>,
 }
 
 impl Wakeups {
@@ -82,20 +88,47 @@ impl Wakeups {
                     .map(|q| (q, Arc::new(Notify::new())))
                     .collect(),
             ),
+            external: Arc::default(),
         }
     }
 
-    /// Wakes the dispatcher of `queue`, if this process serves it. A wakeup sent while the
-    /// dispatcher is busy is remembered (one permit), so none is lost.
+    /// Wakes the dispatcher of `queue` if this process serves it (a wakeup sent while the
+    /// dispatcher is busy is remembered, one permit, so none is lost); otherwise wakes every
+    /// external worker's long poll waiting on it.
     pub fn job_available(&self, queue: &QueueName) {
         if let Some(n) = self.queues.get(queue) {
             n.notify_one();
+            return;
+        }
+        let waiting = self.lock_external().get(queue).and_then(Weak::upgrade);
+        if let Some(n) = waiting {
+            n.notify_waiters();
         }
     }
 
     /// The `Notify` a dispatcher waits on, if `queue` is served here.
     pub fn for_queue(&self, queue: &QueueName) -> Option<Arc<Notify>> {
         self.queues.get(queue).cloned()
+    }
+
+    /// The `Notify` external workers' long polls on `queue` wait on, shared by every poll
+    /// of that queue in this process. Enable a `notified()` future before looking for jobs,
+    /// so a job made available in between is not missed.
+    pub fn external(&self, queue: &QueueName) -> Arc<Notify> {
+        let mut map = self.lock_external();
+        if let Some(n) = map.get(queue).and_then(Weak::upgrade) {
+            return n;
+        }
+        // Forget queues nobody waits on any more before adding one.
+        map.retain(|_, w| w.strong_count() > 0);
+        let n = Arc::new(Notify::new());
+        map.insert(queue.clone(), Arc::downgrade(&n));
+        n
+    }
+
+    fn lock_external(&self) -> std::sync::MutexGuard<'_, HashMap<QueueName, Weak<Notify>>> {
+        // Whole-entry inserts and removes only: a panic cannot leave the map half-updated.
+        self.external.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
@@ -225,6 +258,9 @@ pub struct RuntimeHandle {
     /// What runs here: served queues, handled kinds and their args checks, metric labels.
     /// Empty (serves nothing, accepts every job) until [`RuntimeHandle::with_catalog`].
     pub catalog: Catalog,
+    /// Cancelled once this process takes no more leases (shutdown began): external
+    /// workers' long polls answer at once and lease nothing from then on (G6).
+    pub leasing_stopped: CancellationToken,
 }
 
 impl RuntimeHandle {
@@ -236,6 +272,7 @@ impl RuntimeHandle {
             running: RunningJobs::default(),
             leadership: LeaderWatch::default(),
             catalog: Catalog::default(),
+            leasing_stopped: CancellationToken::new(),
         }
     }
 

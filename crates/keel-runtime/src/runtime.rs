@@ -61,8 +61,10 @@ pub(crate) struct Shared {
 impl Shared {
     /// Wakes the dispatcher of `queue`, if it is served here.
     pub(crate) fn wake(&self, queue: &QueueName) {
-        if let Some(n) = self.wakers.get(queue) {
-            n.notify_one();
+        match self.wakers.get(queue) {
+            Some(n) => n.notify_one(),
+            // Not served here: external workers may be waiting on it.
+            None => self.handle.wakeups.job_available(queue),
         }
     }
 }
@@ -266,6 +268,7 @@ impl Runtime {
             );
         }
         self.shared.draining.cancel();
+        self.shared.handle.leasing_stopped.cancel();
         // A lease in flight completes and its jobs are started; after this no job is added.
         self.dispatchers.wait().await;
     }
@@ -310,6 +313,7 @@ impl Runtime {
 impl Drop for Runtime {
     fn drop(&mut self) {
         self.root.cancel();
+        self.shared.handle.leasing_stopped.cancel();
     }
 }
 
