@@ -164,10 +164,15 @@ impl Drop for Admitted {
     }
 }
 
-/// Whether admission control guards `path`: the `/v1` API except its description. Probes,
-/// metrics scrapes and the OpenAPI document must get through an overloaded server.
+/// Whether admission control guards `path`: the `/v1` API except its description and
+/// the workers' lease. Probes, metrics scrapes and the OpenAPI document must get through an
+/// overloaded server. A lease is a long poll that mostly waits: it is no work in progress,
+/// and holding a slot (and teaching the limit its wait as latency) would let idle workers
+/// shed everyone else. Its store call is still bounded by the store's bulkhead.
 fn guarded(path: &str) -> bool {
-    path.starts_with("/v1/") && path != "/v1/openapi.json"
+    path.starts_with("/v1/")
+        && path != "/v1/openapi.json"
+        && !crate::routes::workers::is_lease_path(path)
 }
 
 /// The outermost layer (SPEC §5: admission comes first). Sheds on a full backlog (enqueue

@@ -183,6 +183,12 @@ impl From<AttemptError> for AttemptErrorOut {
 /// worker's proof of ownership.
 #[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct LeaseOut {
+    /// The lease token: present only in the answer of `POST /v1/queues/{queue}/lease`,
+    /// to the worker that took the lease. It proves ownership in heartbeat, complete, fail
+    /// and release.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>, format = Uuid)]
+    pub token: Option<String>,
     /// The worker holding the lease.
     pub owner: String,
     /// When it lapses unless renewed (RFC 3339).
@@ -264,6 +270,7 @@ impl From<Job> for JobOut {
             errors: j.errors.into_iter().map(AttemptErrorOut::from).collect(),
             result: j.result,
             lease: j.lease.map(|l| LeaseOut {
+                token: None,
                 owner: l.owner.into(),
                 expires_at: l.expires_at,
             }),
@@ -272,6 +279,18 @@ impl From<Job> for JobOut {
             finished_at: j.finished_at,
             unique: j.unique.map(UniqueOut::from),
         }
+    }
+}
+
+impl JobOut {
+    /// A job as the worker that just leased it sees it: with its lease token.
+    pub fn leased(job: Job) -> Self {
+        let token = job.lease.as_ref().map(|l| l.token.to_string());
+        let mut out = Self::from(job);
+        if let Some(lease) = out.lease.as_mut() {
+            lease.token = token;
+        }
+        out
     }
 }
 
@@ -592,4 +611,200 @@ pub struct ReadyOut {
     pub checks: ReadyChecks,
     /// Whether shutdown has begun.
     pub draining: bool,
+}
+
+/// The body of `POST /v1/queues/{queue}/lease` (docs/workers.md). Parsed field by field
+/// (see `worker_in`); this type documents the shape.
+#[derive(Debug, ToSchema)]
+#[allow(dead_code)] // Documentation only: the body is parsed by `worker_in`.
+pub struct LeaseBody {
+    /// Who leases: shown in `GET /v1/workers` and as each job's `lease.owner`.
+    #[schema(example = "billing-7f9c:1234")]
+    worker: String,
+    /// At most this many jobs (the worker's free slots), 1–1000; default 1.
+    max: Option<u32>,
+    /// How long to wait for a job when none is available: `"0s"`–`"30s"` or milliseconds;
+    /// default `"0s"`.
+    #[schema(value_type = Option<String>, example = "10s")]
+    wait: Option<String>,
+    /// Each lease's length unless renewed by a heartbeat: `"5s"`–`"1h"`; default `"30s"`.
+    #[schema(value_type = Option<String>, example = "30s")]
+    lease: Option<String>,
+    /// Take only jobs of these kinds (1–100 names); default every kind.
+    kinds: Option<Vec<String>>,
+}
+
+/// The answer of a lease: the jobs now held, each with its lease token.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct LeasedOut {
+    /// Running jobs, in lease order; empty when the wait ran out.
+    pub jobs: Vec<JobOut>,
+}
+
+/// The body of `POST /v1/jobs/{id}/heartbeat`.
+#[derive(Debug, ToSchema)]
+#[allow(dead_code)] // Documentation only: the body is parsed by `worker_in`.
+pub struct HeartbeatBody {
+    /// The lease token from the lease answer.
+    #[schema(format = Uuid)]
+    token: String,
+    /// The new lease length from now, `"5s"`–`"1h"`; default `"30s"`.
+    #[schema(value_type = Option<String>, example = "30s")]
+    lease: Option<String>,
+}
+
+/// The answer of a heartbeat.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct HeartbeatOut {
+    /// When the lease now lapses unless renewed again; null once the job was cancelled.
+    #[schema(value_type = Option<String>, format = DateTime)]
+    pub expires_at: Option<Timestamp>,
+    /// A user cancelled the job: stop the handler. The job already ended `cancelled`.
+    pub cancel_requested: bool,
+}
+
+/// The body of `POST /v1/jobs/{id}/complete`.
+#[derive(Debug, ToSchema)]
+#[allow(dead_code)] // Documentation only: the body is parsed by `worker_in`.
+pub struct CompleteBody {
+    /// The lease token from the lease answer.
+    #[schema(format = Uuid)]
+    token: String,
+    /// The result: any JSON within the `args` limits; absent means null.
+    #[schema(value_type = Option<Value>)]
+    result: Option<serde_json::Value>,
+}
+
+/// The body of `POST /v1/jobs/{id}/fail`.
+#[derive(Debug, ToSchema)]
+#[allow(dead_code)] // Documentation only: the body is parsed by `worker_in`.
+pub struct FailBody {
+    /// The lease token from the lease answer.
+    #[schema(format = Uuid)]
+    token: String,
+    /// What went wrong (kept up to 2 KiB).
+    error: String,
+    /// The error will not go away by retrying: discard the job now. Default false.
+    permanent: Option<bool>,
+    /// Run again after this long instead of after the job's backoff.
+    #[schema(value_type = Option<String>, example = "10s")]
+    retry_in: Option<String>,
+}
+
+/// The body of `POST /v1/jobs/{id}/release`.
+#[derive(Debug, ToSchema)]
+#[allow(dead_code)] // Documentation only: the body is parsed by `worker_in`.
+pub struct ReleaseBody {
+    /// The lease token from the lease answer.
+    #[schema(format = Uuid)]
+    token: String,
+}
+
+/// One completion of `POST /v1/jobs/complete`.
+#[derive(Debug, ToSchema)]
+#[allow(dead_code)] // Documentation only: the body is parsed by `worker_in`.
+pub struct CompleteItem {
+    /// The job.
+    #[schema(format = Uuid)]
+    id: String,
+    /// Its lease token.
+    #[schema(format = Uuid)]
+    token: String,
+    /// The result; absent means null.
+    #[schema(value_type = Option<Value>)]
+    result: Option<serde_json::Value>,
+}
+
+/// The body of `POST /v1/jobs/complete`: 1–1000 completions.
+#[derive(Debug, ToSchema)]
+#[allow(dead_code)] // Documentation only: the body is parsed by `worker_in`.
+pub struct CompleteManyBody {
+    /// The completions, each judged alone.
+    outcomes: Vec<CompleteItem>,
+}
+
+/// One failure of `POST /v1/jobs/fail`.
+#[derive(Debug, ToSchema)]
+#[allow(dead_code)] // Documentation only: the body is parsed by `worker_in`.
+pub struct FailItem {
+    /// The job.
+    #[schema(format = Uuid)]
+    id: String,
+    /// Its lease token.
+    #[schema(format = Uuid)]
+    token: String,
+    /// What went wrong.
+    error: String,
+    /// Discard now. Default false.
+    permanent: Option<bool>,
+    /// Run again after this long instead of after the backoff.
+    #[schema(value_type = Option<String>)]
+    retry_in: Option<String>,
+}
+
+/// The body of `POST /v1/jobs/fail`: 1–1000 failures.
+#[derive(Debug, ToSchema)]
+#[allow(dead_code)] // Documentation only: the body is parsed by `worker_in`.
+pub struct FailManyBody {
+    /// The failures, each judged alone.
+    outcomes: Vec<FailItem>,
+}
+
+/// The answer to one outcome of a batch.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct OutcomeOut {
+    /// The job.
+    #[schema(value_type = String, format = Uuid)]
+    pub id: JobId,
+    /// What the single-outcome route would have answered: 200, or the error's status.
+    pub status: u16,
+    /// On success, the job's state now (`completed`, `retryable` or `discarded`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>)]
+    pub state: Option<JobState>,
+    /// On failure, why (a stale token says what happened to the job).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub problem: Option<crate::error::Problem>,
+}
+
+/// The answer of `POST /v1/jobs/complete` and `POST /v1/jobs/fail`.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct OutcomesOut {
+    /// One answer per outcome, in the order sent.
+    pub results: Vec<OutcomeOut>,
+}
+
+/// One external worker, as `GET /v1/workers` shows it.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct WorkerOut {
+    /// The name it leases under.
+    pub id: String,
+    /// The tenant whose key it uses.
+    pub tenant: String,
+    /// Queues it leased from.
+    pub queues: Vec<String>,
+    /// Its latest lease or heartbeat (RFC 3339).
+    #[schema(value_type = String, format = DateTime)]
+    pub last_seen: Timestamp,
+    /// Running jobs whose lease it holds.
+    pub jobs_held: usize,
+}
+
+impl From<crate::worker_registry::WorkerInfo> for WorkerOut {
+    fn from(w: crate::worker_registry::WorkerInfo) -> Self {
+        Self {
+            id: w.id.into(),
+            tenant: w.tenant.into(),
+            queues: w.queues.into_iter().map(String::from).collect(),
+            last_seen: w.last_seen,
+            jobs_held: w.jobs_held,
+        }
+    }
+}
+
+/// `GET /v1/workers`.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct WorkersOut {
+    /// Workers seen in the last 5 minutes by this process, by tenant and id.
+    pub workers: Vec<WorkerOut>,
 }

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use axum::extract::rejection::{BytesRejection, JsonRejection, PathRejection, QueryRejection};
 use axum::http::{HeaderName, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use keel_core::{FieldError, JobId, JobState, StoreError};
+use keel_core::{FieldError, JobId, JobState, QueueName, StoreError};
 use keel_resilience::Step;
 use serde::Serialize;
 use utoipa::ToSchema;
@@ -77,6 +77,20 @@ pub enum ApiError {
         /// The job, when known.
         job_id: Option<JobId>,
     },
+    /// A worker's lease token no longer holds the job (docs/workers.md): the job was
+    /// cancelled, finished, or rescued after the lease lapsed.
+    #[error("{detail}")]
+    StaleLease {
+        /// The job.
+        job_id: JobId,
+        /// What happened to the job.
+        detail: String,
+    },
+    /// An external worker asked to lease from a queue this process serves itself.
+    #[error(
+        "queue {0} is served by this process's built-in workers (KEEL_QUEUES); external workers serve only the other queues"
+    )]
+    QueueServedHere(QueueName),
     /// An `Idempotency-Key` came back with a different request (G3).
     #[error("{0}")]
     IdempotencyKeyReused(String),
@@ -226,6 +240,8 @@ impl ApiError {
             ApiError::MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, "method-not-allowed"),
             ApiError::IllegalTransition { .. } => (StatusCode::CONFLICT, "illegal-transition"),
             ApiError::Conflict { .. } => (StatusCode::CONFLICT, "conflict"),
+            ApiError::StaleLease { .. } => (StatusCode::CONFLICT, "stale-lease"),
+            ApiError::QueueServedHere(_) => (StatusCode::CONFLICT, "queue-served-here"),
             ApiError::IdempotencyKeyReused(_) => (StatusCode::CONFLICT, "idempotency-key-reused"),
             ApiError::JobNotCompleted { .. } => (StatusCode::CONFLICT, "job-not-completed"),
             ApiError::PayloadTooLarge { .. } => {
@@ -273,7 +289,9 @@ impl ApiError {
             ApiError::NotFound { job_id, .. } | ApiError::Conflict { job_id, .. } => {
                 p.job_id = *job_id;
             }
-            ApiError::IllegalTransition { job_id, .. } => p.job_id = Some(*job_id),
+            ApiError::IllegalTransition { job_id, .. } | ApiError::StaleLease { job_id, .. } => {
+                p.job_id = Some(*job_id)
+            }
             ApiError::JobNotCompleted { job_id, state, .. } => {
                 p.job_id = Some(*job_id);
                 p.state = Some(*state);
@@ -452,9 +470,9 @@ impl ApiError {
                 detail: detail.clone(),
                 job_id: None,
             },
-            StoreError::StaleLease(id) => ApiError::Conflict {
+            StoreError::StaleLease(id) => ApiError::StaleLease {
                 detail: format!("job {id}: the lease token is stale"),
-                job_id: Some(*id),
+                job_id: *id,
             },
             StoreError::Invalid { errors, .. } => ApiError::Validation(errors.0.clone()),
             // The database's (or the store's) own words about the value, which name no

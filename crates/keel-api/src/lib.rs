@@ -33,6 +33,9 @@ mod extract;
 mod job_in;
 mod routes;
 mod schedule_in;
+pub mod service;
+pub mod worker_in;
+pub mod worker_registry;
 
 pub use admission::{Admission, Backlog};
 pub use config::{ApiConfig, ApiKey, Role, hash_api_key};
@@ -47,5 +50,6 @@ pub use routes::schedules::DEFAULT_SCHEDULE_LIST_LIMIT;
 pub use routes::{ROUTES, router};
 pub use state::{ApiState, Readiness};
 pub use telemetry::describe_metrics;
+pub use worker_registry::WorkerRegistry;
 
 mod state;

@@ -258,6 +258,12 @@ pub(crate) async fn enforce_deadline(
         Ok(None) => state.config.request_timeout,
         Err(e) => return e.into_response(),
     };
+    // A lease may wait up to its `wait` for a job before its own work starts.
+    let budget = if crate::routes::workers::is_lease_path(req.uri().path()) {
+        budget + crate::worker_in::MAX_WAIT
+    } else {
+        budget
+    };
     let at = Instant::now() + budget;
     req.extensions_mut().insert(Deadline(at));
     let scope = RequestScope::new(at);

@@ -20,7 +20,7 @@ use utoipa::{Modify, OpenApi};
 
 use crate::dto;
 use crate::error::{Problem, ProblemField};
-use crate::routes::{health, jobs, process, queues, schedules};
+use crate::routes::{health, jobs, process, queues, schedules, workers};
 
 /// Adds the bearer API-key scheme the `/v1` operations refer to.
 struct BearerAuth;
@@ -170,6 +170,14 @@ impl Modify for ProtectionResponses {
         schedules::delete_schedule,
         schedules::pause_schedule,
         schedules::resume_schedule,
+        workers::lease_jobs,
+        workers::heartbeat,
+        workers::complete_job,
+        workers::fail_job,
+        workers::release_job,
+        workers::complete_many,
+        workers::fail_many,
+        workers::list_workers,
     ),
     components(schemas(
         dto::JobIn,
@@ -190,6 +198,21 @@ impl Modify for ProtectionResponses {
         dto::SchedulePageOut,
         dto::HealthOut,
         dto::ReadyOut,
+        dto::LeaseBody,
+        dto::LeasedOut,
+        dto::HeartbeatBody,
+        dto::HeartbeatOut,
+        dto::CompleteBody,
+        dto::FailBody,
+        dto::ReleaseBody,
+        dto::CompleteItem,
+        dto::CompleteManyBody,
+        dto::FailItem,
+        dto::FailManyBody,
+        dto::OutcomeOut,
+        dto::OutcomesOut,
+        dto::WorkerOut,
+        dto::WorkersOut,
         Problem,
         ProblemField,
     )),
@@ -198,6 +221,7 @@ impl Modify for ProtectionResponses {
         (name = "jobs", description = "Enqueue, inspect and control jobs"),
         (name = "queues", description = "Queue statistics, pause and resume"),
         (name = "schedules", description = "Cron schedules: each tick enqueues one job, exactly once"),
+        (name = "workers", description = "The worker protocol: external workers in any language lease jobs, heartbeat and report outcomes (docs/workers.md)"),
         (name = "probes", description = "Health, readiness, metrics and this document"),
     )
 )]

@@ -1,17 +1,18 @@
 //! What every handler shares.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
 
 use keel_core::Store;
 use keel_resilience::{Chaos, CircuitBreaker};
-use keel_runtime::RuntimeHandle;
+use keel_runtime::{Completer, RuntimeHandle};
 use metrics_exporter_prometheus::PrometheusHandle;
 
 use crate::admission::Admission;
 use crate::config::ApiConfig;
 use crate::job_cache::JobCache;
 use crate::rate_limit::RateLimits;
+use crate::worker_registry::WorkerRegistry;
 
 /// Whether this process should still receive traffic. The binary flips it when shutdown
 /// starts (G6) so that `/readyz` turns `503` and load balancers drain the replica while
@@ -81,6 +82,11 @@ pub struct ApiShared {
     /// The breaker guarding the database, when the store is guarded by one: `/readyz`
     /// reports the database down while it is open (requests are refused then anyway).
     pub database_breaker: Option<CircuitBreaker>,
+    /// External workers heard from (`GET /v1/workers`, `keel_workers_connected`).
+    pub workers: WorkerRegistry,
+    /// Writes external workers' completions in batches; started on first use, so it
+    /// writes to the store the state ends up with (see [`ApiState::with_store`]).
+    completer: OnceLock<Completer>,
 }
 
 impl ApiState {
@@ -105,6 +111,8 @@ impl ApiState {
             readiness,
             chaos: Chaos::default(),
             database_breaker: None,
+            workers: WorkerRegistry::new(),
+            completer: OnceLock::new(),
         }))
     }
 
@@ -144,6 +152,16 @@ impl ApiState {
         self.job_cache
             .clone()
             .follow(self.runtime.events.subscribe(), shutdown)
+    }
+
+    /// The completer external workers' completions go through (the batched write the
+    /// built-in workers use). It lives as long as the state.
+    ///
+    /// # Panics
+    /// On first use outside a Tokio runtime (it spawns its task).
+    pub fn completer(&self) -> &Completer {
+        self.completer
+            .get_or_init(|| Completer::start(Arc::clone(&self.store)))
     }
 
     /// Reports `breaker` in `/readyz`.

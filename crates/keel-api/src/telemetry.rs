@@ -58,4 +58,13 @@ pub fn describe_metrics() {
         "keel_cache_loads_total",
         "Reads the job cache made from the store (concurrent misses for one job share a load)."
     );
+    describe_gauge!(
+        "keel_workers_connected",
+        "External workers that leased or heartbeated in the last minute, by queue (the first \
+         64 external queues have their own label; later ones count under other)."
+    );
+    describe_counter!(
+        "keel_worker_leases_total",
+        "Jobs handed to external workers by POST /v1/queues/{queue}/lease, by queue."
+    );
 }

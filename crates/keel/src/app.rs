@@ -221,6 +221,7 @@ impl App {
         let protection = Protection {
             admission: api_state.admission.clone(),
             rate_limits: api_state.rate_limits.clone(),
+            workers: api_state.workers.clone(),
         };
         // Subscribed before the API serves, so no job event is missed by the read cache.
         let cache_events =
@@ -463,6 +464,7 @@ fn warn_if_chaos(settings: &ChaosSettings) {
 struct Protection {
     admission: keel_api::Admission,
     rate_limits: keel_api::RateLimits,
+    workers: keel_api::WorkerRegistry,
 }
 
 /// States whose jobs are waiting to run: the backlog admission control caps.
@@ -504,6 +506,7 @@ async fn refresh_gauges(
         );
         protection.admission.report();
         protection.rate_limits.retain_recent();
+        protection.workers.record_gauges();
         let pool = store.pool_stats();
         for (state, n) in [
             ("max", pool.max),

@@ -5,6 +5,7 @@ pub(crate) mod jobs;
 pub(crate) mod process;
 pub(crate) mod queues;
 pub(crate) mod schedules;
+pub(crate) mod workers;
 
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
@@ -73,6 +74,14 @@ route_table! {
         delete "/v1/schedules/{name}" => schedules::delete_schedule,
         post "/v1/schedules/{name}/pause" => schedules::pause_schedule,
         post "/v1/schedules/{name}/resume" => schedules::resume_schedule,
+        post "/v1/queues/{queue}/lease" => workers::lease_jobs,
+        post "/v1/jobs/{id}/heartbeat" => workers::heartbeat,
+        post "/v1/jobs/{id}/complete" => workers::complete_job,
+        post "/v1/jobs/{id}/fail" => workers::fail_job,
+        post "/v1/jobs/{id}/release" => workers::release_job,
+        post "/v1/jobs/complete" => workers::complete_many,
+        post "/v1/jobs/fail" => workers::fail_many,
+        get "/v1/workers" => workers::list_workers,
     }
 }
 

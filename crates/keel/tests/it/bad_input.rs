@@ -179,7 +179,7 @@ async fn jobs_that_can_never_run_are_refused_at_enqueue(backend: Backend, test: 
 both_backends!(jobs_that_can_never_run_are_refused_at_enqueue);
 
 /// `keel hash-key` of each test key.
-fn digest(key: &str) -> String {
+pub(crate) fn digest(key: &str) -> String {
     keel_api::hash_api_key(key)
         .iter()
         .map(|b| format!("{b:02x}"))

@@ -40,3 +40,4 @@ mod metrics;
 mod resilience_api;
 mod scale_out;
 mod shutdown;
+mod workers;
