@@ -8,6 +8,8 @@
 
 #![warn(missing_docs)]
 
+pub mod worker;
+
 use std::time::Duration;
 
 use reqwest::{Method, StatusCode};

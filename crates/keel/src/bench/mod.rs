@@ -52,6 +52,10 @@ const FSYNC_PROBE: Duration = Duration::from_secs(1);
 pub enum Workload {
     /// Drain: batch-insert N jobs into a paused queue, resume, time until all completed.
     W1,
+    /// W1 through external workers: the same jobs in a queue no built-in worker serves,
+    /// drained by keel-client's HTTP worker (docs/workers.md) with `--concurrency` slots.
+    #[value(name = "w1x")]
+    W1x,
     /// Steady: many HTTP clients enqueue one job per request while workers run them.
     W2,
     /// Paced: the same at a fixed rate (open model), for pickup latency.
@@ -69,6 +73,7 @@ impl fmt::Display for Workload {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
             Workload::W1 => "W1",
+            Workload::W1x => "W1x",
             Workload::W2 => "W2",
             Workload::W2p => "W2p",
             Workload::W3 => "W3",

@@ -80,6 +80,12 @@ pub(crate) const METRICS: &[MetricDef] = &[
         Unit::PerSec,
     ),
     m("w1.drain_jobs_per_s", "W1", "drain, jobs/s", Unit::PerSec),
+    m(
+        "w1x.drain_jobs_per_s",
+        "W1x",
+        "drain through external HTTP workers, jobs/s",
+        Unit::PerSec,
+    ),
     m("w2.enqueue_per_s", "W2", "enqueue, jobs/s", Unit::PerSec),
     m(
         "w2.completed_per_s",
@@ -214,6 +220,12 @@ pub(crate) const METRICS: &[MetricDef] = &[
         Unit::Ratio,
     ),
     m(
+        "ratio.w1x_of_w1",
+        "ratio",
+        "W1x drain (external workers) / W1 drain (built-in)",
+        Unit::Ratio,
+    ),
+    m(
         "ratio.w3_of_pgbench_insert",
         "ratio",
         "W3 enqueues / pgbench one-row INSERT",
@@ -284,6 +296,9 @@ pub(crate) fn target(backend: Backend, key: &str) -> Option<Target> {
         // G5: memory stays bounded under any offered load.
         "w4.peak_rss_mib" => Some(AtMost(512.0)),
         "w5.rss_idle_mib" => Some(AtMost(30.0)),
+        // Issue 13: a worker in another process loses at most a fifth of the built-in
+        // drain at the same concurrency.
+        "ratio.w1x_of_w1" => Some(AtLeast(0.8)),
         _ => None,
     };
     if common.is_some() {
@@ -347,9 +362,11 @@ impl RunRecord {
         let r1 = ratio(w1, get("pgbench.lifecycle_minimal_jobs_per_s"));
         let r2 = ratio(w1, get("pgbench.lifecycle_keel_jobs_per_s"));
         let r3 = ratio(w3, get("pgbench.insert_tps"));
+        let r4 = ratio(get("w1x.drain_jobs_per_s"), w1);
         self.set("ratio.w1_of_pgbench_minimal", r1);
         self.set("ratio.w1_of_pgbench_keel", r2);
         self.set("ratio.w3_of_pgbench_insert", r3);
+        self.set("ratio.w1x_of_w1", r4);
     }
 }
 

@@ -74,6 +74,7 @@ pub(crate) async fn run_all(ctx: &Ctx<'_>, rec: &mut RunRecord) {
     let order = [
         Workload::W5,
         Workload::W1,
+        Workload::W1x,
         Workload::W2,
         Workload::W2p,
         Workload::W3,
@@ -86,6 +87,7 @@ pub(crate) async fn run_all(ctx: &Ctx<'_>, rec: &mut RunRecord) {
         let outcome = match w {
             Workload::W5 => w5_footprint(ctx, rec).await,
             Workload::W1 => w1_drain(ctx, rec).await,
+            Workload::W1x => w1x_external_drain(ctx, rec).await,
             Workload::W2 => w2_steady(ctx, rec).await,
             Workload::W2p => w2p_paced(ctx, rec).await,
             Workload::W3 => w3_enqueue(ctx, rec).await,
@@ -134,6 +136,11 @@ impl Ctx<'_> {
 
     /// The bench queue's counts (zeros before it has any job).
     async fn counts(&self) -> anyhow::Result<Counts> {
+        self.counts_of(self.queue()).await
+    }
+
+    /// A queue's counts (zeros before it has any job).
+    async fn counts_of(&self, queue: &str) -> anyhow::Result<Counts> {
         let v = self
             .control
             .queues()
@@ -142,7 +149,7 @@ impl Ctx<'_> {
         let queues: Vec<QueueEntry> = serde_json::from_value(v).context("reading queue counts")?;
         Ok(queues
             .into_iter()
-            .find(|q| q.queue == self.queue())
+            .find(|q| q.queue == queue)
             .map(|q| q.counts)
             .unwrap_or_default())
     }
@@ -429,6 +436,94 @@ async fn w1_drain(ctx: &Ctx<'_>, rec: &mut RunRecord) -> anyhow::Result<()> {
         "  W1  {n} jobs: inserted in {:.2} s ({:.0}/s), drained in {:.2} s ({:.0}/s){}",
         insert.as_secs_f64(),
         per_sec(n, insert).unwrap_or(0.0),
+        drain.as_secs_f64(),
+        per_sec(n, drain).unwrap_or(0.0),
+        cores(cpu)
+    ));
+    Ok(())
+}
+
+/// W1x: W1's jobs in a queue no built-in worker serves, drained by keel-client's HTTP
+/// worker (lease, heartbeat, batched completions) with the bench queue's concurrency, so
+/// the figure compares with W1 at the same `--concurrency`.
+async fn w1x_external_drain(ctx: &Ctx<'_>, rec: &mut RunRecord) -> anyhow::Result<()> {
+    use keel_client::worker::{JobFailure, Worker, WorkerConfig};
+
+    let n = ctx.settings.jobs;
+    let queue = format!("{}-external", ctx.queue());
+    let before = ctx.counts_of(&queue).await?;
+    let bar = ctx.progress.counted("W1x insert", n);
+    let mut left = n;
+    let job = keel_client::JobIn {
+        kind: "noop".to_owned(),
+        queue: Some(queue.clone()),
+        ..keel_client::JobIn::default()
+    };
+    while left > 0 {
+        let count = left.min(INSERT_BATCH);
+        let jobs = vec![job.clone(); usize::try_from(count).unwrap_or(1000)];
+        ctx.control
+            .enqueue_batch(&jobs)
+            .await
+            .context("inserting a W1x batch")?;
+        left -= count;
+        bar.inc(count);
+    }
+    bar.finish_and_clear();
+
+    let bar = ctx.progress.counted("W1x drain", n);
+    let cpu = CpuSnapshot::take(ctx.pid).await;
+    let stop = tokio_util::sync::CancellationToken::new();
+    let config = WorkerConfig::new([queue.clone()])
+        .concurrency(ctx.settings.concurrency)
+        .wait(Duration::from_secs(1))
+        .grace(Duration::from_secs(5))
+        .worker_id("keel-bench-w1x");
+    let worker = Worker::new(ctx.control.clone(), config).handle("noop", |_, _| async {
+        Ok::<_, JobFailure>(serde_json::Value::Null)
+    });
+    let started = Instant::now();
+    let running = tokio::spawn(worker.run(stop.clone()));
+    let deadline = started + ctx.settings.drain_timeout;
+    let drained = loop {
+        let c = ctx.counts_of(&queue).await?;
+        let done = c.completed.saturating_sub(before.completed);
+        bar.set_position(done);
+        if done >= n {
+            break Ok(started.elapsed());
+        }
+        if Instant::now() >= deadline {
+            break Err(anyhow::anyhow!(
+                "external workers completed {done} of {n} jobs within {:?}",
+                ctx.settings.drain_timeout
+            ));
+        }
+        tokio::time::sleep(DRAIN_POLL).await;
+    };
+    stop.cancel();
+    let report = running
+        .await
+        .context("the external worker panicked")?
+        .context("the external worker failed")?;
+    let cpu = cpu_since(ctx, cpu).await;
+    bar.finish_and_clear();
+    let drain = drained?;
+    rec.set("w1x.drain_jobs_per_s", per_sec(n, drain));
+    rec.details.insert(
+        "w1x".into(),
+        json!({
+            "jobs": n,
+            "queue": queue,
+            "drain_s": drain.as_secs_f64(),
+            "concurrency": ctx.settings.concurrency,
+            "completed": report.completed,
+            "refused": report.refused,
+            "drain_cpu": cpu,
+        }),
+    );
+    ctx.progress.note(&format!(
+        "  W1x {n} jobs through external workers ({} slots): drained in {:.2} s ({:.0}/s){}",
+        ctx.settings.concurrency,
         drain.as_secs_f64(),
         per_sec(n, drain).unwrap_or(0.0),
         cores(cpu)

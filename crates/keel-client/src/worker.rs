@@ -1,0 +1,624 @@
+//! A worker over the HTTP worker protocol (docs/workers.md), for Rust programs that do not
+//! embed Keel: it leases jobs of the queues it serves, runs a handler per kind, heartbeats,
+//! and reports outcomes in batches, the way the Python and TypeScript SDKs do.
+//!
+//! ```no_run
+//! # async fn run() -> Result<(), keel_client::ClientError> {
+//! use keel_client::worker::{JobFailure, Worker, WorkerConfig};
+//! let client = keel_client::Client::new("http://127.0.0.1:8080", None)?;
+//! let stop = tokio_util::sync::CancellationToken::new();
+//! Worker::new(client, WorkerConfig::new(["images"]).concurrency(20))
+//!     .handle("resize", |ctx, args| async move {
+//!         let _ = (ctx, args);
+//!         Ok::<_, JobFailure>(serde_json::json!({"ok": true}))
+//!     })
+//!     .run(stop)
+//!     .await?;
+//! # Ok(()) }
+//! ```
+//!
+//! The loop, per queue: lease `max = free slots` with a long poll; run each job in its own
+//! task holding one slot; every `heartbeat` interval extend every running lease, and cancel
+//! a job's token when the server says it was cancelled (or the lease is gone); hand each
+//! outcome to one reporter task that sends whatever has accumulated as one
+//! `POST /v1/jobs/complete` or `/v1/jobs/fail` (no linger: batches grow with load). On
+//! stop: no new lease; running jobs get `grace`, then their tokens are cancelled and the
+//! jobs still unfinished are released, so their attempt does not count.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use reqwest::Method;
+use serde::Deserialize;
+use serde_json::{Value, json};
+use tokio::sync::{Semaphore, mpsc};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::{Client, ClientError, JobOut};
+
+/// Most outcomes sent in one batch request (the server's limit).
+const MAX_BATCH: usize = 1000;
+
+/// Why a handler's attempt failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JobFailure {
+    /// What went wrong (stored in the job's `errors`).
+    pub message: String,
+    /// Retrying will not help: discard the job.
+    pub permanent: bool,
+    /// Run again after this long instead of the job's backoff.
+    pub retry_in: Option<Duration>,
+}
+
+impl JobFailure {
+    /// A failure the job's backoff retries.
+    pub fn retry(message: impl Into<String>) -> Self {
+        Self {
+            message: message.into(),
+            permanent: false,
+            retry_in: None,
+        }
+    }
+
+    /// A failure that discards the job.
+    pub fn permanent(message: impl Into<String>) -> Self {
+        Self {
+            message: message.into(),
+            permanent: true,
+            retry_in: None,
+        }
+    }
+}
+
+/// What a handler gets besides the args.
+#[derive(Debug, Clone)]
+pub struct JobContext {
+    /// The job as leased (state `running`, attempt counted).
+    pub job: JobOut,
+    /// Cancelled when a user cancels the job, when its lease is lost, or when the worker's
+    /// grace period runs out: a handler should stop soon after.
+    pub cancelled: CancellationToken,
+}
+
+type BoxedHandler = Arc<
+    dyn Fn(JobContext, Value) -> Pin<Box<dyn Future<Output = Result<Value, JobFailure>> + Send>>
+        + Send
+        + Sync,
+>;
+
+/// How a [`Worker`] runs.
+#[derive(Debug, Clone)]
+pub struct WorkerConfig {
+    queues: Vec<String>,
+    concurrency: usize,
+    lease: Duration,
+    heartbeat: Option<Duration>,
+    wait: Duration,
+    grace: Duration,
+    worker_id: String,
+}
+
+impl WorkerConfig {
+    /// Serve `queues` with 10 slots, 30 s leases heartbeated every 10 s, 5 s long polls and
+    /// a 30 s grace period, as `rust-<pid>`.
+    pub fn new<S: Into<String>>(queues: impl IntoIterator<Item = S>) -> Self {
+        Self {
+            queues: queues.into_iter().map(Into::into).collect(),
+            concurrency: 10,
+            lease: Duration::from_secs(30),
+            heartbeat: None,
+            wait: Duration::from_secs(5),
+            grace: Duration::from_secs(30),
+            worker_id: format!("rust-{}", std::process::id()),
+        }
+    }
+
+    /// Jobs run at once (at least 1).
+    pub fn concurrency(mut self, n: usize) -> Self {
+        self.concurrency = n.max(1);
+        self
+    }
+
+    /// Each lease's length (5 s to 1 h).
+    pub fn lease(mut self, d: Duration) -> Self {
+        self.lease = d;
+        self
+    }
+
+    /// How often running leases are extended; default a third of the lease.
+    pub fn heartbeat(mut self, d: Duration) -> Self {
+        self.heartbeat = Some(d);
+        self
+    }
+
+    /// How long one lease request waits for work (at most 30 s). A stop waits for the
+    /// poll in flight, so this also bounds how long a stop takes to stop leasing.
+    pub fn wait(mut self, d: Duration) -> Self {
+        self.wait = d;
+        self
+    }
+
+    /// How long running jobs may take to finish after a stop.
+    pub fn grace(mut self, d: Duration) -> Self {
+        self.grace = d;
+        self
+    }
+
+    /// The name this worker leases under.
+    pub fn worker_id(mut self, id: impl Into<String>) -> Self {
+        self.worker_id = id.into();
+        self
+    }
+}
+
+/// What a run did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct WorkerReport {
+    /// Completions the server accepted.
+    pub completed: u64,
+    /// Failures the server accepted.
+    pub failed: u64,
+    /// Outcomes refused (stale lease: cancelled, or lost and rescued).
+    pub refused: u64,
+    /// Jobs given back unrun at stop.
+    pub released: u64,
+}
+
+/// A worker serving some queues with handlers by kind.
+pub struct Worker {
+    client: Client,
+    config: WorkerConfig,
+    handlers: HashMap<String, BoxedHandler>,
+}
+
+impl std::fmt::Debug for Worker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Worker")
+            .field("config", &self.config)
+            .field("kinds", &self.handlers.keys().collect::<Vec<_>>())
+            .finish()
+    }
+}
+
+/// One job running here.
+struct Running {
+    token: String,
+    cancelled: CancellationToken,
+}
+
+/// An outcome on its way to the reporter.
+enum Outcome {
+    Complete {
+        id: String,
+        token: String,
+        result: Value,
+    },
+    Fail {
+        id: String,
+        token: String,
+        failure: JobFailure,
+    },
+}
+
+#[derive(Deserialize)]
+struct Leased {
+    jobs: Vec<JobOut>,
+}
+
+#[derive(Deserialize)]
+struct Beat {
+    cancel_requested: bool,
+}
+
+#[derive(Deserialize)]
+struct Results {
+    results: Vec<ItemResult>,
+}
+
+#[derive(Deserialize)]
+struct ItemResult {
+    status: u16,
+}
+
+#[derive(Default)]
+struct Counters {
+    report: Mutex<WorkerReport>,
+}
+
+impl Counters {
+    fn add(&self, f: impl FnOnce(&mut WorkerReport)) {
+        f(&mut self.report.lock().unwrap_or_else(|p| p.into_inner()));
+    }
+}
+
+impl Worker {
+    /// A worker with no handlers yet.
+    pub fn new(client: Client, config: WorkerConfig) -> Self {
+        Self {
+            client,
+            config,
+            handlers: HashMap::new(),
+        }
+    }
+
+    /// Runs `handler` for jobs of `kind`. Only registered kinds are leased.
+    pub fn handle<F, Fut>(mut self, kind: impl Into<String>, handler: F) -> Self
+    where
+        F: Fn(JobContext, Value) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<Value, JobFailure>> + Send + 'static,
+    {
+        self.handlers.insert(
+            kind.into(),
+            Arc::new(move |ctx, args| Box::pin(handler(ctx, args))),
+        );
+        self
+    }
+
+    /// Runs until `stop` is cancelled, then stops gracefully (see the module docs).
+    pub async fn run(self, stop: CancellationToken) -> Result<WorkerReport, ClientError> {
+        let Worker {
+            client,
+            config,
+            handlers,
+        } = self;
+        let handlers = Arc::new(handlers);
+        let slots = Arc::new(Semaphore::new(config.concurrency));
+        let running: Arc<Mutex<HashMap<String, Running>>> = Arc::default();
+        let counters = Arc::new(Counters::default());
+        let (report_tx, report_rx) = mpsc::channel::<Outcome>(config.concurrency * 4);
+        let reporter = tokio::spawn(report(client.clone(), report_rx, Arc::clone(&counters)));
+        let beats_stop = CancellationToken::new();
+        let beats = tokio::spawn(heartbeats(
+            client.clone(),
+            Arc::clone(&running),
+            config.lease,
+            config.heartbeat.unwrap_or(config.lease / 3),
+            beats_stop.clone(),
+        ));
+        let mut jobs = JoinSet::new();
+        let mut pollers = JoinSet::new();
+        let kinds: Vec<String> = handlers.keys().cloned().collect();
+        for queue in &config.queues {
+            pollers.spawn(poll(PollCtx {
+                client: client.clone(),
+                queue: queue.clone(),
+                config: config.clone(),
+                kinds: kinds.clone(),
+                slots: Arc::clone(&slots),
+                stop: stop.clone(),
+                handlers: Arc::clone(&handlers),
+                running: Arc::clone(&running),
+                report: report_tx.clone(),
+                counters: Arc::clone(&counters),
+            }));
+        }
+        while let Some(done) = pollers.join_next().await {
+            if let Ok(Some(spawned)) = done {
+                jobs = merge(jobs, spawned);
+            }
+        }
+        // Stopped: the running jobs get the grace period, then their tokens are cancelled.
+        let grace = tokio::time::sleep(config.grace);
+        tokio::pin!(grace);
+        loop {
+            tokio::select! {
+                next = jobs.join_next() => if next.is_none() { break },
+                () = &mut grace => {
+                    for r in lock(&running).values() {
+                        r.cancelled.cancel();
+                    }
+                    while jobs.join_next().await.is_some() {}
+                    break;
+                }
+            }
+        }
+        drop(report_tx);
+        let _ = reporter.await;
+        beats_stop.cancel();
+        let _ = beats.await;
+        let report = *counters.report.lock().unwrap_or_else(|p| p.into_inner());
+        Ok(report)
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // Entries are inserted and removed whole: a panic cannot leave one half-written.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Moves the tasks of `from` into `into` (a poller hands its running jobs over when it
+/// stops, so the stop can wait for them).
+fn merge(mut into: JoinSet<()>, mut from: JoinSet<()>) -> JoinSet<()> {
+    // JoinSet has no merge: wrap what is left of `from` in one task of `into`.
+    if !from.is_empty() {
+        into.spawn(async move { while from.join_next().await.is_some() {} });
+    }
+    into
+}
+
+struct PollCtx {
+    client: Client,
+    queue: String,
+    config: WorkerConfig,
+    kinds: Vec<String>,
+    slots: Arc<Semaphore>,
+    stop: CancellationToken,
+    handlers: Arc<HashMap<String, BoxedHandler>>,
+    running: Arc<Mutex<HashMap<String, Running>>>,
+    report: mpsc::Sender<Outcome>,
+    counters: Arc<Counters>,
+}
+
+/// Leases from one queue until the stop; returns the job tasks it started.
+async fn poll(cx: PollCtx) -> Option<JoinSet<()>> {
+    let mut jobs = JoinSet::new();
+    let mut backoff = Duration::from_millis(100);
+    while !cx.stop.is_cancelled() {
+        // Reap finished job tasks so the set does not grow.
+        while jobs.try_join_next().is_some() {}
+        let first = tokio::select! {
+            p = Arc::clone(&cx.slots).acquire_owned() => match p { Ok(p) => p, Err(_) => break },
+            () = cx.stop.cancelled() => break,
+        };
+        let mut permits = vec![first];
+        while let Ok(p) = Arc::clone(&cx.slots).try_acquire_owned() {
+            permits.push(p);
+        }
+        let body = json!({
+            "worker": cx.config.worker_id,
+            "max": permits.len().min(MAX_BATCH),
+            "wait": format!("{}ms", cx.config.wait.as_millis()),
+            "lease": format!("{}ms", cx.config.lease.as_millis()),
+            "kinds": cx.kinds,
+        });
+        let path = format!("/v1/queues/{}/lease", cx.queue);
+        let leased: Result<Leased, ClientError> = cx
+            .client
+            .json(cx.client.request(Method::POST, &path).json(&body))
+            .await;
+        let leased = match leased {
+            Ok(l) => {
+                backoff = Duration::from_millis(100);
+                l.jobs
+            }
+            Err(e) => {
+                // A refused request (4xx) will not get better by repeating it fast either.
+                tracing::warn!(queue = %cx.queue, error = %e, "leasing failed; retrying");
+                drop(permits);
+                tokio::select! {
+                    () = tokio::time::sleep(backoff) => {}
+                    () = cx.stop.cancelled() => break,
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(10));
+                continue;
+            }
+        };
+        for job in leased {
+            let Some(permit) = permits.pop() else {
+                // More jobs than asked for cannot happen; give any extra back unrun.
+                release(&cx.client, &job, &cx.counters).await;
+                continue;
+            };
+            let Some(token) = job
+                .lease
+                .as_ref()
+                .and_then(|l| l.get("token"))
+                .and_then(Value::as_str)
+                .map(str::to_owned)
+            else {
+                continue;
+            };
+            if cx.stop.is_cancelled() {
+                release(&cx.client, &job, &cx.counters).await;
+                continue;
+            }
+            // Not a child of `stop`: a stop must not cancel running jobs before the grace.
+            let cancelled = CancellationToken::new();
+            lock(&cx.running).insert(
+                job.id.clone(),
+                Running {
+                    token: token.clone(),
+                    cancelled: cancelled.clone(),
+                },
+            );
+            let handler = cx.handlers.get(&job.kind).cloned();
+            let report = cx.report.clone();
+            let running = Arc::clone(&cx.running);
+            let client = cx.client.clone();
+            let counters = Arc::clone(&cx.counters);
+            jobs.spawn(async move {
+                let id = job.id.clone();
+                let args = job.args.clone();
+                let ctx = JobContext {
+                    job: job.clone(),
+                    cancelled: cancelled.clone(),
+                };
+                let outcome = match handler {
+                    Some(h) => {
+                        // A panicking handler is a failed attempt, not a dead worker.
+                        match tokio::spawn(h(ctx, args)).await {
+                            Ok(r) => r,
+                            Err(e) => Err(JobFailure::retry(format!("the handler panicked: {e}"))),
+                        }
+                    }
+                    None => Err(JobFailure::permanent(format!(
+                        "no handler for kind {:?} in this worker",
+                        job.kind
+                    ))),
+                };
+                lock(&running).remove(&id);
+                if cancelled.is_cancelled() && outcome.is_err() {
+                    // Stopped by the grace period (or a cancel): give it back unrun. A
+                    // cancelled job's release is refused as stale, which is fine.
+                    release(&client, &job, &counters).await;
+                } else {
+                    let sent = match outcome {
+                        Ok(result) => Outcome::Complete { id, token, result },
+                        Err(failure) => Outcome::Fail { id, token, failure },
+                    };
+                    let _ = report.send(sent).await;
+                }
+                drop(permit);
+            });
+        }
+        drop(permits);
+    }
+    Some(jobs)
+}
+
+/// Gives a leased job back unrun.
+async fn release(client: &Client, job: &JobOut, counters: &Counters) {
+    let Some(token) = job
+        .lease
+        .as_ref()
+        .and_then(|l| l.get("token"))
+        .and_then(Value::as_str)
+    else {
+        return;
+    };
+    let path = format!("/v1/jobs/{}/release", job.id);
+    let sent = client
+        .send(
+            client
+                .request(Method::POST, &path)
+                .json(&json!({ "token": token })),
+        )
+        .await;
+    if sent.is_ok() {
+        counters.add(|r| r.released += 1);
+    }
+}
+
+/// Extends every running lease every `every`; cancels a job the server says was cancelled
+/// or whose lease is gone.
+async fn heartbeats(
+    client: Client,
+    running: Arc<Mutex<HashMap<String, Running>>>,
+    lease: Duration,
+    every: Duration,
+    stop: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(every.max(Duration::from_millis(100)));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            () = stop.cancelled() => return,
+        }
+        let held: Vec<(String, String, CancellationToken)> = lock(&running)
+            .iter()
+            .map(|(id, r)| (id.clone(), r.token.clone(), r.cancelled.clone()))
+            .collect();
+        let mut beats = JoinSet::new();
+        for (id, token, cancelled) in held {
+            let client = client.clone();
+            beats.spawn(async move {
+                let path = format!("/v1/jobs/{id}/heartbeat");
+                let body = json!({"token": token, "lease": format!("{}ms", lease.as_millis())});
+                match client
+                    .json::<Beat>(client.request(Method::POST, &path).json(&body))
+                    .await
+                {
+                    Ok(b) if b.cancel_requested => cancelled.cancel(),
+                    Ok(_) => {}
+                    // The lease is gone (rescued, finished elsewhere): stop the handler.
+                    Err(e)
+                        if e.status()
+                            .is_some_and(|s| s.as_u16() == 409 || s.as_u16() == 404) =>
+                    {
+                        cancelled.cancel();
+                    }
+                    Err(_) => {}
+                }
+            });
+        }
+        while beats.join_next().await.is_some() {}
+    }
+}
+
+/// Sends outcomes in batches: whatever has accumulated when the previous send returns.
+async fn report(client: Client, mut rx: mpsc::Receiver<Outcome>, counters: Arc<Counters>) {
+    while let Some(first) = rx.recv().await {
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(o) => batch.push(o),
+                Err(_) => break,
+            }
+        }
+        let (mut completes, mut fails) = (Vec::new(), Vec::new());
+        for o in batch {
+            match o {
+                Outcome::Complete { id, token, result } => {
+                    completes.push(json!({"id": id, "token": token, "result": result}));
+                }
+                Outcome::Fail { id, token, failure } => {
+                    let mut item = json!({
+                        "id": id, "token": token,
+                        "error": failure.message, "permanent": failure.permanent,
+                    });
+                    if let Some(d) = failure.retry_in {
+                        item["retry_in"] = json!(format!("{}ms", d.as_millis()));
+                    }
+                    fails.push(item);
+                }
+            }
+        }
+        for (path, items, is_fail) in [
+            ("/v1/jobs/complete", completes, false),
+            ("/v1/jobs/fail", fails, true),
+        ] {
+            if items.is_empty() {
+                continue;
+            }
+            send_outcomes(&client, path, items, is_fail, &counters).await;
+        }
+    }
+}
+
+/// Sends one batch, retrying while the server cannot be reached or is unavailable; the
+/// leases stay ours meanwhile (the heartbeats continue), so a retry is safe.
+async fn send_outcomes(
+    client: &Client,
+    path: &str,
+    items: Vec<Value>,
+    is_fail: bool,
+    counters: &Counters,
+) {
+    let body = json!({ "outcomes": items });
+    let mut backoff = Duration::from_millis(50);
+    for _ in 0..8 {
+        match client
+            .json::<Results>(client.request(Method::POST, path).json(&body))
+            .await
+        {
+            Ok(r) => {
+                for item in r.results {
+                    counters.add(|c| match (item.status, is_fail) {
+                        (200, false) => c.completed += 1,
+                        (200, true) => c.failed += 1,
+                        _ => c.refused += 1,
+                    });
+                }
+                return;
+            }
+            Err(e)
+                if e.status()
+                    .is_some_and(|s| s.is_client_error() && s.as_u16() != 429) =>
+            {
+                tracing::warn!(error = %e, "outcomes refused");
+                return;
+            }
+            Err(_) => {
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+    tracing::warn!("outcomes not recorded after 8 attempts; their leases will lapse");
+}
