@@ -39,7 +39,9 @@ key="schemathesis-key-$(date +%s%N)"
 digest=$(printf '%s' "$key" | sha256sum | cut -d' ' -f1)
 
 # One served queue, so the fuzzer also meets the runnable-kind checks; a short default
-# deadline, so `POST /v1/process` on work no worker takes ends in 504 quickly.
+# deadline, so `POST /v1/process` on work no worker takes ends in 504 quickly; and short
+# long polls, so a fuzzed lease on an empty queue does not wait up to 30 s.
+KEEL_MAX_LEASE_WAIT=100ms \
 KEEL_DATABASE_URL="sqlite://$work/keel.db" \
 KEEL_ADDR="127.0.0.1:$port" \
 KEEL_ADMIN_ADDR=off \

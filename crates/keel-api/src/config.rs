@@ -30,6 +30,9 @@ pub struct ApiConfig {
     /// How long an `Idempotency-Key` is remembered (G3). Within this window a retried
     /// enqueue returns the original response instead of creating a second job.
     pub idempotency_ttl: Duration,
+    /// Longest an external worker's lease waits for a job; a longer `wait` is cut to it
+    /// (`KEEL_MAX_LEASE_WAIT`, at most [`crate::worker_in::MAX_WAIT`]).
+    pub max_lease_wait: Duration,
     /// Accepted API keys, each bound to one tenant. Empty means no authentication: every
     /// caller may act for any tenant. The binary allows that only on a loopback listener
     /// (G8).
@@ -67,6 +70,7 @@ impl Default for ApiConfig {
             max_body_bytes: Self::DEFAULT_MAX_BODY_BYTES,
             max_args_bytes: NewJob::DEFAULT_MAX_ARGS_BYTES,
             idempotency_ttl: Duration::from_secs(24 * 3600),
+            max_lease_wait: crate::worker_in::MAX_WAIT,
             api_keys: Vec::new(),
             admission: AdaptiveLimitConfig::default(),
             max_queue_backlog: 0,

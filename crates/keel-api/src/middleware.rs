@@ -260,7 +260,7 @@ pub(crate) async fn enforce_deadline(
     };
     // A lease may wait up to its `wait` for a job before its own work starts.
     let budget = if crate::routes::workers::is_lease_path(req.uri().path()) {
-        budget + crate::worker_in::MAX_WAIT
+        budget + state.config.max_lease_wait
     } else {
         budget
     };

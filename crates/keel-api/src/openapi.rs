@@ -433,6 +433,7 @@ fn constrain_bodies(doc: &mut serde_json::Value) {
         s["properties"]["jobs"]["maxItems"] = json!(crate::job_in::MAX_BATCH);
         s["additionalProperties"] = json!(false);
     }
+    constrain_worker_bodies(schemas);
     if let Some(s) = schemas.get_mut("UniqueIn") {
         let key = json!({
             "type": "string",
@@ -509,6 +510,89 @@ fn constrain_bodies(doc: &mut serde_json::Value) {
                     props["delay_ms"]["maximum"] = json!(week);
                 }
             }
+        }
+    }
+}
+
+/// A lease's `wait`: 0 to 30 s, with a unit or in milliseconds.
+pub const WAIT_PATTERN: &str = r"^([0-9]{1,4}ms|[12][0-9]{4}ms|30000ms|[0-9]s|[12][0-9]s|30s)$";
+
+/// A lease's length: 5 s to 1 h.
+pub const LEASE_PATTERN: &str = concat!(
+    r"^(([5-9]|[1-9][0-9]|[1-9][0-9]{2}|[12][0-9]{3}|3[0-5][0-9]{2}|3600)s",
+    r"|([1-9]|[1-5][0-9]|60)m|1h)$"
+);
+
+/// A failure's `retry_in`: every value the pattern admits is under the 10-year bound.
+pub const RETRY_IN_PATTERN: &str =
+    r"^([0-9]{1,9}ms|[0-9]{1,8}s|[0-9]{1,6}m|[0-9]{1,4}h|[0-9]{1,3}d)$";
+
+/// The worker protocol's bodies: the bounds `worker_in` enforces.
+fn constrain_worker_bodies(schemas: &mut serde_json::Map<String, serde_json::Value>) {
+    let token = json!({"type": "string", "format": "uuid"});
+    let id = json!({"type": "string", "format": "uuid"});
+    let lease = json!({
+        "type": ["string", "integer", "null"],
+        "pattern": LEASE_PATTERN,
+        "minimum": crate::worker_in::MIN_LEASE.as_millis(),
+        "maximum": crate::worker_in::MAX_LEASE_FOR.as_millis(),
+    });
+    let retry_in = json!({
+        "type": ["string", "integer", "null"],
+        "pattern": RETRY_IN_PATTERN,
+        "minimum": 0,
+        "maximum": crate::job_in::MAX_DELAY_MS,
+    });
+    let fail_fields = json!({
+        "token": token,
+        "error": {"type": "string"},
+        "permanent": {"type": ["boolean", "null"]},
+        "retry_in": retry_in,
+    });
+    let mut constrain = |name: &str, with: serde_json::Value| {
+        if let Some(s) = schemas.get_mut(name) {
+            merge_properties(s, &with);
+            s["additionalProperties"] = json!(false);
+        }
+    };
+    constrain(
+        "LeaseBody",
+        json!({
+            "worker": {
+                "type": "string",
+                "pattern": keel_core::WorkerId::pattern(),
+                "minLength": 1,
+                "maxLength": keel_core::WorkerId::MAX_LEN,
+            },
+            "max": {"type": ["integer", "null"], "minimum": 1, "maximum": crate::worker_in::MAX_LEASE},
+            "wait": {
+                "type": ["string", "integer", "null"],
+                "pattern": WAIT_PATTERN,
+                "minimum": 0,
+                "maximum": crate::worker_in::MAX_WAIT.as_millis(),
+            },
+            "lease": lease,
+            "kinds": {
+                "type": ["array", "null"],
+                "minItems": 1,
+                "maxItems": crate::worker_in::MAX_KINDS,
+                "items": name_schema(false),
+            },
+        }),
+    );
+    constrain("HeartbeatBody", json!({"token": token, "lease": lease}));
+    constrain("CompleteBody", json!({"token": token}));
+    constrain("ReleaseBody", json!({"token": token}));
+    constrain("FailBody", fail_fields.clone());
+    constrain("CompleteItem", json!({"id": id, "token": token}));
+    let mut item = fail_fields;
+    item["id"] = id;
+    constrain("FailItem", item);
+    for batch in ["CompleteManyBody", "FailManyBody"] {
+        if let Some(s) = schemas.get_mut(batch) {
+            s["properties"]["outcomes"]["minItems"] = json!(1);
+            s["properties"]["outcomes"]["maxItems"] = json!(crate::worker_in::MAX_LEASE);
+            s["additionalProperties"] = json!(false);
         }
     }
 }

@@ -217,7 +217,7 @@ pub struct JobOut {
     /// Result, once completed.
     #[serde(default)]
     pub result: Option<Value>,
-    /// Lease while running.
+    /// Lease while running (with its `token` only in a lease answer).
     #[serde(default)]
     pub lease: Option<Value>,
     /// Creation time.
@@ -556,6 +556,48 @@ impl Client {
     pub async fn process(&self, job: &JobIn) -> Result<JobOut, ClientError> {
         self.json(self.request(Method::POST, "/v1/process").json(job))
             .await
+    }
+
+    /// Leases up to `max` jobs of an external queue for `worker`, waiting up to `wait` for
+    /// one (docs/workers.md). Each job's `lease` carries its token.
+    pub async fn lease(
+        &self,
+        queue: &str,
+        worker: &str,
+        max: u32,
+        wait: Duration,
+        lease: Duration,
+    ) -> Result<Vec<JobOut>, ClientError> {
+        #[derive(Deserialize)]
+        struct Leased {
+            jobs: Vec<JobOut>,
+        }
+        let body = serde_json::json!({
+            "worker": worker,
+            "max": max,
+            "wait": format!("{}ms", wait.as_millis()),
+            "lease": format!("{}ms", lease.as_millis()),
+        });
+        let path = format!("/v1/queues/{queue}/lease");
+        let leased: Leased = self
+            .json(self.request(Method::POST, &path).json(&body))
+            .await?;
+        Ok(leased.jobs)
+    }
+
+    /// Records a leased job as completed with `result`; `token` is its lease token.
+    pub async fn complete(
+        &self,
+        id: &str,
+        token: &str,
+        result: &Value,
+    ) -> Result<JobOut, ClientError> {
+        let body = serde_json::json!({ "token": token, "result": result });
+        self.json(
+            self.request(Method::POST, &format!("/v1/jobs/{id}/complete"))
+                .json(&body),
+        )
+        .await
     }
 
     /// One job.

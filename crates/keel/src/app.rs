@@ -417,6 +417,7 @@ fn api_config(config: &Config) -> ApiConfig {
         max_body_bytes: config.max_body_bytes,
         max_args_bytes: config.max_args_bytes,
         idempotency_ttl: config.idempotency_ttl,
+        max_lease_wait: config.max_lease_wait,
         api_keys: config.api_keys.clone(),
         admission: config.admission_limit(),
         max_queue_backlog: config.max_queue_backlog,

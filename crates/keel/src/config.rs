@@ -111,6 +111,10 @@ pub struct ServeArgs {
     /// How long an Idempotency-Key is remembered.
     #[arg(long, env = "KEEL_IDEMPOTENCY_TTL", value_name = "DURATION")]
     pub idempotency_ttl: Option<String>,
+    /// Longest an external worker's lease may wait for a job (a longer `wait` is cut to
+    /// it), up to 30s.
+    #[arg(long, env = "KEEL_MAX_LEASE_WAIT", value_name = "DURATION")]
+    pub max_lease_wait: Option<String>,
     /// Largest accepted request body, bytes.
     #[arg(long, env = "KEEL_MAX_BODY_BYTES", value_name = "BYTES")]
     pub max_body_bytes: Option<String>,
@@ -278,6 +282,9 @@ pub struct Config {
     /// Idempotency key lifetime.
     #[serde(with = "duration_text")]
     pub idempotency_ttl: Duration,
+    /// Longest wait of an external worker's lease.
+    #[serde(with = "duration_text")]
+    pub max_lease_wait: Duration,
     /// Largest request body.
     pub max_body_bytes: usize,
     /// Largest job args.
@@ -587,6 +594,7 @@ const FIELDS: &[&str] = &[
     "db_acquire_timeout",
     "retention",
     "idempotency_ttl",
+    "max_lease_wait",
     "max_body_bytes",
     "max_args_bytes",
     "api_keys",
@@ -723,6 +731,7 @@ impl Config {
                 ("db_acquire_timeout", a.db_acquire_timeout.as_ref()),
                 ("retention", a.retention.as_ref()),
                 ("idempotency_ttl", a.idempotency_ttl.as_ref()),
+                ("max_lease_wait", a.max_lease_wait.as_ref()),
                 ("max_body_bytes", a.max_body_bytes.as_ref()),
                 ("max_args_bytes", a.max_args_bytes.as_ref()),
                 ("api_keys", a.api_keys.as_ref()),
@@ -813,6 +822,13 @@ impl Config {
         let db_acquire_timeout = s.get("db_acquire_timeout", "5s", dur);
         let retention = s.get("retention", "7d", dur);
         let idempotency_ttl = s.get("idempotency_ttl", "24h", dur);
+        let max_lease_wait = s.get("max_lease_wait", "30s", |v| {
+            let d = dur(v)?;
+            if d > keel_api::worker_in::MAX_WAIT {
+                return Err("must be at most 30s (the protocol's longest wait)".to_owned());
+            }
+            Ok(d)
+        });
         let max_body_bytes = s.get("max_body_bytes", "2097152", |v| {
             parse_count(v, 1024, 64 << 20)
         });
@@ -1028,6 +1044,7 @@ impl Config {
             db_acquire_timeout: db_acquire_timeout.expect(PARSED),
             retention: retention.expect(PARSED),
             idempotency_ttl: idempotency_ttl.expect(PARSED),
+            max_lease_wait: max_lease_wait.expect(PARSED),
             max_body_bytes: max_body_bytes.expect(PARSED),
             max_args_bytes: max_args_bytes.expect(PARSED),
             api_keys: api_keys.expect(PARSED),

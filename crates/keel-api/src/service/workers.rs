@@ -46,7 +46,7 @@ pub async fn lease(
     }
     let stopped = &state.runtime.leasing_stopped;
     let wakeups = state.runtime.wakeups.external(&queue);
-    let until = Instant::now() + req.wait;
+    let until = Instant::now() + req.wait.min(state.config.max_lease_wait);
     let tenant = caller.scope().cloned();
     loop {
         if stopped.is_cancelled() {

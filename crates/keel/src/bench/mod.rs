@@ -61,6 +61,10 @@ pub enum Workload {
     /// Paced: the same at a fixed rate (open model), for pickup latency.
     #[value(name = "w2p")]
     W2p,
+    /// External pickup: how soon a waiting external worker's lease answers after an
+    /// enqueue into its empty queue (the long poll's wakeup), one job at a time.
+    #[value(name = "w2x")]
+    W2x,
     /// Enqueue only (workers paused): durable enqueues per second and their latency.
     W3,
     /// Overload: offer a multiple of W3's capacity (open model) and watch what holds.
@@ -76,6 +80,7 @@ impl fmt::Display for Workload {
             Workload::W1x => "W1x",
             Workload::W2 => "W2",
             Workload::W2p => "W2p",
+            Workload::W2x => "W2x",
             Workload::W3 => "W3",
             Workload::W4 => "W4",
             Workload::W5 => "W5",

@@ -77,6 +77,7 @@ pub(crate) async fn run_all(ctx: &Ctx<'_>, rec: &mut RunRecord) {
         Workload::W1x,
         Workload::W2,
         Workload::W2p,
+        Workload::W2x,
         Workload::W3,
         Workload::W4,
     ];
@@ -90,6 +91,7 @@ pub(crate) async fn run_all(ctx: &Ctx<'_>, rec: &mut RunRecord) {
             Workload::W1x => w1x_external_drain(ctx, rec).await,
             Workload::W2 => w2_steady(ctx, rec).await,
             Workload::W2p => w2p_paced(ctx, rec).await,
+            Workload::W2x => w2x_external_pickup(ctx, rec).await,
             Workload::W3 => w3_enqueue(ctx, rec).await,
             Workload::W4 => w4_overload(ctx, rec).await,
         };
@@ -527,6 +529,79 @@ async fn w1x_external_drain(ctx: &Ctx<'_>, rec: &mut RunRecord) -> anyhow::Resul
         drain.as_secs_f64(),
         per_sec(n, drain).unwrap_or(0.0),
         cores(cpu)
+    ));
+    Ok(())
+}
+
+/// Samples of W2x.
+const PICKUP_SAMPLES: u32 = 300;
+
+/// W2x: one external worker long-polls an empty queue; each sample enqueues one job and
+/// times from sending the enqueue to receiving the lease answer that carries it (so the
+/// enqueue's own commit is included), then completes the job so the queue is empty again.
+async fn w2x_external_pickup(ctx: &Ctx<'_>, rec: &mut RunRecord) -> anyhow::Result<()> {
+    let queue = format!("{}-pickup", ctx.queue());
+    let job = keel_client::JobIn {
+        kind: "noop".to_owned(),
+        queue: Some(queue.clone()),
+        ..keel_client::JobIn::default()
+    };
+    let bar = ctx.progress.counted("W2x", u64::from(PICKUP_SAMPLES));
+    let mut lat = Latency::new();
+    for _ in 0..PICKUP_SAMPLES {
+        let poller = ctx.control.clone();
+        let q = queue.clone();
+        let poll = tokio::spawn(async move {
+            let got = poller
+                .lease(
+                    &q,
+                    "keel-bench-w2x",
+                    1,
+                    Duration::from_secs(30),
+                    Duration::from_secs(30),
+                )
+                .await;
+            (got, Instant::now())
+        });
+        // Give the poll time to find the queue empty and wait: a poll that has not started
+        // waiting yet would take the job on its first look, which measures nothing wrong
+        // (only a shorter path).
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let sent = Instant::now();
+        ctx.control
+            .enqueue(&job, None)
+            .await
+            .context("enqueueing a W2x job")?;
+        let (got, answered) = poll.await.context("the W2x poll panicked")?;
+        let jobs = got.context("the W2x lease")?;
+        let leased = jobs
+            .first()
+            .context("the W2x lease answered without the job")?;
+        lat.record(answered.saturating_duration_since(sent));
+        let token = leased
+            .lease
+            .as_ref()
+            .and_then(|l| l.get("token"))
+            .and_then(serde_json::Value::as_str)
+            .context("a leased job without its token")?;
+        ctx.control
+            .complete(&leased.id, token, &serde_json::Value::Null)
+            .await
+            .context("completing a W2x job")?;
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    rec.set("w2x.pickup_p50_ms", lat.quantile_ms(0.5));
+    rec.set("w2x.pickup_p99_ms", lat.quantile_ms(0.99));
+    rec.details.insert(
+        "w2x".into(),
+        json!({ "samples": lat.count(), "queue": queue, "max_ms": lat.max_ms() }),
+    );
+    ctx.progress.note(&format!(
+        "  W2x {} pickups by a waiting external lease: p50 {:.2} ms, p99 {:.2} ms",
+        lat.count(),
+        lat.quantile_ms(0.5).unwrap_or(f64::NAN),
+        lat.quantile_ms(0.99).unwrap_or(f64::NAN),
     ));
     Ok(())
 }

@@ -37,6 +37,7 @@ mod diagnostics;
 mod idempotency;
 mod jobs;
 mod metrics;
+mod openapi;
 mod resilience_api;
 mod scale_out;
 mod shutdown;
