@@ -85,7 +85,11 @@ fn finish<T>(value: T, errs: Errors<'_>) -> Result<T, ApiError> {
     }
 }
 
-/// Records unknown and repeated members; returns the known ones by name.
+/// Fields whose `null` means "not given" (take the default), as in a job body.
+const OPTIONAL: &[&str] = &["max", "wait", "lease", "kinds", "permanent", "retry_in"];
+
+/// Records unknown and repeated members; returns the known ones by name, leaving out
+/// optional fields sent as `null`.
 fn known<'m>(
     members: &'m Members,
     fields: &[&str],
@@ -101,7 +105,7 @@ fn known<'m>(
             );
         } else if !seen.insert(name.as_str()) {
             errs.add(name, "given more than once");
-        } else {
+        } else if !(OPTIONAL.contains(&name.as_str()) && raw.get().trim() == "null") {
             out.push((name.as_str(), raw.as_ref()));
         }
     }
@@ -523,6 +527,13 @@ mod tests {
         assert_eq!(
             (l.max, l.wait, l.lease_for),
             (1, Duration::ZERO, DEFAULT_LEASE)
+        );
+        let l = parse_lease(br#"{"worker":"w","max":null,"wait":null,"lease":null,"kinds":null}"#)
+            .unwrap();
+        assert_eq!(
+            (l.max, l.wait, l.lease_for, l.kinds.len()),
+            (1, Duration::ZERO, DEFAULT_LEASE, 0),
+            "null is the default"
         );
         let l = parse_lease(
             br#"{"worker":"w","max":1000,"wait":"30s","lease":"1h","kinds":["a","b","a"]}"#,
