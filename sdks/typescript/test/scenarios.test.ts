@@ -1,0 +1,427 @@
+/**
+ * The scenarios of sdks/SCENARIOS.md, plus the client's errors and a worker stopped by
+ * SIGTERM in a process of its own, against a real `keel serve` on each backend.
+ *
+ * Every assertion is on what the server reports (states, attempts, results, errors) or on
+ * exit codes; waits poll with a generous deadline. The one bound on time is the cancel
+ * scenario's, which SCENARIOS.md states.
+ */
+
+import assert from "node:assert/strict";
+import { spawn } from "node:child_process";
+import { fileURLToPath } from "node:url";
+import { createInterface } from "node:readline";
+import { after, before, describe, test } from "node:test";
+
+import {
+  CancelledError,
+  Client,
+  KeelError,
+  PermanentError,
+  RetryIn,
+  ShutdownError,
+  WaitTimeoutError,
+  Worker,
+  isTerminal,
+  type Job,
+  type LeasedJob,
+  type Problem,
+} from "../src/index.js";
+import {
+  DEADLINE_MS,
+  type Database,
+  KeelServer,
+  aborted,
+  deferred,
+  memoryLogger,
+  runInBackground,
+  testBackends,
+  waitFor,
+  within,
+} from "./harness.js";
+
+/** One test's own limit: several deadlines' worth, so a hang still ends with a failure. */
+const TEST_TIMEOUT_MS = 4 * DEADLINE_MS;
+
+const backends = await testBackends();
+
+for (const backend of backends) {
+  describe(`keel serve (${backend.name})`, () => {
+    let server: KeelServer | undefined;
+    let db: Database | undefined;
+    let client!: Client;
+
+    before(async () => {
+      if (backend.skip !== undefined) return;
+      if (backend.broken !== undefined) throw new Error(backend.broken);
+      db = await backend.database();
+      server = await KeelServer.start(db.url);
+      client = new Client({ url: server.url });
+    });
+
+    after(async () => {
+      try {
+        if (server !== undefined) {
+          const code = await server.stop();
+          assert.equal(code, 0, `keel serve should exit 0 after SIGTERM, got ${code}:\n${server.logTail()}`);
+        }
+      } finally {
+        await db?.drop();
+      }
+    });
+
+    const skip = backend.skip === undefined ? false : `SKIPPED: ${backend.skip}`;
+    const it = (name: string, fn: () => Promise<void>): void => {
+      test(`${name} (${backend.name})`, { timeout: TEST_TIMEOUT_MS, skip }, fn);
+    };
+
+    /** Polls a job until `ready` holds for it. */
+    const jobWhen = (id: string, what: string, ready: (job: Job) => boolean, failFast?: () => unknown): Promise<Job> =>
+      waitFor(
+        `job ${id} to be ${what}`,
+        async () => {
+          const job = await client.get(id);
+          return ready(job) ? job : undefined;
+        },
+        failFast ? { failFast } : {},
+      );
+
+    it("scenario_drain", async () => {
+      const queue = "ts-drain";
+      const jobs = await client.enqueueMany(Array.from({ length: 200 }, (_, n) => ({ kind: "square", args: { n }, queue })));
+      const { logger, lines } = memoryLogger();
+      const worker = new Worker(client, {
+        queues: [queue],
+        concurrency: 8,
+        handleSignals: false,
+        logger,
+        workerId: `ts-drain-${backend.name}-${process.pid}`,
+      });
+      worker.handle<{ n: number }>("square", (_ctx, { n }) => ({ square: n * n }));
+      const running = runInBackground(worker);
+      let listed = false;
+      try {
+        listed = await waitFor(
+          "the worker to be listed by GET /v1/workers",
+          async () => (await client.workers()).some((w) => w.id === worker.workerId && w.queues.includes(queue)),
+          { failFast: running.failure },
+        );
+        await waitFor(
+          "all 200 jobs to finish",
+          async () => {
+            const counts = (await client.queues()).find((q) => q.queue === queue)?.counts;
+            return counts !== undefined && counts.completed + counts.discarded + counts.cancelled === 200;
+          },
+          { failFast: running.failure },
+        );
+      } finally {
+        await worker.stop();
+        await running.done;
+      }
+      assert.equal(running.failure(), undefined, `worker.run() rejected:\n${lines.join("\n")}`);
+      assert.ok(listed);
+      for (const [n, enqueued] of jobs.entries()) {
+        const job = await client.get(enqueued.id);
+        assert.equal(job.state, "completed", `job ${n}: ${JSON.stringify(job)}`);
+        assert.equal(job.attempt, 1, `job ${n} ran more than once`);
+        assert.deepEqual(job.result, { square: n * n });
+      }
+    });
+
+    it("scenario_cancel", async () => {
+      const queue = "ts-cancel";
+      const { logger, lines } = memoryLogger();
+      const worker = new Worker(client, { queues: [queue], concurrency: 2, leaseMs: 5_000, handleSignals: false, logger });
+      const started = deferred<void>();
+      const saw = deferred<{ at: number; reason: unknown }>();
+      worker.handle("wait_cancel", async (ctx) => {
+        started.resolve();
+        const reason = await aborted(ctx.signal);
+        saw.resolve({ at: Date.now(), reason });
+        throw reason;
+      });
+      worker.handle<{ n: number }>("square", (_ctx, { n }) => ({ square: n * n }));
+      const running = runInBackground(worker);
+      try {
+        const job = await client.enqueue("wait_cancel", {}, { queue });
+        await within("the handler to start", started.promise, running.failure);
+        await client.cancel(job.id);
+        const cancelledAt = Date.now();
+        const { at, reason } = await within("the handler to see its cancellation", saw.promise, running.failure);
+        assert.ok(reason instanceof CancelledError, `signal reason: ${String(reason)}`);
+        const bound = worker.heartbeatMs + 1_000;
+        assert.ok(at - cancelledAt <= bound, `the handler heard of the cancel ${at - cancelledAt} ms after it, over ${bound} ms`);
+        assert.equal((await client.get(job.id)).state, "cancelled");
+
+        const later = await client.enqueue("square", { n: 7 }, { queue });
+        const done = await jobWhen(later.id, "finished", (j) => isTerminal(j.state), running.failure);
+        assert.equal(done.state, "completed");
+        assert.deepEqual(done.result, { square: 49 });
+      } finally {
+        await worker.stop();
+        await running.done;
+      }
+      assert.equal(running.failure(), undefined, `worker.run() rejected:\n${lines.join("\n")}`);
+    });
+
+    it("scenario_lease_loss", async () => {
+      const queue = "ts-lease-loss";
+      const job = await client.enqueue("square", { n: 12 }, { queue });
+      // A worker that leases and then dies: raw HTTP, a 5 s lease, never renewed.
+      const leased = await raw("POST", `/v1/queues/${queue}/lease`, { worker: "ts-dead-worker", max: 1, wait: "5s", lease: "5s" });
+      assert.equal(leased.status, 200, JSON.stringify(leased.body));
+      const first = (leased.body as { jobs: LeasedJob[] }).jobs;
+      assert.equal(first.length, 1);
+      assert.equal(first[0]!.id, job.id);
+      const staleToken = first[0]!.lease.token;
+
+      const { logger, lines } = memoryLogger();
+      const worker = new Worker(client, { queues: [queue], concurrency: 2, handleSignals: false, logger });
+      worker.handle<{ n: number }>("square", (_ctx, { n }) => ({ square: n * n, by: "sdk" }));
+      const running = runInBackground(worker);
+      let done: Job;
+      try {
+        done = await jobWhen(job.id, "finished after the rescue", (j) => isTerminal(j.state), running.failure);
+      } finally {
+        await worker.stop();
+        await running.done;
+      }
+      assert.equal(running.failure(), undefined, `worker.run() rejected:\n${lines.join("\n")}`);
+      assert.equal(done.state, "completed");
+      assert.equal(done.attempt, 2);
+      assert.deepEqual(done.result, { square: 144, by: "sdk" });
+
+      const replay = await raw("POST", `/v1/jobs/${job.id}/complete`, { token: staleToken, result: { square: -1 } });
+      assert.equal(replay.status, 409, JSON.stringify(replay.body));
+      assert.match((replay.body as Problem).type, /stale-lease$/);
+      const after = await client.get(job.id);
+      assert.equal(after.state, "completed");
+      assert.deepEqual(after.result, { square: 144, by: "sdk" });
+    });
+
+    it("scenario_shutdown", async () => {
+      const queue = "ts-shutdown";
+      const jobs = await client.enqueueMany([
+        ...Array.from({ length: 4 }, () => ({ kind: "slow", queue })),
+        ...Array.from({ length: 4 }, () => ({ kind: "stubborn", queue })),
+      ]);
+      const { logger, lines } = memoryLogger();
+      const worker = new Worker(client, { queues: [queue], concurrency: 8, graceMs: 3_000, handleSignals: false, logger });
+      let started = 0;
+      const reasons: unknown[] = [];
+      worker.handle("slow", async () => {
+        started++;
+        await new Promise((resolve) => setTimeout(resolve, 1_000));
+        return { slept: 1_000 };
+      });
+      worker.handle("stubborn", async (ctx) => {
+        started++;
+        const reason = await aborted(ctx.signal);
+        reasons.push(reason);
+        throw reason;
+      });
+      const running = runInBackground(worker);
+      await waitFor("all 8 handlers to start", () => started === 8, { failFast: running.failure });
+      await worker.stop();
+      await within("run() to return after stop()", running.done);
+      assert.equal(running.failure(), undefined, `worker.run() rejected:\n${lines.join("\n")}`);
+      assert.equal(worker.held, 0);
+
+      for (const enqueued of jobs) {
+        const job = await client.get(enqueued.id);
+        if (enqueued.kind === "slow") {
+          assert.equal(job.state, "completed", JSON.stringify(job));
+          assert.equal(job.attempt, 1);
+        } else {
+          assert.equal(job.state, "available", JSON.stringify(job));
+          assert.equal(job.attempt, 0, "a released job's attempt is not counted");
+        }
+      }
+      assert.equal(reasons.length, 4);
+      for (const reason of reasons) assert.ok(reason instanceof ShutdownError, String(reason));
+    });
+
+    it("scenario_bad_input", async () => {
+      const queue = "ts-bad-input";
+      const { logger, lines } = memoryLogger();
+      const worker = new Worker(client, { queues: [queue], concurrency: 4, handleSignals: false, logger });
+      worker.handle("boom", () => {
+        throw new Error("boom");
+      });
+      worker.handle("doomed", () => {
+        throw new PermanentError("this can never work");
+      });
+      worker.handle("bigint", () => ({ n: 10n }));
+      worker.handle("cyclic", () => {
+        const o: Record<string, unknown> = {};
+        o["self"] = o;
+        return o;
+      });
+      worker.handle("later", () => {
+        throw new RetryIn(3_600_000, "upstream said later");
+      });
+      worker.handle<{ n: number }>("square", (_ctx, { n }) => ({ square: n * n }));
+      // A fixed hour-long backoff keeps a failed job `retryable` while it is looked at.
+      const hour = { backoff: { type: "fixed", delayMs: 3_600_000 } as const, queue };
+      const running = runInBackground(worker);
+      try {
+        const boom = await client.enqueue("boom", null, hour);
+        const doomed = await client.enqueue("doomed", null, { queue });
+        const bigint = await client.enqueue("bigint", null, hour);
+        const cyclic = await client.enqueue("cyclic", null, hour);
+        const later = await client.enqueue("later", null, { queue });
+        const failed = (j: Job) => j.errors.length > 0 && j.state !== "running";
+
+        const b = await jobWhen(boom.id, "failed", failed, running.failure);
+        assert.equal(b.state, "retryable");
+        assert.equal(b.attempt, 1);
+        assert.equal(b.errors[0]!.message, "Error: boom");
+
+        const d = await jobWhen(doomed.id, "failed", failed, running.failure);
+        assert.equal(d.state, "discarded");
+        assert.equal(d.attempt, 1);
+        assert.equal(d.errors[0]!.message, "PermanentError: this can never work");
+
+        for (const [enqueued, why] of [
+          [bigint, /BigInt/],
+          [cyclic, /circular/i],
+        ] as const) {
+          const j = await jobWhen(enqueued.id, "failed", failed, running.failure);
+          assert.equal(j.state, "retryable", JSON.stringify(j));
+          assert.equal(j.attempt, 1);
+          assert.match(j.errors[0]!.message, /not JSON-serialisable/);
+          assert.match(j.errors[0]!.message, why);
+        }
+
+        const l = await jobWhen(later.id, "failed", failed, running.failure);
+        assert.equal(l.state, "retryable");
+        assert.equal(l.errors[0]!.message, "RetryIn: upstream said later");
+        assert.ok(Date.parse(l.run_at) > Date.now() + 30 * 60_000, `RetryIn(1 h) should delay the retry, run_at ${l.run_at}`);
+
+        // The worker goes on.
+        const square = await client.enqueue("square", { n: 9 }, { queue });
+        const s = await jobWhen(square.id, "finished", (j) => isTerminal(j.state), running.failure);
+        assert.equal(s.state, "completed");
+        assert.deepEqual(s.result, { square: 81 });
+      } finally {
+        await worker.stop();
+        await running.done;
+      }
+      assert.equal(running.failure(), undefined, `worker.run() rejected:\n${lines.join("\n")}`);
+
+      const refused = await client.enqueue("square", { n: 1 }, { queue, priority: 42, maxAttempts: 0 }).then(
+        () => assert.fail("an enqueue with invalid options should be refused"),
+        (e: unknown) => e,
+      );
+      assert.ok(refused instanceof KeelError, String(refused));
+      assert.equal(refused.status, 422);
+      assert.equal(refused.problemType, "validation");
+      const fields = refused.errors.map((e) => e.field).sort();
+      assert.deepEqual(fields, ["max_attempts", "priority"]);
+      assert.ok(refused.errors.every((e) => e.message.length > 0));
+    });
+
+    it("client_errors", async () => {
+      const missing = "01930000-0000-7000-8000-000000000000";
+      const notFound = await client.get(missing).then(
+        () => assert.fail("a job that does not exist should be a 404"),
+        (e: unknown) => e,
+      );
+      assert.ok(notFound instanceof KeelError, String(notFound));
+      assert.equal(notFound.status, 404);
+      assert.equal(notFound.problemType, "not-found");
+      assert.match(notFound.message, /GET \/v1\/jobs\/.* answered 404/);
+
+      const invalid = await client.enqueue("", undefined, { queue: "not a queue", tags: ["ok"] }).catch((e: unknown) => e);
+      assert.ok(invalid instanceof KeelError, String(invalid));
+      assert.equal(invalid.status, 422);
+      assert.deepEqual(invalid.errors.map((e) => e.field).sort(), ["kind", "queue"]);
+
+      // A built-in executor, end to end through the client.
+      const echo = await client.enqueue("echo", { hello: "world" });
+      const finished = await client.wait(echo.id, { timeoutMs: DEADLINE_MS });
+      assert.equal(finished.state, "completed");
+      assert.deepEqual(await client.result(echo.id), { id: echo.id, state: "completed", result: { hello: "world" } });
+
+      // Nobody serves this queue: the wait gives up, and the job can be cancelled.
+      const idle = await client.enqueue("square", { n: 2 }, { queue: "ts-nobody" });
+      const gaveUp = await client.wait(idle.id, { timeoutMs: 300 }).catch((e: unknown) => e);
+      assert.ok(gaveUp instanceof WaitTimeoutError, String(gaveUp));
+      assert.equal(gaveUp.lastState, "available");
+      assert.equal((await client.result(idle.id)).state, "available");
+      assert.equal((await client.cancel(idle.id)).state, "cancelled");
+      const noResult = await client.result(idle.id).catch((e: unknown) => e);
+      assert.ok(noResult instanceof KeelError, String(noResult));
+      assert.equal(noResult.status, 409);
+      assert.equal(noResult.state, "cancelled");
+
+      // A stale or made-up token moves nothing.
+      const stale = await client.complete(idle.id, "5b0c1a4e-0000-4000-8000-000000000000", 1).catch((e: unknown) => e);
+      assert.ok(stale instanceof KeelError, String(stale));
+      assert.ok(stale.isStaleLease, stale.message);
+
+      // A queue served by built-in workers cannot be leased from outside.
+      const served = await client.lease("default", { worker: "ts-client" }).catch((e: unknown) => e);
+      assert.ok(served instanceof KeelError, String(served));
+      assert.equal(served.status, 409);
+      assert.equal(served.problemType, "queue-served-here");
+    });
+
+    it("worker_sigterm_child", async () => {
+      const queue = "ts-sigterm";
+      const jobs = await client.enqueueMany([
+        ...Array.from({ length: 4 }, () => ({ kind: "slow", queue })),
+        ...Array.from({ length: 4 }, () => ({ kind: "stubborn", queue })),
+      ]);
+      const script = fileURLToPath(new URL("./worker-child.js", import.meta.url));
+      const child = spawn(process.execPath, [script], {
+        env: { ...process.env, KEEL_URL: server!.url, KEEL_QUEUE: queue, KEEL_GRACE_MS: "3000" },
+        stdio: ["ignore", "pipe", "pipe"],
+      });
+      const exit = new Promise<{ code: number | null; signal: NodeJS.Signals | null }>((resolve) =>
+        child.once("exit", (code, signal) => resolve({ code, signal })),
+      );
+      const events: Record<string, unknown>[] = [];
+      let stderr = "";
+      child.stderr.on("data", (chunk: Buffer) => (stderr += chunk.toString()));
+      createInterface({ input: child.stdout }).on("line", (line) => events.push(JSON.parse(line) as Record<string, unknown>));
+      let exited: { code: number | null; signal: NodeJS.Signals | null } | undefined;
+      void exit.then((e) => (exited = e));
+      try {
+        await waitFor("the child to start all 8 jobs", () => events.filter((e) => e["event"] === "started").length === 8, {
+          failFast: () => (exited ? new Error(`the worker child exited early (${JSON.stringify(exited)}):\n${stderr}`) : undefined),
+        });
+        child.kill("SIGTERM");
+        const { code, signal } = await within("the worker child to exit", exit);
+        assert.equal(signal, null, `killed by ${signal}:\n${stderr}`);
+        assert.equal(code, 0, `exit code ${code}:\n${stderr}`);
+      } finally {
+        if (child.exitCode === null && child.signalCode === null) child.kill("SIGKILL");
+      }
+      assert.ok(events.some((e) => e["event"] === "stopped"), "run() resolved in the child");
+      for (const enqueued of jobs) {
+        const job = await client.get(enqueued.id);
+        if (enqueued.kind === "slow") {
+          assert.equal(job.state, "completed", JSON.stringify(job));
+        } else {
+          assert.equal(job.state, "available", JSON.stringify(job));
+          assert.equal(job.attempt, 0);
+        }
+      }
+      const aborts = events.filter((e) => e["event"] === "aborted");
+      assert.equal(aborts.length, 4);
+      assert.ok(aborts.every((e) => e["reason"] === "ShutdownError"));
+    });
+
+    /** A request without the SDK, as a worker in another language would send it. */
+    async function raw(method: string, path: string, body: unknown): Promise<{ status: number; body: unknown }> {
+      const res = await fetch(server!.url + path, {
+        method,
+        headers: { "content-type": "application/json" },
+        body: JSON.stringify(body),
+      });
+      const text = await res.text();
+      return { status: res.status, body: text ? (JSON.parse(text) as unknown) : undefined };
+    }
+  });
+}
