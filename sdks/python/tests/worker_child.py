@@ -1,11 +1,11 @@
 """A worker process for the SIGTERM tests (run by test_scenarios.py, not by pytest).
 
-    python worker_child.py URL --queue Q --concurrency N --grace S --marks DIR
+    python worker_child.py URL --queue Q --concurrency N --grace S [--lease S] --marks DIR
 
 Handlers: ``one_second`` sleeps 1 s and returns ``{"slept": 1}``; ``until_cancelled`` waits
 for its cancellation; ``square`` returns ``{"square": n*n}``. Each handler creates
-``DIR/<job id>`` when it starts, so the test knows when every job is running before it
-sends SIGTERM. ``worker.run()`` runs on the main thread, so it installs its own SIGTERM and
+``DIR/<job id>`` (holding the job's lease token) when it starts, so the test knows when
+every job is running before it sends a signal, and can replay a dead worker's token. ``worker.run()`` runs on the main thread, so it installs its own SIGTERM and
 SIGINT handlers; the process exits with run()'s outcome (0 when it returns).
 """
 
@@ -26,16 +26,23 @@ def main() -> None:
     parser.add_argument("--queue", required=True)
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--grace", type=float, default=3.0)
+    parser.add_argument("--lease", type=float, default=30.0)
     parser.add_argument("--marks", type=Path, required=True)
     opts = parser.parse_args()
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     worker = keel.Worker(
-        opts.url, queues=[opts.queue], concurrency=opts.concurrency, grace=opts.grace
+        opts.url,
+        queues=[opts.queue],
+        concurrency=opts.concurrency,
+        grace=opts.grace,
+        lease=opts.lease,
     )
 
     def mark(ctx: keel.Context) -> None:
-        (opts.marks / ctx.id).touch()
+        # The file holds the lease token, so a test can replay it after killing us.
+        lease = ctx.job.lease
+        (opts.marks / ctx.id).write_text((lease.token or "") if lease else "")
 
     @worker.handler("one_second")
     def one_second(ctx: keel.Context, args: Any) -> Any:
