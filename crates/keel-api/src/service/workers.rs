@@ -81,10 +81,6 @@ pub async fn lease(
             let label = state.workers.queue_label(&queue);
             metrics::counter!("keel_worker_leases_total", "queue" => label)
                 .increment(jobs.len() as u64);
-            // A cached read from before would still say `available`.
-            for job in &jobs {
-                state.job_cache.invalidate(job.id).await;
-            }
             return Ok(jobs);
         }
         let now = Instant::now();
