@@ -244,48 +244,13 @@ impl Statements {
             // A `queued`-scope unique job gives up its key for good when first leased, so
             // the same key can be enqueued again while it runs, and a later retry of it
             // never competes for the key with the job enqueued meanwhile.
-            lease: format!(
-                "WITH picked AS ( \
-                   SELECT id FROM jobs \
-                   WHERE state IN ({lease}) AND queue = $1 \
-                     AND NOT EXISTS (SELECT 1 FROM queues WHERE name = $1 AND paused) \
-                   ORDER BY priority, run_at, id \
-                   LIMIT $2 \
-                   FOR UPDATE SKIP LOCKED \
-                 ) \
-                 UPDATE jobs j SET state = '{to}', attempt = j.attempt + 1, lease_owner = $3, \
-                   lease_token = gen_random_uuid(), lease_expires_at = $4, started_at = $5, \
-                   unique_key = CASE WHEN j.unique_scope = 'queued' THEN NULL \
-                                     ELSE j.unique_key END \
-                 FROM picked \
-                 WHERE j.id = picked.id AND j.state IN ({lease}) \
-                 RETURNING {COLUMNS}",
-                lease = guard(Transition::Lease),
-                to = target(Transition::Lease),
-            ),
+            lease: lease_statement(""),
             // An external worker's lease (docs/workers.md): the same walk, keeping only its
             // tenant's jobs and the kinds it handles. The filters are residual on the index
             // walk; the built-in dispatchers keep the unfiltered statement above.
-            lease_filtered: format!(
-                "WITH picked AS ( \
-                   SELECT id FROM jobs \
-                   WHERE state IN ({lease}) AND queue = $1 \
-                     AND NOT EXISTS (SELECT 1 FROM queues WHERE name = $1 AND paused) \
-                     AND ($6::text IS NULL OR tenant = $6) \
-                     AND (cardinality($7::text[]) = 0 OR kind = ANY($7)) \
-                   ORDER BY priority, run_at, id \
-                   LIMIT $2 \
-                   FOR UPDATE SKIP LOCKED \
-                 ) \
-                 UPDATE jobs j SET state = '{to}', attempt = j.attempt + 1, lease_owner = $3, \
-                   lease_token = gen_random_uuid(), lease_expires_at = $4, started_at = $5, \
-                   unique_key = CASE WHEN j.unique_scope = 'queued' THEN NULL \
-                                     ELSE j.unique_key END \
-                 FROM picked \
-                 WHERE j.id = picked.id AND j.state IN ({lease}) \
-                 RETURNING {COLUMNS}",
-                lease = guard(Transition::Lease),
-                to = target(Transition::Lease),
+            lease_filtered: lease_statement(
+                "AND ($6::text IS NULL OR tenant = $6) \
+                 AND (cardinality($7::text[]) = 0 OR kind = ANY($7))",
             ),
             // A lease is live while the job can still complete; the token is the fence.
             // RETURNING the submitted (id, token) pairs lets the caller match outcomes to
@@ -660,6 +625,31 @@ impl ListQuery {
             .map(|p| p.as_ref() as &(dyn ToSql + Sync))
             .collect()
     }
+}
+
+/// The lease statement, with `filter` (more conditions on the candidate rows, or nothing)
+/// added to the inner walk. See [`Sql::lease`].
+fn lease_statement(filter: &str) -> String {
+    format!(
+        "WITH picked AS ( \
+           SELECT id FROM jobs \
+           WHERE state IN ({lease}) AND queue = $1 \
+             AND NOT EXISTS (SELECT 1 FROM queues WHERE name = $1 AND paused) \
+             {filter} \
+           ORDER BY priority, run_at, id \
+           LIMIT $2 \
+           FOR UPDATE SKIP LOCKED \
+         ) \
+         UPDATE jobs j SET state = '{to}', attempt = j.attempt + 1, lease_owner = $3, \
+           lease_token = gen_random_uuid(), lease_expires_at = $4, started_at = $5, \
+           unique_key = CASE WHEN j.unique_scope = 'queued' THEN NULL \
+                             ELSE j.unique_key END \
+         FROM picked \
+         WHERE j.id = picked.id AND j.state IN ({lease}) \
+         RETURNING {COLUMNS}",
+        lease = guard(Transition::Lease),
+        to = target(Transition::Lease),
+    )
 }
 
 #[cfg(test)]

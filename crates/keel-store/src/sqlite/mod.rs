@@ -441,28 +441,35 @@ static DELETE_FINISHED_SQL: LazyLock<String> = LazyLock::new(|| {
     )
 });
 
+/// The lease statement, with `filter` (more conditions on the candidate rows, or nothing)
+/// added to the inner select; `RETURNING` is followed by the columns.
+macro_rules! lease_sql {
+    ($filter:literal) => {
+        concat!(
+            "UPDATE jobs SET state = 'running', attempt = attempt + 1,
+        lease_owner = ?1, lease_token = randomblob(16), lease_expires_at = ?2, started_at = ?3,
+        unique_key = CASE WHEN unique_scope = 'queued' THEN NULL ELSE unique_key END
+    WHERE id IN (SELECT id FROM jobs WHERE state = 'available' AND queue = ?4 ",
+            $filter,
+            "
+                 ORDER BY priority, run_at, id LIMIT ?5)
+      AND NOT EXISTS (SELECT 1 FROM queues WHERE name = ?4 AND paused = 1)
+    RETURNING "
+        )
+    };
+}
+
 /// Leases jobs. A `queued`-scope unique job gives its key up for good here (see
 /// `UniqueScope::Queued`): the same key can be enqueued again while this one runs, and a later
 /// retry of this job never takes the key back from a newer one.
-const LEASE_SQL: &str = "UPDATE jobs SET state = 'running', attempt = attempt + 1,
-        lease_owner = ?1, lease_token = randomblob(16), lease_expires_at = ?2, started_at = ?3,
-        unique_key = CASE WHEN unique_scope = 'queued' THEN NULL ELSE unique_key END
-    WHERE id IN (SELECT id FROM jobs WHERE state = 'available' AND queue = ?4
-                 ORDER BY priority, run_at, id LIMIT ?5)
-      AND NOT EXISTS (SELECT 1 FROM queues WHERE name = ?4 AND paused = 1)
-    RETURNING ";
+const LEASE_SQL: &str = lease_sql!("");
 
 /// [`LEASE_SQL`] for an external worker (docs/workers.md): only its tenant's jobs (`?6`,
 /// NULL for any) of the kinds it handles (`?7`, a JSON array, NULL for any).
-const LEASE_FILTERED_SQL: &str = "UPDATE jobs SET state = 'running', attempt = attempt + 1,
-        lease_owner = ?1, lease_token = randomblob(16), lease_expires_at = ?2, started_at = ?3,
-        unique_key = CASE WHEN unique_scope = 'queued' THEN NULL ELSE unique_key END
-    WHERE id IN (SELECT id FROM jobs WHERE state = 'available' AND queue = ?4
-                   AND (?6 IS NULL OR tenant = ?6)
-                   AND (?7 IS NULL OR kind IN (SELECT value FROM json_each(?7)))
-                 ORDER BY priority, run_at, id LIMIT ?5)
-      AND NOT EXISTS (SELECT 1 FROM queues WHERE name = ?4 AND paused = 1)
-    RETURNING ";
+const LEASE_FILTERED_SQL: &str = lease_sql!(
+    "AND (?6 IS NULL OR tenant = ?6)
+                   AND (?7 IS NULL OR kind IN (SELECT value FROM json_each(?7)))"
+);
 
 /// Whether a job exists, to tell a stale token from a missing job after a guarded update
 /// matched nothing.

@@ -11,6 +11,38 @@ use serde_json::{Value, json};
 use crate::both_backends;
 use crate::helpers::{Backend, TestApp, metric_value, problem, spawn_app, spawn_app_with, within};
 
+/// Waits until the lease poll of `worker` has looked once (and found the queue empty): the
+/// registry lists a worker from its first lease request on.
+async fn poll_is_waiting(app: &TestApp, worker: &str) {
+    within(
+        Duration::from_secs(20),
+        "the poll to start waiting",
+        async {
+            loop {
+                let w: Value = app
+                    .http
+                    .get(app.url("/v1/workers"))
+                    .send()
+                    .await
+                    .unwrap()
+                    .json()
+                    .await
+                    .unwrap();
+                if w["workers"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .any(|w| w["id"] == worker)
+                {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        },
+    )
+    .await;
+}
+
 /// A queue name no other test uses: this process serves only `default`, so it is external.
 fn external_queue() -> String {
     format!("ext-{}", uuid::Uuid::new_v4().simple())
@@ -355,33 +387,7 @@ async fn a_long_poll_waits_for_an_enqueue_and_ends_on_shutdown(backend: Backend,
         })
     };
     // The poll has asked once (and found nothing) when the registry knows the worker.
-    within(
-        Duration::from_secs(20),
-        "the poll to start waiting",
-        async {
-            loop {
-                let w: Value = app
-                    .http
-                    .get(app.url("/v1/workers"))
-                    .send()
-                    .await
-                    .unwrap()
-                    .json()
-                    .await
-                    .unwrap();
-                if w["workers"]
-                    .as_array()
-                    .unwrap()
-                    .iter()
-                    .any(|w| w["id"] == "poller")
-                {
-                    return;
-                }
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-        },
-    )
-    .await;
+    poll_is_waiting(&app, "poller").await;
     let id = enqueue_on(&app, &queue, "k", json!({})).await;
     let r = within(Duration::from_secs(25), "the woken poll", poll)
         .await
@@ -402,33 +408,7 @@ async fn a_long_poll_waits_for_an_enqueue_and_ends_on_shutdown(backend: Backend,
                 .unwrap()
         })
     };
-    within(
-        Duration::from_secs(20),
-        "the second poll to start waiting",
-        async {
-            loop {
-                let w: Value = app
-                    .http
-                    .get(app.url("/v1/workers"))
-                    .send()
-                    .await
-                    .unwrap()
-                    .json()
-                    .await
-                    .unwrap();
-                if w["workers"]
-                    .as_array()
-                    .unwrap()
-                    .iter()
-                    .any(|w| w["id"] == "stopper")
-                {
-                    return;
-                }
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-        },
-    )
-    .await;
+    poll_is_waiting(&app, "stopper").await;
     let stopping = tokio::spawn(app.stop());
     let r = within(
         Duration::from_secs(25),
