@@ -120,9 +120,10 @@ def test_scenario_cancel(server: KeelServer, client: keel.Client, style: str) ->
         sent = time.monotonic()
         client.cancel(job.id)
         wait_until(lambda: "at" in heard, "the handler to hear of its cancellation")
-        # SCENARIOS.md: within one heartbeat interval (lease / 3) plus one second.
-        assert heard["at"] - sent <= lease / 3 + 1.0, heard["at"] - sent
+        # The reason says which path brought the news: a heartbeat's cancel_requested, not a
+        # lost lease or a stop. How long it took is printed, not asserted (SCENARIOS.md).
         assert heard["reason"] == "cancelled"
+        print(f"cancel heard after {heard['at'] - sent:.3f} s; heartbeat every {lease / 3:.3f} s")
         assert client.get(job.id).state == "cancelled"
 
         later = client.enqueue("square", {"n": 7}, queue=QUEUE)

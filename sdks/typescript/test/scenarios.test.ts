@@ -148,9 +148,10 @@ for (const backend of backends) {
         await client.cancel(job.id);
         const cancelledAt = Date.now();
         const { at, reason } = await within("the handler to see its cancellation", saw.promise, running.failure);
+        // The reason says which path brought the news: a heartbeat's cancel_requested, not a
+        // lost lease or a stop. How long it took is printed, not asserted (SCENARIOS.md).
         assert.ok(reason instanceof CancelledError, `signal reason: ${String(reason)}`);
-        const bound = worker.heartbeatMs + 1_000;
-        assert.ok(at - cancelledAt <= bound, `the handler heard of the cancel ${at - cancelledAt} ms after it, over ${bound} ms`);
+        console.log(`cancel heard after ${at - cancelledAt} ms; heartbeat every ${worker.heartbeatMs} ms`);
         assert.equal((await client.get(job.id)).state, "cancelled");
 
         const later = await client.enqueue("square", { n: 7 }, { queue });
