@@ -19,9 +19,8 @@ use crate::error::{ApiError, Problem};
 use crate::extract::{IdempotencyKeyHeader, JsonBody};
 use crate::job_in;
 use crate::middleware::Deadline;
-use crate::routes::jobs::{
-    InsertRequest, Inserted, UNIQUE_CONFLICT, id_in_body, insert_jobs, job_context, render_job,
-};
+use crate::routes::jobs::{UNIQUE_CONFLICT, id_in_body, job_context, render_job};
+use crate::service::jobs::{InsertRequest, Inserted, insert_jobs};
 use crate::state::ApiState;
 
 /// How long before the request deadline the handler stops waiting, so that it — not the

@@ -111,7 +111,7 @@ pub(crate) async fn complete_job(
 ) -> Result<Json<JobOut>, ApiError> {
     let item = worker_in::parse_complete(&body, id)?;
     one(service::complete(&state, &caller, vec![item]).await)?;
-    let job = service::visible_job(&state, &caller, id).await?;
+    let job = service::fresh_visible_job(&state, &caller, id).await?;
     Ok(Json(JobOut::from(job)))
 }
 

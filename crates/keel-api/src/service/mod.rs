@@ -3,8 +3,9 @@
 //! (a fence check, a cache invalidation, an event, a wakeup, a metric) is written once
 //! whatever the transport.
 //!
-//! The worker protocol lives here ([`workers`]). The job routes' steps (enqueue with
-//! idempotency and uniqueness, cancel, retry, process) still sit in `routes::jobs` and move
-//! here next.
+//! [`jobs`]: enqueue (idempotency, uniqueness), reads as the caller may see them, cancel and
+//! retry. [`workers`]: the worker protocol. `POST /v1/process`'s wait for the job's end
+//! still sits in its route and moves here next.
 
+pub mod jobs;
 pub mod workers;

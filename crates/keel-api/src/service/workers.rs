@@ -125,7 +125,7 @@ pub async fn heartbeat(
             })
         }
         Err(StoreError::StaleLease(_)) => {
-            let job = visible_job(state, caller, id).await?;
+            let job = fresh_visible_job(state, caller, id).await?;
             state.workers.released(id);
             if job.state == JobState::Cancelled {
                 // Whoever can name the job can read its state anyway (GET /v1/jobs/{id}),
@@ -238,8 +238,13 @@ pub fn workers(state: &ApiState, caller: &Caller) -> Vec<WorkerInfo> {
     state.workers.list(caller.scope())
 }
 
-/// Reads a job as the caller may see it: `404` for another tenant's.
-pub async fn visible_job(state: &ApiState, caller: &Caller, id: JobId) -> Result<Job, ApiError> {
+/// Reads a job from the store (not the cache: a refused outcome is explained by the job's
+/// state now) as the caller may see it: `404` for another tenant's.
+pub async fn fresh_visible_job(
+    state: &ApiState,
+    caller: &Caller,
+    id: JobId,
+) -> Result<Job, ApiError> {
     let job = state.store.get(id).await?;
     if caller.may_see(&job.tenant) {
         Ok(job)
@@ -291,7 +296,7 @@ async fn explain(state: &ApiState, caller: &Caller, id: JobId, e: StoreError) ->
     match e {
         StoreError::StaleLease(_) => {
             state.workers.released(id);
-            match visible_job(state, caller, id).await {
+            match fresh_visible_job(state, caller, id).await {
                 Ok(job) => stale(&job),
                 Err(not_visible) => not_visible,
             }
