@@ -10,14 +10,15 @@ use axum::response::{IntoResponse, Response};
 use chrono::Utc;
 use keel_core::store::{ListParams, StoredResponse};
 use keel_core::{Job, JobId, JobKind, JobState, QueueName, TenantId};
-use serde::Deserialize;
 
 use crate::auth::Caller;
 use crate::dto::{BatchIn, BatchOut, JobIn, JobOut, JobPageOut, JobResultOut};
 use crate::error::{ApiError, Problem};
 use crate::extract::{IdempotencyKeyHeader, JobIdPath, JsonBody, parse_limit, parse_query_fields};
 use crate::job_in::{self, JobContext};
-use crate::service::jobs::{self as service, InsertRequest, Inserted, insert_jobs, visible_job};
+use crate::service::jobs::{
+    self as service, InsertRequest, Inserted, id_in_body, insert_jobs, visible_job,
+};
 use crate::state::ApiState;
 
 /// Set on a response replayed from an idempotency record (G3).
@@ -81,15 +82,6 @@ fn render_batch(jobs: &[Job], _requested: &[JobId]) -> StoredResponse {
     created(&BatchOut {
         jobs: jobs.iter().cloned().map(JobOut::from).collect(),
     })
-}
-
-/// The id in a stored single-job response, for its `Location` on replay.
-pub(crate) fn id_in_body(body: &[u8]) -> Option<JobId> {
-    #[derive(Deserialize)]
-    struct IdOnly {
-        id: JobId,
-    }
-    serde_json::from_slice::<IdOnly>(body).ok().map(|b| b.id)
 }
 
 /// The HTTP response for a stored response: its status and body byte for byte, marked

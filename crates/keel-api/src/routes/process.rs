@@ -8,10 +8,6 @@ use axum::Json;
 use axum::extract::State;
 use axum::http::HeaderValue;
 use axum::response::{IntoResponse, Response};
-use keel_core::{Job, JobId};
-use keel_resilience::{RequestScope, Step};
-use tokio::sync::broadcast::error::RecvError;
-use tokio::time::{Instant, MissedTickBehavior};
 
 use crate::auth::Caller;
 use crate::dto::{JobOut, ProcessIn};
@@ -19,8 +15,8 @@ use crate::error::{ApiError, Problem};
 use crate::extract::{IdempotencyKeyHeader, JsonBody};
 use crate::job_in;
 use crate::middleware::Deadline;
-use crate::routes::jobs::{UNIQUE_CONFLICT, id_in_body, job_context, render_job};
-use crate::service::jobs::{InsertRequest, Inserted, insert_jobs};
+use crate::routes::jobs::{UNIQUE_CONFLICT, job_context, render_job};
+use crate::service::jobs::{self as service, InsertRequest};
 use crate::state::ApiState;
 
 /// How long before the request deadline the handler stops waiting, so that it — not the
@@ -65,9 +61,6 @@ pub(crate) async fn process_job(
 ) -> Result<Response, ApiError> {
     let job = job_in::parse_process(&body, &job_context(&state, &caller))?;
     let asked = job.id;
-    // Subscribe before inserting: an event published between the insert and the
-    // subscription would otherwise be missed.
-    let mut events = state.runtime.events.subscribe();
     let req = InsertRequest {
         route: "/v1/process",
         tenant: job.tenant.clone(),
@@ -76,61 +69,12 @@ pub(crate) async fn process_job(
         jobs: vec![job],
         render: render_job,
     };
-    let mut job: Option<Job> = None;
-    // `held`: whether the job waited on is the holder of the request's unique key.
-    let (id, held) = match insert_jobs(&state, req).await? {
-        Inserted::Created { jobs, .. } => {
-            let first = jobs.into_iter().next();
-            let id = first.as_ref().map(|j| j.id);
-            job = first;
-            (id, id.is_some_and(|id| id != asked))
-        }
-        // The stored answer is `200` exactly when the first request met a holder.
-        Inserted::Replayed(response) => (id_in_body(&response.body), response.status == 200),
-    };
-    let id = id.ok_or_else(|| ApiError::internal("the enqueue response names no job"))?;
-
     let give_up = deadline
         .0
         .checked_sub(DEADLINE_MARGIN)
         .unwrap_or(deadline.0);
-    let timed_out = |step: Step| {
-        metrics::counter!("keel_requests_deadline_exceeded_total", "step" => step.as_str())
-            .increment(1);
-        ApiError::DeadlineExceeded {
-            job_id: Some(id),
-            step: Some(step),
-        }
-    };
-    let store = &state.store;
-    let reread = |id: JobId| async move {
-        tokio::time::timeout_at(give_up, store.get(id))
-            .await
-            .map_err(|_| timed_out(Step::Store))?
-            .map_err(ApiError::from)
-    };
-    let mut job = match job {
-        Some(j) => j,
-        None => reread(id).await?,
-    };
-    let every = state.config.process_poll;
-    let mut poll = tokio::time::interval_at(Instant::now() + every, every);
-    poll.set_missed_tick_behavior(MissedTickBehavior::Delay);
-    let mut events_open = true;
-    while !job.state.is_finished() {
-        // Re-entered on every turn: a re-read marks the request as in the store.
-        RequestScope::enter_current(Step::WaitJob);
-        tokio::select! {
-            () = tokio::time::sleep_until(give_up) => return Err(timed_out(Step::WaitJob)),
-            ev = events.recv(), if events_open => match ev {
-                Ok(ev) if ev.id == id && ev.state.is_finished() => job = reread(id).await?,
-                Ok(_) => {}
-                Err(RecvError::Lagged(_)) => job = reread(id).await?,
-                Err(RecvError::Closed) => events_open = false,
-            },
-            _ = poll.tick() => job = reread(id).await?,
-        }
-    }
+    let (job, held) = service::process(&state, req, asked, give_up).await?;
+    let id = job.id;
     let mut resp = Json(JobOut::from(job)).into_response();
     if held && let Ok(v) = HeaderValue::from_str(&id.to_string()) {
         resp.headers_mut().insert(UNIQUE_CONFLICT, v);

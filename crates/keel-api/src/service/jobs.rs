@@ -1,13 +1,18 @@
 //! The job steps behind the API: enqueue (idempotency record, unique holders, the
 //! enqueue metric, the wakeup of the queue's dispatcher or waiting workers), reads as the
 //! caller may see them, cancel and retry (cache invalidation, events, the running job's
-//! token). The HTTP routes parse and render around these; `render` callbacks let them
-//! choose the bytes an idempotent response stores.
+//! token), and `POST /v1/process`'s wait for the job's end. The HTTP routes parse and
+//! render around these; `render` callbacks let them choose the bytes an idempotent
+//! response stores.
 
 use keel_core::store::{IdempotentInsert, IdempotentOutcome, StoredResponse};
 use keel_core::{IdempotencyKey, Job, JobId, NewJob, QueueName, TenantId};
+use keel_resilience::{RequestScope, Step};
 use keel_runtime::JobEvent;
+use serde::Deserialize;
 use sha2::{Digest, Sha256};
+use tokio::sync::broadcast::error::RecvError;
+use tokio::time::{Instant, MissedTickBehavior};
 
 use crate::auth::Caller;
 use crate::error::ApiError;
@@ -148,6 +153,15 @@ async fn check_scope(state: &ApiState, caller: &Caller, id: JobId) -> Result<(),
     Ok(())
 }
 
+/// The id in a stored single-job response, for its `Location` on replay.
+pub(crate) fn id_in_body(body: &[u8]) -> Option<JobId> {
+    #[derive(Deserialize)]
+    struct IdOnly {
+        id: JobId,
+    }
+    serde_json::from_slice::<IdOnly>(body).ok().map(|b| b.id)
+}
+
 /// Cancels a job that has not finished: the store revokes a running job's lease, and a
 /// job running in this process has its token cancelled.
 pub async fn cancel(state: &ApiState, caller: &Caller, id: JobId) -> Result<Job, ApiError> {
@@ -171,6 +185,75 @@ pub async fn retry(state: &ApiState, caller: &Caller, id: JobId) -> Result<Job, 
     state.runtime.wakeups.job_available(&job.queue);
     state.runtime.events.publish(JobEvent::of(&job));
     Ok(job)
+}
+
+/// `POST /v1/process`'s steps: enqueues the job (through [`insert_jobs`], so idempotency and
+/// uniqueness apply) and waits until the job it names reaches a terminal state, woken by
+/// job events (any replica's, on Postgres) with a re-read every `process_poll` in case an
+/// event was missed. Gives up at `give_up` with a `504` naming the job, which keeps
+/// running. Returns the finished job and whether it is the holder of the request's unique
+/// key rather than the job asked for (`asked`).
+pub(crate) async fn process(
+    state: &ApiState,
+    req: InsertRequest<'_>,
+    asked: JobId,
+    give_up: Instant,
+) -> Result<(Job, bool), ApiError> {
+    // Subscribe before inserting: an event published between the insert and the
+    // subscription would otherwise be missed.
+    let mut events = state.runtime.events.subscribe();
+    let mut job: Option<Job> = None;
+    // `held`: whether the job waited on is the holder of the request's unique key.
+    let (id, held) = match insert_jobs(state, req).await? {
+        Inserted::Created { jobs, .. } => {
+            let first = jobs.into_iter().next();
+            let id = first.as_ref().map(|j| j.id);
+            job = first;
+            (id, id.is_some_and(|id| id != asked))
+        }
+        // The stored answer is `200` exactly when the first request met a holder.
+        Inserted::Replayed(response) => (id_in_body(&response.body), response.status == 200),
+    };
+    let id = id.ok_or_else(|| ApiError::internal("the enqueue response names no job"))?;
+
+    let timed_out = |step: Step| {
+        metrics::counter!("keel_requests_deadline_exceeded_total", "step" => step.as_str())
+            .increment(1);
+        ApiError::DeadlineExceeded {
+            job_id: Some(id),
+            step: Some(step),
+        }
+    };
+    let store = &state.store;
+    let reread = |id: JobId| async move {
+        tokio::time::timeout_at(give_up, store.get(id))
+            .await
+            .map_err(|_| timed_out(Step::Store))?
+            .map_err(ApiError::from)
+    };
+    let mut job = match job {
+        Some(j) => j,
+        None => reread(id).await?,
+    };
+    let every = state.config.process_poll;
+    let mut poll = tokio::time::interval_at(Instant::now() + every, every);
+    poll.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let mut events_open = true;
+    while !job.state.is_finished() {
+        // Re-entered on every turn: a re-read marks the request as in the store.
+        RequestScope::enter_current(Step::WaitJob);
+        tokio::select! {
+            () = tokio::time::sleep_until(give_up) => return Err(timed_out(Step::WaitJob)),
+            ev = events.recv(), if events_open => match ev {
+                Ok(ev) if ev.id == id && ev.state.is_finished() => job = reread(id).await?,
+                Ok(_) => {}
+                Err(RecvError::Lagged(_)) => job = reread(id).await?,
+                Err(RecvError::Closed) => events_open = false,
+            },
+            _ = poll.tick() => job = reread(id).await?,
+        }
+    }
+    Ok((job, held))
 }
 
 #[cfg(test)]

@@ -3,9 +3,8 @@
 //! (a fence check, a cache invalidation, an event, a wakeup, a metric) is written once
 //! whatever the transport.
 //!
-//! [`jobs`]: enqueue (idempotency, uniqueness), reads as the caller may see them, cancel and
-//! retry. [`workers`]: the worker protocol. `POST /v1/process`'s wait for the job's end
-//! still sits in its route and moves here next.
+//! [`jobs`]: enqueue (idempotency, uniqueness), reads as the caller may see them, cancel,
+//! retry, and process (enqueue, then wait for the end). [`workers`]: the worker protocol.
 
 pub mod jobs;
 pub mod workers;
