@@ -14,11 +14,9 @@ use axum::http::{HeaderName, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use keel_core::{FieldError, JobId, JobState, QueueName, StoreError};
 use keel_resilience::Step;
-use serde::Serialize;
-use utoipa::ToSchema;
 
 /// Media type of every error body.
-pub const PROBLEM_JSON: &str = "application/problem+json";
+pub const PROBLEM_JSON: &str = Problem::MEDIA_TYPE;
 
 /// Prefix of every problem `type` URI; the last segment names the problem and is stable.
 pub const PROBLEM_TYPE_BASE: &str = "https://keel.dev/problems/";
@@ -328,64 +326,7 @@ impl ApiError {
     }
 }
 
-/// One invalid field in a `422` (or one invalid query parameter in a `400`).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, ToSchema)]
-pub struct ProblemField {
-    /// Path of the field, e.g. `priority` or `jobs[3].tags[0]`.
-    pub field: String,
-    /// What is wrong with it.
-    pub message: String,
-}
-
-impl From<&FieldError> for ProblemField {
-    fn from(e: &FieldError) -> Self {
-        Self {
-            field: e.field.clone(),
-            message: e.message.clone(),
-        }
-    }
-}
-
-/// An RFC 9457 problem document: the body of every error response.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, ToSchema)]
-pub struct Problem {
-    /// Stable URI naming the kind of problem, e.g.
-    /// `https://keel.dev/problems/validation`. Clients switch on this, not on `detail`.
-    #[serde(rename = "type")]
-    pub type_uri: String,
-    /// The status's reason phrase.
-    pub title: String,
-    /// The HTTP status, repeated for clients that lose headers.
-    pub status: u16,
-    /// What happened, for a human.
-    pub detail: String,
-    /// The request's id (`X-Request-Id`), to quote in a bug report and find in the logs.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub request_id: Option<String>,
-    /// Every invalid field (`422`) or query parameter (`400`).
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub errors: Vec<ProblemField>,
-    /// The job concerned, when there is one (e.g. the job a `504` from `/v1/process` left
-    /// running).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    #[schema(value_type = Option<String>, format = Uuid)]
-    pub job_id: Option<JobId>,
-    /// The job's state, when it explains the problem (a result asked of a cancelled job).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    #[schema(value_type = Option<String>)]
-    pub state: Option<JobState>,
-}
-
-impl Problem {
-    /// Serialises the problem; the body of the response.
-    pub(crate) fn to_body(&self) -> Vec<u8> {
-        // A struct of strings and numbers always serialises; the fallback only keeps this
-        // path panic-free.
-        serde_json::to_vec(self).unwrap_or_else(|_| {
-            br#"{"type":"about:blank","title":"Internal Server Error","status":500}"#.to_vec()
-        })
-    }
-}
+pub use keel_wire::{Problem, ProblemField};
 
 /// The cause of a `5xx`, attached to the response for the trace layer to log. Never
 /// serialised.

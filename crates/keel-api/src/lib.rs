@@ -18,7 +18,6 @@ pub mod admin;
 pub mod admission;
 pub mod auth;
 pub mod config;
-pub mod dto;
 pub mod error;
 #[cfg(any(test, feature = "fuzzing"))]
 pub mod fuzzing;
@@ -34,6 +33,7 @@ mod job_in;
 mod routes;
 mod schedule_in;
 pub mod service;
+mod wire_in;
 pub mod worker_in;
 pub mod worker_registry;
 

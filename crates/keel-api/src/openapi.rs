@@ -18,7 +18,6 @@ use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
 use utoipa::openapi::{RefOr, Response};
 use utoipa::{Modify, OpenApi};
 
-use crate::dto;
 use crate::error::{Problem, ProblemField};
 use crate::routes::{health, jobs, process, queues, schedules, workers};
 
@@ -180,39 +179,38 @@ impl Modify for ProtectionResponses {
         workers::list_workers,
     ),
     components(schemas(
-        dto::JobIn,
-        dto::ProcessIn,
-        dto::UniqueIn,
-        dto::UniqueOut,
-        dto::BatchIn,
-        dto::JobOut,
-        dto::BatchOut,
-        dto::JobPageOut,
-        dto::JobResultOut,
-        dto::QueueOut,
-        dto::QueuePausedOut,
-        dto::ScheduleIn,
-        dto::JobTemplateIn,
-        dto::JobTemplateOut,
-        dto::ScheduleOut,
-        dto::SchedulePageOut,
-        dto::HealthOut,
-        dto::ReadyOut,
-        dto::LeaseBody,
-        dto::LeasedOut,
-        dto::HeartbeatBody,
-        dto::HeartbeatOut,
-        dto::CompleteBody,
-        dto::FailBody,
-        dto::ReleaseBody,
-        dto::CompleteItem,
-        dto::CompleteManyBody,
-        dto::FailItem,
-        dto::FailManyBody,
-        dto::OutcomeOut,
-        dto::OutcomesOut,
-        dto::WorkerOut,
-        dto::WorkersOut,
+        keel_wire::JobIn,
+        keel_wire::UniqueIn,
+        keel_wire::UniqueOut,
+        keel_wire::BatchIn,
+        keel_wire::JobOut,
+        keel_wire::BatchOut,
+        keel_wire::JobPageOut,
+        keel_wire::JobResultOut,
+        keel_wire::QueueOut,
+        keel_wire::QueuePausedOut,
+        keel_wire::ScheduleIn,
+        keel_wire::JobTemplateIn,
+        keel_wire::JobTemplateOut,
+        keel_wire::ScheduleOut,
+        keel_wire::SchedulePageOut,
+        keel_wire::HealthOut,
+        keel_wire::ReadyOut,
+        keel_wire::LeaseBody,
+        keel_wire::LeasedOut,
+        keel_wire::HeartbeatBody,
+        keel_wire::HeartbeatOut,
+        keel_wire::CompleteBody,
+        keel_wire::FailBody,
+        keel_wire::ReleaseBody,
+        keel_wire::CompleteItem,
+        keel_wire::CompleteManyBody,
+        keel_wire::FailItem,
+        keel_wire::FailManyBody,
+        keel_wire::OutcomeOut,
+        keel_wire::OutcomesOut,
+        keel_wire::WorkerOut,
+        keel_wire::WorkersOut,
         Problem,
         ProblemField,
     )),
@@ -364,6 +362,13 @@ fn constrain_bodies(doc: &mut serde_json::Value) {
     ) {
         *body = json!({"$ref": "#/components/schemas/SchedulePutIn"});
     }
+    // `POST /v1/process` reads a `JobIn` and refuses its run time: the same body without
+    // `run_at` and `delay_ms`.
+    if let Some(body) =
+        doc.pointer_mut("/paths/~1v1~1process/post/requestBody/content/application~1json/schema")
+    {
+        *body = json!({"$ref": "#/components/schemas/ProcessIn"});
+    }
     let Some(schemas) = doc
         .pointer_mut("/components/schemas")
         .and_then(|s| s.as_object_mut())
@@ -417,6 +422,19 @@ fn constrain_bodies(doc: &mut serde_json::Value) {
         }
         p
     };
+    if let Some(job) = schemas.get("JobIn") {
+        let mut process = job.clone();
+        if let Some(props) = process["properties"].as_object_mut() {
+            props.remove("run_at");
+            props.remove("delay_ms");
+        }
+        process["description"] = json!(
+            "The body of `POST /v1/process`: a job body without `run_at` and `delay_ms` (the \
+             job runs now and the request waits for it; schedule later jobs with \
+             `POST /v1/jobs`)."
+        );
+        schemas.insert("ProcessIn".to_owned(), process);
+    }
     for (schema, with_run_time, with_tenant) in [
         ("JobIn", true, true),
         ("ProcessIn", false, true),
@@ -496,7 +514,7 @@ fn constrain_bodies(doc: &mut serde_json::Value) {
         s["properties"]["name"]["type"] = json!("string");
         schemas.insert("SchedulePutIn".to_owned(), put);
     }
-    if let Some(s) = schemas.get_mut("BackoffOut") {
+    if let Some(s) = schemas.get_mut("Backoff") {
         let week = keel_core::Backoff::MAX.as_millis();
         if let Some(variants) = s["oneOf"].as_array_mut() {
             for v in variants {

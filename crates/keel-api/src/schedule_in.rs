@@ -1,17 +1,14 @@
-//! Turning a schedule body into a [`NewSchedule`], reporting every problem at once: the
-//! fields' own parse errors (as `job_in` does for jobs, with the template's under `job.*`),
-//! then [`NewSchedule::validate`]'s checks — cron expression, time zone, the template's
-//! bounds, the catch-up window — for every field that parsed.
+//! Turning a schedule body ([`keel_wire::ScheduleIn`]) into a [`NewSchedule`], reporting
+//! every problem at once: the body's shape problems (as `job_in` does for jobs, with the
+//! template's under `job.*`), then [`NewSchedule::validate`]'s checks (cron expression, time
+//! zone, the template's bounds, the catch-up window) for every field that parsed.
 
 use keel_core::{FieldError, JobKind, JobTemplate, NewSchedule, ScheduleName, TenantId};
+use keel_wire::ScheduleIn;
 
 use crate::error::ApiError;
-use crate::job_in::{self, Errors, JobContext};
-
-/// The fields of a schedule body, in a stable order for messages.
-const SCHEDULE_FIELDS: &[&str] = &[
-    "name", "tenant", "cron", "timezone", "job", "paused", "catch_up",
-];
+use crate::job_in::{self, JobContext};
+use crate::wire_in::{Errors, Members, members_of_body, read_members};
 
 /// Parses the body of `POST /v1/schedules` (`path_name` `None`: the body names it) or
 /// `PUT /v1/schedules/{name}` (`path_name` given: the body may repeat it, not change it).
@@ -20,92 +17,54 @@ pub(crate) fn parse_schedule(
     cx: &JobContext<'_>,
     path_name: Option<&ScheduleName>,
 ) -> Result<NewSchedule, ApiError> {
-    let members = job_in::members_of_body(body)?;
-    let mut errs = Errors {
-        prefix: "",
-        list: Vec::new(),
+    let members = members_of_body(body)?;
+    let mut errs = Errors::new("");
+    // The template is read as a job is (its problems under `job.*`); the rest as a
+    // schedule.
+    let (jobs, rest): (Vec<_>, Vec<_>) = members.0.into_iter().partition(|(n, _)| n == "job");
+    let text = if jobs.is_empty() {
+        std::str::from_utf8(body).ok()
+    } else {
+        None
     };
-    let mut seen: Vec<&'static str> = Vec::new();
+    let read = read_members::<ScheduleIn>(Members(rest), text, &mut errs);
+    let cron_given = read.has("cron");
+    let body = read.value;
     let mut name = path_name.cloned();
-    let mut tenant = None;
-    let mut cron = None;
-    let mut timezone = "UTC".to_owned();
-    let mut template = None;
-    let mut paused = false;
-    let mut catch_up = NewSchedule::DEFAULT_CATCH_UP;
-
-    for (field_name, raw) in members.0 {
-        let Some(field) = SCHEDULE_FIELDS.iter().copied().find(|f| *f == field_name) else {
-            errs.add(
-                &field_name,
-                format!(
-                    "unknown field; expected one of {}",
-                    SCHEDULE_FIELDS.join(", ")
-                ),
-            );
-            continue;
-        };
-        if seen.contains(&field) {
-            errs.add(field, "duplicate field");
-            continue;
-        }
-        seen.push(field);
-        if raw.get() == "null" && !matches!(field, "cron" | "job") {
-            continue;
-        }
-        match field {
-            "name" => {
-                if let Some(s) = errs.parse::<String>(field, &raw, Some("must be a string")) {
-                    match (ScheduleName::parse(s), path_name) {
-                        (Ok(n), Some(p)) if &n != p => errs.add(
-                            field,
-                            format!("must match the name in the path ({p}), got {n}"),
-                        ),
-                        (Ok(n), _) => name = Some(n),
-                        (Err(e), _) => errs.add(field, e.reason),
-                    }
-                }
-            }
-            "tenant" => {
-                if let Some(s) = errs.parse::<String>(field, &raw, Some("must be a string")) {
-                    match TenantId::parse(s) {
-                        Ok(t) => tenant = Some(t),
-                        Err(e) => errs.add(field, e.reason),
-                    }
-                }
-            }
-            "cron" => cron = errs.parse::<String>(field, &raw, Some("must be a string")),
-            "timezone" => {
-                if let Some(tz) = errs.parse::<String>(
-                    field,
-                    &raw,
-                    Some("must be a string naming an IANA time zone"),
-                ) {
-                    timezone = tz;
-                }
-            }
-            "job" => template = job_in::parse_template(&raw, cx, &mut errs.list),
-            "paused" => {
-                if let Some(p) = errs.parse::<bool>(field, &raw, Some("must be true or false")) {
-                    paused = p;
-                }
-            }
-            _ => match job_in::parse_duration_with_unit(&raw) {
-                Ok(d) => catch_up = d,
-                Err(m) => errs.add(field, m),
-            },
-        }
+    match (body.name.map(ScheduleName::parse), path_name) {
+        (Some(Ok(n)), Some(p)) if &n != p => errs.add(
+            "name",
+            format!("must match the name in the path ({p}), got {n}"),
+        ),
+        (Some(Ok(n)), _) => name = Some(n),
+        (Some(Err(e)), _) => errs.add("name", e.reason),
+        (None, _) => {}
     }
     // `null` counts as not given: a schedule needs its name (`POST` takes it from the body).
-    if name.is_none() && !errs.list.iter().any(|e| e.field == "name") {
+    if name.is_none() && !errs.names("name") {
         errs.add("name", "is required");
     }
-    if !seen.contains(&"cron") {
+    let tenant = body.tenant.and_then(|t| {
+        TenantId::parse(t)
+            .map_err(|e| errs.add("tenant", e.reason))
+            .ok()
+    });
+    if !cron_given {
         errs.add("cron", "is required");
     }
-    if !seen.contains(&"job") {
-        errs.add("job", "is required (at least {\"kind\": \"...\"})");
+    let cron = (cron_given && !errs.names("cron")).then_some(body.cron);
+    let mut template = None;
+    match jobs.as_slice() {
+        [] => errs.add("job", "is required (at least {\"kind\": \"...\"})"),
+        [(_, raw)] => template = job_in::parse_template(raw, cx, &mut errs.list),
+        [(_, raw), ..] => {
+            template = job_in::parse_template(raw, cx, &mut errs.list);
+            errs.add("job", "duplicate field");
+        }
     }
+    let timezone = body.timezone.unwrap_or_else(|| "UTC".to_owned());
+    let paused = body.paused.unwrap_or(false);
+    let catch_up = body.catch_up.map_or(NewSchedule::DEFAULT_CATCH_UP, |d| d.0);
     let tenant = cx.caller.tenant_for(tenant)?;
     let schedule = NewSchedule {
         tenant,

@@ -1,14 +1,18 @@
-//! Request bodies of the worker protocol (docs/workers.md), parsed member by member like
-//! [`crate::job_in`], so a worker author sees every bad field in one `422`.
+//! Request bodies of the worker protocol (docs/workers.md; the types are keel-wire's), read
+//! member by member like a job ([`crate::wire_in`]), so a worker author sees every bad
+//! field in one `422`, then checked against the protocol's bounds.
 
-use std::collections::BTreeSet;
 use std::time::Duration;
 
 use keel_core::{FieldError, JobId, JobKind, LeaseToken, WorkerId};
+use keel_wire::{
+    CompleteBody, CompleteItem, FailBody, FailItem, HeartbeatBody, HumanDuration, LeaseBody,
+    ReleaseBody,
+};
 use serde_json::value::RawValue;
 
 use crate::error::ApiError;
-use crate::job_in::{Errors, Members, members_of_body, parse_duration};
+use crate::wire_in::{Errors, Members, Read, members_of_body, read_body, read_members};
 
 /// Most jobs one lease may take, and most outcomes in one batch.
 pub const MAX_LEASE: u32 = 1000;
@@ -76,64 +80,7 @@ pub struct FailIn {
     pub retry_in: Option<Duration>,
 }
 
-/// Ends a parse: the value, or a `422` listing every error.
-fn finish<T>(value: T, errs: Errors<'_>) -> Result<T, ApiError> {
-    if errs.list.is_empty() {
-        Ok(value)
-    } else {
-        Err(ApiError::Validation(errs.list))
-    }
-}
-
-/// Fields whose `null` means "not given" (take the default), as in a job body.
-const OPTIONAL: &[&str] = &["max", "wait", "lease", "kinds", "permanent", "retry_in"];
-
-/// Records unknown and repeated members; returns the known ones by name, leaving out
-/// optional fields sent as `null`.
-fn known<'m>(
-    members: &'m Members,
-    fields: &[&str],
-    errs: &mut Errors<'_>,
-) -> Vec<(&'m str, &'m RawValue)> {
-    let mut seen = BTreeSet::new();
-    let mut out = Vec::new();
-    for (name, raw) in &members.0 {
-        if !fields.contains(&name.as_str()) {
-            errs.add(
-                name,
-                format!("unknown field; expected one of {}", fields.join(", ")),
-            );
-        } else if !seen.insert(name.as_str()) {
-            errs.add(name, "given more than once");
-        } else if !(OPTIONAL.contains(&name.as_str()) && raw.get().trim() == "null") {
-            out.push((name.as_str(), raw.as_ref()));
-        }
-    }
-    out
-}
-
-fn duration_in(
-    errs: &mut Errors<'_>,
-    field: &str,
-    raw: &RawValue,
-    range: (Duration, Duration),
-) -> Option<Duration> {
-    match parse_duration(raw) {
-        Ok(d) if d >= range.0 && d <= range.1 => Some(d),
-        Ok(_) => {
-            errs.add(
-                field,
-                format!("must be between {} and {}", human(range.0), human(range.1)),
-            );
-            None
-        }
-        Err(m) => {
-            errs.add(field, m);
-            None
-        }
-    }
-}
-
+/// `"5s"`, or `"1500ms"` when not whole seconds: a bound in a message.
 fn human(d: Duration) -> String {
     if d.as_millis().is_multiple_of(1000) {
         format!("\"{}s\"", d.as_secs())
@@ -142,223 +89,134 @@ fn human(d: Duration) -> String {
     }
 }
 
-fn token_in(errs: &mut Errors<'_>, raw: &RawValue) -> Option<LeaseToken> {
-    let s: String = errs.parse("token", raw, Some("must be the lease token, a string"))?;
-    match LeaseToken::parse(&s) {
-        Ok(t) => Some(t),
-        Err(e) => {
-            errs.add("token", format!("is not a lease token: {}", e.reason));
-            None
+/// `d` when given and within `range`, `default` when not given; a bad one is recorded.
+fn within(
+    errs: &mut Errors<'_>,
+    field: &str,
+    d: Option<HumanDuration>,
+    range: (Duration, Duration),
+    default: Duration,
+) -> Duration {
+    match d {
+        None => default,
+        Some(HumanDuration(d)) if d >= range.0 && d <= range.1 => d,
+        Some(_) => {
+            errs.add(
+                field,
+                format!("must be between {} and {}", human(range.0), human(range.1)),
+            );
+            default
         }
     }
 }
 
-fn missing(errs: &mut Errors<'_>, field: &str) {
-    errs.add(field, "is required");
+/// A required member: "is required" when the body did not have it; `None` as well when it
+/// was there but already failed to read.
+fn required<T, W>(read: &Read<W>, errs: &mut Errors<'_>, field: &str, value: T) -> Option<T> {
+    if !read.has(field) {
+        errs.add(field, "is required");
+        None
+    } else if errs.names(field) {
+        None
+    } else {
+        Some(value)
+    }
+}
+
+fn token_of(s: String, errs: &mut Errors<'_>) -> Option<LeaseToken> {
+    LeaseToken::parse(&s)
+        .map_err(|e| errs.add("token", format!("is not a lease token: {}", e.reason)))
+        .ok()
+}
+
+fn id_of(s: String, errs: &mut Errors<'_>) -> Option<JobId> {
+    JobId::parse(&s).map_err(|e| errs.add("id", e.reason)).ok()
 }
 
 /// Parses a lease request.
 pub fn parse_lease(body: &[u8]) -> Result<LeaseIn, ApiError> {
-    const FIELDS: &[&str] = &["worker", "max", "wait", "lease", "kinds"];
-    let members = members_of_body(body)?;
-    let mut errs = Errors {
-        prefix: "",
-        list: Vec::new(),
+    let mut errs = Errors::new("");
+    let read = read_body::<LeaseBody>(body, &mut errs)?;
+    let worker = required(&read, &mut errs, "worker", read.value.worker.clone()).and_then(|w| {
+        WorkerId::parse(w)
+            .map_err(|e| errs.add("worker", e.reason))
+            .ok()
+    });
+    let b = read.value;
+    let max = match b.max {
+        None => 1,
+        Some(n) if (1..=MAX_LEASE).contains(&n) => n,
+        Some(_) => {
+            errs.add(
+                "max",
+                format!("must be a whole number between 1 and {MAX_LEASE}"),
+            );
+            1
+        }
     };
-    let mut worker = None;
-    let mut out = LeaseFields {
-        max: 1,
-        wait: Duration::ZERO,
-        lease_for: DEFAULT_LEASE,
-        kinds: Vec::new(),
-    };
-    for (name, raw) in known(&members, FIELDS, &mut errs) {
-        match name {
-            "worker" => {
-                if let Some(s) =
-                    errs.parse::<String>("worker", raw, Some("must be a string naming the worker"))
-                {
-                    match WorkerId::parse(s) {
-                        Ok(w) => worker = Some(w),
-                        Err(e) => errs.add("worker", e.reason),
-                    }
-                }
+    let wait = within(
+        &mut errs,
+        "wait",
+        b.wait,
+        (Duration::ZERO, MAX_WAIT),
+        Duration::ZERO,
+    );
+    let lease_for = within(
+        &mut errs,
+        "lease",
+        b.lease,
+        (MIN_LEASE, MAX_LEASE_FOR),
+        DEFAULT_LEASE,
+    );
+    let mut kinds = Vec::new();
+    if let Some(list) = b.kinds {
+        if list.is_empty() || list.len() > MAX_KINDS {
+            errs.add(
+                "kinds",
+                format!("must be a list of 1 to {MAX_KINDS} kind names"),
+            );
+        }
+        for (i, k) in list.into_iter().take(MAX_KINDS).enumerate() {
+            match JobKind::parse(k) {
+                Ok(k) if !kinds.contains(&k) => kinds.push(k),
+                Ok(_) => {}
+                Err(e) => errs.add(&format!("kinds[{i}]"), e.reason),
             }
-            "max" => {
-                let msg = format!("must be a whole number between 1 and {MAX_LEASE}");
-                match errs.parse::<u64>("max", raw, Some(&msg)) {
-                    Some(n) if (1..=u64::from(MAX_LEASE)).contains(&n) => out.max = n as u32,
-                    Some(_) => errs.add("max", msg),
-                    None => {}
-                }
-            }
-            "wait" => {
-                if let Some(d) = duration_in(&mut errs, "wait", raw, (Duration::ZERO, MAX_WAIT)) {
-                    out.wait = d;
-                }
-            }
-            "lease" => {
-                if let Some(d) = duration_in(&mut errs, "lease", raw, (MIN_LEASE, MAX_LEASE_FOR)) {
-                    out.lease_for = d;
-                }
-            }
-            "kinds" => {
-                let msg = format!("must be a list of 1 to {MAX_KINDS} kind names");
-                if let Some(list) = errs.parse::<Vec<String>>("kinds", raw, Some(&msg)) {
-                    if list.is_empty() || list.len() > MAX_KINDS {
-                        errs.add("kinds", msg);
-                    }
-                    for (i, k) in list.into_iter().take(MAX_KINDS).enumerate() {
-                        match JobKind::parse(k) {
-                            Ok(k) if !out.kinds.contains(&k) => out.kinds.push(k),
-                            Ok(_) => {}
-                            Err(e) => errs.add(&format!("kinds[{i}]"), e.reason),
-                        }
-                    }
-                }
-            }
-            _ => {}
         }
     }
-    let Some(worker) = worker else {
-        if !errs.list.iter().any(|e| e.field == "worker") {
-            missing(&mut errs, "worker");
-        }
-        return Err(ApiError::Validation(errs.list));
-    };
-    let LeaseFields {
-        max,
-        wait,
-        lease_for,
-        kinds,
-    } = out;
-    finish(
-        LeaseIn {
+    match worker {
+        Some(worker) => errs.finish(LeaseIn {
             worker,
             max,
             wait,
             lease_for,
             kinds,
-        },
-        errs,
-    )
-}
-
-/// A lease's optional fields, with their defaults, while the body is read.
-struct LeaseFields {
-    max: u32,
-    wait: Duration,
-    lease_for: Duration,
-    kinds: Vec<JobKind>,
-}
-
-/// Parses a heartbeat.
-pub fn parse_heartbeat(body: &[u8]) -> Result<HeartbeatIn, ApiError> {
-    const FIELDS: &[&str] = &["token", "lease"];
-    let members = members_of_body(body)?;
-    let mut errs = Errors {
-        prefix: "",
-        list: Vec::new(),
-    };
-    let mut token = None;
-    let mut lease_for = DEFAULT_LEASE;
-    let mut token_given = false;
-    for (name, raw) in known(&members, FIELDS, &mut errs) {
-        match name {
-            "token" => {
-                token_given = true;
-                token = token_in(&mut errs, raw);
-            }
-            "lease" => {
-                if let Some(d) = duration_in(&mut errs, "lease", raw, (MIN_LEASE, MAX_LEASE_FOR)) {
-                    lease_for = d;
-                }
-            }
-            _ => {}
-        }
-    }
-    if !token_given {
-        missing(&mut errs, "token");
-    }
-    match token {
-        Some(token) => finish(HeartbeatIn { token, lease_for }, errs),
+        }),
         None => Err(ApiError::Validation(errs.list)),
     }
 }
 
-/// Reads the members of one outcome into `errs` (prefixed) and returns it when whole.
-/// `id` comes from the path for the single forms and from the item for the batch forms.
-fn read_outcome<T>(
-    members: &Members,
-    id: Option<JobId>,
-    errs: &mut Errors<'_>,
-    fail: bool,
-    build: impl FnOnce(JobId, LeaseToken, OutcomeFields) -> T,
-) -> Option<T> {
-    let mut fields: Vec<&str> = vec!["token"];
-    if id.is_none() {
-        fields.push("id");
+/// Parses a heartbeat.
+pub fn parse_heartbeat(body: &[u8]) -> Result<HeartbeatIn, ApiError> {
+    let mut errs = Errors::new("");
+    let read = read_body::<HeartbeatBody>(body, &mut errs)?;
+    let token = required(&read, &mut errs, "token", read.value.token.clone())
+        .and_then(|t| token_of(t, &mut errs));
+    let lease_for = within(
+        &mut errs,
+        "lease",
+        read.value.lease,
+        (MIN_LEASE, MAX_LEASE_FOR),
+        DEFAULT_LEASE,
+    );
+    match token {
+        Some(token) => errs.finish(HeartbeatIn { token, lease_for }),
+        None => Err(ApiError::Validation(errs.list)),
     }
-    if fail {
-        fields.extend(["error", "permanent", "retry_in"]);
-    } else {
-        fields.push("result");
-    }
-    let mut job = id;
-    let mut token = None;
-    let mut given = BTreeSet::new();
-    let mut of = OutcomeFields::default();
-    for (name, raw) in known(members, &fields, errs) {
-        given.insert(name);
-        match name {
-            "id" => {
-                if let Some(s) = errs.parse::<String>("id", raw, Some("must be a job id")) {
-                    match JobId::parse(&s) {
-                        Ok(i) => job = Some(i),
-                        Err(e) => errs.add("id", e.reason),
-                    }
-                }
-            }
-            "token" => token = token_in(errs, raw),
-            "result" => of.result = Some(raw.to_owned()),
-            "error" => {
-                if let Some(s) = errs.parse::<String>("error", raw, Some("must be a string")) {
-                    of.error = Some(truncate(s, MAX_ERROR_BYTES));
-                }
-            }
-            "permanent" => {
-                if let Some(b) = errs.parse::<bool>("permanent", raw, Some("must be true or false"))
-                {
-                    of.permanent = b;
-                }
-            }
-            "retry_in" => {
-                // As far ahead as a job may be delayed at enqueue.
-                let max = Duration::from_millis(crate::job_in::MAX_DELAY_MS);
-                of.retry_in = duration_in(errs, "retry_in", raw, (Duration::ZERO, max));
-            }
-            _ => {}
-        }
-    }
-    for required in ["id", "token", "error"] {
-        if fields.contains(&required) && !given.contains(required) {
-            missing(errs, required);
-        }
-    }
-    if fail && of.error.is_none() {
-        return None;
-    }
-    Some(build(job?, token?, of))
 }
 
-/// The optional members of an outcome.
-#[derive(Default)]
-struct OutcomeFields {
-    result: Option<Box<RawValue>>,
-    error: Option<String>,
-    permanent: bool,
-    retry_in: Option<Duration>,
-}
+/// The longest `retry_in`: as far ahead as a job may be delayed at enqueue.
+const MAX_RETRY_IN: Duration = Duration::from_millis(crate::job_in::MAX_DELAY_MS);
 
 fn truncate(mut s: String, max: usize) -> String {
     if s.len() > max {
@@ -371,102 +229,145 @@ fn truncate(mut s: String, max: usize) -> String {
     s
 }
 
-fn complete_from(id: JobId, token: LeaseToken, f: OutcomeFields) -> CompleteIn {
-    CompleteIn {
-        id,
-        token,
-        result: f.result,
-    }
+/// A completion from its members; `id` comes from the path for the single form.
+fn complete_of(
+    read: Read<CompleteItem>,
+    id: Option<JobId>,
+    errs: &mut Errors<'_>,
+) -> Option<CompleteIn> {
+    let item = &read.value;
+    let id = match id {
+        Some(id) => Some(id),
+        None => required(&read, errs, "id", item.id.clone()).and_then(|s| id_of(s, errs)),
+    };
+    let token = required(&read, errs, "token", item.token.clone()).and_then(|t| token_of(t, errs));
+    Some(CompleteIn {
+        id: id?,
+        token: token?,
+        result: read.value.result,
+    })
 }
 
-fn fail_from(id: JobId, token: LeaseToken, f: OutcomeFields) -> FailIn {
-    FailIn {
-        id,
-        token,
-        error: f.error.unwrap_or_default(),
-        permanent: f.permanent,
-        retry_in: f.retry_in,
-    }
+/// A failure from its members; `id` comes from the path for the single form.
+fn fail_of(read: Read<FailItem>, id: Option<JobId>, errs: &mut Errors<'_>) -> Option<FailIn> {
+    let item = &read.value;
+    let id = match id {
+        Some(id) => Some(id),
+        None => required(&read, errs, "id", item.id.clone()).and_then(|s| id_of(s, errs)),
+    };
+    let token = required(&read, errs, "token", item.token.clone()).and_then(|t| token_of(t, errs));
+    let error = required(&read, errs, "error", ());
+    let retry_in = item.retry_in.map(|d| {
+        within(
+            errs,
+            "retry_in",
+            Some(d),
+            (Duration::ZERO, MAX_RETRY_IN),
+            d.0,
+        )
+    });
+    let item = read.value;
+    error?;
+    Some(FailIn {
+        id: id?,
+        token: token?,
+        error: truncate(item.error, MAX_ERROR_BYTES),
+        permanent: item.permanent.unwrap_or(false),
+        retry_in,
+    })
 }
 
-fn single<T>(
+/// Reads a single-outcome body (the batch item's shape less `id`).
+fn single<B, I, T>(
     body: &[u8],
     id: JobId,
-    fail: bool,
-    build: impl FnOnce(JobId, LeaseToken, OutcomeFields) -> T,
-) -> Result<T, ApiError> {
-    let members = members_of_body(body)?;
-    let mut errs = Errors {
-        prefix: "",
-        list: Vec::new(),
+    into_item: fn(B) -> I,
+    of: fn(Read<I>, Option<JobId>, &mut Errors<'_>) -> Option<T>,
+) -> Result<T, ApiError>
+where
+    B: serde::de::DeserializeOwned + Default,
+{
+    let mut errs = Errors::new("");
+    let read = read_body::<B>(body, &mut errs)?;
+    let read = Read {
+        value: into_item(read.value),
+        given: read.given,
     };
-    let out = read_outcome(&members, Some(id), &mut errs, fail, build);
-    match out {
-        Some(v) => finish(v, errs),
+    match of(read, Some(id), &mut errs) {
+        Some(v) => errs.finish(v),
         None => Err(ApiError::Validation(errs.list)),
     }
 }
 
 /// Parses `POST /v1/jobs/{id}/complete`.
 pub fn parse_complete(body: &[u8], id: JobId) -> Result<CompleteIn, ApiError> {
-    single(body, id, false, complete_from)
+    single(
+        body,
+        id,
+        |b: CompleteBody| CompleteItem {
+            id: String::new(),
+            token: b.token,
+            result: b.result,
+        },
+        complete_of,
+    )
 }
 
 /// Parses `POST /v1/jobs/{id}/fail`.
 pub fn parse_fail(body: &[u8], id: JobId) -> Result<FailIn, ApiError> {
-    single(body, id, true, fail_from)
+    single(
+        body,
+        id,
+        |b: FailBody| FailItem {
+            id: String::new(),
+            token: b.token,
+            error: b.error,
+            permanent: b.permanent,
+            retry_in: b.retry_in,
+        },
+        fail_of,
+    )
 }
 
 /// Parses `POST /v1/jobs/{id}/release`: only the token.
 pub fn parse_release(body: &[u8]) -> Result<LeaseToken, ApiError> {
-    let members = members_of_body(body)?;
-    let mut errs = Errors {
-        prefix: "",
-        list: Vec::new(),
-    };
-    let mut token = None;
-    let mut given = false;
-    for (name, raw) in known(&members, &["token"], &mut errs) {
-        if name == "token" {
-            given = true;
-            token = token_in(&mut errs, raw);
-        }
-    }
-    if !given {
-        missing(&mut errs, "token");
-    }
+    let mut errs = Errors::new("");
+    let read = read_body::<ReleaseBody>(body, &mut errs)?;
+    let token = required(&read, &mut errs, "token", read.value.token.clone())
+        .and_then(|t| token_of(t, &mut errs));
     match token {
-        Some(t) => finish(t, errs),
+        Some(t) => errs.finish(t),
         None => Err(ApiError::Validation(errs.list)),
     }
 }
 
-fn batch<T>(
+/// Reads `{"outcomes": [item, …]}`: every item's problems under `outcomes[i].`.
+fn batch<I, T>(
     body: &[u8],
-    fail: bool,
-    build: fn(JobId, LeaseToken, OutcomeFields) -> T,
-) -> Result<Vec<T>, ApiError> {
+    of: fn(Read<I>, Option<JobId>, &mut Errors<'_>) -> Option<T>,
+) -> Result<Vec<T>, ApiError>
+where
+    I: serde::de::DeserializeOwned + Default,
+{
     let members = members_of_body(body)?;
-    let mut errs = Errors {
-        prefix: "",
-        list: Vec::new(),
-    };
-    let mut items = None;
-    for (name, raw) in known(&members, &["outcomes"], &mut errs) {
-        if name == "outcomes" {
-            let msg = format!("must be a list of 1 to {MAX_LEASE} outcomes");
-            if let Some(list) = errs.parse::<Vec<Box<RawValue>>>("outcomes", raw, Some(&msg)) {
-                if list.is_empty() || list.len() > MAX_LEASE as usize {
-                    errs.add("outcomes", msg);
-                } else {
-                    items = Some(list);
-                }
+    let mut errs = Errors::new("");
+    let mut items: Option<Vec<Box<RawValue>>> = None;
+    let msg = format!("must be a list of 1 to {MAX_LEASE} outcomes");
+    for (name, raw) in members.0 {
+        if name != "outcomes" {
+            errs.add(&name, "unknown field; expected outcomes");
+        } else if items.is_some() || errs.names("outcomes") {
+            errs.add("outcomes", "duplicate field");
+        } else {
+            match serde_json::from_str::<Vec<Box<RawValue>>>(raw.get()) {
+                Ok(list) if (1..=MAX_LEASE as usize).contains(&list.len()) => items = Some(list),
+                _ => errs.add("outcomes", msg.clone()),
             }
         }
     }
     let Some(items) = items else {
-        if errs.list.is_empty() {
-            missing(&mut errs, "outcomes");
+        if !errs.names("outcomes") {
+            errs.add("outcomes", "is required");
         }
         return Err(ApiError::Validation(errs.list));
     };
@@ -474,13 +375,11 @@ fn batch<T>(
     let mut all: Vec<FieldError> = errs.list;
     for (i, raw) in items.iter().enumerate() {
         let prefix = format!("outcomes[{i}].");
-        let mut item_errs = Errors {
-            prefix: &prefix,
-            list: Vec::new(),
-        };
+        let mut item_errs = Errors::new(&prefix);
         match serde_json::from_str::<Members>(raw.get()) {
             Ok(m) => {
-                if let Some(v) = read_outcome(&m, None, &mut item_errs, fail, build)
+                let read = read_members::<I>(m, Some(raw.get()), &mut item_errs);
+                if let Some(v) = of(read, None, &mut item_errs)
                     && item_errs.list.is_empty()
                 {
                     out.push(v);
@@ -502,12 +401,12 @@ fn batch<T>(
 
 /// Parses `POST /v1/jobs/complete`.
 pub fn parse_complete_batch(body: &[u8]) -> Result<Vec<CompleteIn>, ApiError> {
-    batch(body, false, complete_from)
+    batch(body, complete_of)
 }
 
 /// Parses `POST /v1/jobs/fail`.
 pub fn parse_fail_batch(body: &[u8]) -> Result<Vec<FailIn>, ApiError> {
-    batch(body, true, fail_from)
+    batch(body, fail_of)
 }
 
 #[cfg(test)]
@@ -542,7 +441,7 @@ mod tests {
         assert_eq!(l.max, 1000);
         assert_eq!(l.kinds.len(), 2, "duplicates folded");
         for (body, bad) in [
-            (r#"{"max":0}"#, vec!["max", "worker"]),
+            (r#"{"max":0}"#, vec!["worker", "max"]),
             (r#"{"worker":"w","max":1001}"#, vec!["max"]),
             (
                 r#"{"worker":"w","max":-1,"wait":"31s"}"#,
@@ -589,7 +488,7 @@ mod tests {
         );
         assert_eq!(
             fields(parse_fail(br#"{"token":"nope","permanent":"yes"}"#, id).unwrap_err()),
-            ["token", "permanent", "error"]
+            ["permanent", "token", "error"]
         );
         let f = parse_fail(
             format!(

@@ -10,10 +10,10 @@ use axum::response::{IntoResponse, Response};
 use keel_resilience::{BreakerState, CircuitBreaker};
 use tokio::time::Instant;
 
-use crate::dto::{CheckOut, HealthOut, ReadyChecks, ReadyOut};
 use crate::error::ApiError;
 use crate::middleware::Deadline;
 use crate::state::ApiState;
+use keel_wire::{CheckOut, HealthOut, ReadyChecks, ReadyOut};
 
 /// Longest a readiness check may take (spec: dependencies reachable within 2 s).
 pub(crate) const READY_CHECK_TIMEOUT: Duration = Duration::from_secs(2);
@@ -31,7 +31,9 @@ pub(crate) const READY_RETRY_AFTER_SECS: u32 = 5;
     responses((status = 200, description = "The process is alive", body = HealthOut))
 )]
 pub(crate) async fn get_health() -> Json<HealthOut> {
-    Json(HealthOut { status: "ok" })
+    Json(HealthOut {
+        status: "ok".into(),
+    })
 }
 
 /// Readiness: the database answers within 2 s, its circuit breaker is not open, and the
@@ -60,14 +62,14 @@ pub(crate) async fn get_ready(State(state): State<ApiState>, deadline: Deadline)
     let started = Instant::now();
     let database = match tokio::time::timeout(budget, state.store.ping()).await {
         Ok(Ok(())) => CheckOut {
-            status: "ok",
+            status: "ok".into(),
             latency_ms: Some(u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX)),
             error: None,
         },
         Ok(Err(e)) => {
             tracing::warn!(error = %e, "readiness: database ping failed");
             CheckOut {
-                status: "error",
+                status: "error".into(),
                 latency_ms: None,
                 error: Some(e.to_string()),
             }
@@ -78,7 +80,7 @@ pub(crate) async fn get_ready(State(state): State<ApiState>, deadline: Deadline)
                 "readiness: database ping timed out"
             );
             CheckOut {
-                status: "error",
+                status: "error".into(),
                 latency_ms: None,
                 error: Some(format!("no answer within {} ms", budget.as_millis())),
             }
@@ -90,7 +92,7 @@ pub(crate) async fn get_ready(State(state): State<ApiState>, deadline: Deadline)
         && database_breaker.as_ref().is_none_or(|c| c.status == "ok")
         && !draining;
     let body = ReadyOut {
-        status: if ready { "ready" } else { "unavailable" },
+        status: if ready { "ready" } else { "unavailable" }.into(),
         checks: ReadyChecks {
             database,
             database_breaker,
@@ -117,12 +119,12 @@ pub(crate) async fn get_ready(State(state): State<ApiState>, deadline: Deadline)
 fn breaker_check(breaker: &CircuitBreaker) -> CheckOut {
     match breaker.state() {
         BreakerState::Open => CheckOut {
-            status: "error",
+            status: "error".into(),
             latency_ms: None,
             error: Some("circuit open: the database failed repeatedly; calls are refused until a probe succeeds".to_owned()),
         },
         BreakerState::Closed | BreakerState::HalfOpen => CheckOut {
-            status: "ok",
+            status: "ok".into(),
             latency_ms: None,
             error: None,
         },

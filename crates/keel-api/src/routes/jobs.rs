@@ -12,7 +12,6 @@ use keel_core::store::{ListParams, StoredResponse};
 use keel_core::{Job, JobId, JobKind, JobState, QueueName, TenantId};
 
 use crate::auth::Caller;
-use crate::dto::{BatchIn, BatchOut, JobIn, JobOut, JobPageOut, JobResultOut};
 use crate::error::{ApiError, Problem};
 use crate::extract::{IdempotencyKeyHeader, JobIdPath, JsonBody, parse_limit, parse_query_fields};
 use crate::job_in::{self, JobContext};
@@ -20,6 +19,7 @@ use crate::service::jobs::{
     self as service, InsertRequest, Inserted, id_in_body, insert_jobs, visible_job,
 };
 use crate::state::ApiState;
+use keel_wire::{BatchIn, BatchOut, JobIn, JobOut, JobPageOut, JobResultOut};
 
 /// Set on a response replayed from an idempotency record (G3).
 pub const IDEMPOTENT_REPLAYED: HeaderName = HeaderName::from_static("idempotent-replayed");

@@ -10,7 +10,6 @@ use axum::http::HeaderValue;
 use axum::response::{IntoResponse, Response};
 
 use crate::auth::Caller;
-use crate::dto::{JobOut, ProcessIn};
 use crate::error::{ApiError, Problem};
 use crate::extract::{IdempotencyKeyHeader, JsonBody};
 use crate::job_in;
@@ -18,6 +17,7 @@ use crate::middleware::Deadline;
 use crate::routes::jobs::{UNIQUE_CONFLICT, job_context, render_job};
 use crate::service::jobs::{self as service, InsertRequest};
 use crate::state::ApiState;
+use keel_wire::{JobIn, JobOut};
 
 /// How long before the request deadline the handler stops waiting, so that it — not the
 /// deadline layer — answers the `504`, with the job id in it.
@@ -43,7 +43,7 @@ pub(crate) const DEADLINE_MARGIN: Duration = Duration::from_millis(20);
         ("Idempotency-Key" = Option<String>, Header, description = "Retrying with the same key waits on the same job"),
         ("Request-Timeout" = Option<u64>, Header, description = "Wait at most this many ms (capped by the server's request timeout)"),
     ),
-    request_body(content = ProcessIn, content_type = "application/json"),
+    request_body(content = JobIn, content_type = "application/json"),
     responses(
         (status = 200, description = "The job reached a terminal state (completed, discarded or cancelled)", body = JobOut,
             headers(("Keel-Unique-Conflict" = Option<String>, description = "Set when the unique key was held: the id of the job waited on instead"))),

@@ -4,10 +4,10 @@ use axum::Json;
 use axum::extract::State;
 
 use crate::auth::Caller;
-use crate::dto::{QueueOut, QueuePausedOut};
 use crate::error::{ApiError, Problem};
 use crate::extract::QueuePath;
 use crate::state::ApiState;
+use keel_wire::{QueueOut, QueuePausedOut};
 
 /// Queues with job counts by state. An operator (or anyone, without authentication) sees
 /// every queue that has jobs or was ever paused or resumed; a tenant key sees the queues

@@ -11,12 +11,12 @@ use chrono::Utc;
 use keel_core::{ScheduleName, TenantId};
 
 use crate::auth::Caller;
-use crate::dto::{ScheduleIn, ScheduleOut, SchedulePageOut};
 use crate::error::{ApiError, Problem};
 use crate::extract::{JsonBody, ScheduleNamePath, parse_limit, parse_query_fields};
 use crate::routes::jobs::job_context;
 use crate::schedule_in::parse_schedule;
 use crate::state::ApiState;
+use keel_wire::{ScheduleIn, ScheduleOut, SchedulePageOut};
 
 /// Default page size of `GET /v1/schedules`.
 pub const DEFAULT_SCHEDULE_LIST_LIMIT: u32 = 100;

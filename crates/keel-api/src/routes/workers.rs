@@ -5,12 +5,12 @@ use axum::Json;
 use axum::extract::State;
 
 use crate::auth::Caller;
-use crate::dto::{HeartbeatOut, JobOut, LeasedOut, OutcomeOut, OutcomesOut, WorkersOut};
 use crate::error::{ApiError, Problem};
 use crate::extract::{JobIdPath, JsonBody, QueuePath};
 use crate::service::workers as service;
 use crate::state::ApiState;
 use crate::worker_in;
+use keel_wire::{HeartbeatOut, JobOut, LeasedOut, OutcomeOut, OutcomesOut, WorkerOut, WorkersOut};
 
 /// The path of a lease route, known to the layers that treat long polls apart: admission
 /// (a waiting lease is not work in progress) and the deadline (which grows by the wait).
@@ -29,7 +29,7 @@ pub(crate) fn is_lease_path(path: &str) -> bool {
     tag = "workers",
     security(("bearer" = [])),
     params(("queue" = String, Path, description = "Queue name")),
-    request_body(content = crate::dto::LeaseBody, content_type = "application/json"),
+    request_body(content = keel_wire::LeaseBody, content_type = "application/json"),
     responses(
         (status = 200, description = "The jobs now held (empty when the wait ran out or the server is stopping)", body = LeasedOut),
         (status = 400, description = "Malformed body or queue name", body = Problem, content_type = "application/problem+json"),
@@ -60,7 +60,7 @@ pub(crate) async fn lease_jobs(
     tag = "workers",
     security(("bearer" = [])),
     params(("id" = String, Path, description = "Job id (UUID)")),
-    request_body(content = crate::dto::HeartbeatBody, content_type = "application/json"),
+    request_body(content = keel_wire::HeartbeatBody, content_type = "application/json"),
     responses(
         (status = 200, description = "Lease extended, or the job was cancelled", body = HeartbeatOut),
         (status = 400, description = "Malformed body or job id", body = Problem, content_type = "application/problem+json"),
@@ -92,7 +92,7 @@ pub(crate) async fn heartbeat(
     tag = "workers",
     security(("bearer" = [])),
     params(("id" = String, Path, description = "Job id (UUID)")),
-    request_body(content = crate::dto::CompleteBody, content_type = "application/json"),
+    request_body(content = keel_wire::CompleteBody, content_type = "application/json"),
     responses(
         (status = 200, description = "The job, now completed", body = JobOut),
         (status = 400, description = "Malformed body or job id", body = Problem, content_type = "application/problem+json"),
@@ -123,7 +123,7 @@ pub(crate) async fn complete_job(
     tag = "workers",
     security(("bearer" = [])),
     params(("id" = String, Path, description = "Job id (UUID)")),
-    request_body(content = crate::dto::FailBody, content_type = "application/json"),
+    request_body(content = keel_wire::FailBody, content_type = "application/json"),
     responses(
         (status = 200, description = "The job, now retryable or discarded", body = JobOut),
         (status = 400, description = "Malformed body or job id", body = Problem, content_type = "application/problem+json"),
@@ -153,7 +153,7 @@ pub(crate) async fn fail_job(
     tag = "workers",
     security(("bearer" = [])),
     params(("id" = String, Path, description = "Job id (UUID)")),
-    request_body(content = crate::dto::ReleaseBody, content_type = "application/json"),
+    request_body(content = keel_wire::ReleaseBody, content_type = "application/json"),
     responses(
         (status = 200, description = "The job, available again", body = JobOut),
         (status = 400, description = "Malformed body or job id", body = Problem, content_type = "application/problem+json"),
@@ -182,7 +182,7 @@ pub(crate) async fn release_job(
     path = "/v1/jobs/complete",
     tag = "workers",
     security(("bearer" = [])),
-    request_body(content = crate::dto::CompleteManyBody, content_type = "application/json"),
+    request_body(content = keel_wire::CompleteManyBody, content_type = "application/json"),
     responses(
         (status = 200, description = "One answer per outcome", body = OutcomesOut),
         (status = 400, description = "Malformed body", body = Problem, content_type = "application/problem+json"),
@@ -209,7 +209,7 @@ pub(crate) async fn complete_many(
     path = "/v1/jobs/fail",
     tag = "workers",
     security(("bearer" = [])),
-    request_body(content = crate::dto::FailManyBody, content_type = "application/json"),
+    request_body(content = keel_wire::FailManyBody, content_type = "application/json"),
     responses(
         (status = 200, description = "One answer per outcome", body = OutcomesOut),
         (status = 400, description = "Malformed body", body = Problem, content_type = "application/problem+json"),
@@ -247,7 +247,13 @@ pub(crate) async fn list_workers(
     Json(WorkersOut {
         workers: service::workers(&state, &caller)
             .into_iter()
-            .map(Into::into)
+            .map(|w| WorkerOut {
+                id: w.id.into(),
+                tenant: w.tenant.into(),
+                queues: w.queues.into_iter().map(String::from).collect(),
+                last_seen: w.last_seen,
+                jobs_held: w.jobs_held,
+            })
             .collect(),
     })
 }
