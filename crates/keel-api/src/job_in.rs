@@ -76,15 +76,18 @@ fn unique_of(u: UniqueIn, errs: &mut Errors<'_>) -> Unique {
     // `period` is the window of scope `period` (60 s when not given, Oban's default) and
     // means nothing to the other scopes, which ignore it; it is checked whatever the scope,
     // so a bad value never passes unnoticed.
-    let window = u.period.map_or(DEFAULT_UNIQUE_PERIOD, |p| p.0);
+    let mut window = u.period.map_or(DEFAULT_UNIQUE_PERIOD, |p| p.0);
     if !(UniqueScope::MIN_PERIOD..=UniqueScope::MAX_PERIOD).contains(&window) {
+        // Reported here, with the value; the default stands in so that the job's own
+        // checks do not report it again.
+        window = DEFAULT_UNIQUE_PERIOD;
         errs.add(
             "unique.period",
             format!(
                 "must be between {} s and {} days, got {} ms",
                 UniqueScope::MIN_PERIOD.as_secs(),
                 UniqueScope::MAX_PERIOD.as_secs() / 86_400,
-                window.as_millis()
+                u.period.map_or(0, |p| p.0.as_millis())
             ),
         );
     }
@@ -247,7 +250,9 @@ fn read_job(
     let unique = match unique_raw {
         // `unique` is an object with required members: its problems are found member by
         // member, like the job's (`unique.key`, `unique.scope`, …).
-        Some(raw) if shape != Shape::Template && errs.names("unique") => unique_problems(&raw, &mut errs),
+        Some(raw) if shape != Shape::Template && errs.names("unique") => {
+            unique_problems(&raw, &mut errs)
+        }
         _ => body.unique,
     };
     job.unique = unique.map(|u| unique_of(u, &mut errs));

@@ -123,14 +123,14 @@ fn required<T, W>(read: &Read<W>, errs: &mut Errors<'_>, field: &str, value: T) 
     }
 }
 
-fn token_of(s: String, errs: &mut Errors<'_>) -> Option<LeaseToken> {
-    LeaseToken::parse(&s)
+fn token_of(s: &str, errs: &mut Errors<'_>) -> Option<LeaseToken> {
+    LeaseToken::parse(s)
         .map_err(|e| errs.add("token", format!("is not a lease token: {}", e.reason)))
         .ok()
 }
 
-fn id_of(s: String, errs: &mut Errors<'_>) -> Option<JobId> {
-    JobId::parse(&s).map_err(|e| errs.add("id", e.reason)).ok()
+fn id_of(s: &str, errs: &mut Errors<'_>) -> Option<JobId> {
+    JobId::parse(s).map_err(|e| errs.add("id", e.reason)).ok()
 }
 
 /// Parses a lease request.
@@ -200,7 +200,7 @@ pub fn parse_lease(body: &[u8]) -> Result<LeaseIn, ApiError> {
 pub fn parse_heartbeat(body: &[u8]) -> Result<HeartbeatIn, ApiError> {
     let mut errs = Errors::new("");
     let read = read_body::<HeartbeatBody>(body, &mut errs)?;
-    let token = required(&read, &mut errs, "token", read.value.token.clone())
+    let token = required(&read, &mut errs, "token", read.value.token.as_str())
         .and_then(|t| token_of(t, &mut errs));
     let lease_for = within(
         &mut errs,
@@ -238,9 +238,9 @@ fn complete_of(
     let item = &read.value;
     let id = match id {
         Some(id) => Some(id),
-        None => required(&read, errs, "id", item.id.clone()).and_then(|s| id_of(s, errs)),
+        None => required(&read, errs, "id", item.id.as_str()).and_then(|s| id_of(s, errs)),
     };
-    let token = required(&read, errs, "token", item.token.clone()).and_then(|t| token_of(t, errs));
+    let token = required(&read, errs, "token", item.token.as_str()).and_then(|t| token_of(t, errs));
     Some(CompleteIn {
         id: id?,
         token: token?,
@@ -253,9 +253,9 @@ fn fail_of(read: Read<FailItem>, id: Option<JobId>, errs: &mut Errors<'_>) -> Op
     let item = &read.value;
     let id = match id {
         Some(id) => Some(id),
-        None => required(&read, errs, "id", item.id.clone()).and_then(|s| id_of(s, errs)),
+        None => required(&read, errs, "id", item.id.as_str()).and_then(|s| id_of(s, errs)),
     };
-    let token = required(&read, errs, "token", item.token.clone()).and_then(|t| token_of(t, errs));
+    let token = required(&read, errs, "token", item.token.as_str()).and_then(|t| token_of(t, errs));
     let error = required(&read, errs, "error", ());
     let retry_in = item.retry_in.map(|d| {
         within(
@@ -333,7 +333,7 @@ pub fn parse_fail(body: &[u8], id: JobId) -> Result<FailIn, ApiError> {
 pub fn parse_release(body: &[u8]) -> Result<LeaseToken, ApiError> {
     let mut errs = Errors::new("");
     let read = read_body::<ReleaseBody>(body, &mut errs)?;
-    let token = required(&read, &mut errs, "token", read.value.token.clone())
+    let token = required(&read, &mut errs, "token", read.value.token.as_str())
         .and_then(|t| token_of(t, &mut errs));
     match token {
         Some(t) => errs.finish(t),

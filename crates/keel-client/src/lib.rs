@@ -1,8 +1,9 @@
 //! The Rust SDK for Keel's HTTP API, used by the `keel` CLI's client commands, by
 //! integration tests and by Rust programs that enqueue or inspect jobs.
 //!
-//! It speaks plain JSON over HTTP and mirrors the API's shapes loosely (`args`, `result`
-//! and the like are `serde_json::Value`), so a newer server adding fields does not break an
+//! It speaks plain JSON over HTTP with the server's own body types (keel-wire, re-exported
+//! here), so a field cannot mean one thing to the server and another to the client; they
+//! ignore members they do not know, so a newer server adding fields does not break an
 //! older client. Errors carry the server's `application/problem+json` body when there is
 //! one, so callers can show the server's own explanation.
 
@@ -10,53 +11,25 @@
 
 pub mod worker;
 
+use std::fmt::Display;
 use std::time::Duration;
 
+pub use keel_wire::{
+    AttemptErrorOut, Backoff, BatchIn, BatchOut, CompleteBody, HumanDuration, JobIn, JobOut,
+    JobPageOut, JobResultOut, JobTemplateIn, JobTemplateOut, LeaseBody, LeaseOut, LeasedOut,
+    Problem, ProblemField, ScheduleIn, ScheduleOut, SchedulePageOut, UNIT_DURATION_SYNTAX,
+    UniqueIn, UniqueOut, UnitDuration, parse_duration_text, raw_json,
+};
 use reqwest::{Method, StatusCode};
+use serde::Serialize;
 use serde::de::DeserializeOwned;
-use serde::{Deserialize, Serialize};
 use serde_json::Value;
-
-/// A problem+json error body (RFC 9457) as Keel sends it.
-#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
-pub struct Problem {
-    /// Problem type URI.
-    #[serde(rename = "type", default)]
-    pub kind: String,
-    /// Short summary.
-    #[serde(default)]
-    pub title: String,
-    /// HTTP status.
-    #[serde(default)]
-    pub status: u16,
-    /// What went wrong, for this request.
-    #[serde(default)]
-    pub detail: Option<String>,
-    /// The request id to quote in a bug report.
-    #[serde(default)]
-    pub request_id: Option<String>,
-    /// Field errors (422).
-    #[serde(default)]
-    pub errors: Vec<FieldError>,
-    /// The job concerned, when there is one (e.g. a 504 from `process`).
-    #[serde(default)]
-    pub job_id: Option<String>,
-}
-
-/// One invalid field.
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
-pub struct FieldError {
-    /// Path of the field.
-    pub field: String,
-    /// What is wrong.
-    pub message: String,
-}
 
 /// Why a call failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     /// The server answered with an error status.
-    #[error("{status}: {}", problem.detail.as_deref().unwrap_or(&problem.title))]
+    #[error("{status}: {}", if problem.detail.is_empty() { &problem.title } else { &problem.detail })]
     Api {
         /// The status code.
         status: StatusCode,
@@ -86,180 +59,6 @@ impl ClientError {
             _ => None,
         }
     }
-}
-
-/// A job to enqueue. Only `kind` is required; everything else takes the server's default.
-#[derive(Debug, Clone, Default, Serialize)]
-pub struct JobIn {
-    /// Executor or handler.
-    pub kind: String,
-    /// Queue.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub queue: Option<String>,
-    /// Tenant.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub tenant: Option<String>,
-    /// Arguments.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub args: Option<Value>,
-    /// 0 (highest) … 9.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub priority: Option<u8>,
-    /// Earliest start, RFC 3339.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub run_at: Option<String>,
-    /// Delay before the first attempt, ms.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub delay_ms: Option<u64>,
-    /// Attempts allowed.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub max_attempts: Option<u32>,
-    /// Per-attempt timeout, ms.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub timeout_ms: Option<u64>,
-    /// Retry policy, e.g. `{"type":"fixed","delay_ms":100}`.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub backoff: Option<Value>,
-    /// Labels.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub tags: Option<Vec<String>>,
-    /// Uniqueness: if a job of the tenant holds the key, that job is returned instead
-    /// ([`Enqueued::unique_conflict`]).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub unique: Option<UniqueIn>,
-}
-
-/// A uniqueness constraint on a new job.
-#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
-pub struct UniqueIn {
-    /// The key, scoped to the tenant.
-    pub key: String,
-    /// `queued` (until the job starts), `active` (until it finishes) or `period`.
-    pub scope: String,
-    /// The window of scope `period`, e.g. `"1h"` or `"30m"`; only with that scope.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub period: Option<String>,
-}
-
-impl UniqueIn {
-    /// Unique by `key` while the job waits or runs (scope `active`).
-    pub fn active(key: impl Into<String>) -> Self {
-        Self {
-            key: key.into(),
-            scope: "active".to_owned(),
-            period: None,
-        }
-    }
-
-    /// Unique by `key` until the job first starts (scope `queued`).
-    pub fn queued(key: impl Into<String>) -> Self {
-        Self {
-            key: key.into(),
-            scope: "queued".to_owned(),
-            period: None,
-        }
-    }
-
-    /// Unique by `key` for each window of `period` (e.g. `"1h"`), whatever the job's state.
-    pub fn period(key: impl Into<String>, period: impl Into<String>) -> Self {
-        Self {
-            key: key.into(),
-            scope: "period".to_owned(),
-            period: Some(period.into()),
-        }
-    }
-}
-
-impl JobIn {
-    /// A job of `kind` with `args`, everything else defaulted.
-    pub fn new(kind: impl Into<String>, args: Value) -> Self {
-        Self {
-            kind: kind.into(),
-            args: Some(args),
-            ..Self::default()
-        }
-    }
-}
-
-/// A job as the server reports it.
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
-pub struct JobOut {
-    /// Id.
-    pub id: String,
-    /// Queue.
-    pub queue: String,
-    /// Kind.
-    pub kind: String,
-    /// Tenant.
-    pub tenant: String,
-    /// Arguments.
-    pub args: Value,
-    /// Priority.
-    pub priority: u8,
-    /// State.
-    pub state: String,
-    /// Attempts started.
-    pub attempt: u32,
-    /// Attempts allowed.
-    pub max_attempts: u32,
-    /// Per-attempt timeout, ms.
-    pub timeout_ms: u64,
-    /// Retry policy.
-    pub backoff: Value,
-    /// Labels.
-    #[serde(default)]
-    pub tags: Vec<String>,
-    /// Next or first run time.
-    pub run_at: String,
-    /// Failed attempts.
-    #[serde(default)]
-    pub errors: Vec<AttemptErrorOut>,
-    /// Result, once completed.
-    #[serde(default)]
-    pub result: Option<Value>,
-    /// Lease while running (with its `token` only in a lease answer).
-    #[serde(default)]
-    pub lease: Option<Value>,
-    /// Creation time.
-    pub created_at: String,
-    /// Start of the latest attempt.
-    #[serde(default)]
-    pub started_at: Option<String>,
-    /// End time.
-    #[serde(default)]
-    pub finished_at: Option<String>,
-    /// Its unique key, if it was enqueued with one.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub unique: Option<UniqueOut>,
-}
-
-/// The unique key a job holds.
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
-pub struct UniqueOut {
-    /// The key as stored (for scope `period`, followed by `@` and the window's start).
-    pub key: String,
-    /// `queued`, `active` or `period`.
-    pub scope: String,
-}
-
-/// One failed attempt.
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
-pub struct AttemptErrorOut {
-    /// Attempt number.
-    pub attempt: u32,
-    /// When.
-    pub at: String,
-    /// Message.
-    pub message: String,
-}
-
-/// A page of jobs.
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
-pub struct JobList {
-    /// The jobs, oldest first.
-    pub jobs: Vec<JobOut>,
-    /// Cursor for the next page.
-    pub next: Option<String>,
 }
 
 /// Filters for [`Client::list_jobs`].
@@ -299,97 +98,6 @@ pub struct Enqueued {
     pub unique_conflict: Option<String>,
     /// The raw body, byte for byte.
     pub body: Vec<u8>,
-}
-
-/// The job a schedule enqueues at each tick. Only `kind` is required.
-#[derive(Debug, Clone, Default, Serialize)]
-pub struct JobTemplateIn {
-    /// Executor or handler.
-    pub kind: String,
-    /// Queue.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub queue: Option<String>,
-    /// Arguments.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub args: Option<Value>,
-    /// 0 (highest) … 9.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub priority: Option<u8>,
-    /// Attempts allowed per tick's job.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub max_attempts: Option<u32>,
-    /// Per-attempt timeout, ms.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub timeout_ms: Option<u64>,
-    /// Retry policy.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub backoff: Option<Value>,
-    /// Labels.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub tags: Option<Vec<String>>,
-}
-
-/// A schedule to create or replace.
-#[derive(Debug, Clone, Default, Serialize)]
-pub struct ScheduleIn {
-    /// Name: required by [`Client::create_schedule`]; [`Client::put_schedule`] takes it
-    /// from its argument.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub name: Option<String>,
-    /// Tenant (when the server has no API keys).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub tenant: Option<String>,
-    /// Cron expression (5 fields, or 6 with seconds first).
-    pub cron: String,
-    /// IANA time zone; the server defaults to `UTC`.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub timezone: Option<String>,
-    /// The job each tick enqueues.
-    pub job: JobTemplateIn,
-    /// Create it paused.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub paused: Option<bool>,
-    /// How far back missed ticks are caught up, e.g. `"1h"`; the server defaults to 1 h.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub catch_up: Option<String>,
-}
-
-/// A schedule as the server reports it.
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
-pub struct ScheduleOut {
-    /// Tenant.
-    pub tenant: String,
-    /// Name.
-    pub name: String,
-    /// Cron expression.
-    pub cron: String,
-    /// Time zone.
-    pub timezone: String,
-    /// The job template.
-    pub job: Value,
-    /// Whether ticks are skipped.
-    pub paused: bool,
-    /// Catch-up window, ms.
-    pub catch_up: u64,
-    /// The latest tick enqueued.
-    #[serde(default)]
-    pub last_tick_at: Option<String>,
-    /// The next tick times (none while paused).
-    #[serde(default)]
-    pub next_ticks: Vec<String>,
-    /// Creation time.
-    pub created_at: String,
-    /// Last change.
-    pub updated_at: String,
-}
-
-/// A page of schedules.
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
-pub struct ScheduleList {
-    /// The schedules, by name.
-    pub schedules: Vec<ScheduleOut>,
-    /// Cursor for the next page.
-    pub next: Option<String>,
 }
 
 /// Filters for [`Client::list_schedules`].
@@ -478,7 +186,7 @@ impl Client {
             let problem = serde_json::from_slice(&bytes).unwrap_or_else(|_| Problem {
                 status: status.as_u16(),
                 title: status.canonical_reason().unwrap_or("error").to_owned(),
-                detail: Some(String::from_utf8_lossy(&bytes).into_owned()),
+                detail: String::from_utf8_lossy(&bytes).into_owned(),
                 ..Problem::default()
             });
             return Err(ClientError::Api {
@@ -540,12 +248,10 @@ impl Client {
 
     /// Enqueues several jobs atomically: all or none.
     pub async fn enqueue_batch(&self, jobs: &[JobIn]) -> Result<Vec<JobOut>, ClientError> {
-        #[derive(Deserialize)]
-        struct Batch {
-            jobs: Vec<JobOut>,
-        }
-        let body = serde_json::json!({ "jobs": jobs });
-        let b: Batch = self
+        let body = BatchIn {
+            jobs: jobs.to_vec(),
+        };
+        let b: BatchOut = self
             .json(self.request(Method::POST, "/v1/jobs/batch").json(&body))
             .await?;
         Ok(b.jobs)
@@ -568,18 +274,15 @@ impl Client {
         wait: Duration,
         lease: Duration,
     ) -> Result<Vec<JobOut>, ClientError> {
-        #[derive(Deserialize)]
-        struct Leased {
-            jobs: Vec<JobOut>,
-        }
-        let body = serde_json::json!({
-            "worker": worker,
-            "max": max,
-            "wait": format!("{}ms", wait.as_millis()),
-            "lease": format!("{}ms", lease.as_millis()),
-        });
+        let body = LeaseBody {
+            worker: worker.to_owned(),
+            max: Some(max),
+            wait: Some(HumanDuration(wait)),
+            lease: Some(HumanDuration(lease)),
+            kinds: None,
+        };
         let path = format!("/v1/queues/{queue}/lease");
-        let leased: Leased = self
+        let leased: LeasedOut = self
             .json(self.request(Method::POST, &path).json(&body))
             .await?;
         Ok(leased.jobs)
@@ -588,11 +291,14 @@ impl Client {
     /// Records a leased job as completed with `result`; `token` is its lease token.
     pub async fn complete(
         &self,
-        id: &str,
+        id: impl Display,
         token: &str,
         result: &Value,
     ) -> Result<JobOut, ClientError> {
-        let body = serde_json::json!({ "token": token, "result": result });
+        let body = CompleteBody {
+            token: token.to_owned(),
+            result: Some(raw_json(result)),
+        };
         self.json(
             self.request(Method::POST, &format!("/v1/jobs/{id}/complete"))
                 .json(&body),
@@ -601,40 +307,43 @@ impl Client {
     }
 
     /// One job.
-    pub async fn get_job(&self, id: &str) -> Result<JobOut, ClientError> {
+    pub async fn get_job(&self, id: impl Display) -> Result<JobOut, ClientError> {
         self.json(self.request(Method::GET, &format!("/v1/jobs/{id}")))
             .await
     }
 
     /// A job's result: `Ok(Some)` once completed, `Ok(None)` while still pending.
-    pub async fn job_result(&self, id: &str) -> Result<Option<Value>, ClientError> {
+    pub async fn job_result(&self, id: impl Display) -> Result<Option<Value>, ClientError> {
         let resp = self
             .send(self.request(Method::GET, &format!("/v1/jobs/{id}/result")))
             .await?;
         if resp.status() == StatusCode::ACCEPTED {
             return Ok(None);
         }
-        let v: Value = resp
+        let out: JobResultOut = resp
             .json()
             .await
             .map_err(|e| ClientError::Decode(e.to_string()))?;
-        Ok(Some(v.get("result").cloned().unwrap_or(Value::Null)))
+        out.result
+            .map_or(Ok(Value::Null), |r| serde_json::from_str(r.get()))
+            .map(Some)
+            .map_err(|e| ClientError::Decode(e.to_string()))
     }
 
     /// Cancels a job.
-    pub async fn cancel_job(&self, id: &str) -> Result<JobOut, ClientError> {
+    pub async fn cancel_job(&self, id: impl Display) -> Result<JobOut, ClientError> {
         self.json(self.request(Method::POST, &format!("/v1/jobs/{id}/cancel")))
             .await
     }
 
     /// Runs a job again now.
-    pub async fn retry_job(&self, id: &str) -> Result<JobOut, ClientError> {
+    pub async fn retry_job(&self, id: impl Display) -> Result<JobOut, ClientError> {
         self.json(self.request(Method::POST, &format!("/v1/jobs/{id}/retry")))
             .await
     }
 
     /// A page of jobs.
-    pub async fn list_jobs(&self, q: &ListQuery) -> Result<JobList, ClientError> {
+    pub async fn list_jobs(&self, q: &ListQuery) -> Result<JobPageOut, ClientError> {
         self.json(self.request(Method::GET, "/v1/jobs").query(q))
             .await
     }
@@ -689,7 +398,7 @@ impl Client {
     }
 
     /// A page of schedules, by name.
-    pub async fn list_schedules(&self, q: &ScheduleQuery) -> Result<ScheduleList, ClientError> {
+    pub async fn list_schedules(&self, q: &ScheduleQuery) -> Result<SchedulePageOut, ClientError> {
         self.json(self.request(Method::GET, "/v1/schedules").query(q))
             .await
     }
@@ -741,7 +450,7 @@ mod tests {
     #[test]
     fn bodies_leave_out_what_is_not_set() {
         let job = JobIn {
-            unique: Some(UniqueIn::period("k", "1h")),
+            unique: Some(UniqueIn::period("k", Duration::from_secs(3600))),
             ..JobIn::new("sync", serde_json::json!(1))
         };
         assert_eq!(

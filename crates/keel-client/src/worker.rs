@@ -31,9 +31,14 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use keel_core::JobId;
+use keel_wire::{
+    CompleteItem, CompleteManyBody, FailItem, FailManyBody, HeartbeatBody, HeartbeatOut,
+    HumanDuration, LeaseBody, LeasedOut, OutcomesOut, ReleaseBody, raw_json,
+};
 use reqwest::Method;
-use serde::Deserialize;
-use serde_json::{Value, json};
+use serde::Serialize;
+use serde_json::Value;
 use tokio::sync::{Semaphore, mpsc};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -194,36 +199,8 @@ struct Running {
 
 /// An outcome on its way to the reporter.
 enum Outcome {
-    Complete {
-        id: String,
-        token: String,
-        result: Value,
-    },
-    Fail {
-        id: String,
-        token: String,
-        failure: JobFailure,
-    },
-}
-
-#[derive(Deserialize)]
-struct Leased {
-    jobs: Vec<JobOut>,
-}
-
-#[derive(Deserialize)]
-struct Beat {
-    cancel_requested: bool,
-}
-
-#[derive(Deserialize)]
-struct Results {
-    results: Vec<ItemResult>,
-}
-
-#[derive(Deserialize)]
-struct ItemResult {
-    status: u16,
+    Complete(CompleteItem),
+    Fail(FailItem),
 }
 
 #[derive(Default)]
@@ -269,7 +246,7 @@ impl Worker {
         } = self;
         let handlers = Arc::new(handlers);
         let slots = Arc::new(Semaphore::new(config.concurrency));
-        let running: Arc<Mutex<HashMap<String, Running>>> = Arc::default();
+        let running: Arc<Mutex<HashMap<JobId, Running>>> = Arc::default();
         let counters = Arc::new(Counters::default());
         let (report_tx, report_rx) = mpsc::channel::<Outcome>(config.concurrency * 4);
         let reporter = tokio::spawn(report(client.clone(), report_rx, Arc::clone(&counters)));
@@ -350,7 +327,7 @@ struct PollCtx {
     slots: Arc<Semaphore>,
     stop: CancellationToken,
     handlers: Arc<HashMap<String, BoxedHandler>>,
-    running: Arc<Mutex<HashMap<String, Running>>>,
+    running: Arc<Mutex<HashMap<JobId, Running>>>,
     report: mpsc::Sender<Outcome>,
     counters: Arc<Counters>,
 }
@@ -382,15 +359,15 @@ async fn poll(cx: PollCtx) -> Option<JoinSet<()>> {
         while let Ok(p) = Arc::clone(&cx.slots).try_acquire_owned() {
             permits.push(p);
         }
-        let body = json!({
-            "worker": cx.config.worker_id,
-            "max": permits.len().min(MAX_BATCH),
-            "wait": format!("{}ms", cx.config.wait.as_millis()),
-            "lease": format!("{}ms", cx.config.lease.as_millis()),
-            "kinds": cx.kinds,
-        });
+        let body = LeaseBody {
+            worker: cx.config.worker_id.clone(),
+            max: Some(u32::try_from(permits.len().min(MAX_BATCH)).unwrap_or(1)),
+            wait: Some(HumanDuration(cx.config.wait)),
+            lease: Some(HumanDuration(cx.config.lease)),
+            kinds: Some(cx.kinds.clone()),
+        };
         let path = format!("/v1/queues/{}/lease", cx.queue);
-        let leased: Result<Leased, ClientError> = cx
+        let leased: Result<LeasedOut, ClientError> = cx
             .client
             .json(cx.client.request(Method::POST, &path).json(&body))
             .await;
@@ -417,13 +394,7 @@ async fn poll(cx: PollCtx) -> Option<JoinSet<()>> {
                 release(&cx.client, &job, &cx.counters).await;
                 continue;
             };
-            let Some(token) = job
-                .lease
-                .as_ref()
-                .and_then(|l| l.get("token"))
-                .and_then(Value::as_str)
-                .map(str::to_owned)
-            else {
+            let Some(token) = job.lease.as_ref().and_then(|l| l.token.clone()) else {
                 continue;
             };
             if cx.stop.is_cancelled() {
@@ -433,7 +404,7 @@ async fn poll(cx: PollCtx) -> Option<JoinSet<()>> {
             // Not a child of `stop`: a stop must not cancel running jobs before the grace.
             let cancelled = CancellationToken::new();
             lock(&cx.running).insert(
-                job.id.clone(),
+                job.id,
                 Running {
                     token: token.clone(),
                     cancelled: cancelled.clone(),
@@ -445,8 +416,9 @@ async fn poll(cx: PollCtx) -> Option<JoinSet<()>> {
             let client = cx.client.clone();
             let counters = Arc::clone(&cx.counters);
             jobs.spawn(async move {
-                let id = job.id.clone();
-                let args = job.args.clone();
+                let id = job.id;
+                // Raw JSON from the server is valid JSON.
+                let args = serde_json::from_str(job.args.get()).unwrap_or(Value::Null);
                 let ctx = JobContext {
                     job: job.clone(),
                     cancelled: cancelled.clone(),
@@ -470,9 +442,20 @@ async fn poll(cx: PollCtx) -> Option<JoinSet<()>> {
                     // cancelled job's release is refused as stale, which is fine.
                     release(&client, &job, &counters).await;
                 } else {
+                    let id = id.to_string();
                     let sent = match outcome {
-                        Ok(result) => Outcome::Complete { id, token, result },
-                        Err(failure) => Outcome::Fail { id, token, failure },
+                        Ok(result) => Outcome::Complete(CompleteItem {
+                            id,
+                            token,
+                            result: Some(raw_json(&result)),
+                        }),
+                        Err(failure) => Outcome::Fail(FailItem {
+                            id,
+                            token,
+                            error: failure.message,
+                            permanent: Some(failure.permanent),
+                            retry_in: failure.retry_in.map(HumanDuration),
+                        }),
                     };
                     let _ = report.send(sent).await;
                 }
@@ -486,12 +469,7 @@ async fn poll(cx: PollCtx) -> Option<JoinSet<()>> {
 
 /// Gives a leased job back unrun.
 async fn release(client: &Client, job: &JobOut, counters: &Counters) {
-    let Some(token) = job
-        .lease
-        .as_ref()
-        .and_then(|l| l.get("token"))
-        .and_then(Value::as_str)
-    else {
+    let Some(token) = job.lease.as_ref().and_then(|l| l.token.clone()) else {
         return;
     };
     let path = format!("/v1/jobs/{}/release", job.id);
@@ -499,7 +477,7 @@ async fn release(client: &Client, job: &JobOut, counters: &Counters) {
         .send(
             client
                 .request(Method::POST, &path)
-                .json(&json!({ "token": token })),
+                .json(&ReleaseBody { token }),
         )
         .await;
     if sent.is_ok() {
@@ -511,7 +489,7 @@ async fn release(client: &Client, job: &JobOut, counters: &Counters) {
 /// or whose lease is gone.
 async fn heartbeats(
     client: Client,
-    running: Arc<Mutex<HashMap<String, Running>>>,
+    running: Arc<Mutex<HashMap<JobId, Running>>>,
     lease: Duration,
     every: Duration,
     stop: CancellationToken,
@@ -524,18 +502,21 @@ async fn heartbeats(
             _ = tick.tick() => {}
             () = stop.cancelled() => return,
         }
-        let held: Vec<(String, String, CancellationToken)> = lock(&running)
+        let held: Vec<(JobId, String, CancellationToken)> = lock(&running)
             .iter()
-            .map(|(id, r)| (id.clone(), r.token.clone(), r.cancelled.clone()))
+            .map(|(id, r)| (*id, r.token.clone(), r.cancelled.clone()))
             .collect();
         let mut beats = JoinSet::new();
         for (id, token, cancelled) in held {
             let client = client.clone();
             beats.spawn(async move {
                 let path = format!("/v1/jobs/{id}/heartbeat");
-                let body = json!({"token": token, "lease": format!("{}ms", lease.as_millis())});
+                let body = HeartbeatBody {
+                    token,
+                    lease: Some(HumanDuration(lease)),
+                };
                 match client
-                    .json::<Beat>(client.request(Method::POST, &path).json(&body))
+                    .json::<HeartbeatOut>(client.request(Method::POST, &path).json(&body))
                     .await
                 {
                     Ok(b) if b.cancel_requested => cancelled.cancel(),
@@ -568,29 +549,19 @@ async fn report(client: Client, mut rx: mpsc::Receiver<Outcome>, counters: Arc<C
         let (mut completes, mut fails) = (Vec::new(), Vec::new());
         for o in batch {
             match o {
-                Outcome::Complete { id, token, result } => {
-                    completes.push(json!({"id": id, "token": token, "result": result}));
-                }
-                Outcome::Fail { id, token, failure } => {
-                    let mut item = json!({
-                        "id": id, "token": token,
-                        "error": failure.message, "permanent": failure.permanent,
-                    });
-                    if let Some(d) = failure.retry_in {
-                        item["retry_in"] = json!(format!("{}ms", d.as_millis()));
-                    }
-                    fails.push(item);
-                }
+                Outcome::Complete(item) => completes.push(item),
+                Outcome::Fail(item) => fails.push(item),
             }
         }
-        for (path, items, is_fail) in [
-            ("/v1/jobs/complete", completes, false),
-            ("/v1/jobs/fail", fails, true),
-        ] {
-            if items.is_empty() {
-                continue;
-            }
-            send_outcomes(&client, path, items, is_fail, &counters).await;
+        if !completes.is_empty() {
+            let body = CompleteManyBody {
+                outcomes: completes,
+            };
+            send_outcomes(&client, "/v1/jobs/complete", &body, false, &counters).await;
+        }
+        if !fails.is_empty() {
+            let body = FailManyBody { outcomes: fails };
+            send_outcomes(&client, "/v1/jobs/fail", &body, true, &counters).await;
         }
     }
 }
@@ -600,15 +571,14 @@ async fn report(client: Client, mut rx: mpsc::Receiver<Outcome>, counters: Arc<C
 async fn send_outcomes(
     client: &Client,
     path: &str,
-    items: Vec<Value>,
+    body: &impl Serialize,
     is_fail: bool,
     counters: &Counters,
 ) {
-    let body = json!({ "outcomes": items });
     let mut backoff = Duration::from_millis(50);
     for _ in 0..8 {
         match client
-            .json::<Results>(client.request(Method::POST, path).json(&body))
+            .json::<OutcomesOut>(client.request(Method::POST, path).json(body))
             .await
         {
             Ok(r) => {

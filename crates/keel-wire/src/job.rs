@@ -90,10 +90,14 @@ impl From<crate::JobTemplateIn> for JobIn {
 
 impl JobIn {
     /// A job of `kind` with `args`, everything else left to the server's defaults.
-    pub fn new(kind: impl Into<String>, args: &serde_json::Value) -> Self {
+    #[expect(
+        clippy::needless_pass_by_value,
+        reason = "callers build args in place: JobIn::new(\"echo\", json!({...}))"
+    )]
+    pub fn new(kind: impl Into<String>, args: serde_json::Value) -> Self {
         Self {
             kind: kind.into(),
-            args: Some(raw_json(args)),
+            args: Some(raw_json(&args)),
             ..Self::default()
         }
     }
@@ -350,6 +354,18 @@ impl From<Job> for JobOut {
 }
 
 impl JobOut {
+    /// `args` as a JSON value (the server sent valid JSON; `null` otherwise).
+    pub fn args_value(&self) -> serde_json::Value {
+        serde_json::from_str(self.args.get()).unwrap_or(serde_json::Value::Null)
+    }
+
+    /// `result` as a JSON value, once there is one.
+    pub fn result_value(&self) -> Option<serde_json::Value> {
+        self.result
+            .as_ref()
+            .map(|r| serde_json::from_str(r.get()).unwrap_or(serde_json::Value::Null))
+    }
+
     /// A job as the worker that just leased it sees it: with its lease token.
     pub fn leased(job: Job) -> Self {
         let token = job.lease.as_ref().map(|l| l.token.to_string());

@@ -403,8 +403,8 @@ pub struct ScheduleDef {
     pub paused: bool,
     /// How far back ticks missed while no replica ran are caught up, e.g. 30m, 1h, 2d
     /// (server default: 1h).
-    #[arg(long)]
-    pub catch_up: Option<String>,
+    #[arg(long, value_parser = unit_duration)]
+    pub catch_up: Option<keel_client::UnitDuration>,
     /// Tenant (when the server has no API keys).
     #[arg(long)]
     pub tenant: Option<String>,
@@ -426,4 +426,12 @@ pub enum QueueAction {
         /// Queue name.
         queue: String,
     },
+}
+
+/// A duration with its unit (`30m`, `1h`, `2d`), as a schedule's catch-up window takes it.
+fn unit_duration(s: &str) -> Result<keel_client::UnitDuration, String> {
+    keel_client::parse_duration_text(s)
+        .map(keel_client::UnitDuration)
+        .filter(|_| s.trim().ends_with(|c: char| c.is_ascii_alphabetic()))
+        .ok_or_else(|| keel_client::UNIT_DURATION_SYNTAX.to_owned())
 }

@@ -229,7 +229,8 @@ pub async fn enqueue(args: EnqueueArgs) -> ExitCode {
         Ok(c) => c,
         Err(code) => return code,
     };
-    let parsed: serde_json::Value = match serde_json::from_str(&args.args) {
+    // Sent byte for byte as given, once known to be JSON.
+    let parsed = match serde_json::value::RawValue::from_string(args.args) {
         Ok(v) => v,
         Err(e) => {
             eprintln!("error: --args is not valid JSON: {e}");
@@ -313,7 +314,7 @@ pub async fn jobs(cmd: JobsCommand) -> ExitCode {
 
 /// The body of `keel schedule create|put`, or the exit code of a bad `--args`.
 fn schedule_in(def: ScheduleDef, with_name: bool) -> Result<(ScheduleIn, ClientArgs), ExitCode> {
-    let args: serde_json::Value = serde_json::from_str(&def.args).map_err(|e| {
+    let args = serde_json::value::RawValue::from_string(def.args).map_err(|e| {
         eprintln!("error: --args is not valid JSON: {e}");
         ExitCode::from(2)
     })?;

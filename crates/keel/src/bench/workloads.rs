@@ -218,15 +218,13 @@ impl Ctx<'_> {
                 let Some(started) = &job.started_at else {
                     continue;
                 };
-                let created = chrono::DateTime::parse_from_rfc3339(&job.created_at)
-                    .with_context(|| format!("created_at {:?}", job.created_at))?;
-                let started = chrono::DateTime::parse_from_rfc3339(started)
-                    .with_context(|| format!("started_at {started:?}"))?;
-                let us = (started - created).num_microseconds().unwrap_or(i64::MAX);
+                let us = (*started - job.created_at)
+                    .num_microseconds()
+                    .unwrap_or(i64::MAX);
                 lat.record_us(u64::try_from(us).unwrap_or(0));
             }
             match page.next {
-                Some(next) => after = Some(next),
+                Some(next) => after = Some(next.to_string()),
                 None => break,
             }
             anyhow::ensure!(
@@ -581,11 +579,10 @@ async fn w2x_external_pickup(ctx: &Ctx<'_>, rec: &mut RunRecord) -> anyhow::Resu
         let token = leased
             .lease
             .as_ref()
-            .and_then(|l| l.get("token"))
-            .and_then(serde_json::Value::as_str)
+            .and_then(|l| l.token.as_deref())
             .context("a leased job without its token")?;
         ctx.control
-            .complete(&leased.id, token, &serde_json::Value::Null)
+            .complete(leased.id, token, &serde_json::Value::Null)
             .await
             .context("completing a W2x job")?;
         bar.inc(1);

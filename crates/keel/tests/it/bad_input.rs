@@ -102,7 +102,7 @@ async fn data_no_backend_can_store_is_a_422_that_trips_nothing(backend: Backend,
             |j| j.state == "completed",
         )
         .await;
-    assert_eq!(done.result, Some(json!({"a": "x\u{0}y"})));
+    assert_eq!(done.result_value(), Some(json!({"a": "x\u{0}y"})));
     // A schedule whose ticks could never be stored is refused up front.
     let resp = app
         .http

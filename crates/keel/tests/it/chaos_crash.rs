@@ -56,7 +56,7 @@ async fn enqueue_until(
             && resp.status().is_success()
             && let Ok(job) = resp.json::<JobOut>().await
         {
-            acked.lock().unwrap().insert(job.id);
+            acked.lock().unwrap().insert(job.id.to_string());
         }
         tokio::time::sleep(CLIENT_PACE).await;
     }
@@ -76,10 +76,10 @@ async fn all_jobs(client: &Client) -> HashMap<String, JobOut> {
             .await
             .expect("list jobs");
         for j in page.jobs {
-            jobs.insert(j.id.clone(), j);
+            jobs.insert(j.id.to_string(), j);
         }
         match page.next {
-            Some(n) => after = Some(n),
+            Some(n) => after = Some(n.to_string()),
             None => return jobs,
         }
     }

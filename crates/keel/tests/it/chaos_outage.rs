@@ -115,7 +115,7 @@ async fn enqueue(http: &reqwest::Client, keel: &KeelProcess) -> (u16, Option<Str
         Ok(r) => {
             let status = r.status().as_u16();
             let id = if r.status().is_success() {
-                r.json::<JobOut>().await.ok().map(|j| j.id)
+                r.json::<JobOut>().await.ok().map(|j| j.id.to_string())
             } else {
                 None
             };

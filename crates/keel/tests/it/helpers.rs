@@ -129,6 +129,7 @@ impl TestApp {
             .unwrap()
             .job
             .id
+            .to_string()
     }
 
     /// `POST path` with a JSON body.
@@ -172,14 +173,14 @@ impl TestApp {
     /// Polls the job until `done` holds; gives up (fails) after `limit`, a hang guard.
     pub async fn wait_for(
         &self,
-        id: &str,
+        id: impl std::fmt::Display,
         limit: Duration,
         done: impl Fn(&JobOut) -> bool,
     ) -> JobOut {
         let mut last = None;
         let polled = tokio::time::timeout(limit, async {
             loop {
-                let job = self.client.get_job(id).await.expect("get job");
+                let job = self.client.get_job(&id).await.expect("get job");
                 if done(&job) {
                     return job;
                 }

@@ -3,17 +3,15 @@
 
 use std::time::Duration;
 
-use chrono::DateTime;
-use keel_client::JobIn;
+use chrono::{DateTime, Utc};
+use keel_client::{Backoff, JobIn};
 use serde_json::json;
 
 use crate::both_backends;
 use crate::helpers::{Backend, spawn_app, spawn_app_with};
 
-fn millis_between(a: &str, b: &str) -> i64 {
-    let a = DateTime::parse_from_rfc3339(a).unwrap();
-    let b = DateTime::parse_from_rfc3339(b).unwrap();
-    (b - a).num_milliseconds()
+fn millis_between(a: &DateTime<Utc>, b: &DateTime<Utc>) -> i64 {
+    (*b - *a).num_milliseconds()
 }
 
 /// The quick start: an echo job's result is its args.
@@ -27,12 +25,12 @@ async fn echo_job_completes_with_its_args(backend: Backend, test: &str) {
         .await
         .unwrap();
     assert_eq!(enq.status, 201);
-    let id = enq.job.id.clone();
+    let id = enq.job.id;
     let done = app
         .wait_for(&id, Duration::from_secs(10), |j| j.state == "completed")
         .await;
     assert_eq!(done.attempt, 1);
-    assert_eq!(done.result, Some(json!({"hello": "world"})));
+    assert_eq!(done.result_value(), Some(json!({"hello": "world"})));
     assert_eq!(
         app.client.job_result(&id).await.unwrap(),
         Some(json!({"hello": "world"}))
@@ -48,7 +46,7 @@ async fn failing_job_retries_with_backoff_then_completes(backend: Backend, test:
         return;
     };
     let job = JobIn {
-        backoff: Some(json!({"type": "fixed", "delay_ms": 300})),
+        backoff: Some(Backoff::Fixed { delay_ms: 300 }),
         ..JobIn::new("fail", json!({"times": 2}))
     };
     let id = app.client.enqueue(&job, None).await.unwrap().job.id;
@@ -62,7 +60,7 @@ async fn failing_job_retries_with_backoff_then_completes(backend: Backend, test:
     // The second attempt failed at least one backoff after the first failure, and the
     // third (successful) attempt started at least one backoff after the second failure.
     assert!(millis_between(&done.errors[0].at, &done.errors[1].at) >= 300);
-    assert!(millis_between(&done.errors[1].at, done.started_at.as_deref().unwrap()) >= 300);
+    assert!(millis_between(&done.errors[1].at, done.started_at.as_ref().unwrap()) >= 300);
     app.stop().await;
 }
 both_backends!(failing_job_retries_with_backoff_then_completes);
@@ -121,7 +119,7 @@ async fn process_waits_for_the_result(backend: Backend, test: &str) {
         .await
         .unwrap();
     assert_eq!(job.state, "completed");
-    assert_eq!(job.result, Some(json!({"n": 7})));
+    assert_eq!(job.result_value(), Some(json!({"n": 7})));
     app.stop().await;
 }
 both_backends!(process_waits_for_the_result);
