@@ -641,6 +641,8 @@ mod tests {
             ["unique.key", "unique.period", "unique.scope"]
         );
         assert_eq!(got(r#"["k"]"#), ["unique"]);
+        // An unknown member of a valid object too (schemathesis found it accepted once).
+        assert_eq!(got(r#"{"key":"k","scope":"active","x":1}"#), ["unique.x"]);
         assert_eq!(
             got(r#"{"key":"k","key":"l","scope":"active"}"#),
             ["unique.key"]

@@ -110,8 +110,10 @@ pub fn raw_json(value: &serde_json::Value) -> Box<RawValue> {
     })
 }
 
-/// A uniqueness constraint on a new job.
+/// A uniqueness constraint on a new job. Unknown members are refused (the server checks a
+/// body's own members itself; this object is read whole inside it).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
 pub struct UniqueIn {
     /// The key, 1 to 255 characters without control characters, scoped to the tenant.
     #[schema(example = "invoice-42")]
