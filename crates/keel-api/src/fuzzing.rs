@@ -75,12 +75,15 @@ impl Parsers {
 
 /// The query string of `GET /v1/jobs` (what follows `?`), decoded as axum decodes it.
 pub fn list_jobs_query(query: &str, caller: &Caller) -> Result<ListParams, ApiError> {
-    crate::routes::jobs::list_params(pairs(query)?, caller)
+    let mut params = crate::routes::jobs::list_params(pairs(query)?)?;
+    params.tenant = crate::service::jobs::listing_scope(caller, params.tenant)?;
+    Ok(params)
 }
 
 /// The query string of `GET /v1/schedules`.
 pub fn list_schedules_query(query: &str, caller: &Caller) -> Result<(), ApiError> {
-    crate::routes::schedules::schedule_query(pairs(query)?, caller, true).map(drop)
+    let q = crate::routes::schedules::schedule_query(pairs(query)?, true)?;
+    caller.tenant_for(q.tenant).map(drop)
 }
 
 fn pairs(query: &str) -> Result<Vec<(String, String)>, ApiError> {

@@ -360,16 +360,12 @@ pub(crate) async fn retry_job(
 
 /// Parses the query of `GET /v1/jobs`, reporting every bad parameter (as a `400` listing
 /// them in `errors`).
-pub(crate) fn list_params(
-    pairs: Vec<(String, String)>,
-    caller: &Caller,
-) -> Result<ListParams, ApiError> {
+pub(crate) fn list_params(pairs: Vec<(String, String)>) -> Result<ListParams, ApiError> {
     const NAMES: [&str; 6] = ["queue", "state", "kind", "tenant", "after", "limit"];
     let mut p = ListParams {
         limit: DEFAULT_LIST_LIMIT,
         ..ListParams::default()
     };
-    let mut tenant = None;
     parse_query_fields(pairs, &NAMES, |field, value| match field {
         "queue" => QueueName::parse(value)
             .map(|q| p.queue = Some(q))
@@ -382,7 +378,7 @@ pub(crate) fn list_params(
             .map(|k| p.kind = Some(k))
             .map_err(|e| e.reason),
         "tenant" => TenantId::parse(value)
-            .map(|t| tenant = Some(t))
+            .map(|t| p.tenant = Some(t))
             .map_err(|e| e.reason),
         "after" => JobId::parse(&value)
             .map(|id| p.after = Some(id))
@@ -390,11 +386,6 @@ pub(crate) fn list_params(
         // "limit", the only name left.
         _ => parse_limit(&value).map(|n| p.limit = n),
     })?;
-    // A tenant-bound caller lists only its own jobs; naming another tenant is refused.
-    p.tenant = match (caller.scope(), tenant) {
-        (None, named) => named,
-        (Some(_), named) => Some(caller.tenant_for(named)?),
-    };
     Ok(p)
 }
 
@@ -425,8 +416,8 @@ pub(crate) async fn list_jobs(
     query: Result<Query<Vec<(String, String)>>, QueryRejection>,
 ) -> Result<Json<JobPageOut>, ApiError> {
     let Query(pairs) = query?;
-    let params = list_params(pairs, &caller)?;
-    Ok(Json(state.store.list(params).await?.into()))
+    let params = list_params(pairs)?;
+    Ok(Json(service::list(&state, &caller, params).await?.into()))
 }
 
 #[cfg(test)]
@@ -441,39 +432,36 @@ mod tests {
 
     #[test]
     fn list_params_report_every_bad_one() {
-        let open = Caller::unrestricted();
-        let e = list_params(
-            pairs(&[
-                ("state", "done"),
-                ("limit", "0"),
-                ("after", "x"),
-                ("page", "2"),
-                ("queue", "ok"),
-            ]),
-            &open,
-        )
+        let e = list_params(pairs(&[
+            ("state", "done"),
+            ("limit", "0"),
+            ("after", "x"),
+            ("page", "2"),
+            ("queue", "ok"),
+        ]))
         .unwrap_err();
         let ApiError::InvalidQuery(errors) = e else {
             panic!("{e:?}")
         };
         let fields: Vec<_> = errors.iter().map(|e| e.field.as_str()).collect();
         assert_eq!(fields, ["state", "limit", "after", "page"]);
-        let ok = list_params(pairs(&[("limit", "1000"), ("state", "running")]), &open).unwrap();
+        let ok = list_params(pairs(&[("limit", "1000"), ("state", "running")])).unwrap();
         assert_eq!((ok.limit, ok.state), (1000, Some(JobState::Running)));
-        assert_eq!(
-            list_params(vec![], &open).unwrap().limit,
-            DEFAULT_LIST_LIMIT
-        );
+        assert_eq!(list_params(vec![]).unwrap().limit, DEFAULT_LIST_LIMIT);
     }
 
     #[test]
     fn bound_callers_list_only_their_tenant() {
         let acme = Caller::tenant(TenantId::parse("acme").unwrap());
-        let p = list_params(vec![], &acme).unwrap();
-        assert_eq!(p.tenant.unwrap().as_str(), "acme");
+        let p = list_params(vec![]).unwrap();
+        let scoped = service::listing_scope(&acme, p.tenant).unwrap();
+        assert_eq!(scoped.unwrap().as_str(), "acme");
+        let p = list_params(pairs(&[("tenant", "other")])).unwrap();
         assert!(matches!(
-            list_params(pairs(&[("tenant", "other")]), &acme),
+            service::listing_scope(&acme, p.tenant),
             Err(ApiError::Forbidden(_))
         ));
+        let open = Caller::unrestricted();
+        assert_eq!(service::listing_scope(&open, None).unwrap(), None);
     }
 }

@@ -6,6 +6,7 @@ use axum::extract::State;
 use crate::auth::Caller;
 use crate::error::{ApiError, Problem};
 use crate::extract::QueuePath;
+use crate::service::queues as service;
 use crate::state::ApiState;
 use keel_wire::{QueueOut, QueuePausedOut};
 
@@ -26,7 +27,7 @@ pub(crate) async fn list_queues(
     State(state): State<ApiState>,
     caller: Caller,
 ) -> Result<Json<Vec<QueueOut>>, ApiError> {
-    let stats = state.store.queue_stats(caller.scope().cloned()).await?;
+    let stats = service::stats(&state, &caller).await?;
     Ok(Json(stats.into_iter().map(QueueOut::from).collect()))
 }
 
@@ -49,8 +50,7 @@ pub(crate) async fn pause_queue(
     caller: Caller,
     QueuePath(queue): QueuePath,
 ) -> Result<Json<QueuePausedOut>, ApiError> {
-    caller.require_operator("pausing a queue")?;
-    state.store.set_queue_paused(queue.clone(), true).await?;
+    service::set_paused(&state, &caller, &queue, true).await?;
     Ok(Json(QueuePausedOut {
         queue,
         paused: true,
@@ -76,9 +76,7 @@ pub(crate) async fn resume_queue(
     caller: Caller,
     QueuePath(queue): QueuePath,
 ) -> Result<Json<QueuePausedOut>, ApiError> {
-    caller.require_operator("resuming a queue")?;
-    state.store.set_queue_paused(queue.clone(), false).await?;
-    state.runtime.wakeups.job_available(&queue);
+    service::set_paused(&state, &caller, &queue, false).await?;
     Ok(Json(QueuePausedOut {
         queue,
         paused: false,

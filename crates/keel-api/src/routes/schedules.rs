@@ -15,6 +15,7 @@ use crate::error::{ApiError, Problem};
 use crate::extract::{JsonBody, ScheduleNamePath, parse_limit, parse_query_fields};
 use crate::routes::jobs::job_context;
 use crate::schedule_in::parse_schedule;
+use crate::service::schedules as service;
 use crate::state::ApiState;
 use keel_wire::{ScheduleIn, ScheduleOut, SchedulePageOut};
 
@@ -22,18 +23,16 @@ use keel_wire::{ScheduleIn, ScheduleOut, SchedulePageOut};
 pub const DEFAULT_SCHEDULE_LIST_LIMIT: u32 = 100;
 
 /// The query of the schedule routes: `tenant` everywhere; `after` and `limit` when listing.
+/// Which tenant the caller may act for is the service's decision.
 pub(crate) struct ScheduleQuery {
-    tenant: TenantId,
+    pub(crate) tenant: Option<TenantId>,
     after: Option<ScheduleName>,
     limit: u32,
 }
 
-/// Parses the query, reporting every bad parameter at once (`400`). A tenant-bound caller
-/// acts for its own tenant; naming another is `403`. An unrestricted caller acts for the
-/// tenant it names, or `default`.
+/// Parses the query, reporting every bad parameter at once (`400`).
 pub(crate) fn schedule_query(
     pairs: Vec<(String, String)>,
-    caller: &Caller,
     listing: bool,
 ) -> Result<ScheduleQuery, ApiError> {
     let names: &[&str] = if listing {
@@ -55,19 +54,18 @@ pub(crate) fn schedule_query(
         _ => parse_limit(&value).map(|n| limit = n),
     })?;
     Ok(ScheduleQuery {
-        tenant: caller.tenant_for(tenant)?,
+        tenant,
         after,
         limit,
     })
 }
 
-/// The query of a single-schedule route.
+/// The tenant a single-schedule route names, if any.
 fn tenant_of(
     query: Result<Query<Vec<(String, String)>>, QueryRejection>,
-    caller: &Caller,
-) -> Result<TenantId, ApiError> {
+) -> Result<Option<TenantId>, ApiError> {
     let Query(pairs) = query?;
-    Ok(schedule_query(pairs, caller, false)?.tenant)
+    Ok(schedule_query(pairs, false)?.tenant)
 }
 
 fn show(s: keel_core::Schedule) -> ScheduleOut {
@@ -107,7 +105,7 @@ pub(crate) async fn create_schedule(
     JsonBody(body): JsonBody,
 ) -> Result<Response, ApiError> {
     let new = parse_schedule(&body, &job_context(&state, &caller), None)?;
-    let (schedule, _) = state.store.save_schedule(new, false).await?;
+    let (schedule, _) = service::save(&state, new, false).await?;
     Ok(saved(StatusCode::CREATED, schedule))
 }
 
@@ -136,7 +134,7 @@ pub(crate) async fn put_schedule(
     JsonBody(body): JsonBody,
 ) -> Result<Response, ApiError> {
     let new = parse_schedule(&body, &job_context(&state, &caller), Some(&name))?;
-    let (schedule, created) = state.store.save_schedule(new, true).await?;
+    let (schedule, created) = service::save(&state, new, true).await?;
     let status = if created {
         StatusCode::CREATED
     } else {
@@ -169,21 +167,16 @@ pub(crate) async fn list_schedules(
     query: Result<Query<Vec<(String, String)>>, QueryRejection>,
 ) -> Result<Json<SchedulePageOut>, ApiError> {
     let Query(pairs) = query?;
-    let q = schedule_query(pairs, &caller, true)?;
-    let after = q.after.map(|name| (q.tenant.clone(), name));
-    let page = state
-        .store
-        .list_schedules(Some(&q.tenant), after, q.limit)
-        .await?;
-    let full = page.len() == q.limit as usize;
-    let next = page
-        .last()
-        .filter(|_| full)
-        .map(|s| s.name.as_str().to_owned());
+    let q = schedule_query(pairs, true)?;
+    let page = service::list(&state, &caller, q.tenant, q.after, q.limit).await?;
     let now = Utc::now();
     Ok(Json(SchedulePageOut {
-        schedules: page.into_iter().map(|s| ScheduleOut::at(s, now)).collect(),
-        next,
+        schedules: page
+            .schedules
+            .into_iter()
+            .map(|s| ScheduleOut::at(s, now))
+            .collect(),
+        next: page.next.map(String::from),
     }))
 }
 
@@ -209,8 +202,10 @@ pub(crate) async fn get_schedule(
     ScheduleNamePath(name): ScheduleNamePath,
     query: Result<Query<Vec<(String, String)>>, QueryRejection>,
 ) -> Result<Json<ScheduleOut>, ApiError> {
-    let tenant = tenant_of(query, &caller)?;
-    Ok(Json(show(state.store.get_schedule(&tenant, &name).await?)))
+    let tenant = tenant_of(query)?;
+    Ok(Json(show(
+        service::get(&state, &caller, tenant, &name).await?,
+    )))
 }
 
 /// Delete a schedule. Jobs it already enqueued stay.
@@ -234,8 +229,8 @@ pub(crate) async fn delete_schedule(
     ScheduleNamePath(name): ScheduleNamePath,
     query: Result<Query<Vec<(String, String)>>, QueryRejection>,
 ) -> Result<StatusCode, ApiError> {
-    let tenant = tenant_of(query, &caller)?;
-    state.store.delete_schedule(&tenant, &name).await?;
+    let tenant = tenant_of(query)?;
+    service::delete(&state, &caller, tenant, &name).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -247,12 +242,9 @@ async fn set_paused(
     query: Result<Query<Vec<(String, String)>>, QueryRejection>,
     paused: bool,
 ) -> Result<Json<ScheduleOut>, ApiError> {
-    let tenant = tenant_of(query, caller)?;
+    let tenant = tenant_of(query)?;
     Ok(Json(show(
-        state
-            .store
-            .set_schedule_paused(&tenant, name, paused)
-            .await?,
+        service::set_paused(state, caller, tenant, name, paused).await?,
     )))
 }
 
@@ -320,29 +312,25 @@ mod tests {
         let open = Caller::unrestricted();
         let Err(ApiError::InvalidQuery(errors)) = schedule_query(
             pairs(&[("limit", "0"), ("after", "bad name"), ("page", "2")]),
-            &open,
             true,
         ) else {
             panic!("expected a 400")
         };
         let fields: Vec<_> = errors.iter().map(|e| e.field.as_str()).collect();
         assert_eq!(fields, ["limit", "after", "page"]);
-        assert!(schedule_query(pairs(&[("limit", "5")]), &open, false).is_err());
-        let q = schedule_query(pairs(&[("tenant", "acme")]), &open, true).unwrap();
+        assert!(schedule_query(pairs(&[("limit", "5")]), false).is_err());
+        let q = schedule_query(pairs(&[("tenant", "acme")]), true).unwrap();
+        let tenant = open.tenant_for(q.tenant).unwrap();
         assert_eq!(
-            (q.tenant.as_str(), q.limit),
+            (tenant.as_str(), q.limit),
             ("acme", DEFAULT_SCHEDULE_LIST_LIMIT)
         );
         let acme = Caller::tenant(TenantId::parse("acme").unwrap());
-        assert_eq!(
-            schedule_query(vec![], &acme, false)
-                .unwrap()
-                .tenant
-                .as_str(),
-            "acme"
-        );
+        let q = schedule_query(vec![], false).unwrap();
+        assert_eq!(acme.tenant_for(q.tenant).unwrap().as_str(), "acme");
+        let q = schedule_query(pairs(&[("tenant", "other")]), false).unwrap();
         assert!(matches!(
-            schedule_query(pairs(&[("tenant", "other")]), &acme, false),
+            acme.tenant_for(q.tenant),
             Err(ApiError::Forbidden(_))
         ));
     }

@@ -5,7 +5,7 @@
 //! render around these; `render` callbacks let them choose the bytes an idempotent
 //! response stores.
 
-use keel_core::store::{IdempotentInsert, IdempotentOutcome, StoredResponse};
+use keel_core::store::{IdempotentInsert, IdempotentOutcome, JobPage, ListParams, StoredResponse};
 use keel_core::{IdempotencyKey, Job, JobId, NewJob, QueueName, TenantId};
 use keel_resilience::{RequestScope, Step};
 use keel_runtime::JobEvent;
@@ -17,6 +17,28 @@ use tokio::time::{Instant, MissedTickBehavior};
 use crate::auth::Caller;
 use crate::error::ApiError;
 use crate::state::ApiState;
+
+/// The tenant a listing is filtered to: a tenant-bound caller lists only its own jobs
+/// (naming another tenant is refused); an operator lists the tenant it names, or all.
+pub fn listing_scope(
+    caller: &Caller,
+    named: Option<TenantId>,
+) -> Result<Option<TenantId>, ApiError> {
+    match caller.scope() {
+        None => Ok(named),
+        Some(_) => caller.tenant_for(named).map(Some),
+    }
+}
+
+/// A page of jobs, as the caller may see them (see [`listing_scope`]).
+pub async fn list(
+    state: &ApiState,
+    caller: &Caller,
+    mut params: ListParams,
+) -> Result<JobPage, ApiError> {
+    params.tenant = listing_scope(caller, params.tenant)?;
+    Ok(state.store.list(params).await?)
+}
 
 /// What an enqueue asked the store to do.
 pub(crate) struct InsertRequest<'a> {

@@ -3,8 +3,12 @@
 //! (a fence check, a cache invalidation, an event, a wakeup, a metric) is written once
 //! whatever the transport.
 //!
-//! [`jobs`]: enqueue (idempotency, uniqueness), reads as the caller may see them, cancel,
-//! retry, and process (enqueue, then wait for the end). [`workers`]: the worker protocol.
+//! [`jobs`]: enqueue (idempotency, uniqueness), reads and listings as the caller may see
+//! them, cancel, retry, and process (enqueue, then wait for the end). [`workers`]: the
+//! worker protocol. [`schedules`]: cron schedules of a tenant. [`queues`]: counts, pause
+//! and resume.
 
 pub mod jobs;
+pub mod queues;
+pub mod schedules;
 pub mod workers;
