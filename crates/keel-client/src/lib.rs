@@ -15,13 +15,13 @@ use std::fmt::Display;
 use std::time::Duration;
 
 pub use keel_wire::{
-    AttemptErrorOut, Backoff, BatchIn, BatchOut, CompleteBody, HumanDuration, JobIn, JobOut,
-    JobPageOut, JobResultOut, JobTemplateIn, JobTemplateOut, LeaseBody, LeaseOut, LeasedOut,
-    Problem, ProblemField, ScheduleIn, ScheduleOut, SchedulePageOut, UNIT_DURATION_SYNTAX,
-    UniqueIn, UniqueOut, UnitDuration, parse_duration_text, raw_json,
+    AttemptErrorOut, Backoff, BatchIn, BatchOut, CompleteBody, HumanDuration, JobIn, JobListQuery,
+    JobOut, JobPageOut, JobResultOut, JobTemplateIn, JobTemplateOut, LeaseBody, LeaseOut,
+    LeasedOut, Problem, ProblemField, ScheduleIn, ScheduleListQuery, ScheduleOut, SchedulePageOut,
+    TenantQuery, UNIT_DURATION_SYNTAX, UniqueIn, UniqueOut, UnitDuration, parse_duration_text,
+    raw_json,
 };
 use reqwest::{Method, StatusCode};
-use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
@@ -61,29 +61,6 @@ impl ClientError {
     }
 }
 
-/// Filters for [`Client::list_jobs`].
-#[derive(Debug, Clone, Default, Serialize)]
-pub struct ListQuery {
-    /// Queue.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub queue: Option<String>,
-    /// State.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub state: Option<String>,
-    /// Kind.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub kind: Option<String>,
-    /// Tenant.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub tenant: Option<String>,
-    /// Cursor.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub after: Option<String>,
-    /// Page size.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub limit: Option<u32>,
-}
-
 /// What `POST /v1/jobs` answered.
 #[derive(Debug, Clone)]
 pub struct Enqueued {
@@ -100,20 +77,6 @@ pub struct Enqueued {
     pub body: Vec<u8>,
 }
 
-/// Filters for [`Client::list_schedules`].
-#[derive(Debug, Clone, Default, Serialize)]
-pub struct ScheduleQuery {
-    /// Tenant (when the server has no API keys).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub tenant: Option<String>,
-    /// Cursor: the previous page's `next`.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub after: Option<String>,
-    /// Page size.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub limit: Option<u32>,
-}
-
 /// `/v1/schedules/{name}` plus `suffix`, the name percent-encoded so that it stays one path
 /// segment whatever it holds (the server then rejects an invalid name itself).
 fn schedule_path(name: &str, suffix: &str) -> String {
@@ -127,13 +90,6 @@ fn schedule_path(name: &str, suffix: &str) -> String {
     }
     path.push_str(suffix);
     path
-}
-
-/// The `tenant` query of the single-schedule routes.
-#[derive(Serialize)]
-struct TenantQuery<'a> {
-    #[serde(skip_serializing_if = "Option::is_none")]
-    tenant: Option<&'a str>,
 }
 
 /// A Keel API client. Cheap to clone (the connection pool is shared).
@@ -343,7 +299,7 @@ impl Client {
     }
 
     /// A page of jobs.
-    pub async fn list_jobs(&self, q: &ListQuery) -> Result<JobPageOut, ClientError> {
+    pub async fn list_jobs(&self, q: &JobListQuery) -> Result<JobPageOut, ClientError> {
         self.json(self.request(Method::GET, "/v1/jobs").query(q))
             .await
     }
@@ -392,13 +348,18 @@ impl Client {
     ) -> Result<ScheduleOut, ClientError> {
         self.json(
             self.request(Method::GET, &schedule_path(name, ""))
-                .query(&TenantQuery { tenant }),
+                .query(&TenantQuery {
+                    tenant: tenant.map(str::to_owned),
+                }),
         )
         .await
     }
 
     /// A page of schedules, by name.
-    pub async fn list_schedules(&self, q: &ScheduleQuery) -> Result<SchedulePageOut, ClientError> {
+    pub async fn list_schedules(
+        &self,
+        q: &ScheduleListQuery,
+    ) -> Result<SchedulePageOut, ClientError> {
         self.json(self.request(Method::GET, "/v1/schedules").query(q))
             .await
     }
@@ -411,7 +372,9 @@ impl Client {
     ) -> Result<(), ClientError> {
         self.send(
             self.request(Method::DELETE, &schedule_path(name, ""))
-                .query(&TenantQuery { tenant }),
+                .query(&TenantQuery {
+                    tenant: tenant.map(str::to_owned),
+                }),
         )
         .await
         .map(drop)
@@ -427,7 +390,9 @@ impl Client {
         let verb = if paused { "/pause" } else { "/resume" };
         self.json(
             self.request(Method::POST, &schedule_path(name, verb))
-                .query(&TenantQuery { tenant }),
+                .query(&TenantQuery {
+                    tenant: tenant.map(str::to_owned),
+                }),
         )
         .await
     }

@@ -14,6 +14,7 @@
 mod duration;
 mod job;
 mod problem;
+mod query;
 mod rfc3339;
 mod schedule;
 mod status;
@@ -28,6 +29,7 @@ pub use job::{
     UniqueIn, UniqueOut, raw_json,
 };
 pub use problem::{Problem, ProblemField};
+pub use query::{JobListQuery, ScheduleListQuery, TenantQuery};
 pub use schedule::{JobTemplateIn, JobTemplateOut, ScheduleIn, ScheduleOut, SchedulePageOut};
 pub use status::{
     CheckOut, HealthOut, QueueCounts, QueueOut, QueuePausedOut, ReadyChecks, ReadyOut,

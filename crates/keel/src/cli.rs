@@ -258,7 +258,7 @@ Examples:
         queue: Option<String>,
         /// Only this state.
         #[arg(long)]
-        state: Option<String>,
+        state: Option<keel_core::JobState>,
         /// Only this kind.
         #[arg(long)]
         kind: Option<String>,
@@ -267,7 +267,7 @@ Examples:
         tenant: Option<String>,
         /// Start after this id.
         #[arg(long)]
-        after: Option<String>,
+        after: Option<keel_core::JobId>,
         /// Page size (1-1000).
         #[arg(long)]
         limit: Option<u32>,

@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use keel_client::{
-    Client, ClientError, JobIn, JobTemplateIn, ListQuery, ScheduleIn, ScheduleQuery,
+    Client, ClientError, JobIn, JobListQuery, JobTemplateIn, ScheduleIn, ScheduleListQuery,
 };
 use keel_core::SystemClock;
 use keel_store::{DatabaseUrl, PgOptions, SqliteOptions};
@@ -298,7 +298,7 @@ pub async fn jobs(cmd: JobsCommand) -> ExitCode {
     } = cmd;
     match client(&c) {
         Ok(c) => report(
-            c.list_jobs(&ListQuery {
+            c.list_jobs(&JobListQuery {
                 queue,
                 state,
                 kind,
@@ -389,7 +389,7 @@ pub async fn schedule(cmd: ScheduleCommand) -> ExitCode {
             client: c,
         } => match client(&c) {
             Ok(c) => report(
-                c.list_schedules(&ScheduleQuery {
+                c.list_schedules(&ScheduleListQuery {
                     tenant,
                     after,
                     limit,

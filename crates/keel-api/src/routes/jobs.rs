@@ -19,7 +19,8 @@ use crate::service::jobs::{
     self as service, InsertRequest, Inserted, id_in_body, insert_jobs, visible_job,
 };
 use crate::state::ApiState;
-use keel_wire::{BatchIn, BatchOut, JobIn, JobOut, JobPageOut, JobResultOut};
+use crate::wire_in::fields_of;
+use keel_wire::{BatchIn, BatchOut, JobIn, JobListQuery, JobOut, JobPageOut, JobResultOut};
 
 /// Set on a response replayed from an idempotency record (G3).
 pub const IDEMPOTENT_REPLAYED: HeaderName = HeaderName::from_static("idempotent-replayed");
@@ -361,31 +362,34 @@ pub(crate) async fn retry_job(
 /// Parses the query of `GET /v1/jobs`, reporting every bad parameter (as a `400` listing
 /// them in `errors`).
 pub(crate) fn list_params(pairs: Vec<(String, String)>) -> Result<ListParams, ApiError> {
-    const NAMES: [&str; 6] = ["queue", "state", "kind", "tenant", "after", "limit"];
     let mut p = ListParams {
         limit: DEFAULT_LIST_LIMIT,
         ..ListParams::default()
     };
-    parse_query_fields(pairs, &NAMES, |field, value| match field {
-        "queue" => QueueName::parse(value)
-            .map(|q| p.queue = Some(q))
-            .map_err(|e| e.reason),
-        "state" => value
-            .parse::<JobState>()
-            .map(|s| p.state = Some(s))
-            .map_err(|e| e.reason),
-        "kind" => JobKind::parse(value)
-            .map(|k| p.kind = Some(k))
-            .map_err(|e| e.reason),
-        "tenant" => TenantId::parse(value)
-            .map(|t| p.tenant = Some(t))
-            .map_err(|e| e.reason),
-        "after" => JobId::parse(&value)
-            .map(|id| p.after = Some(id))
-            .map_err(|e| e.reason),
-        // "limit", the only name left.
-        _ => parse_limit(&value).map(|n| p.limit = n),
-    })?;
+    parse_query_fields(
+        pairs,
+        fields_of::<JobListQuery>(),
+        |field, value| match field {
+            "queue" => QueueName::parse(value)
+                .map(|q| p.queue = Some(q))
+                .map_err(|e| e.reason),
+            "state" => value
+                .parse::<JobState>()
+                .map(|s| p.state = Some(s))
+                .map_err(|e| e.reason),
+            "kind" => JobKind::parse(value)
+                .map(|k| p.kind = Some(k))
+                .map_err(|e| e.reason),
+            "tenant" => TenantId::parse(value)
+                .map(|t| p.tenant = Some(t))
+                .map_err(|e| e.reason),
+            "after" => JobId::parse(&value)
+                .map(|id| p.after = Some(id))
+                .map_err(|e| e.reason),
+            // "limit", the only name left.
+            _ => parse_limit(&value).map(|n| p.limit = n),
+        },
+    )?;
     Ok(p)
 }
 
@@ -397,12 +401,7 @@ pub(crate) fn list_params(pairs: Vec<(String, String)>) -> Result<ListParams, Ap
     tag = "jobs",
     security(("bearer" = [])),
     params(
-        ("queue" = Option<String>, Query, description = "Only this queue"),
-        ("state" = Option<String>, Query, description = "Only this state"),
-        ("kind" = Option<String>, Query, description = "Only this kind"),
-        ("tenant" = Option<String>, Query, description = "Only this tenant (an API key sees only its own)"),
-        ("after" = Option<String>, Query, format = Uuid, description = "Cursor: the previous page's `next`"),
-        ("limit" = Option<u32>, Query, minimum = 1, maximum = 1000, description = "Page size, default 100"),
+        JobListQuery,
     ),
     responses(
         (status = 200, description = "A page of jobs", body = JobPageOut),

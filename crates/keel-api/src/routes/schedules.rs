@@ -17,7 +17,8 @@ use crate::routes::jobs::job_context;
 use crate::schedule_in::parse_schedule;
 use crate::service::schedules as service;
 use crate::state::ApiState;
-use keel_wire::{ScheduleIn, ScheduleOut, SchedulePageOut};
+use crate::wire_in::fields_of;
+use keel_wire::{ScheduleIn, ScheduleListQuery, ScheduleOut, SchedulePageOut, TenantQuery};
 
 /// Default page size of `GET /v1/schedules`.
 pub const DEFAULT_SCHEDULE_LIST_LIMIT: u32 = 100;
@@ -35,10 +36,10 @@ pub(crate) fn schedule_query(
     pairs: Vec<(String, String)>,
     listing: bool,
 ) -> Result<ScheduleQuery, ApiError> {
-    let names: &[&str] = if listing {
-        &["tenant", "after", "limit"]
+    let names = if listing {
+        fields_of::<ScheduleListQuery>()
     } else {
-        &["tenant"]
+        fields_of::<TenantQuery>()
     };
     let mut tenant = None;
     let mut after = None;
@@ -151,9 +152,7 @@ pub(crate) async fn put_schedule(
     tag = "schedules",
     security(("bearer" = [])),
     params(
-        ("tenant" = Option<String>, Query, description = "Tenant (an API key sees only its own); default the key's, or `default`"),
-        ("after" = Option<String>, Query, description = "Cursor: the previous page's `next`"),
-        ("limit" = Option<u32>, Query, minimum = 1, maximum = 1000, description = "Page size, default 100"),
+        ScheduleListQuery,
     ),
     responses(
         (status = 200, description = "A page of schedules", body = SchedulePageOut),
@@ -188,7 +187,7 @@ pub(crate) async fn list_schedules(
     security(("bearer" = [])),
     params(
         ("name" = String, Path, description = "Schedule name"),
-        ("tenant" = Option<String>, Query, description = "Tenant (an API key acts for its own)"),
+        TenantQuery,
     ),
     responses(
         (status = 200, description = "The schedule", body = ScheduleOut),
@@ -216,7 +215,7 @@ pub(crate) async fn get_schedule(
     security(("bearer" = [])),
     params(
         ("name" = String, Path, description = "Schedule name"),
-        ("tenant" = Option<String>, Query, description = "Tenant (an API key acts for its own)"),
+        TenantQuery,
     ),
     responses(
         (status = 204, description = "Deleted"),
@@ -256,7 +255,7 @@ async fn set_paused(
     security(("bearer" = [])),
     params(
         ("name" = String, Path, description = "Schedule name"),
-        ("tenant" = Option<String>, Query, description = "Tenant (an API key acts for its own)"),
+        TenantQuery,
     ),
     responses(
         (status = 200, description = "Paused", body = ScheduleOut),
@@ -281,7 +280,7 @@ pub(crate) async fn pause_schedule(
     security(("bearer" = [])),
     params(
         ("name" = String, Path, description = "Schedule name"),
-        ("tenant" = Option<String>, Query, description = "Tenant (an API key acts for its own)"),
+        TenantQuery,
     ),
     responses(
         (status = 200, description = "Resumed", body = ScheduleOut),

@@ -12,7 +12,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use anyhow::Context as _;
 use bytes::Bytes;
 use hyper::Uri;
-use keel_client::{Client, ListQuery};
+use keel_client::{Client, JobListQuery};
+use keel_core::{JobId, JobState};
 use serde::Deserialize;
 use serde_json::json;
 use tokio::task::JoinSet;
@@ -157,14 +158,14 @@ impl Ctx<'_> {
     }
 
     /// Whether the queue has at least one job in `state` (one index probe).
-    async fn has(&self, state: &str) -> anyhow::Result<bool> {
+    async fn has(&self, state: JobState) -> anyhow::Result<bool> {
         let page = self
             .control
-            .list_jobs(&ListQuery {
+            .list_jobs(&JobListQuery {
                 queue: Some(self.queue().to_owned()),
-                state: Some(state.to_owned()),
+                state: Some(state),
                 limit: Some(1),
-                ..ListQuery::default()
+                ..JobListQuery::default()
             })
             .await
             .with_context(|| format!("looking for {state} jobs"))?;
@@ -175,7 +176,7 @@ impl Ctx<'_> {
     /// once nothing is available, nothing can become running (noop jobs never retry), so
     /// two empty answers in that order mean the queue is drained.
     async fn is_idle(&self) -> anyhow::Result<bool> {
-        Ok(!self.has("available").await? && !self.has("running").await?)
+        Ok(!self.has(JobState::Available).await? && !self.has(JobState::Running).await?)
     }
 
     /// Resumes the queue and waits until it is idle, so a workload starts from a quiet
@@ -201,16 +202,16 @@ impl Ctx<'_> {
     async fn pickup_latencies(&self, cursor: &str) -> anyhow::Result<Latency> {
         let deadline = Instant::now() + READBACK_TIMEOUT;
         let mut lat = Latency::new();
-        let mut after = Some(cursor.to_owned());
+        let mut after = Some(cursor.parse::<JobId>().context("the readback cursor")?);
         loop {
             let page = self
                 .control
-                .list_jobs(&ListQuery {
+                .list_jobs(&JobListQuery {
                     queue: Some(self.queue().to_owned()),
-                    state: Some("completed".to_owned()),
+                    state: Some(JobState::Completed),
                     after: after.take(),
                     limit: Some(READBACK_PAGE),
-                    ..ListQuery::default()
+                    ..JobListQuery::default()
                 })
                 .await
                 .context("reading the workload's jobs back")?;
@@ -224,7 +225,7 @@ impl Ctx<'_> {
                 lat.record_us(u64::try_from(us).unwrap_or(0));
             }
             match page.next {
-                Some(next) => after = Some(next.to_string()),
+                Some(next) => after = Some(next),
                 None => break,
             }
             anyhow::ensure!(

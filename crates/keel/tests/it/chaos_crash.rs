@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use keel_client::{Client, JobOut, ListQuery};
+use keel_client::{Client, JobListQuery, JobOut};
 use rand::Rng as _;
 use serde_json::json;
 use tokio::task::JoinSet;
@@ -68,10 +68,10 @@ async fn all_jobs(client: &Client) -> HashMap<String, JobOut> {
     let mut after = None;
     loop {
         let page = client
-            .list_jobs(&ListQuery {
-                after: after.clone(),
+            .list_jobs(&JobListQuery {
+                after,
                 limit: Some(1000),
-                ..ListQuery::default()
+                ..JobListQuery::default()
             })
             .await
             .expect("list jobs");
@@ -79,7 +79,7 @@ async fn all_jobs(client: &Client) -> HashMap<String, JobOut> {
             jobs.insert(j.id.to_string(), j);
         }
         match page.next {
-            Some(n) => after = Some(n.to_string()),
+            Some(n) => after = Some(n),
             None => return jobs,
         }
     }

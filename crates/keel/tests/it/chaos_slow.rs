@@ -10,7 +10,7 @@
 
 use std::time::Duration;
 
-use keel_client::{Client, ListQuery};
+use keel_client::{Client, JobListQuery};
 use serde_json::json;
 
 use crate::both_backends;
@@ -95,7 +95,7 @@ async fn slow_auth_and_slow_store_answer_504_naming_the_step(backend: Backend, t
     // The writes were dropped with their requests: none of the six requests above left a
     // job behind (reads are not slowed, so the listing answers).
     let client = Client::new(keel.base.clone(), None).unwrap();
-    let page = client.list_jobs(&ListQuery::default()).await.unwrap();
+    let page = client.list_jobs(&JobListQuery::default()).await.unwrap();
     assert!(page.jobs.is_empty(), "{:?}", page.jobs);
     clear_chaos(&http, &keel).await;
     keel.stop(Duration::from_secs(15)).await;

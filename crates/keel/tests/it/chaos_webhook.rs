@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 
-use keel_client::{Client, JobOut, ListQuery};
+use keel_client::{Client, JobListQuery, JobOut};
 use serde_json::json;
 use wiremock::matchers::method;
 use wiremock::{Mock, MockServer, ResponseTemplate};
@@ -92,9 +92,9 @@ async fn bad_hosts_do_not_hold_up_a_healthy_one(backend: Backend, test: &str) {
         async {
             loop {
                 let page = client
-                    .list_jobs(&ListQuery {
+                    .list_jobs(&JobListQuery {
                         limit: Some(1000),
-                        ..ListQuery::default()
+                        ..JobListQuery::default()
                     })
                     .await
                     .unwrap();

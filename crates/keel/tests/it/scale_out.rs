@@ -17,7 +17,7 @@
 use std::collections::{BTreeSet, HashMap};
 use std::time::{Duration, Instant};
 
-use keel_client::{Client, JobOut, ListQuery};
+use keel_client::{Client, JobListQuery, JobOut};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use serde_json::{Value, json};
@@ -68,16 +68,16 @@ async fn all_jobs(client: &Client) -> Vec<JobOut> {
     let mut after = None;
     loop {
         let page = client
-            .list_jobs(&ListQuery {
-                after: after.clone(),
+            .list_jobs(&JobListQuery {
+                after,
                 limit: Some(1000),
-                ..ListQuery::default()
+                ..JobListQuery::default()
             })
             .await
             .expect("list jobs");
         jobs.extend(page.jobs);
         match page.next {
-            Some(n) => after = Some(n.to_string()),
+            Some(n) => after = Some(n),
             None => return jobs,
         }
     }

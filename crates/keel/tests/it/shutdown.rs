@@ -16,7 +16,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use keel_client::{Client, JobIn, ListQuery};
+use keel_client::{Client, JobIn, JobListQuery};
 use keel_core::store::ListParams;
 use keel_core::{JobId, JobState, QueueName, SystemClock};
 use keel_store::{DatabaseUrl, PgOptions, SqliteOptions};
@@ -35,11 +35,11 @@ const LONG_JOBS: usize = 20;
 /// Jobs of `queue` in `state`, through the API.
 async fn count(client: &Client, queue: &str, state: &str) -> usize {
     client
-        .list_jobs(&ListQuery {
+        .list_jobs(&JobListQuery {
             queue: Some(queue.into()),
-            state: Some(state.into()),
+            state: Some(state.parse().expect("a job state")),
             limit: Some(1000),
-            ..ListQuery::default()
+            ..JobListQuery::default()
         })
         .await
         .unwrap()
