@@ -67,4 +67,9 @@ pub fn describe_metrics() {
         "keel_worker_leases_total",
         "Jobs handed to external workers by POST /v1/queues/{queue}/lease, by queue."
     );
+    describe_counter!(
+        "keel_worker_outcomes_total",
+        "Outcomes external workers reported through this process, by queue and outcome \
+         (completed, retryable, discarded, released)."
+    );
 }

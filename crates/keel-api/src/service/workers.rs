@@ -283,6 +283,22 @@ async fn finished(state: &ApiState, id: JobId, to: JobState, job: Option<&Job>) 
         None => state.store.get(id).await.ok().map(|j| j.queue),
     };
     if let Some(queue) = queue {
+        // Built-in runs are counted by the runtime (`keel_jobs_finished_total`, by kind);
+        // an external worker's kinds are the client's own names, so these count by queue,
+        // under the same bounded labels as the leases.
+        let outcome = match to {
+            JobState::Completed => "completed",
+            JobState::Retryable | JobState::Scheduled => "retryable",
+            JobState::Discarded => "discarded",
+            JobState::Cancelled => "cancelled",
+            JobState::Available | JobState::Running => "released",
+        };
+        metrics::counter!(
+            "keel_worker_outcomes_total",
+            "queue" => state.workers.queue_label(&queue),
+            "outcome" => outcome,
+        )
+        .increment(1);
         state.runtime.events.publish(JobEvent {
             id,
             queue,

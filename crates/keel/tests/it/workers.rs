@@ -219,6 +219,17 @@ async fn a_worker_leases_heartbeats_and_reports_outcomes(backend: Backend, test:
         metric_value(&metrics, "keel_worker_leases_total", &[("queue", &queue)]),
         4.0
     );
+    for (outcome, n) in [("completed", 2.0), ("retryable", 1.0), ("released", 1.0)] {
+        assert_eq!(
+            metric_value(
+                &metrics,
+                "keel_worker_outcomes_total",
+                &[("queue", &queue), ("outcome", outcome)]
+            ),
+            n,
+            "{outcome}"
+        );
+    }
     app.stop().await;
 }
 
