@@ -99,6 +99,9 @@ const MAX_KINDS = 100;
  * Runs handlers for jobs of the given queues. Register handlers with {@link handle}, then
  * `await worker.run()`; it resolves after a graceful stop ({@link stop}, SIGTERM or SIGINT).
  */
+/** How long a busy worker waits for half its slots before leasing (see `#reserve`). */
+const GATHER_MS = 2;
+
 export class Worker {
   readonly client: Client;
   readonly queues: readonly string[];
@@ -300,9 +303,28 @@ export class Worker {
    * Resolves 0 once a stop began.
    */
   async #reserve(): Promise<number> {
+    let gatherUntil: number | undefined;
     for (;;) {
       if (this.#stopping.signal.aborted) return 0;
       const free = this.concurrency - this.#taken;
+      // A busy worker waits a moment (GATHER_MS) for half its slots, so it leases in
+      // batches rather than one job per round trip, as keel-client's Rust worker does.
+      const want = Math.max(1, Math.floor(this.concurrency / 2));
+      if (free > 0 && free < want) {
+        const now = Date.now();
+        gatherUntil ??= now + GATHER_MS;
+        if (now < gatherUntil) {
+          let timer: ReturnType<typeof setTimeout> | undefined;
+          await Promise.race([
+            this.#changed.promise,
+            new Promise<void>((resolve) => {
+              timer = setTimeout(resolve, gatherUntil! - now);
+            }),
+          ]);
+          clearTimeout(timer);
+          continue;
+        }
+      }
       if (free > 0) {
         const share = Math.max(1, Math.floor(free / Math.max(1, this.#idlePollers)));
         this.#taken += share;

@@ -35,6 +35,8 @@ _FINAL_FLUSH = 10.0
 #: How much longer than its wait a long poll may take to answer before a stopping worker
 #: gives up on it (a server that does not answer at all).
 _POLL_SLACK = 5.0
+#: How long a busy worker waits for half its slots to free before leasing (see reserve).
+_GATHER = 0.002
 
 
 def _transient(e: KeelError) -> bool:
@@ -284,8 +286,24 @@ class Run:
         """
         self.waiting_pollers += 1
         try:
+            gather_until: Optional[float] = None
             while not self.stopping:
                 free = self.s.concurrency - self.busy - self.reserved
+                # A busy worker waits a moment (_GATHER) for half its slots, so it leases in
+                # batches rather than one job per round trip, as keel-client's Rust worker
+                # does.
+                want = max(1, self.s.concurrency // 2)
+                if 0 < free < want:
+                    now = self.loop.time()
+                    if gather_until is None:
+                        gather_until = now + _GATHER
+                    if now < gather_until:
+                        self.capacity.clear()
+                        try:
+                            await asyncio.wait_for(self.capacity.wait(), gather_until - now)
+                        except asyncio.TimeoutError:
+                            pass
+                        continue
                 if free > 0:
                     n = -(-free // self.waiting_pollers)
                     self.reserved += n
