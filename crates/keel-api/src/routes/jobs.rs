@@ -152,9 +152,6 @@ pub(crate) fn stored_response(
         (status = 401, description = "Missing or invalid API key", body = Problem, content_type = "application/problem+json"),
         (status = 403, description = "The body names another tenant than the API key's", body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "Idempotency key reused with a different request", body = Problem, content_type = "application/problem+json"),
-        (status = 413, description = "Body too large", body = Problem, content_type = "application/problem+json"),
-        (status = 415, description = "Body not sent as application/json", body = Problem, content_type = "application/problem+json"),
-        (status = 422, description = "Invalid fields, all listed", body = Problem, content_type = "application/problem+json"),
         (status = 503, description = "Database temporarily unavailable", body = Problem, content_type = "application/problem+json"),
         (status = 504, description = "Deadline exceeded", body = Problem, content_type = "application/problem+json"),
     )

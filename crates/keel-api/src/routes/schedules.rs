@@ -125,7 +125,6 @@ pub(crate) async fn create_schedule(
             headers(("Location" = String, description = "/v1/schedules/{name}"))),
         (status = 400, description = "Malformed JSON or name", body = Problem, content_type = "application/problem+json"),
         (status = 403, description = "The body names another tenant than the API key's", body = Problem, content_type = "application/problem+json"),
-        (status = 422, description = "Invalid fields, all listed", body = Problem, content_type = "application/problem+json"),
     )
 )]
 pub(crate) async fn put_schedule(

@@ -34,9 +34,6 @@ pub(crate) fn is_lease_path(path: &str) -> bool {
         (status = 200, description = "The jobs now held (empty when the wait ran out or the server is stopping)", body = LeasedOut),
         (status = 400, description = "Malformed body or queue name", body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "This process serves the queue with built-in workers (KEEL_QUEUES)", body = Problem, content_type = "application/problem+json"),
-        (status = 413, description = "Body too large", body = Problem, content_type = "application/problem+json"),
-        (status = 415, description = "Body not sent as JSON", body = Problem, content_type = "application/problem+json"),
-        (status = 422, description = "Invalid fields, each listed", body = Problem, content_type = "application/problem+json"),
     )
 )]
 pub(crate) async fn lease_jobs(
@@ -66,9 +63,6 @@ pub(crate) async fn lease_jobs(
         (status = 400, description = "Malformed body or job id", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "No such job", body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "The token is stale; the detail says why", body = Problem, content_type = "application/problem+json"),
-        (status = 413, description = "Body too large", body = Problem, content_type = "application/problem+json"),
-        (status = 415, description = "Body not sent as JSON", body = Problem, content_type = "application/problem+json"),
-        (status = 422, description = "Invalid fields, each listed", body = Problem, content_type = "application/problem+json"),
     )
 )]
 pub(crate) async fn heartbeat(
@@ -99,8 +93,6 @@ pub(crate) async fn heartbeat(
         (status = 404, description = "No such job", body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "The token is stale; the detail says why", body = Problem, content_type = "application/problem+json"),
         (status = 413, description = "Body or result too large", body = Problem, content_type = "application/problem+json"),
-        (status = 415, description = "Body not sent as JSON", body = Problem, content_type = "application/problem+json"),
-        (status = 422, description = "Invalid fields, each listed", body = Problem, content_type = "application/problem+json"),
     )
 )]
 pub(crate) async fn complete_job(
@@ -129,9 +121,6 @@ pub(crate) async fn complete_job(
         (status = 400, description = "Malformed body or job id", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "No such job", body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "The token is stale; the detail says why", body = Problem, content_type = "application/problem+json"),
-        (status = 413, description = "Body too large", body = Problem, content_type = "application/problem+json"),
-        (status = 415, description = "Body not sent as JSON", body = Problem, content_type = "application/problem+json"),
-        (status = 422, description = "Invalid fields, each listed", body = Problem, content_type = "application/problem+json"),
     )
 )]
 pub(crate) async fn fail_job(
@@ -159,9 +148,6 @@ pub(crate) async fn fail_job(
         (status = 400, description = "Malformed body or job id", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "No such job", body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "The token is stale; the detail says why", body = Problem, content_type = "application/problem+json"),
-        (status = 413, description = "Body too large", body = Problem, content_type = "application/problem+json"),
-        (status = 415, description = "Body not sent as JSON", body = Problem, content_type = "application/problem+json"),
-        (status = 422, description = "Invalid fields, each listed", body = Problem, content_type = "application/problem+json"),
     )
 )]
 pub(crate) async fn release_job(
@@ -186,9 +172,6 @@ pub(crate) async fn release_job(
     responses(
         (status = 200, description = "One answer per outcome", body = OutcomesOut),
         (status = 400, description = "Malformed body", body = Problem, content_type = "application/problem+json"),
-        (status = 413, description = "Body too large", body = Problem, content_type = "application/problem+json"),
-        (status = 415, description = "Body not sent as JSON", body = Problem, content_type = "application/problem+json"),
-        (status = 422, description = "Invalid fields, each listed", body = Problem, content_type = "application/problem+json"),
     )
 )]
 pub(crate) async fn complete_many(
@@ -213,9 +196,6 @@ pub(crate) async fn complete_many(
     responses(
         (status = 200, description = "One answer per outcome", body = OutcomesOut),
         (status = 400, description = "Malformed body", body = Problem, content_type = "application/problem+json"),
-        (status = 413, description = "Body too large", body = Problem, content_type = "application/problem+json"),
-        (status = 415, description = "Body not sent as JSON", body = Problem, content_type = "application/problem+json"),
-        (status = 422, description = "Invalid fields, each listed", body = Problem, content_type = "application/problem+json"),
     )
 )]
 pub(crate) async fn fail_many(
