@@ -68,6 +68,14 @@ impl Completer {
 
     /// Records one completion, in whatever batch it lands in; returns this item's outcome.
     pub async fn complete(&self, completion: Completion) -> Result<(), StoreError> {
+        self.submit(completion).await?.outcome().await
+    }
+
+    /// Queues one completion and returns once the completer has taken it, before it is
+    /// written: a worker slot is free to take its next job while the write happens, yet a
+    /// full queue still holds the slot back (backpressure). Await the [`Receipt`] for the
+    /// item's outcome.
+    pub async fn submit(&self, completion: Completion) -> Result<Receipt, StoreError> {
         let id = completion.lease.id;
         let (reply, answer) = oneshot::channel();
         self.tx
@@ -76,7 +84,22 @@ impl Completer {
             .map_err(|_| {
                 StoreError::transient(format!("completing job {id}"), "the completer has stopped")
             })?;
-        answer.await.map_err(|_| {
+        Ok(Receipt { id, answer })
+    }
+}
+
+/// A completion the completer has taken; [`Receipt::outcome`] waits for its write.
+#[derive(Debug)]
+pub struct Receipt {
+    id: keel_core::JobId,
+    answer: oneshot::Receiver<Result<(), StoreError>>,
+}
+
+impl Receipt {
+    /// This item's outcome, once the batch it landed in was written.
+    pub async fn outcome(self) -> Result<(), StoreError> {
+        let id = self.id;
+        self.answer.await.map_err(|_| {
             StoreError::transient(
                 format!("completing job {id}"),
                 "the completer dropped the write",

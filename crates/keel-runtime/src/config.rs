@@ -22,6 +22,15 @@ pub struct RuntimeConfig {
     /// The queues this process runs and how many jobs of each may run at once. Concurrency
     /// is a per-queue semaphore, so one slow queue cannot take the workers of another.
     pub queues: Vec<QueueConfig>,
+    /// Most jobs each queue's dispatcher leases ahead of its free slots into a local
+    /// buffer, so a slot that frees up takes its next job from memory instead of waiting
+    /// for a lease round trip. Within this cap the buffer follows the queue's pace (jobs
+    /// started per second × the lease round trip, with a margin): dozens for short jobs, one
+    /// for long ones. Buffered jobs are leased: heartbeats keep their leases alive, a cancel
+    /// removes them, and at shutdown they are released without using an attempt. `None`
+    /// (the default): [`RuntimeConfig::DEFAULT_PREFETCH_CAP`]. `Some(0)` turns prefetch
+    /// off: a job is leased only for a free slot.
+    pub prefetch: Option<usize>,
     /// How long a lease lasts without a heartbeat. It bounds how long a job stays stuck
     /// after its worker dies (it is rescued once the lease lapses), so keep it short; but
     /// long enough that a few missed heartbeats (a slow database) do not lose healthy leases.
@@ -61,6 +70,7 @@ impl Default for RuntimeConfig {
                 name: QueueName::default(),
                 concurrency: QueueConfig::DEFAULT_CONCURRENCY,
             }],
+            prefetch: None,
             lease_for: Duration::from_secs(30),
             heartbeat_every: Duration::from_secs(10),
             poll_interval: Duration::from_secs(1),
@@ -347,6 +357,17 @@ impl RuntimeConfig {
     /// round trips and the scheduling jitter of a busy machine, or a healthy leader would
     /// keep stepping down.
     pub const MIN_LEADER_TTL: Duration = Duration::from_millis(500);
+    /// Most jobs a queue buffers unless [`RuntimeConfig::prefetch`] says otherwise.
+    pub const DEFAULT_PREFETCH_CAP: usize = 256;
+    /// Largest accepted [`RuntimeConfig::prefetch`] (memory stays bounded, G5).
+    pub const MAX_PREFETCH: usize = 10_000;
+
+    /// The most jobs a queue's dispatcher may hold leased ahead of its free slots.
+    pub fn prefetch_cap(&self) -> usize {
+        self.prefetch
+            .unwrap_or(Self::DEFAULT_PREFETCH_CAP)
+            .min(Self::MAX_PREFETCH)
+    }
 
     /// Checks the fields against each other and their bounds; reports every problem at once.
     pub fn validate(&self) -> Result<(), InvalidConfig> {
@@ -366,6 +387,14 @@ impl RuntimeConfig {
             if self.queues[..i].iter().any(|p| p.name == q.name) {
                 errors.push(format!("queues[{i}]: queue {} is listed twice", q.name));
             }
+        }
+        if let Some(n) = self.prefetch
+            && n > Self::MAX_PREFETCH
+        {
+            errors.push(format!(
+                "prefetch must be 0..={}, got {n}",
+                Self::MAX_PREFETCH
+            ));
         }
         if self.lease_for < Duration::from_secs(1) {
             errors.push(format!(

@@ -1,19 +1,41 @@
-//! One dispatcher per queue: leases as many jobs as there are free worker slots, and hands
-//! each to a task that holds its slot.
+//! One dispatcher per queue: keeps a small buffer of leased jobs ahead of its worker slots,
+//! and starts a buffered job the moment a slot frees up.
 //!
-//! Slots are the permits of a per-queue semaphore, moved into the spawned task, so the pool
-//! can never run more than `concurrency` jobs and a slot comes back however the task ends.
-//! The dispatcher sleeps while the queue is empty and wakes on an in-process notify (an
-//! enqueue or promotion here), on the poll interval (work from elsewhere), or on shutdown.
+//! A slot that had to wait for a lease round trip after every job would spend most of its
+//! time waiting for the database when jobs are short (a noop job costs a lease and a commit
+//! of a few milliseconds, and nothing of its own). So the dispatcher leases ahead: it holds
+//! up to `concurrency + prefetch` jobs (running plus buffered), leases again in the
+//! background while slots drain the buffer, and a worker hands its outcome to the completer
+//! and gives its slot back before the write is done ([`crate::worker`]). With one lease in
+//! flight at a time, a busy queue's leases batch themselves: whatever room opened up during
+//! one round trip is asked for by the next.
+//!
+//! Buffered jobs are leased jobs like running ones: the heartbeat extends their leases, a
+//! user's cancel (or a lost lease) fires their token and the dispatcher drops them instead
+//! of starting them, and when shutdown begins they are released at once, without using an
+//! attempt, so another replica (or the next start) runs them.
+//!
+//! Slots are the permits of a per-queue semaphore, moved into the task running the job, so
+//! the pool never runs more than `concurrency` jobs and a slot comes back however the task
+//! ends. The dispatcher sleeps while the queue is empty and wakes on an in-process notify
+//! (an enqueue or promotion here), on the poll interval (work from elsewhere), or on
+//! shutdown.
 
+use std::collections::VecDeque;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use keel_core::store::LeaseParams;
+use keel_core::store::{LeaseParams, LeaseRef};
+use keel_core::{Job, StoreError};
 use rand::Rng;
-use tokio::sync::{Notify, Semaphore};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
+use tokio::time::Instant;
 
 use crate::config::QueueConfig;
+use crate::handle::JobEvent;
+use crate::inflight::{Claim, StopCause};
 use crate::runtime::Shared;
 use crate::telemetry;
 use crate::worker;
@@ -23,110 +45,355 @@ const LEASE_RETRY_BASE: Duration = Duration::from_millis(100);
 /// Longest delay between lease attempts while the store keeps failing, so the queue is
 /// picked up again soon after the store recovers.
 const LEASE_RETRY_CAP: Duration = Duration::from_secs(30);
-/// Longest a dispatcher with a backlog waits for more free slots before leasing.
-const BATCH_WINDOW: Duration = Duration::from_millis(2);
+/// Attempts at releasing the buffer at shutdown when the store fails transiently; a job
+/// whose release never lands is rescued when its lease lapses.
+const RELEASE_ATTEMPTS: u32 = 3;
 
-/// Runs until shutdown's first phase ([`Shared::draining`]). Jobs already leased when it
-/// fires are still started: they were handed to us, and the shutdown decides their fate.
-pub(crate) async fn run(shared: Arc<Shared>, queue: QueueConfig, wake: Arc<Notify>) {
-    let semaphore = Arc::new(Semaphore::new(queue.concurrency));
-    let stop = shared.draining.clone();
-    let mut failures: u32 = 0;
-    // Whether the last lease came back full, i.e. there is probably a backlog.
-    let mut backlog = false;
-    // Under a backlog, wait for this many free slots (briefly) before leasing again.
-    let batch = u32::try_from((queue.concurrency / 4).max(1)).unwrap_or(u32::MAX);
-    loop {
-        // Wait for a free slot, then take every free slot: one lease call fills them all.
-        let mut permits = tokio::select! {
-            biased;
-            () = stop.cancelled() => break,
-            permit = Arc::clone(&semaphore).acquire_owned() => match permit {
-                Ok(p) => p,
-                Err(_) => break, // never closed; nothing to lease for if it were
-            },
-        };
-        if backlog && batch > 1 {
-            // Jobs are waiting and workers finish one by one: leasing at every freed slot
-            // would make many one-job leases, each a round trip and a commit. Give more
-            // slots a moment to free up so one lease fills many. Bounded by BATCH_WINDOW,
-            // so slow jobs never leave free workers idle for long.
-            let more = Arc::clone(&semaphore).acquire_many_owned(batch - 1);
-            if let Ok(Ok(more)) = tokio::time::timeout(BATCH_WINDOW, more).await {
-                permits.merge(more);
-            }
-        }
-        let free = semaphore.available_permits();
-        if free > 0
-            && let Ok(more) = Arc::clone(&semaphore).try_acquire_many_owned(free as u32)
-        {
-            permits.merge(more);
-        }
-        let max = permits.num_permits();
-        let leased = shared
-            .store
-            .lease(LeaseParams {
-                queue: queue.name.clone(),
-                max: u32::try_from(max).unwrap_or(u32::MAX),
-                lease_for: shared.config.lease_for,
-                owner: shared.config.worker_id.clone(),
-                tenant: None,
-                kinds: Vec::new(),
-            })
-            .await;
-        match leased {
-            Ok(jobs) => {
-                failures = 0;
-                let filled = jobs.len() >= max;
-                backlog = filled;
-                if !jobs.is_empty() {
-                    telemetry::jobs_leased(&queue.name, jobs.len());
-                    telemetry::store_batch("lease", jobs.len());
-                }
-                for job in jobs {
-                    let permit = permits.split(1);
-                    if permit.is_none() {
-                        tracing::error!(
-                            queue = %queue.name,
-                            max,
-                            "store leased more jobs than asked for; running the extra one anyway"
-                        );
-                    }
-                    shared
-                        .jobs
-                        .spawn(worker::run_job(Arc::clone(&shared), job, permit));
-                }
-                // Slots the lease did not fill go back now.
-                drop(permits);
-                if filled {
-                    // Probably more waiting: lease again as soon as a slot frees up.
-                    continue;
-                }
-                tokio::select! {
-                    biased;
-                    () = stop.cancelled() => break,
-                    () = wake.notified() => {}
-                    () = tokio::time::sleep(shared.config.poll_interval) => {}
-                }
-            }
-            Err(e) => {
-                drop(permits);
-                backlog = false;
-                failures = failures.saturating_add(1);
-                telemetry::store_error("lease");
-                telemetry::report_store_error(
-                    &format!("leasing jobs from queue {}", queue.name),
-                    &e,
-                );
-                tokio::select! {
-                    biased;
-                    () = stop.cancelled() => break,
-                    () = tokio::time::sleep(retry_delay(failures)) => {}
-                }
-            }
+/// One worker slot of a queue, held by the task running a job. Dropping it — however that
+/// task ends — gives the slot back and tells the dispatcher, which starts a buffered job on
+/// it at once.
+pub(crate) struct Slot {
+    permit: Option<OwnedSemaphorePermit>,
+    freed: Arc<Notify>,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        drop(self.permit.take());
+        self.freed.notify_one();
+    }
+}
+
+/// How far ahead a queue leases: enough jobs to keep its slots busy through the next lease
+/// round trip, and no more.
+///
+/// A fixed buffer is wrong one way or the other: short jobs drain a small one long before
+/// the next lease answers (slots idle on the database), and long jobs sit in a large one
+/// for minutes while other replicas have free slots. So the buffer follows what the slots
+/// consume: jobs started per second × the lease round trip, with a margin of
+/// [`Pace::MARGIN`], between one job and the configured cap. Noop jobs on 20 slots buffer
+/// dozens; ten-second jobs buffer one.
+struct Pace {
+    cap: usize,
+    /// Jobs started since `since`.
+    count: u64,
+    since: Instant,
+    /// Jobs started per second (moving average).
+    rate: f64,
+    /// A lease's round trip in seconds (moving average).
+    rtt: f64,
+}
+
+impl Pace {
+    /// Round trips' worth of jobs kept buffered.
+    const MARGIN: f64 = 4.0;
+    /// Shortest window over which the start rate is measured.
+    const WINDOW: Duration = Duration::from_millis(50);
+
+    fn new(cap: usize) -> Self {
+        Self {
+            cap,
+            count: 0,
+            since: Instant::now(),
+            rate: 0.0,
+            rtt: 0.001,
         }
     }
+
+    fn started(&mut self, n: usize) {
+        self.count += n as u64;
+        let elapsed = self.since.elapsed();
+        if elapsed >= Self::WINDOW {
+            let now = self.count as f64 / elapsed.as_secs_f64();
+            // A long quiet window replaces the average outright: a queue that went idle
+            // should not keep a large buffer for its next burst's first leases.
+            let keep = if elapsed >= Self::WINDOW * 4 {
+                0.0
+            } else {
+                0.5
+            };
+            self.rate = keep * self.rate + (1.0 - keep) * now;
+            self.count = 0;
+            self.since = Instant::now();
+        }
+    }
+
+    fn leased(&mut self, took: Duration) {
+        self.rtt = 0.8 * self.rtt + 0.2 * took.as_secs_f64();
+    }
+
+    /// Jobs to hold beyond the slots right now.
+    fn prefetch(&self) -> usize {
+        if self.cap == 0 {
+            return 0;
+        }
+        let want = (self.rate * self.rtt * Self::MARGIN).ceil();
+        (want as usize).clamp(1, self.cap)
+    }
+}
+
+/// A leased job waiting in the buffer for a slot.
+struct Buffered {
+    job: Job,
+    claim: Claim,
+}
+
+type LeaseCall = Pin<Box<dyn Future<Output = Result<Vec<Job>, StoreError>> + Send>>;
+
+/// Runs until shutdown's first phase ([`Shared::draining`]), then releases what it holds
+/// but has not started (including a lease that was in flight) and returns.
+pub(crate) async fn run(shared: Arc<Shared>, queue: QueueConfig, wake: Arc<Notify>) {
+    let slots = Arc::new(Semaphore::new(queue.concurrency));
+    let freed = Arc::new(Notify::new());
+    let mut pace = Pace::new(shared.config.prefetch_cap());
+    let stop = shared.draining.clone();
+    let mut buffer: VecDeque<Buffered> = VecDeque::new();
+    let mut leasing: Option<(LeaseCall, usize)> = None;
+    // Whether the queue may have more work: the last lease came back full, or something
+    // woke us since. While false, only a wakeup or the poll interval leads to a lease.
+    let mut more = true;
+    // While the queue looks empty: when to look again without a wakeup.
+    let mut poll_at: Option<Instant> = None;
+    let mut failures: u32 = 0;
+    let mut retry_at: Option<Instant> = None;
+    let mut reported = usize::MAX;
+    loop {
+        pace.started(start_buffered(&shared, &slots, &freed, &mut buffer));
+        if buffer.len() != reported {
+            reported = buffer.len();
+            telemetry::jobs_prefetched(&queue.name, reported);
+        }
+        let capacity = queue.concurrency + pace.prefetch();
+        let running = queue.concurrency - slots.available_permits();
+        let room = capacity.saturating_sub(running + buffer.len());
+        // With work buffered, wait until a quarter of the capacity opened before leasing
+        // again, so a busy queue does not lease one job per finished job. With nothing
+        // buffered, lease at once: a worker is idle, or will be as soon as one finishes.
+        if leasing.is_none()
+            && more
+            && retry_at.is_none()
+            && room > 0
+            && (buffer.is_empty() || room >= (capacity / 4).max(1))
+        {
+            leasing = Some((lease_call(&shared, &queue, room), room));
+        }
+        tokio::select! {
+            biased;
+            () = stop.cancelled() => break,
+            (leased, asked, took) = finish(&mut leasing) => match leased {
+                Ok(jobs) => {
+                    pace.leased(took);
+                    failures = 0;
+                    more = jobs.len() >= asked;
+                    if !more {
+                        poll_at = Some(Instant::now() + shared.config.poll_interval);
+                    }
+                    take_lease(&shared, &queue, jobs, asked, &mut buffer);
+                }
+                Err(e) => {
+                    failures = failures.saturating_add(1);
+                    retry_at = Some(Instant::now() + retry_delay(failures));
+                    telemetry::store_error("lease");
+                    telemetry::report_store_error(
+                        &format!("leasing jobs from queue {}", queue.name),
+                        &e,
+                    );
+                }
+            },
+            () = freed.notified() => {}
+            () = wake.notified() => {
+                more = true;
+                poll_at = None;
+            }
+            () = sleep_until(poll_at) => {
+                more = true;
+                poll_at = None;
+            }
+            () = sleep_until(retry_at) => retry_at = None,
+        }
+    }
+    // A lease in flight was granted to us: its jobs join the buffer and go back with it.
+    if let Some((call, asked)) = leasing.take()
+        && let Ok(jobs) = call.await
+    {
+        take_lease(&shared, &queue, jobs, asked, &mut buffer);
+    }
+    release_buffer(&shared, &queue, buffer).await;
+    telemetry::jobs_prefetched(&queue.name, 0);
     tracing::debug!(queue = %queue.name, "dispatcher stopped");
+}
+
+/// Starts buffered jobs on the free slots, returning how many; drops (without running) those whose token fired
+/// while they waited: cancelled by a user, or found lost by the heartbeat.
+fn start_buffered(
+    shared: &Arc<Shared>,
+    slots: &Arc<Semaphore>,
+    freed: &Arc<Notify>,
+    buffer: &mut VecDeque<Buffered>,
+) -> usize {
+    let mut started = 0;
+    while let Some(next) = buffer.front() {
+        if next.claim.token.is_cancelled() {
+            if let Some(b) = buffer.pop_front() {
+                dropped_unstarted(&b);
+            }
+            continue;
+        }
+        let Ok(permit) = Arc::clone(slots).try_acquire_owned() else {
+            break;
+        };
+        let Some(Buffered { job, claim }) = buffer.pop_front() else {
+            break;
+        };
+        let slot = Slot {
+            permit: Some(permit),
+            freed: Arc::clone(freed),
+        };
+        shared.jobs.spawn(worker::run_job(job, claim, slot));
+        started += 1;
+    }
+    started
+}
+
+fn dropped_unstarted(b: &Buffered) {
+    match b.claim.cause.get() {
+        Some(StopCause::LeaseLost) => tracing::info!(
+            job_id = %b.job.id,
+            queue = %b.claim.queue,
+            "a prefetched job's lease was lost before it started; dropped"
+        ),
+        _ => tracing::info!(
+            job_id = %b.job.id,
+            queue = %b.claim.queue,
+            "a prefetched job was cancelled before it started; dropped"
+        ),
+    }
+}
+
+fn lease_call(shared: &Arc<Shared>, queue: &QueueConfig, max: usize) -> LeaseCall {
+    let store = Arc::clone(&shared.store);
+    let params = LeaseParams {
+        queue: queue.name.clone(),
+        max: u32::try_from(max).unwrap_or(u32::MAX),
+        lease_for: shared.config.lease_for,
+        owner: shared.config.worker_id.clone(),
+        tenant: None,
+        kinds: Vec::new(),
+    };
+    Box::pin(async move { store.lease(params).await })
+}
+
+/// Registers freshly leased jobs (heartbeats, cancels) and appends them to the buffer.
+fn take_lease(
+    shared: &Arc<Shared>,
+    queue: &QueueConfig,
+    jobs: Vec<Job>,
+    asked: usize,
+    buffer: &mut VecDeque<Buffered>,
+) {
+    if jobs.is_empty() {
+        return;
+    }
+    if jobs.len() > asked {
+        tracing::error!(
+            queue = %queue.name,
+            asked,
+            leased = jobs.len(),
+            "store leased more jobs than asked for; running the extra ones anyway"
+        );
+    }
+    telemetry::jobs_leased(&queue.name, jobs.len());
+    telemetry::store_batch("lease", jobs.len());
+    for job in jobs {
+        let Some(lease) = LeaseRef::of(&job) else {
+            tracing::error!(job_id = %job.id, "store returned a leased job without a lease; skipping it");
+            continue;
+        };
+        let claim = Claim::new(shared, lease, job.queue.clone());
+        buffer.push_back(Buffered { job, claim });
+    }
+}
+
+/// Gives back, without using an attempt, every buffered job no slot started: the process
+/// is stopping, and another replica (or the next start) should run them rather than this
+/// one start them late and cut them short.
+async fn release_buffer(shared: &Arc<Shared>, queue: &QueueConfig, buffer: VecDeque<Buffered>) {
+    let buffer: Vec<Buffered> = buffer
+        .into_iter()
+        .filter(|b| !b.claim.token.is_cancelled())
+        .collect();
+    if buffer.is_empty() {
+        return;
+    }
+    let leases: Vec<LeaseRef> = buffer.iter().map(|b| b.claim.lease).collect();
+    let mut attempt = 0;
+    let answers = loop {
+        attempt += 1;
+        match shared.store.release(leases.clone()).await {
+            Ok(answers) => break answers,
+            Err(e) if e.is_transient() && attempt < RELEASE_ATTEMPTS => {
+                telemetry::store_error("release");
+                tokio::time::sleep(retry_delay(attempt)).await;
+            }
+            Err(e) => {
+                telemetry::store_error("release");
+                telemetry::report_store_error(
+                    &format!(
+                        "releasing {} prefetched jobs of queue {} at shutdown (their leases will lapse and they will be rescued)",
+                        leases.len(),
+                        queue.name
+                    ),
+                    &e,
+                );
+                return;
+            }
+        }
+    };
+    let mut released = 0;
+    for (b, answer) in buffer.iter().zip(answers) {
+        if answer.is_ok() {
+            released += 1;
+            shared.handle.events.publish(JobEvent {
+                id: b.job.id,
+                queue: b.job.queue.clone(),
+                state: keel_core::JobState::Available,
+            });
+        }
+    }
+    shared
+        .released_unstarted
+        .fetch_add(released, std::sync::atomic::Ordering::Relaxed);
+    tracing::info!(
+        queue = %queue.name,
+        released,
+        "released the prefetched jobs no worker had started; their attempts do not count"
+    );
+    // The claims drop here, after the release: the heartbeat kept the leases until then.
+    drop(buffer);
+}
+
+/// The lease in flight's answer, with how many jobs it asked for; never resolves when no
+/// lease is in flight. Cancel-safe: dropped before the answer, the call stays in `leasing`
+/// and is polled again next time.
+async fn finish(
+    leasing: &mut Option<(LeaseCall, usize)>,
+) -> (Result<Vec<Job>, StoreError>, usize, Duration) {
+    let Some((call, asked)) = leasing.as_mut() else {
+        return std::future::pending().await;
+    };
+    let sent = Instant::now();
+    let answer = call.await;
+    let asked = *asked;
+    *leasing = None;
+    (answer, asked, sent.elapsed())
+}
+
+/// Sleeps until `at`; forever when there is no `at`.
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
 }
 
 /// Capped exponential backoff with "equal jitter" (half fixed, half random): replicas that

@@ -1,5 +1,6 @@
-//! The leases of the jobs running in this process: what the heartbeat task extends, and how
-//! it reaches a job whose lease turned out to be lost.
+//! The leases this process holds — jobs running here, and jobs prefetched into a queue's
+//! buffer waiting for a slot: what the heartbeat task extends, and how it (or a user's
+//! cancel) reaches a job whose lease turned out to be lost.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
@@ -7,6 +8,8 @@ use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use keel_core::store::LeaseRef;
 use keel_core::{JobId, QueueName};
 use tokio_util::sync::CancellationToken;
+
+use crate::runtime::Shared;
 
 /// Why a running job's token fired. The first cause recorded wins; a token fired by
 /// [`crate::RunningJobs::cancel`] records none and is read as a user cancel.
@@ -25,7 +28,7 @@ pub(crate) enum StopCause {
 /// Shared between a job's worker and whoever stops it.
 pub(crate) type Cause = Arc<OnceLock<StopCause>>;
 
-/// One running job.
+/// One job whose lease this process holds (running, or prefetched and waiting).
 #[derive(Debug, Clone)]
 pub(crate) struct Running {
     pub(crate) lease: LeaseRef,
@@ -80,6 +83,54 @@ impl Inflight {
 
     pub(crate) fn len(&self) -> usize {
         self.lock().len()
+    }
+}
+
+/// A leased job's registration, from the lease until its outcome is written or it is
+/// released: in [`Inflight`] (so the heartbeat extends its lease, also while it waits in a
+/// prefetch buffer) and in [`crate::RunningJobs`] (so a user's cancel reaches it) for
+/// exactly as long as the claim lives. Dropping it — a buffer emptied, a task aborted —
+/// unregisters the job, so no entry outlives its job.
+pub(crate) struct Claim {
+    shared: Arc<Shared>,
+    pub(crate) lease: LeaseRef,
+    pub(crate) queue: QueueName,
+    /// Fires on a user's cancel, a lost lease, a timeout or shutdown's second phase.
+    pub(crate) token: CancellationToken,
+    pub(crate) cause: Cause,
+}
+
+impl Claim {
+    pub(crate) fn new(shared: &Arc<Shared>, lease: LeaseRef, queue: QueueName) -> Self {
+        let token = shared.hard_stop.child_token();
+        let cause = Cause::default();
+        shared.inflight.insert(Running {
+            lease,
+            queue: queue.clone(),
+            token: token.clone(),
+            cause: Arc::clone(&cause),
+            finishing: false,
+        });
+        shared.handle.running.insert(lease.id, token.clone());
+        Self {
+            shared: Arc::clone(shared),
+            lease,
+            queue,
+            token,
+            cause,
+        }
+    }
+
+    /// The runtime this claim belongs to.
+    pub(crate) fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+}
+
+impl Drop for Claim {
+    fn drop(&mut self) {
+        self.shared.inflight.remove(self.lease.id);
+        self.shared.handle.running.remove(self.lease.id);
     }
 }
 

@@ -39,7 +39,7 @@ mod runtime;
 mod worker;
 
 pub use catalog::Catalog;
-pub use completer::Completer;
+pub use completer::{Completer, Receipt};
 pub use config::{
     HostRateLimit, InvalidConfig, MaintenanceConfig, QueueConfig, RuntimeConfig, SigningSecret,
     WebhookConfig,

@@ -49,6 +49,8 @@ pub(crate) struct Shared {
     pub(crate) finished_in_grace: AtomicUsize,
     /// Runs released back to the queue after shutdown began.
     pub(crate) released: AtomicUsize,
+    /// Prefetched jobs released at shutdown before any slot started them.
+    pub(crate) released_unstarted: AtomicUsize,
     /// Batches completions into one store write (see `completer.rs`).
     pub(crate) completer: Completer,
     /// Asks the leader task to campaign now rather than at its next renewal (a fenced
@@ -78,6 +80,9 @@ pub struct ShutdownReport {
     /// Jobs still running when the grace period ended, cancelled and released back to
     /// `available` without counting the attempt.
     pub released: usize,
+    /// Jobs leased ahead into a queue's buffer (prefetch) that no worker had started when
+    /// shutdown began, released back to `available` at once without counting the attempt.
+    pub released_unstarted: usize,
 }
 
 /// A running runtime: per-queue dispatchers and worker pools, heartbeats and maintenance.
@@ -175,6 +180,7 @@ impl Runtime {
             hard_stop: root.child_token(),
             finished_in_grace: AtomicUsize::new(0),
             released: AtomicUsize::new(0),
+            released_unstarted: AtomicUsize::new(0),
             completer,
             recampaign: Notify::new(),
             wakers,
@@ -300,10 +306,12 @@ impl Runtime {
         let report = ShutdownReport {
             finished_in_grace: self.shared.finished_in_grace.load(Ordering::Relaxed),
             released: self.shared.released.load(Ordering::Relaxed),
+            released_unstarted: self.shared.released_unstarted.load(Ordering::Relaxed),
         };
         tracing::info!(
             finished_in_grace = report.finished_in_grace,
             released = report.released,
+            released_unstarted = report.released_unstarted,
             "runtime stopped"
         );
         report

@@ -23,6 +23,8 @@ pub const JOB_DURATION: &str = "keel_job_duration_seconds";
 pub const JOB_WAIT: &str = "keel_job_wait_seconds";
 /// Jobs running right now, by queue (gauge).
 pub const WORKERS_BUSY: &str = "keel_workers_busy";
+/// Jobs leased ahead and waiting in this process for a worker slot, by queue (gauge).
+pub const JOBS_PREFETCHED: &str = "keel_jobs_prefetched";
 /// Jobs leased by this process, by queue.
 pub const JOBS_LEASED: &str = "keel_jobs_leased_total";
 /// Leases found lost while their job still ran here (rescued elsewhere or revoked): each is
@@ -121,6 +123,10 @@ pub fn describe_metrics() {
         "Time from a job's run_at to its start."
     );
     describe_gauge!(WORKERS_BUSY, "Jobs running now.");
+    describe_gauge!(
+        JOBS_PREFETCHED,
+        "Jobs leased ahead and waiting in this process for a worker slot."
+    );
     describe_counter!(JOBS_LEASED, "Jobs leased by this process.");
     describe_counter!(
         LEASE_LOST,
@@ -191,6 +197,10 @@ pub(crate) fn job_duration(queue: &QueueName, kind: &str, d: Duration) {
 
 pub(crate) fn job_wait(queue: &QueueName, seconds: f64) {
     histogram!(JOB_WAIT, "queue" => queue.to_string()).record(seconds.max(0.0));
+}
+
+pub(crate) fn jobs_prefetched(queue: &QueueName, n: usize) {
+    gauge!(JOBS_PREFETCHED, "queue" => queue.to_string()).set(n as f64);
 }
 
 pub(crate) fn jobs_leased(queue: &QueueName, n: usize) {

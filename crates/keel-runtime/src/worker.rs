@@ -10,14 +10,14 @@ use keel_core::store::{Completion, FailParams, LeaseRef};
 use keel_core::{Job, JobId, JobState, QueueName, StoreError};
 use rand::Rng;
 use serde_json::value::RawValue;
-use tokio::sync::OwnedSemaphorePermit;
 use tokio::task::JoinError;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+use crate::dispatcher::Slot;
 use crate::handle::JobEvent;
 use crate::handler::{JobContext, JobError};
-use crate::inflight::{Cause, Running, StopCause};
+use crate::inflight::{Cause, Claim, StopCause};
 use crate::runtime::Shared;
 use crate::telemetry::{self, BusyGuard, Outcome};
 
@@ -32,9 +32,12 @@ const WRITE_ATTEMPTS: u32 = 6;
 /// First delay between write attempts; doubles each time, with full jitter.
 const WRITE_BACKOFF: Duration = Duration::from_millis(50);
 
-/// Runs `job`, which this process just leased, holding `permit` (one worker slot of its
-/// queue; `None` only if the store broke its "at most `max`" contract) until it is done.
-pub(crate) async fn run_job(shared: Arc<Shared>, job: Job, permit: Option<OwnedSemaphorePermit>) {
+/// Runs `job`, leased by this process and registered by `claim`, on `slot` (one worker slot
+/// of its queue). The slot is given back as soon as the outcome is handed to the completer
+/// (or, for the rarer failures and releases, written), so the next job starts while this
+/// one's write is in flight; the claim lasts until the write is done, so the lease is kept
+/// alive that long.
+pub(crate) async fn run_job(job: Job, claim: Claim, slot: Slot) {
     let span = tracing::info_span!(
         "job",
         job_id = %job.id,
@@ -43,8 +46,7 @@ pub(crate) async fn run_job(shared: Arc<Shared>, job: Job, permit: Option<OwnedS
         attempt = job.attempt,
         tenant = %job.tenant,
     );
-    run_leased(&shared, job).instrument(span).await;
-    drop(permit);
+    run_claimed(job, claim, slot).instrument(span).await;
 }
 
 /// What the job's attempt came to, before it is written.
@@ -62,47 +64,16 @@ struct Meta {
     lease: LeaseRef,
 }
 
-/// Takes the job out of [`crate::inflight::Inflight`] and [`crate::RunningJobs`] however
-/// the run ends (even if this task is aborted).
-struct Registration<'a> {
-    shared: &'a Shared,
-    id: JobId,
-}
-
-impl Drop for Registration<'_> {
-    fn drop(&mut self) {
-        self.shared.inflight.remove(self.id);
-        self.shared.handle.running.remove(self.id);
-    }
-}
-
-async fn run_leased(shared: &Shared, job: Job) {
-    let Some(lease) = LeaseRef::of(&job) else {
-        tracing::error!("store returned a leased job without a lease; skipping it");
-        return;
-    };
+async fn run_claimed(job: Job, claim: Claim, slot: Slot) {
+    let shared = Arc::clone(claim.shared());
     let registered = shared.handlers.get(&job.kind).is_some();
     let meta = Meta {
         id: job.id,
         queue: job.queue.clone(),
         kind: telemetry::kind_label(&job.kind, registered),
-        lease,
+        lease: claim.lease,
     };
-    let token = shared.hard_stop.child_token();
-    let cause = Cause::default();
-    shared.inflight.insert(Running {
-        lease,
-        queue: meta.queue.clone(),
-        token: token.clone(),
-        cause: Arc::clone(&cause),
-        finishing: false,
-    });
-    shared.handle.running.insert(meta.id, token.clone());
-    let _registration = Registration {
-        shared,
-        id: meta.id,
-    };
-    let _busy = BusyGuard::new(&meta.queue);
+    let busy = BusyGuard::new(&meta.queue);
     if let Some(started) = job.started_at {
         let wait = (started - job.run_at).num_microseconds().unwrap_or(0) as f64 / 1e6;
         telemetry::job_wait(&meta.queue, wait);
@@ -110,11 +81,12 @@ async fn run_leased(shared: &Shared, job: Job) {
     tracing::debug!("job started");
 
     let started = Instant::now();
-    let verdict = execute(shared, job, &token, &cause).await;
+    let verdict = execute(&shared, job, &claim.token, &claim.cause).await;
     telemetry::job_duration(&meta.queue, &meta.kind, started.elapsed());
+    drop(busy);
 
     shared.inflight.mark_finishing(meta.id);
-    let outcome = record(shared, &meta, verdict, &cause).await;
+    let outcome = record(&shared, &meta, verdict, &claim.cause, slot).await;
     telemetry::job_finished(&meta.queue, &meta.kind, outcome);
     if shared.draining.is_cancelled() {
         let counter = if outcome == Outcome::Released {
@@ -124,6 +96,7 @@ async fn run_leased(shared: &Shared, job: Job) {
         };
         counter.fetch_add(1, Ordering::Relaxed);
     }
+    drop(claim);
 }
 
 /// Runs the handler and decides what to write.
@@ -225,8 +198,16 @@ fn verdict_of(joined: Result<Result<Option<Box<RawValue>>, JobError>, JoinError>
     }
 }
 
-/// Writes the verdict, announces the new state, and says how the run ended.
-async fn record(shared: &Shared, meta: &Meta, verdict: Verdict, cause: &Cause) -> Outcome {
+/// Writes the verdict, announces the new state, and says how the run ended. `slot` is given
+/// back once a completion is queued for its write, or once any other outcome is written.
+async fn record(
+    shared: &Shared,
+    meta: &Meta,
+    verdict: Verdict,
+    cause: &Cause,
+    slot: Slot,
+) -> Outcome {
+    let mut slot = Some(slot);
     let written = match verdict {
         Verdict::Complete(result) => {
             let r = with_retries("complete", || {
@@ -234,7 +215,12 @@ async fn record(shared: &Shared, meta: &Meta, verdict: Verdict, cause: &Cause) -
                     lease: meta.lease,
                     result: result.clone(),
                 };
-                shared.completer.complete(completion)
+                let slot = slot.take();
+                async move {
+                    let receipt = shared.completer.submit(completion).await?;
+                    drop(slot);
+                    receipt.outcome().await
+                }
             })
             .await;
             r.map(|()| {
@@ -282,6 +268,7 @@ async fn record(shared: &Shared, meta: &Meta, verdict: Verdict, cause: &Cause) -
             })
         }
     };
+    drop(slot);
     match written {
         Ok(state) => {
             shared.handle.events.publish(JobEvent {

@@ -396,6 +396,7 @@ fn runtime_config(config: &Config, chaos: &Chaos) -> RuntimeConfig {
     RuntimeConfig {
         worker_id: config.worker_id.clone(),
         queues: config.queues.clone(),
+        prefetch: config.prefetch,
         lease_for: config.lease_timeout,
         heartbeat_every: config.heartbeat_interval,
         poll_interval: config.poll_interval,

@@ -93,6 +93,10 @@ pub struct ServeArgs {
     /// Queues this process runs, with their concurrency: NAME:N[,NAME:N…].
     #[arg(long, env = "KEEL_QUEUES", value_name = "LIST")]
     pub queues: Option<String>,
+    /// Most jobs each queue leases ahead of its free worker slots (the buffer follows the
+    /// queue's pace up to this): auto (256) or N (0 turns prefetch off).
+    #[arg(long, env = "KEEL_PREFETCH", value_name = "auto|N")]
+    pub prefetch: Option<String>,
     /// Postgres pool: most connections.
     #[arg(long, env = "KEEL_DB_POOL_MAX", value_name = "N")]
     pub db_pool_max: Option<String>,
@@ -266,6 +270,8 @@ pub struct Config {
     /// Queues run here.
     #[serde(serialize_with = "queues_text")]
     pub queues: Vec<QueueConfig>,
+    /// Most jobs leased ahead per queue; `None` = the runtime's default cap.
+    pub prefetch: Option<usize>,
     /// Postgres pool: most connections.
     pub db_pool_max: usize,
     /// Postgres pool: warm idle connections.
@@ -588,6 +594,7 @@ const FIELDS: &[&str] = &[
     "log_format",
     "log_level",
     "queues",
+    "prefetch",
     "db_pool_max",
     "db_pool_min_idle",
     "db_pool_max_lifetime",
@@ -725,6 +732,7 @@ impl Config {
                 ("log_format", a.log_format.as_ref()),
                 ("log_level", a.log_level.as_ref()),
                 ("queues", a.queues.as_ref()),
+                ("prefetch", a.prefetch.as_ref()),
                 ("db_pool_max", a.db_pool_max.as_ref()),
                 ("db_pool_min_idle", a.db_pool_min_idle.as_ref()),
                 ("db_pool_max_lifetime", a.db_pool_max_lifetime.as_ref()),
@@ -816,6 +824,12 @@ impl Config {
                 .map_err(|e| format!("{v:?} is not a valid filter: {e}"))
         });
         let queues = s.get("queues", "default:8", parse_queues);
+        let prefetch = s.get("prefetch", "auto", |v| match v {
+            "auto" => Ok(None),
+            n => parse_count(n, 0, keel_runtime::RuntimeConfig::MAX_PREFETCH)
+                .map(Some)
+                .map_err(|e| format!("must be auto or a number: {e}")),
+        });
         let db_pool_max = s.get("db_pool_max", "16", |v| parse_count(v, 1, 10_000));
         let db_pool_min_idle = s.get("db_pool_min_idle", "2", |v| parse_count(v, 0, 10_000));
         let db_pool_max_lifetime = s.get("db_pool_max_lifetime", "30m", dur);
@@ -1038,6 +1052,7 @@ impl Config {
             log_format: log_format.expect(PARSED),
             log_level: log_level.expect(PARSED),
             queues: queues.expect(PARSED),
+            prefetch: prefetch.expect(PARSED),
             db_pool_max: db_pool_max.expect(PARSED),
             db_pool_min_idle: db_pool_min_idle.expect(PARSED),
             db_pool_max_lifetime: db_pool_max_lifetime.expect(PARSED),

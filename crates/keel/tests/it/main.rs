@@ -38,6 +38,7 @@ mod idempotency;
 mod jobs;
 mod metrics;
 mod openapi;
+mod prefetch;
 mod resilience_api;
 mod scale_out;
 mod shutdown;
