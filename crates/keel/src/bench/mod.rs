@@ -147,6 +147,11 @@ pub struct BenchArgs {
     /// The queue the workloads use.
     #[arg(long, value_name = "NAME", default_value = "bench")]
     pub queue: String,
+    /// Run W1 and W2 only at --concurrency. By default they also run at 20 workers and at
+    /// the default 8 (the settings teams use), each on its own queue of the same server, and
+    /// W1 also with 10 ms jobs there.
+    #[arg(long)]
+    pub no_user_settings: bool,
     /// An extra setting for the server started here, KEY=VALUE (repeatable), e.g.
     /// KEEL_DB_POOL_MAX=32. Inherited KEEL_* variables are not passed on.
     #[arg(long = "server-env", value_name = "KEY=VALUE", value_parser = parse_env_pair)]
@@ -205,6 +210,8 @@ pub(crate) struct Settings {
     pub(crate) concurrency: usize,
     /// Bench queue name.
     pub(crate) queue: String,
+    /// Whether W1 and W2 also run at the user settings (`workloads::USER_CONCURRENCIES`).
+    pub(crate) user_settings: bool,
     /// Longest wait for a queue to drain.
     pub(crate) drain_timeout: Duration,
     /// pgbench program, when the reference runs.
@@ -259,6 +266,7 @@ impl Settings {
             max_in_flight: usize::try_from(a.max_in_flight).unwrap_or(4096),
             concurrency: usize::try_from(a.concurrency).unwrap_or(256),
             queue: a.queue.clone(),
+            user_settings: !a.no_user_settings,
             // Generous: even 1k jobs/s drains W1's default in well under this.
             drain_timeout: Duration::from_secs(120)
                 .max(Duration::from_millis(jobs.saturating_mul(2))),
@@ -281,6 +289,11 @@ impl Settings {
             "max_in_flight": self.max_in_flight,
             "queue": self.queue,
             "concurrency": self.concurrency,
+            "user_concurrencies": if self.user_settings {
+                workloads::USER_CONCURRENCIES.to_vec()
+            } else {
+                Vec::new()
+            },
             "server_env": a.server_env.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>(),
             "target": if a.url.is_some() { "url" } else { "spawned" },
             "pgbench": self.pgbench.as_ref().map(|p| p.display().to_string()),
@@ -576,6 +589,8 @@ async fn one_run(
                 pid: *pid,
                 ready_after: None,
                 progress,
+                queue: settings.queue.clone(),
+                job: json!({ "kind": "noop" }),
             };
             tokio::select! {
                 () = workloads::run_all(&ctx, rec) => {}
@@ -650,6 +665,14 @@ async fn with_server(
         database_url: database_url.to_owned(),
         queue: settings.queue.clone(),
         concurrency: settings.concurrency,
+        extra_queues: if settings.user_settings {
+            workloads::USER_CONCURRENCIES
+                .iter()
+                .map(|&n| (workloads::user_queue(&settings.queue, n), n))
+                .collect()
+        } else {
+            Vec::new()
+        },
         extra_env: args.server_env.clone(),
     };
     let server = tokio::select! {
@@ -663,6 +686,8 @@ async fn with_server(
         pid: Some(server.pid()),
         ready_after: Some(server.ready_after),
         progress,
+        queue: settings.queue.clone(),
+        job: json!({ "kind": "noop" }),
     };
     tokio::select! {
         () = workloads::run_all(&ctx, rec) => {}

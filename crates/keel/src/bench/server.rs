@@ -106,6 +106,8 @@ pub(crate) struct ServerSpec {
     pub(crate) queue: String,
     /// Workers on the bench queue.
     pub(crate) concurrency: usize,
+    /// More queues served, with their workers (the user-setting variants).
+    pub(crate) extra_queues: Vec<(String, usize)>,
     /// Extra `KEY=VALUE` settings, applied last.
     pub(crate) extra_env: Vec<(String, String)>,
 }
@@ -140,7 +142,12 @@ impl Spawned {
             .env("KEEL_DATABASE_URL", &spec.database_url)
             .env(
                 "KEEL_QUEUES",
-                format!("{}:{},default:8", spec.queue, spec.concurrency),
+                std::iter::once((spec.queue.clone(), spec.concurrency))
+                    .chain(spec.extra_queues.iter().cloned())
+                    .chain([("default".to_owned(), 8)])
+                    .map(|(q, n)| format!("{q}:{n}"))
+                    .collect::<Vec<_>>()
+                    .join(","),
             )
             .env("KEEL_LOG_FORMAT", "json")
             // Quiet, except for the line that carries the bound address.

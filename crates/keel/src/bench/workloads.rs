@@ -66,6 +66,39 @@ pub(crate) struct Ctx<'a> {
     pub(crate) ready_after: Option<Duration>,
     /// Bars and notes.
     pub(crate) progress: Progress,
+    /// The queue this workload uses (the bench queue, or one of the user-setting queues).
+    pub(crate) queue: String,
+    /// The job it enqueues there, without its queue: `{"kind": "noop"}` unless a variant
+    /// says otherwise.
+    pub(crate) job: serde_json::Value,
+}
+
+/// The worker counts teams run (SPEC §7: 8–20 workers): Keel's default and 20. W1 and W2
+/// also run at each, on a queue of its own (`<queue>-c<N>`) served by the same server, so
+/// the figures at the settings users run sit next to the best case.
+pub(crate) const USER_CONCURRENCIES: [usize; 2] =
+    [20, keel_runtime::QueueConfig::DEFAULT_CONCURRENCY];
+/// Length of the 10 ms jobs of W1's variant: long enough that a slot's time goes to the
+/// job, so the drain shows how close prefetch and pipelining get to the ideal
+/// (concurrency × 100 jobs/s).
+const SLOW_JOB_MS: u64 = 10;
+/// Ideal seconds of W1's 10 ms variant: its job count is the ideal rate times this.
+const SLOW_DRAIN_S: u64 = 5;
+
+/// The queue served with `concurrency` workers for the user-setting variants.
+pub(crate) fn user_queue(queue: &str, concurrency: usize) -> String {
+    format!("{queue}-c{concurrency}")
+}
+
+/// One W1 or W2 measurement: where, with which job, and under which keys.
+struct Lane {
+    /// Prefix of the figures (`w1`, `w1_20`, `w1_20_10ms`, `w2_8`…).
+    key: String,
+    /// Label in the notes (`W1@20 10ms`).
+    label: String,
+    queue: String,
+    job: serde_json::Value,
+    jobs: u64,
 }
 
 /// Runs the selected workloads in a fixed order (the footprint first, while the server is
@@ -88,9 +121,29 @@ pub(crate) async fn run_all(ctx: &Ctx<'_>, rec: &mut RunRecord) {
         }
         let outcome = match w {
             Workload::W5 => w5_footprint(ctx, rec).await,
-            Workload::W1 => w1_drain(ctx, rec).await,
+            Workload::W1 => {
+                for lane in lanes(ctx, "w1", "W1", true) {
+                    let at = ctx.at(&lane);
+                    if let Err(e) = w1_drain(&at, rec, &lane).await {
+                        at.progress
+                            .note(&format!("  {}: could not be measured: {e:#}", lane.label));
+                        rec.errors.push(format!("{}: {e:#}", lane.label));
+                    }
+                }
+                Ok(())
+            }
             Workload::W1x => w1x_external_drain(ctx, rec).await,
-            Workload::W2 => w2_steady(ctx, rec).await,
+            Workload::W2 => {
+                for lane in lanes(ctx, "w2", "W2", false) {
+                    let at = ctx.at(&lane);
+                    if let Err(e) = w2_steady(&at, rec, &lane).await {
+                        at.progress
+                            .note(&format!("  {}: could not be measured: {e:#}", lane.label));
+                        rec.errors.push(format!("{}: {e:#}", lane.label));
+                    }
+                }
+                Ok(())
+            }
             Workload::W2p => w2p_paced(ctx, rec).await,
             Workload::W2x => w2x_external_pickup(ctx, rec).await,
             Workload::W3 => w3_enqueue(ctx, rec).await,
@@ -121,9 +174,74 @@ struct QueueEntry {
     counts: Counts,
 }
 
+/// W1's or W2's measurements: at `--concurrency` on the bench queue, then (unless
+/// `--no-user-settings`) at each of [`USER_CONCURRENCIES`] on its own queue, and for W1
+/// also with 10 ms jobs there.
+fn lanes(ctx: &Ctx<'_>, key: &str, label: &str, slow: bool) -> Vec<Lane> {
+    let s = ctx.settings;
+    let noop = json!({ "kind": "noop" });
+    let mut out = vec![Lane {
+        key: key.to_owned(),
+        label: label.to_owned(),
+        queue: s.queue.clone(),
+        job: noop.clone(),
+        jobs: s.jobs,
+    }];
+    if !s.user_settings {
+        return out;
+    }
+    for n in USER_CONCURRENCIES {
+        out.push(Lane {
+            key: format!("{key}_{n}"),
+            label: format!("{label}@{n}"),
+            queue: user_queue(&s.queue, n),
+            job: noop.clone(),
+            jobs: s.jobs,
+        });
+    }
+    if slow {
+        for n in USER_CONCURRENCIES {
+            let ideal = n as u64 * (1000 / SLOW_JOB_MS);
+            out.push(Lane {
+                key: format!("{key}_{n}_{SLOW_JOB_MS}ms"),
+                label: format!("{label}@{n} {SLOW_JOB_MS}ms"),
+                queue: user_queue(&s.queue, n),
+                job: json!({ "kind": "sleep", "args": { "ms": SLOW_JOB_MS } }),
+                jobs: (ideal * SLOW_DRAIN_S).min(s.jobs),
+            });
+        }
+    }
+    out
+}
+
+impl<'a> Ctx<'a> {
+    /// The same server, with the queue and job of `lane`.
+    fn at(&self, lane: &Lane) -> Ctx<'a> {
+        Ctx {
+            settings: self.settings,
+            endpoint: self.endpoint.clone(),
+            control: self.control.clone(),
+            pid: self.pid,
+            ready_after: self.ready_after,
+            progress: self.progress,
+            queue: lane.queue.clone(),
+            job: lane.job.clone(),
+        }
+    }
+}
+
 impl Ctx<'_> {
     fn queue(&self) -> &str {
-        &self.settings.queue
+        &self.queue
+    }
+
+    /// The workload's job, in its queue.
+    fn job(&self) -> serde_json::Value {
+        let mut job = self.job.clone();
+        if let Some(o) = job.as_object_mut() {
+            o.insert("queue".into(), json!(self.queue()));
+        }
+        job
     }
 
     async fn set_paused(&self, paused: bool) -> anyhow::Result<()> {
@@ -238,14 +356,14 @@ impl Ctx<'_> {
     }
 
     fn job_body(&self) -> anyhow::Result<Bytes> {
-        let v = json!({ "kind": "noop", "queue": self.queue() });
+        let v = self.job();
         Ok(Bytes::from(
             serde_json::to_vec(&v).context("encoding a job")?,
         ))
     }
 
     fn batch_body(&self, n: u64) -> anyhow::Result<Bytes> {
-        let job = json!({ "kind": "noop", "queue": self.queue() });
+        let job = self.job();
         let jobs: Vec<&serde_json::Value> = (0..n).map(|_| &job).collect();
         let v = json!({ "jobs": jobs });
         Ok(Bytes::from(
@@ -329,8 +447,9 @@ async fn w5_footprint(ctx: &Ctx<'_>, rec: &mut RunRecord) -> anyhow::Result<()> 
 }
 
 /// W1: insert N jobs into the paused queue in batches, resume it, time the drain.
-async fn w1_drain(ctx: &Ctx<'_>, rec: &mut RunRecord) -> anyhow::Result<()> {
-    let n = ctx.settings.jobs;
+async fn w1_drain(ctx: &Ctx<'_>, rec: &mut RunRecord, lane: &Lane) -> anyhow::Result<()> {
+    let n = lane.jobs;
+    let (key, label) = (&lane.key, &lane.label);
     ctx.settle("the previous workload").await?;
     ctx.set_paused(true).await?;
     let before = ctx.counts().await?;
@@ -344,7 +463,7 @@ async fn w1_drain(ctx: &Ctx<'_>, rec: &mut RunRecord) -> anyhow::Result<()> {
     };
     let batches = n.div_ceil(INSERT_BATCH);
     let next = Arc::new(AtomicU64::new(0));
-    let bar = ctx.progress.counted("W1 insert", n);
+    let bar = ctx.progress.counted(&format!("{label} insert"), n);
     let started = Instant::now();
     let mut set = JoinSet::new();
     for _ in 0..INSERTERS {
@@ -379,9 +498,9 @@ async fn w1_drain(ctx: &Ctx<'_>, rec: &mut RunRecord) -> anyhow::Result<()> {
     }
     let insert = started.elapsed();
     bar.finish_and_clear();
-    rec.set("w1.insert_jobs_per_s", per_sec(n, insert));
+    rec.set(&format!("{key}.insert_jobs_per_s"), per_sec(n, insert));
 
-    let bar = ctx.progress.counted("W1 drain", n);
+    let bar = ctx.progress.counted(&format!("{label} drain"), n);
     let cpu = CpuSnapshot::take(ctx.pid).await;
     let started = Instant::now();
     ctx.set_paused(false).await?;
@@ -416,13 +535,16 @@ async fn w1_drain(ctx: &Ctx<'_>, rec: &mut RunRecord) -> anyhow::Result<()> {
         "the queue went idle with {completed} of {n} jobs completed"
     );
     if other > 0 {
-        rec.notes
-            .push(format!("W1: {other} jobs ended discarded or cancelled"));
+        rec.notes.push(format!(
+            "{label}: {other} jobs ended discarded or cancelled"
+        ));
     }
-    rec.set("w1.drain_jobs_per_s", per_sec(n, drain));
+    rec.set(&format!("{key}.drain_jobs_per_s"), per_sec(n, drain));
     rec.details.insert(
-        "w1".into(),
+        key.clone(),
         json!({
+            "queue": ctx.queue(),
+            "job": ctx.job,
             "jobs": n,
             "insert_s": insert.as_secs_f64(),
             "drain_s": drain.as_secs_f64(),
@@ -434,7 +556,7 @@ async fn w1_drain(ctx: &Ctx<'_>, rec: &mut RunRecord) -> anyhow::Result<()> {
         }),
     );
     ctx.progress.note(&format!(
-        "  W1  {n} jobs: inserted in {:.2} s ({:.0}/s), drained in {:.2} s ({:.0}/s){}",
+        "  {label}  {n} jobs: inserted in {:.2} s ({:.0}/s), drained in {:.2} s ({:.0}/s){}",
         insert.as_secs_f64(),
         per_sec(n, insert).unwrap_or(0.0),
         drain.as_secs_f64(),
@@ -605,8 +727,9 @@ async fn w2x_external_pickup(ctx: &Ctx<'_>, rec: &mut RunRecord) -> anyhow::Resu
 }
 
 /// W2: closed-model enqueue from many clients while the workers run the jobs.
-async fn w2_steady(ctx: &Ctx<'_>, rec: &mut RunRecord) -> anyhow::Result<()> {
+async fn w2_steady(ctx: &Ctx<'_>, rec: &mut RunRecord, lane: &Lane) -> anyhow::Result<()> {
     let s = ctx.settings;
+    let (key, label) = (&lane.key, &lane.label);
     ctx.settle("the previous workload").await?;
     let body = ctx.job_body()?;
     let cursor = v7_cursor(SystemTime::now());
@@ -616,7 +739,7 @@ async fn w2_steady(ctx: &Ctx<'_>, rec: &mut RunRecord) -> anyhow::Result<()> {
     let live = Arc::new(AtomicU64::new(0));
     let ticker = ctx
         .progress
-        .timed("W2", s.duration, Arc::clone(&live), "enqueued");
+        .timed(label, s.duration, Arc::clone(&live), "enqueued");
     let report = load::closed_loop(
         &ctx.endpoint,
         jobs_uri(),
@@ -638,22 +761,40 @@ async fn w2_steady(ctx: &Ctx<'_>, rec: &mut RunRecord) -> anyhow::Result<()> {
     let after = after?;
     let t = &report.tally;
     let completed = after.completed.saturating_sub(before.completed);
-    rec.set("w2.enqueue_per_s", per_sec(t.ok, report.elapsed));
-    rec.set("w2.completed_per_s", per_sec(completed, report.elapsed));
-    rec.set("w2.request_p99_ms", t.latency.quantile_ms(0.99));
     rec.set(
-        "w2.errors",
+        &format!("{key}.enqueue_per_s"),
+        per_sec(t.ok, report.elapsed),
+    );
+    rec.set(
+        &format!("{key}.completed_per_s"),
+        per_sec(completed, report.elapsed),
+    );
+    rec.set(
+        &format!("{key}.request_p99_ms"),
+        t.latency.quantile_ms(0.99),
+    );
+    rec.set(
+        &format!("{key}.errors"),
         Some((t.failed + t.other_status + t.shed) as f64),
     );
-    rec.set("w5.rss_w2_mib", mib(peak));
+    if key == "w2" {
+        rec.set("w5.rss_w2_mib", mib(peak));
+    }
 
-    ctx.settle("W2's window").await?;
+    // How long the backlog left when the producers stopped takes to run.
+    let stopped = Instant::now();
+    ctx.settle(&format!("{label}'s window")).await?;
+    rec.set(
+        &format!("{key}.backlog_gone_ms"),
+        Some(stopped.elapsed().as_secs_f64() * 1000.0),
+    );
     let lat = ctx.pickup_latencies(&cursor).await?;
-    rec.set("w2.pickup_p50_ms", lat.quantile_ms(0.5));
-    rec.set("w2.pickup_p99_ms", lat.quantile_ms(0.99));
+    rec.set(&format!("{key}.pickup_p50_ms"), lat.quantile_ms(0.5));
+    rec.set(&format!("{key}.pickup_p99_ms"), lat.quantile_ms(0.99));
     rec.details.insert(
-        "w2".into(),
+        key.clone(),
         json!({
+            "queue": ctx.queue(),
             "clients": s.clients,
             "elapsed_s": report.elapsed.as_secs_f64(),
             "accepted": t.ok,
@@ -666,9 +807,13 @@ async fn w2_steady(ctx: &Ctx<'_>, rec: &mut RunRecord) -> anyhow::Result<()> {
         }),
     );
     ctx.progress.note(&format!(
-        "  W2  {:.0} enqueued/s, {:.0} completed/s, enqueue→start p50 {} p99 {}{}",
+        "  {label}  {:.0} enqueued/s, {:.0} completed/s, backlog gone {:.0} ms after, enqueue→start p50 {} p99 {}{}",
         per_sec(t.ok, report.elapsed).unwrap_or(0.0),
         per_sec(completed, report.elapsed).unwrap_or(0.0),
+        rec.metrics
+            .get(&format!("{key}.backlog_gone_ms"))
+            .copied()
+            .unwrap_or(0.0),
         ms(lat.quantile_ms(0.5)),
         ms(lat.quantile_ms(0.99)),
         cores(cpu)
