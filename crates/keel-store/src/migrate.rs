@@ -68,6 +68,11 @@ pub const POSTGRES: &[Migration] = &[
         name: "scale_out",
         sql: include_str!("../migrations/postgres/0003_scale_out.sql"),
     },
+    Migration {
+        version: 4,
+        name: "autovacuum",
+        sql: include_str!("../migrations/postgres/0004_autovacuum.sql"),
+    },
 ];
 
 /// What a migration run did.

@@ -148,6 +148,7 @@ pub(super) struct Statements {
     pub(super) schedule_advance: String,
     pub(super) ticks_record: String,
     pub(super) ticks_delete_old: String,
+    pub(super) jobs_statistics_stale: String,
 }
 
 /// The statements, built on first use.
@@ -155,7 +156,6 @@ pub(super) static SQL: LazyLock<Statements> = LazyLock::new(Statements::build);
 
 impl Statements {
     fn build() -> Self {
-        let running = guard(Transition::Complete);
         let fail_sources = guard(Transition::Fail { retry: true });
         let rescue_sources = guard(Transition::Rescue { retry: true });
         let finished = state_list(&JobState::FINISHED);
@@ -258,50 +258,53 @@ impl Statements {
             // Batched lease-fenced updates first lock their rows in id order (`locked`):
             // a heartbeat and a completion batch over the same running jobs would otherwise
             // lock them in whatever order each join visits them, and deadlock.
-            heartbeat: format!(
-                "WITH l AS (SELECT * FROM unnest($1::uuid[], $2::uuid[]) AS l(id, token)), \
-                 locked AS (SELECT j.id FROM jobs j WHERE j.id IN (SELECT id FROM l) \
+            //
+            // They find their rows by primary key only, and have no state predicate: a live
+            // token means the job is running (CHECK jobs_lease_iff_running), and a
+            // `state = 'running'` term would let the planner choose the partial running
+            // index (jobs_expired_lease_idx) when its statistics say few jobs run, and walk
+            // every dead entry a busy table leaves in it until the next vacuum.
+            heartbeat: "WITH l AS (SELECT * FROM unnest($1::uuid[], $2::uuid[]) AS l(id, token)), \
+                 locked AS (SELECT j.id FROM jobs j WHERE j.id = ANY($1::uuid[]) \
                             ORDER BY j.id FOR UPDATE) \
                  UPDATE jobs j SET lease_expires_at = $3 \
                  FROM l \
                  WHERE j.id = l.id AND j.id IN (SELECT id FROM locked) \
-                   AND j.lease_token = l.token AND j.state IN ({running}) \
+                   AND j.lease_token = l.token \
                  RETURNING l.id, l.token"
-            ),
+                .to_owned(),
             // lease_owner stays, as a record of who ran the job. Not announced (see the
             // module documentation).
             complete: format!(
                 "WITH l AS (SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::text[]) \
                             AS l(id, token, result)), \
-                 locked AS (SELECT j.id FROM jobs j WHERE j.id IN (SELECT id FROM l) \
+                 locked AS (SELECT j.id FROM jobs j WHERE j.id = ANY($1::uuid[]) \
                             ORDER BY j.id FOR UPDATE) \
                  UPDATE jobs j SET state = '{to}', result = l.result::json, finished_at = $4, \
                    lease_token = NULL, lease_expires_at = NULL \
                  FROM l \
                  WHERE j.id = l.id AND j.id IN (SELECT id FROM locked) \
-                   AND j.lease_token = l.token AND j.state IN ({from}) \
+                   AND j.lease_token = l.token \
                  RETURNING l.id, l.token",
                 to = target(Transition::Complete),
-                from = guard(Transition::Complete),
             ),
             // The attempt the lease started does not count: it is given back. The job is
             // available again, so its queue's listeners are told ($3 is the channel; Postgres
             // folds identical notifications of one transaction into one).
             release: format!(
                 "WITH l AS (SELECT * FROM unnest($1::uuid[], $2::uuid[]) AS l(id, token)), \
-                 locked AS (SELECT j.id FROM jobs j WHERE j.id IN (SELECT id FROM l) \
+                 locked AS (SELECT j.id FROM jobs j WHERE j.id = ANY($1::uuid[]) \
                             ORDER BY j.id FOR UPDATE), \
                  released AS ( \
                    UPDATE jobs j SET state = '{to}', attempt = GREATEST(j.attempt - 1, 0), \
                      lease_token = NULL, lease_expires_at = NULL \
                    FROM l \
                    WHERE j.id = l.id AND j.id IN (SELECT id FROM locked) \
-                     AND j.lease_token = l.token AND j.state IN ({from}) \
+                     AND j.lease_token = l.token \
                    RETURNING l.id, l.token, j.queue \
                  ) \
                  SELECT r.id, r.token, pg_notify($3, r.queue) FROM released r",
                 to = target(Transition::Release),
-                from = guard(Transition::Release),
             ),
             existing: "SELECT id FROM jobs WHERE id = ANY($1)".to_owned(),
             fail_lock: "SELECT j.state, j.lease_token, j.attempt, j.max_attempts, \
@@ -567,6 +570,16 @@ impl Statements {
                    LIMIT $2 \
                    FOR UPDATE SKIP LOCKED)) \
                  AND t.tick_at < $1"
+                .to_owned(),
+            // Whether the job table changed by more rows than it had at its last analysis
+            // (and by at least $1): true on a young table (reltuples is -1 before any),
+            // then at every doubling, so a growing table is analysed a logarithmic number
+            // of times and a big steady one is left to autovacuum. `jobs` resolves through
+            // the search_path, like every statement here.
+            jobs_statistics_stale: "SELECT coalesce(s.n_mod_since_analyze >= $1::bigint \
+                   AND s.n_mod_since_analyze > greatest(c.reltuples, 0), false) \
+                 FROM pg_class c LEFT JOIN pg_stat_user_tables s ON s.relid = c.oid \
+                 WHERE c.oid = 'jobs'::regclass"
                 .to_owned(),
         }
     }
