@@ -17,21 +17,27 @@
 //! # Ok(()) }
 //! ```
 //!
-//! The loop, per queue: lease `max = free slots` with a long poll; run each job in its own
-//! task holding one slot; every `heartbeat` interval extend every running lease, and cancel
-//! a job's token when the server says it was cancelled (or the lease is gone); hand each
+//! The loop, per queue: lease ahead into a local buffer — `max = free slots + prefetch −
+//! buffered`, the prefetch following the worker's pace ([`keel_core::pace::Pace`]: jobs
+//! started per second × the lease round trip, at most [`WorkerConfig::prefetch`]) — with a
+//! long poll while nothing is buffered; start a buffered job the moment a slot frees, in its
+//! own task holding the slot until its outcome is queued; every `heartbeat` interval extend
+//! every lease held (running or buffered), and cancel a job's token when the server says it
+//! was cancelled (or the lease is gone; a buffered one is then dropped unrun); hand each
 //! outcome to one reporter task that sends whatever has accumulated as one
 //! `POST /v1/jobs/complete` or `/v1/jobs/fail` (no linger: batches grow with load). On
-//! stop: no new lease; running jobs get `grace`, then their tokens are cancelled and the
-//! jobs still unfinished are released, so their attempt does not count.
+//! stop: no new lease; buffered jobs are released at once; running jobs get `grace`, then
+//! their tokens are cancelled and the jobs still unfinished are released, so their attempt
+//! does not count.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use keel_core::JobId;
+use keel_core::pace::Pace;
 use keel_wire::{
     CompleteItem, CompleteManyBody, FailItem, FailManyBody, HeartbeatBody, HeartbeatOut,
     HumanDuration, LeaseBody, LeasedOut, OutcomesOut, ReleaseBody, raw_json,
@@ -39,7 +45,7 @@ use keel_wire::{
 use reqwest::Method;
 use serde::Serialize;
 use serde_json::Value;
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
@@ -47,8 +53,8 @@ use crate::{Client, ClientError, JobOut};
 
 /// Most outcomes sent in one batch request (the server's limit).
 const MAX_BATCH: usize = 1000;
-/// How long a poller waits for more free slots before leasing with fewer.
-const GATHER: Duration = Duration::from_millis(2);
+/// Most jobs a worker may buffer ahead of its slots (the server's own limit).
+const MAX_PREFETCH: usize = 10_000;
 
 /// Why a handler's attempt failed.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -107,6 +113,7 @@ pub struct WorkerConfig {
     wait: Duration,
     grace: Duration,
     worker_id: String,
+    prefetch: usize,
 }
 
 impl WorkerConfig {
@@ -121,7 +128,16 @@ impl WorkerConfig {
             wait: Duration::from_secs(5),
             grace: Duration::from_secs(30),
             worker_id: format!("rust-{}", std::process::id()),
+            prefetch: 256,
         }
+    }
+
+    /// Most jobs leased ahead of the free slots (default 256, at most 10 000; 0 leases
+    /// only for free slots). Within it the buffer follows the worker's pace, so short jobs
+    /// never wait for a lease round trip and long ones are not hoarded from other workers.
+    pub fn prefetch(mut self, n: usize) -> Self {
+        self.prefetch = n.min(MAX_PREFETCH);
+        self
     }
 
     /// Jobs run at once (at least 1).
@@ -332,139 +348,235 @@ struct PollCtx {
     counters: Arc<Counters>,
 }
 
+/// A leased job waiting here for a slot; heartbeated like a running one.
+struct Buffered {
+    job: JobOut,
+    token: String,
+    cancelled: CancellationToken,
+}
+
+type LeaseCall = Pin<Box<dyn Future<Output = Result<Vec<JobOut>, ClientError>> + Send>>;
+
 /// Leases from one queue until the stop; returns the job tasks it started.
 async fn poll(cx: PollCtx) -> Option<JoinSet<()>> {
     let mut jobs = JoinSet::new();
+    let mut buffer: VecDeque<Buffered> = VecDeque::new();
+    let mut pace = Pace::new(cx.config.prefetch, Instant::now());
     let mut backoff = Duration::from_millis(100);
-    while !cx.stop.is_cancelled() {
+    // The lease in flight: the call, how many it asked for, whether it may wait, when sent.
+    let mut leasing: Option<(LeaseCall, usize, bool, Instant)> = None;
+    loop {
         // Reap finished job tasks so the set does not grow.
         while jobs.try_join_next().is_some() {}
-        let first = tokio::select! {
-            p = Arc::clone(&cx.slots).acquire_owned() => match p { Ok(p) => p, Err(_) => break },
+        let started = start_buffered(&cx, &mut buffer, &mut jobs);
+        pace.started(started, Instant::now());
+        let busy = cx.config.concurrency - cx.slots.available_permits().min(cx.config.concurrency);
+        let capacity = cx.config.concurrency + pace.prefetch();
+        let room = capacity.saturating_sub(busy + buffer.len()).min(MAX_BATCH);
+        if leasing.is_none()
+            && !cx.stop.is_cancelled()
+            && room > 0
+            && (buffer.is_empty() || room >= (capacity / 4).max(1))
+        {
+            // Long-poll only with nothing buffered: jobs in hand must not wait on an empty
+            // queue's poll to be started.
+            let waits = buffer.is_empty();
+            leasing = Some((lease_call(&cx, room, waits), room, waits, Instant::now()));
+        }
+        let wait_for_slot = !buffer.is_empty() || (leasing.is_none() && room == 0);
+        tokio::select! {
+            biased;
             () = cx.stop.cancelled() => break,
-        };
-        let mut permits = vec![first];
-        // Wait a moment for half of the slots (the built-in dispatcher waits for a quarter:
-        // a round trip here costs more than a statement there), so a
-        // busy worker leases in batches instead of one job per round trip.
-        let want = (cx.config.concurrency / 2).max(1);
-        let gather_until = tokio::time::Instant::now() + GATHER;
-        while permits.len() < want {
-            let next = Arc::clone(&cx.slots).acquire_owned();
-            match tokio::time::timeout_at(gather_until, next).await {
-                Ok(Ok(p)) => permits.push(p),
-                _ => break,
-            }
-        }
-        while let Ok(p) = Arc::clone(&cx.slots).try_acquire_owned() {
-            permits.push(p);
-        }
-        let body = LeaseBody {
-            worker: cx.config.worker_id.clone(),
-            max: Some(u32::try_from(permits.len().min(MAX_BATCH)).unwrap_or(1)),
-            wait: Some(HumanDuration(cx.config.wait)),
-            lease: Some(HumanDuration(cx.config.lease)),
-            kinds: Some(cx.kinds.clone()),
-        };
-        let path = format!("/v1/queues/{}/lease", cx.queue);
-        let leased: Result<LeasedOut, ClientError> = cx
-            .client
-            .json(cx.client.request(Method::POST, &path).json(&body))
-            .await;
-        let leased = match leased {
-            Ok(l) => {
-                backoff = Duration::from_millis(100);
-                l.jobs
-            }
-            Err(e) => {
-                // A refused request (4xx) will not get better by repeating it fast either.
-                tracing::warn!(queue = %cx.queue, error = %e, "leasing failed; retrying");
-                drop(permits);
-                tokio::select! {
-                    () = tokio::time::sleep(backoff) => {}
-                    () = cx.stop.cancelled() => break,
-                }
-                backoff = (backoff * 2).min(Duration::from_secs(10));
-                continue;
-            }
-        };
-        for job in leased {
-            let Some(permit) = permits.pop() else {
-                // More jobs than asked for cannot happen; give any extra back unrun.
-                release(&cx.client, &job, &cx.counters).await;
-                continue;
-            };
-            let Some(token) = job.lease.as_ref().and_then(|l| l.token.clone()) else {
-                continue;
-            };
-            if cx.stop.is_cancelled() {
-                release(&cx.client, &job, &cx.counters).await;
-                continue;
-            }
-            // Not a child of `stop`: a stop must not cancel running jobs before the grace.
-            let cancelled = CancellationToken::new();
-            lock(&cx.running).insert(
-                job.id,
-                Running {
-                    token: token.clone(),
-                    cancelled: cancelled.clone(),
-                },
-            );
-            let handler = cx.handlers.get(&job.kind).cloned();
-            let report = cx.report.clone();
-            let running = Arc::clone(&cx.running);
-            let client = cx.client.clone();
-            let counters = Arc::clone(&cx.counters);
-            jobs.spawn(async move {
-                let id = job.id;
-                // Raw JSON from the server is valid JSON.
-                let args = serde_json::from_str(job.args.get()).unwrap_or(Value::Null);
-                let ctx = JobContext {
-                    job: job.clone(),
-                    cancelled: cancelled.clone(),
-                };
-                let outcome = match handler {
-                    Some(h) => {
-                        // A panicking handler is a failed attempt, not a dead worker.
-                        match tokio::spawn(h(ctx, args)).await {
-                            Ok(r) => r,
-                            Err(e) => Err(JobFailure::retry(format!("the handler panicked: {e}"))),
-                        }
+            (leased, asked, waited, sent) = finish(&mut leasing) => match leased {
+                Ok(leased) => {
+                    backoff = Duration::from_millis(100);
+                    // A long poll that waited for work says nothing about the round trip.
+                    if !waited || leased.len() >= asked {
+                        pace.leased(sent.elapsed());
                     }
-                    None => Err(JobFailure::permanent(format!(
-                        "no handler for kind {:?} in this worker",
-                        job.kind
-                    ))),
-                };
-                lock(&running).remove(&id);
-                if cancelled.is_cancelled() && outcome.is_err() {
-                    // Stopped by the grace period (or a cancel): give it back unrun. A
-                    // cancelled job's release is refused as stale, which is fine.
-                    release(&client, &job, &counters).await;
-                } else {
-                    let id = id.to_string();
-                    let sent = match outcome {
-                        Ok(result) => Outcome::Complete(CompleteItem {
-                            id,
-                            token,
-                            result: Some(raw_json(&result)),
-                        }),
-                        Err(failure) => Outcome::Fail(FailItem {
-                            id,
-                            token,
-                            error: failure.message,
-                            permanent: Some(failure.permanent),
-                            retry_in: failure.retry_in.map(HumanDuration),
-                        }),
-                    };
-                    let _ = report.send(sent).await;
+                    take_lease(&cx, leased, &mut buffer);
                 }
-                drop(permit);
-            });
+                Err(e) => {
+                    // A refused request (4xx) will not get better by repeating it fast either.
+                    tracing::warn!(queue = %cx.queue, error = %e, "leasing failed; retrying");
+                    tokio::select! {
+                        () = tokio::time::sleep(backoff) => {}
+                        () = cx.stop.cancelled() => break,
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(10));
+                }
+            },
+            permit = Arc::clone(&cx.slots).acquire_owned(), if wait_for_slot => {
+                let Ok(permit) = permit else { break };
+                if let Some(b) = next_live(&cx, &mut buffer) {
+                    start(&cx, b, permit, &mut jobs);
+                    pace.started(1, Instant::now());
+                }
+            }
         }
-        drop(permits);
     }
+    // Stopped. A lease in flight was granted to us: its jobs go back with the buffer's.
+    if let Some((call, ..)) = leasing.take()
+        && let Ok(leased) = call.await
+    {
+        take_lease(&cx, leased, &mut buffer);
+    }
+    let mut releases = JoinSet::new();
+    for b in buffer.drain(..) {
+        lock(&cx.running).remove(&b.job.id);
+        let (client, counters) = (cx.client.clone(), Arc::clone(&cx.counters));
+        releases.spawn(async move { release(&client, &b.job, &counters).await });
+    }
+    while releases.join_next().await.is_some() {}
     Some(jobs)
+}
+
+fn lease_call(cx: &PollCtx, max: usize, waits: bool) -> LeaseCall {
+    let body = LeaseBody {
+        worker: cx.config.worker_id.clone(),
+        max: Some(u32::try_from(max.clamp(1, MAX_BATCH)).unwrap_or(1)),
+        wait: Some(HumanDuration(if waits {
+            cx.config.wait
+        } else {
+            Duration::ZERO
+        })),
+        lease: Some(HumanDuration(cx.config.lease)),
+        kinds: Some(cx.kinds.clone()),
+    };
+    let path = format!("/v1/queues/{}/lease", cx.queue);
+    let client = cx.client.clone();
+    Box::pin(async move {
+        let leased: LeasedOut = client
+            .json(client.request(Method::POST, &path).json(&body))
+            .await?;
+        Ok(leased.jobs)
+    })
+}
+
+/// The lease in flight's answer; never resolves when none is in flight. Cancel-safe: the
+/// call stays in `leasing` if this is dropped first.
+async fn finish(
+    leasing: &mut Option<(LeaseCall, usize, bool, Instant)>,
+) -> (Result<Vec<JobOut>, ClientError>, usize, bool, Instant) {
+    let Some((call, asked, waits, sent)) = leasing.as_mut() else {
+        return std::future::pending().await;
+    };
+    let answer = call.await;
+    let out = (answer, *asked, *waits, *sent);
+    *leasing = None;
+    (out.0, out.1, out.2, out.3)
+}
+
+/// Registers freshly leased jobs with the heartbeats and appends them to the buffer.
+fn take_lease(cx: &PollCtx, leased: Vec<JobOut>, buffer: &mut VecDeque<Buffered>) {
+    for job in leased {
+        let Some(token) = job.lease.as_ref().and_then(|l| l.token.clone()) else {
+            continue;
+        };
+        // Not a child of `stop`: a stop must not cancel running jobs before the grace.
+        let cancelled = CancellationToken::new();
+        lock(&cx.running).insert(
+            job.id,
+            Running {
+                token: token.clone(),
+                cancelled: cancelled.clone(),
+            },
+        );
+        buffer.push_back(Buffered {
+            job,
+            token,
+            cancelled,
+        });
+    }
+}
+
+/// The first buffered job still worth running; drops those cancelled (or whose lease was
+/// lost) while they waited.
+fn next_live(cx: &PollCtx, buffer: &mut VecDeque<Buffered>) -> Option<Buffered> {
+    while let Some(b) = buffer.pop_front() {
+        if !b.cancelled.is_cancelled() {
+            return Some(b);
+        }
+        lock(&cx.running).remove(&b.job.id);
+        tracing::info!(job_id = %b.job.id, "a buffered job was cancelled before it started; dropped");
+    }
+    None
+}
+
+/// Starts buffered jobs on the free slots; returns how many.
+fn start_buffered(cx: &PollCtx, buffer: &mut VecDeque<Buffered>, jobs: &mut JoinSet<()>) -> usize {
+    let mut started = 0;
+    while !buffer.is_empty() {
+        let Ok(permit) = Arc::clone(&cx.slots).try_acquire_owned() else {
+            break;
+        };
+        let Some(b) = next_live(cx, buffer) else {
+            break;
+        };
+        start(cx, b, permit, jobs);
+        started += 1;
+    }
+    started
+}
+
+/// Runs one job in its own task holding `permit` until its outcome is queued.
+fn start(cx: &PollCtx, b: Buffered, permit: OwnedSemaphorePermit, jobs: &mut JoinSet<()>) {
+    let Buffered {
+        job,
+        token,
+        cancelled,
+    } = b;
+    let handler = cx.handlers.get(&job.kind).cloned();
+    let report = cx.report.clone();
+    let running = Arc::clone(&cx.running);
+    let client = cx.client.clone();
+    let counters = Arc::clone(&cx.counters);
+    jobs.spawn(async move {
+        let id = job.id;
+        // Raw JSON from the server is valid JSON.
+        let args = serde_json::from_str(job.args.get()).unwrap_or(Value::Null);
+        let ctx = JobContext {
+            job: job.clone(),
+            cancelled: cancelled.clone(),
+        };
+        let outcome = match handler {
+            Some(h) => {
+                // A panicking handler is a failed attempt, not a dead worker.
+                match tokio::spawn(h(ctx, args)).await {
+                    Ok(r) => r,
+                    Err(e) => Err(JobFailure::retry(format!("the handler panicked: {e}"))),
+                }
+            }
+            None => Err(JobFailure::permanent(format!(
+                "no handler for kind {:?} in this worker",
+                job.kind
+            ))),
+        };
+        lock(&running).remove(&id);
+        if cancelled.is_cancelled() && outcome.is_err() {
+            // Stopped by the grace period (or a cancel): give it back unrun. A
+            // cancelled job's release is refused as stale, which is fine.
+            release(&client, &job, &counters).await;
+        } else {
+            let id = id.to_string();
+            let sent = match outcome {
+                Ok(result) => Outcome::Complete(CompleteItem {
+                    id,
+                    token,
+                    result: Some(raw_json(&result)),
+                }),
+                Err(failure) => Outcome::Fail(FailItem {
+                    id,
+                    token,
+                    error: failure.message,
+                    permanent: Some(failure.permanent),
+                    retry_in: failure.retry_in.map(HumanDuration),
+                }),
+            };
+            let _ = report.send(sent).await;
+        }
+        drop(permit);
+    });
 }
 
 /// Gives a leased job back unrun.

@@ -15,6 +15,7 @@ pub mod error;
 pub mod ids;
 pub mod job;
 pub mod json_text;
+pub mod pace;
 pub mod schedule;
 pub mod store;
 

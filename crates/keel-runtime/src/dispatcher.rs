@@ -6,9 +6,11 @@
 //! of a few milliseconds, and nothing of its own). So the dispatcher leases ahead: it holds
 //! up to `concurrency + prefetch` jobs (running plus buffered), leases again in the
 //! background while slots drain the buffer, and a worker hands its outcome to the completer
-//! and gives its slot back before the write is done ([`crate::worker`]). With one lease in
-//! flight at a time, a busy queue's leases batch themselves: whatever room opened up during
-//! one round trip is asked for by the next.
+//! and gives its slot back before the write is done ([`crate::worker`]). How far ahead
+//! follows the queue's pace ([`Pace`]: jobs started per second × the lease round trip),
+//! capped by [`crate::RuntimeConfig::prefetch`]. With one lease in flight at a time, a
+//! busy queue's leases batch themselves: whatever room opened up during one round trip is
+//! asked for by the next.
 //!
 //! Buffered jobs are leased jobs like running ones: the heartbeat extends their leases, a
 //! user's cancel (or a lost lease) fires their token and the dispatcher drops them instead
@@ -27,6 +29,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
+use keel_core::pace::Pace;
 use keel_core::store::{LeaseParams, LeaseRef};
 use keel_core::{Job, StoreError};
 use rand::Rng;
@@ -64,74 +67,6 @@ impl Drop for Slot {
     }
 }
 
-/// How far ahead a queue leases: enough jobs to keep its slots busy through the next lease
-/// round trip, and no more.
-///
-/// A fixed buffer is wrong one way or the other: short jobs drain a small one long before
-/// the next lease answers (slots idle on the database), and long jobs sit in a large one
-/// for minutes while other replicas have free slots. So the buffer follows what the slots
-/// consume: jobs started per second × the lease round trip, with a margin of
-/// [`Pace::MARGIN`], between one job and the configured cap. Noop jobs on 20 slots buffer
-/// dozens; ten-second jobs buffer one.
-struct Pace {
-    cap: usize,
-    /// Jobs started since `since`.
-    count: u64,
-    since: Instant,
-    /// Jobs started per second (moving average).
-    rate: f64,
-    /// A lease's round trip in seconds (moving average).
-    rtt: f64,
-}
-
-impl Pace {
-    /// Round trips' worth of jobs kept buffered.
-    const MARGIN: f64 = 4.0;
-    /// Shortest window over which the start rate is measured.
-    const WINDOW: Duration = Duration::from_millis(50);
-
-    fn new(cap: usize) -> Self {
-        Self {
-            cap,
-            count: 0,
-            since: Instant::now(),
-            rate: 0.0,
-            rtt: 0.001,
-        }
-    }
-
-    fn started(&mut self, n: usize) {
-        self.count += n as u64;
-        let elapsed = self.since.elapsed();
-        if elapsed >= Self::WINDOW {
-            let now = self.count as f64 / elapsed.as_secs_f64();
-            // A long quiet window replaces the average outright: a queue that went idle
-            // should not keep a large buffer for its next burst's first leases.
-            let keep = if elapsed >= Self::WINDOW * 4 {
-                0.0
-            } else {
-                0.5
-            };
-            self.rate = keep * self.rate + (1.0 - keep) * now;
-            self.count = 0;
-            self.since = Instant::now();
-        }
-    }
-
-    fn leased(&mut self, took: Duration) {
-        self.rtt = 0.8 * self.rtt + 0.2 * took.as_secs_f64();
-    }
-
-    /// Jobs to hold beyond the slots right now.
-    fn prefetch(&self) -> usize {
-        if self.cap == 0 {
-            return 0;
-        }
-        let want = (self.rate * self.rtt * Self::MARGIN).ceil();
-        (want as usize).clamp(1, self.cap)
-    }
-}
-
 /// A leased job waiting in the buffer for a slot.
 struct Buffered {
     job: Job,
@@ -145,7 +80,7 @@ type LeaseCall = Pin<Box<dyn Future<Output = Result<Vec<Job>, StoreError>> + Sen
 pub(crate) async fn run(shared: Arc<Shared>, queue: QueueConfig, wake: Arc<Notify>) {
     let slots = Arc::new(Semaphore::new(queue.concurrency));
     let freed = Arc::new(Notify::new());
-    let mut pace = Pace::new(shared.config.prefetch_cap());
+    let mut pace = Pace::new(shared.config.prefetch_cap(), std::time::Instant::now());
     let stop = shared.draining.clone();
     let mut buffer: VecDeque<Buffered> = VecDeque::new();
     let mut leasing: Option<(LeaseCall, usize)> = None;
@@ -158,7 +93,8 @@ pub(crate) async fn run(shared: Arc<Shared>, queue: QueueConfig, wake: Arc<Notif
     let mut retry_at: Option<Instant> = None;
     let mut reported = usize::MAX;
     loop {
-        pace.started(start_buffered(&shared, &slots, &freed, &mut buffer));
+        let started = start_buffered(&shared, &slots, &freed, &mut buffer);
+        pace.started(started, std::time::Instant::now());
         if buffer.len() != reported {
             reported = buffer.len();
             telemetry::jobs_prefetched(&queue.name, reported);

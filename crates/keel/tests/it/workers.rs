@@ -492,3 +492,136 @@ async fn a_tenant_worker_leases_only_its_tenants_jobs(backend: Backend, test: &s
     );
     app.stop().await;
 }
+
+/// keel-client's worker leases ahead of its slots (prefetch). With its two slots held by
+/// handlers that wait on a gate, it holds more leases than slots; a stop then releases the
+/// buffered jobs at once (back to `available`, no attempt used) while the running ones
+/// finish within the grace period; a second worker runs the rest. Every job ran exactly
+/// once and completed on its first attempt.
+async fn the_rust_worker_releases_its_prefetched_jobs_at_stop(backend: Backend, test: &str) {
+    use std::collections::HashMap;
+    use std::sync::{Arc, Mutex};
+
+    use keel_client::worker::{JobFailure, Worker, WorkerConfig};
+    use keel_client::{JobIn, JobListQuery, JobOut};
+    use keel_core::JobState;
+    use tokio_util::sync::CancellationToken;
+
+    const JOBS: usize = 12;
+    let Some(app) = spawn_app(backend, test).await else {
+        return;
+    };
+    for n in 0..JOBS {
+        let job = JobIn {
+            queue: Some("ext".to_owned()),
+            ..JobIn::new("gated", json!({ "n": n }))
+        };
+        app.client.enqueue(&job, None).await.unwrap();
+    }
+    let (gate, opened) = tokio::sync::watch::channel(false);
+    let runs: Arc<Mutex<HashMap<String, usize>>> = Arc::default();
+    let worker = |runs: Arc<Mutex<HashMap<String, usize>>>| {
+        let opened = opened.clone();
+        Worker::new(
+            app.client.clone(),
+            WorkerConfig::new(["ext"])
+                .concurrency(2)
+                .wait(Duration::from_millis(500))
+                .grace(Duration::from_secs(30)),
+        )
+        .handle("gated", move |ctx, _| {
+            let (runs, mut opened) = (Arc::clone(&runs), opened.clone());
+            async move {
+                *runs
+                    .lock()
+                    .unwrap()
+                    .entry(ctx.job.id.to_string())
+                    .or_default() += 1;
+                let _ = opened.wait_for(|open| *open).await;
+                Ok::<_, JobFailure>(Value::Null)
+            }
+        })
+    };
+    let jobs = |state: Option<JobState>| {
+        let client = app.client.clone();
+        async move {
+            client
+                .list_jobs(&JobListQuery {
+                    queue: Some("ext".to_owned()),
+                    state,
+                    limit: Some(100),
+                    ..JobListQuery::default()
+                })
+                .await
+                .unwrap()
+                .jobs
+        }
+    };
+
+    let stop = CancellationToken::new();
+    let first = tokio::spawn(worker(Arc::clone(&runs)).run(stop.clone()));
+    let running: Vec<JobOut> = within(
+        Duration::from_secs(30),
+        "both slots busy and a job buffered",
+        async {
+            loop {
+                let running = jobs(Some(JobState::Running)).await;
+                if runs.lock().unwrap().len() == 2 && running.len() > 2 {
+                    return running;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        },
+    )
+    .await;
+    stop.cancel();
+    // The buffered jobs come back at once, unrun, while the slots' jobs still run.
+    within(
+        Duration::from_secs(30),
+        "the buffered jobs released",
+        async {
+            loop {
+                let running = jobs(Some(JobState::Running)).await;
+                if running.len() == 2 {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        },
+    )
+    .await;
+    for job in jobs(Some(JobState::Available)).await {
+        assert_eq!(job.attempt, 0, "a released job used an attempt: {job:?}");
+    }
+    gate.send(true).unwrap();
+    let report = first.await.unwrap().unwrap();
+    assert_eq!(report.completed, 2, "{report:?}");
+    assert!(
+        report.released as usize >= running.len() - 2,
+        "{report:?}, {} leased at the stop",
+        running.len()
+    );
+
+    let stop = CancellationToken::new();
+    let second = tokio::spawn(worker(Arc::clone(&runs)).run(stop.clone()));
+    let all = within(Duration::from_secs(30), "every job completing", async {
+        loop {
+            let all = jobs(None).await;
+            if all.len() == JOBS && all.iter().all(|j| j.state == JobState::Completed) {
+                return all;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    stop.cancel();
+    second.await.unwrap().unwrap();
+    let runs = runs.lock().unwrap().clone();
+    for job in &all {
+        assert_eq!(job.attempt, 1, "{job:?}");
+        assert_eq!(runs.get(&job.id.to_string()), Some(&1), "{job:?}");
+    }
+    app.stop().await;
+}
+
+both_backends!(the_rust_worker_releases_its_prefetched_jobs_at_stop);
