@@ -12,6 +12,9 @@ import type { OutcomeResult } from "./types.js";
 /** Most outcomes the server takes in one request. */
 export const MAX_BATCH = 1000;
 
+/** Most outcomes one batcher holds unacknowledged (waiting for the window, or sent) by default. */
+export const MAX_OUTSTANDING = MAX_BATCH;
+
 interface Pending<T> {
   item: T;
   /** Whether the lease may still be held: past it, a retry could only be refused. */
@@ -19,14 +22,33 @@ interface Pending<T> {
   resolve: (result: OutcomeResult | undefined) => void;
 }
 
+/** An outcome handed to {@link OutcomeBatcher.submit}. */
+export interface Submitted {
+  /**
+   * Resolves once the batcher took the item: at once while it holds fewer than its limit,
+   * otherwise when an earlier item's answer made room (backpressure). Never rejects.
+   */
+  queued: Promise<void>;
+  /** The server's answer to this item, or `undefined` once its lease lapsed. Never rejects. */
+  answer: Promise<OutcomeResult | undefined>;
+}
+
 /**
  * Collects items for `windowMs` after the first one arrives (or until `MAX_BATCH` are
  * waiting), then sends them together. Each submitter gets its own item's answer. A
  * request that got no answer, or a transient error, is retried with capped backoff for as
  * long as the item's lease may still be held; an item past that resolves `undefined`.
+ *
+ * It holds at most `limit` items between taking them and their answer. Past that, items
+ * wait to be taken, in order: a worker whose writes fall behind stops freeing slots (and so
+ * stops leasing) instead of piling up finished jobs whose leases it must keep alive.
  */
 export class OutcomeBatcher<T extends { id: string }> {
   readonly #pending: Pending<T>[] = [];
+  /** Items waiting for room, oldest first; each is taken by calling it. */
+  readonly #waiting: (() => void)[] = [];
+  /** Items taken and not yet answered. */
+  #outstanding = 0;
   #timer: ReturnType<typeof setTimeout> | undefined;
 
   constructor(
@@ -34,15 +56,38 @@ export class OutcomeBatcher<T extends { id: string }> {
     private readonly send: (items: T[]) => Promise<OutcomeResult[]>,
     private readonly windowMs: number,
     private readonly logger: Logger,
+    private readonly limit: number = MAX_OUTSTANDING,
   ) {}
 
-  /** Queues one outcome; resolves with the server's answer to it. Never rejects. */
-  submit(item: T, held: () => boolean): Promise<OutcomeResult | undefined> {
-    return new Promise((resolve) => {
-      this.#pending.push({ item, held, resolve });
-      if (this.#pending.length >= MAX_BATCH) this.#flush();
-      else this.#timer ??= setTimeout(() => this.#flush(), this.windowMs);
+  /** Items taken and not yet answered. */
+  get outstanding(): number {
+    return this.#outstanding;
+  }
+
+  /** Submits one outcome; see {@link Submitted}. */
+  submit(item: T, held: () => boolean): Submitted {
+    let taken!: () => void;
+    const queued = new Promise<void>((resolve) => (taken = resolve));
+    const answer = new Promise<OutcomeResult | undefined>((resolve) => {
+      const take = (): void => {
+        this.#outstanding++;
+        let answered = false;
+        const done = (result: OutcomeResult | undefined): void => {
+          if (answered) return;
+          answered = true;
+          this.#outstanding--;
+          this.#waiting.shift()?.();
+          resolve(result);
+        };
+        this.#pending.push({ item, held, resolve: done });
+        if (this.#pending.length >= MAX_BATCH) this.#flush();
+        else this.#timer ??= setTimeout(() => this.#flush(), this.windowMs);
+        taken();
+      };
+      if (this.#outstanding < this.limit && this.#waiting.length === 0) take();
+      else this.#waiting.push(take);
     });
+    return { queued, answer };
   }
 
   #flush(): void {

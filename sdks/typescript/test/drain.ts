@@ -5,6 +5,7 @@
  *
  *   node dist/test/drain.js --url http://127.0.0.1:8080 [--jobs 10000] [--concurrency 64]
  *                           [--queue ts-bench-<random>] [--api-key KEY] [--batch-window-ms 5]
+ *                           [--prefetch 256]
  *
  * `KEEL_URL` and `KEEL_API_KEY` stand in for `--url` and `--api-key`. The queue must not be
  * served by the server itself (not in its `KEEL_QUEUES`). The clock runs from the worker's
@@ -26,12 +27,13 @@ const { values } = parseArgs({
     concurrency: { type: "string", default: "64" },
     queue: { type: "string", default: `ts-bench-${randomBytes(4).toString("hex")}` },
     "batch-window-ms": { type: "string", default: "5" },
+    prefetch: { type: "string", default: "256" },
     help: { type: "boolean", default: false },
   },
 });
 
 if (values.help || !values.url) {
-  console.error("usage: node dist/test/drain.js --url http://127.0.0.1:8080 [--jobs 10000] [--concurrency 64] [--queue NAME] [--api-key KEY] [--batch-window-ms 5]");
+  console.error("usage: node dist/test/drain.js --url http://127.0.0.1:8080 [--jobs 10000] [--concurrency 64] [--queue NAME] [--api-key KEY] [--batch-window-ms 5] [--prefetch 256]");
   process.exit(values.help ? 0 : 2);
 }
 
@@ -60,6 +62,7 @@ const worker = new Worker(client, {
   // long the final stop waits for the last (empty) lease request to come back.
   pollWaitMs: 1_000,
   batchWindowMs: positiveInt("batch-window-ms", values["batch-window-ms"], true),
+  prefetch: positiveInt("prefetch", values.prefetch, true),
 });
 worker.handle<{ n: number }>("square", (_ctx, { n }) => ({ square: n * n }));
 const drainStart = performance.now();
@@ -81,7 +84,7 @@ if (failure !== undefined) {
   process.exit(1);
 }
 console.log(
-  `drained ${total} jobs with concurrency ${concurrency} in ${drainSeconds.toFixed(2)} s: ${Math.round(total / drainSeconds)} jobs/s`,
+  `drained ${total} jobs with concurrency ${concurrency} (prefetch cap ${worker.prefetch}) in ${drainSeconds.toFixed(2)} s: ${Math.round(total / drainSeconds)} jobs/s`,
 );
 
 // Check every job, a few requests at a time.

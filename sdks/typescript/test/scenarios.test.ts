@@ -322,6 +322,166 @@ for (const backend of backends) {
       assert.ok(refused.errors.every((e) => e.message.length > 0));
     });
 
+    it("prefetch_stop", async () => {
+      // Two slots, handlers held at a gate: the worker leases ahead of its slots, and a stop
+      // must give the buffered jobs back at once (no attempt used) while the running ones
+      // finish. A second worker then runs every job that was not completed, once.
+      const queue = "ts-prefetch-stop";
+      const enqueued = await client.enqueueMany(Array.from({ length: 12 }, (_, n) => ({ kind: "gated", args: { n }, queue })));
+      const calls = new Map<string, number>();
+      const started = new Set<string>();
+      const gate = deferred<void>();
+      const { logger, lines } = memoryLogger();
+      const first = new Worker(client, { queues: [queue], concurrency: 2, graceMs: DEADLINE_MS, handleSignals: false, logger });
+      first.handle("gated", async (ctx) => {
+        calls.set(ctx.id, (calls.get(ctx.id) ?? 0) + 1);
+        started.add(ctx.id);
+        await gate.promise;
+        return { by: "first" };
+      });
+      const running = runInBackground(first);
+      let buffered: string[] = [];
+      try {
+        const leased = await waitFor(
+          "both slots busy and more jobs leased than there are slots",
+          async () => {
+            const ids = await runningIds(queue);
+            return started.size === 2 && ids.length > 2 ? ids : undefined;
+          },
+          { failFast: running.failure },
+        );
+        buffered = leased.filter((id) => !started.has(id));
+        assert.ok(buffered.length >= 1, `leased ${leased.length}, started ${started.size}`);
+        assert.equal(started.size, 2, "no more handlers run than there are slots");
+        assert.ok(first.held > 2, `held ${first.held}`);
+
+        const stopping = first.stop();
+        // At once: the running handlers are still held at the gate.
+        // (A lease answered after the stop began is released too, so wait for the server to
+        // show only the started jobs as held.)
+        await waitFor("the buffered jobs to be released", async () => {
+          const states = await Promise.all(buffered.map(async (id) => (await client.get(id)).state));
+          const held = (await runningIds(queue)).sort();
+          return states.every((s) => s === "available") && held.join() === [...started].sort().join();
+        });
+        for (const id of buffered) {
+          const job = await client.get(id);
+          assert.equal(job.state, "available", JSON.stringify(job));
+          assert.equal(job.attempt, 0, "a released buffered job's attempt is not counted");
+          assert.equal(job.lease, null);
+        }
+        for (const id of started) assert.equal((await client.get(id)).state, "running", "running jobs are let finish");
+
+        gate.resolve();
+        await within("stop() to return once the running jobs finished", stopping);
+      } finally {
+        gate.resolve();
+        await first.stop();
+        await running.done;
+      }
+      assert.equal(running.failure(), undefined, `worker.run() rejected:\n${lines.join("\n")}`);
+      assert.equal(first.held, 0);
+      for (const id of started) {
+        const job = await client.get(id);
+        assert.equal(job.state, "completed", JSON.stringify(job));
+        assert.equal(job.attempt, 1);
+        assert.deepEqual(job.result, { by: "first" });
+      }
+      for (const id of buffered) assert.equal(calls.get(id), undefined, `buffered job ${id} ran on the stopping worker`);
+
+      // A short long poll: the stop at the end waits for the last one to come back.
+      const second = new Worker(client, { queues: [queue], concurrency: 4, pollWaitMs: 1_000, handleSignals: false, logger });
+      second.handle("gated", (ctx) => {
+        calls.set(ctx.id, (calls.get(ctx.id) ?? 0) + 1);
+        return { by: "second" };
+      });
+      const again = runInBackground(second);
+      try {
+        await waitFor(
+          "all 12 jobs to finish",
+          async () => (await client.queues()).find((q) => q.queue === queue)?.counts.completed === enqueued.length,
+          { failFast: again.failure },
+        );
+      } finally {
+        await second.stop();
+        await again.done;
+      }
+      assert.equal(again.failure(), undefined, `worker.run() rejected:\n${lines.join("\n")}`);
+      for (const { id } of enqueued) {
+        const job = await client.get(id);
+        assert.equal(job.state, "completed", JSON.stringify(job));
+        assert.equal(calls.get(id), 1, `job ${id} ran ${calls.get(id) ?? 0} times`);
+        assert.equal(job.attempt, 1, `job ${id} used ${job.attempt} attempts`);
+        assert.deepEqual(job.result, { by: started.has(id) ? "first" : "second" });
+      }
+    });
+
+    it("prefetch_buffered_cancel", async () => {
+      // One slot held at a gate and a job buffered behind it: the buffered job's lease is
+      // renewed by heartbeats while it waits, and once cancelled it is dropped unrun.
+      const queue = "ts-prefetch-cancel";
+      const enqueued = await client.enqueueMany(Array.from({ length: 4 }, (_, n) => ({ kind: "gated", args: { n }, queue })));
+      const calls = new Map<string, number>();
+      const started = new Set<string>();
+      const gate = deferred<void>();
+      const { logger, lines } = memoryLogger();
+      const worker = new Worker(client, { queues: [queue], concurrency: 1, leaseMs: 5_000, pollWaitMs: 1_000, handleSignals: false, logger });
+      worker.handle("gated", async (ctx) => {
+        calls.set(ctx.id, (calls.get(ctx.id) ?? 0) + 1);
+        started.add(ctx.id);
+        await gate.promise;
+        return { n: (ctx.job.args as { n: number }).n };
+      });
+      const running = runInBackground(worker);
+      let victim = "";
+      try {
+        const leased = await waitFor(
+          "a job buffered behind the busy slot",
+          async () => {
+            const ids = await runningIds(queue);
+            return started.size === 1 && ids.length > 1 ? ids : undefined;
+          },
+          { failFast: running.failure },
+        );
+        victim = leased.find((id) => !started.has(id))!;
+        const leasedUntil = Date.parse((await client.get(victim)).lease!.expires_at);
+        await waitFor(
+          "a heartbeat to renew the buffered job's lease",
+          async () => {
+            const lease = (await client.get(victim)).lease;
+            return lease !== null && Date.parse(lease.expires_at) > leasedUntil;
+          },
+          { failFast: running.failure },
+        );
+        assert.equal((await client.cancel(victim)).state, "cancelled");
+        await waitFor("the worker to drop the cancelled buffered job", () => lines.some((l) => l.includes(victim) && l.includes("dropped")), {
+          failFast: running.failure,
+        });
+        gate.resolve();
+        await waitFor(
+          "the other jobs to complete",
+          async () => (await client.queues()).find((q) => q.queue === queue)?.counts.completed === enqueued.length - 1,
+          { failFast: running.failure },
+        );
+      } finally {
+        gate.resolve();
+        await worker.stop();
+        await running.done;
+      }
+      assert.equal(running.failure(), undefined, `worker.run() rejected:\n${lines.join("\n")}`);
+      assert.equal(calls.get(victim), undefined, "a cancelled buffered job must not run");
+      assert.equal((await client.get(victim)).state, "cancelled");
+      assert.ok(!lines.some((l) => l.includes(victim) && l.includes("refused")), lines.join("\n"));
+      for (const [n, { id }] of enqueued.entries()) {
+        if (id === victim) continue;
+        const job = await client.get(id);
+        assert.equal(job.state, "completed", JSON.stringify(job));
+        assert.equal(job.attempt, 1);
+        assert.equal(calls.get(id), 1);
+        assert.deepEqual(job.result, { n });
+      }
+    });
+
     it("client_errors", async () => {
       const missing = "01930000-0000-7000-8000-000000000000";
       const notFound = await client.get(missing).then(
@@ -414,12 +574,18 @@ for (const backend of backends) {
       assert.ok(aborts.every((e) => e["reason"] === "ShutdownError"));
     });
 
+    /** The ids of a queue's jobs the server shows `running`, i.e. leased by some worker. */
+    async function runningIds(queue: string): Promise<string[]> {
+      const answer = await raw("GET", `/v1/jobs?queue=${queue}&state=running&limit=1000`, undefined);
+      assert.equal(answer.status, 200, JSON.stringify(answer.body));
+      return (answer.body as { jobs: Job[] }).jobs.map((j) => j.id);
+    }
+
     /** A request without the SDK, as a worker in another language would send it. */
     async function raw(method: string, path: string, body: unknown): Promise<{ status: number; body: unknown }> {
       const res = await fetch(server!.url + path, {
         method,
-        headers: { "content-type": "application/json" },
-        body: JSON.stringify(body),
+        ...(body === undefined ? {} : { headers: { "content-type": "application/json" }, body: JSON.stringify(body) }),
       });
       const text = await res.text();
       return { status: res.status, body: text ? (JSON.parse(text) as unknown) : undefined };

@@ -1,6 +1,7 @@
 /**
  * What can be checked without a server: option mapping and validation, error parsing,
- * serialisation checks, backoff bounds, and a worker facing a server that is not there.
+ * serialisation checks, backoff bounds, the prefetch pace, the outcome batcher's bound, and
+ * a worker facing a server that is not there.
  */
 
 import assert from "node:assert/strict";
@@ -8,8 +9,11 @@ import { createServer } from "node:net";
 import { test } from "node:test";
 
 import { Client, KeelError, KeelNetworkError, PermanentError, RetryIn, Worker } from "../src/index.js";
+import { OutcomeBatcher } from "../src/batcher.js";
 import { backoffDelay, durationMs, errorText, toJson, wireDuration, workerName } from "../src/internal.js";
-import { memoryLogger, waitFor } from "./harness.js";
+import { Pace } from "../src/pace.js";
+import type { OutcomeResult } from "../src/types.js";
+import { deferred, memoryLogger, waitFor } from "./harness.js";
 
 test("durations go on the wire with a unit", () => {
   assert.equal(wireDuration(10_000, "wait"), "10000ms");
@@ -131,10 +135,15 @@ test("options are validated when the objects are made", () => {
   assert.throws(() => new Worker(client, { queues: "q", concurrency: 0 }), /concurrency/);
   assert.throws(() => new Worker(client, { queues: "q", pollWaitMs: 31_000 }), /pollWaitMs/);
   assert.throws(() => new Worker(client, { queues: "q", heartbeatMs: 30_000 }), /heartbeatMs/);
+  assert.throws(() => new Worker(client, { queues: "q", prefetch: -1 }), /prefetch/);
+  assert.throws(() => new Worker(client, { queues: "q", prefetch: 1.5 }), /prefetch/);
+  assert.throws(() => new Worker(client, { queues: "q", prefetch: 10_001 }), /prefetch/);
+  assert.equal(new Worker(client, { queues: "q", prefetch: 0 }).prefetch, 0);
   const w = new Worker(client, { queues: ["a", "a", "b"], leaseMs: 6_000 });
   assert.deepEqual(w.queues, ["a", "b"]);
   assert.equal(w.heartbeatMs, 2_000);
   assert.equal(w.concurrency, 10);
+  assert.equal(w.prefetch, 256);
   assert.match(w.workerId, /^[A-Za-z0-9][A-Za-z0-9_.:-]*:\d+$/);
 });
 
@@ -185,4 +194,94 @@ test("a worker whose server is down backs off, keeps going and stops cleanly", a
   await run;
   assert.equal(failure, undefined, "network errors must not end run()");
   assert.equal(worker.held, 0);
+});
+
+test("the prefetch follows the start rate and the lease round trip", () => {
+  let now = 0;
+  const pace = new Pace(256, () => now);
+  assert.equal(pace.prefetch(), 1, "nothing measured yet: one job ahead");
+  // Round trips of 10 ms, as a moving average (0.8 old + 0.2 new) from the 1 ms seed.
+  pace.leased(10);
+  assert.ok(Math.abs(pace.state.rtt - (0.8 * 0.001 + 0.2 * 0.01)) < 1e-12, String(pace.state.rtt));
+  for (let i = 0; i < 60; i++) pace.leased(10);
+  assert.ok(Math.abs(pace.state.rtt - 0.01) < 1e-6, String(pace.state.rtt));
+
+  pace.started(100);
+  assert.equal(pace.state.rate, 0, "a window shorter than 50 ms measures nothing");
+  now = 100; // 100 starts in 100 ms: 1000/s, averaged half and half with the old 0
+  pace.started(0);
+  assert.equal(pace.state.rate, 500);
+  assert.equal(pace.prefetch(), 20, "ceil(500/s × 10 ms × 4)");
+  now = 150; // 100 more in 50 ms: 2000/s
+  pace.started(100);
+  assert.equal(pace.state.rate, 1250);
+  assert.equal(pace.prefetch(), 50);
+  now = 170;
+  pace.started(1_000);
+  assert.equal(pace.state.rate, 1250, "the window is still open");
+  now = 220; // 1000 in 70 ms: far more than the cap allows
+  pace.started(0);
+  assert.equal(pace.prefetch(), 256);
+
+  now = 1_220; // a quiet second replaces the average outright
+  pace.started(0);
+  assert.equal(pace.state.rate, 0);
+  assert.equal(pace.prefetch(), 1);
+  now = 1_500; // 5 starts in 280 ms: slow jobs keep one job ahead
+  pace.started(5);
+  assert.ok(Math.abs(pace.state.rate - 5 / 0.28) < 1e-9, String(pace.state.rate));
+  assert.equal(pace.prefetch(), 1);
+});
+
+test("a prefetch cap of 0 holds nothing ahead", () => {
+  let now = 0;
+  const pace = new Pace(0, () => now);
+  pace.leased(100);
+  pace.started(10_000);
+  now = 60;
+  pace.started(0);
+  assert.ok(pace.state.rate > 0);
+  assert.equal(pace.prefetch(), 0);
+});
+
+test("a full outcome batcher makes the submitter wait for an answer", async () => {
+  const sent: string[][] = [];
+  const calls: { resolve: (results: OutcomeResult[]) => void }[] = [];
+  const called = [deferred(), deferred()];
+  const batcher = new OutcomeBatcher<{ id: string }>(
+    "POST /test",
+    (items) => {
+      sent.push(items.map((i) => i.id));
+      called[calls.length]?.resolve();
+      return new Promise((resolve) => calls.push({ resolve }));
+    },
+    0,
+    memoryLogger().logger,
+    2,
+  );
+  const held = (): boolean => true;
+  const a = batcher.submit({ id: "a" }, held);
+  const b = batcher.submit({ id: "b" }, held);
+  await a.queued;
+  await b.queued;
+  const c = batcher.submit({ id: "c" }, held);
+  let cQueued = false;
+  void c.queued.then(() => (cQueued = true));
+  await called[0]!.promise;
+  assert.deepEqual(sent, [["a", "b"]]);
+  assert.equal(batcher.outstanding, 2);
+  assert.equal(cQueued, false, "the third outcome waits while two are unanswered");
+
+  calls[0]!.resolve([
+    { id: "a", status: 200, state: "completed" },
+    { id: "b", status: 409 },
+  ]);
+  assert.deepEqual(await a.answer, { id: "a", status: 200, state: "completed" });
+  assert.equal((await b.answer)?.status, 409);
+  await c.queued;
+  await called[1]!.promise;
+  assert.deepEqual(sent, [["a", "b"], ["c"]]);
+  calls[1]!.resolve([{ id: "c", status: 200, state: "completed" }]);
+  assert.equal((await c.answer)?.status, 200);
+  assert.equal(batcher.outstanding, 0);
 });
