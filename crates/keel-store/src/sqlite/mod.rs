@@ -31,6 +31,7 @@ use keel_core::{
     next_attempt_at,
 };
 use rusqlite::types::Value;
+use rusqlite::config::DbConfig;
 use rusqlite::{Connection, ErrorCode, OpenFlags, OptionalExtension, params};
 use tokio::sync::Semaphore;
 
@@ -123,6 +124,13 @@ fn open_connection(
     conn.busy_timeout(opts.busy_timeout)
         .map_err(|e| map_err(&ctx, &e))?;
     conn.set_prepared_statement_cache_capacity(64);
+    // Query planner stability: without it SQLite re-plans a cached statement whenever a
+    // bound value might change the plan — here at every lease, because the lease compares
+    // `state` with the predicate of the partial lease index — which showed as
+    // `sqlite3Reprepare` (a parse and a plan per call) in the writer's profile. Our
+    // statements are written for their index, so the first plan is the one we want.
+    conn.set_db_config(DbConfig::SQLITE_DBCONFIG_ENABLE_QPSG, true)
+        .map_err(|e| map_err(&ctx, &e))?;
     Ok(conn)
 }
 
