@@ -168,6 +168,23 @@ pub async fn open(
     }
 }
 
+/// A listing's state filter, as SQL text for either backend: the state as a literal (a
+/// closed set of names, so nothing from outside reaches the text), with the term that lets
+/// the listing indexes serve it. Those indexes leave running jobs out (migrations
+/// `*_lean_listing_indexes`), so a plan made for "any state" could not use them, and a
+/// planner only uses a partial index when the query's own terms imply its predicate;
+/// running jobs come from the running index.
+pub(crate) fn listing_state_filter(prefix: &str, state: keel_core::JobState) -> String {
+    if state == keel_core::JobState::Running {
+        format!("{prefix}state = 'running'")
+    } else {
+        format!(
+            "{prefix}state = '{}' AND {prefix}state <> 'running'",
+            state.as_str()
+        )
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -49,6 +49,11 @@ pub const SQLITE: &[Migration] = &[
         name: "scale_out",
         sql: include_str!("../migrations/sqlite/0003_scale_out.sql"),
     },
+    Migration {
+        version: 4,
+        name: "lean_listing_indexes",
+        sql: include_str!("../migrations/sqlite/0004_lean_listing_indexes.sql"),
+    },
 ];
 
 /// The Postgres migrations, in order.
@@ -72,6 +77,11 @@ pub const POSTGRES: &[Migration] = &[
         version: 4,
         name: "autovacuum",
         sql: include_str!("../migrations/postgres/0004_autovacuum.sql"),
+    },
+    Migration {
+        version: 5,
+        name: "lean_listing_indexes",
+        sql: include_str!("../migrations/postgres/0005_lean_listing_indexes.sql"),
     },
 ];
 

@@ -413,17 +413,25 @@ impl Statements {
             ),
             // One statement, so counts and flags come from one snapshot. A queue known only
             // from `queues` (paused or resumed, no jobs) comes back as one row with a NULL
-            // state and count.
+            // state and count. Running jobs are counted apart: the listing indexes leave
+            // them out, and the running index holds only them.
             queue_stats: "SELECT COALESCE(c.queue, q.name), c.state, c.n, \
                    COALESCE(q.paused, false) \
-                 FROM (SELECT queue, state, count(*) AS n FROM jobs GROUP BY queue, state) c \
+                 FROM (SELECT queue, state, count(*) AS n FROM jobs \
+                       WHERE state <> 'running' GROUP BY queue, state \
+                       UNION ALL \
+                       SELECT queue, state, count(*) FROM jobs \
+                       WHERE state = 'running' GROUP BY queue, state) c \
                  FULL JOIN queues q ON q.name = c.queue"
                 .to_owned(),
             // One tenant's view: only the queues holding its jobs, counting only those
-            // (served by the (tenant, state, id) index).
+            // (served by the (tenant, state, id) index, and the running index).
             queue_stats_of_tenant: "SELECT c.queue, c.state, c.n, COALESCE(q.paused, false) \
-                 FROM (SELECT queue, state, count(*) AS n FROM jobs WHERE tenant = $1 \
-                       GROUP BY queue, state) c \
+                 FROM (SELECT queue, state, count(*) AS n FROM jobs \
+                       WHERE tenant = $1 AND state <> 'running' GROUP BY queue, state \
+                       UNION ALL \
+                       SELECT queue, state, count(*) FROM jobs \
+                       WHERE tenant = $1 AND state = 'running' GROUP BY queue, state) c \
                  LEFT JOIN queues q ON q.name = c.queue"
                 .to_owned(),
             // Resuming a queue makes its waiting jobs leasable again: the same statement
@@ -609,14 +617,17 @@ impl ListQuery {
         if let Some(t) = &p.tenant {
             push("tenant", "=", Box::new(t.as_str().to_owned()));
         }
-        if let Some(s) = p.state {
-            push("state", "=", Box::new(s.as_str()));
-        }
+
         if let Some(k) = &p.kind {
             push("kind", "=", Box::new(k.as_str().to_owned()));
         }
         if let Some(after) = p.after {
             push("id", ">", Box::new(*after.as_uuid()));
+        }
+        if let Some(s) = p.state {
+            // A literal, not a parameter: a plan prepared for "any state" could not use the
+            // listing indexes, which leave running jobs out.
+            clauses.push(crate::listing_state_filter("j.", s));
         }
         let filter = if clauses.is_empty() {
             String::new()
@@ -783,11 +794,12 @@ mod tests {
         });
         assert!(
             q.sql.contains(
-                "WHERE j.queue = $1 AND j.state = $2 AND j.id > $3 ORDER BY j.id LIMIT $4"
+                "WHERE j.queue = $1 AND j.id > $2 AND j.state = 'available' \
+                 AND j.state <> 'running' ORDER BY j.id LIMIT $3"
             ),
             "{}",
             q.sql
         );
-        assert_eq!(q.params().len(), 4);
+        assert_eq!(q.params().len(), 3);
     }
 }

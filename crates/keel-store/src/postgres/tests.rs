@@ -274,7 +274,16 @@ async fn explain_hot_queries_use_indexes() {
         limit: 100,
         ..ListParams::default()
     });
+    let running_by_queue = ListQuery::new(&ListParams {
+        queue: Some(queue.clone()),
+        state: Some(JobState::Running),
+        limit: 100,
+        ..ListParams::default()
+    });
     let cursor = JobId::parse("00000000-0000-7000-8000-000000000400").expect("valid id");
+    let ids = vec![*cursor.as_uuid()];
+    let tokens = vec![*cursor.as_uuid()];
+    let results: Vec<Option<String>> = vec![None];
     let after_cursor = ListQuery::new(&ListParams {
         after: Some(cursor),
         limit: 100,
@@ -300,12 +309,33 @@ async fn explain_hot_queries_use_indexes() {
             name: "list by queue and state",
             sql: &by_queue_state.sql,
             params: by_queue_state.params(),
-            literals: "'q3', 'available', 100".to_owned(),
+            literals: "'q3', 100".to_owned(),
+            // The state is a literal (the listing indexes leave running jobs out, so the
+            // plan must know it): the generic plan is the custom one.
             index: "jobs_queue_state_idx",
-            // Generic: walks jobs_pkey filtering by queue and state (ids are time-ordered,
-            // so the planner expects to fill the page early). Not a sequential scan, and
-            // costlier than the custom plans, so Postgres does not switch to it.
-            generic_uses_index: false,
+            generic_uses_index: true,
+            once: &[],
+        },
+        Case {
+            name: "list running by queue",
+            sql: &running_by_queue.sql,
+            params: running_by_queue.params(),
+            literals: "'q3', 100".to_owned(),
+            index: "jobs_expired_lease_idx",
+            generic_uses_index: true,
+            once: &[],
+        },
+        Case {
+            name: "complete",
+            sql: &SQL.complete,
+            params: vec![&ids, &tokens, &results, &now],
+            literals: format!(
+                "ARRAY['{cursor}'::uuid], ARRAY['{cursor}'::uuid], ARRAY[NULL::text], {}",
+                ts(now)
+            ),
+            // By primary key only, never by the running index (dead entries pile up there).
+            index: "jobs_pkey",
+            generic_uses_index: true,
             once: &[],
         },
         Case {
