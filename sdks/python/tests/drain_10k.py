@@ -1,6 +1,7 @@
 """Drain N jobs through the Python worker and report jobs per second (not a pytest test).
 
     python sdks/python/tests/drain_10k.py http://127.0.0.1:8080 [--jobs 10000] [--concurrency 64]
+        [--prefetch N]
 
 Against a running `keel serve`, on a fresh queue of its own (``py-drain-<random>``, which
 the server must not serve itself, so any name outside its ``KEEL_QUEUES``):
@@ -92,6 +93,13 @@ def main() -> int:
         "--async", dest="use_async", action="store_true", help="use an async def handler"
     )
     parser.add_argument("--batch-window", type=float, default=0.005, help="seconds (0.005)")
+    parser.add_argument(
+        "--prefetch",
+        type=int,
+        default=keel.Worker.DEFAULT_PREFETCH,
+        help=f"the worker's prefetch cap ({keel.Worker.DEFAULT_PREFETCH}; 0: lease for free "
+        "slots only)",
+    )
     parser.add_argument("--api-key", help="API key, when the server has keys configured")
     parser.add_argument("--timeout", type=float, default=600.0, help="give up after (600 s)")
     parser.add_argument("-v", "--verbose", action="store_true", help="the SDK's INFO logs")
@@ -116,6 +124,7 @@ def main() -> int:
             queues=[queue],
             concurrency=opts.concurrency,
             batch_window=opts.batch_window,
+            prefetch=opts.prefetch,
             worker_id=f"drain-{uuid.uuid4().hex[:8]}",
         )
         worker.register("square", square_async if opts.use_async else square)
@@ -149,7 +158,7 @@ def main() -> int:
         style = "async" if opts.use_async else "sync"
         print(
             f"drained {done.get('completed', 0)} jobs in {took:.2f} s: {n / took:.0f} jobs/s "
-            f"(concurrency {opts.concurrency}, {style} handler, "
+            f"(concurrency {opts.concurrency}, prefetch {opts.prefetch}, {style} handler, "
             f"batch window {opts.batch_window * 1000:g} ms)"
         )
 

@@ -17,6 +17,7 @@ import keel
 from keel import _protocol as p
 from keel._backoff import Backoff, poll_delays
 from keel._batcher import Batcher
+from keel._pace import Pace
 from keel._threads import DaemonPool
 from keel.models import parse_timestamp
 
@@ -245,6 +246,12 @@ def test_worker_settings_are_checked() -> None:
         keel.Worker(url, queues=["q"], lease=30, heartbeat_interval=30)
     with pytest.raises(ValueError):
         keel.Worker(url, queues=["q"], worker_id="has space")
+    bad_prefetch: List[Any] = [-1, keel.Worker.MAX_PREFETCH + 1, 1.5, True]
+    for bad in bad_prefetch:
+        with pytest.raises(ValueError, match="prefetch"):
+            keel.Worker(url, queues=["q"], prefetch=bad)
+    assert keel.Worker(url, queues=["q"], prefetch=0).prefetch == 0
+    assert keel.Worker(url, queues=["q"]).prefetch == keel.Worker.DEFAULT_PREFETCH == 256
     w = keel.Worker(url, queues="q", lease=30)
     assert w.queues == ["q"]
     assert ":" in w.worker_id
@@ -295,9 +302,10 @@ def test_batcher_sends_what_arrives_together_in_one_request() -> None:
 
     async def main() -> None:
         batcher: Batcher[int] = Batcher(send, window=0.05)
-        first = await asyncio.gather(*(batcher.submit(i) for i in range(5)))
+        futures = [await batcher.submit(i) for i in range(5)]
+        first = await asyncio.gather(*futures)
         assert [r.id for r in first] == ["0", "1", "2", "3", "4"]
-        await batcher.submit(9)
+        await (await batcher.submit(9))
         await batcher.drain()
 
     asyncio.run(main())
@@ -310,10 +318,92 @@ def test_batcher_hands_a_failed_request_to_every_item() -> None:
 
     async def main() -> None:
         batcher: Batcher[int] = Batcher(send, window=0)
-        results = await asyncio.gather(batcher.submit(1), batcher.submit(2), return_exceptions=True)
+        futures = [await batcher.submit(1), await batcher.submit(2)]
+        results = await asyncio.gather(*futures, return_exceptions=True)
         assert all(isinstance(r, keel.TransportError) for r in results)
 
     asyncio.run(main())
+
+
+def test_batcher_makes_submitters_wait_while_full() -> None:
+    answer = asyncio.Event()
+    calls: List[List[int]] = []
+
+    async def send(items: List[int]) -> List[keel.OutcomeResult]:
+        calls.append(list(items))
+        await answer.wait()
+        return [keel.OutcomeResult(str(i), 200, "completed", None) for i in items]
+
+    async def main() -> None:
+        batcher: Batcher[int] = Batcher(send, window=0, limit=2)
+        first = [await batcher.submit(1), await batcher.submit(2)]
+        third = asyncio.ensure_future(batcher.submit(3))
+        await asyncio.sleep(0.05)
+        # Two items unanswered: the third submitter waits (a worker's slot would too).
+        assert not third.done() and batcher.unanswered == 2 and calls == [[1, 2]]
+        answer.set()
+        assert [r.id for r in await asyncio.gather(*first)] == ["1", "2"]
+        assert (await (await third)).id == "3"
+        assert batcher.unanswered == 0
+
+    asyncio.run(main())
+    assert calls == [[1, 2], [3]]
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_pace_buffers_a_few_round_trips_of_starts() -> None:
+    clock = FakeClock()
+    pace = Pace(256, clock)
+    assert pace.prefetch() == 1  # nothing measured yet: one job ahead
+    # 1000 jobs/s for a few windows, with leases taking 10 ms.
+    for _ in range(20):
+        clock.now += 0.05
+        pace.started(50)
+        pace.leased(0.010)
+    assert pace.rate == pytest.approx(1000, rel=0.01)
+    assert pace.rtt == pytest.approx(0.010, rel=0.02)
+    assert pace.prefetch() == 40  # ceil(1000/s × 10 ms × 4)
+    # Starts within a window shorter than 50 ms do not move the rate.
+    clock.now += 0.01
+    pace.started(500)
+    assert pace.rate == pytest.approx(1000, rel=0.01)
+    # The cap bounds it.
+    assert Pace(16, clock).prefetch() == 1
+    capped = Pace(16, clock)
+    capped.rate, capped.rtt = 1e6, 1.0
+    assert capped.prefetch() == 16
+
+
+def test_pace_forgets_the_rate_after_a_quiet_window() -> None:
+    clock = FakeClock()
+    pace = Pace(256, clock)
+    pace.rate, pace.rtt = 5000.0, 0.01
+    assert pace.prefetch() == 200
+    # A window of 200 ms or more replaces the average outright: an idle worker does not
+    # keep a large buffer.
+    clock.now += 0.5
+    pace.started(0)
+    assert pace.rate == 0.0 and pace.prefetch() == 1
+    # A short window averages with the previous rate instead.
+    pace.rate = 1000.0
+    clock.now += 0.1
+    pace.started(0)
+    assert pace.rate == pytest.approx(500.0)
+
+
+def test_pace_with_prefetch_off_holds_nothing_ahead() -> None:
+    pace = Pace(0, FakeClock())
+    pace.rate, pace.rtt = 1e6, 1.0
+    assert pace.prefetch() == 0
+    with pytest.raises(ValueError):
+        Pace(-1, FakeClock())
 
 
 def test_daemon_pool_runs_calls_on_daemon_threads() -> None:

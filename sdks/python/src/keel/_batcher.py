@@ -4,6 +4,12 @@ A worker running many short jobs would otherwise send one request per job. The s
 a batch through the same group commit as its own workers' outcomes, so one request for the
 outcomes that finish within ``window`` of the first is both cheaper for the server and
 faster for the worker. Each submitter still gets its own item's answer.
+
+The batcher is bounded: at most ``limit`` items wait for their answer (queued, or in a
+request the server has not answered). A worker hands a finished job's outcome over and
+frees the job's slot at once, so without a bound a server slower than the handlers would
+let finished jobs pile up, each a lease the worker must keep renewing; with one, the next
+:meth:`Batcher.submit` waits, and so does the slot that called it (backpressure).
 """
 
 from __future__ import annotations
@@ -22,21 +28,39 @@ Send = Callable[[List[ItemT]], Awaitable[List[OutcomeResult]]]
 
 class Batcher(Generic[ItemT]):
     """Collects items for at most ``window`` seconds after the first, then sends them in one
-    call (at most :data:`MAX_BATCH` per call). Must be used from one event loop."""
+    call (at most :data:`MAX_BATCH` per call), with at most ``limit`` items unanswered at a
+    time. Must be created and used on one event loop."""
 
-    def __init__(self, send: "Send[ItemT]", window: float) -> None:
+    def __init__(self, send: "Send[ItemT]", window: float, limit: int = MAX_BATCH) -> None:
+        if limit < 1:
+            raise ValueError("a batcher must accept at least one item")
         self._send = send
         self._window = window
+        self._limit = limit
         self._pending: List[Tuple[ItemT, "asyncio.Future[OutcomeResult]"]] = []
         self._timer: Optional[asyncio.Handle] = None
         self._inflight: Set["asyncio.Task[None]"] = set()
+        #: Items submitted whose request has not answered yet (pending or in flight).
+        self._unanswered = 0
+        #: Set whenever a request answered, so room may have opened.
+        self._answered = asyncio.Event()
 
-    def submit(self, item: ItemT) -> "asyncio.Future[OutcomeResult]":
-        """Queues ``item``; the future resolves to its own result, or raises what the whole
-        request raised (a :class:`keel.TransportError`, a ``5xx``…)."""
+    @property
+    def unanswered(self) -> int:
+        """Items submitted and not answered yet."""
+        return self._unanswered
+
+    async def submit(self, item: ItemT) -> "asyncio.Future[OutcomeResult]":
+        """Queues ``item`` once fewer than ``limit`` items are unanswered, and returns the
+        future of its answer: its own result, or what the whole request raised (a
+        :class:`keel.TransportError`, a ``5xx``…)."""
+        while self._unanswered >= self._limit:
+            self._answered.clear()
+            await self._answered.wait()
         loop = asyncio.get_running_loop()
         fut: "asyncio.Future[OutcomeResult]" = loop.create_future()
         self._pending.append((item, fut))
+        self._unanswered += 1
         if len(self._pending) >= MAX_BATCH:
             self.flush()
         elif self._timer is None:
@@ -80,6 +104,9 @@ class Batcher(Generic[ItemT]):
             for _, fut in batch:
                 fut.cancel()
             raise
+        finally:
+            self._unanswered -= len(batch)
+            self._answered.set()
         for (_, fut), result in zip(batch, results):
             if not fut.done():
                 fut.set_result(result)

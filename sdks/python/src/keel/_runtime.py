@@ -1,23 +1,44 @@
-"""The engine behind :class:`keel.Worker`: one run's pollers, jobs, heartbeats and reports.
+"""The engine behind :class:`keel.Worker`: one run's pollers, buffer, jobs, heartbeats and
+reports.
 
 Everything here lives on the worker's event loop, so its counters need no lock; the only
 way in from another thread is :meth:`Run.request_stop_threadsafe`. See
 :mod:`keel.worker` for the protocol it follows.
+
+A job's life here: leased by a poller into :attr:`Run.buffer` (prefetch), started on a
+free slot (:attr:`Run.active` counts the slots in use), its handler run, its outcome handed
+to a :class:`~keel._batcher.Batcher`, which frees the slot, then acknowledged by the
+server. From lease to acknowledgement the job is in :attr:`Run.held` and heartbeated, so
+neither a buffered job nor one whose outcome is still on its way loses its lease.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import inspect
 import json
 import logging
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable, Coroutine, Dict, List, Mapping, Optional, Set, Tuple
+from typing import (
+    Any,
+    Awaitable,
+    Callable,
+    Coroutine,
+    Deque,
+    Dict,
+    List,
+    Mapping,
+    Optional,
+    Set,
+    Tuple,
+)
 
 from ._backoff import Backoff
 from ._batcher import Batcher
 from ._config import ClientConfig
-from ._protocol import Completion, Failure
+from ._pace import Pace
+from ._protocol import MAX_BATCH, Completion, Failure
 from ._threads import DaemonPool
 from .aio import AsyncClient
 from .context import Context
@@ -35,8 +56,13 @@ _FINAL_FLUSH = 10.0
 #: How much longer than its wait a long poll may take to answer before a stopping worker
 #: gives up on it (a server that does not answer at all).
 _POLL_SLACK = 5.0
-#: How long a busy worker waits for half its slots to free before leasing (see reserve).
+#: With prefetch off, how long a busy worker waits for half its slots to free before
+#: leasing (see reserve).
 _GATHER = 0.002
+#: Outcomes of each kind (completions, failures) that may wait for the server's answer at
+#: once: one full request's worth. Beyond that a finished job keeps its slot until there is
+#: room (backpressure), so a slow server cannot make finished jobs pile up.
+_UNANSWERED_OUTCOMES = MAX_BATCH
 
 
 def _transient(e: KeelError) -> bool:
@@ -67,21 +93,28 @@ class Outcome:
         return cls(False, error=error, permanent=permanent, retry_in=retry_in)
 
 
-class _Running:
-    """One job this worker holds, from lease to acknowledged outcome."""
+class _Held:
+    """One job whose lease this worker holds: buffered, running, or with its outcome on its
+    way, until the server acknowledged it (or the job was released or lost)."""
 
-    def __init__(self, job: Job, ctx: Context, lease_until: float) -> None:
-        assert job.lease is not None and job.lease.token is not None
+    def __init__(self, job: Job, token: str, lease_until: float) -> None:
         self.job = job
-        self.token: str = job.lease.token
-        self.ctx = ctx
+        self.token = token
+        self.ctx = Context(job, logging.getLogger("keel.job"))
         #: Loop time by which the lease lapses unless renewed.
         self.lease_until = lease_until
         #: Why the job is no longer ours ("cancelled", "lease lost", "released"), if it isn't.
         self.gone: Optional[str] = None
+        #: True while in the buffer, waiting for a slot.
+        self.buffered = True
+        #: True while it holds a slot: from its start until its outcome is handed over.
+        self.slot = False
         #: True while the handler runs; False once its outcome is being reported.
-        self.in_handler = True
+        self.in_handler = False
+        #: The run: from the start on a slot to the acknowledged outcome.
         self.task: Optional["asyncio.Task[None]"] = None
+        #: Renews the lease from the lease to the end, whether buffered or running.
+        self.heartbeats: Optional["asyncio.Task[None]"] = None
 
 
 @dataclass(frozen=True)
@@ -98,6 +131,8 @@ class Settings:
     poll_wait: float
     worker_id: str
     handlers: Mapping[str, "Registered"]
+    #: Most jobs held beyond the slots (0: lease only for free slots).
+    prefetch: int
 
 
 class Run:
@@ -115,20 +150,28 @@ class Run:
         self.kinds: Optional[List[str]] = (
             list(s.handlers) if len(s.handlers) <= _MAX_KINDS else None
         )
-        self.running: Dict[str, _Running] = {}
-        self.busy = 0  # jobs held: running or being reported
-        self.reserved = 0  # slots promised to a lease request in flight
+        #: Every job whose lease is held, by id.
+        self.held: Dict[str, _Held] = {}
+        #: Leased jobs waiting for a slot, oldest first.
+        self.buffer: Deque[_Held] = collections.deque()
+        self.active = 0  # slots in use: a handler runs, or its outcome waits to be handed over
+        self.reserved = 0  # room promised to a lease request in flight
+        self.pace = Pace(s.prefetch, loop.time)
         self.waiting_pollers = 0
         self.polls_in_flight = 0
-        self.capacity = asyncio.Event()  # set whenever slots may have freed
-        self.idle = asyncio.Event()  # set while busy == 0
+        self.capacity = asyncio.Event()  # set whenever room may have opened
+        self.idle = asyncio.Event()  # set while no lease is held
         self.idle.set()
         self.stop_event = asyncio.Event()
         self.hurry_event = asyncio.Event()
         self.stopping = False
         self.background: Set["asyncio.Task[Any]"] = set()
-        self.completer: Batcher[Completion] = Batcher(self.client.complete_many, s.batch_window)
-        self.failer: Batcher[Failure] = Batcher(self.client.fail_many, s.batch_window)
+        self.completer: Batcher[Completion] = Batcher(
+            self.client.complete_many, s.batch_window, _UNANSWERED_OUTCOMES
+        )
+        self.failer: Batcher[Failure] = Batcher(
+            self.client.fail_many, s.batch_window, _UNANSWERED_OUTCOMES
+        )
 
     # -- control --------------------------------------------------------------------------
 
@@ -158,10 +201,11 @@ class Run:
     async def main(self) -> None:
         s = self.s
         self.log.info(
-            "worker %s started: queues %s, concurrency %d, kinds %s",
+            "worker %s started: queues %s, concurrency %d, prefetch up to %d, kinds %s",
             s.worker_id,
             ",".join(s.queues),
             s.concurrency,
+            s.prefetch,
             ",".join(s.handlers),
         )
         pollers = [self.loop.create_task(self.poll(q)) for q in s.queues]
@@ -179,19 +223,28 @@ class Run:
     async def drain(self, pollers: List["asyncio.Task[None]"]) -> None:
         """The graceful stop, once ``stopping`` is set.
 
-        No lease request starts any more, but a long poll already in flight is waited for
-        (at most ``poll_wait``) rather than abandoned: the server may lease jobs to it until
-        it answers, and jobs leased to a connection just closed would sit until their lease
-        lapsed, then run again with an attempt used. Whatever the poll brings is released
-        unrun. Running jobs get the grace period; those still running after it are
-        released. :meth:`hurry` cuts both waits short.
+        Buffered jobs no slot started are released at once (no attempt used), so another
+        worker can run them while this one's running jobs finish. No lease request starts
+        any more, but a long poll already in flight is waited for (at most ``poll_wait``)
+        rather than abandoned: the server may lease jobs to it until it answers, and jobs
+        leased to a connection just closed would sit until their lease lapsed, then run
+        again with an attempt used. Whatever the poll brings is released unrun. Running
+        jobs get the grace period; those still running after it are released.
+        :meth:`hurry` cuts both waits short.
         """
         s = self.s
+        buffered = list(self.buffer)
+        self.buffer.clear()
+        for h in buffered:
+            h.buffered = False
         self.log.info(
             "stopping: no new leases; %d running job(s) get up to %gs to finish",
-            self.busy,
+            self.active,
             s.grace,
         )
+        if buffered:
+            self.log.info("releasing %d buffered job(s) that no slot started", len(buffered))
+            self.spawn(self.release_held(buffered))
         if self.polls_in_flight:
             self.log.info(
                 "waiting for %d long poll(s) in flight to answer (at most %gs); jobs they "
@@ -225,35 +278,51 @@ class Run:
                     t.cancel()
                 await asyncio.gather(*stuck, return_exceptions=True)
         await self.abandon()
-        # Outcomes on their way get a last chance to arrive.
+        # Outcomes on their way, and releases, get a last chance to arrive.
         self.completer.flush()
         self.failer.flush()
         await _first(self.idle.wait(), timeout=_FINAL_FLUSH)
-        leftover = [r.task for r in self.running.values() if r.task is not None]
+        leftover = [h.task for h in self.held.values() if h.task is not None]
         for t in leftover:
             t.cancel()
         await asyncio.gather(*leftover, return_exceptions=True)
         for t in list(self.background):
             t.cancel()
         await asyncio.gather(*list(self.background), return_exceptions=True)
+        for h in list(self.held.values()):
+            self.forget(h)
 
     async def abandon(self) -> None:
         """After the grace period: release every job whose handler still runs."""
-        stuck = [r for r in self.running.values() if r.in_handler]
+        stuck = [h for h in self.held.values() if h.in_handler]
         if not stuck:
             return
         # Jobs already cancelled or lost are no longer ours to release.
-        held = [r for r in stuck if r.gone is None]
-        self.log.warning("releasing %d job(s) whose handler is still running", len(held))
-        for r in held:
-            r.gone = "released"
-        await asyncio.gather(*(self.release(r.job, r.token) for r in held))
-        for r in stuck:
-            r.ctx._cancel("shutdown")
-            if r.task is not None:
+        mine = [h for h in stuck if h.gone is None]
+        self.log.warning("releasing %d job(s) whose handler is still running", len(mine))
+        for h in mine:
+            h.gone = "released"
+        await asyncio.gather(*(self.release(h.job, h.token) for h in mine))
+        for h in stuck:
+            h.ctx._cancel("shutdown")
+            if h.task is not None:
                 # An async handler is cancelled; a thread cannot be, and finishes unheard.
-                r.task.cancel()
-        await asyncio.gather(*(r.task for r in stuck if r.task is not None), return_exceptions=True)
+                h.task.cancel()
+        await asyncio.gather(*(h.task for h in stuck if h.task is not None), return_exceptions=True)
+
+    async def release_held(self, held: List[_Held]) -> None:
+        """Gives back jobs no slot started; each lease is heartbeated until its release
+        answers, then forgotten."""
+
+        async def one(h: _Held) -> None:
+            try:
+                if h.gone is None:
+                    h.gone = "released"
+                    await self.release(h.job, h.token)
+            finally:
+                self.forget(h)
+
+        await asyncio.gather(*(one(h) for h in held))
 
     async def release(self, job: Job, token: str) -> None:
         backoff = Backoff(base=0.1, cap=1.0)
@@ -278,39 +347,54 @@ class Run:
 
     # -- leasing --------------------------------------------------------------------------
 
-    async def reserve(self) -> int:
-        """Waits for free slots and promises some to one lease request (0: stopping).
+    def room(self) -> Tuple[int, int]:
+        """``(room, capacity)``: how many more jobs may be leased now, and how many may be
+        held at most (slots + prefetch), counting both running and buffered jobs."""
+        self.pace.started(0)  # closes a start-rate window that ran out
+        capacity = self.s.concurrency + self.pace.prefetch()
+        return capacity - self.active - len(self.buffer) - self.reserved, capacity
 
-        With several queues, the free slots are shared among the pollers waiting for them,
-        so one queue's idle long poll cannot hold every slot while another has work.
+    async def reserve(self) -> int:
+        """Waits for room and promises some to one lease request (0: stopping).
+
+        With jobs buffered, it waits until a quarter of the capacity is free, so a busy
+        worker leases in batches rather than one job per finished job; with none buffered
+        it leases at once, since a slot is idle or about to be. With prefetch off (no
+        buffer), a busy worker instead waits up to ``_GATHER`` for half its slots, as
+        keel-client's Rust worker does. With several queues, the room is shared among the
+        pollers waiting for it, so one queue's idle long poll cannot hold all of it while
+        another has work.
         """
         self.waiting_pollers += 1
         try:
             gather_until: Optional[float] = None
-            while not self.stopping:
-                free = self.s.concurrency - self.busy - self.reserved
-                # A busy worker waits a moment (_GATHER) for half its slots, so it leases in
-                # batches rather than one job per round trip, as keel-client's Rust worker
-                # does.
-                want = max(1, self.s.concurrency // 2)
-                if 0 < free < want:
+            while True:
+                if self.stopping:
+                    return 0
+                room, capacity = self.room()
+                wait: Optional[float] = None  # None: until capacity is set, however long
+                if room <= 0:
+                    pass
+                elif self.s.prefetch == 0:
                     now = self.loop.time()
                     if gather_until is None:
                         gather_until = now + _GATHER
-                    if now < gather_until:
-                        self.capacity.clear()
-                        try:
-                            await asyncio.wait_for(self.capacity.wait(), gather_until - now)
-                        except asyncio.TimeoutError:
-                            pass
-                        continue
-                if free > 0:
-                    n = -(-free // self.waiting_pollers)
-                    self.reserved += n
-                    return n
+                    if room >= max(1, self.s.concurrency // 2) or now >= gather_until:
+                        break
+                    wait = gather_until - now
+                elif not self.buffer or room >= max(1, capacity // 4):
+                    break
                 self.capacity.clear()
-                await self.capacity.wait()
-            return 0
+                if wait is None:
+                    await self.capacity.wait()
+                else:
+                    try:
+                        await asyncio.wait_for(self.capacity.wait(), wait)
+                    except asyncio.TimeoutError:
+                        pass
+            n = min(-(-room // self.waiting_pollers), MAX_BATCH)
+            self.reserved += n
+            return n
         finally:
             self.waiting_pollers -= 1
 
@@ -351,26 +435,28 @@ class Run:
                 self.log.exception("lease on queue %s failed unexpectedly", queue)
                 await self.pause(errors.next())
                 continue
+            took = self.loop.time() - sent
             if errors.failures:
                 self.log.info("lease on queue %s works again", queue)
                 errors.reset()
+            # Only an answer that did not wait measures the round trip: a full one (the jobs
+            # were there) or any with no wait asked. One that waited for work would count
+            # the wait.
+            if len(jobs) >= n or s.poll_wait == 0:
+                self.pace.leased(took)
             self.reserved -= n
             taken, extra = jobs[:n], jobs[n:]
-            self.busy += len(taken)
-            if taken:
-                self.idle.clear()
-            if len(taken) < n:
-                self.capacity.set()
             for job in extra:
                 self.log.error("the server leased more jobs than asked for; releasing %s", job.id)
                 self.spawn(
                     self.release(job, job.lease.token if job.lease and job.lease.token else "")
                 )
-            for job in taken:
-                self.start(job, sent)
+            self.take(taken, sent)
+            if len(taken) < n:
+                self.capacity.set()
             if taken:
                 empty.reset()
-            elif s.poll_wait == 0 or self.loop.time() - sent < s.poll_wait / 2:
+            elif s.poll_wait == 0 or took < s.poll_wait / 2:
                 # An empty answer well before the wait ran out: the server is draining (or
                 # the wait is 0). Pause instead of spinning.
                 await self.pause(empty.next())
@@ -400,53 +486,91 @@ class Run:
             level = logging.WARNING if first else logging.DEBUG
             self.log.log(level, "lease on queue %s failed: %s; retrying in %.1fs", queue, e, delay)
 
+    # -- holding jobs -----------------------------------------------------------------------
+
+    def take(self, jobs: List[Job], sent: float) -> None:
+        """Holds freshly leased jobs (leased at ``sent``): heartbeats start, and they join
+        the buffer and start on the free slots; or, once stopping, they are released."""
+        fresh: List[_Held] = []
+        for job in jobs:
+            if job.lease is None or job.lease.token is None:
+                self.log.error("job %s was leased without a token; skipping it", job.id)
+                continue
+            h = _Held(job, job.lease.token, sent + self.s.lease)
+            self.held[job.id] = h
+            h.heartbeats = self.loop.create_task(self.heartbeat(h))
+            fresh.append(h)
+        if not fresh:
+            return
+        self.idle.clear()
+        if self.stopping:
+            # Leased just as the worker began to stop: give them back unrun.
+            self.spawn(self.release_held(fresh))
+            return
+        self.buffer.extend(fresh)
+        self.start_buffered()
+
+    def start_buffered(self) -> None:
+        """Starts buffered jobs on the free slots, oldest first (none once stopping)."""
+        started = 0
+        while self.buffer and self.active < self.s.concurrency and not self.stopping:
+            h = self.buffer.popleft()
+            h.buffered = False
+            h.slot = True
+            h.in_handler = True
+            self.active += 1
+            h.task = self.loop.create_task(self.run_job(h))
+            started += 1
+        if started:
+            self.pace.started(started)
+
+    def free_slot(self, h: _Held) -> None:
+        """Gives ``h``'s slot to the next buffered job (idempotent)."""
+        if h.slot:
+            h.slot = False
+            self.active -= 1
+            self.start_buffered()
+            self.capacity.set()
+
+    def forget(self, h: _Held) -> None:
+        """The job is no longer held: its heartbeats stop (idempotent)."""
+        if h.buffered:
+            h.buffered = False
+            try:
+                self.buffer.remove(h)
+            except ValueError:
+                pass  # already taken out for release at stop
+            self.capacity.set()
+        if h.heartbeats is not None and h.heartbeats is not asyncio.current_task():
+            h.heartbeats.cancel()
+        if self.held.get(h.job.id) is h:
+            del self.held[h.job.id]
+            if not self.held:
+                self.idle.set()
+
     # -- running a job --------------------------------------------------------------------
 
-    def start(self, job: Job, sent: float) -> None:
-        if job.lease is None or job.lease.token is None:
-            self.log.error("job %s was leased without a token; skipping it", job.id)
-            self.finish_slot()
-            return
-        if self.stopping:
-            # Leased just as the worker began to stop: give it back unrun.
-            self.spawn(self._release_and_free(job, job.lease.token))
-            return
-        r = _Running(job, Context(job, logging.getLogger("keel.job")), sent + self.s.lease)
-        self.running[job.id] = r
-        r.task = self.loop.create_task(self.run_job(r))
-
-    async def _release_and_free(self, job: Job, token: str) -> None:
+    async def run_job(self, h: _Held) -> None:
+        """Runs a job started on a slot, hands its outcome over (which frees the slot) and
+        waits for the server's answer; the job stays held, so heartbeated, until then."""
         try:
-            await self.release(job, token)
-        finally:
-            self.finish_slot()
-
-    def finish_slot(self) -> None:
-        self.busy -= 1
-        self.capacity.set()
-        if self.busy == 0:
-            self.idle.set()
-
-    async def run_job(self, r: _Running) -> None:
-        heartbeats = self.loop.create_task(self.heartbeat(r))
-        try:
-            outcome = await self.execute(r)
-            r.in_handler = False
-            if r.gone is not None:
-                self.log.info("job %s: %s, so its outcome is not reported", r.job.id, r.gone)
+            outcome = await self.execute(h)
+            h.in_handler = False
+            if h.gone is not None:
+                self.log.info("job %s: %s, so its outcome is not reported", h.job.id, h.gone)
                 return
-            await self.report(r, outcome)
+            await self.report(h, outcome)
         except asyncio.CancelledError:
             raise
         except Exception:
-            self.log.exception("job %s: unexpected error in the worker", r.job.id)
+            self.log.exception("job %s: unexpected error in the worker", h.job.id)
         finally:
-            heartbeats.cancel()
-            self.running.pop(r.job.id, None)
-            self.finish_slot()
+            h.in_handler = False
+            self.free_slot(h)
+            self.forget(h)
 
-    async def execute(self, r: _Running) -> Outcome:
-        job = r.job
+    async def execute(self, h: _Held) -> Outcome:
+        job = h.job
         registered = self.s.handlers.get(job.kind)
         if registered is None:
             return Outcome.failure(
@@ -456,9 +580,9 @@ class Run:
             )
         try:
             if registered.is_async:
-                value = await registered.fn(r.ctx, job.args)
+                value = await registered.fn(h.ctx, job.args)
             else:
-                value = await asyncio.wrap_future(self.pool.submit(registered.fn, r.ctx, job.args))
+                value = await asyncio.wrap_future(self.pool.submit(registered.fn, h.ctx, job.args))
             if inspect.isawaitable(value):  # a plain function that returned a coroutine
                 value = await value
         except asyncio.CancelledError:
@@ -488,7 +612,7 @@ class Run:
             return Outcome.failure(msg)
         return Outcome(True, result=value)
 
-    async def heartbeat(self, r: _Running) -> None:
+    async def heartbeat(self, h: _Held) -> None:
         interval = self.s.heartbeat_interval
         backoff = Backoff(base=0.2, cap=interval)
         delay = interval
@@ -496,70 +620,93 @@ class Run:
             await asyncio.sleep(delay)
             sent = self.loop.time()
             try:
-                hb = await self.client.heartbeat(r.job.id, r.token, self.s.lease)
+                hb = await self.client.heartbeat(h.job.id, h.token, self.s.lease)
             except KeelError as e:
                 if _transient(e):
                     delay = backoff.next()
                     self.log.log(
                         logging.WARNING if backoff.failures == 1 else logging.DEBUG,
                         "heartbeat of job %s failed: %s; retrying in %.1fs",
-                        r.job.id,
+                        h.job.id,
                         e,
                         delay,
                     )
                     continue
-                self.lose(r, "lease lost", e.detail)
+                self.lose(h, "lease lost", e.detail)
                 return
             except asyncio.CancelledError:
                 raise
             except Exception:
-                self.log.exception("heartbeat of job %s failed unexpectedly", r.job.id)
+                self.log.exception("heartbeat of job %s failed unexpectedly", h.job.id)
                 delay = backoff.next()
                 continue
             backoff.reset()
             delay = interval
             if hb.cancel_requested:
-                self.lose(r, "cancelled", "the job was cancelled")
+                self.lose(h, "cancelled", "the job was cancelled")
                 return
-            r.lease_until = sent + self.s.lease
+            h.lease_until = sent + self.s.lease
 
-    def lose(self, r: _Running, reason: str, detail: str) -> None:
-        if r.gone is None:
-            r.gone = reason
+    def lose(self, h: _Held, reason: str, detail: str) -> None:
+        """A heartbeat found the job cancelled or its lease lost: a running handler is told
+        to stop; a buffered job is dropped without running."""
+        if h.gone is None:
+            h.gone = reason
+        if h.task is None:  # not started: buffered, or being released at stop
+            if reason == "cancelled":
+                self.log.info(
+                    "job %s (%s) was cancelled before it started; dropped", h.job.id, h.job.kind
+                )
+            else:
+                self.log.warning(
+                    "job %s (%s): %s before it started (%s); dropped",
+                    h.job.id,
+                    h.job.kind,
+                    reason,
+                    detail,
+                )
+            self.forget(h)
+            return
         if reason == "cancelled":
             self.log.info(
-                "job %s (%s) was cancelled; its handler is told to stop", r.job.id, r.job.kind
+                "job %s (%s) was cancelled; its handler is told to stop", h.job.id, h.job.kind
             )
         else:
             self.log.warning(
                 "job %s (%s): %s (%s); its handler is told to stop",
-                r.job.id,
-                r.job.kind,
+                h.job.id,
+                h.job.kind,
                 reason,
                 detail,
             )
-        r.ctx._cancel(reason)
+        h.ctx._cancel(reason)
 
     # -- reporting --------------------------------------------------------------------------
 
-    async def report(self, r: _Running, outcome: Outcome) -> None:
+    async def report(self, h: _Held, outcome: Outcome) -> None:
+        """Hands the outcome to its batcher, frees the slot as soon as the batcher took it,
+        and waits for the answer, retrying transient failures while the lease lasts."""
         backoff = Backoff(base=0.2, cap=5.0)
-        job = r.job
+        job = h.job
         while True:
             fut: "asyncio.Future[Any]"
+            # A full batcher makes this wait, and the slot with it (backpressure).
             if outcome.complete:
-                fut = self.completer.submit(
-                    {"id": job.id, "token": r.token, "result": outcome.result}
+                fut = await self.completer.submit(
+                    {"id": job.id, "token": h.token, "result": outcome.result}
                 )
             else:
                 item: Failure = {
                     "id": job.id,
-                    "token": r.token,
+                    "token": h.token,
                     "error": outcome.error,
                     "permanent": outcome.permanent,
                     "retry_in": outcome.retry_in,
                 }
-                fut = self.failer.submit(item)
+                fut = await self.failer.submit(item)
+            # The outcome is on its way: the slot takes its next job while the server
+            # writes this one. The heartbeat keeps the lease until the answer.
+            self.free_slot(h)
             try:
                 res = await fut
             except KeelError as e:
@@ -590,9 +737,9 @@ class Run:
                         "job %s: the outcome was refused (%d): %s", job.id, status, detail
                     )
                     return
-            if r.gone is not None:
+            if h.gone is not None:
                 return
-            if self.loop.time() >= r.lease_until:
+            if self.loop.time() >= h.lease_until:
                 self.log.error(
                     "job %s: could not report its outcome before its lease lapsed (%s); "
                     "it will be rescued and run again",

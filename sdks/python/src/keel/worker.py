@@ -2,18 +2,29 @@
 
 It follows docs/workers.md:
 
-- **prefetch within concurrency**: each queue has one poller that long-polls
-  ``POST /v1/queues/{queue}/lease`` with ``max`` = the free slots, so the worker never holds
-  a job it has no slot for;
-- **heartbeat** every running job every ``heartbeat_interval`` (a third of the lease); when
-  the answer says ``cancel_requested``, the handler's :class:`~keel.Context` is cancelled;
+- **lease ahead (prefetch)**: each queue has one poller that long-polls
+  ``POST /v1/queues/{queue}/lease`` with ``max`` = the free slots plus a small buffer (at
+  most ``prefetch`` jobs) minus the jobs already buffered, so a slot that frees up takes its
+  next job from the buffer instead of waiting for a lease round trip. The buffer follows
+  the worker's pace (jobs started per second × the lease round trip × 4, see
+  :mod:`keel._pace`): millisecond jobs keep dozens buffered, long jobs one. With jobs
+  buffered, the poller leases again once a quarter of the slots and buffer is free, so a
+  busy worker leases in batches. Buffered jobs are leased jobs: they are heartbeated, one
+  found cancelled or lost is dropped unrun, and on stop they are released at once;
+- **heartbeat** every held job (buffered, running, or with its outcome on its way) every
+  ``heartbeat_interval`` (a third of the lease); when the answer says
+  ``cancel_requested``, a running handler's :class:`~keel.Context` is cancelled;
 - **report outcomes in batches**: completions (and failures) that finish within
-  ``batch_window`` of each other go in one ``POST /v1/jobs/complete`` (``/v1/jobs/fail``);
+  ``batch_window`` of each other go in one ``POST /v1/jobs/complete`` (``/v1/jobs/fail``).
+  A job's slot is freed as soon as its outcome is handed to the batcher, not when the
+  server answers; the batcher is bounded, and a full one holds the slot back
+  (backpressure);
 - **stop gracefully** on SIGTERM/SIGINT or :meth:`Worker.stop`: start no lease request
-  from then on, let running jobs finish within ``grace``, then release the rest
-  (``/release``: the attempt is not counted) and return. A long poll already in flight is
-  waited for (at most ``poll_wait``) rather than abandoned, and what it brings is released
-  unrun, so no job is ever leased to a connection the worker just closed.
+  from then on, release the buffered jobs no slot started (``/release``: the attempt is not
+  counted), let running jobs finish within ``grace``, then release the rest and return. A
+  long poll already in flight is waited for (at most ``poll_wait``) rather than abandoned,
+  and what it brings is released unrun, so no job is ever leased to a connection the
+  worker just closed.
 
 Network errors are retried with capped exponential backoff and jitter, and never end the
 worker. Everything runs on one asyncio loop; plain handlers run on a pool of
@@ -44,6 +55,7 @@ from typing import (
 
 from . import _protocol as p
 from ._config import ClientConfig
+from ._pace import DEFAULT_PREFETCH, MAX_PREFETCH
 from ._runtime import Handler, Registered, Run, Settings
 from .aio import AsyncClient
 from .client import Client
@@ -73,11 +85,25 @@ class Worker:
     heartbeats (5 s to 1 h), ``grace`` how long running jobs get to finish on stop, and
     ``batch_window`` how long a finished job's outcome waits for others to share its
     request. ``worker_id`` names the worker in ``GET /v1/workers`` and in job leases
-    (default ``host:pid``).
+    (default ``host:pid``). ``poll_wait`` is how long one lease request waits for work.
+
+    ``prefetch`` caps how many leased jobs the worker holds beyond its slots (default
+    256; at most 10 000). A slot that frees up then starts its next job at once instead of
+    waiting for a lease round trip, which for short jobs is most of a job's time. The
+    buffer actually kept follows the worker's pace (jobs started per second × the lease
+    round trip × 4, at least 1), so long jobs do not wait in it while other workers sit
+    idle; the cap bounds it when jobs are very short or the server slow. Buffered jobs are
+    heartbeated like running ones, and released unrun (no attempt used) when the worker
+    stops. ``prefetch=0`` leases only for free slots, as before this option existed.
 
     Register handlers with :meth:`handler`, then :meth:`run` (blocking) or
     :meth:`run_async`. A worker runs once.
     """
+
+    #: ``prefetch`` when none is given.
+    DEFAULT_PREFETCH = DEFAULT_PREFETCH
+    #: The largest ``prefetch`` accepted.
+    MAX_PREFETCH = MAX_PREFETCH
 
     def __init__(
         self,
@@ -91,6 +117,7 @@ class Worker:
         batch_window: float = 0.005,
         *,
         poll_wait: float = 10.0,
+        prefetch: int = DEFAULT_PREFETCH,
     ) -> None:
         if isinstance(client, (Client, AsyncClient)):
             self._config = client.config
@@ -122,6 +149,13 @@ class Worker:
         self._poll_wait = p.seconds_of(poll_wait, "poll_wait")
         if self._poll_wait > _MAX_WAIT:
             raise ValueError(f"poll_wait must be at most {_MAX_WAIT:g} s")
+        if (
+            not isinstance(prefetch, int)
+            or isinstance(prefetch, bool)
+            or not 0 <= prefetch <= MAX_PREFETCH
+        ):
+            raise ValueError(f"prefetch must be an integer between 0 and {MAX_PREFETCH}")
+        self._prefetch = prefetch
         wid = worker_id if worker_id is not None else default_worker_id()
         if not 1 <= len(wid.encode()) <= 255 or _WORKER_ID.search(wid):
             raise ValueError("worker_id must be 1 to 255 of A-Z a-z 0-9 _ . : -")
@@ -147,6 +181,11 @@ class Worker:
     @property
     def concurrency(self) -> int:
         return self._concurrency
+
+    @property
+    def prefetch(self) -> int:
+        """Most leased jobs held beyond the slots (0: prefetch off)."""
+        return self._prefetch
 
     @property
     def kinds(self) -> List[str]:
@@ -219,8 +258,9 @@ class Worker:
                 self._run = None
 
     def stop(self) -> None:
-        """Asks the worker to stop: no new leases, running jobs get ``grace`` to finish,
-        the rest are released. Returns at once; :meth:`run` returns when done.
+        """Asks the worker to stop: no new leases, buffered jobs are released at once,
+        running jobs get ``grace`` to finish, the rest are released. Returns at once;
+        :meth:`run` returns when done.
 
         Thread-safe, and callable from a handler. Before :meth:`run`, it makes ``run``
         return at once.
@@ -280,12 +320,13 @@ class Worker:
             poll_wait=self._poll_wait,
             worker_id=self._worker_id,
             handlers=dict(self._handlers),
+            prefetch=self._prefetch,
         )
 
     def __repr__(self) -> str:
         return (
             f"keel.Worker(id={self._worker_id!r}, queues={self._queues!r}, "
-            f"concurrency={self._concurrency})"
+            f"concurrency={self._concurrency}, prefetch={self._prefetch})"
         )
 
 
