@@ -376,7 +376,8 @@ async fn poll(cx: PollCtx) -> Option<JoinSet<()>> {
         if leasing.is_none()
             && !cx.stop.is_cancelled()
             && room > 0
-            && (buffer.is_empty() || room >= (capacity / 4).max(1))
+            // Half the prefetch taken: lease again while the rest covers the round trip.
+            && (buffer.is_empty() || room >= (pace.prefetch() / 2).max(1))
         {
             // Long-poll only with nothing buffered: jobs in hand must not wait on an empty
             // queue's poll to be started.

@@ -102,14 +102,15 @@ pub(crate) async fn run(shared: Arc<Shared>, queue: QueueConfig, wake: Arc<Notif
         let capacity = queue.concurrency + pace.prefetch();
         let running = queue.concurrency - slots.available_permits();
         let room = capacity.saturating_sub(running + buffer.len());
-        // With work buffered, wait until a quarter of the capacity opened before leasing
-        // again, so a busy queue does not lease one job per finished job. With nothing
-        // buffered, lease at once: a worker is idle, or will be as soon as one finishes.
+        // With work buffered, wait until half the prefetch was taken before leasing again,
+        // so a busy queue does not lease one job per finished job, yet the rest of the
+        // buffer still covers the round trip. With nothing buffered, lease at once: a
+        // worker is idle, or will be as soon as one finishes.
         if leasing.is_none()
             && more
             && retry_at.is_none()
             && room > 0
-            && (buffer.is_empty() || room >= (capacity / 4).max(1))
+            && (buffer.is_empty() || room >= (pace.prefetch() / 2).max(1))
         {
             leasing = Some((lease_call(&shared, &queue, room), room));
         }

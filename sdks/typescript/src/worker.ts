@@ -369,8 +369,8 @@ export class Worker {
    * in `concurrency + prefetch` after the busy slots, the buffer and the other lease
    * requests in flight. It leases when its queue has nothing buffered (a slot is idle, or
    * will be when the next one frees up), or, while the last lease came back full
-   * (`more`), when a quarter of the capacity opened up, so a busy worker does not lease
-   * one job per finished job. With several queues the room is split evenly among the
+   * (`more`), when half the prefetch was taken, so a busy worker does not lease one job
+   * per finished job while the rest of the buffer still covers the round trip. With several queues the room is split evenly among the
    * pollers not already waiting on the server. Resolves 0 once a stop began.
    */
   async #reserve(queue: string, more: boolean): Promise<number> {
@@ -380,7 +380,7 @@ export class Worker {
       const capacity = this.concurrency + this.#pace.prefetch();
       const room = capacity - this.#busy - this.#buffer.length - this.#asking;
       const empty = this.#bufferedFrom(queue) === 0;
-      if (room > 0 && (empty || (more && room >= Math.max(1, Math.floor(capacity / 4))))) {
+      if (room > 0 && (empty || (more && room >= Math.max(1, Math.floor((capacity - this.concurrency) / 2))))) {
         const share = Math.min(MAX_LEASE, Math.max(1, Math.floor(room / Math.max(1, this.#idlePollers))));
         this.#asking += share;
         return share;

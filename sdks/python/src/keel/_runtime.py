@@ -357,8 +357,9 @@ class Run:
     async def reserve(self) -> int:
         """Waits for room and promises some to one lease request (0: stopping).
 
-        With jobs buffered, it waits until a quarter of the capacity is free, so a busy
-        worker leases in batches rather than one job per finished job; with none buffered
+        With jobs buffered, it waits until half the prefetch was taken, so a busy worker
+        leases in batches rather than one job per finished job while the rest of the buffer
+        still covers the round trip; with none buffered
         it leases at once, since a slot is idle or about to be. With prefetch off (no
         buffer), a busy worker instead waits up to ``_GATHER`` for half its slots, as
         keel-client's Rust worker does. With several queues, the room is shared among the
@@ -382,7 +383,7 @@ class Run:
                     if room >= max(1, self.s.concurrency // 2) or now >= gather_until:
                         break
                     wait = gather_until - now
-                elif not self.buffer or room >= max(1, capacity // 4):
+                elif not self.buffer or room >= max(1, (capacity - self.s.concurrency) // 2):
                     break
                 self.capacity.clear()
                 if wait is None:
