@@ -589,18 +589,6 @@ pub trait Store: Send + Sync + 'static {
     /// twice, and no tick that old is due any more); returns how many.
     async fn delete_old_ticks(&self, before: Timestamp, limit: u32) -> Result<u64, StoreError>;
 
-    /// Refreshes the planner's statistics of the job table when they no longer describe
-    /// it; returns whether it did. Called by the maintenance leader every pass.
-    ///
-    /// A young table is the case that matters: statements prepared while it held a few
-    /// hundred rows keep the plans made then (a sequential scan, a bitmap scan that walks
-    /// every dead index entry) for as long as the connection lives, unless new statistics
-    /// invalidate them, and the database's own autovacuum may not look for a minute. A
-    /// backend without that problem does nothing.
-    async fn refresh_statistics(&self) -> Result<bool, StoreError> {
-        Ok(false)
-    }
-
     /// Checks the database answers (readiness).
     async fn ping(&self) -> Result<(), StoreError>;
 

@@ -362,10 +362,6 @@ impl Store for GuardedStore {
         self.write(self.inner.delete_old_ticks(before, limit)).await
     }
 
-    async fn refresh_statistics(&self) -> Result<bool, StoreError> {
-        self.write(self.inner.refresh_statistics()).await
-    }
-
     /// Readiness asks the database itself, past the breaker and the bulkhead: a probe that
     /// only echoed the breaker could never see the database come back. Injected faults
     /// still apply, so `DB_FAILURE` makes `/readyz` fail as a real outage would.

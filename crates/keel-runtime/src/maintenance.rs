@@ -161,15 +161,6 @@ pub(crate) async fn pass(shared: &Shared, stop: &CancellationToken) {
         }
     }
 
-    match shared.store.refresh_statistics().await {
-        Ok(true) => tracing::debug!("refreshed the job table's planner statistics"),
-        Ok(false) => {}
-        Err(e) => {
-            telemetry::store_error("refresh_statistics");
-            telemetry::report_store_error("refreshing the job table's statistics", &e);
-        }
-    }
-
     if let Some(before) =
         now.checked_sub_signed(to_delta(NewSchedule::MAX_CATCH_UP + TICK_RECORD_MARGIN))
     {

@@ -32,7 +32,7 @@ pub const JOBS_LEASED: &str = "keel_jobs_leased_total";
 pub const LEASE_LOST: &str = "keel_jobs_lease_lost_total";
 /// Failed store calls of the runtime's loops, by `op` (lease, heartbeat, complete, fail,
 /// release, promote, rescue, delete_finished, delete_idempotency_keys, delete_old_ticks,
-/// campaign, resign, list_schedules, enqueue_ticks, refresh_statistics).
+/// campaign, resign, list_schedules, enqueue_ticks).
 pub const STORE_ERRORS: &str = "keel_runtime_store_errors_total";
 /// Jobs made available by the promoter, by queue.
 pub const MAINTENANCE_PROMOTED: &str = "keel_maintenance_promoted_total";

@@ -7,9 +7,7 @@
 -- the indexes stay lean and the planner's figures current as the table grows.
 --
 -- A new table is not helped by these: autovacuum looks at a database once per
--- autovacuum_naptime (a minute by default), a server-wide setting. Keel's maintenance
--- leader analyses a young job table itself (Store::refresh_statistics), so statements
--- prepared on a near-empty table do not keep their plans as it fills.
+-- autovacuum_naptime (a minute by default), a server-wide setting.
 ALTER TABLE jobs SET (
     autovacuum_vacuum_scale_factor = 0.02,
     autovacuum_vacuum_threshold = 1000,

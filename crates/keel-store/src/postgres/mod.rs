@@ -66,10 +66,6 @@ use commit::Committer;
 use listen::Listener;
 use sql::{ListQuery, SQL};
 
-/// Fewest changes since the job table's last analysis that make
-/// [`Store::refresh_statistics`] analyse it again.
-const STATISTICS_MIN_CHANGES: i64 = 1000;
-
 /// Connection pool settings. Each bounds a resource so overload turns into fast, retryable
 /// errors instead of unbounded waits (guarantee G5).
 #[derive(Debug, Clone)]
@@ -1434,22 +1430,6 @@ impl Store for PgStore {
         conn.execute(&stmt, &[&before, &i64::from(limit)])
             .await
             .map_err(|e| error::db(e, ctx()))
-    }
-
-    async fn refresh_statistics(&self) -> Result<bool, StoreError> {
-        let ctx = || "refreshing the job table's planner statistics".to_owned();
-        let conn = self.conn(&ctx).await?;
-        let stale = conn
-            .query_one(&SQL.jobs_statistics_stale, &[&STATISTICS_MIN_CHANGES])
-            .await
-            .map_err(|e| error::db(e, ctx()))?;
-        if !stale.get::<_, bool>(0) {
-            return Ok(false);
-        }
-        conn.batch_execute("ANALYZE jobs")
-            .await
-            .map_err(|e| error::db(e, ctx()))?;
-        Ok(true)
     }
 
     async fn ping(&self) -> Result<(), StoreError> {

@@ -148,7 +148,6 @@ pub(super) struct Statements {
     pub(super) schedule_advance: String,
     pub(super) ticks_record: String,
     pub(super) ticks_delete_old: String,
-    pub(super) jobs_statistics_stale: String,
 }
 
 /// The statements, built on first use.
@@ -578,16 +577,6 @@ impl Statements {
                    LIMIT $2 \
                    FOR UPDATE SKIP LOCKED)) \
                  AND t.tick_at < $1"
-                .to_owned(),
-            // Whether the job table changed by more rows than it had at its last analysis
-            // (and by at least $1): true on a young table (reltuples is -1 before any),
-            // then at every doubling, so a growing table is analysed a logarithmic number
-            // of times and a big steady one is left to autovacuum. `jobs` resolves through
-            // the search_path, like every statement here.
-            jobs_statistics_stale: "SELECT coalesce(s.n_mod_since_analyze >= $1::bigint \
-                   AND s.n_mod_since_analyze > greatest(c.reltuples, 0), false) \
-                 FROM pg_class c LEFT JOIN pg_stat_user_tables s ON s.relid = c.oid \
-                 WHERE c.oid = 'jobs'::regclass"
                 .to_owned(),
         }
     }
