@@ -463,9 +463,9 @@ async fn finish(
         return std::future::pending().await;
     };
     let answer = call.await;
-    let out = (answer, *asked, *waits, *sent);
+    let (asked, waits, sent) = (*asked, *waits, *sent);
     *leasing = None;
-    (out.0, out.1, out.2, out.3)
+    (answer, asked, waits, sent)
 }
 
 /// Registers freshly leased jobs with the heartbeats and appends them to the buffer.

@@ -48,9 +48,6 @@ const LEASE_RETRY_BASE: Duration = Duration::from_millis(100);
 /// Longest delay between lease attempts while the store keeps failing, so the queue is
 /// picked up again soon after the store recovers.
 const LEASE_RETRY_CAP: Duration = Duration::from_secs(30);
-/// Attempts at releasing the buffer at shutdown when the store fails transiently; a job
-/// whose release never lands is rescued when its lease lapses.
-const RELEASE_ATTEMPTS: u32 = 3;
 
 /// One worker slot of a queue, held by the task running a job. Dropping it — however that
 /// task ends — gives the slot back and tells the dispatcher, which starts a buffered job on
@@ -263,27 +260,20 @@ async fn release_buffer(shared: &Arc<Shared>, queue: &QueueConfig, buffer: VecDe
         return;
     }
     let leases: Vec<LeaseRef> = buffer.iter().map(|b| b.claim.lease).collect();
-    let mut attempt = 0;
-    let answers = loop {
-        attempt += 1;
-        match shared.store.release(leases.clone()).await {
-            Ok(answers) => break answers,
-            Err(e) if e.is_transient() && attempt < RELEASE_ATTEMPTS => {
-                telemetry::store_error("release");
-                tokio::time::sleep(retry_delay(attempt)).await;
-            }
-            Err(e) => {
-                telemetry::store_error("release");
-                telemetry::report_store_error(
-                    &format!(
-                        "releasing {} prefetched jobs of queue {} at shutdown (their leases will lapse and they will be rescued)",
-                        leases.len(),
-                        queue.name
-                    ),
-                    &e,
-                );
-                return;
-            }
+    let answers = match worker::with_retries("release", || shared.store.release(leases.clone()))
+        .await
+    {
+        Ok(answers) => answers,
+        Err(e) => {
+            telemetry::report_store_error(
+                &format!(
+                    "releasing {} prefetched jobs of queue {} at shutdown (their leases will lapse and they will be rescued)",
+                    leases.len(),
+                    queue.name
+                ),
+                &e,
+            );
+            return;
         }
     };
     let mut released = 0;

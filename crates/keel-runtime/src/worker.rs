@@ -329,7 +329,7 @@ async fn stale(shared: &Shared, meta: &Meta, cause: &Cause) -> Outcome {
 
 /// Runs `op` until it succeeds, fails for a reason retrying cannot fix, or
 /// [`WRITE_ATTEMPTS`] transient failures, with capped exponential backoff and full jitter.
-async fn with_retries<T, F, Fut>(op: &'static str, mut f: F) -> Result<T, StoreError>
+pub(crate) async fn with_retries<T, F, Fut>(op: &'static str, mut f: F) -> Result<T, StoreError>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<T, StoreError>>,

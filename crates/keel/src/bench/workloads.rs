@@ -121,10 +121,16 @@ pub(crate) async fn run_all(ctx: &Ctx<'_>, rec: &mut RunRecord) {
         }
         let outcome = match w {
             Workload::W5 => w5_footprint(ctx, rec).await,
-            Workload::W1 => {
-                for lane in lanes(ctx, "w1", "W1", true) {
+            Workload::W1 | Workload::W2 => {
+                // Each lane (worker count, job) is measured and reported on its own.
+                for lane in lanes(ctx, w) {
                     let at = ctx.at(&lane);
-                    if let Err(e) = w1_drain(&at, rec, &lane).await {
+                    let measured = if w == Workload::W1 {
+                        w1_drain(&at, rec, &lane).await
+                    } else {
+                        w2_steady(&at, rec, &lane).await
+                    };
+                    if let Err(e) = measured {
                         at.progress
                             .note(&format!("  {}: could not be measured: {e:#}", lane.label));
                         rec.errors.push(format!("{}: {e:#}", lane.label));
@@ -133,17 +139,6 @@ pub(crate) async fn run_all(ctx: &Ctx<'_>, rec: &mut RunRecord) {
                 Ok(())
             }
             Workload::W1x => w1x_external_drain(ctx, rec).await,
-            Workload::W2 => {
-                for lane in lanes(ctx, "w2", "W2", false) {
-                    let at = ctx.at(&lane);
-                    if let Err(e) = w2_steady(&at, rec, &lane).await {
-                        at.progress
-                            .note(&format!("  {}: could not be measured: {e:#}", lane.label));
-                        rec.errors.push(format!("{}: {e:#}", lane.label));
-                    }
-                }
-                Ok(())
-            }
             Workload::W2p => w2p_paced(ctx, rec).await,
             Workload::W2x => w2x_external_pickup(ctx, rec).await,
             Workload::W3 => w3_enqueue(ctx, rec).await,
@@ -177,8 +172,12 @@ struct QueueEntry {
 /// W1's or W2's measurements: at `--concurrency` on the bench queue, then (unless
 /// `--no-user-settings`) at each of [`USER_CONCURRENCIES`] on its own queue, and for W1
 /// also with 10 ms jobs there.
-fn lanes(ctx: &Ctx<'_>, key: &str, label: &str, slow: bool) -> Vec<Lane> {
+fn lanes(ctx: &Ctx<'_>, w: Workload) -> Vec<Lane> {
     let s = ctx.settings;
+    let label = w.to_string();
+    let key = label.to_lowercase();
+    let (key, label) = (key.as_str(), label.as_str());
+    let slow = w == Workload::W1;
     let noop = json!({ "kind": "noop" });
     let mut out = vec![Lane {
         key: key.to_owned(),
