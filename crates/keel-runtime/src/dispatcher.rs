@@ -72,6 +72,14 @@ struct Buffered {
 
 type LeaseCall = Pin<Box<dyn Future<Output = Result<Vec<Job>, StoreError>> + Send>>;
 
+/// The lease in flight: the call, how many jobs it asked for, and when it was sent (its
+/// round trip feeds [`Pace`]).
+struct Leasing {
+    call: LeaseCall,
+    asked: usize,
+    sent: Instant,
+}
+
 /// Runs until shutdown's first phase ([`Shared::draining`]), then releases what it holds
 /// but has not started (including a lease that was in flight) and returns.
 pub(crate) async fn run(shared: Arc<Shared>, queue: QueueConfig, wake: Arc<Notify>) {
@@ -80,7 +88,7 @@ pub(crate) async fn run(shared: Arc<Shared>, queue: QueueConfig, wake: Arc<Notif
     let mut pace = Pace::new(shared.config.prefetch_cap(), std::time::Instant::now());
     let stop = shared.draining.clone();
     let mut buffer: VecDeque<Buffered> = VecDeque::new();
-    let mut leasing: Option<(LeaseCall, usize)> = None;
+    let mut leasing: Option<Leasing> = None;
     // Whether the queue may have more work: the last lease came back full, or something
     // woke us since. While false, only a wakeup or the poll interval leads to a lease.
     let mut more = true;
@@ -109,7 +117,11 @@ pub(crate) async fn run(shared: Arc<Shared>, queue: QueueConfig, wake: Arc<Notif
             && room > 0
             && (buffer.is_empty() || room >= (pace.prefetch() / 2).max(1))
         {
-            leasing = Some((lease_call(&shared, &queue, room), room));
+            leasing = Some(Leasing {
+                call: lease_call(&shared, &queue, room),
+                asked: room,
+                sent: Instant::now(),
+            });
         }
         tokio::select! {
             biased;
@@ -147,7 +159,7 @@ pub(crate) async fn run(shared: Arc<Shared>, queue: QueueConfig, wake: Arc<Notif
         }
     }
     // A lease in flight was granted to us: its jobs join the buffer and go back with it.
-    if let Some((call, asked)) = leasing.take()
+    if let Some(Leasing { call, asked, .. }) = leasing.take()
         && let Ok(jobs) = call.await
     {
         take_lease(&shared, &queue, jobs, asked, &mut buffer);
@@ -299,20 +311,18 @@ async fn release_buffer(shared: &Arc<Shared>, queue: &QueueConfig, buffer: VecDe
     drop(buffer);
 }
 
-/// The lease in flight's answer, with how many jobs it asked for; never resolves when no
-/// lease is in flight. Cancel-safe: dropped before the answer, the call stays in `leasing`
-/// and is polled again next time.
-async fn finish(
-    leasing: &mut Option<(LeaseCall, usize)>,
-) -> (Result<Vec<Job>, StoreError>, usize, Duration) {
-    let Some((call, asked)) = leasing.as_mut() else {
+/// The lease in flight's answer, with how many jobs it asked for and its round trip; never
+/// resolves when no lease is in flight. Cancel-safe: dropped before the answer, the call
+/// stays in `leasing` and is polled again next time (the loop drops it on every freed slot,
+/// which is why the send time lives in [`Leasing`], not here).
+async fn finish(leasing: &mut Option<Leasing>) -> (Result<Vec<Job>, StoreError>, usize, Duration) {
+    let Some(l) = leasing.as_mut() else {
         return std::future::pending().await;
     };
-    let sent = Instant::now();
-    let answer = call.await;
-    let asked = *asked;
+    let answer = (&mut l.call).await;
+    let (asked, took) = (l.asked, l.sent.elapsed());
     *leasing = None;
-    (answer, asked, sent.elapsed())
+    (answer, asked, took)
 }
 
 /// Sleeps until `at`; forever when there is no `at`.
@@ -346,5 +356,33 @@ mod tests {
         }
         assert!(retry_delay(1) <= LEASE_RETRY_BASE);
         assert!(retry_delay(30) >= LEASE_RETRY_CAP / 2);
+    }
+
+    /// The dispatcher's select drops `finish` whenever a slot frees up or a wakeup arrives;
+    /// the round trip must still count from the send, or a busy queue measures a tiny round
+    /// trip and prefetches almost nothing.
+    #[tokio::test(start_paused = true)]
+    async fn a_lease_round_trip_counts_from_the_send_across_interruptions() {
+        let answer_after = Duration::from_millis(30);
+        let mut leasing = Some(Leasing {
+            call: Box::pin(async move {
+                tokio::time::sleep(answer_after).await;
+                Ok(Vec::new())
+            }),
+            asked: 7,
+            sent: Instant::now(),
+        });
+        let mut interrupted = 0;
+        let (answer, asked, took) = loop {
+            tokio::select! {
+                done = finish(&mut leasing) => break done,
+                () = tokio::time::sleep(Duration::from_millis(1)) => interrupted += 1,
+            }
+        };
+        assert!(interrupted >= 20, "{interrupted}");
+        assert!(answer.is_ok());
+        assert_eq!(asked, 7);
+        assert!(took >= answer_after, "{took:?}");
+        assert!(leasing.is_none());
     }
 }
