@@ -411,6 +411,21 @@ impl PgStore {
             .map_err(|e| error::db(e, ctx()))
     }
 
+    /// Runs one statement planned afresh for these parameters and the table as it is now
+    /// (see [`query_replanned`]); for statements whose best plan depends on how many jobs
+    /// there are.
+    async fn query_fresh(
+        &self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+        ctx: Ctx<'_>,
+    ) -> Result<Vec<Row>, StoreError> {
+        let conn = self.conn(ctx).await?;
+        query_replanned(&conn, sql, params)
+            .await
+            .map_err(|e| error::db(e, ctx()))
+    }
+
     /// Runs one lease-fenced batch statement (`heartbeat`, `complete`, `release`) whose
     /// first two parameters are the ids and tokens of `leases` and which returns the
     /// `(id, token)` pairs it applied to (and rows of NULLs, skipped, for the notifications
@@ -424,12 +439,7 @@ impl PgStore {
         ctx: Ctx<'_>,
     ) -> Result<Vec<Result<(), StoreError>>, StoreError> {
         let conn = self.conn(ctx).await?;
-        let stmt = conn
-            .prepare_cached(sql)
-            .await
-            .map_err(|e| error::db(e, ctx()))?;
-        let rows = conn
-            .query(&stmt, params)
+        let rows = query_replanned(&conn, sql, params)
             .await
             .map_err(|e| error::db(e, ctx()))?;
         let applied = rows
@@ -453,11 +463,7 @@ impl PgStore {
         let existing: HashSet<Uuid> = if missing.is_empty() {
             HashSet::new()
         } else {
-            let stmt = conn
-                .prepare_cached(&SQL.existing)
-                .await
-                .map_err(|e| error::db(e, ctx()))?;
-            conn.query(&stmt, &[&missing])
+            query_replanned(&conn, &SQL.existing, &[&missing])
                 .await
                 .map_err(|e| error::db(e, ctx()))?
                 .iter()
@@ -533,6 +539,32 @@ impl PgStore {
     }
 }
 
+/// Runs `sql` as the unnamed statement, so Postgres plans it for these parameters and for
+/// the table as it is at this moment. The named prepared statement is only asked for its
+/// parameter types (cached per connection).
+///
+/// A named statement settles on a generic plan after five executions and keeps it until the
+/// table's statistics change. On a young table that plan is made for a few hundred rows: the
+/// completion batch hashed a sequential scan of the whole table into every commit, and a
+/// fresh schema under W2 fell minutes behind before autovacuum's first ANALYZE (a minute
+/// away at the default naptime) replaced the plan. A custom plan reads the table's current
+/// size each time. Planning costs tens of microseconds, paid once per batch, so this is
+/// for batch statements (lease, heartbeat, completion, release) and listings, not for
+/// per-job ones.
+async fn query_replanned(
+    conn: &deadpool_postgres::ClientWrapper,
+    sql: &str,
+    params: &[&(dyn ToSql + Sync)],
+) -> Result<Vec<Row>, tokio_postgres::Error> {
+    let stmt = conn.prepare_cached(sql).await?;
+    let typed: Vec<(&(dyn ToSql + Sync), tokio_postgres::types::Type)> = params
+        .iter()
+        .copied()
+        .zip(stmt.params().iter().cloned())
+        .collect();
+    conn.query_typed(sql, &typed).await
+}
+
 /// `host:port/db as user` for messages; the password never appears.
 fn describe(cfg: &tokio_postgres::Config) -> String {
     use tokio_postgres::config::Host;
@@ -598,7 +630,7 @@ impl Store for PgStore {
     async fn list(&self, params: ListParams) -> Result<JobPage, StoreError> {
         let ctx = || "listing jobs".to_owned();
         let q = ListQuery::new(&params);
-        let rows = self.query(&q.sql, &q.params(), &ctx).await?;
+        let rows = self.query_fresh(&q.sql, &q.params(), &ctx).await?;
         let jobs = rows
             .iter()
             .map(rows::job_from_row)
@@ -620,7 +652,7 @@ impl Store for PgStore {
         let now = self.clock.now();
         let expires_at = now + to_delta(params.lease_for);
         let rows = if params.tenant.is_none() && params.kinds.is_empty() {
-            self.query(
+            self.query_fresh(
                 &SQL.lease,
                 &[
                     &params.queue.as_str(),
@@ -635,7 +667,7 @@ impl Store for PgStore {
         } else {
             let tenant = params.tenant.as_ref().map(TenantId::as_str);
             let kinds: Vec<&str> = params.kinds.iter().map(JobKind::as_str).collect();
-            self.query(
+            self.query_fresh(
                 &SQL.lease_filtered,
                 &[
                     &params.queue.as_str(),
@@ -922,9 +954,9 @@ impl Store for PgStore {
     async fn queue_stats(&self, tenant: Option<TenantId>) -> Result<Vec<QueueStats>, StoreError> {
         let ctx = || "counting jobs per queue and state".to_owned();
         let rows = match &tenant {
-            None => self.query(&SQL.queue_stats, &[], &ctx).await?,
+            None => self.query_fresh(&SQL.queue_stats, &[], &ctx).await?,
             Some(t) => {
-                self.query(&SQL.queue_stats_of_tenant, &[&t.as_str()], &ctx)
+                self.query_fresh(&SQL.queue_stats_of_tenant, &[&t.as_str()], &ctx)
                     .await?
             }
         };
