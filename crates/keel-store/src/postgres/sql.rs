@@ -401,14 +401,18 @@ impl Statements {
                  {announce}",
                 announce = announce("rescued", "$6"),
             ),
+            // The inner SELECT picks and locks the rows (its state term is rechecked on a
+            // row changed before the lock), so the DELETE finds them by primary key alone.
+            // A state term on the DELETE too let the planner AND the pkey probe with a
+            // bitmap of the whole finished index (the term matches its predicate): 4-13 ms
+            // per maintenance pass with 200k finished jobs, to delete nothing.
             delete_finished: format!(
                 "DELETE FROM jobs j WHERE j.id = ANY(ARRAY( \
                    SELECT id FROM jobs \
                    WHERE state IN ({finished}) AND finished_at < $1 \
                    ORDER BY finished_at \
                    LIMIT $2 \
-                   FOR UPDATE SKIP LOCKED)) \
-                 AND j.state IN ({finished})"
+                   FOR UPDATE SKIP LOCKED))"
             ),
             // One statement, so counts and flags come from one snapshot. A queue known only
             // from `queues` (paused or resumed, no jobs) comes back as one row with a NULL
