@@ -93,6 +93,9 @@ impl Store for InstantStore {
     async fn queue_stats(&self, _: Option<TenantId>) -> Result<Vec<QueueStats>, StoreError> {
         unused()
     }
+    async fn queue_depths(&self) -> Result<Vec<QueueStats>, StoreError> {
+        unused()
+    }
     async fn insert_idempotent(
         &self,
         _: IdempotentInsert,

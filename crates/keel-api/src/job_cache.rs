@@ -483,6 +483,9 @@ mod tests {
         ) -> Result<Vec<QueueStats>, StoreError> {
             unused()
         }
+        async fn queue_depths(&self) -> Result<Vec<QueueStats>, StoreError> {
+            unused()
+        }
         async fn insert_idempotent(
             &self,
             _: IdempotentInsert,

@@ -511,6 +511,12 @@ pub trait Store: Send + Sync + 'static {
     /// of the others' queues or load).
     async fn queue_stats(&self, tenant: Option<TenantId>) -> Result<Vec<QueueStats>, StoreError>;
 
+    /// [`Store::queue_stats`] without a tenant, counting only unfinished jobs (scheduled,
+    /// available, running, retryable); the finished counts are zero. For gauges refreshed
+    /// every few seconds: counting finished jobs reads every job kept for retention, and
+    /// that grows with history (days of it), where this grows with the backlog.
+    async fn queue_depths(&self) -> Result<Vec<QueueStats>, StoreError>;
+
     /// Inserts jobs under an idempotency key (G3). First use of `(tenant, key)`: inserts the
     /// jobs and stores the key, fingerprint and the response from `respond`, all in one
     /// transaction. Later use with the same fingerprint while the key lives: inserts nothing

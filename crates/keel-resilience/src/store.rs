@@ -282,6 +282,10 @@ impl Store for GuardedStore {
         self.read(|| self.inner.queue_stats(tenant.clone())).await
     }
 
+    async fn queue_depths(&self) -> Result<Vec<QueueStats>, StoreError> {
+        self.read(|| self.inner.queue_depths()).await
+    }
+
     async fn insert_idempotent(
         &self,
         req: IdempotentInsert,

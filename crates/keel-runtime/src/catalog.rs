@@ -50,6 +50,12 @@ impl Catalog {
         self.inner.queues.contains(queue)
     }
 
+    /// The queues served here, in no particular order: gauges report each of them, even
+    /// one with no jobs.
+    pub fn queues(&self) -> impl Iterator<Item = &QueueName> {
+        self.inner.queues.iter()
+    }
+
     /// The metric label for `queue`: its name if served here, else [`OTHER`].
     pub fn queue_label<'a>(&self, queue: &'a QueueName) -> &'a str {
         if self.serves(queue) {

@@ -147,6 +147,20 @@ where
 /// The `leaders` row the maintenance leader holds (the only role so far).
 pub(crate) const MAINTENANCE_ROLE: &str = "maintenance";
 
+/// The unfinished jobs per queue and state, as `(queue, state, count)` rows
+/// ([`keel_core::Store::queue_depths`]), on both backends. Each part's state term is the
+/// predicate of one partial index (lease, due, running), so the count reads only those
+/// indexes and never the finished jobs.
+pub(crate) const DEPTH_COUNTS: &str = "\
+    SELECT queue, state, count(*) AS n FROM jobs WHERE state = 'available' \
+    GROUP BY queue, state \
+    UNION ALL \
+    SELECT queue, state, count(*) FROM jobs WHERE state IN ('scheduled', 'retryable') \
+    GROUP BY queue, state \
+    UNION ALL \
+    SELECT queue, state, count(*) FROM jobs WHERE state = 'running' \
+    GROUP BY queue, state";
+
 /// Opens the store named by `url`, applies pending migrations, and returns it ready to use.
 pub async fn open(
     url: &DatabaseUrl,
@@ -188,6 +202,18 @@ pub(crate) fn listing_state_filter(prefix: &str, state: keel_core::JobState) -> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn depth_counts_name_every_unfinished_state_once_and_no_finished_one() {
+        for state in keel_core::JobState::ALL {
+            let quoted = format!("'{}'", state.as_str());
+            assert_eq!(
+                DEPTH_COUNTS.matches(&quoted).count(),
+                usize::from(!state.is_finished()),
+                "{state:?}"
+            );
+        }
+    }
 
     #[test]
     fn parses_both_backends_and_explains_the_rest() {

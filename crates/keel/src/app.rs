@@ -476,6 +476,14 @@ const BACKLOG_STATES: [JobState; 3] = [
     JobState::Retryable,
 ];
 
+/// The states `keel_queue_depth` reports ([`Store::queue_depths`] counts only these).
+const UNFINISHED: [JobState; 4] = [
+    JobState::Scheduled,
+    JobState::Available,
+    JobState::Running,
+    JobState::Retryable,
+];
+
 /// Keeps `keel_queue_depth{queue,state}`, `keel_db_pool_connections{state}`,
 /// `keel_tasks_alive`, `keel_admission_limit` and the runtime, allocator and process gauges
 /// ([`ProcessGauges`]) current, feeds the backlog figure to admission control (so the
@@ -518,7 +526,9 @@ async fn refresh_gauges(
         ] {
             metrics::gauge!("keel_db_pool_connections", "state" => state).set(n as f64);
         }
-        match store.queue_stats(None).await {
+        // Unfinished jobs only: the finished counts would read every job kept for
+        // retention, every few seconds, on every replica.
+        match store.queue_depths().await {
             Ok(stats) => {
                 let backlog: u64 = stats
                     .iter()
@@ -530,15 +540,18 @@ async fn refresh_gauges(
                 let mut by_label: std::collections::BTreeMap<&str, (StateCounts, bool)> =
                     std::collections::BTreeMap::new();
                 by_label.entry(keel_runtime::catalog::OTHER).or_default();
+                for served in catalog.queues() {
+                    by_label.entry(served.as_str()).or_default();
+                }
                 for s in &stats {
                     let entry = by_label.entry(catalog.queue_label(&s.queue)).or_default();
-                    for state in JobState::ALL {
+                    for state in UNFINISHED {
                         entry.0.add(state, s.counts.get(state));
                     }
                     entry.1 |= s.paused;
                 }
                 for (queue, (counts, paused)) in by_label {
-                    for state in JobState::ALL {
+                    for state in UNFINISHED {
                         metrics::gauge!(
                             "keel_queue_depth",
                             "queue" => queue.to_owned(),

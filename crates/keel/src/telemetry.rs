@@ -85,8 +85,9 @@ fn describe_metrics() {
     );
     metrics::describe_gauge!(
         "keel_queue_depth",
-        "Jobs per queue and state, counted by the store on each gauge refresh (queues \
-         this process does not serve are summed under `other`)."
+        "Unfinished jobs (scheduled, available, running, retryable) per queue and state, \
+         counted by the store on each gauge refresh (queues this process does not serve \
+         are summed under `other`). Finished jobs are counted by keel_jobs_finished_total."
     );
     metrics::describe_gauge!("keel_queue_paused", "1 if the queue is paused, else 0.");
 }

@@ -960,30 +960,13 @@ impl Store for PgStore {
                     .await?
             }
         };
-        let mut by_queue: BTreeMap<String, (bool, StateCounts)> = BTreeMap::new();
-        for row in &rows {
-            let queue: String = rows::get(row, 0, "queue")?;
-            let state: Option<&str> = rows::get(row, 1, "state")?;
-            let count: Option<i64> = rows::get(row, 2, "count")?;
-            let paused: bool = rows::get(row, 3, "paused")?;
-            let entry = by_queue.entry(queue).or_default();
-            entry.0 = paused;
-            if let (Some(state), Some(count)) = (state, count) {
-                entry
-                    .1
-                    .add(rows::state(state)?, u64::try_from(count).unwrap_or(0));
-            }
-        }
-        by_queue
-            .into_iter()
-            .map(|(queue, (paused, counts))| {
-                Ok(QueueStats {
-                    queue: rows::parsed("queue", &queue, QueueName::parse)?,
-                    paused,
-                    counts,
-                })
-            })
-            .collect()
+        stats_from_rows(&rows)
+    }
+
+    async fn queue_depths(&self) -> Result<Vec<QueueStats>, StoreError> {
+        let ctx = || "counting unfinished jobs per queue and state".to_owned();
+        let rows = self.query_fresh(&SQL.queue_depths, &[], &ctx).await?;
+        stats_from_rows(&rows)
     }
 
     async fn insert_idempotent(
@@ -1555,4 +1538,33 @@ fn split(leases: &[LeaseRef]) -> (Vec<Uuid>, Vec<Uuid>) {
         .iter()
         .map(|l| (*l.id.as_uuid(), *l.token.as_uuid()))
         .unzip()
+}
+
+/// Folds `(queue, state, count, paused)` rows (a queue with no jobs has a NULL state and
+/// count) into one [`QueueStats`] per queue, sorted by name.
+fn stats_from_rows(rows: &[Row]) -> Result<Vec<QueueStats>, StoreError> {
+    let mut by_queue: BTreeMap<String, (bool, StateCounts)> = BTreeMap::new();
+    for row in rows {
+        let queue: String = rows::get(row, 0, "queue")?;
+        let state: Option<&str> = rows::get(row, 1, "state")?;
+        let count: Option<i64> = rows::get(row, 2, "count")?;
+        let paused: bool = rows::get(row, 3, "paused")?;
+        let entry = by_queue.entry(queue).or_default();
+        entry.0 = paused;
+        if let (Some(state), Some(count)) = (state, count) {
+            entry
+                .1
+                .add(rows::state(state)?, u64::try_from(count).unwrap_or(0));
+        }
+    }
+    by_queue
+        .into_iter()
+        .map(|(queue, (paused, counts))| {
+            Ok(QueueStats {
+                queue: rows::parsed("queue", &queue, QueueName::parse)?,
+                paused,
+                counts,
+            })
+        })
+        .collect()
 }

@@ -34,6 +34,8 @@ use std::sync::LazyLock;
 
 use keel_core::store::ListParams;
 use keel_core::{JobState, Transition};
+
+use crate::DEPTH_COUNTS;
 use tokio_postgres::types::ToSql;
 
 /// The columns of a job, in the order `rows::job_from_row` decodes them. JSON columns come
@@ -128,6 +130,7 @@ pub(super) struct Statements {
     pub(super) delete_finished: String,
     pub(super) queue_stats: String,
     pub(super) queue_stats_of_tenant: String,
+    pub(super) queue_depths: String,
     pub(super) set_queue_paused: String,
     pub(super) idempotency_read: String,
     pub(super) idempotency_expire: String,
@@ -437,6 +440,12 @@ impl Statements {
                        WHERE tenant = $1 AND state = 'running' GROUP BY queue, state) c \
                  LEFT JOIN queues q ON q.name = c.queue"
                 .to_owned(),
+            // The gauges' count: unfinished jobs only, by partial index (see DEPTH_COUNTS).
+            queue_depths: format!(
+                "SELECT COALESCE(c.queue, q.name), c.state, c.n, COALESCE(q.paused, false) \
+                 FROM ({DEPTH_COUNTS}) c \
+                 FULL JOIN queues q ON q.name = c.queue"
+            ),
             // Resuming a queue makes its waiting jobs leasable again: the same statement
             // notifies the queue's listeners ($4 is the channel) when the flag is now off.
             set_queue_paused: "WITH saved AS ( \

@@ -416,6 +416,33 @@ async fn explain_hot_queries_use_indexes() {
         problems.extend(explain(&conn, case).await);
     }
     assert!(problems.is_empty(), "{}", problems.join("\n\n"));
+
+    // The gauges' count (no parameters: one plan) reads the unfinished jobs through their
+    // partial indexes, never an index that holds the finished ones.
+    let row = conn
+        .query_one(&format!("EXPLAIN (FORMAT JSON) {}", SQL.queue_depths), &[])
+        .await
+        .expect("explain queue depths");
+    let plan: Value = row.get(0);
+    let facts = PlanFacts::of(&plan);
+    let pretty = serde_json::to_string_pretty(&plan).unwrap_or_default();
+    assert!(facts.seq_scans.is_empty(), "{pretty}");
+    for index in ["jobs_lease_idx", "jobs_due_idx", "jobs_expired_lease_idx"] {
+        assert!(
+            facts.indexes.iter().any(|i| i == index),
+            "{index}: {pretty}"
+        );
+    }
+    for index in [
+        "jobs_queue_state_idx",
+        "jobs_tenant_state_idx",
+        "jobs_finished_idx",
+    ] {
+        assert!(
+            !facts.indexes.iter().any(|i| i == index),
+            "{index}: {pretty}"
+        );
+    }
     drop(conn);
     store.close().await;
 }

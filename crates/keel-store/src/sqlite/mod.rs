@@ -1061,38 +1061,21 @@ impl Store for SqliteStore {
                     }),
             }
             .map_err(|e| map_err("reading queue statistics", &e))?;
-            let paused: Vec<(String, bool)> = conn
-                .prepare_cached("SELECT name, paused FROM queues")
-                .and_then(|mut s| s.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?.collect())
-                .map_err(|e| map_err("reading queue settings", &e))?;
-            let mut by_queue: BTreeMap<String, (bool, StateCounts)> = BTreeMap::new();
-            for (queue, state, n) in rows {
-                let state: JobState = state
-                    .parse()
-                    .map_err(|e| StoreError::permanent("decoding stored state", e))?;
-                by_queue.entry(queue).or_default().1.add(state, n as u64);
-            }
-            for (queue, p) in paused {
-                // A tenant sees the flag of the queues its jobs are in, no others.
-                match by_queue.get_mut(&queue) {
-                    Some(entry) => entry.0 = p,
-                    None if tenant.is_none() => {
-                        by_queue.entry(queue).or_default().0 = p;
-                    }
-                    None => {}
-                }
-            }
-            by_queue
-                .into_iter()
-                .map(|(q, (paused, counts))| {
-                    Ok(QueueStats {
-                        queue: QueueName::parse(q)
-                            .map_err(|e| StoreError::permanent("decoding stored queue", e))?,
-                        paused,
-                        counts,
-                    })
+            stats_with_flags(conn, rows, tenant.is_none())
+        })
+        .await
+    }
+
+    async fn queue_depths(&self) -> Result<Vec<QueueStats>, StoreError> {
+        self.read("reading queue depths", move |conn| {
+            let rows: Vec<(String, String, i64)> = conn
+                .prepare_cached(crate::DEPTH_COUNTS)
+                .and_then(|mut s| {
+                    s.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+                        .collect()
                 })
-                .collect()
+                .map_err(|e| map_err("reading queue depths", &e))?;
+            stats_with_flags(conn, rows, true)
         })
         .await
     }
@@ -1340,6 +1323,48 @@ impl Drop for SqliteStore {
         // ends its loop after the queued writes commit.
         self.readers.close();
     }
+}
+
+/// Folds `(queue, state, count)` rows into one [`QueueStats`] per queue, sorted by name,
+/// with each queue's paused flag; `every_queue` adds the queues that have no jobs but were
+/// paused or resumed (a tenant's view leaves them out: it learns nothing of other queues).
+fn stats_with_flags(
+    conn: &rusqlite::Connection,
+    rows: Vec<(String, String, i64)>,
+    every_queue: bool,
+) -> Result<Vec<QueueStats>, StoreError> {
+    let paused: Vec<(String, bool)> = conn
+        .prepare_cached("SELECT name, paused FROM queues")
+        .and_then(|mut s| s.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?.collect())
+        .map_err(|e| map_err("reading queue settings", &e))?;
+    let mut by_queue: BTreeMap<String, (bool, StateCounts)> = BTreeMap::new();
+    for (queue, state, n) in rows {
+        let state: JobState = state
+            .parse()
+            .map_err(|e| StoreError::permanent("decoding stored state", e))?;
+        by_queue.entry(queue).or_default().1.add(state, n as u64);
+    }
+    for (queue, p) in paused {
+        // A tenant sees the flag of the queues its jobs are in, no others.
+        match by_queue.get_mut(&queue) {
+            Some(entry) => entry.0 = p,
+            None if every_queue => {
+                by_queue.entry(queue).or_default().0 = p;
+            }
+            None => {}
+        }
+    }
+    by_queue
+        .into_iter()
+        .map(|(q, (paused, counts))| {
+            Ok(QueueStats {
+                queue: QueueName::parse(q)
+                    .map_err(|e| StoreError::permanent("decoding stored queue", e))?,
+                paused,
+                counts,
+            })
+        })
+        .collect()
 }
 
 #[cfg(test)]

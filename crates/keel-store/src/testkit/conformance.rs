@@ -1259,7 +1259,8 @@ pub async fn retention_deletes_only_old_finished_jobs(h: &Harness) {
     }
 }
 
-/// Statistics agree with the rows.
+/// Statistics agree with the rows; the depths are the same counts without the finished
+/// jobs (and without the queues that hold only finished ones).
 pub async fn queue_stats_match_rows(h: &Harness) {
     let mut n = 0;
     for (queue, states) in [
@@ -1316,6 +1317,30 @@ pub async fn queue_stats_match_rows(h: &Harness) {
         .collect();
     assert_eq!(got, want);
     assert_eq!(got.values().map(|c| c.total()).sum::<u64>(), n as u64);
+
+    let depths: BTreeMap<String, StateCounts> = h
+        .store
+        .queue_depths()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|s| (s.queue.to_string(), s.counts))
+        .collect();
+    let unfinished: BTreeMap<String, StateCounts> = want
+        .into_iter()
+        .filter_map(|(queue, mut c)| {
+            c.completed = 0;
+            c.discarded = 0;
+            c.cancelled = 0;
+            (c.total() > 0).then_some((queue, c))
+        })
+        .collect();
+    assert_eq!(depths, unfinished);
+    assert_eq!(
+        depths.values().map(|c| c.total()).sum::<u64>(),
+        5,
+        "two available, one running, one scheduled, one retryable"
+    );
 }
 
 /// Results are stored and returned byte for byte.
@@ -1418,6 +1443,13 @@ pub async fn paused_queues_are_not_leased(h: &Harness) {
     let paused: Vec<(&str, bool)> = stats.iter().map(|s| (s.queue.as_str(), s.paused)).collect();
     assert_eq!(paused, [("empty", true), ("free", false), ("held", true)]);
     assert_eq!(stats[2].counts.available, 1);
+    let depths = h.store.queue_depths().await.unwrap();
+    let flags: Vec<(&str, bool)> = depths
+        .iter()
+        .map(|s| (s.queue.as_str(), s.paused))
+        .collect();
+    assert_eq!(flags, [("empty", true), ("free", false), ("held", true)]);
+    assert_eq!(depths[2].counts.available, 1);
     h.store.set_queue_paused(q("held"), false).await.unwrap();
     assert_eq!(lease_one(h, "held").await.0.id, j.id);
     let stats = h.store.queue_stats(None).await.unwrap();

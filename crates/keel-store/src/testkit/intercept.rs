@@ -39,6 +39,7 @@ pub enum Op {
     Rescue,
     DeleteFinished,
     QueueStats,
+    QueueDepths,
     InsertIdempotent,
     DeleteExpiredIdempotencyKeys,
     SetQueuePaused,
@@ -74,6 +75,7 @@ impl Op {
             Op::Rescue => "rescuing expired leases",
             Op::DeleteFinished => "deleting finished jobs",
             Op::QueueStats => "reading queue statistics",
+            Op::QueueDepths => "reading queue depths",
             Op::InsertIdempotent => "inserting jobs under an idempotency key",
             Op::DeleteExpiredIdempotencyKeys => "deleting expired idempotency keys",
             Op::SetQueuePaused => "pausing or resuming a queue",
@@ -190,6 +192,10 @@ impl<I: Interceptor> Store for Intercepted<I> {
     async fn queue_stats(&self, tenant: Option<TenantId>) -> Result<Vec<QueueStats>, StoreError> {
         self.interceptor.before(Op::QueueStats).await?;
         self.inner.queue_stats(tenant).await
+    }
+    async fn queue_depths(&self) -> Result<Vec<QueueStats>, StoreError> {
+        self.interceptor.before(Op::QueueDepths).await?;
+        self.inner.queue_depths().await
     }
     async fn insert_idempotent(
         &self,
