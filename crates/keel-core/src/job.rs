@@ -57,6 +57,15 @@ impl JobState {
         JobState::Cancelled,
     ];
 
+    /// The states of a job that will still run (or is running): the backlog and the work
+    /// in hand, what queue depth gauges count.
+    pub const UNFINISHED: [JobState; 4] = [
+        JobState::Scheduled,
+        JobState::Available,
+        JobState::Running,
+        JobState::Retryable,
+    ];
+
     /// Whether the job is in a terminal state.
     pub fn is_finished(self) -> bool {
         Self::FINISHED.contains(&self)
@@ -838,6 +847,21 @@ pub(crate) mod duration_ms {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn every_state_is_finished_or_unfinished_never_both() {
+        for s in JobState::ALL {
+            assert_ne!(
+                JobState::FINISHED.contains(&s),
+                JobState::UNFINISHED.contains(&s),
+                "{s:?}"
+            );
+        }
+        assert_eq!(
+            JobState::FINISHED.len() + JobState::UNFINISHED.len(),
+            JobState::ALL.len()
+        );
+    }
 
     fn state() -> impl Strategy<Value = JobState> {
         proptest::sample::select(JobState::ALL.to_vec())

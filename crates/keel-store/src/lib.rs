@@ -209,7 +209,7 @@ mod tests {
             let quoted = format!("'{}'", state.as_str());
             assert_eq!(
                 DEPTH_COUNTS.matches(&quoted).count(),
-                usize::from(!state.is_finished()),
+                usize::from(keel_core::JobState::UNFINISHED.contains(&state)),
                 "{state:?}"
             );
         }

@@ -476,14 +476,6 @@ const BACKLOG_STATES: [JobState; 3] = [
     JobState::Retryable,
 ];
 
-/// The states `keel_queue_depth` reports ([`Store::queue_depths`] counts only these).
-const UNFINISHED: [JobState; 4] = [
-    JobState::Scheduled,
-    JobState::Available,
-    JobState::Running,
-    JobState::Retryable,
-];
-
 /// Keeps `keel_queue_depth{queue,state}`, `keel_db_pool_connections{state}`,
 /// `keel_tasks_alive`, `keel_admission_limit` and the runtime, allocator and process gauges
 /// ([`ProcessGauges`]) current, feeds the backlog figure to admission control (so the
@@ -545,13 +537,13 @@ async fn refresh_gauges(
                 }
                 for s in &stats {
                     let entry = by_label.entry(catalog.queue_label(&s.queue)).or_default();
-                    for state in UNFINISHED {
+                    for state in JobState::UNFINISHED {
                         entry.0.add(state, s.counts.get(state));
                     }
                     entry.1 |= s.paused;
                 }
                 for (queue, (counts, paused)) in by_label {
-                    for state in UNFINISHED {
+                    for state in JobState::UNFINISHED {
                         metrics::gauge!(
                             "keel_queue_depth",
                             "queue" => queue.to_owned(),

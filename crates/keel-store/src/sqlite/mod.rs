@@ -1454,6 +1454,40 @@ mod tests {
         store.close().await;
     }
 
+    /// The depth gauges' count reads each unfinished state through its partial index and
+    /// never scans the table: finished jobs pile up for the whole retention period.
+    #[tokio::test]
+    async fn depth_counts_read_only_the_unfinished_jobs_indexes() {
+        let (store, _dir) = store().await;
+        let plan = store
+            .read("explaining the depth count", |conn| {
+                let mut stmt = conn
+                    .prepare(&format!("EXPLAIN QUERY PLAN {}", crate::DEPTH_COUNTS))
+                    .map_err(|e| map_err("explaining", &e))?;
+                stmt.query_map([], |r| r.get::<_, String>(3))
+                    .and_then(|rows| rows.collect::<Result<Vec<_>, _>>())
+                    .map(|rows| rows.join("\n"))
+                    .map_err(|e| map_err("explaining", &e))
+            })
+            .await
+            .unwrap();
+        for index in ["jobs_lease_idx", "jobs_due_idx", "jobs_expired_lease_idx"] {
+            assert!(plan.contains(&format!("INDEX {index}")), "{plan}");
+        }
+        assert!(
+            !plan.contains("SCAN jobs\n") && !plan.ends_with("SCAN jobs"),
+            "{plan}"
+        );
+        for index in [
+            "jobs_queue_state_idx",
+            "jobs_tenant_state_idx",
+            "jobs_finished_idx",
+        ] {
+            assert!(!plan.contains(index), "{plan}");
+        }
+        store.close().await;
+    }
+
     /// Callers inserting one unique key at once land in the same group-committed batch, each
     /// in its own savepoint: the first creates the job, every other one gets it back.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
