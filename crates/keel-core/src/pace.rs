@@ -9,6 +9,14 @@
 //! [`Pace::MARGIN`] round trips, between one job and the configured cap. Noop jobs on 20
 //! slots buffer dozens; ten-second jobs buffer one.
 //!
+//! The rate is measured over windows of [`Pace::WINDOW`], so after an idle spell it lags a
+//! burst by several windows, and slots starve meanwhile: 64 producers starting at once on a
+//! queue of 8 workers waited up to 120 ms for their jobs to start in the first 400 ms,
+//! and never more than 20 ms after. So while leases come back full to slots that have run
+//! out of work, a floor under the prefetch doubles at each lease (as TCP's slow start
+//! doubles its window), reaching the cap in eight round trips; once the slots have work
+//! when a lease answers, or a lease brings fewer jobs than asked, it halves.
+//!
 //! Pure: the caller passes the time in, so the arithmetic is tested without a clock.
 
 use std::time::{Duration, Instant};
@@ -24,6 +32,8 @@ pub struct Pace {
     rate: f64,
     /// A lease's round trip in seconds (moving average).
     rtt: f64,
+    /// The slow-start floor (see the module docs).
+    floor: usize,
 }
 
 impl Pace {
@@ -40,6 +50,7 @@ impl Pace {
             since: now,
             rate: 0.0,
             rtt: 0.001,
+            floor: 0,
         }
     }
 
@@ -67,19 +78,58 @@ impl Pace {
         self.rtt = 0.8 * self.rtt + 0.2 * took.as_secs_f64();
     }
 
+    /// Records how a lease answered: `full` when it brought every job it asked for (more
+    /// may be waiting), `starving` when the slots had run out of buffered work by then.
+    /// Both: the slow-start floor doubles. Otherwise it halves.
+    pub fn answered(&mut self, full: bool, starving: bool) {
+        self.floor = if full && starving {
+            (self.floor * 2).clamp(1, self.cap.max(1))
+        } else {
+            self.floor / 2
+        };
+    }
+
     /// Jobs to hold beyond the slots right now: 0 without prefetch, else 1..=cap.
     pub fn prefetch(&self) -> usize {
         if self.cap == 0 {
             return 0;
         }
-        let want = (self.rate * self.rtt * Self::MARGIN).ceil();
-        (want as usize).clamp(1, self.cap)
+        let want = (self.rate * self.rtt * Self::MARGIN).ceil() as usize;
+        want.max(self.floor).clamp(1, self.cap)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn starving_slots_double_the_floor_up_to_the_cap_and_work_in_hand_halves_it() {
+        let t0 = Instant::now();
+        let mut p = Pace::new(256, t0);
+        assert_eq!(p.prefetch(), 1, "nothing measured yet");
+        let mut seen = Vec::new();
+        for _ in 0..10 {
+            p.answered(true, true);
+            seen.push(p.prefetch());
+        }
+        assert_eq!(seen, [1, 2, 4, 8, 16, 32, 64, 128, 256, 256]);
+        p.answered(true, false);
+        assert_eq!(p.prefetch(), 128, "the slots had work: halve");
+        p.answered(false, true);
+        assert_eq!(
+            p.prefetch(),
+            64,
+            "fewer jobs than asked: no backlog to chase"
+        );
+        for _ in 0..10 {
+            p.answered(false, false);
+        }
+        assert_eq!(p.prefetch(), 1, "back to the measured pace");
+        let mut off = Pace::new(0, t0);
+        off.answered(true, true);
+        assert_eq!(off.prefetch(), 0, "no prefetch stays no prefetch");
+    }
 
     #[test]
     fn short_jobs_buffer_more_than_long_ones_within_the_cap() {

@@ -131,6 +131,10 @@ pub(crate) async fn run(shared: Arc<Shared>, queue: QueueConfig, wake: Arc<Notif
                     pace.leased(took);
                     failures = 0;
                     more = jobs.len() >= asked;
+                    pace.answered(
+                        more,
+                        buffer.is_empty() && slots.available_permits() > 0,
+                    );
                     if !more {
                         poll_at = Some(Instant::now() + shared.config.poll_interval);
                     }
