@@ -1428,6 +1428,23 @@ mod tests {
         (store, dir)
     }
 
+    /// SQLite's plan for `sql` with `args` bound, one line per step (the `detail` column of
+    /// EXPLAIN QUERY PLAN).
+    async fn query_plan(store: &SqliteStore, sql: &str, args: &[&'static str]) -> String {
+        let sql = format!("EXPLAIN QUERY PLAN {sql}");
+        let args = args.to_vec();
+        store
+            .read("explaining a statement", move |conn| {
+                let mut stmt = conn.prepare(&sql).map_err(|e| map_err("explaining", &e))?;
+                stmt.query_map(rusqlite::params_from_iter(args), |r| r.get::<_, String>(3))
+                    .and_then(|rows| rows.collect::<Result<Vec<_>, _>>())
+                    .map(|rows| rows.join("\n"))
+                    .map_err(|e| map_err("explaining", &e))
+            })
+            .await
+            .unwrap()
+    }
+
     /// A unique insert probes `jobs_unique_idx`. SQLite uses a partial index only when the
     /// query's WHERE implies the index's, so a lookup whose predicate drifted from the
     /// migration's would scan `jobs` per unique insert: invisible in functional tests, fatal
@@ -1435,18 +1452,7 @@ mod tests {
     #[tokio::test]
     async fn unique_holder_lookup_probes_the_unique_index() {
         let (store, _dir) = store().await;
-        let plan = store
-            .read("explaining the holder lookup", |conn| {
-                let mut stmt = conn
-                    .prepare(&format!("EXPLAIN QUERY PLAN {}", *UNIQUE_HOLDER_SQL))
-                    .map_err(|e| map_err("explaining", &e))?;
-                stmt.query_map(params!["tenant", "key"], |r| r.get::<_, String>(3))
-                    .and_then(|rows| rows.collect::<Result<Vec<_>, _>>())
-                    .map(|rows| rows.join("\n"))
-                    .map_err(|e| map_err("explaining", &e))
-            })
-            .await
-            .unwrap();
+        let plan = query_plan(&store, &UNIQUE_HOLDER_SQL, &["tenant", "key"]).await;
         assert!(
             plan.contains("USING INDEX jobs_unique_idx (tenant=? AND unique_key=?)"),
             "{plan}"
@@ -1459,18 +1465,7 @@ mod tests {
     #[tokio::test]
     async fn depth_counts_read_only_the_unfinished_jobs_indexes() {
         let (store, _dir) = store().await;
-        let plan = store
-            .read("explaining the depth count", |conn| {
-                let mut stmt = conn
-                    .prepare(&format!("EXPLAIN QUERY PLAN {}", crate::DEPTH_COUNTS))
-                    .map_err(|e| map_err("explaining", &e))?;
-                stmt.query_map([], |r| r.get::<_, String>(3))
-                    .and_then(|rows| rows.collect::<Result<Vec<_>, _>>())
-                    .map(|rows| rows.join("\n"))
-                    .map_err(|e| map_err("explaining", &e))
-            })
-            .await
-            .unwrap();
+        let plan = query_plan(&store, crate::DEPTH_COUNTS, &[]).await;
         for index in ["jobs_lease_idx", "jobs_due_idx", "jobs_expired_lease_idx"] {
             assert!(plan.contains(&format!("INDEX {index}")), "{plan}");
         }
