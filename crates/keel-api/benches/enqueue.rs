@@ -20,8 +20,9 @@ use keel_core::store::{
     QueueStats, RescueParams, Rescued, RetentionParams, TickOutcome, TickParams,
 };
 use keel_core::{
-    Clock, Job, JobId, NewJob, NewSchedule, QueueName, Schedule, ScheduleName, Store, StoreError,
-    SystemClock, TenantId, Timestamp, WorkerId,
+    Clock, Job, JobId, JobStore, LeaderStore, MaintenanceStore, NewJob, NewSchedule, QueueName,
+    QueueStore, Schedule, ScheduleName, ScheduleStore, Store, StoreError, SystemClock, TenantId,
+    Timestamp, WorkStore, WorkerId,
 };
 use keel_runtime::RuntimeHandle;
 use metrics_exporter_prometheus::PrometheusBuilder;
@@ -43,10 +44,16 @@ fn unused<T>() -> Result<T, StoreError> {
 }
 
 #[async_trait]
-impl Store for InstantStore {
+impl JobStore for InstantStore {
     async fn insert(&self, jobs: Vec<NewJob>) -> Result<Vec<Job>, StoreError> {
         let now = SystemClock.now();
         Ok(jobs.into_iter().map(|j| j.into_job(now)).collect())
+    }
+    async fn insert_idempotent(
+        &self,
+        _: IdempotentInsert,
+    ) -> Result<IdempotentOutcome, StoreError> {
+        unused()
     }
     async fn get(&self, _: JobId) -> Result<Job, StoreError> {
         unused()
@@ -54,6 +61,16 @@ impl Store for InstantStore {
     async fn list(&self, _: ListParams) -> Result<JobPage, StoreError> {
         unused()
     }
+    async fn cancel(&self, _: JobId) -> Result<Job, StoreError> {
+        unused()
+    }
+    async fn retry(&self, _: JobId) -> Result<Job, StoreError> {
+        unused()
+    }
+}
+
+#[async_trait]
+impl WorkStore for InstantStore {
     async fn lease(&self, _: LeaseParams) -> Result<Vec<Job>, StoreError> {
         unused()
     }
@@ -75,12 +92,10 @@ impl Store for InstantStore {
     async fn release(&self, _: Vec<LeaseRef>) -> Result<Vec<Result<(), StoreError>>, StoreError> {
         unused()
     }
-    async fn cancel(&self, _: JobId) -> Result<Job, StoreError> {
-        unused()
-    }
-    async fn retry(&self, _: JobId) -> Result<Job, StoreError> {
-        unused()
-    }
+}
+
+#[async_trait]
+impl MaintenanceStore for InstantStore {
     async fn promote(&self, _: PromoteParams) -> Result<Vec<Promoted>, StoreError> {
         unused()
     }
@@ -90,30 +105,39 @@ impl Store for InstantStore {
     async fn delete_finished(&self, _: RetentionParams) -> Result<u64, StoreError> {
         unused()
     }
+    async fn delete_expired_idempotency_keys(&self, _: u32) -> Result<u64, StoreError> {
+        unused()
+    }
+    async fn delete_old_ticks(&self, _: Timestamp, _: u32) -> Result<u64, StoreError> {
+        unused()
+    }
+}
+
+#[async_trait]
+impl QueueStore for InstantStore {
     async fn queue_stats(&self, _: Option<TenantId>) -> Result<Vec<QueueStats>, StoreError> {
         unused()
     }
     async fn queue_depths(&self) -> Result<Vec<QueueStats>, StoreError> {
         unused()
     }
-    async fn insert_idempotent(
-        &self,
-        _: IdempotentInsert,
-    ) -> Result<IdempotentOutcome, StoreError> {
-        unused()
-    }
-    async fn delete_expired_idempotency_keys(&self, _: u32) -> Result<u64, StoreError> {
-        unused()
-    }
     async fn set_queue_paused(&self, _: QueueName, _: bool) -> Result<(), StoreError> {
         unused()
     }
+}
+
+#[async_trait]
+impl LeaderStore for InstantStore {
     async fn campaign(&self, _: CampaignParams) -> Result<Leadership, StoreError> {
         unused()
     }
     async fn resign(&self, _: &WorkerId) -> Result<(), StoreError> {
         unused()
     }
+}
+
+#[async_trait]
+impl ScheduleStore for InstantStore {
     async fn save_schedule(&self, _: NewSchedule, _: bool) -> Result<(Schedule, bool), StoreError> {
         unused()
     }
@@ -142,9 +166,10 @@ impl Store for InstantStore {
     async fn enqueue_ticks(&self, _: TickParams) -> Result<TickOutcome, StoreError> {
         unused()
     }
-    async fn delete_old_ticks(&self, _: Timestamp, _: u32) -> Result<u64, StoreError> {
-        unused()
-    }
+}
+
+#[async_trait]
+impl Store for InstantStore {
     async fn ping(&self) -> Result<(), StoreError> {
         Ok(())
     }

@@ -34,7 +34,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use keel_core::{Job, JobId, Store, StoreError};
+use keel_core::{Job, JobId, JobStore, StoreError};
 use keel_runtime::JobEvent;
 use moka::future::Cache;
 use moka::policy::Expiry;
@@ -170,7 +170,11 @@ impl Inner {
     }
 
     /// Reads the job from the store, as an entry.
-    async fn load(&self, store: &dyn Store, id: JobId) -> Result<Arc<Entry>, StoreError> {
+    async fn load<S: JobStore + ?Sized>(
+        &self,
+        store: &S,
+        id: JobId,
+    ) -> Result<Arc<Entry>, StoreError> {
         let generation = self.generation(id);
         let loaded_at = Instant::now();
         metrics::counter!("keel_cache_loads_total").increment(1);
@@ -244,7 +248,11 @@ impl JobCache {
 
     /// The job `id`, from the cache or else from `store` (one read for all concurrent
     /// readers). Not filtered by tenant: the caller checks.
-    pub async fn get(&self, store: &Arc<dyn Store>, id: JobId) -> Result<Job, ApiError> {
+    pub async fn get<S: JobStore + ?Sized + 'static>(
+        &self,
+        store: &Arc<S>,
+        id: JobId,
+    ) -> Result<Job, ApiError> {
         let Some(inner) = &self.inner else {
             return Ok(store.get(id).await?);
         };
@@ -291,9 +299,9 @@ impl JobCache {
     }
 
     /// Reads past the cache and replaces the entry with what was read.
-    async fn load_uncoalesced(
+    async fn load_uncoalesced<S: JobStore + ?Sized>(
         inner: &Inner,
-        store: &Arc<dyn Store>,
+        store: &Arc<S>,
         id: JobId,
     ) -> Result<Job, ApiError> {
         let e = inner.load(store.as_ref(), id).await?;
@@ -304,7 +312,12 @@ impl JobCache {
 
     /// Reloads `id` off the request path. Bounded by `live_ttl` plus a second, so a stuck
     /// database cannot pile up refreshes; on failure the entry simply expires.
-    fn refresh_in_background(&self, inner: &Arc<Inner>, store: &Arc<dyn Store>, id: JobId) {
+    fn refresh_in_background<S: JobStore + ?Sized + 'static>(
+        &self,
+        inner: &Arc<Inner>,
+        store: &Arc<S>,
+        id: JobId,
+    ) {
         let inner = Arc::clone(inner);
         let store = Arc::clone(store);
         let bound = inner.config.live_ttl + Duration::from_secs(1);
@@ -420,9 +433,16 @@ mod tests {
         Err(StoreError::permanent("test store", "unused"))
     }
 
+    /// The cache reads jobs and nothing else: the other operations of the role fail.
     #[async_trait::async_trait]
-    impl Store for OneJob {
+    impl JobStore for OneJob {
         async fn insert(&self, _: Vec<NewJob>) -> Result<Vec<Job>, StoreError> {
+            unused()
+        }
+        async fn insert_idempotent(
+            &self,
+            _: IdempotentInsert,
+        ) -> Result<IdempotentOutcome, StoreError> {
             unused()
         }
         async fn get(&self, id: JobId) -> Result<Job, StoreError> {
@@ -438,126 +458,12 @@ mod tests {
         async fn list(&self, _: ListParams) -> Result<JobPage, StoreError> {
             unused()
         }
-        async fn lease(&self, _: LeaseParams) -> Result<Vec<Job>, StoreError> {
-            unused()
-        }
-        async fn heartbeat(
-            &self,
-            _: HeartbeatParams,
-        ) -> Result<Vec<Result<keel_core::Timestamp, StoreError>>, StoreError> {
-            unused()
-        }
-        async fn complete(
-            &self,
-            _: Vec<Completion>,
-        ) -> Result<Vec<Result<(), StoreError>>, StoreError> {
-            unused()
-        }
-        async fn fail(&self, _: FailParams) -> Result<Job, StoreError> {
-            unused()
-        }
-        async fn release(
-            &self,
-            _: Vec<LeaseRef>,
-        ) -> Result<Vec<Result<(), StoreError>>, StoreError> {
-            unused()
-        }
         async fn cancel(&self, _: JobId) -> Result<Job, StoreError> {
             unused()
         }
         async fn retry(&self, _: JobId) -> Result<Job, StoreError> {
             unused()
         }
-        async fn promote(&self, _: PromoteParams) -> Result<Vec<Promoted>, StoreError> {
-            unused()
-        }
-        async fn rescue(&self, _: RescueParams) -> Result<Vec<Rescued>, StoreError> {
-            unused()
-        }
-        async fn delete_finished(&self, _: RetentionParams) -> Result<u64, StoreError> {
-            unused()
-        }
-        async fn queue_stats(
-            &self,
-            _: Option<keel_core::TenantId>,
-        ) -> Result<Vec<QueueStats>, StoreError> {
-            unused()
-        }
-        async fn queue_depths(&self) -> Result<Vec<QueueStats>, StoreError> {
-            unused()
-        }
-        async fn insert_idempotent(
-            &self,
-            _: IdempotentInsert,
-        ) -> Result<IdempotentOutcome, StoreError> {
-            unused()
-        }
-        async fn delete_expired_idempotency_keys(&self, _: u32) -> Result<u64, StoreError> {
-            unused()
-        }
-        async fn set_queue_paused(&self, _: QueueName, _: bool) -> Result<(), StoreError> {
-            unused()
-        }
-        async fn campaign(&self, _: CampaignParams) -> Result<Leadership, StoreError> {
-            unused()
-        }
-        async fn resign(&self, _: &keel_core::WorkerId) -> Result<(), StoreError> {
-            unused()
-        }
-        async fn save_schedule(
-            &self,
-            _: keel_core::NewSchedule,
-            _: bool,
-        ) -> Result<(keel_core::Schedule, bool), StoreError> {
-            unused()
-        }
-        async fn get_schedule(
-            &self,
-            _: &keel_core::TenantId,
-            _: &keel_core::ScheduleName,
-        ) -> Result<keel_core::Schedule, StoreError> {
-            unused()
-        }
-        async fn list_schedules(
-            &self,
-            _: Option<&keel_core::TenantId>,
-            _: Option<(keel_core::TenantId, keel_core::ScheduleName)>,
-            _: u32,
-        ) -> Result<Vec<keel_core::Schedule>, StoreError> {
-            unused()
-        }
-        async fn delete_schedule(
-            &self,
-            _: &keel_core::TenantId,
-            _: &keel_core::ScheduleName,
-        ) -> Result<(), StoreError> {
-            unused()
-        }
-        async fn set_schedule_paused(
-            &self,
-            _: &keel_core::TenantId,
-            _: &keel_core::ScheduleName,
-            _: bool,
-        ) -> Result<keel_core::Schedule, StoreError> {
-            unused()
-        }
-        async fn enqueue_ticks(&self, _: TickParams) -> Result<TickOutcome, StoreError> {
-            unused()
-        }
-        async fn delete_old_ticks(
-            &self,
-            _: keel_core::Timestamp,
-            _: u32,
-        ) -> Result<u64, StoreError> {
-            unused()
-        }
-        async fn ping(&self) -> Result<(), StoreError> {
-            Ok(())
-        }
-        fn pool_stats(&self) -> PoolStats {
-            PoolStats::default()
-        }
-        async fn close(&self) {}
     }
 
     fn long_lived() -> JobCacheConfig {
@@ -571,7 +477,7 @@ mod tests {
     #[tokio::test]
     async fn concurrent_misses_of_one_key_read_the_store_once() {
         let one = OneJob::new(JobState::Available, Duration::from_millis(50));
-        let store: Arc<dyn Store> = one.clone();
+        let store: Arc<dyn JobStore> = one.clone();
         let cache = JobCache::new(&long_lived());
         let id = one.id();
         let mut readers = tokio::task::JoinSet::new();
@@ -591,7 +497,7 @@ mod tests {
     #[tokio::test]
     async fn errors_reach_every_waiter_and_are_not_cached() {
         let one = OneJob::new(JobState::Available, Duration::from_millis(20));
-        let store: Arc<dyn Store> = one.clone();
+        let store: Arc<dyn JobStore> = one.clone();
         let cache = JobCache::new(&long_lived());
         let missing = JobId::new();
         let (a, b) = tokio::join!(cache.get(&store, missing), cache.get(&store, missing));
@@ -607,7 +513,7 @@ mod tests {
     #[tokio::test]
     async fn an_invalidation_is_seen_by_the_next_read() {
         let one = OneJob::new(JobState::Running, Duration::ZERO);
-        let store: Arc<dyn Store> = one.clone();
+        let store: Arc<dyn JobStore> = one.clone();
         let cache = JobCache::new(&long_lived());
         let id = one.id();
         assert_eq!(
@@ -633,7 +539,7 @@ mod tests {
         // A reader joins a slow load; the job changes and is invalidated while the load is
         // in flight; a reader arriving after the invalidation must not get the old job.
         let one = OneJob::new(JobState::Running, Duration::from_millis(100));
-        let store: Arc<dyn Store> = one.clone();
+        let store: Arc<dyn JobStore> = one.clone();
         let cache = JobCache::new(&long_lived());
         let id = one.id();
         let first = {
@@ -659,7 +565,7 @@ mod tests {
     #[tokio::test]
     async fn events_invalidate_until_shutdown() {
         let one = OneJob::new(JobState::Running, Duration::ZERO);
-        let store: Arc<dyn Store> = one.clone();
+        let store: Arc<dyn JobStore> = one.clone();
         let cache = JobCache::new(&long_lived());
         let id = one.id();
         let runtime = keel_runtime::RuntimeHandle::new([QueueName::default()], 16);
@@ -698,7 +604,7 @@ mod tests {
             ..JobCacheConfig::default()
         };
         let one = OneJob::new(JobState::Available, Duration::ZERO);
-        let store: Arc<dyn Store> = one.clone();
+        let store: Arc<dyn JobStore> = one.clone();
         let cache = JobCache::new(&config);
         let id = one.id();
         cache.get(&store, id).await.unwrap();
@@ -721,7 +627,7 @@ mod tests {
         big.job.lock().unwrap().args =
             serde_json::value::RawValue::from_string(format!("\"{}\"", "x".repeat(20_000)))
                 .unwrap();
-        let store: Arc<dyn Store> = big.clone();
+        let store: Arc<dyn JobStore> = big.clone();
         cache.get(&store, big.id()).await.unwrap();
         cache.get(&store, big.id()).await.unwrap();
         assert_eq!(big.reads(), 2, "a job above max_entry_bytes is not kept");
@@ -752,7 +658,7 @@ mod tests {
     #[tokio::test]
     async fn a_disabled_cache_reads_through() {
         let one = OneJob::new(JobState::Available, Duration::ZERO);
-        let store: Arc<dyn Store> = one.clone();
+        let store: Arc<dyn JobStore> = one.clone();
         let cache = JobCache::new(&JobCacheConfig {
             capacity: 0,
             ..JobCacheConfig::default()

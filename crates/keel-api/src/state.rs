@@ -161,7 +161,7 @@ impl ApiState {
     /// On first use outside a Tokio runtime (it spawns its task).
     pub fn completer(&self) -> &Completer {
         self.completer
-            .get_or_init(|| Completer::start(Arc::clone(&self.store)))
+            .get_or_init(|| Completer::start(self.store.clone()))
     }
 
     /// Reports `breaker` in `/readyz`.

@@ -30,4 +30,7 @@ pub use job::{
     UniqueHold, UniqueScope, UniqueScopeKind, next_attempt_at,
 };
 pub use schedule::{CronSpec, JobTemplate, NewSchedule, Schedule};
-pub use store::{ChangeStream, Store, WakeupStream};
+pub use store::{
+    ChangeStream, JobStore, LeaderStore, MaintenanceStore, QueueStore, ScheduleStore, Store,
+    WakeupStream, WorkStore,
+};

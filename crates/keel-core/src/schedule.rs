@@ -1,7 +1,7 @@
 //! Cron schedules (G4): a cron expression in a time zone, and the job each tick enqueues.
 //!
 //! Which ticks are due is pure computation, here; enqueuing each tick exactly once is the
-//! store's job ([`crate::Store::enqueue_ticks`] inserts a `(schedule, tick)` key in the same
+//! store's job ([`crate::ScheduleStore::enqueue_ticks`] inserts a `(schedule, tick)` key in the same
 //! transaction as the job, so a tick enqueued twice — by two leaders during a handover, or by
 //! a retry — is refused by the database, not by luck).
 //!

@@ -23,19 +23,10 @@
 //!    `Idempotency-Key`).
 
 use std::future::Future;
-use std::sync::Arc;
 use std::time::Duration;
 
-use async_trait::async_trait;
-use keel_core::store::{
-    CampaignParams, Completion, FailParams, HeartbeatParams, IdempotentInsert, IdempotentOutcome,
-    JobPage, Leadership, LeaseParams, LeaseRef, ListParams, PoolStats, PromoteParams, Promoted,
-    QueueStats, RescueParams, Rescued, RetentionParams, TickOutcome, TickParams,
-};
-use keel_core::{
-    Backoff, ChangeStream, Job, JobId, NewJob, NewSchedule, QueueName, Schedule, ScheduleName,
-    Store, StoreError, TenantId, Timestamp, WakeupStream, WorkerId,
-};
+use keel_core::store::{Call, Layered, Op, StoreLayer};
+use keel_core::{Backoff, StoreError};
 use tokio::sync::{Semaphore, SemaphorePermit};
 use tokio::time::Instant;
 
@@ -76,18 +67,21 @@ impl Default for StoreGuardConfig {
     }
 }
 
-/// A [`Store`] guarded by a bulkhead, a breaker, fault injection and read retries.
-pub struct GuardedStore {
-    inner: Arc<dyn Store>,
+/// A [`Store`](keel_core::Store) guarded by a bulkhead, a breaker, fault injection and read retries.
+pub type GuardedStore = Layered<StoreGuard>;
+
+/// The guard around every call of a [`GuardedStore`]: a bulkhead, a breaker, fault injection
+/// and read retries.
+pub struct StoreGuard {
     config: StoreGuardConfig,
     bulkhead: Semaphore,
     breaker: CircuitBreaker,
     chaos: Chaos,
 }
 
-impl std::fmt::Debug for GuardedStore {
+impl std::fmt::Debug for StoreGuard {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("GuardedStore")
+        f.debug_struct("StoreGuard")
             .field("config", &self.config)
             .field("breaker", &self.breaker.state())
             .field("bulkhead_free", &self.bulkhead.available_permits())
@@ -112,12 +106,12 @@ fn is_dependency_failure(e: &StoreError) -> bool {
     )
 }
 
-impl GuardedStore {
-    /// Guards `inner`; the breaker is reported as `keel_circuit_state{dependency="database"}`.
-    pub fn new(inner: Arc<dyn Store>, config: StoreGuardConfig, chaos: Chaos) -> Self {
+impl StoreGuard {
+    /// A guard; the breaker is reported as `keel_circuit_state{dependency="database"}`. Put
+    /// it around a store with [`Layered::new`].
+    pub fn new(config: StoreGuardConfig, chaos: Chaos) -> Self {
         metrics::gauge!("keel_store_bulkhead_capacity").set(config.max_in_flight as f64);
         Self {
-            inner,
             config,
             bulkhead: Semaphore::new(config.max_in_flight),
             breaker: CircuitBreaker::reported(config.breaker, "database"),
@@ -178,229 +172,67 @@ impl GuardedStore {
         }
         outcome
     }
-
-    /// A write: one attempt (the future is not started until admitted).
-    async fn write<T>(
-        &self,
-        op: impl Future<Output = Result<T, StoreError>>,
-    ) -> Result<T, StoreError> {
-        let (_slot, _) = self.admit().await?;
-        self.attempt(Dependency::StoreWrite, op).await
-    }
-
-    /// A read: retried on transient failures while the deadline leaves room (step 6).
-    async fn read<T, F, Fut>(&self, mut op: F) -> Result<T, StoreError>
-    where
-        F: FnMut() -> Fut,
-        Fut: Future<Output = Result<T, StoreError>>,
-    {
-        let (_slot, deadline) = self.admit().await?;
-        let attempts = self.config.read_attempts.max(1);
-        let mut attempt = 0;
-        loop {
-            attempt += 1;
-            match self.attempt(Dependency::StoreRead, op()).await {
-                Err(e) if e.is_transient() && attempt < attempts => {
-                    let delay = self.config.retry_backoff.delay(attempt, &mut rand::rng());
-                    if Instant::now() + delay >= deadline {
-                        return Err(e);
-                    }
-                    metrics::counter!("keel_store_retries_total").increment(1);
-                    tracing::debug!(error = %e, attempt, ?delay, "store read failed; retrying");
-                    tokio::time::sleep(delay).await;
-                }
-                other => return other,
-            }
-        }
-    }
 }
 
-#[async_trait]
-impl Store for GuardedStore {
-    async fn insert(&self, jobs: Vec<NewJob>) -> Result<Vec<Job>, StoreError> {
-        self.write(self.inner.insert(jobs)).await
+impl StoreLayer for StoreGuard {
+    /// One attempt (the call is not started until admitted).
+    fn write<'a, T: Send + 'a>(&'a self, _op: Op, call: Call<'a, T>) -> Call<'a, T> {
+        Box::pin(async move {
+            let (_slot, _) = self.admit().await?;
+            self.attempt(Dependency::StoreWrite, call).await
+        })
     }
 
-    async fn get(&self, id: JobId) -> Result<Job, StoreError> {
-        self.read(|| self.inner.get(id)).await
-    }
-
-    async fn list(&self, params: ListParams) -> Result<JobPage, StoreError> {
-        self.read(|| self.inner.list(params.clone())).await
-    }
-
-    async fn lease(&self, params: LeaseParams) -> Result<Vec<Job>, StoreError> {
-        self.write(self.inner.lease(params)).await
-    }
-
-    async fn heartbeat(
-        &self,
-        params: HeartbeatParams,
-    ) -> Result<Vec<Result<Timestamp, StoreError>>, StoreError> {
-        self.write(self.inner.heartbeat(params)).await
-    }
-
-    async fn complete(
-        &self,
-        completions: Vec<Completion>,
-    ) -> Result<Vec<Result<(), StoreError>>, StoreError> {
-        self.write(self.inner.complete(completions)).await
-    }
-
-    async fn fail(&self, params: FailParams) -> Result<Job, StoreError> {
-        self.write(self.inner.fail(params)).await
-    }
-
-    async fn release(
-        &self,
-        leases: Vec<LeaseRef>,
-    ) -> Result<Vec<Result<(), StoreError>>, StoreError> {
-        self.write(self.inner.release(leases)).await
-    }
-
-    async fn cancel(&self, id: JobId) -> Result<Job, StoreError> {
-        self.write(self.inner.cancel(id)).await
-    }
-
-    async fn retry(&self, id: JobId) -> Result<Job, StoreError> {
-        self.write(self.inner.retry(id)).await
-    }
-
-    async fn promote(&self, params: PromoteParams) -> Result<Vec<Promoted>, StoreError> {
-        self.write(self.inner.promote(params)).await
-    }
-
-    async fn rescue(&self, params: RescueParams) -> Result<Vec<Rescued>, StoreError> {
-        self.write(self.inner.rescue(params)).await
-    }
-
-    async fn delete_finished(&self, params: RetentionParams) -> Result<u64, StoreError> {
-        self.write(self.inner.delete_finished(params)).await
-    }
-
-    async fn queue_stats(&self, tenant: Option<TenantId>) -> Result<Vec<QueueStats>, StoreError> {
-        self.read(|| self.inner.queue_stats(tenant.clone())).await
-    }
-
-    async fn queue_depths(&self) -> Result<Vec<QueueStats>, StoreError> {
-        self.read(|| self.inner.queue_depths()).await
-    }
-
-    async fn insert_idempotent(
-        &self,
-        req: IdempotentInsert,
-    ) -> Result<IdempotentOutcome, StoreError> {
-        self.write(self.inner.insert_idempotent(req)).await
-    }
-
-    async fn delete_expired_idempotency_keys(&self, limit: u32) -> Result<u64, StoreError> {
-        self.write(self.inner.delete_expired_idempotency_keys(limit))
-            .await
-    }
-
-    async fn set_queue_paused(&self, queue: QueueName, paused: bool) -> Result<(), StoreError> {
-        self.write(self.inner.set_queue_paused(queue, paused)).await
-    }
-
-    /// A write like any other: a campaign that the guard refuses (breaker open, bulkhead
-    /// full) is a failed campaign, and the leader steps down at once, which is what losing
-    /// the database must mean.
-    async fn campaign(&self, params: CampaignParams) -> Result<Leadership, StoreError> {
-        self.write(self.inner.campaign(params)).await
-    }
-
-    async fn resign(&self, owner: &WorkerId) -> Result<(), StoreError> {
-        self.write(self.inner.resign(owner)).await
-    }
-
-    async fn save_schedule(
-        &self,
-        schedule: NewSchedule,
-        replace: bool,
-    ) -> Result<(Schedule, bool), StoreError> {
-        self.write(self.inner.save_schedule(schedule, replace))
-            .await
-    }
-
-    async fn get_schedule(
-        &self,
-        tenant: &TenantId,
-        name: &ScheduleName,
-    ) -> Result<Schedule, StoreError> {
-        self.read(|| self.inner.get_schedule(tenant, name)).await
-    }
-
-    async fn list_schedules(
-        &self,
-        tenant: Option<&TenantId>,
-        after: Option<(TenantId, ScheduleName)>,
-        limit: u32,
-    ) -> Result<Vec<Schedule>, StoreError> {
-        self.read(|| self.inner.list_schedules(tenant, after.clone(), limit))
-            .await
-    }
-
-    async fn delete_schedule(
-        &self,
-        tenant: &TenantId,
-        name: &ScheduleName,
-    ) -> Result<(), StoreError> {
-        self.write(self.inner.delete_schedule(tenant, name)).await
-    }
-
-    async fn set_schedule_paused(
-        &self,
-        tenant: &TenantId,
-        name: &ScheduleName,
-        paused: bool,
-    ) -> Result<Schedule, StoreError> {
-        self.write(self.inner.set_schedule_paused(tenant, name, paused))
-            .await
-    }
-
-    async fn enqueue_ticks(&self, params: TickParams) -> Result<TickOutcome, StoreError> {
-        self.write(self.inner.enqueue_ticks(params)).await
-    }
-
-    async fn delete_old_ticks(&self, before: Timestamp, limit: u32) -> Result<u64, StoreError> {
-        self.write(self.inner.delete_old_ticks(before, limit)).await
+    /// Retried on transient failures while the deadline leaves room (step 6).
+    fn read<'a, T: Send + 'a>(
+        &'a self,
+        _op: Op,
+        mut call: Box<dyn FnMut() -> Call<'a, T> + Send + 'a>,
+    ) -> Call<'a, T> {
+        Box::pin(async move {
+            let (_slot, deadline) = self.admit().await?;
+            let attempts = self.config.read_attempts.max(1);
+            let mut attempt = 0;
+            loop {
+                attempt += 1;
+                match self.attempt(Dependency::StoreRead, call()).await {
+                    Err(e) if e.is_transient() && attempt < attempts => {
+                        let delay = self.config.retry_backoff.delay(attempt, &mut rand::rng());
+                        if Instant::now() + delay >= deadline {
+                            return Err(e);
+                        }
+                        metrics::counter!("keel_store_retries_total").increment(1);
+                        tracing::debug!(error = %e, attempt, ?delay, "store read failed; retrying");
+                        tokio::time::sleep(delay).await;
+                    }
+                    other => return other,
+                }
+            }
+        })
     }
 
     /// Readiness asks the database itself, past the breaker and the bulkhead: a probe that
     /// only echoed the breaker could never see the database come back. Injected faults
     /// still apply, so `DB_FAILURE` makes `/readyz` fail as a real outage would.
-    async fn ping(&self) -> Result<(), StoreError> {
-        if let Err(fault) = self.chaos.inject(Dependency::StoreRead).await {
-            return Err(StoreError::permanent("pinging the database", fault));
-        }
-        self.inner.ping().await
-    }
-
-    fn pool_stats(&self) -> PoolStats {
-        self.inner.pool_stats()
-    }
-
-    fn wakeups(&self) -> Option<Box<dyn WakeupStream>> {
-        self.inner.wakeups()
-    }
-
-    /// Passes through like [`Store::wakeups`]: the stream is one long-lived listener, not a
-    /// call to bound or retry.
-    fn changes(&self) -> Option<Box<dyn ChangeStream>> {
-        self.inner.changes()
-    }
-
-    async fn close(&self) {
-        self.inner.close().await;
+    fn ping<'a>(&'a self, call: Call<'a, ()>) -> Call<'a, ()> {
+        Box::pin(async move {
+            if let Err(fault) = self.chaos.inject(Dependency::StoreRead).await {
+                return Err(StoreError::permanent("pinging the database", fault));
+            }
+            call.await
+        })
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
     use std::sync::atomic::{AtomicU32, Ordering};
 
-    use keel_core::{JobKind, NewJob};
-    use keel_store::testkit::{Harness, Intercepted, Interceptor, Op};
+    use async_trait::async_trait;
+    use keel_core::store::ListParams;
+    use keel_core::{JobId, JobKind, JobStore, NewJob, QueueStore, Store};
+    use keel_store::testkit::{Harness, Intercepted, Interceptor, Op, intercept};
 
     use super::*;
     use crate::chaos::ChaosSettings;
@@ -426,7 +258,7 @@ mod tests {
             breaker: fast_breaker(),
             ..StoreGuardConfig::default()
         };
-        let store = GuardedStore::new(Arc::clone(&h.store), config, chaos.clone());
+        let store = Layered::new(Arc::clone(&h.store), StoreGuard::new(config, chaos.clone()));
         let id = store.insert(vec![job()]).await.expect("healthy insert")[0].id;
 
         // DB_FAILURE: every call fails as the seed says, and keeps failing that way (500s),
@@ -463,7 +295,7 @@ mod tests {
             read_attempts: 1,
             ..StoreGuardConfig::default()
         };
-        let store = GuardedStore::new(flaky.clone(), config, Chaos::default());
+        let store = Layered::new(flaky.clone(), StoreGuard::new(config, Chaos::default()));
         for _ in 0..3 {
             assert!(store.get(id).await.unwrap_err().is_transient());
         }
@@ -499,7 +331,10 @@ mod tests {
             breaker: fast_breaker(),
             ..StoreGuardConfig::default()
         };
-        let store = GuardedStore::new(Arc::clone(&h.store), config, Chaos::default());
+        let store = Layered::new(
+            Arc::clone(&h.store),
+            StoreGuard::new(config, Chaos::default()),
+        );
         for _ in 0..10 {
             let e = store.get(JobId::new()).await.unwrap_err();
             assert_eq!(e.class(), "not_found");
@@ -516,7 +351,10 @@ mod tests {
             breaker: fast_breaker(),
             ..StoreGuardConfig::default()
         };
-        let store = GuardedStore::new(Arc::clone(&h.store), config, Chaos::default());
+        let store = Layered::new(
+            Arc::clone(&h.store),
+            StoreGuard::new(config, Chaos::default()),
+        );
         let deep = format!("{}0{}", "[".repeat(100_000), "]".repeat(100_000));
         let mut classes = Vec::new();
         for _ in 0..5 {
@@ -559,7 +397,7 @@ mod tests {
 
     impl RefusedInserts {
         fn new_over(inner: &Arc<dyn Store>, error: fn() -> StoreError) -> Arc<Intercepted<Self>> {
-            Intercepted::new(Arc::clone(inner), Self(error))
+            intercept(Arc::clone(inner), Self(error))
         }
     }
 
@@ -589,7 +427,7 @@ mod tests {
                 "22P05: unsupported Unicode escape sequence",
             )
         });
-        let store = GuardedStore::new(rejected, config, Chaos::default());
+        let store = Layered::new(rejected, StoreGuard::new(config, Chaos::default()));
         for _ in 0..10 {
             let e = store.insert(vec![job()]).await.unwrap_err();
             assert_eq!(e.class(), "rejected");
@@ -601,7 +439,7 @@ mod tests {
         let failing: Arc<dyn Store> = RefusedInserts::new_over(&h.store, || {
             StoreError::transient("inserting jobs", "connection reset by peer")
         });
-        let store = GuardedStore::new(failing, config, Chaos::default());
+        let store = Layered::new(failing, StoreGuard::new(config, Chaos::default()));
         for _ in 0..3 {
             store.insert(vec![job()]).await.unwrap_err();
         }
@@ -616,10 +454,9 @@ mod tests {
             max_in_flight: 1,
             ..StoreGuardConfig::default()
         };
-        let store = Arc::new(GuardedStore::new(
+        let store = Arc::new(Layered::new(
             Arc::clone(&h.store),
-            config,
-            chaos.clone(),
+            StoreGuard::new(config, chaos.clone()),
         ));
         // One slow call holds the only slot, for a minute or until chaos is cleared.
         chaos.set(ChaosSettings::parse("store_write.latency_ms=60000").unwrap());
@@ -653,7 +490,7 @@ mod tests {
 
     impl FlakyReads {
         fn new(inner: &Arc<dyn Store>, failures: u32) -> Arc<Intercepted<Self>> {
-            Intercepted::new(
+            intercept(
                 Arc::clone(inner),
                 Self {
                     failures: AtomicU32::new(failures),
@@ -683,7 +520,10 @@ mod tests {
         let h = Harness::sqlite().await;
         let id = h.store.insert(vec![job()]).await.unwrap()[0].id;
         let flaky = FlakyReads::new(&h.store, 2);
-        let store = GuardedStore::new(flaky.clone(), StoreGuardConfig::default(), Chaos::default());
+        let store = Layered::new(
+            flaky.clone(),
+            StoreGuard::new(StoreGuardConfig::default(), Chaos::default()),
+        );
         assert_eq!(store.get(id).await.expect("third attempt").id, id);
         assert_eq!(flaky.calls.load(Ordering::SeqCst), 3);
 

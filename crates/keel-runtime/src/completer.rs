@@ -3,7 +3,7 @@
 //! A busy pool finishes jobs in bursts; writing each completion in its own statement (and,
 //! on Postgres, its own round trip and commit) makes the store the bottleneck long before
 //! the workers are. Workers instead hand their completion to one task that writes whatever
-//! has accumulated in a single [`Store::complete`] call, and answers each worker with its
+//! has accumulated in a single [`WorkStore::complete`] call, and answers each worker with its
 //! own item's outcome once the write is done. There is no linger: a lone completion is
 //! written at once, and completions arriving while a write is in flight form the next
 //! batch, so batches grow with load and a job's result is never held back waiting for
@@ -13,7 +13,7 @@
 use std::sync::Arc;
 
 use keel_core::store::Completion;
-use keel_core::{Store, StoreError};
+use keel_core::{StoreError, WorkStore};
 use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -45,7 +45,7 @@ impl Completer {
     /// Starts the completer on `tracker`; it stops once `stop` fires and every completion
     /// already sent has been written.
     pub(crate) fn spawn(
-        store: Arc<dyn Store>,
+        store: Arc<dyn WorkStore>,
         tracker: &TaskTracker,
         stop: CancellationToken,
     ) -> Self {
@@ -60,7 +60,7 @@ impl Completer {
     ///
     /// # Panics
     /// Outside a Tokio runtime (it spawns a task).
-    pub fn start(store: Arc<dyn Store>) -> Self {
+    pub fn start(store: Arc<dyn WorkStore>) -> Self {
         let (tx, rx) = mpsc::channel(QUEUE);
         tokio::spawn(run(store, rx, CancellationToken::new()));
         Self { tx }
@@ -108,7 +108,7 @@ impl Receipt {
     }
 }
 
-async fn run(store: Arc<dyn Store>, mut rx: mpsc::Receiver<Pending>, stop: CancellationToken) {
+async fn run(store: Arc<dyn WorkStore>, mut rx: mpsc::Receiver<Pending>, stop: CancellationToken) {
     let flushes = Arc::new(Semaphore::new(MAX_FLUSHES));
     let writes = TaskTracker::new();
     loop {
@@ -145,7 +145,7 @@ async fn run(store: Arc<dyn Store>, mut rx: mpsc::Receiver<Pending>, stop: Cance
     writes.wait().await;
 }
 
-async fn flush(store: &dyn Store, batch: Vec<Pending>) {
+async fn flush(store: &dyn WorkStore, batch: Vec<Pending>) {
     telemetry::store_batch("complete", batch.len());
     let (completions, replies): (Vec<Completion>, Vec<_>) =
         batch.into_iter().map(|p| (p.completion, p.reply)).unzip();
@@ -184,7 +184,7 @@ mod tests {
     use std::time::Duration;
 
     use keel_core::store::{LeaseParams, LeaseRef};
-    use keel_core::{JobKind, JobState, NewJob, QueueName, SystemClock, WorkerId};
+    use keel_core::{JobKind, JobState, NewJob, QueueName, Store, SystemClock, WorkerId};
     use keel_store::{SqliteOptions, SqliteStore};
 
     use super::*;
@@ -219,7 +219,7 @@ mod tests {
             .unwrap();
         let tracker = TaskTracker::new();
         let stop = CancellationToken::new();
-        let completer = Completer::spawn(Arc::clone(&store), &tracker, stop.clone());
+        let completer = Completer::spawn(store.clone(), &tracker, stop.clone());
         let mut tasks = Vec::new();
         for (i, job) in leased.iter().enumerate() {
             let completer = completer.clone();

@@ -1,6 +1,6 @@
 //! Cron (G4): while this replica leads, enqueue each due tick of every schedule.
 //!
-//! Exactly once per tick rests on the store, not on this loop: [`Store::enqueue_ticks`]
+//! Exactly once per tick rests on the store, not on this loop: [`ScheduleStore::enqueue_ticks`]
 //! records the `(schedule, tick)` key in the same transaction as the job and refuses a write
 //! fenced with a superseded term ([`StoreError::NotLeader`]). So two leaders during a
 //! handover, or a retry after an ambiguous failure, cannot enqueue a tick twice; and a tick
@@ -11,7 +11,7 @@
 //! than `cron_refresh`, so schedules created or changed elsewhere are seen), and re-reading
 //! every schedule at each pass. "Now" is the store's clock.
 //!
-//! [`Store::enqueue_ticks`]: keel_core::Store::enqueue_ticks
+//! [`ScheduleStore::enqueue_ticks`]: keel_core::ScheduleStore::enqueue_ticks
 
 use std::collections::HashSet;
 use std::sync::Arc;

@@ -1,6 +1,6 @@
 //! Leadership: which replica runs maintenance and cron.
 //!
-//! Every replica campaigns through [`keel_core::Store::campaign`] (a leader row with a term
+//! Every replica campaigns through [`keel_core::LeaderStore::campaign`] (a leader row with a term
 //! that lapses unless renewed). The winner renews every third of the term; the others try
 //! again as soon as the current term lapses. The state is published in the handle's
 //! [`LeaderWatch`](crate::LeaderWatch), which maintenance and cron follow.

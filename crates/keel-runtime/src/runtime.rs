@@ -165,7 +165,7 @@ impl Runtime {
         let background = TaskTracker::new();
         // Stopped with the heartbeats, i.e. after every job task has ended, so no completion
         // is left unwritten.
-        let completer = Completer::spawn(Arc::clone(&store), &background, stop_heartbeats.clone());
+        let completer = Completer::spawn(store.clone(), &background, stop_heartbeats.clone());
         let wakeups = store.wakeups();
         let changes = store.changes();
         let shared = Arc::new(Shared {

@@ -148,7 +148,7 @@ where
 pub(crate) const MAINTENANCE_ROLE: &str = "maintenance";
 
 /// The unfinished jobs per queue and state, as `(queue, state, count)` rows
-/// ([`keel_core::Store::queue_depths`]), on both backends. Each part's state term is the
+/// ([`keel_core::QueueStore::queue_depths`]), on both backends. Each part's state term is the
 /// predicate of one partial index (lease, due, running), so the count reads only those
 /// indexes and never the finished jobs.
 pub(crate) const DEPTH_COUNTS: &str = "\

@@ -11,10 +11,10 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use keel_api::{ApiConfig, ApiState, ConnectionLimits, JobCacheConfig, RateLimitConfig, Readiness};
-use keel_core::store::StateCounts;
+use keel_core::store::{Layered, StateCounts};
 use keel_core::{JobKind, JobState, Store, SystemClock};
 use keel_diag::gauges::ProcessGauges;
-use keel_resilience::{Chaos, ChaosSettings, CircuitBreaker, GuardedStore, StoreGuardConfig};
+use keel_resilience::{Chaos, ChaosSettings, CircuitBreaker, StoreGuard, StoreGuardConfig};
 use keel_runtime::{
     Catalog, Handler, Handlers, MaintenanceConfig, Runtime, RuntimeConfig, RuntimeHandle,
     WebhookConfig,
@@ -95,13 +95,15 @@ impl App {
         // like, instead of failing to start.
         let chaos = Chaos::new(config.chaos_settings());
         warn_if_chaos(&chaos.settings());
-        let guarded = GuardedStore::new(
+        let guarded = Layered::new(
             store,
-            StoreGuardConfig {
-                max_in_flight: config.store_max_in_flight,
-                ..StoreGuardConfig::default()
-            },
-            chaos.clone(),
+            StoreGuard::new(
+                StoreGuardConfig {
+                    max_in_flight: config.store_max_in_flight,
+                    ..StoreGuardConfig::default()
+                },
+                chaos.clone(),
+            ),
         );
         let database_breaker = guarded.breaker().clone();
         let store: Arc<dyn Store> = Arc::new(guarded);

@@ -3,7 +3,7 @@
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use keel_api::{ApiConfig, ApiKey};
-use keel_core::{Store as _, TenantId};
+use keel_core::{JobStore, TenantId};
 
 use crate::helpers::*;
 

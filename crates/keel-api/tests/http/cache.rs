@@ -8,7 +8,7 @@ use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use keel_api::{ApiConfig, ApiKey, JobCacheConfig};
 use keel_core::store::{Completion, LeaseRef};
-use keel_core::{JobState, Store as _, TenantId};
+use keel_core::{JobState, TenantId, WorkStore};
 use keel_resilience::AdaptiveLimitConfig;
 use keel_runtime::JobEvent;
 

@@ -10,9 +10,9 @@ use axum::body::{Body, Bytes};
 use axum::http::{HeaderMap, Request, StatusCode};
 use keel_api::{ApiConfig, ApiState, Readiness, router};
 use keel_core::store::{LeaseParams, ListParams};
-use keel_core::{Job, JobId, QueueName, Store, StoreError, SystemClock, WorkerId};
+use keel_core::{Job, JobId, JobStore, QueueName, StoreError, SystemClock, WorkStore, WorkerId};
 use keel_runtime::RuntimeHandle;
-use keel_store::testkit::{Intercepted, Interceptor, Op};
+use keel_store::testkit::{Intercepted, Interceptor, Op, intercept};
 use keel_store::{SqliteOptions, SqliteStore};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use serde_json::Value;
@@ -258,7 +258,7 @@ pub(crate) async fn app_wired(
     .await
     .unwrap();
     inner.migrate().await.unwrap();
-    let store = Intercepted::new(Arc::new(inner), FaultyStore::new());
+    let store = intercept(Arc::new(inner), FaultyStore::new());
     let runtime = RuntimeHandle::new(QUEUES.map(|q| QueueName::parse(q).unwrap()), 1024);
     let readiness = Readiness::new();
     let state = ApiState::new(

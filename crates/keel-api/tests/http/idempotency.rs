@@ -6,7 +6,7 @@ use std::sync::Arc;
 use axum::body::Body;
 use axum::http::StatusCode;
 use keel_core::store::{Completion, LeaseRef};
-use keel_core::{JobState, Store as _};
+use keel_core::{JobState, WorkStore};
 
 use crate::helpers::*;
 

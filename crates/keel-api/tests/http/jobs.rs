@@ -5,7 +5,7 @@ use std::time::Duration;
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use keel_core::store::{Completion, FailParams, LeaseRef};
-use keel_core::{JobState, Store};
+use keel_core::{JobState, JobStore, WorkStore};
 use serde_json::value::RawValue;
 
 use crate::helpers::*;

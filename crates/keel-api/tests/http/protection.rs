@@ -10,8 +10,9 @@ use axum::http::{Request, StatusCode};
 use keel_api::rate_limit::{Rate, RateLimitConfig};
 use keel_api::{ApiConfig, ApiKey};
 use keel_core::TenantId;
+use keel_core::store::Layered;
 use keel_resilience::{
-    AdaptiveLimitConfig, BreakerConfig, Chaos, ChaosSettings, CircuitBreaker, GuardedStore,
+    AdaptiveLimitConfig, BreakerConfig, Chaos, ChaosSettings, CircuitBreaker, StoreGuard,
     StoreGuardConfig,
 };
 
@@ -40,10 +41,9 @@ async fn a_slow_auth_check_is_a_504_naming_the_auth_step() {
 #[tokio::test]
 async fn a_slow_database_behind_the_guard_is_a_504_naming_the_store_step() {
     let app = app_wired(short_deadline(), |s| {
-        let guarded = GuardedStore::new(
+        let guarded = Layered::new(
             Arc::clone(&s.store),
-            StoreGuardConfig::default(),
-            Chaos::default(),
+            StoreGuard::new(StoreGuardConfig::default(), Chaos::default()),
         );
         s.with_store(Arc::new(guarded))
     })

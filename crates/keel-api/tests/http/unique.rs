@@ -6,7 +6,7 @@ use std::time::Duration;
 use axum::body::Body;
 use axum::http::StatusCode;
 use keel_core::store::{Completion, LeaseRef};
-use keel_core::{JobState, Store as _};
+use keel_core::{JobState, WorkStore};
 use keel_runtime::JobEvent;
 use serde_json::Value;
 

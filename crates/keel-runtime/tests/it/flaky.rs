@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 
 use async_trait::async_trait;
 use keel_core::{Store, StoreError};
-use keel_store::testkit::{Intercepted, Interceptor, Op};
+use keel_store::testkit::{Intercepted, Interceptor, Op, intercept};
 
 /// The failures switched on here, in front of a real store (see [`Flaky::new`]).
 pub(crate) struct Flaky {
@@ -30,7 +30,7 @@ pub(crate) struct Flaky {
 impl Flaky {
     /// `inner` with every switch off; the switches are reached through the returned store.
     pub(crate) fn new(inner: Arc<dyn Store>) -> Arc<Intercepted<Self>> {
-        Intercepted::new(
+        intercept(
             inner,
             Self {
                 fail_heartbeats: AtomicBool::new(false),

@@ -28,7 +28,10 @@ use std::time::Duration;
 
 use deadpool_postgres::Object;
 use keel_core::store::ListParams;
-use keel_core::{Clock, JobId, JobState, ManualClock, QueueName, Store, StoreError};
+use keel_core::{
+    Clock, JobId, JobState, JobStore, MaintenanceStore, ManualClock, QueueName, QueueStore, Store,
+    StoreError, WorkStore,
+};
 use serde_json::Value;
 use tokio_postgres::types::ToSql;
 

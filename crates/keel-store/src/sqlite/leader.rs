@@ -10,13 +10,16 @@
 //! `expires_at <= now`, which is exactly when a fence of the old term stops being accepted,
 //! so there is no instant at which both or neither of two replicas could act as leader.
 
+use std::sync::Arc;
+
+use async_trait::async_trait;
 use keel_core::clock::to_delta;
 use keel_core::store::{CampaignParams, Fence, LeaderEpoch, Leadership};
-use keel_core::{StoreError, Timestamp, WorkerId};
+use keel_core::{LeaderStore, StoreError, Timestamp, WorkerId};
 use rusqlite::{Connection, OptionalExtension, params};
 
-use super::map_err;
 use super::rows::{micros, ts};
+use super::{SqliteStore, map_err};
 use crate::MAINTENANCE_ROLE as ROLE;
 
 /// Takes the row if it is free, lapsed or already `p.owner`'s (then renewed), in one upsert;
@@ -108,4 +111,26 @@ fn leadership((owner, epoch, expires_at): (String, i64, i64)) -> Result<Leadersh
         epoch: LeaderEpoch(u64::try_from(epoch).map_err(|_| corrupt("epoch", epoch.to_string()))?),
         expires_at: ts("leaders.expires_at", expires_at)?,
     })
+}
+
+#[async_trait]
+impl LeaderStore for SqliteStore {
+    async fn campaign(&self, p: CampaignParams) -> Result<Leadership, StoreError> {
+        let clock = Arc::clone(&self.clock);
+        self.writer
+            .write("campaigning for leadership", move |conn| {
+                campaign(conn, &p, clock.now())
+            })
+            .await
+    }
+
+    async fn resign(&self, owner: &WorkerId) -> Result<(), StoreError> {
+        let clock = Arc::clone(&self.clock);
+        let owner = owner.clone();
+        self.writer
+            .write("resigning leadership", move |conn| {
+                resign(conn, &owner, clock.now())
+            })
+            .await
+    }
 }

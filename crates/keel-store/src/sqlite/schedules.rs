@@ -5,12 +5,17 @@
 //! job only when the row was new, so a tick is enqueued once however often it is offered
 //! (G4) — the primary key decides, not the caller.
 
+use std::sync::Arc;
+
+use async_trait::async_trait;
 use keel_core::store::{TickOutcome, TickParams};
-use keel_core::{NewSchedule, Schedule, ScheduleName, StoreError, TenantId, Timestamp};
+use keel_core::{
+    NewJob, NewSchedule, Schedule, ScheduleName, ScheduleStore, StoreError, TenantId, Timestamp,
+};
 use rusqlite::{Connection, OptionalExtension, params};
 
 use super::rows::{SCHEDULE_COLUMNS, micros, schedule_from_row};
-use super::{insert_rows, leader, map_err};
+use super::{SqliteStore, insert_rows, leader, map_err};
 use crate::{codec, schedule_exists};
 
 fn not_found(tenant: &TenantId, name: &ScheduleName) -> StoreError {
@@ -177,7 +182,7 @@ pub(super) fn set_paused(
 }
 
 /// Enqueues the ticks not recorded before, each with its job, after checking the fence; see
-/// [`keel_core::Store::enqueue_ticks`]. The caller validated the jobs.
+/// [`keel_core::ScheduleStore::enqueue_ticks`]. The caller validated the jobs.
 pub(super) fn enqueue_ticks(
     conn: &Connection,
     p: TickParams,
@@ -263,4 +268,87 @@ pub(super) fn delete_old_ticks(
     .and_then(|mut s| s.execute(params![micros(before), limit]))
     .map(|n| n as u64)
     .map_err(|e| map_err("deleting old tick records", &e))
+}
+
+#[async_trait]
+impl ScheduleStore for SqliteStore {
+    async fn save_schedule(
+        &self,
+        schedule: NewSchedule,
+        replace: bool,
+    ) -> Result<(Schedule, bool), StoreError> {
+        let clock = Arc::clone(&self.clock);
+        self.writer
+            .write("saving a schedule", move |conn| {
+                save(conn, &schedule, replace, clock.now())
+            })
+            .await
+    }
+
+    async fn get_schedule(
+        &self,
+        tenant: &TenantId,
+        name: &ScheduleName,
+    ) -> Result<Schedule, StoreError> {
+        let (tenant, name) = (tenant.clone(), name.clone());
+        self.read("reading a schedule", move |conn| get(conn, &tenant, &name))
+            .await
+    }
+
+    async fn list_schedules(
+        &self,
+        tenant: Option<&TenantId>,
+        after: Option<(TenantId, ScheduleName)>,
+        limit: u32,
+    ) -> Result<Vec<Schedule>, StoreError> {
+        let tenant = tenant.cloned();
+        self.read("listing schedules", move |conn| {
+            list(conn, tenant.as_ref(), after, limit)
+        })
+        .await
+    }
+
+    async fn delete_schedule(
+        &self,
+        tenant: &TenantId,
+        name: &ScheduleName,
+    ) -> Result<(), StoreError> {
+        let (tenant, name) = (tenant.clone(), name.clone());
+        self.writer
+            .write("deleting a schedule", move |conn| {
+                delete(conn, &tenant, &name)
+            })
+            .await
+    }
+
+    async fn set_schedule_paused(
+        &self,
+        tenant: &TenantId,
+        name: &ScheduleName,
+        paused: bool,
+    ) -> Result<Schedule, StoreError> {
+        let clock = Arc::clone(&self.clock);
+        let (tenant, name) = (tenant.clone(), name.clone());
+        self.writer
+            .write("pausing or resuming a schedule", move |conn| {
+                set_paused(conn, &tenant, &name, paused, clock.now())
+            })
+            .await
+    }
+
+    async fn enqueue_ticks(&self, params: TickParams) -> Result<TickOutcome, StoreError> {
+        for (index, (_, job)) in params.ticks.iter().enumerate() {
+            job.validate(NewJob::DEFAULT_MAX_ARGS_BYTES)
+                .map_err(|errors| StoreError::Invalid { index, errors })?;
+        }
+        let clock = Arc::clone(&self.clock);
+        // Jobs due now are not announced from here: as with every other insert on SQLite,
+        // the caller (the runtime's maintenance, in this process) wakes the dispatchers of
+        // the queues it enqueued into.
+        self.writer
+            .write("enqueuing cron ticks", move |conn| {
+                enqueue_ticks(conn, params, clock.now())
+            })
+            .await
+    }
 }

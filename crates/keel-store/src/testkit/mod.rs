@@ -15,7 +15,7 @@
 pub mod conformance;
 pub mod intercept;
 
-pub use intercept::{Intercepted, Interceptor, Op};
+pub use intercept::{Intercept, Intercepted, Interceptor, Op, intercept};
 
 use std::io::Write as _;
 use std::sync::Arc;

@@ -11,18 +11,24 @@
 
 use std::time::Duration;
 
-use async_trait::async_trait;
 use serde::Serialize;
 use serde_json::value::RawValue;
 
 use crate::backoff::Backoff;
 use crate::clock::{Timestamp, truncate_micros};
-use crate::error::StoreError;
 use crate::ids::{
     IdempotencyKey, JobId, JobKind, LeaseToken, QueueName, ScheduleName, TenantId, WorkerId,
 };
 use crate::job::{Job, JobState, NewJob, next_attempt_at};
-use crate::schedule::{NewSchedule, Schedule};
+
+mod layer;
+mod roles;
+
+pub use layer::{Call, Layered, Op, StoreLayer};
+pub use roles::{
+    ChangeStream, JobStore, LeaderStore, MaintenanceStore, QueueStore, ScheduleStore, StateChange,
+    Store, WakeupStream, WorkStore,
+};
 
 /// Identifies one lease of one job: what a worker presents to prove it still holds it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -300,7 +306,7 @@ pub struct IdempotentInsert {
     /// A digest of what was asked (method, path, body): the same key with a different
     /// fingerprint is a conflict, not a replay.
     pub fingerprint: String,
-    /// The jobs to insert (atomically, as [`Store::insert`]).
+    /// The jobs to insert (atomically, as [`JobStore::insert`]).
     pub jobs: Vec<NewJob>,
     /// How long the key is remembered.
     pub ttl: Duration,
@@ -390,7 +396,7 @@ pub struct TickParams {
     pub fence: Fence,
 }
 
-/// What [`Store::enqueue_ticks`] did.
+/// What [`ScheduleStore::enqueue_ticks`] did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct TickOutcome {
     /// Ticks enqueued now, each with its job.
@@ -398,229 +404,6 @@ pub struct TickOutcome {
     /// Ticks skipped because they had been enqueued before (the `(schedule, tick)` key
     /// exists), or because the schedule was paused or deleted meanwhile.
     pub skipped: usize,
-}
-
-/// A job changed state, as announced to every replica sharing the database.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct StateChange {
-    /// The job.
-    pub id: JobId,
-    /// Its queue.
-    pub queue: QueueName,
-    /// The state it moved to.
-    pub state: JobState,
-}
-
-/// State changes made by any process sharing the database (Postgres `NOTIFY`), including
-/// this one. Best effort, like [`WakeupStream`]: a change made while the listening
-/// connection was down is not delivered, so a consumer must also re-read what it waits for
-/// on a timer.
-#[async_trait]
-pub trait ChangeStream: Send {
-    /// The next change, or `None` when the stream has ended (store closed).
-    async fn next(&mut self) -> Option<StateChange>;
-}
-
-/// Notices that jobs became available in a queue, sent by other processes sharing the
-/// database (Postgres `LISTEN/NOTIFY`), so an idle dispatcher starts a job within
-/// milliseconds of another replica's enqueue instead of at its next poll.
-#[async_trait]
-pub trait WakeupStream: Send {
-    /// The next queue with new work, or `None` when the stream has ended (store closed).
-    /// A notice may be spurious or coalesced; it only ever means "look now".
-    async fn next(&mut self) -> Option<QueueName>;
-}
-
-/// A durable job store.
-///
-/// Implementations are shared (`Arc<dyn Store>`) across every request handler and worker,
-/// so each method takes `&self` and is safe to call concurrently. Time comes from the
-/// [`crate::Clock`] the store was built with.
-#[async_trait]
-pub trait Store: Send + Sync + 'static {
-    /// Inserts every job or none (one transaction). Each job is validated first; the first
-    /// invalid one fails the call with [`StoreError::Invalid`]. A duplicate id is a
-    /// [`StoreError::Conflict`]. Returns the stored jobs in input order.
-    ///
-    /// A job with a [`NewJob::unique`] key that another job of its tenant holds (see
-    /// [`crate::UniqueScopeKind::holds_in`]) is not inserted: the holder is returned in its
-    /// place (its id differs from the one asked for). The database enforces this, so
-    /// concurrent inserts of one key from any number of processes create one job.
-    async fn insert(&self, jobs: Vec<NewJob>) -> Result<Vec<Job>, StoreError>;
-
-    /// One job by id.
-    async fn get(&self, id: JobId) -> Result<Job, StoreError>;
-
-    /// A page of jobs matching the filters, by ascending id.
-    async fn list(&self, params: ListParams) -> Result<JobPage, StoreError>;
-
-    /// Leases up to `max` available jobs of a queue, most urgent first (priority, then
-    /// `run_at`, then id). Each job is handed to exactly one caller, however many lease
-    /// concurrently; it becomes `running` with `attempt` + 1 and a fresh lease token.
-    async fn lease(&self, params: LeaseParams) -> Result<Vec<Job>, StoreError>;
-
-    /// Extends leases that are still held; per item, the new expiry or
-    /// [`StoreError::StaleLease`] / [`StoreError::NotFound`].
-    async fn heartbeat(
-        &self,
-        params: HeartbeatParams,
-    ) -> Result<Vec<Result<Timestamp, StoreError>>, StoreError>;
-
-    /// Marks runs completed with their results; per item, success or why not (a stale
-    /// token never overwrites the outcome of the run that replaced it).
-    async fn complete(
-        &self,
-        completions: Vec<Completion>,
-    ) -> Result<Vec<Result<(), StoreError>>, StoreError>;
-
-    /// Records a failed attempt: `retryable` with `run_at` = [`FailParams::retry_at`] if
-    /// given, else now + the job's backoff, when attempts remain and the error is not
-    /// permanent; otherwise `discarded` (see [`FailParams::next_run_at`]).
-    async fn fail(&self, params: FailParams) -> Result<Job, StoreError>;
-
-    /// Gives leased jobs back unfinished (graceful shutdown): `available` again, the
-    /// attempt not counted.
-    async fn release(
-        &self,
-        leases: Vec<LeaseRef>,
-    ) -> Result<Vec<Result<(), StoreError>>, StoreError>;
-
-    /// Cancels a job that has not finished. A running job's lease is revoked, so its
-    /// worker's later complete or fail is rejected as stale.
-    async fn cancel(&self, id: JobId) -> Result<Job, StoreError>;
-
-    /// Makes a scheduled, retryable or finished job available now. A job that had used up
-    /// its attempts gets one more.
-    async fn retry(&self, id: JobId) -> Result<Job, StoreError>;
-
-    /// Makes scheduled and retryable jobs whose `run_at` has come available. Safe to run
-    /// from several processes at once.
-    async fn promote(&self, params: PromoteParams) -> Result<Vec<Promoted>, StoreError>;
-
-    /// Takes back running jobs whose lease expired: each counts as a failed attempt
-    /// (`retryable` with backoff, or `discarded` when none are left). Safe to run from
-    /// several processes at once; never touches a job that finished meanwhile.
-    async fn rescue(&self, params: RescueParams) -> Result<Vec<Rescued>, StoreError>;
-
-    /// Deletes finished jobs that finished before the cutoff; returns how many.
-    async fn delete_finished(&self, params: RetentionParams) -> Result<u64, StoreError>;
-
-    /// Job counts per queue and state, and the paused flag, sorted by queue name. Without a
-    /// tenant: every queue that has jobs or has been paused or resumed. With one: the
-    /// queues that hold jobs of that tenant, counting only those (a tenant learns nothing
-    /// of the others' queues or load).
-    async fn queue_stats(&self, tenant: Option<TenantId>) -> Result<Vec<QueueStats>, StoreError>;
-
-    /// [`Store::queue_stats`] without a tenant, counting only unfinished jobs (scheduled,
-    /// available, running, retryable); the finished counts are zero. For gauges refreshed
-    /// every few seconds: counting finished jobs reads every job kept for retention, and
-    /// that grows with history (days of it), where this grows with the backlog.
-    async fn queue_depths(&self) -> Result<Vec<QueueStats>, StoreError>;
-
-    /// Inserts jobs under an idempotency key (G3). First use of `(tenant, key)`: inserts the
-    /// jobs and stores the key, fingerprint and the response from `respond`, all in one
-    /// transaction. Later use with the same fingerprint while the key lives: inserts nothing
-    /// and returns the stored response. Same key, different fingerprint:
-    /// [`StoreError::Conflict`]. Concurrent first uses of one key create the jobs once.
-    async fn insert_idempotent(
-        &self,
-        req: IdempotentInsert,
-    ) -> Result<IdempotentOutcome, StoreError>;
-
-    /// Forgets idempotency keys whose time to live has passed; returns how many.
-    async fn delete_expired_idempotency_keys(&self, limit: u32) -> Result<u64, StoreError>;
-
-    /// Pauses or resumes leasing from a queue. Jobs can still be enqueued into a paused
-    /// queue; [`Store::lease`] returns nothing from it until it is resumed.
-    async fn set_queue_paused(&self, queue: QueueName, paused: bool) -> Result<(), StoreError>;
-
-    /// Becomes or stays the maintenance leader if the term is free, lapsed, or the caller's
-    /// own (renewed to `now + ttl`); returns who leads either way. A new leader gets the
-    /// previous epoch + 1.
-    async fn campaign(&self, params: CampaignParams) -> Result<Leadership, StoreError>;
-
-    /// Gives up leadership if `owner` holds it (graceful shutdown), so another replica takes
-    /// over at its next campaign instead of after the term lapses.
-    async fn resign(&self, owner: &WorkerId) -> Result<(), StoreError>;
-
-    /// Creates a schedule, or replaces one of the same tenant and name when `replace`
-    /// (keeping its `created_at` and `last_tick_at`). Returns it and whether it was created.
-    /// Without `replace`, an existing schedule is a [`StoreError::Conflict`]. The caller
-    /// validates it first ([`NewSchedule::validate`]).
-    async fn save_schedule(
-        &self,
-        schedule: NewSchedule,
-        replace: bool,
-    ) -> Result<(Schedule, bool), StoreError>;
-
-    /// One schedule, or [`StoreError::ScheduleNotFound`].
-    async fn get_schedule(
-        &self,
-        tenant: &TenantId,
-        name: &ScheduleName,
-    ) -> Result<Schedule, StoreError>;
-
-    /// Schedules of one tenant, or of every tenant (maintenance), by tenant then name; at
-    /// most `limit`, after `(tenant, name)` when given (keyset pagination).
-    async fn list_schedules(
-        &self,
-        tenant: Option<&TenantId>,
-        after: Option<(TenantId, ScheduleName)>,
-        limit: u32,
-    ) -> Result<Vec<Schedule>, StoreError>;
-
-    /// Deletes a schedule (jobs it enqueued stay), or [`StoreError::ScheduleNotFound`].
-    async fn delete_schedule(
-        &self,
-        tenant: &TenantId,
-        name: &ScheduleName,
-    ) -> Result<(), StoreError>;
-
-    /// Pauses or resumes a schedule; returns it.
-    async fn set_schedule_paused(
-        &self,
-        tenant: &TenantId,
-        name: &ScheduleName,
-        paused: bool,
-    ) -> Result<Schedule, StoreError>;
-
-    /// Enqueues cron ticks exactly once (G4). In one transaction: checks the fence
-    /// ([`StoreError::NotLeader`] if stale), and for each tick not yet recorded for the
-    /// schedule, records the `(schedule, tick)` key and inserts its job; then moves the
-    /// schedule's `last_tick_at` forward. A tick recorded before is skipped, whoever
-    /// recorded it; so is every tick of a schedule paused or deleted meanwhile.
-    async fn enqueue_ticks(&self, params: TickParams) -> Result<TickOutcome, StoreError>;
-
-    /// Forgets tick records older than `before` (they only guard against enqueuing a tick
-    /// twice, and no tick that old is due any more); returns how many.
-    async fn delete_old_ticks(&self, before: Timestamp, limit: u32) -> Result<u64, StoreError>;
-
-    /// Checks the database answers (readiness).
-    async fn ping(&self) -> Result<(), StoreError>;
-
-    /// Current connection pool occupancy. Cheap and non-blocking: called for metrics.
-    fn pool_stats(&self) -> PoolStats;
-
-    /// Wakeups from other processes, if the backend can deliver them (Postgres); `None` for
-    /// a store only one process uses (SQLite), where in-process wakeups cover every
-    /// enqueue. Each call returns an independent stream.
-    fn wakeups(&self) -> Option<Box<dyn WakeupStream>> {
-        None
-    }
-
-    /// Job state changes made by any process sharing the database, if the backend can
-    /// deliver them across processes (Postgres); `None` for SQLite, where the runtime's
-    /// in-process events already see every change. Announced: cancels (including of a
-    /// running job, so the replica running it stops it), retries and rescues. Completions
-    /// and failures are not (on Postgres a notifying transaction serialises commits, which
-    /// cost the completion path 15–20 %): a consumer waiting for a job to finish on another
-    /// process re-reads it on a timer. Each call returns an independent stream.
-    fn changes(&self) -> Option<Box<dyn ChangeStream>> {
-        None
-    }
-
-    /// Flushes pending writes and closes connections. Later calls fail.
-    async fn close(&self);
 }
 
 #[cfg(test)]

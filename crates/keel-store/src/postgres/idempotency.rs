@@ -1,0 +1,144 @@
+//! Enqueues under an idempotency key (G3) on Postgres: the key row and the jobs in one
+//! transaction, where the key's primary key makes concurrent first uses of one key from any
+//! number of replicas create the jobs once. Forgetting expired keys is in `maintenance.rs`.
+
+use keel_core::clock::to_delta;
+use keel_core::store::{IdempotentInsert, IdempotentOutcome};
+use keel_core::{Job, StoreError};
+use tokio_postgres::types::ToSql;
+
+use super::sql::SQL;
+use super::{PgStore, Response, commit, error, replay, status_of, validate_all};
+
+impl PgStore {
+    /// [`JobStore::insert_idempotent`](keel_core::JobStore::insert_idempotent).
+    pub(super) async fn insert_under_key(
+        &self,
+        req: IdempotentInsert,
+    ) -> Result<IdempotentOutcome, StoreError> {
+        // Each retry follows a claimer of the same key that rolled back (or a key that
+        // expired between two statements); more than a few in a row is not bad luck.
+        const ATTEMPTS: usize = 5;
+        validate_all(&req.jobs)?;
+        let IdempotentInsert {
+            tenant,
+            key,
+            fingerprint,
+            jobs,
+            ttl,
+            respond,
+        } = req;
+        let ctx = || {
+            format!(
+                "inserting jobs under idempotency key {:?} of tenant {tenant}",
+                key.as_str()
+            )
+        };
+        let now = self.clock.now();
+        let expires_at = now + to_delta(ttl);
+        let key_params: [&(dyn ToSql + Sync); 3] = [&tenant.as_str(), &key.as_str(), &now];
+        let mut conn = self.conn(&ctx).await?;
+        let read = conn
+            .prepare_cached(&SQL.idempotency_read)
+            .await
+            .map_err(|e| error::db(e, ctx()))?;
+        // Fast path: a replay (the common reason a key comes back) needs no transaction, and
+        // never builds a response it would throw away.
+        if let Some(row) = conn
+            .query_opt(&read, &key_params)
+            .await
+            .map_err(|e| error::db(e, ctx()))?
+        {
+            return replay(&row, &fingerprint, &key);
+        }
+        let jobs: Vec<Job> = jobs.into_iter().map(|j| j.into_job(now)).collect();
+        // Built once, before claiming: `respond` is pure, and a losing attempt only discards
+        // it. The stored bytes are the ones this caller returns, so every replay matches.
+        // Unless unique jobs are among them: then the response must name the holders the
+        // insert finds, so it is built after the insert, and stored over a placeholder in
+        // the same transaction (no reader sees the placeholder: it never commits).
+        let response = if jobs.iter().any(|j| j.unique.is_some()) {
+            Response::AfterInsert(respond)
+        } else {
+            Response::Ready(respond(&jobs))
+        };
+        let (status, body) = match &response {
+            Response::Ready(r) => (status_of(r, &ctx)?, r.body.as_slice()),
+            Response::AfterInsert(_) => (0, &[][..]),
+        };
+        for _ in 0..ATTEMPTS {
+            let tx = conn.transaction().await.map_err(|e| error::db(e, ctx()))?;
+            let expire = tx
+                .prepare_cached(&SQL.idempotency_expire)
+                .await
+                .map_err(|e| error::db(e, ctx()))?;
+            tx.execute(&expire, &key_params)
+                .await
+                .map_err(|e| error::db(e, ctx()))?;
+            let claim = tx
+                .prepare_cached(&SQL.idempotency_claim)
+                .await
+                .map_err(|e| error::db(e, ctx()))?;
+            let claimed = tx
+                .query_opt(
+                    &claim,
+                    &[
+                        &tenant.as_str(),
+                        &key.as_str(),
+                        &fingerprint,
+                        &status,
+                        &body,
+                        &now,
+                        &expires_at,
+                    ],
+                )
+                .await
+                .map_err(|e| error::db(e, ctx()))?
+                .is_some();
+            if claimed {
+                let mut holders = commit::Holders::new();
+                if !jobs.is_empty() {
+                    // A duplicate job id fails here as a Conflict; dropping `tx` rolls the
+                    // key back with the jobs.
+                    let refs: Vec<&Job> = jobs.iter().collect();
+                    holders = commit::insert_jobs(&tx, &refs, &self.channel, &ctx).await?;
+                }
+                let jobs = commit::substitute(jobs, &holders);
+                let response = match response {
+                    Response::Ready(response) => response,
+                    Response::AfterInsert(respond) => {
+                        let response = respond(&jobs);
+                        let status = status_of(&response, &ctx)?;
+                        let update = tx
+                            .prepare_cached(&SQL.idempotency_respond)
+                            .await
+                            .map_err(|e| error::db(e, ctx()))?;
+                        tx.execute(
+                            &update,
+                            &[&tenant.as_str(), &key.as_str(), &status, &response.body],
+                        )
+                        .await
+                        .map_err(|e| error::db(e, ctx()))?;
+                        response
+                    }
+                };
+                tx.commit().await.map_err(|e| error::db(e, ctx()))?;
+                return Ok(IdempotentOutcome::Created { jobs, response });
+            }
+            // Another transaction committed the key while this one waited. Read it with a
+            // fresh statement: a snapshot taken after that commit.
+            tx.rollback().await.map_err(|e| error::db(e, ctx()))?;
+            if let Some(row) = conn
+                .query_opt(&read, &key_params)
+                .await
+                .map_err(|e| error::db(e, ctx()))?
+            {
+                return replay(&row, &fingerprint, &key);
+            }
+        }
+        Err(StoreError::transient(
+            ctx(),
+            "the key kept being claimed and released concurrently",
+        ))
+    }
+}

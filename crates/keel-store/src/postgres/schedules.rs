@@ -1,0 +1,255 @@
+//! [`ScheduleStore`] on Postgres: cron schedules, and the exactly-once enqueue of their ticks
+//! (G4), fenced by the leader's epoch in the same transaction.
+
+use std::collections::HashSet;
+
+use async_trait::async_trait;
+use keel_core::store::{ListParams, TickOutcome, TickParams};
+use keel_core::{
+    Job, NewJob, NewSchedule, Schedule, ScheduleName, ScheduleStore, StoreError, TenantId,
+    Timestamp,
+};
+use tokio_postgres::types::ToSql;
+use uuid::Uuid;
+
+use super::sql::SQL;
+use super::{PgStore, commit, error, rows};
+use crate::{MAINTENANCE_ROLE, codec, schedule_exists};
+
+#[async_trait]
+impl ScheduleStore for PgStore {
+    async fn save_schedule(
+        &self,
+        schedule: NewSchedule,
+        replace: bool,
+    ) -> Result<(Schedule, bool), StoreError> {
+        let NewSchedule {
+            tenant,
+            name,
+            cron,
+            timezone,
+            job,
+            paused,
+            catch_up,
+        } = schedule;
+        let ctx = || format!("saving schedule {name} of tenant {tenant}");
+        let now = self.clock.now();
+        let template = codec::template_to_json(&job);
+        let catch_up_ms = i64::try_from(catch_up.as_millis()).map_err(|e| {
+            StoreError::permanent(format!("{}: catch_up of {catch_up:?}", ctx()), e)
+        })?;
+        let params: [&(dyn ToSql + Sync); 8] = [
+            &tenant.as_str(),
+            &name.as_str(),
+            &cron,
+            &timezone,
+            &template,
+            &paused,
+            &catch_up_ms,
+            &now,
+        ];
+        let sql = if replace {
+            &SQL.schedule_replace
+        } else {
+            &SQL.schedule_create
+        };
+        let rows = self.query(sql, &params, &ctx).await?;
+        let Some(row) = rows.first() else {
+            return Err(schedule_exists(&tenant, &name));
+        };
+        let created = if replace {
+            rows::get(row, 10, "created")?
+        } else {
+            true
+        };
+        Ok((rows::schedule_from_row(row)?, created))
+    }
+
+    async fn get_schedule(
+        &self,
+        tenant: &TenantId,
+        name: &ScheduleName,
+    ) -> Result<Schedule, StoreError> {
+        let ctx = || format!("reading schedule {name} of tenant {tenant}");
+        let rows = self
+            .query(&SQL.schedule_get, &[&tenant.as_str(), &name.as_str()], &ctx)
+            .await?;
+        match rows.first() {
+            Some(row) => rows::schedule_from_row(row),
+            None => Err(StoreError::ScheduleNotFound(tenant.clone(), name.clone())),
+        }
+    }
+
+    async fn list_schedules(
+        &self,
+        tenant: Option<&TenantId>,
+        after: Option<(TenantId, ScheduleName)>,
+        limit: u32,
+    ) -> Result<Vec<Schedule>, StoreError> {
+        let limit = limit.min(ListParams::MAX_LIMIT);
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let ctx = || match tenant {
+            Some(t) => format!("listing schedules of tenant {t}"),
+            None => "listing schedules".to_owned(),
+        };
+        let (after_tenant, after_name) = match &after {
+            Some((t, n)) => (Some(t.as_str()), Some(n.as_str())),
+            None => (None, None),
+        };
+        let rows = self
+            .query(
+                &SQL.schedule_list,
+                &[
+                    &tenant.map(TenantId::as_str),
+                    &after_tenant,
+                    &after_name,
+                    &i64::from(limit),
+                ],
+                &ctx,
+            )
+            .await?;
+        rows.iter().map(rows::schedule_from_row).collect()
+    }
+
+    async fn delete_schedule(
+        &self,
+        tenant: &TenantId,
+        name: &ScheduleName,
+    ) -> Result<(), StoreError> {
+        let ctx = || format!("deleting schedule {name} of tenant {tenant}");
+        let rows = self
+            .query(
+                &SQL.schedule_delete,
+                &[&tenant.as_str(), &name.as_str()],
+                &ctx,
+            )
+            .await?;
+        if rows.is_empty() {
+            return Err(StoreError::ScheduleNotFound(tenant.clone(), name.clone()));
+        }
+        Ok(())
+    }
+
+    async fn set_schedule_paused(
+        &self,
+        tenant: &TenantId,
+        name: &ScheduleName,
+        paused: bool,
+    ) -> Result<Schedule, StoreError> {
+        let ctx = || {
+            let verb = if paused { "pausing" } else { "resuming" };
+            format!("{verb} schedule {name} of tenant {tenant}")
+        };
+        let rows = self
+            .query(
+                &SQL.schedule_pause,
+                &[&tenant.as_str(), &name.as_str(), &paused, &self.clock.now()],
+                &ctx,
+            )
+            .await?;
+        match rows.first() {
+            Some(row) => rows::schedule_from_row(row),
+            None => Err(StoreError::ScheduleNotFound(tenant.clone(), name.clone())),
+        }
+    }
+
+    async fn enqueue_ticks(&self, params: TickParams) -> Result<TickOutcome, StoreError> {
+        let TickParams {
+            tenant,
+            schedule,
+            ticks,
+            fence,
+        } = params;
+        if ticks.is_empty() {
+            return Ok(TickOutcome::default());
+        }
+        for (index, (_, job)) in ticks.iter().enumerate() {
+            job.validate(NewJob::DEFAULT_MAX_ARGS_BYTES)
+                .map_err(|errors| StoreError::Invalid { index, errors })?;
+        }
+        let total = ticks.len();
+        let ctx = || format!("enqueuing {total} tick(s) of schedule {schedule} of tenant {tenant}");
+        let not_leader = || StoreError::NotLeader(fence.epoch.0);
+        let epoch = i64::try_from(fence.epoch.0).map_err(|_| not_leader())?;
+        let now = self.clock.now();
+        let mut conn = self.conn(&ctx).await?;
+        let tx = conn.transaction().await.map_err(|e| error::db(e, ctx()))?;
+        let keys: [&(dyn ToSql + Sync); 2] = [&tenant.as_str(), &schedule.as_str()];
+
+        let check = tx
+            .prepare_cached(&SQL.fence)
+            .await
+            .map_err(|e| error::db(e, ctx()))?;
+        let holds = tx
+            .query_opt(
+                &check,
+                &[&MAINTENANCE_ROLE, &fence.owner.as_str(), &epoch, &now],
+            )
+            .await
+            .map_err(|e| error::db(e, ctx()))?
+            .is_some();
+        if !holds {
+            return Err(not_leader());
+        }
+        let lock = tx
+            .prepare_cached(&SQL.schedule_lock)
+            .await
+            .map_err(|e| error::db(e, ctx()))?;
+        let live = match tx
+            .query_opt(&lock, &keys)
+            .await
+            .map_err(|e| error::db(e, ctx()))?
+        {
+            Some(row) => !rows::get::<bool>(&row, 0, "paused")?,
+            None => false,
+        };
+        if !live {
+            return Ok(TickOutcome {
+                enqueued: Vec::new(),
+                skipped: ticks.len(),
+            });
+        }
+
+        let tick_ats: Vec<Timestamp> = ticks.iter().map(|(at, _)| *at).collect();
+        let job_ids: Vec<Uuid> = ticks.iter().map(|(_, j)| *j.id.as_uuid()).collect();
+        let record = tx
+            .prepare_cached(&SQL.ticks_record)
+            .await
+            .map_err(|e| error::db(e, ctx()))?;
+        let recorded: HashSet<Uuid> = tx
+            .query(&record, &[keys[0], keys[1], &tick_ats, &job_ids])
+            .await
+            .map_err(|e| error::db(e, ctx()))?
+            .iter()
+            .map(|row| rows::get::<Uuid>(row, 1, "job_id"))
+            .collect::<Result<_, _>>()?;
+        let latest = tick_ats.iter().max().copied();
+        let mut enqueued = Vec::with_capacity(recorded.len());
+        let mut jobs = Vec::with_capacity(recorded.len());
+        for (at, job) in ticks {
+            if recorded.contains(job.id.as_uuid()) {
+                enqueued.push((at, job.id));
+                jobs.push(job.into_job(now));
+            }
+        }
+        if !jobs.is_empty() {
+            let refs: Vec<&Job> = jobs.iter().collect();
+            commit::insert_jobs(&tx, &refs, &self.channel, &ctx).await?;
+        }
+        let advance = tx
+            .prepare_cached(&SQL.schedule_advance)
+            .await
+            .map_err(|e| error::db(e, ctx()))?;
+        tx.execute(&advance, &[keys[0], keys[1], &latest])
+            .await
+            .map_err(|e| error::db(e, ctx()))?;
+        tx.commit().await.map_err(|e| error::db(e, ctx()))?;
+        enqueued.sort_by_key(|(at, _)| *at);
+        Ok(TickOutcome {
+            skipped: total - enqueued.len(),
+            enqueued,
+        })
+    }
+}

@@ -1,0 +1,139 @@
+//! [`JobStore`] on SQLite: jobs as clients see them. Inserts and state changes run on the
+//! writer thread (group commit, `writer.rs`); reads on the read pool.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use keel_core::store::{IdempotentInsert, IdempotentOutcome, JobPage, ListParams};
+use keel_core::{Job, JobId, JobStore, NewJob, StoreError, Transition};
+use rusqlite::params;
+use rusqlite::types::Value;
+
+use super::rows::{COLUMNS, micros};
+use super::{CANCEL_SQL, RETRY_SQL, SqliteStore, insert_rows, query_jobs, refused, validate_all};
+use crate::unique_key_held;
+
+#[async_trait]
+impl JobStore for SqliteStore {
+    async fn insert(&self, jobs: Vec<NewJob>) -> Result<Vec<Job>, StoreError> {
+        validate_all(&jobs)?;
+        if jobs.is_empty() {
+            return Ok(Vec::new());
+        }
+        let clock = Arc::clone(&self.clock);
+        self.writer
+            .write("inserting jobs", move |conn| {
+                insert_rows(conn, jobs, clock.now())
+            })
+            .await
+    }
+
+    async fn insert_idempotent(
+        &self,
+        req: IdempotentInsert,
+    ) -> Result<IdempotentOutcome, StoreError> {
+        self.insert_under_key(req).await
+    }
+    async fn get(&self, id: JobId) -> Result<Job, StoreError> {
+        self.read("reading a job", move |conn| {
+            let sql = format!("SELECT {COLUMNS} FROM jobs WHERE id = ?1");
+            query_jobs(conn, "reading a job", &sql, [id.as_bytes()])?
+                .pop()
+                .ok_or(StoreError::NotFound(id))
+        })
+        .await
+    }
+
+    async fn list(&self, p: ListParams) -> Result<JobPage, StoreError> {
+        let limit = p.effective_limit();
+        self.read("listing jobs", move |conn| {
+            let mut clauses = Vec::new();
+            let mut args: Vec<Value> = Vec::new();
+            let mut filter = |clause: &str, v: Value| {
+                args.push(v);
+                clauses.push(format!("{clause} ?{}", args.len()));
+            };
+            if let Some(q) = &p.queue {
+                filter("queue =", Value::Text(q.to_string()));
+            }
+            if let Some(t) = &p.tenant {
+                filter("tenant =", Value::Text(t.to_string()));
+            }
+            if let Some(k) = &p.kind {
+                filter("kind =", Value::Text(k.to_string()));
+            }
+            if let Some(after) = p.after {
+                filter("id >", Value::Blob(after.as_bytes().to_vec()));
+            }
+            if let Some(s) = p.state {
+                // A literal, not a parameter: the planner uses a partial index only when
+                // the query's own terms imply its predicate.
+                clauses.push(crate::listing_state_filter("", s));
+            }
+            let where_ = if clauses.is_empty() {
+                String::new()
+            } else {
+                format!("WHERE {}", clauses.join(" AND "))
+            };
+            args.push(Value::Integer(i64::from(limit)));
+            // Running jobs are few and only the running index holds them all; without the
+            // hint a page of them would walk the primary key (the whole table when fewer
+            // than a page run).
+            let index = if p.state == Some(keel_core::JobState::Running) {
+                "INDEXED BY jobs_expired_lease_idx "
+            } else {
+                ""
+            };
+            let sql = format!(
+                "SELECT {COLUMNS} FROM jobs {index}{where_} ORDER BY id LIMIT ?{}",
+                args.len()
+            );
+            let jobs = query_jobs(conn, "listing jobs", &sql, rusqlite::params_from_iter(args))?;
+            let next = (jobs.len() == limit as usize)
+                .then(|| jobs.last().map(|j| j.id))
+                .flatten();
+            Ok(JobPage { jobs, next })
+        })
+        .await
+    }
+
+    async fn cancel(&self, id: JobId) -> Result<Job, StoreError> {
+        let clock = Arc::clone(&self.clock);
+        self.writer
+            .write("cancelling a job", move |conn| {
+                let now = micros(clock.now());
+                query_jobs(
+                    conn,
+                    "cancelling a job",
+                    &CANCEL_SQL,
+                    params![id.as_bytes(), now],
+                )?
+                .pop()
+                .ok_or_else(|| refused(conn, id, Transition::Cancel))
+            })
+            .await
+    }
+
+    async fn retry(&self, id: JobId) -> Result<Job, StoreError> {
+        let clock = Arc::clone(&self.clock);
+        self.writer
+            .write("retrying a job", move |conn| {
+                let now = micros(clock.now());
+                query_jobs(
+                    conn,
+                    "retrying a job",
+                    &RETRY_SQL,
+                    params![id.as_bytes(), now],
+                )
+                // The only constraint the retry can break is `jobs_unique_idx`: a finished
+                // `active`-scope job would take its key back while a newer job holds it.
+                .map_err(|e| match e {
+                    StoreError::Conflict(_) => unique_key_held(id),
+                    other => other,
+                })?
+                .pop()
+                .ok_or_else(|| refused(conn, id, Transition::Retry))
+            })
+            .await
+    }
+}

@@ -1,0 +1,203 @@
+//! [`WorkStore`] on SQLite: lease, heartbeat, complete, fail and release. Every write after
+//! the lease is fenced by the lease token, so a worker that lost its lease cannot overwrite
+//! the run that replaced it.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use keel_core::clock::to_delta;
+use keel_core::store::{Completion, FailParams, HeartbeatParams, LeaseParams, LeaseRef};
+use keel_core::{
+    AttemptError, Job, JobKind, JobState, LeaseToken, StoreError, TenantId, Timestamp, WorkStore,
+};
+use rusqlite::OptionalExtension;
+use rusqlite::params;
+
+use super::rows::{COLUMNS, micros, uuid_from_blob};
+use super::{LEASE_FILTERED_SQL, LEASE_SQL, SqliteStore, map_err, query_jobs, stale_or_missing};
+use crate::codec;
+
+#[async_trait]
+impl WorkStore for SqliteStore {
+    async fn lease(&self, p: LeaseParams) -> Result<Vec<Job>, StoreError> {
+        if p.max == 0 {
+            return Ok(Vec::new());
+        }
+        let clock = Arc::clone(&self.clock);
+        let context = format!("leasing jobs from queue {}", p.queue);
+        self.writer
+            .write(&context.clone(), move |conn| {
+                let now = clock.now();
+                let expires = now + to_delta(p.lease_for);
+                let mut jobs = if p.tenant.is_none() && p.kinds.is_empty() {
+                    let sql = format!("{LEASE_SQL}{COLUMNS}");
+                    query_jobs(
+                        conn,
+                        &context,
+                        &sql,
+                        params![
+                            p.owner.as_str(),
+                            micros(expires),
+                            micros(now),
+                            p.queue.as_str(),
+                            p.max
+                        ],
+                    )?
+                } else {
+                    // The kinds go in as one JSON array, so the statement text (and its
+                    // cached preparation) is the same whatever their number.
+                    let kinds = (!p.kinds.is_empty()).then(|| {
+                        serde_json::to_string(
+                            &p.kinds.iter().map(JobKind::as_str).collect::<Vec<_>>(),
+                        )
+                        .unwrap_or_else(|_| "[]".to_owned())
+                    });
+                    let sql = format!("{LEASE_FILTERED_SQL}{COLUMNS}");
+                    query_jobs(
+                        conn,
+                        &context,
+                        &sql,
+                        params![
+                            p.owner.as_str(),
+                            micros(expires),
+                            micros(now),
+                            p.queue.as_str(),
+                            p.max,
+                            p.tenant.as_ref().map(TenantId::as_str),
+                            kinds
+                        ],
+                    )?
+                };
+                // RETURNING gives no order; callers get jobs in lease order.
+                jobs.sort_by_key(|j| (j.priority, j.run_at, j.id));
+                Ok(jobs)
+            })
+            .await
+    }
+
+    async fn heartbeat(
+        &self,
+        p: HeartbeatParams,
+    ) -> Result<Vec<Result<Timestamp, StoreError>>, StoreError> {
+        let clock = Arc::clone(&self.clock);
+        self.writer
+            .write("extending leases", move |conn| {
+                let expires = clock.now() + to_delta(p.lease_for);
+                let mut stmt = conn
+                    .prepare_cached(
+                        "UPDATE jobs SET lease_expires_at = ?1
+                         WHERE id = ?2 AND lease_token = ?3 AND state = 'running'",
+                    )
+                    .map_err(|e| map_err("extending leases", &e))?;
+                p.leases
+                    .iter()
+                    .map(|l| {
+                        let n = stmt
+                            .execute(params![
+                                micros(expires),
+                                l.id.as_bytes(),
+                                l.token.as_uuid().as_bytes()
+                            ])
+                            .map_err(|e| map_err("extending leases", &e))?;
+                        Ok(if n == 1 {
+                            Ok(expires)
+                        } else {
+                            Err(stale_or_missing(conn, l.id))
+                        })
+                    })
+                    .collect()
+            })
+            .await
+    }
+
+    async fn complete(
+        &self,
+        completions: Vec<Completion>,
+    ) -> Result<Vec<Result<(), StoreError>>, StoreError> {
+        crate::complete_checked(completions, |c| self.write_completions(c)).await
+    }
+
+    async fn fail(&self, p: FailParams) -> Result<Job, StoreError> {
+        let clock = Arc::clone(&self.clock);
+        self.writer
+            .write("recording a failed attempt", move |conn| {
+                let now = clock.now();
+                let id = p.lease.id;
+                let row: Option<(String, Option<Vec<u8>>, u32, u32, String)> = conn
+                    .prepare_cached(
+                        "SELECT state, lease_token, attempt, max_attempts, backoff
+                         FROM jobs WHERE id = ?1",
+                    )
+                    .and_then(|mut s| {
+                        s.query_row([id.as_bytes()], |r| {
+                            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+                        })
+                        .optional()
+                    })
+                    .map_err(|e| map_err("recording a failed attempt", &e))?;
+                let Some((state, token, attempt, max_attempts, backoff)) = row else {
+                    return Err(StoreError::NotFound(id));
+                };
+                let held = token
+                    .map(|t| uuid_from_blob("lease_token", &t))
+                    .transpose()?
+                    .map(LeaseToken::from_uuid);
+                if state != JobState::Running.as_str() || held != Some(p.lease.token) {
+                    return Err(StoreError::StaleLease(id));
+                }
+                let backoff = codec::backoff_from_json(&backoff)?;
+                let next = p.next_run_at(attempt, max_attempts, &backoff, now, &mut rand::rng());
+                let error =
+                    codec::attempt_error_to_json(&AttemptError::new(attempt, now, &p.error));
+                let (state, run_at, finished_at) = match next {
+                    Some(run_at) => (JobState::Retryable, micros(run_at), None),
+                    None => (JobState::Discarded, micros(now), Some(micros(now))),
+                };
+                let sql = format!(
+                    "UPDATE jobs SET state = ?1, run_at = ?2, finished_at = ?3,
+                            errors = json_insert(errors, '$[#]', json(?4)),
+                            lease_token = NULL, lease_expires_at = NULL
+                     WHERE id = ?5 RETURNING {COLUMNS}"
+                );
+                query_jobs(
+                    conn,
+                    "recording a failed attempt",
+                    &sql,
+                    params![state.as_str(), run_at, finished_at, error, id.as_bytes()],
+                )?
+                .pop()
+                .ok_or(StoreError::NotFound(id))
+            })
+            .await
+    }
+
+    async fn release(
+        &self,
+        leases: Vec<LeaseRef>,
+    ) -> Result<Vec<Result<(), StoreError>>, StoreError> {
+        self.writer
+            .write("releasing leases", move |conn| {
+                let mut stmt = conn
+                    .prepare_cached(
+                        "UPDATE jobs SET state = 'available', attempt = attempt - 1,
+                                lease_token = NULL, lease_expires_at = NULL
+                         WHERE id = ?1 AND lease_token = ?2 AND state = 'running'",
+                    )
+                    .map_err(|e| map_err("releasing leases", &e))?;
+                leases
+                    .iter()
+                    .map(|l| {
+                        let n = stmt
+                            .execute(params![l.id.as_bytes(), l.token.as_uuid().as_bytes()])
+                            .map_err(|e| map_err("releasing leases", &e))?;
+                        Ok(if n == 1 {
+                            Ok(())
+                        } else {
+                            Err(stale_or_missing(conn, l.id))
+                        })
+                    })
+                    .collect()
+            })
+            .await
+    }
+}
