@@ -32,16 +32,16 @@
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use deadpool_postgres::{GenericClient, Pool};
 use keel_core::{Job, JobId, JobState, StoreError, Timestamp};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
-use tokio::task::JoinHandle;
 use tokio_postgres::types::ToSql;
 use uuid::Uuid;
 
 use super::sql::SQL;
+use super::task::Background;
 use super::{error, rows};
 use crate::codec;
 
@@ -81,7 +81,7 @@ enum Message {
 /// The handle `PgStore` holds: sends requests and stops the task.
 pub(super) struct Committer {
     tx: mpsc::Sender<Message>,
-    task: Mutex<Option<JoinHandle<()>>>,
+    task: Background,
     stats: Arc<Stats>,
 }
 
@@ -112,12 +112,10 @@ impl Committer {
             channel,
             stats: Arc::clone(&stats),
         });
-        let task = tokio::spawn(run(shared, rx, settings));
-        Self {
-            tx,
-            task: Mutex::new(Some(task)),
-            stats,
-        }
+        // The committer ends on its own close message (after writing what was queued), not
+        // on the stop signal.
+        let task = Background::spawn(|_stopped| run(shared, rx, settings));
+        Self { tx, task, stats }
     }
 
     /// Queues `jobs` (already validated, non-empty) for the next batch and returns them once
@@ -152,14 +150,7 @@ impl Committer {
         if self.tx.send(Message::Close(done)).await.is_ok() {
             let _ = wait.await;
         }
-        let task = self
-            .task
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .take();
-        if let Some(task) = task {
-            let _ = task.await;
-        }
+        self.task.join().await;
     }
 
     /// What has been written so far.

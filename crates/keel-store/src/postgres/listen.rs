@@ -35,9 +35,10 @@ use async_trait::async_trait;
 use keel_core::store::StateChange;
 use keel_core::{ChangeStream, JobId, JobState, QueueName, WakeupStream};
 use rand::Rng as _;
-use tokio::sync::{broadcast, watch};
-use tokio::task::JoinHandle;
+use tokio::sync::broadcast;
 use tokio_postgres::{AsyncMessage, Config, NoTls};
+
+use super::task::{Background, Stopped};
 
 /// Notices buffered per subscriber before it lags. A subscriber that falls this far behind
 /// is busy leasing anyway; it skips ahead rather than holding memory for stale notices.
@@ -123,8 +124,7 @@ pub(super) struct Listener {
     sender: Mutex<Option<broadcast::Sender<QueueName>>>,
     /// The same, for state changes.
     changes: Mutex<Option<broadcast::Sender<StateChange>>>,
-    stop: watch::Sender<bool>,
-    task: Mutex<Option<JoinHandle<()>>>,
+    task: Background,
     /// Successful `LISTEN`s so far: 1 after the first connection, +1 per reconnect.
     #[cfg_attr(not(test), allow(dead_code))]
     listens: Arc<AtomicU64>,
@@ -144,7 +144,6 @@ impl Listener {
             .keepalives_retries(3);
         let (sender, _) = broadcast::channel(CAPACITY);
         let (changes, _) = broadcast::channel(CHANGES_CAPACITY);
-        let (stop, stopped) = watch::channel(false);
         let listens = Arc::new(AtomicU64::new(0));
         let listen = format!(
             "{}; {}",
@@ -156,12 +155,14 @@ impl Listener {
             wakeups: sender.clone(),
             changes: changes.clone(),
         };
-        let task = tokio::spawn(run(cfg, listen, fanout, stopped, Arc::clone(&listens)));
+        let task = Background::spawn({
+            let listens = Arc::clone(&listens);
+            move |stopped| run(cfg, listen, fanout, stopped, listens)
+        });
         Self {
             sender: Mutex::new(Some(sender)),
             changes: Mutex::new(Some(changes)),
-            stop,
-            task: Mutex::new(Some(task)),
+            task,
             listens,
         }
     }
@@ -199,7 +200,6 @@ impl Listener {
 
     /// Stops the task, closes its connection and ends every subscriber's stream.
     pub(super) async fn stop(&self) {
-        let _ = self.stop.send(true);
         drop(
             self.sender
                 .lock()
@@ -212,14 +212,7 @@ impl Listener {
                 .unwrap_or_else(|poisoned| poisoned.into_inner())
                 .take(),
         );
-        let task = self
-            .task
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .take();
-        if let Some(task) = task {
-            let _ = task.await;
-        }
+        self.task.stop().await;
     }
 
     /// How many times a `LISTEN` has succeeded (tests wait on it before sending).
@@ -283,7 +276,7 @@ async fn run(
     cfg: Config,
     listen: String,
     fanout: Fanout,
-    mut stopped: watch::Receiver<bool>,
+    mut stopped: Stopped,
     listens: Arc<AtomicU64>,
 ) {
     let channel = fanout.jobs_channel.clone();

@@ -42,6 +42,7 @@ mod queues;
 mod rows;
 mod schedules;
 mod sql;
+mod task;
 #[cfg(all(test, feature = "testkit"))]
 mod tests;
 
@@ -67,6 +68,7 @@ use crate::migrate::{self, MigrationReport};
 use commit::Committer;
 use listen::Listener;
 use sql::SQL;
+use task::Background;
 
 /// Connection pool settings. Each bounds a resource so overload turns into fast, retryable
 /// errors instead of unbounded waits (guarantee G5).
@@ -153,7 +155,7 @@ pub struct PgStore {
     channel: String,
     /// Where state changes are sent and heard: `keel_changes:<schema>`.
     changes_channel: String,
-    maintenance: pool::Maintenance,
+    maintenance: Background,
     committer: Committer,
     listener: Listener,
 }
@@ -232,7 +234,7 @@ impl PgStore {
         if let Err(e) = pool::top_up(&pool, opts.min_idle).await {
             tracing::warn!(error = %e, %target, "could not open min_idle Postgres connections");
         }
-        let maintenance = pool::Maintenance::spawn(&pool, &opts);
+        let maintenance = pool::keep(&pool, &opts);
         let committer = Committer::spawn(
             pool.clone(),
             channel.clone(),

@@ -10,17 +10,15 @@
 //!   first requests after startup or after a burst of dropped connections do not each pay for
 //!   a TCP + auth handshake.
 
-use std::sync::Mutex;
 use std::time::Duration;
 
 use deadpool_postgres::{
     Hook, HookError, Manager, ManagerConfig, Pool, PoolError, RecyclingMethod, Runtime, Timeouts,
     WeakPool,
 };
-use tokio::sync::watch;
-use tokio::task::JoinHandle;
 
 use super::PgOptions;
+use super::task::{Background, Stopped};
 
 /// How often the maintenance task evicts expired idle connections and tops the pool up.
 /// Checking is a mutex and two counters, so a second is cheap, and a connection lost to a
@@ -91,55 +89,19 @@ pub(super) async fn top_up(pool: &Pool, min_idle: usize) -> Result<(), PoolError
     Ok(())
 }
 
-/// The background task enforcing `min_idle` and `max_lifetime`, and the means to stop it.
-#[derive(Debug)]
-pub(super) struct Maintenance {
-    stop: watch::Sender<bool>,
-    task: Mutex<Option<JoinHandle<()>>>,
-}
-
-impl Maintenance {
-    /// Starts the task. It holds only a weak reference to the pool and exits when told to,
-    /// when this handle is dropped (the sender goes away), or when the pool is gone or closed,
-    /// so it never outlives the store.
-    pub(super) fn spawn(pool: &Pool, opts: &PgOptions) -> Self {
-        let (stop, stopped) = watch::channel(false);
-        let task = tokio::spawn(run(pool.weak(), opts.min_idle, opts.max_lifetime, stopped));
-        Self {
-            stop,
-            task: Mutex::new(Some(task)),
-        }
-    }
-
-    /// Stops the task and waits for it to finish.
-    pub(super) async fn stop(&self) {
-        let _ = self.stop.send(true);
-        let task = self
-            .task
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .take();
-        if let Some(task) = task {
-            let _ = task.await;
-        }
-    }
-
-    /// Whether the task has finished (for tests of `close`).
-    #[cfg(test)]
-    pub(super) fn is_stopped(&self) -> bool {
-        self.task
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .as_ref()
-            .is_none_or(JoinHandle::is_finished)
-    }
+/// Starts the background task enforcing `min_idle` and `max_lifetime`. It holds only a weak
+/// reference to the pool and exits when stopped, when the handle is dropped (the sender goes
+/// away), or when the pool is gone or closed, so it never outlives the store.
+pub(super) fn keep(pool: &Pool, opts: &PgOptions) -> Background {
+    let (pool, min_idle, max_lifetime) = (pool.weak(), opts.min_idle, opts.max_lifetime);
+    Background::spawn(move |stopped| run(pool, min_idle, max_lifetime, stopped))
 }
 
 async fn run(
     pool: WeakPool,
     min_idle: usize,
     max_lifetime: Option<Duration>,
-    mut stopped: watch::Receiver<bool>,
+    mut stopped: Stopped,
 ) {
     let mut tick = tokio::time::interval(MAINTENANCE_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

@@ -650,7 +650,7 @@ async fn pool_keeps_min_idle_warm_and_retires_old_connections() {
     store.close().await;
     assert!(store.pool.is_closed());
     assert!(
-        store.maintenance.is_stopped(),
+        store.maintenance.is_finished(),
         "close() stops and joins the maintenance task"
     );
     let err = store.ping().await.expect_err("closed");
