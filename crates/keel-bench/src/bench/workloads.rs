@@ -2,7 +2,7 @@
 //!
 //! Control operations (pause, resume, queue counts, listing jobs back) go through
 //! `keel-client`, like any API user; the load itself goes through the lean generator in
-//! [`super::load`]. Every wait is bounded: a workload that cannot finish in time fails with
+//! [`crate::generator`]. Every wait is bounded: a workload that cannot finish in time fails with
 //! what it saw rather than hanging the harness.
 
 use std::sync::Arc;
@@ -19,13 +19,13 @@ use serde_json::json;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
-use super::load::{self, Conn, Endpoint};
 use super::machine::{CpuSnapshot, CpuUsage};
-use super::progress::Progress;
 use super::report::RunRecord;
 use super::server::{RssSampler, rss_kib};
-use super::stats::{KIB_PER_MIB, Latency};
 use super::{Settings, Workload};
+use crate::generator::{self, Conn, Endpoint};
+use crate::progress::Progress;
+use crate::stats::{KIB_PER_MIB, Latency};
 
 /// Where every single-job workload sends its enqueues.
 fn jobs_uri() -> Uri {
@@ -739,7 +739,7 @@ async fn w2_steady(ctx: &Ctx<'_>, rec: &mut RunRecord, lane: &Lane) -> anyhow::R
     let ticker = ctx
         .progress
         .timed(label, s.duration, Arc::clone(&live), "enqueued");
-    let report = load::closed_loop(
+    let report = generator::closed_loop(
         &ctx.endpoint,
         jobs_uri(),
         Some(body),
@@ -837,7 +837,7 @@ async fn w2p_paced(ctx: &Ctx<'_>, rec: &mut RunRecord) -> anyhow::Result<()> {
     let ticker = ctx
         .progress
         .timed("W2p", s.duration, Arc::clone(&live), "enqueued");
-    let report = load::open_loop(
+    let report = generator::open_loop(
         &ctx.endpoint,
         jobs_uri(),
         Some(body),
@@ -898,14 +898,14 @@ async fn enqueue_only(
     ctx: &Ctx<'_>,
     prefix: &str,
     duration: Duration,
-) -> anyhow::Result<(load::ClosedReport, Option<CpuUsage>)> {
+) -> anyhow::Result<(generator::ClosedReport, Option<CpuUsage>)> {
     ctx.set_paused(true).await?;
     let cpu = CpuSnapshot::take(ctx.pid).await;
     let live = Arc::new(AtomicU64::new(0));
     let ticker = ctx
         .progress
         .timed(prefix, duration, Arc::clone(&live), "enqueued");
-    let report = load::closed_loop(
+    let report = generator::closed_loop(
         &ctx.endpoint,
         jobs_uri(),
         Some(ctx.job_body()?),
@@ -977,7 +977,7 @@ async fn w4_overload(ctx: &Ctx<'_>, rec: &mut RunRecord) -> anyhow::Result<()> {
     let ticker = ctx
         .progress
         .timed("W4", s.overload_duration, Arc::clone(&live), "accepted");
-    let report = load::open_loop(
+    let report = generator::open_loop(
         &ctx.endpoint,
         jobs_uri(),
         Some(ctx.job_body()?),
