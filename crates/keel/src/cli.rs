@@ -1,10 +1,10 @@
 //! The command line: what each `keel` subcommand takes, with examples in `--help`.
 
 use clap::{Args, Parser, Subcommand};
+use keel_bench::bench::BenchArgs;
+use keel_bench::load::LoadArgs;
 
-use crate::bench::BenchArgs;
 use crate::config::ServeArgs;
-use crate::load::LoadArgs;
 
 /// Keel: a durable job server. Accepts jobs over HTTP, stores them durably (SQLite by
 /// default, Postgres for several replicas), runs them with retries, and reports results.

@@ -456,32 +456,32 @@ pub fn hash_key(key: &str) -> ExitCode {
 }
 
 /// `keel bench`.
-pub async fn bench(args: crate::bench::BenchArgs) -> ExitCode {
-    match crate::bench::run(args).await {
-        Ok(crate::bench::Outcome::Measured) => ExitCode::SUCCESS,
-        Ok(crate::bench::Outcome::Incomplete) => ExitCode::FAILURE,
-        Ok(crate::bench::Outcome::Interrupted) => ExitCode::from(130),
+pub async fn bench(args: keel_bench::bench::BenchArgs) -> ExitCode {
+    match keel_bench::bench::run(args).await {
+        Ok(keel_bench::bench::Outcome::Measured) => ExitCode::SUCCESS,
+        Ok(keel_bench::bench::Outcome::Incomplete) => ExitCode::FAILURE,
+        Ok(keel_bench::bench::Outcome::Interrupted) => ExitCode::from(130),
         Err(e) => {
             eprintln!("error: {e:#}");
             let unreachable = e
                 .chain()
-                .any(|c| c.downcast_ref::<crate::bench::Unreachable>().is_some());
+                .any(|c| c.downcast_ref::<keel_bench::bench::Unreachable>().is_some());
             ExitCode::from(if unreachable { EX_UNAVAILABLE } else { 1 })
         }
     }
 }
 
 /// `keel load`.
-pub async fn load(args: &crate::load::LoadArgs) -> ExitCode {
-    let summary = match crate::load::run(args).await {
+pub async fn load(args: &keel_bench::load::LoadArgs) -> ExitCode {
+    let summary = match keel_bench::load::run(args).await {
         Ok(s) => s,
         Err(e) => {
             eprintln!("error: {e:#}");
-            let unreachable = e.downcast_ref::<crate::load::Unreachable>().is_some();
+            let unreachable = e.downcast_ref::<keel_bench::load::Unreachable>().is_some();
             return ExitCode::from(if unreachable { EX_UNAVAILABLE } else { 2 });
         }
     };
-    match crate::load::report(args, &summary) {
+    match keel_bench::load::report(args, &summary) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");

@@ -5,11 +5,9 @@
 #![warn(missing_docs)]
 
 pub mod app;
-pub mod bench;
 pub mod cli;
 pub mod commands;
 pub mod config;
-pub mod load;
 pub mod telemetry;
 
 pub use app::App;

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use keel::load::{LoadArgs, run};
+use keel_bench::load::{LoadArgs, run};
 
 use crate::both_backends;
 use crate::child::{KeelProcess, rss_kib};

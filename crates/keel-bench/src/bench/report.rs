@@ -7,7 +7,7 @@ use std::fmt::Write as _;
 use serde::Serialize;
 use serde_json::Value;
 
-use super::stats::Spread;
+use crate::stats::Spread;
 
 /// How a figure is printed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]

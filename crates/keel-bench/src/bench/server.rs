@@ -25,7 +25,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::load::{Conn, Endpoint};
+use crate::generator::{Conn, Endpoint};
 
 /// Longest the server may take from spawn to a `200` from `/readyz`.
 const STARTUP_TIMEOUT: Duration = Duration::from_secs(60);

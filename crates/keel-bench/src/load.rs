@@ -26,10 +26,10 @@ use clap::Args;
 use hyper::Uri;
 use serde_json::json;
 
-use crate::bench::load::{self, Endpoint, Tally};
-use crate::bench::progress::Progress;
-use crate::bench::stats::Latency;
-use crate::config::parse_duration;
+use crate::generator::{self, Endpoint, Tally};
+use crate::parse_duration;
+use crate::progress::Progress;
+use crate::stats::Latency;
 
 /// Most requests the open model keeps outstanding unless told otherwise: bounds the
 /// generator's own memory when the server stops answering.
@@ -271,7 +271,7 @@ pub async fn run(args: &LoadArgs) -> anyhow::Result<LoadSummary> {
     let endpoint = Endpoint::new(addr, args.api_key.as_deref())?;
     // One connection first, so an absent server is one clear error, not a run of failures.
     drop(
-        load::Conn::open(&endpoint)
+        generator::Conn::open(&endpoint)
             .await
             .map_err(|e| e.context(Unreachable))?,
     );
@@ -279,7 +279,7 @@ pub async fn run(args: &LoadArgs) -> anyhow::Result<LoadSummary> {
     let progress = Progress;
     let summary = if let Some(rate) = args.rate {
         let _ticker = progress.timed("load", args.duration, Arc::clone(&live), "2xx");
-        let r = load::open_loop(
+        let r = generator::open_loop(
             &endpoint,
             path,
             body,
@@ -301,7 +301,7 @@ pub async fn run(args: &LoadArgs) -> anyhow::Result<LoadSummary> {
         let clients = args.concurrency.unwrap_or(64);
         anyhow::ensure!(clients > 0, "--concurrency must be at least 1");
         let _ticker = progress.timed("load", args.duration, Arc::clone(&live), "2xx");
-        let r = load::closed_loop(&endpoint, path, body, clients, args.duration, live).await?;
+        let r = generator::closed_loop(&endpoint, path, body, clients, args.duration, live).await?;
         let sent = r.tally.ok + r.tally.shed + r.tally.other_status + r.tally.failed;
         LoadSummary {
             model: "closed",

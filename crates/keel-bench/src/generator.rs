@@ -29,7 +29,7 @@ use tokio::sync::Semaphore;
 use tokio::task::{JoinHandle, JoinSet};
 use tokio::time::Instant;
 
-use super::stats::Latency;
+use crate::stats::Latency;
 
 /// Longest a single load request may take before it counts as failed. Well above the
 /// server's own request deadline (2 s by default), so the server's answer is what is

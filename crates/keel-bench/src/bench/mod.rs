@@ -10,17 +10,14 @@
 //! A fresh server per run keeps the runs independent (no run inherits another's table size
 //! or backlog) and makes the start-up time (W5) a per-run figure like the others.
 //!
-//! Modules: [`load`] generates HTTP load; [`workloads`] runs W1–W5 with it; [`server`] starts
-//! and watches the server under test; [`pgbench`] measures the database's own limit;
-//! [`stats`] and [`report`] turn runs into the table and the JSON.
+//! Modules: [`crate::generator`] generates HTTP load; [`workloads`] runs W1–W5 with it;
+//! [`server`] starts and watches the server under test; [`pgbench`] measures the database's
+//! own limit; [`crate::stats`] and [`report`] turn runs into the table and the JSON.
 
-pub(crate) mod load;
 mod machine;
 mod pgbench;
-pub(crate) mod progress;
 mod report;
 mod server;
-pub(crate) mod stats;
 mod workloads;
 
 use std::collections::BTreeSet;
@@ -37,12 +34,12 @@ use keel_store::DatabaseUrl;
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
-use self::load::Endpoint;
-use self::progress::Progress;
 use self::report::{Backend, RunRecord};
 use self::server::{ScratchSchema, ServerSpec, Spawned};
 use self::workloads::Ctx;
-use crate::config::parse_duration;
+use crate::generator::Endpoint;
+use crate::parse_duration;
+use crate::progress::Progress;
 
 /// How long the disk's fdatasync rate is probed before the runs.
 const FSYNC_PROBE: Duration = Duration::from_secs(1);
