@@ -113,4 +113,6 @@ impl Config {
 }
 
 #[cfg(test)]
+mod readme;
+#[cfg(test)]
 mod tests;
