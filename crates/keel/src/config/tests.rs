@@ -269,6 +269,35 @@ fn admission_bounds_follow_the_ones_given_and_must_be_ordered() {
     assert_eq!(err.0[0].0, "admission_limit_initial", "{err}");
 }
 
+/// A bound counts as given wherever it comes from (the file here); one given as empty text
+/// is refused like any other number, not taken for unset.
+#[test]
+fn admission_bounds_given_in_the_file_are_followed_and_empty_is_refused() {
+    let l = Config::from_toml("admission_limit_max = 100\n")
+        .unwrap()
+        .admission_limit();
+    assert_eq!((l.initial, l.min, l.max), (100, 32, 100));
+    let err = Config::from_toml("admission_limit_max = \"\"\n").unwrap_err();
+    let fields: Vec<&str> = err.0.iter().map(|(f, _)| f.as_str()).collect();
+    assert_eq!(fields, ["admission_limit_max"], "{err}");
+}
+
+/// /debug/config shows every declared setting, no more and no fewer.
+#[test]
+fn the_shown_config_has_every_setting() {
+    let shown = serde_json::to_value(Config::resolve(&ServeArgs::default()).unwrap()).unwrap();
+    let mut keys: Vec<&str> = shown
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(String::as_str)
+        .collect();
+    let mut names: Vec<&str> = SETTINGS.iter().map(|s| s.name).collect();
+    keys.sort_unstable();
+    names.sort_unstable();
+    assert_eq!(keys, names);
+}
+
 #[test]
 fn rate_limits_take_a_burst_in_one_place() {
     let args = ServeArgs {

@@ -4,8 +4,6 @@
 //! operator should change. Two of them also settle values that depend on other settings:
 //! the admission bounds left unset, and the default rate's burst.
 
-use std::time::Duration;
-
 use keel_api::Rate;
 
 use super::settings::Parsed;
@@ -13,10 +11,7 @@ use super::sources::{Problems, Texts};
 
 /// Runs every check, in the order their problems are reported.
 pub(super) fn check(p: &mut Parsed, texts: &Texts, problems: &mut Problems) {
-    shutdown_timing(p, problems);
-    lease_timing(p, problems);
-    pool_sizes(p, problems);
-    body_limits(p, problems);
+    nested_limits(p, problems);
     api_exposure(p, problems);
     admin_exposure(p, problems);
     admission_bounds(p, texts, problems);
@@ -27,61 +22,52 @@ fn problem(problems: &mut Problems, field: &str, message: String) {
     problems.push((field.to_owned(), message));
 }
 
-/// The shutdown delay is spent inside the grace period, so it must be shorter.
-fn shutdown_timing(p: &Parsed, problems: &mut Problems) {
-    if let (Some(delay), Some(grace)) = (p.shutdown_delay, p.shutdown_grace)
-        && delay > Duration::ZERO
-        && delay >= grace
-    {
-        problem(
-            problems,
+/// Settings that must fit inside another: the shutdown delay inside the grace period (it
+/// is spent there), the heartbeat inside the lease (or leases lapse between heartbeats and
+/// running jobs are rescued from under their workers), idle pool connections inside the
+/// pool, and job args inside the request body that carries them.
+fn nested_limits(p: &Parsed, problems: &mut Problems) {
+    // (setting, whether it fits and what to say if not), when both sides parsed.
+    let rules = [
+        (
             "shutdown_delay",
-            format!(
-                "must be shorter than shutdown_grace ({grace:?}): the delay is spent inside the grace period"
-            ),
-        );
-    }
-}
-
-/// A lease must outlive the gap between two heartbeats, or running jobs are rescued from
-/// under their workers.
-fn lease_timing(p: &Parsed, problems: &mut Problems) {
-    if let (Some(hb), Some(lease)) = (p.heartbeat_interval, p.lease_timeout)
-        && hb >= lease
-    {
-        problem(
-            problems,
+            p.shutdown_delay.zip(p.shutdown_grace).map(|(delay, grace)| {
+                (
+                    delay.is_zero() || delay < grace,
+                    format!(
+                        "must be shorter than shutdown_grace ({grace:?}): the delay is spent inside the grace period"
+                    ),
+                )
+            }),
+        ),
+        (
             "heartbeat_interval",
-            format!(
-                "must be shorter than lease_timeout ({lease:?}), or leases lapse between heartbeats"
-            ),
-        );
-    }
-}
-
-/// The pool cannot keep more idle connections than it may open.
-fn pool_sizes(p: &Parsed, problems: &mut Problems) {
-    if let (Some(min), Some(max)) = (p.db_pool_min_idle, p.db_pool_max)
-        && min > max
-    {
-        problem(
-            problems,
+            p.heartbeat_interval.zip(p.lease_timeout).map(|(heartbeat, lease)| {
+                (
+                    heartbeat < lease,
+                    format!(
+                        "must be shorter than lease_timeout ({lease:?}), or leases lapse between heartbeats"
+                    ),
+                )
+            }),
+        ),
+        (
             "db_pool_min_idle",
-            format!("must not exceed db_pool_max ({max})"),
-        );
-    }
-}
-
-/// Job args arrive inside a request body, so their cap cannot be the larger.
-fn body_limits(p: &Parsed, problems: &mut Problems) {
-    if let (Some(args), Some(body)) = (p.max_args_bytes, p.max_body_bytes)
-        && args > body
-    {
-        problem(
-            problems,
+            p.db_pool_min_idle.zip(p.db_pool_max).map(|(min, max)| {
+                (min <= max, format!("must not exceed db_pool_max ({max})"))
+            }),
+        ),
+        (
             "max_args_bytes",
-            format!("must not exceed max_body_bytes ({body})"),
-        );
+            p.max_args_bytes.zip(p.max_body_bytes).map(|(args, body)| {
+                (args <= body, format!("must not exceed max_body_bytes ({body})"))
+            }),
+        ),
+    ];
+    for (field, rule) in rules {
+        if let Some((false, why)) = rule {
+            problem(problems, field, why);
+        }
     }
 }
 
