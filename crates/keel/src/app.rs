@@ -10,15 +10,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use keel_api::{ApiConfig, ApiState, ConnectionLimits, JobCacheConfig, RateLimitConfig, Readiness};
+use keel_api::{ApiState, Readiness};
 use keel_core::store::{Layered, StateCounts};
 use keel_core::{JobKind, JobState, Store, SystemClock};
 use keel_diag::gauges::ProcessGauges;
-use keel_resilience::{Chaos, ChaosSettings, CircuitBreaker, StoreGuard, StoreGuardConfig};
-use keel_runtime::{
-    Catalog, Handler, Handlers, MaintenanceConfig, Runtime, RuntimeConfig, RuntimeHandle,
-    WebhookConfig,
-};
+use keel_resilience::{Chaos, ChaosSettings, CircuitBreaker, StoreGuard};
+use keel_runtime::{Catalog, Handler, Handlers, Runtime, RuntimeHandle};
 use keel_store::{PgOptions, SqliteOptions};
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
@@ -32,11 +29,6 @@ const EVENT_CAPACITY: usize = 4096;
 /// How often queue depth gauges (and the backlog figure admission control reads) are
 /// refreshed, histogram upkeep runs and idle rate-limit buckets are dropped.
 const GAUGE_INTERVAL: Duration = Duration::from_secs(5);
-/// How much longer than the request timeout a Postgres statement may run. A statement
-/// outliving its request (which gave up at the deadline and dropped its future) is cut by
-/// the server this long after; a live request never waits on a statement that long, so it
-/// is never cut first.
-const STATEMENT_TIMEOUT_MARGIN: Duration = Duration::from_secs(1);
 
 /// A built, not yet running, Keel server.
 pub struct App {
@@ -75,16 +67,7 @@ impl App {
     /// Opens the store (applying migrations), guards it, binds the API and admin
     /// listeners, and prepares the runtime with the built-in executors.
     pub async fn build(config: Config, metrics: PrometheusHandle) -> anyhow::Result<Self> {
-        let sqlite = SqliteOptions::default();
-        let pg = PgOptions {
-            max_connections: config.db_pool_max,
-            min_idle: config.db_pool_min_idle,
-            max_lifetime: Some(config.db_pool_max_lifetime),
-            acquire_timeout: config.db_acquire_timeout,
-            statement_timeout: Some(config.request_timeout + STATEMENT_TIMEOUT_MARGIN),
-            ..PgOptions::default()
-        };
-        let (store, report) = open_store(&config, sqlite, pg)
+        let (store, report) = open_store(&config, SqliteOptions::default(), config.pg_options())
             .await
             .context("opening the job store")?;
         if !report.applied.is_empty() {
@@ -95,16 +78,7 @@ impl App {
         // like, instead of failing to start.
         let chaos = Chaos::new(config.chaos_settings());
         warn_if_chaos(&chaos.settings());
-        let guarded = Layered::new(
-            store,
-            StoreGuard::new(
-                StoreGuardConfig {
-                    max_in_flight: config.store_max_in_flight,
-                    ..StoreGuardConfig::default()
-                },
-                chaos.clone(),
-            ),
-        );
+        let guarded = Layered::new(store, StoreGuard::new(config.store_guard(), chaos.clone()));
         let database_breaker = guarded.breaker().clone();
         let store: Arc<dyn Store> = Arc::new(guarded);
         let api_listener = TcpListener::bind(config.addr)
@@ -124,7 +98,7 @@ impl App {
         };
         let handle =
             RuntimeHandle::new(config.queues.iter().map(|q| q.name.clone()), EVENT_CAPACITY);
-        let handlers = Handlers::builtin(&webhook_config(&config, &chaos));
+        let handlers = Handlers::builtin(&config.webhook_config(&chaos));
         Ok(Self {
             config,
             store,
@@ -206,7 +180,7 @@ impl App {
         let root = CancellationToken::new();
         let runtime = Runtime::start(
             Arc::clone(&store),
-            runtime_config(&config, &chaos),
+            config.runtime_config(&chaos),
             handlers,
             handle.clone(),
         );
@@ -214,7 +188,7 @@ impl App {
         let api_state = ApiState::new(
             Arc::clone(&store),
             handle,
-            api_config(&config),
+            config.api_config(),
             metrics.clone(),
             readiness.clone(),
         )
@@ -232,12 +206,7 @@ impl App {
         let api = tokio::spawn(keel_api::listener::serve(
             api_listener,
             keel_api::router(api_state),
-            ConnectionLimits {
-                header_read_timeout: config.header_read_timeout,
-                idle_timeout: config.idle_timeout,
-                max_connections: config.max_connections,
-                ..ConnectionLimits::default()
-            },
+            config.connection_limits(),
             http_stop.clone().cancelled_owned(),
         ));
         let admin = match admin_listener {
@@ -380,61 +349,6 @@ fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
         next = cause.source();
     }
     out
-}
-
-fn webhook_config(config: &Config, chaos: &Chaos) -> WebhookConfig {
-    WebhookConfig {
-        allow_private: config.webhook_allow_private,
-        host_concurrency: config.webhook_host_concurrency,
-        host_wait: config.webhook_host_wait,
-        host_rate: config.webhook_host_rate_limit,
-        signing_secret: config.webhook_signing_secret.clone(),
-        chaos: chaos.clone(),
-        ..WebhookConfig::default()
-    }
-}
-
-fn runtime_config(config: &Config, chaos: &Chaos) -> RuntimeConfig {
-    RuntimeConfig {
-        worker_id: config.worker_id.clone(),
-        queues: config.queues.clone(),
-        prefetch: config.prefetch,
-        lease_for: config.lease_timeout,
-        heartbeat_every: config.heartbeat_interval,
-        poll_interval: config.poll_interval,
-        shutdown_grace: config.shutdown_grace,
-        maintenance: MaintenanceConfig {
-            interval: config.maintenance_interval,
-            retention: config.retention,
-            ..MaintenanceConfig::default()
-        },
-        leader_ttl: config.leader_ttl,
-        webhook: webhook_config(config, chaos),
-        ..RuntimeConfig::default()
-    }
-}
-
-fn api_config(config: &Config) -> ApiConfig {
-    ApiConfig {
-        request_timeout: config.request_timeout,
-        max_body_bytes: config.max_body_bytes,
-        max_args_bytes: config.max_args_bytes,
-        idempotency_ttl: config.idempotency_ttl,
-        max_lease_wait: config.max_lease_wait,
-        api_keys: config.api_keys.clone(),
-        admission: config.admission_limit(),
-        max_queue_backlog: config.max_queue_backlog,
-        rate_limits: RateLimitConfig {
-            tenant_default: config.rate_limit,
-            tenants: config.tenant_rate_limits.clone(),
-            per_key: config.api_key_rate_limit,
-        },
-        job_cache: JobCacheConfig {
-            capacity: config.job_cache_capacity,
-            ..JobCacheConfig::default()
-        },
-        process_poll: ApiConfig::DEFAULT_PROCESS_POLL,
-    }
 }
 
 /// Says, loudly and once, that faults are being injected: a server that fails on purpose
