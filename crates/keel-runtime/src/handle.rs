@@ -8,12 +8,13 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, Weak};
 
-use keel_core::store::LeaderEpoch;
+use keel_core::store::{LeaderEpoch, LeaseRef};
 use keel_core::{Job, JobId, JobState, QueueName};
 use tokio::sync::{Notify, broadcast, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::catalog::Catalog;
+use crate::inflight::{Cause, Running};
 
 /// A job changed state. Carries no payload: a subscriber that cares reads the job.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -132,49 +133,84 @@ impl Wakeups {
     }
 }
 
-/// The cancellation token of every job running in this process, so a user's cancel reaches
-/// the worker running it.
+/// Every job whose lease this process holds — running, or prefetched and waiting for a slot
+/// — by id: what the heartbeat extends, and how a user's cancel (or a lost lease) reaches
+/// the worker running it. One table, so the jobs the heartbeat keeps alive and the jobs a
+/// cancel can reach are the same jobs. Only whole-entry updates under a short lock, never
+/// held across an await.
 #[derive(Debug, Clone, Default)]
 pub struct RunningJobs {
-    tokens: Arc<Mutex<HashMap<JobId, CancellationToken>>>,
+    jobs: Arc<Mutex<HashMap<JobId, Running>>>,
 }
 
 impl RunningJobs {
-    /// Registers a job that started running; its worker watches `token`.
-    pub fn insert(&self, id: JobId, token: CancellationToken) {
-        self.lock().insert(id, token);
+    /// Registers a job held here under `lease`; its worker watches `token`. The runtime
+    /// registers the jobs it leases itself; this is for a job run outside its dispatchers.
+    pub fn register(&self, lease: LeaseRef, queue: QueueName, token: CancellationToken) {
+        self.insert(Running {
+            lease,
+            queue,
+            token,
+            cause: Cause::default(),
+            finishing: false,
+        });
     }
 
-    /// Forgets a job that stopped running here.
+    pub(crate) fn insert(&self, job: Running) {
+        self.lock().insert(job.lease.id, job);
+    }
+
+    /// Forgets a job that is no longer held here.
     pub fn remove(&self, id: JobId) {
         self.lock().remove(&id);
     }
 
-    /// Cancels the job if it is running here; returns whether it was.
+    /// Cancels the job if it is held here; returns whether it was.
     pub fn cancel(&self, id: JobId) -> bool {
         match self.lock().get(&id) {
-            Some(token) => {
-                token.cancel();
+            Some(job) => {
+                job.token.cancel();
                 true
             }
             None => false,
         }
     }
 
-    /// How many jobs are running here.
+    /// The handler is done and its outcome is being written: the lease is still extended
+    /// (the write may be retried), but a stale answer now only means the write won the race.
+    pub(crate) fn mark_finishing(&self, id: JobId) {
+        if let Some(r) = self.lock().get_mut(&id) {
+            r.finishing = true;
+        }
+    }
+
+    /// The leases to extend.
+    pub(crate) fn leases(&self) -> Vec<LeaseRef> {
+        self.lock().values().map(|r| r.lease).collect()
+    }
+
+    /// The job still running under `lease`, unless it is already writing its outcome.
+    pub(crate) fn still_running(&self, lease: LeaseRef) -> Option<Running> {
+        self.lock()
+            .get(&lease.id)
+            .filter(|r| r.lease == lease && !r.finishing)
+            .cloned()
+    }
+
+    /// How many jobs are held here.
     pub fn len(&self) -> usize {
         self.lock().len()
     }
 
-    /// Whether no job is running here.
+    /// Whether no job is held here.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<JobId, CancellationToken>> {
-        // The map is only ever updated by whole-entry inserts and removes, so a panic while
-        // holding the lock cannot leave it half-updated.
-        self.tokens.lock().unwrap_or_else(|p| p.into_inner())
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<JobId, Running>> {
+        // Entries are inserted, flagged and removed whole, so a panic while the lock was
+        // held cannot have left one half-written.
+        self.jobs.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
@@ -286,6 +322,8 @@ impl RuntimeHandle {
 
 #[cfg(test)]
 mod tests {
+    use keel_core::LeaseToken;
+
     use super::*;
 
     fn q(s: &str) -> QueueName {
@@ -309,12 +347,46 @@ mod tests {
         let r = RunningJobs::default();
         let id = JobId::new();
         let token = CancellationToken::new();
-        r.insert(id, token.clone());
+        r.register(lease(id), QueueName::default(), token.clone());
         assert!(!r.cancel(JobId::new()));
         assert!(r.cancel(id));
         assert!(token.is_cancelled());
         r.remove(id);
         assert!(r.is_empty());
+    }
+
+    #[test]
+    fn finishing_jobs_are_heartbeated_but_not_reported_lost() {
+        let held = RunningJobs::default();
+        let lease = LeaseRef {
+            id: JobId::new(),
+            token: LeaseToken::new(),
+        };
+        held.insert(Running {
+            lease,
+            queue: QueueName::default(),
+            token: CancellationToken::new(),
+            cause: Cause::default(),
+            finishing: false,
+        });
+        assert!(held.still_running(lease).is_some());
+        let other_token = LeaseRef {
+            id: lease.id,
+            token: LeaseToken::new(),
+        };
+        assert!(held.still_running(other_token).is_none());
+        held.mark_finishing(lease.id);
+        assert_eq!(held.leases(), vec![lease]);
+        assert!(held.still_running(lease).is_none());
+        held.remove(lease.id);
+        assert_eq!(held.len(), 0);
+    }
+
+    fn lease(id: JobId) -> LeaseRef {
+        LeaseRef {
+            id,
+            token: LeaseToken::new(),
+        }
     }
 
     #[tokio::test]

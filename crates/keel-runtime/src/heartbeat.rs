@@ -31,7 +31,7 @@ pub(crate) async fn run(shared: Arc<Shared>, stop: CancellationToken) {
 }
 
 async fn beat(shared: &Shared) {
-    let leases = shared.inflight.leases();
+    let leases = shared.handle.running.leases();
     if leases.is_empty() {
         return;
     }
@@ -68,7 +68,7 @@ async fn beat(shared: &Shared) {
 /// Stops a job whose lease is gone, telling a user's cancel from a lapsed lease.
 async fn lost(shared: &Shared, lease: LeaseRef) {
     // Already writing its outcome: the stale answer only means that write got there first.
-    let Some(running) = shared.inflight.still_running(lease) else {
+    let Some(running) = shared.handle.running.still_running(lease) else {
         return;
     };
     let cancelled = matches!(

@@ -26,7 +26,6 @@ use crate::completer::Completer;
 use crate::config::RuntimeConfig;
 use crate::handle::{JobEvent, RuntimeHandle};
 use crate::handler::Handlers;
-use crate::inflight::Inflight;
 use crate::{cron, dispatcher, heartbeat, leader, maintenance, telemetry};
 
 /// What every loop and job task of one runtime shares.
@@ -38,7 +37,6 @@ pub(crate) struct Shared {
     /// The store's clock: retention cutoffs and a failure's `retry_after` are computed
     /// with it.
     pub(crate) clock: Arc<dyn Clock>,
-    pub(crate) inflight: Inflight,
     /// Every job task (worker and handler), so shutdown can wait for them.
     pub(crate) jobs: TaskTracker,
     /// Phase 1: stop leasing (dispatchers) and maintenance.
@@ -105,7 +103,7 @@ impl std::fmt::Debug for Shared {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Shared")
             .field("worker_id", &self.config.worker_id)
-            .field("running", &self.inflight.len())
+            .field("running", &self.handle.running.len())
             .finish_non_exhaustive()
     }
 }
@@ -174,7 +172,6 @@ impl Runtime {
             handle,
             config,
             clock,
-            inflight: Inflight::default(),
             jobs: TaskTracker::new(),
             draining: root.child_token(),
             hard_stop: root.child_token(),
@@ -236,7 +233,7 @@ impl Runtime {
 
     /// How many jobs are running in this process right now.
     pub fn running_jobs(&self) -> usize {
-        self.shared.inflight.len()
+        self.shared.handle.running.len()
     }
 
     /// Whether every loop (dispatchers, heartbeats, leader, maintenance, cron) is still
@@ -269,7 +266,7 @@ impl Runtime {
     pub async fn stop_leasing(&self) {
         if !self.shared.draining.is_cancelled() {
             tracing::info!(
-                running = self.shared.inflight.len(),
+                running = self.shared.handle.running.len(),
                 "runtime draining: no new leases; running jobs may finish"
             );
         }
@@ -285,7 +282,7 @@ impl Runtime {
     pub async fn shutdown_within(self, grace: std::time::Duration) -> ShutdownReport {
         self.stop_leasing().await;
         tracing::info!(
-            running = self.shared.inflight.len(),
+            running = self.shared.handle.running.len(),
             grace_ms = grace.as_millis() as u64,
             "runtime stopping: running jobs may finish within the grace period"
         );
@@ -295,7 +292,7 @@ impl Runtime {
             .is_err()
         {
             tracing::info!(
-                running = self.shared.inflight.len(),
+                running = self.shared.handle.running.len(),
                 "grace period over: cancelling and releasing the jobs still running"
             );
             self.shared.hard_stop.cancel();

@@ -85,7 +85,7 @@ async fn run_claimed(job: Job, claim: Claim, slot: Slot) {
     telemetry::job_duration(&meta.queue, &meta.kind, started.elapsed());
     drop(busy);
 
-    shared.inflight.mark_finishing(meta.id);
+    shared.handle.running.mark_finishing(meta.id);
     let outcome = record(&shared, &meta, verdict, &claim.cause, slot).await;
     telemetry::job_finished(&meta.queue, &meta.kind, outcome);
     if shared.draining.is_cancelled() {

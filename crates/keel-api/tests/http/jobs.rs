@@ -314,7 +314,13 @@ async fn cancel_publishes_an_event_and_refuses_twice() {
     let id = job_id(&app.enqueue(r#"{"kind":"noop"}"#).await);
     let mut events = app.runtime.events.subscribe();
     let token = tokio_util::sync::CancellationToken::new();
-    app.runtime.running.insert(id, token.clone());
+    let lease = keel_core::store::LeaseRef {
+        id,
+        token: keel_core::LeaseToken::new(),
+    };
+    app.runtime
+        .running
+        .register(lease, keel_core::QueueName::default(), token.clone());
 
     let r = app.post(&format!("/v1/jobs/{id}/cancel")).await;
     assert_eq!(r.status, StatusCode::OK);
