@@ -39,7 +39,7 @@ const ENQUEUE_ROUTES: [&str; 3] = ["/v1/jobs", "/v1/jobs/batch", "/v1/process"];
 const WAITING_ROUTE: &str = "/v1/process";
 
 /// Jobs waiting to run (available + scheduled + retryable, over every queue), as last
-/// counted by the binary's gauge loop. Cloning shares the figure.
+/// counted by the binary's depth tracker (`track_depths`). Cloning shares the figure.
 #[derive(Debug, Clone, Default)]
 pub struct Backlog(Arc<AtomicU64>);
 

@@ -10,15 +10,16 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use keel_api::{ApiState, Readiness};
-use keel_core::store::{Layered, StateCounts};
-use keel_core::{JobKind, JobState, Store, SystemClock};
+use keel_api::{ApiState, Backlog, Readiness};
+use keel_core::store::{Layered, QueueStats, StateCounts};
+use keel_core::{JobKind, JobState, QueueStore, Store, SystemClock};
 use keel_diag::gauges::ProcessGauges;
 use keel_resilience::{Chaos, ChaosSettings, CircuitBreaker, StoreGuard};
 use keel_runtime::{Catalog, Handler, Handlers, Runtime, RuntimeHandle};
 use keel_store::{PgOptions, SqliteOptions};
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
+use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -26,9 +27,12 @@ use crate::config::Config;
 
 /// How many job events a slow subscriber may fall behind before it must re-read the store.
 const EVENT_CAPACITY: usize = 4096;
-/// How often queue depth gauges (and the backlog figure admission control reads) are
-/// refreshed, histogram upkeep runs and idle rate-limit buckets are dropped.
+/// How often the gauges are refreshed, histogram upkeep runs and idle rate-limit buckets
+/// are dropped.
 const GAUGE_INTERVAL: Duration = Duration::from_secs(5);
+/// How often queue depths are read: the backlog figure admission control caps, and the
+/// depth gauges.
+const DEPTH_INTERVAL: Duration = Duration::from_secs(5);
 
 /// A built, not yet running, Keel server.
 pub struct App {
@@ -225,8 +229,16 @@ impl App {
             }
             None => None,
         };
+        let (depths_tx, depths) = watch::channel(None);
+        let depth_tracker = tokio::spawn(track_depths(
+            store.clone(),
+            protection.admission.backlog().clone(),
+            depths_tx,
+            root.child_token(),
+        ));
         let gauges = tokio::spawn(refresh_gauges(
             Arc::clone(&store),
+            depths,
             metrics,
             protection,
             catalog,
@@ -280,6 +292,7 @@ impl App {
         }
         let _ = cache_events.await;
         let _ = gauges.await;
+        let _ = depth_tracker.await;
         store.close().await;
         tracing::info!("store closed; bye");
         Ok(())
@@ -392,14 +405,47 @@ const BACKLOG_STATES: [JobState; 3] = [
     JobState::Retryable,
 ];
 
-/// Keeps `keel_queue_depth{queue,state}`, `keel_db_pool_connections{state}`,
-/// `keel_tasks_alive`, `keel_admission_limit` and the runtime, allocator and process gauges
-/// ([`ProcessGauges`]) current, feeds the backlog figure to admission control (so the
-/// backlog cap costs no query per request), drops idle rate-limit buckets (bounding their
-/// memory), and runs the Prometheus histogram upkeep.
-/// A failed read keeps the last values (and is logged): metrics must not fail the server.
+/// Reads the queue depths on a timer and sets admission control's backlog figure from them,
+/// so that the backlog cap (`KEEL_MAX_QUEUE_BACKLOG`) costs no query per request. Each read
+/// is also published for the depth gauges, which would otherwise count the same rows again.
+/// Unfinished jobs only: the finished counts would read every job kept for retention, every
+/// few seconds, on every replica. A failed read keeps the last figure (and is logged).
+async fn track_depths(
+    store: Arc<dyn QueueStore>,
+    backlog: Backlog,
+    depths: watch::Sender<Option<Arc<Vec<QueueStats>>>>,
+    stop: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(DEPTH_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        match store.queue_depths().await {
+            Ok(stats) => {
+                backlog.set(
+                    stats
+                        .iter()
+                        .flat_map(|s| BACKLOG_STATES.iter().map(|st| s.counts.get(*st)))
+                        .sum(),
+                );
+                depths.send_replace(Some(Arc::new(stats)));
+            }
+            Err(e) => tracing::warn!(error = %e, "could not read queue depths"),
+        }
+    }
+}
+
+/// Keeps `keel_queue_depth{queue,state}` and `keel_queue_paused{queue}` (from the depths
+/// [`track_depths`] last read), `keel_db_pool_connections{state}`, `keel_tasks_alive`,
+/// `keel_admission_limit` and the runtime, allocator and process gauges ([`ProcessGauges`])
+/// current, drops idle rate-limit buckets (bounding their memory), and runs the Prometheus
+/// histogram upkeep.
 async fn refresh_gauges(
     store: Arc<dyn Store>,
+    depths: watch::Receiver<Option<Arc<Vec<QueueStats>>>>,
     metrics: PrometheusHandle,
     protection: Protection,
     catalog: Catalog,
@@ -434,47 +480,47 @@ async fn refresh_gauges(
         ] {
             metrics::gauge!("keel_db_pool_connections", "state" => state).set(n as f64);
         }
-        // Unfinished jobs only: the finished counts would read every job kept for
-        // retention, every few seconds, on every replica.
-        match store.queue_depths().await {
-            Ok(stats) => {
-                let backlog: u64 = stats
-                    .iter()
-                    .flat_map(|s| BACKLOG_STATES.iter().map(|st| s.counts.get(*st)))
-                    .sum();
-                protection.admission.backlog().set(backlog);
-                // Queues not served here are summed under `other`: any client can name a
-                // queue, so one series per name would be unbounded.
-                let mut by_label: std::collections::BTreeMap<&str, (StateCounts, bool)> =
-                    std::collections::BTreeMap::new();
-                by_label.entry(keel_runtime::catalog::OTHER).or_default();
-                for served in catalog.queues() {
-                    by_label.entry(served.as_str()).or_default();
-                }
-                for s in &stats {
-                    let entry = by_label.entry(catalog.queue_label(&s.queue)).or_default();
-                    for state in JobState::UNFINISHED {
-                        entry.0.add(state, s.counts.get(state));
-                    }
-                    entry.1 |= s.paused;
-                }
-                for (queue, (counts, paused)) in by_label {
-                    for state in JobState::UNFINISHED {
-                        metrics::gauge!(
-                            "keel_queue_depth",
-                            "queue" => queue.to_owned(),
-                            "state" => state.as_str()
-                        )
-                        .set(counts.get(state) as f64);
-                    }
-                    // Paused or not is a property of one queue: not summed under `other`.
-                    if queue != keel_runtime::catalog::OTHER {
-                        metrics::gauge!("keel_queue_paused", "queue" => queue.to_owned())
-                            .set(if paused { 1.0 } else { 0.0 });
-                    }
-                }
-            }
-            Err(e) => tracing::warn!(error = %e, "could not refresh queue depth gauges"),
+        // None until the first read: a zero then would be a guess, not a count.
+        let stats = depths.borrow().clone();
+        if let Some(stats) = stats {
+            record_depths(&stats, &catalog);
+        }
+    }
+}
+
+/// Sets the depth and paused gauges from one read of the queue depths.
+fn record_depths(stats: &[QueueStats], catalog: &Catalog) {
+    // Queues not served here are summed under `other`: any client can name a
+    // queue, so one series per name would be unbounded.
+    let mut by_label: std::collections::BTreeMap<&str, (StateCounts, bool)> =
+        std::collections::BTreeMap::new();
+    by_label.entry(keel_runtime::catalog::OTHER).or_default();
+    for served in catalog.queues() {
+        by_label.entry(served.as_str()).or_default();
+    }
+    for s in stats {
+        let entry = by_label.entry(catalog.queue_label(&s.queue)).or_default();
+        for state in JobState::UNFINISHED {
+            entry.0.add(state, s.counts.get(state));
+        }
+        entry.1 |= s.paused;
+    }
+    for (queue, (counts, paused)) in by_label {
+        for state in JobState::UNFINISHED {
+            metrics::gauge!(
+                "keel_queue_depth",
+                "queue" => queue.to_owned(),
+                "state" => state.as_str()
+            )
+            .set(counts.get(state) as f64);
+        }
+        // Paused or not is a property of one queue: not summed under `other`.
+        if queue != keel_runtime::catalog::OTHER {
+            metrics::gauge!("keel_queue_paused", "queue" => queue.to_owned()).set(if paused {
+                1.0
+            } else {
+                0.0
+            });
         }
     }
 }
