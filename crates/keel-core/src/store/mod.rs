@@ -24,10 +24,10 @@ use crate::job::{Job, JobState, NewJob, next_attempt_at};
 mod layer;
 mod roles;
 
-pub use layer::{Call, Layered, Op, StoreLayer};
+pub use layer::{Call, Layered, StoreLayer};
 pub use roles::{
-    ChangeStream, JobStore, LeaderStore, MaintenanceStore, QueueStore, ScheduleStore, StateChange,
-    Store, WakeupStream, WorkStore,
+    ChangeStream, JobStore, LeaderStore, MaintenanceStore, Op, QueueStore, ScheduleStore,
+    StateChange, Store, WakeupStream, WorkStore,
 };
 
 /// Identifies one lease of one job: what a worker presents to prove it still holds it.

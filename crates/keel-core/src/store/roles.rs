@@ -1,12 +1,17 @@
 //! The [`Store`] contract, split by role: a consumer names only the operations it uses, and
 //! each backend implements a role in a module of its own.
+//!
+//! Beside each role trait stands its forwarding through [`Layered`] (each operation a read
+//! or a write, named by its [`Op`]), so an operation is declared, named and forwarded in
+//! this one file; the layers themselves ([`StoreLayer`]) never list operations.
 
 use async_trait::async_trait;
 
+use super::layer::{Layered, StoreLayer};
 use super::{
     CampaignParams, Completion, FailParams, HeartbeatParams, IdempotentInsert, IdempotentOutcome,
-    JobPage, Leadership, LeaseParams, LeaseRef, ListParams, PoolStats, PromoteParams, Promoted,
-    QueueStats, RescueParams, Rescued, RetentionParams, TickOutcome, TickParams,
+    JobPage, LeaderEpoch, Leadership, LeaseParams, LeaseRef, ListParams, PoolStats, PromoteParams,
+    Promoted, QueueStats, RescueParams, Rescued, RetentionParams, TickOutcome, TickParams,
 };
 use crate::clock::Timestamp;
 use crate::error::StoreError;
@@ -43,6 +48,78 @@ pub trait WakeupStream: Send {
     /// The next queue with new work, or `None` when the stream has ended (store closed).
     /// A notice may be spurious or coalesced; it only ever means "look now".
     async fn next(&mut self) -> Option<QueueName>;
+}
+
+/// A store operation, as a layer sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[allow(missing_docs)]
+pub enum Op {
+    Insert,
+    InsertIdempotent,
+    Get,
+    List,
+    Cancel,
+    Retry,
+    Lease,
+    Heartbeat,
+    Complete,
+    Fail,
+    Release,
+    Promote,
+    Rescue,
+    DeleteFinished,
+    DeleteExpiredIdempotencyKeys,
+    DeleteOldTicks,
+    QueueStats,
+    QueueDepths,
+    SetQueuePaused,
+    Campaign,
+    Resign,
+    SaveSchedule,
+    GetSchedule,
+    ListSchedules,
+    DeleteSchedule,
+    SetSchedulePaused,
+    /// With the epoch of the fence presented, so a refusal can name it.
+    EnqueueTicks(LeaderEpoch),
+    Ping,
+}
+
+impl Op {
+    /// What the operation does, worded like the stores' own error contexts ("reading a
+    /// job"), for errors a layer answers in its place.
+    pub fn doing(self) -> &'static str {
+        match self {
+            Op::Insert => "inserting jobs",
+            Op::InsertIdempotent => "inserting jobs under an idempotency key",
+            Op::Get => "reading a job",
+            Op::List => "listing jobs",
+            Op::Cancel => "cancelling a job",
+            Op::Retry => "retrying a job",
+            Op::Lease => "leasing",
+            Op::Heartbeat => "extending leases",
+            Op::Complete => "completing",
+            Op::Fail => "recording a failed attempt",
+            Op::Release => "releasing jobs",
+            Op::Promote => "promoting due jobs",
+            Op::Rescue => "rescuing expired leases",
+            Op::DeleteFinished => "deleting finished jobs",
+            Op::DeleteExpiredIdempotencyKeys => "deleting expired idempotency keys",
+            Op::DeleteOldTicks => "deleting old tick records",
+            Op::QueueStats => "reading queue statistics",
+            Op::QueueDepths => "reading queue depths",
+            Op::SetQueuePaused => "pausing or resuming a queue",
+            Op::Campaign => "campaigning",
+            Op::Resign => "resigning",
+            Op::SaveSchedule => "saving a schedule",
+            Op::GetSchedule => "reading a schedule",
+            Op::ListSchedules => "listing schedules",
+            Op::DeleteSchedule => "deleting a schedule",
+            Op::SetSchedulePaused => "pausing or resuming a schedule",
+            Op::EnqueueTicks(_) => "enqueuing cron ticks",
+            Op::Ping => "pinging the database",
+        }
+    }
 }
 
 /// Jobs as clients see them: enqueue (with or without an idempotency key), read, list,
@@ -84,6 +161,39 @@ pub trait JobStore: Send + Sync {
     async fn retry(&self, id: JobId) -> Result<Job, StoreError>;
 }
 
+#[async_trait]
+impl<L: StoreLayer> JobStore for Layered<L> {
+    async fn insert(&self, jobs: Vec<NewJob>) -> Result<Vec<Job>, StoreError> {
+        self.layer.write(Op::Insert, self.inner.insert(jobs)).await
+    }
+
+    async fn insert_idempotent(
+        &self,
+        req: IdempotentInsert,
+    ) -> Result<IdempotentOutcome, StoreError> {
+        let call = self.inner.insert_idempotent(req);
+        self.layer.write(Op::InsertIdempotent, call).await
+    }
+
+    async fn get(&self, id: JobId) -> Result<Job, StoreError> {
+        let call = Box::new(move || self.inner.get(id));
+        self.layer.read(Op::Get, call).await
+    }
+
+    async fn list(&self, params: ListParams) -> Result<JobPage, StoreError> {
+        let call = Box::new(move || self.inner.list(params.clone()));
+        self.layer.read(Op::List, call).await
+    }
+
+    async fn cancel(&self, id: JobId) -> Result<Job, StoreError> {
+        self.layer.write(Op::Cancel, self.inner.cancel(id)).await
+    }
+
+    async fn retry(&self, id: JobId) -> Result<Job, StoreError> {
+        self.layer.write(Op::Retry, self.inner.retry(id)).await
+    }
+}
+
 /// Running jobs: lease, extend, finish and give back. What dispatchers, the completer,
 /// heartbeats and external workers need; every write is fenced by the lease token.
 #[async_trait]
@@ -120,6 +230,41 @@ pub trait WorkStore: Send + Sync {
     ) -> Result<Vec<Result<(), StoreError>>, StoreError>;
 }
 
+#[async_trait]
+impl<L: StoreLayer> WorkStore for Layered<L> {
+    async fn lease(&self, params: LeaseParams) -> Result<Vec<Job>, StoreError> {
+        self.layer.write(Op::Lease, self.inner.lease(params)).await
+    }
+
+    async fn heartbeat(
+        &self,
+        params: HeartbeatParams,
+    ) -> Result<Vec<Result<Timestamp, StoreError>>, StoreError> {
+        let call = self.inner.heartbeat(params);
+        self.layer.write(Op::Heartbeat, call).await
+    }
+
+    async fn complete(
+        &self,
+        completions: Vec<Completion>,
+    ) -> Result<Vec<Result<(), StoreError>>, StoreError> {
+        let call = self.inner.complete(completions);
+        self.layer.write(Op::Complete, call).await
+    }
+
+    async fn fail(&self, params: FailParams) -> Result<Job, StoreError> {
+        self.layer.write(Op::Fail, self.inner.fail(params)).await
+    }
+
+    async fn release(
+        &self,
+        leases: Vec<LeaseRef>,
+    ) -> Result<Vec<Result<(), StoreError>>, StoreError> {
+        let call = self.inner.release(leases);
+        self.layer.write(Op::Release, call).await
+    }
+}
+
 /// What the maintenance leader runs on timers: promote due jobs, rescue expired leases, and
 /// delete what retention no longer keeps (finished jobs, expired idempotency keys, old tick
 /// records). Each is safe to run from several
@@ -146,6 +291,38 @@ pub trait MaintenanceStore: Send + Sync {
     async fn delete_old_ticks(&self, before: Timestamp, limit: u32) -> Result<u64, StoreError>;
 }
 
+#[async_trait]
+impl<L: StoreLayer> MaintenanceStore for Layered<L> {
+    async fn promote(&self, params: PromoteParams) -> Result<Vec<Promoted>, StoreError> {
+        self.layer
+            .write(Op::Promote, self.inner.promote(params))
+            .await
+    }
+
+    async fn rescue(&self, params: RescueParams) -> Result<Vec<Rescued>, StoreError> {
+        self.layer
+            .write(Op::Rescue, self.inner.rescue(params))
+            .await
+    }
+
+    async fn delete_finished(&self, params: RetentionParams) -> Result<u64, StoreError> {
+        let call = self.inner.delete_finished(params);
+        self.layer.write(Op::DeleteFinished, call).await
+    }
+
+    async fn delete_expired_idempotency_keys(&self, limit: u32) -> Result<u64, StoreError> {
+        let call = self.inner.delete_expired_idempotency_keys(limit);
+        self.layer
+            .write(Op::DeleteExpiredIdempotencyKeys, call)
+            .await
+    }
+
+    async fn delete_old_ticks(&self, before: Timestamp, limit: u32) -> Result<u64, StoreError> {
+        let call = self.inner.delete_old_ticks(before, limit);
+        self.layer.write(Op::DeleteOldTicks, call).await
+    }
+}
+
 /// Queues: their counts and their paused flag.
 #[async_trait]
 pub trait QueueStore: Send + Sync {
@@ -166,6 +343,24 @@ pub trait QueueStore: Send + Sync {
     async fn set_queue_paused(&self, queue: QueueName, paused: bool) -> Result<(), StoreError>;
 }
 
+#[async_trait]
+impl<L: StoreLayer> QueueStore for Layered<L> {
+    async fn queue_stats(&self, tenant: Option<TenantId>) -> Result<Vec<QueueStats>, StoreError> {
+        let call = Box::new(move || self.inner.queue_stats(tenant.clone()));
+        self.layer.read(Op::QueueStats, call).await
+    }
+
+    async fn queue_depths(&self) -> Result<Vec<QueueStats>, StoreError> {
+        let call = Box::new(move || self.inner.queue_depths());
+        self.layer.read(Op::QueueDepths, call).await
+    }
+
+    async fn set_queue_paused(&self, queue: QueueName, paused: bool) -> Result<(), StoreError> {
+        let call = self.inner.set_queue_paused(queue, paused);
+        self.layer.write(Op::SetQueuePaused, call).await
+    }
+}
+
 /// The maintenance and cron leader's term, kept in the database so that one replica among
 /// many runs maintenance and enqueues cron ticks.
 #[async_trait]
@@ -178,6 +373,22 @@ pub trait LeaderStore: Send + Sync {
     /// Gives up leadership if `owner` holds it (graceful shutdown), so another replica takes
     /// over at its next campaign instead of after the term lapses.
     async fn resign(&self, owner: &WorkerId) -> Result<(), StoreError>;
+}
+
+#[async_trait]
+impl<L: StoreLayer> LeaderStore for Layered<L> {
+    /// A write like any other: a campaign that a layer refuses (the guard's breaker open,
+    /// its bulkhead full) is a failed campaign, and the leader steps down at once, which is
+    /// what losing the database must mean.
+    async fn campaign(&self, params: CampaignParams) -> Result<Leadership, StoreError> {
+        self.layer
+            .write(Op::Campaign, self.inner.campaign(params))
+            .await
+    }
+
+    async fn resign(&self, owner: &WorkerId) -> Result<(), StoreError> {
+        self.layer.write(Op::Resign, self.inner.resign(owner)).await
+    }
 }
 
 /// Cron schedules, and the exactly-once enqueue of their ticks (G4).
@@ -230,6 +441,61 @@ pub trait ScheduleStore: Send + Sync {
     /// schedule's `last_tick_at` forward. A tick recorded before is skipped, whoever
     /// recorded it; so is every tick of a schedule paused or deleted meanwhile.
     async fn enqueue_ticks(&self, params: TickParams) -> Result<TickOutcome, StoreError>;
+}
+
+#[async_trait]
+impl<L: StoreLayer> ScheduleStore for Layered<L> {
+    async fn save_schedule(
+        &self,
+        schedule: NewSchedule,
+        replace: bool,
+    ) -> Result<(Schedule, bool), StoreError> {
+        let call = self.inner.save_schedule(schedule, replace);
+        self.layer.write(Op::SaveSchedule, call).await
+    }
+
+    async fn get_schedule(
+        &self,
+        tenant: &TenantId,
+        name: &ScheduleName,
+    ) -> Result<Schedule, StoreError> {
+        let call = Box::new(move || self.inner.get_schedule(tenant, name));
+        self.layer.read(Op::GetSchedule, call).await
+    }
+
+    async fn list_schedules(
+        &self,
+        tenant: Option<&TenantId>,
+        after: Option<(TenantId, ScheduleName)>,
+        limit: u32,
+    ) -> Result<Vec<Schedule>, StoreError> {
+        let call = Box::new(move || self.inner.list_schedules(tenant, after.clone(), limit));
+        self.layer.read(Op::ListSchedules, call).await
+    }
+
+    async fn delete_schedule(
+        &self,
+        tenant: &TenantId,
+        name: &ScheduleName,
+    ) -> Result<(), StoreError> {
+        let call = self.inner.delete_schedule(tenant, name);
+        self.layer.write(Op::DeleteSchedule, call).await
+    }
+
+    async fn set_schedule_paused(
+        &self,
+        tenant: &TenantId,
+        name: &ScheduleName,
+        paused: bool,
+    ) -> Result<Schedule, StoreError> {
+        let call = self.inner.set_schedule_paused(tenant, name, paused);
+        self.layer.write(Op::SetSchedulePaused, call).await
+    }
+
+    async fn enqueue_ticks(&self, params: TickParams) -> Result<TickOutcome, StoreError> {
+        let op = Op::EnqueueTicks(params.fence.epoch);
+        self.layer.write(op, self.inner.enqueue_ticks(params)).await
+    }
 }
 
 /// A durable job store: every role, plus the store's own lifecycle (ping, pool statistics,
