@@ -30,9 +30,6 @@ const EVENT_CAPACITY: usize = 4096;
 /// How often the gauges are refreshed, histogram upkeep runs and idle rate-limit buckets
 /// are dropped.
 const GAUGE_INTERVAL: Duration = Duration::from_secs(5);
-/// How often queue depths are read: the backlog figure admission control caps, and the
-/// depth gauges.
-const DEPTH_INTERVAL: Duration = Duration::from_secs(5);
 
 /// A built, not yet running, Keel server.
 pub struct App {
@@ -233,6 +230,7 @@ impl App {
         let depth_tracker = tokio::spawn(track_depths(
             store.clone(),
             protection.admission.backlog().clone(),
+            config.queue_depth_interval,
             depths_tx,
             root.child_token(),
         ));
@@ -405,7 +403,7 @@ const BACKLOG_STATES: [JobState; 3] = [
     JobState::Retryable,
 ];
 
-/// Reads the queue depths on a timer and sets admission control's backlog figure from them,
+/// Reads the queue depths `every` period (`KEEL_QUEUE_DEPTH_INTERVAL`) and sets admission control's backlog figure from them,
 /// so that the backlog cap (`KEEL_MAX_QUEUE_BACKLOG`) costs no query per request. Each read
 /// is also published for the depth gauges, which would otherwise count the same rows again.
 /// Unfinished jobs only: the finished counts would read every job kept for retention, every
@@ -413,10 +411,11 @@ const BACKLOG_STATES: [JobState; 3] = [
 async fn track_depths(
     store: Arc<dyn QueueStore>,
     backlog: Backlog,
+    every: Duration,
     depths: watch::Sender<Option<Arc<Vec<QueueStats>>>>,
     stop: CancellationToken,
 ) {
-    let mut tick = tokio::time::interval(DEPTH_INTERVAL);
+    let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {

@@ -172,6 +172,11 @@ settings! {
     /// Refuse enqueues with 503 while more jobs than this wait to run (0 = no cap).
     max_queue_backlog: u64 = "0",
         env "KEEL_MAX_QUEUE_BACKLOG", value "JOBS", parse backlog;
+    /// How often queue depths are counted: the backlog --max-queue-backlog compares with, and
+    /// the keel_queue_depth gauges. Shorter notices a growing backlog sooner; each count reads
+    /// the unfinished jobs' indexes.
+    queue_depth_interval: Duration = "5s",
+        env "KEEL_QUEUE_DEPTH_INTERVAL", value "DURATION", parse positive_duration;
     /// Default rate limit of each tenant, e.g. 200/s, 600/m or 200/s:400 (with a burst);
     /// off = unlimited (default).
     rate_limit: Option<Rate> = "off",

@@ -186,6 +186,7 @@ fn protection_defaults_limit_nothing_but_concurrency() {
     let c = Config::resolve(&ServeArgs::default()).unwrap();
     assert_eq!(c.admission_limit(), AdaptiveLimitConfig::default());
     assert_eq!(c.max_queue_backlog, 0);
+    assert_eq!(c.queue_depth_interval, Duration::from_secs(5));
     assert_eq!(c.rate_limit, None);
     assert!(c.tenant_rate_limits.is_empty());
     assert_eq!(c.api_key_rate_limit, None);
@@ -206,6 +207,7 @@ fn every_bad_protection_setting_is_reported_at_once() {
         admission_limit_initial: Some("0".into()),
         admission_limit_min: Some("many".into()),
         max_queue_backlog: Some("-1".into()),
+        queue_depth_interval: Some("0s".into()),
         rate_limit: Some("fast".into()),
         rate_limit_burst: Some("0".into()),
         tenant_rate_limits: Some("acme=1/d".into()),
@@ -224,6 +226,7 @@ fn every_bad_protection_setting_is_reported_at_once() {
             "admission_limit_initial",
             "admission_limit_min",
             "max_queue_backlog",
+            "queue_depth_interval",
             "rate_limit",
             "rate_limit_burst",
             "tenant_rate_limits",

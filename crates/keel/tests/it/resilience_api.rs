@@ -408,10 +408,14 @@ async fn above_the_concurrency_limit_requests_are_shed_but_probes_pass(
 both_backends!(above_the_concurrency_limit_requests_are_shed_but_probes_pass);
 
 async fn enqueues_are_shed_while_the_backlog_is_over_its_cap(backend: Backend, test: &str) {
-    let Some(app) = Process::start(backend, test, &[("KEEL_MAX_QUEUE_BACKLOG", "1")]).await else {
+    let env = [
+        ("KEEL_MAX_QUEUE_BACKLOG", "1"),
+        ("KEEL_QUEUE_DEPTH_INTERVAL", "200ms"),
+    ];
+    let Some(app) = Process::start(backend, test, &env).await else {
         return;
     };
-    // Scheduled jobs count towards the backlog. The figure is refreshed every few seconds,
+    // Scheduled jobs count towards the backlog. The figure is refreshed every 200 ms here,
     // so keep enqueuing until the cap is noticed.
     let later = json!({"kind": "noop", "delay_ms": 3_600_000});
     let shed = within(
