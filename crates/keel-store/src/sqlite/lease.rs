@@ -1,6 +1,7 @@
 //! [`WorkStore`] on SQLite: lease, heartbeat, complete, fail and release. Every write after
 //! the lease is fenced by the lease token, so a worker that lost its lease cannot overwrite
-//! the run that replaced it.
+//! the run that replaced it. The lease statement is built here; the others are written where
+//! they run.
 
 use std::sync::Arc;
 
@@ -14,7 +15,7 @@ use rusqlite::OptionalExtension;
 use rusqlite::params;
 
 use super::rows::{COLUMNS, micros, uuid_from_blob};
-use super::{LEASE_FILTERED_SQL, LEASE_SQL, SqliteStore, map_err, query_jobs, stale_or_missing};
+use super::{SqliteStore, map_err, query_jobs, stale_or_missing};
 use crate::codec;
 
 #[async_trait]
@@ -201,3 +202,73 @@ impl WorkStore for SqliteStore {
             .await
     }
 }
+
+impl SqliteStore {
+    /// Writes completions whose results were checked ([`crate::complete_checked`]).
+    async fn write_completions(
+        &self,
+        completions: Vec<Completion>,
+    ) -> Result<Vec<Result<(), StoreError>>, StoreError> {
+        let clock = Arc::clone(&self.clock);
+        self.writer
+            .write("completing jobs", move |conn| {
+                let now = clock.now();
+                let mut stmt = conn
+                    .prepare_cached(
+                        "UPDATE jobs SET state = 'completed', result = ?1, finished_at = ?2,
+                                lease_token = NULL, lease_expires_at = NULL
+                         WHERE id = ?3 AND lease_token = ?4 AND state = 'running'",
+                    )
+                    .map_err(|e| map_err("completing jobs", &e))?;
+                completions
+                    .iter()
+                    .map(|c| {
+                        let n = stmt
+                            .execute(params![
+                                c.result.as_ref().map(|r| r.get()),
+                                micros(now),
+                                c.lease.id.as_bytes(),
+                                c.lease.token.as_uuid().as_bytes()
+                            ])
+                            .map_err(|e| map_err("completing jobs", &e))?;
+                        Ok(if n == 1 {
+                            Ok(())
+                        } else {
+                            Err(stale_or_missing(conn, c.lease.id))
+                        })
+                    })
+                    .collect()
+            })
+            .await
+    }
+}
+
+/// The lease statement, with `filter` (more conditions on the candidate rows, or nothing)
+/// added to the inner select; `RETURNING` is followed by the columns.
+macro_rules! lease_sql {
+    ($filter:literal) => {
+        concat!(
+            "UPDATE jobs SET state = 'running', attempt = attempt + 1,
+        lease_owner = ?1, lease_token = randomblob(16), lease_expires_at = ?2, started_at = ?3,
+        unique_key = CASE WHEN unique_scope = 'queued' THEN NULL ELSE unique_key END
+    WHERE id IN (SELECT id FROM jobs WHERE state = 'available' AND queue = ?4 ",
+            $filter,
+            "
+                 ORDER BY priority, run_at, id LIMIT ?5)
+      AND NOT EXISTS (SELECT 1 FROM queues WHERE name = ?4 AND paused = 1)
+    RETURNING "
+        )
+    };
+}
+
+/// Leases jobs. A `queued`-scope unique job gives its key up for good here (see
+/// `UniqueScope::Queued`): the same key can be enqueued again while this one runs, and a later
+/// retry of this job never takes the key back from a newer one.
+const LEASE_SQL: &str = lease_sql!("");
+
+/// [`LEASE_SQL`] for an external worker (docs/workers.md): only its tenant's jobs (`?6`,
+/// NULL for any) of the kinds it handles (`?7`, a JSON array, NULL for any).
+const LEASE_FILTERED_SQL: &str = lease_sql!(
+    "AND (?6 IS NULL OR tenant = ?6)
+                   AND (?7 IS NULL OR kind IN (SELECT value FROM json_each(?7)))"
+);
