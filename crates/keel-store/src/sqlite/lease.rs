@@ -9,13 +9,14 @@ use async_trait::async_trait;
 use keel_core::clock::to_delta;
 use keel_core::store::{Completion, FailParams, HeartbeatParams, LeaseParams, LeaseRef};
 use keel_core::{
-    AttemptError, Job, JobKind, JobState, LeaseToken, StoreError, TenantId, Timestamp, WorkStore,
+    AttemptError, Job, JobId, JobKind, JobState, LeaseToken, StoreError, TenantId, Timestamp,
+    WorkStore,
 };
-use rusqlite::OptionalExtension;
 use rusqlite::params;
+use rusqlite::{Connection, OptionalExtension};
 
 use super::rows::{COLUMNS, micros, uuid_from_blob};
-use super::{SqliteStore, map_err, query_jobs, stale_or_missing};
+use super::{SqliteStore, map_err, query_jobs};
 use crate::codec;
 
 #[async_trait]
@@ -100,11 +101,7 @@ impl WorkStore for SqliteStore {
                                 l.token.as_uuid().as_bytes()
                             ])
                             .map_err(|e| map_err("extending leases", &e))?;
-                        Ok(if n == 1 {
-                            Ok(expires)
-                        } else {
-                            Err(stale_or_missing(conn, l.id))
-                        })
+                        Ok(fenced(conn, l.id, n).map(|()| expires))
                     })
                     .collect()
             })
@@ -191,11 +188,7 @@ impl WorkStore for SqliteStore {
                         let n = stmt
                             .execute(params![l.id.as_bytes(), l.token.as_uuid().as_bytes()])
                             .map_err(|e| map_err("releasing leases", &e))?;
-                        Ok(if n == 1 {
-                            Ok(())
-                        } else {
-                            Err(stale_or_missing(conn, l.id))
-                        })
+                        Ok(fenced(conn, l.id, n))
                     })
                     .collect()
             })
@@ -231,15 +224,27 @@ impl SqliteStore {
                                 c.lease.token.as_uuid().as_bytes()
                             ])
                             .map_err(|e| map_err("completing jobs", &e))?;
-                        Ok(if n == 1 {
-                            Ok(())
-                        } else {
-                            Err(stale_or_missing(conn, c.lease.id))
-                        })
+                        Ok(fenced(conn, c.lease.id, n))
                     })
                     .collect()
             })
             .await
+    }
+}
+
+/// Whether a lease-fenced update of job `id` that changed `changed` rows applied. When it
+/// changed none, the job is read, to tell a stale token from a missing job.
+fn fenced(conn: &Connection, id: JobId, changed: usize) -> Result<(), StoreError> {
+    if changed == 1 {
+        return Ok(());
+    }
+    match conn
+        .prepare_cached("SELECT 1 FROM jobs WHERE id = ?1")
+        .and_then(|mut s| s.exists([id.as_bytes()]))
+    {
+        Ok(true) => Err(StoreError::StaleLease(id)),
+        Ok(false) => Err(StoreError::NotFound(id)),
+        Err(e) => Err(map_err("checking a lease", &e)),
     }
 }
 

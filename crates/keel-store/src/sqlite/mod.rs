@@ -9,8 +9,8 @@
 //! Each statement is written in the module that runs it (`jobs.rs`, `lease.rs`, ...). This
 //! module keeps the SQL several of them share: the state guard derived from the state
 //! machine, the insert (`insert_rows`, for plain, idempotent and cron inserts alike) with
-//! its unique-holder lookup, and the reads that tell a refused or stale write from a
-//! missing job.
+//! its unique-holder lookup, and the read that tells a refused transition from a missing
+//! job.
 
 mod idempotency;
 mod jobs;
@@ -372,19 +372,6 @@ fn state_guard(t: Transition) -> String {
         .map(|s| format!("'{}'", s.as_str()))
         .collect();
     format!("state IN ({})", list.join(", "))
-}
-
-/// Whether a job exists, to tell a stale token from a missing job after a guarded update
-/// matched nothing.
-fn stale_or_missing(conn: &Connection, id: JobId) -> StoreError {
-    match conn
-        .prepare_cached("SELECT 1 FROM jobs WHERE id = ?1")
-        .and_then(|mut s| s.exists([id.as_bytes()]))
-    {
-        Ok(true) => StoreError::StaleLease(id),
-        Ok(false) => StoreError::NotFound(id),
-        Err(e) => map_err("checking a lease", &e),
-    }
 }
 
 /// After a guarded transition matched nothing: the job is missing, or in a state the
