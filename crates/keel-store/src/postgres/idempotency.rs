@@ -7,7 +7,6 @@ use keel_core::store::{IdempotentInsert, IdempotentOutcome};
 use keel_core::{Job, StoreError};
 use tokio_postgres::types::ToSql;
 
-use super::sql::SQL;
 use super::{PgStore, Response, commit, error, replay, status_of, validate_all};
 
 impl PgStore {
@@ -39,7 +38,7 @@ impl PgStore {
         let key_params: [&(dyn ToSql + Sync); 3] = [&tenant.as_str(), &key.as_str(), &now];
         let mut conn = self.conn(&ctx).await?;
         let read = conn
-            .prepare_cached(&SQL.idempotency_read)
+            .prepare_cached(IDEMPOTENCY_READ_SQL)
             .await
             .map_err(|e| error::db(e, ctx()))?;
         // Fast path: a replay (the common reason a key comes back) needs no transaction, and
@@ -69,14 +68,14 @@ impl PgStore {
         for _ in 0..ATTEMPTS {
             let tx = conn.transaction().await.map_err(|e| error::db(e, ctx()))?;
             let expire = tx
-                .prepare_cached(&SQL.idempotency_expire)
+                .prepare_cached(IDEMPOTENCY_EXPIRE_SQL)
                 .await
                 .map_err(|e| error::db(e, ctx()))?;
             tx.execute(&expire, &key_params)
                 .await
                 .map_err(|e| error::db(e, ctx()))?;
             let claim = tx
-                .prepare_cached(&SQL.idempotency_claim)
+                .prepare_cached(IDEMPOTENCY_CLAIM_SQL)
                 .await
                 .map_err(|e| error::db(e, ctx()))?;
             let claimed = tx
@@ -110,7 +109,7 @@ impl PgStore {
                         let response = respond(&jobs);
                         let status = status_of(&response, &ctx)?;
                         let update = tx
-                            .prepare_cached(&SQL.idempotency_respond)
+                            .prepare_cached(IDEMPOTENCY_RESPOND_SQL)
                             .await
                             .map_err(|e| error::db(e, ctx()))?;
                         tx.execute(
@@ -142,3 +141,28 @@ impl PgStore {
         ))
     }
 }
+
+/// The stored answer for tenant `$1`'s key `$2` as of `$3`. A live key only: an expired one
+/// is treated as absent until deleted.
+pub(super) const IDEMPOTENCY_READ_SQL: &str = "SELECT fingerprint, status, body FROM idempotency_keys \
+     WHERE tenant = $1 AND key = $2 AND expires_at > $3";
+
+/// Deletes the key if it expired by `$3`. Inside the claiming transaction, so the expired
+/// row and its replacement swap atomically; a concurrent claimer of the same key waits on
+/// the row lock.
+pub(super) const IDEMPOTENCY_EXPIRE_SQL: &str = "DELETE FROM idempotency_keys \
+     WHERE tenant = $1 AND key = $2 AND expires_at <= $3";
+
+/// The exclusivity point. Under READ COMMITTED, when another transaction has inserted the
+/// same key and not finished, this waits for it; then it inserts (the other rolled back) or
+/// does nothing (it committed). No row back = lost.
+const IDEMPOTENCY_CLAIM_SQL: &str = "INSERT INTO idempotency_keys \
+     (tenant, key, fingerprint, status, body, created_at, expires_at) \
+     VALUES ($1, $2, $3, $4, $5, $6, $7) \
+     ON CONFLICT (tenant, key) DO NOTHING \
+     RETURNING 1";
+
+/// The response of a claim made before its jobs were inserted (they held unique jobs, whose
+/// holders the response must name): same transaction as the claim.
+const IDEMPOTENCY_RESPOND_SQL: &str = "UPDATE idempotency_keys SET status = $3, body = $4 \
+     WHERE tenant = $1 AND key = $2";

@@ -1,12 +1,16 @@
 //! [`JobStore`] on Postgres: jobs as clients see them. Inserts go through group commit
-//! (`commit.rs`); the state changes are single statements guarded by the state machine
-//! (`sql.rs`).
+//! (`commit.rs`, which holds the insert statements); the state changes are single statements
+//! guarded by the state machine (guards from `sql.rs`), run by
+//! [`guarded`](PgStore::guarded).
+
+use std::sync::LazyLock;
 
 use async_trait::async_trait;
 use keel_core::store::{IdempotentInsert, IdempotentOutcome, JobPage, ListParams};
 use keel_core::{Job, JobId, JobStore, NewJob, StoreError, Transition};
+use tokio_postgres::types::ToSql;
 
-use super::sql::{ListQuery, SQL};
+use super::sql::{COLUMNS, guard, target};
 use super::{PgStore, rows, validate_all};
 use crate::unique_key_held;
 
@@ -32,7 +36,7 @@ impl JobStore for PgStore {
     }
     async fn get(&self, id: JobId) -> Result<Job, StoreError> {
         let ctx = || format!("reading job {id}");
-        let rows = self.query(&SQL.get, &[id.as_uuid()], &ctx).await?;
+        let rows = self.query(&GET_SQL, &[id.as_uuid()], &ctx).await?;
         match rows.first() {
             Some(row) => rows::job_from_row(row),
             None => Err(StoreError::NotFound(id)),
@@ -61,7 +65,7 @@ impl JobStore for PgStore {
         self.guarded(
             id,
             Transition::Cancel,
-            &SQL.cancel,
+            &CANCEL_SQL,
             &[&self.changes_channel],
             &ctx,
         )
@@ -73,7 +77,7 @@ impl JobStore for PgStore {
         self.guarded(
             id,
             Transition::Retry,
-            &SQL.retry,
+            &RETRY_SQL,
             &[&self.channel, &self.changes_channel],
             &ctx,
         )
@@ -84,5 +88,139 @@ impl JobStore for PgStore {
             StoreError::Conflict(_) => unique_key_held(id),
             e => e,
         })
+    }
+}
+
+/// One job by id.
+static GET_SQL: LazyLock<String> =
+    LazyLock::new(|| format!("SELECT {COLUMNS} FROM jobs j WHERE j.id = $1"));
+
+/// Cancels job `$1` at `$2`. Announced on $3, so a replica running the job hears that its
+/// lease is gone.
+pub(super) static CANCEL_SQL: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "WITH cancelled AS ( \
+           UPDATE jobs j SET state = '{to}', finished_at = $2, \
+             lease_token = NULL, lease_expires_at = NULL \
+           WHERE j.id = $1 AND j.state IN ({from}) \
+           RETURNING {COLUMNS} \
+         ) \
+         SELECT c.*, pg_notify($3, c.id::text || ' ' || c.state || ' ' || c.queue) \
+         FROM cancelled c",
+        to = target(Transition::Cancel),
+        from = guard(Transition::Cancel),
+    )
+});
+
+/// Retries job `$1`, to run at `$2`. A job that used up its attempts gets exactly one more.
+/// The job is available now, so its queue's listeners are told ($3 is the channel), and the
+/// change is announced ($4); the columns come first, in `COLUMNS` order, so the row decodes
+/// like any other. Putting an `active` job back among its key's holders while another job
+/// holds the key violates jobs_unique_idx (mapped to a Conflict).
+static RETRY_SQL: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "WITH retried AS ( \
+           UPDATE jobs j SET state = '{to}', run_at = $2, finished_at = NULL, \
+             result = NULL, lease_token = NULL, lease_expires_at = NULL, \
+             max_attempts = GREATEST(j.max_attempts, j.attempt + 1) \
+           WHERE j.id = $1 AND j.state IN ({from}) \
+           RETURNING {COLUMNS} \
+         ) \
+         SELECT r.*, pg_notify($3, r.queue), \
+           pg_notify($4, r.id::text || ' ' || r.state || ' ' || r.queue) \
+         FROM retried r",
+        to = target(Transition::Retry),
+        from = guard(Transition::Retry),
+    )
+});
+
+/// A `list` statement for one combination of filters, with its parameters.
+///
+/// Only the filters present appear in the text, so each shape is its own prepared statement
+/// with its own plan: queue filters use `jobs_queue_state_idx`, tenant filters
+/// `jobs_tenant_state_idx`, and an unfiltered page walks the primary key from the cursor.
+pub(super) struct ListQuery {
+    pub(super) sql: String,
+    params: Vec<Box<dyn ToSql + Sync + Send>>,
+}
+
+impl ListQuery {
+    pub(super) fn new(p: &ListParams) -> Self {
+        let mut clauses: Vec<String> = Vec::new();
+        let mut params: Vec<Box<dyn ToSql + Sync + Send>> = Vec::new();
+        let mut push = |column: &str, op: &str, value: Box<dyn ToSql + Sync + Send>| {
+            params.push(value);
+            clauses.push(format!("j.{column} {op} ${}", params.len()));
+        };
+        if let Some(q) = &p.queue {
+            push("queue", "=", Box::new(q.as_str().to_owned()));
+        }
+        if let Some(t) = &p.tenant {
+            push("tenant", "=", Box::new(t.as_str().to_owned()));
+        }
+
+        if let Some(k) = &p.kind {
+            push("kind", "=", Box::new(k.as_str().to_owned()));
+        }
+        if let Some(after) = p.after {
+            push("id", ">", Box::new(*after.as_uuid()));
+        }
+        if let Some(s) = p.state {
+            // A literal, not a parameter: a plan prepared for "any state" could not use the
+            // listing indexes, which leave running jobs out.
+            clauses.push(crate::listing_state_filter("j.", s));
+        }
+        let filter = if clauses.is_empty() {
+            String::new()
+        } else {
+            format!("WHERE {} ", clauses.join(" AND "))
+        };
+        params.push(Box::new(i64::from(p.effective_limit())));
+        let sql = format!(
+            "SELECT {COLUMNS} FROM jobs j {filter}ORDER BY j.id LIMIT ${}",
+            params.len()
+        );
+        Self { sql, params }
+    }
+
+    /// The parameters, borrowed as the driver wants them.
+    pub(super) fn params(&self) -> Vec<&(dyn ToSql + Sync)> {
+        self.params
+            .iter()
+            .map(|p| p.as_ref() as &(dyn ToSql + Sync))
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use keel_core::JobState;
+
+    use super::*;
+
+    #[test]
+    fn list_text_names_only_present_filters() {
+        let all = ListQuery::new(&ListParams {
+            limit: 10,
+            ..ListParams::default()
+        });
+        assert!(!all.sql.contains("WHERE"), "{}", all.sql);
+        assert!(all.sql.ends_with("ORDER BY j.id LIMIT $1"), "{}", all.sql);
+        let q = ListQuery::new(&ListParams {
+            queue: Some("emails".parse().expect("valid queue")),
+            state: Some(JobState::Available),
+            after: Some(keel_core::JobId::new()),
+            limit: 5000,
+            ..ListParams::default()
+        });
+        assert!(
+            q.sql.contains(
+                "WHERE j.queue = $1 AND j.id > $2 AND j.state = 'available' \
+                 AND j.state <> 'running' ORDER BY j.id LIMIT $3"
+            ),
+            "{}",
+            q.sql
+        );
+        assert_eq!(q.params().len(), 3);
     }
 }

@@ -1,13 +1,14 @@
 //! [`LeaderStore`] on Postgres: the maintenance leader's row (`leaders`, role `maintenance`),
 //! taken or renewed in one upsert, so two replicas campaigning at once get one leader and the
-//! epoch grows exactly when the owner changes.
+//! epoch grows exactly when the owner changes. The fence that keeps a leader's writes inside
+//! its term ([`FENCE_SQL`]) is here too, with the campaign it must agree with, though the
+//! fenced writes (cron ticks) run it from `schedules.rs`.
 
 use async_trait::async_trait;
 use keel_core::clock::to_delta;
 use keel_core::store::{CampaignParams, LeaderEpoch, Leadership};
 use keel_core::{LeaderStore, StoreError, WorkerId};
 
-use super::sql::SQL;
 use super::{PgStore, error, rows};
 use crate::MAINTENANCE_ROLE;
 
@@ -20,11 +21,11 @@ impl LeaderStore for PgStore {
         let ctx = || format!("campaigning for leadership as {}", params.owner);
         let conn = self.conn(&ctx).await?;
         let campaign = conn
-            .prepare_cached(&SQL.campaign)
+            .prepare_cached(CAMPAIGN_SQL)
             .await
             .map_err(|e| error::db(e, ctx()))?;
         let leader = conn
-            .prepare_cached(&SQL.leader)
+            .prepare_cached(LEADER_SQL)
             .await
             .map_err(|e| error::db(e, ctx()))?;
         for _ in 0..ATTEMPTS {
@@ -68,7 +69,7 @@ impl LeaderStore for PgStore {
         let ended = self.clock.now();
         let conn = self.conn(&ctx).await?;
         let stmt = conn
-            .prepare_cached(&SQL.resign)
+            .prepare_cached(RESIGN_SQL)
             .await
             .map_err(|e| error::db(e, ctx()))?;
         conn.execute(&stmt, &[&MAINTENANCE_ROLE, &owner.as_str(), &ended])
@@ -77,3 +78,31 @@ impl LeaderStore for PgStore {
             .map_err(|e| error::db(e, ctx()))
     }
 }
+
+/// Takes the term if it is free, lapsed ($4 is now) or the caller's own; the epoch moves on
+/// only when the owner changes. A term is held while now < expires_at, so it can be taken
+/// exactly when the fence ([`FENCE_SQL`]) stops accepting it: no instant with two leaders,
+/// none with a dead term. All SET expressions read the old row. Concurrent campaigns
+/// serialise on the row lock and re-check the WHERE against the winner's row, so one of them
+/// wins. No row back: another replica holds an unexpired term ([`LEADER_SQL`] reads it).
+const CAMPAIGN_SQL: &str = "INSERT INTO leaders AS l (role, owner, epoch, expires_at) \
+     VALUES ($1, $2, 1, $3) \
+     ON CONFLICT (role) DO UPDATE SET \
+       epoch = CASE WHEN l.owner = excluded.owner THEN l.epoch ELSE l.epoch + 1 END, \
+       owner = excluded.owner, expires_at = excluded.expires_at \
+     WHERE l.owner = excluded.owner OR l.expires_at <= $4 \
+     RETURNING l.owner, l.epoch, l.expires_at";
+
+/// The term of role `$1`, whoever holds it.
+const LEADER_SQL: &str = "SELECT owner, epoch, expires_at FROM leaders WHERE role = $1";
+
+/// Ends the term now ($3), so any campaign from now on finds it lapsed.
+const RESIGN_SQL: &str = "UPDATE leaders SET expires_at = LEAST(expires_at, $3) \
+     WHERE role = $1 AND owner = $2";
+
+/// Whether `$2` holds role `$1`'s term of epoch `$3` at `$4`. FOR SHARE holds the leader row
+/// until the writes it fences commit: a takeover (an UPDATE of the row) waits for them, so
+/// every fenced write lands inside the term that allowed it.
+pub(super) const FENCE_SQL: &str = "SELECT 1 FROM leaders \
+     WHERE role = $1 AND owner = $2 AND epoch = $3 AND expires_at > $4 \
+     FOR SHARE";

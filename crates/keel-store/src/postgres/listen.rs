@@ -21,7 +21,7 @@
 //!   it missed (the poll covers it); an invalid payload is ignored.
 //! - **State changes** travel on a second channel, `keel_changes:<schema>`, listened to on
 //!   the same connection: cancel, retry and rescue announce the jobs they moved as
-//!   `<id> <state> <queue>` lines (see `sql.rs`, which also says why completions and
+//!   `<id> <state> <queue>` lines (see `sql.rs`; `lease.rs` says why completions and
 //!   failures are not announced), and each line becomes a
 //!   [`StateChange`] for every [`Store::changes`](keel_core::Store::changes) subscriber.
 //!   Best effort too: a consumer waiting for a job re-reads it on a timer as well.

@@ -2,14 +2,16 @@
 //! retention no longer keeps (finished jobs, expired idempotency keys, old tick records).
 //! Each is a bounded batch that is safe to run from several replicas at once.
 
+use std::sync::LazyLock;
+
 use async_trait::async_trait;
 use keel_core::store::{PromoteParams, Promoted, RescueParams, Rescued, RetentionParams};
 use keel_core::{
-    AttemptError, JobId, MaintenanceStore, QueueName, StoreError, Timestamp, Transition, WorkerId,
-    next_attempt_at,
+    AttemptError, JobId, JobState, MaintenanceStore, QueueName, StoreError, Timestamp, Transition,
+    WorkerId, next_attempt_at,
 };
 
-use super::sql::SQL;
+use super::sql::{announce, guard, state_list, target};
 use super::{PgStore, error, next_state, rows};
 use crate::codec;
 
@@ -23,7 +25,7 @@ impl MaintenanceStore for PgStore {
         let now = self.clock.now();
         let rows = self
             .query(
-                &SQL.promote,
+                &PROMOTE_SQL,
                 &[&now, &i64::from(params.limit), &self.channel],
                 &ctx,
             )
@@ -49,7 +51,7 @@ impl MaintenanceStore for PgStore {
         let mut conn = self.conn(&ctx).await?;
         let tx = conn.transaction().await.map_err(|e| error::db(e, ctx()))?;
         let lock = tx
-            .prepare_cached(&SQL.rescue_lock)
+            .prepare_cached(&RESCUE_LOCK_SQL)
             .await
             .map_err(|e| error::db(e, ctx()))?;
         let expired = tx
@@ -111,7 +113,7 @@ impl MaintenanceStore for PgStore {
             });
         }
         let update = tx
-            .prepare_cached(&SQL.rescue_update)
+            .prepare_cached(&RESCUE_UPDATE_SQL)
             .await
             .map_err(|e| error::db(e, ctx()))?;
         tx.execute(
@@ -138,7 +140,7 @@ impl MaintenanceStore for PgStore {
         let ctx = || "deleting finished jobs past retention".to_owned();
         let conn = self.conn(&ctx).await?;
         let stmt = conn
-            .prepare_cached(&SQL.delete_finished)
+            .prepare_cached(&DELETE_FINISHED_SQL)
             .await
             .map_err(|e| error::db(e, ctx()))?;
         conn.execute(&stmt, &[&params.finished_before, &i64::from(params.limit)])
@@ -153,7 +155,7 @@ impl MaintenanceStore for PgStore {
         let ctx = || "deleting expired idempotency keys".to_owned();
         let conn = self.conn(&ctx).await?;
         let stmt = conn
-            .prepare_cached(&SQL.idempotency_delete_expired)
+            .prepare_cached(IDEMPOTENCY_DELETE_EXPIRED_SQL)
             .await
             .map_err(|e| error::db(e, ctx()))?;
         conn.execute(&stmt, &[&self.clock.now(), &i64::from(limit)])
@@ -168,7 +170,7 @@ impl MaintenanceStore for PgStore {
         let ctx = || "deleting old cron tick records".to_owned();
         let conn = self.conn(&ctx).await?;
         let stmt = conn
-            .prepare_cached(&SQL.ticks_delete_old)
+            .prepare_cached(TICKS_DELETE_OLD_SQL)
             .await
             .map_err(|e| error::db(e, ctx()))?;
         conn.execute(&stmt, &[&before, &i64::from(limit)])
@@ -176,3 +178,115 @@ impl MaintenanceStore for PgStore {
             .map_err(|e| error::db(e, ctx()))
     }
 }
+
+/// Makes up to `$2` jobs due by `$1` available.
+///
+/// `id = ANY(ARRAY(subquery))` rather than `id IN (subquery)`: the array is computed first
+/// and the outer statement becomes primary-key lookups whatever the planner guesses about
+/// the LIMIT (a semi-join could otherwise be planned as a hash join over the whole table).
+///
+/// Each queue that received jobs is notified once ($3 is the channel), in the same
+/// statement, so listeners hear of exactly the promotions that committed.
+pub(super) static PROMOTE_SQL: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "WITH promoted AS ( \
+           UPDATE jobs j SET state = '{to}' \
+           WHERE j.id = ANY(ARRAY( \
+             SELECT id FROM jobs \
+             WHERE state IN ({from}) AND run_at <= $1 \
+             ORDER BY run_at \
+             LIMIT $2 \
+             FOR UPDATE SKIP LOCKED)) \
+           AND j.state IN ({from}) \
+           RETURNING j.queue \
+         ) \
+         SELECT queue, count(*), pg_notify($3, queue) FROM promoted \
+         GROUP BY queue ORDER BY queue",
+        to = target(Transition::Promote),
+        from = guard(Transition::Promote),
+    )
+});
+
+/// The first step of `rescue`: locks up to `$2` jobs whose lease expired before `$1`, and
+/// reads what decides each one's next state. SKIP LOCKED: rescuers on several replicas split
+/// the work.
+pub(super) static RESCUE_LOCK_SQL: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "SELECT j.id, j.queue, j.attempt, j.max_attempts, j.backoff::text, j.lease_owner, \
+           j.state \
+         FROM jobs j \
+         WHERE j.state IN ({rescue_sources}) AND j.lease_expires_at < $1 \
+         ORDER BY j.lease_expires_at \
+         LIMIT $2 \
+         FOR UPDATE SKIP LOCKED",
+        rescue_sources = guard(Transition::Rescue { retry: true }),
+    )
+});
+
+/// The second step of `rescue`: each locked job to the state decided in Rust. The rescues
+/// are announced on $6 (the data-modifying CTE runs whatever the outer query reads).
+pub(super) static RESCUE_UPDATE_SQL: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "WITH rescued AS ( \
+           UPDATE jobs j SET state = r.state, run_at = COALESCE(r.run_at, j.run_at), \
+             finished_at = r.finished_at, \
+             errors = j.errors || jsonb_build_array(r.error::jsonb), \
+             lease_token = NULL, lease_expires_at = NULL \
+           FROM unnest($1::uuid[], $2::text[], $3::timestamptz[], $4::timestamptz[], \
+             $5::text[]) AS r(id, state, run_at, finished_at, error) \
+           WHERE j.id = r.id AND j.state IN ({rescue_sources}) \
+           RETURNING j.id, j.state, j.queue \
+         ) \
+         {announce}",
+        rescue_sources = guard(Transition::Rescue { retry: true }),
+        announce = announce("rescued", "$6"),
+    )
+});
+
+/// Deletes up to `$2` jobs finished before `$1`.
+///
+/// The inner SELECT picks and locks the rows (its state term is rechecked on a row changed
+/// before the lock), so the DELETE finds them by primary key alone. A state term on the
+/// DELETE too let the planner AND the pkey probe with a bitmap of the whole finished index
+/// (the term matches its predicate): 4-13 ms per maintenance pass with 200k finished jobs,
+/// to delete nothing.
+pub(super) static DELETE_FINISHED_SQL: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "DELETE FROM jobs j WHERE j.id = ANY(ARRAY( \
+           SELECT id FROM jobs \
+           WHERE state IN ({finished}) AND finished_at < $1 \
+           ORDER BY finished_at \
+           LIMIT $2 \
+           FOR UPDATE SKIP LOCKED))",
+        finished = state_list(&JobState::FINISHED),
+    )
+});
+
+/// Deletes up to `$2` idempotency keys expired by `$1`. Here rather than in
+/// `idempotency.rs`: it is retention, run by the cleaner with the other deletions.
+///
+/// SKIP LOCKED: two cleaners split the work instead of queueing behind each other, and a key
+/// being replaced by a claimer right now is left to that claimer. The locked rows are
+/// addressed by ctid through an array (as in [`PROMOTE_SQL`]), so the delete is a TID scan
+/// of exactly those rows; a join on (tenant, key) is planned as a hash join over the whole
+/// table. A ctid is stable while its row is locked, and keys are never updated, only
+/// inserted and deleted.
+pub(super) const IDEMPOTENCY_DELETE_EXPIRED_SQL: &str = "DELETE FROM idempotency_keys k \
+     WHERE k.ctid = ANY(ARRAY( \
+       SELECT ctid FROM idempotency_keys \
+       WHERE expires_at <= $1 \
+       ORDER BY expires_at \
+       LIMIT $2 \
+       FOR UPDATE SKIP LOCKED)) \
+     AND k.expires_at <= $1";
+
+/// Deletes up to `$2` tick records older than `$1`. As
+/// [`IDEMPOTENCY_DELETE_EXPIRED_SQL`]: locked rows by ctid, SKIP LOCKED between cleaners.
+const TICKS_DELETE_OLD_SQL: &str = "DELETE FROM schedule_ticks t \
+     WHERE t.ctid = ANY(ARRAY( \
+       SELECT ctid FROM schedule_ticks \
+       WHERE tick_at < $1 \
+       ORDER BY tick_at \
+       LIMIT $2 \
+       FOR UPDATE SKIP LOCKED)) \
+     AND t.tick_at < $1";

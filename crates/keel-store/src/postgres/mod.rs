@@ -6,7 +6,7 @@
 //!   rescues send their items as arrays and `unnest` them server-side, so a batch of a
 //!   thousand costs one round trip, not a thousand.
 //! - **State guards** come from the state machine ([`keel_core::Transition::sources`]); see
-//!   `sql.rs`.
+//!   `sql.rs`. Each statement lives in the module that runs it.
 //! - **Time** comes from the injected [`Clock`], never from SQL `now()`, so every replica and
 //!   every test decides "expired" and "due" the same way.
 //! - **Connections** come from a bounded pool (deadpool) with an acquire timeout, a maximum
@@ -17,7 +17,7 @@
 //!   listening connection outside the pool turns the notifications into
 //!   [`Store::wakeups`] streams; see `listen.rs`.
 //! - **State changes**: cancel, retry and rescue announce the jobs they moved (completions
-//!   and failures are not announced: see `sql.rs` for the measured reason) on a second
+//!   and failures are not announced: see `lease.rs` for the measured reason) on a second
 //!   channel, heard on the same connection and handed to [`Store::changes`]
 //!   streams, so a replica waiting for a job sees it finish on another replica.
 //! - **Unique jobs** are inserted with `ON CONFLICT DO NOTHING` on the partial unique index
@@ -53,7 +53,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use deadpool_postgres::{Object, Pool};
 use keel_core::store::{
-    Completion, IdempotentOutcome, LeaseRef, PoolStats, QueueStats, StateCounts, StoredResponse,
+    IdempotentOutcome, LeaseRef, PoolStats, QueueStats, StateCounts, StoredResponse,
 };
 use keel_core::{
     ChangeStream, Clock, IdempotencyKey, Job, JobId, JobState, NewJob, QueueName, Store,
@@ -67,7 +67,7 @@ use crate::key_reused;
 use crate::migrate::{self, MigrationReport};
 use commit::Committer;
 use listen::Listener;
-use sql::SQL;
+use sql::{EXISTING_SQL, STATE_OF_SQL};
 use task::Background;
 
 /// Connection pool settings. Each bounds a resource so overload turns into fast, retryable
@@ -285,31 +285,6 @@ impl PgStore {
         Ok(out)
     }
 
-    /// Writes completions whose results were checked ([`crate::complete_checked`]).
-    async fn write_completions(
-        &self,
-        completions: Vec<Completion>,
-    ) -> Result<Vec<Result<(), StoreError>>, StoreError> {
-        if completions.is_empty() {
-            return Ok(Vec::new());
-        }
-        let ctx = || format!("completing jobs (batch of {})", completions.len());
-        let now = self.clock.now();
-        let leases: Vec<LeaseRef> = completions.iter().map(|c| c.lease).collect();
-        let (ids, tokens) = split(&leases);
-        let results: Vec<Option<&str>> = completions
-            .iter()
-            .map(|c| c.result.as_ref().map(|r| r.get()))
-            .collect();
-        self.fenced_batch(
-            &leases,
-            &SQL.complete,
-            &[&ids, &tokens, &results, &now],
-            &ctx,
-        )
-        .await
-    }
-
     /// Applies pending migrations in one transaction. Safe to call from several processes
     /// starting at once: they serialise on an advisory lock keyed by the schema (so stores in
     /// different schemas do not wait for each other), and the later ones find nothing to do.
@@ -467,7 +442,7 @@ impl PgStore {
         let existing: HashSet<Uuid> = if missing.is_empty() {
             HashSet::new()
         } else {
-            query_replanned(&conn, &SQL.existing, &[&missing])
+            query_replanned(&conn, EXISTING_SQL, &[&missing])
                 .await
                 .map_err(|e| error::db(e, ctx()))?
                 .iter()
@@ -510,7 +485,7 @@ impl PgStore {
             .await
             .map_err(|e| error::db(e, ctx()))?;
         let read = conn
-            .prepare_cached(&SQL.state_of)
+            .prepare_cached(STATE_OF_SQL)
             .await
             .map_err(|e| error::db(e, ctx()))?;
         for _ in 0..ATTEMPTS {
@@ -674,7 +649,7 @@ fn status_of(response: &StoredResponse, ctx: Ctx<'_>) -> Result<i16, StoreError>
     })
 }
 
-/// The answer for a live key found stored (`SQL.idempotency_read`): the original response
+/// The answer for a live key found stored ([`IDEMPOTENCY_READ_SQL`](idempotency::IDEMPOTENCY_READ_SQL)): the original response
 /// when the request is the same, a conflict when it is not.
 fn replay(
     row: &Row,

@@ -1,21 +1,23 @@
 //! [`QueueStore`] on Postgres: counts per queue and state (the depth gauges read only the
 //! unfinished states' partial indexes) and the paused flag.
 
+use std::sync::LazyLock;
+
 use async_trait::async_trait;
 use keel_core::store::QueueStats;
 use keel_core::{QueueName, QueueStore, StoreError, TenantId};
 
-use super::sql::SQL;
 use super::{PgStore, error, stats_from_rows};
+use crate::DEPTH_COUNTS;
 
 #[async_trait]
 impl QueueStore for PgStore {
     async fn queue_stats(&self, tenant: Option<TenantId>) -> Result<Vec<QueueStats>, StoreError> {
         let ctx = || "counting jobs per queue and state".to_owned();
         let rows = match &tenant {
-            None => self.query_fresh(&SQL.queue_stats, &[], &ctx).await?,
+            None => self.query_fresh(QUEUE_STATS_SQL, &[], &ctx).await?,
             Some(t) => {
-                self.query_fresh(&SQL.queue_stats_of_tenant, &[&t.as_str()], &ctx)
+                self.query_fresh(QUEUE_STATS_OF_TENANT_SQL, &[&t.as_str()], &ctx)
                     .await?
             }
         };
@@ -24,7 +26,7 @@ impl QueueStore for PgStore {
 
     async fn queue_depths(&self) -> Result<Vec<QueueStats>, StoreError> {
         let ctx = || "counting unfinished jobs per queue and state".to_owned();
-        let rows = self.query_fresh(&SQL.queue_depths, &[], &ctx).await?;
+        let rows = self.query_fresh(&QUEUE_DEPTHS_SQL, &[], &ctx).await?;
         stats_from_rows(&rows)
     }
 
@@ -35,7 +37,7 @@ impl QueueStore for PgStore {
         };
         let conn = self.conn(&ctx).await?;
         let stmt = conn
-            .prepare_cached(&SQL.set_queue_paused)
+            .prepare_cached(SET_QUEUE_PAUSED_SQL)
             .await
             .map_err(|e| error::db(e, ctx()))?;
         conn.execute(
@@ -47,3 +49,46 @@ impl QueueStore for PgStore {
         .map_err(|e| error::db(e, ctx()))
     }
 }
+
+/// Every queue's counts per state, and its paused flag. One statement, so counts and flags
+/// come from one snapshot. A queue known only from `queues` (paused or resumed, no jobs)
+/// comes back as one row with a NULL state and count. Running jobs are counted apart: the
+/// listing indexes leave them out, and the running index holds only them.
+const QUEUE_STATS_SQL: &str = "SELECT COALESCE(c.queue, q.name), c.state, c.n, \
+       COALESCE(q.paused, false) \
+     FROM (SELECT queue, state, count(*) AS n FROM jobs \
+           WHERE state <> 'running' GROUP BY queue, state \
+           UNION ALL \
+           SELECT queue, state, count(*) FROM jobs \
+           WHERE state = 'running' GROUP BY queue, state) c \
+     FULL JOIN queues q ON q.name = c.queue";
+
+/// One tenant's view (`$1`): only the queues holding its jobs, counting only those (served
+/// by the (tenant, state, id) index, and the running index).
+const QUEUE_STATS_OF_TENANT_SQL: &str = "SELECT c.queue, c.state, c.n, COALESCE(q.paused, false) \
+     FROM (SELECT queue, state, count(*) AS n FROM jobs \
+           WHERE tenant = $1 AND state <> 'running' GROUP BY queue, state \
+           UNION ALL \
+           SELECT queue, state, count(*) FROM jobs \
+           WHERE tenant = $1 AND state = 'running' GROUP BY queue, state) c \
+     LEFT JOIN queues q ON q.name = c.queue";
+
+/// The gauges' count: unfinished jobs only, by partial index (see DEPTH_COUNTS).
+pub(super) static QUEUE_DEPTHS_SQL: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "SELECT COALESCE(c.queue, q.name), c.state, c.n, COALESCE(q.paused, false) \
+         FROM ({DEPTH_COUNTS}) c \
+         FULL JOIN queues q ON q.name = c.queue"
+    )
+});
+
+/// Sets queue `$1`'s paused flag to `$2` at `$3`. Resuming a queue makes its waiting jobs
+/// leasable again: the same statement notifies the queue's listeners ($4 is the channel)
+/// when the flag is now off.
+const SET_QUEUE_PAUSED_SQL: &str = "WITH saved AS ( \
+     INSERT INTO queues (name, paused, updated_at) VALUES ($1, $2, $3) \
+     ON CONFLICT (name) DO UPDATE \
+     SET paused = excluded.paused, updated_at = excluded.updated_at \
+     RETURNING name, paused \
+     ) \
+     SELECT pg_notify($4, s.name) FROM saved s WHERE NOT s.paused";

@@ -2,6 +2,7 @@
 //! (G4), fenced by the leader's epoch in the same transaction.
 
 use std::collections::HashSet;
+use std::sync::LazyLock;
 
 use async_trait::async_trait;
 use keel_core::store::{ListParams, TickOutcome, TickParams};
@@ -12,7 +13,8 @@ use keel_core::{
 use tokio_postgres::types::ToSql;
 use uuid::Uuid;
 
-use super::sql::SQL;
+use super::leader::FENCE_SQL;
+use super::sql::SCHEDULE_COLUMNS;
 use super::{PgStore, commit, error, rows};
 use crate::{MAINTENANCE_ROLE, codec, schedule_exists};
 
@@ -49,9 +51,9 @@ impl ScheduleStore for PgStore {
             &now,
         ];
         let sql = if replace {
-            &SQL.schedule_replace
+            &SCHEDULE_REPLACE_SQL
         } else {
-            &SQL.schedule_create
+            &SCHEDULE_CREATE_SQL
         };
         let rows = self.query(sql, &params, &ctx).await?;
         let Some(row) = rows.first() else {
@@ -72,7 +74,7 @@ impl ScheduleStore for PgStore {
     ) -> Result<Schedule, StoreError> {
         let ctx = || format!("reading schedule {name} of tenant {tenant}");
         let rows = self
-            .query(&SQL.schedule_get, &[&tenant.as_str(), &name.as_str()], &ctx)
+            .query(&SCHEDULE_GET_SQL, &[&tenant.as_str(), &name.as_str()], &ctx)
             .await?;
         match rows.first() {
             Some(row) => rows::schedule_from_row(row),
@@ -100,7 +102,7 @@ impl ScheduleStore for PgStore {
         };
         let rows = self
             .query(
-                &SQL.schedule_list,
+                &SCHEDULE_LIST_SQL,
                 &[
                     &tenant.map(TenantId::as_str),
                     &after_tenant,
@@ -121,7 +123,7 @@ impl ScheduleStore for PgStore {
         let ctx = || format!("deleting schedule {name} of tenant {tenant}");
         let rows = self
             .query(
-                &SQL.schedule_delete,
+                SCHEDULE_DELETE_SQL,
                 &[&tenant.as_str(), &name.as_str()],
                 &ctx,
             )
@@ -144,7 +146,7 @@ impl ScheduleStore for PgStore {
         };
         let rows = self
             .query(
-                &SQL.schedule_pause,
+                &SCHEDULE_PAUSE_SQL,
                 &[&tenant.as_str(), &name.as_str(), &paused, &self.clock.now()],
                 &ctx,
             )
@@ -179,7 +181,7 @@ impl ScheduleStore for PgStore {
         let keys: [&(dyn ToSql + Sync); 2] = [&tenant.as_str(), &schedule.as_str()];
 
         let check = tx
-            .prepare_cached(&SQL.fence)
+            .prepare_cached(FENCE_SQL)
             .await
             .map_err(|e| error::db(e, ctx()))?;
         let holds = tx
@@ -194,7 +196,7 @@ impl ScheduleStore for PgStore {
             return Err(not_leader());
         }
         let lock = tx
-            .prepare_cached(&SQL.schedule_lock)
+            .prepare_cached(SCHEDULE_LOCK_SQL)
             .await
             .map_err(|e| error::db(e, ctx()))?;
         let live = match tx
@@ -215,7 +217,7 @@ impl ScheduleStore for PgStore {
         let tick_ats: Vec<Timestamp> = ticks.iter().map(|(at, _)| *at).collect();
         let job_ids: Vec<Uuid> = ticks.iter().map(|(_, j)| *j.id.as_uuid()).collect();
         let record = tx
-            .prepare_cached(&SQL.ticks_record)
+            .prepare_cached(TICKS_RECORD_SQL)
             .await
             .map_err(|e| error::db(e, ctx()))?;
         let recorded: HashSet<Uuid> = tx
@@ -239,7 +241,7 @@ impl ScheduleStore for PgStore {
             commit::insert_jobs(&tx, &refs, &self.channel, &ctx).await?;
         }
         let advance = tx
-            .prepare_cached(&SQL.schedule_advance)
+            .prepare_cached(SCHEDULE_ADVANCE_SQL)
             .await
             .map_err(|e| error::db(e, ctx()))?;
         tx.execute(&advance, &[keys[0], keys[1], &latest])
@@ -253,3 +255,82 @@ impl ScheduleStore for PgStore {
         })
     }
 }
+
+/// Creates a schedule unless its name is taken (no row back). Templates travel as text and
+/// are stored as json (not jsonb): verbatim.
+static SCHEDULE_CREATE_SQL: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "INSERT INTO schedules AS s (tenant, name, cron, timezone, job, paused, \
+           catch_up_ms, created_at, updated_at) \
+         VALUES ($1, $2, $3, $4, $5::text::json, $6, $7, $8, $8) \
+         ON CONFLICT (tenant, name) DO NOTHING \
+         RETURNING {SCHEDULE_COLUMNS}"
+    )
+});
+
+/// Creates or replaces a schedule, template stored as in [`SCHEDULE_CREATE_SQL`].
+/// created_at and last_tick_at are the existing row's. `xmax = 0` only on a row this
+/// statement inserted (an updated row carries the updating transaction's id): whether the
+/// schedule was created.
+static SCHEDULE_REPLACE_SQL: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "INSERT INTO schedules AS s (tenant, name, cron, timezone, job, paused, \
+           catch_up_ms, created_at, updated_at) \
+         VALUES ($1, $2, $3, $4, $5::text::json, $6, $7, $8, $8) \
+         ON CONFLICT (tenant, name) DO UPDATE SET cron = excluded.cron, \
+           timezone = excluded.timezone, job = excluded.job, paused = excluded.paused, \
+           catch_up_ms = excluded.catch_up_ms, updated_at = excluded.updated_at \
+         RETURNING {SCHEDULE_COLUMNS}, s.xmax = 0"
+    )
+});
+
+/// One schedule by tenant and name.
+static SCHEDULE_GET_SQL: LazyLock<String> = LazyLock::new(|| {
+    format!("SELECT {SCHEDULE_COLUMNS} FROM schedules s WHERE s.tenant = $1 AND s.name = $2")
+});
+
+/// A page of schedules. $1: the tenant or NULL for all; $2, $3: the keyset cursor or NULLs.
+/// Schedules are few (an operator writes each), so one statement serves every shape.
+static SCHEDULE_LIST_SQL: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "SELECT {SCHEDULE_COLUMNS} FROM schedules s \
+         WHERE ($1::text IS NULL OR s.tenant = $1) \
+           AND ($2::text IS NULL OR (s.tenant, s.name) > ($2::text, $3::text)) \
+         ORDER BY s.tenant, s.name \
+         LIMIT $4"
+    )
+});
+
+/// Deletes a schedule; no row back when there was none.
+const SCHEDULE_DELETE_SQL: &str =
+    "DELETE FROM schedules WHERE tenant = $1 AND name = $2 RETURNING 1";
+
+/// Pauses or resumes a schedule (`$3`) at `$4`.
+static SCHEDULE_PAUSE_SQL: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "UPDATE schedules s SET paused = $3, updated_at = $4 \
+         WHERE s.tenant = $1 AND s.name = $2 \
+         RETURNING {SCHEDULE_COLUMNS}"
+    )
+});
+
+/// Locks the schedule for the tick transaction: concurrent enqueuers of one schedule take
+/// turns (each then finds the other's ticks recorded), and a pause or delete waits for, or
+/// is seen by, the enqueue.
+const SCHEDULE_LOCK_SQL: &str = "SELECT paused FROM schedules WHERE tenant = $1 AND name = $2 \
+     FOR UPDATE";
+
+/// Moves the schedule's last tick to `$3` if later. GREATEST ignores a NULL, so the first
+/// tick sets it.
+const SCHEDULE_ADVANCE_SQL: &str = "UPDATE schedules SET last_tick_at = GREATEST(last_tick_at, $3) \
+     WHERE tenant = $1 AND name = $2";
+
+/// Records ticks (`$3`) with the ids of their jobs (`$4`). The exactly-once point (G4): a
+/// tick recorded before, by anyone, is skipped; RETURNING names the ticks recorded now,
+/// whose jobs are then inserted in the same transaction.
+const TICKS_RECORD_SQL: &str = "INSERT INTO schedule_ticks (tenant, schedule, tick_at, job_id) \
+     SELECT $1::text, $2::text, t.tick_at, t.job_id \
+     FROM unnest($3::timestamptz[], $4::uuid[]) AS t(tick_at, job_id) \
+     ORDER BY t.tick_at \
+     ON CONFLICT (tenant, schedule, tick_at) DO NOTHING \
+     RETURNING tick_at, job_id";

@@ -35,7 +35,14 @@ use keel_core::{
 use serde_json::Value;
 use tokio_postgres::types::ToSql;
 
-use super::sql::{ListQuery, SQL};
+use super::commit::UNIQUE_HOLDERS_SQL;
+use super::idempotency::{IDEMPOTENCY_EXPIRE_SQL, IDEMPOTENCY_READ_SQL};
+use super::jobs::ListQuery;
+use super::lease::{COMPLETE_SQL, LEASE_SQL};
+use super::maintenance::{
+    DELETE_FINISHED_SQL, IDEMPOTENCY_DELETE_EXPIRED_SQL, PROMOTE_SQL, RESCUE_LOCK_SQL,
+};
+use super::queues::QUEUE_DEPTHS_SQL;
 use super::{PgOptions, PgStore};
 use crate::testkit::{PgSchema, pg_url_or_skip};
 
@@ -301,7 +308,7 @@ async fn explain_hot_queries_use_indexes() {
     let cases = [
         Case {
             name: "lease",
-            sql: &SQL.lease,
+            sql: &LEASE_SQL,
             params: vec![&queue_name, &limit, &owner, &now, &now],
             literals: format!("'q3', 100, 'w2', {}, {}", ts(now), ts(now)),
             index: "jobs_lease_idx",
@@ -330,7 +337,7 @@ async fn explain_hot_queries_use_indexes() {
         },
         Case {
             name: "complete",
-            sql: &SQL.complete,
+            sql: &COMPLETE_SQL,
             params: vec![&ids, &tokens, &results, &now],
             literals: format!(
                 "ARRAY['{cursor}'::uuid], ARRAY['{cursor}'::uuid], ARRAY[NULL::text], {}",
@@ -352,7 +359,7 @@ async fn explain_hot_queries_use_indexes() {
         },
         Case {
             name: "promote",
-            sql: &SQL.promote,
+            sql: &PROMOTE_SQL,
             params: vec![&now, &limit, &channel],
             literals: format!("{}, 100, 'keel_jobs:explain'", ts(now)),
             index: "jobs_due_idx",
@@ -361,7 +368,7 @@ async fn explain_hot_queries_use_indexes() {
         },
         Case {
             name: "rescue",
-            sql: &SQL.rescue_lock,
+            sql: &RESCUE_LOCK_SQL,
             params: vec![&now, &limit],
             literals: format!("{}, 100", ts(now)),
             index: "jobs_expired_lease_idx",
@@ -370,7 +377,7 @@ async fn explain_hot_queries_use_indexes() {
         },
         Case {
             name: "delete finished",
-            sql: &SQL.delete_finished,
+            sql: &DELETE_FINISHED_SQL,
             params: vec![&past, &limit],
             literals: format!("{}, 100", ts(past)),
             index: "jobs_finished_idx",
@@ -379,7 +386,7 @@ async fn explain_hot_queries_use_indexes() {
         },
         Case {
             name: "read idempotency key",
-            sql: &SQL.idempotency_read,
+            sql: IDEMPOTENCY_READ_SQL,
             params: vec![&tenant, &key, &now],
             literals: format!("'t3', 'key-3', {}", ts(now)),
             index: "idempotency_keys_pkey",
@@ -388,7 +395,7 @@ async fn explain_hot_queries_use_indexes() {
         },
         Case {
             name: "expire idempotency key",
-            sql: &SQL.idempotency_expire,
+            sql: IDEMPOTENCY_EXPIRE_SQL,
             params: vec![&tenant, &key, &now],
             literals: format!("'t3', 'key-3', {}", ts(now)),
             index: "idempotency_keys_pkey",
@@ -397,7 +404,7 @@ async fn explain_hot_queries_use_indexes() {
         },
         Case {
             name: "unique holders",
-            sql: &SQL.unique_holders,
+            sql: &UNIQUE_HOLDERS_SQL,
             params: vec![&tenants, &keys],
             literals: "ARRAY['t3'], ARRAY['key-3']".to_owned(),
             index: "jobs_unique_idx",
@@ -406,7 +413,7 @@ async fn explain_hot_queries_use_indexes() {
         },
         Case {
             name: "delete expired idempotency keys",
-            sql: &SQL.idempotency_delete_expired,
+            sql: IDEMPOTENCY_DELETE_EXPIRED_SQL,
             params: vec![&now, &limit],
             literals: format!("{}, 100", ts(now)),
             index: "idempotency_keys_expires_idx",
@@ -423,7 +430,7 @@ async fn explain_hot_queries_use_indexes() {
     // The gauges' count (no parameters: one plan) reads the unfinished jobs through their
     // partial indexes, never an index that holds the finished ones.
     let row = conn
-        .query_one(&format!("EXPLAIN (FORMAT JSON) {}", SQL.queue_depths), &[])
+        .query_one(&format!("EXPLAIN (FORMAT JSON) {}", *QUEUE_DEPTHS_SQL), &[])
         .await
         .expect("explain queue depths");
     let plan: Value = row.get(0);
@@ -1485,7 +1492,7 @@ async fn changes_reach_another_store_on_the_same_schema() {
         queue: queue.clone(),
         state,
     };
-    // Completions and failures are not announced (sql.rs says why).
+    // Completions and failures are not announced (lease.rs says why).
     let want = [
         change(3, JobState::Cancelled),
         change(2, JobState::Available),

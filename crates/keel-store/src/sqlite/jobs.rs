@@ -1,7 +1,7 @@
 //! [`JobStore`] on SQLite: jobs as clients see them. Inserts and state changes run on the
 //! writer thread (group commit, `writer.rs`); reads on the read pool.
 
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 
 use async_trait::async_trait;
 use keel_core::store::{IdempotentInsert, IdempotentOutcome, JobPage, ListParams};
@@ -10,7 +10,7 @@ use rusqlite::params;
 use rusqlite::types::Value;
 
 use super::rows::{COLUMNS, micros};
-use super::{CANCEL_SQL, RETRY_SQL, SqliteStore, insert_rows, query_jobs, refused, validate_all};
+use super::{SqliteStore, insert_rows, query_jobs, refused, state_guard, validate_all};
 use crate::unique_key_held;
 
 #[async_trait]
@@ -137,3 +137,26 @@ impl JobStore for SqliteStore {
             .await
     }
 }
+
+/// Cancels job ?1 at ?2 if the state machine lets it leave its state (the guard comes from
+/// `Transition::Cancel`); no row otherwise, and [`refused`] then says why.
+static CANCEL_SQL: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "UPDATE jobs SET state = 'cancelled', finished_at = ?2, lease_token = NULL,
+                lease_expires_at = NULL
+         WHERE id = ?1 AND {} RETURNING {COLUMNS}",
+        state_guard(Transition::Cancel)
+    )
+});
+
+/// Puts job ?1 back to run at ?2, guarded as [`CANCEL_SQL`] by `Transition::Retry`. A job
+/// that used up its attempts gets exactly one more.
+static RETRY_SQL: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "UPDATE jobs SET state = 'available', run_at = ?2, finished_at = NULL, result = NULL,
+                lease_token = NULL, lease_expires_at = NULL,
+                max_attempts = max(max_attempts, attempt + 1)
+         WHERE id = ?1 AND {} RETURNING {COLUMNS}",
+        state_guard(Transition::Retry)
+    )
+});

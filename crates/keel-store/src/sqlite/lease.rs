@@ -1,6 +1,7 @@
 //! [`WorkStore`] on SQLite: lease, heartbeat, complete, fail and release. Every write after
 //! the lease is fenced by the lease token, so a worker that lost its lease cannot overwrite
-//! the run that replaced it.
+//! the run that replaced it. The lease statement is built here; the others are written where
+//! they run.
 
 use std::sync::Arc;
 
@@ -8,13 +9,14 @@ use async_trait::async_trait;
 use keel_core::clock::to_delta;
 use keel_core::store::{Completion, FailParams, HeartbeatParams, LeaseParams, LeaseRef};
 use keel_core::{
-    AttemptError, Job, JobKind, JobState, LeaseToken, StoreError, TenantId, Timestamp, WorkStore,
+    AttemptError, Job, JobId, JobKind, JobState, LeaseToken, StoreError, TenantId, Timestamp,
+    WorkStore,
 };
-use rusqlite::OptionalExtension;
 use rusqlite::params;
+use rusqlite::{Connection, OptionalExtension};
 
 use super::rows::{COLUMNS, micros, uuid_from_blob};
-use super::{LEASE_FILTERED_SQL, LEASE_SQL, SqliteStore, map_err, query_jobs, stale_or_missing};
+use super::{SqliteStore, map_err, query_jobs};
 use crate::codec;
 
 #[async_trait]
@@ -99,11 +101,7 @@ impl WorkStore for SqliteStore {
                                 l.token.as_uuid().as_bytes()
                             ])
                             .map_err(|e| map_err("extending leases", &e))?;
-                        Ok(if n == 1 {
-                            Ok(expires)
-                        } else {
-                            Err(stale_or_missing(conn, l.id))
-                        })
+                        Ok(fenced(conn, l.id, n).map(|()| expires))
                     })
                     .collect()
             })
@@ -190,14 +188,92 @@ impl WorkStore for SqliteStore {
                         let n = stmt
                             .execute(params![l.id.as_bytes(), l.token.as_uuid().as_bytes()])
                             .map_err(|e| map_err("releasing leases", &e))?;
-                        Ok(if n == 1 {
-                            Ok(())
-                        } else {
-                            Err(stale_or_missing(conn, l.id))
-                        })
+                        Ok(fenced(conn, l.id, n))
                     })
                     .collect()
             })
             .await
     }
 }
+
+impl SqliteStore {
+    /// Writes completions whose results were checked ([`crate::complete_checked`]).
+    async fn write_completions(
+        &self,
+        completions: Vec<Completion>,
+    ) -> Result<Vec<Result<(), StoreError>>, StoreError> {
+        let clock = Arc::clone(&self.clock);
+        self.writer
+            .write("completing jobs", move |conn| {
+                let now = clock.now();
+                let mut stmt = conn
+                    .prepare_cached(
+                        "UPDATE jobs SET state = 'completed', result = ?1, finished_at = ?2,
+                                lease_token = NULL, lease_expires_at = NULL
+                         WHERE id = ?3 AND lease_token = ?4 AND state = 'running'",
+                    )
+                    .map_err(|e| map_err("completing jobs", &e))?;
+                completions
+                    .iter()
+                    .map(|c| {
+                        let n = stmt
+                            .execute(params![
+                                c.result.as_ref().map(|r| r.get()),
+                                micros(now),
+                                c.lease.id.as_bytes(),
+                                c.lease.token.as_uuid().as_bytes()
+                            ])
+                            .map_err(|e| map_err("completing jobs", &e))?;
+                        Ok(fenced(conn, c.lease.id, n))
+                    })
+                    .collect()
+            })
+            .await
+    }
+}
+
+/// Whether a lease-fenced update of job `id` that changed `changed` rows applied. When it
+/// changed none, the job is read, to tell a stale token from a missing job.
+fn fenced(conn: &Connection, id: JobId, changed: usize) -> Result<(), StoreError> {
+    if changed == 1 {
+        return Ok(());
+    }
+    match conn
+        .prepare_cached("SELECT 1 FROM jobs WHERE id = ?1")
+        .and_then(|mut s| s.exists([id.as_bytes()]))
+    {
+        Ok(true) => Err(StoreError::StaleLease(id)),
+        Ok(false) => Err(StoreError::NotFound(id)),
+        Err(e) => Err(map_err("checking a lease", &e)),
+    }
+}
+
+/// The lease statement, with `filter` (more conditions on the candidate rows, or nothing)
+/// added to the inner select; `RETURNING` is followed by the columns.
+macro_rules! lease_sql {
+    ($filter:literal) => {
+        concat!(
+            "UPDATE jobs SET state = 'running', attempt = attempt + 1,
+        lease_owner = ?1, lease_token = randomblob(16), lease_expires_at = ?2, started_at = ?3,
+        unique_key = CASE WHEN unique_scope = 'queued' THEN NULL ELSE unique_key END
+    WHERE id IN (SELECT id FROM jobs WHERE state = 'available' AND queue = ?4 ",
+            $filter,
+            "
+                 ORDER BY priority, run_at, id LIMIT ?5)
+      AND NOT EXISTS (SELECT 1 FROM queues WHERE name = ?4 AND paused = 1)
+    RETURNING "
+        )
+    };
+}
+
+/// Leases jobs. A `queued`-scope unique job gives its key up for good here (see
+/// `UniqueScope::Queued`): the same key can be enqueued again while this one runs, and a later
+/// retry of this job never takes the key back from a newer one.
+const LEASE_SQL: &str = lease_sql!("");
+
+/// [`LEASE_SQL`] for an external worker (docs/workers.md): only its tenant's jobs (`?6`,
+/// NULL for any) of the kinds it handles (`?7`, a JSON array, NULL for any).
+const LEASE_FILTERED_SQL: &str = lease_sql!(
+    "AND (?6 IS NULL OR tenant = ?6)
+                   AND (?7 IS NULL OR kind IN (SELECT value FROM json_each(?7)))"
+);

@@ -3,18 +3,18 @@
 //! in bounded batches on the writer thread.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 
 use async_trait::async_trait;
 use keel_core::store::{PromoteParams, Promoted, RescueParams, Rescued, RetentionParams};
 use keel_core::{
-    AttemptError, JobId, JobState, MaintenanceStore, QueueName, StoreError, Timestamp, WorkerId,
-    next_attempt_at,
+    AttemptError, JobId, JobState, MaintenanceStore, QueueName, StoreError, Timestamp, Transition,
+    WorkerId, next_attempt_at,
 };
 use rusqlite::params;
 
 use super::rows::{micros, uuid_from_blob};
-use super::{DELETE_FINISHED_SQL, PROMOTE_SQL, SqliteStore, map_err, schedules};
+use super::{SqliteStore, map_err, schedules, state_guard};
 use crate::codec;
 
 #[async_trait]
@@ -149,3 +149,28 @@ impl MaintenanceStore for SqliteStore {
             .await
     }
 }
+
+/// Makes up to ?2 jobs due by ?1 available, earliest first, from the states the state
+/// machine promotes (`Transition::Promote`); one row per job, its queue, for the counts.
+static PROMOTE_SQL: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "UPDATE jobs SET state = 'available'
+         WHERE id IN (SELECT id FROM jobs WHERE {} AND run_at <= ?1 ORDER BY run_at LIMIT ?2)
+         RETURNING queue",
+        state_guard(Transition::Promote)
+    )
+});
+
+/// Deletes up to ?2 jobs finished before ?1, oldest first. The states come from
+/// `JobState::FINISHED`, so a new terminal state is cleaned up with the others.
+static DELETE_FINISHED_SQL: LazyLock<String> = LazyLock::new(|| {
+    let finished: Vec<String> = JobState::FINISHED
+        .iter()
+        .map(|s| format!("'{}'", s.as_str()))
+        .collect();
+    format!(
+        "DELETE FROM jobs WHERE id IN (SELECT id FROM jobs
+             WHERE state IN ({}) AND finished_at < ?1 ORDER BY finished_at LIMIT ?2)",
+        finished.join(", ")
+    )
+});

@@ -5,6 +5,12 @@
 //! Writes go through the single [`writer`] thread (group commit); reads run on a small pool
 //! of read-only connections in blocking threads, concurrently with writes (WAL readers never
 //! block the writer or each other).
+//!
+//! Each statement is written in the module that runs it (`jobs.rs`, `lease.rs`, ...). This
+//! module keeps the SQL several of them share: the state guard derived from the state
+//! machine, the insert (`insert_rows`, for plain, idempotent and cron inserts alike) with
+//! its unique-holder lookup, and the read that tells a refused transition from a missing
+//! job.
 
 mod idempotency;
 mod jobs;
@@ -23,7 +29,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use keel_core::store::{Completion, PoolStats, QueueStats, StateCounts};
+use keel_core::store::{PoolStats, QueueStats, StateCounts};
 use keel_core::{
     Clock, Job, JobId, JobState, NewJob, QueueName, Store, StoreError, Timestamp, Transition,
 };
@@ -294,44 +300,6 @@ impl SqliteStore {
         Ok(out)
     }
 
-    /// Writes completions whose results were checked ([`crate::complete_checked`]).
-    async fn write_completions(
-        &self,
-        completions: Vec<Completion>,
-    ) -> Result<Vec<Result<(), StoreError>>, StoreError> {
-        let clock = Arc::clone(&self.clock);
-        self.writer
-            .write("completing jobs", move |conn| {
-                let now = clock.now();
-                let mut stmt = conn
-                    .prepare_cached(
-                        "UPDATE jobs SET state = 'completed', result = ?1, finished_at = ?2,
-                                lease_token = NULL, lease_expires_at = NULL
-                         WHERE id = ?3 AND lease_token = ?4 AND state = 'running'",
-                    )
-                    .map_err(|e| map_err("completing jobs", &e))?;
-                completions
-                    .iter()
-                    .map(|c| {
-                        let n = stmt
-                            .execute(params![
-                                c.result.as_ref().map(|r| r.get()),
-                                micros(now),
-                                c.lease.id.as_bytes(),
-                                c.lease.token.as_uuid().as_bytes()
-                            ])
-                            .map_err(|e| map_err("completing jobs", &e))?;
-                        Ok(if n == 1 {
-                            Ok(())
-                        } else {
-                            Err(stale_or_missing(conn, c.lease.id))
-                        })
-                    })
-                    .collect()
-            })
-            .await
-    }
-
     async fn read<T, F>(&self, context: &'static str, f: F) -> Result<T, StoreError>
     where
         T: Send + 'static,
@@ -404,89 +372,6 @@ fn state_guard(t: Transition) -> String {
         .map(|s| format!("'{}'", s.as_str()))
         .collect();
     format!("state IN ({})", list.join(", "))
-}
-
-static CANCEL_SQL: LazyLock<String> = LazyLock::new(|| {
-    format!(
-        "UPDATE jobs SET state = 'cancelled', finished_at = ?2, lease_token = NULL,
-                lease_expires_at = NULL
-         WHERE id = ?1 AND {} RETURNING {COLUMNS}",
-        state_guard(Transition::Cancel)
-    )
-});
-
-static RETRY_SQL: LazyLock<String> = LazyLock::new(|| {
-    format!(
-        "UPDATE jobs SET state = 'available', run_at = ?2, finished_at = NULL, result = NULL,
-                lease_token = NULL, lease_expires_at = NULL,
-                max_attempts = max(max_attempts, attempt + 1)
-         WHERE id = ?1 AND {} RETURNING {COLUMNS}",
-        state_guard(Transition::Retry)
-    )
-});
-
-static PROMOTE_SQL: LazyLock<String> = LazyLock::new(|| {
-    format!(
-        "UPDATE jobs SET state = 'available'
-         WHERE id IN (SELECT id FROM jobs WHERE {} AND run_at <= ?1 ORDER BY run_at LIMIT ?2)
-         RETURNING queue",
-        state_guard(Transition::Promote)
-    )
-});
-
-static DELETE_FINISHED_SQL: LazyLock<String> = LazyLock::new(|| {
-    let finished: Vec<String> = JobState::FINISHED
-        .iter()
-        .map(|s| format!("'{}'", s.as_str()))
-        .collect();
-    format!(
-        "DELETE FROM jobs WHERE id IN (SELECT id FROM jobs
-             WHERE state IN ({}) AND finished_at < ?1 ORDER BY finished_at LIMIT ?2)",
-        finished.join(", ")
-    )
-});
-
-/// The lease statement, with `filter` (more conditions on the candidate rows, or nothing)
-/// added to the inner select; `RETURNING` is followed by the columns.
-macro_rules! lease_sql {
-    ($filter:literal) => {
-        concat!(
-            "UPDATE jobs SET state = 'running', attempt = attempt + 1,
-        lease_owner = ?1, lease_token = randomblob(16), lease_expires_at = ?2, started_at = ?3,
-        unique_key = CASE WHEN unique_scope = 'queued' THEN NULL ELSE unique_key END
-    WHERE id IN (SELECT id FROM jobs WHERE state = 'available' AND queue = ?4 ",
-            $filter,
-            "
-                 ORDER BY priority, run_at, id LIMIT ?5)
-      AND NOT EXISTS (SELECT 1 FROM queues WHERE name = ?4 AND paused = 1)
-    RETURNING "
-        )
-    };
-}
-
-/// Leases jobs. A `queued`-scope unique job gives its key up for good here (see
-/// `UniqueScope::Queued`): the same key can be enqueued again while this one runs, and a later
-/// retry of this job never takes the key back from a newer one.
-const LEASE_SQL: &str = lease_sql!("");
-
-/// [`LEASE_SQL`] for an external worker (docs/workers.md): only its tenant's jobs (`?6`,
-/// NULL for any) of the kinds it handles (`?7`, a JSON array, NULL for any).
-const LEASE_FILTERED_SQL: &str = lease_sql!(
-    "AND (?6 IS NULL OR tenant = ?6)
-                   AND (?7 IS NULL OR kind IN (SELECT value FROM json_each(?7)))"
-);
-
-/// Whether a job exists, to tell a stale token from a missing job after a guarded update
-/// matched nothing.
-fn stale_or_missing(conn: &Connection, id: JobId) -> StoreError {
-    match conn
-        .prepare_cached("SELECT 1 FROM jobs WHERE id = ?1")
-        .and_then(|mut s| s.exists([id.as_bytes()]))
-    {
-        Ok(true) => StoreError::StaleLease(id),
-        Ok(false) => StoreError::NotFound(id),
-        Err(e) => map_err("checking a lease", &e),
-    }
 }
 
 /// After a guarded transition matched nothing: the job is missing, or in a state the
