@@ -124,6 +124,13 @@ impl QueueStore for InstantStore {
     async fn set_queue_paused(&self, _: QueueName, _: bool) -> Result<(), StoreError> {
         unused()
     }
+    async fn queue_stats_of(
+        &self,
+        _: QueueName,
+        _: Option<TenantId>,
+    ) -> Result<QueueStats, StoreError> {
+        unused()
+    }
 }
 
 #[async_trait]

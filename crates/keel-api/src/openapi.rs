@@ -19,7 +19,6 @@ use utoipa::openapi::{RefOr, Response};
 use utoipa::{Modify, OpenApi};
 
 use crate::error::{Problem, ProblemField};
-use crate::routes::{health, jobs, process, queues, schedules, workers};
 
 /// Adds the bearer API-key scheme the `/v1` operations refer to.
 struct BearerAuth;
@@ -139,44 +138,13 @@ impl Modify for ProtectionResponses {
     }
 }
 
-/// Keel's HTTP API description. `ApiDoc::openapi()` builds it.
+/// What Keel's HTTP API description says beyond its routes: the title, the shared schemas
+/// and the tags. [`api_doc`] adds the routes' operations, from the route table.
 #[derive(OpenApi)]
 #[openapi(
     info(
         title = "Keel",
         description = "A durable job server. Errors are application/problem+json (RFC 9457). Every response carries X-Request-Id."
-    ),
-    paths(
-        health::get_health,
-        health::get_ready,
-        health::get_metrics,
-        health::get_openapi,
-        jobs::enqueue_job,
-        jobs::list_jobs,
-        jobs::enqueue_batch,
-        jobs::get_job,
-        jobs::get_job_result,
-        jobs::cancel_job,
-        jobs::retry_job,
-        process::process_job,
-        queues::list_queues,
-        queues::pause_queue,
-        queues::resume_queue,
-        schedules::create_schedule,
-        schedules::list_schedules,
-        schedules::put_schedule,
-        schedules::get_schedule,
-        schedules::delete_schedule,
-        schedules::pause_schedule,
-        schedules::resume_schedule,
-        workers::lease_jobs,
-        workers::heartbeat,
-        workers::complete_job,
-        workers::fail_job,
-        workers::release_job,
-        workers::complete_many,
-        workers::fail_many,
-        workers::list_workers,
     ),
     components(schemas(
         keel_wire::JobIn,
@@ -214,7 +182,6 @@ impl Modify for ProtectionResponses {
         Problem,
         ProblemField,
     )),
-    modifiers(&BearerAuth, &ProtectionResponses),
     tags(
         (name = "jobs", description = "Enqueue, inspect and control jobs"),
         (name = "queues", description = "Queue statistics, pause and resume"),
@@ -259,12 +226,22 @@ pub const PERIOD_PATTERN: &str = concat!(
     r"([1-9]|[1-9][0-9]|[12][0-9]{2}|3[0-5][0-9]|36[0-6])d)$"
 );
 
-/// The served document: [`ApiDoc`] plus what its attributes cannot state (see the module
+/// Keel's HTTP API description: [`ApiDoc`] with the operation of every route in the route
+/// table (`routes::RouteDocs`, so a route is documented by being served), then the bearer
+/// scheme and the responses every protected route may give.
+pub fn api_doc() -> utoipa::openapi::OpenApi {
+    let mut doc = ApiDoc::openapi();
+    doc.merge(crate::routes::RouteDocs::openapi());
+    BearerAuth.modify(&mut doc);
+    ProtectionResponses.modify(&mut doc);
+    doc
+}
+
+/// The served document: [`api_doc`] plus what its attributes cannot state (see the module
 /// docs). Built once per request of `/v1/openapi.json`: cheap next to what the request
 /// costs the client.
 pub fn document() -> serde_json::Value {
-    let mut doc =
-        serde_json::to_value(ApiDoc::openapi()).unwrap_or_else(|_| json!({"openapi": "3.1.0"}));
+    let mut doc = serde_json::to_value(api_doc()).unwrap_or_else(|_| json!({"openapi": "3.1.0"}));
     constrain_parameters(&mut doc);
     constrain_bodies(&mut doc);
     add_examples(&mut doc);
@@ -638,7 +615,7 @@ mod tests {
 
     /// Every (method, path) the document describes.
     fn documented() -> BTreeSet<(String, String)> {
-        let doc = ApiDoc::openapi();
+        let doc = api_doc();
         let mut out = BTreeSet::new();
         for (path, item) in &doc.paths.paths {
             let ops = [
@@ -679,7 +656,7 @@ mod tests {
 
     #[test]
     fn the_document_serialises() {
-        let json = ApiDoc::openapi().to_json().unwrap();
+        let json = api_doc().to_json().unwrap();
         assert!(json.contains("\"/v1/jobs/{id}/result\""));
         assert!(json.contains("\"/v1/schedules/{name}/pause\""));
         assert!(json.contains("Keel-Unique-Conflict"));
@@ -688,7 +665,7 @@ mod tests {
 
     #[test]
     fn every_keyed_operation_documents_the_protection_answers() {
-        let doc = ApiDoc::openapi();
+        let doc = api_doc();
         let enqueue = doc.paths.paths["/v1/jobs"].post.as_ref().unwrap();
         for code in ["429", "503", "504"] {
             assert!(enqueue.responses.responses.contains_key(code), "{code}");

@@ -22,9 +22,10 @@ use crate::middleware::{
 use crate::rate_limit::limit_rate;
 use crate::state::ApiState;
 
-/// Declares every route once: the same tokens build the axum routes and [`ROUTES`], which
-/// the OpenAPI test compares with the generated document in both directions, so a route
-/// cannot be served without being documented or documented without being served.
+/// Declares every route once: the same tokens build the axum routes, the list of documented
+/// operations (`RouteDocs`) and [`ROUTES`], which the OpenAPI test compares with the
+/// generated document in both directions, so a route cannot be served without being
+/// documented or documented without being served.
 macro_rules! route_table {
     (
         public { $($pm:ident $pp:literal => $ph:path,)* }
@@ -35,6 +36,12 @@ macro_rules! route_table {
             $((stringify!($pm), $pp),)*
             $((stringify!($tm), $tp),)*
         ];
+
+        /// The documented operation of every route (each handler's `#[utoipa::path]`), merged
+        /// into the served document by [`crate::openapi::api_doc`].
+        #[derive(utoipa::OpenApi)]
+        #[openapi(paths($($ph,)* $($th,)*))]
+        pub(crate) struct RouteDocs;
 
         /// Routes open to anyone: probes, metrics, the API description.
         fn public_routes() -> Router<ApiState> {
@@ -65,6 +72,7 @@ route_table! {
         post "/v1/jobs/{id}/retry" => jobs::retry_job,
         post "/v1/process" => process::process_job,
         get "/v1/queues" => queues::list_queues,
+        get "/v1/queues/{queue}" => queues::get_queue,
         post "/v1/queues/{queue}/pause" => queues::pause_queue,
         post "/v1/queues/{queue}/resume" => queues::resume_queue,
         post "/v1/schedules" => schedules::create_schedule,

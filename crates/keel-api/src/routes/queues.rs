@@ -31,6 +31,30 @@ pub(crate) async fn list_queues(
     Ok(Json(stats.into_iter().map(QueueOut::from).collect()))
 }
 
+/// One queue with its job counts by state, without counting the others. A tenant key
+/// counts only its own jobs. Any valid queue name answers: a queue nobody has used has zero
+/// counts.
+#[utoipa::path(
+    get,
+    path = "/v1/queues/{queue}",
+    tag = "queues",
+    security(("bearer" = [])),
+    params(("queue" = String, Path, description = "Queue name")),
+    responses(
+        (status = 200, description = "The queue", body = QueueOut),
+        (status = 400, description = "Invalid queue name", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "Database temporarily unavailable", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+pub(crate) async fn get_queue(
+    State(state): State<ApiState>,
+    caller: Caller,
+    QueuePath(queue): QueuePath,
+) -> Result<Json<QueueOut>, ApiError> {
+    let stats = service::stats_of(&state, &caller, &queue).await?;
+    Ok(Json(QueueOut::from(stats)))
+}
+
 /// Stop leasing from a queue. Jobs can still be enqueued into it; running jobs finish.
 /// A queue serves every tenant, so this needs an operator key (`403` for a tenant key).
 #[utoipa::path(

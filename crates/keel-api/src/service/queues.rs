@@ -14,6 +14,19 @@ pub async fn stats(state: &ApiState, caller: &Caller) -> Result<Vec<QueueStats>,
     Ok(state.store.queue_stats(caller.scope().cloned()).await?)
 }
 
+/// One queue with its counts: every job in it for an operator, only the tenant's own for a
+/// tenant key. Any valid name answers (a queue nobody used has zero counts).
+pub async fn stats_of(
+    state: &ApiState,
+    caller: &Caller,
+    queue: &QueueName,
+) -> Result<QueueStats, ApiError> {
+    Ok(state
+        .store
+        .queue_stats_of(queue.clone(), caller.scope().cloned())
+        .await?)
+}
+
 /// Stops (`paused`) or restarts leasing from `queue`. A resumed queue's dispatcher and
 /// waiting external workers are woken, so its jobs start at once.
 pub async fn set_paused(

@@ -149,3 +149,20 @@ async fn another_tenants_jobs_are_invisible() {
         StatusCode::OK
     );
 }
+
+#[tokio::test]
+async fn a_tenant_counts_only_its_own_jobs_in_one_queue() {
+    let app = secured().await;
+    for key in [ACME_KEY, ACME_KEY, GLOBEX_KEY] {
+        let r = enqueue_as(&app, key, r#"{"kind":"noop","queue":"shared"}"#).await;
+        assert_eq!(r.status, StatusCode::CREATED);
+    }
+    let acme = get_as(&app, ACME_KEY, "/v1/queues/shared").await;
+    assert_eq!(acme.status, StatusCode::OK);
+    assert_eq!(acme.json()["counts"]["available"], 2);
+    let globex = get_as(&app, GLOBEX_KEY, "/v1/queues/shared").await;
+    assert_eq!(globex.json()["counts"]["available"], 1);
+    get_as(&app, "nope", "/v1/queues/shared")
+        .await
+        .assert_problem(401, "unauthorized");
+}

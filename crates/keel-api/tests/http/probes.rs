@@ -117,6 +117,38 @@ async fn queues_list_pause_and_resume() {
         .assert_problem(400, "malformed-request");
 }
 
+#[tokio::test]
+async fn one_queue_answers_its_counts_and_flag() {
+    let app = app().await;
+    app.enqueue(r#"{"kind":"noop","queue":"emails"}"#).await;
+    app.enqueue(r#"{"kind":"noop","queue":"emails"}"#).await;
+    app.enqueue(r#"{"kind":"noop","queue":"sms"}"#).await;
+    app.post("/v1/queues/emails/pause").await;
+    let r = app.get("/v1/queues/emails").await;
+    assert_eq!(r.status, StatusCode::OK);
+    let q = r.json();
+    assert_eq!(q["queue"], "emails");
+    assert_eq!(q["paused"], true);
+    assert_eq!(q["counts"]["available"], 2);
+    let listed = app.get("/v1/queues").await.json();
+    let entry = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|q| q["queue"] == "emails")
+        .unwrap()
+        .clone();
+    assert_eq!(q, entry, "the same as its entry in the list");
+
+    let unused = app.get("/v1/queues/never-used").await;
+    assert_eq!(unused.status, StatusCode::OK);
+    assert_eq!(unused.json()["paused"], false);
+    assert_eq!(unused.json()["counts"]["available"], 0);
+    app.get("/v1/queues/bad%20name")
+        .await
+        .assert_problem(400, "malformed-request");
+}
+
 /// A concrete URL for a route template.
 fn concrete(path: &str) -> String {
     path.replace("{id}", &keel_core::JobId::new().to_string())

@@ -72,6 +72,7 @@ pub enum Op {
     DeleteOldTicks,
     QueueStats,
     QueueDepths,
+    QueueStatsOf,
     SetQueuePaused,
     Campaign,
     Resign,
@@ -108,6 +109,7 @@ impl Op {
             Op::DeleteOldTicks => "deleting old tick records",
             Op::QueueStats => "reading queue statistics",
             Op::QueueDepths => "reading queue depths",
+            Op::QueueStatsOf => "reading a queue's statistics",
             Op::SetQueuePaused => "pausing or resuming a queue",
             Op::Campaign => "campaigning",
             Op::Resign => "resigning",
@@ -338,6 +340,16 @@ pub trait QueueStore: Send + Sync {
     /// that grows with history (days of it), where this grows with the backlog.
     async fn queue_depths(&self) -> Result<Vec<QueueStats>, StoreError>;
 
+    /// One queue's counts by state and its paused flag, as [`QueueStore::queue_stats`]
+    /// reports them, without counting the other queues. With a tenant, only that tenant's
+    /// jobs are counted. A queue that holds no jobs and was never paused has zero counts:
+    /// queues exist by being named.
+    async fn queue_stats_of(
+        &self,
+        queue: QueueName,
+        tenant: Option<TenantId>,
+    ) -> Result<QueueStats, StoreError>;
+
     /// Pauses or resumes leasing from a queue. Jobs can still be enqueued into a paused
     /// queue; [`WorkStore::lease`] returns nothing from it until it is resumed.
     async fn set_queue_paused(&self, queue: QueueName, paused: bool) -> Result<(), StoreError>;
@@ -353,6 +365,15 @@ impl<L: StoreLayer> QueueStore for Layered<L> {
     async fn queue_depths(&self) -> Result<Vec<QueueStats>, StoreError> {
         let call = Box::new(move || self.inner.queue_depths());
         self.layer.read(Op::QueueDepths, call).await
+    }
+
+    async fn queue_stats_of(
+        &self,
+        queue: QueueName,
+        tenant: Option<TenantId>,
+    ) -> Result<QueueStats, StoreError> {
+        let call = Box::new(move || self.inner.queue_stats_of(queue.clone(), tenant.clone()));
+        self.layer.read(Op::QueueStatsOf, call).await
     }
 
     async fn set_queue_paused(&self, queue: QueueName, paused: bool) -> Result<(), StoreError> {

@@ -407,8 +407,8 @@ impl PgStore {
 
     /// Runs one lease-fenced batch statement (`heartbeat`, `complete`, `release`) whose
     /// first two parameters are the ids and tokens of `leases` and which returns the
-    /// `(id, token)` pairs it applied to (and rows of NULLs, skipped, for the notifications
-    /// `complete` sends). Items it did not apply to are told apart with one more query: the
+    /// `(id, token)` pairs it applied to (rows of NULLs, if a statement ever returns them,
+    /// are skipped). Items it did not apply to are told apart with one more query: the
     /// job exists (its lease is stale) or it does not.
     async fn fenced_batch(
         &self,

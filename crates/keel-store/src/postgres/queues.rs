@@ -4,7 +4,7 @@
 use std::sync::LazyLock;
 
 use async_trait::async_trait;
-use keel_core::store::QueueStats;
+use keel_core::store::{QueueStats, StateCounts};
 use keel_core::{QueueName, QueueStore, StoreError, TenantId};
 
 use super::{PgStore, error, stats_from_rows};
@@ -28,6 +28,24 @@ impl QueueStore for PgStore {
         let ctx = || "counting unfinished jobs per queue and state".to_owned();
         let rows = self.query_fresh(&QUEUE_DEPTHS_SQL, &[], &ctx).await?;
         stats_from_rows(&rows)
+    }
+
+    async fn queue_stats_of(
+        &self,
+        queue: QueueName,
+        tenant: Option<TenantId>,
+    ) -> Result<QueueStats, StoreError> {
+        let ctx = || format!("counting the jobs of queue {queue}");
+        let tenant = tenant.as_ref().map(TenantId::as_str);
+        let rows = self
+            .query_fresh(QUEUE_STATS_OF_ONE_SQL, &[&queue.as_str(), &tenant], &ctx)
+            .await?;
+        // The statement always answers at least the queue's own row.
+        Ok(stats_from_rows(&rows)?.pop().unwrap_or_else(|| QueueStats {
+            queue,
+            paused: false,
+            counts: StateCounts::default(),
+        }))
     }
 
     async fn set_queue_paused(&self, queue: QueueName, paused: bool) -> Result<(), StoreError> {
@@ -92,3 +110,18 @@ const SET_QUEUE_PAUSED_SQL: &str = "WITH saved AS ( \
      RETURNING name, paused \
      ) \
      SELECT pg_notify($4, s.name) FROM saved s WHERE NOT s.paused";
+
+/// One queue's counts per state (of one tenant's jobs when `$2` is not NULL) and its paused
+/// flag, in the row shape of [`QUEUE_STATS_SQL`]: the queue's own row always comes back
+/// (a NULL state and count when it holds no jobs), so an unused name answers zeros. Served
+/// by the (queue, state, id) index, and the running jobs apart as in the full statistics.
+const QUEUE_STATS_OF_ONE_SQL: &str = "SELECT n.name, c.state, c.n, COALESCE(q.paused, false) \
+     FROM (SELECT $1::text AS name) n \
+     LEFT JOIN (SELECT state, count(*) AS n FROM jobs \
+                WHERE queue = $1 AND ($2::text IS NULL OR tenant = $2) \
+                  AND state <> 'running' GROUP BY state \
+                UNION ALL \
+                SELECT state, count(*) FROM jobs \
+                WHERE queue = $1 AND ($2::text IS NULL OR tenant = $2) \
+                  AND state = 'running' GROUP BY state) c ON true \
+     LEFT JOIN queues q ON q.name = n.name";

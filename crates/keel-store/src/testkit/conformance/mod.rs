@@ -77,6 +77,7 @@ macro_rules! conformance_suite {
             results_round_trip_byte_for_byte,
             hostile_values_are_refused_as_the_callers_fault,
             paused_queues_are_not_leased,
+            one_queue_stats_match_its_entry,
             idempotent_insert_replays_and_conflicts,
             idempotent_first_use_is_exclusive_under_concurrency,
             idempotency_keys_expire,

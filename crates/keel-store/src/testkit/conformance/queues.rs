@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use keel_core::JobState;
 use keel_core::store::{ListParams, StateCounts};
 
-use super::{Harness, insert_one, job, job_in_state, lease, lease_one, q};
+use super::{Harness, insert_one, job, job_in_state, lease, lease_one, q, tenant};
 
 /// Statistics agree with the rows; the depths are the same counts without the finished
 /// jobs (and without the queues that hold only finished ones).
@@ -123,4 +123,40 @@ pub async fn paused_queues_are_not_leased(h: &Harness) {
             .iter()
             .all(|s| s.queue.as_str() == "empty" || !s.paused)
     );
+}
+
+/// One queue's statistics are its entry in the full statistics, for every caller: the
+/// counts of every tenant's jobs or of one tenant's, and the paused flag either way. A
+/// queue nobody used answers zeros.
+pub async fn one_queue_stats_match_its_entry(h: &Harness) {
+    let (acme, other) = (tenant("acme"), tenant("other"));
+    insert_one(h, job("mail").tenant(acme.clone())).await;
+    insert_one(h, job("mail").tenant(acme.clone())).await;
+    insert_one(h, job("mail").tenant(other.clone())).await;
+    insert_one(h, job("sms").tenant(acme.clone())).await;
+    lease_one(h, "mail").await;
+    h.store.set_queue_paused(q("mail"), true).await.unwrap();
+    for scope in [None, Some(acme.clone()), Some(other.clone())] {
+        let all = h.store.queue_stats(scope.clone()).await.unwrap();
+        let entry = all.iter().find(|s| s.queue == q("mail")).unwrap();
+        let one = h
+            .store
+            .queue_stats_of(q("mail"), scope.clone())
+            .await
+            .unwrap();
+        assert_eq!(&one, entry, "scope {scope:?}");
+        assert!(one.paused);
+    }
+    let everyone = h.store.queue_stats_of(q("mail"), None).await.unwrap();
+    assert_eq!((everyone.counts.available, everyone.counts.running), (2, 1));
+    let other_only = h
+        .store
+        .queue_stats_of(q("mail"), Some(other))
+        .await
+        .unwrap();
+    assert_eq!(other_only.counts.total(), 1, "only the tenant's own job");
+    let unused = h.store.queue_stats_of(q("unused"), None).await.unwrap();
+    assert_eq!(unused.queue, q("unused"));
+    assert!(!unused.paused);
+    assert_eq!(unused.counts.total(), 0);
 }
