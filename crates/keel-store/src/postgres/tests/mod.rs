@@ -1,0 +1,112 @@
+//! Postgres-specific tests: what the conformance suite cannot see from the `Store` trait,
+//! one module per area below (`plans`, `connect`, `pool`, `writes`, `notify`); the helpers
+//! they share are here.
+//!
+//! - **Plans.** The hot statements, exactly as the store sends them, must use their indexes
+//!   on a table shaped like production (mostly finished jobs, a few thousand live ones). A
+//!   sequential scan on `jobs` is invisible in functional tests on small tables and fatal at
+//!   a few million rows, so one test loads a realistic table, `ANALYZE`s it and reads the
+//!   plans. `EXPLAIN` without `ANALYZE` plans the statements without running them. Each
+//!   statement is checked twice: with its parameters bound (the custom plans Postgres uses
+//!   for a prepared statement's first executions) and as a generic plan (what a prepared
+//!   statement may switch to afterwards, planned without knowing the values). The same goes
+//!   for `idempotency_keys`, which holds a row per keyed request for a day or so, and for
+//!   lease's paused-queue check, which must run once per statement, not once per job.
+//! - **Connecting and migrating**: error classes for an unreachable server and a missing
+//!   database, concurrent migrations, a search_path naming no schema.
+//! - **The pool**: min_idle warming and top-up, max_lifetime, the acquire timeout, close,
+//!   and a connection killed under the store.
+//! - **Group commit**: concurrent inserts share commits; one caller's duplicate id fails
+//!   only that caller; close answers every caller.
+//! - **Wakeups**: a notification reaches other stores on the same schema and no other, and
+//!   the listener comes back after its connection is killed.
+//! - **State changes**: what complete, fail, cancel, retry and rescue announce reaches
+//!   another store on the same schema, in order and nothing else; a completion batch too
+//!   large for one notification is split under Postgres's payload limit and arrives whole.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use deadpool_postgres::Object;
+use keel_core::{Clock, ManualClock};
+
+use super::{PgOptions, PgStore};
+use crate::testkit::PgSchema;
+
+mod connect;
+mod notify;
+mod plans;
+mod pool;
+mod writes;
+
+fn clock() -> Arc<dyn Clock> {
+    Arc::new(ManualClock::starting_now())
+}
+
+/// `base` with its database name replaced (test URLs are `postgres://…/db[?…]`).
+fn with_database(base: &str, db: &str) -> String {
+    let (head, query) = base
+        .split_once('?')
+        .map_or((base, None), |(h, q)| (h, Some(q)));
+    let head = head.rsplit_once('/').map_or(head, |(h, _)| h);
+    match query {
+        Some(q) => format!("{head}/{db}?{q}"),
+        None => format!("{head}/{db}"),
+    }
+}
+
+async fn backend_pid(conn: &Object) -> i32 {
+    conn.query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .expect("backend pid")
+        .get(0)
+}
+
+/// Polls `cond` until it holds; gives up (fails) after 20 s, a hang guard.
+async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
+    tokio::time::timeout(Duration::from_secs(20), async {
+        while !cond() {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("gave up waiting for {what}"));
+}
+
+/// An idempotent insert of one job under `key` with fingerprint `mine`.
+fn keyed_request(key: &str) -> keel_core::store::IdempotentInsert {
+    keel_core::store::IdempotentInsert {
+        tenant: keel_core::TenantId::parse("t").expect("valid tenant"),
+        key: keel_core::IdempotencyKey::parse(key).expect("valid key"),
+        fingerprint: "mine".to_owned(),
+        jobs: vec![keel_core::NewJob::new(
+            keel_core::JobKind::parse("noop").expect("valid kind"),
+        )],
+        ttl: Duration::from_secs(3600),
+        respond: Box::new(|jobs| keel_core::store::StoredResponse {
+            status: 201,
+            body: jobs[0].id.to_string().into_bytes(),
+        }),
+    }
+}
+
+fn noop() -> keel_core::NewJob {
+    keel_core::NewJob::new(keel_core::JobKind::parse("noop").expect("valid kind"))
+}
+
+async fn count_jobs(store: &PgStore) -> i64 {
+    let conn = store.pool.get().await.expect("connection");
+    conn.query_one("SELECT count(*) FROM jobs", &[])
+        .await
+        .expect("count jobs")
+        .get(0)
+}
+
+/// A migrated store in `schema` with `opts`.
+async fn store_in(schema: &PgSchema, opts: PgOptions) -> PgStore {
+    let store = PgStore::connect(&schema.url, opts, clock())
+        .await
+        .expect("connect");
+    store.migrate().await.expect("migrate");
+    store
+}

@@ -1,0 +1,367 @@
+//! Notifications: wakeups and state changes reach other stores on the same schema (and no
+//! other), the listener comes back after its connection is killed, and a batch too large for
+//! one notification arrives whole.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use keel_core::{
+    Clock, JobId, JobState, JobStore, MaintenanceStore, ManualClock, QueueName, Store, WorkStore,
+};
+
+use super::{eventually, noop, store_in};
+use crate::postgres::{PgOptions, PgStore};
+use crate::testkit::{PgSchema, pg_url_or_skip};
+
+/// The next wakeup on `stream`, or `None` if none comes within `wait`.
+async fn next_wakeup(
+    stream: &mut Box<dyn keel_core::WakeupStream>,
+    wait: Duration,
+) -> Option<QueueName> {
+    tokio::time::timeout(wait, stream.next())
+        .await
+        .ok()
+        .flatten()
+}
+
+/// An insert through one store wakes another store on the same schema, for that queue (and
+/// not for a queue that only got a scheduled job); promotion wakes it too. A store on
+/// another schema hears nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wakeups_reach_stores_on_the_same_schema_only() {
+    let Some(base) =
+        pg_url_or_skip("postgres::tests::wakeups_reach_stores_on_the_same_schema_only")
+    else {
+        return;
+    };
+    let schema = PgSchema::create(&base).await;
+    let other_schema = PgSchema::create(&base).await;
+    let clock = ManualClock::starting_now();
+    let a = PgStore::connect(&schema.url, PgOptions::for_tests(), Arc::new(clock.clone()))
+        .await
+        .expect("connect");
+    a.migrate().await.expect("migrate");
+    let b = store_in(&schema, PgOptions::for_tests()).await;
+    let elsewhere = store_in(&other_schema, PgOptions::for_tests()).await;
+    let mut heard = b.wakeups().expect("Postgres delivers wakeups");
+    let mut overheard = elsewhere.wakeups().expect("Postgres delivers wakeups");
+    eventually("both listeners to be listening", || {
+        b.listener.listens() >= 1 && elsewhere.listener.listens() >= 1
+    })
+    .await;
+
+    let later = QueueName::parse("later").expect("valid queue");
+    let mail = QueueName::parse("mail").expect("valid queue");
+    let due = clock.now() + chrono::TimeDelta::seconds(30);
+    a.insert(vec![noop().queue(later.clone()).run_at(due)])
+        .await
+        .expect("insert scheduled");
+    a.insert(vec![noop().queue(mail.clone()), noop().queue(mail.clone())])
+        .await
+        .expect("insert available");
+    assert_eq!(
+        next_wakeup(&mut heard, Duration::from_secs(5)).await,
+        Some(mail.clone()),
+        "the first wakeup is for the queue that got available jobs"
+    );
+
+    clock.advance(Duration::from_secs(60));
+    let promoted = a
+        .promote(keel_core::store::PromoteParams { limit: 10 })
+        .await
+        .expect("promote");
+    assert_eq!(promoted.len(), 1);
+    assert_eq!(
+        next_wakeup(&mut heard, Duration::from_secs(5)).await,
+        Some(later)
+    );
+    assert_eq!(
+        next_wakeup(&mut overheard, Duration::from_millis(500)).await,
+        None,
+        "a store on another schema was woken"
+    );
+    for s in [a, b, elsewhere] {
+        s.close().await;
+    }
+}
+
+/// Killing the listener's connection does not end the stream: the listener reconnects and
+/// later notifications arrive on the same stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listener_reconnects_after_its_connection_is_killed() {
+    let Some(base) =
+        pg_url_or_skip("postgres::tests::listener_reconnects_after_its_connection_is_killed")
+    else {
+        return;
+    };
+    let schema = PgSchema::create(&base).await;
+    let store = store_in(&schema, PgOptions::for_tests()).await;
+    let mut wakeups = store.wakeups().expect("Postgres delivers wakeups");
+    eventually("the listener to be listening", || {
+        store.listener.listens() >= 1
+    })
+    .await;
+    let conn = store.pool.get().await.expect("connection");
+    let killed: i64 = conn
+        .query_one(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
+             WHERE query = $1 AND pid <> pg_backend_pid()",
+            &[&format!(
+                "LISTEN \"{}\"; LISTEN \"{}\"",
+                store.channel, store.changes_channel
+            )],
+        )
+        .await
+        .expect("terminate the listener")
+        .get(0);
+    assert_eq!(
+        killed, 1,
+        "exactly one session listens on {}",
+        store.channel
+    );
+    drop(conn);
+    eventually("the listener to listen again", || {
+        store.listener.listens() >= 2
+    })
+    .await;
+    let queue = QueueName::parse("after-reconnect").expect("valid queue");
+    store
+        .insert(vec![noop().queue(queue.clone())])
+        .await
+        .expect("insert");
+    assert_eq!(
+        next_wakeup(&mut wakeups, Duration::from_secs(5)).await,
+        Some(queue)
+    );
+    store.close().await;
+}
+
+/// The next state change on `stream`, or `None` if none comes within `wait`.
+async fn next_change(
+    stream: &mut Box<dyn keel_core::ChangeStream>,
+    wait: Duration,
+) -> Option<keel_core::store::StateChange> {
+    tokio::time::timeout(wait, stream.next())
+        .await
+        .ok()
+        .flatten()
+}
+
+/// Every kind of announced move (cancel, retry, rescue) made through one store reaches
+/// another store on the same schema, in commit order, with the right state and queue;
+/// inserting, leasing, completing and failing announce nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changes_reach_another_store_on_the_same_schema() {
+    use keel_core::store::StateChange;
+    use keel_core::store::{Completion, FailParams, LeaseParams, LeaseRef, RescueParams};
+
+    let Some(base) =
+        pg_url_or_skip("postgres::tests::changes_reach_another_store_on_the_same_schema")
+    else {
+        return;
+    };
+    let schema = PgSchema::create(&base).await;
+    let clock = ManualClock::starting_now();
+    let a = PgStore::connect(&schema.url, PgOptions::for_tests(), Arc::new(clock.clone()))
+        .await
+        .expect("connect");
+    a.migrate().await.expect("migrate");
+    let b = store_in(&schema, PgOptions::for_tests()).await;
+    let mut heard = b.changes().expect("Postgres delivers changes");
+    eventually("the listener to be listening", || b.listener.listens() >= 1).await;
+
+    let queue = QueueName::parse("events").expect("valid queue");
+    let jobs = a
+        .insert((0..5).map(|_| noop().queue(queue.clone())).collect())
+        .await
+        .expect("insert");
+    let leased = a
+        .lease(LeaseParams {
+            queue: queue.clone(),
+            max: 5,
+            lease_for: Duration::from_secs(30),
+            owner: keel_core::WorkerId::parse("w").expect("valid worker"),
+            tenant: None,
+            kinds: Vec::new(),
+        })
+        .await
+        .expect("lease");
+    assert_eq!(leased.len(), 5);
+    let lease = |i: usize| LeaseRef::of(&leased[i]).expect("leased");
+    let fail = |i: usize, permanent: bool| FailParams {
+        lease: lease(i),
+        error: "boom".into(),
+        permanent,
+        retry_at: None,
+    };
+    let outcome = a
+        .complete(vec![Completion {
+            lease: lease(0),
+            result: None,
+        }])
+        .await
+        .expect("complete");
+    assert!(outcome[0].is_ok());
+    a.fail(fail(1, false)).await.expect("fail, retryable");
+    a.fail(fail(2, true)).await.expect("fail, discarded");
+    a.cancel(leased[3].id).await.expect("cancel a running job");
+    a.retry(leased[2].id)
+        .await
+        .expect("retry the discarded job");
+    clock.advance(Duration::from_secs(31));
+    let rescued = a.rescue(RescueParams { limit: 10 }).await.expect("rescue");
+    assert_eq!(rescued.len(), 1);
+
+    let change = |i: usize, state: JobState| StateChange {
+        id: leased[i].id,
+        queue: queue.clone(),
+        state,
+    };
+    // Completions and failures are not announced (lease.rs says why).
+    let want = [
+        change(3, JobState::Cancelled),
+        change(2, JobState::Available),
+        change(4, JobState::Retryable),
+    ];
+    let mut got = Vec::new();
+    while got.len() < want.len() {
+        match next_change(&mut heard, Duration::from_secs(5)).await {
+            Some(c) => got.push(c),
+            None => break,
+        }
+    }
+    assert_eq!(
+        got,
+        want,
+        "inserted: {:?}",
+        jobs.iter().map(|j| j.id).collect::<Vec<_>>()
+    );
+    assert_eq!(
+        next_change(&mut heard, Duration::from_millis(300)).await,
+        None,
+        "something else was announced"
+    );
+    for s in [a, b] {
+        s.close().await;
+    }
+}
+
+/// Payloads heard on `channel` through a plain connection of the test's own, until dropped.
+async fn raw_listen(url: &str, channel: &str) -> tokio::sync::mpsc::UnboundedReceiver<String> {
+    let (client, mut connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .expect("connect the raw listener");
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let (ready_tx, ready) = tokio::sync::oneshot::channel();
+    let listen = format!("LISTEN \"{channel}\"");
+    tokio::spawn(async move {
+        let subscribe = client.batch_execute(&listen);
+        tokio::pin!(subscribe);
+        let mut ready_tx = Some(ready_tx);
+        loop {
+            tokio::select! {
+                done = &mut subscribe, if ready_tx.is_some() => {
+                    done.expect("LISTEN");
+                    if let Some(r) = ready_tx.take() {
+                        let _ = r.send(());
+                    }
+                }
+                message = std::future::poll_fn(|cx| connection.poll_message(cx)) => {
+                    match message {
+                        Some(Ok(tokio_postgres::AsyncMessage::Notification(n))) => {
+                            if tx.send(n.payload().to_owned()).is_err() {
+                                return;
+                            }
+                        }
+                        Some(Ok(_)) => {}
+                        _ => return,
+                    }
+                }
+            }
+        }
+    });
+    ready.await.expect("the raw listener is listening");
+    rx
+}
+
+/// Rescuing 500 jobs with the longest queue name allowed in one batch: the announcement is
+/// split into notifications under Postgres's 8,000-byte limit (it would fail the rescue
+/// otherwise), and a subscriber on another store receives all 500.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_changes_are_chunked_and_all_delivered() {
+    use keel_core::store::{LeaseParams, RescueParams};
+
+    let Some(base) = pg_url_or_skip("postgres::tests::many_changes_are_chunked_and_all_delivered")
+    else {
+        return;
+    };
+    const N: usize = 500;
+    let schema = PgSchema::create(&base).await;
+    let clock = ManualClock::starting_now();
+    let a = PgStore::connect(&schema.url, PgOptions::for_tests(), Arc::new(clock.clone()))
+        .await
+        .expect("connect");
+    a.migrate().await.expect("migrate");
+    let b = store_in(&schema, PgOptions::for_tests()).await;
+    let mut heard = b.changes().expect("Postgres delivers changes");
+    eventually("the listener to be listening", || b.listener.listens() >= 1).await;
+    let mut raw = raw_listen(&schema.url, &a.changes_channel).await;
+
+    let queue =
+        QueueName::parse(format!("q{}", "x".repeat(QueueName::MAX_LEN - 1))).expect("valid queue");
+    a.insert((0..N).map(|_| noop().queue(queue.clone())).collect())
+        .await
+        .expect("insert");
+    let leased = a
+        .lease(LeaseParams {
+            queue: queue.clone(),
+            max: N as u32,
+            lease_for: Duration::from_secs(30),
+            owner: keel_core::WorkerId::parse("w").expect("valid worker"),
+            tenant: None,
+            kinds: Vec::new(),
+        })
+        .await
+        .expect("lease");
+    assert_eq!(leased.len(), N);
+    clock.advance(Duration::from_secs(31));
+    let rescued = a
+        .rescue(RescueParams { limit: N as u32 })
+        .await
+        .expect("rescue the batch");
+    assert_eq!(rescued.len(), N);
+
+    let want: HashSet<JobId> = leased.iter().map(|j| j.id).collect();
+    let mut got = HashSet::new();
+    while got.len() < N {
+        let Some(c) = next_change(&mut heard, Duration::from_secs(5)).await else {
+            break;
+        };
+        assert_eq!((c.state, &c.queue), (JobState::Retryable, &queue));
+        got.insert(c.id);
+    }
+    assert_eq!(got, want, "missing {} changes", N - got.len());
+
+    let mut payloads = Vec::new();
+    let mut lines = 0;
+    while lines < N {
+        let payload = tokio::time::timeout(Duration::from_secs(5), raw.recv())
+            .await
+            .expect("a notification")
+            .expect("the raw listener is running");
+        assert!(payload.len() < 8000, "{} bytes", payload.len());
+        lines += payload.lines().count();
+        payloads.push(payload);
+    }
+    assert_eq!(lines, N);
+    assert_eq!(
+        payloads.len(),
+        N.div_ceil(crate::postgres::sql::CHANGES_PER_NOTIFICATION),
+        "one notification per {} changes",
+        crate::postgres::sql::CHANGES_PER_NOTIFICATION
+    );
+    for s in [a, b] {
+        s.close().await;
+    }
+}

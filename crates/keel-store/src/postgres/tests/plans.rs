@@ -1,0 +1,434 @@
+//! Plans: the hot statements, exactly as the store sends them, use their indexes on a table
+//! shaped like production, with their parameters bound and as generic plans (see the parent
+//! module).
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+use deadpool_postgres::Object;
+use keel_core::store::ListParams;
+use keel_core::{Clock, JobId, JobState, ManualClock, QueueName, Store};
+use serde_json::Value;
+use tokio_postgres::types::ToSql;
+
+use crate::postgres::commit::UNIQUE_HOLDERS_SQL;
+use crate::postgres::idempotency::{IDEMPOTENCY_EXPIRE_SQL, IDEMPOTENCY_READ_SQL};
+use crate::postgres::jobs::ListQuery;
+use crate::postgres::lease::{COMPLETE_SQL, LEASE_SQL};
+use crate::postgres::maintenance::{
+    DELETE_FINISHED_SQL, IDEMPOTENCY_DELETE_EXPIRED_SQL, PROMOTE_SQL, RESCUE_LOCK_SQL,
+};
+use crate::postgres::queues::QUEUE_DEPTHS_SQL;
+use crate::postgres::{PgOptions, PgStore};
+use crate::testkit::{PgSchema, pg_url_or_skip};
+
+/// Rows loaded: 88 % completed, 6 % available over 8 queues, 2 % each running and
+/// scheduled, 2 % retryable. Ids are time-ordered like the UUIDv7s the store assigns.
+const LOAD: &str = "
+INSERT INTO jobs (id, queue, kind, tenant, args, priority, state, attempt, max_attempts,
+                  timeout_ms, backoff, tags, run_at, created_at, started_at, finished_at,
+                  lease_owner, lease_token, lease_expires_at)
+SELECT ('00000000-0000-7000-8000-' || lpad(to_hex(i), 12, '0'))::uuid,
+       'q' || (i % 8), 'noop', 't' || (i % 16), '{}'::json, (i % 10)::int2, s.state,
+       CASE WHEN s.state IN ('available', 'scheduled') THEN 0 ELSE 1 END,
+       25, 60000, '{\"type\":\"fixed\",\"delay_ms\":1000}'::jsonb, '[]'::jsonb,
+       CASE WHEN s.state IN ('scheduled', 'retryable') THEN now() + i * interval '1 ms'
+            ELSE now() - interval '1 hour' + i * interval '1 ms' END,
+       now() - interval '2 hours' + i * interval '1 ms',
+       CASE WHEN s.state IN ('running', 'completed', 'retryable')
+            THEN now() - interval '1 hour' END,
+       CASE WHEN s.state = 'completed' THEN now() - interval '30 minutes' + i * interval '1 ms' END,
+       CASE WHEN s.state IN ('running', 'completed') THEN 'w1' END,
+       CASE WHEN s.state = 'running' THEN gen_random_uuid() END,
+       CASE WHEN s.state = 'running' THEN now() + interval '30 seconds' END
+FROM (SELECT i,
+             CASE WHEN i % 100 < 88 THEN 'completed'
+                  WHEN i % 100 < 94 THEN 'available'
+                  WHEN i % 100 < 96 THEN 'running'
+                  WHEN i % 100 < 98 THEN 'scheduled'
+                  ELSE 'retryable' END AS state
+      FROM generate_series(1, 120000) AS i) AS s;
+INSERT INTO queues (name, paused, updated_at)
+SELECT 'q' || i, i % 3 = 0, now() FROM generate_series(100, 300) AS i;
+INSERT INTO idempotency_keys (tenant, key, fingerprint, status, body, created_at, expires_at)
+SELECT 't' || (i % 16), 'key-' || i, 'fp', 201, '\\x7b7d'::bytea, now() - interval '1 day',
+       now() + (i - 2000) * interval '1 second'
+FROM generate_series(1, 40000) AS i;
+ANALYZE jobs;
+ANALYZE queues;
+ANALYZE idempotency_keys;
+";
+
+/// Tables that grow with traffic: a sequential scan of either is a defect. (`queues` holds a
+/// row per paused or resumed queue; reading all of it can be the cheapest plan.)
+const LARGE_TABLES: [&str; 2] = ["jobs", "idempotency_keys"];
+
+/// What a plan does, gathered from its JSON form.
+#[derive(Default)]
+struct PlanFacts {
+    /// Large tables read by a sequential scan (once per scan).
+    seq_scans: Vec<String>,
+    /// Every index the plan uses.
+    indexes: Vec<String>,
+    /// Relations read inside an InitPlan: evaluated once per statement.
+    once: BTreeSet<String>,
+    /// Relations read anywhere else.
+    elsewhere: BTreeSet<String>,
+}
+
+impl PlanFacts {
+    fn of(plan: &Value) -> Self {
+        let mut facts = Self::default();
+        facts.walk(plan, false);
+        facts
+    }
+
+    fn walk(&mut self, plan: &Value, in_init_plan: bool) {
+        match plan {
+            Value::Object(map) => {
+                // A CTE is an InitPlan too ("CTE picked"); only an uncorrelated sublink's
+                // ("InitPlan 1 (returns $0)") runs once per statement by construction.
+                let in_init_plan = in_init_plan
+                    || (map.get("Parent Relationship").and_then(Value::as_str) == Some("InitPlan")
+                        && map
+                            .get("Subplan Name")
+                            .and_then(Value::as_str)
+                            .is_some_and(|n| n.starts_with("InitPlan")));
+                if let Some(rel) = map.get("Relation Name").and_then(Value::as_str) {
+                    if map.get("Node Type").and_then(Value::as_str) == Some("Seq Scan")
+                        && LARGE_TABLES.contains(&rel)
+                    {
+                        self.seq_scans.push(rel.to_owned());
+                    }
+                    let reads = if in_init_plan {
+                        &mut self.once
+                    } else {
+                        &mut self.elsewhere
+                    };
+                    reads.insert(rel.to_owned());
+                }
+                if let Some(index) = map.get("Index Name").and_then(Value::as_str) {
+                    self.indexes.push(index.to_owned());
+                }
+                map.values().for_each(|v| self.walk(v, in_init_plan));
+            }
+            Value::Array(items) => items.iter().for_each(|v| self.walk(v, in_init_plan)),
+            _ => {}
+        }
+    }
+}
+
+/// What is wrong with `plan`, if anything: a sequential scan of a large table, not using the
+/// index the statement was designed for (when `index` is given), or reading a table of
+/// `once` other than once per statement.
+fn check(
+    name: &str,
+    mode: &str,
+    plan: &Value,
+    index: Option<&str>,
+    once: &[&str],
+) -> Option<String> {
+    let facts = PlanFacts::of(plan);
+    let pretty = || serde_json::to_string_pretty(plan).unwrap_or_default();
+    if !facts.seq_scans.is_empty() {
+        return Some(format!(
+            "{name} ({mode}) scans {:?} sequentially:\n{}",
+            facts.seq_scans,
+            pretty()
+        ));
+    }
+    if let Some(index) = index
+        && !facts.indexes.iter().any(|i| i == index)
+    {
+        return Some(format!(
+            "{name} ({mode}) does not use {index} (uses {:?}):\n{}",
+            facts.indexes,
+            pretty()
+        ));
+    }
+    if let Some(rel) = once
+        .iter()
+        .find(|r| !facts.once.contains(**r) || facts.elsewhere.contains(**r))
+    {
+        return Some(format!(
+            "{name} ({mode}) does not read {rel} exactly once per statement (in an \
+             InitPlan):\n{}",
+            pretty()
+        ));
+    }
+    None
+}
+
+/// One statement to check: its text, bound values for the custom plan, the same values as
+/// SQL literals for `EXECUTE` (generic plan), and the index it must use.
+struct Case<'a> {
+    name: &'a str,
+    sql: &'a str,
+    params: Vec<&'a (dyn ToSql + Sync)>,
+    literals: String,
+    /// The index the custom plan must use.
+    index: &'a str,
+    /// Whether the generic plan must use it too. A generic plan is planned without the
+    /// values, so for a selective filter with a LIMIT the planner may reasonably prefer
+    /// walking the primary key and filtering; Postgres only keeps a generic plan when it
+    /// costs no more than the custom ones, so for those statements the requirement is only
+    /// "no sequential scan".
+    generic_uses_index: bool,
+    /// Tables the statement must read once per execution (an InitPlan), whatever the
+    /// number of rows it touches.
+    once: &'a [&'a str],
+}
+
+async fn explain(conn: &Object, case: &Case<'_>) -> Vec<String> {
+    let row = conn
+        .query_one(&format!("EXPLAIN (FORMAT JSON) {}", case.sql), &case.params)
+        .await
+        .unwrap_or_else(|e| panic!("explaining {}: {e:?}", case.name));
+    let custom: Value = row.get(0);
+
+    let stmt = format!("keel_explain_{}", case.name.replace(' ', "_"));
+    conn.batch_execute(&format!(
+        "PREPARE {stmt} AS {}; SET plan_cache_mode = force_generic_plan",
+        case.sql
+    ))
+    .await
+    .unwrap_or_else(|e| panic!("preparing {}: {e:?}", case.name));
+    let row = conn
+        .query_one(
+            &format!("EXPLAIN (FORMAT JSON) EXECUTE {stmt}({})", case.literals),
+            &[],
+        )
+        .await
+        .unwrap_or_else(|e| panic!("explaining generic {}: {e:?}", case.name));
+    let generic: Value = row.get(0);
+    conn.batch_execute(&format!("DEALLOCATE {stmt}; RESET plan_cache_mode"))
+        .await
+        .unwrap_or_else(|e| panic!("cleaning up {}: {e:?}", case.name));
+
+    let generic_index = case.generic_uses_index.then_some(case.index);
+    [
+        check(
+            case.name,
+            "custom plan",
+            &custom,
+            Some(case.index),
+            case.once,
+        ),
+        check(
+            case.name,
+            "generic plan",
+            &generic,
+            generic_index,
+            case.once,
+        ),
+    ]
+    .into_iter()
+    .flatten()
+    .collect()
+}
+
+#[tokio::test]
+async fn explain_hot_queries_use_indexes() {
+    let Some(base) = pg_url_or_skip("postgres::tests::explain_hot_queries_use_indexes") else {
+        return;
+    };
+    let schema = PgSchema::create(&base).await;
+    let clock = ManualClock::starting_now();
+    let store = PgStore::connect(&schema.url, PgOptions::for_tests(), Arc::new(clock.clone()))
+        .await
+        .expect("connect to the test server");
+    store.migrate().await.expect("migrate");
+    let conn = store.pool.get().await.expect("a pooled connection");
+    conn.batch_execute(LOAD)
+        .await
+        .expect("load and analyze jobs");
+    let total: i64 = conn
+        .query_one("SELECT count(*) FROM jobs", &[])
+        .await
+        .expect("count jobs")
+        .get(0);
+    assert!(total >= 100_000, "loaded only {total} rows");
+
+    let now = clock.now();
+    let ts = |t: keel_core::Timestamp| format!("'{}'::timestamptz", t.to_rfc3339());
+    let past = now - chrono::TimeDelta::minutes(10);
+
+    let queue = QueueName::parse("q3").expect("valid queue");
+    let by_queue_state = ListQuery::new(&ListParams {
+        queue: Some(queue.clone()),
+        state: Some(JobState::Available),
+        limit: 100,
+        ..ListParams::default()
+    });
+    let running_by_queue = ListQuery::new(&ListParams {
+        queue: Some(queue.clone()),
+        state: Some(JobState::Running),
+        limit: 100,
+        ..ListParams::default()
+    });
+    let cursor = JobId::parse("00000000-0000-7000-8000-000000000400").expect("valid id");
+    let ids = vec![*cursor.as_uuid()];
+    let tokens = vec![*cursor.as_uuid()];
+    let results: Vec<Option<String>> = vec![None];
+    let after_cursor = ListQuery::new(&ListParams {
+        after: Some(cursor),
+        limit: 100,
+        ..ListParams::default()
+    });
+    let limit = 100_i64;
+    let (owner, queue_name) = ("w2", queue.as_str());
+    let (tenant, key) = ("t3", "key-3");
+    let channel = "keel_jobs:explain";
+    let (tenants, keys) = (vec!["t3"], vec!["key-3"]);
+
+    let cases = [
+        Case {
+            name: "lease",
+            sql: &LEASE_SQL,
+            params: vec![&queue_name, &limit, &owner, &now, &now],
+            literals: format!("'q3', 100, 'w2', {}, {}", ts(now), ts(now)),
+            index: "jobs_lease_idx",
+            generic_uses_index: true,
+            once: &["queues"],
+        },
+        Case {
+            name: "list by queue and state",
+            sql: &by_queue_state.sql,
+            params: by_queue_state.params(),
+            literals: "'q3', 100".to_owned(),
+            // The state is a literal (the listing indexes leave running jobs out, so the
+            // plan must know it): the generic plan is the custom one.
+            index: "jobs_queue_state_idx",
+            generic_uses_index: true,
+            once: &[],
+        },
+        Case {
+            name: "list running by queue",
+            sql: &running_by_queue.sql,
+            params: running_by_queue.params(),
+            literals: "'q3', 100".to_owned(),
+            index: "jobs_expired_lease_idx",
+            generic_uses_index: true,
+            once: &[],
+        },
+        Case {
+            name: "complete",
+            sql: &COMPLETE_SQL,
+            params: vec![&ids, &tokens, &results, &now],
+            literals: format!(
+                "ARRAY['{cursor}'::uuid], ARRAY['{cursor}'::uuid], ARRAY[NULL::text], {}",
+                ts(now)
+            ),
+            // By primary key only, never by the running index (dead entries pile up there).
+            index: "jobs_pkey",
+            generic_uses_index: true,
+            once: &[],
+        },
+        Case {
+            name: "list after cursor",
+            sql: &after_cursor.sql,
+            params: after_cursor.params(),
+            literals: format!("'{cursor}', 100"),
+            index: "jobs_pkey",
+            generic_uses_index: true,
+            once: &[],
+        },
+        Case {
+            name: "promote",
+            sql: &PROMOTE_SQL,
+            params: vec![&now, &limit, &channel],
+            literals: format!("{}, 100, 'keel_jobs:explain'", ts(now)),
+            index: "jobs_due_idx",
+            generic_uses_index: true,
+            once: &[],
+        },
+        Case {
+            name: "rescue",
+            sql: &RESCUE_LOCK_SQL,
+            params: vec![&now, &limit],
+            literals: format!("{}, 100", ts(now)),
+            index: "jobs_expired_lease_idx",
+            generic_uses_index: true,
+            once: &[],
+        },
+        Case {
+            name: "delete finished",
+            sql: &DELETE_FINISHED_SQL,
+            params: vec![&past, &limit],
+            literals: format!("{}, 100", ts(past)),
+            index: "jobs_finished_idx",
+            generic_uses_index: true,
+            once: &[],
+        },
+        Case {
+            name: "read idempotency key",
+            sql: IDEMPOTENCY_READ_SQL,
+            params: vec![&tenant, &key, &now],
+            literals: format!("'t3', 'key-3', {}", ts(now)),
+            index: "idempotency_keys_pkey",
+            generic_uses_index: true,
+            once: &[],
+        },
+        Case {
+            name: "expire idempotency key",
+            sql: IDEMPOTENCY_EXPIRE_SQL,
+            params: vec![&tenant, &key, &now],
+            literals: format!("'t3', 'key-3', {}", ts(now)),
+            index: "idempotency_keys_pkey",
+            generic_uses_index: true,
+            once: &[],
+        },
+        Case {
+            name: "unique holders",
+            sql: &UNIQUE_HOLDERS_SQL,
+            params: vec![&tenants, &keys],
+            literals: "ARRAY['t3'], ARRAY['key-3']".to_owned(),
+            index: "jobs_unique_idx",
+            generic_uses_index: true,
+            once: &[],
+        },
+        Case {
+            name: "delete expired idempotency keys",
+            sql: IDEMPOTENCY_DELETE_EXPIRED_SQL,
+            params: vec![&now, &limit],
+            literals: format!("{}, 100", ts(now)),
+            index: "idempotency_keys_expires_idx",
+            generic_uses_index: true,
+            once: &[],
+        },
+    ];
+    let mut problems = Vec::new();
+    for case in &cases {
+        problems.extend(explain(&conn, case).await);
+    }
+    assert!(problems.is_empty(), "{}", problems.join("\n\n"));
+
+    // The gauges' count (no parameters: one plan) reads the unfinished jobs through their
+    // partial indexes, never an index that holds the finished ones.
+    let row = conn
+        .query_one(&format!("EXPLAIN (FORMAT JSON) {}", *QUEUE_DEPTHS_SQL), &[])
+        .await
+        .expect("explain queue depths");
+    let plan: Value = row.get(0);
+    let facts = PlanFacts::of(&plan);
+    let pretty = serde_json::to_string_pretty(&plan).unwrap_or_default();
+    assert!(facts.seq_scans.is_empty(), "{pretty}");
+    for index in ["jobs_lease_idx", "jobs_due_idx", "jobs_expired_lease_idx"] {
+        assert!(
+            facts.indexes.iter().any(|i| i == index),
+            "{index}: {pretty}"
+        );
+    }
+    for index in [
+        "jobs_queue_state_idx",
+        "jobs_tenant_state_idx",
+        "jobs_finished_idx",
+    ] {
+        assert!(
+            !facts.indexes.iter().any(|i| i == index),
+            "{index}: {pretty}"
+        );
+    }
+    drop(conn);
+    store.close().await;
+}

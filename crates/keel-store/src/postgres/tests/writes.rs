@@ -1,0 +1,456 @@
+//! Writes: group commit (shared commits, one caller's duplicate failing only that caller,
+//! close answering every caller), idempotent claims, pausing, and heartbeats overlapping
+//! completions without deadlock.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use keel_core::{
+    Clock, JobStore, ManualClock, QueueName, QueueStore, Store, StoreError, WorkStore,
+};
+
+use super::{clock, count_jobs, eventually, keyed_request, noop, store_in};
+use crate::postgres::{PgOptions, PgStore};
+use crate::testkit::{PgSchema, pg_url_or_skip};
+
+#[tokio::test]
+async fn duplicate_ids_are_conflicts_naming_the_key() {
+    let Some(base) = pg_url_or_skip("postgres::tests::duplicate_ids_are_conflicts_naming_the_key")
+    else {
+        return;
+    };
+    let schema = PgSchema::create(&base).await;
+    let store = PgStore::connect(&schema.url, PgOptions::for_tests(), clock())
+        .await
+        .expect("connect");
+    store.migrate().await.expect("migrate");
+    let job = keel_core::NewJob::new(keel_core::JobKind::parse("noop").expect("valid kind"));
+    store.insert(vec![job.clone()]).await.expect("first insert");
+    let err = store
+        .insert(vec![job.clone()])
+        .await
+        .expect_err("duplicate");
+    match &err {
+        StoreError::Conflict(msg) => assert!(msg.contains(&job.id.to_string()), "{msg}"),
+        other => panic!("expected a conflict, got {other:?}"),
+    }
+    store.close().await;
+}
+
+/// A first use that finds the key inserted by a transaction still in flight waits for it
+/// (no error, no guess), then follows its outcome: committed with another request, the key
+/// is taken (conflict, nothing inserted); rolled back, the key is free and the waiter
+/// creates. This is the wait the conformance suite's 50-way race relies on, made visible.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idempotent_claim_waits_for_an_unfinished_holder() {
+    use keel_core::store::IdempotentOutcome;
+    let Some(base) =
+        pg_url_or_skip("postgres::tests::idempotent_claim_waits_for_an_unfinished_holder")
+    else {
+        return;
+    };
+    let schema = PgSchema::create(&base).await;
+    let store = Arc::new(
+        PgStore::connect(&schema.url, PgOptions::for_tests(), clock())
+            .await
+            .expect("connect"),
+    );
+    store.migrate().await.expect("migrate");
+    let watcher = store.pool.get().await.expect("connection");
+    for commit in [true, false] {
+        let key = if commit {
+            "held-then-committed"
+        } else {
+            "held-then-rolled-back"
+        };
+        let mut holder = store.pool.get().await.expect("connection");
+        let tx = holder.transaction().await.expect("begin");
+        tx.execute(
+            "INSERT INTO idempotency_keys \
+             (tenant, key, fingerprint, status, body, created_at, expires_at) \
+             VALUES ('t', $1, 'theirs', 200, '\\x'::bytea, now(), now() + interval '1 hour')",
+            &[&key],
+        )
+        .await
+        .expect("hold the key");
+        let xid: String = tx
+            .query_one("SELECT pg_current_xact_id()::text", &[])
+            .await
+            .expect("holder's transaction id")
+            .get(0);
+        let task = tokio::spawn({
+            let store = Arc::clone(&store);
+            async move { store.insert_idempotent(keyed_request(key)).await }
+        });
+        tokio::time::timeout(Duration::from_secs(20), async {
+            loop {
+                let waiting: i64 = watcher
+                    .query_one(
+                        "SELECT count(*) FROM pg_locks \
+                         WHERE NOT granted AND locktype = 'transactionid' \
+                           AND transactionid::text = $1",
+                        &[&xid],
+                    )
+                    .await
+                    .expect("read pg_locks")
+                    .get(0);
+                if waiting > 0 {
+                    break;
+                }
+                assert!(!task.is_finished(), "the claim did not wait for the holder");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await
+        .expect("the claim blocked on the holder");
+        if commit {
+            tx.commit().await.expect("commit the holder");
+        } else {
+            tx.rollback().await.expect("roll the holder back");
+        }
+        let outcome = task.await.expect("task");
+        let stored: String = watcher
+            .query_one(
+                "SELECT fingerprint FROM idempotency_keys WHERE tenant = 't' AND key = $1",
+                &[&key],
+            )
+            .await
+            .expect("the key is stored")
+            .get(0);
+        let jobs: i64 = watcher
+            .query_one("SELECT count(*) FROM jobs", &[])
+            .await
+            .expect("count jobs")
+            .get(0);
+        if commit {
+            match outcome {
+                Err(StoreError::Conflict(msg)) => {
+                    assert!(msg.contains("different request"), "{msg}");
+                }
+                other => panic!("expected a conflict, got {other:?}"),
+            }
+            assert_eq!(stored, "theirs");
+            assert_eq!(jobs, 0, "the loser inserted jobs");
+        } else {
+            match outcome {
+                Ok(IdempotentOutcome::Created { jobs, response }) => {
+                    assert_eq!(response.body, jobs[0].id.to_string().into_bytes());
+                }
+                other => panic!("expected the waiter to create, got {other:?}"),
+            }
+            assert_eq!(stored, "mine");
+            assert_eq!(jobs, 1);
+        }
+    }
+    drop(watcher);
+    store.close().await;
+}
+
+/// Pausing and resuming write the flag and the store's clock; resuming keeps the row, so
+/// the queue still shows in the statistics.
+#[tokio::test]
+async fn pausing_records_the_flag_and_time() {
+    let Some(base) = pg_url_or_skip("postgres::tests::pausing_records_the_flag_and_time") else {
+        return;
+    };
+    let schema = PgSchema::create(&base).await;
+    let clock = ManualClock::starting_now();
+    let store = PgStore::connect(&schema.url, PgOptions::for_tests(), Arc::new(clock.clone()))
+        .await
+        .expect("connect");
+    store.migrate().await.expect("migrate");
+    let queue = QueueName::parse("mail").expect("valid queue");
+    store
+        .set_queue_paused(queue.clone(), true)
+        .await
+        .expect("pause");
+    let paused_at = clock.now();
+    clock.advance(Duration::from_secs(5));
+    store
+        .set_queue_paused(queue.clone(), false)
+        .await
+        .expect("resume");
+    let conn = store.pool.get().await.expect("connection");
+    let rows = conn
+        .query("SELECT name, paused, updated_at FROM queues", &[])
+        .await
+        .expect("read queues");
+    assert_eq!(rows.len(), 1);
+    let (name, paused, updated_at): (String, bool, keel_core::Timestamp) =
+        (rows[0].get(0), rows[0].get(1), rows[0].get(2));
+    assert_eq!((name.as_str(), paused), ("mail", false));
+    assert_eq!(updated_at, clock.now());
+    assert!(updated_at > paused_at);
+    drop(conn);
+    store.close().await;
+}
+
+/// Two hundred callers inserting one job each at the same moment are all answered, every
+/// job is stored, and the committer wrote them in a handful of statements, not two hundred.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_inserts_share_commits() {
+    let Some(base) = pg_url_or_skip("postgres::tests::concurrent_inserts_share_commits") else {
+        return;
+    };
+    let schema = PgSchema::create(&base).await;
+    let store = Arc::new(store_in(&schema, PgOptions::for_tests()).await);
+    const CALLERS: usize = 200;
+    let start = Arc::new(tokio::sync::Barrier::new(CALLERS));
+    let tasks: Vec<_> = (0..CALLERS)
+        .map(|_| {
+            let store = Arc::clone(&store);
+            let start = Arc::clone(&start);
+            tokio::spawn(async move {
+                start.wait().await;
+                store.insert(vec![noop()]).await
+            })
+        })
+        .collect();
+    let mut ids = HashSet::new();
+    for t in tasks {
+        let jobs = t.await.expect("task").expect("insert");
+        assert_eq!(jobs.len(), 1);
+        ids.insert(jobs[0].id);
+    }
+    assert_eq!(ids.len(), CALLERS);
+    assert_eq!(count_jobs(&store).await, CALLERS as i64);
+    let stats = store.committer.stats();
+    let commits = stats.commits.load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(
+        stats.requests.load(std::sync::atomic::Ordering::Relaxed),
+        CALLERS as u64
+    );
+    assert!(
+        commits <= 20,
+        "{CALLERS} concurrent inserts took {commits} commits; group commit should merge them"
+    );
+    store.close().await;
+}
+
+/// Callers merged into one batch: one whose job id is already stored and one whose own
+/// jobs repeat an id each get a conflict; the others' jobs are stored. The batch is forced
+/// by holding a lock that blocks inserts until every caller has queued behind the only
+/// commit slot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_callers_duplicate_fails_only_that_caller() {
+    let Some(base) =
+        pg_url_or_skip("postgres::tests::one_callers_duplicate_fails_only_that_caller")
+    else {
+        return;
+    };
+    let schema = PgSchema::create(&base).await;
+    let opts = PgOptions {
+        insert_commits: 1,
+        ..PgOptions::for_tests()
+    };
+    let store = Arc::new(store_in(&schema, opts).await);
+    let existing = noop();
+    store
+        .insert(vec![existing.clone()])
+        .await
+        .expect("first insert");
+
+    let mut holder = store.pool.get().await.expect("connection");
+    let watcher = store.pool.get().await.expect("connection");
+    let tx = holder.transaction().await.expect("begin");
+    tx.batch_execute("LOCK TABLE jobs IN SHARE MODE")
+        .await
+        .expect("block inserts");
+    let spawn_insert = |jobs: Vec<keel_core::NewJob>| {
+        let store = Arc::clone(&store);
+        tokio::spawn(async move { store.insert(jobs).await })
+    };
+    // Takes the only commit slot and waits on the lock.
+    let blocker = spawn_insert(vec![noop()]);
+    tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            let waiting: i64 = watcher
+                .query_one(
+                    "SELECT count(*) FROM pg_locks WHERE NOT granted AND relation = 'jobs'::regclass",
+                    &[],
+                )
+                .await
+                .expect("read pg_locks")
+                .get(0);
+            if waiting > 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the first insert blocked on the lock");
+    let repeated = noop();
+    let good_a = vec![noop(), noop()];
+    let good_b = vec![noop()];
+    let callers = [
+        spawn_insert(good_a.clone()),
+        spawn_insert(vec![existing.clone(), noop()]),
+        spawn_insert(vec![repeated.clone(), repeated.clone()]),
+        spawn_insert(good_b.clone()),
+    ];
+    eventually("every caller to queue behind the blocked commit", || {
+        store.committer.queued() == callers.len()
+    })
+    .await;
+    tx.commit().await.expect("release the lock");
+    blocker.await.expect("task").expect("the blocked insert");
+    let [a, existing_caller, repeated_caller, b] = callers;
+    let stored_a = a.await.expect("task").expect("caller a is unaffected");
+    let stored_b = b.await.expect("task").expect("caller b is unaffected");
+    for (what, outcome) in [
+        ("an id already stored", existing_caller.await.expect("task")),
+        (
+            "an id repeated in the call",
+            repeated_caller.await.expect("task"),
+        ),
+    ] {
+        match outcome {
+            Err(StoreError::Conflict(_)) => {}
+            other => panic!("{what}: expected a conflict, got {other:?}"),
+        }
+    }
+    assert_eq!(
+        stored_a.iter().map(|j| j.id).collect::<Vec<_>>(),
+        good_a.iter().map(|j| j.id).collect::<Vec<_>>()
+    );
+    assert_eq!(stored_b[0].id, good_b[0].id);
+    let ids: Vec<uuid::Uuid> = watcher
+        .query("SELECT id FROM jobs", &[])
+        .await
+        .expect("read ids")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    // The first insert, the blocker, and a's and b's three; nothing of the two that failed.
+    assert_eq!(ids.len(), 5, "{ids:?}");
+    for job in good_a.iter().chain(&good_b) {
+        assert!(ids.contains(job.id.as_uuid()), "{} was not stored", job.id);
+    }
+    assert!(!ids.contains(repeated.id.as_uuid()));
+    drop((holder, watcher));
+    store.close().await;
+}
+
+/// Inserts racing with close are each either stored and answered Ok, or refused and not
+/// stored; none hangs. After close, inserts fail and wakeup streams end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn close_answers_every_insert() {
+    let Some(base) = pg_url_or_skip("postgres::tests::close_answers_every_insert") else {
+        return;
+    };
+    let schema = PgSchema::create(&base).await;
+    let store = Arc::new(store_in(&schema, PgOptions::for_tests()).await);
+    let mut wakeups = store.wakeups().expect("Postgres delivers wakeups");
+    let tasks: Vec<_> = (0..100)
+        .map(|_| {
+            let store = Arc::clone(&store);
+            tokio::spawn(async move { store.insert(vec![noop()]).await })
+        })
+        .collect();
+    tokio::task::yield_now().await;
+    tokio::time::timeout(Duration::from_secs(10), store.close())
+        .await
+        .expect("close finishes");
+    let mut ok = 0;
+    for t in tasks {
+        let outcome = tokio::time::timeout(Duration::from_secs(10), t)
+            .await
+            .expect("every caller is answered")
+            .expect("task");
+        match outcome {
+            Ok(_) => ok += 1,
+            Err(e) => assert_eq!(e.class(), "permanent", "{e:?}"),
+        }
+    }
+    let err = store.insert(vec![noop()]).await.expect_err("closed");
+    assert_eq!(err.class(), "permanent", "{err:?}");
+    assert!(
+        tokio::time::timeout(Duration::from_secs(5), wakeups.next())
+            .await
+            .expect("the stream ends")
+            .is_none()
+    );
+    // Read through a store of its own: the closed one has no pool left.
+    let reader = store_in(&schema, PgOptions::for_tests()).await;
+    assert_eq!(count_jobs(&reader).await, ok);
+    reader.close().await;
+}
+
+/// Heartbeats and completions over the same running jobs, each batch in a random order,
+/// must never deadlock: every batched lease-fenced update locks its rows in id order first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn overlapping_heartbeats_and_completions_do_not_deadlock() {
+    use keel_core::store::{Completion, HeartbeatParams, LeaseParams, LeaseRef};
+    use rand::seq::SliceRandom;
+
+    let Some(base) =
+        pg_url_or_skip("postgres::tests::overlapping_heartbeats_and_completions_do_not_deadlock")
+    else {
+        return;
+    };
+    let schema = PgSchema::create(&base).await;
+    let store = Arc::new(
+        PgStore::connect(&schema.url, PgOptions::for_tests(), clock())
+            .await
+            .expect("connect"),
+    );
+    store.migrate().await.expect("migrate");
+    for round in 0..5 {
+        let q = QueueName::parse(format!("dl{round}")).expect("valid queue");
+        let jobs: Vec<keel_core::NewJob> = (0..400)
+            .map(|_| {
+                keel_core::NewJob::new(keel_core::JobKind::parse("noop").expect("kind"))
+                    .queue(q.clone())
+            })
+            .collect();
+        store.insert(jobs).await.expect("insert");
+        let leased = store
+            .lease(LeaseParams {
+                queue: q.clone(),
+                max: 400,
+                lease_for: Duration::from_secs(60),
+                owner: keel_core::WorkerId::parse("dl").expect("worker"),
+                tenant: None,
+                kinds: Vec::new(),
+            })
+            .await
+            .expect("lease");
+        let leases: Vec<LeaseRef> = leased.iter().filter_map(LeaseRef::of).collect();
+        let mut tasks = Vec::new();
+        for t in 0..4 {
+            let store = Arc::clone(&store);
+            let mut mine = leases.clone();
+            tasks.push(tokio::spawn(async move {
+                for _ in 0..10 {
+                    mine.shuffle(&mut rand::rng());
+                    if t % 2 == 0 {
+                        store
+                            .heartbeat(HeartbeatParams {
+                                leases: mine.clone(),
+                                lease_for: Duration::from_secs(60),
+                            })
+                            .await?;
+                    } else {
+                        let chunk: Vec<Completion> = mine[..50]
+                            .iter()
+                            .map(|l| Completion {
+                                lease: *l,
+                                result: None,
+                            })
+                            .collect();
+                        store.complete(chunk).await?;
+                    }
+                }
+                Ok::<(), StoreError>(())
+            }));
+        }
+        for t in tasks {
+            t.await
+                .expect("task")
+                .expect("no batch may fail (a deadlock is a 40P01 error)");
+        }
+    }
+    store.close().await;
+}
