@@ -312,6 +312,19 @@ pub async fn jobs(cmd: JobsCommand) -> ExitCode {
     }
 }
 
+/// `keel schedule pause|resume`.
+async fn set_schedule_paused(
+    c: &ClientArgs,
+    name: &str,
+    tenant: Option<&str>,
+    paused: bool,
+) -> ExitCode {
+    match client(c) {
+        Ok(c) => report(c.set_schedule_paused(name, tenant, paused).await),
+        Err(code) => code,
+    }
+}
+
 /// The body of `keel schedule create|put`, or the exit code of a bad `--args`.
 fn schedule_in(def: ScheduleDef, with_name: bool) -> Result<(ScheduleIn, ClientArgs), ExitCode> {
     let args = serde_json::value::RawValue::from_string(def.args).map_err(|e| {
@@ -416,18 +429,12 @@ pub async fn schedule(cmd: ScheduleCommand) -> ExitCode {
             name,
             tenant,
             client: c,
-        } => match client(&c) {
-            Ok(c) => report(c.set_schedule_paused(&name, tenant.as_deref(), true).await),
-            Err(code) => code,
-        },
+        } => set_schedule_paused(&c, &name, tenant.as_deref(), true).await,
         ScheduleCommand::Resume {
             name,
             tenant,
             client: c,
-        } => match client(&c) {
-            Ok(c) => report(c.set_schedule_paused(&name, tenant.as_deref(), false).await),
-            Err(code) => code,
-        },
+        } => set_schedule_paused(&c, &name, tenant.as_deref(), false).await,
     }
 }
 

@@ -255,3 +255,49 @@ async fn startup_waits_for_a_database_that_is_not_up_yet() {
         "the signal is handled, not fatal: {logged}"
     );
 }
+
+/// `keel schedule pause|resume` reach the server and change the schedule; the flag is read
+/// back over HTTP.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_schedule_commands_pause_and_resume() {
+    let Some(app) =
+        crate::helpers::spawn_app(crate::helpers::Backend::Sqlite, "config::schedule_cli").await
+    else {
+        return;
+    };
+    let url = app.url("");
+    // The child runs while this runtime serves it: awaited, never blocking a worker thread.
+    let keel = |args: &[&str]| {
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_keel"))
+            .args(args)
+            .args(["--url", &url])
+            .output()
+    };
+    let out = keel(&[
+        "schedule",
+        "create",
+        "nightly",
+        "--cron",
+        "0 3 * * *",
+        "--kind",
+        "noop",
+    ])
+    .await
+    .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    for (command, paused) in [("pause", true), ("resume", false)] {
+        let out = keel(&["schedule", command, "nightly"]).await.unwrap();
+        assert_eq!(out.status.code(), Some(0), "{out:?}");
+        let shown: serde_json::Value = app
+            .http
+            .get(app.url("/v1/schedules/nightly"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(shown["paused"], paused, "after {command}: {shown}");
+    }
+    app.stop().await;
+}
