@@ -22,12 +22,7 @@ async fn malformed_requests_get_400(backend: Backend, test: &str) {
         .await
         .unwrap();
     problem(resp, StatusCode::BAD_REQUEST).await;
-    let resp = app
-        .http
-        .get(app.url("/v1/jobs/not-a-uuid"))
-        .send()
-        .await
-        .unwrap();
+    let resp = app.get("/v1/jobs/not-a-uuid").await;
     let body = problem(resp, StatusCode::BAD_REQUEST).await;
     assert!(
         body["detail"].as_str().unwrap().contains("job id"),
@@ -42,19 +37,9 @@ async fn unknown_job_is_404(backend: Backend, test: &str) {
         return;
     };
     let id = keel_core::JobId::new();
-    let resp = app
-        .http
-        .get(app.url(&format!("/v1/jobs/{id}")))
-        .send()
-        .await
-        .unwrap();
+    let resp = app.get(&format!("/v1/jobs/{id}")).await;
     problem(resp, StatusCode::NOT_FOUND).await;
-    let resp = app
-        .http
-        .post(app.url(&format!("/v1/jobs/{id}/cancel")))
-        .send()
-        .await
-        .unwrap();
+    let resp = app.post(&format!("/v1/jobs/{id}/cancel")).await;
     problem(resp, StatusCode::NOT_FOUND).await;
     app.stop().await;
 }
@@ -67,12 +52,7 @@ async fn illegal_transition_is_409(backend: Backend, test: &str) {
     let id = app.enqueue("noop", json!(null)).await;
     app.wait_for(&id, Duration::from_secs(10), |j| j.state == "completed")
         .await;
-    let resp = app
-        .http
-        .post(app.url(&format!("/v1/jobs/{id}/cancel")))
-        .send()
-        .await
-        .unwrap();
+    let resp = app.post(&format!("/v1/jobs/{id}/cancel")).await;
     let body = problem(resp, StatusCode::CONFLICT).await;
     assert!(
         body["detail"].as_str().unwrap().contains("completed"),
@@ -169,7 +149,7 @@ async fn auth_is_401_and_tenant_scoped_403(backend: Backend, test: &str) {
     let job: Value = resp.json().await.unwrap();
     assert_eq!(job["tenant"], "acme");
     // Health endpoints stay open for probes.
-    let resp = app.http.get(app.url("/healthz")).send().await.unwrap();
+    let resp = app.get("/healthz").await;
     assert_eq!(resp.status(), StatusCode::OK);
     app.stop().await;
 }
@@ -237,12 +217,7 @@ async fn corrupt_row_is_opaque_500(backend: Backend, test: &str) {
                 .unwrap();
         }
     }
-    let resp = app
-        .http
-        .get(app.url(&format!("/v1/jobs/{id}")))
-        .send()
-        .await
-        .unwrap();
+    let resp = app.get(&format!("/v1/jobs/{id}")).await;
     let body = problem(resp, StatusCode::INTERNAL_SERVER_ERROR).await;
     let text = body.to_string();
     assert!(

@@ -31,7 +31,7 @@ fn fields(body: &Value) -> Vec<String> {
 
 /// `/readyz` is `200` with the breaker closed, and a plain job is accepted.
 async fn still_healthy(app: &TestApp) {
-    let ready = app.http.get(app.url("/readyz")).send().await.unwrap();
+    let ready = app.get("/readyz").await;
     let status = ready.status();
     let body: Value = ready.json().await.unwrap();
     assert_eq!(status, StatusCode::OK, "{body}");

@@ -288,15 +288,7 @@ async fn the_schedule_commands_pause_and_resume() {
     for (command, paused) in [("pause", true), ("resume", false)] {
         let out = keel(&["schedule", command, "nightly"]).await.unwrap();
         assert_eq!(out.status.code(), Some(0), "{out:?}");
-        let shown: serde_json::Value = app
-            .http
-            .get(app.url("/v1/schedules/nightly"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let shown: serde_json::Value = app.get("/v1/schedules/nightly").await.json().await.unwrap();
         assert_eq!(shown["paused"], paused, "after {command}: {shown}");
     }
     app.stop().await;

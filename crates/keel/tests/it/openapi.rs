@@ -91,15 +91,7 @@ async fn real_worker_protocol_bodies_match_the_document() {
     let Some(app) = spawn_app(Backend::Sqlite, "openapi::real_bodies").await else {
         return;
     };
-    let doc: Value = app
-        .http
-        .get(app.url("/v1/openapi.json"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let doc: Value = app.get("/v1/openapi.json").await.json().await.unwrap();
     let queue = format!("docs-{}", uuid::Uuid::new_v4().simple());
     let mut ids = Vec::new();
     for n in 0..3 {

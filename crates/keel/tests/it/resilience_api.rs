@@ -48,6 +48,10 @@ impl Process {
         self.keel.url(path)
     }
 
+    async fn get(&self, path: &str) -> reqwest::Response {
+        self.http.get(self.url(path)).send().await.unwrap()
+    }
+
     async fn post_json(&self, path: &str, body: &Value) -> reqwest::Response {
         self.http
             .post(self.url(path))
@@ -115,7 +119,7 @@ async fn a_tenant_over_its_rate_gets_429_with_the_ratelimit_headers(backend: Bac
         return;
     };
     for remaining in ["1", "0"] {
-        let resp = app.http.get(app.url("/v1/queues")).send().await.unwrap();
+        let resp = app.get("/v1/queues").await;
         assert_eq!(resp.status(), StatusCode::OK);
         assert_eq!(header(&resp, "ratelimit-limit").as_deref(), Some("2"));
         assert_eq!(
@@ -139,7 +143,7 @@ async fn a_tenant_over_its_rate_gets_429_with_the_ratelimit_headers(backend: Bac
     );
 
     // Probes are not rate limited, and the refusal is counted, once.
-    let health = app.http.get(app.url("/healthz")).send().await.unwrap();
+    let health = app.get("/healthz").await;
     assert_eq!(health.status(), StatusCode::OK);
     assert_eq!(
         app.metric("keel_requests_shed_total", &[("reason", "rate_limit")])
@@ -224,7 +228,7 @@ async fn database_failures_are_opaque_500s(backend: Backend, test: &str) {
         }
     }
 
-    let ready = app.http.get(app.url("/readyz")).send().await.unwrap();
+    let ready = app.get("/readyz").await;
     assert_eq!(ready.status(), StatusCode::SERVICE_UNAVAILABLE);
     assert!(header(&ready, "retry-after").is_some());
     let ready: Value = ready.json().await.unwrap();
@@ -306,7 +310,7 @@ async fn chaos_set_at_runtime_fails_writes_and_clearing_it_recovers(backend: Bac
     .await;
     within(Duration::from_secs(5), "readiness after recovery", async {
         loop {
-            let r = app.http.get(app.url("/readyz")).send().await.unwrap();
+            let r = app.get("/readyz").await;
             if r.status() == StatusCode::OK {
                 break;
             }
@@ -368,7 +372,7 @@ async fn above_the_concurrency_limit_requests_are_shed_but_probes_pass(
         "a request shed at the limit",
         async {
             loop {
-                let resp = app.http.get(app.url("/v1/queues")).send().await.unwrap();
+                let resp = app.get("/v1/queues").await;
                 if resp.status() == StatusCode::SERVICE_UNAVAILABLE {
                     break resp;
                 }
@@ -388,7 +392,7 @@ async fn above_the_concurrency_limit_requests_are_shed_but_probes_pass(
         "{body}"
     );
     // Probes and scrapes are outside admission control.
-    let health = app.http.get(app.url("/healthz")).send().await.unwrap();
+    let health = app.get("/healthz").await;
     assert_eq!(health.status(), StatusCode::OK);
     assert!(
         app.metric("keel_requests_shed_total", &[("reason", "concurrency")])
@@ -401,7 +405,7 @@ async fn above_the_concurrency_limit_requests_are_shed_but_probes_pass(
     let job: Value = done.json().await.unwrap();
     assert_eq!(job["state"], "completed", "{job}");
     // The slot is free again.
-    let resp = app.http.get(app.url("/v1/queues")).send().await.unwrap();
+    let resp = app.get("/v1/queues").await;
     assert_eq!(resp.status(), StatusCode::OK);
     app.stop().await;
 }
@@ -440,7 +444,7 @@ async fn enqueues_are_shed_while_the_backlog_is_over_its_cap(backend: Backend, t
         "{body}"
     );
     // Only enqueues are refused: reads still work.
-    let resp = app.http.get(app.url("/v1/jobs")).send().await.unwrap();
+    let resp = app.get("/v1/jobs").await;
     assert_eq!(resp.status(), StatusCode::OK);
     assert_eq!(
         app.metric("keel_requests_shed_total", &[("reason", "backlog")])

@@ -19,15 +19,7 @@ async fn poll_is_waiting(app: &TestApp, worker: &str) {
         "the poll to start waiting",
         async {
             loop {
-                let w: Value = app
-                    .http
-                    .get(app.url("/v1/workers"))
-                    .send()
-                    .await
-                    .unwrap()
-                    .json()
-                    .await
-                    .unwrap();
+                let w: Value = app.get("/v1/workers").await.json().await.unwrap();
                 if w["workers"]
                     .as_array()
                     .unwrap()
@@ -74,12 +66,7 @@ async fn lease(app: &TestApp, queue: &str, body: Value) -> Vec<Value> {
 }
 
 async fn get(app: &TestApp, id: &str) -> Value {
-    let r = app
-        .http
-        .get(app.url(&format!("/v1/jobs/{id}")))
-        .send()
-        .await
-        .unwrap();
+    let r = app.get(&format!("/v1/jobs/{id}")).await;
     assert_eq!(r.status(), StatusCode::OK);
     r.json().await.unwrap()
 }
@@ -198,15 +185,7 @@ async fn a_worker_leases_heartbeats_and_reports_outcomes(backend: Backend, test:
     assert_eq!(released["state"], "available");
     assert_eq!(released["attempt"], 0);
 
-    let workers: Value = app
-        .http
-        .get(app.url("/v1/workers"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let workers: Value = app.get("/v1/workers").await.json().await.unwrap();
     let w = &workers["workers"][0];
     assert_eq!(w["id"], "w-1");
     assert_eq!(w["queues"], json!([queue]));
