@@ -124,67 +124,53 @@ async fn real_worker_protocol_bodies_match_the_document() {
     let id = |j: &Value| j["id"].as_str().unwrap().to_owned();
 
     let (a, b, c) = (&jobs[0], &jobs[1], &jobs[2]);
-    exchange(
-        &app,
-        &doc,
-        "post",
-        &format!("/v1/jobs/{}/heartbeat", id(a)),
-        "/v1/jobs/{id}/heartbeat",
-        Some(json!({"token": token(a), "lease": "45s"})),
-        StatusCode::OK,
-    )
-    .await;
-    exchange(
-        &app,
-        &doc,
-        "get",
-        &format!("/v1/jobs/{}", id(a)),
-        "/v1/jobs/{id}",
-        None,
-        StatusCode::OK,
-    )
-    .await;
-    exchange(
-        &app,
-        &doc,
-        "post",
-        &format!("/v1/jobs/{}/complete", id(a)),
-        "/v1/jobs/{id}/complete",
-        Some(json!({"token": token(a), "result": {"pages": 3}})),
-        StatusCode::OK,
-    )
-    .await;
-    // The same token again: a 409 problem.
-    exchange(
-        &app,
-        &doc,
-        "post",
-        &format!("/v1/jobs/{}/complete", id(a)),
-        "/v1/jobs/{id}/complete",
-        Some(json!({"token": token(a)})),
-        StatusCode::CONFLICT,
-    )
-    .await;
-    exchange(
-        &app,
-        &doc,
-        "post",
-        &format!("/v1/jobs/{}/fail", id(b)),
-        "/v1/jobs/{id}/fail",
-        Some(json!({"token": token(b), "error": "boom", "permanent": false, "retry_in": "1h"})),
-        StatusCode::OK,
-    )
-    .await;
-    exchange(
-        &app,
-        &doc,
-        "post",
-        &format!("/v1/jobs/{}/release", id(c)),
-        "/v1/jobs/{id}/release",
-        Some(json!({"token": token(c)})),
-        StatusCode::OK,
-    )
-    .await;
+    for (method, path, template, body, status) in [
+        (
+            "post",
+            format!("/v1/jobs/{}/heartbeat", id(a)),
+            "/v1/jobs/{id}/heartbeat",
+            Some(json!({"token": token(a), "lease": "45s"})),
+            StatusCode::OK,
+        ),
+        (
+            "get",
+            format!("/v1/jobs/{}", id(a)),
+            "/v1/jobs/{id}",
+            None,
+            StatusCode::OK,
+        ),
+        (
+            "post",
+            format!("/v1/jobs/{}/complete", id(a)),
+            "/v1/jobs/{id}/complete",
+            Some(json!({"token": token(a), "result": {"pages": 3}})),
+            StatusCode::OK,
+        ),
+        // The same token again: a 409 problem.
+        (
+            "post",
+            format!("/v1/jobs/{}/complete", id(a)),
+            "/v1/jobs/{id}/complete",
+            Some(json!({"token": token(a)})),
+            StatusCode::CONFLICT,
+        ),
+        (
+            "post",
+            format!("/v1/jobs/{}/fail", id(b)),
+            "/v1/jobs/{id}/fail",
+            Some(json!({"token": token(b), "error": "boom", "permanent": false, "retry_in": "1h"})),
+            StatusCode::OK,
+        ),
+        (
+            "post",
+            format!("/v1/jobs/{}/release", id(c)),
+            "/v1/jobs/{id}/release",
+            Some(json!({"token": token(c)})),
+            StatusCode::OK,
+        ),
+    ] {
+        exchange(&app, &doc, method, &path, template, body, status).await;
+    }
     let again = exchange(
         &app,
         &doc,
@@ -196,48 +182,40 @@ async fn real_worker_protocol_bodies_match_the_document() {
     )
     .await;
     let c2 = &again["jobs"][0];
-    exchange(
-        &app,
-        &doc,
-        "post",
-        "/v1/jobs/complete",
-        "/v1/jobs/complete",
-        Some(json!({"outcomes": [
-            {"id": id(c2), "token": token(c2), "result": null},
-            {"id": id(a), "token": token(a), "result": 1},
-        ]})),
-        StatusCode::OK,
-    )
-    .await;
-    exchange(
-        &app,
-        &doc,
-        "post",
-        "/v1/jobs/fail",
-        "/v1/jobs/fail",
-        Some(json!({"outcomes": [{"id": id(b), "token": token(b), "error": "stale"}]})),
-        StatusCode::OK,
-    )
-    .await;
-    exchange(
-        &app,
-        &doc,
-        "get",
-        "/v1/workers",
-        "/v1/workers",
-        None,
-        StatusCode::OK,
-    )
-    .await;
-    exchange(
-        &app,
-        &doc,
-        "post",
-        &lease_path,
-        "/v1/queues/{queue}/lease",
-        Some(json!({"worker": "docs-w", "max": 0})),
-        StatusCode::UNPROCESSABLE_ENTITY,
-    )
-    .await;
+    for (method, path, template, body, status) in [
+        (
+            "post",
+            "/v1/jobs/complete".to_owned(),
+            "/v1/jobs/complete",
+            Some(json!({"outcomes": [
+                {"id": id(c2), "token": token(c2), "result": null},
+                {"id": id(a), "token": token(a), "result": 1},
+            ]})),
+            StatusCode::OK,
+        ),
+        (
+            "post",
+            "/v1/jobs/fail".to_owned(),
+            "/v1/jobs/fail",
+            Some(json!({"outcomes": [{"id": id(b), "token": token(b), "error": "stale"}]})),
+            StatusCode::OK,
+        ),
+        (
+            "get",
+            "/v1/workers".to_owned(),
+            "/v1/workers",
+            None,
+            StatusCode::OK,
+        ),
+        (
+            "post",
+            lease_path,
+            "/v1/queues/{queue}/lease",
+            Some(json!({"worker": "docs-w", "max": 0})),
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+    ] {
+        exchange(&app, &doc, method, &path, template, body, status).await;
+    }
     app.stop().await;
 }
