@@ -14,7 +14,8 @@ use tokio::net::TcpStream;
 use crate::both_backends;
 use crate::child::KeelProcess;
 use crate::helpers::{
-    Backend, TestApp, database, metric_value, problem, spawn_app, spawn_app_with, within,
+    Backend, JsonAnswer, TestApp, database, metric_value, problem, spawn_app, spawn_app_with,
+    within,
 };
 
 /// The fields a `422` names.
@@ -235,12 +236,8 @@ async fn tenants_see_and_steer_only_their_own_work(backend: Backend, test: &str)
         .http
         .get(app.url("/v1/queues"))
         .bearer_auth("acme-key-000000001")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+        .json_answer()
+        .await;
     let names: Vec<&str> = queues
         .as_array()
         .unwrap()
@@ -267,12 +264,8 @@ async fn tenants_see_and_steer_only_their_own_work(backend: Backend, test: &str)
         .http
         .get(app.url("/v1/queues"))
         .bearer_auth("ops-key-00000000001")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+        .json_answer()
+        .await;
     let default = all
         .as_array()
         .unwrap()

@@ -15,7 +15,7 @@ use pprof::protos::Message as _;
 use serde_json::json;
 
 use crate::child::KeelProcess;
-use crate::helpers::{Backend, database, metric_value, spawn_app_with, within};
+use crate::helpers::{Backend, JsonAnswer, database, metric_value, spawn_app_with, within};
 
 /// Gunzips and decodes a profile as `go tool pprof` would, failing the test on anything
 /// else.
@@ -179,23 +179,15 @@ async fn heap_profiles_come_from_jemalloc_in_the_keel_binary() {
     assert!(sample_types(&profile).contains(&"inuse_space"));
     let on: serde_json::Value = http
         .post(admin("/debug/pprof/heap/activate"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+        .json_answer()
+        .await;
     assert_eq!(on["active"], true, "{on}");
     assert_eq!(on["changed"], false, "already on: {on}");
     assert_eq!(on["sample_interval_bytes"], 1 << 19, "{on}");
     let off: serde_json::Value = http
         .post(admin("/debug/pprof/heap/deactivate"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+        .json_answer()
+        .await;
     assert_eq!(off["active"], false, "{off}");
     let resp = http.get(admin("/debug/pprof/heap")).send().await.unwrap();
     assert_eq!(resp.status(), 409);
@@ -209,12 +201,8 @@ async fn heap_profiles_come_from_jemalloc_in_the_keel_binary() {
     );
     let again: serde_json::Value = http
         .post(admin("/debug/pprof/heap/activate"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+        .json_answer()
+        .await;
     assert_eq!(again["changed"], true, "{again}");
     let resp = http.get(admin("/debug/pprof/heap")).send().await.unwrap();
     assert_eq!(resp.status(), 200);

@@ -307,3 +307,15 @@ pub async fn problem(resp: reqwest::Response, status: reqwest::StatusCode) -> se
     );
     body
 }
+
+/// Sending a request and reading its JSON answer, whatever the status, in one step.
+pub trait JsonAnswer {
+    /// Sends the request; the answer's body, decoded.
+    async fn json_answer<T: serde::de::DeserializeOwned>(self) -> T;
+}
+
+impl JsonAnswer for reqwest::RequestBuilder {
+    async fn json_answer<T: serde::de::DeserializeOwned>(self) -> T {
+        self.send().await.unwrap().json().await.unwrap()
+    }
+}

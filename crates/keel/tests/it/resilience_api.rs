@@ -16,7 +16,9 @@ use serde_json::{Value, json};
 
 use crate::both_backends;
 use crate::child::KeelProcess;
-use crate::helpers::{Backend, Backing, TestApp, database, metric_value, spawn_app_with, within};
+use crate::helpers::{
+    Backend, Backing, JsonAnswer, TestApp, database, metric_value, spawn_app_with, within,
+};
 
 /// A `keel serve` child with a recorder of its own, and what keeps its database alive.
 struct Process {
@@ -252,12 +254,8 @@ async fn the_db_failure_switch_fails_every_store_call_with_an_opaque_answer(
     let settings: Value = app
         .http
         .get(app.admin_url("/debug/chaos"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+        .json_answer()
+        .await;
     assert_eq!(settings["store_read"]["error_rate"], 1.0, "{settings}");
     assert_eq!(settings["store_write"]["error_rate"], 1.0, "{settings}");
     // The seed's experiment: `curl -X POST /v1/process` answers 500 with an opaque body,

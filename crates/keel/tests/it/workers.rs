@@ -9,7 +9,9 @@ use reqwest::StatusCode;
 use serde_json::{Value, json};
 
 use crate::both_backends;
-use crate::helpers::{Backend, TestApp, metric_value, problem, spawn_app, spawn_app_with, within};
+use crate::helpers::{
+    Backend, JsonAnswer, TestApp, metric_value, problem, spawn_app, spawn_app_with, within,
+};
 
 /// Waits until the lease poll of `worker` has looked once (and found the queue empty): the
 /// registry lists a worker from its first lease request on.
@@ -449,12 +451,8 @@ async fn a_tenant_worker_leases_only_its_tenants_jobs(backend: Backend, test: &s
         .http
         .get(app.url("/v1/workers"))
         .bearer_auth("globex-key-0000001")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+        .json_answer()
+        .await;
     assert_eq!(seen["workers"], json!([]));
     let id = jobs[0]["id"].as_str().unwrap();
     let r = app
