@@ -115,6 +115,17 @@ where
     polled.unwrap_or_else(|_| panic!("gave up waiting for {what}; last saw {last:?}"))
 }
 
+/// Waits until `rt` runs no job (`what` names the wait in a failure).
+pub(crate) async fn until_idle(rt: &Runtime, what: &str) {
+    eventually(what, || async {
+        match rt.running_jobs() {
+            0 => Ok(()),
+            n => Err(n),
+        }
+    })
+    .await;
+}
+
 /// Waits until the job satisfies `pred`; returns it.
 pub(crate) async fn wait_for(
     store: &Arc<dyn Store>,

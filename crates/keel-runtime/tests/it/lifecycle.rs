@@ -11,7 +11,7 @@ use keel_runtime::{Handler, Handlers, JobContext, JobError, WebhookConfig, execu
 use serde_json::value::RawValue;
 
 use crate::flaky::Flaky;
-use crate::helpers::{config, enqueue, eventually, job, kind, start, store, wait_for};
+use crate::helpers::{config, enqueue, eventually, job, kind, start, store, until_idle, wait_for};
 
 fn builtins() -> Handlers {
     Handlers::builtin(&WebhookConfig::default())
@@ -210,14 +210,7 @@ async fn an_attempt_past_its_timeout_fails_retryably() {
         job.errors[0].message
     );
     // The worker slot came back: nothing is left running here.
-    eventually("the worker to finish", || async {
-        if rt.running_jobs() == 0 {
-            Ok(())
-        } else {
-            Err(rt.running_jobs())
-        }
-    })
-    .await;
+    until_idle(&rt, "the worker to finish").await;
     rt.shutdown().await;
 }
 
@@ -327,14 +320,7 @@ async fn a_user_cancel_stops_the_handler_and_the_job_stays_cancelled() {
     store.cancel(id).await.unwrap();
     assert!(rt.handle().running.cancel(id));
 
-    eventually("the handler to stop", || async {
-        if rt.running_jobs() == 0 {
-            Ok(())
-        } else {
-            Err(rt.running_jobs())
-        }
-    })
-    .await;
+    until_idle(&rt, "the handler to stop").await;
     let job = store.get(id).await.unwrap();
     assert_eq!(job.state, JobState::Cancelled);
     assert!(
@@ -367,14 +353,7 @@ async fn a_cancel_made_elsewhere_reaches_the_handler_through_the_heartbeat() {
 
     // Cancelled in the store only (another replica's API): no RunningJobs::cancel here.
     store.cancel(id).await.unwrap();
-    eventually("the heartbeat to stop the handler", || async {
-        if rt.running_jobs() == 0 {
-            Ok(())
-        } else {
-            Err(rt.running_jobs())
-        }
-    })
-    .await;
+    until_idle(&rt, "the heartbeat to stop the handler").await;
     let job = store.get(id).await.unwrap();
     assert_eq!(job.state, JobState::Cancelled);
     assert!(job.errors.is_empty());

@@ -28,7 +28,8 @@ use tokio::time::Instant;
 
 use crate::flaky::Flaky;
 use crate::helpers::{
-    config, eventually, job, kind, queue, start, start_with_clock, store_with_clock, wait_for,
+    config, eventually, job, kind, queue, start, start_with_clock, store_with_clock, until_idle,
+    wait_for,
 };
 
 /// The leader term used here: short, so handovers are quick.
@@ -541,14 +542,7 @@ async fn a_cancel_made_through_another_replica_stops_the_job_running_here() {
     let mut events = a.handle().events.subscribe();
     // B's API cancels it: in the store, through B's pool. Nothing is said to A directly.
     r.stores[1].cancel(id).await.unwrap();
-    eventually("the job to stop on A", || async {
-        if a.running_jobs() == 0 {
-            Ok(())
-        } else {
-            Err(a.running_jobs())
-        }
-    })
-    .await;
+    until_idle(&a, "the job to stop on A").await;
     let event = tokio::time::timeout(Duration::from_secs(5), async {
         loop {
             let e = events.recv().await.unwrap();

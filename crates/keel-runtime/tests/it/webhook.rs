@@ -33,6 +33,20 @@ fn webhook_job(url: &str) -> keel_core::NewJob {
         .timeout(Duration::from_secs(10))
 }
 
+/// A webhook target answering every POST with `response`, and (when given) expecting
+/// exactly `expect` of them, checked when it is dropped.
+async fn answering(response: ResponseTemplate, expect: Option<u64>) -> MockServer {
+    let server = MockServer::start().await;
+    let mock = Mock::given(method("POST")).respond_with(response);
+    match expect {
+        Some(n) => mock.expect(n),
+        None => mock,
+    }
+    .mount(&server)
+    .await;
+    server
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn statuses_decide_the_outcome() {
     let server = MockServer::start().await;
@@ -113,12 +127,7 @@ async fn statuses_decide_the_outcome() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn private_targets_are_refused_before_any_request() {
-    let server = MockServer::start().await;
-    Mock::given(method("POST"))
-        .respond_with(ResponseTemplate::new(200))
-        .expect(0)
-        .mount(&server)
-        .await;
+    let server = answering(ResponseTemplate::new(200), Some(0)).await;
     let port = server.address().port();
 
     let (_dir, store) = store().await;
@@ -170,16 +179,8 @@ fn local(cfg: &mut keel_runtime::RuntimeConfig) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failing_host_opens_its_circuit_and_healthy_hosts_keep_working() {
-    let bad = MockServer::start().await;
-    Mock::given(method("POST"))
-        .respond_with(ResponseTemplate::new(500))
-        .mount(&bad)
-        .await;
-    let good = MockServer::start().await;
-    Mock::given(method("POST"))
-        .respond_with(ResponseTemplate::new(200))
-        .mount(&good)
-        .await;
+    let bad = answering(ResponseTemplate::new(500), None).await;
+    let good = answering(ResponseTemplate::new(200), None).await;
 
     let (_dir, store) = store().await;
     let mut cfg = config(&[("hooks", 4)]);
@@ -266,12 +267,11 @@ async fn a_failing_host_opens_its_circuit_and_healthy_hosts_keep_working() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retry_after_on_a_429_sets_the_next_run() {
-    let server = MockServer::start().await;
-    Mock::given(method("POST"))
-        .respond_with(ResponseTemplate::new(429).insert_header("retry-after", "120"))
-        .expect(1)
-        .mount(&server)
-        .await;
+    let server = answering(
+        ResponseTemplate::new(429).insert_header("retry-after", "120"),
+        Some(1),
+    )
+    .await;
     let (_dir, store) = store().await;
     let mut cfg = config(&[("hooks", 2)]);
     local(&mut cfg);
@@ -413,12 +413,7 @@ async fn the_per_host_concurrency_limit_holds_at_the_receiver() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn signed_requests_verify_with_the_standard_webhooks_scheme() {
-    let server = MockServer::start().await;
-    Mock::given(method("POST"))
-        .respond_with(ResponseTemplate::new(204))
-        .expect(1)
-        .mount(&server)
-        .await;
+    let server = answering(ResponseTemplate::new(204), Some(1)).await;
     let key = [42u8; 32];
     let secret = format!("whsec_{}", BASE64.encode(key));
     let (_dir, store) = store().await;
@@ -474,12 +469,7 @@ async fn signed_requests_verify_with_the_standard_webhooks_scheme() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn injected_webhook_errors_fail_the_attempt_without_a_request() {
-    let server = MockServer::start().await;
-    Mock::given(method("POST"))
-        .respond_with(ResponseTemplate::new(200))
-        .expect(0)
-        .mount(&server)
-        .await;
+    let server = answering(ResponseTemplate::new(200), Some(0)).await;
     let (_dir, store) = store().await;
     let mut cfg = config(&[("hooks", 2)]);
     local(&mut cfg);
