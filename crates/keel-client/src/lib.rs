@@ -77,10 +77,10 @@ pub struct Enqueued {
     pub body: Vec<u8>,
 }
 
-/// `/v1/schedules/{name}` plus `suffix`, the name percent-encoded so that it stays one path
-/// segment whatever it holds (the server then rejects an invalid name itself).
-fn schedule_path(name: &str, suffix: &str) -> String {
-    let mut path = String::from("/v1/schedules/");
+/// `prefix`, then `name` percent-encoded so that it stays one path segment whatever it holds
+/// (the server then rejects an invalid name itself), then `suffix`.
+fn named_path(prefix: &str, name: &str, suffix: &str) -> String {
+    let mut path = String::from(prefix);
     for b in name.bytes() {
         if b.is_ascii_alphanumeric() || b"-._~:".contains(&b) {
             path.push(char::from(b));
@@ -90,6 +90,16 @@ fn schedule_path(name: &str, suffix: &str) -> String {
     }
     path.push_str(suffix);
     path
+}
+
+/// `/v1/schedules/{name}` plus `suffix`, the name one path segment ([`named_path`]).
+fn schedule_path(name: &str, suffix: &str) -> String {
+    named_path("/v1/schedules/", name, suffix)
+}
+
+/// `/v1/queues/{name}`, the name one path segment ([`named_path`]).
+fn queue_path(name: &str) -> String {
+    named_path("/v1/queues/", name, "")
 }
 
 /// A Keel API client. Cheap to clone (the connection pool is shared).
@@ -309,6 +319,14 @@ impl Client {
         self.json(self.request(Method::GET, "/v1/queues")).await
     }
 
+    /// One queue with its counts and paused flag: the same object as its element of
+    /// [`queues`](Self::queues), without counting the others. Any valid name answers (a
+    /// queue nobody used has zero counts); a tenant key counts only its own jobs.
+    pub async fn queue(&self, name: &str) -> Result<Value, ClientError> {
+        self.json(self.request(Method::GET, &queue_path(name)))
+            .await
+    }
+
     /// Pauses (`true`) or resumes (`false`) a queue.
     pub async fn set_paused(&self, queue: &str, paused: bool) -> Result<Value, ClientError> {
         let verb = if paused { "pause" } else { "resume" };
@@ -410,6 +428,12 @@ mod tests {
         );
         assert_eq!(schedule_path("a.b:c-d_e", ""), "/v1/schedules/a.b:c-d_e");
         assert_eq!(schedule_path("a/b?c d", ""), "/v1/schedules/a%2Fb%3Fc%20d");
+    }
+
+    #[test]
+    fn queue_names_stay_one_path_segment() {
+        assert_eq!(queue_path("emails"), "/v1/queues/emails");
+        assert_eq!(queue_path("a/b?c d"), "/v1/queues/a%2Fb%3Fc%20d");
     }
 
     #[test]

@@ -139,6 +139,29 @@ def test_worker_protocol_calls(client: keel.Client) -> None:
     assert stale.value.status == 409 and stale.value.slug == "stale-lease"
 
 
+def test_one_queue_equals_its_element_of_queues(client: keel.Client) -> None:
+    client.enqueue("task", {"n": 1}, queue=QUEUE)
+    client.enqueue("task", {"n": 2}, queue=QUEUE)
+    one = client.queue(QUEUE)
+    assert (one.queue, one.paused, one.counts["available"]) == (QUEUE, False, 2)
+    assert [q for q in client.queues() if q.queue == QUEUE] == [one]
+
+    unused = client.queue("py-never-used")
+    assert unused.queue == "py-never-used" and not unused.paused
+    assert unused.counts and set(unused.counts.values()) == {0}, unused.counts
+
+    # The name is one escaped path segment, so a "/" in it reaches the server as a bad name.
+    with pytest.raises(keel.KeelError) as invalid:
+        client.queue("bad name/x")
+    assert invalid.value.status == 400 and invalid.value.slug == "malformed-request"
+
+    async def main() -> None:
+        async with keel.AsyncClient(client.url) as aclient:
+            assert await aclient.queue(QUEUE) == one
+
+    asyncio.run(main())
+
+
 def test_lease_on_a_queue_the_server_runs_is_refused(client: keel.Client) -> None:
     with pytest.raises(keel.KeelError) as raised:
         client.lease("default", "py-raw")

@@ -313,6 +313,17 @@ export class Client {
     return answer.body as QueueInfo[];
   }
 
+  /**
+   * One queue with its job counts by state (`GET /v1/queues/{queue}`), without counting the
+   * others: the same as its element of {@link queues}. Any valid name answers (a queue
+   * nobody used has zero counts); an invalid one is a `400` `KeelError`
+   * (`malformed-request`). A tenant key counts only its own jobs.
+   */
+  async queue(name: string, options: RequestOptions = {}): Promise<QueueInfo> {
+    const answer = await this.#send({ method: "GET", path: `/v1/queues/${segment(name)}`, signal: options.signal });
+    return answer.body as QueueInfo;
+  }
+
   // ------------------------------------------------------------------------------------
 
   /**

@@ -180,7 +180,7 @@ export interface WorkerInfo {
 /** Job counts of one queue, by state. */
 export type QueueCounts = Record<JobState, number>;
 
-/** One queue, as `GET /v1/queues` shows it. */
+/** One queue, as `GET /v1/queues` (and `GET /v1/queues/{queue}`) shows it. */
 export interface QueueInfo {
   queue: string;
   /** Whether leasing from it is paused. */

@@ -528,6 +528,29 @@ for (const backend of backends) {
       assert.equal(served.problemType, "queue-served-here");
     });
 
+    it("client_queue", async () => {
+      const queue = "ts-one-queue";
+      await client.enqueue("square", { n: 1 }, { queue });
+      await client.enqueue("square", { n: 2 }, { queue });
+      const one = await client.queue(queue);
+      assert.equal(one.queue, queue);
+      assert.equal(one.paused, false);
+      assert.equal(one.counts.available, 2);
+      assert.deepEqual((await client.queues()).filter((q) => q.queue === queue), [one]);
+
+      const unused = await client.queue("ts-never-used");
+      assert.equal(unused.queue, "ts-never-used");
+      assert.equal(unused.paused, false);
+      assert.ok(Object.keys(unused.counts).length > 0, JSON.stringify(unused));
+      assert.deepEqual(new Set(Object.values(unused.counts)), new Set([0]));
+
+      // The name is one escaped path segment, so a "/" in it reaches the server as a bad name.
+      const invalid = await client.queue("bad name/x").catch((e: unknown) => e);
+      assert.ok(invalid instanceof KeelError, String(invalid));
+      assert.equal(invalid.status, 400);
+      assert.equal(invalid.problemType, "malformed-request");
+    });
+
     it("worker_sigterm_child", async () => {
       const queue = "ts-sigterm";
       const jobs = await client.enqueueMany([

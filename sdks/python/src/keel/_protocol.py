@@ -303,6 +303,10 @@ def _heartbeat(resp: httpx.Response) -> Heartbeat:
     return Heartbeat.from_json(decode(resp))
 
 
+def _queue(resp: httpx.Response) -> QueueInfo:
+    return QueueInfo.from_json(decode(resp))
+
+
 def _queues(resp: httpx.Response) -> List[QueueInfo]:
     return [QueueInfo.from_json(q) for q in decode(resp)]
 
@@ -358,6 +362,10 @@ def result(id: str) -> Call[JobResult]:
 
 def cancel(id: str) -> Call[Job]:
     return Call("POST", f"/v1/jobs/{_segment(id)}/cancel", _job)
+
+
+def queue(name: str) -> Call[QueueInfo]:
+    return Call("GET", f"/v1/queues/{_segment(name)}", _queue)
 
 
 def queues() -> Call[List[QueueInfo]]:

@@ -199,6 +199,10 @@ class AsyncClient:
         """Every queue with jobs, sorted by name: paused or not, and its jobs by state."""
         return await self._call(p.queues())
 
+    async def queue(self, name: str) -> QueueInfo:
+        """One queue and its jobs by state; see :meth:`keel.Client.queue`."""
+        return await self._call(p.queue(name))
+
     async def workers(self) -> List[WorkerInfo]:
         """The workers seen by this server in the last 5 minutes."""
         return await self._call(p.workers())

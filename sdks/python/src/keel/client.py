@@ -210,6 +210,15 @@ class Client:
         """Every queue with jobs, sorted by name: paused or not, and its jobs by state."""
         return self._call(p.queues())
 
+    def queue(self, name: str) -> QueueInfo:
+        """One queue: paused or not, and its jobs by state, without counting the others.
+
+        The same as its element of :meth:`queues`. Any valid name answers (a queue nobody
+        used has zero counts); an invalid one is a ``400`` :class:`keel.KeelError`
+        (``slug == "malformed-request"``). A tenant key counts only its own jobs.
+        """
+        return self._call(p.queue(name))
+
     def workers(self) -> List[WorkerInfo]:
         """The workers that leased or heartbeated through this server in the last 5 minutes."""
         return self._call(p.workers())
