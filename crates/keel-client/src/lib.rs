@@ -97,9 +97,9 @@ fn schedule_path(name: &str, suffix: &str) -> String {
     named_path("/v1/schedules/", name, suffix)
 }
 
-/// `/v1/queues/{name}`, the name one path segment ([`named_path`]).
-fn queue_path(name: &str) -> String {
-    named_path("/v1/queues/", name, "")
+/// `/v1/queues/{name}` plus `suffix`, the name one path segment ([`named_path`]).
+fn queue_path(name: &str, suffix: &str) -> String {
+    named_path("/v1/queues/", name, suffix)
 }
 
 /// A Keel API client. Cheap to clone (the connection pool is shared).
@@ -247,7 +247,7 @@ impl Client {
             lease: Some(HumanDuration(lease)),
             kinds: None,
         };
-        let path = format!("/v1/queues/{queue}/lease");
+        let path = queue_path(queue, "/lease");
         let leased: LeasedOut = self
             .json(self.request(Method::POST, &path).json(&body))
             .await?;
@@ -323,15 +323,15 @@ impl Client {
     /// [`queues`](Self::queues), without counting the others. Any valid name answers (a
     /// queue nobody used has zero counts); a tenant key counts only its own jobs.
     pub async fn queue(&self, name: &str) -> Result<Value, ClientError> {
-        self.json(self.request(Method::GET, &queue_path(name)))
+        self.json(self.request(Method::GET, &queue_path(name, "")))
             .await
     }
 
     /// Pauses (`true`) or resumes (`false`) a queue.
     pub async fn set_paused(&self, queue: &str, paused: bool) -> Result<Value, ClientError> {
         let verb = if paused { "pause" } else { "resume" };
-        self.json(self.request(Method::POST, &format!("/v1/queues/{queue}/{verb}")))
-            .await
+        let path = queue_path(queue, &format!("/{verb}"));
+        self.json(self.request(Method::POST, &path)).await
     }
 
     /// Creates a schedule (`schedule.name` required); a `409` if the name is taken.
@@ -432,8 +432,11 @@ mod tests {
 
     #[test]
     fn queue_names_stay_one_path_segment() {
-        assert_eq!(queue_path("emails"), "/v1/queues/emails");
-        assert_eq!(queue_path("a/b?c d"), "/v1/queues/a%2Fb%3Fc%20d");
+        assert_eq!(queue_path("emails", ""), "/v1/queues/emails");
+        assert_eq!(
+            queue_path("a/b?c d", "/pause"),
+            "/v1/queues/a%2Fb%3Fc%20d/pause"
+        );
     }
 
     #[test]
