@@ -10,14 +10,14 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use keel_client::{Client, JobListQuery, JobOut};
+use keel_client::{Client, JobOut};
 use rand::Rng as _;
 use serde_json::json;
 use tokio::task::JoinSet;
 
 use crate::both_backends;
 use crate::child::KeelProcess;
-use crate::helpers::{Backend, database, within};
+use crate::helpers::{Backend, all_jobs, database, within};
 
 const CYCLES: usize = 5;
 const CLIENTS: usize = 64;
@@ -63,27 +63,13 @@ async fn enqueue_until(
     }
 }
 
-/// Every job in the database, by id, read with the keyset listing.
-async fn all_jobs(client: &Client) -> HashMap<String, JobOut> {
-    let mut jobs = HashMap::new();
-    let mut after = None;
-    loop {
-        let page = client
-            .list_jobs(&JobListQuery {
-                after,
-                limit: Some(1000),
-                ..JobListQuery::default()
-            })
-            .await
-            .expect("list jobs");
-        for j in page.jobs {
-            jobs.insert(j.id.to_string(), j);
-        }
-        match page.next {
-            Some(n) => after = Some(n),
-            None => return jobs,
-        }
-    }
+/// Every job in the database, by id.
+async fn jobs_by_id(client: &Client) -> HashMap<String, JobOut> {
+    all_jobs(client)
+        .await
+        .into_iter()
+        .map(|j| (j.id.to_string(), j))
+        .collect()
 }
 
 async fn crash_loses_no_acknowledged_job(backend: Backend, test: &str) {
@@ -136,7 +122,7 @@ async fn crash_loses_no_acknowledged_job(backend: Backend, test: &str) {
     let keel = KeelProcess::start(&url, &env).await;
     let client = Client::new(keel.base.clone(), None).unwrap();
     let acked = acked.lock().unwrap().clone();
-    let stored = all_jobs(&client).await;
+    let stored = jobs_by_id(&client).await;
     let missing: Vec<_> = acked
         .iter()
         .filter(|id| !stored.contains_key(*id))
@@ -149,7 +135,7 @@ async fn crash_loses_no_acknowledged_job(backend: Backend, test: &str) {
     );
     let jobs = within(Duration::from_secs(120), "draining the backlog", async {
         loop {
-            let jobs = all_jobs(&client).await;
+            let jobs = jobs_by_id(&client).await;
             let unfinished = acked
                 .iter()
                 .filter(|id| {

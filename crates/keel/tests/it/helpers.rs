@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use keel::{App, Config, ServeArgs};
-use keel_client::{Client, JobOut};
+use keel_client::{Client, JobListQuery, JobOut};
 use keel_store::testkit::{PgSchema, pg_url_or_skip};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -306,6 +306,27 @@ pub async fn problem(resp: reqwest::Response, status: reqwest::StatusCode) -> se
         "body and header ids differ"
     );
     body
+}
+
+/// Every job in the database, read with the keyset listing through `client`.
+pub async fn all_jobs(client: &Client) -> Vec<JobOut> {
+    let mut jobs = Vec::new();
+    let mut after = None;
+    loop {
+        let page = client
+            .list_jobs(&JobListQuery {
+                after,
+                limit: Some(1000),
+                ..JobListQuery::default()
+            })
+            .await
+            .expect("list jobs");
+        jobs.extend(page.jobs);
+        match page.next {
+            Some(n) => after = Some(n),
+            None => return jobs,
+        }
+    }
 }
 
 /// Sending a request and reading its JSON answer, whatever the status, in one step.

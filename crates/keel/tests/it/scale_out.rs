@@ -17,14 +17,14 @@
 use std::collections::{BTreeSet, HashMap};
 use std::time::{Duration, Instant};
 
-use keel_client::{Client, JobListQuery, JobOut};
+use keel_client::{Client, JobOut};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use serde_json::{Value, json};
 use tokio::task::JoinSet;
 
 use crate::child::KeelProcess;
-use crate::helpers::{Backend, CPU_HEAVY, database, metric_value, within};
+use crate::helpers::{Backend, CPU_HEAVY, all_jobs, database, metric_value, within};
 
 const REPLICAS: usize = 3;
 
@@ -60,27 +60,6 @@ fn http() -> reqwest::Client {
 
 fn signal(p: &KeelProcess, sig: Signal) {
     kill(Pid::from_raw(i32::try_from(p.pid()).unwrap()), sig).expect("signal the replica");
-}
-
-/// Every job in the database, read with the keyset listing through `client`.
-async fn all_jobs(client: &Client) -> Vec<JobOut> {
-    let mut jobs = Vec::new();
-    let mut after = None;
-    loop {
-        let page = client
-            .list_jobs(&JobListQuery {
-                after,
-                limit: Some(1000),
-                ..JobListQuery::default()
-            })
-            .await
-            .expect("list jobs");
-        jobs.extend(page.jobs);
-        match page.next {
-            Some(n) => after = Some(n),
-            None => return jobs,
-        }
-    }
 }
 
 /// Sum of `metric` (with `labels`) over the replicas still running.
