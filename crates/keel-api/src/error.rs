@@ -500,6 +500,16 @@ impl From<QueryRejection> for ApiError {
     }
 }
 
+/// The fields a `422` names, in order: for the body parsers' tests, which check that every
+/// bad field is reported at once.
+#[cfg(test)]
+pub(crate) fn validation_fields(e: ApiError) -> Vec<String> {
+    match e {
+        ApiError::Validation(v) => v.into_iter().map(|e| e.field).collect(),
+        other => panic!("expected validation, got {other:?}"),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

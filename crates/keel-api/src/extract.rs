@@ -194,6 +194,15 @@ impl FromRequest<ApiState> for JsonBody {
     }
 }
 
+/// A query as axum hands it to [`parse_query_fields`], from literals: for the query parsers'
+/// tests.
+#[cfg(test)]
+pub(crate) fn query_pairs(q: &[(&str, &str)]) -> Vec<(String, String)> {
+    q.iter()
+        .map(|(a, b)| ((*a).to_owned(), (*b).to_owned()))
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
