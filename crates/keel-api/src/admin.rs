@@ -477,14 +477,10 @@ mod tests {
         assert_eq!(resp.status(), StatusCode::METHOD_NOT_ALLOWED);
     }
 
-    /// The `field` of each of a problem's `errors`, in order.
-    fn error_fields(p: &serde_json::Value) -> Vec<&str> {
-        p["errors"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|e| e["field"].as_str().unwrap())
-            .collect()
+    /// The `field` of each of a problem's `errors`, in order, read as a client would.
+    fn error_fields(p: &serde_json::Value) -> Vec<String> {
+        let problem: keel_wire::Problem = serde_json::from_value(p.clone()).unwrap();
+        problem.errors.into_iter().map(|e| e.field).collect()
     }
 
     const TOKEN: &str = "s3cret-admin-token-0123456789";
