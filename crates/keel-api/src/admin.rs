@@ -466,12 +466,7 @@ mod tests {
         )
         .await;
         assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{p}");
-        let fields: Vec<&str> = p["errors"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|e| e["field"].as_str().unwrap())
-            .collect();
+        let fields = error_fields(&p);
         assert_eq!(fields, ["auth.latency_ms", "store_read.error_rate"], "{p}");
         assert_eq!(chaos.settings().auth.latency_ms, 5, "nothing was applied");
 
@@ -480,6 +475,12 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(resp.status(), StatusCode::METHOD_NOT_ALLOWED);
+    }
+
+    /// The `field` of each of a problem's `errors`, in order, read as a client would.
+    fn error_fields(p: &serde_json::Value) -> Vec<String> {
+        let problem: keel_wire::Problem = serde_json::from_value(p.clone()).unwrap();
+        problem.errors.into_iter().map(|e| e.field).collect()
     }
 
     const TOKEN: &str = "s3cret-admin-token-0123456789";
@@ -548,12 +549,7 @@ mod tests {
         let app = app(Chaos::default());
         let (status, p) = send(&app, get("/debug/pprof/profile?seconds=0&format=png")).await;
         assert_eq!(status, StatusCode::BAD_REQUEST, "{p}");
-        let fields: Vec<&str> = p["errors"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|e| e["field"].as_str().unwrap())
-            .collect();
+        let fields = error_fields(&p);
         assert_eq!(fields, ["seconds", "format"], "{p}");
         let (status, p) = send(&app, get("/debug/pprof/profile?seconds=301")).await;
         assert_eq!(status, StatusCode::BAD_REQUEST, "{p}");

@@ -476,27 +476,28 @@ fn from_rejection(status: StatusCode, text: String) -> ApiError {
     }
 }
 
-impl From<JsonRejection> for ApiError {
-    fn from(r: JsonRejection) -> Self {
-        from_rejection(r.status(), r.body_text())
-    }
+/// Each of axum's rejections the same way: its status and text, through [`from_rejection`].
+macro_rules! from_rejections {
+    ($($rejection:ty),+) => {
+        $(
+            impl From<$rejection> for ApiError {
+                fn from(r: $rejection) -> Self {
+                    from_rejection(r.status(), r.body_text())
+                }
+            }
+        )+
+    };
 }
 
-impl From<BytesRejection> for ApiError {
-    fn from(r: BytesRejection) -> Self {
-        from_rejection(r.status(), r.body_text())
-    }
-}
+from_rejections!(JsonRejection, BytesRejection, PathRejection, QueryRejection);
 
-impl From<PathRejection> for ApiError {
-    fn from(r: PathRejection) -> Self {
-        from_rejection(r.status(), r.body_text())
-    }
-}
-
-impl From<QueryRejection> for ApiError {
-    fn from(r: QueryRejection) -> Self {
-        from_rejection(r.status(), r.body_text())
+/// The fields a `422` names, in order: for the body parsers' tests, which check that every
+/// bad field is reported at once.
+#[cfg(test)]
+pub(crate) fn validation_fields(e: ApiError) -> Vec<String> {
+    match e {
+        ApiError::Validation(v) => v.into_iter().map(|e| e.field).collect(),
+        other => panic!("expected validation, got {other:?}"),
     }
 }
 

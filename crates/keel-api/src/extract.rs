@@ -16,51 +16,51 @@ use crate::state::ApiState;
 /// The header making an enqueue idempotent (G3).
 pub const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
 
-/// A job id from the path (`/v1/jobs/{id}`); `400` when it is not a UUID.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct JobIdPath(pub(crate) JobId);
+/// Stamps out the extractor of a path's one segment as `$ty`: a `400` saying
+/// "invalid `$what` in path" and why when it does not parse, the same for every kind of id.
+macro_rules! path_extractor {
+    ($(#[$attr:meta])* $name:ident($ty:ty), $what:literal) => {
+        $(#[$attr])*
+        pub(crate) struct $name(pub(crate) $ty);
 
-impl<S: Send + Sync> FromRequestParts<S> for JobIdPath {
-    type Rejection = ApiError;
+        impl<S: Send + Sync> FromRequestParts<S> for $name {
+            type Rejection = ApiError;
 
-    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
-        let Path(raw) = Path::<String>::from_request_parts(parts, state).await?;
-        JobId::parse(&raw)
-            .map(JobIdPath)
-            .map_err(|e| ApiError::BadRequest(format!("invalid job id in path: {}", e.reason)))
-    }
+            async fn from_request_parts(
+                parts: &mut Parts,
+                state: &S,
+            ) -> Result<Self, Self::Rejection> {
+                let Path(raw) = Path::<String>::from_request_parts(parts, state).await?;
+                <$ty>::parse(&raw).map($name).map_err(|e| {
+                    let what = concat!("invalid ", $what, " in path");
+                    ApiError::BadRequest(format!("{what}: {}", e.reason))
+                })
+            }
+        }
+    };
 }
 
-/// A queue name from the path (`/v1/queues/{queue}/…`); `400` when it is not a valid name.
-#[derive(Debug, Clone)]
-pub(crate) struct QueuePath(pub(crate) QueueName);
+path_extractor!(
+    /// A job id from the path (`/v1/jobs/{id}`); `400` when it is not a UUID.
+    #[derive(Debug, Clone, Copy)]
+    JobIdPath(JobId),
+    "job id"
+);
 
-impl<S: Send + Sync> FromRequestParts<S> for QueuePath {
-    type Rejection = ApiError;
+path_extractor!(
+    /// A queue name from the path (`/v1/queues/{queue}/…`); `400` when it is not a valid name.
+    #[derive(Debug, Clone)]
+    QueuePath(QueueName),
+    "queue name"
+);
 
-    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
-        let Path(raw) = Path::<String>::from_request_parts(parts, state).await?;
-        QueueName::parse(raw)
-            .map(QueuePath)
-            .map_err(|e| ApiError::BadRequest(format!("invalid queue name in path: {}", e.reason)))
-    }
-}
-
-/// A schedule name from the path (`/v1/schedules/{name}…`); `400` when it is not a valid
-/// name.
-#[derive(Debug, Clone)]
-pub(crate) struct ScheduleNamePath(pub(crate) ScheduleName);
-
-impl<S: Send + Sync> FromRequestParts<S> for ScheduleNamePath {
-    type Rejection = ApiError;
-
-    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
-        let Path(raw) = Path::<String>::from_request_parts(parts, state).await?;
-        ScheduleName::parse(raw).map(ScheduleNamePath).map_err(|e| {
-            ApiError::BadRequest(format!("invalid schedule name in path: {}", e.reason))
-        })
-    }
-}
+path_extractor!(
+    /// A schedule name from the path (`/v1/schedules/{name}…`); `400` when it is not a valid
+    /// name.
+    #[derive(Debug, Clone)]
+    ScheduleNamePath(ScheduleName),
+    "schedule name"
+);
 
 /// The `Idempotency-Key` header, if sent; `400` when it is not 1..=255 visible ASCII.
 #[derive(Debug, Clone)]
@@ -192,6 +192,15 @@ impl FromRequest<ApiState> for JsonBody {
         }
         Ok(Self(body))
     }
+}
+
+/// A query as axum hands it to [`parse_query_fields`], from literals: for the query parsers'
+/// tests.
+#[cfg(test)]
+pub(crate) fn query_pairs(q: &[(&str, &str)]) -> Vec<(String, String)> {
+    q.iter()
+        .map(|(a, b)| ((*a).to_owned(), (*b).to_owned()))
+        .collect()
 }
 
 #[cfg(test)]

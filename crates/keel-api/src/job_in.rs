@@ -119,15 +119,9 @@ enum JobFailure {
     Forbidden(ApiError),
 }
 
-/// Parses one job object (already split into members). Field paths get `prefix`.
-fn parse_job(
-    members: Members,
-    text: Option<&str>,
-    prefix: &str,
-    cx: &JobContext<'_>,
-    shape: Shape,
-) -> Result<NewJob, JobFailure> {
-    let (job, errors) = read_job(members, text, prefix, cx, shape)?;
+/// What [`read_job`] found, as a job only when it found no problem: a job and a batch item
+/// must be whole, while a schedule's template keeps the defaults to report its own errors.
+fn whole_job((job, errors): (NewJob, Vec<FieldError>)) -> Result<NewJob, JobFailure> {
     if errors.is_empty() {
         Ok(job)
     } else {
@@ -135,7 +129,8 @@ fn parse_job(
     }
 }
 
-/// Reads a job object: the job (defaults where a field failed) and every problem found, or
+/// Reads one job object (already split into members), field paths prefixed with `prefix`:
+/// the job (defaults where a field failed) and every problem found, or
 /// the refusal of a tenant the caller may not use.
 fn read_job(
     members: Members,
@@ -314,10 +309,12 @@ pub(crate) fn parse_process(body: &[u8], cx: &JobContext<'_>) -> Result<NewJob, 
 fn parse_one(body: &[u8], cx: &JobContext<'_>, shape: Shape) -> Result<NewJob, ApiError> {
     let members = members_of_body(body)?;
     let text = std::str::from_utf8(body).ok();
-    parse_job(members, text, "", cx, shape).map_err(|f| match f {
-        JobFailure::Fields(errors) => ApiError::Validation(errors),
-        JobFailure::Forbidden(e) => e,
-    })
+    read_job(members, text, "", cx, shape)
+        .and_then(whole_job)
+        .map_err(|f| match f {
+            JobFailure::Fields(errors) => ApiError::Validation(errors),
+            JobFailure::Forbidden(e) => e,
+        })
 }
 
 /// Parses the body of `POST /v1/jobs/batch`: `{"jobs": [job, …]}` with 1..=[`MAX_BATCH`]
@@ -375,7 +372,7 @@ pub(crate) fn parse_batch(body: &[u8], cx: &JobContext<'_>) -> Result<Vec<NewJob
                 continue;
             }
         };
-        match parse_job(members, Some(raw.get()), &prefix, cx, Shape::Job) {
+        match read_job(members, Some(raw.get()), &prefix, cx, Shape::Job).and_then(whole_job) {
             Ok(job) => jobs.push(job),
             Err(JobFailure::Fields(e)) => errors.extend(e),
             Err(JobFailure::Forbidden(e)) => {
@@ -430,6 +427,7 @@ mod tests {
     use keel_core::Backoff;
 
     use super::*;
+    use crate::error::validation_fields as fields;
 
     static NO_CATALOG: std::sync::LazyLock<Catalog> = std::sync::LazyLock::new(Catalog::default);
 
@@ -439,13 +437,6 @@ mod tests {
             catalog: &NO_CATALOG,
             max_args_bytes: 64,
             now: Utc::now(),
-        }
-    }
-
-    fn fields(e: ApiError) -> Vec<String> {
-        match e {
-            ApiError::Validation(v) => v.into_iter().map(|e| e.field).collect(),
-            other => panic!("expected validation, got {other:?}"),
         }
     }
 

@@ -56,6 +56,63 @@ fn problem_response(description: &str, retry_after: bool) -> RefOr<Response> {
     RefOr::T(b.build())
 }
 
+/// `(status, description, Retry-After)` of the problems any route can answer: every route
+/// parses its headers (`Request-Timeout`, `X-Request-Id`) and can fail inside: a malformed
+/// header is a 400, a bug an opaque 500.
+const EVERY_ROUTE: &[(&str, &str, bool)] = &[
+    (
+        "400",
+        "Malformed request: not JSON, a bad path segment, query or header (e.g. Request-Timeout)",
+        false,
+    ),
+    (
+        "500",
+        "Internal error (opaque; the cause is logged with the request id)",
+        false,
+    ),
+];
+
+/// The problems of a route with a request body: late, too large, not JSON, invalid.
+const WITH_BODY: &[(&str, &str, bool)] = &[
+    (
+        "408",
+        "The request body did not arrive before the request deadline",
+        false,
+    ),
+    ("413", "The body is larger than the limit", false),
+    ("415", "The body is not declared as JSON", false),
+    ("422", "Invalid fields, all listed", false),
+];
+
+/// The problems of a route behind an API key: authentication and the protection layers.
+const BEHIND_A_KEY: &[(&str, &str, bool)] = &[
+    (
+        "401",
+        "Missing or unknown API key (WWW-Authenticate: Bearer)",
+        false,
+    ),
+    (
+        "403",
+        "The API key may not do this (another tenant, or an operator's action)",
+        false,
+    ),
+    (
+        "429",
+        "Rate limit of the tenant or API key exceeded (RateLimit-Limit, RateLimit-Remaining and RateLimit-Reset describe the bucket)",
+        true,
+    ),
+    (
+        "503",
+        "Overloaded (shed by admission control) or a dependency is unavailable",
+        true,
+    ),
+    (
+        "504",
+        "Deadline exceeded; `detail` names the step the request was in",
+        false,
+    ),
+];
+
 impl Modify for ProtectionResponses {
     fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
         for item in openapi.paths.paths.values_mut() {
@@ -67,72 +124,19 @@ impl Modify for ProtectionResponses {
                 &mut item.patch,
             ];
             for op in ops.into_iter().flatten() {
-                // Every route parses its headers (`Request-Timeout`, `X-Request-Id`) and
-                // can fail inside: a malformed header is a 400, a bug an opaque 500.
-                let has_body = op.request_body.is_some();
+                let tables = [
+                    (EVERY_ROUTE, true),
+                    (WITH_BODY, op.request_body.is_some()),
+                    (BEHIND_A_KEY, op.security.is_some()),
+                ];
                 let responses = &mut op.responses.responses;
-                responses.entry("400".to_owned()).or_insert_with(|| {
-                    problem_response(
-                        "Malformed request: not JSON, a bad path segment, query or header (e.g. Request-Timeout)",
-                        false,
-                    )
-                });
-                responses.entry("500".to_owned()).or_insert_with(|| {
-                    problem_response(
-                        "Internal error (opaque; the cause is logged with the request id)",
-                        false,
-                    )
-                });
-                if has_body {
-                    responses.entry("408".to_owned()).or_insert_with(|| {
-                        problem_response(
-                            "The request body did not arrive before the request deadline",
-                            false,
-                        )
-                    });
-                    responses.entry("413".to_owned()).or_insert_with(|| {
-                        problem_response("The body is larger than the limit", false)
-                    });
-                    responses.entry("415".to_owned()).or_insert_with(|| {
-                        problem_response("The body is not declared as JSON", false)
-                    });
-                    responses
-                        .entry("422".to_owned())
-                        .or_insert_with(|| problem_response("Invalid fields, all listed", false));
+                for (table, _) in tables.into_iter().filter(|(_, applies)| *applies) {
+                    for &(status, description, retry_after) in table {
+                        responses
+                            .entry(status.to_owned())
+                            .or_insert_with(|| problem_response(description, retry_after));
+                    }
                 }
-                if op.security.is_none() {
-                    continue;
-                }
-                responses.entry("401".to_owned()).or_insert_with(|| {
-                    problem_response(
-                        "Missing or unknown API key (WWW-Authenticate: Bearer)",
-                        false,
-                    )
-                });
-                responses.entry("403".to_owned()).or_insert_with(|| {
-                    problem_response(
-                        "The API key may not do this (another tenant, or an operator's action)",
-                        false,
-                    )
-                });
-                responses.entry("429".to_owned()).or_insert_with(|| {
-                    problem_response(
-                        "Rate limit of the tenant or API key exceeded (RateLimit-Limit, RateLimit-Remaining and RateLimit-Reset describe the bucket)",
-                        true,
-                    )
-                });
-                responses.entry("503".to_owned()).or_insert_with(|| {
-                    problem_response(
-                        "Overloaded (shed by admission control) or a dependency is unavailable",
-                        true,
-                    )
-                });
-                responses.entry("504".to_owned()).or_insert_with(|| {
-                    problem_response(
-                        "Deadline exceeded; `detail` names the step the request was in",
-                        false,
-                    )
-                });
             }
         }
     }

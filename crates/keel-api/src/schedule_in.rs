@@ -111,6 +111,7 @@ mod tests {
 
     use super::*;
     use crate::auth::Caller;
+    use crate::error::validation_fields as fields;
 
     static NO_CATALOG: std::sync::LazyLock<keel_runtime::Catalog> =
         std::sync::LazyLock::new(keel_runtime::Catalog::default);
@@ -121,13 +122,6 @@ mod tests {
             catalog: &NO_CATALOG,
             max_args_bytes: 1024,
             now: chrono::Utc::now(),
-        }
-    }
-
-    fn fields(e: ApiError) -> Vec<String> {
-        match e {
-            ApiError::Validation(v) => v.into_iter().map(|e| e.field).collect(),
-            other => panic!("expected validation, got {other:?}"),
         }
     }
 

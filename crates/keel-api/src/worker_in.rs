@@ -412,13 +412,7 @@ pub fn parse_fail_batch(body: &[u8]) -> Result<Vec<FailIn>, ApiError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn fields(e: ApiError) -> Vec<String> {
-        match e {
-            ApiError::Validation(list) => list.into_iter().map(|f| f.field).collect(),
-            other => panic!("expected a 422, got {other:?}"),
-        }
-    }
+    use crate::error::validation_fields as fields;
 
     #[test]
     fn a_lease_takes_defaults_and_lists_every_bad_field() {

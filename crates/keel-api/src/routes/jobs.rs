@@ -419,12 +419,7 @@ pub(crate) async fn list_jobs(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn pairs(q: &[(&str, &str)]) -> Vec<(String, String)> {
-        q.iter()
-            .map(|(a, b)| ((*a).to_owned(), (*b).to_owned()))
-            .collect()
-    }
+    use crate::extract::query_pairs as pairs;
 
     #[test]
     fn list_params_report_every_bad_one() {

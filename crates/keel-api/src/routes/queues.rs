@@ -55,54 +55,51 @@ pub(crate) async fn get_queue(
     Ok(Json(QueueOut::from(stats)))
 }
 
-/// Stop leasing from a queue. Jobs can still be enqueued into it; running jobs finish.
-/// A queue serves every tenant, so this needs an operator key (`403` for a tenant key).
-#[utoipa::path(
-    post,
-    path = "/v1/queues/{queue}/pause",
-    tag = "queues",
-    security(("bearer" = [])),
-    params(("queue" = String, Path, description = "Queue name")),
-    responses(
-        (status = 200, description = "Paused", body = QueuePausedOut),
-        (status = 400, description = "Invalid queue name", body = Problem, content_type = "application/problem+json"),
-        (status = 403, description = "A tenant key: queues are shared, only an operator key may pause or resume them", body = Problem, content_type = "application/problem+json"),
-    )
-)]
-pub(crate) async fn pause_queue(
-    State(state): State<ApiState>,
-    caller: Caller,
-    QueuePath(queue): QueuePath,
-) -> Result<Json<QueuePausedOut>, ApiError> {
-    service::set_paused(&state, &caller, &queue, true).await?;
-    Ok(Json(QueuePausedOut {
-        queue,
-        paused: true,
-    }))
+/// Stamps out the pause and the resume route: one annotated handler each, because utoipa
+/// documents an operation per function, around one body that differs only in `paused`.
+macro_rules! set_paused_route {
+    ($(#[doc = $doc:literal])* $handler:ident, $path:literal, $done:literal, $paused:literal) => {
+        $(#[doc = $doc])*
+        #[utoipa::path(
+            post,
+            path = $path,
+            tag = "queues",
+            security(("bearer" = [])),
+            params(("queue" = String, Path, description = "Queue name")),
+            responses(
+                (status = 200, description = $done, body = QueuePausedOut),
+                (status = 400, description = "Invalid queue name", body = Problem, content_type = "application/problem+json"),
+                (status = 403, description = "A tenant key: queues are shared, only an operator key may pause or resume them", body = Problem, content_type = "application/problem+json"),
+            )
+        )]
+        pub(crate) async fn $handler(
+            State(state): State<ApiState>,
+            caller: Caller,
+            QueuePath(queue): QueuePath,
+        ) -> Result<Json<QueuePausedOut>, ApiError> {
+            service::set_paused(&state, &caller, &queue, $paused).await?;
+            Ok(Json(QueuePausedOut {
+                queue,
+                paused: $paused,
+            }))
+        }
+    };
 }
 
-/// Resume leasing from a queue, and wake its dispatcher so waiting jobs start at once.
-/// Needs an operator key, as pausing does.
-#[utoipa::path(
-    post,
-    path = "/v1/queues/{queue}/resume",
-    tag = "queues",
-    security(("bearer" = [])),
-    params(("queue" = String, Path, description = "Queue name")),
-    responses(
-        (status = 200, description = "Resumed", body = QueuePausedOut),
-        (status = 400, description = "Invalid queue name", body = Problem, content_type = "application/problem+json"),
-        (status = 403, description = "A tenant key: queues are shared, only an operator key may pause or resume them", body = Problem, content_type = "application/problem+json"),
-    )
-)]
-pub(crate) async fn resume_queue(
-    State(state): State<ApiState>,
-    caller: Caller,
-    QueuePath(queue): QueuePath,
-) -> Result<Json<QueuePausedOut>, ApiError> {
-    service::set_paused(&state, &caller, &queue, false).await?;
-    Ok(Json(QueuePausedOut {
-        queue,
-        paused: false,
-    }))
-}
+set_paused_route!(
+    /// Stop leasing from a queue. Jobs can still be enqueued into it; running jobs finish.
+    /// A queue serves every tenant, so this needs an operator key (`403` for a tenant key).
+    pause_queue,
+    "/v1/queues/{queue}/pause",
+    "Paused",
+    true
+);
+
+set_paused_route!(
+    /// Resume leasing from a queue, and wake its dispatcher so waiting jobs start at once.
+    /// Needs an operator key, as pausing does.
+    resume_queue,
+    "/v1/queues/{queue}/resume",
+    "Resumed",
+    false
+);

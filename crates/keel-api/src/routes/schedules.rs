@@ -232,78 +232,60 @@ pub(crate) async fn delete_schedule(
     Ok(StatusCode::NO_CONTENT)
 }
 
-/// Pauses (`paused`) or resumes the schedule `name` of the caller's tenant.
-async fn set_paused(
-    state: &ApiState,
-    caller: &Caller,
-    name: &ScheduleName,
-    query: Result<Query<Vec<(String, String)>>, QueryRejection>,
-    paused: bool,
-) -> Result<Json<ScheduleOut>, ApiError> {
-    let tenant = tenant_of(query)?;
-    Ok(Json(show(
-        service::set_paused(state, caller, tenant, name, paused).await?,
-    )))
+/// Stamps out the pause and the resume route: one annotated handler each, because utoipa
+/// documents an operation per function, around one body that differs only in `paused`.
+macro_rules! set_paused_route {
+    ($(#[doc = $doc:literal])* $handler:ident, $path:literal, $done:literal, $paused:literal) => {
+        $(#[doc = $doc])*
+        #[utoipa::path(
+            post,
+            path = $path,
+            tag = "schedules",
+            security(("bearer" = [])),
+            params(
+                ("name" = String, Path, description = "Schedule name"),
+                TenantQuery,
+            ),
+            responses(
+                (status = 200, description = $done, body = ScheduleOut),
+                (status = 404, description = "No such schedule in the tenant", body = Problem, content_type = "application/problem+json"),
+            )
+        )]
+        pub(crate) async fn $handler(
+            State(state): State<ApiState>,
+            caller: Caller,
+            ScheduleNamePath(name): ScheduleNamePath,
+            query: Result<Query<Vec<(String, String)>>, QueryRejection>,
+        ) -> Result<Json<ScheduleOut>, ApiError> {
+            let tenant = tenant_of(query)?;
+            Ok(Json(show(
+                service::set_paused(&state, &caller, tenant, &name, $paused).await?,
+            )))
+        }
+    };
 }
 
-/// Pause a schedule: its ticks are skipped until it is resumed.
-#[utoipa::path(
-    post,
-    path = "/v1/schedules/{name}/pause",
-    tag = "schedules",
-    security(("bearer" = [])),
-    params(
-        ("name" = String, Path, description = "Schedule name"),
-        TenantQuery,
-    ),
-    responses(
-        (status = 200, description = "Paused", body = ScheduleOut),
-        (status = 404, description = "No such schedule in the tenant", body = Problem, content_type = "application/problem+json"),
-    )
-)]
-pub(crate) async fn pause_schedule(
-    State(state): State<ApiState>,
-    caller: Caller,
-    ScheduleNamePath(name): ScheduleNamePath,
-    query: Result<Query<Vec<(String, String)>>, QueryRejection>,
-) -> Result<Json<ScheduleOut>, ApiError> {
-    set_paused(&state, &caller, &name, query, true).await
-}
+set_paused_route!(
+    /// Pause a schedule: its ticks are skipped until it is resumed.
+    pause_schedule,
+    "/v1/schedules/{name}/pause",
+    "Paused",
+    true
+);
 
-/// Resume a paused schedule. Ticks missed while paused are caught up only within its
-/// catch-up window (the latest one always).
-#[utoipa::path(
-    post,
-    path = "/v1/schedules/{name}/resume",
-    tag = "schedules",
-    security(("bearer" = [])),
-    params(
-        ("name" = String, Path, description = "Schedule name"),
-        TenantQuery,
-    ),
-    responses(
-        (status = 200, description = "Resumed", body = ScheduleOut),
-        (status = 404, description = "No such schedule in the tenant", body = Problem, content_type = "application/problem+json"),
-    )
-)]
-pub(crate) async fn resume_schedule(
-    State(state): State<ApiState>,
-    caller: Caller,
-    ScheduleNamePath(name): ScheduleNamePath,
-    query: Result<Query<Vec<(String, String)>>, QueryRejection>,
-) -> Result<Json<ScheduleOut>, ApiError> {
-    set_paused(&state, &caller, &name, query, false).await
-}
+set_paused_route!(
+    /// Resume a paused schedule. Ticks missed while paused are caught up only within its
+    /// catch-up window (the latest one always).
+    resume_schedule,
+    "/v1/schedules/{name}/resume",
+    "Resumed",
+    false
+);
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn pairs(q: &[(&str, &str)]) -> Vec<(String, String)> {
-        q.iter()
-            .map(|(a, b)| ((*a).to_owned(), (*b).to_owned()))
-            .collect()
-    }
+    use crate::extract::query_pairs as pairs;
 
     #[test]
     fn queries_report_every_bad_parameter_and_scope_the_tenant() {

@@ -7,10 +7,8 @@ use std::time::Duration;
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use keel_api::{ApiConfig, ApiKey, JobCacheConfig};
-use keel_core::store::{Completion, LeaseRef};
-use keel_core::{JobState, TenantId, WorkStore};
+use keel_core::TenantId;
 use keel_resilience::AdaptiveLimitConfig;
-use keel_runtime::JobEvent;
 
 use crate::helpers::*;
 
@@ -48,12 +46,7 @@ async fn a_thousand_readers_of_a_cold_job_cost_one_store_read() {
     let mut bodies = Vec::new();
     while let Some(r) = readers.join_next().await {
         let r = r.unwrap();
-        assert_eq!(
-            r.status,
-            StatusCode::OK,
-            "{}",
-            String::from_utf8_lossy(&r.body)
-        );
+        r.assert_status(StatusCode::OK);
         assert_eq!(r.json()["id"], id.to_string());
         bodies.push(r.body);
     }
@@ -122,23 +115,13 @@ async fn a_job_event_invalidates_and_nothing_else_does() {
         "available"
     );
     let job = app.lease("default").await.pop().unwrap();
-    app.store
-        .complete(vec![Completion {
-            lease: LeaseRef::of(&job).unwrap(),
-            result: None,
-        }])
-        .await
-        .unwrap();
+    app.complete_in_store(&job, None).await;
     // Unannounced, the change stays hidden for the entry's lifetime: the read is cached.
     assert_eq!(
         app.get(&format!("/v1/jobs/{id}")).await.json()["state"],
         "available"
     );
-    app.runtime.events.publish(JobEvent {
-        id,
-        queue: job.queue,
-        state: JobState::Completed,
-    });
+    app.publish_completed(&job);
     tokio::time::timeout(Duration::from_secs(10), async {
         while app.get(&format!("/v1/jobs/{id}")).await.json()["state"] != "completed" {
             tokio::time::sleep(Duration::from_millis(10)).await;

@@ -9,13 +9,16 @@ use axum::Router;
 use axum::body::{Body, Bytes};
 use axum::http::{HeaderMap, Request, StatusCode};
 use keel_api::{ApiConfig, ApiState, Readiness, router};
-use keel_core::store::{LeaseParams, ListParams};
-use keel_core::{Job, JobId, JobStore, QueueName, StoreError, SystemClock, WorkStore, WorkerId};
-use keel_runtime::RuntimeHandle;
+use keel_core::store::{Completion, LeaseParams, LeaseRef, ListParams};
+use keel_core::{
+    Job, JobId, JobState, JobStore, QueueName, StoreError, SystemClock, WorkStore, WorkerId,
+};
+use keel_runtime::{JobEvent, RuntimeHandle};
 use keel_store::testkit::{Intercepted, Interceptor, Op, intercept};
 use keel_store::{SqliteOptions, SqliteStore};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use serde_json::Value;
+use serde_json::value::RawValue;
 use tokio_util::sync::{CancellationToken, DropGuard};
 use tower::ServiceExt;
 
@@ -208,6 +211,16 @@ impl TestResponse {
         self.header("content-type").unwrap_or("")
     }
 
+    /// Asserts the status, showing the body when it is another: the problem says why.
+    pub(crate) fn assert_status(&self, status: StatusCode) {
+        assert_eq!(
+            self.status,
+            status,
+            "{}",
+            String::from_utf8_lossy(&self.body)
+        );
+    }
+
     /// Asserts a problem+json response with `status` and problem type `slug`, with every
     /// required member, and `request_id` equal to the `X-Request-Id` header. Returns the
     /// body.
@@ -242,6 +255,20 @@ pub(crate) async fn app() -> TestApp {
 
 pub(crate) async fn app_with(config: ApiConfig) -> TestApp {
     app_wired(config, |state| state).await
+}
+
+/// An app whose `POST /v1/process` re-reads its job every `process_poll` and whose requests
+/// have an hour before the server's deadline, so only the job's end answers them; shared, for
+/// the test's worker task.
+pub(crate) async fn process_app(process_poll: Duration) -> Arc<TestApp> {
+    Arc::new(
+        app_with(ApiConfig {
+            request_timeout: Duration::from_secs(3600),
+            process_poll,
+            ..Default::default()
+        })
+        .await,
+    )
 }
 
 /// An app whose state `wire` finishes (chaos, a database breaker).
@@ -334,12 +361,7 @@ impl TestApp {
     /// Enqueues `body` and returns the created job's JSON.
     pub(crate) async fn enqueue(&self, body: &str) -> Value {
         let r = self.post_json("/v1/jobs", body).await;
-        assert_eq!(
-            r.status,
-            StatusCode::CREATED,
-            "{}",
-            String::from_utf8_lossy(&r.body)
-        );
+        r.assert_status(StatusCode::CREATED);
         r.json()
     }
 
@@ -358,6 +380,28 @@ impl TestApp {
             .unwrap()
     }
 
+    /// Completes a leased job with `result` (JSON text; `None` for null) through the store,
+    /// as a worker would, but without the event: see [`TestApp::publish_completed`].
+    pub(crate) async fn complete_in_store(&self, job: &Job, result: Option<&str>) {
+        self.store
+            .complete(vec![Completion {
+                lease: LeaseRef::of(job).unwrap(),
+                result: result.map(|r| RawValue::from_string(r.to_owned()).unwrap()),
+            }])
+            .await
+            .unwrap();
+    }
+
+    /// Publishes the event the runtime sends when `job` completes: what wakes a waiting
+    /// `POST /v1/process` and drops the job's cache entry.
+    pub(crate) fn publish_completed(&self, job: &Job) {
+        self.runtime.events.publish(JobEvent {
+            id: job.id,
+            queue: job.queue.clone(),
+            state: JobState::Completed,
+        });
+    }
+
     /// Every job in the store.
     pub(crate) async fn all_jobs(&self) -> Vec<Job> {
         self.store
@@ -374,6 +418,24 @@ impl TestApp {
 /// A POST request builder with a JSON content type.
 pub(crate) fn json_request(path: &str) -> axum::http::request::Builder {
     Request::post(path).header("content-type", "application/json")
+}
+
+/// The `field` of each of a problem's `errors`, in the order the server listed them.
+pub(crate) fn error_fields(p: &Value) -> Vec<&str> {
+    p["errors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["field"].as_str().unwrap())
+        .collect()
+}
+
+/// [`error_fields`] sorted, for a test that checks which fields were named but not how the
+/// parser happened to order them.
+pub(crate) fn sorted_error_fields(p: &Value) -> Vec<&str> {
+    let mut fields = error_fields(p);
+    fields.sort_unstable();
+    fields
 }
 
 pub(crate) fn job_id(v: &Value) -> JobId {

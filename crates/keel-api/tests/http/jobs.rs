@@ -4,9 +4,8 @@ use std::time::Duration;
 
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
-use keel_core::store::{Completion, FailParams, LeaseRef};
+use keel_core::store::{FailParams, LeaseRef};
 use keel_core::{JobState, JobStore, WorkStore};
-use serde_json::value::RawValue;
 
 use crate::helpers::*;
 
@@ -256,13 +255,7 @@ async fn result_is_202_until_completed_then_200() {
             .contains(&leased[0].lease.as_ref().unwrap().token.to_string())
     );
 
-    app.store
-        .complete(vec![Completion {
-            lease: LeaseRef::of(&leased[0]).unwrap(),
-            result: Some(RawValue::from_string(r#"{"x": 1}"#.into()).unwrap()),
-        }])
-        .await
-        .unwrap();
+    app.complete_in_store(&leased[0], Some(r#"{"x": 1}"#)).await;
     let r = app.get(&format!("/v1/jobs/{id}/result")).await;
     assert_eq!(r.status, StatusCode::OK);
     assert_eq!(
@@ -403,12 +396,7 @@ async fn bad_list_parameters_are_all_reported_in_one_400() {
         .get("/v1/jobs?state=finished&limit=5000&after=nope&queue=a%20b&sort=asc")
         .await;
     let p = r.assert_problem(400, "invalid-query");
-    let fields: Vec<&str> = p["errors"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| e["field"].as_str().unwrap())
-        .collect();
+    let fields = error_fields(&p);
     assert_eq!(fields, ["state", "limit", "after", "queue", "sort"]);
 }
 
@@ -435,12 +423,7 @@ async fn a_batch_is_inserted_atomically() {
         )
         .await;
     let p = r.assert_problem(422, "validation");
-    let fields: Vec<&str> = p["errors"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| e["field"].as_str().unwrap())
-        .collect();
+    let fields = error_fields(&p);
     assert_eq!(fields, ["jobs[1].priority", "jobs[2].tags"]);
     assert_eq!(
         app.all_jobs().await.len(),

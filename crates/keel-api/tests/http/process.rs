@@ -6,10 +6,6 @@ use std::time::Duration;
 use axum::body::Body;
 use axum::http::StatusCode;
 use keel_api::ApiConfig;
-use keel_core::store::{Completion, LeaseRef};
-use keel_core::{JobState, WorkStore};
-use keel_runtime::JobEvent;
-use serde_json::value::RawValue;
 
 use crate::helpers::*;
 
@@ -22,33 +18,16 @@ async fn complete_next_job(app: &TestApp, result: &str, publish: bool) {
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     };
-    app.store
-        .complete(vec![Completion {
-            lease: LeaseRef::of(&job).unwrap(),
-            result: Some(RawValue::from_string(result.to_owned()).unwrap()),
-        }])
-        .await
-        .unwrap();
+    app.complete_in_store(&job, Some(result)).await;
     if publish {
-        app.runtime.events.publish(JobEvent {
-            id: job.id,
-            queue: job.queue,
-            state: JobState::Completed,
-        });
+        app.publish_completed(&job);
     }
 }
 
 /// With the fallback re-read an hour away, only the event can end the wait.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn waits_for_the_completion_event() {
-    let app = std::sync::Arc::new(
-        app_with(ApiConfig {
-            request_timeout: Duration::from_secs(3600),
-            process_poll: Duration::from_secs(3600),
-            ..Default::default()
-        })
-        .await,
-    );
+    let app = process_app(Duration::from_secs(3600)).await;
     let worker = {
         let app = app.clone();
         tokio::spawn(async move { complete_next_job(&app, r#"{"sum": 3}"#, true).await })
@@ -57,12 +36,7 @@ async fn waits_for_the_completion_event() {
         .post_json("/v1/process", r#"{"kind":"add","args":[1,2]}"#)
         .await;
     worker.await.unwrap();
-    assert_eq!(
-        r.status,
-        StatusCode::OK,
-        "{}",
-        String::from_utf8_lossy(&r.body)
-    );
+    r.assert_status(StatusCode::OK);
     let job = r.json();
     assert_eq!(job["state"], "completed");
     assert_eq!(job["result"], serde_json::json!({"sum": 3}));
@@ -71,26 +45,14 @@ async fn waits_for_the_completion_event() {
 /// No event is ever published: only the re-read can see the job finish.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn falls_back_to_polling_when_no_event_comes() {
-    let app = std::sync::Arc::new(
-        app_with(ApiConfig {
-            request_timeout: Duration::from_secs(3600),
-            process_poll: Duration::from_millis(20),
-            ..Default::default()
-        })
-        .await,
-    );
+    let app = process_app(Duration::from_millis(20)).await;
     let worker = {
         let app = app.clone();
         tokio::spawn(async move { complete_next_job(&app, "42", false).await })
     };
     let r = app.post_json("/v1/process", r#"{"kind":"answer"}"#).await;
     worker.await.unwrap();
-    assert_eq!(
-        r.status,
-        StatusCode::OK,
-        "{}",
-        String::from_utf8_lossy(&r.body)
-    );
+    r.assert_status(StatusCode::OK);
     assert_eq!(r.json()["result"], 42);
 }
 

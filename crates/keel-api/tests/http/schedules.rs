@@ -26,12 +26,7 @@ fn ticks(s: &Value) -> Vec<chrono::DateTime<chrono::Utc>> {
 async fn create_read_and_refuse_a_duplicate() {
     let app = app().await;
     let r = app.post_json("/v1/schedules", NIGHTLY).await;
-    assert_eq!(
-        r.status,
-        StatusCode::CREATED,
-        "{}",
-        String::from_utf8_lossy(&r.body)
-    );
+    r.assert_status(StatusCode::CREATED);
     assert_eq!(r.header("location"), Some("/v1/schedules/nightly"));
     let s = r.json();
     assert_eq!(s["name"], "nightly");
@@ -71,12 +66,7 @@ async fn put_creates_then_replaces() {
     let app = app().await;
     let body = r#"{"cron":"*/5 * * * *","job":{"kind":"noop"}}"#;
     let r = app.put_json("/v1/schedules/poll", body).await;
-    assert_eq!(
-        r.status,
-        StatusCode::CREATED,
-        "{}",
-        String::from_utf8_lossy(&r.body)
-    );
+    r.assert_status(StatusCode::CREATED);
     let created = r.json();
     assert_eq!(created["timezone"], "UTC");
     assert_eq!(created["catch_up"], 3_600_000);
@@ -177,13 +167,7 @@ async fn every_invalid_field_is_listed() {
         )
         .await
         .assert_problem(422, "validation");
-    let mut fields: Vec<_> = p["errors"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| e["field"].as_str().unwrap().to_owned())
-        .collect();
-    fields.sort();
+    let fields = sorted_error_fields(&p);
     assert_eq!(
         fields,
         [

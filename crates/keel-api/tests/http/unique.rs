@@ -5,26 +5,11 @@ use std::time::Duration;
 
 use axum::body::Body;
 use axum::http::StatusCode;
-use keel_core::store::{Completion, LeaseRef};
-use keel_core::{JobState, WorkStore};
-use keel_runtime::JobEvent;
-use serde_json::Value;
 
 use crate::helpers::*;
 
 const UNIQUE: &str =
     r#"{"kind":"sync","args":{"account":7},"unique":{"key":"sync-7","scope":"active"}}"#;
-
-fn error_fields(p: &Value) -> Vec<String> {
-    let mut f: Vec<String> = p["errors"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| e["field"].as_str().unwrap().to_owned())
-        .collect();
-    f.sort();
-    f
-}
 
 #[tokio::test]
 async fn a_held_key_answers_with_its_holder() {
@@ -39,12 +24,7 @@ async fn a_held_key_answers_with_its_holder() {
     );
 
     let again = app.post_json("/v1/jobs", UNIQUE).await;
-    assert_eq!(
-        again.status,
-        StatusCode::OK,
-        "{}",
-        String::from_utf8_lossy(&again.body)
-    );
+    again.assert_status(StatusCode::OK);
     let holder = first["id"].as_str().unwrap();
     assert_eq!(again.header("keel-unique-conflict"), Some(holder));
     assert_eq!(
@@ -126,7 +106,7 @@ async fn every_bad_unique_member_is_listed() {
         .await
         .assert_problem(422, "validation");
     assert_eq!(
-        error_fields(&p),
+        sorted_error_fields(&p),
         [
             "unique.colour",
             "unique.key",
@@ -157,7 +137,7 @@ async fn every_bad_unique_member_is_listed() {
         )
         .await
         .assert_problem(422, "validation");
-    assert_eq!(error_fields(&p), ["unique.key"]);
+    assert_eq!(sorted_error_fields(&p), ["unique.key"]);
 
     let p = app
         .post_json(
@@ -166,13 +146,13 @@ async fn every_bad_unique_member_is_listed() {
         )
         .await
         .assert_problem(422, "validation");
-    assert_eq!(error_fields(&p), ["unique.period"]);
+    assert_eq!(sorted_error_fields(&p), ["unique.period"]);
 
     let p = app
         .post_json("/v1/jobs", r#"{"kind":"a","unique":"k"}"#)
         .await
         .assert_problem(422, "validation");
-    assert_eq!(error_fields(&p), ["unique"]);
+    assert_eq!(sorted_error_fields(&p), ["unique"]);
     // Only the defaulted period job was stored.
     assert_eq!(app.all_jobs().await.len(), 1);
 }
@@ -217,14 +197,7 @@ async fn a_batch_returns_holders_in_place() {
 async fn process_waits_on_the_holder() {
     // The waiting request re-reads its job every 20 ms: its first re-read shows it found
     // the holder and waits on it.
-    let app = std::sync::Arc::new(
-        app_with(keel_api::ApiConfig {
-            request_timeout: Duration::from_secs(3600),
-            process_poll: Duration::from_millis(20),
-            ..Default::default()
-        })
-        .await,
-    );
+    let app = process_app(Duration::from_millis(20)).await;
     let holder = job_id(&app.enqueue(UNIQUE).await);
     let worker = {
         let app = app.clone();
@@ -234,28 +207,13 @@ async fn process_waits_on_the_holder() {
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
             let job = app.lease("default").await.pop().unwrap();
-            app.store
-                .complete(vec![Completion {
-                    lease: LeaseRef::of(&job).unwrap(),
-                    result: None,
-                }])
-                .await
-                .unwrap();
-            app.runtime.events.publish(JobEvent {
-                id: job.id,
-                queue: job.queue,
-                state: JobState::Completed,
-            });
+            app.complete_in_store(&job, None).await;
+            app.publish_completed(&job);
         })
     };
     let r = app.post_json("/v1/process", UNIQUE).await;
     worker.await.unwrap();
-    assert_eq!(
-        r.status,
-        StatusCode::OK,
-        "{}",
-        String::from_utf8_lossy(&r.body)
-    );
+    r.assert_status(StatusCode::OK);
     assert_eq!(
         r.header("keel-unique-conflict"),
         Some(holder.to_string().as_str())
