@@ -31,45 +31,29 @@ impl WorkStore for SqliteStore {
             .write(&context.clone(), move |conn| {
                 let now = clock.now();
                 let expires = now + to_delta(p.lease_for);
-                let mut jobs = if p.tenant.is_none() && p.kinds.is_empty() {
-                    let sql = format!("{LEASE_SQL}{COLUMNS}");
-                    query_jobs(
-                        conn,
-                        &context,
-                        &sql,
-                        params![
-                            p.owner.as_str(),
-                            micros(expires),
-                            micros(now),
-                            p.queue.as_str(),
-                            p.max
-                        ],
-                    )?
-                } else {
-                    // The kinds go in as one JSON array, so the statement text (and its
-                    // cached preparation) is the same whatever their number.
-                    let kinds = (!p.kinds.is_empty()).then(|| {
-                        serde_json::to_string(
-                            &p.kinds.iter().map(JobKind::as_str).collect::<Vec<_>>(),
-                        )
+                let filtered = p.tenant.is_some() || !p.kinds.is_empty();
+                // The kinds go in as one JSON array, so the statement text (and its cached
+                // preparation) is the same whatever their number.
+                let kinds = (!p.kinds.is_empty()).then(|| {
+                    serde_json::to_string(&p.kinds.iter().map(JobKind::as_str).collect::<Vec<_>>())
                         .unwrap_or_else(|_| "[]".to_owned())
-                    });
-                    let sql = format!("{LEASE_FILTERED_SQL}{COLUMNS}");
-                    query_jobs(
-                        conn,
-                        &context,
-                        &sql,
-                        params![
-                            p.owner.as_str(),
-                            micros(expires),
-                            micros(now),
-                            p.queue.as_str(),
-                            p.max,
-                            p.tenant.as_ref().map(TenantId::as_str),
-                            kinds
-                        ],
-                    )?
+                });
+                let all: &[&dyn rusqlite::ToSql] = params![
+                    p.owner.as_str(),
+                    micros(expires),
+                    micros(now),
+                    p.queue.as_str(),
+                    p.max,
+                    p.tenant.as_ref().map(TenantId::as_str),
+                    kinds
+                ];
+                // The unfiltered statement takes only the first five parameters.
+                let (sql, bound) = if filtered {
+                    (format!("{LEASE_FILTERED_SQL}{COLUMNS}"), all)
+                } else {
+                    (format!("{LEASE_SQL}{COLUMNS}"), &all[..5])
                 };
+                let mut jobs = query_jobs(conn, &context, &sql, bound)?;
                 // RETURNING gives no order; callers get jobs in lease order.
                 jobs.sort_by_key(|j| (j.priority, j.run_at, j.id));
                 Ok(jobs)
