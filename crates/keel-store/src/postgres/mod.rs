@@ -390,6 +390,24 @@ impl PgStore {
             .map_err(|e| error::db(e, ctx()))
     }
 
+    /// Runs one prepared statement on a pooled connection and returns how many rows it
+    /// changed.
+    async fn execute(
+        &self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+        ctx: Ctx<'_>,
+    ) -> Result<u64, StoreError> {
+        let conn = self.conn(ctx).await?;
+        let stmt = conn
+            .prepare_cached(sql)
+            .await
+            .map_err(|e| error::db(e, ctx()))?;
+        conn.execute(&stmt, params)
+            .await
+            .map_err(|e| error::db(e, ctx()))
+    }
+
     /// Runs one statement planned afresh for these parameters and the table as it is now
     /// (see [`query_replanned`]); for statements whose best plan depends on how many jobs
     /// there are.
