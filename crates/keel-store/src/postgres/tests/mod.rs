@@ -104,7 +104,13 @@ async fn count_jobs(store: &PgStore) -> i64 {
 
 /// A migrated store in `schema` with `opts`.
 async fn store_in(schema: &PgSchema, opts: PgOptions) -> PgStore {
-    let store = PgStore::connect(&schema.url, opts, clock())
+    store_with_clock(schema, opts, clock()).await
+}
+
+/// A migrated store in `schema` with `opts`, reading the time from `clock` (tests that move
+/// time keep a handle on it).
+async fn store_with_clock(schema: &PgSchema, opts: PgOptions, clock: Arc<dyn Clock>) -> PgStore {
+    let store = PgStore::connect(&schema.url, opts, clock)
         .await
         .expect("connect");
     store.migrate().await.expect("migrate");

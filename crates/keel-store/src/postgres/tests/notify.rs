@@ -10,19 +10,14 @@ use keel_core::{
     Clock, JobId, JobState, JobStore, MaintenanceStore, ManualClock, QueueName, Store, WorkStore,
 };
 
-use super::{eventually, noop, store_in};
-use crate::postgres::{PgOptions, PgStore};
+use super::{eventually, noop, store_in, store_with_clock};
+use crate::postgres::PgOptions;
 use crate::testkit::{PgSchema, pg_url_or_skip};
 
-/// The next wakeup on `stream`, or `None` if none comes within `wait`.
-async fn next_wakeup(
-    stream: &mut Box<dyn keel_core::WakeupStream>,
-    wait: Duration,
-) -> Option<QueueName> {
-    tokio::time::timeout(wait, stream.next())
-        .await
-        .ok()
-        .flatten()
+/// What `next` (a wakeup or change stream's next item) yields within `wait`, or `None` if
+/// nothing comes.
+async fn within<T>(wait: Duration, next: impl Future<Output = Option<T>>) -> Option<T> {
+    tokio::time::timeout(wait, next).await.ok().flatten()
 }
 
 /// An insert through one store wakes another store on the same schema, for that queue (and
@@ -38,10 +33,7 @@ async fn wakeups_reach_stores_on_the_same_schema_only() {
     let schema = PgSchema::create(&base).await;
     let other_schema = PgSchema::create(&base).await;
     let clock = ManualClock::starting_now();
-    let a = PgStore::connect(&schema.url, PgOptions::for_tests(), Arc::new(clock.clone()))
-        .await
-        .expect("connect");
-    a.migrate().await.expect("migrate");
+    let a = store_with_clock(&schema, PgOptions::for_tests(), Arc::new(clock.clone())).await;
     let b = store_in(&schema, PgOptions::for_tests()).await;
     let elsewhere = store_in(&other_schema, PgOptions::for_tests()).await;
     let mut heard = b.wakeups().expect("Postgres delivers wakeups");
@@ -61,7 +53,7 @@ async fn wakeups_reach_stores_on_the_same_schema_only() {
         .await
         .expect("insert available");
     assert_eq!(
-        next_wakeup(&mut heard, Duration::from_secs(5)).await,
+        within(Duration::from_secs(5), heard.next()).await,
         Some(mail.clone()),
         "the first wakeup is for the queue that got available jobs"
     );
@@ -73,11 +65,11 @@ async fn wakeups_reach_stores_on_the_same_schema_only() {
         .expect("promote");
     assert_eq!(promoted.len(), 1);
     assert_eq!(
-        next_wakeup(&mut heard, Duration::from_secs(5)).await,
+        within(Duration::from_secs(5), heard.next()).await,
         Some(later)
     );
     assert_eq!(
-        next_wakeup(&mut overheard, Duration::from_millis(500)).await,
+        within(Duration::from_millis(500), overheard.next()).await,
         None,
         "a store on another schema was woken"
     );
@@ -131,21 +123,10 @@ async fn listener_reconnects_after_its_connection_is_killed() {
         .await
         .expect("insert");
     assert_eq!(
-        next_wakeup(&mut wakeups, Duration::from_secs(5)).await,
+        within(Duration::from_secs(5), wakeups.next()).await,
         Some(queue)
     );
     store.close().await;
-}
-
-/// The next state change on `stream`, or `None` if none comes within `wait`.
-async fn next_change(
-    stream: &mut Box<dyn keel_core::ChangeStream>,
-    wait: Duration,
-) -> Option<keel_core::store::StateChange> {
-    tokio::time::timeout(wait, stream.next())
-        .await
-        .ok()
-        .flatten()
 }
 
 /// Every kind of announced move (cancel, retry, rescue) made through one store reaches
@@ -163,10 +144,7 @@ async fn changes_reach_another_store_on_the_same_schema() {
     };
     let schema = PgSchema::create(&base).await;
     let clock = ManualClock::starting_now();
-    let a = PgStore::connect(&schema.url, PgOptions::for_tests(), Arc::new(clock.clone()))
-        .await
-        .expect("connect");
-    a.migrate().await.expect("migrate");
+    let a = store_with_clock(&schema, PgOptions::for_tests(), Arc::new(clock.clone())).await;
     let b = store_in(&schema, PgOptions::for_tests()).await;
     let mut heard = b.changes().expect("Postgres delivers changes");
     eventually("the listener to be listening", || b.listener.listens() >= 1).await;
@@ -226,7 +204,7 @@ async fn changes_reach_another_store_on_the_same_schema() {
     ];
     let mut got = Vec::new();
     while got.len() < want.len() {
-        match next_change(&mut heard, Duration::from_secs(5)).await {
+        match within(Duration::from_secs(5), heard.next()).await {
             Some(c) => got.push(c),
             None => break,
         }
@@ -238,7 +216,7 @@ async fn changes_reach_another_store_on_the_same_schema() {
         jobs.iter().map(|j| j.id).collect::<Vec<_>>()
     );
     assert_eq!(
-        next_change(&mut heard, Duration::from_millis(300)).await,
+        within(Duration::from_millis(300), heard.next()).await,
         None,
         "something else was announced"
     );
@@ -299,10 +277,7 @@ async fn many_changes_are_chunked_and_all_delivered() {
     const N: usize = 500;
     let schema = PgSchema::create(&base).await;
     let clock = ManualClock::starting_now();
-    let a = PgStore::connect(&schema.url, PgOptions::for_tests(), Arc::new(clock.clone()))
-        .await
-        .expect("connect");
-    a.migrate().await.expect("migrate");
+    let a = store_with_clock(&schema, PgOptions::for_tests(), Arc::new(clock.clone())).await;
     let b = store_in(&schema, PgOptions::for_tests()).await;
     let mut heard = b.changes().expect("Postgres delivers changes");
     eventually("the listener to be listening", || b.listener.listens() >= 1).await;
@@ -335,7 +310,7 @@ async fn many_changes_are_chunked_and_all_delivered() {
     let want: HashSet<JobId> = leased.iter().map(|j| j.id).collect();
     let mut got = HashSet::new();
     while got.len() < N {
-        let Some(c) = next_change(&mut heard, Duration::from_secs(5)).await else {
+        let Some(c) = within(Duration::from_secs(5), heard.next()).await else {
             break;
         };
         assert_eq!((c.state, &c.queue), (JobState::Retryable, &queue));

@@ -10,8 +10,8 @@ use keel_core::{
     Clock, JobStore, ManualClock, QueueName, QueueStore, Store, StoreError, WorkStore,
 };
 
-use super::{clock, count_jobs, eventually, keyed_request, noop, store_in};
-use crate::postgres::{PgOptions, PgStore};
+use super::{count_jobs, eventually, keyed_request, noop, store_in, store_with_clock};
+use crate::postgres::PgOptions;
 use crate::testkit::{PgSchema, pg_url_or_skip};
 
 #[tokio::test]
@@ -21,10 +21,7 @@ async fn duplicate_ids_are_conflicts_naming_the_key() {
         return;
     };
     let schema = PgSchema::create(&base).await;
-    let store = PgStore::connect(&schema.url, PgOptions::for_tests(), clock())
-        .await
-        .expect("connect");
-    store.migrate().await.expect("migrate");
+    let store = store_in(&schema, PgOptions::for_tests()).await;
     let job = keel_core::NewJob::new(keel_core::JobKind::parse("noop").expect("valid kind"));
     store.insert(vec![job.clone()]).await.expect("first insert");
     let err = store
@@ -51,12 +48,7 @@ async fn idempotent_claim_waits_for_an_unfinished_holder() {
         return;
     };
     let schema = PgSchema::create(&base).await;
-    let store = Arc::new(
-        PgStore::connect(&schema.url, PgOptions::for_tests(), clock())
-            .await
-            .expect("connect"),
-    );
-    store.migrate().await.expect("migrate");
+    let store = Arc::new(store_in(&schema, PgOptions::for_tests()).await);
     let watcher = store.pool.get().await.expect("connection");
     for commit in [true, false] {
         let key = if commit {
@@ -156,10 +148,7 @@ async fn pausing_records_the_flag_and_time() {
     };
     let schema = PgSchema::create(&base).await;
     let clock = ManualClock::starting_now();
-    let store = PgStore::connect(&schema.url, PgOptions::for_tests(), Arc::new(clock.clone()))
-        .await
-        .expect("connect");
-    store.migrate().await.expect("migrate");
+    let store = store_with_clock(&schema, PgOptions::for_tests(), Arc::new(clock.clone())).await;
     let queue = QueueName::parse("mail").expect("valid queue");
     store
         .set_queue_paused(queue.clone(), true)
@@ -391,12 +380,7 @@ async fn overlapping_heartbeats_and_completions_do_not_deadlock() {
         return;
     };
     let schema = PgSchema::create(&base).await;
-    let store = Arc::new(
-        PgStore::connect(&schema.url, PgOptions::for_tests(), clock())
-            .await
-            .expect("connect"),
-    );
-    store.migrate().await.expect("migrate");
+    let store = Arc::new(store_in(&schema, PgOptions::for_tests()).await);
     for round in 0..5 {
         let q = QueueName::parse(format!("dl{round}")).expect("valid queue");
         let jobs: Vec<keel_core::NewJob> = (0..400)
