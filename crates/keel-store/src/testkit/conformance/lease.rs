@@ -6,14 +6,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::TimeDelta;
-use keel_core::store::{Completion, HeartbeatParams, LeaseParams, LeaseRef};
+use keel_core::store::{Completion, LeaseParams, LeaseRef};
 use keel_core::{
     Backoff, Clock as _, Job, JobId, JobState, LeaseToken, NewJob, Priority, StoreError, TenantId,
 };
 
 use super::{
-    Harness, LEASE_FOR, complete_one, fail_at, fail_one, insert_one, job, kind, lease, lease_one,
-    owner, promote, q, raw, state_of,
+    Harness, LEASE_FOR, complete_one, fail_at, fail_one, heartbeat_one, insert_one, job, kind,
+    lease, lease_one, owner, promote, q, raw, state_of,
 };
 
 /// Within a queue, lower priority values go first, then earlier `run_at`, then older ids.
@@ -215,15 +215,7 @@ pub async fn stale_tokens_are_fenced_off(h: &Harness) {
         id: j.id,
         token: LeaseToken::new(),
     };
-    let hb = h
-        .store
-        .heartbeat(HeartbeatParams {
-            leases: vec![forged],
-            lease_for: LEASE_FOR,
-        })
-        .await
-        .unwrap()
-        .remove(0);
+    let hb = heartbeat_one(h, forged).await;
     assert!(matches!(hb, Err(StoreError::StaleLease(_))), "{hb:?}");
     assert!(matches!(
         complete_one(h, forged, None).await,
