@@ -10,7 +10,7 @@ use keel_core::{
     Clock, JobId, JobState, JobStore, MaintenanceStore, ManualClock, QueueName, Store, WorkStore,
 };
 
-use super::{eventually, noop, store_in, store_with_clock};
+use super::{eventually, noop, schema_or_skip, store_in, store_with_clock};
 use crate::postgres::PgOptions;
 use crate::testkit::{PgSchema, pg_url_or_skip};
 
@@ -82,12 +82,11 @@ async fn wakeups_reach_stores_on_the_same_schema_only() {
 /// later notifications arrive on the same stream.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn listener_reconnects_after_its_connection_is_killed() {
-    let Some(base) =
-        pg_url_or_skip("postgres::tests::listener_reconnects_after_its_connection_is_killed")
+    let Some(schema) =
+        schema_or_skip("postgres::tests::listener_reconnects_after_its_connection_is_killed").await
     else {
         return;
     };
-    let schema = PgSchema::create(&base).await;
     let store = store_in(&schema, PgOptions::for_tests()).await;
     let mut wakeups = store.wakeups().expect("Postgres delivers wakeups");
     eventually("the listener to be listening", || {
@@ -137,12 +136,11 @@ async fn changes_reach_another_store_on_the_same_schema() {
     use keel_core::store::StateChange;
     use keel_core::store::{Completion, FailParams, LeaseParams, LeaseRef, RescueParams};
 
-    let Some(base) =
-        pg_url_or_skip("postgres::tests::changes_reach_another_store_on_the_same_schema")
+    let Some(schema) =
+        schema_or_skip("postgres::tests::changes_reach_another_store_on_the_same_schema").await
     else {
         return;
     };
-    let schema = PgSchema::create(&base).await;
     let clock = ManualClock::starting_now();
     let a = store_with_clock(&schema, PgOptions::for_tests(), Arc::new(clock.clone())).await;
     let b = store_in(&schema, PgOptions::for_tests()).await;
@@ -270,12 +268,12 @@ async fn raw_listen(url: &str, channel: &str) -> tokio::sync::mpsc::UnboundedRec
 async fn many_changes_are_chunked_and_all_delivered() {
     use keel_core::store::{LeaseParams, RescueParams};
 
-    let Some(base) = pg_url_or_skip("postgres::tests::many_changes_are_chunked_and_all_delivered")
+    const N: usize = 500;
+    let Some(schema) =
+        schema_or_skip("postgres::tests::many_changes_are_chunked_and_all_delivered").await
     else {
         return;
     };
-    const N: usize = 500;
-    let schema = PgSchema::create(&base).await;
     let clock = ManualClock::starting_now();
     let a = store_with_clock(&schema, PgOptions::for_tests(), Arc::new(clock.clone())).await;
     let b = store_in(&schema, PgOptions::for_tests()).await;
