@@ -19,6 +19,7 @@ pub mod sqlite;
 pub mod testkit;
 
 mod codec;
+mod write_queue;
 
 use std::path::PathBuf;
 use std::sync::Arc;

@@ -145,16 +145,13 @@ impl Committer {
 
     /// Insert calls waiting in the channel.
     pub(super) fn queued(&self) -> usize {
-        self.tx.max_capacity() - self.tx.capacity()
+        crate::write_queue::queued(&self.tx)
     }
 
     /// Writes what is queued, refuses later inserts, waits for the batches in flight, and
     /// stops the task.
     pub(super) async fn close(&self) {
-        let (done, wait) = oneshot::channel();
-        if self.tx.send(Message::Close(done)).await.is_ok() {
-            let _ = wait.await;
-        }
+        crate::write_queue::close(&self.tx, Message::Close).await;
         self.task.join().await;
     }
 
