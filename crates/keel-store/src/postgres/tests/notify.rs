@@ -11,7 +11,7 @@ use keel_core::{
 };
 
 use super::{eventually, noop, schema_or_skip, store_in, store_with_clock};
-use crate::postgres::PgOptions;
+use crate::postgres::{PgOptions, PgStore};
 use crate::testkit::{PgSchema, pg_url_or_skip};
 
 /// What `next` (a wakeup or change stream's next item) yields within `wait`, or `None` if
@@ -128,6 +128,24 @@ async fn listener_reconnects_after_its_connection_is_killed() {
     store.close().await;
 }
 
+/// Two stores on `schema`: `a`, on a clock the test moves, makes the moves; `b` hears
+/// them on the returned stream, already listening.
+async fn announcer_and_listener(
+    schema: &PgSchema,
+) -> (
+    ManualClock,
+    PgStore,
+    PgStore,
+    Box<dyn keel_core::ChangeStream>,
+) {
+    let clock = ManualClock::starting_now();
+    let a = store_with_clock(schema, PgOptions::for_tests(), Arc::new(clock.clone())).await;
+    let b = store_in(schema, PgOptions::for_tests()).await;
+    let heard = b.changes().expect("Postgres delivers changes");
+    eventually("the listener to be listening", || b.listener.listens() >= 1).await;
+    (clock, a, b, heard)
+}
+
 /// Every kind of announced move (cancel, retry, rescue) made through one store reaches
 /// another store on the same schema, in commit order, with the right state and queue;
 /// inserting, leasing, completing and failing announce nothing.
@@ -141,11 +159,7 @@ async fn changes_reach_another_store_on_the_same_schema() {
     else {
         return;
     };
-    let clock = ManualClock::starting_now();
-    let a = store_with_clock(&schema, PgOptions::for_tests(), Arc::new(clock.clone())).await;
-    let b = store_in(&schema, PgOptions::for_tests()).await;
-    let mut heard = b.changes().expect("Postgres delivers changes");
-    eventually("the listener to be listening", || b.listener.listens() >= 1).await;
+    let (clock, a, b, mut heard) = announcer_and_listener(&schema).await;
 
     let queue = QueueName::parse("events").expect("valid queue");
     let jobs = a
@@ -274,11 +288,7 @@ async fn many_changes_are_chunked_and_all_delivered() {
     else {
         return;
     };
-    let clock = ManualClock::starting_now();
-    let a = store_with_clock(&schema, PgOptions::for_tests(), Arc::new(clock.clone())).await;
-    let b = store_in(&schema, PgOptions::for_tests()).await;
-    let mut heard = b.changes().expect("Postgres delivers changes");
-    eventually("the listener to be listening", || b.listener.listens() >= 1).await;
+    let (clock, a, b, mut heard) = announcer_and_listener(&schema).await;
     let mut raw = raw_listen(&schema.url, &a.changes_channel).await;
 
     let queue =
