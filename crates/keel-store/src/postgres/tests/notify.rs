@@ -146,13 +146,28 @@ async fn announcer_and_listener(
     (clock, a, b, heard)
 }
 
+/// Leases up to `max` jobs of `queue` through `store`, for 30 s.
+async fn lease_from(store: &PgStore, queue: &QueueName, max: u32) -> Vec<keel_core::Job> {
+    store
+        .lease(keel_core::store::LeaseParams {
+            queue: queue.clone(),
+            max,
+            lease_for: Duration::from_secs(30),
+            owner: keel_core::WorkerId::parse("w").expect("valid worker"),
+            tenant: None,
+            kinds: Vec::new(),
+        })
+        .await
+        .expect("lease")
+}
+
 /// Every kind of announced move (cancel, retry, rescue) made through one store reaches
 /// another store on the same schema, in commit order, with the right state and queue;
 /// inserting, leasing, completing and failing announce nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn changes_reach_another_store_on_the_same_schema() {
     use keel_core::store::StateChange;
-    use keel_core::store::{Completion, FailParams, LeaseParams, LeaseRef, RescueParams};
+    use keel_core::store::{Completion, FailParams, LeaseRef, RescueParams};
 
     let Some(schema) =
         schema_or_skip("postgres::tests::changes_reach_another_store_on_the_same_schema").await
@@ -166,17 +181,7 @@ async fn changes_reach_another_store_on_the_same_schema() {
         .insert((0..5).map(|_| noop().queue(queue.clone())).collect())
         .await
         .expect("insert");
-    let leased = a
-        .lease(LeaseParams {
-            queue: queue.clone(),
-            max: 5,
-            lease_for: Duration::from_secs(30),
-            owner: keel_core::WorkerId::parse("w").expect("valid worker"),
-            tenant: None,
-            kinds: Vec::new(),
-        })
-        .await
-        .expect("lease");
+    let leased = lease_from(&a, &queue, 5).await;
     assert_eq!(leased.len(), 5);
     let lease = |i: usize| LeaseRef::of(&leased[i]).expect("leased");
     let fail = |i: usize, permanent: bool| FailParams {
@@ -280,7 +285,7 @@ async fn raw_listen(url: &str, channel: &str) -> tokio::sync::mpsc::UnboundedRec
 /// otherwise), and a subscriber on another store receives all 500.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn many_changes_are_chunked_and_all_delivered() {
-    use keel_core::store::{LeaseParams, RescueParams};
+    use keel_core::store::RescueParams;
 
     const N: usize = 500;
     let Some(schema) =
@@ -296,17 +301,7 @@ async fn many_changes_are_chunked_and_all_delivered() {
     a.insert((0..N).map(|_| noop().queue(queue.clone())).collect())
         .await
         .expect("insert");
-    let leased = a
-        .lease(LeaseParams {
-            queue: queue.clone(),
-            max: N as u32,
-            lease_for: Duration::from_secs(30),
-            owner: keel_core::WorkerId::parse("w").expect("valid worker"),
-            tenant: None,
-            kinds: Vec::new(),
-        })
-        .await
-        .expect("lease");
+    let leased = lease_from(&a, &queue, N as u32).await;
     assert_eq!(leased.len(), N);
     clock.advance(Duration::from_secs(31));
     let rescued = a
