@@ -237,13 +237,23 @@ mod tests {
     use super::*;
     use crate::chaos::ChaosSettings;
 
-    fn fast_breaker() -> BreakerConfig {
-        BreakerConfig {
-            consecutive_failures: 3,
-            open_for: Duration::from_millis(200),
-            probes: 1,
-            ..BreakerConfig::default()
+    /// A guard whose breaker opens after three failures and probes again after 200 ms, so
+    /// the breaker tests run in a fraction of a second.
+    fn fast_config() -> StoreGuardConfig {
+        StoreGuardConfig {
+            breaker: BreakerConfig {
+                consecutive_failures: 3,
+                open_for: Duration::from_millis(200),
+                probes: 1,
+                ..BreakerConfig::default()
+            },
+            ..StoreGuardConfig::default()
         }
+    }
+
+    /// `inner` behind a guard with [`fast_config`].
+    fn fast_guarded(inner: Arc<dyn Store>, chaos: Chaos) -> Layered<StoreGuard> {
+        Layered::new(inner, StoreGuard::new(fast_config(), chaos))
     }
 
     fn job() -> NewJob {
@@ -254,11 +264,7 @@ mod tests {
     async fn injected_failures_are_answers_and_do_not_open_the_breaker() {
         let h = Harness::sqlite().await;
         let chaos = Chaos::default();
-        let config = StoreGuardConfig {
-            breaker: fast_breaker(),
-            ..StoreGuardConfig::default()
-        };
-        let store = Layered::new(Arc::clone(&h.store), StoreGuard::new(config, chaos.clone()));
+        let store = fast_guarded(Arc::clone(&h.store), chaos.clone());
         let id = store.insert(vec![job()]).await.expect("healthy insert")[0].id;
 
         // DB_FAILURE: every call fails as the seed says, and keeps failing that way (500s),
@@ -291,9 +297,8 @@ mod tests {
         let id = h.store.insert(vec![job()]).await.unwrap()[0].id;
         let flaky = FlakyReads::new(&h.store, u32::MAX);
         let config = StoreGuardConfig {
-            breaker: fast_breaker(),
             read_attempts: 1,
-            ..StoreGuardConfig::default()
+            ..fast_config()
         };
         let store = Layered::new(flaky.clone(), StoreGuard::new(config, Chaos::default()));
         for _ in 0..3 {
@@ -327,14 +332,7 @@ mod tests {
     #[tokio::test]
     async fn answers_that_are_not_failures_do_not_trip_the_breaker() {
         let h = Harness::sqlite().await;
-        let config = StoreGuardConfig {
-            breaker: fast_breaker(),
-            ..StoreGuardConfig::default()
-        };
-        let store = Layered::new(
-            Arc::clone(&h.store),
-            StoreGuard::new(config, Chaos::default()),
-        );
+        let store = fast_guarded(Arc::clone(&h.store), Chaos::default());
         for _ in 0..10 {
             let e = store.get(JobId::new()).await.unwrap_err();
             assert_eq!(e.class(), "not_found");
@@ -347,14 +345,7 @@ mod tests {
     /// stores refuse them before the database sees them, however many arrive the breaker
     /// stays closed, and the next caller is served. On both backends.
     async fn hostile_values_do_not_trip_the_breaker(h: Harness) {
-        let config = StoreGuardConfig {
-            breaker: fast_breaker(),
-            ..StoreGuardConfig::default()
-        };
-        let store = Layered::new(
-            Arc::clone(&h.store),
-            StoreGuard::new(config, Chaos::default()),
-        );
+        let store = fast_guarded(Arc::clone(&h.store), Chaos::default());
         let deep = format!("{}0{}", "[".repeat(100_000), "]".repeat(100_000));
         let mut classes = Vec::new();
         for _ in 0..5 {
@@ -417,10 +408,7 @@ mod tests {
     #[tokio::test]
     async fn a_rejected_value_is_not_a_database_failure() {
         let h = Harness::sqlite().await;
-        let config = StoreGuardConfig {
-            breaker: fast_breaker(),
-            ..StoreGuardConfig::default()
-        };
+        let config = fast_config();
         let rejected: Arc<dyn Store> = RefusedInserts::new_over(&h.store, || {
             StoreError::rejected(
                 "inserting jobs",

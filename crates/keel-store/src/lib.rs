@@ -19,6 +19,7 @@ pub mod sqlite;
 pub mod testkit;
 
 mod codec;
+mod write_queue;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -197,6 +198,46 @@ pub(crate) fn listing_state_filter(prefix: &str, state: keel_core::JobState) -> 
             state.as_str()
         )
     }
+}
+
+/// A value a listing filter compares a column with; each backend binds it as its own type.
+pub(crate) enum ListingValue<'a> {
+    /// A name (queue, tenant, kind).
+    Text(&'a str),
+    /// The cursor: the page starts after this id.
+    Id(keel_core::JobId),
+}
+
+/// The conditions of a `list` statement joined with `AND`, or `None` when nothing filters,
+/// so both backends filter alike. Columns are prefixed with `prefix` (a table alias or
+/// nothing). The queue, tenant, kind and cursor are parameters, numbered in that order:
+/// `bind` binds each value and returns its placeholder. The state goes in as a literal
+/// ([`listing_state_filter`] says why).
+pub(crate) fn listing_conditions(
+    p: &keel_core::store::ListParams,
+    prefix: &str,
+    mut bind: impl FnMut(ListingValue<'_>) -> String,
+) -> Option<String> {
+    let mut clauses = Vec::new();
+    let mut term = |column: &str, op: &str, value| {
+        clauses.push(format!("{prefix}{column} {op} {}", bind(value)));
+    };
+    if let Some(q) = &p.queue {
+        term("queue", "=", ListingValue::Text(q.as_str()));
+    }
+    if let Some(t) = &p.tenant {
+        term("tenant", "=", ListingValue::Text(t.as_str()));
+    }
+    if let Some(k) = &p.kind {
+        term("kind", "=", ListingValue::Text(k.as_str()));
+    }
+    if let Some(after) = p.after {
+        term("id", ">", ListingValue::Id(after));
+    }
+    if let Some(s) = p.state {
+        clauses.push(listing_state_filter(prefix, s));
+    }
+    (!clauses.is_empty()).then(|| clauses.join(" AND "))
 }
 
 #[cfg(test)]

@@ -32,57 +32,49 @@ impl Migration {
     }
 }
 
+/// A [`Migration`] with its SQL embedded from `migrations/<path>` at compile time: one line
+/// per entry in the tables below (a macro because `include_str!` takes only a literal).
+macro_rules! migration {
+    ($version:literal, $name:literal, $path:literal) => {
+        Migration {
+            version: $version,
+            name: $name,
+            sql: include_str!(concat!("../migrations/", $path)),
+        }
+    };
+}
+
 /// The SQLite migrations, in order.
 pub const SQLITE: &[Migration] = &[
-    Migration {
-        version: 1,
-        name: "jobs",
-        sql: include_str!("../migrations/sqlite/0001_jobs.sql"),
-    },
-    Migration {
-        version: 2,
-        name: "queues_idempotency",
-        sql: include_str!("../migrations/sqlite/0002_queues_idempotency.sql"),
-    },
-    Migration {
-        version: 3,
-        name: "scale_out",
-        sql: include_str!("../migrations/sqlite/0003_scale_out.sql"),
-    },
-    Migration {
-        version: 4,
-        name: "lean_listing_indexes",
-        sql: include_str!("../migrations/sqlite/0004_lean_listing_indexes.sql"),
-    },
+    migration!(1, "jobs", "sqlite/0001_jobs.sql"),
+    migration!(
+        2,
+        "queues_idempotency",
+        "sqlite/0002_queues_idempotency.sql"
+    ),
+    migration!(3, "scale_out", "sqlite/0003_scale_out.sql"),
+    migration!(
+        4,
+        "lean_listing_indexes",
+        "sqlite/0004_lean_listing_indexes.sql"
+    ),
 ];
 
 /// The Postgres migrations, in order.
 pub const POSTGRES: &[Migration] = &[
-    Migration {
-        version: 1,
-        name: "jobs",
-        sql: include_str!("../migrations/postgres/0001_jobs.sql"),
-    },
-    Migration {
-        version: 2,
-        name: "queues_idempotency",
-        sql: include_str!("../migrations/postgres/0002_queues_idempotency.sql"),
-    },
-    Migration {
-        version: 3,
-        name: "scale_out",
-        sql: include_str!("../migrations/postgres/0003_scale_out.sql"),
-    },
-    Migration {
-        version: 4,
-        name: "autovacuum",
-        sql: include_str!("../migrations/postgres/0004_autovacuum.sql"),
-    },
-    Migration {
-        version: 5,
-        name: "lean_listing_indexes",
-        sql: include_str!("../migrations/postgres/0005_lean_listing_indexes.sql"),
-    },
+    migration!(1, "jobs", "postgres/0001_jobs.sql"),
+    migration!(
+        2,
+        "queues_idempotency",
+        "postgres/0002_queues_idempotency.sql"
+    ),
+    migration!(3, "scale_out", "postgres/0003_scale_out.sql"),
+    migration!(4, "autovacuum", "postgres/0004_autovacuum.sql"),
+    migration!(
+        5,
+        "lean_listing_indexes",
+        "postgres/0005_lean_listing_indexes.sql"
+    ),
 ];
 
 /// What a migration run did.

@@ -223,6 +223,21 @@ pub struct NewJob {
     pub unique: Option<Unique>,
 }
 
+/// Builder methods that each set the field of their name: `name: Type;` becomes
+/// `pub fn name(mut self, value: Type) -> Self`, so the plain setters of [`NewJob`] are
+/// listed, not written out one by one.
+macro_rules! setters {
+    ($($(#[$doc:meta])* $name:ident: $ty:ty;)*) => {
+        $(
+            $(#[$doc])*
+            pub fn $name(mut self, value: $ty) -> Self {
+                self.$name = value;
+                self
+            }
+        )*
+    };
+}
+
 impl NewJob {
     /// Default attempts before a job is discarded (River and Sidekiq use 25 too).
     pub const DEFAULT_MAX_ATTEMPTS: u32 = 25;
@@ -274,57 +289,28 @@ impl NewJob {
         self
     }
 
-    /// Sets the queue.
-    pub fn queue(mut self, q: QueueName) -> Self {
-        self.queue = q;
-        self
-    }
-
-    /// Sets the tenant.
-    pub fn tenant(mut self, t: TenantId) -> Self {
-        self.tenant = t;
-        self
-    }
-
-    /// Sets the args.
-    pub fn args(mut self, args: Box<RawValue>) -> Self {
-        self.args = args;
-        self
-    }
-
-    /// Sets the priority.
-    pub fn priority(mut self, p: Priority) -> Self {
-        self.priority = p;
-        self
+    setters! {
+        /// Sets the queue.
+        queue: QueueName;
+        /// Sets the tenant.
+        tenant: TenantId;
+        /// Sets the args.
+        args: Box<RawValue>;
+        /// Sets the priority.
+        priority: Priority;
+        /// Sets the attempt limit.
+        max_attempts: u32;
+        /// Sets the per-attempt timeout.
+        timeout: Duration;
+        /// Sets the retry policy.
+        backoff: Backoff;
+        /// Sets the tags.
+        tags: Vec<String>;
     }
 
     /// Sets the earliest run time.
     pub fn run_at(mut self, t: Timestamp) -> Self {
         self.run_at = Some(t);
-        self
-    }
-
-    /// Sets the attempt limit.
-    pub fn max_attempts(mut self, n: u32) -> Self {
-        self.max_attempts = n;
-        self
-    }
-
-    /// Sets the per-attempt timeout.
-    pub fn timeout(mut self, t: Duration) -> Self {
-        self.timeout = t;
-        self
-    }
-
-    /// Sets the retry policy.
-    pub fn backoff(mut self, b: Backoff) -> Self {
-        self.backoff = b;
-        self
-    }
-
-    /// Sets the tags.
-    pub fn tags(mut self, tags: Vec<String>) -> Self {
-        self.tags = tags;
         self
     }
 

@@ -145,16 +145,13 @@ impl Committer {
 
     /// Insert calls waiting in the channel.
     pub(super) fn queued(&self) -> usize {
-        self.tx.max_capacity() - self.tx.capacity()
+        crate::write_queue::queued(&self.tx)
     }
 
     /// Writes what is queued, refuses later inserts, waits for the batches in flight, and
     /// stops the task.
     pub(super) async fn close(&self) {
-        let (done, wait) = oneshot::channel();
-        if self.tx.send(Message::Close(done)).await.is_ok() {
-            let _ = wait.await;
-        }
+        crate::write_queue::close(&self.tx, Message::Close).await;
         self.task.join().await;
     }
 
@@ -569,8 +566,8 @@ impl<'a> JobColumns<'a> {
         c
     }
 
-    /// `$1..$15` of [`INSERT_SQL`].
-    pub(super) fn params(&self) -> [&(dyn ToSql + Sync); 15] {
+    /// `$1..$14`, the parameters both insert statements start with.
+    fn row_params(&self) -> [&(dyn ToSql + Sync); 14] {
         [
             &self.ids,
             &self.queues,
@@ -586,31 +583,25 @@ impl<'a> JobColumns<'a> {
             &self.run_ats,
             &self.created_ats,
             &self.channel,
-            &self.notify,
         ]
+    }
+
+    /// `$1..$15` of [`INSERT_SQL`].
+    pub(super) fn params(&self) -> Vec<&(dyn ToSql + Sync)> {
+        let mut params = self.row_params().to_vec();
+        params.push(&self.notify);
+        params
     }
 
     /// `$1..$16` of [`INSERT_UNIQUE_SQL`] (which notifies from the rows it inserted, so it
     /// takes no queue list).
-    pub(super) fn unique_params(&self) -> [&(dyn ToSql + Sync); 16] {
-        [
-            &self.ids,
-            &self.queues,
-            &self.kinds,
-            &self.tenants,
-            &self.args,
-            &self.priorities,
-            &self.states,
-            &self.max_attempts,
-            &self.timeouts,
-            &self.backoffs,
-            &self.tags,
-            &self.run_ats,
-            &self.created_ats,
-            &self.channel,
-            &self.unique_keys,
+    pub(super) fn unique_params(&self) -> Vec<&(dyn ToSql + Sync)> {
+        let mut params = self.row_params().to_vec();
+        params.extend([
+            &self.unique_keys as &(dyn ToSql + Sync),
             &self.unique_scopes,
-        ]
+        ]);
+        params
     }
 }
 

@@ -12,7 +12,7 @@ use tokio_postgres::types::ToSql;
 
 use super::sql::{COLUMNS, guard, target};
 use super::{PgStore, rows, validate_all};
-use crate::unique_key_held;
+use crate::{ListingValue, unique_key_held};
 
 #[async_trait]
 impl JobStore for PgStore {
@@ -146,35 +146,15 @@ pub(super) struct ListQuery {
 
 impl ListQuery {
     pub(super) fn new(p: &ListParams) -> Self {
-        let mut clauses: Vec<String> = Vec::new();
         let mut params: Vec<Box<dyn ToSql + Sync + Send>> = Vec::new();
-        let mut push = |column: &str, op: &str, value: Box<dyn ToSql + Sync + Send>| {
-            params.push(value);
-            clauses.push(format!("j.{column} {op} ${}", params.len()));
-        };
-        if let Some(q) = &p.queue {
-            push("queue", "=", Box::new(q.as_str().to_owned()));
-        }
-        if let Some(t) = &p.tenant {
-            push("tenant", "=", Box::new(t.as_str().to_owned()));
-        }
-
-        if let Some(k) = &p.kind {
-            push("kind", "=", Box::new(k.as_str().to_owned()));
-        }
-        if let Some(after) = p.after {
-            push("id", ">", Box::new(*after.as_uuid()));
-        }
-        if let Some(s) = p.state {
-            // A literal, not a parameter: a plan prepared for "any state" could not use the
-            // listing indexes, which leave running jobs out.
-            clauses.push(crate::listing_state_filter("j.", s));
-        }
-        let filter = if clauses.is_empty() {
-            String::new()
-        } else {
-            format!("WHERE {} ", clauses.join(" AND "))
-        };
+        let filter = crate::listing_conditions(p, "j.", |value| {
+            params.push(match value {
+                ListingValue::Text(text) => Box::new(text.to_owned()),
+                ListingValue::Id(id) => Box::new(*id.as_uuid()),
+            });
+            format!("${}", params.len())
+        })
+        .map_or_else(String::new, |conditions| format!("WHERE {conditions} "));
         params.push(Box::new(i64::from(p.effective_limit())));
         let sql = format!(
             "SELECT {COLUMNS} FROM jobs j {filter}ORDER BY j.id LIMIT ${}",

@@ -67,15 +67,13 @@ impl LeaderStore for PgStore {
         let ctx = || format!("resigning leadership as {owner}");
         // Now: a campaign at this very instant already finds the term lapsed.
         let ended = self.clock.now();
-        let conn = self.conn(&ctx).await?;
-        let stmt = conn
-            .prepare_cached(RESIGN_SQL)
-            .await
-            .map_err(|e| error::db(e, ctx()))?;
-        conn.execute(&stmt, &[&MAINTENANCE_ROLE, &owner.as_str(), &ended])
-            .await
-            .map(drop)
-            .map_err(|e| error::db(e, ctx()))
+        self.execute(
+            RESIGN_SQL,
+            &[&MAINTENANCE_ROLE, &owner.as_str(), &ended],
+            &ctx,
+        )
+        .await
+        .map(drop)
     }
 }
 

@@ -32,6 +32,7 @@ use keel_core::store::{Completion, FailParams, HeartbeatParams, LeaseParams, Lea
 use keel_core::{
     AttemptError, Backoff, Job, JobKind, StoreError, TenantId, Timestamp, Transition, WorkStore,
 };
+use tokio_postgres::types::ToSql;
 use uuid::Uuid;
 
 use super::sql::{COLUMNS, guard, target};
@@ -47,37 +48,24 @@ impl WorkStore for PgStore {
         let ctx = || format!("leasing jobs from queue {}", params.queue);
         let now = self.clock.now();
         let expires_at = now + to_delta(params.lease_for);
-        let rows = if params.tenant.is_none() && params.kinds.is_empty() {
-            self.query_fresh(
-                &LEASE_SQL,
-                &[
-                    &params.queue.as_str(),
-                    &i64::from(params.max),
-                    &params.owner.as_str(),
-                    &expires_at,
-                    &now,
-                ],
-                &ctx,
-            )
-            .await?
+        let tenant = params.tenant.as_ref().map(TenantId::as_str);
+        let kinds: Vec<&str> = params.kinds.iter().map(JobKind::as_str).collect();
+        let all: [&(dyn ToSql + Sync); 7] = [
+            &params.queue.as_str(),
+            &i64::from(params.max),
+            &params.owner.as_str(),
+            &expires_at,
+            &now,
+            &tenant,
+            &kinds,
+        ];
+        // The unfiltered statement takes only the first five parameters.
+        let (sql, bound) = if tenant.is_none() && kinds.is_empty() {
+            (&*LEASE_SQL, &all[..5])
         } else {
-            let tenant = params.tenant.as_ref().map(TenantId::as_str);
-            let kinds: Vec<&str> = params.kinds.iter().map(JobKind::as_str).collect();
-            self.query_fresh(
-                &LEASE_FILTERED_SQL,
-                &[
-                    &params.queue.as_str(),
-                    &i64::from(params.max),
-                    &params.owner.as_str(),
-                    &expires_at,
-                    &now,
-                    &tenant,
-                    &kinds,
-                ],
-                &ctx,
-            )
-            .await?
+            (&*LEASE_FILTERED_SQL, &all[..])
         };
+        let rows = self.query_fresh(sql, bound, &ctx).await?;
         let mut jobs = rows
             .iter()
             .map(rows::job_from_row)

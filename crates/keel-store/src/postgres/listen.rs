@@ -28,7 +28,7 @@
 
 use std::future::poll_fn;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -169,49 +169,22 @@ impl Listener {
 
     /// A new, independent stream of notices. After `stop` it is an ended stream.
     pub(super) fn subscribe(&self) -> Box<dyn WakeupStream> {
-        let receiver = self
-            .sender
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .as_ref()
-            .map(broadcast::Sender::subscribe);
-        let receiver = receiver.unwrap_or_else(|| {
-            // The store is closed: a receiver whose only sender is already gone ends at once.
-            let (_, receiver) = broadcast::channel(1);
-            receiver
-        });
-        Box::new(Wakeups { receiver })
+        Box::new(Wakeups {
+            receiver: subscribe_to(&self.sender),
+        })
     }
 
     /// A new, independent stream of state changes. After `stop` it is an ended stream.
     pub(super) fn subscribe_changes(&self) -> Box<dyn ChangeStream> {
-        let receiver = self
-            .changes
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .as_ref()
-            .map(broadcast::Sender::subscribe);
-        let receiver = receiver.unwrap_or_else(|| {
-            let (_, receiver) = broadcast::channel(1);
-            receiver
-        });
-        Box::new(Changes { receiver })
+        Box::new(Changes {
+            receiver: subscribe_to(&self.changes),
+        })
     }
 
     /// Stops the task, closes its connection and ends every subscriber's stream.
     pub(super) async fn stop(&self) {
-        drop(
-            self.sender
-                .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner())
-                .take(),
-        );
-        drop(
-            self.changes
-                .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner())
-                .take(),
-        );
+        drop(lock(&self.sender).take());
+        drop(lock(&self.changes).take());
         self.task.stop().await;
     }
 
@@ -222,6 +195,23 @@ impl Listener {
     }
 }
 
+/// The sender slot, even if a thread panicked holding it: the slot is only ever read or
+/// emptied, so a poisoned one is still consistent.
+fn lock<T>(
+    slot: &Mutex<Option<broadcast::Sender<T>>>,
+) -> MutexGuard<'_, Option<broadcast::Sender<T>>> {
+    slot.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// A new receiver on the sender in `slot`; once the slot is emptied (the store is closed),
+/// a receiver whose only sender is already gone, so its stream ends at once.
+fn subscribe_to<T: Clone>(slot: &Mutex<Option<broadcast::Sender<T>>>) -> broadcast::Receiver<T> {
+    lock(slot)
+        .as_ref()
+        .map(broadcast::Sender::subscribe)
+        .unwrap_or_else(|| broadcast::channel(1).1)
+}
+
 /// One subscriber's view of the broadcast.
 struct Wakeups {
     receiver: broadcast::Receiver<QueueName>,
@@ -230,16 +220,8 @@ struct Wakeups {
 #[async_trait]
 impl WakeupStream for Wakeups {
     async fn next(&mut self) -> Option<QueueName> {
-        loop {
-            match self.receiver.recv().await {
-                Ok(queue) => return Some(queue),
-                // The missed notices cannot be replayed; the next one (or the poll) will do.
-                Err(broadcast::error::RecvError::Lagged(missed)) => {
-                    tracing::debug!(missed, "wakeup subscriber lagged; skipped notices");
-                }
-                Err(broadcast::error::RecvError::Closed) => return None,
-            }
-        }
+        // The missed notices cannot be replayed; the next one (or the poll) will do.
+        next_skipping_lag(&mut self.receiver, "wakeup").await
     }
 }
 
@@ -251,16 +233,26 @@ struct Changes {
 #[async_trait]
 impl ChangeStream for Changes {
     async fn next(&mut self) -> Option<StateChange> {
-        loop {
-            match self.receiver.recv().await {
-                Ok(change) => return Some(change),
-                // Its consumer re-reads what it waits for on a timer; skipping ahead bounds
-                // the memory a slow subscriber holds.
-                Err(broadcast::error::RecvError::Lagged(missed)) => {
-                    tracing::debug!(missed, "state change subscriber lagged; skipped changes");
-                }
-                Err(broadcast::error::RecvError::Closed) => return None,
+        // Its consumer re-reads what it waits for on a timer; skipping ahead bounds the
+        // memory a slow subscriber holds.
+        next_skipping_lag(&mut self.receiver, "state change").await
+    }
+}
+
+/// The next broadcast message, skipping (and logging) what a slow subscriber missed, or
+/// `None` once the listener has stopped. Both subscriber kinds can afford to skip: neither
+/// relies on every message arriving.
+async fn next_skipping_lag<T: Clone>(
+    receiver: &mut broadcast::Receiver<T>,
+    subscriber: &'static str,
+) -> Option<T> {
+    loop {
+        match receiver.recv().await {
+            Ok(message) => return Some(message),
+            Err(broadcast::error::RecvError::Lagged(missed)) => {
+                tracing::debug!(missed, subscriber, "subscriber lagged; skipped messages");
             }
+            Err(broadcast::error::RecvError::Closed) => return None,
         }
     }
 }

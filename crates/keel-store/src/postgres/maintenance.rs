@@ -138,14 +138,12 @@ impl MaintenanceStore for PgStore {
             return Ok(0);
         }
         let ctx = || "deleting finished jobs past retention".to_owned();
-        let conn = self.conn(&ctx).await?;
-        let stmt = conn
-            .prepare_cached(&DELETE_FINISHED_SQL)
-            .await
-            .map_err(|e| error::db(e, ctx()))?;
-        conn.execute(&stmt, &[&params.finished_before, &i64::from(params.limit)])
-            .await
-            .map_err(|e| error::db(e, ctx()))
+        self.execute(
+            &DELETE_FINISHED_SQL,
+            &[&params.finished_before, &i64::from(params.limit)],
+            &ctx,
+        )
+        .await
     }
 
     async fn delete_expired_idempotency_keys(&self, limit: u32) -> Result<u64, StoreError> {
@@ -153,14 +151,12 @@ impl MaintenanceStore for PgStore {
             return Ok(0);
         }
         let ctx = || "deleting expired idempotency keys".to_owned();
-        let conn = self.conn(&ctx).await?;
-        let stmt = conn
-            .prepare_cached(IDEMPOTENCY_DELETE_EXPIRED_SQL)
-            .await
-            .map_err(|e| error::db(e, ctx()))?;
-        conn.execute(&stmt, &[&self.clock.now(), &i64::from(limit)])
-            .await
-            .map_err(|e| error::db(e, ctx()))
+        self.execute(
+            IDEMPOTENCY_DELETE_EXPIRED_SQL,
+            &[&self.clock.now(), &i64::from(limit)],
+            &ctx,
+        )
+        .await
     }
 
     async fn delete_old_ticks(&self, before: Timestamp, limit: u32) -> Result<u64, StoreError> {
@@ -168,14 +164,8 @@ impl MaintenanceStore for PgStore {
             return Ok(0);
         }
         let ctx = || "deleting old cron tick records".to_owned();
-        let conn = self.conn(&ctx).await?;
-        let stmt = conn
-            .prepare_cached(TICKS_DELETE_OLD_SQL)
+        self.execute(TICKS_DELETE_OLD_SQL, &[&before, &i64::from(limit)], &ctx)
             .await
-            .map_err(|e| error::db(e, ctx()))?;
-        conn.execute(&stmt, &[&before, &i64::from(limit)])
-            .await
-            .map_err(|e| error::db(e, ctx()))
     }
 }
 

@@ -59,8 +59,8 @@ use keel_core::{
     ChangeStream, Clock, IdempotencyKey, Job, JobId, JobState, NewJob, QueueName, Store,
     StoreError, Transition, WakeupStream,
 };
-use tokio_postgres::Row;
 use tokio_postgres::types::ToSql;
+use tokio_postgres::{Row, Statement};
 use uuid::Uuid;
 
 use crate::key_reused;
@@ -373,6 +373,17 @@ impl PgStore {
         self.pool.get().await.map_err(|e| error::pool(e, ctx()))
     }
 
+    /// A pooled connection with `sql` prepared on it (from the connection's statement
+    /// cache after the first time).
+    async fn prepared(&self, sql: &str, ctx: Ctx<'_>) -> Result<(Object, Statement), StoreError> {
+        let conn = self.conn(ctx).await?;
+        let stmt = conn
+            .prepare_cached(sql)
+            .await
+            .map_err(|e| error::db(e, ctx()))?;
+        Ok((conn, stmt))
+    }
+
     /// Runs one prepared statement and returns its rows.
     async fn query(
         &self,
@@ -380,12 +391,22 @@ impl PgStore {
         params: &[&(dyn ToSql + Sync)],
         ctx: Ctx<'_>,
     ) -> Result<Vec<Row>, StoreError> {
-        let conn = self.conn(ctx).await?;
-        let stmt = conn
-            .prepare_cached(sql)
-            .await
-            .map_err(|e| error::db(e, ctx()))?;
+        let (conn, stmt) = self.prepared(sql, ctx).await?;
         conn.query(&stmt, params)
+            .await
+            .map_err(|e| error::db(e, ctx()))
+    }
+
+    /// Runs one prepared statement on a pooled connection and returns how many rows it
+    /// changed.
+    async fn execute(
+        &self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+        ctx: Ctx<'_>,
+    ) -> Result<u64, StoreError> {
+        let (conn, stmt) = self.prepared(sql, ctx).await?;
+        conn.execute(&stmt, params)
             .await
             .map_err(|e| error::db(e, ctx()))
     }

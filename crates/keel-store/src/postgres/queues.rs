@@ -7,7 +7,7 @@ use async_trait::async_trait;
 use keel_core::store::{QueueStats, StateCounts};
 use keel_core::{QueueName, QueueStore, StoreError, TenantId};
 
-use super::{PgStore, error, stats_from_rows};
+use super::{PgStore, stats_from_rows};
 use crate::DEPTH_COUNTS;
 
 #[async_trait]
@@ -53,18 +53,13 @@ impl QueueStore for PgStore {
             let verb = if paused { "pausing" } else { "resuming" };
             format!("{verb} queue {queue}")
         };
-        let conn = self.conn(&ctx).await?;
-        let stmt = conn
-            .prepare_cached(SET_QUEUE_PAUSED_SQL)
-            .await
-            .map_err(|e| error::db(e, ctx()))?;
-        conn.execute(
-            &stmt,
+        self.execute(
+            SET_QUEUE_PAUSED_SQL,
             &[&queue.as_str(), &paused, &self.clock.now(), &self.channel],
+            &ctx,
         )
         .await
         .map(drop)
-        .map_err(|e| error::db(e, ctx()))
     }
 }
 

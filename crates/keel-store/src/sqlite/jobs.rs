@@ -47,34 +47,15 @@ impl JobStore for SqliteStore {
     async fn list(&self, p: ListParams) -> Result<JobPage, StoreError> {
         let limit = p.effective_limit();
         self.read("listing jobs", move |conn| {
-            let mut clauses = Vec::new();
             let mut args: Vec<Value> = Vec::new();
-            let mut filter = |clause: &str, v: Value| {
-                args.push(v);
-                clauses.push(format!("{clause} ?{}", args.len()));
-            };
-            if let Some(q) = &p.queue {
-                filter("queue =", Value::Text(q.to_string()));
-            }
-            if let Some(t) = &p.tenant {
-                filter("tenant =", Value::Text(t.to_string()));
-            }
-            if let Some(k) = &p.kind {
-                filter("kind =", Value::Text(k.to_string()));
-            }
-            if let Some(after) = p.after {
-                filter("id >", Value::Blob(after.as_bytes().to_vec()));
-            }
-            if let Some(s) = p.state {
-                // A literal, not a parameter: the planner uses a partial index only when
-                // the query's own terms imply its predicate.
-                clauses.push(crate::listing_state_filter("", s));
-            }
-            let where_ = if clauses.is_empty() {
-                String::new()
-            } else {
-                format!("WHERE {}", clauses.join(" AND "))
-            };
+            let where_ = crate::listing_conditions(&p, "", |value| {
+                args.push(match value {
+                    crate::ListingValue::Text(text) => Value::Text(text.to_owned()),
+                    crate::ListingValue::Id(id) => Value::Blob(id.as_bytes().to_vec()),
+                });
+                format!("?{}", args.len())
+            })
+            .map_or_else(String::new, |conditions| format!("WHERE {conditions}"));
             args.push(Value::Integer(i64::from(limit)));
             // Running jobs are few and only the running index holds them all; without the
             // hint a page of them would walk the primary key (the whole table when fewer

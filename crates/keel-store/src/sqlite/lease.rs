@@ -13,7 +13,7 @@ use keel_core::{
     WorkStore,
 };
 use rusqlite::params;
-use rusqlite::{Connection, OptionalExtension};
+use rusqlite::{CachedStatement, Connection, OptionalExtension};
 
 use super::rows::{COLUMNS, micros, uuid_from_blob};
 use super::{SqliteStore, map_err, query_jobs};
@@ -31,45 +31,29 @@ impl WorkStore for SqliteStore {
             .write(&context.clone(), move |conn| {
                 let now = clock.now();
                 let expires = now + to_delta(p.lease_for);
-                let mut jobs = if p.tenant.is_none() && p.kinds.is_empty() {
-                    let sql = format!("{LEASE_SQL}{COLUMNS}");
-                    query_jobs(
-                        conn,
-                        &context,
-                        &sql,
-                        params![
-                            p.owner.as_str(),
-                            micros(expires),
-                            micros(now),
-                            p.queue.as_str(),
-                            p.max
-                        ],
-                    )?
-                } else {
-                    // The kinds go in as one JSON array, so the statement text (and its
-                    // cached preparation) is the same whatever their number.
-                    let kinds = (!p.kinds.is_empty()).then(|| {
-                        serde_json::to_string(
-                            &p.kinds.iter().map(JobKind::as_str).collect::<Vec<_>>(),
-                        )
+                let filtered = p.tenant.is_some() || !p.kinds.is_empty();
+                // The kinds go in as one JSON array, so the statement text (and its cached
+                // preparation) is the same whatever their number.
+                let kinds = (!p.kinds.is_empty()).then(|| {
+                    serde_json::to_string(&p.kinds.iter().map(JobKind::as_str).collect::<Vec<_>>())
                         .unwrap_or_else(|_| "[]".to_owned())
-                    });
-                    let sql = format!("{LEASE_FILTERED_SQL}{COLUMNS}");
-                    query_jobs(
-                        conn,
-                        &context,
-                        &sql,
-                        params![
-                            p.owner.as_str(),
-                            micros(expires),
-                            micros(now),
-                            p.queue.as_str(),
-                            p.max,
-                            p.tenant.as_ref().map(TenantId::as_str),
-                            kinds
-                        ],
-                    )?
+                });
+                let all: &[&dyn rusqlite::ToSql] = params![
+                    p.owner.as_str(),
+                    micros(expires),
+                    micros(now),
+                    p.queue.as_str(),
+                    p.max,
+                    p.tenant.as_ref().map(TenantId::as_str),
+                    kinds
+                ];
+                // The unfiltered statement takes only the first five parameters.
+                let (sql, bound) = if filtered {
+                    (format!("{LEASE_FILTERED_SQL}{COLUMNS}"), all)
+                } else {
+                    (format!("{LEASE_SQL}{COLUMNS}"), &all[..5])
                 };
+                let mut jobs = query_jobs(conn, &context, &sql, bound)?;
                 // RETURNING gives no order; callers get jobs in lease order.
                 jobs.sort_by_key(|j| (j.priority, j.run_at, j.id));
                 Ok(jobs)
@@ -85,25 +69,24 @@ impl WorkStore for SqliteStore {
         self.writer
             .write("extending leases", move |conn| {
                 let expires = clock.now() + to_delta(p.lease_for);
-                let mut stmt = conn
-                    .prepare_cached(
-                        "UPDATE jobs SET lease_expires_at = ?1
+                Ok(fenced_each(
+                    conn,
+                    "extending leases",
+                    "UPDATE jobs SET lease_expires_at = ?1
                          WHERE id = ?2 AND lease_token = ?3 AND state = 'running'",
-                    )
-                    .map_err(|e| map_err("extending leases", &e))?;
-                p.leases
-                    .iter()
-                    .map(|l| {
-                        let n = stmt
-                            .execute(params![
-                                micros(expires),
-                                l.id.as_bytes(),
-                                l.token.as_uuid().as_bytes()
-                            ])
-                            .map_err(|e| map_err("extending leases", &e))?;
-                        Ok(fenced(conn, l.id, n).map(|()| expires))
-                    })
-                    .collect()
+                    &p.leases,
+                    |l| l.id,
+                    |stmt, l| {
+                        stmt.execute(params![
+                            micros(expires),
+                            l.id.as_bytes(),
+                            l.token.as_uuid().as_bytes()
+                        ])
+                    },
+                )?
+                .into_iter()
+                .map(|applied| applied.map(|()| expires))
+                .collect())
             })
             .await
     }
@@ -175,22 +158,16 @@ impl WorkStore for SqliteStore {
     ) -> Result<Vec<Result<(), StoreError>>, StoreError> {
         self.writer
             .write("releasing leases", move |conn| {
-                let mut stmt = conn
-                    .prepare_cached(
-                        "UPDATE jobs SET state = 'available', attempt = attempt - 1,
+                fenced_each(
+                    conn,
+                    "releasing leases",
+                    "UPDATE jobs SET state = 'available', attempt = attempt - 1,
                                 lease_token = NULL, lease_expires_at = NULL
                          WHERE id = ?1 AND lease_token = ?2 AND state = 'running'",
-                    )
-                    .map_err(|e| map_err("releasing leases", &e))?;
-                leases
-                    .iter()
-                    .map(|l| {
-                        let n = stmt
-                            .execute(params![l.id.as_bytes(), l.token.as_uuid().as_bytes()])
-                            .map_err(|e| map_err("releasing leases", &e))?;
-                        Ok(fenced(conn, l.id, n))
-                    })
-                    .collect()
+                    &leases,
+                    |l| l.id,
+                    |stmt, l| stmt.execute(params![l.id.as_bytes(), l.token.as_uuid().as_bytes()]),
+                )
             })
             .await
     }
@@ -206,30 +183,47 @@ impl SqliteStore {
         self.writer
             .write("completing jobs", move |conn| {
                 let now = clock.now();
-                let mut stmt = conn
-                    .prepare_cached(
-                        "UPDATE jobs SET state = 'completed', result = ?1, finished_at = ?2,
+                fenced_each(
+                    conn,
+                    "completing jobs",
+                    "UPDATE jobs SET state = 'completed', result = ?1, finished_at = ?2,
                                 lease_token = NULL, lease_expires_at = NULL
                          WHERE id = ?3 AND lease_token = ?4 AND state = 'running'",
-                    )
-                    .map_err(|e| map_err("completing jobs", &e))?;
-                completions
-                    .iter()
-                    .map(|c| {
-                        let n = stmt
-                            .execute(params![
-                                c.result.as_ref().map(|r| r.get()),
-                                micros(now),
-                                c.lease.id.as_bytes(),
-                                c.lease.token.as_uuid().as_bytes()
-                            ])
-                            .map_err(|e| map_err("completing jobs", &e))?;
-                        Ok(fenced(conn, c.lease.id, n))
-                    })
-                    .collect()
+                    &completions,
+                    |c| c.lease.id,
+                    |stmt, c| {
+                        stmt.execute(params![
+                            c.result.as_ref().map(|r| r.get()),
+                            micros(now),
+                            c.lease.id.as_bytes(),
+                            c.lease.token.as_uuid().as_bytes()
+                        ])
+                    },
+                )
             })
             .await
     }
+}
+
+/// Runs the lease-fenced update `sql` once per item (`run` binds the item's parameters);
+/// each item's outcome says whether its lease was still current ([`fenced`]). A failure
+/// to run the statement fails the whole batch.
+fn fenced_each<T>(
+    conn: &Connection,
+    context: &str,
+    sql: &str,
+    items: &[T],
+    id: impl Fn(&T) -> JobId,
+    mut run: impl FnMut(&mut CachedStatement<'_>, &T) -> rusqlite::Result<usize>,
+) -> Result<Vec<Result<(), StoreError>>, StoreError> {
+    let mut stmt = conn.prepare_cached(sql).map_err(|e| map_err(context, &e))?;
+    items
+        .iter()
+        .map(|item| {
+            let n = run(&mut stmt, item).map_err(|e| map_err(context, &e))?;
+            Ok(fenced(conn, id(item), n))
+        })
+        .collect()
 }
 
 /// Whether a lease-fenced update of job `id` that changed `changed` rows applied. When it

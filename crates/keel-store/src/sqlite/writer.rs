@@ -153,15 +153,12 @@ impl Writer {
 
     /// Writes waiting in the queue for the writer thread.
     pub(super) fn queued(&self) -> usize {
-        self.tx.max_capacity() - self.tx.capacity()
+        crate::write_queue::queued(&self.tx)
     }
 
     /// Asks the thread to finish what is queued before this call and stop; waits for it.
     pub(super) async fn close(&self) {
-        let (done, wait) = oneshot::channel();
-        if self.tx.send(Message::Close(done)).await.is_ok() {
-            let _ = wait.await;
-        }
+        crate::write_queue::close(&self.tx, Message::Close).await;
     }
 }
 

@@ -7,9 +7,9 @@ use std::time::Duration;
 
 use keel_core::Store;
 
-use super::{clock, store_in, with_database};
+use super::{clock, schema_or_skip, store_in, with_database};
 use crate::postgres::{PgOptions, PgStore};
-use crate::testkit::{PgSchema, pg_url_or_skip};
+use crate::testkit::pg_url_or_skip;
 
 #[tokio::test]
 async fn unreachable_server_is_a_fast_transient_error() {
@@ -57,10 +57,10 @@ async fn malformed_url_and_missing_database_are_permanent() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_migrations_apply_once() {
-    let Some(base) = pg_url_or_skip("postgres::tests::concurrent_migrations_apply_once") else {
+    let Some(schema) = schema_or_skip("postgres::tests::concurrent_migrations_apply_once").await
+    else {
         return;
     };
-    let schema = PgSchema::create(&base).await;
     let mut stores = Vec::new();
     for _ in 0..4 {
         stores.push(Arc::new(
@@ -162,11 +162,11 @@ async fn data_the_server_refuses_is_rejected_not_a_failure() {
 /// stop migrations.
 #[tokio::test]
 async fn statement_timeout_bounds_every_statement_but_not_migrations() {
-    let Some(base) = pg_url_or_skip("postgres::tests::statement_timeout_bounds_every_statement")
+    let Some(schema) =
+        schema_or_skip("postgres::tests::statement_timeout_bounds_every_statement").await
     else {
         return;
     };
-    let schema = PgSchema::create(&base).await;
     let opts = PgOptions {
         statement_timeout: Some(Duration::from_millis(300)),
         ..PgOptions::for_tests()

@@ -102,9 +102,20 @@ async fn count_jobs(store: &PgStore) -> i64 {
         .get(0)
 }
 
+/// A fresh schema for `test`, or `None` (the test is skipped) when no server is configured.
+async fn schema_or_skip(test: &str) -> Option<PgSchema> {
+    Some(PgSchema::create(&crate::testkit::pg_url_or_skip(test)?).await)
+}
+
 /// A migrated store in `schema` with `opts`.
 async fn store_in(schema: &PgSchema, opts: PgOptions) -> PgStore {
-    let store = PgStore::connect(&schema.url, opts, clock())
+    store_with_clock(schema, opts, clock()).await
+}
+
+/// A migrated store in `schema` with `opts`, reading the time from `clock` (tests that move
+/// time keep a handle on it).
+async fn store_with_clock(schema: &PgSchema, opts: PgOptions, clock: Arc<dyn Clock>) -> PgStore {
+    let store = PgStore::connect(&schema.url, opts, clock)
         .await
         .expect("connect");
     store.migrate().await.expect("migrate");

@@ -10,19 +10,14 @@ use keel_core::{
     Clock, JobId, JobState, JobStore, MaintenanceStore, ManualClock, QueueName, Store, WorkStore,
 };
 
-use super::{eventually, noop, store_in};
+use super::{eventually, noop, schema_or_skip, store_in, store_with_clock};
 use crate::postgres::{PgOptions, PgStore};
 use crate::testkit::{PgSchema, pg_url_or_skip};
 
-/// The next wakeup on `stream`, or `None` if none comes within `wait`.
-async fn next_wakeup(
-    stream: &mut Box<dyn keel_core::WakeupStream>,
-    wait: Duration,
-) -> Option<QueueName> {
-    tokio::time::timeout(wait, stream.next())
-        .await
-        .ok()
-        .flatten()
+/// What `next` (a wakeup or change stream's next item) yields within `wait`, or `None` if
+/// nothing comes.
+async fn within<T>(wait: Duration, next: impl Future<Output = Option<T>>) -> Option<T> {
+    tokio::time::timeout(wait, next).await.ok().flatten()
 }
 
 /// An insert through one store wakes another store on the same schema, for that queue (and
@@ -38,10 +33,7 @@ async fn wakeups_reach_stores_on_the_same_schema_only() {
     let schema = PgSchema::create(&base).await;
     let other_schema = PgSchema::create(&base).await;
     let clock = ManualClock::starting_now();
-    let a = PgStore::connect(&schema.url, PgOptions::for_tests(), Arc::new(clock.clone()))
-        .await
-        .expect("connect");
-    a.migrate().await.expect("migrate");
+    let a = store_with_clock(&schema, PgOptions::for_tests(), Arc::new(clock.clone())).await;
     let b = store_in(&schema, PgOptions::for_tests()).await;
     let elsewhere = store_in(&other_schema, PgOptions::for_tests()).await;
     let mut heard = b.wakeups().expect("Postgres delivers wakeups");
@@ -61,7 +53,7 @@ async fn wakeups_reach_stores_on_the_same_schema_only() {
         .await
         .expect("insert available");
     assert_eq!(
-        next_wakeup(&mut heard, Duration::from_secs(5)).await,
+        within(Duration::from_secs(5), heard.next()).await,
         Some(mail.clone()),
         "the first wakeup is for the queue that got available jobs"
     );
@@ -73,11 +65,11 @@ async fn wakeups_reach_stores_on_the_same_schema_only() {
         .expect("promote");
     assert_eq!(promoted.len(), 1);
     assert_eq!(
-        next_wakeup(&mut heard, Duration::from_secs(5)).await,
+        within(Duration::from_secs(5), heard.next()).await,
         Some(later)
     );
     assert_eq!(
-        next_wakeup(&mut overheard, Duration::from_millis(500)).await,
+        within(Duration::from_millis(500), overheard.next()).await,
         None,
         "a store on another schema was woken"
     );
@@ -90,12 +82,11 @@ async fn wakeups_reach_stores_on_the_same_schema_only() {
 /// later notifications arrive on the same stream.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn listener_reconnects_after_its_connection_is_killed() {
-    let Some(base) =
-        pg_url_or_skip("postgres::tests::listener_reconnects_after_its_connection_is_killed")
+    let Some(schema) =
+        schema_or_skip("postgres::tests::listener_reconnects_after_its_connection_is_killed").await
     else {
         return;
     };
-    let schema = PgSchema::create(&base).await;
     let store = store_in(&schema, PgOptions::for_tests()).await;
     let mut wakeups = store.wakeups().expect("Postgres delivers wakeups");
     eventually("the listener to be listening", || {
@@ -131,21 +122,43 @@ async fn listener_reconnects_after_its_connection_is_killed() {
         .await
         .expect("insert");
     assert_eq!(
-        next_wakeup(&mut wakeups, Duration::from_secs(5)).await,
+        within(Duration::from_secs(5), wakeups.next()).await,
         Some(queue)
     );
     store.close().await;
 }
 
-/// The next state change on `stream`, or `None` if none comes within `wait`.
-async fn next_change(
-    stream: &mut Box<dyn keel_core::ChangeStream>,
-    wait: Duration,
-) -> Option<keel_core::store::StateChange> {
-    tokio::time::timeout(wait, stream.next())
+/// Two stores on `schema`: `a`, on a clock the test moves, makes the moves; `b` hears
+/// them on the returned stream, already listening.
+async fn announcer_and_listener(
+    schema: &PgSchema,
+) -> (
+    ManualClock,
+    PgStore,
+    PgStore,
+    Box<dyn keel_core::ChangeStream>,
+) {
+    let clock = ManualClock::starting_now();
+    let a = store_with_clock(schema, PgOptions::for_tests(), Arc::new(clock.clone())).await;
+    let b = store_in(schema, PgOptions::for_tests()).await;
+    let heard = b.changes().expect("Postgres delivers changes");
+    eventually("the listener to be listening", || b.listener.listens() >= 1).await;
+    (clock, a, b, heard)
+}
+
+/// Leases up to `max` jobs of `queue` through `store`, for 30 s.
+async fn lease_from(store: &PgStore, queue: &QueueName, max: u32) -> Vec<keel_core::Job> {
+    store
+        .lease(keel_core::store::LeaseParams {
+            queue: queue.clone(),
+            max,
+            lease_for: Duration::from_secs(30),
+            owner: keel_core::WorkerId::parse("w").expect("valid worker"),
+            tenant: None,
+            kinds: Vec::new(),
+        })
         .await
-        .ok()
-        .flatten()
+        .expect("lease")
 }
 
 /// Every kind of announced move (cancel, retry, rescue) made through one store reaches
@@ -154,39 +167,21 @@ async fn next_change(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn changes_reach_another_store_on_the_same_schema() {
     use keel_core::store::StateChange;
-    use keel_core::store::{Completion, FailParams, LeaseParams, LeaseRef, RescueParams};
+    use keel_core::store::{Completion, FailParams, LeaseRef, RescueParams};
 
-    let Some(base) =
-        pg_url_or_skip("postgres::tests::changes_reach_another_store_on_the_same_schema")
+    let Some(schema) =
+        schema_or_skip("postgres::tests::changes_reach_another_store_on_the_same_schema").await
     else {
         return;
     };
-    let schema = PgSchema::create(&base).await;
-    let clock = ManualClock::starting_now();
-    let a = PgStore::connect(&schema.url, PgOptions::for_tests(), Arc::new(clock.clone()))
-        .await
-        .expect("connect");
-    a.migrate().await.expect("migrate");
-    let b = store_in(&schema, PgOptions::for_tests()).await;
-    let mut heard = b.changes().expect("Postgres delivers changes");
-    eventually("the listener to be listening", || b.listener.listens() >= 1).await;
+    let (clock, a, b, mut heard) = announcer_and_listener(&schema).await;
 
     let queue = QueueName::parse("events").expect("valid queue");
     let jobs = a
         .insert((0..5).map(|_| noop().queue(queue.clone())).collect())
         .await
         .expect("insert");
-    let leased = a
-        .lease(LeaseParams {
-            queue: queue.clone(),
-            max: 5,
-            lease_for: Duration::from_secs(30),
-            owner: keel_core::WorkerId::parse("w").expect("valid worker"),
-            tenant: None,
-            kinds: Vec::new(),
-        })
-        .await
-        .expect("lease");
+    let leased = lease_from(&a, &queue, 5).await;
     assert_eq!(leased.len(), 5);
     let lease = |i: usize| LeaseRef::of(&leased[i]).expect("leased");
     let fail = |i: usize, permanent: bool| FailParams {
@@ -226,7 +221,7 @@ async fn changes_reach_another_store_on_the_same_schema() {
     ];
     let mut got = Vec::new();
     while got.len() < want.len() {
-        match next_change(&mut heard, Duration::from_secs(5)).await {
+        match within(Duration::from_secs(5), heard.next()).await {
             Some(c) => got.push(c),
             None => break,
         }
@@ -238,7 +233,7 @@ async fn changes_reach_another_store_on_the_same_schema() {
         jobs.iter().map(|j| j.id).collect::<Vec<_>>()
     );
     assert_eq!(
-        next_change(&mut heard, Duration::from_millis(300)).await,
+        within(Duration::from_millis(300), heard.next()).await,
         None,
         "something else was announced"
     );
@@ -290,22 +285,15 @@ async fn raw_listen(url: &str, channel: &str) -> tokio::sync::mpsc::UnboundedRec
 /// otherwise), and a subscriber on another store receives all 500.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn many_changes_are_chunked_and_all_delivered() {
-    use keel_core::store::{LeaseParams, RescueParams};
+    use keel_core::store::RescueParams;
 
-    let Some(base) = pg_url_or_skip("postgres::tests::many_changes_are_chunked_and_all_delivered")
+    const N: usize = 500;
+    let Some(schema) =
+        schema_or_skip("postgres::tests::many_changes_are_chunked_and_all_delivered").await
     else {
         return;
     };
-    const N: usize = 500;
-    let schema = PgSchema::create(&base).await;
-    let clock = ManualClock::starting_now();
-    let a = PgStore::connect(&schema.url, PgOptions::for_tests(), Arc::new(clock.clone()))
-        .await
-        .expect("connect");
-    a.migrate().await.expect("migrate");
-    let b = store_in(&schema, PgOptions::for_tests()).await;
-    let mut heard = b.changes().expect("Postgres delivers changes");
-    eventually("the listener to be listening", || b.listener.listens() >= 1).await;
+    let (clock, a, b, mut heard) = announcer_and_listener(&schema).await;
     let mut raw = raw_listen(&schema.url, &a.changes_channel).await;
 
     let queue =
@@ -313,17 +301,7 @@ async fn many_changes_are_chunked_and_all_delivered() {
     a.insert((0..N).map(|_| noop().queue(queue.clone())).collect())
         .await
         .expect("insert");
-    let leased = a
-        .lease(LeaseParams {
-            queue: queue.clone(),
-            max: N as u32,
-            lease_for: Duration::from_secs(30),
-            owner: keel_core::WorkerId::parse("w").expect("valid worker"),
-            tenant: None,
-            kinds: Vec::new(),
-        })
-        .await
-        .expect("lease");
+    let leased = lease_from(&a, &queue, N as u32).await;
     assert_eq!(leased.len(), N);
     clock.advance(Duration::from_secs(31));
     let rescued = a
@@ -335,7 +313,7 @@ async fn many_changes_are_chunked_and_all_delivered() {
     let want: HashSet<JobId> = leased.iter().map(|j| j.id).collect();
     let mut got = HashSet::new();
     while got.len() < N {
-        let Some(c) = next_change(&mut heard, Duration::from_secs(5)).await else {
+        let Some(c) = within(Duration::from_secs(5), heard.next()).await else {
             break;
         };
         assert_eq!((c.state, &c.queue), (JobState::Retryable, &queue));

@@ -11,6 +11,8 @@ use keel_core::{Clock, JobId, JobState, ManualClock, QueueName, Store};
 use serde_json::Value;
 use tokio_postgres::types::ToSql;
 
+use super::{schema_or_skip, store_with_clock};
+use crate::postgres::PgOptions;
 use crate::postgres::commit::UNIQUE_HOLDERS_SQL;
 use crate::postgres::idempotency::{IDEMPOTENCY_EXPIRE_SQL, IDEMPOTENCY_READ_SQL};
 use crate::postgres::jobs::ListQuery;
@@ -19,8 +21,6 @@ use crate::postgres::maintenance::{
     DELETE_FINISHED_SQL, IDEMPOTENCY_DELETE_EXPIRED_SQL, PROMOTE_SQL, RESCUE_LOCK_SQL,
 };
 use crate::postgres::queues::QUEUE_DEPTHS_SQL;
-use crate::postgres::{PgOptions, PgStore};
-use crate::testkit::{PgSchema, pg_url_or_skip};
 
 /// Rows loaded: 88 % completed, 6 % available over 8 queues, 2 % each running and
 /// scheduled, 2 % retryable. Ids are time-ordered like the UUIDv7s the store assigns.
@@ -229,15 +229,12 @@ async fn explain(conn: &Object, case: &Case<'_>) -> Vec<String> {
 
 #[tokio::test]
 async fn explain_hot_queries_use_indexes() {
-    let Some(base) = pg_url_or_skip("postgres::tests::explain_hot_queries_use_indexes") else {
+    let Some(schema) = schema_or_skip("postgres::tests::explain_hot_queries_use_indexes").await
+    else {
         return;
     };
-    let schema = PgSchema::create(&base).await;
     let clock = ManualClock::starting_now();
-    let store = PgStore::connect(&schema.url, PgOptions::for_tests(), Arc::new(clock.clone()))
-        .await
-        .expect("connect to the test server");
-    store.migrate().await.expect("migrate");
+    let store = store_with_clock(&schema, PgOptions::for_tests(), Arc::new(clock.clone())).await;
     let conn = store.pool.get().await.expect("a pooled connection");
     conn.batch_execute(LOAD)
         .await

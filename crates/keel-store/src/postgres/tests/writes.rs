@@ -10,21 +10,19 @@ use keel_core::{
     Clock, JobStore, ManualClock, QueueName, QueueStore, Store, StoreError, WorkStore,
 };
 
-use super::{clock, count_jobs, eventually, keyed_request, noop, store_in};
-use crate::postgres::{PgOptions, PgStore};
-use crate::testkit::{PgSchema, pg_url_or_skip};
+use super::{
+    count_jobs, eventually, keyed_request, noop, schema_or_skip, store_in, store_with_clock,
+};
+use crate::postgres::PgOptions;
 
 #[tokio::test]
 async fn duplicate_ids_are_conflicts_naming_the_key() {
-    let Some(base) = pg_url_or_skip("postgres::tests::duplicate_ids_are_conflicts_naming_the_key")
+    let Some(schema) =
+        schema_or_skip("postgres::tests::duplicate_ids_are_conflicts_naming_the_key").await
     else {
         return;
     };
-    let schema = PgSchema::create(&base).await;
-    let store = PgStore::connect(&schema.url, PgOptions::for_tests(), clock())
-        .await
-        .expect("connect");
-    store.migrate().await.expect("migrate");
+    let store = store_in(&schema, PgOptions::for_tests()).await;
     let job = keel_core::NewJob::new(keel_core::JobKind::parse("noop").expect("valid kind"));
     store.insert(vec![job.clone()]).await.expect("first insert");
     let err = store
@@ -45,18 +43,12 @@ async fn duplicate_ids_are_conflicts_naming_the_key() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idempotent_claim_waits_for_an_unfinished_holder() {
     use keel_core::store::IdempotentOutcome;
-    let Some(base) =
-        pg_url_or_skip("postgres::tests::idempotent_claim_waits_for_an_unfinished_holder")
+    let Some(schema) =
+        schema_or_skip("postgres::tests::idempotent_claim_waits_for_an_unfinished_holder").await
     else {
         return;
     };
-    let schema = PgSchema::create(&base).await;
-    let store = Arc::new(
-        PgStore::connect(&schema.url, PgOptions::for_tests(), clock())
-            .await
-            .expect("connect"),
-    );
-    store.migrate().await.expect("migrate");
+    let store = Arc::new(store_in(&schema, PgOptions::for_tests()).await);
     let watcher = store.pool.get().await.expect("connection");
     for commit in [true, false] {
         let key = if commit {
@@ -151,15 +143,12 @@ async fn idempotent_claim_waits_for_an_unfinished_holder() {
 /// the queue still shows in the statistics.
 #[tokio::test]
 async fn pausing_records_the_flag_and_time() {
-    let Some(base) = pg_url_or_skip("postgres::tests::pausing_records_the_flag_and_time") else {
+    let Some(schema) = schema_or_skip("postgres::tests::pausing_records_the_flag_and_time").await
+    else {
         return;
     };
-    let schema = PgSchema::create(&base).await;
     let clock = ManualClock::starting_now();
-    let store = PgStore::connect(&schema.url, PgOptions::for_tests(), Arc::new(clock.clone()))
-        .await
-        .expect("connect");
-    store.migrate().await.expect("migrate");
+    let store = store_with_clock(&schema, PgOptions::for_tests(), Arc::new(clock.clone())).await;
     let queue = QueueName::parse("mail").expect("valid queue");
     store
         .set_queue_paused(queue.clone(), true)
@@ -190,10 +179,10 @@ async fn pausing_records_the_flag_and_time() {
 /// job is stored, and the committer wrote them in a handful of statements, not two hundred.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_inserts_share_commits() {
-    let Some(base) = pg_url_or_skip("postgres::tests::concurrent_inserts_share_commits") else {
+    let Some(schema) = schema_or_skip("postgres::tests::concurrent_inserts_share_commits").await
+    else {
         return;
     };
-    let schema = PgSchema::create(&base).await;
     let store = Arc::new(store_in(&schema, PgOptions::for_tests()).await);
     const CALLERS: usize = 200;
     let start = Arc::new(tokio::sync::Barrier::new(CALLERS));
@@ -234,12 +223,11 @@ async fn concurrent_inserts_share_commits() {
 /// commit slot.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_callers_duplicate_fails_only_that_caller() {
-    let Some(base) =
-        pg_url_or_skip("postgres::tests::one_callers_duplicate_fails_only_that_caller")
+    let Some(schema) =
+        schema_or_skip("postgres::tests::one_callers_duplicate_fails_only_that_caller").await
     else {
         return;
     };
-    let schema = PgSchema::create(&base).await;
     let opts = PgOptions {
         insert_commits: 1,
         ..PgOptions::for_tests()
@@ -337,10 +325,9 @@ async fn one_callers_duplicate_fails_only_that_caller() {
 /// stored; none hangs. After close, inserts fail and wakeup streams end.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn close_answers_every_insert() {
-    let Some(base) = pg_url_or_skip("postgres::tests::close_answers_every_insert") else {
+    let Some(schema) = schema_or_skip("postgres::tests::close_answers_every_insert").await else {
         return;
     };
-    let schema = PgSchema::create(&base).await;
     let store = Arc::new(store_in(&schema, PgOptions::for_tests()).await);
     let mut wakeups = store.wakeups().expect("Postgres delivers wakeups");
     let tasks: Vec<_> = (0..100)
@@ -385,18 +372,13 @@ async fn overlapping_heartbeats_and_completions_do_not_deadlock() {
     use keel_core::store::{Completion, HeartbeatParams, LeaseParams, LeaseRef};
     use rand::seq::SliceRandom;
 
-    let Some(base) =
-        pg_url_or_skip("postgres::tests::overlapping_heartbeats_and_completions_do_not_deadlock")
+    let Some(schema) =
+        schema_or_skip("postgres::tests::overlapping_heartbeats_and_completions_do_not_deadlock")
+            .await
     else {
         return;
     };
-    let schema = PgSchema::create(&base).await;
-    let store = Arc::new(
-        PgStore::connect(&schema.url, PgOptions::for_tests(), clock())
-            .await
-            .expect("connect"),
-    );
-    store.migrate().await.expect("migrate");
+    let store = Arc::new(store_in(&schema, PgOptions::for_tests()).await);
     for round in 0..5 {
         let q = QueueName::parse(format!("dl{round}")).expect("valid queue");
         let jobs: Vec<keel_core::NewJob> = (0..400)

@@ -6,14 +6,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::TimeDelta;
-use keel_core::store::{Completion, HeartbeatParams, LeaseParams, LeaseRef};
+use keel_core::store::{Completion, LeaseParams, LeaseRef};
 use keel_core::{
     Backoff, Clock as _, Job, JobId, JobState, LeaseToken, NewJob, Priority, StoreError, TenantId,
 };
 
 use super::{
-    Harness, LEASE_FOR, complete_one, fail_at, fail_one, insert_one, job, kind, lease, lease_one,
-    owner, promote, q, raw, state_of,
+    Harness, LEASE_FOR, complete_one, fail_at, fail_one, heartbeat_one, insert_one, job, kind,
+    lease, lease_one, owner, promote, q, raw, state_of,
 };
 
 /// Within a queue, lower priority values go first, then earlier `run_at`, then older ids.
@@ -215,15 +215,7 @@ pub async fn stale_tokens_are_fenced_off(h: &Harness) {
         id: j.id,
         token: LeaseToken::new(),
     };
-    let hb = h
-        .store
-        .heartbeat(HeartbeatParams {
-            leases: vec![forged],
-            lease_for: LEASE_FOR,
-        })
-        .await
-        .unwrap()
-        .remove(0);
+    let hb = heartbeat_one(h, forged).await;
     assert!(matches!(hb, Err(StoreError::StaleLease(_))), "{hb:?}");
     assert!(matches!(
         complete_one(h, forged, None).await,
@@ -311,12 +303,13 @@ pub async fn retry_sets_run_at_from_backoff(h: &Harness) {
     assert_eq!(after.errors[0].message, "boom");
     assert!(after.lease.is_none() && after.finished_at.is_none());
     assert_eq!(h.store.get(j.id).await.unwrap(), after);
-    h.clock.advance(Duration::from_millis(4999));
-    promote(h, 10).await;
-    assert_eq!(state_of(h, j.id).await, JobState::Retryable);
-    h.clock.advance(Duration::from_millis(1));
-    promote(h, 10).await;
-    assert_eq!(state_of(h, j.id).await, JobState::Available);
+    promoted_exactly_after(
+        h,
+        j.id,
+        Duration::from_millis(4999),
+        Duration::from_millis(1),
+    )
+    .await;
 
     // Exponential with full jitter: within [now, now + window] for each attempt.
     let b = Backoff::Exponential {
@@ -354,12 +347,13 @@ pub async fn failure_with_retry_at_runs_then(h: &Harness) {
     assert_eq!(after.errors.len(), 1);
     assert!(after.lease.is_none() && after.finished_at.is_none());
     assert_eq!(h.store.get(j.id).await.unwrap().run_at, asked);
-    h.clock.advance(Duration::from_micros(120_000_006));
-    promote(h, 10).await;
-    assert_eq!(state_of(h, j.id).await, JobState::Retryable);
-    h.clock.advance(Duration::from_micros(1));
-    promote(h, 10).await;
-    assert_eq!(state_of(h, j.id).await, JobState::Available);
+    promoted_exactly_after(
+        h,
+        j.id,
+        Duration::from_micros(120_000_006),
+        Duration::from_micros(1),
+    )
+    .await;
 
     // Sub-microsecond precision is dropped, as for every stored time.
     let (_, l) = lease_one(h, "ra").await;
@@ -454,4 +448,15 @@ pub async fn release_does_not_count_the_attempt(h: &Harness) {
         h.store.release(vec![l]).await.unwrap().remove(0),
         Err(StoreError::StaleLease(_))
     ));
+}
+
+/// Retryable job `id` is still retryable (not promoted) after `wait`, and promoted to
+/// available once `step` more has passed: its retry time is exact to `step`.
+async fn promoted_exactly_after(h: &Harness, id: JobId, wait: Duration, step: Duration) {
+    h.clock.advance(wait);
+    promote(h, 10).await;
+    assert_eq!(state_of(h, id).await, JobState::Retryable);
+    h.clock.advance(step);
+    promote(h, 10).await;
+    assert_eq!(state_of(h, id).await, JobState::Available);
 }

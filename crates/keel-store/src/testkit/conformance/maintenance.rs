@@ -3,12 +3,11 @@
 use std::time::Duration;
 
 use chrono::TimeDelta;
-use keel_core::store::HeartbeatParams;
 use keel_core::{Backoff, Clock as _, JobState, NewJob, StoreError};
 
 use super::{
-    Harness, LEASE_FOR, complete_one, fail_one, insert_one, job, job_in_state, lease, lease_one,
-    owner, promote, purge, rescue, state_of,
+    Harness, LEASE_FOR, complete_one, fail_one, heartbeat_one, insert_one, job, job_in_state,
+    lease, lease_one, owner, promote, purge, rescue, state_of,
 };
 
 /// A heartbeat keeps a lease alive; once it lapses the rescuer takes the job back as a
@@ -19,16 +18,7 @@ pub async fn lease_expiry_and_rescue(h: &Harness) {
     assert_eq!(leased.id, inserted.id);
     h.clock.advance(Duration::from_secs(29));
     assert!(rescue(h, 100).await.is_empty());
-    let renewed = h
-        .store
-        .heartbeat(HeartbeatParams {
-            leases: vec![lease],
-            lease_for: LEASE_FOR,
-        })
-        .await
-        .unwrap()
-        .remove(0)
-        .unwrap();
+    let renewed = heartbeat_one(h, lease).await.unwrap();
     assert_eq!(renewed, h.clock.now() + TimeDelta::seconds(30));
     assert_eq!(
         h.store

@@ -11,8 +11,9 @@ use std::time::Duration;
 
 use chrono::TimeDelta;
 use keel_core::store::{
-    CampaignParams, Completion, FailParams, IdempotentInsert, LeaseParams, LeaseRef, ListParams,
-    PromoteParams, Promoted, RescueParams, Rescued, RetentionParams, StoredResponse,
+    CampaignParams, Completion, FailParams, HeartbeatParams, IdempotentInsert, LeaseParams,
+    LeaseRef, ListParams, PromoteParams, Promoted, RescueParams, Rescued, RetentionParams,
+    StoredResponse,
 };
 use keel_core::{
     Backoff, Clock, IdempotencyKey, Job, JobId, JobKind, JobState, NewJob, QueueName, ScheduleName,
@@ -163,6 +164,18 @@ async fn lease_one(h: &Harness, queue: &str) -> (Job, LeaseRef) {
     let job = jobs.remove(0);
     let lease = LeaseRef::of(&job).expect("a leased job carries its lease");
     (job, lease)
+}
+
+/// Extends one lease by [`LEASE_FOR`]: the new expiry, or why the store refused.
+async fn heartbeat_one(h: &Harness, lease: LeaseRef) -> Result<Timestamp, StoreError> {
+    h.store
+        .heartbeat(HeartbeatParams {
+            leases: vec![lease],
+            lease_for: LEASE_FOR,
+        })
+        .await
+        .expect("heartbeat batch")
+        .remove(0)
 }
 
 async fn complete_one(

@@ -19,6 +19,12 @@ fn unique(queue: &str, key: &str, scope: UniqueScope) -> NewJob {
     job(queue).unique(key, scope)
 }
 
+/// The id the store answers for a unique job with `key`: a duplicate of a held key returns
+/// the holder, a free key a new job.
+async fn holder_of(h: &Harness, queue: &str, key: &str, scope: UniqueScope) -> JobId {
+    insert_one(h, unique(queue, key, scope)).await.id
+}
+
 async fn insert_all(h: &Harness, jobs: Vec<NewJob>) -> Vec<Job> {
     h.store.insert(jobs).await.expect("insert")
 }
@@ -112,9 +118,7 @@ pub async fn unique_hold_round_trips(h: &Harness) {
 pub async fn queued_scope_frees_the_key_at_lease(h: &Harness) {
     let first = insert_one(h, unique("uq", "debounce", UniqueScope::Queued)).await;
     assert_eq!(
-        insert_one(h, unique("uq", "debounce", UniqueScope::Queued))
-            .await
-            .id,
+        holder_of(h, "uq", "debounce", UniqueScope::Queued).await,
         first.id,
         "held while available"
     );
@@ -127,9 +131,7 @@ pub async fn queued_scope_frees_the_key_at_lease(h: &Harness) {
         .expect("fail back to retryable");
     assert_eq!(failed.state, JobState::Retryable);
     assert_eq!(
-        insert_one(h, unique("uq", "debounce", UniqueScope::Queued))
-            .await
-            .id,
+        holder_of(h, "uq", "debounce", UniqueScope::Queued).await,
         second.id,
         "the new job holds the key, not the retryable one"
     );
@@ -145,9 +147,7 @@ pub async fn active_scope_holds_until_finished(h: &Harness) {
     let first = insert_one(h, unique("ua", "sync", UniqueScope::Active)).await;
     let (_, lease) = lease_one(h, "ua").await;
     assert_eq!(
-        insert_one(h, unique("ua", "sync", UniqueScope::Active))
-            .await
-            .id,
+        holder_of(h, "ua", "sync", UniqueScope::Active).await,
         first.id,
         "held while running"
     );
@@ -170,9 +170,7 @@ pub async fn active_scope_holds_until_finished(h: &Harness) {
         .expect("the key is free again");
     assert_eq!(retried.state, JobState::Available);
     assert_eq!(
-        insert_one(h, unique("ua", "sync", UniqueScope::Active))
-            .await
-            .id,
+        holder_of(h, "ua", "sync", UniqueScope::Active).await,
         first.id,
         "the retried job holds the key again"
     );
@@ -199,7 +197,7 @@ pub async fn period_scope_holds_for_its_window(h: &Harness) {
     let (_, lease) = lease_one(h, "up").await;
     complete_one(h, lease, None).await.unwrap();
     assert_eq!(
-        insert_one(h, unique("up", "digest", scope)).await.id,
+        holder_of(h, "up", "digest", scope).await,
         first.id,
         "a finished job still holds its window"
     );
@@ -303,9 +301,7 @@ pub async fn idempotent_insert_of_a_held_unique_job_returns_the_holder(h: &Harne
         panic!("first use must create");
     };
     assert_eq!(
-        insert_one(h, unique("u-idem", "twice", UniqueScope::Active))
-            .await
-            .id,
+        holder_of(h, "u-idem", "twice", UniqueScope::Active).await,
         jobs[0].id
     );
     assert_eq!(count_jobs(h, "u-idem").await, 2);
