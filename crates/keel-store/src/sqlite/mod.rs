@@ -34,7 +34,6 @@ use keel_core::{
     Clock, Job, JobId, JobState, NewJob, QueueName, Store, StoreError, Timestamp, Transition,
 };
 use rusqlite::config::DbConfig;
-use rusqlite::types::Value;
 use rusqlite::{Connection, ErrorCode, OpenFlags, OptionalExtension, params};
 use tokio::sync::Semaphore;
 
@@ -265,6 +264,7 @@ impl SqliteStore {
         name: &'static str,
     ) -> Result<Vec<(&'static str, String)>, StoreError> {
         fn query(conn: &Connection, name: &str) -> Result<String, StoreError> {
+            use rusqlite::types::Value;
             conn.pragma_query_value(None, name, |row| row.get::<_, Value>(0))
                 .map(|v| match v {
                     Value::Integer(i) => i.to_string(),
