@@ -242,6 +242,7 @@ fn read_job(
     if let Some(t) = body.tags {
         job.tags = t;
     }
+    job.meta = body.meta;
     let unique = match unique_raw {
         // `unique` is an object with required members: its problems are found member by
         // member, like the job's (`unique.key`, `unique.scope`, …).
@@ -445,7 +446,7 @@ mod tests {
         let body =
             br#"{"kind":"echo","queue":"emails","tenant":"acme","args":{"b": 1,  "a":[1, 2]},
             "priority":0,"delay_ms":5000,"max_attempts":3,"timeout_ms":1500,
-            "backoff":{"type":"fixed","delay_ms":100},"tags":["x","y"]}"#;
+            "backoff":{"type":"fixed","delay_ms":100},"tags":["x","y"],"meta":{"trace": "t1"}}"#;
         let open = Caller::unrestricted();
         let job = parse_single(body, &cx(&open)).unwrap();
         assert_eq!(job.kind.as_str(), "echo");
@@ -458,6 +459,10 @@ mod tests {
         assert_eq!(job.timeout, Duration::from_millis(1500));
         assert_eq!(job.backoff, Backoff::Fixed { delay_ms: 100 });
         assert_eq!(job.tags, ["x", "y"]);
+        assert_eq!(
+            job.meta.as_ref().map(|m| m.get()),
+            Some(r#"{"trace": "t1"}"#)
+        );
     }
 
     #[test]

@@ -258,6 +258,7 @@ impl JobTemplate {
             backoff: self.backoff,
             tags: self.tags.clone(),
             unique: None,
+            meta: None,
         }
     }
 

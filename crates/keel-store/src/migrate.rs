@@ -58,6 +58,7 @@ pub const SQLITE: &[Migration] = &[
         "lean_listing_indexes",
         "sqlite/0004_lean_listing_indexes.sql"
     ),
+    migration!(5, "job_meta", "sqlite/0005_job_meta.sql"),
 ];
 
 /// The Postgres migrations, in order.
@@ -75,6 +76,7 @@ pub const POSTGRES: &[Migration] = &[
         "lean_listing_indexes",
         "postgres/0005_lean_listing_indexes.sql"
     ),
+    migration!(6, "job_meta", "postgres/0006_job_meta.sql"),
 ];
 
 /// What a migration run did.

@@ -69,6 +69,11 @@ pub struct JobIn {
     /// across replicas.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub unique: Option<UniqueIn>,
+    /// Annotations: a JSON object of at most 16 KiB (trace ids, who asked, …), stored and
+    /// returned byte for byte with the job and handed to its worker. Keel never reads it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>, required = false)]
+    pub meta: Option<Box<RawValue>>,
 }
 
 impl From<crate::JobTemplateIn> for JobIn {
@@ -322,6 +327,10 @@ pub struct JobOut {
     /// Its unique key, when it was enqueued with one.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub unique: Option<UniqueOut>,
+    /// Its annotations, byte for byte as submitted, when it was enqueued with some.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    pub meta: Option<Box<RawValue>>,
 }
 
 impl From<Job> for JobOut {
@@ -351,6 +360,7 @@ impl From<Job> for JobOut {
             started_at: j.started_at,
             finished_at: j.finished_at,
             unique: j.unique.map(UniqueOut::from),
+            meta: j.meta,
         }
     }
 }

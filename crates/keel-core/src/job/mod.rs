@@ -161,6 +161,9 @@ pub struct Job {
     pub finished_at: Option<Timestamp>,
     /// Its unique key, if it was inserted with one.
     pub unique: Option<UniqueHold>,
+    /// The caller's annotations (a JSON object, kept byte for byte), if any. Keel never
+    /// reads them: they travel with the job to its worker and to whoever looks it up.
+    pub meta: Option<Box<RawValue>>,
 }
 
 impl PartialEq for Job {
@@ -185,6 +188,7 @@ impl PartialEq for Job {
             && self.started_at == other.started_at
             && self.finished_at == other.finished_at
             && self.unique == other.unique
+            && self.meta.as_ref().map(|m| m.get()) == other.meta.as_ref().map(|m| m.get())
     }
 }
 
@@ -221,6 +225,9 @@ pub struct NewJob {
     /// instead of creating this one.
     #[serde(default)]
     pub unique: Option<Unique>,
+    /// Annotations: a JSON object of at most [`NewJob::MAX_META_BYTES`].
+    #[serde(default)]
+    pub meta: Option<Box<RawValue>>,
 }
 
 /// Builder methods that each set the field of their name: `name: Type;` becomes
@@ -260,6 +267,9 @@ impl NewJob {
     pub const MAX_RUN_AT: &'static str = "2250-01-01T00:00:00Z";
     /// Longest tag, in characters (as JSON Schema counts them).
     pub const MAX_TAG_LEN: usize = 128;
+    /// Cap on serialised `meta`, bytes: annotations, not a second `args`. It is read with
+    /// every job a worker leases, so it stays small.
+    pub const MAX_META_BYTES: usize = 16 * 1024;
 
     /// A job of `kind` with default queue, tenant, priority, attempts, timeout and backoff,
     /// and `null` args.
@@ -277,6 +287,7 @@ impl NewJob {
             backoff: Backoff::default(),
             tags: Vec::new(),
             unique: None,
+            meta: None,
         }
     }
 
@@ -311,6 +322,12 @@ impl NewJob {
     /// Sets the earliest run time.
     pub fn run_at(mut self, t: Timestamp) -> Self {
         self.run_at = Some(t);
+        self
+    }
+
+    /// Sets the annotations (a JSON object).
+    pub fn meta(mut self, meta: Box<RawValue>) -> Self {
+        self.meta = Some(meta);
         self
     }
 
@@ -401,6 +418,23 @@ impl NewJob {
                 bad(field, message);
             }
         }
+        if let Some(meta) = &self.meta {
+            let text = meta.get();
+            if text.len() > Self::MAX_META_BYTES {
+                bad(
+                    "meta",
+                    format!(
+                        "must be at most {} bytes of JSON, got {}",
+                        Self::MAX_META_BYTES,
+                        text.len()
+                    ),
+                );
+            } else if !text.trim_start().starts_with('{') {
+                bad("meta", "must be a JSON object".into());
+            } else if let Err(e) = crate::json_text::check(text) {
+                bad("meta", e.to_string());
+            }
+        }
         if errors.is_empty() {
             Ok(())
         } else {
@@ -441,6 +475,7 @@ impl NewJob {
                 key: u.stored_key(now),
                 scope: u.scope.kind(),
             }),
+            meta: self.meta,
         }
     }
 }
@@ -572,6 +607,31 @@ mod tests {
         ] {
             assert!(fields.contains(&f), "missing {f} in {fields:?}");
         }
+    }
+
+    #[test]
+    fn meta_must_be_a_small_json_object() {
+        let with = |text: &str| {
+            NewJob::new(JobKind::parse("noop").unwrap())
+                .meta(RawValue::from_string(text.to_owned()).unwrap())
+                .validate(NewJob::DEFAULT_MAX_ARGS_BYTES)
+        };
+        assert!(with(r#" {"trace": "abc", "n": [1, 2]}"#).is_ok());
+        assert!(with("{}").is_ok());
+        for bad in ["[1]", "\"text\"", "null", "3"] {
+            let errs = with(bad).unwrap_err();
+            assert_eq!(errs.0.len(), 1, "{bad}: {errs:?}");
+            assert_eq!(errs.0[0].field, "meta");
+            assert_eq!(errs.0[0].message, "must be a JSON object", "{bad}");
+        }
+        let big = format!(r#"{{"pad": "{}"}}"#, "x".repeat(NewJob::MAX_META_BYTES));
+        let errs = with(&big).unwrap_err();
+        assert!(
+            errs.0[0].message.starts_with("must be at most 16384 bytes"),
+            "{errs:?}"
+        );
+        let deep = format!("{{\"a\":{}{}}}", "[".repeat(70), "]".repeat(70));
+        assert_eq!(with(&deep).unwrap_err().0[0].field, "meta");
     }
 
     #[test]

@@ -24,31 +24,29 @@
 //! - **Close** writes everything queued before it, refuses what comes after with a clear
 //!   error, and waits for the batches in flight.
 //! - **Unique jobs** go through the same batches: a batch holding any is written with
-//!   [`INSERT_UNIQUE_SQL`] in a transaction that skips jobs whose key is held and reads their
+//!   `INSERT_UNIQUE_SQL` in a transaction that skips jobs whose key is held and reads their
 //!   holders ([`insert_jobs`]), and each caller gets the holder in the place of its skipped
 //!   job. Batches without one keep the plain single statement, so the common path costs
 //!   nothing more.
 //!
-//! The insert statements ([`INSERT_SQL`], [`INSERT_UNIQUE_SQL`], [`UNIQUE_HOLDERS_SQL`]) live
-//! here rather than in `jobs.rs`: [`insert_jobs`] is the store's one insert routine, run by
-//! group commits, idempotent inserts (`idempotency.rs`) and cron ticks (`schedules.rs`)
-//! alike, and [`JobColumns`] lays out their parameters.
+//! [`insert_jobs`] is the store's one insert routine, run by group commits, idempotent
+//! inserts (`idempotency.rs`) and cron ticks (`schedules.rs`) alike. Its statements, and
+//! [`JobColumns`] which lays out their parameters, live in `rows.rs` beside the columns they
+//! write.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 use std::fmt;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, LazyLock};
 
 use deadpool_postgres::{GenericClient, Pool};
-use keel_core::{Job, JobId, JobState, StoreError, Timestamp};
+use keel_core::{Job, JobId, StoreError};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
-use tokio_postgres::types::ToSql;
 use uuid::Uuid;
 
-use super::sql::COLUMNS;
+use super::rows::{INSERT_SQL, INSERT_UNIQUE_SQL, JobColumns, UNIQUE_HOLDERS_SQL};
 use super::task::Background;
 use super::{error, rows};
-use crate::codec;
 
 /// How the committer batches; see [`PgOptions`](super::PgOptions) for each field's reason.
 #[derive(Debug, Clone, Copy)]
@@ -102,7 +100,7 @@ impl fmt::Debug for Committer {
 /// What the committing tasks share.
 struct Shared {
     pool: Pool,
-    /// The store's notification channel (`$14` of [`INSERT_SQL`]).
+    /// The store's notification channel (`$15` of [`INSERT_SQL`]).
     channel: String,
     stats: Arc<Stats>,
 }
@@ -484,240 +482,5 @@ impl fmt::Display for SharedCause {
 impl std::error::Error for SharedCause {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         std::error::Error::source(&*self.0)
-    }
-}
-
-/// New jobs as the array parameters of [`INSERT_SQL`], one array per column, so a batch of
-/// any size is one statement. Used by the committer and by `insert_idempotent`, which must
-/// store jobs identically and notify the same way.
-pub(super) struct JobColumns<'a> {
-    ids: Vec<Uuid>,
-    queues: Vec<&'a str>,
-    kinds: Vec<&'a str>,
-    tenants: Vec<&'a str>,
-    args: Vec<&'a str>,
-    priorities: Vec<i16>,
-    states: Vec<&'static str>,
-    max_attempts: Vec<i32>,
-    timeouts: Vec<i64>,
-    backoffs: Vec<String>,
-    tags: Vec<String>,
-    run_ats: Vec<Timestamp>,
-    created_ats: Vec<Timestamp>,
-    /// Stored unique keys ([`INSERT_UNIQUE_SQL`] only).
-    unique_keys: Vec<Option<&'a str>>,
-    /// Their scopes' stored spelling.
-    unique_scopes: Vec<Option<&'static str>>,
-    /// The store's notification channel.
-    channel: &'a str,
-    /// Queues that receive available jobs, each once: whom to notify.
-    notify: Vec<&'a str>,
-}
-
-impl<'a> JobColumns<'a> {
-    /// The columns of `jobs` (`n` is a capacity hint), notifying on `channel`.
-    pub(super) fn of(jobs: impl IntoIterator<Item = &'a Job>, n: usize, channel: &'a str) -> Self {
-        let mut c = Self {
-            ids: Vec::with_capacity(n),
-            queues: Vec::with_capacity(n),
-            kinds: Vec::with_capacity(n),
-            tenants: Vec::with_capacity(n),
-            args: Vec::with_capacity(n),
-            priorities: Vec::with_capacity(n),
-            states: Vec::with_capacity(n),
-            max_attempts: Vec::with_capacity(n),
-            timeouts: Vec::with_capacity(n),
-            backoffs: Vec::with_capacity(n),
-            tags: Vec::with_capacity(n),
-            run_ats: Vec::with_capacity(n),
-            created_ats: Vec::with_capacity(n),
-            unique_keys: Vec::with_capacity(n),
-            unique_scopes: Vec::with_capacity(n),
-            channel,
-            notify: Vec::new(),
-        };
-        let mut notify = BTreeSet::new();
-        for j in jobs {
-            c.ids.push(*j.id.as_uuid());
-            c.queues.push(j.queue.as_str());
-            c.kinds.push(j.kind.as_str());
-            c.tenants.push(j.tenant.as_str());
-            c.args.push(j.args.get());
-            c.priorities.push(i16::from(j.priority.get()));
-            c.states.push(j.state.as_str());
-            // Validation bounds these far below i32::MAX / i64::MAX.
-            c.max_attempts
-                .push(i32::try_from(j.max_attempts).unwrap_or(i32::MAX));
-            c.timeouts
-                .push(i64::try_from(j.timeout.as_millis()).unwrap_or(i64::MAX));
-            c.backoffs.push(codec::backoff_to_json(&j.backoff));
-            c.tags.push(codec::tags_to_json(&j.tags));
-            c.run_ats.push(j.run_at);
-            c.created_ats.push(j.created_at);
-            c.unique_keys
-                .push(j.unique.as_ref().map(|u| u.key.as_str()));
-            c.unique_scopes
-                .push(j.unique.as_ref().map(|u| u.scope.as_str()));
-            if j.state == JobState::Available {
-                notify.insert(j.queue.as_str());
-            }
-        }
-        c.notify = notify.into_iter().collect();
-        c
-    }
-
-    /// `$1..$14`, the parameters both insert statements start with.
-    fn row_params(&self) -> [&(dyn ToSql + Sync); 14] {
-        [
-            &self.ids,
-            &self.queues,
-            &self.kinds,
-            &self.tenants,
-            &self.args,
-            &self.priorities,
-            &self.states,
-            &self.max_attempts,
-            &self.timeouts,
-            &self.backoffs,
-            &self.tags,
-            &self.run_ats,
-            &self.created_ats,
-            &self.channel,
-        ]
-    }
-
-    /// `$1..$15` of [`INSERT_SQL`].
-    pub(super) fn params(&self) -> Vec<&(dyn ToSql + Sync)> {
-        let mut params = self.row_params().to_vec();
-        params.push(&self.notify);
-        params
-    }
-
-    /// `$1..$16` of [`INSERT_UNIQUE_SQL`] (which notifies from the rows it inserted, so it
-    /// takes no queue list).
-    pub(super) fn unique_params(&self) -> Vec<&(dyn ToSql + Sync)> {
-        let mut params = self.row_params().to_vec();
-        params.extend([
-            &self.unique_keys as &(dyn ToSql + Sync),
-            &self.unique_scopes,
-        ]);
-        params
-    }
-}
-
-/// States in which a job that still has its unique key holds it, for every scope but
-/// `period` (which holds in all): exactly the predicate of `jobs_unique_idx`
-/// (migrations/postgres/0003_scale_out.sql), in the same order. `ON CONFLICT` can only use
-/// a partial index as its arbiter when its own `WHERE` provably implies the index's, and the
-/// simplest proof is the identical expression; a unit test below holds the two together.
-const UNIQUE_HOLDING: &str = "j.unique_key IS NOT NULL \
-     AND (j.unique_scope = 'period' \
-          OR j.state IN ('scheduled', 'available', 'retryable', 'running'))";
-
-/// Inserts a batch without unique jobs, `$1..$15` as [`JobColumns::params`] lays them out.
-///
-/// One statement for the whole batch: columns travel as arrays and are zipped back into rows
-/// by unnest. JSON travels as text and is cast here, so `args` is stored exactly as
-/// submitted. attempt, errors, result and the lease take their defaults. created_at is per
-/// row: a group commit merges callers that arrived at different instants, and each job keeps
-/// the time its own caller saw.
-///
-/// The same statement notifies listeners ($14 is the store's channel, $15 the distinct
-/// queues that received available jobs). A data-modifying CTE always runs to completion
-/// whether or not the outer query reads it, so the notifications are queued only if every
-/// row was inserted, and Postgres delivers them at commit.
-const INSERT_SQL: &str = "WITH inserted AS ( \
-     INSERT INTO jobs (id, queue, kind, tenant, args, priority, state, \
-     max_attempts, timeout_ms, backoff, tags, run_at, created_at) \
-     SELECT t.id, t.queue, t.kind, t.tenant, t.args::json, t.priority, t.state, \
-     t.max_attempts, t.timeout_ms, t.backoff::jsonb, t.tags::jsonb, t.run_at, \
-     t.created_at \
-     FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], \
-     $6::int2[], $7::text[], $8::int4[], $9::int8[], $10::text[], $11::text[], \
-     $12::timestamptz[], $13::timestamptz[]) \
-     AS t(id, queue, kind, tenant, args, priority, state, max_attempts, timeout_ms, \
-     backoff, tags, run_at, created_at) \
-     ) \
-     SELECT pg_notify($14, q.queue) FROM unnest($15::text[]) AS q(queue)";
-
-/// The insert for batches holding unique jobs, `$1..$16` as [`JobColumns::unique_params`]
-/// lays them out ([`INSERT_SQL`] stays as lean as before for the rest). A job whose key is
-/// held, by a committed job or by an earlier row of this very statement, is skipped rather
-/// than failing the batch; a concurrent transaction inserting the same key makes this wait
-/// for its outcome. RETURNING tells the caller which rows went in; it then reads the holders
-/// of the rest ([`UNIQUE_HOLDERS_SQL`]). Rows go in key order so that two batches taking the
-/// same keys lock them in the same order and cannot deadlock; one key repeated in the batch
-/// goes to the first job naming it. The conflict target names the partial unique index only
-/// (the primary key is no arbiter), so a duplicate id still fails as a Conflict.
-///
-/// $14 is the wakeup channel ($15/$16 the keys and scopes); queues are notified from the
-/// rows actually inserted. The UNION's second branch yields one NULL row per notified queue;
-/// the caller skips NULL ids.
-static INSERT_UNIQUE_SQL: LazyLock<String> = LazyLock::new(|| {
-    format!(
-        "WITH inserted AS ( \
-         INSERT INTO jobs AS j (id, queue, kind, tenant, args, priority, state, \
-         max_attempts, timeout_ms, backoff, tags, run_at, created_at, unique_key, \
-         unique_scope) \
-         SELECT t.id, t.queue, t.kind, t.tenant, t.args::json, t.priority, t.state, \
-         t.max_attempts, t.timeout_ms, t.backoff::jsonb, t.tags::jsonb, t.run_at, \
-         t.created_at, t.unique_key, t.unique_scope \
-         FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], \
-         $6::int2[], $7::text[], $8::int4[], $9::int8[], $10::text[], $11::text[], \
-         $12::timestamptz[], $13::timestamptz[], $15::text[], $16::text[]) \
-         WITH ORDINALITY \
-         AS t(id, queue, kind, tenant, args, priority, state, max_attempts, timeout_ms, \
-         backoff, tags, run_at, created_at, unique_key, unique_scope, ord) \
-         ORDER BY t.tenant, t.unique_key, t.ord \
-         ON CONFLICT (tenant, unique_key) WHERE {holding} DO NOTHING \
-         RETURNING j.id, j.queue, j.state \
-         ) \
-         SELECT i.id FROM inserted i \
-         UNION ALL \
-         SELECT NULL FROM (SELECT pg_notify($14, i.queue) FROM inserted i \
-           WHERE i.state = 'available' GROUP BY i.queue) n",
-        holding = UNIQUE_HOLDING.replace("j.", ""),
-    )
-});
-
-/// The jobs holding the given (tenant, key) pairs: at most one each, by the unique index.
-pub(super) static UNIQUE_HOLDERS_SQL: LazyLock<String> = LazyLock::new(|| {
-    format!(
-        "SELECT {COLUMNS} FROM jobs j \
-         JOIN unnest($1::text[], $2::text[]) AS k(tenant, unique_key) \
-           ON j.tenant = k.tenant AND j.unique_key = k.unique_key \
-         WHERE {UNIQUE_HOLDING}"
-    )
-});
-
-#[cfg(test)]
-mod tests {
-    use keel_core::JobState;
-
-    use super::*;
-
-    #[test]
-    fn the_unique_arbiter_is_the_index_predicate() {
-        let migration = include_str!("../../migrations/postgres/0003_scale_out.sql");
-        let index = migration
-            .split("CREATE UNIQUE INDEX jobs_unique_idx")
-            .nth(1)
-            .and_then(|rest| rest.split(';').next())
-            .expect("the migration creates jobs_unique_idx");
-        let squash = |s: &str| s.split_whitespace().collect::<Vec<_>>().join(" ");
-        let predicate = squash(&UNIQUE_HOLDING.replace("j.", ""));
-        assert!(
-            squash(index).ends_with(&format!("WHERE {predicate}")),
-            "{index} vs {predicate}"
-        );
-        let held = predicate.split("state IN (").nth(1).expect("a state list");
-        for s in JobState::ALL {
-            assert_eq!(
-                held.contains(&format!("'{}'", s.as_str())),
-                keel_core::UniqueScopeKind::Active.holds_in(s),
-                "{s} in {predicate}"
-            );
-        }
-        assert!(INSERT_UNIQUE_SQL.contains(&format!("WHERE {predicate} DO NOTHING")));
     }
 }

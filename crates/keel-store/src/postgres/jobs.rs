@@ -10,7 +10,8 @@ use keel_core::store::{IdempotentInsert, IdempotentOutcome, JobPage, ListParams}
 use keel_core::{Job, JobId, JobStore, NewJob, StoreError, Transition};
 use tokio_postgres::types::ToSql;
 
-use super::sql::{COLUMNS, guard, target};
+use super::rows::COLUMNS;
+use super::sql::{guard, target};
 use super::{PgStore, rows, validate_all};
 use crate::{ListingValue, unique_key_held};
 

@@ -35,7 +35,8 @@ use keel_core::{
 use tokio_postgres::types::ToSql;
 use uuid::Uuid;
 
-use super::sql::{COLUMNS, guard, target};
+use super::rows::COLUMNS;
+use super::sql::{guard, target};
 use super::{PgStore, error, next_state, rows, split};
 use crate::codec;
 

@@ -1,10 +1,14 @@
-//! Decoding a row selected through [`COLUMNS`](super::sql::COLUMNS) into a [`Job`], and one
-//! selected through [`SCHEDULE_COLUMNS`](super::sql::SCHEDULE_COLUMNS) into a [`Schedule`].
+//! A job's row and a schedule's: the columns selected ([`COLUMNS`], [`SCHEDULE_COLUMNS`]),
+//! their decoding into a [`Job`] and a [`Schedule`], and the statements that insert jobs with
+//! the parameters [`JobColumns`] lays out. Everything a new job field changes on Postgres,
+//! besides its migration, is in this file.
 //!
 //! Data read back is not trusted blindly: a value that does not decode (an unknown state, a
 //! name that fails validation, a negative attempt count) is a [`StoreError::Permanent`]
 //! naming the column, never a panic.
 
+use std::collections::BTreeSet;
+use std::sync::LazyLock;
 use std::time::Duration;
 
 use keel_core::{
@@ -12,10 +16,23 @@ use keel_core::{
     StoreError, TenantId, Timestamp, UniqueHold, UniqueScopeKind, WorkerId,
 };
 use tokio_postgres::Row;
-use tokio_postgres::types::FromSql;
+use tokio_postgres::types::{FromSql, ToSql};
 use uuid::Uuid;
 
 use crate::codec;
+
+/// The columns of a job, in the order `rows::job_from_row` decodes them. JSON columns come
+/// back as text: `args` and `result` must round-trip byte for byte, and the structured
+/// columns are parsed by the same codec the SQLite store uses.
+pub(super) const COLUMNS: &str = "j.id, j.queue, j.kind, j.tenant, j.args::text, j.priority, \
+     j.state, j.attempt, j.max_attempts, j.timeout_ms, j.backoff::text, j.tags::text, j.run_at, \
+     j.errors::text, j.result::text, j.lease_owner, j.lease_token, j.lease_expires_at, \
+     j.created_at, j.started_at, j.finished_at, j.unique_key, j.unique_scope, j.meta::text";
+
+/// The columns of a schedule, in the order `rows::schedule_from_row` decodes them, the table
+/// aliased `s`. The template comes back as text so its args keep their bytes.
+pub(super) const SCHEDULE_COLUMNS: &str = "s.tenant, s.name, s.cron, s.timezone, s.job::text, \
+     s.paused, s.catch_up_ms, s.last_tick_at, s.created_at, s.updated_at";
 
 /// Column `idx` of `row`, or a permanent error naming `column`.
 pub(super) fn get<'a, T: FromSql<'a>>(
@@ -136,6 +153,9 @@ pub(super) fn job_from_row(row: &Row) -> Result<Job, StoreError> {
         started_at: get(row, 19, "started_at")?,
         finished_at: get(row, 20, "finished_at")?,
         unique,
+        meta: get::<Option<String>>(row, 23, "meta")?
+            .map(|m| codec::raw_json(m, "meta"))
+            .transpose()?,
     })
 }
 
@@ -159,4 +179,242 @@ pub(super) fn schedule_from_row(row: &Row) -> Result<Schedule, StoreError> {
         created_at: get(row, 8, "created_at")?,
         updated_at: get(row, 9, "updated_at")?,
     })
+}
+
+/// New jobs as the array parameters of [`INSERT_SQL`], one array per column, so a batch of
+/// any size is one statement. Used by the committer and by `insert_idempotent`, which must
+/// store jobs identically and notify the same way.
+pub(super) struct JobColumns<'a> {
+    ids: Vec<Uuid>,
+    queues: Vec<&'a str>,
+    kinds: Vec<&'a str>,
+    tenants: Vec<&'a str>,
+    args: Vec<&'a str>,
+    priorities: Vec<i16>,
+    states: Vec<&'static str>,
+    max_attempts: Vec<i32>,
+    timeouts: Vec<i64>,
+    backoffs: Vec<String>,
+    tags: Vec<String>,
+    run_ats: Vec<Timestamp>,
+    created_ats: Vec<Timestamp>,
+    metas: Vec<Option<&'a str>>,
+    /// Stored unique keys ([`INSERT_UNIQUE_SQL`] only).
+    unique_keys: Vec<Option<&'a str>>,
+    /// Their scopes' stored spelling.
+    unique_scopes: Vec<Option<&'static str>>,
+    /// The store's notification channel.
+    channel: &'a str,
+    /// Queues that receive available jobs, each once: whom to notify.
+    notify: Vec<&'a str>,
+}
+
+impl<'a> JobColumns<'a> {
+    /// The columns of `jobs` (`n` is a capacity hint), notifying on `channel`.
+    pub(super) fn of(jobs: impl IntoIterator<Item = &'a Job>, n: usize, channel: &'a str) -> Self {
+        let mut c = Self {
+            ids: Vec::with_capacity(n),
+            queues: Vec::with_capacity(n),
+            kinds: Vec::with_capacity(n),
+            tenants: Vec::with_capacity(n),
+            args: Vec::with_capacity(n),
+            priorities: Vec::with_capacity(n),
+            states: Vec::with_capacity(n),
+            max_attempts: Vec::with_capacity(n),
+            timeouts: Vec::with_capacity(n),
+            backoffs: Vec::with_capacity(n),
+            tags: Vec::with_capacity(n),
+            run_ats: Vec::with_capacity(n),
+            created_ats: Vec::with_capacity(n),
+            metas: Vec::with_capacity(n),
+            unique_keys: Vec::with_capacity(n),
+            unique_scopes: Vec::with_capacity(n),
+            channel,
+            notify: Vec::new(),
+        };
+        let mut notify = BTreeSet::new();
+        for j in jobs {
+            c.ids.push(*j.id.as_uuid());
+            c.queues.push(j.queue.as_str());
+            c.kinds.push(j.kind.as_str());
+            c.tenants.push(j.tenant.as_str());
+            c.args.push(j.args.get());
+            c.priorities.push(i16::from(j.priority.get()));
+            c.states.push(j.state.as_str());
+            // Validation bounds these far below i32::MAX / i64::MAX.
+            c.max_attempts
+                .push(i32::try_from(j.max_attempts).unwrap_or(i32::MAX));
+            c.timeouts
+                .push(i64::try_from(j.timeout.as_millis()).unwrap_or(i64::MAX));
+            c.backoffs.push(codec::backoff_to_json(&j.backoff));
+            c.tags.push(codec::tags_to_json(&j.tags));
+            c.run_ats.push(j.run_at);
+            c.created_ats.push(j.created_at);
+            c.metas.push(j.meta.as_ref().map(|m| m.get()));
+            c.unique_keys
+                .push(j.unique.as_ref().map(|u| u.key.as_str()));
+            c.unique_scopes
+                .push(j.unique.as_ref().map(|u| u.scope.as_str()));
+            if j.state == JobState::Available {
+                notify.insert(j.queue.as_str());
+            }
+        }
+        c.notify = notify.into_iter().collect();
+        c
+    }
+
+    /// `$1..$15`, the parameters both insert statements start with: one array per column,
+    /// then the channel.
+    fn row_params(&self) -> [&(dyn ToSql + Sync); 15] {
+        [
+            &self.ids,
+            &self.queues,
+            &self.kinds,
+            &self.tenants,
+            &self.args,
+            &self.priorities,
+            &self.states,
+            &self.max_attempts,
+            &self.timeouts,
+            &self.backoffs,
+            &self.tags,
+            &self.run_ats,
+            &self.created_ats,
+            &self.metas,
+            &self.channel,
+        ]
+    }
+
+    /// `$1..$16` of [`INSERT_SQL`].
+    pub(super) fn params(&self) -> Vec<&(dyn ToSql + Sync)> {
+        let mut params = self.row_params().to_vec();
+        params.push(&self.notify);
+        params
+    }
+
+    /// `$1..$17` of [`INSERT_UNIQUE_SQL`] (which notifies from the rows it inserted, so it
+    /// takes no queue list).
+    pub(super) fn unique_params(&self) -> Vec<&(dyn ToSql + Sync)> {
+        let mut params = self.row_params().to_vec();
+        params.extend([
+            &self.unique_keys as &(dyn ToSql + Sync),
+            &self.unique_scopes,
+        ]);
+        params
+    }
+}
+
+/// States in which a job that still has its unique key holds it, for every scope but
+/// `period` (which holds in all): exactly the predicate of `jobs_unique_idx`
+/// (migrations/postgres/0003_scale_out.sql), in the same order. `ON CONFLICT` can only use
+/// a partial index as its arbiter when its own `WHERE` provably implies the index's, and the
+/// simplest proof is the identical expression; a unit test below holds the two together.
+const UNIQUE_HOLDING: &str = "j.unique_key IS NOT NULL \
+     AND (j.unique_scope = 'period' \
+          OR j.state IN ('scheduled', 'available', 'retryable', 'running'))";
+
+/// Inserts a batch without unique jobs, `$1..$16` as [`JobColumns::params`] lays them out.
+///
+/// One statement for the whole batch: columns travel as arrays and are zipped back into rows
+/// by unnest. JSON travels as text and is cast here, so `args` is stored exactly as
+/// submitted. attempt, errors, result and the lease take their defaults. created_at is per
+/// row: a group commit merges callers that arrived at different instants, and each job keeps
+/// the time its own caller saw.
+///
+/// The same statement notifies listeners ($15 is the store's channel, $16 the distinct
+/// queues that received available jobs). A data-modifying CTE always runs to completion
+/// whether or not the outer query reads it, so the notifications are queued only if every
+/// row was inserted, and Postgres delivers them at commit.
+pub(super) const INSERT_SQL: &str = "WITH inserted AS ( \
+     INSERT INTO jobs (id, queue, kind, tenant, args, priority, state, \
+     max_attempts, timeout_ms, backoff, tags, run_at, created_at, meta) \
+     SELECT t.id, t.queue, t.kind, t.tenant, t.args::json, t.priority, t.state, \
+     t.max_attempts, t.timeout_ms, t.backoff::jsonb, t.tags::jsonb, t.run_at, \
+     t.created_at, t.meta::json \
+     FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], \
+     $6::int2[], $7::text[], $8::int4[], $9::int8[], $10::text[], $11::text[], \
+     $12::timestamptz[], $13::timestamptz[], $14::text[]) \
+     AS t(id, queue, kind, tenant, args, priority, state, max_attempts, timeout_ms, \
+     backoff, tags, run_at, created_at, meta) \
+     ) \
+     SELECT pg_notify($15, q.queue) FROM unnest($16::text[]) AS q(queue)";
+
+/// The insert for batches holding unique jobs, `$1..$17` as [`JobColumns::unique_params`]
+/// lays them out ([`INSERT_SQL`] stays as lean as before for the rest). A job whose key is
+/// held, by a committed job or by an earlier row of this very statement, is skipped rather
+/// than failing the batch; a concurrent transaction inserting the same key makes this wait
+/// for its outcome. RETURNING tells the caller which rows went in; it then reads the holders
+/// of the rest ([`UNIQUE_HOLDERS_SQL`]). Rows go in key order so that two batches taking the
+/// same keys lock them in the same order and cannot deadlock; one key repeated in the batch
+/// goes to the first job naming it. The conflict target names the partial unique index only
+/// (the primary key is no arbiter), so a duplicate id still fails as a Conflict.
+///
+/// $15 is the wakeup channel ($16/$17 the keys and scopes); queues are notified from the
+/// rows actually inserted. The UNION's second branch yields one NULL row per notified queue;
+/// the caller skips NULL ids.
+pub(super) static INSERT_UNIQUE_SQL: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "WITH inserted AS ( \
+         INSERT INTO jobs AS j (id, queue, kind, tenant, args, priority, state, \
+         max_attempts, timeout_ms, backoff, tags, run_at, created_at, meta, unique_key, \
+         unique_scope) \
+         SELECT t.id, t.queue, t.kind, t.tenant, t.args::json, t.priority, t.state, \
+         t.max_attempts, t.timeout_ms, t.backoff::jsonb, t.tags::jsonb, t.run_at, \
+         t.created_at, t.meta::json, t.unique_key, t.unique_scope \
+         FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], \
+         $6::int2[], $7::text[], $8::int4[], $9::int8[], $10::text[], $11::text[], \
+         $12::timestamptz[], $13::timestamptz[], $14::text[], $16::text[], $17::text[]) \
+         WITH ORDINALITY \
+         AS t(id, queue, kind, tenant, args, priority, state, max_attempts, timeout_ms, \
+         backoff, tags, run_at, created_at, meta, unique_key, unique_scope, ord) \
+         ORDER BY t.tenant, t.unique_key, t.ord \
+         ON CONFLICT (tenant, unique_key) WHERE {holding} DO NOTHING \
+         RETURNING j.id, j.queue, j.state \
+         ) \
+         SELECT i.id FROM inserted i \
+         UNION ALL \
+         SELECT NULL FROM (SELECT pg_notify($15, i.queue) FROM inserted i \
+           WHERE i.state = 'available' GROUP BY i.queue) n",
+        holding = UNIQUE_HOLDING.replace("j.", ""),
+    )
+});
+
+/// The jobs holding the given (tenant, key) pairs: at most one each, by the unique index.
+pub(super) static UNIQUE_HOLDERS_SQL: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "SELECT {COLUMNS} FROM jobs j \
+         JOIN unnest($1::text[], $2::text[]) AS k(tenant, unique_key) \
+           ON j.tenant = k.tenant AND j.unique_key = k.unique_key \
+         WHERE {UNIQUE_HOLDING}"
+    )
+});
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_unique_arbiter_is_the_index_predicate() {
+        let migration = include_str!("../../migrations/postgres/0003_scale_out.sql");
+        let index = migration
+            .split("CREATE UNIQUE INDEX jobs_unique_idx")
+            .nth(1)
+            .and_then(|rest| rest.split(';').next())
+            .expect("the migration creates jobs_unique_idx");
+        let squash = |s: &str| s.split_whitespace().collect::<Vec<_>>().join(" ");
+        let predicate = squash(&UNIQUE_HOLDING.replace("j.", ""));
+        assert!(
+            squash(index).ends_with(&format!("WHERE {predicate}")),
+            "{index} vs {predicate}"
+        );
+        let held = predicate.split("state IN (").nth(1).expect("a state list");
+        for s in JobState::ALL {
+            assert_eq!(
+                held.contains(&format!("'{}'", s.as_str())),
+                keel_core::UniqueScopeKind::Active.holds_in(s),
+                "{s} in {predicate}"
+            );
+        }
+        assert!(INSERT_UNIQUE_SQL.contains(&format!("WHERE {predicate} DO NOTHING")));
+    }
 }

@@ -14,7 +14,7 @@ use tokio_postgres::types::ToSql;
 use uuid::Uuid;
 
 use super::leader::FENCE_SQL;
-use super::sql::SCHEDULE_COLUMNS;
+use super::rows::SCHEDULE_COLUMNS;
 use super::{PgStore, commit, error, rows};
 use crate::{MAINTENANCE_ROLE, codec, schedule_exists};
 

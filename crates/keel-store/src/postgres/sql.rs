@@ -1,9 +1,9 @@
-//! What the SQL of [`PgStore`](super::PgStore) shares: the row shapes, the state guards
-//! and targets derived from the state machine, the announcement of state changes, and the
-//! two reads the shared helpers in `mod.rs` run. Each statement lives in the module that runs
-//! it (`lease.rs`, `jobs.rs`, `queues.rs`, `idempotency.rs`, `maintenance.rs`, `leader.rs`,
-//! `schedules.rs`; the inserts in `commit.rs`), as a constant when its text is fixed and as a
-//! `LazyLock` when it is built from the pieces below.
+//! What the SQL of [`PgStore`](super::PgStore) shares: the state guards and targets derived
+//! from the state machine, the announcement of state changes, and the two reads the shared
+//! helpers in `mod.rs` run. Each statement lives in the module that runs it (`lease.rs`,
+//! `jobs.rs`, `queues.rs`, `idempotency.rs`, `maintenance.rs`, `leader.rs`, `schedules.rs`;
+//! the inserts in `rows.rs`, beside the columns they write), as a constant when its text is
+//! fixed and as a `LazyLock` when it is built from the pieces below.
 //!
 //! Every state guard (`state IN (…)`) and every target state is derived from
 //! [`Transition::sources`] and [`JobState::apply`], so a change to the state machine changes
@@ -13,8 +13,8 @@
 //! parameter. The statements are built once per process and prepared once per connection
 //! (`prepare_cached`).
 //!
-//! Rows are always selected through [`COLUMNS`] with the table aliased `j`, and decoded by
-//! position in `rows.rs`.
+//! Rows are always selected through `rows::COLUMNS` with the table aliased `j`, and decoded
+//! by position in `rows.rs`.
 //!
 //! Every statement that makes jobs available (insert, promote, retry, release, resuming a
 //! queue) also calls `pg_notify(channel, queue)` for the queues it touched, in the same
@@ -29,19 +29,6 @@
 //! insert and promote are not announced either: wakeups cover them.
 
 use keel_core::{JobState, Transition};
-
-/// The columns of a job, in the order `rows::job_from_row` decodes them. JSON columns come
-/// back as text: `args` and `result` must round-trip byte for byte, and the structured
-/// columns are parsed by the same codec the SQLite store uses.
-pub(super) const COLUMNS: &str = "j.id, j.queue, j.kind, j.tenant, j.args::text, j.priority, \
-     j.state, j.attempt, j.max_attempts, j.timeout_ms, j.backoff::text, j.tags::text, j.run_at, \
-     j.errors::text, j.result::text, j.lease_owner, j.lease_token, j.lease_expires_at, \
-     j.created_at, j.started_at, j.finished_at, j.unique_key, j.unique_scope";
-
-/// The columns of a schedule, in the order `rows::schedule_from_row` decodes them, the table
-/// aliased `s`. The template comes back as text so its args keep their bytes.
-pub(super) const SCHEDULE_COLUMNS: &str = "s.tenant, s.name, s.cron, s.timezone, s.job::text, \
-     s.paused, s.catch_up_ms, s.last_tick_at, s.created_at, s.updated_at";
 
 /// Most state changes in one notification. A line is at most 36 (id) + 1 + 9 (state) + 1 +
 /// 128 (queue) + 1 (newline) = 176 bytes, so 40 lines stay under 7,100 bytes, below

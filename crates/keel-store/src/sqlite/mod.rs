@@ -37,9 +37,8 @@ use rusqlite::config::DbConfig;
 use rusqlite::{Connection, ErrorCode, OpenFlags, OptionalExtension, params};
 use tokio::sync::Semaphore;
 
-use crate::codec;
 use crate::migrate::{self, MigrationReport};
-use rows::{COLUMNS, job_from_row, micros};
+use rows::{COLUMNS, job_from_row};
 use writer::Writer;
 
 /// Tuning for [`SqliteStore`].
@@ -433,12 +432,7 @@ fn insert_rows(
     now: Timestamp,
 ) -> Result<Vec<Job>, StoreError> {
     let mut stmt = conn
-        .prepare_cached(
-            "INSERT INTO jobs (id, queue, kind, tenant, args, priority, state,
-                attempt, max_attempts, timeout_ms, backoff, tags, run_at, errors,
-                created_at, unique_key, unique_scope)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 0, ?8, ?9, ?10, ?11, ?12, '[]', ?13, ?14, ?15)",
-        )
+        .prepare_cached(rows::INSERT)
         .map_err(|e| map_err("inserting jobs", &e))?;
     let mut out = Vec::with_capacity(jobs.len());
     for new in jobs {
@@ -455,24 +449,7 @@ fn insert_rows(
             out.push(holder);
             continue;
         }
-        stmt.execute(params![
-            job.id.as_bytes(),
-            job.queue.as_str(),
-            job.kind.as_str(),
-            job.tenant.as_str(),
-            job.args.get(),
-            job.priority.get(),
-            job.state.as_str(),
-            job.max_attempts,
-            job.timeout.as_millis() as i64,
-            codec::backoff_to_json(&job.backoff),
-            codec::tags_to_json(&job.tags),
-            micros(job.run_at),
-            micros(job.created_at),
-            job.unique.as_ref().map(|u| u.key.as_str()),
-            job.unique.as_ref().map(|u| u.scope.as_str()),
-        ])
-        .map_err(|e| match map_err("inserting jobs", &e) {
+        rows::insert_job(&mut stmt, &job).map_err(|e| match map_err("inserting jobs", &e) {
             // Cannot happen after the lookup above unless another process wrote the file
             // meanwhile; said plainly all the same.
             StoreError::Conflict(_) if is_unique_key_violation(&e) => {

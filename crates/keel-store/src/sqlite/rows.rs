@@ -1,4 +1,6 @@
-//! Reading and writing job and schedule rows in SQLite's column types.
+//! Reading and writing job and schedule rows in SQLite's column types: a job's columns, its
+//! decoding and its insert live together, so a new job field changes this file alone (with
+//! its migration).
 
 use std::time::Duration;
 
@@ -7,7 +9,7 @@ use keel_core::{
     Job, JobId, JobKind, Lease, LeaseToken, Priority, QueueName, Schedule, ScheduleName,
     StoreError, TenantId, Timestamp, UniqueHold, UniqueScopeKind, WorkerId,
 };
-use rusqlite::Row;
+use rusqlite::{CachedStatement, Row, params};
 use uuid::Uuid;
 
 use crate::codec;
@@ -15,7 +17,37 @@ use crate::codec;
 /// Every column of `jobs`, in the order [`job_from_row`] reads them.
 pub(super) const COLUMNS: &str = "id, queue, kind, tenant, args, priority, state, attempt, \
      max_attempts, timeout_ms, backoff, tags, run_at, errors, result, lease_owner, lease_token, \
-     lease_expires_at, created_at, started_at, finished_at, unique_key, unique_scope";
+     lease_expires_at, created_at, started_at, finished_at, unique_key, unique_scope, meta";
+
+/// Inserts one new job ([`insert_job`] binds it). attempt, errors, result and the lease
+/// start empty.
+pub(super) const INSERT: &str = "INSERT INTO jobs (id, queue, kind, tenant, args, priority, \
+     state, attempt, max_attempts, timeout_ms, backoff, tags, run_at, errors, created_at, \
+     unique_key, unique_scope, meta) \
+     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 0, ?8, ?9, ?10, ?11, ?12, '[]', ?13, ?14, ?15, ?16)";
+
+/// Writes `job` through a statement prepared from [`INSERT`].
+pub(super) fn insert_job(stmt: &mut CachedStatement<'_>, job: &Job) -> rusqlite::Result<usize> {
+    stmt.execute(params![
+        job.id.as_bytes(),
+        job.queue.as_str(),
+        job.kind.as_str(),
+        job.tenant.as_str(),
+        job.args.get(),
+        job.priority.get(),
+        job.state.as_str(),
+        job.max_attempts,
+        // Validation bounds the timeout to a day.
+        i64::try_from(job.timeout.as_millis()).unwrap_or(i64::MAX),
+        codec::backoff_to_json(&job.backoff),
+        codec::tags_to_json(&job.tags),
+        micros(job.run_at),
+        micros(job.created_at),
+        job.unique.as_ref().map(|u| u.key.as_str()),
+        job.unique.as_ref().map(|u| u.scope.as_str()),
+        job.meta.as_ref().map(|m| m.get()),
+    ])
+}
 
 fn corrupt(what: &str, detail: impl std::fmt::Display) -> StoreError {
     StoreError::permanent(
@@ -116,6 +148,9 @@ pub(super) fn job_from_row(row: &Row<'_>) -> Result<Job, StoreError> {
         started_at: opt_ts("started_at", get(row, 19)?)?,
         finished_at: opt_ts("finished_at", get(row, 20)?)?,
         unique,
+        meta: get::<Option<String>>(row, 23)?
+            .map(|m| codec::raw_json(m, "meta"))
+            .transpose()?,
     })
 }
 

@@ -13,7 +13,6 @@ use tokio_postgres::types::ToSql;
 
 use super::{schema_or_skip, store_with_clock};
 use crate::postgres::PgOptions;
-use crate::postgres::commit::UNIQUE_HOLDERS_SQL;
 use crate::postgres::idempotency::{IDEMPOTENCY_EXPIRE_SQL, IDEMPOTENCY_READ_SQL};
 use crate::postgres::jobs::ListQuery;
 use crate::postgres::lease::{COMPLETE_SQL, LEASE_SQL};
@@ -21,6 +20,7 @@ use crate::postgres::maintenance::{
     DELETE_FINISHED_SQL, IDEMPOTENCY_DELETE_EXPIRED_SQL, PROMOTE_SQL, RESCUE_LOCK_SQL,
 };
 use crate::postgres::queues::QUEUE_DEPTHS_SQL;
+use crate::postgres::rows::UNIQUE_HOLDERS_SQL;
 
 /// Rows loaded: 88 % completed, 6 % available over 8 queues, 2 % each running and
 /// scheduled, 2 % retryable. Ids are time-ordered like the UUIDv7s the store assigns.

@@ -50,6 +50,47 @@ pub async fn insert_and_get_round_trip(h: &Harness) {
     assert!(got.errors.is_empty() && got.result.is_none() && got.lease.is_none());
 }
 
+/// `meta` is kept byte for byte on every insert path (plain, unique, under an idempotency
+/// key) and comes back with reads and leases; a job without it has none.
+pub async fn meta_round_trips_on_every_insert_path(h: &Harness) {
+    let text = r#"{"trace": "t-1",  "n":[1, 2.50]}"#;
+    let with_meta = |queue: &str| job(queue).meta(raw(text));
+    let plain = insert_one(h, with_meta("meta")).await;
+    let unique = insert_one(
+        h,
+        with_meta("meta").unique("meta-key", keel_core::UniqueScope::Active),
+    )
+    .await;
+    let keyed = match h
+        .store
+        .insert_idempotent(super::idem(
+            "default",
+            "meta-k",
+            "fp",
+            vec![with_meta("meta")],
+            Duration::from_secs(60),
+        ))
+        .await
+        .unwrap()
+    {
+        keel_core::store::IdempotentOutcome::Created { jobs, .. } => jobs[0].clone(),
+        other => panic!("first use must create, got {other:?}"),
+    };
+    let bare = insert_one(h, job("meta")).await;
+    for inserted in [&plain, &unique, &keyed] {
+        let got = h.store.get(inserted.id).await.unwrap();
+        assert_eq!(got.meta.as_ref().map(|m| m.get()), Some(text));
+        assert_eq!(&got, inserted);
+    }
+    assert!(h.store.get(bare.id).await.unwrap().meta.is_none());
+    let leased = lease(h, "meta", 10).await;
+    assert_eq!(leased.len(), 4);
+    for j in leased {
+        let expected = (j.id != bare.id).then_some(text);
+        assert_eq!(j.meta.as_ref().map(|m| m.get()), expected, "{}", j.id);
+    }
+}
+
 /// A future `run_at` makes a job scheduled; a past or absent one makes it available.
 pub async fn insert_picks_scheduled_or_available(h: &Harness) {
     let now = h.clock.now();

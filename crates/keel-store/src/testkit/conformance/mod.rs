@@ -49,6 +49,7 @@ macro_rules! conformance_suite {
     ($harness:expr) => {
         $crate::conformance_suite!(@cases $harness;
             insert_and_get_round_trip,
+            meta_round_trips_on_every_insert_path,
             insert_picks_scheduled_or_available,
             batch_insert_is_atomic_on_invalid_job,
             batch_insert_is_atomic_on_duplicate_id,
