@@ -98,6 +98,23 @@ def test_enqueue_many_and_list(client: keel.Client) -> None:
     assert [j.id for j in page.jobs + rest.jobs] == [j.id for j in jobs]
 
 
+def test_meta_round_trips_and_is_none_without_it(client: keel.Client) -> None:
+    meta = {"trace": "t-1", "n": [1, 2]}
+    job = client.enqueue("noop", None, meta=meta, delay=3600)
+    assert job.meta == meta
+    assert client.get(job.id).meta == meta
+
+    plain = client.enqueue("noop", None, delay=3600)
+    assert plain.meta is None and "meta" not in plain.raw
+    assert client.get(plain.id).meta is None
+
+    # The batch route takes it per item, like the other options.
+    batch = client.enqueue_many(
+        [{"kind": "noop", "delay": 3600, "meta": meta}, {"kind": "noop", "delay": 3600}]
+    )
+    assert [client.get(j.id).meta for j in batch] == [meta, None]
+
+
 def test_worker_protocol_calls(client: keel.Client) -> None:
     a = client.enqueue("task", {"n": 1}, queue=QUEUE)
     b = client.enqueue("task", {"n": 2}, queue=QUEUE)

@@ -67,6 +67,15 @@ def test_tags_must_be_a_list() -> None:
         p.job_body("k", tags="urgent")
 
 
+@pytest.mark.parametrize("bad", [[1, 2], "trace", 7])
+def test_meta_must_be_a_mapping(bad: Any) -> None:
+    assert p.job_body("k", meta={"trace": "t-1"})["meta"] == {"trace": "t-1"}
+    with pytest.raises(TypeError, match="meta"):
+        p.job_body("k", meta=bad)
+    with pytest.raises(TypeError, match="meta"):
+        p.spec_body({"kind": "k", "meta": bad})
+
+
 def test_worker_protocol_bodies() -> None:
     lease = p.lease("q", "w:1", 4, 10, timedelta(seconds=30), ["a", "b"])
     assert (lease.method, lease.path) == ("POST", "/v1/queues/q/lease")
@@ -148,6 +157,9 @@ def test_job_from_json_keeps_unknown_fields_in_raw() -> None:
     assert job.timeout == timedelta(minutes=30)
     assert not job.terminal
     assert job.raw["something_new"] == 7
+    assert job.meta is None
+    with_meta = keel.Job.from_json({**job.raw, "meta": {"trace": "t-1", "n": [1, 2]}})
+    assert with_meta.meta == {"trace": "t-1", "n": [1, 2]}
 
 
 def test_problem_documents_become_errors() -> None:

@@ -384,6 +384,7 @@ function jobBody(spec: JobSpec): Record<string, unknown> {
   if (spec.runAt !== undefined) body["run_at"] = spec.runAt instanceof Date ? spec.runAt.toISOString() : spec.runAt;
   if (spec.delayMs !== undefined) body["delay_ms"] = spec.delayMs;
   if (spec.tags !== undefined) body["tags"] = spec.tags;
+  if (spec.meta !== undefined) body["meta"] = spec.meta;
   if (spec.unique !== undefined) {
     const unique: Record<string, unknown> = { key: spec.unique.key, scope: spec.unique.scope };
     if (spec.unique.period !== undefined) unique["period"] = wireDuration(spec.unique.period, "unique.period");

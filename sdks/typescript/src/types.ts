@@ -105,6 +105,8 @@ export interface Job<A = unknown, R = unknown> {
   finished_at: string | null;
   /** Its unique key, when it was enqueued with one. */
   unique?: UniqueHold;
+  /** Its annotations, as submitted, when it was enqueued with some. */
+  meta?: Record<string, unknown>;
 }
 
 /** A job as a lease hands it out: running, with the lease token that proves ownership. */
@@ -220,6 +222,11 @@ export interface EnqueueOptions {
   delayMs?: number;
   /** Labels. */
   tags?: string[];
+  /**
+   * Annotations (a trace id, say): a JSON object of at most 16 KiB, stored and returned as
+   * given and never read by Keel.
+   */
+  meta?: Record<string, unknown>;
   /** At most one such job at a time: another holding the key is returned instead. */
   unique?: UniqueOptions;
   /** Retry delay policy; default exponential with full jitter (1 s base, 1 h cap). */

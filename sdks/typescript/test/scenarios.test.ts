@@ -551,6 +551,35 @@ for (const backend of backends) {
       assert.equal(invalid.problemType, "malformed-request");
     });
 
+    it("client_meta", async () => {
+      const queue = "ts-meta";
+      const meta = { trace: "t-1", n: [1, 2] };
+      const job = await client.enqueue("square", { n: 1 }, { queue, meta });
+      assert.deepEqual(job.meta, meta);
+      assert.deepEqual((await client.get(job.id)).meta, meta);
+
+      const plain = await client.enqueue("square", { n: 2 }, { queue });
+      assert.equal(plain.meta, undefined);
+      const fetched = await client.get(plain.id);
+      assert.equal(fetched.meta, undefined);
+      assert.ok(!("meta" in fetched), JSON.stringify(fetched));
+
+      // The batch route takes it per item, like the other options.
+      const batch = await client.enqueueMany([{ kind: "square", queue, meta }, { kind: "square", queue }]);
+      assert.deepEqual(
+        await Promise.all(batch.map(async (j) => (await client.get(j.id)).meta)),
+        [meta, undefined],
+      );
+
+      // The SDK sends what it is given; the server refuses anything but an object.
+      const notObject = await client
+        .enqueue("square", {}, { queue, meta: [1, 2] as unknown as Record<string, unknown> })
+        .catch((e: unknown) => e);
+      assert.ok(notObject instanceof KeelError, String(notObject));
+      assert.equal(notObject.status, 422);
+      assert.deepEqual(notObject.errors.map((e) => e.field), ["meta"]);
+    });
+
     it("worker_sigterm_child", async () => {
       const queue = "ts-sigterm";
       const jobs = await client.enqueueMany([

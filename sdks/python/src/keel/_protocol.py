@@ -91,6 +91,7 @@ class JobSpec(_JobSpecRequired, total=False):
     run_at: Union[datetime, str]
     delay: Seconds
     tags: Sequence[str]
+    meta: Mapping[str, Any]
     unique: Mapping[str, Any]
     backoff: Mapping[str, Any]
     tenant: str
@@ -183,6 +184,7 @@ def job_body(
     run_at: Union[datetime, str, None] = None,
     delay: Optional[Seconds] = None,
     tags: Optional[Sequence[str]] = None,
+    meta: Optional[Mapping[str, Any]] = None,
     unique: Optional[Mapping[str, Any]] = None,
     backoff: Optional[Mapping[str, Any]] = None,
     tenant: Optional[str] = None,
@@ -207,6 +209,10 @@ def job_body(
         if isinstance(tags, str):
             raise TypeError("tags must be a list of strings, not one string")
         body["tags"] = list(tags)
+    if meta is not None:
+        if not isinstance(meta, Mapping):
+            raise TypeError(f"meta must be a mapping (a JSON object), not {type(meta).__name__}")
+        body["meta"] = dict(meta)
     if unique is not None:
         u = dict(unique)
         if isinstance(u.get("period"), timedelta):

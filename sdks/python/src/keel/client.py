@@ -113,6 +113,7 @@ class Client:
         run_at: Union[datetime, str, None] = None,
         delay: Optional[Seconds] = None,
         tags: Optional[Sequence[str]] = None,
+        meta: Optional[Mapping[str, Any]] = None,
         unique: Optional[Mapping[str, Any]] = None,
         backoff: Optional[Mapping[str, Any]] = None,
         tenant: Optional[str] = None,
@@ -125,9 +126,11 @@ class Client:
         ``{"key": …, "scope": "queued"|"active"|"period", "period": …}``: when another job
         holds the key, that job is returned instead. ``backoff`` is
         ``{"type": "exponential", "base_ms": …, "cap_ms": …}`` or
-        ``{"type": "fixed", "delay_ms": …}``. With ``idempotency_key``, retrying the same
-        request returns the original job instead of enqueuing a second one, which makes a
-        retry after a :class:`keel.TransportError` safe.
+        ``{"type": "fixed", "delay_ms": …}``. ``meta`` is a JSON object of annotations (a
+        trace id, say) up to 16 KiB, stored and returned as given and never read by Keel.
+        With ``idempotency_key``, retrying the same request returns the original job instead
+        of enqueuing a second one, which makes a retry after a :class:`keel.TransportError`
+        safe.
         """
         body = p.job_body(
             kind,
@@ -139,6 +142,7 @@ class Client:
             run_at=run_at,
             delay=delay,
             tags=tags,
+            meta=meta,
             unique=unique,
             backoff=backoff,
             tenant=tenant,

@@ -124,6 +124,7 @@ class Job:
     started_at: Optional[datetime]
     finished_at: Optional[datetime]
     unique: Optional[Dict[str, Any]]
+    meta: Optional[Dict[str, Any]]
     raw: Dict[str, Any] = field(repr=False, compare=False)
 
     @classmethod
@@ -150,6 +151,7 @@ class Job:
             started_at=parse_timestamp(d.get("started_at")),
             finished_at=parse_timestamp(d.get("finished_at")),
             unique=dict(d["unique"]) if isinstance(d.get("unique"), Mapping) else None,
+            meta=dict(d["meta"]) if isinstance(d.get("meta"), Mapping) else None,
             raw=dict(d),
         )
 
