@@ -57,7 +57,8 @@ each runs once.")]
 Examples:
   keel enqueue echo --args '{\"hello\":\"world\"}'
   keel enqueue sleep --args '{\"ms\":500}' --queue default --priority 1
-  keel enqueue webhook --args '{\"url\":\"https://example.com/hook\"}' --idempotency-key order-42")]
+  keel enqueue webhook --args '{\"url\":\"https://example.com/hook\"}' --idempotency-key order-42
+  keel enqueue noop --tag import --meta '{\"trace_id\":\"4bf92f35\"}'")]
     Enqueue(EnqueueArgs),
 
     /// Inspect or act on one job.
@@ -173,24 +174,15 @@ pub struct ClientArgs {
 pub struct EnqueueArgs {
     /// Job kind: a built-in executor (noop, sleep, echo, fail, webhook) or a handler name.
     pub kind: String,
-    /// Arguments, as JSON.
-    #[arg(long, default_value = "null")]
-    pub args: String,
-    /// Queue.
-    #[arg(long)]
-    pub queue: Option<String>,
-    /// Priority, 0 (highest) to 9.
-    #[arg(long)]
-    pub priority: Option<u8>,
+    /// The job's options.
+    #[command(flatten)]
+    pub job: JobOptions,
     /// Delay before the first attempt, in milliseconds.
     #[arg(long)]
     pub delay_ms: Option<u64>,
-    /// Attempts allowed before the job is discarded.
+    /// Annotations, as a JSON object (at most 16 KiB), kept with the job.
     #[arg(long)]
-    pub max_attempts: Option<u32>,
-    /// Per-attempt timeout, in milliseconds.
-    #[arg(long)]
-    pub timeout_ms: Option<u64>,
+    pub meta: Option<String>,
     /// Idempotency key: repeating the command with the same key returns the same job.
     #[arg(long)]
     pub idempotency_key: Option<String>,
@@ -200,6 +192,30 @@ pub struct EnqueueArgs {
     /// Where the server is.
     #[command(flatten)]
     pub client: ClientArgs,
+}
+
+/// What `keel enqueue` and `keel schedule create|put` say about the job they send (the
+/// server's defaults apply to each one left out).
+#[derive(Debug, Args)]
+pub struct JobOptions {
+    /// The job's arguments, as JSON.
+    #[arg(long, default_value = "null")]
+    pub args: String,
+    /// The job's queue.
+    #[arg(long)]
+    pub queue: Option<String>,
+    /// The job's priority, 0 (highest) to 9.
+    #[arg(long)]
+    pub priority: Option<u8>,
+    /// Attempts allowed before the job is discarded.
+    #[arg(long)]
+    pub max_attempts: Option<u32>,
+    /// Per-attempt timeout, in milliseconds.
+    #[arg(long)]
+    pub timeout_ms: Option<u64>,
+    /// A label on the job (repeat for several).
+    #[arg(long = "tag")]
+    pub tags: Vec<String>,
 }
 
 /// `keel job …`
@@ -380,24 +396,9 @@ pub struct ScheduleDef {
     /// Kind of the job each tick enqueues.
     #[arg(long)]
     pub kind: String,
-    /// The job's arguments, as JSON.
-    #[arg(long, default_value = "null")]
-    pub args: String,
-    /// The job's queue.
-    #[arg(long)]
-    pub queue: Option<String>,
-    /// The job's priority, 0 (highest) to 9.
-    #[arg(long)]
-    pub priority: Option<u8>,
-    /// Attempts allowed for each tick's job.
-    #[arg(long)]
-    pub max_attempts: Option<u32>,
-    /// Per-attempt timeout, in milliseconds.
-    #[arg(long)]
-    pub timeout_ms: Option<u64>,
-    /// A label on each tick's job (repeat for several).
-    #[arg(long = "tag")]
-    pub tags: Vec<String>,
+    /// The job each tick enqueues.
+    #[command(flatten)]
+    pub job: JobOptions,
     /// Create it paused.
     #[arg(long)]
     pub paused: bool,

@@ -15,7 +15,8 @@ use keel_store::{DatabaseUrl, PgOptions, SqliteOptions};
 use serde::Serialize;
 
 use crate::cli::{
-    ClientArgs, EnqueueArgs, JobCommand, JobsCommand, QueueAction, ScheduleCommand, ScheduleDef,
+    ClientArgs, EnqueueArgs, JobCommand, JobOptions, JobsCommand, QueueAction, ScheduleCommand,
+    ScheduleDef,
 };
 use crate::config::{Config, ServeArgs};
 use crate::{App, EX_CONFIG, EX_OSERR, EX_UNAVAILABLE, telemetry};
@@ -229,24 +230,21 @@ pub async fn enqueue(args: EnqueueArgs) -> ExitCode {
         Ok(c) => c,
         Err(code) => return code,
     };
-    // Sent byte for byte as given, once known to be JSON.
-    let parsed = match serde_json::value::RawValue::from_string(args.args) {
-        Ok(v) => v,
-        Err(e) => {
-            eprintln!("error: --args is not valid JSON: {e}");
-            return ExitCode::from(2);
-        }
-    };
-    let job = JobIn {
-        kind: args.kind,
-        queue: args.queue,
-        tenant: args.tenant,
-        args: Some(parsed),
-        priority: args.priority,
-        delay_ms: args.delay_ms,
-        max_attempts: args.max_attempts,
-        timeout_ms: args.timeout_ms,
-        ..JobIn::default()
+    let job = args
+        .meta
+        .map(|m| json_arg("--meta", m))
+        .transpose()
+        .and_then(|meta| {
+            Ok(JobIn {
+                tenant: args.tenant,
+                delay_ms: args.delay_ms,
+                meta,
+                ..job_in(args.kind, args.job)?
+            })
+        });
+    let job = match job {
+        Ok(job) => job,
+        Err(code) => return code,
     };
     report(
         client
@@ -325,26 +323,45 @@ async fn set_schedule_paused(
     }
 }
 
+/// The job `options` describe, or exit code 2 for a bad `--args`.
+fn job_in(kind: String, options: JobOptions) -> Result<JobIn, ExitCode> {
+    Ok(JobIn {
+        kind,
+        queue: options.queue,
+        args: Some(json_arg("--args", options.args)?),
+        priority: options.priority,
+        max_attempts: options.max_attempts,
+        timeout_ms: options.timeout_ms,
+        tags: (!options.tags.is_empty()).then_some(options.tags),
+        ..JobIn::default()
+    })
+}
+
+/// `text`, the value of `flag`, as JSON to send byte for byte; exit code 2 if it is not JSON.
+fn json_arg(flag: &str, text: String) -> Result<Box<serde_json::value::RawValue>, ExitCode> {
+    serde_json::value::RawValue::from_string(text).map_err(|e| {
+        eprintln!("error: {flag} is not valid JSON: {e}");
+        ExitCode::from(2)
+    })
+}
+
 /// The body of `keel schedule create|put`, or the exit code of a bad `--args`.
 fn schedule_in(def: ScheduleDef, with_name: bool) -> Result<(ScheduleIn, ClientArgs), ExitCode> {
-    let args = serde_json::value::RawValue::from_string(def.args).map_err(|e| {
-        eprintln!("error: --args is not valid JSON: {e}");
-        ExitCode::from(2)
-    })?;
+    let job = job_in(def.kind, def.job)?;
     let body = ScheduleIn {
         name: with_name.then_some(def.name),
         tenant: def.tenant,
         cron: def.cron,
         timezone: def.timezone,
         job: JobTemplateIn {
-            kind: def.kind,
-            queue: def.queue,
-            args: Some(args),
-            priority: def.priority,
-            max_attempts: def.max_attempts,
-            timeout_ms: def.timeout_ms,
+            kind: job.kind,
+            queue: job.queue,
+            args: job.args,
+            priority: job.priority,
+            max_attempts: job.max_attempts,
+            timeout_ms: job.timeout_ms,
             backoff: None,
-            tags: (!def.tags.is_empty()).then_some(def.tags),
+            tags: job.tags,
         },
         paused: def.paused.then_some(true),
         catch_up: def.catch_up,

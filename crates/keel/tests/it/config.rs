@@ -293,3 +293,71 @@ async fn the_schedule_commands_pause_and_resume() {
     }
     app.stop().await;
 }
+
+/// `keel enqueue` sends its options as given (tags, annotations, args byte for byte); a
+/// `--meta` that is not JSON exits 2 before any request, and one the server refuses
+/// (not an object) exits 1 naming the field.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_enqueue_command_sends_tags_and_meta() {
+    let Some(app) =
+        crate::helpers::spawn_app(crate::helpers::Backend::Sqlite, "config::enqueue_cli").await
+    else {
+        return;
+    };
+    let url = app.url("");
+    let keel = |args: &[&str]| {
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_keel"))
+            .args(args)
+            .args(["--url", &url])
+            .output()
+    };
+    let out = keel(&[
+        "enqueue",
+        "noop",
+        "--args",
+        r#"{"a":  1}"#,
+        "--tag",
+        "x",
+        "--tag",
+        "y",
+        "--meta",
+        r#"{"trace": "t-1"}"#,
+        "--priority",
+        "2",
+    ])
+    .await
+    .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let printed: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let id = printed["id"].as_str().expect("the job is printed");
+    let stored: serde_json::Value = app
+        .get(&format!("/v1/jobs/{id}"))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(stored["tags"], serde_json::json!(["x", "y"]), "{stored}");
+    assert_eq!(
+        stored["meta"],
+        serde_json::json!({"trace": "t-1"}),
+        "{stored}"
+    );
+    assert_eq!(stored["priority"], 2, "{stored}");
+    assert_eq!(stored["args"], serde_json::json!({"a": 1}), "{stored}");
+
+    let out = keel(&["enqueue", "noop", "--meta", "{nope"]).await.unwrap();
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--meta is not valid JSON"));
+    let out = keel(&["enqueue", "noop", "--meta", "[1]"]).await.unwrap();
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        said.contains("meta") && said.contains("must be a JSON object"),
+        "{said}"
+    );
+    app.stop().await;
+}
