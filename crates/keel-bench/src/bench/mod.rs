@@ -579,22 +579,16 @@ async fn one_run(
 ) -> anyhow::Result<()> {
     match target {
         Target::External { addr, base, pid } => {
-            let ctx = Ctx {
-                settings,
-                endpoint: Endpoint::new(*addr, args.api_key.as_deref())?,
-                control: control_client(base, args.api_key.clone())?,
+            let server = Server {
+                addr: *addr,
+                base: base.clone(),
+                api_key: args.api_key.clone(),
                 pid: *pid,
                 ready_after: None,
-                progress,
-                queue: settings.queue.clone(),
-                job: json!({ "kind": "noop" }),
             };
-            tokio::select! {
-                () = workloads::run_all(&ctx, rec) => {}
-                () = cancel.cancelled() => rec.errors.push("interrupted".into()),
-            }
+            let control = run_workloads(server, settings, rec, cancel, progress).await?;
             // Someone else's server: leave its queue running, as it was found.
-            if let Err(e) = ctx.control.set_paused(&settings.queue, false).await {
+            if let Err(e) = control.set_paused(&settings.queue, false).await {
                 rec.notes
                     .push(format!("could not resume queue {}: {e}", settings.queue));
             }
@@ -676,20 +670,14 @@ async fn with_server(
         s = Spawned::start(&spec) => s?,
         () = cancel.cancelled() => anyhow::bail!("interrupted while the server was starting"),
     };
-    let ctx = Ctx {
-        settings,
-        endpoint: Endpoint::new(server.addr(), None)?,
-        control: control_client(&format!("http://{}", server.addr()), None)?,
+    let target = Server {
+        addr: server.addr(),
+        base: format!("http://{}", server.addr()),
+        api_key: None,
         pid: Some(server.pid()),
         ready_after: Some(server.ready_after),
-        progress,
-        queue: settings.queue.clone(),
-        job: json!({ "kind": "noop" }),
     };
-    tokio::select! {
-        () = workloads::run_all(&ctx, rec) => {}
-        () = cancel.cancelled() => rec.errors.push("interrupted".into()),
-    }
+    run_workloads(target, settings, rec, cancel, progress).await?;
     let warnings = server.warnings();
     if warnings > 0 {
         rec.notes.push(format!(
@@ -707,6 +695,43 @@ async fn with_server(
             .push("the server's exit status could not be read".into()),
     }
     Ok(())
+}
+
+/// The server the workloads load, spawned here or found at `--url`.
+struct Server {
+    addr: SocketAddr,
+    /// Its base URL, for the control-plane client.
+    base: String,
+    api_key: Option<String>,
+    pid: Option<u32>,
+    /// Spawn → ready, when the harness started it.
+    ready_after: Option<Duration>,
+}
+
+/// Runs every workload against `server` until done or cancelled; returns the control-plane
+/// client, for whatever the caller tidies up afterwards.
+async fn run_workloads(
+    server: Server,
+    settings: &Settings,
+    rec: &mut RunRecord,
+    cancel: &CancellationToken,
+    progress: Progress,
+) -> anyhow::Result<Client> {
+    let ctx = Ctx {
+        settings,
+        endpoint: Endpoint::new(server.addr, server.api_key.as_deref())?,
+        control: control_client(&server.base, server.api_key)?,
+        pid: server.pid,
+        ready_after: server.ready_after,
+        progress,
+        queue: settings.queue.clone(),
+        job: json!({ "kind": "noop" }),
+    };
+    tokio::select! {
+        () = workloads::run_all(&ctx, rec) => {}
+        () = cancel.cancelled() => rec.errors.push("interrupted".into()),
+    }
+    Ok(ctx.control)
 }
 
 fn control_client(base: &str, api_key: Option<String>) -> anyhow::Result<Client> {
