@@ -140,6 +140,19 @@ pub(crate) async fn wait_for(
     .await
 }
 
+/// Enqueues `job` and waits until it reaches `state` (`what` names the wait in a failure);
+/// returns it then.
+pub(crate) async fn run_until(
+    rt: &Runtime,
+    store: &Arc<dyn Store>,
+    job: NewJob,
+    state: keel_core::JobState,
+    what: &str,
+) -> Job {
+    let id = enqueue(rt, store, vec![job]).await[0].id;
+    wait_for(store, id, what, |j| j.state == state).await
+}
+
 /// The store's idea of now.
 pub(crate) fn now() -> keel_core::Timestamp {
     SystemClock.now()

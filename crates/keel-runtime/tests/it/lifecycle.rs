@@ -11,7 +11,9 @@ use keel_runtime::{Handler, Handlers, JobContext, JobError, WebhookConfig, execu
 use serde_json::value::RawValue;
 
 use crate::flaky::Flaky;
-use crate::helpers::{config, enqueue, eventually, job, kind, start, store, until_idle, wait_for};
+use crate::helpers::{
+    config, enqueue, eventually, job, kind, run_until, start, store, until_idle, wait_for,
+};
 
 fn builtins() -> Handlers {
     Handlers::builtin(&WebhookConfig::default())
@@ -49,11 +51,7 @@ async fn failing_job_is_retried_after_its_backoff_until_it_completes() {
     let new = job("default", "fail", r#"{"times": 2}"#)
         .backoff(Backoff::Fixed { delay_ms: 50 })
         .max_attempts(5);
-    let id = enqueue(&rt, &store, vec![new]).await[0].id;
-    let done = wait_for(&store, id, "the job to complete", |j| {
-        j.state == JobState::Completed
-    })
-    .await;
+    let done = run_until(&rt, &store, new, JobState::Completed, "the job to complete").await;
 
     assert_eq!(done.attempt, 3);
     assert_eq!(done.result.as_ref().unwrap().get(), r#"{"attempts":3}"#);
@@ -100,16 +98,13 @@ async fn a_panicking_handler_is_a_failed_attempt_and_the_pool_keeps_working() {
     handlers.register(kind("panics"), Arc::new(Panics));
     let rt = start(&store, config(&[("default", 1)]), handlers);
 
-    let bad = enqueue(
+    let failed = run_until(
         &rt,
         &store,
-        vec![job("default", "panics", "null").max_attempts(1)],
+        job("default", "panics", "null").max_attempts(1),
+        JobState::Discarded,
+        "the panicking job to be discarded",
     )
-    .await[0]
-        .id;
-    let failed = wait_for(&store, bad, "the panicking job to be discarded", |j| {
-        j.state == JobState::Discarded
-    })
     .await;
     assert_eq!(failed.errors.len(), 1);
     assert!(
@@ -152,16 +147,13 @@ async fn a_result_no_client_could_read_fails_the_job_permanently() {
         (r#""\ud800""#, "surrogate"),
     ] {
         let args = serde_json::to_string(bad).unwrap();
-        let id = enqueue(
+        let failed = run_until(
             &rt,
             &store,
-            vec![job("default", "returns", &args).max_attempts(5)],
+            job("default", "returns", &args).max_attempts(5),
+            JobState::Discarded,
+            "the job to be discarded",
         )
-        .await[0]
-            .id;
-        let failed = wait_for(&store, id, "the job to be discarded", |j| {
-            j.state == JobState::Discarded
-        })
         .await;
         // One attempt, not five: the same code would return the same result again.
         assert_eq!(failed.attempt, 1);
@@ -173,16 +165,13 @@ async fn a_result_no_client_could_read_fails_the_job_permanently() {
         );
         assert!(failed.result.is_none(), "nothing unreadable was stored");
     }
-    let good = enqueue(
+    let done = run_until(
         &rt,
         &store,
-        vec![job("default", "returns", r#""{\"ok\":1}""#)],
+        job("default", "returns", r#""{\"ok\":1}""#),
+        JobState::Completed,
+        "a readable result to complete",
     )
-    .await[0]
-        .id;
-    let done = wait_for(&store, good, "a readable result to complete", |j| {
-        j.state == JobState::Completed
-    })
     .await;
     assert_eq!(done.result.unwrap().get(), r#"{"ok":1}"#);
     rt.shutdown().await;
@@ -198,10 +187,13 @@ async fn an_attempt_past_its_timeout_fails_retryably() {
         .backoff(Backoff::Fixed {
             delay_ms: 3_600_000,
         });
-    let id = enqueue(&rt, &store, vec![new]).await[0].id;
-    let job = wait_for(&store, id, "the attempt to time out", |j| {
-        j.state == JobState::Retryable
-    })
+    let job = run_until(
+        &rt,
+        &store,
+        new,
+        JobState::Retryable,
+        "the attempt to time out",
+    )
     .await;
     assert_eq!(job.errors.len(), 1);
     assert!(
@@ -440,10 +432,13 @@ async fn store_blips_on_lease_and_complete_lose_no_work() {
     flaky.fail_leases.store(3, Ordering::SeqCst);
     flaky.fail_completes.store(2, Ordering::SeqCst);
     let rt = start(&store, config(&[("default", 2)]), builtins());
-    let id = enqueue(&rt, &store, vec![job("default", "echo", "[1,2]")]).await[0].id;
-    let done = wait_for(&store, id, "the job to complete", |j| {
-        j.state == JobState::Completed
-    })
+    let done = run_until(
+        &rt,
+        &store,
+        job("default", "echo", "[1,2]"),
+        JobState::Completed,
+        "the job to complete",
+    )
     .await;
     assert_eq!(done.result.unwrap().get(), "[1,2]");
     assert_eq!(
@@ -461,16 +456,13 @@ async fn store_blips_on_lease_and_complete_lose_no_work() {
 async fn a_kind_without_handler_fails_retryably_naming_the_kind() {
     let (_dir, store) = store().await;
     let rt = start(&store, config(&[("default", 2)]), builtins());
-    let id = enqueue(
+    let job = run_until(
         &rt,
         &store,
-        vec![job("default", "no_such_kind", "null").max_attempts(1)],
+        job("default", "no_such_kind", "null").max_attempts(1),
+        JobState::Discarded,
+        "the job to be discarded",
     )
-    .await[0]
-        .id;
-    let job = wait_for(&store, id, "the job to be discarded", |j| {
-        j.state == JobState::Discarded
-    })
     .await;
     assert!(
         job.errors[0]

@@ -19,7 +19,9 @@ use tokio::sync::Semaphore;
 use wiremock::matchers::{body_string, header, method, path};
 use wiremock::{Mock, MockServer, ResponseTemplate};
 
-use crate::helpers::{config, enqueue, eventually, job, kind, now, start, store, wait_for};
+use crate::helpers::{
+    config, enqueue, eventually, job, kind, now, run_until, start, store, wait_for,
+};
 
 fn webhook_job(url: &str) -> keel_core::NewJob {
     let args = format!(
@@ -279,16 +281,13 @@ async fn retry_after_on_a_429_sets_the_next_run() {
 
     // The job's own backoff is an hour: only the header can make it 120 s.
     let before = now();
-    let id = enqueue(
+    let job = run_until(
         &rt,
         &store,
-        vec![webhook_job(&format!("{}/x", server.uri()))],
+        webhook_job(&format!("{}/x", server.uri())),
+        JobState::Retryable,
+        "the 429 to be recorded",
     )
-    .await[0]
-        .id;
-    let job = wait_for(&store, id, "the 429 to be recorded", |j| {
-        j.state == JobState::Retryable
-    })
     .await;
     let after = now();
     let asked = chrono::TimeDelta::seconds(120);
@@ -481,16 +480,13 @@ async fn injected_webhook_errors_fail_the_attempt_without_a_request() {
         ..ChaosSettings::default()
     });
     let rt = start(&store, cfg.clone(), Handlers::builtin(&cfg.webhook));
-    let id = enqueue(
+    let job = run_until(
         &rt,
         &store,
-        vec![webhook_job(&format!("{}/x", server.uri()))],
+        webhook_job(&format!("{}/x", server.uri())),
+        JobState::Retryable,
+        "the injected failure to be recorded",
     )
-    .await[0]
-        .id;
-    let job = wait_for(&store, id, "the injected failure to be recorded", |j| {
-        j.state == JobState::Retryable
-    })
     .await;
     assert!(
         job.errors[0].message.contains("injected by chaos"),
