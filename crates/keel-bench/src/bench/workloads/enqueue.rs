@@ -94,28 +94,14 @@ pub(super) async fn w4_overload(ctx: &Ctx<'_>, rec: &mut RunRecord) -> anyhow::R
     let rate = capacity * s.overload_factor;
     ctx.set_paused(true).await?;
     let rss = ctx.pid.map(RssSampler::start);
-    let cpu = CpuSnapshot::take(ctx.pid).await;
-    let live = Arc::new(AtomicU64::new(0));
-    let ticker = ctx
-        .progress
-        .timed("W4", s.overload_duration, Arc::clone(&live), "accepted");
-    let report = generator::open_loop(
-        &ctx.endpoint,
-        jobs_uri(),
-        Some(ctx.job_body()?),
-        rate,
-        s.overload_duration,
-        s.max_in_flight,
-        live,
-    )
-    .await;
-    let cpu = cpu_since(ctx, cpu).await;
-    drop(ticker);
+    let measured = ctx
+        .paced_jobs("W4", rate, s.overload_duration, "accepted")
+        .await;
     let peak = match rss {
         Some(r) => r.finish().await,
         None => None,
     };
-    let report = report?;
+    let (report, cpu) = measured?;
     let t = &report.tally;
     let goodput = per_sec(t.ok, report.elapsed);
     let scheduled = report.scheduled.max(1) as f64;

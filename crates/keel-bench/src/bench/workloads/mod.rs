@@ -15,6 +15,8 @@ mod enqueue;
 mod footprint;
 mod pickup;
 
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context as _;
@@ -33,7 +35,7 @@ use self::pickup::{w2_steady, w2p_paced, w2x_external_pickup};
 use super::machine::{CpuSnapshot, CpuUsage};
 use super::report::RunRecord;
 use super::{Settings, Workload};
-use crate::generator::Endpoint;
+use crate::generator::{self, Endpoint, OpenReport};
 use crate::progress::Progress;
 use crate::stats::{KIB_PER_MIB, Latency};
 
@@ -352,6 +354,37 @@ impl Ctx<'_> {
             );
         }
         Ok(lat)
+    }
+
+    /// Enqueues this workload's job on an open-model schedule of `rate` per second for
+    /// `duration` (W2p, W4), under a progress bar `label` counting `what`; returns the
+    /// generator's report and who used the cores meanwhile.
+    async fn paced_jobs(
+        &self,
+        label: &str,
+        rate: f64,
+        duration: Duration,
+        what: &'static str,
+    ) -> anyhow::Result<(OpenReport, Option<CpuUsage>)> {
+        let body = self.job_body()?;
+        let cpu = CpuSnapshot::take(self.pid).await;
+        let live = Arc::new(AtomicU64::new(0));
+        let ticker = self
+            .progress
+            .timed(label, duration, Arc::clone(&live), what);
+        let report = generator::open_loop(
+            &self.endpoint,
+            jobs_uri(),
+            Some(body),
+            rate,
+            duration,
+            self.settings.max_in_flight,
+            live,
+        )
+        .await;
+        let cpu = cpu_since(self, cpu).await;
+        drop(ticker);
+        Ok((report?, cpu))
     }
 
     fn job_body(&self) -> anyhow::Result<Bytes> {

@@ -121,26 +121,10 @@ pub(super) async fn w2_steady(
 pub(super) async fn w2p_paced(ctx: &Ctx<'_>, rec: &mut RunRecord) -> anyhow::Result<()> {
     let s = ctx.settings;
     ctx.settle("the previous workload").await?;
-    let body = ctx.job_body()?;
     let cursor = v7_cursor(SystemTime::now());
-    let cpu = CpuSnapshot::take(ctx.pid).await;
-    let live = Arc::new(AtomicU64::new(0));
-    let ticker = ctx
-        .progress
-        .timed("W2p", s.duration, Arc::clone(&live), "enqueued");
-    let report = generator::open_loop(
-        &ctx.endpoint,
-        jobs_uri(),
-        Some(body),
-        s.paced_rate,
-        s.duration,
-        s.max_in_flight,
-        live,
-    )
-    .await;
-    let cpu = cpu_since(ctx, cpu).await;
-    drop(ticker);
-    let report = report?;
+    let (report, cpu) = ctx
+        .paced_jobs("W2p", s.paced_rate, s.duration, "enqueued")
+        .await?;
     let t = &report.tally;
     rec.set("w2p.request_p99_ms", t.latency.quantile_ms(0.99));
     rec.set(
