@@ -21,15 +21,15 @@ use uuid::Uuid;
 
 use crate::codec;
 
-/// The columns of a job, in the order `rows::job_from_row` decodes them. JSON columns come
-/// back as text: `args` and `result` must round-trip byte for byte, and the structured
+/// The columns of a job, in the order [`job_from_row`] decodes them. JSON columns come
+/// back as text: `args`, `result` and `meta` must round-trip byte for byte, and the structured
 /// columns are parsed by the same codec the SQLite store uses.
 pub(super) const COLUMNS: &str = "j.id, j.queue, j.kind, j.tenant, j.args::text, j.priority, \
      j.state, j.attempt, j.max_attempts, j.timeout_ms, j.backoff::text, j.tags::text, j.run_at, \
      j.errors::text, j.result::text, j.lease_owner, j.lease_token, j.lease_expires_at, \
      j.created_at, j.started_at, j.finished_at, j.unique_key, j.unique_scope, j.meta::text";
 
-/// The columns of a schedule, in the order `rows::schedule_from_row` decodes them, the table
+/// The columns of a schedule, in the order [`schedule_from_row`] decodes them, the table
 /// aliased `s`. The template comes back as text so its args keep their bytes.
 pub(super) const SCHEDULE_COLUMNS: &str = "s.tenant, s.name, s.cron, s.timezone, s.job::text, \
      s.paused, s.catch_up_ms, s.last_tick_at, s.created_at, s.updated_at";
