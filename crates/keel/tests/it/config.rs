@@ -266,27 +266,23 @@ async fn the_schedule_commands_pause_and_resume() {
         return;
     };
     let url = app.url("");
-    // The child runs while this runtime serves it: awaited, never blocking a worker thread.
-    let keel = |args: &[&str]| {
-        tokio::process::Command::new(env!("CARGO_BIN_EXE_keel"))
-            .args(args)
-            .args(["--url", &url])
-            .output()
-    };
-    let out = keel(&[
-        "schedule",
-        "create",
-        "nightly",
-        "--cron",
-        "0 3 * * *",
-        "--kind",
-        "noop",
-    ])
+    let out = cli(
+        &url,
+        &[
+            "schedule",
+            "create",
+            "nightly",
+            "--cron",
+            "0 3 * * *",
+            "--kind",
+            "noop",
+        ],
+    )
     .await
     .unwrap();
     assert_eq!(out.status.code(), Some(0), "{out:?}");
     for (command, paused) in [("pause", true), ("resume", false)] {
-        let out = keel(&["schedule", command, "nightly"]).await.unwrap();
+        let out = cli(&url, &["schedule", command, "nightly"]).await.unwrap();
         assert_eq!(out.status.code(), Some(0), "{out:?}");
         let shown: serde_json::Value = app.get("/v1/schedules/nightly").await.json().await.unwrap();
         assert_eq!(shown["paused"], paused, "after {command}: {shown}");
@@ -305,26 +301,23 @@ async fn the_enqueue_command_sends_tags_and_meta() {
         return;
     };
     let url = app.url("");
-    let keel = |args: &[&str]| {
-        tokio::process::Command::new(env!("CARGO_BIN_EXE_keel"))
-            .args(args)
-            .args(["--url", &url])
-            .output()
-    };
-    let out = keel(&[
-        "enqueue",
-        "noop",
-        "--args",
-        r#"{"a":  1}"#,
-        "--tag",
-        "x",
-        "--tag",
-        "y",
-        "--meta",
-        r#"{"trace": "t-1"}"#,
-        "--priority",
-        "2",
-    ])
+    let out = cli(
+        &url,
+        &[
+            "enqueue",
+            "noop",
+            "--args",
+            r#"{"a":  1}"#,
+            "--tag",
+            "x",
+            "--tag",
+            "y",
+            "--meta",
+            r#"{"trace": "t-1"}"#,
+            "--priority",
+            "2",
+        ],
+    )
     .await
     .unwrap();
     assert_eq!(out.status.code(), Some(0), "{out:?}");
@@ -345,10 +338,14 @@ async fn the_enqueue_command_sends_tags_and_meta() {
     assert_eq!(stored["priority"], 2, "{stored}");
     assert_eq!(stored["args"], serde_json::json!({"a": 1}), "{stored}");
 
-    let out = keel(&["enqueue", "noop", "--meta", "{nope"]).await.unwrap();
+    let out = cli(&url, &["enqueue", "noop", "--meta", "{nope"])
+        .await
+        .unwrap();
     assert_eq!(out.status.code(), Some(2), "{out:?}");
     assert!(String::from_utf8_lossy(&out.stderr).contains("--meta is not valid JSON"));
-    let out = keel(&["enqueue", "noop", "--meta", "[1]"]).await.unwrap();
+    let out = cli(&url, &["enqueue", "noop", "--meta", "[1]"])
+        .await
+        .unwrap();
     assert_eq!(out.status.code(), Some(1), "{out:?}");
     let said = format!(
         "{}{}",
@@ -360,4 +357,14 @@ async fn the_enqueue_command_sends_tags_and_meta() {
         "{said}"
     );
     app.stop().await;
+}
+
+/// Runs `keel <args> --url <url>` as a client of a test server. The child runs while this
+/// runtime serves the server: awaited, never blocking a worker thread.
+async fn cli(url: &str, args: &[&str]) -> std::io::Result<std::process::Output> {
+    tokio::process::Command::new(env!("CARGO_BIN_EXE_keel"))
+        .args(args)
+        .args(["--url", url])
+        .output()
+        .await
 }
