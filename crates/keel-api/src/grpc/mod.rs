@@ -26,6 +26,9 @@ pub mod pb {
     pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("keel_descriptor");
 }
 
+/// Most calls one HTTP/2 connection may have in flight.
+const MAX_STREAMS: u32 = 256;
+
 /// Serves the gRPC API on `listener` until `shutdown` is cancelled, then stops gracefully:
 /// health turns NOT_SERVING first, new calls are refused, calls in flight finish.
 ///
@@ -86,6 +89,12 @@ pub async fn serve(
 
     let incoming = tonic::transport::server::TcpIncoming::from(listener);
     Server::builder()
+        // Bounds until the shared interceptors (admission, deadlines) apply here too: a
+        // call gets at most the HTTP request deadline (tonic also honours a shorter
+        // `grpc-timeout`), and one connection at most MAX_STREAMS calls at once.
+        .timeout(state.config.request_timeout)
+        .max_concurrent_streams(MAX_STREAMS)
+        .concurrency_limit_per_connection(MAX_STREAMS as usize)
         .add_service(health)
         .add_optional_service(reflection_v1)
         .add_optional_service(reflection_v1alpha)
