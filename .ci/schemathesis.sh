@@ -45,6 +45,7 @@ KEEL_MAX_LEASE_WAIT=100ms \
 KEEL_DATABASE_URL="sqlite://$work/keel.db" \
 KEEL_ADDR="127.0.0.1:$port" \
 KEEL_ADMIN_ADDR=off \
+KEEL_GRPC_ADDR=off \
 KEEL_API_KEYS="default=$digest:operator" \
 KEEL_QUEUES=schemathesis-served:1 \
 KEEL_REQUEST_TIMEOUT=500ms \

@@ -121,7 +121,11 @@ pub(crate) struct KeyDigest(pub(crate) [u8; 32]);
 
 /// The token of an `Authorization: Bearer <token>` header (scheme case-insensitive).
 pub(crate) fn bearer_token(headers: &HeaderMap) -> Option<&str> {
-    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    bearer(headers.get(header::AUTHORIZATION)?.to_str().ok()?)
+}
+
+/// The token of an `Authorization` value `Bearer <token>` (HTTP header or gRPC metadata).
+pub(crate) fn bearer(value: &str) -> Option<&str> {
     let (scheme, token) = value.trim().split_once(' ')?;
     let token = token.trim();
     (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
@@ -142,42 +146,52 @@ pub(crate) async fn authenticate(
     next: Next,
 ) -> Response {
     RequestScope::enter_current(Step::Auth);
+    match resolve_caller(&state, bearer_token(req.headers())).await {
+        Ok((caller, digest)) => {
+            if let Some(digest) = digest {
+                req.extensions_mut().insert(digest);
+            }
+            req.extensions_mut().insert(caller);
+            next.run(req).await
+        }
+        Err(e) => e.into_response(),
+    }
+}
+
+/// Who is calling, from the bearer token a request presented: the check every transport
+/// runs before its handler (the HTTP layer above, the gRPC services). Applies the chaos
+/// faults of the `auth` dependency (`SLOW_AUTH`) first, whether or not keys are configured;
+/// returns the key's digest for the per-key rate limit when keys are configured.
+pub(crate) async fn resolve_caller(
+    state: &ApiState,
+    token: Option<&str>,
+) -> Result<(Caller, Option<KeyDigest>), ApiError> {
     if let Err(fault) = state.chaos.inject(Dependency::Auth).await {
-        return ApiError::Unavailable {
+        return Err(ApiError::Unavailable {
             detail: "authentication is unavailable; retry shortly".to_owned(),
             retry_after_secs: 1,
             cause: Some(Box::new(fault)),
-        }
-        .into_response();
+        });
     }
     let keys = &state.config.api_keys;
-    let caller = if keys.is_empty() {
-        Caller::unrestricted()
-    } else {
-        let Some(token) = bearer_token(req.headers()) else {
-            return ApiError::Unauthorized.into_response();
-        };
-        let digest = hash_api_key(token);
-        // Compare with every key, without stopping at the first match.
-        let mut found = None;
-        for key in keys {
-            if digests_equal(&digest, &key.sha256) && found.is_none() {
-                found = Some((key.tenant.clone(), key.role));
-            }
+    if keys.is_empty() {
+        return Ok((Caller::unrestricted(), None));
+    }
+    let token = token.ok_or(ApiError::Unauthorized)?;
+    let digest = hash_api_key(token);
+    // Compare with every key, without stopping at the first match.
+    let mut found = None;
+    for key in keys {
+        if digests_equal(&digest, &key.sha256) && found.is_none() {
+            found = Some((key.tenant.clone(), key.role));
         }
-        match found {
-            Some((tenant, role)) => {
-                req.extensions_mut().insert(KeyDigest(digest));
-                match role {
-                    Role::Tenant => Caller::tenant(tenant),
-                    Role::Operator => Caller::operator(tenant),
-                }
-            }
-            None => return ApiError::Unauthorized.into_response(),
-        }
+    }
+    let (tenant, role) = found.ok_or(ApiError::Unauthorized)?;
+    let caller = match role {
+        Role::Tenant => Caller::tenant(tenant),
+        Role::Operator => Caller::operator(tenant),
     };
-    req.extensions_mut().insert(caller);
-    next.run(req).await
+    Ok((caller, Some(KeyDigest(digest))))
 }
 
 #[cfg(test)]

@@ -309,7 +309,7 @@ impl ApiError {
     }
 
     /// The full cause chain, for the log line of a `5xx`.
-    fn cause(&self) -> Option<String> {
+    pub(crate) fn cause(&self) -> Option<String> {
         let source: &(dyn StdError + 'static) = match self {
             ApiError::Internal(e) => e.as_ref(),
             ApiError::Unavailable { cause: Some(e), .. } => e.as_ref(),

@@ -79,11 +79,19 @@ impl<S: Send + Sync> FromRequestParts<S> for IdempotencyKeyHeader {
 
 /// An `Idempotency-Key` header's value; `400` naming what is wrong with it.
 pub(crate) fn parse_idempotency_key(v: &HeaderValue) -> Result<IdempotencyKey, ApiError> {
-    let bad = |reason: String| ApiError::BadRequest(format!("invalid Idempotency-Key: {reason}"));
-    let s = v
-        .to_str()
-        .map_err(|_| bad("may contain only visible ASCII characters".to_owned()))?;
-    IdempotencyKey::parse(s).map_err(|e| bad(e.reason))
+    let s = v.to_str().map_err(|_| {
+        ApiError::BadRequest(
+            "invalid Idempotency-Key: may contain only visible ASCII characters".to_owned(),
+        )
+    })?;
+    parse_idempotency_key_text(s)
+}
+
+/// An idempotency key as sent (the `Idempotency-Key` header, or gRPC's `idempotency-key`
+/// metadata), `400` / `INVALID_ARGUMENT` saying why when it is not one.
+pub(crate) fn parse_idempotency_key_text(s: &str) -> Result<IdempotencyKey, ApiError> {
+    IdempotencyKey::parse(s)
+        .map_err(|e| ApiError::BadRequest(format!("invalid Idempotency-Key: {}", e.reason)))
 }
 
 /// Parses a query string given as its `(name, value)` pairs, reporting every bad parameter

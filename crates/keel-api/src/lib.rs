@@ -4,6 +4,9 @@
 //! rate limits), with one [`ApiError`] type that renders every failure as
 //! `application/problem+json` (RFC 9457).
 //!
+//! [`grpc::serve`] serves the same API over gRPC (`keel.v1`, from `proto/keel/v1/keel.proto`):
+//! a second adapter over [`service`], with one mapping of [`ApiError`] onto a gRPC status.
+//!
 //! [`admin::router`] serves the admin listener (loopback by default, a bearer token when
 //! not): CPU and heap profiles and task dumps (from keel-diag), the effective configuration
 //! and the chaos switches.
@@ -21,6 +24,7 @@ pub mod config;
 pub mod error;
 #[cfg(any(test, feature = "fuzzing"))]
 pub mod fuzzing;
+pub mod grpc;
 pub mod job_cache;
 pub mod listener;
 pub mod middleware;

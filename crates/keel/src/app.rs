@@ -45,6 +45,8 @@ pub struct App {
     api_listener: TcpListener,
     /// `None` when the admin listener is switched off (`--admin-addr off`).
     admin_listener: Option<TcpListener>,
+    /// `None` when the gRPC listener is switched off (`--grpc-addr off`).
+    grpc_listener: Option<TcpListener>,
     metrics: PrometheusHandle,
     readiness: Readiness,
 }
@@ -89,14 +91,8 @@ impl App {
                 addr: config.addr,
                 source: e,
             })?;
-        let admin_listener = match config.admin_addr {
-            Some(addr) => Some(TcpListener::bind(addr).await.map_err(|e| BindError {
-                what: "admin",
-                addr,
-                source: e,
-            })?),
-            None => None,
-        };
+        let admin_listener = bind_optional("admin", config.admin_addr).await?;
+        let grpc_listener = bind_optional("gRPC", config.grpc_addr).await?;
         let handle =
             RuntimeHandle::new(config.queues.iter().map(|q| q.name.clone()), EVENT_CAPACITY);
         let handlers = Handlers::builtin(&config.webhook_config(&chaos));
@@ -109,6 +105,7 @@ impl App {
             handlers,
             api_listener,
             admin_listener,
+            grpc_listener,
             metrics,
             readiness: Readiness::default(),
         })
@@ -128,6 +125,14 @@ impl App {
     /// The address the admin listener is bound to (`None` when it is switched off).
     pub fn admin_addr(&self) -> anyhow::Result<Option<SocketAddr>> {
         Ok(match &self.admin_listener {
+            Some(l) => Some(l.local_addr()?),
+            None => None,
+        })
+    }
+
+    /// The address the gRPC listener is bound to (`None` when it is switched off).
+    pub fn grpc_addr(&self) -> anyhow::Result<Option<SocketAddr>> {
+        Ok(match &self.grpc_listener {
             Some(l) => Some(l.local_addr()?),
             None => None,
         })
@@ -162,6 +167,7 @@ impl App {
             handlers,
             api_listener,
             admin_listener,
+            grpc_listener,
             metrics,
             readiness,
         } = self;
@@ -170,6 +176,10 @@ impl App {
             .context("reading the API address")?;
         let admin_addr = match &admin_listener {
             Some(l) => Some(l.local_addr().context("reading the admin address")?),
+            None => None,
+        };
+        let grpc_addr = match &grpc_listener {
+            Some(l) => Some(l.local_addr().context("reading the gRPC address")?),
             None => None,
         };
         // Every handler is registered by now: the catalog of what runs here is final.
@@ -204,6 +214,15 @@ impl App {
         let cache_events =
             tokio::spawn(api_state.follow_job_events(root.child_token().cancelled_owned()));
         let http_stop = root.child_token();
+        // The gRPC listener closes with the HTTP one; its health service turns NOT_SERVING
+        // as soon as readiness fails, before that.
+        let grpc = grpc_listener.map(|listener| {
+            tokio::spawn(keel_api::grpc::serve(
+                api_state.clone(),
+                listener,
+                http_stop.clone(),
+            ))
+        });
         let api = tokio::spawn(keel_api::listener::serve(
             api_listener,
             keel_api::router(api_state),
@@ -245,6 +264,7 @@ impl App {
         tracing::info!(
             addr = %api_addr,
             admin_addr = %admin_addr.map_or_else(|| "off".to_owned(), |a| a.to_string()),
+            grpc_addr = %grpc_addr.map_or_else(|| "off".to_owned(), |a| a.to_string()),
             database = %config.database_url_kind(),
             queues = ?config.queues.iter().map(|q| format!("{}:{}", q.name, q.concurrency)).collect::<Vec<_>>(),
             "keel is serving"
@@ -276,6 +296,14 @@ impl App {
             Ok(Err(e)) => tracing::error!(error = %e, "API server task failed"),
             Err(_) => tracing::warn!("in-flight requests did not finish within the grace period"),
         }
+        if let Some(grpc) = grpc {
+            match tokio::time::timeout_at(deadline, grpc).await {
+                Ok(Ok(Ok(()))) => tracing::info!("gRPC drained: calls in flight finished"),
+                Ok(Ok(Err(e))) => tracing::error!(error = %e, "gRPC server failed"),
+                Ok(Err(e)) => tracing::error!(error = %e, "gRPC server task failed"),
+                Err(_) => tracing::warn!("gRPC calls did not finish within the grace period"),
+            }
+        }
         let report = runtime
             .shutdown_within(deadline.saturating_duration_since(Instant::now()))
             .await;
@@ -294,6 +322,20 @@ impl App {
         store.close().await;
         tracing::info!("store closed; bye");
         Ok(())
+    }
+}
+
+/// Binds an optional listener (`None`: switched off).
+async fn bind_optional(
+    what: &'static str,
+    addr: Option<SocketAddr>,
+) -> Result<Option<TcpListener>, BindError> {
+    match addr {
+        Some(addr) => TcpListener::bind(addr)
+            .await
+            .map(Some)
+            .map_err(|source| BindError { what, addr, source }),
+        None => Ok(None),
     }
 }
 

@@ -89,6 +89,7 @@ class KeelServer:
                 "KEEL_DATABASE_URL": database_url,
                 "KEEL_ADDR": "127.0.0.1:0",
                 "KEEL_ADMIN_ADDR": "off",
+                "KEEL_GRPC_ADDR": "off",
                 "KEEL_LOG_FORMAT": "json",
                 "KEEL_MAINTENANCE_INTERVAL": "200ms",
                 # `default` is served by the built-in executors; every other queue (py-work…)

@@ -151,6 +151,7 @@ export class KeelServer {
       KEEL_DATABASE_URL: databaseUrl,
       KEEL_ADDR: "127.0.0.1:0",
       KEEL_ADMIN_ADDR: "off",
+      KEEL_GRPC_ADDR: "off",
       KEEL_LOG_FORMAT: "json",
       KEEL_LOG_LEVEL: "warn,keel::app=info",
       KEEL_MAINTENANCE_INTERVAL: "200ms",

@@ -79,7 +79,7 @@ pub(crate) fn render_job(jobs: &[Job], requested: &[JobId]) -> StoredResponse {
 
 /// Renders `POST /v1/jobs/batch`: every job, in order (holders of unique keys in place of
 /// the jobs they kept out).
-fn render_batch(jobs: &[Job], _requested: &[JobId]) -> StoredResponse {
+pub(crate) fn render_batch(jobs: &[Job], _requested: &[JobId]) -> StoredResponse {
     created(&BatchOut {
         jobs: jobs.iter().cloned().map(JobOut::from).collect(),
     })
@@ -269,48 +269,29 @@ pub(crate) async fn get_job_result(
     caller: Caller,
     JobIdPath(id): JobIdPath,
 ) -> Result<Response, ApiError> {
-    let job = visible_job(&state, &caller, id).await?;
-    match job.state {
-        JobState::Completed => {
-            let result = job
-                .result
-                .or_else(|| serde_json::value::RawValue::from_string("null".to_owned()).ok());
-            Ok(Json(JobResultOut {
+    let job = service::result(&state, &caller, id).await?;
+    Ok(if job.state == JobState::Completed {
+        let result = job
+            .result
+            .or_else(|| serde_json::value::RawValue::from_string("null".to_owned()).ok());
+        Json(JobResultOut {
+            id,
+            state: job.state,
+            result,
+        })
+        .into_response()
+    } else {
+        (
+            StatusCode::ACCEPTED,
+            [(header::RETRY_AFTER, "1")],
+            Json(JobResultOut {
                 id,
                 state: job.state,
-                result,
-            })
-            .into_response())
-        }
-        JobState::Discarded => {
-            let last = job.errors.last().map_or_else(
-                || "no error was recorded".to_owned(),
-                |e| format!("last error (attempt {}): {}", e.attempt, e.message),
-            );
-            Err(ApiError::JobNotCompleted {
-                job_id: id,
-                state: job.state,
-                detail: format!("job {id} was discarded and has no result; {last}"),
-            })
-        }
-        JobState::Cancelled => Err(ApiError::JobNotCompleted {
-            job_id: id,
-            state: job.state,
-            detail: format!("job {id} was cancelled and has no result"),
-        }),
-        JobState::Scheduled | JobState::Available | JobState::Running | JobState::Retryable => {
-            Ok((
-                StatusCode::ACCEPTED,
-                [(header::RETRY_AFTER, "1")],
-                Json(JobResultOut {
-                    id,
-                    state: job.state,
-                    result: None,
-                }),
-            )
-                .into_response())
-        }
-    }
+                result: None,
+            }),
+        )
+            .into_response()
+    })
 }
 
 /// Cancel a job that has not finished. A running job's lease is revoked and, if it runs in

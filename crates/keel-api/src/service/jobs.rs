@@ -6,7 +6,7 @@
 //! response stores.
 
 use keel_core::store::{IdempotentInsert, IdempotentOutcome, JobPage, ListParams, StoredResponse};
-use keel_core::{IdempotencyKey, Job, JobId, NewJob, QueueName, TenantId};
+use keel_core::{IdempotencyKey, Job, JobId, JobState, NewJob, QueueName, TenantId};
 use keel_resilience::{RequestScope, Step};
 use keel_runtime::JobEvent;
 use serde::Deserialize;
@@ -163,6 +163,36 @@ pub(crate) async fn visible_job(
         Ok(job)
     } else {
         Err(ApiError::job_not_found(id))
+    }
+}
+
+/// A job's result as far as it goes: the job once completed, or while still on its way; a
+/// discarded or cancelled job has none (`JobNotCompleted`, with a discarded job's last
+/// error).
+pub(crate) async fn result(state: &ApiState, caller: &Caller, id: JobId) -> Result<Job, ApiError> {
+    let job = visible_job(state, caller, id).await?;
+    match job.state {
+        JobState::Discarded => {
+            let last = job.errors.last().map_or_else(
+                || "no error was recorded".to_owned(),
+                |e| format!("last error (attempt {}): {}", e.attempt, e.message),
+            );
+            Err(ApiError::JobNotCompleted {
+                job_id: id,
+                state: job.state,
+                detail: format!("job {id} was discarded and has no result; {last}"),
+            })
+        }
+        JobState::Cancelled => Err(ApiError::JobNotCompleted {
+            job_id: id,
+            state: job.state,
+            detail: format!("job {id} was cancelled and has no result"),
+        }),
+        JobState::Scheduled
+        | JobState::Available
+        | JobState::Running
+        | JobState::Retryable
+        | JobState::Completed => Ok(job),
     }
 }
 

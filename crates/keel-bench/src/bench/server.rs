@@ -139,6 +139,7 @@ impl Spawned {
         }
         cmd.env("KEEL_ADDR", "127.0.0.1:0")
             .env("KEEL_ADMIN_ADDR", "127.0.0.1:0")
+            .env("KEEL_GRPC_ADDR", "off")
             .env("KEEL_DATABASE_URL", &spec.database_url)
             .env(
                 "KEEL_QUEUES",

@@ -32,6 +32,10 @@ settings! {
     /// API listener address. Non-loopback addresses require API keys.
     addr: SocketAddr = "127.0.0.1:8080",
         env "KEEL_ADDR", value "HOST:PORT", parse parse_addr;
+    /// gRPC listener address (keel.v1, health, reflection), or `off` for none. Like the API,
+    /// a non-loopback address requires API keys.
+    grpc_addr: Option<SocketAddr> = "127.0.0.1:50051",
+        env "KEEL_GRPC_ADDR", value "HOST:PORT|off", parse addr_or_off;
     /// Admin listener address (/debug/*: profiles, task dumps, config, chaos), or `off` for
     /// none. Keep it on loopback; a non-loopback address requires --admin-token.
     admin_addr: Option<SocketAddr> = "127.0.0.1:9000",

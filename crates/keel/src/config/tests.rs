@@ -79,6 +79,41 @@ fn public_bind_needs_keys_or_explicit_insecurity() {
     assert_eq!(Config::resolve(&keyed).unwrap().api_keys.len(), 1);
 }
 
+/// The gRPC listener follows the API's rule (G8): loopback by default, `off` for none, and
+/// a non-loopback address only with API keys or `--insecure-no-auth`.
+#[test]
+fn a_public_grpc_listener_needs_api_keys() {
+    let c = Config::resolve(&ServeArgs::default()).unwrap();
+    assert!(
+        c.grpc_addr
+            .is_some_and(|a| a.ip().is_loopback() && a.port() == 50051)
+    );
+    let off = Config::resolve(&ServeArgs {
+        grpc_addr: Some("off".into()),
+        ..ServeArgs::default()
+    })
+    .unwrap();
+    assert_eq!(off.grpc_addr, None);
+    let public = ServeArgs {
+        grpc_addr: Some("0.0.0.0:50051".into()),
+        ..ServeArgs::default()
+    };
+    let err = Config::resolve(&public).unwrap_err();
+    assert_eq!(err.0.len(), 1, "{err}");
+    assert_eq!(err.0[0].0, "grpc_addr", "{err}");
+    assert!(err.0[0].1.contains("without API keys"), "{err}");
+    let keyed = ServeArgs {
+        api_keys: Some(format!("acme={}", "ab".repeat(32))),
+        ..public.clone()
+    };
+    assert!(Config::resolve(&keyed).is_ok());
+    let accepted = ServeArgs {
+        insecure_no_auth: Some("true".into()),
+        ..public
+    };
+    assert!(Config::resolve(&accepted).is_ok());
+}
+
 #[test]
 fn admin_listener_can_be_switched_off() {
     let c = Config::resolve(&ServeArgs {

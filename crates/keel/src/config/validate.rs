@@ -71,20 +71,27 @@ fn nested_limits(p: &Parsed, problems: &mut Problems) {
     }
 }
 
-/// The API on a non-loopback address needs API keys, unless the risk is accepted by name.
+/// The API, over HTTP or gRPC, on a non-loopback address needs API keys, unless the risk
+/// is accepted by name.
 fn api_exposure(p: &Parsed, problems: &mut Problems) {
-    if let (Some(addr), Some(keys), Some(insecure)) = (p.addr, &p.api_keys, p.insecure_no_auth)
-        && !addr.ip().is_loopback()
-        && keys.is_empty()
-        && !insecure
-    {
-        problem(
-            problems,
-            "addr",
-            format!(
-                "refusing to listen on non-loopback {addr} without API keys: set KEEL_API_KEYS, or pass --insecure-no-auth to accept the risk"
-            ),
-        );
+    let (Some(keys), Some(insecure)) = (&p.api_keys, p.insecure_no_auth) else {
+        return;
+    };
+    if !keys.is_empty() || insecure {
+        return;
+    }
+    for (field, addr) in [("addr", p.addr), ("grpc_addr", p.grpc_addr.flatten())] {
+        if let Some(addr) = addr
+            && !addr.ip().is_loopback()
+        {
+            problem(
+                problems,
+                field,
+                format!(
+                    "refusing to listen on non-loopback {addr} without API keys: set KEEL_API_KEYS, or pass --insecure-no-auth to accept the risk"
+                ),
+            );
+        }
     }
 }
 

@@ -28,12 +28,14 @@ pub struct KeelProcess {
     pub base: String,
     /// `http://<admin addr>`.
     pub admin: String,
+    /// `http://<gRPC addr>`.
+    pub grpc: String,
     /// Its stdout log lines after the announcement, in order.
     logs: Arc<Mutex<Vec<String>>>,
 }
 
-/// The API and admin addresses from the "keel is serving" JSON log line.
-fn serving_addrs(line: &str) -> Option<(String, String)> {
+/// The API, admin and gRPC addresses from the "keel is serving" JSON log line.
+fn serving_addrs(line: &str) -> Option<(String, String, String)> {
     let v: serde_json::Value = serde_json::from_str(line).ok()?;
     let field = |name: &str| {
         v.get(name)
@@ -43,7 +45,7 @@ fn serving_addrs(line: &str) -> Option<(String, String)> {
     };
     let message = field("message")?;
     (message == "keel is serving").then_some(())?;
-    Some((field("addr")?, field("admin_addr")?))
+    Some((field("addr")?, field("admin_addr")?, field("grpc_addr")?))
 }
 
 impl KeelProcess {
@@ -59,6 +61,7 @@ impl KeelProcess {
             }
         }
         cmd.env("KEEL_ADDR", "127.0.0.1:0")
+            .env("KEEL_GRPC_ADDR", "127.0.0.1:0")
             .env("KEEL_ADMIN_ADDR", "127.0.0.1:0")
             .env("KEEL_DATABASE_URL", database_url)
             .env("KEEL_LOG_FORMAT", "json")
@@ -96,7 +99,7 @@ impl KeelProcess {
                 }
             }
         });
-        let (api, admin) = tokio::time::timeout(STARTUP, rx)
+        let (api, admin, grpc) = tokio::time::timeout(STARTUP, rx)
             .await
             .expect("keel did not announce its listeners in time")
             .expect("keel exited before announcing its listeners");
@@ -105,6 +108,7 @@ impl KeelProcess {
             pid,
             base: format!("http://{api}"),
             admin: format!("http://{admin}"),
+            grpc: format!("http://{grpc}"),
             logs,
         }
     }

@@ -126,6 +126,7 @@ fn a_port_in_use_exits_71() {
         .current_dir(dir.path())
         .env("KEEL_ADDR", &addr)
         .env("KEEL_ADMIN_ADDR", "off")
+        .env("KEEL_GRPC_ADDR", "off")
         .env("KEEL_LOG_FORMAT", "json")
         .output()
         .unwrap();
@@ -163,6 +164,7 @@ async fn startup_waits_for_a_database_that_is_not_up_yet() {
         .env("KEEL_DATABASE_WAIT", "1s")
         .env("KEEL_ADDR", "127.0.0.1:0")
         .env("KEEL_ADMIN_ADDR", "off")
+        .env("KEEL_GRPC_ADDR", "off")
         .env("KEEL_LOG_FORMAT", "json")
         .output()
         .await
@@ -223,6 +225,7 @@ async fn startup_waits_for_a_database_that_is_not_up_yet() {
         .env("KEEL_DATABASE_WAIT", "1h")
         .env("KEEL_ADDR", "127.0.0.1:0")
         .env("KEEL_ADMIN_ADDR", "off")
+        .env("KEEL_GRPC_ADDR", "off")
         .env("KEEL_LOG_FORMAT", "json")
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())

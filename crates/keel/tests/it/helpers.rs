@@ -28,6 +28,8 @@ pub enum Backing {
 /// A running Keel for one test.
 pub struct TestApp {
     pub admin_addr: SocketAddr,
+    /// The gRPC listener (on in [`test_args`]).
+    pub grpc_addr: Option<SocketAddr>,
     pub base: String,
     pub client: Client,
     pub http: reqwest::Client,
@@ -43,6 +45,7 @@ pub fn test_args() -> ServeArgs {
     ServeArgs {
         addr: Some("127.0.0.1:0".into()),
         admin_addr: Some("127.0.0.1:0".into()),
+        grpc_addr: Some("127.0.0.1:0".into()),
         maintenance_interval: Some("25ms".into()),
         poll_interval: Some("200ms".into()),
         shutdown_grace: Some("5s".into()),
@@ -85,6 +88,7 @@ pub async fn spawn_app_with(
     let app = App::build(config, metrics).await.expect("build app");
     let addr = app.api_addr().unwrap();
     let admin_addr = app.admin_addr().unwrap().expect("admin listener on");
+    let grpc_addr = app.grpc_addr().unwrap();
     let (stop, stopped) = oneshot::channel::<()>();
     let task = tokio::spawn(app.run_until_stopped(async move {
         let _ = stopped.await;
@@ -92,6 +96,7 @@ pub async fn spawn_app_with(
     let base = format!("http://{addr}");
     Some(TestApp {
         admin_addr,
+        grpc_addr,
         client: Client::new(base.clone(), None).unwrap(),
         http: reqwest::Client::builder()
             .timeout(Duration::from_secs(30))

@@ -34,6 +34,7 @@ mod chaos_slow;
 mod chaos_webhook;
 mod config;
 mod diagnostics;
+mod grpc;
 mod idempotency;
 mod jobs;
 mod metrics;

@@ -1,0 +1,241 @@
+//! `keel.v1.JobService`: a thin adapter over the same service layer as `/v1/jobs`. Each
+//! call resolves its caller, converts its message, calls the business step and renders the
+//! answer; nothing here decides anything HTTP does not.
+
+use keel_core::store::StoredResponse;
+use keel_wire::{BatchOut, JobOut};
+use prost::Message;
+use tonic::metadata::MetadataMap;
+use tonic::{Request, Response, Status};
+
+use super::convert::{self, Problems};
+use super::pb;
+use super::pb::job_service_server::JobService;
+use crate::auth::{self, Caller};
+use crate::error::ApiError;
+use crate::extract::parse_idempotency_key_text;
+use crate::job_in;
+use crate::routes::jobs::{job_context, list_params, render_batch, render_job};
+use crate::service::jobs::{self as service, InsertRequest, Inserted, insert_jobs, visible_job};
+use crate::state::ApiState;
+
+/// The idempotency fingerprint's route for each RPC: a key is never shared across calls or
+/// with the HTTP routes.
+const ENQUEUE_ROUTE: &str = "grpc:/keel.v1.JobService/Enqueue";
+const ENQUEUE_BATCH_ROUTE: &str = "grpc:/keel.v1.JobService/EnqueueBatch";
+
+/// The `keel.v1.JobService` implementation.
+#[derive(Clone)]
+pub(crate) struct Jobs {
+    pub(crate) state: ApiState,
+}
+
+impl Jobs {
+    /// The caller of a request, from its `authorization` metadata.
+    async fn caller(&self, metadata: &MetadataMap) -> Result<Caller, Status> {
+        let token = metadata
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(auth::bearer);
+        Ok(auth::resolve_caller(&self.state, token).await?.0)
+    }
+}
+
+/// The `idempotency-key` metadata, if sent.
+fn idempotency_key(metadata: &MetadataMap) -> Result<Option<keel_core::IdempotencyKey>, Status> {
+    let Some(v) = metadata.get("idempotency-key") else {
+        return Ok(None);
+    };
+    let text = v.to_str().map_err(|_| {
+        ApiError::BadRequest(
+            "invalid idempotency-key: may contain only visible ASCII characters".to_owned(),
+        )
+    })?;
+    Ok(Some(parse_idempotency_key_text(text)?))
+}
+
+/// A stored enqueue answer (the HTTP rendering, which the idempotency record keeps) as the
+/// value it renders; a stored failure is an internal error.
+fn stored<T: serde::de::DeserializeOwned>(r: &StoredResponse) -> Result<T, Status> {
+    if !(200..300).contains(&r.status) {
+        return Err(ApiError::internal("the stored enqueue answer is a failure").into());
+    }
+    serde_json::from_slice(&r.body)
+        .map_err(|e| ApiError::internal(format!("reading a stored enqueue answer: {e}")).into())
+}
+
+#[tonic::async_trait]
+impl JobService for Jobs {
+    async fn enqueue(
+        &self,
+        request: Request<pb::EnqueueRequest>,
+    ) -> Result<Response<pb::EnqueueResponse>, Status> {
+        let caller = self.caller(request.metadata()).await?;
+        let key = idempotency_key(request.metadata())?;
+        let message = request.into_inner();
+        let fingerprinted = message.encode_to_vec();
+        let Some(spec) = message.job else {
+            return Err(ApiError::Validation(vec![keel_core::FieldError {
+                field: "job".to_owned(),
+                message: "is required".to_owned(),
+            }])
+            .into());
+        };
+        let mut problems = Problems::new(String::new());
+        let body = convert::job_body(spec, &mut problems);
+        let job = convert::checked(
+            job_in::parse_single(&body, &job_context(&self.state, &caller)),
+            problems.list,
+        )?;
+        let req = InsertRequest {
+            route: ENQUEUE_ROUTE,
+            tenant: job.tenant.clone(),
+            key,
+            body: &fingerprinted,
+            jobs: vec![job],
+            render: render_job,
+        };
+        let (response, replayed) = match insert_jobs(&self.state, req).await? {
+            Inserted::Created { response, .. } => (response, false),
+            Inserted::Replayed(response) => (response, true),
+        };
+        let job: JobOut = stored(&response)?;
+        Ok(Response::new(pb::EnqueueResponse {
+            job: Some(job.into()),
+            // A single enqueue answers 200 exactly when it met the holder of its key.
+            unique_conflict: response.status == 200,
+            replayed,
+        }))
+    }
+
+    async fn enqueue_batch(
+        &self,
+        request: Request<pb::EnqueueBatchRequest>,
+    ) -> Result<Response<pb::EnqueueBatchResponse>, Status> {
+        let caller = self.caller(request.metadata()).await?;
+        let key = idempotency_key(request.metadata())?;
+        let message = request.into_inner();
+        let fingerprinted = message.encode_to_vec();
+        let mut problems = Vec::new();
+        let mut jobs = Vec::with_capacity(message.jobs.len());
+        for (i, spec) in message.jobs.into_iter().enumerate() {
+            let mut p = Problems::new(format!("jobs[{i}]."));
+            let body = convert::job_body(spec, &mut p);
+            problems.extend(p.list);
+            // Each is valid JSON of one job: spliced into the batch body as is.
+            jobs.push(String::from_utf8(body).unwrap_or_default());
+        }
+        let body = format!("{{\"jobs\":[{}]}}", jobs.join(","));
+        let jobs = convert::checked(
+            job_in::parse_batch(body.as_bytes(), &job_context(&self.state, &caller)),
+            problems,
+        )?;
+        // Without auth a batch may mix tenants; its key then belongs to the first job's.
+        let tenant = match jobs.first() {
+            Some(j) => j.tenant.clone(),
+            None => caller.tenant_for(None)?,
+        };
+        let req = InsertRequest {
+            route: ENQUEUE_BATCH_ROUTE,
+            tenant,
+            key,
+            body: &fingerprinted,
+            jobs,
+            render: render_batch,
+        };
+        let (response, replayed) = match insert_jobs(&self.state, req).await? {
+            Inserted::Created { response, .. } => (response, false),
+            Inserted::Replayed(response) => (response, true),
+        };
+        let batch: BatchOut = stored(&response)?;
+        Ok(Response::new(pb::EnqueueBatchResponse {
+            jobs: batch.jobs.into_iter().map(pb::Job::from).collect(),
+            replayed,
+        }))
+    }
+
+    async fn get_job(
+        &self,
+        request: Request<pb::GetJobRequest>,
+    ) -> Result<Response<pb::Job>, Status> {
+        let caller = self.caller(request.metadata()).await?;
+        let id = convert::job_id("id", &request.get_ref().id)?;
+        let job = visible_job(&self.state, &caller, id).await?;
+        Ok(Response::new(JobOut::from(job).into()))
+    }
+
+    async fn get_result(
+        &self,
+        request: Request<pb::GetResultRequest>,
+    ) -> Result<Response<pb::JobResult>, Status> {
+        let caller = self.caller(request.metadata()).await?;
+        let id = convert::job_id("id", &request.get_ref().id)?;
+        let job = service::result(&self.state, &caller, id).await?;
+        let done = job.state == keel_core::JobState::Completed;
+        Ok(Response::new(pb::JobResult {
+            id: id.to_string(),
+            state: convert::state(job.state).into(),
+            done,
+            result: done.then(|| {
+                job.result
+                    .map_or_else(|| "null".to_owned(), |r| r.get().to_owned())
+            }),
+        }))
+    }
+
+    async fn cancel_job(
+        &self,
+        request: Request<pb::CancelJobRequest>,
+    ) -> Result<Response<pb::Job>, Status> {
+        let caller = self.caller(request.metadata()).await?;
+        let id = convert::job_id("id", &request.get_ref().id)?;
+        let job = service::cancel(&self.state, &caller, id).await?;
+        Ok(Response::new(JobOut::from(job).into()))
+    }
+
+    async fn retry_job(
+        &self,
+        request: Request<pb::RetryJobRequest>,
+    ) -> Result<Response<pb::Job>, Status> {
+        let caller = self.caller(request.metadata()).await?;
+        let id = convert::job_id("id", &request.get_ref().id)?;
+        let job = service::retry(&self.state, &caller, id).await?;
+        Ok(Response::new(JobOut::from(job).into()))
+    }
+
+    async fn list_jobs(
+        &self,
+        request: Request<pb::ListJobsRequest>,
+    ) -> Result<Response<pb::ListJobsResponse>, Status> {
+        let caller = self.caller(request.metadata()).await?;
+        let q = request.into_inner();
+        // The query HTTP would have received: one parser, the same messages.
+        let mut pairs: Vec<(String, String)> = Vec::new();
+        let mut put = |name: &str, value: Option<String>| {
+            if let Some(v) = value {
+                pairs.push((name.to_owned(), v));
+            }
+        };
+        put("queue", q.queue);
+        put(
+            "state",
+            q.state.map(|n| {
+                convert::state_of(n).map_or_else(|| format!("#{n}"), |s| s.as_str().to_owned())
+            }),
+        );
+        put("kind", q.kind);
+        put("tenant", q.tenant);
+        put("after", q.after);
+        put("limit", q.limit.map(|n| n.to_string()));
+        let params = list_params(pairs)?;
+        let page = service::list(&self.state, &caller, params).await?;
+        Ok(Response::new(pb::ListJobsResponse {
+            jobs: page
+                .jobs
+                .into_iter()
+                .map(|j| JobOut::from(j).into())
+                .collect(),
+            next: page.next.map(|id| id.to_string()),
+        }))
+    }
+}

@@ -1,0 +1,514 @@
+//! The gRPC API (`keel.v1.JobService`) through a real tonic client against the real app:
+//! every call, the status codes and their details, API keys, idempotency, health and
+//! reflection.
+
+use std::time::Duration;
+
+use futures_util::StreamExt as _;
+use keel_api::grpc::pb;
+use keel_api::grpc::pb::job_service_client::JobServiceClient;
+use tonic::transport::Channel;
+use tonic::{Code, Request};
+use tonic_types::StatusExt as _;
+
+use crate::both_backends;
+use crate::helpers::{Backend, TestApp, spawn_app_with, within};
+
+async fn client(app: &TestApp) -> JobServiceClient<Channel> {
+    let addr = app.grpc_addr.expect("the gRPC listener is on in tests");
+    JobServiceClient::connect(format!("http://{addr}"))
+        .await
+        .expect("connect")
+}
+
+fn spec(kind: &str) -> pb::JobSpec {
+    pb::JobSpec {
+        kind: kind.to_owned(),
+        ..Default::default()
+    }
+}
+
+fn enqueue(job: pb::JobSpec) -> pb::EnqueueRequest {
+    pb::EnqueueRequest { job: Some(job) }
+}
+
+/// Every call of JobService on a job's way: enqueue (args and meta byte for byte), get,
+/// list, the result while pending and once completed, cancel, retry.
+async fn job_calls_round_trip(backend: Backend, test: &str) {
+    let Some(app) = spawn_app_with(backend, test, |_| {}).await else {
+        return;
+    };
+    let mut c = client(&app).await;
+    let args = r#"{"b": 1,  "a": [1, 2.50]}"#;
+    let answer = c
+        .enqueue(enqueue(pb::JobSpec {
+            queue: Some("grpc-parked".into()),
+            args: Some(args.into()),
+            priority: Some(2),
+            tags: vec!["x".into()],
+            meta: Some(r#"{"trace": "t-1"}"#.into()),
+            timeout: Some(prost_types::Duration {
+                seconds: 1,
+                nanos: 500_000_000,
+            }),
+            ..spec("echo")
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!answer.replayed && !answer.unique_conflict);
+    let job = answer.job.expect("the job");
+    assert_eq!(job.args, args);
+    assert_eq!(job.meta.as_deref(), Some(r#"{"trace": "t-1"}"#));
+    assert_eq!(job.priority, 2);
+    assert_eq!(job.state(), pb::JobState::Available);
+    assert_eq!(
+        job.timeout.map(|d| (d.seconds, d.nanos)),
+        Some((1, 500_000_000))
+    );
+
+    // The same job over HTTP.
+    let over_http = app.client.get_job(&job.id).await.unwrap();
+    assert_eq!(over_http.args.get(), args);
+
+    let got = c
+        .get_job(pb::GetJobRequest { id: job.id.clone() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(got, job);
+    let page = c
+        .list_jobs(pb::ListJobsRequest {
+            queue: Some("grpc-parked".into()),
+            state: Some(pb::JobState::Available.into()),
+            limit: Some(10),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(page.jobs.len(), 1);
+    assert_eq!(page.jobs[0], job);
+    assert_eq!(page.next, None);
+
+    let pending = c
+        .get_result(pb::GetResultRequest { id: job.id.clone() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!pending.done && pending.result.is_none());
+    assert_eq!(pending.state(), pb::JobState::Available);
+
+    let cancelled = c
+        .cancel_job(pb::CancelJobRequest { id: job.id.clone() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(cancelled.state(), pb::JobState::Cancelled);
+    let none = c
+        .get_result(pb::GetResultRequest { id: job.id.clone() })
+        .await
+        .unwrap_err();
+    assert_eq!(none.code(), Code::FailedPrecondition, "{none:?}");
+    assert_eq!(
+        none.get_details_error_info().map(|i| i.reason),
+        Some("job-not-completed".to_owned())
+    );
+    let again = c
+        .cancel_job(pb::CancelJobRequest { id: job.id.clone() })
+        .await
+        .unwrap_err();
+    assert_eq!(again.code(), Code::FailedPrecondition, "{again:?}");
+    let retried = c
+        .retry_job(pb::RetryJobRequest { id: job.id.clone() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(retried.state(), pb::JobState::Available);
+
+    // A job the built-in workers run: its result, byte for byte as echo returns it.
+    let ran = c
+        .enqueue(enqueue(pb::JobSpec {
+            args: Some(r#"{"n": 7}"#.into()),
+            ..spec("echo")
+        }))
+        .await
+        .unwrap()
+        .into_inner()
+        .job
+        .expect("the job");
+    let result = within(Duration::from_secs(30), "the echo job to complete", async {
+        loop {
+            let r = c
+                .get_result(pb::GetResultRequest { id: ran.id.clone() })
+                .await
+                .unwrap()
+                .into_inner();
+            if r.done {
+                return r;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert_eq!(result.state(), pb::JobState::Completed);
+    assert_eq!(result.result.as_deref(), Some(r#"{"n": 7}"#));
+
+    let batch = c
+        .enqueue_batch(pb::EnqueueBatchRequest {
+            jobs: vec![
+                pb::JobSpec {
+                    queue: Some("grpc-parked".into()),
+                    ..spec("a")
+                },
+                pb::JobSpec {
+                    queue: Some("grpc-parked".into()),
+                    ..spec("b")
+                },
+            ],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let kinds: Vec<_> = batch.jobs.iter().map(|j| j.kind.as_str()).collect();
+    assert_eq!(kinds, ["a", "b"]);
+    app.stop().await;
+}
+both_backends!(job_calls_round_trip);
+
+/// Bad input is INVALID_ARGUMENT with every field listed in BadRequest, under the
+/// message's names; an unknown job is NOT_FOUND; a key reused with another request is
+/// ALREADY_EXISTS, and a retry of the same request replays the original job.
+async fn errors_carry_their_details(backend: Backend, test: &str) {
+    let Some(app) = spawn_app_with(backend, test, |_| {}).await else {
+        return;
+    };
+    let mut c = client(&app).await;
+    let bad = c
+        .enqueue(enqueue(pb::JobSpec {
+            args: Some("{nope".into()),
+            priority: Some(300),
+            timeout: Some(prost_types::Duration {
+                seconds: 0,
+                nanos: 1,
+            }),
+            tags: vec![String::new()],
+            ..spec("echo")
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(bad.code(), Code::InvalidArgument, "{bad:?}");
+    let fields: Vec<String> = bad
+        .get_details_bad_request()
+        .expect("BadRequest details")
+        .field_violations
+        .into_iter()
+        .map(|v| v.field)
+        .collect();
+    for f in ["args", "timeout", "priority", "tags[0]"] {
+        assert!(fields.iter().any(|g| g == f), "{f} missing from {fields:?}");
+    }
+    let missing = c
+        .enqueue(pb::EnqueueRequest { job: None })
+        .await
+        .unwrap_err();
+    assert_eq!(missing.code(), Code::InvalidArgument);
+    let batch = c
+        .enqueue_batch(pb::EnqueueBatchRequest {
+            jobs: vec![
+                spec("noop"),
+                pb::JobSpec {
+                    delay: Some(prost_types::Duration {
+                        seconds: -1,
+                        nanos: 0,
+                    }),
+                    ..spec("noop")
+                },
+            ],
+        })
+        .await
+        .unwrap_err();
+    let fields: Vec<String> = batch
+        .get_details_bad_request()
+        .expect("BadRequest details")
+        .field_violations
+        .into_iter()
+        .map(|v| v.field)
+        .collect();
+    assert_eq!(fields, ["jobs[1].delay"]);
+
+    let unknown = uuid::Uuid::now_v7().to_string();
+    let gone = c
+        .get_job(pb::GetJobRequest {
+            id: unknown.clone(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(gone.code(), Code::NotFound);
+    let info = gone.get_details_error_info().expect("ErrorInfo");
+    assert_eq!(info.reason, "not-found");
+    assert_eq!(info.metadata.get("job_id"), Some(&unknown));
+    let not_an_id = c
+        .cancel_job(pb::CancelJobRequest { id: "42".into() })
+        .await
+        .unwrap_err();
+    assert_eq!(not_an_id.code(), Code::InvalidArgument);
+    let bad_list = c
+        .list_jobs(pb::ListJobsRequest {
+            limit: Some(0),
+            after: Some("x".into()),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(bad_list.code(), Code::InvalidArgument);
+    assert_eq!(
+        bad_list
+            .get_details_bad_request()
+            .map(|b| b.field_violations.len()),
+        Some(2)
+    );
+
+    let keyed = |job: pb::JobSpec| {
+        let mut r = Request::new(enqueue(job));
+        r.metadata_mut()
+            .insert("idempotency-key", "grpc-key-1".parse().unwrap());
+        r
+    };
+    let parked = || pb::JobSpec {
+        queue: Some("grpc-parked".into()),
+        ..spec("noop")
+    };
+    let first = c.enqueue(keyed(parked())).await.unwrap().into_inner();
+    let second = c.enqueue(keyed(parked())).await.unwrap().into_inner();
+    assert!(!first.replayed && second.replayed);
+    assert_eq!(first.job, second.job);
+    let reused = c
+        .enqueue(keyed(pb::JobSpec {
+            priority: Some(1),
+            ..parked()
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(reused.code(), Code::AlreadyExists, "{reused:?}");
+    app.stop().await;
+}
+both_backends!(errors_carry_their_details);
+
+/// With API keys: no key is UNAUTHENTICATED, naming another tenant PERMISSION_DENIED, and a
+/// tenant sees only its own jobs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_keys_guard_the_grpc_api() {
+    let acme = keel_api::hash_api_key("acme-grpc-key-0001");
+    let globex = keel_api::hash_api_key("globex-grpc-key-01");
+    let Some(app) = spawn_app_with(Backend::Sqlite, "grpc::api_keys", |a| {
+        a.api_keys = Some(format!(
+            "acme={},globex={}",
+            hex::encode(acme),
+            hex::encode(globex)
+        ));
+    })
+    .await
+    else {
+        return;
+    };
+    let mut c = client(&app).await;
+    let as_key = |key: &str, job: pb::JobSpec| {
+        let mut r = Request::new(enqueue(job));
+        r.metadata_mut()
+            .insert("authorization", format!("Bearer {key}").parse().unwrap());
+        r
+    };
+    let anonymous = c.enqueue(enqueue(spec("noop"))).await.unwrap_err();
+    assert_eq!(anonymous.code(), Code::Unauthenticated);
+    let wrong = c
+        .enqueue(as_key("not-a-key-at-all-00", spec("noop")))
+        .await
+        .unwrap_err();
+    assert_eq!(wrong.code(), Code::Unauthenticated);
+    let other = c
+        .enqueue(as_key(
+            "acme-grpc-key-0001",
+            pb::JobSpec {
+                tenant: Some("globex".into()),
+                ..spec("noop")
+            },
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(other.code(), Code::PermissionDenied);
+    let mine = c
+        .enqueue(as_key(
+            "acme-grpc-key-0001",
+            pb::JobSpec {
+                queue: Some("grpc-parked".into()),
+                ..spec("noop")
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .job
+        .expect("the job");
+    assert_eq!(mine.tenant, "acme");
+    let mut peek = Request::new(pb::GetJobRequest {
+        id: mine.id.clone(),
+    });
+    peek.metadata_mut().insert(
+        "authorization",
+        "Bearer globex-grpc-key-01".parse().unwrap(),
+    );
+    assert_eq!(c.get_job(peek).await.unwrap_err().code(), Code::NotFound);
+    app.stop().await;
+}
+
+/// The health service says SERVING for the server and for JobService; reflection lists
+/// JobService and serves its file, which names Enqueue.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_and_reflection_answer() {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::health_client::HealthClient;
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+
+    let Some(app) = spawn_app_with(Backend::Sqlite, "grpc::health_reflection", |_| {}).await else {
+        return;
+    };
+    let url = format!("http://{}", app.grpc_addr.expect("gRPC on"));
+    let channel = Channel::from_shared(url).unwrap().connect().await.unwrap();
+    let mut health = HealthClient::new(channel.clone());
+    for service in ["", "keel.v1.JobService"] {
+        let status = within(Duration::from_secs(10), "health to say SERVING", async {
+            loop {
+                let r = health
+                    .check(tonic_health::pb::HealthCheckRequest {
+                        service: service.to_owned(),
+                    })
+                    .await;
+                if let Ok(r) = r
+                    && r.get_ref().status() == ServingStatus::Serving
+                {
+                    return r.into_inner().status();
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await;
+        assert_eq!(status, ServingStatus::Serving, "{service:?}");
+    }
+
+    let mut reflection = ServerReflectionClient::new(channel);
+    let ask = |message: MessageRequest| ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(message),
+    };
+    let mut answers = reflection
+        .server_reflection_info(futures_util::stream::iter([
+            ask(MessageRequest::ListServices(String::new())),
+            ask(MessageRequest::FileContainingSymbol(
+                "keel.v1.JobService".to_owned(),
+            )),
+        ]))
+        .await
+        .unwrap()
+        .into_inner();
+    let Some(Ok(listed)) = answers.next().await else {
+        panic!("no answer to ListServices");
+    };
+    let Some(MessageResponse::ListServicesResponse(list)) = listed.message_response else {
+        panic!("{listed:?}");
+    };
+    let names: Vec<_> = list.service.iter().map(|s| s.name.as_str()).collect();
+    assert!(names.contains(&"keel.v1.JobService"), "{names:?}");
+    assert!(names.contains(&"grpc.health.v1.Health"), "{names:?}");
+    let Some(Ok(file)) = answers.next().await else {
+        panic!("no answer to FileContainingSymbol");
+    };
+    let Some(MessageResponse::FileDescriptorResponse(files)) = file.message_response else {
+        panic!("{file:?}");
+    };
+    let descriptors: Vec<prost_types::FileDescriptorProto> = files
+        .file_descriptor_proto
+        .iter()
+        .map(|b| prost::Message::decode(b.as_slice()).unwrap())
+        .collect();
+    let service = descriptors
+        .iter()
+        .flat_map(|f| &f.service)
+        .find(|s| s.name() == "JobService")
+        .expect("JobService's descriptor");
+    assert!(service.method.iter().any(|m| m.name() == "Enqueue"));
+    app.stop().await;
+}
+
+/// On SIGTERM, health turns NOT_SERVING while the listener still answers (for
+/// `KEEL_SHUTDOWN_DELAY`), then the process exits cleanly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_turns_not_serving_on_sigterm_before_the_listener_closes() {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::health_client::HealthClient;
+
+    let Some((url, _backing)) = crate::helpers::database(Backend::Sqlite, "grpc::sigterm").await
+    else {
+        return;
+    };
+    let mut keel = crate::child::KeelProcess::start(&url, &[("KEEL_SHUTDOWN_DELAY", "3s")]).await;
+    let channel = Channel::from_shared(keel.grpc.clone())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut health = HealthClient::new(channel);
+    let status = |mut h: HealthClient<Channel>| async move {
+        h.check(tonic_health::pb::HealthCheckRequest {
+            service: "keel.v1.JobService".to_owned(),
+        })
+        .await
+        .map(|r| r.into_inner().status())
+    };
+    let serving = within(Duration::from_secs(10), "health to say SERVING", async {
+        loop {
+            if let Ok(s) = status(health.clone()).await
+                && s == ServingStatus::Serving
+            {
+                return s;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert_eq!(serving, ServingStatus::Serving);
+    keel.signal(nix::sys::signal::Signal::SIGTERM);
+    // Answered over the still-open listener: NOT_SERVING, not a refused connection.
+    let drained = within(
+        Duration::from_secs(10),
+        "health to say NOT_SERVING",
+        async {
+            loop {
+                match status(health.clone()).await {
+                    Ok(ServingStatus::NotServing) => return Ok(()),
+                    Ok(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+                    Err(e) => return Err(e),
+                }
+            }
+        },
+    )
+    .await;
+    assert!(
+        drained.is_ok(),
+        "the listener closed before health said NOT_SERVING: {drained:?}"
+    );
+    let exit = keel.wait_exit(Duration::from_secs(30)).await;
+    assert!(exit.is_some_and(|s| s.success()), "{exit:?}");
+    health = HealthClient::new(
+        Channel::from_shared(keel.grpc.clone())
+            .unwrap()
+            .connect_lazy(),
+    );
+    assert!(
+        status(health).await.is_err(),
+        "the listener is closed after exit"
+    );
+}
