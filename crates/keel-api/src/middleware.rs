@@ -76,8 +76,13 @@ fn sane_request_id(s: &str) -> bool {
 
 /// The request's id: a sane incoming `X-Request-Id`, or a fresh UUIDv7.
 pub(crate) fn request_id_of(req: &Request) -> Arc<str> {
-    match req
-        .headers()
+    request_id_from(req.headers())
+}
+
+/// The id of a request with these headers (HTTP headers or gRPC metadata): a sane
+/// `x-request-id`, or a fresh UUIDv7.
+pub(crate) fn request_id_from(headers: &axum::http::HeaderMap) -> Arc<str> {
+    match headers
         .get(&X_REQUEST_ID)
         .and_then(|v| v.to_str().ok())
         .filter(|s| sane_request_id(s))

@@ -18,6 +18,16 @@ pub fn describe_metrics() {
         "Time from a request's arrival to its response head, by method and matched route."
     );
     describe_counter!(
+        "grpc_server_handled_total",
+        "gRPC calls answered, by service, method and status code (services and methods this \
+         server does not serve count as `unknown`)."
+    );
+    describe_histogram!(
+        "grpc_server_handling_seconds",
+        Unit::Seconds,
+        "Time from a gRPC call's arrival to its response head, by service and method."
+    );
+    describe_counter!(
         "keel_jobs_enqueued_total",
         "Jobs created through the API, by queue and kind (names that are neither configured \
          queues nor registered kinds count as `other`)."

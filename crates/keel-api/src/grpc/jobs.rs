@@ -2,9 +2,14 @@
 //! call resolves its caller, converts its message, calls the business step and renders the
 //! answer; nothing here decides anything HTTP does not.
 
+use std::future::Future;
+use std::time::Duration;
+
 use keel_core::store::StoredResponse;
+use keel_resilience::{RequestScope, Step};
 use keel_wire::{BatchOut, JobOut};
 use prost::Message;
+use tokio::time::Instant;
 use tonic::metadata::MetadataMap;
 use tonic::{Request, Response, Status};
 
@@ -30,9 +35,65 @@ pub(crate) struct Jobs {
     pub(crate) state: ApiState,
 }
 
+/// The `grpc-timeout` a client sent (at most 8 digits and a unit: H, M, S, m, u, n), if
+/// any and well formed; a malformed one is ignored, as tonic ignores it.
+fn grpc_timeout(metadata: &MetadataMap) -> Option<Duration> {
+    let text = metadata.get("grpc-timeout")?.to_str().ok()?;
+    let (digits, unit) = text.split_at(text.len().checked_sub(1)?);
+    if digits.is_empty() || digits.len() > 8 {
+        return None;
+    }
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n * 3600),
+        "M" => Duration::from_secs(n * 60),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
 impl Jobs {
+    /// When a call must be answered: its `grpc-timeout` or the API's request deadline,
+    /// whichever is sooner, less a margin (a twentieth, at most 10 ms) so that the
+    /// server's DEADLINE_EXCEEDED, which names the step, reaches the client before the
+    /// client's own deadline, and before tonic's timeout (which answers CANCELLED).
+    fn deadline(&self, metadata: &MetadataMap) -> Instant {
+        let limit = self.state.config.request_timeout;
+        let budget = grpc_timeout(metadata).map_or(limit, |asked| asked.min(limit));
+        let margin = (budget / 20).min(Duration::from_millis(10));
+        Instant::now() + budget.saturating_sub(margin)
+    }
+
+    /// Runs `call` in a request scope ending at `at`, as HTTP's deadline layer does: out of
+    /// time, the call is dropped and answered DEADLINE_EXCEEDED naming the step it was in
+    /// (auth, the store, …), counted in `keel_requests_deadline_exceeded_total`.
+    async fn within<T>(
+        at: Instant,
+        call: impl Future<Output = Result<T, Status>>,
+    ) -> Result<T, Status> {
+        let scope = RequestScope::new(at);
+        let seen = scope.clone();
+        match tokio::time::timeout_at(at, scope.run(call)).await {
+            Ok(answer) => answer,
+            Err(_) => {
+                let step = seen.step();
+                metrics::counter!("keel_requests_deadline_exceeded_total", "step" => step.as_str())
+                    .increment(1);
+                Err(ApiError::DeadlineExceeded {
+                    job_id: None,
+                    step: Some(step),
+                }
+                .into())
+            }
+        }
+    }
+
     /// The caller of a request, from its `authorization` metadata.
     async fn caller(&self, metadata: &MetadataMap) -> Result<Caller, Status> {
+        RequestScope::enter_current(Step::Auth);
         let token = metadata
             .get("authorization")
             .and_then(|v| v.to_str().ok())
@@ -70,172 +131,222 @@ impl JobService for Jobs {
         &self,
         request: Request<pb::EnqueueRequest>,
     ) -> Result<Response<pb::EnqueueResponse>, Status> {
-        let caller = self.caller(request.metadata()).await?;
-        let key = idempotency_key(request.metadata())?;
-        let message = request.into_inner();
-        let fingerprinted = message.encode_to_vec();
-        let Some(spec) = message.job else {
-            return Err(ApiError::Validation(vec![keel_core::FieldError {
-                field: "job".to_owned(),
-                message: "is required".to_owned(),
-            }])
-            .into());
-        };
-        let mut problems = Problems::new(String::new());
-        let body = convert::job_body(spec, &mut problems);
-        let job = convert::checked(
-            job_in::parse_single(&body, &job_context(&self.state, &caller)),
-            problems.list,
-        )?;
-        let req = InsertRequest {
-            route: ENQUEUE_ROUTE,
-            tenant: job.tenant.clone(),
-            key,
-            body: &fingerprinted,
-            jobs: vec![job],
-            render: render_job,
-        };
-        let (response, replayed) = match insert_jobs(&self.state, req).await? {
-            Inserted::Created { response, .. } => (response, false),
-            Inserted::Replayed(response) => (response, true),
-        };
-        let job: JobOut = stored(&response)?;
-        Ok(Response::new(pb::EnqueueResponse {
-            job: Some(job.into()),
-            // A single enqueue answers 200 exactly when it met the holder of its key.
-            unique_conflict: response.status == 200,
-            replayed,
-        }))
+        let at = self.deadline(request.metadata());
+        Self::within(at, async move {
+            let caller = self.caller(request.metadata()).await?;
+            let key = idempotency_key(request.metadata())?;
+            let message = request.into_inner();
+            let fingerprinted = message.encode_to_vec();
+            let Some(spec) = message.job else {
+                return Err(ApiError::Validation(vec![keel_core::FieldError {
+                    field: "job".to_owned(),
+                    message: "is required".to_owned(),
+                }])
+                .into());
+            };
+            let mut problems = Problems::new(String::new());
+            let body = convert::job_body(spec, &mut problems);
+            let job = convert::checked(
+                job_in::parse_single(&body, &job_context(&self.state, &caller)),
+                problems.list,
+            )?;
+            let req = InsertRequest {
+                route: ENQUEUE_ROUTE,
+                tenant: job.tenant.clone(),
+                key,
+                body: &fingerprinted,
+                jobs: vec![job],
+                render: render_job,
+            };
+            let (response, replayed) = match insert_jobs(&self.state, req).await? {
+                Inserted::Created { response, .. } => (response, false),
+                Inserted::Replayed(response) => (response, true),
+            };
+            let job: JobOut = stored(&response)?;
+            Ok(Response::new(pb::EnqueueResponse {
+                job: Some(job.into()),
+                // A single enqueue answers 200 exactly when it met the holder of its key.
+                unique_conflict: response.status == 200,
+                replayed,
+            }))
+        })
+        .await
     }
 
     async fn enqueue_batch(
         &self,
         request: Request<pb::EnqueueBatchRequest>,
     ) -> Result<Response<pb::EnqueueBatchResponse>, Status> {
-        let caller = self.caller(request.metadata()).await?;
-        let key = idempotency_key(request.metadata())?;
-        let message = request.into_inner();
-        let fingerprinted = message.encode_to_vec();
-        let mut problems = Vec::new();
-        let mut jobs = Vec::with_capacity(message.jobs.len());
-        for (i, spec) in message.jobs.into_iter().enumerate() {
-            let mut p = Problems::new(format!("jobs[{i}]."));
-            let body = convert::job_body(spec, &mut p);
-            problems.extend(p.list);
-            // Each is valid JSON of one job: spliced into the batch body as is.
-            jobs.push(String::from_utf8(body).unwrap_or_default());
-        }
-        let body = format!("{{\"jobs\":[{}]}}", jobs.join(","));
-        let jobs = convert::checked(
-            job_in::parse_batch(body.as_bytes(), &job_context(&self.state, &caller)),
-            problems,
-        )?;
-        // Without auth a batch may mix tenants; its key then belongs to the first job's.
-        let tenant = match jobs.first() {
-            Some(j) => j.tenant.clone(),
-            None => caller.tenant_for(None)?,
-        };
-        let req = InsertRequest {
-            route: ENQUEUE_BATCH_ROUTE,
-            tenant,
-            key,
-            body: &fingerprinted,
-            jobs,
-            render: render_batch,
-        };
-        let (response, replayed) = match insert_jobs(&self.state, req).await? {
-            Inserted::Created { response, .. } => (response, false),
-            Inserted::Replayed(response) => (response, true),
-        };
-        let batch: BatchOut = stored(&response)?;
-        Ok(Response::new(pb::EnqueueBatchResponse {
-            jobs: batch.jobs.into_iter().map(pb::Job::from).collect(),
-            replayed,
-        }))
+        let at = self.deadline(request.metadata());
+        Self::within(at, async move {
+            let caller = self.caller(request.metadata()).await?;
+            let key = idempotency_key(request.metadata())?;
+            let message = request.into_inner();
+            let fingerprinted = message.encode_to_vec();
+            let mut problems = Vec::new();
+            let mut jobs = Vec::with_capacity(message.jobs.len());
+            for (i, spec) in message.jobs.into_iter().enumerate() {
+                let mut p = Problems::new(format!("jobs[{i}]."));
+                let body = convert::job_body(spec, &mut p);
+                problems.extend(p.list);
+                // Each is valid JSON of one job: spliced into the batch body as is.
+                jobs.push(String::from_utf8(body).unwrap_or_default());
+            }
+            let body = format!("{{\"jobs\":[{}]}}", jobs.join(","));
+            let jobs = convert::checked(
+                job_in::parse_batch(body.as_bytes(), &job_context(&self.state, &caller)),
+                problems,
+            )?;
+            // Without auth a batch may mix tenants; its key then belongs to the first job's.
+            let tenant = match jobs.first() {
+                Some(j) => j.tenant.clone(),
+                None => caller.tenant_for(None)?,
+            };
+            let req = InsertRequest {
+                route: ENQUEUE_BATCH_ROUTE,
+                tenant,
+                key,
+                body: &fingerprinted,
+                jobs,
+                render: render_batch,
+            };
+            let (response, replayed) = match insert_jobs(&self.state, req).await? {
+                Inserted::Created { response, .. } => (response, false),
+                Inserted::Replayed(response) => (response, true),
+            };
+            let batch: BatchOut = stored(&response)?;
+            Ok(Response::new(pb::EnqueueBatchResponse {
+                jobs: batch.jobs.into_iter().map(pb::Job::from).collect(),
+                replayed,
+            }))
+        })
+        .await
     }
 
     async fn get_job(
         &self,
         request: Request<pb::GetJobRequest>,
     ) -> Result<Response<pb::Job>, Status> {
-        let caller = self.caller(request.metadata()).await?;
-        let id = convert::job_id("id", &request.get_ref().id)?;
-        let job = visible_job(&self.state, &caller, id).await?;
-        Ok(Response::new(JobOut::from(job).into()))
+        let at = self.deadline(request.metadata());
+        Self::within(at, async move {
+            let caller = self.caller(request.metadata()).await?;
+            let id = convert::job_id("id", &request.get_ref().id)?;
+            let job = visible_job(&self.state, &caller, id).await?;
+            Ok(Response::new(JobOut::from(job).into()))
+        })
+        .await
     }
 
     async fn get_result(
         &self,
         request: Request<pb::GetResultRequest>,
     ) -> Result<Response<pb::JobResult>, Status> {
-        let caller = self.caller(request.metadata()).await?;
-        let id = convert::job_id("id", &request.get_ref().id)?;
-        let job = service::result(&self.state, &caller, id).await?;
-        let done = job.state == keel_core::JobState::Completed;
-        Ok(Response::new(pb::JobResult {
-            id: id.to_string(),
-            state: convert::state(job.state).into(),
-            done,
-            result: done.then(|| {
-                job.result
-                    .map_or_else(|| "null".to_owned(), |r| r.get().to_owned())
-            }),
-        }))
+        let at = self.deadline(request.metadata());
+        Self::within(at, async move {
+            let caller = self.caller(request.metadata()).await?;
+            let id = convert::job_id("id", &request.get_ref().id)?;
+            let job = service::result(&self.state, &caller, id).await?;
+            let done = job.state == keel_core::JobState::Completed;
+            Ok(Response::new(pb::JobResult {
+                id: id.to_string(),
+                state: convert::state(job.state).into(),
+                done,
+                result: done.then(|| {
+                    job.result
+                        .map_or_else(|| "null".to_owned(), |r| r.get().to_owned())
+                }),
+            }))
+        })
+        .await
     }
 
     async fn cancel_job(
         &self,
         request: Request<pb::CancelJobRequest>,
     ) -> Result<Response<pb::Job>, Status> {
-        let caller = self.caller(request.metadata()).await?;
-        let id = convert::job_id("id", &request.get_ref().id)?;
-        let job = service::cancel(&self.state, &caller, id).await?;
-        Ok(Response::new(JobOut::from(job).into()))
+        let at = self.deadline(request.metadata());
+        Self::within(at, async move {
+            let caller = self.caller(request.metadata()).await?;
+            let id = convert::job_id("id", &request.get_ref().id)?;
+            let job = service::cancel(&self.state, &caller, id).await?;
+            Ok(Response::new(JobOut::from(job).into()))
+        })
+        .await
     }
 
     async fn retry_job(
         &self,
         request: Request<pb::RetryJobRequest>,
     ) -> Result<Response<pb::Job>, Status> {
-        let caller = self.caller(request.metadata()).await?;
-        let id = convert::job_id("id", &request.get_ref().id)?;
-        let job = service::retry(&self.state, &caller, id).await?;
-        Ok(Response::new(JobOut::from(job).into()))
+        let at = self.deadline(request.metadata());
+        Self::within(at, async move {
+            let caller = self.caller(request.metadata()).await?;
+            let id = convert::job_id("id", &request.get_ref().id)?;
+            let job = service::retry(&self.state, &caller, id).await?;
+            Ok(Response::new(JobOut::from(job).into()))
+        })
+        .await
     }
 
     async fn list_jobs(
         &self,
         request: Request<pb::ListJobsRequest>,
     ) -> Result<Response<pb::ListJobsResponse>, Status> {
-        let caller = self.caller(request.metadata()).await?;
-        let q = request.into_inner();
-        // The query HTTP would have received: one parser, the same messages.
-        let mut pairs: Vec<(String, String)> = Vec::new();
-        let mut put = |name: &str, value: Option<String>| {
-            if let Some(v) = value {
-                pairs.push((name.to_owned(), v));
-            }
+        let at = self.deadline(request.metadata());
+        Self::within(at, async move {
+            let caller = self.caller(request.metadata()).await?;
+            let q = request.into_inner();
+            // The query HTTP would have received: one parser, the same messages.
+            let mut pairs: Vec<(String, String)> = Vec::new();
+            let mut put = |name: &str, value: Option<String>| {
+                if let Some(v) = value {
+                    pairs.push((name.to_owned(), v));
+                }
+            };
+            put("queue", q.queue);
+            put(
+                "state",
+                q.state.map(|n| {
+                    convert::state_of(n).map_or_else(|| format!("#{n}"), |s| s.as_str().to_owned())
+                }),
+            );
+            put("kind", q.kind);
+            put("tenant", q.tenant);
+            put("after", q.after);
+            put("limit", q.limit.map(|n| n.to_string()));
+            let params = list_params(pairs)?;
+            let page = service::list(&self.state, &caller, params).await?;
+            Ok(Response::new(pb::ListJobsResponse {
+                jobs: page
+                    .jobs
+                    .into_iter()
+                    .map(|j| JobOut::from(j).into())
+                    .collect(),
+                next: page.next.map(|id| id.to_string()),
+            }))
+        })
+        .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grpc_timeouts_parse_as_the_spec_writes_them() {
+        let with = |v: &str| {
+            let mut m = MetadataMap::new();
+            m.insert("grpc-timeout", v.parse().unwrap());
+            grpc_timeout(&m)
         };
-        put("queue", q.queue);
-        put(
-            "state",
-            q.state.map(|n| {
-                convert::state_of(n).map_or_else(|| format!("#{n}"), |s| s.as_str().to_owned())
-            }),
-        );
-        put("kind", q.kind);
-        put("tenant", q.tenant);
-        put("after", q.after);
-        put("limit", q.limit.map(|n| n.to_string()));
-        let params = list_params(pairs)?;
-        let page = service::list(&self.state, &caller, params).await?;
-        Ok(Response::new(pb::ListJobsResponse {
-            jobs: page
-                .jobs
-                .into_iter()
-                .map(|j| JobOut::from(j).into())
-                .collect(),
-            next: page.next.map(|id| id.to_string()),
-        }))
+        assert_eq!(with("100m"), Some(Duration::from_millis(100)));
+        assert_eq!(with("2S"), Some(Duration::from_secs(2)));
+        assert_eq!(with("1H"), Some(Duration::from_secs(3600)));
+        assert_eq!(with("5000u"), Some(Duration::from_millis(5)));
+        for bad in ["", "m", "123456789m", "10x", "-1m", "1.5S"] {
+            assert_eq!(with(bad), None, "{bad:?}");
+        }
+        assert_eq!(grpc_timeout(&MetadataMap::new()), None);
     }
 }

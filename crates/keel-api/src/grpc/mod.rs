@@ -10,6 +10,7 @@
 mod convert;
 mod jobs;
 pub mod status;
+mod telemetry;
 
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Server;
@@ -95,6 +96,7 @@ pub async fn serve(
         .timeout(state.config.request_timeout)
         .max_concurrent_streams(MAX_STREAMS)
         .concurrency_limit_per_connection(MAX_STREAMS as usize)
+        .layer(telemetry::TelemetryLayer)
         .add_service(health)
         .add_optional_service(reflection_v1)
         .add_optional_service(reflection_v1alpha)

@@ -512,3 +512,97 @@ async fn health_turns_not_serving_on_sigterm_before_the_listener_closes() {
         "the listener is closed after exit"
     );
 }
+
+/// Every call is counted by service, method and code, timed, and answered with its request
+/// id (the client's when sane, a fresh one otherwise). A child process: the metrics recorder
+/// is its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_are_counted_timed_and_carry_their_request_id() {
+    let Some((url, _backing)) = crate::helpers::database(Backend::Sqlite, "grpc::telemetry").await
+    else {
+        return;
+    };
+    let keel = crate::child::KeelProcess::start(&url, &[]).await;
+    let mut c = JobServiceClient::connect(keel.grpc.clone()).await.unwrap();
+    let mut lookup = Request::new(pb::GetJobRequest {
+        id: uuid::Uuid::now_v7().to_string(),
+    });
+    lookup
+        .metadata_mut()
+        .insert("x-request-id", "grpc-trace-42".parse().unwrap());
+    let missing = c.get_job(lookup).await.unwrap_err();
+    assert_eq!(missing.code(), Code::NotFound);
+    assert_eq!(
+        missing
+            .metadata()
+            .get("x-request-id")
+            .and_then(|v| v.to_str().ok()),
+        Some("grpc-trace-42")
+    );
+    let created = c
+        .enqueue(enqueue(pb::JobSpec {
+            queue: Some("grpc-parked".into()),
+            ..spec("noop")
+        }))
+        .await
+        .unwrap();
+    let fresh = created
+        .metadata()
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .expect("a request id on every answer");
+    assert!(uuid::Uuid::parse_str(fresh).is_ok(), "{fresh}");
+
+    let text = keel.metrics(&reqwest::Client::new()).await;
+    let handled = |method: &str, code: &str| {
+        crate::helpers::metric_value(
+            &text,
+            "grpc_server_handled_total",
+            &[
+                ("grpc_service", "keel.v1.JobService"),
+                ("grpc_method", method),
+                ("grpc_code", code),
+            ],
+        )
+    };
+    assert_eq!(handled("GetJob", "NotFound"), 1.0, "{text}");
+    assert_eq!(handled("Enqueue", "OK"), 1.0, "{text}");
+    assert_eq!(
+        crate::helpers::metric_value(
+            &text,
+            "grpc_server_handling_seconds_count",
+            &[
+                ("grpc_service", "keel.v1.JobService"),
+                ("grpc_method", "Enqueue")
+            ],
+        ),
+        1.0,
+        "{text}"
+    );
+    keel.stop(Duration::from_secs(30)).await;
+}
+
+/// The seed's slow dependency over gRPC: with `SLOW_AUTH`, a call with a 100 ms
+/// `grpc-timeout` is answered DEADLINE_EXCEEDED by the server, naming the auth step, before
+/// the client's own deadline (a client-side expiry would carry no ErrorInfo).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_timeout_with_slow_auth_is_deadline_exceeded_naming_the_step() {
+    let Some((url, _backing)) = crate::helpers::database(Backend::Sqlite, "grpc::slow_auth").await
+    else {
+        return;
+    };
+    let keel = crate::child::KeelProcess::start(&url, &[("SLOW_AUTH", "true")]).await;
+    let mut c = JobServiceClient::connect(keel.grpc.clone()).await.unwrap();
+    for _ in 0..3 {
+        let mut req = Request::new(enqueue(spec("noop")));
+        req.set_timeout(Duration::from_millis(100));
+        let late = c.enqueue(req).await.unwrap_err();
+        assert_eq!(late.code(), Code::DeadlineExceeded, "{late:?}");
+        let info = late
+            .get_details_error_info()
+            .expect("answered by the server, with its details");
+        assert_eq!(info.reason, "deadline-exceeded");
+        assert!(late.message().contains("authenticating"), "{late:?}");
+    }
+    keel.stop(Duration::from_secs(30)).await;
+}
