@@ -124,19 +124,33 @@ impl Admission {
         max > 0 && self.shared.backlog.get() > max
     }
 
-    fn shed(&self, reason: ShedReason) -> Response {
+    /// Counts a refusal.
+    fn shed(&self, reason: ShedReason) -> ShedReason {
         match reason {
             ShedReason::Concurrency => self.shared.shed_concurrency.increment(1),
             ShedReason::Backlog => self.shared.shed_backlog.increment(1),
         }
-        ApiError::Overloaded { reason }.into_response()
+        reason
+    }
+
+    /// Admits one request, or sheds it (counted; answer `ApiError::Overloaded`): on a full
+    /// backlog when it `enqueues`, then on the concurrency limit. The step every transport
+    /// runs first (the HTTP layer below, the gRPC services).
+    pub(crate) async fn try_admit(&self, enqueues: bool) -> Result<Admitted, ShedReason> {
+        if enqueues && self.backlog_full() {
+            return Err(self.shed(ShedReason::Backlog));
+        }
+        match self.shared.limit.acquire().await {
+            Some(permit) => Ok(Admitted::new(permit, &self.shared.in_flight)),
+            None => Err(self.shed(ShedReason::Concurrency)),
+        }
     }
 }
 
 /// A request in flight: its slot in the limit, and its share of `keel_admission_in_flight`
 /// (a gauge moved by one atomic add each way, so it is live without taking the limiter's
 /// lock).
-struct Admitted {
+pub(crate) struct Admitted {
     permit: Option<AdmissionPermit>,
     in_flight: Gauge,
 }
@@ -151,7 +165,7 @@ impl Admitted {
     }
 
     /// The request was served normally: its latency is a sample of the server's.
-    fn success(mut self) {
+    pub(crate) fn success(mut self) {
         if let Some(p) = self.permit.take() {
             p.success();
         }
@@ -191,30 +205,16 @@ pub(crate) async fn admit(State(state): State<ApiState>, req: Request, next: Nex
     if !guarded(path) {
         return next.run(req).await;
     }
-    let admission = &state.admission;
     let waits = path == WAITING_ROUTE;
-    let admitted = if admission.backlog_full()
-        && req.method() == Method::POST
-        && ENQUEUE_ROUTES.contains(&path)
-    {
-        Err(ShedReason::Backlog)
-    } else {
-        admission
-            .shared
-            .limit
-            .acquire()
-            .await
-            .ok_or(ShedReason::Concurrency)
-    };
-    let permit = match admitted {
-        Ok(permit) => permit,
+    let enqueues = req.method() == Method::POST && ENQUEUE_ROUTES.contains(&path);
+    let admitted = match state.admission.try_admit(enqueues).await {
+        Ok(admitted) => admitted,
         Err(reason) => {
             let id = request_id_of(&req);
             tracing::debug!(request_id = %id, path, reason = reason.as_str(), "request shed");
-            return stamp_request_id(admission.shed(reason), &id);
+            return stamp_request_id(ApiError::Overloaded { reason }.into_response(), &id);
         }
     };
-    let admitted = Admitted::new(permit, &admission.shared.in_flight);
     let resp = next.run(req).await;
     if !waits && !resp.status().is_server_error() {
         admitted.success();

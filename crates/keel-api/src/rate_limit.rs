@@ -299,6 +299,31 @@ impl RateLimits {
     }
 }
 
+/// Takes one token for a request of `tenant` (the caller's scope) made with `key`: `429`
+/// (counted in `keel_requests_shed_total{reason="rate_limit"}`) when a bucket is empty. The
+/// step every transport runs after authentication (the HTTP layer below, the gRPC
+/// services); `None` when no limit is on.
+pub(crate) fn charge(
+    state: &ApiState,
+    tenant: Option<&TenantId>,
+    key: Option<&KeyDigest>,
+) -> Result<Option<Allowance>, ApiError> {
+    if !state.rate_limits.is_enabled() {
+        return Ok(None);
+    }
+    RequestScope::enter_current(Step::RateLimit);
+    state
+        .rate_limits
+        .check(tenant, key.map(|k| &k.0))
+        .map_err(|refusal| {
+            metrics::counter!("keel_requests_shed_total", "reason" => "rate_limit").increment(1);
+            ApiError::RateLimited {
+                limit: refusal.limit,
+                retry_after_secs: retry_after_secs(refusal.retry_after),
+            }
+        })
+}
+
 /// Last layer of the `/v1` tenant routes before the handler: after authentication, which
 /// names the tenant and the key. Refuses with `429` (counted in
 /// `keel_requests_shed_total{reason="rate_limit"}`); on the way through it marks the request
@@ -309,24 +334,11 @@ pub(crate) async fn limit_rate(
     req: Request,
     next: Next,
 ) -> Response {
-    let allowance = if state.rate_limits.is_enabled() {
-        RequestScope::enter_current(Step::RateLimit);
-        let key = req.extensions().get::<KeyDigest>().map(|k| &k.0);
-        let tenant = req.extensions().get::<Caller>().and_then(Caller::scope);
-        match state.rate_limits.check(tenant, key) {
-            Ok(a) => a,
-            Err(refusal) => {
-                metrics::counter!("keel_requests_shed_total", "reason" => "rate_limit")
-                    .increment(1);
-                return ApiError::RateLimited {
-                    limit: refusal.limit,
-                    retry_after_secs: retry_after_secs(refusal.retry_after),
-                }
-                .into_response();
-            }
-        }
-    } else {
-        None
+    let key = req.extensions().get::<KeyDigest>();
+    let tenant = req.extensions().get::<Caller>().and_then(Caller::scope);
+    let allowance = match charge(&state, tenant, key) {
+        Ok(a) => a,
+        Err(refused) => return refused.into_response(),
     };
     RequestScope::enter_current(Step::Validate);
     let mut resp = next.run(req).await;

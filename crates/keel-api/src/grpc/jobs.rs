@@ -11,7 +11,7 @@ use keel_wire::{BatchOut, JobOut};
 use prost::Message;
 use tokio::time::Instant;
 use tonic::metadata::MetadataMap;
-use tonic::{Request, Response, Status};
+use tonic::{Code, Request, Response, Status};
 
 use super::convert::{self, Problems};
 use super::pb;
@@ -20,6 +20,7 @@ use crate::auth::{self, Caller};
 use crate::error::ApiError;
 use crate::extract::parse_idempotency_key_text;
 use crate::job_in;
+use crate::rate_limit;
 use crate::routes::jobs::{job_context, list_params, render_batch, render_job};
 use crate::service::jobs::{self as service, InsertRequest, Inserted, insert_jobs, visible_job};
 use crate::state::ApiState;
@@ -67,17 +68,39 @@ impl Jobs {
         Instant::now() + budget.saturating_sub(margin)
     }
 
-    /// Runs `call` in a request scope ending at `at`, as HTTP's deadline layer does: out of
-    /// time, the call is dropped and answered DEADLINE_EXCEEDED naming the step it was in
-    /// (auth, the store, …), counted in `keel_requests_deadline_exceeded_total`.
+    /// Runs `call` as HTTP's layers run a request: admitted first (shed with UNAVAILABLE,
+    /// or on a full backlog when it `enqueues`, before anything is spent on it), then in a
+    /// request scope ending at `at`. Out of time, the call is dropped and answered
+    /// DEADLINE_EXCEEDED naming the step it was in (auth, the store, …), counted in
+    /// `keel_requests_deadline_exceeded_total`. A call that failed on the server's side
+    /// frees its admission slot without teaching the limit its latency, as over HTTP.
     async fn within<T>(
+        &self,
         at: Instant,
+        enqueues: bool,
         call: impl Future<Output = Result<T, Status>>,
     ) -> Result<T, Status> {
+        let admitted = self
+            .state
+            .admission
+            .try_admit(enqueues)
+            .await
+            .map_err(|reason| Status::from(ApiError::Overloaded { reason }))?;
         let scope = RequestScope::new(at);
         let seen = scope.clone();
         match tokio::time::timeout_at(at, scope.run(call)).await {
-            Ok(answer) => answer,
+            Ok(answer) => {
+                let server_side = answer.as_ref().err().is_some_and(|s| {
+                    matches!(
+                        s.code(),
+                        Code::Internal | Code::Unavailable | Code::Unknown | Code::DataLoss
+                    )
+                });
+                if !server_side {
+                    admitted.success();
+                }
+                answer
+            }
             Err(_) => {
                 let step = seen.step();
                 metrics::counter!("keel_requests_deadline_exceeded_total", "step" => step.as_str())
@@ -91,14 +114,18 @@ impl Jobs {
         }
     }
 
-    /// The caller of a request, from its `authorization` metadata.
+    /// The caller of a request, from its `authorization` metadata, charged one token of its
+    /// rate limits (RESOURCE_EXHAUSTED with RetryInfo when spent).
     async fn caller(&self, metadata: &MetadataMap) -> Result<Caller, Status> {
         RequestScope::enter_current(Step::Auth);
         let token = metadata
             .get("authorization")
             .and_then(|v| v.to_str().ok())
             .and_then(auth::bearer);
-        Ok(auth::resolve_caller(&self.state, token).await?.0)
+        let (caller, key) = auth::resolve_caller(&self.state, token).await?;
+        rate_limit::charge(&self.state, caller.scope(), key.as_ref())?;
+        RequestScope::enter_current(Step::Validate);
+        Ok(caller)
     }
 }
 
@@ -132,7 +159,7 @@ impl JobService for Jobs {
         request: Request<pb::EnqueueRequest>,
     ) -> Result<Response<pb::EnqueueResponse>, Status> {
         let at = self.deadline(request.metadata());
-        Self::within(at, async move {
+        self.within(at, true, async move {
             let caller = self.caller(request.metadata()).await?;
             let key = idempotency_key(request.metadata())?;
             let message = request.into_inner();
@@ -178,7 +205,7 @@ impl JobService for Jobs {
         request: Request<pb::EnqueueBatchRequest>,
     ) -> Result<Response<pb::EnqueueBatchResponse>, Status> {
         let at = self.deadline(request.metadata());
-        Self::within(at, async move {
+        self.within(at, true, async move {
             let caller = self.caller(request.metadata()).await?;
             let key = idempotency_key(request.metadata())?;
             let message = request.into_inner();
@@ -228,7 +255,7 @@ impl JobService for Jobs {
         request: Request<pb::GetJobRequest>,
     ) -> Result<Response<pb::Job>, Status> {
         let at = self.deadline(request.metadata());
-        Self::within(at, async move {
+        self.within(at, false, async move {
             let caller = self.caller(request.metadata()).await?;
             let id = convert::job_id("id", &request.get_ref().id)?;
             let job = visible_job(&self.state, &caller, id).await?;
@@ -242,7 +269,7 @@ impl JobService for Jobs {
         request: Request<pb::GetResultRequest>,
     ) -> Result<Response<pb::JobResult>, Status> {
         let at = self.deadline(request.metadata());
-        Self::within(at, async move {
+        self.within(at, false, async move {
             let caller = self.caller(request.metadata()).await?;
             let id = convert::job_id("id", &request.get_ref().id)?;
             let job = service::result(&self.state, &caller, id).await?;
@@ -265,7 +292,7 @@ impl JobService for Jobs {
         request: Request<pb::CancelJobRequest>,
     ) -> Result<Response<pb::Job>, Status> {
         let at = self.deadline(request.metadata());
-        Self::within(at, async move {
+        self.within(at, false, async move {
             let caller = self.caller(request.metadata()).await?;
             let id = convert::job_id("id", &request.get_ref().id)?;
             let job = service::cancel(&self.state, &caller, id).await?;
@@ -279,7 +306,7 @@ impl JobService for Jobs {
         request: Request<pb::RetryJobRequest>,
     ) -> Result<Response<pb::Job>, Status> {
         let at = self.deadline(request.metadata());
-        Self::within(at, async move {
+        self.within(at, false, async move {
             let caller = self.caller(request.metadata()).await?;
             let id = convert::job_id("id", &request.get_ref().id)?;
             let job = service::retry(&self.state, &caller, id).await?;
@@ -293,7 +320,7 @@ impl JobService for Jobs {
         request: Request<pb::ListJobsRequest>,
     ) -> Result<Response<pb::ListJobsResponse>, Status> {
         let at = self.deadline(request.metadata());
-        Self::within(at, async move {
+        self.within(at, false, async move {
             let caller = self.caller(request.metadata()).await?;
             let q = request.into_inner();
             // The query HTTP would have received: one parser, the same messages.

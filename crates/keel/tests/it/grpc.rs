@@ -606,3 +606,84 @@ async fn grpc_timeout_with_slow_auth_is_deadline_exceeded_naming_the_step() {
     }
     keel.stop(Duration::from_secs(30)).await;
 }
+
+/// The tenant rate limit applies to gRPC calls as to HTTP requests: once the bucket is
+/// spent, RESOURCE_EXHAUSTED with RetryInfo, and nothing else is done.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spent_rate_limit_is_resource_exhausted_with_retry_info() {
+    let Some(app) = spawn_app_with(Backend::Sqlite, "grpc::rate_limit", |a| {
+        a.rate_limit = Some("1/m".into());
+    })
+    .await
+    else {
+        return;
+    };
+    let mut c = client(&app).await;
+    let lookup = || pb::GetJobRequest {
+        id: uuid::Uuid::now_v7().to_string(),
+    };
+    assert_eq!(
+        c.get_job(lookup()).await.unwrap_err().code(),
+        Code::NotFound,
+        "the first call spends the only token"
+    );
+    let limited = c.get_job(lookup()).await.unwrap_err();
+    assert_eq!(limited.code(), Code::ResourceExhausted, "{limited:?}");
+    assert_eq!(
+        limited.get_details_error_info().map(|i| i.reason),
+        Some("rate-limited".to_owned())
+    );
+    let wait = limited
+        .get_details_retry_info()
+        .and_then(|r| r.retry_delay)
+        .expect("RetryInfo says when");
+    assert!(wait > Duration::ZERO, "{wait:?}");
+    app.stop().await;
+}
+
+/// With the queue backlog over `KEEL_MAX_QUEUE_BACKLOG`, enqueues are shed with UNAVAILABLE
+/// and RetryInfo before any work, while reads still go through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_backlog_sheds_grpc_enqueues_but_not_reads() {
+    let Some(app) = spawn_app_with(Backend::Sqlite, "grpc::backlog", |a| {
+        a.max_queue_backlog = Some("2".into());
+        a.queue_depth_interval = Some("50ms".into());
+    })
+    .await
+    else {
+        return;
+    };
+    let mut c = client(&app).await;
+    let parked = || {
+        enqueue(pb::JobSpec {
+            queue: Some("grpc-parked".into()),
+            ..spec("noop")
+        })
+    };
+    let kept = c.enqueue(parked()).await.unwrap().into_inner().job.unwrap();
+    // Enqueue until the depth tracker has counted the backlog past 2.
+    let shed = within(Duration::from_secs(30), "enqueues to be shed", async {
+        loop {
+            match c.enqueue(parked()).await {
+                Ok(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+                Err(status) => return status,
+            }
+        }
+    })
+    .await;
+    assert_eq!(shed.code(), Code::Unavailable, "{shed:?}");
+    assert_eq!(
+        shed.get_details_error_info().map(|i| i.reason),
+        Some("overloaded".to_owned())
+    );
+    assert!(shed.get_details_retry_info().is_some(), "{shed:?}");
+    let read = c
+        .get_job(pb::GetJobRequest {
+            id: kept.id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(read.id, kept.id);
+    app.stop().await;
+}
