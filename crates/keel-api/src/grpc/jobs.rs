@@ -114,6 +114,27 @@ impl Jobs {
         }
     }
 
+    /// One call, the way every JobService method runs: admitted, under its deadline, with
+    /// its caller resolved and charged; then `step` with the caller, the metadata and the
+    /// message, whose value is the reply.
+    async fn serve<M, T, Fut>(
+        &self,
+        request: Request<M>,
+        enqueues: bool,
+        step: impl FnOnce(Caller, MetadataMap, M) -> Fut,
+    ) -> Result<Response<T>, Status>
+    where
+        Fut: Future<Output = Result<T, Status>>,
+    {
+        let at = self.deadline(request.metadata());
+        self.within(at, enqueues, async move {
+            let caller = self.caller(request.metadata()).await?;
+            let (metadata, _, message) = request.into_parts();
+            step(caller, metadata, message).await.map(Response::new)
+        })
+        .await
+    }
+
     /// The caller of a request, from its `authorization` metadata, charged one token of its
     /// rate limits (RESOURCE_EXHAUSTED with RetryInfo when spent).
     async fn caller(&self, metadata: &MetadataMap) -> Result<Caller, Status> {
@@ -142,6 +163,14 @@ fn idempotency_key(metadata: &MetadataMap) -> Result<Option<keel_core::Idempoten
     Ok(Some(parse_idempotency_key_text(text)?))
 }
 
+/// The stored answer of an enqueue, and whether it was replayed.
+fn inserted(outcome: Inserted) -> (StoredResponse, bool) {
+    match outcome {
+        Inserted::Created { response, .. } => (response, false),
+        Inserted::Replayed(response) => (response, true),
+    }
+}
+
 /// A stored enqueue answer (the HTTP rendering, which the idempotency record keeps) as the
 /// value it renders; a stored failure is an internal error.
 fn stored<T: serde::de::DeserializeOwned>(r: &StoredResponse) -> Result<T, Status> {
@@ -158,11 +187,8 @@ impl JobService for Jobs {
         &self,
         request: Request<pb::EnqueueRequest>,
     ) -> Result<Response<pb::EnqueueResponse>, Status> {
-        let at = self.deadline(request.metadata());
-        self.within(at, true, async move {
-            let caller = self.caller(request.metadata()).await?;
-            let key = idempotency_key(request.metadata())?;
-            let message = request.into_inner();
+        self.serve(request, true, |caller, metadata, message| async move {
+            let key = idempotency_key(&metadata)?;
             let fingerprinted = message.encode_to_vec();
             let Some(spec) = message.job else {
                 return Err(ApiError::Validation(vec![keel_core::FieldError {
@@ -185,17 +211,14 @@ impl JobService for Jobs {
                 jobs: vec![job],
                 render: render_job,
             };
-            let (response, replayed) = match insert_jobs(&self.state, req).await? {
-                Inserted::Created { response, .. } => (response, false),
-                Inserted::Replayed(response) => (response, true),
-            };
+            let (response, replayed) = inserted(insert_jobs(&self.state, req).await?);
             let job: JobOut = stored(&response)?;
-            Ok(Response::new(pb::EnqueueResponse {
+            Ok(pb::EnqueueResponse {
                 job: Some(job.into()),
                 // A single enqueue answers 200 exactly when it met the holder of its key.
                 unique_conflict: response.status == 200,
                 replayed,
-            }))
+            })
         })
         .await
     }
@@ -204,11 +227,8 @@ impl JobService for Jobs {
         &self,
         request: Request<pb::EnqueueBatchRequest>,
     ) -> Result<Response<pb::EnqueueBatchResponse>, Status> {
-        let at = self.deadline(request.metadata());
-        self.within(at, true, async move {
-            let caller = self.caller(request.metadata()).await?;
-            let key = idempotency_key(request.metadata())?;
-            let message = request.into_inner();
+        self.serve(request, true, |caller, metadata, message| async move {
+            let key = idempotency_key(&metadata)?;
             let fingerprinted = message.encode_to_vec();
             let mut problems = Vec::new();
             let mut jobs = Vec::with_capacity(message.jobs.len());
@@ -237,15 +257,12 @@ impl JobService for Jobs {
                 jobs,
                 render: render_batch,
             };
-            let (response, replayed) = match insert_jobs(&self.state, req).await? {
-                Inserted::Created { response, .. } => (response, false),
-                Inserted::Replayed(response) => (response, true),
-            };
+            let (response, replayed) = inserted(insert_jobs(&self.state, req).await?);
             let batch: BatchOut = stored(&response)?;
-            Ok(Response::new(pb::EnqueueBatchResponse {
+            Ok(pb::EnqueueBatchResponse {
                 jobs: batch.jobs.into_iter().map(pb::Job::from).collect(),
                 replayed,
-            }))
+            })
         })
         .await
     }
@@ -254,12 +271,10 @@ impl JobService for Jobs {
         &self,
         request: Request<pb::GetJobRequest>,
     ) -> Result<Response<pb::Job>, Status> {
-        let at = self.deadline(request.metadata());
-        self.within(at, false, async move {
-            let caller = self.caller(request.metadata()).await?;
-            let id = convert::job_id("id", &request.get_ref().id)?;
+        self.serve(request, false, |caller, _, message| async move {
+            let id = convert::job_id("id", &message.id)?;
             let job = visible_job(&self.state, &caller, id).await?;
-            Ok(Response::new(JobOut::from(job).into()))
+            Ok(JobOut::from(job).into())
         })
         .await
     }
@@ -268,13 +283,11 @@ impl JobService for Jobs {
         &self,
         request: Request<pb::GetResultRequest>,
     ) -> Result<Response<pb::JobResult>, Status> {
-        let at = self.deadline(request.metadata());
-        self.within(at, false, async move {
-            let caller = self.caller(request.metadata()).await?;
-            let id = convert::job_id("id", &request.get_ref().id)?;
+        self.serve(request, false, |caller, _, message| async move {
+            let id = convert::job_id("id", &message.id)?;
             let job = service::result(&self.state, &caller, id).await?;
             let done = job.state == keel_core::JobState::Completed;
-            Ok(Response::new(pb::JobResult {
+            Ok(pb::JobResult {
                 id: id.to_string(),
                 state: convert::state(job.state).into(),
                 done,
@@ -282,7 +295,7 @@ impl JobService for Jobs {
                     job.result
                         .map_or_else(|| "null".to_owned(), |r| r.get().to_owned())
                 }),
-            }))
+            })
         })
         .await
     }
@@ -291,12 +304,10 @@ impl JobService for Jobs {
         &self,
         request: Request<pb::CancelJobRequest>,
     ) -> Result<Response<pb::Job>, Status> {
-        let at = self.deadline(request.metadata());
-        self.within(at, false, async move {
-            let caller = self.caller(request.metadata()).await?;
-            let id = convert::job_id("id", &request.get_ref().id)?;
+        self.serve(request, false, |caller, _, message| async move {
+            let id = convert::job_id("id", &message.id)?;
             let job = service::cancel(&self.state, &caller, id).await?;
-            Ok(Response::new(JobOut::from(job).into()))
+            Ok(JobOut::from(job).into())
         })
         .await
     }
@@ -305,12 +316,10 @@ impl JobService for Jobs {
         &self,
         request: Request<pb::RetryJobRequest>,
     ) -> Result<Response<pb::Job>, Status> {
-        let at = self.deadline(request.metadata());
-        self.within(at, false, async move {
-            let caller = self.caller(request.metadata()).await?;
-            let id = convert::job_id("id", &request.get_ref().id)?;
+        self.serve(request, false, |caller, _, message| async move {
+            let id = convert::job_id("id", &message.id)?;
             let job = service::retry(&self.state, &caller, id).await?;
-            Ok(Response::new(JobOut::from(job).into()))
+            Ok(JobOut::from(job).into())
         })
         .await
     }
@@ -319,10 +328,7 @@ impl JobService for Jobs {
         &self,
         request: Request<pb::ListJobsRequest>,
     ) -> Result<Response<pb::ListJobsResponse>, Status> {
-        let at = self.deadline(request.metadata());
-        self.within(at, false, async move {
-            let caller = self.caller(request.metadata()).await?;
-            let q = request.into_inner();
+        self.serve(request, false, |caller, _, q| async move {
             // The query HTTP would have received: one parser, the same messages.
             let mut pairs: Vec<(String, String)> = Vec::new();
             let mut put = |name: &str, value: Option<String>| {
@@ -343,14 +349,14 @@ impl JobService for Jobs {
             put("limit", q.limit.map(|n| n.to_string()));
             let params = list_params(pairs)?;
             let page = service::list(&self.state, &caller, params).await?;
-            Ok(Response::new(pb::ListJobsResponse {
+            Ok(pb::ListJobsResponse {
                 jobs: page
                     .jobs
                     .into_iter()
                     .map(|j| JobOut::from(j).into())
                     .collect(),
                 next: page.next.map(|id| id.to_string()),
-            }))
+            })
         })
         .await
     }
