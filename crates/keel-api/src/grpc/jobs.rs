@@ -22,6 +22,7 @@ use crate::extract::parse_idempotency_key_text;
 use crate::job_in;
 use crate::rate_limit;
 use crate::routes::jobs::{job_context, list_params, render_batch, render_job};
+use crate::routes::process::DEADLINE_MARGIN;
 use crate::service::jobs::{self as service, InsertRequest, Inserted, insert_jobs, visible_job};
 use crate::state::ApiState;
 
@@ -29,6 +30,29 @@ use crate::state::ApiState;
 /// with the HTTP routes.
 const ENQUEUE_ROUTE: &str = "grpc:/keel.v1.JobService/Enqueue";
 const ENQUEUE_BATCH_ROUTE: &str = "grpc:/keel.v1.JobService/EnqueueBatch";
+const PROCESS_ROUTE: &str = "grpc:/keel.v1.JobService/Process";
+
+/// A request without its job.
+fn job_required() -> Status {
+    ApiError::Validation(vec![keel_core::FieldError {
+        field: "job".to_owned(),
+        message: "is required".to_owned(),
+    }])
+    .into()
+}
+
+/// What a call does, for admission: whether the backlog cap applies, and whether its
+/// latency says anything about the server's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    /// Reads and moves jobs.
+    Read,
+    /// Creates jobs: refused while the backlog is full.
+    Enqueue,
+    /// Creates a job and waits for it on purpose: refused while the backlog is full, and
+    /// never a latency sample.
+    Wait,
+}
 
 /// The `keel.v1.JobService` implementation.
 #[derive(Clone)]
@@ -69,7 +93,7 @@ impl Jobs {
     }
 
     /// Runs `call` as HTTP's layers run a request: admitted first (shed with UNAVAILABLE,
-    /// or on a full backlog when it `enqueues`, before anything is spent on it), then in a
+    /// or on a full backlog when it creates jobs, before anything is spent on it), then in a
     /// request scope ending at `at`. Out of time, the call is dropped and answered
     /// DEADLINE_EXCEEDED naming the step it was in (auth, the store, …), counted in
     /// `keel_requests_deadline_exceeded_total`. A call that failed on the server's side
@@ -77,13 +101,13 @@ impl Jobs {
     async fn within<T>(
         &self,
         at: Instant,
-        enqueues: bool,
+        kind: Kind,
         call: impl Future<Output = Result<T, Status>>,
     ) -> Result<T, Status> {
         let admitted = self
             .state
             .admission
-            .try_admit(enqueues)
+            .try_admit(kind != Kind::Read)
             .await
             .map_err(|reason| Status::from(ApiError::Overloaded { reason }))?;
         let scope = RequestScope::new(at);
@@ -96,7 +120,7 @@ impl Jobs {
                         Code::Internal | Code::Unavailable | Code::Unknown | Code::DataLoss
                     )
                 });
-                if !server_side {
+                if !server_side && kind != Kind::Wait {
                     admitted.success();
                 }
                 answer
@@ -115,22 +139,22 @@ impl Jobs {
     }
 
     /// One call, the way every JobService method runs: admitted, under its deadline, with
-    /// its caller resolved and charged; then `step` with the caller, the metadata and the
-    /// message, whose value is the reply.
+    /// its caller resolved and charged; then `step` with the caller, the metadata, the
+    /// message and the deadline, whose value is the reply.
     async fn serve<M, T, Fut>(
         &self,
         request: Request<M>,
-        enqueues: bool,
-        step: impl FnOnce(Caller, MetadataMap, M) -> Fut,
+        kind: Kind,
+        step: impl FnOnce(Caller, MetadataMap, M, Instant) -> Fut,
     ) -> Result<Response<T>, Status>
     where
         Fut: Future<Output = Result<T, Status>>,
     {
         let at = self.deadline(request.metadata());
-        self.within(at, enqueues, async move {
+        self.within(at, kind, async move {
             let caller = self.caller(request.metadata()).await?;
             let (metadata, _, message) = request.into_parts();
-            step(caller, metadata, message).await.map(Response::new)
+            step(caller, metadata, message, at).await.map(Response::new)
         })
         .await
     }
@@ -187,39 +211,39 @@ impl JobService for Jobs {
         &self,
         request: Request<pb::EnqueueRequest>,
     ) -> Result<Response<pb::EnqueueResponse>, Status> {
-        self.serve(request, true, |caller, metadata, message| async move {
-            let key = idempotency_key(&metadata)?;
-            let fingerprinted = message.encode_to_vec();
-            let Some(spec) = message.job else {
-                return Err(ApiError::Validation(vec![keel_core::FieldError {
-                    field: "job".to_owned(),
-                    message: "is required".to_owned(),
-                }])
-                .into());
-            };
-            let mut problems = Problems::new(String::new());
-            let body = convert::job_body(spec, &mut problems);
-            let job = convert::checked(
-                job_in::parse_single(&body, &job_context(&self.state, &caller)),
-                problems.list,
-            )?;
-            let req = InsertRequest {
-                route: ENQUEUE_ROUTE,
-                tenant: job.tenant.clone(),
-                key,
-                body: &fingerprinted,
-                jobs: vec![job],
-                render: render_job,
-            };
-            let (response, replayed) = inserted(insert_jobs(&self.state, req).await?);
-            let job: JobOut = stored(&response)?;
-            Ok(pb::EnqueueResponse {
-                job: Some(job.into()),
-                // A single enqueue answers 200 exactly when it met the holder of its key.
-                unique_conflict: response.status == 200,
-                replayed,
-            })
-        })
+        self.serve(
+            request,
+            Kind::Enqueue,
+            |caller, metadata, message, _| async move {
+                let key = idempotency_key(&metadata)?;
+                let fingerprinted = message.encode_to_vec();
+                let Some(spec) = message.job else {
+                    return Err(job_required());
+                };
+                let mut problems = Problems::new(String::new());
+                let body = convert::job_body(spec, &mut problems);
+                let job = convert::checked(
+                    job_in::parse_single(&body, &job_context(&self.state, &caller)),
+                    problems.list,
+                )?;
+                let req = InsertRequest {
+                    route: ENQUEUE_ROUTE,
+                    tenant: job.tenant.clone(),
+                    key,
+                    body: &fingerprinted,
+                    jobs: vec![job],
+                    render: render_job,
+                };
+                let (response, replayed) = inserted(insert_jobs(&self.state, req).await?);
+                let job: JobOut = stored(&response)?;
+                Ok(pb::EnqueueResponse {
+                    job: Some(job.into()),
+                    // A single enqueue answers 200 exactly when it met the holder of its key.
+                    unique_conflict: response.status == 200,
+                    replayed,
+                })
+            },
+        )
         .await
     }
 
@@ -227,43 +251,88 @@ impl JobService for Jobs {
         &self,
         request: Request<pb::EnqueueBatchRequest>,
     ) -> Result<Response<pb::EnqueueBatchResponse>, Status> {
-        self.serve(request, true, |caller, metadata, message| async move {
-            let key = idempotency_key(&metadata)?;
-            let fingerprinted = message.encode_to_vec();
-            let mut problems = Vec::new();
-            let mut jobs = Vec::with_capacity(message.jobs.len());
-            for (i, spec) in message.jobs.into_iter().enumerate() {
-                let mut p = Problems::new(format!("jobs[{i}]."));
-                let body = convert::job_body(spec, &mut p);
-                problems.extend(p.list);
-                // Each is valid JSON of one job: spliced into the batch body as is.
-                jobs.push(String::from_utf8(body).unwrap_or_default());
-            }
-            let body = format!("{{\"jobs\":[{}]}}", jobs.join(","));
-            let jobs = convert::checked(
-                job_in::parse_batch(body.as_bytes(), &job_context(&self.state, &caller)),
-                problems,
-            )?;
-            // Without auth a batch may mix tenants; its key then belongs to the first job's.
-            let tenant = match jobs.first() {
-                Some(j) => j.tenant.clone(),
-                None => caller.tenant_for(None)?,
-            };
-            let req = InsertRequest {
-                route: ENQUEUE_BATCH_ROUTE,
-                tenant,
-                key,
-                body: &fingerprinted,
-                jobs,
-                render: render_batch,
-            };
-            let (response, replayed) = inserted(insert_jobs(&self.state, req).await?);
-            let batch: BatchOut = stored(&response)?;
-            Ok(pb::EnqueueBatchResponse {
-                jobs: batch.jobs.into_iter().map(pb::Job::from).collect(),
-                replayed,
-            })
-        })
+        self.serve(
+            request,
+            Kind::Enqueue,
+            |caller, metadata, message, _| async move {
+                let key = idempotency_key(&metadata)?;
+                let fingerprinted = message.encode_to_vec();
+                let mut problems = Vec::new();
+                let mut jobs = Vec::with_capacity(message.jobs.len());
+                for (i, spec) in message.jobs.into_iter().enumerate() {
+                    let mut p = Problems::new(format!("jobs[{i}]."));
+                    let body = convert::job_body(spec, &mut p);
+                    problems.extend(p.list);
+                    // Each is valid JSON of one job: spliced into the batch body as is.
+                    jobs.push(String::from_utf8(body).unwrap_or_default());
+                }
+                let body = format!("{{\"jobs\":[{}]}}", jobs.join(","));
+                let jobs = convert::checked(
+                    job_in::parse_batch(body.as_bytes(), &job_context(&self.state, &caller)),
+                    problems,
+                )?;
+                // Without auth a batch may mix tenants; its key then belongs to the first job's.
+                let tenant = match jobs.first() {
+                    Some(j) => j.tenant.clone(),
+                    None => caller.tenant_for(None)?,
+                };
+                let req = InsertRequest {
+                    route: ENQUEUE_BATCH_ROUTE,
+                    tenant,
+                    key,
+                    body: &fingerprinted,
+                    jobs,
+                    render: render_batch,
+                };
+                let (response, replayed) = inserted(insert_jobs(&self.state, req).await?);
+                let batch: BatchOut = stored(&response)?;
+                Ok(pb::EnqueueBatchResponse {
+                    jobs: batch.jobs.into_iter().map(pb::Job::from).collect(),
+                    replayed,
+                })
+            },
+        )
+        .await
+    }
+
+    async fn process(
+        &self,
+        request: Request<pb::ProcessRequest>,
+    ) -> Result<Response<pb::ProcessResponse>, Status> {
+        self.serve(
+            request,
+            Kind::Wait,
+            |caller, metadata, message, at| async move {
+                let key = idempotency_key(&metadata)?;
+                let fingerprinted = message.encode_to_vec();
+                let Some(spec) = message.job else {
+                    return Err(job_required());
+                };
+                let mut problems = Problems::new(String::new());
+                let body = convert::job_body(spec, &mut problems);
+                let job = convert::checked(
+                    job_in::parse_process(&body, &job_context(&self.state, &caller)),
+                    problems.list,
+                )?;
+                let asked = job.id;
+                let req = InsertRequest {
+                    route: PROCESS_ROUTE,
+                    tenant: job.tenant.clone(),
+                    key,
+                    body: &fingerprinted,
+                    jobs: vec![job],
+                    render: render_job,
+                };
+                // Stop waiting a little before the call's deadline, so that this answer (with
+                // the job's id) is the one the client gets.
+                let give_up = at.checked_sub(DEADLINE_MARGIN).unwrap_or(at);
+                let (job, held) = service::process(&self.state, req, asked, give_up).await?;
+                Ok(pb::ProcessResponse {
+                    job: Some(JobOut::from(job).into()),
+                    unique_conflict: held,
+                })
+            },
+        )
         .await
     }
 
@@ -271,7 +340,7 @@ impl JobService for Jobs {
         &self,
         request: Request<pb::GetJobRequest>,
     ) -> Result<Response<pb::Job>, Status> {
-        self.serve(request, false, |caller, _, message| async move {
+        self.serve(request, Kind::Read, |caller, _, message, _| async move {
             let id = convert::job_id("id", &message.id)?;
             let job = visible_job(&self.state, &caller, id).await?;
             Ok(JobOut::from(job).into())
@@ -283,7 +352,7 @@ impl JobService for Jobs {
         &self,
         request: Request<pb::GetResultRequest>,
     ) -> Result<Response<pb::JobResult>, Status> {
-        self.serve(request, false, |caller, _, message| async move {
+        self.serve(request, Kind::Read, |caller, _, message, _| async move {
             let id = convert::job_id("id", &message.id)?;
             let job = service::result(&self.state, &caller, id).await?;
             let done = job.state == keel_core::JobState::Completed;
@@ -304,7 +373,7 @@ impl JobService for Jobs {
         &self,
         request: Request<pb::CancelJobRequest>,
     ) -> Result<Response<pb::Job>, Status> {
-        self.serve(request, false, |caller, _, message| async move {
+        self.serve(request, Kind::Read, |caller, _, message, _| async move {
             let id = convert::job_id("id", &message.id)?;
             let job = service::cancel(&self.state, &caller, id).await?;
             Ok(JobOut::from(job).into())
@@ -316,7 +385,7 @@ impl JobService for Jobs {
         &self,
         request: Request<pb::RetryJobRequest>,
     ) -> Result<Response<pb::Job>, Status> {
-        self.serve(request, false, |caller, _, message| async move {
+        self.serve(request, Kind::Read, |caller, _, message, _| async move {
             let id = convert::job_id("id", &message.id)?;
             let job = service::retry(&self.state, &caller, id).await?;
             Ok(JobOut::from(job).into())
@@ -328,7 +397,7 @@ impl JobService for Jobs {
         &self,
         request: Request<pb::ListJobsRequest>,
     ) -> Result<Response<pb::ListJobsResponse>, Status> {
-        self.serve(request, false, |caller, _, q| async move {
+        self.serve(request, Kind::Read, |caller, _, q, _| async move {
             // The query HTTP would have received: one parser, the same messages.
             let mut pairs: Vec<(String, String)> = Vec::new();
             let mut put = |name: &str, value: Option<String>| {

@@ -687,3 +687,64 @@ async fn a_full_backlog_sheds_grpc_enqueues_but_not_reads() {
     assert_eq!(read.id, kept.id);
     app.stop().await;
 }
+
+/// Process enqueues and waits: a job the built-in workers run comes back finished with its
+/// result; `run_at` is refused (the job runs now); out of time, DEADLINE_EXCEEDED names the
+/// job, which is still there.
+async fn process_waits_for_the_end(backend: Backend, test: &str) {
+    let Some(app) = spawn_app_with(backend, test, |_| {}).await else {
+        return;
+    };
+    let mut c = client(&app).await;
+    let process = |job: pb::JobSpec| pb::ProcessRequest { job: Some(job) };
+    let done = c
+        .process(process(pb::JobSpec {
+            args: Some(r#"{"n": 1}"#.into()),
+            ..spec("echo")
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    let job = done.job.expect("the finished job");
+    assert_eq!(job.state(), pb::JobState::Completed);
+    assert_eq!(job.result.as_deref(), Some(r#"{"n": 1}"#));
+    assert!(!done.unique_conflict);
+
+    let later = c
+        .process(process(pb::JobSpec {
+            run_at: Some(prost_types::Timestamp {
+                seconds: 1_900_000_000,
+                nanos: 0,
+            }),
+            ..spec("echo")
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(later.code(), Code::InvalidArgument, "{later:?}");
+    let fields: Vec<String> = later
+        .get_details_bad_request()
+        .expect("BadRequest")
+        .field_violations
+        .into_iter()
+        .map(|v| v.field)
+        .collect();
+    assert_eq!(fields, ["run_at"]);
+
+    let mut parked = Request::new(process(pb::JobSpec {
+        queue: Some("grpc-parked".into()),
+        ..spec("noop")
+    }));
+    parked.set_timeout(Duration::from_millis(300));
+    let late = c.process(parked).await.unwrap_err();
+    assert_eq!(late.code(), Code::DeadlineExceeded, "{late:?}");
+    let info = late.get_details_error_info().expect("the server's answer");
+    let id = info.metadata.get("job_id").expect("the job it waited on");
+    let still = c
+        .get_job(pb::GetJobRequest { id: id.clone() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(still.state(), pb::JobState::Available);
+    app.stop().await;
+}
+both_backends!(process_waits_for_the_end);
