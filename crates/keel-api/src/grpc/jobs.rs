@@ -187,16 +187,9 @@ fn idempotency_key(metadata: &MetadataMap) -> Result<Option<keel_core::Idempoten
     Ok(Some(parse_idempotency_key_text(text)?))
 }
 
-/// The stored answer of an enqueue, and whether it was replayed.
-fn inserted(outcome: Inserted) -> (StoredResponse, bool) {
-    match outcome {
-        Inserted::Created { response, .. } => (response, false),
-        Inserted::Replayed(response) => (response, true),
-    }
-}
-
-/// A stored enqueue answer (the HTTP rendering, which the idempotency record keeps) as the
-/// value it renders; a stored failure is an internal error.
+/// A replayed enqueue answer (the HTTP rendering, which the idempotency record keeps) as
+/// the value it renders; a stored failure is an internal error. Fresh answers are built
+/// from the stored jobs directly, not read back from their rendering.
 fn stored<T: serde::de::DeserializeOwned>(r: &StoredResponse) -> Result<T, Status> {
     if !(200..300).contains(&r.status) {
         return Err(ApiError::internal("the stored enqueue answer is a failure").into());
@@ -226,6 +219,7 @@ impl JobService for Jobs {
                     job_in::parse_single(&body, &job_context(&self.state, &caller)),
                     problems.list,
                 )?;
+                let asked = job.id;
                 let req = InsertRequest {
                     route: ENQUEUE_ROUTE,
                     tenant: job.tenant.clone(),
@@ -234,12 +228,21 @@ impl JobService for Jobs {
                     jobs: vec![job],
                     render: render_job,
                 };
-                let (response, replayed) = inserted(insert_jobs(&self.state, req).await?);
-                let job: JobOut = stored(&response)?;
+                let (job, unique_conflict, replayed) = match insert_jobs(&self.state, req).await? {
+                    Inserted::Created { jobs, .. } => {
+                        let job = jobs.into_iter().next().ok_or_else(|| {
+                            Status::from(ApiError::internal("the insert returned no job"))
+                        })?;
+                        // The holder of the key stands in for the job asked for.
+                        let held = job.id != asked;
+                        (JobOut::from(job), held, false)
+                    }
+                    // A single enqueue answers 200 exactly when it met the holder of its key.
+                    Inserted::Replayed(r) => (stored(&r)?, r.status == 200, true),
+                };
                 Ok(pb::EnqueueResponse {
                     job: Some(job.into()),
-                    // A single enqueue answers 200 exactly when it met the holder of its key.
-                    unique_conflict: response.status == 200,
+                    unique_conflict,
                     replayed,
                 })
             },
@@ -284,10 +287,14 @@ impl JobService for Jobs {
                     jobs,
                     render: render_batch,
                 };
-                let (response, replayed) = inserted(insert_jobs(&self.state, req).await?);
-                let batch: BatchOut = stored(&response)?;
+                let (jobs, replayed) = match insert_jobs(&self.state, req).await? {
+                    Inserted::Created { jobs, .. } => {
+                        (jobs.into_iter().map(JobOut::from).collect(), false)
+                    }
+                    Inserted::Replayed(r) => (stored::<BatchOut>(&r)?.jobs, true),
+                };
                 Ok(pb::EnqueueBatchResponse {
-                    jobs: batch.jobs.into_iter().map(pb::Job::from).collect(),
+                    jobs: jobs.into_iter().map(pb::Job::from).collect(),
                     replayed,
                 })
             },
