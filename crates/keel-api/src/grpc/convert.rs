@@ -6,8 +6,7 @@
 //! [`JobOut`], the HTTP rendering, which is also what an idempotency record holds.
 
 use chrono::{DateTime, SecondsFormat, Utc};
-use keel_core::{FieldError, JobId, JobState, Timestamp};
-use keel_wire::{AttemptErrorOut, Backoff, JobOut};
+use keel_core::{FieldError, JobId};
 use serde::Serialize;
 use serde_json::value::RawValue;
 use serde_json::{Value, json};
@@ -68,7 +67,7 @@ impl Problems {
     }
 
     /// JSON text as a raw value, or a problem (and `None`) when it does not parse.
-    fn json(&mut self, field: &str, text: Option<String>) -> Option<Box<RawValue>> {
+    pub(crate) fn json(&mut self, field: &str, text: Option<String>) -> Option<Box<RawValue>> {
         let text = text?;
         RawValue::from_string(text)
             .map_err(|e| self.add(field, format!("is not valid JSON text: {e}")))
@@ -76,7 +75,7 @@ impl Problems {
     }
 
     /// A duration as whole milliseconds.
-    fn millis(&mut self, field: &str, d: Option<prost_types::Duration>) -> Option<u64> {
+    pub(crate) fn millis(&mut self, field: &str, d: Option<prost_types::Duration>) -> Option<u64> {
         let d = d?;
         if d.seconds < 0 || d.nanos < 0 {
             self.add(field, "must not be negative");
@@ -174,109 +173,7 @@ pub(crate) fn job_id(field: &str, s: &str) -> Result<JobId, ApiError> {
     })
 }
 
-fn timestamp(t: Timestamp) -> prost_types::Timestamp {
-    prost_types::Timestamp {
-        seconds: t.timestamp(),
-        // Below one billion: fits.
-        nanos: i32::try_from(t.timestamp_subsec_nanos()).unwrap_or(0),
-    }
-}
-
-fn duration_ms(ms: u64) -> prost_types::Duration {
-    prost_types::Duration {
-        seconds: i64::try_from(ms / 1000).unwrap_or(i64::MAX),
-        // Below one billion: fits.
-        nanos: i32::try_from((ms % 1000) * 1_000_000).unwrap_or(0),
-    }
-}
-
-/// The message's state.
-pub(crate) fn state(s: JobState) -> pb::JobState {
-    match s {
-        JobState::Scheduled => pb::JobState::Scheduled,
-        JobState::Available => pb::JobState::Available,
-        JobState::Running => pb::JobState::Running,
-        JobState::Retryable => pb::JobState::Retryable,
-        JobState::Completed => pb::JobState::Completed,
-        JobState::Discarded => pb::JobState::Discarded,
-        JobState::Cancelled => pb::JobState::Cancelled,
-    }
-}
-
-/// The state a message names; `None` for `JOB_STATE_UNSPECIFIED` or a number this server
-/// does not know.
-pub(crate) fn state_of(n: i32) -> Option<JobState> {
-    Some(match pb::JobState::try_from(n).ok()? {
-        pb::JobState::Unspecified => return None,
-        pb::JobState::Scheduled => JobState::Scheduled,
-        pb::JobState::Available => JobState::Available,
-        pb::JobState::Running => JobState::Running,
-        pb::JobState::Retryable => JobState::Retryable,
-        pb::JobState::Completed => JobState::Completed,
-        pb::JobState::Discarded => JobState::Discarded,
-        pb::JobState::Cancelled => JobState::Cancelled,
-    })
-}
-
-impl From<Backoff> for pb::Backoff {
-    fn from(b: Backoff) -> Self {
-        let policy = match b {
-            Backoff::Exponential { base_ms, cap_ms } => {
-                pb::backoff::Policy::Exponential(pb::backoff::Exponential { base_ms, cap_ms })
-            }
-            Backoff::Fixed { delay_ms } => {
-                pb::backoff::Policy::Fixed(pb::backoff::Fixed { delay_ms })
-            }
-        };
-        Self {
-            policy: Some(policy),
-        }
-    }
-}
-
-impl From<AttemptErrorOut> for pb::AttemptError {
-    fn from(e: AttemptErrorOut) -> Self {
-        Self {
-            attempt: e.attempt,
-            at: Some(timestamp(e.at)),
-            message: e.message,
-        }
-    }
-}
-
-impl From<JobOut> for pb::Job {
-    fn from(j: JobOut) -> Self {
-        Self {
-            id: j.id.to_string(),
-            queue: j.queue.into(),
-            kind: j.kind,
-            tenant: j.tenant,
-            args: j.args.get().to_owned(),
-            priority: u32::from(j.priority),
-            state: state(j.state).into(),
-            attempt: j.attempt,
-            max_attempts: j.max_attempts,
-            timeout: Some(duration_ms(j.timeout_ms)),
-            backoff: Some(j.backoff.into()),
-            tags: j.tags,
-            run_at: Some(timestamp(j.run_at)),
-            errors: j.errors.into_iter().map(pb::AttemptError::from).collect(),
-            result: j.result.map(|r| r.get().to_owned()),
-            lease: j.lease.map(|l| pb::Lease {
-                owner: l.owner,
-                expires_at: Some(timestamp(l.expires_at)),
-            }),
-            created_at: Some(timestamp(j.created_at)),
-            started_at: j.started_at.map(timestamp),
-            finished_at: j.finished_at.map(timestamp),
-            unique: j.unique.map(|u| pb::UniqueHold {
-                key: u.key,
-                scope: u.scope.as_str().to_owned(),
-            }),
-            meta: j.meta.map(|m| m.get().to_owned()),
-        }
-    }
-}
+pub(crate) use keel_proto::convert::{state, state_of};
 
 #[cfg(test)]
 mod tests {
@@ -302,7 +199,7 @@ mod tests {
                 seconds: 1_900_000_000,
                 nanos: 0,
             }),
-            backoff: Some(Backoff::Fixed { delay_ms: 5 }.into()),
+            backoff: Some(keel_wire::Backoff::Fixed { delay_ms: 5 }.into()),
             tags: vec!["x".into()],
             meta: Some(r#"{"trace":"t"}"#.into()),
             ..Default::default()
@@ -338,14 +235,5 @@ mod tests {
         });
         let fields: Vec<_> = problems.iter().map(|p| p.field.as_str()).collect();
         assert_eq!(fields, ["args", "run_at", "delay", "timeout"]);
-    }
-
-    #[test]
-    fn states_map_both_ways() {
-        for s in JobState::ALL {
-            assert_eq!(state_of(state(s).into()), Some(s));
-        }
-        assert_eq!(state_of(0), None);
-        assert_eq!(state_of(99), None);
     }
 }

@@ -7,10 +7,12 @@
 //! This first part serves `keel.v1.JobService`'s unary calls; `docs/grpc.md` lists what the
 //! gRPC API does and does not do yet.
 
+mod call;
 mod convert;
 mod jobs;
 pub mod status;
 mod telemetry;
+mod workers;
 
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Server;
@@ -18,14 +20,8 @@ use tonic_health::ServingStatus;
 
 use crate::state::ApiState;
 
-/// The generated messages, services and clients of `keel.v1`.
-#[allow(missing_docs, clippy::all, clippy::pedantic, unreachable_pub)]
-pub mod pb {
-    tonic::include_proto!("keel.v1");
-
-    /// The encoded descriptor set of `keel.v1`, for reflection and the compatibility test.
-    pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("keel_descriptor");
-}
+/// The generated messages, services and clients of `keel.v1` (crate keel-proto).
+pub use keel_proto::v1 as pb;
 
 /// Most calls one HTTP/2 connection may have in flight.
 const MAX_STREAMS: u32 = 256;
@@ -53,10 +49,15 @@ pub async fn serve(
     let reflection_v1 = reflection().build_v1().map_err(unbuilt).ok();
     let reflection_v1alpha = reflection().build_v1alpha().map_err(unbuilt).ok();
     let max = state.config.max_body_bytes;
-    let jobs = pb::job_service_server::JobServiceServer::new(jobs::Jobs {
+    let core = call::Core {
         state: state.clone(),
-    })
-    .max_decoding_message_size(max);
+        shutdown: shutdown.clone(),
+        streams: Default::default(),
+    };
+    let jobs = pb::job_service_server::JobServiceServer::new(jobs::Jobs(core.clone()))
+        .max_decoding_message_size(max);
+    let workers = pb::worker_service_server::WorkerServiceServer::new(workers::Workers(core))
+        .max_decoding_message_size(max);
 
     let ready_state = state.clone();
     let watch = shutdown.clone();
@@ -73,9 +74,9 @@ pub async fn serve(
                     ServingStatus::NotServing
                 };
                 reporter.set_service_status("", status).await;
-                reporter
-                    .set_service_status("keel.v1.JobService", status)
-                    .await;
+                for service in ["keel.v1.JobService", "keel.v1.WorkerService"] {
+                    reporter.set_service_status(service, status).await;
+                }
                 last = Some(serving);
             }
             if watch.is_cancelled() {
@@ -101,6 +102,7 @@ pub async fn serve(
         .add_optional_service(reflection_v1)
         .add_optional_service(reflection_v1alpha)
         .add_service(jobs)
+        .add_service(workers)
         .serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned())
         .await
 }

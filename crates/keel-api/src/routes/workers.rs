@@ -102,7 +102,7 @@ pub(crate) async fn complete_job(
     JsonBody(body): JsonBody,
 ) -> Result<Json<JobOut>, ApiError> {
     let item = worker_in::parse_complete(&body, id)?;
-    one(service::complete(&state, &caller, vec![item]).await)?;
+    service::one(service::complete(&state, &caller, vec![item]).await)?;
     let job = service::fresh_visible_job(&state, &caller, id).await?;
     Ok(Json(JobOut::from(job)))
 }
@@ -130,7 +130,7 @@ pub(crate) async fn fail_job(
     JsonBody(body): JsonBody,
 ) -> Result<Json<JobOut>, ApiError> {
     let item = worker_in::parse_fail(&body, id)?;
-    let job = one(service::fail(&state, &caller, vec![item]).await)?;
+    let job = service::one(service::fail(&state, &caller, vec![item]).await)?;
     Ok(Json(JobOut::from(job)))
 }
 
@@ -236,14 +236,6 @@ pub(crate) async fn list_workers(
             })
             .collect(),
     })
-}
-
-/// The one answer of a single-outcome call.
-fn one<T>(answers: Vec<Result<T, ApiError>>) -> Result<T, ApiError> {
-    answers
-        .into_iter()
-        .next()
-        .unwrap_or_else(|| Err(ApiError::internal("no outcome was recorded")))
 }
 
 fn outcomes<T>(

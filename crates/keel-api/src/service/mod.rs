@@ -5,10 +5,11 @@
 //!
 //! [`jobs`]: enqueue (idempotency, uniqueness), reads and listings as the caller may see
 //! them, cancel, retry, and process (enqueue, then wait for the end). [`workers`]: the
-//! worker protocol. [`schedules`]: cron schedules of a tenant. [`queues`]: counts, pause
+//! worker protocol. [`watch`]: following jobs' state changes. [`schedules`]: cron schedules of a tenant. [`queues`]: counts, pause
 //! and resume.
 
 pub mod jobs;
 pub mod queues;
 pub mod schedules;
+pub mod watch;
 pub mod workers;

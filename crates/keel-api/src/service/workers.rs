@@ -233,6 +233,14 @@ pub async fn release(
     Ok(job)
 }
 
+/// The one answer of a single-outcome call to [`complete`] or [`fail`].
+pub fn one<T>(answers: Vec<Result<T, ApiError>>) -> Result<T, ApiError> {
+    answers
+        .into_iter()
+        .next()
+        .unwrap_or_else(|| Err(ApiError::internal("no outcome was recorded")))
+}
+
 /// The workers the caller may see.
 pub fn workers(state: &ApiState, caller: &Caller) -> Vec<WorkerInfo> {
     state.workers.list(caller.scope())

@@ -35,6 +35,7 @@ mod chaos_webhook;
 mod config;
 mod diagnostics;
 mod grpc;
+mod grpc_workers;
 mod idempotency;
 mod jobs;
 mod metrics;
