@@ -9,6 +9,7 @@
 
 #![warn(missing_docs)]
 
+pub mod grpc_worker;
 pub mod worker;
 
 use std::fmt::Display;

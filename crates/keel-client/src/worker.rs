@@ -97,7 +97,7 @@ pub struct JobContext {
     pub cancelled: CancellationToken,
 }
 
-type BoxedHandler = Arc<
+pub(crate) type BoxedHandler = Arc<
     dyn Fn(JobContext, Value) -> Pin<Box<dyn Future<Output = Result<Value, JobFailure>> + Send>>
         + Send
         + Sync,
@@ -106,14 +106,14 @@ type BoxedHandler = Arc<
 /// How a [`Worker`] runs.
 #[derive(Debug, Clone)]
 pub struct WorkerConfig {
-    queues: Vec<String>,
-    concurrency: usize,
-    lease: Duration,
-    heartbeat: Option<Duration>,
-    wait: Duration,
-    grace: Duration,
-    worker_id: String,
-    prefetch: usize,
+    pub(crate) queues: Vec<String>,
+    pub(crate) concurrency: usize,
+    pub(crate) lease: Duration,
+    pub(crate) heartbeat: Option<Duration>,
+    pub(crate) wait: Duration,
+    pub(crate) grace: Duration,
+    pub(crate) worker_id: String,
+    pub(crate) prefetch: usize,
 }
 
 impl WorkerConfig {
@@ -193,9 +193,9 @@ pub struct WorkerReport {
 
 /// A worker serving some queues with handlers by kind.
 pub struct Worker {
-    client: Client,
-    config: WorkerConfig,
-    handlers: HashMap<String, BoxedHandler>,
+    pub(crate) client: Client,
+    pub(crate) config: WorkerConfig,
+    pub(crate) handlers: HashMap<String, BoxedHandler>,
 }
 
 impl std::fmt::Debug for Worker {
@@ -220,12 +220,16 @@ enum Outcome {
 }
 
 #[derive(Default)]
-struct Counters {
+pub(crate) struct Counters {
     report: Mutex<WorkerReport>,
 }
 
 impl Counters {
-    fn add(&self, f: impl FnOnce(&mut WorkerReport)) {
+    pub(crate) fn report(&self) -> WorkerReport {
+        *self.report.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub(crate) fn add(&self, f: impl FnOnce(&mut WorkerReport)) {
         f(&mut self.report.lock().unwrap_or_else(|p| p.into_inner()));
     }
 }
@@ -534,25 +538,7 @@ fn start(cx: &PollCtx, b: Buffered, permit: OwnedSemaphorePermit, jobs: &mut Joi
     let counters = Arc::clone(&cx.counters);
     jobs.spawn(async move {
         let id = job.id;
-        // Raw JSON from the server is valid JSON.
-        let args = serde_json::from_str(job.args.get()).unwrap_or(Value::Null);
-        let ctx = JobContext {
-            job: job.clone(),
-            cancelled: cancelled.clone(),
-        };
-        let outcome = match handler {
-            Some(h) => {
-                // A panicking handler is a failed attempt, not a dead worker.
-                match tokio::spawn(h(ctx, args)).await {
-                    Ok(r) => r,
-                    Err(e) => Err(JobFailure::retry(format!("the handler panicked: {e}"))),
-                }
-            }
-            None => Err(JobFailure::permanent(format!(
-                "no handler for kind {:?} in this worker",
-                job.kind
-            ))),
-        };
+        let outcome = invoke(handler, job.clone(), cancelled.clone()).await;
         lock(&running).remove(&id);
         if cancelled.is_cancelled() && outcome.is_err() {
             // Stopped by the grace period (or a cancel): give it back unrun. A
@@ -578,6 +564,28 @@ fn start(cx: &PollCtx, b: Buffered, permit: OwnedSemaphorePermit, jobs: &mut Joi
         }
         drop(permit);
     });
+}
+
+/// Runs `handler` on `job` (whichever transport leased it): a panic is a failed attempt,
+/// not a dead worker, and a kind without a handler is discarded.
+pub(crate) async fn invoke(
+    handler: Option<BoxedHandler>,
+    job: JobOut,
+    cancelled: CancellationToken,
+) -> Result<Value, JobFailure> {
+    let Some(h) = handler else {
+        return Err(JobFailure::permanent(format!(
+            "no handler for kind {:?} in this worker",
+            job.kind
+        )));
+    };
+    // Raw JSON from the server is valid JSON.
+    let args = serde_json::from_str(job.args.get()).unwrap_or(Value::Null);
+    let ctx = JobContext { job, cancelled };
+    match tokio::spawn(h(ctx, args)).await {
+        Ok(r) => r,
+        Err(e) => Err(JobFailure::retry(format!("the handler panicked: {e}"))),
+    }
 }
 
 /// Gives a leased job back unrun.

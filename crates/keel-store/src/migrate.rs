@@ -77,6 +77,7 @@ pub const POSTGRES: &[Migration] = &[
         "postgres/0005_lean_listing_indexes.sql"
     ),
     migration!(6, "job_meta", "postgres/0006_job_meta.sql"),
+    migration!(7, "lease_walk", "postgres/0007_lease_walk.sql"),
 ];
 
 /// What a migration run did.

@@ -89,7 +89,9 @@ pub async fn serve(
         }
     });
 
-    let incoming = tonic::transport::server::TcpIncoming::from(listener);
+    // No Nagle: a stream's small messages (a lease's jobs, an outcome's answer) must not
+    // wait for the peer's delayed ACK, which turns a streaming lease into 40 ms steps.
+    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     Server::builder()
         // Bounds until the shared interceptors (admission, deadlines) apply here too: a
         // call gets at most the HTTP request deadline (tonic also honours a shorter

@@ -53,6 +53,10 @@ pub enum Workload {
     /// drained by keel-client's HTTP worker (docs/workers.md) with `--concurrency` slots.
     #[value(name = "w1x")]
     W1x,
+    /// W1 through keel-client's gRPC worker (one streaming lease) with 20 slots, against
+    /// W1@20.
+    #[value(name = "w1g")]
+    W1g,
     /// Steady: many HTTP clients enqueue one job per request while workers run them.
     W2,
     /// Paced: the same at a fixed rate (open model), for pickup latency.
@@ -64,6 +68,9 @@ pub enum Workload {
     W2x,
     /// Enqueue only (workers paused): durable enqueues per second and their latency.
     W3,
+    /// W3 over gRPC: `JobService/Enqueue` with 64 calls in flight.
+    #[value(name = "w3g")]
+    W3g,
     /// Overload: offer a multiple of W3's capacity (open model) and watch what holds.
     W4,
     /// Footprint: start-up time and memory.
@@ -75,10 +82,12 @@ impl fmt::Display for Workload {
         f.write_str(match self {
             Workload::W1 => "W1",
             Workload::W1x => "W1x",
+            Workload::W1g => "W1g",
             Workload::W2 => "W2",
             Workload::W2p => "W2p",
             Workload::W2x => "W2x",
             Workload::W3 => "W3",
+            Workload::W3g => "W3g",
             Workload::W4 => "W4",
             Workload::W5 => "W5",
         })
@@ -96,6 +105,10 @@ pub struct BenchArgs {
     /// --queue must be served there and used by nothing else while the bench runs.
     #[arg(long, value_name = "URL")]
     pub url: Option<String>,
+    /// The gRPC address of the --url server (`http://127.0.0.1:50051`), for the gRPC
+    /// workloads W1g and W3g (ignored without --url; a started server's is found alone).
+    #[arg(long, value_name = "URL", requires = "url")]
+    pub grpc_url: Option<String>,
     /// API key for --url, if that server requires one (ignored without --url).
     #[arg(long, env = "KEEL_API_KEY", hide_env_values = true)]
     pub api_key: Option<String>,
@@ -310,6 +323,7 @@ enum Target {
     External {
         addr: SocketAddr,
         base: String,
+        grpc: Option<String>,
         pid: Option<u32>,
     },
 }
@@ -517,40 +531,53 @@ async fn write_json(path: &std::path::Path, doc: &serde_json::Value) -> anyhow::
         .with_context(|| format!("writing {}", path.display()))
 }
 
+/// The address of `url`, an `http://` base URL on this machine (`option` names it in
+/// errors). A benchmark floods its target; it must never be pointed at someone's
+/// production server by accident.
+fn loopback(option: &str, url: &str) -> anyhow::Result<SocketAddr> {
+    let uri: hyper::Uri = url
+        .parse()
+        .with_context(|| format!("{option} {url:?} is not a URL"))?;
+    anyhow::ensure!(
+        uri.scheme_str() == Some("http"),
+        "{option} must be http:// (the load generators speak plain text on loopback)"
+    );
+    anyhow::ensure!(
+        uri.path().is_empty() || uri.path() == "/",
+        "{option} must be the server's base URL, without a path"
+    );
+    let host = uri
+        .host()
+        .with_context(|| format!("{option} has no host"))?;
+    let port = uri.port_u16().unwrap_or(80);
+    let ip: std::net::IpAddr = if host == "localhost" {
+        std::net::Ipv4Addr::LOCALHOST.into()
+    } else {
+        host.trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse()
+            .with_context(|| format!("{option} host {host:?} is not an IP address or localhost"))?
+    };
+    anyhow::ensure!(
+        ip.is_loopback(),
+        "{option} must be a loopback address (keel bench only loads servers on this machine)"
+    );
+    Ok(SocketAddr::new(ip, port))
+}
+
 /// Works out what to benchmark from the options, before anything starts.
 fn target(args: &BenchArgs) -> anyhow::Result<Target> {
     if let Some(url) = &args.url {
-        let uri: hyper::Uri = url
-            .parse()
-            .with_context(|| format!("--url {url:?} is not a URL"))?;
-        anyhow::ensure!(
-            uri.scheme_str() == Some("http"),
-            "--url must be http:// (the load generator speaks plain HTTP/1.1 on loopback)"
-        );
-        anyhow::ensure!(
-            uri.path().is_empty() || uri.path() == "/",
-            "--url must be the server's base URL, without a path"
-        );
-        let host = uri.host().context("--url has no host")?;
-        let port = uri.port_u16().unwrap_or(80);
-        let ip: std::net::IpAddr = if host == "localhost" {
-            std::net::Ipv4Addr::LOCALHOST.into()
-        } else {
-            host.trim_start_matches('[')
-                .trim_end_matches(']')
-                .parse()
-                .with_context(|| format!("--url host {host:?} is not an IP address or localhost"))?
-        };
-        // A benchmark floods its target; it must never be pointed at someone's production
-        // server by accident.
-        anyhow::ensure!(
-            ip.is_loopback(),
-            "--url must be a loopback address (keel bench only loads servers on this machine)"
-        );
-        let addr = SocketAddr::new(ip, port);
+        let addr = loopback("--url", url)?;
+        let grpc = args
+            .grpc_url
+            .as_deref()
+            .map(|g| loopback("--grpc-url", g).map(|a| format!("http://{a}")))
+            .transpose()?;
         return Ok(Target::External {
             addr,
             base: format!("http://{addr}"),
+            grpc,
             pid: args.pid,
         });
     }
@@ -578,10 +605,16 @@ async fn one_run(
     progress: Progress,
 ) -> anyhow::Result<()> {
     match target {
-        Target::External { addr, base, pid } => {
+        Target::External {
+            addr,
+            base,
+            grpc,
+            pid,
+        } => {
             let server = Server {
                 addr: *addr,
                 base: base.clone(),
+                grpc: grpc.clone(),
                 api_key: args.api_key.clone(),
                 pid: *pid,
                 ready_after: None,
@@ -673,6 +706,7 @@ async fn with_server(
     let target = Server {
         addr: server.addr(),
         base: format!("http://{}", server.addr()),
+        grpc: server.grpc().map(|a| format!("http://{a}")),
         api_key: None,
         pid: Some(server.pid()),
         ready_after: Some(server.ready_after),
@@ -702,6 +736,8 @@ struct Server {
     addr: SocketAddr,
     /// Its base URL, for the control-plane client.
     base: String,
+    /// Its gRPC base URL, when it serves gRPC (the gRPC workloads need it).
+    grpc: Option<String>,
     api_key: Option<String>,
     pid: Option<u32>,
     /// Spawn → ready, when the harness started it.
@@ -720,8 +756,10 @@ async fn run_workloads(
     let ctx = Ctx {
         settings,
         endpoint: Endpoint::new(server.addr, server.api_key.as_deref())?,
-        control: control_client(&server.base, server.api_key)?,
+        control: control_client(&server.base, server.api_key.clone())?,
         pid: server.pid,
+        grpc: server.grpc,
+        api_key: server.api_key.clone(),
         ready_after: server.ready_after,
         progress,
         queue: settings.queue.clone(),

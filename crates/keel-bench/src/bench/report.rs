@@ -110,6 +110,12 @@ pub(crate) const METRICS: &[MetricDef] = &[
         "drain through external HTTP workers, jobs/s",
         Unit::PerSec,
     ),
+    m(
+        "w1g.drain_jobs_per_s",
+        "W1g",
+        "drain through a gRPC streaming lease, 20 slots, jobs/s",
+        Unit::PerSec,
+    ),
     m("w2.enqueue_per_s", "W2", "enqueue, jobs/s", Unit::PerSec),
     m(
         "w2.completed_per_s",
@@ -228,6 +234,15 @@ pub(crate) const METRICS: &[MetricDef] = &[
     m("w3.p999_ms", "W3", "latency p99.9, ms", Unit::Ms),
     m("w3.errors", "W3", "failed requests", Unit::Count),
     m(
+        "w3g.enqueue_per_s",
+        "W3g",
+        "durable gRPC enqueues/s, 64 streams",
+        Unit::PerSec,
+    ),
+    m("w3g.p50_ms", "W3g", "latency p50, ms", Unit::Ms),
+    m("w3g.p99_ms", "W3g", "latency p99, ms", Unit::Ms),
+    m("w3g.errors", "W3g", "failed calls", Unit::Count),
+    m(
         "w4.offered_per_s",
         "W4",
         "offered (× W3 capacity), req/s",
@@ -334,6 +349,12 @@ pub(crate) const METRICS: &[MetricDef] = &[
         Unit::Ratio,
     ),
     m(
+        "ratio.w1g_of_w1_20",
+        "ratio",
+        "W1g drain (gRPC streaming lease) / W1@20 drain (built-in)",
+        Unit::Ratio,
+    ),
+    m(
         "ratio.w3_of_pgbench_insert",
         "ratio",
         "W3 enqueues / pgbench one-row INSERT",
@@ -407,6 +428,9 @@ pub(crate) fn target(backend: Backend, key: &str) -> Option<Target> {
         // Issue 13: a worker in another process loses at most a fifth of the built-in
         // drain at the same concurrency.
         "ratio.w1x_of_w1" => Some(AtLeast(0.8)),
+        // Issue 16: the streaming lease with 20 slots loses at most a fifth of the built-in
+        // drain at 20 workers.
+        "ratio.w1g_of_w1_20" => Some(AtLeast(0.8)),
         // Issue 13: a long poll answers within 5 ms of the enqueue that wakes it.
         "w2x.pickup_p50_ms" => Some(AtMost(5.0)),
         // Issue 14: prefetch and pipelined outcomes keep 10 ms jobs within 10 % of the
@@ -492,6 +516,7 @@ impl RunRecord {
         );
         let r6 = ratio(get("w2.completed_per_s"), get("w2.enqueue_per_s"));
         let r7 = ratio(get("w2_20.completed_per_s"), get("w2_20.enqueue_per_s"));
+        let r8 = ratio(get("w1g.drain_jobs_per_s"), get("w1_20.drain_jobs_per_s"));
         self.set("ratio.w1_20_of_pgbench_minimal", r5);
         self.set("ratio.w2_completed_of_enqueued", r6);
         self.set("ratio.w2_20_completed_of_enqueued", r7);
@@ -499,6 +524,7 @@ impl RunRecord {
         self.set("ratio.w1_of_pgbench_keel", r2);
         self.set("ratio.w3_of_pgbench_insert", r3);
         self.set("ratio.w1x_of_w1", r4);
+        self.set("ratio.w1g_of_w1_20", r8);
     }
 }
 

@@ -40,9 +40,18 @@ const STOP_TIMEOUT: Duration = Duration::from_secs(15);
 /// Server log lines kept to explain a failure.
 const LOG_TAIL: usize = 30;
 
-/// Extracts the API address from a `keel serve` JSON log line, if it is the "keel is
+/// Where a started server listens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Serving {
+    /// The HTTP API.
+    pub(crate) api: SocketAddr,
+    /// The gRPC API, unless switched off.
+    pub(crate) grpc: Option<SocketAddr>,
+}
+
+/// Extracts the addresses from a `keel serve` JSON log line, if it is the "keel is
 /// serving" line (the server logs it once, after binding every listener).
-pub(crate) fn parse_serving_line(line: &str) -> Option<SocketAddr> {
+pub(crate) fn parse_serving_line(line: &str) -> Option<Serving> {
     let v: serde_json::Value = serde_json::from_str(line).ok()?;
     let message = v
         .get("message")
@@ -50,8 +59,13 @@ pub(crate) fn parse_serving_line(line: &str) -> Option<SocketAddr> {
     if message.as_str()? != "keel is serving" {
         return None;
     }
-    let addr = v.get("addr").or_else(|| v.get("fields")?.get("addr"))?;
-    addr.as_str()?.parse().ok()
+    let field = |name: &str| v.get(name).or_else(|| v.get("fields")?.get(name));
+    Some(Serving {
+        api: field("addr")?.as_str()?.parse().ok()?,
+        grpc: field("grpc_addr")
+            .and_then(|a| a.as_str())
+            .and_then(|a| a.parse().ok()),
+    })
 }
 
 /// The last lines the server printed, and how many were warnings or errors.
@@ -79,7 +93,7 @@ impl LogTail {
 fn drain<R: AsyncRead + Unpin + Send + 'static>(
     stream: R,
     tail: Arc<Mutex<LogTail>>,
-    mut addr: Option<oneshot::Sender<SocketAddr>>,
+    mut addr: Option<oneshot::Sender<Serving>>,
 ) -> JoinHandle<()> {
     tokio::spawn(async move {
         let mut lines = BufReader::new(stream).lines();
@@ -117,6 +131,7 @@ pub(crate) struct Spawned {
     child: Child,
     pid: u32,
     addr: SocketAddr,
+    grpc: Option<SocketAddr>,
     /// From spawn to the first `200` from `/readyz`.
     pub(crate) ready_after: Duration,
     tail: Arc<Mutex<LogTail>>,
@@ -139,7 +154,7 @@ impl Spawned {
         }
         cmd.env("KEEL_ADDR", "127.0.0.1:0")
             .env("KEEL_ADMIN_ADDR", "127.0.0.1:0")
-            .env("KEEL_GRPC_ADDR", "off")
+            .env("KEEL_GRPC_ADDR", "127.0.0.1:0")
             .env("KEEL_DATABASE_URL", &spec.database_url)
             .env(
                 "KEEL_QUEUES",
@@ -201,6 +216,7 @@ impl Spawned {
             child,
             pid,
             addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            grpc: None,
             ready_after: Duration::ZERO,
             tail,
             readers,
@@ -212,8 +228,9 @@ impl Spawned {
                 "the server did not announce its address within {STARTUP_TIMEOUT:?}:\n{text}"
             );
         };
-        server.addr = addr;
-        match wait_ready(&Endpoint::new(addr, None)?, deadline).await {
+        server.addr = addr.api;
+        server.grpc = addr.grpc;
+        match wait_ready(&Endpoint::new(addr.api, None)?, deadline).await {
             Ok(at) => server.ready_after = at.saturating_duration_since(spawned_at),
             Err(e) => {
                 let text = tail_text(&server.tail);
@@ -227,6 +244,11 @@ impl Spawned {
     /// The API address.
     pub(crate) fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// The gRPC address.
+    pub(crate) fn grpc(&self) -> Option<SocketAddr> {
+        self.grpc
     }
 
     /// The server's pid (for `/proc`).
@@ -475,14 +497,14 @@ mod tests {
     fn the_serving_line_yields_the_bound_address() {
         let line = r#"{"timestamp":"2025-01-01T00:00:00.000Z","level":"INFO","message":"keel is serving","addr":"127.0.0.1:43567","admin_addr":"127.0.0.1:40001","database":"sqlite","queues":["bench:256","default:8"],"target":"keel::app"}"#;
         assert_eq!(
-            parse_serving_line(line),
+            parse_serving_line(line).map(|s| s.api),
             Some("127.0.0.1:43567".parse().unwrap())
         );
         // Also when the fields are nested (a non-flattened JSON layer).
         let nested =
             r#"{"level":"INFO","fields":{"message":"keel is serving","addr":"127.0.0.1:8080"}}"#;
         assert_eq!(
-            parse_serving_line(nested),
+            parse_serving_line(nested).map(|s| s.api),
             Some("127.0.0.1:8080".parse().unwrap())
         );
         assert_eq!(

@@ -205,50 +205,39 @@ impl PgStore {
 
 /// Leases up to `$2` jobs of queue `$1` for owner `$3` until `$4`, started at `$5`.
 ///
-/// The inner SELECT walks jobs_lease_idx in lease order and skips rows another replica has
-/// locked, so concurrent leasers never wait on each other and never get the same job. The
-/// outer state guard is redundant with the row lock; it is kept so the statement is correct
-/// on its own.
-///
-/// A paused queue yields nothing. The NOT EXISTS references only $1, so Postgres plans it as
-/// an InitPlan run once per statement (one queues_pkey probe) gating the index walk, not as
-/// a join per job; and FOR UPDATE does not reach into it, so leasers of one queue never lock
-/// its settings row.
+/// The candidates come from `keel_lease_walk` (migrations/postgres/0007_lease_walk.sql): it
+/// walks jobs_lease_idx in lease order and skips rows another replica has locked, so
+/// concurrent leasers never wait on each other and never get the same job, and it plans
+/// itself with sorts and bitmap scans switched off, so stale statistics cannot turn a lease
+/// into a sort of the whole queue. A paused queue yields nothing: its check is one
+/// queues_pkey probe per call, and FOR UPDATE does not reach into it, so leasers of one
+/// queue never lock its settings row. `id = ANY(ARRAY(…))`: the walk's ids are collected
+/// first and the update is primary-key lookups, whatever the planner guesses about a
+/// function's row count (a join on it was planned as a scan of the whole table). The outer
+/// state guard is redundant with the row lock; it is kept so the statement is correct on
+/// its own.
 ///
 /// A `queued`-scope unique job gives up its key for good when first leased, so the same key
 /// can be enqueued again while it runs, and a later retry of it never competes for the key
 /// with the job enqueued meanwhile.
-pub(super) static LEASE_SQL: LazyLock<String> = LazyLock::new(|| lease_statement(""));
+pub(super) static LEASE_SQL: LazyLock<String> =
+    LazyLock::new(|| lease_statement("NULL::text", "'{}'::text[]"));
 
 /// An external worker's lease (docs/workers.md): the same walk, keeping only its tenant's
-/// jobs and the kinds it handles. The filters are residual on the index walk; the built-in
-/// dispatchers keep the unfiltered [`LEASE_SQL`].
-static LEASE_FILTERED_SQL: LazyLock<String> = LazyLock::new(|| {
-    lease_statement(
-        "AND ($6::text IS NULL OR tenant = $6) \
-         AND (cardinality($7::text[]) = 0 OR kind = ANY($7))",
-    )
-});
+/// jobs (`$6`, when given) and the kinds it handles (`$7`, when not empty). The filters are
+/// residual on the index walk; the built-in dispatchers keep the unfiltered [`LEASE_SQL`].
+static LEASE_FILTERED_SQL: LazyLock<String> =
+    LazyLock::new(|| lease_statement("$6::text", "$7::text[]"));
 
-/// The lease statement, with `filter` (more conditions on the candidate rows, or nothing)
-/// added to the inner walk. See [`LEASE_SQL`].
-fn lease_statement(filter: &str) -> String {
+/// The lease statement, with the walk's tenant and kinds arguments. See [`LEASE_SQL`].
+fn lease_statement(tenant: &str, kinds: &str) -> String {
     format!(
-        "WITH picked AS ( \
-           SELECT id FROM jobs \
-           WHERE state IN ({lease}) AND queue = $1 \
-             AND NOT EXISTS (SELECT 1 FROM queues WHERE name = $1 AND paused) \
-             {filter} \
-           ORDER BY priority, run_at, id \
-           LIMIT $2 \
-           FOR UPDATE SKIP LOCKED \
-         ) \
-         UPDATE jobs j SET state = '{to}', attempt = j.attempt + 1, lease_owner = $3, \
+        "UPDATE jobs j SET state = '{to}', attempt = j.attempt + 1, lease_owner = $3, \
            lease_token = gen_random_uuid(), lease_expires_at = $4, started_at = $5, \
            unique_key = CASE WHEN j.unique_scope = 'queued' THEN NULL \
                              ELSE j.unique_key END \
-         FROM picked \
-         WHERE j.id = picked.id AND j.state IN ({lease}) \
+         WHERE j.id = ANY(ARRAY(SELECT keel_lease_walk($1, $2, {tenant}, {kinds}))) \
+           AND j.state IN ({lease}) \
          RETURNING {COLUMNS}",
         lease = guard(Transition::Lease),
         to = target(Transition::Lease),

@@ -117,9 +117,15 @@ mod tests {
         let lease = &*LEASE_SQL;
         assert!(lease.contains("state IN ('available')"), "{lease}");
         assert!(lease.contains("SET state = 'running'"), "{lease}");
+        // The walk is a function of its own migration: its guard is written there by hand.
+        let walk = include_str!("../../migrations/postgres/0007_lease_walk.sql");
+        let sources = format!("j.state IN ({})", guard(Transition::Lease));
+        assert!(walk.contains(&sources), "{sources} in {walk}");
         assert!(
-            lease.contains("NOT EXISTS (SELECT 1 FROM queues WHERE name = $1 AND paused)"),
-            "{lease}"
+            walk.contains(
+                "NOT EXISTS (SELECT 1 FROM queues s WHERE s.name = p_queue AND s.paused)"
+            ),
+            "{walk}"
         );
         let cancel = &*CANCEL_SQL;
         assert!(

@@ -748,3 +748,150 @@ async fn process_waits_for_the_end(backend: Backend, test: &str) {
     app.stop().await;
 }
 both_backends!(process_waits_for_the_end);
+
+/// A client that knows nothing of Keel but the reflection service: it asks which services
+/// there are, fetches the file that defines JobService, builds an EnqueueRequest from the
+/// descriptors alone, and calls Enqueue with raw bytes; the job it created is there over
+/// HTTP.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_knows_only_reflection_can_call_enqueue() {
+    use bytes::{Buf, BufMut};
+    use prost_reflect::{DescriptorPool, DynamicMessage, Value};
+    use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+
+    /// Messages as the bytes they are on the wire.
+    #[derive(Clone, Copy, Default)]
+    struct Raw;
+    impl Codec for Raw {
+        type Encode = Vec<u8>;
+        type Decode = Vec<u8>;
+        type Encoder = Raw;
+        type Decoder = Raw;
+        fn encoder(&mut self) -> Raw {
+            Raw
+        }
+        fn decoder(&mut self) -> Raw {
+            Raw
+        }
+    }
+    impl Encoder for Raw {
+        type Item = Vec<u8>;
+        type Error = tonic::Status;
+        fn encode(&mut self, item: Vec<u8>, dst: &mut EncodeBuf<'_>) -> Result<(), tonic::Status> {
+            dst.put_slice(&item);
+            Ok(())
+        }
+    }
+    impl Decoder for Raw {
+        type Item = Vec<u8>;
+        type Error = tonic::Status;
+        fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<Vec<u8>>, tonic::Status> {
+            let n = src.remaining();
+            Ok(Some(src.copy_to_bytes(n).to_vec()))
+        }
+    }
+
+    let Some(app) = spawn_app_with(Backend::Sqlite, "grpc::reflection_only", |_| {}).await else {
+        return;
+    };
+    let url = format!("http://{}", app.grpc_addr.expect("gRPC on"));
+    let channel = Channel::from_shared(url).unwrap().connect().await.unwrap();
+    let ask = |message: MessageRequest| ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(message),
+    };
+    let mut reflection = ServerReflectionClient::new(channel.clone());
+    let mut answers = reflection
+        .server_reflection_info(futures_util::stream::iter([
+            ask(MessageRequest::ListServices(String::new())),
+            ask(MessageRequest::FileContainingSymbol(
+                "keel.v1.JobService".to_owned(),
+            )),
+        ]))
+        .await
+        .unwrap()
+        .into_inner();
+    let Some(Ok(listed)) = answers.next().await else {
+        panic!("no answer to ListServices");
+    };
+    let Some(MessageResponse::ListServicesResponse(list)) = listed.message_response else {
+        panic!("{listed:?}");
+    };
+    let service_name = list
+        .service
+        .iter()
+        .map(|s| s.name.clone())
+        .find(|n| n.ends_with(".JobService"))
+        .expect("a JobService is listed");
+    let Some(Ok(file)) = answers.next().await else {
+        panic!("no answer to FileContainingSymbol");
+    };
+    let Some(MessageResponse::FileDescriptorResponse(files)) = file.message_response else {
+        panic!("{file:?}");
+    };
+    // The file and what it imports (google.protobuf's), in an order that needs sorting out.
+    let mut pool = DescriptorPool::new();
+    let mut pending: Vec<prost_types::FileDescriptorProto> = files
+        .file_descriptor_proto
+        .iter()
+        .map(|b| prost::Message::decode(b.as_slice()).unwrap())
+        .collect();
+    while !pending.is_empty() {
+        let before = pending.len();
+        pending.retain(|f| pool.add_file_descriptor_proto(f.clone()).is_err());
+        assert!(pending.len() < before, "unresolvable files: {pending:?}");
+    }
+    let service = pool
+        .get_service_by_name(&service_name)
+        .expect("the service");
+    let enqueue = service
+        .methods()
+        .find(|m| m.name() == "Enqueue")
+        .expect("an Enqueue method");
+    let spec_type = enqueue
+        .input()
+        .get_field_by_name("job")
+        .and_then(|f| f.kind().as_message().cloned())
+        .expect("EnqueueRequest.job is a message");
+    let mut spec = DynamicMessage::new(spec_type);
+    spec.set_field_by_name("kind", Value::String("noop".into()));
+    spec.set_field_by_name("queue", Value::String("grpc-parked".into()));
+    spec.set_field_by_name("args", Value::String(r#"{"via": "reflection"}"#.into()));
+    let mut request = DynamicMessage::new(enqueue.input());
+    request.set_field_by_name("job", Value::Message(spec));
+
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready().await.unwrap();
+    let path = format!("/{}/{}", service.full_name(), enqueue.name());
+    let reply = grpc
+        .unary(
+            tonic::Request::new(prost::Message::encode_to_vec(&request)),
+            path.parse().unwrap(),
+            Raw,
+        )
+        .await
+        .unwrap()
+        .into_inner();
+    let reply = DynamicMessage::decode(enqueue.output(), reply.as_slice()).unwrap();
+    let job = reply.get_field_by_name("job").expect("the reply's job");
+    let job = job.as_message().expect("a message");
+    let id = job.get_field_by_name("id").unwrap();
+    let id = id.as_str().expect("a string id").to_owned();
+    let state = job.get_field_by_name("state").unwrap().as_enum_number();
+    let state_name = job
+        .descriptor()
+        .get_field_by_name("state")
+        .and_then(|f| f.kind().as_enum().cloned())
+        .and_then(|e| e.get_value(state?))
+        .map(|v| v.name().to_owned());
+    assert_eq!(state_name.as_deref(), Some("JOB_STATE_AVAILABLE"));
+
+    let over_http = app.client.get_job(&id).await.unwrap();
+    assert_eq!(over_http.kind, "noop");
+    assert_eq!(over_http.args.get(), r#"{"via": "reflection"}"#);
+    app.stop().await;
+}

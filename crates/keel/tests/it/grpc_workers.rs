@@ -54,7 +54,7 @@ async fn backlog(app: &TestApp, queue: &str, n: usize) -> Vec<String> {
     ids
 }
 
-fn open(queue: &str, credits: u32) -> pb::LeaseRequest {
+pub(crate) fn open(queue: &str, credits: u32) -> pb::LeaseRequest {
     pb::LeaseRequest {
         open: Some(pb::LeaseOpen {
             queue: queue.to_owned(),
@@ -67,7 +67,7 @@ fn open(queue: &str, credits: u32) -> pb::LeaseRequest {
     }
 }
 
-fn complete(job: &pb::Job, result: &str) -> pb::Outcome {
+pub(crate) fn complete(job: &pb::Job, result: &str) -> pb::Outcome {
     pb::Outcome {
         id: job.id.clone(),
         token: token(job),
@@ -77,7 +77,7 @@ fn complete(job: &pb::Job, result: &str) -> pb::Outcome {
     }
 }
 
-fn token(job: &pb::Job) -> String {
+pub(crate) fn token(job: &pb::Job) -> String {
     job.lease
         .as_ref()
         .and_then(|l| l.token.clone())
@@ -85,12 +85,15 @@ fn token(job: &pb::Job) -> String {
 }
 
 /// A worker's side of a Lease stream: what it sends, and the server's replies.
-struct Stream {
+pub(crate) struct Stream {
     tx: mpsc::Sender<pb::LeaseRequest>,
     replies: tonic::Streaming<pb::LeaseResponse>,
 }
 
-async fn lease_stream(ch: &Channel, first: pb::LeaseRequest) -> Result<Stream, tonic::Status> {
+pub(crate) async fn lease_stream(
+    ch: &Channel,
+    first: pb::LeaseRequest,
+) -> Result<Stream, tonic::Status> {
     let (tx, rx) = mpsc::channel(64);
     tx.send(first).await.unwrap();
     let outbound =
@@ -103,7 +106,7 @@ async fn lease_stream(ch: &Channel, first: pb::LeaseRequest) -> Result<Stream, t
 }
 
 impl Stream {
-    async fn next(&mut self) -> pb::LeaseResponse {
+    pub(crate) async fn next(&mut self) -> pb::LeaseResponse {
         within(
             Duration::from_secs(30),
             "a reply on the Lease stream",
@@ -118,7 +121,7 @@ impl Stream {
         .await
     }
 
-    async fn send(&self, credits: u32, outcomes: Vec<pb::Outcome>) {
+    pub(crate) async fn send(&self, credits: u32, outcomes: Vec<pb::Outcome>) {
         self.tx
             .send(pb::LeaseRequest {
                 open: None,
@@ -445,7 +448,7 @@ async fn lease_streams_refuse_bad_opens_and_too_many_credits() {
     );
 }
 
-fn watch_id(id: &str) -> pb::WatchRequest {
+pub(crate) fn watch_id(id: &str) -> pb::WatchRequest {
     pb::WatchRequest {
         target: Some(pb::watch_request::Target::Id(id.to_owned())),
     }
@@ -581,4 +584,73 @@ async fn a_finished_jobs_watch_sends_it_and_ends() {
     assert_eq!(events.len(), 1, "{events:?}");
     let ev = events[0].as_ref().unwrap();
     assert_eq!(ev.state(), pb::JobState::Cancelled);
+}
+
+/// On SIGTERM, open streams end with UNAVAILABLE rather than hang the shutdown, and the
+/// process still exits cleanly within its grace: a waiting Lease stream, a job watch and a
+/// queue watch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_end_unavailable_when_the_server_stops() {
+    let Some((url, _backing)) =
+        crate::helpers::database(Backend::Sqlite, "grpc_workers::shutdown").await
+    else {
+        return;
+    };
+    let keel = crate::child::KeelProcess::start(&url, &[]).await;
+    let queue = external_queue();
+    let ch = Channel::from_shared(keel.grpc.clone())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let client = keel_client::Client::new(&keel.base, None).unwrap();
+    let parked = client
+        .enqueue(
+            &JobIn {
+                queue: Some(format!("{queue}-parked")),
+                ..JobIn::new("work", serde_json::json!(null))
+            },
+            None,
+        )
+        .await
+        .unwrap();
+    let mut s = lease_stream(&ch, open(&queue, 5)).await.unwrap();
+    let mut jobs = JobServiceClient::new(ch.clone());
+    let mut job_watch = jobs
+        .watch(watch_id(&parked.id.to_string()))
+        .await
+        .unwrap()
+        .into_inner();
+    let first = within(
+        Duration::from_secs(10),
+        "the job as it is",
+        job_watch.message(),
+    )
+    .await
+    .unwrap();
+    assert!(first.is_some());
+    let mut queue_watch = jobs
+        .watch(pb::WatchRequest {
+            target: Some(pb::watch_request::Target::Queue(queue.clone())),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+
+    let stopping = tokio::spawn(keel.stop(Duration::from_secs(30)));
+    let ended = within(
+        Duration::from_secs(30),
+        "the lease stream to end",
+        s.replies.message(),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(ended.code(), Code::Unavailable, "{ended:?}");
+    for watch in [&mut job_watch, &mut queue_watch] {
+        let ended = within(Duration::from_secs(30), "a watch to end", watch.message())
+            .await
+            .unwrap_err();
+        assert_eq!(ended.code(), Code::Unavailable, "{ended:?}");
+    }
+    stopping.await.expect("keel stopped cleanly");
 }

@@ -10,7 +10,8 @@
 //!   byte;
 //! - a replica frozen with SIGSTOP past its lease: the job is rescued and run elsewhere, and
 //!   after SIGCONT the frozen replica's outcome is refused as stale;
-//! - a cancel sent to one replica stops the job running on another (cross-replica events).
+//! - a cancel sent to one replica stops the job running on another (cross-replica events);
+//! - a gRPC Watch on one replica sees, in order, the transitions another replica makes.
 //!
 //! Postgres only: a SQLite database belongs to one process.
 
@@ -587,4 +588,109 @@ async fn a_cancel_sent_to_one_replica_stops_the_job_running_on_another() {
         metric_value(&runner.metrics(&http).await, "keel_workers_busy", &[]),
         0.0
     );
+}
+
+/// Watch across replicas: a job enqueued and watched through one replica, then leased,
+/// failed and completed through another's WorkerService, reaches the watcher with every
+/// transition in order (the other replica's outcomes are not announced: the watch's reads
+/// find them).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_on_one_replica_sees_the_transitions_made_on_another() {
+    use keel_api::grpc::pb;
+    use keel_api::grpc::pb::JobState::*;
+    use keel_api::grpc::pb::job_service_client::JobServiceClient;
+
+    use crate::grpc_workers::{complete, lease_stream, open, token, watch_id};
+
+    let test = "scale_out::a_watch_on_one_replica_sees_the_transitions_made_on_another";
+    let Some((url, _backing)) = database(Backend::Postgres, test).await else {
+        return;
+    };
+    let replicas = start_replicas(&url, 2, &[]).await;
+    let (a, b) = (&replicas[0], &replicas[1]);
+    let queue = "xr-watch";
+    let job = Client::new(&a.base, None)
+        .unwrap()
+        .enqueue(
+            &keel_client::JobIn {
+                queue: Some(queue.to_owned()),
+                ..keel_client::JobIn::new("work", json!({}))
+            },
+            None,
+        )
+        .await
+        .unwrap();
+    let id = job.id.to_string();
+    let mut watch = JobServiceClient::connect(a.grpc.clone())
+        .await
+        .unwrap()
+        .watch(watch_id(&id))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut events = Vec::new();
+    let mut next = async || {
+        within(Duration::from_secs(30), "a watch event", watch.message())
+            .await
+            .expect("the watch is healthy")
+    };
+    let first = next().await.expect("the job as it is");
+    events.push((first.state(), first.attempt));
+
+    let elsewhere = tonic::transport::Channel::from_shared(b.grpc.clone())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut s = lease_stream(&elsewhere, open(queue, 1)).await.unwrap();
+    let leased = s.next().await.jobs.remove(0);
+    let mut workers = pb::worker_service_client::WorkerServiceClient::new(elsewhere.clone());
+    // Retried a second later: long enough for the watcher's reads to find it retryable.
+    workers
+        .fail(pb::FailRequest {
+            id: id.clone(),
+            token: token(&leased),
+            error: "first".into(),
+            permanent: false,
+            retry_in: Some(prost_types::Duration {
+                seconds: 1,
+                nanos: 0,
+            }),
+        })
+        .await
+        .unwrap();
+    loop {
+        let ev = next().await.expect("the job is not finished");
+        events.push((ev.state(), ev.attempt));
+        if ev.state() == Retryable {
+            break;
+        }
+    }
+    s.send(1, Vec::new()).await;
+    let again = loop {
+        if let Some(j) = s.next().await.jobs.pop() {
+            break j;
+        }
+    };
+    s.send(0, vec![complete(&again, "true")]).await;
+    assert_eq!(s.next().await.results[0].code, tonic::Code::Ok as i32);
+    while let Some(ev) = next().await {
+        events.push((ev.state(), ev.attempt));
+    }
+    events.retain(|e| *e != (Available, 1));
+    assert_eq!(
+        events,
+        [
+            (Available, 0),
+            (Running, 1),
+            (Retryable, 1),
+            (Running, 2),
+            (Completed, 2)
+        ],
+        "the job's transitions, in order, seen from the other replica"
+    );
+    drop(s);
+    for r in replicas {
+        r.stop(Duration::from_secs(30)).await;
+    }
 }

@@ -474,8 +474,21 @@ async fn a_tenant_worker_leases_only_its_tenants_jobs(backend: Backend, test: &s
 /// handlers that wait on a gate, it holds more leases than slots; a stop then releases the
 /// buffered jobs at once (back to `available`, no attempt used) while the running ones
 /// finish within the grace period; a second worker runs the rest. Every job ran exactly
-/// once and completed on its first attempt.
+/// once and completed on its first attempt. Over HTTP (long polls) and over gRPC (one
+/// streaming lease per queue) alike.
 async fn the_rust_worker_releases_its_prefetched_jobs_at_stop(backend: Backend, test: &str) {
+    releases_prefetched_jobs_at_stop(backend, test, false).await;
+}
+
+both_backends!(the_rust_worker_releases_its_prefetched_jobs_at_stop);
+
+async fn the_rust_grpc_worker_releases_its_prefetched_jobs_at_stop(backend: Backend, test: &str) {
+    releases_prefetched_jobs_at_stop(backend, test, true).await;
+}
+
+both_backends!(the_rust_grpc_worker_releases_its_prefetched_jobs_at_stop);
+
+async fn releases_prefetched_jobs_at_stop(backend: Backend, test: &str, over_grpc: bool) {
     use std::collections::HashMap;
     use std::sync::{Arc, Mutex};
 
@@ -535,8 +548,19 @@ async fn the_rust_worker_releases_its_prefetched_jobs_at_stop(backend: Backend, 
         }
     };
 
+    let grpc = format!("http://{}", app.grpc_addr.expect("gRPC is on in tests"));
+    let run = |w: Worker, stop: CancellationToken| {
+        let grpc = grpc.clone();
+        async move {
+            if over_grpc {
+                w.run_grpc(&grpc, stop).await
+            } else {
+                w.run(stop).await
+            }
+        }
+    };
     let stop = CancellationToken::new();
-    let first = tokio::spawn(worker(Arc::clone(&runs)).run(stop.clone()));
+    let first = tokio::spawn(run(worker(Arc::clone(&runs)), stop.clone()));
     let running: Vec<JobOut> = within(
         Duration::from_secs(30),
         "both slots busy and a job buffered",
@@ -580,7 +604,7 @@ async fn the_rust_worker_releases_its_prefetched_jobs_at_stop(backend: Backend, 
     );
 
     let stop = CancellationToken::new();
-    let second = tokio::spawn(worker(Arc::clone(&runs)).run(stop.clone()));
+    let second = tokio::spawn(run(worker(Arc::clone(&runs)), stop.clone()));
     let all = within(Duration::from_secs(30), "every job completing", async {
         loop {
             let all = jobs(None).await;
@@ -600,5 +624,3 @@ async fn the_rust_worker_releases_its_prefetched_jobs_at_stop(backend: Backend, 
     }
     app.stop().await;
 }
-
-both_backends!(the_rust_worker_releases_its_prefetched_jobs_at_stop);

@@ -1,5 +1,6 @@
-//! W1 and W1x: a backlog inserted into a paused queue, then drained by the built-in
-//! workers (W1) or by keel-client's HTTP worker (W1x), timed from resume to empty.
+//! W1, W1x and W1g: a backlog inserted into a paused queue, then drained by the built-in
+//! workers (W1) or by keel-client's HTTP (W1x) or gRPC (W1g) worker, timed from resume (or
+//! the worker's start) to empty.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -148,16 +149,43 @@ pub(super) async fn w1_drain(
     Ok(())
 }
 
-/// W1x: W1's jobs in a queue no built-in worker serves, drained by keel-client's HTTP
-/// worker (lease, heartbeat, batched completions) with the bench queue's concurrency, so
-/// the figure compares with W1 at the same `--concurrency`.
-pub(super) async fn w1x_external_drain(ctx: &Ctx<'_>, rec: &mut RunRecord) -> anyhow::Result<()> {
+/// How an external drain's worker reaches the server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Transport {
+    /// keel-client's HTTP worker (lease, heartbeat, batched completions): W1x, with the
+    /// bench queue's concurrency, so the figure compares with W1 at the same
+    /// `--concurrency`.
+    Http,
+    /// keel-client's gRPC worker (one streaming lease): W1g, with 20 slots, so the figure
+    /// compares with W1@20.
+    Grpc,
+}
+
+/// W1x and W1g: W1's jobs in a queue no built-in worker serves, drained by keel-client's
+/// worker over `transport` with its default settings but the slots.
+pub(super) async fn external_drain(
+    ctx: &Ctx<'_>,
+    rec: &mut RunRecord,
+    transport: Transport,
+) -> anyhow::Result<()> {
     use keel_client::worker::{JobFailure, Worker, WorkerConfig};
 
+    let (key, label, concurrency) = match transport {
+        Transport::Http => ("w1x", "W1x", ctx.settings.concurrency),
+        Transport::Grpc => ("w1g", "W1g", super::USER_CONCURRENCIES[0]),
+    };
+    let grpc = match transport {
+        Transport::Http => None,
+        Transport::Grpc => Some(
+            ctx.grpc
+                .clone()
+                .context("the server does not serve gRPC here (pass --grpc-url with --url)")?,
+        ),
+    };
     let n = ctx.settings.jobs;
-    let queue = format!("{}-external", ctx.queue());
+    let queue = format!("{}-{key}", ctx.queue());
     let before = ctx.counts_of(&queue).await?;
-    let bar = ctx.progress.counted("W1x insert", n);
+    let bar = ctx.progress.counted(&format!("{label} insert"), n);
     let mut left = n;
     let job = keel_client::JobIn {
         kind: "noop".to_owned(),
@@ -170,38 +198,50 @@ pub(super) async fn w1x_external_drain(ctx: &Ctx<'_>, rec: &mut RunRecord) -> an
         ctx.control
             .enqueue_batch(&jobs)
             .await
-            .context("inserting a W1x batch")?;
+            .with_context(|| format!("inserting a {label} batch"))?;
         left -= count;
         bar.inc(count);
     }
     bar.finish_and_clear();
 
-    let bar = ctx.progress.counted("W1x drain", n);
+    let bar = ctx.progress.counted(&format!("{label} drain"), n);
     let cpu = CpuSnapshot::take(ctx.pid).await;
     let stop = tokio_util::sync::CancellationToken::new();
     let config = WorkerConfig::new([queue.clone()])
-        .concurrency(ctx.settings.concurrency)
+        .concurrency(concurrency)
         .wait(Duration::from_secs(1))
         .grace(Duration::from_secs(5))
-        .worker_id("keel-bench-w1x");
+        .worker_id(format!("keel-bench-{key}"));
     let worker = Worker::new(ctx.control.clone(), config).handle("noop", |_, _| async {
         Ok::<_, JobFailure>(serde_json::Value::Null)
     });
     let started = Instant::now();
-    let running = tokio::spawn(worker.run(stop.clone()));
+    let running = {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            match grpc {
+                Some(url) => worker.run_grpc(&url, stop).await,
+                None => worker.run(stop).await,
+            }
+        })
+    };
     let deadline = started + ctx.settings.drain_timeout;
+    let mut counted_at = started;
     let drained = loop {
-        let c = ctx.counts_of(&queue).await?;
-        let done = c.completed.saturating_sub(before.completed);
-        bar.set_position(done);
-        if done >= n {
+        if ctx.is_idle_of(&queue).await? {
             break Ok(started.elapsed());
         }
-        if Instant::now() >= deadline {
+        let now = Instant::now();
+        if now >= deadline {
             break Err(anyhow::anyhow!(
-                "external workers completed {done} of {n} jobs within {:?}",
+                "external workers did not drain {n} jobs within {:?}",
                 ctx.settings.drain_timeout
             ));
+        }
+        if now.duration_since(counted_at) >= COUNT_EVERY {
+            let c = ctx.counts_of(&queue).await?;
+            bar.set_position(c.completed.saturating_sub(before.completed));
+            counted_at = now;
         }
         tokio::time::sleep(DRAIN_POLL).await;
     };
@@ -213,22 +253,35 @@ pub(super) async fn w1x_external_drain(ctx: &Ctx<'_>, rec: &mut RunRecord) -> an
     let cpu = cpu_since(ctx, cpu).await;
     bar.finish_and_clear();
     let drain = drained?;
-    rec.set("w1x.drain_jobs_per_s", per_sec(n, drain));
+    let done = ctx
+        .counts_of(&queue)
+        .await?
+        .completed
+        .saturating_sub(before.completed);
+    anyhow::ensure!(
+        done >= n,
+        "the queue went idle with {done} of {n} jobs completed"
+    );
+    rec.set(&format!("{key}.drain_jobs_per_s"), per_sec(n, drain));
     rec.details.insert(
-        "w1x".into(),
+        key.into(),
         json!({
             "jobs": n,
             "queue": queue,
+            "transport": format!("{transport:?}").to_lowercase(),
             "drain_s": drain.as_secs_f64(),
-            "concurrency": ctx.settings.concurrency,
+            "concurrency": concurrency,
             "completed": report.completed,
             "refused": report.refused,
             "drain_cpu": cpu,
         }),
     );
     ctx.progress.note(&format!(
-        "  W1x {n} jobs through external workers ({} slots): drained in {:.2} s ({:.0}/s){}",
-        ctx.settings.concurrency,
+        "  {label} {n} jobs through external {} workers ({concurrency} slots): drained in {:.2} s ({:.0}/s){}",
+        match transport {
+            Transport::Http => "HTTP",
+            Transport::Grpc => "gRPC",
+        },
         drain.as_secs_f64(),
         per_sec(n, drain).unwrap_or(0.0),
         cores(cpu)

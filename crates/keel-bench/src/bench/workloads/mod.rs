@@ -13,6 +13,7 @@
 mod drain;
 mod enqueue;
 mod footprint;
+mod grpc;
 mod pickup;
 
 use std::sync::Arc;
@@ -28,9 +29,10 @@ use serde::Deserialize;
 use serde_json::json;
 use tokio::time::Instant;
 
-use self::drain::{w1_drain, w1x_external_drain};
+use self::drain::{Transport, external_drain, w1_drain};
 use self::enqueue::{w3_enqueue, w4_overload};
 use self::footprint::w5_footprint;
+use self::grpc::w3g_enqueue;
 use self::pickup::{w2_steady, w2p_paced, w2x_external_pickup};
 use super::machine::{CpuSnapshot, CpuUsage};
 use super::report::RunRecord;
@@ -64,6 +66,10 @@ pub(crate) struct Ctx<'a> {
     pub(crate) control: Client,
     /// The server's pid, for RSS (spawned, or `--pid`).
     pub(crate) pid: Option<u32>,
+    /// The server's gRPC base URL, for W1g and W3g.
+    pub(crate) grpc: Option<String>,
+    /// The API key the load presents, if the server requires one.
+    pub(crate) api_key: Option<String>,
     /// Spawn → ready, when the harness started the server.
     pub(crate) ready_after: Option<Duration>,
     /// Bars and notes.
@@ -111,10 +117,12 @@ pub(crate) async fn run_all(ctx: &Ctx<'_>, rec: &mut RunRecord) {
         Workload::W5,
         Workload::W1,
         Workload::W1x,
+        Workload::W1g,
         Workload::W2,
         Workload::W2p,
         Workload::W2x,
         Workload::W3,
+        Workload::W3g,
         Workload::W4,
     ];
     for w in order {
@@ -140,10 +148,12 @@ pub(crate) async fn run_all(ctx: &Ctx<'_>, rec: &mut RunRecord) {
                 }
                 Ok(())
             }
-            Workload::W1x => w1x_external_drain(ctx, rec).await,
+            Workload::W1x => external_drain(ctx, rec, Transport::Http).await,
+            Workload::W1g => external_drain(ctx, rec, Transport::Grpc).await,
             Workload::W2p => w2p_paced(ctx, rec).await,
             Workload::W2x => w2x_external_pickup(ctx, rec).await,
             Workload::W3 => w3_enqueue(ctx, rec).await,
+            Workload::W3g => w3g_enqueue(ctx, rec).await,
             Workload::W4 => w4_overload(ctx, rec).await,
         };
         if let Err(e) = outcome {
@@ -223,6 +233,8 @@ impl<'a> Ctx<'a> {
             endpoint: self.endpoint.clone(),
             control: self.control.clone(),
             pid: self.pid,
+            grpc: self.grpc.clone(),
+            api_key: self.api_key.clone(),
             ready_after: self.ready_after,
             progress: self.progress,
             queue: lane.queue.clone(),
@@ -276,12 +288,12 @@ impl Ctx<'_> {
             .unwrap_or_default())
     }
 
-    /// Whether the queue has at least one job in `state` (one index probe).
-    async fn has(&self, state: JobState) -> anyhow::Result<bool> {
+    /// Whether `queue` has at least one job in `state` (one index probe).
+    async fn has_in(&self, queue: &str, state: JobState) -> anyhow::Result<bool> {
         let page = self
             .control
             .list_jobs(&JobListQuery {
-                queue: Some(self.queue().to_owned()),
+                queue: Some(queue.to_owned()),
                 state: Some(state),
                 limit: Some(1),
                 ..JobListQuery::default()
@@ -295,7 +307,15 @@ impl Ctx<'_> {
     /// once nothing is available, nothing can become running (noop jobs never retry), so
     /// two empty answers in that order mean the queue is drained.
     async fn is_idle(&self) -> anyhow::Result<bool> {
-        Ok(!self.has(JobState::Available).await? && !self.has(JobState::Running).await?)
+        self.is_idle_of(self.queue()).await
+    }
+
+    /// Whether `queue` has nothing available or running: two index probes, cheap enough to
+    /// poll every [`DRAIN_POLL`] without the polling becoming part of what is measured (a
+    /// count of every queue's jobs would be).
+    async fn is_idle_of(&self, queue: &str) -> anyhow::Result<bool> {
+        Ok(!self.has_in(queue, JobState::Available).await?
+            && !self.has_in(queue, JobState::Running).await?)
     }
 
     /// Resumes the queue and waits until it is idle, so a workload starts from a quiet
