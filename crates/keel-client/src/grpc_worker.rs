@@ -166,7 +166,16 @@ fn message(credits: usize, outcomes: Vec<pb::Outcome>) -> pb::LeaseRequest {
         open: None,
         credits: u32::try_from(credits).unwrap_or(0),
         outcomes,
+        drain: false,
     }
+}
+
+fn release(id: JobId, token: String) -> pb::Outcome {
+    outcome(Finished {
+        id,
+        token,
+        outcome: pb::outcome::Outcome::Release(pb::outcome::Release {}),
+    })
 }
 
 fn outcome(f: Finished) -> pb::Outcome {
@@ -203,6 +212,7 @@ impl Queue {
             }),
             credits: u32::try_from(grant).unwrap_or(0),
             outcomes: Vec::new(),
+            drain: false,
         };
         let _ = tx.send(open).await;
         let outbound =
@@ -230,24 +240,23 @@ impl Queue {
             if stop.is_cancelled() {
                 if grace_ends.is_none() {
                     *grace_ends = Some(Instant::now() + cfg.grace);
-                    // Buffered jobs go back at once.
+                    // No more jobs (the unused credits are taken back, a waiting lease
+                    // gives up), and the buffered ones go back at once.
                     let released: Vec<_> = self
                         .buffer
                         .drain(..)
                         .filter_map(|job| {
                             let held = self.held.remove(&job.id)?;
-                            Some(outcome(Finished {
-                                id: job.id,
-                                token: held.token,
-                                outcome: pb::outcome::Outcome::Release(pb::outcome::Release {}),
-                            }))
+                            Some(release(job.id, held.token))
                         })
                         .collect();
-                    if !released.is_empty()
-                        && let Some(tx) = &tx
-                    {
+                    if let Some(tx) = &tx {
                         self.unanswered += released.len();
-                        let _ = tx.send(message(0, released)).await;
+                        let drain = pb::LeaseRequest {
+                            drain: true,
+                            ..message(0, released)
+                        };
+                        let _ = tx.send(drain).await;
                     }
                 }
                 if self.held.is_empty() && self.unanswered == 0 {
@@ -270,7 +279,13 @@ impl Queue {
             tokio::select! {
                 biased;
                 reply = replies.message() => match reply? {
-                    Some(r) => self.take(r),
+                    Some(r) => {
+                        let late = self.take(r, stop.is_cancelled());
+                        if !late.is_empty() && let Some(tx) = &tx {
+                            self.unanswered += late.len();
+                            let _ = tx.send(message(0, late)).await;
+                        }
+                    }
                     None if tx.is_none() => return Ok(()),
                     None => return Err(tonic::Status::unavailable("the server ended the stream")),
                 },
@@ -348,7 +363,10 @@ impl Queue {
 
     /// A reply: jobs to buffer, answers to count (a heartbeat saying the job was cancelled,
     /// or any refusal of one, stops its handler).
-    fn take(&mut self, r: pb::LeaseResponse) {
+    /// Jobs leased after the stop (a lease already reading the store when the drain
+    /// arrived) are not kept: their releases are returned, to be sent.
+    fn take(&mut self, r: pb::LeaseResponse, stopping: bool) -> Vec<pb::Outcome> {
+        let mut late = Vec::new();
         for job in r.jobs {
             let Ok(job) = JobOut::try_from(job) else {
                 continue;
@@ -356,6 +374,10 @@ impl Queue {
             let Some(token) = job.lease.as_ref().and_then(|l| l.token.clone()) else {
                 continue;
             };
+            if stopping {
+                late.push(release(job.id, token));
+                continue;
+            }
             self.held.insert(
                 job.id,
                 Held {
@@ -386,6 +408,7 @@ impl Queue {
                 _ => {}
             });
         }
+        late
     }
 
     /// Runs `job` in its own task holding `permit` until its outcome is queued.

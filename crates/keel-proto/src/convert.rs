@@ -5,7 +5,9 @@
 
 use chrono::DateTime;
 use keel_core::{JobId, JobState, QueueName, Timestamp, UniqueScopeKind};
-use keel_wire::{AttemptErrorOut, Backoff, JobOut, LeaseOut, UniqueOut};
+use keel_wire::{
+    AttemptErrorOut, Backoff, JobOut, JobTemplateOut, LeaseOut, ScheduleOut, UniqueOut,
+};
 use serde_json::value::RawValue;
 
 use crate::v1;
@@ -149,6 +151,39 @@ impl From<JobOut> for v1::Job {
                 scope: u.scope.as_str().to_owned(),
             }),
             meta: j.meta.map(|m| m.get().to_owned()),
+        }
+    }
+}
+
+impl From<JobTemplateOut> for v1::JobTemplate {
+    fn from(t: JobTemplateOut) -> Self {
+        Self {
+            kind: t.kind,
+            queue: Some(t.queue),
+            args: Some(t.args.get().to_owned()),
+            priority: Some(u32::from(t.priority)),
+            max_attempts: Some(t.max_attempts),
+            timeout: Some(duration_ms(t.timeout_ms)),
+            backoff: Some(t.backoff.into()),
+            tags: t.tags,
+        }
+    }
+}
+
+impl From<ScheduleOut> for v1::Schedule {
+    fn from(s: ScheduleOut) -> Self {
+        Self {
+            tenant: s.tenant,
+            name: s.name,
+            cron: s.cron,
+            timezone: s.timezone,
+            job: Some(s.job.into()),
+            paused: s.paused,
+            catch_up: Some(duration_ms(s.catch_up)),
+            last_tick_at: s.last_tick_at.map(timestamp),
+            next_ticks: s.next_ticks.into_iter().map(timestamp).collect(),
+            created_at: Some(timestamp(s.created_at)),
+            updated_at: Some(timestamp(s.updated_at)),
         }
     }
 }

@@ -113,12 +113,7 @@ impl Problems {
 
 /// `spec` as the JSON body `job_in` parses, with the problems only the message can have.
 pub(crate) fn job_body(spec: pb::JobSpec, problems: &mut Problems) -> Vec<u8> {
-    let backoff = spec.backoff.and_then(|b| match b.policy? {
-        pb::backoff::Policy::Exponential(e) => Some(json!({
-            "type": "exponential", "base_ms": e.base_ms, "cap_ms": e.cap_ms,
-        })),
-        pb::backoff::Policy::Fixed(f) => Some(json!({"type": "fixed", "delay_ms": f.delay_ms})),
-    });
+    let backoff = backoff_body(spec.backoff);
     let unique = spec.unique.map(|u| {
         let mut v = json!({"key": u.key, "scope": u.scope});
         if let Some(ms) = problems.millis("unique.period", u.period) {
@@ -140,6 +135,84 @@ pub(crate) fn job_body(spec: pb::JobSpec, problems: &mut Problems) -> Vec<u8> {
         tags: spec.tags,
         unique,
         meta: problems.json("meta", spec.meta),
+    };
+    // Strings, integers and values already parsed: serialising cannot fail.
+    serde_json::to_vec(&body).unwrap_or_default()
+}
+
+/// A schedule's job template in the shape of the HTTP body's `job`; integers as wide as the
+/// message's, as in [`JobBody`].
+#[derive(Serialize)]
+struct TemplateBody {
+    kind: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    queue: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    args: Option<Box<RawValue>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    priority: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    max_attempts: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    timeout_ms: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    backoff: Option<Value>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    tags: Vec<String>,
+}
+
+/// A schedule in the shape of `POST /v1/schedules`'s body.
+#[derive(Serialize)]
+struct ScheduleBody {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    name: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tenant: Option<String>,
+    cron: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    timezone: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    job: Option<TemplateBody>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    paused: Option<bool>,
+    /// With its unit, as the body requires (`"90000ms"`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    catch_up: Option<String>,
+}
+
+/// A backoff message as the JSON body's object.
+fn backoff_body(b: Option<pb::Backoff>) -> Option<Value> {
+    b.and_then(|b| match b.policy? {
+        pb::backoff::Policy::Exponential(e) => Some(json!({
+            "type": "exponential", "base_ms": e.base_ms, "cap_ms": e.cap_ms,
+        })),
+        pb::backoff::Policy::Fixed(f) => Some(json!({"type": "fixed", "delay_ms": f.delay_ms})),
+    })
+}
+
+/// `spec` as the JSON body `schedule_in` parses, with the problems only the message can
+/// have (the template's under `job.`).
+pub(crate) fn schedule_body(spec: pb::ScheduleSpec, problems: &mut Problems) -> Vec<u8> {
+    let job = spec.job.map(|t| TemplateBody {
+        kind: t.kind,
+        queue: t.queue,
+        args: problems.json("job.args", t.args),
+        priority: t.priority,
+        max_attempts: t.max_attempts,
+        timeout_ms: problems.millis("job.timeout", t.timeout),
+        backoff: backoff_body(t.backoff),
+        tags: t.tags,
+    });
+    let body = ScheduleBody {
+        name: spec.name,
+        tenant: spec.tenant,
+        cron: spec.cron,
+        timezone: spec.timezone,
+        job,
+        paused: spec.paused,
+        catch_up: problems
+            .millis("catch_up", spec.catch_up)
+            .map(|ms| format!("{ms}ms")),
     };
     // Strings, integers and values already parsed: serialising cannot fail.
     serde_json::to_vec(&body).unwrap_or_default()

@@ -10,6 +10,7 @@
 mod call;
 mod convert;
 mod jobs;
+mod schedules;
 pub mod status;
 mod telemetry;
 mod workers;
@@ -56,6 +57,9 @@ pub async fn serve(
     };
     let jobs = pb::job_service_server::JobServiceServer::new(jobs::Jobs(core.clone()))
         .max_decoding_message_size(max);
+    let schedules =
+        pb::schedule_service_server::ScheduleServiceServer::new(schedules::Schedules(core.clone()))
+            .max_decoding_message_size(max);
     let workers = pb::worker_service_server::WorkerServiceServer::new(workers::Workers(core))
         .max_decoding_message_size(max);
 
@@ -74,7 +78,11 @@ pub async fn serve(
                     ServingStatus::NotServing
                 };
                 reporter.set_service_status("", status).await;
-                for service in ["keel.v1.JobService", "keel.v1.WorkerService"] {
+                for service in [
+                    "keel.v1.JobService",
+                    "keel.v1.ScheduleService",
+                    "keel.v1.WorkerService",
+                ] {
                     reporter.set_service_status(service, status).await;
                 }
                 last = Some(serving);
@@ -104,6 +112,7 @@ pub async fn serve(
         .add_optional_service(reflection_v1)
         .add_optional_service(reflection_v1alpha)
         .add_service(jobs)
+        .add_service(schedules)
         .add_service(workers)
         .serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned())
         .await

@@ -23,8 +23,9 @@ use crate::middleware::{X_REQUEST_ID, request_id_from};
 
 /// The services this listener serves: the only `grpc_service` label values besides
 /// `unknown`.
-const SERVED: [&str; 5] = [
+const SERVED: [&str; 6] = [
     "keel.v1.JobService",
+    "keel.v1.ScheduleService",
     "keel.v1.WorkerService",
     "grpc.health.v1.Health",
     "grpc.reflection.v1.ServerReflection",

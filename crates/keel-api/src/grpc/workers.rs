@@ -18,6 +18,7 @@ use keel_core::{Job, JobId, QueueName};
 use keel_wire::{CompleteBody, FailBody, HeartbeatBody, HumanDuration, JobOut, LeaseBody};
 use serde::Serialize;
 use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 use tonic::{Code, Request, Response, Status, Streaming};
 
 use super::call::{Charged, Core, Kind};
@@ -243,6 +244,8 @@ struct LeaseStream {
     inbound: Streaming<pb::LeaseRequest>,
     tx: mpsc::Sender<Result<pb::LeaseResponse, Status>>,
     credits: u32,
+    /// Cancelled when the worker drains: a waiting lease gives up.
+    draining: CancellationToken,
 }
 
 impl LeaseStream {
@@ -276,7 +279,8 @@ impl LeaseStream {
             wait: MAX_WAIT,
             ..self.req.clone()
         };
-        Box::pin(async move { service::lease(&state, &caller, queue, req).await })
+        let draining = self.draining.clone();
+        Box::pin(async move { service::lease_until(&state, &caller, queue, req, &draining).await })
     }
 
     async fn send(&self, reply: Result<pb::LeaseResponse, Status>) -> bool {
@@ -366,7 +370,12 @@ impl LeaseStream {
             ));
         }
         self.caller.charge(&self.core.state)?;
-        self.grant(m.credits)?;
+        if m.drain {
+            self.credits = 0;
+            self.draining.cancel();
+        } else if !self.draining.is_cancelled() {
+            self.grant(m.credits)?;
+        }
         if !m.outcomes.is_empty() {
             pending.push(record(&self.core, &self.caller.caller, m.outcomes));
         }
@@ -406,8 +415,11 @@ impl WorkerService for Workers {
             inbound,
             tx,
             credits: 0,
+            draining: CancellationToken::new(),
         };
-        stream.grant(first.credits)?;
+        if !first.drain {
+            stream.grant(first.credits)?;
+        }
         tokio::spawn(async move {
             let _slot = slot;
             stream.run(first.outcomes).await;

@@ -27,8 +27,8 @@ pub const DEFAULT_SCHEDULE_LIST_LIMIT: u32 = 100;
 /// Which tenant the caller may act for is the service's decision.
 pub(crate) struct ScheduleQuery {
     pub(crate) tenant: Option<TenantId>,
-    after: Option<ScheduleName>,
-    limit: u32,
+    pub(crate) after: Option<ScheduleName>,
+    pub(crate) limit: u32,
 }
 
 /// Parses the query, reporting every bad parameter at once (`400`).

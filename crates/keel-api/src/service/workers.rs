@@ -11,6 +11,7 @@ use keel_core::{Job, JobId, JobState, QueueName, StoreError, Timestamp};
 use keel_resilience::{RequestScope, Step};
 use keel_runtime::JobEvent;
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 
 use crate::auth::Caller;
 use crate::error::ApiError;
@@ -41,6 +42,19 @@ pub async fn lease(
     queue: QueueName,
     req: LeaseIn,
 ) -> Result<Vec<Job>, ApiError> {
+    lease_until(state, caller, queue, req, &CancellationToken::new()).await
+}
+
+/// [`lease`], also answering empty as soon as `give_up` is cancelled while it waits (a
+/// streaming worker draining): only the wait is cut short, never a lease the store is
+/// already making, so no job is leased to a caller that stopped listening.
+pub async fn lease_until(
+    state: &ApiState,
+    caller: &Caller,
+    queue: QueueName,
+    req: LeaseIn,
+    give_up: &CancellationToken,
+) -> Result<Vec<Job>, ApiError> {
     if state.runtime.catalog.serves(&queue) {
         return Err(ApiError::QueueServedHere(queue));
     }
@@ -49,7 +63,7 @@ pub async fn lease(
     let until = Instant::now() + req.wait.min(state.config.max_lease_wait);
     let tenant = caller.scope().cloned();
     loop {
-        if stopped.is_cancelled() {
+        if stopped.is_cancelled() || give_up.is_cancelled() {
             return Ok(Vec::new());
         }
         // Registered before looking, so a job enqueued between the look and the wait
@@ -92,6 +106,7 @@ pub async fn lease(
             () = &mut woken => {}
             () = tokio::time::sleep_until(until.min(now + RECHECK)) => {}
             () = stopped.cancelled() => return Ok(Vec::new()),
+            () = give_up.cancelled() => return Ok(Vec::new()),
         }
     }
 }

@@ -756,7 +756,7 @@ both_backends!(process_waits_for_the_end);
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_knows_only_reflection_can_call_enqueue() {
     use bytes::{Buf, BufMut};
-    use prost_reflect::{DescriptorPool, DynamicMessage, Value};
+    use prost_reflect::{DescriptorPool, DynamicMessage, ReflectMessage, Value};
     use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
     use tonic_reflection::pb::v1::ServerReflectionRequest;
     use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
@@ -833,18 +833,48 @@ async fn a_client_that_knows_only_reflection_can_call_enqueue() {
     let Some(MessageResponse::FileDescriptorResponse(files)) = file.message_response else {
         panic!("{file:?}");
     };
-    // The file and what it imports (google.protobuf's), in an order that needs sorting out.
-    let mut pool = DescriptorPool::new();
-    let mut pending: Vec<prost_types::FileDescriptorProto> = files
-        .file_descriptor_proto
-        .iter()
-        .map(|b| prost::Message::decode(b.as_slice()).unwrap())
-        .collect();
-    while !pending.is_empty() {
-        let before = pending.len();
-        pending.retain(|f| pool.add_file_descriptor_proto(f.clone()).is_err());
-        assert!(pending.len() < before, "unresolvable files: {pending:?}");
+    let decode = |files: Vec<Vec<u8>>| -> Vec<prost_types::FileDescriptorProto> {
+        files
+            .iter()
+            .map(|b| prost::Message::decode(b.as_slice()).unwrap())
+            .collect()
+    };
+    // The file, then what it imports (google.protobuf's), asked for by name as grpcurl
+    // does, until every dependency is known.
+    let mut known: Vec<prost_types::FileDescriptorProto> = decode(files.file_descriptor_proto);
+    loop {
+        let missing: Vec<String> = known
+            .iter()
+            .flat_map(|f| f.dependency.clone())
+            .filter(|d| !known.iter().any(|f| f.name() == d))
+            .collect();
+        if missing.is_empty() {
+            break;
+        }
+        let asks = missing
+            .into_iter()
+            .map(|name| ask(MessageRequest::FileByFilename(name)));
+        let mut more = reflection
+            .server_reflection_info(futures_util::stream::iter(asks.collect::<Vec<_>>()))
+            .await
+            .unwrap()
+            .into_inner();
+        while let Some(answer) = more.next().await {
+            let Some(MessageResponse::FileDescriptorResponse(files)) =
+                answer.unwrap().message_response
+            else {
+                panic!("a dependency the server cannot describe");
+            };
+            for f in decode(files.file_descriptor_proto) {
+                if !known.iter().any(|k| k.name() == f.name()) {
+                    known.push(f);
+                }
+            }
+        }
     }
+    let pool =
+        DescriptorPool::from_file_descriptor_set(prost_types::FileDescriptorSet { file: known })
+            .expect("the descriptors resolve");
     let service = pool
         .get_service_by_name(&service_name)
         .expect("the service");
@@ -895,3 +925,128 @@ async fn a_client_that_knows_only_reflection_can_call_enqueue() {
     assert_eq!(over_http.args.get(), r#"{"via": "reflection"}"#);
     app.stop().await;
 }
+
+/// Every ScheduleService call, as `/v1/schedules` answers them: create (the template's args
+/// byte for byte), get with next ticks, list, pause, resume, replace, delete; a taken name
+/// is ABORTED; every bad field named at once, the template's under `job.`.
+async fn schedule_calls_round_trip(backend: Backend, test: &str) {
+    use keel_api::grpc::pb::schedule_service_client::ScheduleServiceClient;
+
+    let Some(app) = spawn_app_with(backend, test, |_| {}).await else {
+        return;
+    };
+    let url = format!("http://{}", app.grpc_addr.expect("gRPC on"));
+    let mut c = ScheduleServiceClient::connect(url).await.unwrap();
+    let spec = |cron: &str| pb::ScheduleSpec {
+        name: Some("nightly".into()),
+        cron: cron.into(),
+        timezone: Some("Europe/Paris".into()),
+        job: Some(pb::JobTemplate {
+            kind: "noop".into(),
+            queue: Some("grpc-parked".into()),
+            args: Some(r#"{"b": 1,  "a": 2}"#.into()),
+            timeout: Some(prost_types::Duration {
+                seconds: 2,
+                nanos: 0,
+            }),
+            ..Default::default()
+        }),
+        catch_up: Some(prost_types::Duration {
+            seconds: 600,
+            nanos: 0,
+        }),
+        ..Default::default()
+    };
+    let created = c
+        .create_schedule(pb::CreateScheduleRequest {
+            schedule: Some(spec("0 3 * * *")),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(created.name, "nightly");
+    assert_eq!(created.timezone, "Europe/Paris");
+    let job = created.job.clone().unwrap();
+    assert_eq!(job.args.as_deref(), Some(r#"{"b": 1,  "a": 2}"#));
+    assert_eq!(job.timeout.map(|d| d.seconds), Some(2));
+    assert_eq!(created.catch_up.map(|d| d.seconds), Some(600));
+    assert!(!created.next_ticks.is_empty());
+
+    let taken = c
+        .create_schedule(pb::CreateScheduleRequest {
+            schedule: Some(spec("0 3 * * *")),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(taken.code(), Code::Aborted, "{taken:?}");
+
+    let by_name = |name: &str| pb::ScheduleRef {
+        name: name.into(),
+        tenant: None,
+    };
+    let got = c
+        .get_schedule(by_name("nightly"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(got.cron, "0 3 * * *");
+    let page = c
+        .list_schedules(pb::ListSchedulesRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(page.schedules.len(), 1);
+    assert_eq!(page.next, None);
+    let paused = c
+        .pause_schedule(by_name("nightly"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(paused.paused && paused.next_ticks.is_empty());
+    let resumed = c
+        .resume_schedule(by_name("nightly"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!resumed.paused);
+    let replaced = c
+        .put_schedule(pb::PutScheduleRequest {
+            name: "nightly".into(),
+            schedule: Some(spec("30 4 * * *")),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!replaced.created);
+    assert_eq!(replaced.schedule.unwrap().cron, "30 4 * * *");
+    c.delete_schedule(by_name("nightly")).await.unwrap();
+    let gone = c.get_schedule(by_name("nightly")).await.unwrap_err();
+    assert_eq!(gone.code(), Code::NotFound, "{gone:?}");
+
+    let mut bad = spec("not cron");
+    bad.job = Some(pb::JobTemplate {
+        kind: "noop".into(),
+        args: Some("{nope".into()),
+        ..Default::default()
+    });
+    let refused = c
+        .create_schedule(pb::CreateScheduleRequest {
+            schedule: Some(bad),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::InvalidArgument, "{refused:?}");
+    let mut fields: Vec<_> = refused
+        .get_details_bad_request()
+        .map(|b| b.field_violations.into_iter().map(|v| v.field).collect())
+        .unwrap_or_default();
+    fields.sort();
+    assert_eq!(fields, ["cron", "job.args"], "{refused:?}");
+    let unnamed = c
+        .get_schedule(by_name("no spaces allowed"))
+        .await
+        .unwrap_err();
+    assert_eq!(unnamed.code(), Code::InvalidArgument, "{unnamed:?}");
+}
+
+both_backends!(schedule_calls_round_trip);

@@ -64,6 +64,7 @@ pub(crate) fn open(queue: &str, credits: u32) -> pb::LeaseRequest {
         }),
         credits,
         outcomes: Vec::new(),
+        drain: false,
     }
 }
 
@@ -127,6 +128,7 @@ impl Stream {
                 open: None,
                 credits,
                 outcomes,
+                drain: false,
             })
             .await
             .unwrap();
@@ -407,6 +409,7 @@ async fn lease_streams_refuse_bad_opens_and_too_many_credits() {
             }),
             credits: 1,
             outcomes: Vec::new(),
+            drain: false,
         },
     )
     .await
@@ -617,7 +620,7 @@ async fn streams_end_unavailable_when_the_server_stops() {
     let mut s = lease_stream(&ch, open(&queue, 5)).await.unwrap();
     let mut jobs = JobServiceClient::new(ch.clone());
     let mut job_watch = jobs
-        .watch(watch_id(&parked.id.to_string()))
+        .watch(watch_id(&parked.job.id.to_string()))
         .await
         .unwrap()
         .into_inner();

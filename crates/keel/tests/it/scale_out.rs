@@ -620,7 +620,7 @@ async fn a_watch_on_one_replica_sees_the_transitions_made_on_another() {
         )
         .await
         .unwrap();
-    let id = job.id.to_string();
+    let id = job.job.id.to_string();
     let mut watch = JobServiceClient::connect(a.grpc.clone())
         .await
         .unwrap()
