@@ -5,8 +5,8 @@
 use std::pin::Pin;
 
 use futures_util::Stream;
-use keel_core::QueueName;
 use keel_core::store::StoredResponse;
+use keel_core::{JobId, NewJob, QueueName};
 use keel_wire::{BatchOut, JobOut};
 use prost::Message;
 use tokio::sync::mpsc;
@@ -17,9 +17,10 @@ use super::call::{Core, Kind};
 use super::convert::{self, Problems};
 use super::pb;
 use super::pb::job_service_server::JobService;
+use crate::auth::Caller;
 use crate::error::ApiError;
 use crate::extract::parse_idempotency_key_text;
-use crate::job_in;
+use crate::job_in::{self, JobContext};
 use crate::routes::jobs::{job_context, list_params, render_batch, render_job};
 use crate::routes::process::DEADLINE_MARGIN;
 use crate::service::jobs::{self as service, InsertRequest, Inserted, insert_jobs, visible_job};
@@ -47,6 +48,45 @@ fn job_required() -> Status {
 /// The `keel.v1.JobService` implementation.
 #[derive(Clone)]
 pub(crate) struct Jobs(pub(crate) Core);
+
+/// How the body of one job is parsed: `POST /v1/jobs`'s or `POST /v1/process`'s.
+type ParseOne = fn(&[u8], &JobContext<'_>) -> Result<NewJob, ApiError>;
+
+impl Jobs {
+    /// The insert of a one-job call (Enqueue, Process): its idempotency key from the
+    /// metadata, its job checked by `parse` as HTTP checks the body, fingerprinted by the
+    /// message's bytes under `route`; and the id of the job asked for.
+    fn single<'a>(
+        &self,
+        caller: &Caller,
+        metadata: &MetadataMap,
+        spec: Option<pb::JobSpec>,
+        fingerprinted: &'a [u8],
+        route: &'static str,
+        parse: ParseOne,
+    ) -> Result<(InsertRequest<'a>, JobId), Status> {
+        let key = idempotency_key(metadata)?;
+        let spec = spec.ok_or_else(job_required)?;
+        let mut problems = Problems::new(String::new());
+        let body = convert::job_body(spec, &mut problems);
+        let job = convert::checked(
+            parse(&body, &job_context(&self.0.state, caller)),
+            problems.list,
+        )?;
+        let asked = job.id;
+        Ok((
+            InsertRequest {
+                route,
+                tenant: job.tenant.clone(),
+                key,
+                body: fingerprinted,
+                jobs: vec![job],
+                render: render_job,
+            },
+            asked,
+        ))
+    }
+}
 
 /// The `idempotency-key` metadata, if sent.
 fn idempotency_key(metadata: &MetadataMap) -> Result<Option<keel_core::IdempotencyKey>, Status> {
@@ -159,26 +199,15 @@ impl JobService for Jobs {
                 request,
                 Kind::Enqueue,
                 |caller, metadata, message, _| async move {
-                    let key = idempotency_key(&metadata)?;
                     let fingerprinted = message.encode_to_vec();
-                    let Some(spec) = message.job else {
-                        return Err(job_required());
-                    };
-                    let mut problems = Problems::new(String::new());
-                    let body = convert::job_body(spec, &mut problems);
-                    let job = convert::checked(
-                        job_in::parse_single(&body, &job_context(&self.0.state, &caller)),
-                        problems.list,
+                    let (req, asked) = self.single(
+                        &caller,
+                        &metadata,
+                        message.job,
+                        &fingerprinted,
+                        ENQUEUE_ROUTE,
+                        job_in::parse_single,
                     )?;
-                    let asked = job.id;
-                    let req = InsertRequest {
-                        route: ENQUEUE_ROUTE,
-                        tenant: job.tenant.clone(),
-                        key,
-                        body: &fingerprinted,
-                        jobs: vec![job],
-                        render: render_job,
-                    };
                     let (job, unique_conflict, replayed) =
                         match insert_jobs(&self.0.state, req).await? {
                             Inserted::Created { jobs, .. } => {
@@ -264,26 +293,15 @@ impl JobService for Jobs {
                 request,
                 Kind::Wait,
                 |caller, metadata, message, at| async move {
-                    let key = idempotency_key(&metadata)?;
                     let fingerprinted = message.encode_to_vec();
-                    let Some(spec) = message.job else {
-                        return Err(job_required());
-                    };
-                    let mut problems = Problems::new(String::new());
-                    let body = convert::job_body(spec, &mut problems);
-                    let job = convert::checked(
-                        job_in::parse_process(&body, &job_context(&self.0.state, &caller)),
-                        problems.list,
+                    let (req, asked) = self.single(
+                        &caller,
+                        &metadata,
+                        message.job,
+                        &fingerprinted,
+                        PROCESS_ROUTE,
+                        job_in::parse_process,
                     )?;
-                    let asked = job.id;
-                    let req = InsertRequest {
-                        route: PROCESS_ROUTE,
-                        tenant: job.tenant.clone(),
-                        key,
-                        body: &fingerprinted,
-                        jobs: vec![job],
-                        render: render_job,
-                    };
                     // Stop waiting a little before the call's deadline, so that this answer (with
                     // the job's id) is the one the client gets.
                     let give_up = at.checked_sub(DEADLINE_MARGIN).unwrap_or(at);
