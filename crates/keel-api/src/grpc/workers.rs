@@ -5,10 +5,14 @@
 //!
 //! The `Lease` stream is one task per stream: it keeps one lease call in flight while the
 //! worker has credits (a long poll woken by enqueues, exactly HTTP's), records outcomes
-//! concurrently with it, and sends jobs and answers as they come. Its memory is bounded:
-//! at most [`MAX_CREDITS`] jobs are granted and unsent, at most [`MAX_PENDING`] outcome
-//! messages are being recorded (the stream stops reading until some are), and replies wait
-//! in a channel of [`REPLIES`] (the task waits while the worker does not read).
+//! concurrently with it, and sends jobs and answers as they come. Outcomes are recorded
+//! the way the completer writes: those that arrive while [`RECORDING`] batches are being
+//! written wait and go as the next batch, so batches grow with load and a worker sending
+//! many small messages does not make many small writes. Its memory is bounded: at most
+//! [`MAX_CREDITS`] jobs are granted and unsent, at most [`MAX_QUEUED_BYTES`] of outcomes
+//! wait (the stream stops reading until they are written; credits in later messages wait
+//! too, which is the backpressure), and replies wait in a channel of [`REPLIES`] (the task
+//! waits while the worker does not read).
 
 use std::pin::Pin;
 
@@ -16,6 +20,7 @@ use futures_util::stream::{FuturesUnordered, StreamExt};
 use futures_util::{FutureExt, Stream};
 use keel_core::{Job, JobId, QueueName};
 use keel_wire::{CompleteBody, FailBody, HeartbeatBody, HumanDuration, JobOut, LeaseBody};
+use prost::Message;
 use serde::Serialize;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -32,8 +37,12 @@ use crate::worker_in::{self, CompleteIn, FailIn, HeartbeatIn, LeaseIn, MAX_LEASE
 
 /// Most jobs a stream's worker may have granted and not yet received.
 pub(crate) const MAX_CREDITS: u32 = MAX_LEASE;
-/// Most outcome messages of one stream being recorded at once.
-const MAX_PENDING: usize = 64;
+/// Outcome batches of one stream being recorded at once: two keep the store busy while the
+/// next batch forms.
+const RECORDING: usize = 2;
+/// Most bytes of outcomes (as encoded) waiting to be recorded before the stream stops
+/// reading.
+const MAX_QUEUED_BYTES: usize = 8 << 20;
 /// Replies (jobs, answers) queued for a worker that is not reading.
 const REPLIES: usize = 16;
 
@@ -234,6 +243,25 @@ fn record(core: &Core, caller: &Caller, outcomes: Vec<pb::Outcome>) -> Answers {
     })
 }
 
+/// Outcomes received and not yet being recorded, and their encoded size.
+#[derive(Default)]
+struct Queued {
+    list: Vec<pb::Outcome>,
+    bytes: usize,
+}
+
+impl Queued {
+    fn add(&mut self, outcomes: Vec<pb::Outcome>) {
+        self.bytes += outcomes.iter().map(Message::encoded_len).sum::<usize>();
+        self.list.extend(outcomes);
+    }
+
+    fn take(&mut self) -> Vec<pb::Outcome> {
+        self.bytes = 0;
+        std::mem::take(&mut self.list)
+    }
+}
+
 /// One `Lease` stream, after its open message: runs until the worker closes its side (once
 /// every outcome it sent is answered), the stream breaks, or the server stops.
 struct LeaseStream {
@@ -291,14 +319,17 @@ impl LeaseStream {
         let stopped = self.core.state.runtime.leasing_stopped.clone();
         let shutdown = self.core.shutdown.clone();
         let mut pending: FuturesUnordered<Answers> = FuturesUnordered::new();
-        if !first.is_empty() {
-            pending.push(record(&self.core, &self.caller.caller, first));
-        }
+        let mut queued = Queued::default();
+        queued.add(first);
         let mut leasing: Option<Leasing> = None;
         let mut reading = true;
         loop {
             if leasing.is_none() && self.credits > 0 && !stopped.is_cancelled() && reading {
                 leasing = Some(self.lease());
+            }
+            if pending.len() < RECORDING && !queued.list.is_empty() {
+                let batch = queued.take();
+                pending.push(record(&self.core, &self.caller.caller, batch));
             }
             if !reading && pending.is_empty() {
                 // The worker closed its side and every outcome it sent is answered.
@@ -342,9 +373,9 @@ impl LeaseStream {
                         }
                     }
                 }
-                msg = self.inbound.message(), if reading && pending.len() < MAX_PENDING => match msg {
+                msg = self.inbound.message(), if reading && queued.bytes < MAX_QUEUED_BYTES => match msg {
                     Ok(Some(m)) => {
-                        if let Err(status) = self.take(m, &mut pending) {
+                        if let Err(status) = self.take(m, &mut queued) {
                             let _ = self.send(Err(status)).await;
                             return;
                         }
@@ -359,11 +390,7 @@ impl LeaseStream {
 
     /// One message after the open: charged to the caller's rate limits, its credits
     /// granted and its outcomes set recording.
-    fn take(
-        &mut self,
-        m: pb::LeaseRequest,
-        pending: &mut FuturesUnordered<Answers>,
-    ) -> Result<(), Status> {
+    fn take(&mut self, m: pb::LeaseRequest, queued: &mut Queued) -> Result<(), Status> {
         if m.open.is_some() {
             return Err(Status::invalid_argument(
                 "open: only the first message of a Lease stream opens it",
@@ -376,9 +403,7 @@ impl LeaseStream {
         } else if !self.draining.is_cancelled() {
             self.grant(m.credits)?;
         }
-        if !m.outcomes.is_empty() {
-            pending.push(record(&self.core, &self.caller.caller, m.outcomes));
-        }
+        queued.add(m.outcomes);
         Ok(())
     }
 }
