@@ -7,6 +7,8 @@
   unless ``KEEL_REQUIRE_SERVICES=1``, which makes them fail.
 - The binary comes from ``KEEL_BIN``, ``$CARGO_TARGET_DIR/debug/keel`` or
   ``~/.cache/keel-target/debug/keel``; without one every server test fails, saying so.
+- ``grpc_client``: a client of ``server`` that enqueues over its gRPC API. It needs the
+  ``grpc`` extra: without it the test is skipped, or fails under ``KEEL_REQUIRE_SERVICES=1``.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from keel_server import (
     find_binary,
     services_required,
 )
+from support import require_module
 
 import keel
 
@@ -84,6 +87,14 @@ def server(keel_bin: Path, database_url: str) -> Iterator[KeelServer]:
 @pytest.fixture
 def client(server: KeelServer) -> Iterator[keel.Client]:
     with keel.Client(server.url, timeout=30) as c:
+        yield c
+
+
+@pytest.fixture
+def grpc_client(server: KeelServer) -> Iterator[keel.Client]:
+    require_module("grpc", "'keel-sdk[grpc]'")
+    assert server.grpc_target is not None, "the test server's gRPC API is off"
+    with keel.Client(server.url, timeout=30, grpc_target=server.grpc_target) as c:
         yield c
 
 

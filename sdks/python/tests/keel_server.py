@@ -1,9 +1,10 @@
 """`keel serve` as a child process, on a database of its own, for the SDK tests.
 
 The server is the real binary (no fake, no mock): found through ``KEEL_BIN``, else
-``$CARGO_TARGET_DIR/debug/keel``, else ``~/.cache/keel-target/debug/keel``. It binds an
-ephemeral port, and the test reads the address from its ``"keel is serving"`` JSON log line,
-as the Rust tests do (crates/keel/tests/it/child.rs).
+``$CARGO_TARGET_DIR/debug/keel``, else ``~/.cache/keel-target/debug/keel``. It binds
+ephemeral ports for its HTTP and gRPC APIs, and the test reads both addresses from its
+``"keel is serving"`` JSON log line (``addr`` and ``grpc_addr``), as the Rust tests do
+(crates/keel/tests/it/child.rs).
 """
 
 from __future__ import annotations
@@ -59,6 +60,13 @@ def find_binary() -> Path:
 
 def serving_addr(line: str) -> Optional[str]:
     """The API address of a "keel is serving" JSON log line, else None."""
+    fields = serving_fields(line)
+    return fields.get("addr") if fields is not None else None
+
+
+def serving_fields(line: str) -> Optional[Dict[str, str]]:
+    """The string fields of a "keel is serving" JSON log line (``addr``, ``grpc_addr``,
+    which is ``off`` when the gRPC API is), else None."""
     try:
         v = json.loads(line)
     except ValueError:
@@ -67,14 +75,10 @@ def serving_addr(line: str) -> Optional[str]:
         return None
     nested = v.get("fields")
     fields: Dict[str, object] = nested if isinstance(nested, dict) else {}
-
-    def field(name: str) -> Optional[str]:
-        value = v.get(name, fields.get(name))
-        return value if isinstance(value, str) else None
-
-    if field("message") != "keel is serving":
+    merged = {**fields, **v}
+    if merged.get("message") != "keel is serving":
         return None
-    return field("addr")
+    return {k: value for k, value in merged.items() if isinstance(value, str)}
 
 
 class KeelServer:
@@ -89,7 +93,7 @@ class KeelServer:
                 "KEEL_DATABASE_URL": database_url,
                 "KEEL_ADDR": "127.0.0.1:0",
                 "KEEL_ADMIN_ADDR": "off",
-                "KEEL_GRPC_ADDR": "off",
+                "KEEL_GRPC_ADDR": "127.0.0.1:0",
                 "KEEL_LOG_FORMAT": "json",
                 "KEEL_MAINTENANCE_INTERVAL": "200ms",
                 # `default` is served by the built-in executors; every other queue (py-work…)
@@ -100,7 +104,7 @@ class KeelServer:
         child_env.update(env or {})
         self._lines: Deque[str] = collections.deque(maxlen=KEPT_LINES)
         self._announced = threading.Event()
-        self._addr: Optional[str] = None
+        self._served: Optional[Dict[str, str]] = None
         self._proc = subprocess.Popen(
             [str(binary), "serve"],
             env=child_env,
@@ -114,14 +118,17 @@ class KeelServer:
         # Read every line, always: a full pipe would block the server's logging.
         self._reader = threading.Thread(target=self._read, name="keel-log-reader", daemon=True)
         self._reader.start()
-        if not self._announced.wait(STARTUP_SECONDS) or self._addr is None:
+        if not self._announced.wait(STARTUP_SECONDS) or self._served is None:
             self._proc.kill()
             self._proc.wait()
             raise ServerError(
                 f"keel serve did not announce its address within {STARTUP_SECONDS:g}s "
                 f"(exit code {self._proc.returncode}); its output:\n{self.output()}"
             )
-        self.url: str = f"http://{self._addr}"
+        self.url: str = f"http://{self._served['addr']}"
+        grpc_addr = self._served.get("grpc_addr", "off")
+        #: The gRPC API's ``host:port`` (a client's ``grpc_target``); None when it is off.
+        self.grpc_target: Optional[str] = None if grpc_addr == "off" else grpc_addr
 
     def _read(self) -> None:
         assert self._proc.stdout is not None
@@ -129,9 +136,9 @@ class KeelServer:
             line = line.rstrip("\n")
             self._lines.append(line)
             if not self._announced.is_set():
-                addr = serving_addr(line)
-                if addr is not None:
-                    self._addr = addr
+                served = serving_fields(line)
+                if served is not None and "addr" in served:
+                    self._served = served
                     self._announced.set()
         # The process closed its output (it exited): stop waiting for an announcement.
         self._announced.set()

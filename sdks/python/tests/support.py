@@ -6,9 +6,13 @@ amount: a slow CI machine makes them slower, not flaky.
 
 from __future__ import annotations
 
+import importlib
 import threading
 import time
 from typing import Callable, Iterable, List, Optional, TypeVar
+
+import pytest
+from keel_server import services_required
 
 import keel
 
@@ -32,6 +36,21 @@ def wait_until(
                 f"timed out after {timeout:g}s waiting for {what} (last: {last!r})"
             )
         time.sleep(interval)
+
+
+def require_module(name: str, install: str) -> None:
+    """Skips the calling test when the optional module ``name`` is not installed, or fails
+    it under ``KEEL_REQUIRE_SERVICES=1``: CI installs every extra, so there a missing module
+    is a broken setup rather than a choice."""
+    try:
+        importlib.import_module(name)
+    except ImportError as e:
+        if services_required():
+            pytest.fail(
+                f"KEEL_REQUIRE_SERVICES=1 but {name} is not installed ({e}): pip install {install}",
+                pytrace=False,
+            )
+        pytest.skip(f"{name} is not installed: pip install {install}")
 
 
 def jobs_in(client: keel.Client, queue: str) -> List[keel.Job]:

@@ -11,7 +11,7 @@ from datetime import datetime, timedelta, timezone
 from typing import Any, List
 
 import pytest
-from keel_server import serving_addr
+from keel_server import serving_addr, serving_fields
 
 import keel
 from keel import _protocol as p
@@ -205,11 +205,14 @@ def test_outcome_results_carry_the_problem_of_each_item() -> None:
 
 def test_serving_line_is_found_in_both_layouts() -> None:
     flat = (
-        '{"level":"INFO","message":"keel is serving","addr":"127.0.0.1:43567","admin_addr":"off"}'
+        '{"level":"INFO","message":"keel is serving","addr":"127.0.0.1:43567","admin_addr":"off"'
+        ',"grpc_addr":"127.0.0.1:45557"}'
     )
     nested = '{"level":"INFO","fields":{"message":"keel is serving","addr":"127.0.0.1:8080"}}'
     assert serving_addr(flat) == "127.0.0.1:43567"
     assert serving_addr(nested) == "127.0.0.1:8080"
+    flat_fields = serving_fields(flat)
+    assert flat_fields is not None and flat_fields["grpc_addr"] == "127.0.0.1:45557"
     assert serving_addr('{"message":"shutdown requested: draining"}') is None
     assert serving_addr("keel is serving on 127.0.0.1:1") is None
 

@@ -30,6 +30,7 @@ from .context import Context
 from .errors import (
     FieldError,
     KeelError,
+    MissingDependency,
     PermanentError,
     RetryIn,
     TransportError,
@@ -72,6 +73,7 @@ __all__ = [
     "JobState",
     "KeelError",
     "Lease",
+    "MissingDependency",
     "OutcomeResult",
     "PermanentError",
     "QueueInfo",

@@ -120,7 +120,7 @@ class Call(Generic[T]):
         """The body as JSON bytes; ``NaN`` and infinities are refused, as JSON has neither."""
         if self.body is _NO_BODY:
             return None
-        return json.dumps(self.body, allow_nan=False, separators=(",", ":")).encode()
+        return json_text(self.body).encode()
 
     def request_headers(self) -> Dict[str, str]:
         out = dict(self.headers)
@@ -131,6 +131,13 @@ class Call(Generic[T]):
 
 # ---------------------------------------------------------------------------------------
 # Values
+
+
+def json_text(value: Any) -> str:
+    """``value`` as compact JSON text, as every body is sent. The gRPC transport sends
+    ``args`` and ``meta`` as text fields written by this same function, so Keel stores the
+    same bytes whichever transport enqueued the job."""
+    return json.dumps(value, allow_nan=False, separators=(",", ":"))
 
 
 def seconds_of(value: Seconds, name: str) -> float:
@@ -245,22 +252,32 @@ def error_from_response(resp: httpx.Response) -> KeelError:
     object still yields an error carrying the status and a bounded excerpt of the body.
     """
     reason = resp.reason_phrase or ""
+    retry_after = _retry_after(resp.headers.get("retry-after"))
     try:
         body = resp.json()
     except ValueError:
         body = None
     if isinstance(body, Mapping):
-        err = KeelError.from_problem(resp.status_code, body)
-        if not err.title:
-            err.title = reason
-    else:
-        text = resp.text.strip()
-        err = KeelError(
-            text[:500] or reason or f"HTTP {resp.status_code}",
-            status=resp.status_code,
-            title=reason,
-        )
-    err.retry_after = _retry_after(resp.headers.get("retry-after"))
+        return problem_error(resp.status_code, body, reason, retry_after)
+    text = resp.text.strip()
+    return KeelError(
+        text[:500] or reason or f"HTTP {resp.status_code}",
+        status=resp.status_code,
+        title=reason,
+        retry_after=retry_after,
+    )
+
+
+def problem_error(
+    status: int, problem: Mapping[str, Any], reason: str, retry_after: Optional[float]
+) -> KeelError:
+    """The :class:`KeelError` of a problem document, whichever transport brought it: the
+    gRPC transport rebuilds the document from the status and its details, so an error reads
+    the same over both."""
+    err = KeelError.from_problem(status, problem)
+    if not err.title:
+        err.title = reason
+    err.retry_after = retry_after
     return err
 
 
@@ -331,12 +348,18 @@ def enqueue(body: Dict[str, Any], idempotency_key: Optional[str]) -> Call[Job]:
     return Call("POST", "/v1/jobs", _job, body, headers, frozenset({200, 201}))
 
 
-def enqueue_many(
-    specs: Iterable[Mapping[str, Any]], idempotency_key: Optional[str]
-) -> Call[List[Job]]:
+def batch_bodies(specs: Iterable[Mapping[str, Any]]) -> List[Dict[str, Any]]:
+    """The bodies of an ``enqueue_many``, refusing an empty or oversized batch."""
     jobs = [spec_body(s) for s in specs]
     if not 1 <= len(jobs) <= MAX_BATCH:
         raise ValueError(f"enqueue_many takes 1 to {MAX_BATCH} jobs, got {len(jobs)}")
+    return jobs
+
+
+def enqueue_many(
+    specs: Iterable[Mapping[str, Any]], idempotency_key: Optional[str]
+) -> Call[List[Job]]:
+    jobs = batch_bodies(specs)
     headers = {"idempotency-key": idempotency_key} if idempotency_key is not None else {}
     return Call("POST", "/v1/jobs/batch", _jobs, {"jobs": jobs}, headers, frozenset({200, 201}))
 

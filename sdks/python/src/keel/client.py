@@ -12,6 +12,7 @@ import httpx
 from . import _protocol as p
 from ._backoff import poll_delays
 from ._config import ClientConfig
+from ._grpc_transport import GrpcTransport
 from ._protocol import Completion, Failure, JobSpec, Seconds
 from .errors import TransportError, WaitTimeout
 from .models import (
@@ -38,13 +39,31 @@ class Client:
     client, and :meth:`close` it (or use it as a context manager) when done. It is safe to
     share between threads.
 
+    ``grpc_target`` (``"127.0.0.1:50051"``, the server's ``KEEL_GRPC_ADDR``) sends
+    :meth:`enqueue` and :meth:`enqueue_many` over gRPC instead, which takes several times
+    more enqueues per second from many threads; every other call stays on HTTP. Arguments,
+    answers and errors are the same over both. It needs ``pip install 'keel-sdk[grpc]'``
+    (:class:`keel.MissingDependency` otherwise); the channel uses TLS when ``url`` is
+    ``https://``, and carries ``api_key`` as HTTP does.
+
     Every method raises :class:`keel.KeelError` for an error answer (with ``status``,
     ``type``, ``detail`` and, for a ``422``, the field ``errors``) and
     :class:`keel.TransportError` when no answer arrived.
     """
 
-    def __init__(self, url: str, api_key: Optional[str] = None, timeout: float = 30.0) -> None:
+    def __init__(
+        self,
+        url: str,
+        api_key: Optional[str] = None,
+        timeout: float = 30.0,
+        *,
+        grpc_target: Optional[str] = None,
+    ) -> None:
         self._config = ClientConfig.make(url, api_key, timeout)
+        # Made first: a missing grpcio must fail here, before a pool is opened for nothing.
+        self._grpc: Optional[GrpcTransport] = None
+        if grpc_target is not None:
+            self._grpc = GrpcTransport(grpc_target, self._config)
         self._http = httpx.Client(
             base_url=self._config.url,
             headers=self._config.headers(),
@@ -61,14 +80,24 @@ class Client:
         """The settings this client was made with (a worker builds its transport from them)."""
         return self._config
 
+    @property
+    def grpc_target(self) -> Optional[str]:
+        """Where enqueues go over gRPC, or ``None`` when they go over HTTP."""
+        return self._grpc.target if self._grpc is not None else None
+
     def __repr__(self) -> str:
+        if self._grpc is not None:
+            return f"keel.Client({self._config.url!r}, grpc_target={self._grpc.target!r})"
         return f"keel.Client({self._config.url!r})"
 
     # -- lifecycle ---------------------------------------------------------------------
 
     def close(self) -> None:
-        """Closes the connection pool. The client cannot be used afterwards."""
+        """Closes the connection pool (and the gRPC channel). The client cannot be used
+        afterwards."""
         self._http.close()
+        if self._grpc is not None:
+            self._grpc.close()
 
     def __enter__(self) -> "Client":
         return self
@@ -147,6 +176,8 @@ class Client:
             backoff=backoff,
             tenant=tenant,
         )
+        if self._grpc is not None:
+            return self._grpc.enqueue(body, idempotency_key)
         return self._call(p.enqueue(body, idempotency_key))
 
     def enqueue_many(
@@ -157,6 +188,8 @@ class Client:
         Each job is a mapping of ``enqueue``'s arguments: ``{"kind": "x", "args": …,
         "queue": …}``.
         """
+        if self._grpc is not None:
+            return self._grpc.enqueue_many(p.batch_bodies(jobs), idempotency_key)
         return self._call(p.enqueue_many(jobs, idempotency_key))
 
     def get(self, id: str) -> Job:

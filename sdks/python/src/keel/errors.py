@@ -17,6 +17,7 @@ if TYPE_CHECKING:
 __all__ = [
     "FieldError",
     "KeelError",
+    "MissingDependency",
     "TransportError",
     "WaitTimeout",
     "PermanentError",
@@ -119,7 +120,18 @@ class TransportError(KeelError):
     """No answer from Keel: the connection failed, was reset, or timed out.
 
     The request may or may not have been acted on (an enqueue without an ``Idempotency-Key``
-    might have been stored). The underlying ``httpx`` exception is the ``__cause__``.
+    might have been stored). The underlying exception (``httpx``'s, or ``grpc.RpcError``
+    over the gRPC transport) is the ``__cause__``.
+    """
+
+
+class MissingDependency(KeelError, ImportError):
+    """A feature was asked for whose optional packages are not installed, e.g. a
+    ``grpc_target`` without ``keel-sdk[grpc]``.
+
+    Raised when the client is made, not at its first call, so a missing install shows up
+    at startup. It is an ``ImportError`` too, since that is what it is; ``status`` is
+    ``None``, as nothing was sent.
     """
 
 
