@@ -9,7 +9,7 @@
 //! the way the completer writes: those that arrive while [`RECORDING`] batches are being
 //! written wait and go as the next batch, so batches grow with load and a worker sending
 //! many small messages does not make many small writes. Its memory is bounded: at most
-//! [`MAX_CREDITS`] jobs are granted and unsent, at most [`MAX_QUEUED_BYTES`] of outcomes
+//! [`MAX_CREDITS`] jobs are granted and unsent, about [`MAX_QUEUED_BYTES`] of outcomes
 //! wait (the stream stops reading until they are written; credits in later messages wait
 //! too, which is the backpressure), and replies wait in a channel of [`REPLIES`] (the task
 //! waits while the worker does not read).
@@ -41,8 +41,9 @@ pub(crate) const MAX_CREDITS: u32 = MAX_LEASE;
 /// next batch forms.
 const RECORDING: usize = 2;
 /// Most bytes of outcomes (as encoded) waiting to be recorded before the stream stops
-/// reading.
-const MAX_QUEUED_BYTES: usize = 8 << 20;
+/// reading: some ten thousand outcomes without large results, so batches are never cut
+/// short by it, while a stream holds at most this and one message (`KEEL_MAX_BODY_BYTES`).
+const MAX_QUEUED_BYTES: usize = 1 << 20;
 /// Replies (jobs, answers) queued for a worker that is not reading.
 const REPLIES: usize = 16;
 
@@ -164,9 +165,10 @@ fn refused(id: String, e: ApiError) -> pb::OutcomeResult {
     }
 }
 
-/// The answers to one message's outcomes: completions and failures each recorded as one
+/// The answers to a batch of outcomes: completions and failures each recorded as one
 /// batch (through the same batched writers as `POST /v1/jobs/complete`), heartbeats and
-/// releases one by one; all concurrently.
+/// releases one by one; all concurrently. A heartbeat that finds its job cancelled answers
+/// OK with state `cancelled` and `cancel_requested`, as HTTP's heartbeat does.
 fn record(core: &Core, caller: &Caller, outcomes: Vec<pb::Outcome>) -> Answers {
     use pb::outcome::Outcome as O;
     let (state, caller) = (core.state.clone(), caller.clone());
@@ -202,7 +204,12 @@ fn record(core: &Core, caller: &Caller, outcomes: Vec<pb::Outcome>) -> Answers {
                                 Ok(beat) => pb::OutcomeResult {
                                     id,
                                     code: Code::Ok as i32,
-                                    state: pb::JobState::Running.into(),
+                                    state: if beat.cancel_requested {
+                                        pb::JobState::Cancelled
+                                    } else {
+                                        pb::JobState::Running
+                                    }
+                                    .into(),
                                     expires_at: beat.expires_at.map(keel_proto::convert::timestamp),
                                     cancel_requested: beat.cancel_requested,
                                     ..Default::default()

@@ -344,6 +344,7 @@ async fn worker_calls_are_fenced_like_http(backend: Backend, test: &str) {
         .find(|r| r.code == Code::Ok as i32)
         .expect("the heartbeat is answered");
     assert!(beat.cancel_requested, "{beat:?}");
+    assert_eq!(beat.state(), pb::JobState::Cancelled, "{beat:?}");
 
     // Unknown and malformed ids.
     let missing = w
