@@ -190,6 +190,7 @@ impl JobService for Jobs {
         });
         Ok(Response::new(Box::pin(events)))
     }
+
     async fn enqueue(
         &self,
         request: Request<pb::EnqueueRequest>,

@@ -362,14 +362,44 @@ async fn api_keys_guard_the_grpc_api() {
     app.stop().await;
 }
 
+/// Asks the reflection service `requests` on one stream; its answers, in order.
+async fn reflect(
+    channel: &Channel,
+    requests: Vec<tonic_reflection::pb::v1::server_reflection_request::MessageRequest>,
+) -> Vec<tonic_reflection::pb::v1::server_reflection_response::MessageResponse> {
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+
+    let asks: Vec<_> = requests
+        .into_iter()
+        .map(|message| ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(message),
+        })
+        .collect();
+    let mut answers = ServerReflectionClient::new(channel.clone())
+        .server_reflection_info(futures_util::stream::iter(asks))
+        .await
+        .expect("the reflection stream")
+        .into_inner();
+    let mut out = Vec::new();
+    while let Some(answer) = answers.next().await {
+        out.push(
+            answer
+                .expect("a reflection answer")
+                .message_response
+                .expect("an answer with a response"),
+        );
+    }
+    out
+}
+
 /// The health service says SERVING for the server and for JobService; reflection lists
 /// JobService and serves its file, which names Enqueue.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_and_reflection_answer() {
     use tonic_health::pb::health_check_response::ServingStatus;
     use tonic_health::pb::health_client::HealthClient;
-    use tonic_reflection::pb::v1::ServerReflectionRequest;
-    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
     use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
     use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
 
@@ -399,36 +429,24 @@ async fn health_and_reflection_answer() {
         assert_eq!(status, ServingStatus::Serving, "{service:?}");
     }
 
-    let mut reflection = ServerReflectionClient::new(channel);
-    let ask = |message: MessageRequest| ServerReflectionRequest {
-        host: String::new(),
-        message_request: Some(message),
-    };
-    let mut answers = reflection
-        .server_reflection_info(futures_util::stream::iter([
-            ask(MessageRequest::ListServices(String::new())),
-            ask(MessageRequest::FileContainingSymbol(
-                "keel.v1.JobService".to_owned(),
-            )),
-        ]))
-        .await
-        .unwrap()
-        .into_inner();
-    let Some(Ok(listed)) = answers.next().await else {
-        panic!("no answer to ListServices");
-    };
-    let Some(MessageResponse::ListServicesResponse(list)) = listed.message_response else {
-        panic!("{listed:?}");
+    let answers = reflect(
+        &channel,
+        vec![
+            MessageRequest::ListServices(String::new()),
+            MessageRequest::FileContainingSymbol("keel.v1.JobService".to_owned()),
+        ],
+    )
+    .await;
+    let [
+        MessageResponse::ListServicesResponse(list),
+        MessageResponse::FileDescriptorResponse(files),
+    ] = answers.as_slice()
+    else {
+        panic!("{answers:?}");
     };
     let names: Vec<_> = list.service.iter().map(|s| s.name.as_str()).collect();
     assert!(names.contains(&"keel.v1.JobService"), "{names:?}");
     assert!(names.contains(&"grpc.health.v1.Health"), "{names:?}");
-    let Some(Ok(file)) = answers.next().await else {
-        panic!("no answer to FileContainingSymbol");
-    };
-    let Some(MessageResponse::FileDescriptorResponse(files)) = file.message_response else {
-        panic!("{file:?}");
-    };
     let descriptors: Vec<prost_types::FileDescriptorProto> = files
         .file_descriptor_proto
         .iter()
@@ -758,8 +776,6 @@ async fn a_client_that_knows_only_reflection_can_call_enqueue() {
     use bytes::{Buf, BufMut};
     use prost_reflect::{DescriptorPool, DynamicMessage, ReflectMessage, Value};
     use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
-    use tonic_reflection::pb::v1::ServerReflectionRequest;
-    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
     use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
     use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
 
@@ -800,26 +816,20 @@ async fn a_client_that_knows_only_reflection_can_call_enqueue() {
     };
     let url = format!("http://{}", app.grpc_addr.expect("gRPC on"));
     let channel = Channel::from_shared(url).unwrap().connect().await.unwrap();
-    let ask = |message: MessageRequest| ServerReflectionRequest {
-        host: String::new(),
-        message_request: Some(message),
-    };
-    let mut reflection = ServerReflectionClient::new(channel.clone());
-    let mut answers = reflection
-        .server_reflection_info(futures_util::stream::iter([
-            ask(MessageRequest::ListServices(String::new())),
-            ask(MessageRequest::FileContainingSymbol(
-                "keel.v1.JobService".to_owned(),
-            )),
-        ]))
-        .await
-        .unwrap()
-        .into_inner();
-    let Some(Ok(listed)) = answers.next().await else {
-        panic!("no answer to ListServices");
-    };
-    let Some(MessageResponse::ListServicesResponse(list)) = listed.message_response else {
-        panic!("{listed:?}");
+    let answers = reflect(
+        &channel,
+        vec![
+            MessageRequest::ListServices(String::new()),
+            MessageRequest::FileContainingSymbol("keel.v1.JobService".to_owned()),
+        ],
+    )
+    .await;
+    let [
+        MessageResponse::ListServicesResponse(list),
+        MessageResponse::FileDescriptorResponse(files),
+    ] = answers.as_slice()
+    else {
+        panic!("{answers:?}");
     };
     let service_name = list
         .service
@@ -827,13 +837,7 @@ async fn a_client_that_knows_only_reflection_can_call_enqueue() {
         .map(|s| s.name.clone())
         .find(|n| n.ends_with(".JobService"))
         .expect("a JobService is listed");
-    let Some(Ok(file)) = answers.next().await else {
-        panic!("no answer to FileContainingSymbol");
-    };
-    let Some(MessageResponse::FileDescriptorResponse(files)) = file.message_response else {
-        panic!("{file:?}");
-    };
-    let decode = |files: Vec<Vec<u8>>| -> Vec<prost_types::FileDescriptorProto> {
+    let decode = |files: &[Vec<u8>]| -> Vec<prost_types::FileDescriptorProto> {
         files
             .iter()
             .map(|b| prost::Message::decode(b.as_slice()).unwrap())
@@ -841,7 +845,7 @@ async fn a_client_that_knows_only_reflection_can_call_enqueue() {
     };
     // The file, then what it imports (google.protobuf's), asked for by name as grpcurl
     // does, until every dependency is known.
-    let mut known: Vec<prost_types::FileDescriptorProto> = decode(files.file_descriptor_proto);
+    let mut known = decode(&files.file_descriptor_proto);
     loop {
         let missing: Vec<String> = known
             .iter()
@@ -853,19 +857,13 @@ async fn a_client_that_knows_only_reflection_can_call_enqueue() {
         }
         let asks = missing
             .into_iter()
-            .map(|name| ask(MessageRequest::FileByFilename(name)));
-        let mut more = reflection
-            .server_reflection_info(futures_util::stream::iter(asks.collect::<Vec<_>>()))
-            .await
-            .unwrap()
-            .into_inner();
-        while let Some(answer) = more.next().await {
-            let Some(MessageResponse::FileDescriptorResponse(files)) =
-                answer.unwrap().message_response
-            else {
-                panic!("a dependency the server cannot describe");
+            .map(MessageRequest::FileByFilename)
+            .collect();
+        for answer in reflect(&channel, asks).await {
+            let MessageResponse::FileDescriptorResponse(files) = answer else {
+                panic!("a dependency the server cannot describe: {answer:?}");
             };
-            for f in decode(files.file_descriptor_proto) {
+            for f in decode(&files.file_descriptor_proto) {
                 if !known.iter().any(|k| k.name() == f.name()) {
                     known.push(f);
                 }
