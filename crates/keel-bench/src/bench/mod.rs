@@ -115,7 +115,8 @@ pub struct BenchArgs {
     /// Pid of the --url server, to read its memory from /proc (W4 peak, W5).
     #[arg(long, value_name = "PID", requires = "url")]
     pub pid: Option<u32>,
-    /// Workloads to run, comma-separated (always run in the order w5, w1, w2, w2p, w3, w4).
+    /// Workloads to run, comma-separated (always run in the order w5, w1, w1x, w1g, w2, w2p,
+    /// w2x, w3, w3g, w4).
     #[arg(
         long,
         value_delimiter = ',',
