@@ -293,10 +293,60 @@ where
         value: into_item(read.value),
         given: read.given,
     };
+    checked(read, id, errs, of)
+}
+
+/// The outcome `of` makes of `read` for job `id`, or every problem found on the way.
+fn checked<I, T>(
+    read: Read<I>,
+    id: JobId,
+    mut errs: Errors<'_>,
+    of: fn(Read<I>, Option<JobId>, &mut Errors<'_>) -> Option<T>,
+) -> Result<T, ApiError> {
     match of(read, Some(id), &mut errs) {
         Some(v) => errs.finish(v),
         None => Err(ApiError::Validation(errs.list)),
     }
+}
+
+/// A completion of job `id` from a message that is not JSON (gRPC's `Outcome`, whose
+/// fields are always present): the checks the body's members get, without writing the
+/// body and reading it back, since it is on every streamed outcome's way.
+pub fn complete_item(
+    id: JobId,
+    token: String,
+    result: Option<Box<RawValue>>,
+) -> Result<CompleteIn, ApiError> {
+    let read = Read {
+        value: CompleteItem {
+            id: String::new(),
+            token,
+            result,
+        },
+        given: vec!["token", "result"],
+    };
+    checked(read, id, Errors::new(""), complete_of)
+}
+
+/// A failure of job `id` from a message that is not JSON; see [`complete_item`].
+pub fn fail_item(
+    id: JobId,
+    token: String,
+    error: String,
+    permanent: bool,
+    retry_in: Option<Duration>,
+) -> Result<FailIn, ApiError> {
+    let read = Read {
+        value: FailItem {
+            id: String::new(),
+            token,
+            error,
+            permanent: Some(permanent),
+            retry_in: retry_in.map(HumanDuration),
+        },
+        given: vec!["token", "error", "permanent", "retry_in"],
+    };
+    checked(read, id, Errors::new(""), fail_of)
 }
 
 /// Parses `POST /v1/jobs/{id}/complete`.

@@ -19,7 +19,7 @@ use std::pin::Pin;
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use futures_util::{FutureExt, Stream};
 use keel_core::{Job, JobId, QueueName};
-use keel_wire::{CompleteBody, FailBody, HeartbeatBody, HumanDuration, JobOut, LeaseBody};
+use keel_wire::{HeartbeatBody, HumanDuration, JobOut, LeaseBody};
 use prost::Message;
 use serde::Serialize;
 use tokio::sync::mpsc;
@@ -92,8 +92,7 @@ fn complete_in(id: &str, token: String, result: Option<String>) -> Result<Comple
     let id = convert::job_id("id", id)?;
     let mut problems = Problems::new(String::new());
     let result = problems.json("result", result);
-    let parsed = worker_in::parse_complete(&body(&CompleteBody { token, result }), id);
-    convert::checked(parsed, problems.list)
+    convert::checked(worker_in::complete_item(id, token, result), problems.list)
 }
 
 fn fail_in(
@@ -106,15 +105,7 @@ fn fail_in(
     let id = convert::job_id("id", id)?;
     let mut problems = Problems::new(String::new());
     let retry_in = duration(problems.millis("retry_in", retry_in));
-    let parsed = worker_in::parse_fail(
-        &body(&FailBody {
-            token,
-            error,
-            permanent: Some(permanent),
-            retry_in,
-        }),
-        id,
-    );
+    let parsed = worker_in::fail_item(id, token, error, permanent, retry_in.map(|d| d.0));
     convert::checked(parsed, problems.list)
 }
 
