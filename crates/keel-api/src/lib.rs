@@ -31,6 +31,7 @@ pub mod middleware;
 pub mod openapi;
 pub mod rate_limit;
 pub mod telemetry;
+pub mod tls;
 
 mod extract;
 mod job_in;

@@ -14,6 +14,9 @@
 //! - **a header size limit**: hyper refuses heads above `max_header_bytes` with `431` (its own
 //!   empty-bodied answer, which Keel cannot intercept: the head never reached Keel).
 //!
+//! - **TLS** when given an acceptor ([`crate::tls`]): the handshake bounded by the header
+//!   read timeout, the limits above applying to the plaintext inside.
+//!
 //! The body of a request is bounded by the request deadline: one that does not arrive in
 //! time is answered `408` (see `Step::ReadBody`). Graceful shutdown stops accepting at once,
 //! lets requests in flight finish, and closes idle keep-alive connections.
@@ -30,12 +33,15 @@ use axum::body::Body;
 use axum::http::Request;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Notify, Semaphore};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
+use tokio_rustls::TlsAcceptor;
 use tower::ServiceExt;
+
+use crate::tls;
 
 /// The limits of [`serve`]; see the module docs.
 #[derive(Debug, Clone, Copy)]
@@ -72,10 +78,16 @@ const REFUSED: &str = "HTTP/1.1 503 Service Unavailable\r\n\
 
 /// Serves `router` on `listener` until `shutdown` resolves, then stops accepting and waits
 /// for the connections in flight to finish their requests (the caller bounds that wait).
+///
+/// With `tls`, each connection's handshake runs in its own task, bounded by the header read
+/// timeout, and a connection over the cap is closed without an answer (a plaintext `503`
+/// means nothing to a TLS client, and a handshake to send one costs the CPU an overloaded
+/// server lacks).
 pub async fn serve(
     listener: TcpListener,
     router: Router,
     limits: ConnectionLimits,
+    tls: Option<TlsAcceptor>,
     shutdown: impl Future<Output = ()> + Send,
 ) {
     let mut http = hyper::server::conn::http1::Builder::new();
@@ -107,17 +119,59 @@ pub async fn serve(
         };
         let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
             metrics::counter!("keel_connections_refused_total", "reason" => "limit").increment(1);
-            tokio::spawn(refuse(stream));
+            if tls.is_none() {
+                tokio::spawn(refuse(stream));
+            }
             continue;
         };
         let _ = stream.set_nodelay(true);
+        let conn = Connection {
+            http: Arc::clone(&http),
+            router: router.clone(),
+            graceful: graceful.watcher(),
+            header_read_timeout: limits.header_read_timeout,
+            _slot: slot,
+        };
+        match &tls {
+            None => tokio::spawn(conn.serve(stream)),
+            Some(acceptor) => {
+                let acceptor = acceptor.clone();
+                tokio::spawn(async move {
+                    let limit = conn.header_read_timeout;
+                    if let Some(stream) = tls::handshake(&acceptor, stream, limit, "http").await {
+                        conn.serve(stream).await;
+                    }
+                })
+            }
+        };
+    }
+    drop(listener);
+    graceful.shutdown().await;
+}
+
+/// One accepted connection, holding its slot under the cap until it ends.
+struct Connection {
+    http: Arc<hyper::server::conn::http1::Builder>,
+    router: Router,
+    graceful: Watcher,
+    header_read_timeout: Duration,
+    _slot: OwnedSemaphorePermit,
+}
+
+impl Connection {
+    /// Serves requests on `stream` (TCP, or TLS over it) until the client leaves, the
+    /// connection idles out, a head arrives too slowly, or shutdown drains it.
+    async fn serve<S>(self, stream: S)
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
         let activity = Arc::new(Activity::default());
         let io = TokioIo::new(Watched {
             inner: stream,
             activity: Arc::clone(&activity),
         });
         let service = hyper::service::service_fn({
-            let router = router.clone();
+            let router = self.router;
             let activity = Arc::clone(&activity);
             move |req: Request<Incoming>| {
                 activity.request_began();
@@ -132,18 +186,12 @@ pub async fn serve(
                 }
             }
         });
-        let conn = http.serve_connection(io, service);
-        let conn = graceful.watch(conn);
-        let header_read_timeout = limits.header_read_timeout;
-        tokio::spawn(async move {
-            let _slot = slot;
-            metrics::gauge!("keel_connections_open").increment(1.0);
-            watch_heads(conn, &activity, header_read_timeout).await;
-            metrics::gauge!("keel_connections_open").decrement(1.0);
-        });
+        let conn = self.http.serve_connection(io, service);
+        let conn = self.graceful.watch(conn);
+        metrics::gauge!("keel_connections_open").increment(1.0);
+        watch_heads(conn, &activity, self.header_read_timeout).await;
+        metrics::gauge!("keel_connections_open").decrement(1.0);
     }
-    drop(listener);
-    graceful.shutdown().await;
 }
 
 /// Tells a connection over the cap why it is refused, then closes it. Bounded: a client that
@@ -265,13 +313,14 @@ impl Drop for RequestDone {
     }
 }
 
-/// The TCP stream, reporting arriving bytes to the connection's [`Activity`].
-struct Watched {
-    inner: TcpStream,
+/// The connection's stream (TCP, or TLS over it: the bytes seen are the plaintext),
+/// reporting arriving bytes to the connection's [`Activity`].
+struct Watched<S> {
+    inner: S,
     activity: Arc<Activity>,
 }
 
-impl AsyncRead for Watched {
+impl<S: AsyncRead + Unpin> AsyncRead for Watched<S> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -286,7 +335,7 @@ impl AsyncRead for Watched {
     }
 }
 
-impl AsyncWrite for Watched {
+impl<S: AsyncWrite + Unpin> AsyncWrite for Watched<S> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,

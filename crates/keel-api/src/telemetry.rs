@@ -51,6 +51,17 @@ pub fn describe_metrics() {
     );
     describe_gauge!("keel_connections_open", "HTTP connections open now.");
     describe_counter!(
+        "keel_tls_handshake_failures_total",
+        "TLS connections dropped before their first request, by listener (http, grpc) and \
+         reason: error (a failed handshake: a plaintext client, an untrusted certificate), \
+         timeout, or too_many (handshakes already in flight at the cap)."
+    );
+    describe_counter!(
+        "keel_tls_reloads_total",
+        "Changes to the TLS certificate or key files, by outcome: ok (served from the next \
+         handshake on) or error (unusable; the previous certificate is still served)."
+    );
+    describe_counter!(
         "keel_connections_refused_total",
         "Connections turned away at accept, by reason: limit (over the connection cap, \
          answered 503) or accept_error."

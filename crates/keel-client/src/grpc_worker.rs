@@ -36,7 +36,7 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tonic::metadata::MetadataValue;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 
 use crate::ClientError;
 use crate::worker::{
@@ -63,16 +63,28 @@ struct Held {
 
 impl Worker {
     /// Runs until `stop` is cancelled over gRPC at `grpc_url` (e.g.
-    /// `http://127.0.0.1:50051`), with the client's API key; see the module docs.
+    /// `http://127.0.0.1:50051`, or `https://…` for a Keel serving TLS, trusting the
+    /// client's CA certificate if it has one), with the client's API key; see the module
+    /// docs.
     pub async fn run_grpc(
         self,
         grpc_url: &str,
         stop: CancellationToken,
     ) -> Result<WorkerReport, ClientError> {
-        let channel = Endpoint::from_shared(grpc_url.to_owned())
-            .map_err(|e| ClientError::Decode(format!("the gRPC address {grpc_url:?}: {e}")))?
-            .tcp_nodelay(true)
-            .connect_lazy();
+        let mut endpoint = Endpoint::from_shared(grpc_url.to_owned())
+            .map_err(|e| ClientError::Settings(format!("the gRPC address {grpc_url:?}: {e}")))?
+            .tcp_nodelay(true);
+        if endpoint.uri().scheme_str() == Some("https") {
+            // The webpki roots, and the client's own CA when it was given one.
+            let mut tls = ClientTlsConfig::new().with_webpki_roots();
+            if let Some(pem) = &self.client.ca_pem {
+                tls = tls.ca_certificate(Certificate::from_pem(pem));
+            }
+            endpoint = endpoint
+                .tls_config(tls)
+                .map_err(|e| ClientError::Settings(format!("TLS for {grpc_url:?}: {e}")))?;
+        }
+        let channel = endpoint.connect_lazy();
         let Worker {
             client,
             config,

@@ -13,6 +13,7 @@ pub mod grpc_worker;
 pub mod worker;
 
 use std::fmt::Display;
+use std::sync::Arc;
 use std::time::Duration;
 
 pub use keel_wire::{
@@ -50,6 +51,9 @@ pub enum ClientError {
     /// The server answered something this client does not understand.
     #[error("unexpected response from Keel: {0}")]
     Decode(String),
+    /// The client was given something it cannot use (a CA certificate that is not PEM).
+    #[error("invalid client settings: {0}")]
+    Settings(String),
 }
 
 impl ClientError {
@@ -103,27 +107,57 @@ fn queue_path(name: &str, suffix: &str) -> String {
     named_path("/v1/queues/", name, suffix)
 }
 
+/// The HTTP client: a generous overall timeout (the server bounds each request by its own
+/// deadline), and `ca_pem`'s certificates trusted on top of the webpki roots.
+fn http_client(ca_pem: Option<&[u8]>) -> Result<reqwest::Client, ClientError> {
+    let mut builder = reqwest::Client::builder().timeout(Duration::from_secs(60));
+    if let Some(pem) = ca_pem {
+        let roots = reqwest::Certificate::from_pem_bundle(pem)
+            .map_err(|e| ClientError::Settings(format!("the CA certificate: {e}")))?;
+        if roots.is_empty() {
+            return Err(ClientError::Settings(
+                "the CA certificate file holds no PEM CERTIFICATE block".to_owned(),
+            ));
+        }
+        for root in roots {
+            builder = builder.add_root_certificate(root);
+        }
+    }
+    builder
+        .build()
+        .map_err(|e| ClientError::Settings(format!("building the HTTP client: {e}")))
+}
+
 /// A Keel API client. Cheap to clone (the connection pool is shared).
 #[derive(Debug, Clone)]
 pub struct Client {
     http: reqwest::Client,
     base: String,
     api_key: Option<String>,
+    /// Extra trusted roots (PEM) for https:// servers, kept for the gRPC worker's channel.
+    ca_pem: Option<Arc<[u8]>>,
 }
 
 impl Client {
     /// A client for the server at `base` (e.g. `http://127.0.0.1:8080`), authenticating with
     /// `api_key` when given.
     pub fn new(base: impl Into<String>, api_key: Option<String>) -> Result<Self, ClientError> {
-        let http = reqwest::Client::builder()
-            .timeout(Duration::from_secs(60))
-            .build()
-            .map_err(|e| ClientError::Decode(format!("building the HTTP client: {e}")))?;
         Ok(Self {
-            http,
+            http: http_client(None)?,
             base: base.into().trim_end_matches('/').to_owned(),
             api_key,
+            ca_pem: None,
         })
+    }
+
+    /// Also trusts the certificates in `pem` (one or more PEM `CERTIFICATE` blocks) as
+    /// roots for an https:// server, over HTTP and gRPC: for a Keel whose certificate a
+    /// private CA signed (`keel --ca-cert`, `KEEL_CA_CERT`). The public webpki roots stay
+    /// trusted.
+    pub fn with_ca_certificate(mut self, pem: &[u8]) -> Result<Self, ClientError> {
+        self.http = http_client(Some(pem))?;
+        self.ca_pem = Some(Arc::from(pem));
+        Ok(self)
     }
 
     /// The base URL.

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
+use keel_api::tls::Tls;
 use keel_api::{ApiState, Backlog, Readiness};
 use keel_core::store::{Layered, QueueStats, StateCounts};
 use keel_core::{JobKind, JobState, QueueStore, Store, SystemClock};
@@ -49,6 +50,8 @@ pub struct App {
     grpc_listener: Option<TcpListener>,
     metrics: PrometheusHandle,
     readiness: Readiness,
+    /// The certificate every listener serves (`None`: plaintext).
+    tls: Option<Tls>,
 }
 
 impl std::fmt::Debug for App {
@@ -84,6 +87,13 @@ impl App {
         let guarded = Layered::new(store, StoreGuard::new(config.store_guard(), chaos.clone()));
         let database_breaker = guarded.breaker().clone();
         let store: Arc<dyn Store> = Arc::new(guarded);
+        // Checked when the config was resolved; read again here, as the files may have
+        // changed since.
+        let tls = config
+            .tls_files()
+            .map(Tls::load)
+            .transpose()
+            .context("loading the TLS certificate and key")?;
         let api_listener = TcpListener::bind(config.addr)
             .await
             .map_err(|e| BindError {
@@ -108,6 +118,7 @@ impl App {
             grpc_listener,
             metrics,
             readiness: Readiness::default(),
+            tls,
         })
     }
 
@@ -170,6 +181,7 @@ impl App {
             grpc_listener,
             metrics,
             readiness,
+            tls,
         } = self;
         let api_addr = api_listener
             .local_addr()
@@ -214,12 +226,17 @@ impl App {
         let cache_events =
             tokio::spawn(api_state.follow_job_events(root.child_token().cancelled_owned()));
         let http_stop = root.child_token();
+        let tls_watch = tls
+            .clone()
+            .map(|tls| tokio::spawn(tls.watch(config.tls_reload_interval, root.child_token())));
+        let http_tls = tls.as_ref().map(|tls| tls.acceptor(&[b"http/1.1"]));
         // The gRPC listener closes with the HTTP one; its health service turns NOT_SERVING
         // as soon as readiness fails, before that.
         let grpc = grpc_listener.map(|listener| {
             tokio::spawn(keel_api::grpc::serve(
                 api_state.clone(),
                 listener,
+                tls.clone(),
                 http_stop.clone(),
             ))
         });
@@ -227,6 +244,7 @@ impl App {
             api_listener,
             keel_api::router(api_state),
             config.connection_limits(),
+            http_tls.clone(),
             http_stop.clone().cancelled_owned(),
         ));
         let admin = match admin_listener {
@@ -237,11 +255,15 @@ impl App {
                     chaos,
                     token: config.admin_token.clone(),
                 });
-                Some(tokio::spawn(
-                    axum::serve(listener, router.into_make_service())
-                        .with_graceful_shutdown(root.child_token().cancelled_owned())
-                        .into_future(),
-                ))
+                // The API's accept loop with its default limits: the admin listener gets
+                // the same TLS, connection cap and slow-client guards.
+                Some(tokio::spawn(keel_api::listener::serve(
+                    listener,
+                    router,
+                    keel_api::ConnectionLimits::default(),
+                    http_tls,
+                    root.child_token().cancelled_owned(),
+                )))
             }
             None => None,
         };
@@ -265,6 +287,7 @@ impl App {
             addr = %api_addr,
             admin_addr = %admin_addr.map_or_else(|| "off".to_owned(), |a| a.to_string()),
             grpc_addr = %grpc_addr.map_or_else(|| "off".to_owned(), |a| a.to_string()),
+            tls = tls.is_some(),
             database = %config.database_url_kind(),
             queues = ?config.queues.iter().map(|q| format!("{}:{}", q.name, q.concurrency)).collect::<Vec<_>>(),
             "keel is serving"
@@ -319,6 +342,9 @@ impl App {
         let _ = cache_events.await;
         let _ = gauges.await;
         let _ = depth_tracker.await;
+        if let Some(tls_watch) = tls_watch {
+            let _ = tls_watch.await;
+        }
         store.close().await;
         tracing::info!("store closed; bye");
         Ok(())

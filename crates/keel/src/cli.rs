@@ -167,6 +167,10 @@ pub struct ClientArgs {
     /// API key, if the server requires one.
     #[arg(long, env = "KEEL_API_KEY", hide_env_values = true, global = true)]
     pub api_key: Option<String>,
+    /// PEM file of a CA to trust for an https:// URL, on top of the public roots: for a
+    /// server whose certificate (KEEL_TLS_CERT) a private CA signed.
+    #[arg(long, env = "KEEL_CA_CERT", value_name = "PATH", global = true)]
+    pub ca_cert: Option<std::path::PathBuf>,
 }
 
 /// `keel enqueue` arguments.

@@ -181,10 +181,21 @@ pub async fn migrate(url: &str) -> ExitCode {
 }
 
 fn client(args: &ClientArgs) -> Result<Client, ExitCode> {
-    Client::new(args.url.clone(), args.api_key.clone()).map_err(|e| {
+    let refuse = |e: &dyn std::fmt::Display| {
         eprintln!("error: {e}");
         ExitCode::FAILURE
-    })
+    };
+    let client = Client::new(args.url.clone(), args.api_key.clone()).map_err(|e| refuse(&e))?;
+    match &args.ca_cert {
+        None => Ok(client),
+        Some(path) => {
+            let pem = std::fs::read(path)
+                .map_err(|e| refuse(&format!("reading --ca-cert {}: {e}", path.display())))?;
+            client
+                .with_ca_certificate(&pem)
+                .map_err(|e| refuse(&format!("--ca-cert {}: {e}", path.display())))
+        }
+    }
 }
 
 /// Prints a successful answer as pretty JSON, or the error with its exit code.
@@ -217,10 +228,16 @@ fn fail(e: &ClientError) -> ExitCode {
             ExitCode::FAILURE
         }
         ClientError::Unreachable { source, .. } => {
-            eprintln!("  {source}");
+            // The whole chain: the cause worth reading (a refused connection, an untrusted
+            // certificate) is usually a few levels down.
+            let mut cause: Option<&dyn std::error::Error> = Some(source);
+            while let Some(e) = cause {
+                eprintln!("  {e}");
+                cause = e.source();
+            }
             ExitCode::from(EX_UNAVAILABLE)
         }
-        ClientError::Decode(_) => ExitCode::FAILURE,
+        ClientError::Decode(_) | ClientError::Settings(_) => ExitCode::FAILURE,
     }
 }
 

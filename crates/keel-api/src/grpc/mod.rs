@@ -4,8 +4,7 @@
 //! its own listener (`KEEL_GRPC_ADDR`) with the standard health service (tied to
 //! readiness) and server reflection.
 //!
-//! This first part serves `keel.v1.JobService`'s unary calls; `docs/grpc.md` lists what the
-//! gRPC API does and does not do yet.
+//! `docs/grpc.md` is the user's guide.
 
 mod call;
 mod convert;
@@ -20,6 +19,7 @@ use tonic::transport::Server;
 use tonic_health::ServingStatus;
 
 use crate::state::ApiState;
+use crate::tls::Tls;
 
 /// The generated messages, services and clients of `keel.v1` (crate keel-proto).
 pub use keel_proto::v1 as pb;
@@ -27,14 +27,21 @@ pub use keel_proto::v1 as pb;
 /// Most calls one HTTP/2 connection may have in flight.
 const MAX_STREAMS: u32 = 256;
 
+/// How long a client has to complete its TLS handshake.
+pub const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Serves the gRPC API on `listener` until `shutdown` is cancelled, then stops gracefully:
 /// health turns NOT_SERVING first, new calls are refused, calls in flight finish.
 ///
 /// Health answers SERVING for the whole server (`""`) and for `keel.v1.JobService` while
 /// `readiness` says ready, NOT_SERVING otherwise (draining, the database breaker open).
+///
+/// With `tls`, connections are TLS (ALPN `h2`), each handshake bounded by
+/// [`HANDSHAKE_TIMEOUT`].
 pub async fn serve(
     state: ApiState,
     listener: tokio::net::TcpListener,
+    tls: Option<Tls>,
     shutdown: CancellationToken,
 ) -> Result<(), tonic::transport::Error> {
     let (reporter, health) = tonic_health::server::health_reporter();
@@ -97,10 +104,7 @@ pub async fn serve(
         }
     });
 
-    // No Nagle: a stream's small messages (a lease's jobs, an outcome's answer) must not
-    // wait for the peer's delayed ACK, which turns a streaming lease into 40 ms steps.
-    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
-    Server::builder()
+    let router = Server::builder()
         // Bounds until the shared interceptors (admission, deadlines) apply here too: a
         // call gets at most the HTTP request deadline (tonic also honours a shorter
         // `grpc-timeout`), and one connection at most MAX_STREAMS calls at once.
@@ -113,9 +117,23 @@ pub async fn serve(
         .add_optional_service(reflection_v1alpha)
         .add_service(jobs)
         .add_service(schedules)
-        .add_service(workers)
-        .serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned())
-        .await
+        .add_service(workers);
+    let stop = shutdown.cancelled_owned();
+    match tls {
+        // No Nagle: a stream's small messages (a lease's jobs, an outcome's answer) must
+        // not wait for the peer's delayed ACK, which turns a streaming lease into 40 ms
+        // steps. (`tls::incoming` sets it on each connection too.)
+        None => {
+            let incoming =
+                tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+            router.serve_with_incoming_shutdown(incoming, stop).await
+        }
+        Some(tls) => {
+            let acceptor = tls.acceptor(&[b"h2"]);
+            let incoming = crate::tls::incoming(listener, acceptor, HANDSHAKE_TIMEOUT, "grpc");
+            router.serve_with_incoming_shutdown(incoming, stop).await
+        }
+    }
 }
 
 /// Whether the health service says SERVING: not draining, and the database breaker not

@@ -4,6 +4,7 @@
 
 use std::time::Duration;
 
+use keel_api::tls::TlsFiles;
 use keel_api::{ApiConfig, ConnectionLimits, JobCacheConfig, RateLimitConfig};
 use keel_resilience::{AdaptiveLimitConfig, Chaos, ChaosSettings, StoreGuardConfig};
 use keel_runtime::{MaintenanceConfig, RuntimeConfig, WebhookConfig};
@@ -34,6 +35,15 @@ impl Config {
             max_wait: self.admission_max_wait,
             ..AdaptiveLimitConfig::default()
         }
+    }
+
+    /// The TLS certificate and key every listener serves, when both are set (validation
+    /// refuses one without the other).
+    pub fn tls_files(&self) -> Option<TlsFiles> {
+        Some(TlsFiles {
+            cert: self.tls_cert.clone()?,
+            key: self.tls_key.clone()?,
+        })
     }
 
     /// `sqlite` or `postgres`, for logs.

@@ -5,6 +5,7 @@
 
 use std::net::SocketAddr;
 use std::num::NonZeroU32;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use keel_api::admin::AdminToken;
@@ -123,6 +124,12 @@ pub(super) fn addr_or_off(s: &str) -> Result<Option<SocketAddr>, String> {
     } else {
         parse_addr(s).map(Some)
     }
+}
+
+/// A file path; blank for none.
+pub(super) fn optional_path(s: &str) -> Result<Option<PathBuf>, String> {
+    let s = s.trim();
+    Ok((!s.is_empty()).then(|| PathBuf::from(s)))
 }
 
 /// The admin token; empty for none.

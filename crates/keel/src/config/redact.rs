@@ -9,6 +9,7 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::num::NonZeroU32;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use keel_api::admin::AdminToken;
@@ -77,6 +78,7 @@ show_as_serialized!(
     LogFormat,
     WorkerId,
     Option<NonZeroU32>,
+    Option<PathBuf>,
     ChaosSettings,
 );
 

@@ -9,6 +9,7 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::num::NonZeroU32;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use keel_api::admin::AdminToken;
@@ -23,9 +24,9 @@ use super::LogFormat;
 use super::declare::{SettingDoc, settings};
 use super::parse::{
     MAX_ADMISSION_LIMIT, addr_or_off, admin_token, admission_wait, backlog, burst, chaos, count,
-    default_worker_id, host_rate, leader_ttl, lease_wait, log_filter, log_format, parse_addr,
-    parse_api_keys, parse_bool, parse_duration, parse_queues, positive_duration, prefetch,
-    rate_or_off, signing_secret, worker_id,
+    default_worker_id, host_rate, leader_ttl, lease_wait, log_filter, log_format, optional_path,
+    parse_addr, parse_api_keys, parse_bool, parse_duration, parse_queues, positive_duration,
+    prefetch, rate_or_off, signing_secret, worker_id,
 };
 
 settings! {
@@ -44,6 +45,17 @@ settings! {
     /// least 16 characters; required to put the admin listener on a non-loopback address.
     admin_token: Option<AdminToken> = "",
         env "KEEL_ADMIN_TOKEN", value "TOKEN", parse admin_token, secret;
+    /// PEM certificate chain (the server's certificate first) to serve HTTPS and gRPC over
+    /// TLS on every listener; needs tls_key. Unset (default): plaintext.
+    tls_cert: Option<PathBuf> = "",
+        env "KEEL_TLS_CERT", value "PATH", parse optional_path;
+    /// PEM private key of tls_cert's first certificate (PKCS#8, PKCS#1 or SEC1).
+    tls_key: Option<PathBuf> = "",
+        env "KEEL_TLS_KEY", value "PATH", parse optional_path;
+    /// How often the TLS files are checked for changes; a changed pair is served from the
+    /// next handshake on (a rotated certificate needs no restart).
+    tls_reload_interval: Duration = "30s",
+        env "KEEL_TLS_RELOAD_INTERVAL", value "DURATION", parse positive_duration;
     /// Where jobs are stored: sqlite://PATH or postgres://USER@HOST:PORT/DB.
     database_url: DatabaseUrl = "sqlite://keel.db",
         env "KEEL_DATABASE_URL", value "URL", parse DatabaseUrl::parse, secret;

@@ -5,6 +5,7 @@
 //! the admission bounds left unset, and the default rate's burst.
 
 use keel_api::Rate;
+use keel_api::tls::{Tls, TlsFiles};
 
 use super::settings::Parsed;
 use super::sources::{Problems, Texts};
@@ -14,6 +15,7 @@ pub(super) fn check(p: &mut Parsed, texts: &Texts, problems: &mut Problems) {
     nested_limits(p, problems);
     api_exposure(p, problems);
     admin_exposure(p, problems);
+    tls_identity(p, problems);
     admission_bounds(p, texts, problems);
     default_rate_burst(p, texts, problems);
 }
@@ -108,6 +110,43 @@ fn admin_exposure(p: &Parsed, problems: &mut Problems) {
                 "refusing to put the admin listener on non-loopback {admin} without a token: it serves profiles, task dumps, configuration and the chaos switches; set KEEL_ADMIN_TOKEN (every admin request must then send Authorization: Bearer <token>), or keep it on 127.0.0.1 or ::1"
             ),
         );
+    }
+}
+
+/// The TLS certificate and key come as a pair, and the pair must be servable: both files
+/// readable PEM, the key one rustls signs with and belonging to the first certificate.
+/// Checked here so a bad pair fails `keel serve` at once, named under the setting to fix.
+fn tls_identity(p: &Parsed, problems: &mut Problems) {
+    let (Some(cert), Some(key)) = (&p.tls_cert, &p.tls_key) else {
+        return;
+    };
+    match (cert, key) {
+        (None, None) => {}
+        (Some(_), None) => problem(
+            problems,
+            "tls_key",
+            "is required with tls_cert: set KEEL_TLS_KEY to the certificate's private key"
+                .to_owned(),
+        ),
+        (None, Some(_)) => problem(
+            problems,
+            "tls_cert",
+            "is required with tls_key: set KEEL_TLS_CERT to the certificate chain".to_owned(),
+        ),
+        (Some(cert), Some(key)) => {
+            let files = TlsFiles {
+                cert: cert.clone(),
+                key: key.clone(),
+            };
+            if let Err(e) = Tls::load(files) {
+                let field = if e.path() == key.as_path() {
+                    "tls_key"
+                } else {
+                    "tls_cert"
+                };
+                problem(problems, field, e.to_string());
+            }
+        }
     }
 }
 

@@ -44,4 +44,5 @@ mod prefetch;
 mod resilience_api;
 mod scale_out;
 mod shutdown;
+mod tls;
 mod workers;
