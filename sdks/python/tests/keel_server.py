@@ -3,8 +3,8 @@
 The server is the real binary (no fake, no mock): found through ``KEEL_BIN``, else
 ``$CARGO_TARGET_DIR/debug/keel``, else ``~/.cache/keel-target/debug/keel``. It binds
 ephemeral ports for its HTTP and gRPC APIs, and the test reads both addresses from its
-``"keel is serving"`` JSON log line (``addr`` and ``grpc_addr``), as the Rust tests do
-(crates/keel/tests/it/child.rs).
+``"keel is serving"`` JSON log line (``addr`` and ``grpc_addr``, and ``tls`` for the URL's
+scheme), as the Rust tests do (crates/keel/tests/it/child.rs).
 """
 
 from __future__ import annotations
@@ -66,7 +66,8 @@ def serving_addr(line: str) -> Optional[str]:
 
 def serving_fields(line: str) -> Optional[Dict[str, str]]:
     """The string fields of a "keel is serving" JSON log line (``addr``, ``grpc_addr``,
-    which is ``off`` when the gRPC API is), else None."""
+    which is ``off`` when the gRPC API is), and its booleans as ``"true"``/``"false"``
+    (``tls``), else None."""
     try:
         v = json.loads(line)
     except ValueError:
@@ -78,11 +79,17 @@ def serving_fields(line: str) -> Optional[Dict[str, str]]:
     merged = {**fields, **v}
     if merged.get("message") != "keel is serving":
         return None
-    return {k: value for k, value in merged.items() if isinstance(value, str)}
+    out = {k: value for k, value in merged.items() if isinstance(value, str)}
+    out.update({k: str(value).lower() for k, value in merged.items() if isinstance(value, bool)})
+    return out
 
 
 class KeelServer:
-    """A running `keel serve`; :meth:`stop` SIGTERMs it and returns its exit code."""
+    """A running `keel serve`; :meth:`stop` SIGTERMs it and returns its exit code.
+
+    ``env`` adds to (or overrides) the test settings below. With ``KEEL_TLS_CERT`` and
+    ``KEEL_TLS_KEY`` in it the server serves TLS, and :attr:`url` is ``https://``.
+    """
 
     def __init__(self, binary: Path, database_url: str, env: Optional[Mapping[str, str]] = None):
         child_env: Dict[str, str] = {
@@ -125,7 +132,11 @@ class KeelServer:
                 f"keel serve did not announce its address within {STARTUP_SECONDS:g}s "
                 f"(exit code {self._proc.returncode}); its output:\n{self.output()}"
             )
-        self.url: str = f"http://{self._served['addr']}"
+        #: Whether every listener serves TLS (``KEEL_TLS_CERT`` and ``KEEL_TLS_KEY`` in
+        #: ``env``), as the serving line says.
+        self.tls: bool = self._served.get("tls") == "true"
+        scheme = "https" if self.tls else "http"
+        self.url: str = f"{scheme}://{self._served['addr']}"
         grpc_addr = self._served.get("grpc_addr", "off")
         #: The gRPC API's ``host:port`` (a client's ``grpc_target``); None when it is off.
         self.grpc_target: Optional[str] = None if grpc_addr == "off" else grpc_addr

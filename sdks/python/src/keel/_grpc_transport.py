@@ -167,7 +167,9 @@ class GrpcTransport:
 
     The channel is encrypted when the client's URL is ``https://`` (the HTTP API is then
     behind TLS, and the API key must not travel in the clear to the gRPC one), plaintext
-    otherwise. A channel is thread-safe, like the HTTP pool beside it.
+    otherwise. It trusts grpcio's default roots, or, when the client has a ``ca_cert``,
+    only that file's certificates: grpcio takes one set of root certificates and cannot add
+    some to its defaults. A channel is thread-safe, like the HTTP pool beside it.
     """
 
     def __init__(self, target: str, config: ClientConfig) -> None:
@@ -180,8 +182,9 @@ class GrpcTransport:
             # As over HTTP, an answer is not capped: a batch of 1000 jobs echoes their args.
             ("grpc.max_receive_message_length", -1),
         ]
-        if config.url.startswith("https://"):
-            credentials = grpc.ssl_channel_credentials()
+        if config.tls:
+            roots = config.ca_pem.encode("latin-1") if config.ca_pem is not None else None
+            credentials = grpc.ssl_channel_credentials(root_certificates=roots)
             self._channel = grpc.secure_channel(target, credentials, options=options)
         else:
             self._channel = grpc.insecure_channel(target, options=options)

@@ -12,7 +12,7 @@ import httpx
 
 from . import _protocol as p
 from ._backoff import poll_delays
-from ._config import ClientConfig
+from ._config import CaCertPath, ClientConfig
 from ._protocol import Completion, Failure, JobSpec, Seconds
 from .errors import TransportError, WaitTimeout
 from .models import (
@@ -33,13 +33,20 @@ __all__ = ["AsyncClient"]
 class AsyncClient:
     """A non-blocking client for one Keel server, on ``httpx.AsyncClient``.
 
-    Same arguments, methods and errors as :class:`keel.Client`; every method is a
-    coroutine. Use it from one event loop, and ``await client.close()`` (or
-    ``async with``) when done.
+    Same arguments (``ca_cert`` included), methods and errors as :class:`keel.Client`, but
+    no ``grpc_target``: every call goes over HTTP. Every method is a coroutine. Use it from
+    one event loop, and ``await client.close()`` (or ``async with``) when done.
     """
 
-    def __init__(self, url: str, api_key: Optional[str] = None, timeout: float = 30.0) -> None:
-        self._config = ClientConfig.make(url, api_key, timeout)
+    def __init__(
+        self,
+        url: str,
+        api_key: Optional[str] = None,
+        timeout: float = 30.0,
+        *,
+        ca_cert: Optional[CaCertPath] = None,
+    ) -> None:
+        self._config = ClientConfig.make(url, api_key, timeout, ca_cert)
         self._http = self._transport(self._config, None)
 
     @classmethod
@@ -59,7 +66,11 @@ class AsyncClient:
                 max_connections=max_connections, max_keepalive_connections=max_connections
             )
         return httpx.AsyncClient(
-            base_url=config.url, headers=config.headers(), timeout=config.timeout, limits=limits
+            base_url=config.url,
+            headers=config.headers(),
+            timeout=config.timeout,
+            limits=limits,
+            verify=config.verify(),
         )
 
     @property

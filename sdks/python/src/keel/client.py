@@ -11,7 +11,7 @@ import httpx
 
 from . import _protocol as p
 from ._backoff import poll_delays
-from ._config import ClientConfig
+from ._config import CaCertPath, ClientConfig
 from ._grpc_transport import GrpcTransport
 from ._protocol import Completion, Failure, JobSpec, Seconds
 from .errors import TransportError, WaitTimeout
@@ -39,12 +39,20 @@ class Client:
     client, and :meth:`close` it (or use it as a context manager) when done. It is safe to
     share between threads.
 
+    ``ca_cert`` is the path of a PEM file of CA certificates to trust for an ``https://``
+    ``url``, on top of the default roots (httpx's: certifi's, or ``SSL_CERT_FILE``): for a
+    server whose certificate (``KEEL_TLS_CERT``) a private CA signed. The file is read
+    once, here; one that cannot be read or holds no valid PEM certificate raises
+    :class:`ValueError` naming it. It has no effect on an ``http://`` URL.
+
     ``grpc_target`` (``"127.0.0.1:50051"``, the server's ``KEEL_GRPC_ADDR``) sends
     :meth:`enqueue` and :meth:`enqueue_many` over gRPC instead, which takes several times
     more enqueues per second from many threads; every other call stays on HTTP. Arguments,
     answers and errors are the same over both. It needs ``pip install 'keel-sdk[grpc]'``
     (:class:`keel.MissingDependency` otherwise); the channel uses TLS when ``url`` is
-    ``https://``, and carries ``api_key`` as HTTP does.
+    ``https://``, and carries ``api_key`` as HTTP does. With a ``ca_cert``, the gRPC
+    channel trusts *only* its certificates (grpcio takes one set of roots, not roots on
+    top of its defaults), which is enough for Keel's own certificate.
 
     Every method raises :class:`keel.KeelError` for an error answer (with ``status``,
     ``type``, ``detail`` and, for a ``422``, the field ``errors``) and
@@ -58,8 +66,9 @@ class Client:
         timeout: float = 30.0,
         *,
         grpc_target: Optional[str] = None,
+        ca_cert: Optional[CaCertPath] = None,
     ) -> None:
-        self._config = ClientConfig.make(url, api_key, timeout)
+        self._config = ClientConfig.make(url, api_key, timeout, ca_cert)
         # Made first: a missing grpcio must fail here, before a pool is opened for nothing.
         self._grpc: Optional[GrpcTransport] = None
         if grpc_target is not None:
@@ -68,6 +77,7 @@ class Client:
             base_url=self._config.url,
             headers=self._config.headers(),
             timeout=self._config.timeout,
+            verify=self._config.verify(),
         )
 
     @property

@@ -54,7 +54,7 @@ from typing import (
 )
 
 from . import _protocol as p
-from ._config import ClientConfig
+from ._config import CaCertPath, ClientConfig
 from ._pace import DEFAULT_PREFETCH, MAX_PREFETCH
 from ._runtime import Handler, Registered, Run, Settings
 from .aio import AsyncClient
@@ -79,7 +79,10 @@ class Worker:
     """Runs handlers for the jobs of one or more queues.
 
     ``client`` is a :class:`keel.Client`, a :class:`keel.AsyncClient` or the server's URL;
-    the worker opens its own connections with the same URL, key and timeout. ``queues`` must
+    the worker opens its own connections with the same URL, key, timeout and ``ca_cert``.
+    ``ca_cert`` is for a URL (the path of a PEM file of CA certificates to trust for an
+    ``https://`` URL, as :class:`keel.Client` takes it); a client's own is used otherwise,
+    and giving one with a client is a :class:`ValueError`. ``queues`` must
     be queues the server does not serve itself (not in its ``KEEL_QUEUES``).
     ``concurrency`` is how many jobs run at once, ``lease`` how long each lease lasts between
     heartbeats (5 s to 1 h), ``grace`` how long running jobs get to finish on stop, and
@@ -118,11 +121,17 @@ class Worker:
         *,
         poll_wait: float = 10.0,
         prefetch: int = DEFAULT_PREFETCH,
+        ca_cert: Optional[CaCertPath] = None,
     ) -> None:
         if isinstance(client, (Client, AsyncClient)):
+            if ca_cert is not None:
+                raise ValueError(
+                    "ca_cert goes with a URL; a worker made from a client uses the "
+                    "client's own ca_cert (give it to keel.Client)"
+                )
             self._config = client.config
         elif isinstance(client, str):
-            self._config = ClientConfig.make(client, None, 30.0)
+            self._config = ClientConfig.make(client, None, 30.0, ca_cert)
         else:
             raise TypeError("client must be a keel.Client, a keel.AsyncClient or a URL")
         if isinstance(queues, str):
