@@ -434,6 +434,13 @@ impl ApiError {
                 cause: Some(Box::new(e)),
             },
             StoreError::Permanent { .. } => ApiError::internal(e),
+            // The operator's to fix, and nothing a client sent: unavailable, with the
+            // details kept for the log and /readyz (they name Keel's settings).
+            StoreError::Misconfigured { .. } => ApiError::Unavailable {
+                detail: "the server cannot use its database as configured; retry later".to_owned(),
+                retry_after_secs: 5,
+                cause: Some(Box::new(e)),
+            },
             StoreError::Unavailable {
                 reason,
                 retry_after,

@@ -4,7 +4,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use keel_core::Store;
-use keel_resilience::{Chaos, CircuitBreaker};
+use keel_resilience::{Chaos, CircuitBreaker, Misconfiguration};
 use keel_runtime::{Completer, RuntimeHandle};
 use metrics_exporter_prometheus::PrometheusHandle;
 
@@ -82,6 +82,8 @@ pub struct ApiShared {
     /// The breaker guarding the database, when the store is guarded by one: `/readyz`
     /// reports the database down while it is open (requests are refused then anyway).
     pub database_breaker: Option<CircuitBreaker>,
+    /// The store guard's last configuration error: `/readyz` reports it.
+    pub database_misconfiguration: Option<Misconfiguration>,
     /// External workers heard from (`GET /v1/workers`, `keel_workers_connected`).
     pub workers: WorkerRegistry,
     /// Writes external workers' completions in batches; started on first use, so it
@@ -111,6 +113,7 @@ impl ApiState {
             readiness,
             chaos: Chaos::default(),
             database_breaker: None,
+            database_misconfiguration: None,
             workers: WorkerRegistry::new(),
             completer: OnceLock::new(),
         }))
@@ -170,6 +173,15 @@ impl ApiState {
     /// If the state was already cloned, as [`ApiState::with_chaos`].
     pub fn with_database_breaker(mut self, breaker: CircuitBreaker) -> Self {
         self.shared_mut().database_breaker = Some(breaker);
+        self
+    }
+
+    /// Reports the configuration errors the store guard meets in `/readyz`.
+    ///
+    /// # Panics
+    /// If the state was already cloned, as [`ApiState::with_chaos`].
+    pub fn with_database_misconfiguration(mut self, misconfiguration: Misconfiguration) -> Self {
+        self.shared_mut().database_misconfiguration = Some(misconfiguration);
         self
     }
 }

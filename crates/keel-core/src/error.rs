@@ -129,6 +129,20 @@ pub enum StoreError {
         source: BoxError,
     },
 
+    /// Keel and the database, or what sits in front of it, disagree about how to talk: a
+    /// named prepared statement a transaction pooler lost, a startup parameter it refuses.
+    /// A configuration error, not an outage: retrying cannot fix it and the database is
+    /// not failing, so it never trips the breaker. The message names the setting to change;
+    /// it is logged and shown on `/readyz`.
+    #[error("misconfigured while {context}")]
+    Misconfigured {
+        /// What was being attempted.
+        context: String,
+        /// The database's words, and what to change.
+        #[source]
+        source: BoxError,
+    },
+
     /// The call was refused without reaching the database, to protect it or the caller:
     /// the circuit breaker is open, or too many calls are already in flight. Nothing was
     /// done; try again after `retry_after`.
@@ -163,6 +177,14 @@ impl StoreError {
         }
     }
 
+    /// Shorthand for a [`StoreError::Misconfigured`].
+    pub fn misconfigured(context: impl Into<String>, source: impl Into<BoxError>) -> Self {
+        StoreError::Misconfigured {
+            context: context.into(),
+            source: source.into(),
+        }
+    }
+
     /// Shorthand for a [`StoreError::Permanent`].
     pub fn permanent(context: impl Into<String>, source: impl Into<BoxError>) -> Self {
         StoreError::Permanent {
@@ -184,6 +206,7 @@ impl StoreError {
             StoreError::Rejected { .. } => "rejected",
             StoreError::Transient { .. } => "transient",
             StoreError::Permanent { .. } => "permanent",
+            StoreError::Misconfigured { .. } => "misconfigured",
             StoreError::Unavailable { .. } => "unavailable",
         }
     }

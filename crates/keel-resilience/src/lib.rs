@@ -25,5 +25,5 @@ pub use breaker::{BreakerConfig, BreakerOpen, BreakerPermit, BreakerState, Circu
 pub use chaos::{Chaos, ChaosSettings, Dependency, Fault};
 pub use limit::{AdaptiveLimit, AdaptiveLimitConfig, AdmissionPermit};
 pub use scope::{RequestScope, Step};
-pub use store::{GuardedStore, StoreGuard, StoreGuardConfig};
+pub use store::{GuardedStore, Misconfiguration, StoreGuard, StoreGuardConfig};
 pub use telemetry::describe_metrics;

@@ -15,7 +15,9 @@
 //!    the database cannot be reached at all, is what the breaker is for, and what cutting
 //!    the connection to it shows);
 //! 5. calls the store and reports transient and permanent failures to the breaker (a `not
-//!    found` or a conflict is the database working);
+//!    found` or a conflict is the database working; a configuration error, such as named
+//!    statements sent through a transaction pooler, is neither, and is kept for `/readyz`
+//!    instead, see [`Misconfiguration`]);
 //! 6. for reads, retries a transient failure with capped exponential backoff and full
 //!    jitter while the deadline leaves room. Writes are not retried here: a write that
 //!    failed in flight may have committed, so its owner decides (the completer and the
@@ -77,6 +79,61 @@ pub struct StoreGuard {
     bulkhead: Semaphore,
     breaker: CircuitBreaker,
     chaos: Chaos,
+    misconfigured: Misconfiguration,
+}
+
+/// How long a configuration error keeps `/readyz` failing after it was last met, and how
+/// often it is logged while it keeps happening.
+const MISCONFIGURATION_MEMORY: Duration = Duration::from_secs(30);
+
+/// The last configuration error a store call met ([`StoreError::Misconfigured`]: a pooler
+/// and Keel's settings disagree), for `/readyz`. Such an error is not the database failing,
+/// so the breaker does not count it; without this, requests would fail with nothing but
+/// the log saying why. Cheap to clone: clones share the slot.
+#[derive(Debug, Clone, Default)]
+pub struct Misconfiguration(std::sync::Arc<std::sync::Mutex<Option<(Instant, String)>>>);
+
+impl Misconfiguration {
+    /// Remembers `e` and logs it, at most once per [`MISCONFIGURATION_MEMORY`].
+    fn record(&self, e: &StoreError) {
+        let now = Instant::now();
+        let mut last = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let logged_lately = last
+            .as_ref()
+            .is_some_and(|(at, _)| now.duration_since(*at) < MISCONFIGURATION_MEMORY);
+        let message = error_chain(e);
+        if !logged_lately {
+            tracing::error!(error = %message, "the database connection is misconfigured");
+        }
+        metrics::counter!("keel_store_misconfigured_total").increment(1);
+        *last = Some((now, message));
+    }
+
+    /// The configuration error met in the last [`MISCONFIGURATION_MEMORY`], if any.
+    pub fn recent(&self) -> Option<String> {
+        let last = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        last.as_ref()
+            .filter(|(at, _)| at.elapsed() < MISCONFIGURATION_MEMORY)
+            .map(|(_, message)| message.clone())
+    }
+}
+
+/// `e` and its sources, `: `-joined: a configuration error's remedy is in its source.
+fn error_chain(e: &StoreError) -> String {
+    let mut text = e.to_string();
+    let mut cause = std::error::Error::source(e);
+    while let Some(c) = cause {
+        text.push_str(": ");
+        text.push_str(&c.to_string());
+        cause = c.source();
+    }
+    text
 }
 
 impl std::fmt::Debug for StoreGuard {
@@ -116,12 +173,18 @@ impl StoreGuard {
             bulkhead: Semaphore::new(config.max_in_flight),
             breaker: CircuitBreaker::reported(config.breaker, "database"),
             chaos,
+            misconfigured: Misconfiguration::default(),
         }
     }
 
     /// The database breaker (readiness reports it).
     pub fn breaker(&self) -> &CircuitBreaker {
         &self.breaker
+    }
+
+    /// The last configuration error met (readiness reports it).
+    pub fn misconfiguration(&self) -> &Misconfiguration {
+        &self.misconfigured
     }
 
     /// Store calls in flight now.
@@ -168,6 +231,11 @@ impl StoreGuard {
         let outcome = op.await;
         match &outcome {
             Err(e) if is_dependency_failure(e) => permit.failure(),
+            Err(e @ StoreError::Misconfigured { .. }) => {
+                // Neither a success nor the database failing: no verdict.
+                drop(permit);
+                self.misconfigured.record(e);
+            }
             _ => permit.success(),
         }
         outcome

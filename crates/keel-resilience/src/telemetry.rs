@@ -19,6 +19,11 @@ pub fn describe_metrics() {
         "Most store calls allowed in flight at once (the store bulkhead)."
     );
     describe_counter!(
+        "keel_store_misconfigured_total",
+        "Store calls that failed on a configuration error (a pooler and Keel's settings \
+         disagreeing); /readyz names it."
+    );
+    describe_counter!(
         "keel_store_retries_total",
         "Store reads retried after a transient error, within the caller's deadline."
     );

@@ -27,7 +27,7 @@ use std::sync::Arc;
 use keel_core::{Clock, Store, StoreError};
 
 pub use migrate::MigrationReport;
-pub use postgres::{PgOptions, PgStore};
+pub use postgres::{PgOptions, PgStore, Pooler};
 pub use sqlite::{SqliteOptions, SqliteStore};
 
 /// Where the jobs live, parsed from `KEEL_DATABASE_URL`.

@@ -104,6 +104,12 @@ pub struct ReadyChecks {
     /// has no breaker.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub database_breaker: Option<CheckOut>,
+    /// Whether store calls met a configuration error lately (a pooler and Keel's settings
+    /// disagreeing: named statements through a transaction pooler, say): `error`, with
+    /// the database's words and the setting to change, for 30 s after the last one.
+    /// Absent when the store has no guard.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub database_config: Option<CheckOut>,
 }
 
 /// `GET /readyz`.

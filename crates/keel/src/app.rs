@@ -15,7 +15,7 @@ use keel_api::{ApiState, Backlog, Readiness};
 use keel_core::store::{Layered, QueueStats, StateCounts};
 use keel_core::{JobKind, JobState, QueueStore, Store, SystemClock};
 use keel_diag::gauges::ProcessGauges;
-use keel_resilience::{Chaos, ChaosSettings, CircuitBreaker, StoreGuard};
+use keel_resilience::{Chaos, ChaosSettings, CircuitBreaker, Misconfiguration, StoreGuard};
 use keel_runtime::{Catalog, Handler, Handlers, Runtime, RuntimeHandle};
 use keel_store::{PgOptions, SqliteOptions};
 use metrics_exporter_prometheus::PrometheusHandle;
@@ -39,6 +39,8 @@ pub struct App {
     store: Arc<dyn Store>,
     /// The guard's database breaker, for `/readyz`.
     database_breaker: CircuitBreaker,
+    /// The guard's last configuration error, for `/readyz`.
+    misconfiguration: Misconfiguration,
     /// Fault injection, shared by the auth layer, the store guard and `/debug/chaos`.
     chaos: Chaos,
     handle: RuntimeHandle,
@@ -86,6 +88,7 @@ impl App {
         warn_if_chaos(&chaos.settings());
         let guarded = Layered::new(store, StoreGuard::new(config.store_guard(), chaos.clone()));
         let database_breaker = guarded.breaker().clone();
+        let misconfiguration = guarded.misconfiguration().clone();
         let store: Arc<dyn Store> = Arc::new(guarded);
         // Checked when the config was resolved; read again here, as the files may have
         // changed since.
@@ -110,6 +113,7 @@ impl App {
             config,
             store,
             database_breaker,
+            misconfiguration,
             chaos,
             handle,
             handlers,
@@ -173,6 +177,7 @@ impl App {
             config,
             store,
             database_breaker,
+            misconfiguration,
             chaos,
             handle,
             handlers,
@@ -216,7 +221,8 @@ impl App {
             readiness.clone(),
         )
         .with_chaos(chaos.clone())
-        .with_database_breaker(database_breaker);
+        .with_database_breaker(database_breaker)
+        .with_database_misconfiguration(misconfiguration);
         let protection = Protection {
             admission: api_state.admission.clone(),
             rate_limits: api_state.rate_limits.clone(),

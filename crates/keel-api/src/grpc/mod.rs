@@ -136,8 +136,8 @@ pub async fn serve(
     }
 }
 
-/// Whether the health service says SERVING: not draining, and the database breaker not
-/// open (what `/readyz` checks, less its database ping: the breaker already reflects the
+/// Whether the health service says SERVING: not draining, the database breaker not open,
+/// and no configuration error met lately (what `/readyz` checks, less its database ping: the breaker already reflects the
 /// database's failures, and this is evaluated four times a second).
 fn ready(state: &ApiState) -> bool {
     !state.readiness.is_draining()
@@ -145,6 +145,10 @@ fn ready(state: &ApiState) -> bool {
             .database_breaker
             .as_ref()
             .is_none_or(|b| b.state() != keel_resilience::BreakerState::Open)
+        && state
+            .database_misconfiguration
+            .as_ref()
+            .is_none_or(|m| m.recent().is_none())
 }
 
 /// The wire-compatibility rules the committed descriptor set is held to: what a client built

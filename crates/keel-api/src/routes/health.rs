@@ -87,15 +87,32 @@ pub(crate) async fn get_ready(State(state): State<ApiState>, deadline: Deadline)
         }
     };
     let database_breaker = state.database_breaker.as_ref().map(breaker_check);
+    let database_config = state
+        .database_misconfiguration
+        .as_ref()
+        .map(|m| match m.recent() {
+            None => CheckOut {
+                status: "ok".into(),
+                latency_ms: None,
+                error: None,
+            },
+            Some(why) => CheckOut {
+                status: "error".into(),
+                latency_ms: None,
+                error: Some(why),
+            },
+        });
     let draining = state.readiness.is_draining();
     let ready = database.status == "ok"
         && database_breaker.as_ref().is_none_or(|c| c.status == "ok")
+        && database_config.as_ref().is_none_or(|c| c.status == "ok")
         && !draining;
     let body = ReadyOut {
         status: if ready { "ready" } else { "unavailable" }.into(),
         checks: ReadyChecks {
             database,
             database_breaker,
+            database_config,
         },
         draining,
     };

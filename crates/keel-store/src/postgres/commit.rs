@@ -39,12 +39,13 @@ use std::fmt;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use deadpool_postgres::{GenericClient, Pool};
+use deadpool_postgres::Pool;
 use keel_core::{Job, JobId, StoreError};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 use uuid::Uuid;
 
 use super::rows::{INSERT_SQL, INSERT_UNIQUE_SQL, JobColumns, UNIQUE_HOLDERS_SQL};
+use super::statements::{Conn, Statements};
 use super::task::Background;
 use super::{error, rows};
 
@@ -100,6 +101,7 @@ impl fmt::Debug for Committer {
 /// What the committing tasks share.
 struct Shared {
     pool: Pool,
+    sql: Statements,
     /// The store's notification channel (`$15` of [`INSERT_SQL`]).
     channel: String,
     stats: Arc<Stats>,
@@ -107,11 +109,12 @@ struct Shared {
 
 impl Committer {
     /// Starts the committer task, writing through `pool` and notifying `channel`.
-    pub(super) fn spawn(pool: Pool, channel: String, settings: Settings) -> Self {
+    pub(super) fn spawn(pool: Pool, sql: Statements, channel: String, settings: Settings) -> Self {
         let (tx, rx) = mpsc::channel(settings.queue.max(1));
         let stats = Arc::new(Stats::default());
         let shared = Arc::new(Shared {
             pool,
+            sql,
             channel,
             stats: Arc::clone(&stats),
         });
@@ -341,10 +344,10 @@ async fn write(shared: &Shared, jobs: &[&Job], callers: usize) -> Result<Holders
     };
     let mut conn = shared.pool.get().await.map_err(|e| error::pool(e, ctx()))?;
     if !jobs.iter().any(|j| j.unique.is_some()) {
-        return insert_jobs(&conn, jobs, &shared.channel, &ctx).await;
+        return insert_jobs(&shared.sql, &conn, jobs, &shared.channel, &ctx).await;
     }
     let tx = conn.transaction().await.map_err(|e| error::db(e, ctx()))?;
-    let holders = insert_jobs(&tx, jobs, &shared.channel, &ctx).await?;
+    let holders = insert_jobs(&shared.sql, &tx, jobs, &shared.channel, &ctx).await?;
     tx.commit().await.map_err(|e| error::db(e, ctx()))?;
     Ok(holders)
 }
@@ -373,7 +376,8 @@ pub(super) fn substitute(jobs: Vec<Job>, holders: &Holders) -> Vec<Job> {
 /// and so released, finished, deleted); the jobs it held are then inserted again, a bounded
 /// number of times, so concurrent inserts of one key from any number of replicas end with
 /// one job and every caller holding it.
-pub(super) async fn insert_jobs<C: GenericClient + Sync>(
+pub(super) async fn insert_jobs<C: Conn>(
+    sql: &Statements,
     client: &C,
     jobs: &[&Job],
     channel: &str,
@@ -383,31 +387,18 @@ pub(super) async fn insert_jobs<C: GenericClient + Sync>(
     // means the key is being taken and released continuously.
     const ROUNDS: usize = 5;
     if !jobs.iter().any(|j| j.unique.is_some()) {
-        let stmt = client
-            .prepare_cached(INSERT_SQL)
-            .await
-            .map_err(|e| error::db(e, ctx()))?;
         let columns = JobColumns::of(jobs.iter().copied(), jobs.len(), channel);
-        client
-            .execute(&stmt, &columns.params())
+        sql.execute(client, INSERT_SQL, &columns.params())
             .await
             .map_err(|e| error::db(e, ctx()))?;
         return Ok(Holders::new());
     }
-    let insert = client
-        .prepare_cached(&INSERT_UNIQUE_SQL)
-        .await
-        .map_err(|e| error::db(e, ctx()))?;
-    let read = client
-        .prepare_cached(&UNIQUE_HOLDERS_SQL)
-        .await
-        .map_err(|e| error::db(e, ctx()))?;
     let mut holders = Holders::new();
     let mut pending: Vec<&Job> = jobs.to_vec();
     for _ in 0..ROUNDS {
         let columns = JobColumns::of(pending.iter().copied(), pending.len(), channel);
-        let inserted = client
-            .query(&insert, &columns.unique_params())
+        let inserted = sql
+            .query(client, &INSERT_UNIQUE_SQL, &columns.unique_params())
             .await
             .map_err(|e| error::db(e, ctx()))?
             .iter()
@@ -435,8 +426,8 @@ pub(super) async fn insert_jobs<C: GenericClient + Sync>(
             })
             .unzip();
         let mut found: HashMap<(String, String), Job> = HashMap::new();
-        for row in client
-            .query(&read, &[&tenants, &keys])
+        for row in sql
+            .query(client, &UNIQUE_HOLDERS_SQL, &[&tenants, &keys])
             .await
             .map_err(|e| error::db(e, ctx()))?
         {

@@ -26,8 +26,16 @@ const TRANSIENT: [&SqlState; 7] = [
     &SqlState::LOCK_NOT_AVAILABLE,
 ];
 
+/// What to change when a pooler and Keel's statements disagree.
+const POOLER_HINT: &str = "Keel is using named prepared statements through a pooler in \
+    transaction mode (PgBouncer's pool_mode = transaction), which runs each transaction on \
+    whichever server connection is free: set KEEL_DATABASE_POOLER=transaction";
+
 /// Maps a driver error raised while doing `context`.
 pub(super) fn db(e: tokio_postgres::Error, context: String) -> StoreError {
+    if let Some(why) = misconfiguration(&e) {
+        return StoreError::misconfigured(context, why);
+    }
     if let Some(code) = e.code() {
         if *code == SqlState::UNIQUE_VIOLATION {
             let detail = e
@@ -70,6 +78,34 @@ pub(super) fn pool(e: PoolError, context: String) -> StoreError {
             StoreError::permanent(context, e)
         }
     }
+}
+
+/// A protocol mismatch between Keel's settings and what answers on the database URL, in
+/// words an operator can act on; `None` for every other error.
+///
+/// - `26000` (`prepared statement "s16" does not exist`) and `42P05` (`… already exists`):
+///   named statements through a transaction pooler, which lost this connection's statement
+///   or gave it another client's;
+/// - `08P01` with PgBouncer's `unsupported startup parameter`: startup `options` (the
+///   statement timeout) sent to PgBouncer. Other `08P01`s (PgBouncer's own timeouts, a
+///   server it lost) stay transient.
+fn misconfiguration(e: &tokio_postgres::Error) -> Option<String> {
+    let db = e.as_db_error()?;
+    let code = db.code();
+    if *code == SqlState::INVALID_SQL_STATEMENT_NAME || *code == SqlState::DUPLICATE_PSTATEMENT {
+        return Some(format!("{}: {POOLER_HINT}", db.message()));
+    }
+    if *code == SqlState::PROTOCOL_VIOLATION
+        && db.message().contains("unsupported startup parameter")
+    {
+        return Some(format!(
+            "{}: the pooler refuses startup parameters; set KEEL_DATABASE_POOLER=transaction \
+             (which sends none) and put the statement timeout on the role \
+             (ALTER ROLE … SET statement_timeout = …)",
+            db.message()
+        ));
+    }
+    None
 }
 
 /// SQLSTATE classes that mean "the data is wrong", not "the database is": 22 (data

@@ -37,14 +37,11 @@ impl PgStore {
         let expires_at = now + to_delta(ttl);
         let key_params: [&(dyn ToSql + Sync); 3] = [&tenant.as_str(), &key.as_str(), &now];
         let mut conn = self.conn(&ctx).await?;
-        let read = conn
-            .prepare_cached(IDEMPOTENCY_READ_SQL)
-            .await
-            .map_err(|e| error::db(e, ctx()))?;
         // Fast path: a replay (the common reason a key comes back) needs no transaction, and
         // never builds a response it would throw away.
-        if let Some(row) = conn
-            .query_opt(&read, &key_params)
+        if let Some(row) = self
+            .sql
+            .query_opt(&conn, IDEMPOTENCY_READ_SQL, &key_params)
             .await
             .map_err(|e| error::db(e, ctx()))?
         {
@@ -67,20 +64,15 @@ impl PgStore {
         };
         for _ in 0..ATTEMPTS {
             let tx = conn.transaction().await.map_err(|e| error::db(e, ctx()))?;
-            let expire = tx
-                .prepare_cached(IDEMPOTENCY_EXPIRE_SQL)
+            self.sql
+                .execute(&tx, IDEMPOTENCY_EXPIRE_SQL, &key_params)
                 .await
                 .map_err(|e| error::db(e, ctx()))?;
-            tx.execute(&expire, &key_params)
-                .await
-                .map_err(|e| error::db(e, ctx()))?;
-            let claim = tx
-                .prepare_cached(IDEMPOTENCY_CLAIM_SQL)
-                .await
-                .map_err(|e| error::db(e, ctx()))?;
-            let claimed = tx
+            let claimed = self
+                .sql
                 .query_opt(
-                    &claim,
+                    &tx,
+                    IDEMPOTENCY_CLAIM_SQL,
                     &[
                         &tenant.as_str(),
                         &key.as_str(),
@@ -100,7 +92,8 @@ impl PgStore {
                     // A duplicate job id fails here as a Conflict; dropping `tx` rolls the
                     // key back with the jobs.
                     let refs: Vec<&Job> = jobs.iter().collect();
-                    holders = commit::insert_jobs(&tx, &refs, &self.channel, &ctx).await?;
+                    holders =
+                        commit::insert_jobs(&self.sql, &tx, &refs, &self.channel, &ctx).await?;
                 }
                 let jobs = commit::substitute(jobs, &holders);
                 let response = match response {
@@ -108,16 +101,14 @@ impl PgStore {
                     Response::AfterInsert(respond) => {
                         let response = respond(&jobs);
                         let status = status_of(&response, &ctx)?;
-                        let update = tx
-                            .prepare_cached(IDEMPOTENCY_RESPOND_SQL)
+                        self.sql
+                            .execute(
+                                &tx,
+                                IDEMPOTENCY_RESPOND_SQL,
+                                &[&tenant.as_str(), &key.as_str(), &status, &response.body],
+                            )
                             .await
                             .map_err(|e| error::db(e, ctx()))?;
-                        tx.execute(
-                            &update,
-                            &[&tenant.as_str(), &key.as_str(), &status, &response.body],
-                        )
-                        .await
-                        .map_err(|e| error::db(e, ctx()))?;
                         response
                     }
                 };
@@ -127,8 +118,9 @@ impl PgStore {
             // Another transaction committed the key while this one waited. Read it with a
             // fresh statement: a snapshot taken after that commit.
             tx.rollback().await.map_err(|e| error::db(e, ctx()))?;
-            if let Some(row) = conn
-                .query_opt(&read, &key_params)
+            if let Some(row) = self
+                .sql
+                .query_opt(&conn, IDEMPOTENCY_READ_SQL, &key_params)
                 .await
                 .map_err(|e| error::db(e, ctx()))?
             {

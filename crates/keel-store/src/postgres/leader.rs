@@ -20,28 +20,23 @@ impl LeaderStore for PgStore {
         const ATTEMPTS: usize = 3;
         let ctx = || format!("campaigning for leadership as {}", params.owner);
         let conn = self.conn(&ctx).await?;
-        let campaign = conn
-            .prepare_cached(CAMPAIGN_SQL)
-            .await
-            .map_err(|e| error::db(e, ctx()))?;
-        let leader = conn
-            .prepare_cached(LEADER_SQL)
-            .await
-            .map_err(|e| error::db(e, ctx()))?;
         for _ in 0..ATTEMPTS {
             let now = self.clock.now();
             let expires_at = now + to_delta(params.ttl);
-            let won = conn
+            let won = self
+                .sql
                 .query_opt(
-                    &campaign,
+                    &conn,
+                    CAMPAIGN_SQL,
                     &[&MAINTENANCE_ROLE, &params.owner.as_str(), &expires_at, &now],
                 )
                 .await
                 .map_err(|e| error::db(e, ctx()))?;
             let row = match won {
                 Some(row) => Some(row),
-                None => conn
-                    .query_opt(&leader, &[&MAINTENANCE_ROLE])
+                None => self
+                    .sql
+                    .query_opt(&conn, LEADER_SQL, &[&MAINTENANCE_ROLE])
                     .await
                     .map_err(|e| error::db(e, ctx()))?,
             };

@@ -113,12 +113,9 @@ impl WorkStore for PgStore {
         let now = self.clock.now();
         let mut conn = self.conn(&ctx).await?;
         let tx = conn.transaction().await.map_err(|e| error::db(e, ctx()))?;
-        let lock = tx
-            .prepare_cached(FAIL_LOCK_SQL)
-            .await
-            .map_err(|e| error::db(e, ctx()))?;
-        let Some(row) = tx
-            .query_opt(&lock, &[id.as_uuid()])
+        let Some(row) = self
+            .sql
+            .query_opt(&tx, FAIL_LOCK_SQL, &[id.as_uuid()])
             .await
             .map_err(|e| error::db(e, ctx()))?
         else {
@@ -146,13 +143,11 @@ impl WorkStore for PgStore {
         )?;
         let finished_at = run_at.is_none().then_some(now);
         let entry = codec::attempt_error_to_json(&AttemptError::new(attempt, now, &params.error));
-        let update = tx
-            .prepare_cached(&FAIL_UPDATE_SQL)
-            .await
-            .map_err(|e| error::db(e, ctx()))?;
-        let row = tx
+        let row = self
+            .sql
             .query_one(
-                &update,
+                &tx,
+                &FAIL_UPDATE_SQL,
                 &[id.as_uuid(), &to.as_str(), &run_at, &finished_at, &entry],
             )
             .await

@@ -50,12 +50,9 @@ impl MaintenanceStore for PgStore {
         let now = self.clock.now();
         let mut conn = self.conn(&ctx).await?;
         let tx = conn.transaction().await.map_err(|e| error::db(e, ctx()))?;
-        let lock = tx
-            .prepare_cached(&RESCUE_LOCK_SQL)
-            .await
-            .map_err(|e| error::db(e, ctx()))?;
-        let expired = tx
-            .query(&lock, &[&now, &i64::from(params.limit)])
+        let expired = self
+            .sql
+            .query(&tx, &RESCUE_LOCK_SQL, &[&now, &i64::from(params.limit)])
             .await
             .map_err(|e| error::db(e, ctx()))?;
         if expired.is_empty() {
@@ -112,23 +109,21 @@ impl MaintenanceStore for PgStore {
                 owner,
             });
         }
-        let update = tx
-            .prepare_cached(&RESCUE_UPDATE_SQL)
+        self.sql
+            .execute(
+                &tx,
+                &RESCUE_UPDATE_SQL,
+                &[
+                    &ids,
+                    &states,
+                    &run_ats,
+                    &finished_ats,
+                    &errors,
+                    &self.changes_channel,
+                ],
+            )
             .await
             .map_err(|e| error::db(e, ctx()))?;
-        tx.execute(
-            &update,
-            &[
-                &ids,
-                &states,
-                &run_ats,
-                &finished_ats,
-                &errors,
-                &self.changes_channel,
-            ],
-        )
-        .await
-        .map_err(|e| error::db(e, ctx()))?;
         tx.commit().await.map_err(|e| error::db(e, ctx()))?;
         Ok(rescued)
     }

@@ -42,6 +42,7 @@ mod queues;
 mod rows;
 mod schedules;
 mod sql;
+mod statements;
 mod task;
 #[cfg(all(test, feature = "testkit"))]
 mod tests;
@@ -59,8 +60,8 @@ use keel_core::{
     ChangeStream, Clock, IdempotencyKey, Job, JobId, JobState, NewJob, QueueName, Store,
     StoreError, Transition, WakeupStream,
 };
-use tokio_postgres::types::ToSql;
-use tokio_postgres::{Row, Statement};
+use tokio_postgres::Row;
+use tokio_postgres::types::{ToSql, Type};
 use uuid::Uuid;
 
 use crate::key_reused;
@@ -68,6 +69,7 @@ use crate::migrate::{self, MigrationReport};
 use commit::Committer;
 use listen::Listener;
 use sql::{EXISTING_SQL, STATE_OF_SQL};
+use statements::Statements;
 use task::Background;
 
 /// Connection pool settings. Each bounds a resource so overload turns into fast, retryable
@@ -113,6 +115,30 @@ pub struct PgOptions {
     /// `None` (the default) leaves the server's setting alone. Migrations lift it for their
     /// own transaction: a schema change may legitimately take longer.
     pub statement_timeout: Option<Duration>,
+    /// What sits between Keel and Postgres; see [`Pooler`].
+    pub pooler: Pooler,
+    /// Where `LISTEN` connects, when not to the URL the pool uses: straight to Postgres,
+    /// past a transaction pooler (which cannot carry a session's `LISTEN`). Without it,
+    /// behind a transaction pooler, Keel does not listen: wakeups fall back to polling and
+    /// state changes on other replicas are not heard.
+    pub listen_url: Option<String>,
+}
+
+/// What sits between Keel and Postgres, which decides how statements are sent.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Pooler {
+    /// Postgres itself, or a pooler in session mode: a connection is one server session.
+    /// Statements are prepared once per connection and the statement timeout is a startup
+    /// option.
+    #[default]
+    None,
+    /// A pooler in transaction mode (PgBouncer's `pool_mode = transaction`): each
+    /// transaction may run on a different server session. Keel sends no startup `options`
+    /// (PgBouncer refuses them), no named prepared statements (unnamed ones, parsed and
+    /// run in one round trip), keeps no session state, and `LISTEN`s only through
+    /// [`PgOptions::listen_url`]. Set the statement timeout on the role or the database
+    /// instead (`ALTER ROLE keel SET statement_timeout = '3s'`).
+    Transaction,
 }
 
 impl Default for PgOptions {
@@ -127,6 +153,8 @@ impl Default for PgOptions {
             insert_batch_max: 2000,
             insert_commits: 2,
             statement_timeout: None,
+            pooler: Pooler::None,
+            listen_url: None,
         }
     }
 }
@@ -148,6 +176,8 @@ impl PgOptions {
 /// committer, which borrows one per batch).
 pub struct PgStore {
     pool: Pool,
+    /// How statements are sent: named, or unnamed behind a transaction pooler.
+    sql: Statements,
     clock: Arc<dyn Clock>,
     /// `host:port/db` for messages (never the password).
     target: String,
@@ -157,7 +187,9 @@ pub struct PgStore {
     changes_channel: String,
     maintenance: Background,
     committer: Committer,
-    listener: Listener,
+    /// `None` behind a transaction pooler without a listen URL: nothing is heard, and
+    /// waiters poll.
+    listener: Option<Listener>,
 }
 
 impl std::fmt::Debug for PgStore {
@@ -204,16 +236,33 @@ impl PgStore {
             // Shows up in pg_stat_activity, so operators can tell Keel's sessions apart.
             cfg.application_name("keel");
         }
-        if let Some(t) = opts.statement_timeout {
-            // Appended to any options the URL carries (tests set search_path there).
-            let options = match cfg.get_options() {
-                Some(o) if !o.trim().is_empty() => {
-                    format!("{o} -c statement_timeout={}", t.as_millis().max(1))
+        match (opts.pooler, opts.statement_timeout) {
+            (Pooler::None, Some(t)) => {
+                // Appended to any options the URL carries (tests set search_path there).
+                let options = match cfg.get_options() {
+                    Some(o) if !o.trim().is_empty() => {
+                        format!("{o} -c statement_timeout={}", t.as_millis().max(1))
+                    }
+                    _ => format!("-c statement_timeout={}", t.as_millis().max(1)),
+                };
+                cfg.options(&options);
+            }
+            (Pooler::None, None) => {}
+            (Pooler::Transaction, _) => {
+                if cfg.get_options().is_some_and(|o| !o.trim().is_empty()) {
+                    return Err(StoreError::misconfigured(
+                        format!("configuring the connections to {target}"),
+                        "the URL sets `options`, which a transaction pooler cannot carry \
+                         (PgBouncer refuses it as an unsupported startup parameter); set \
+                         them on the role or the database instead (ALTER ROLE … SET …)",
+                    ));
                 }
-                _ => format!("-c statement_timeout={}", t.as_millis().max(1)),
-            };
-            cfg.options(&options);
+            }
         }
+        let sql = match opts.pooler {
+            Pooler::None => Statements::named(),
+            Pooler::Transaction => Statements::unnamed(cfg.clone()),
+        };
         let pool = pool::build(cfg.clone(), &opts).map_err(|e| {
             StoreError::permanent(format!("building the connection pool for {target}"), e)
         })?;
@@ -224,7 +273,7 @@ impl PgStore {
                 .map_err(|e| error::pool(e, format!("connecting to {target}")))?;
             // Also proves the server answers. NULL when no schema of the search_path exists
             // yet; `migrate` reports that, and wakeups fall back to a shared channel.
-            conn.query_one("SELECT current_schema()", &[])
+            sql.query_one(&conn, "SELECT current_schema()", &[])
                 .await
                 .and_then(|row| row.try_get(0))
                 .map_err(|e| error::db(e, format!("checking that {target} answers")))?
@@ -237,6 +286,7 @@ impl PgStore {
         let maintenance = pool::keep(&pool, &opts);
         let committer = Committer::spawn(
             pool.clone(),
+            sql.clone(),
             channel.clone(),
             commit::Settings {
                 queue: opts.insert_queue,
@@ -245,9 +295,34 @@ impl PgStore {
                 concurrency: opts.insert_commits.min(opts.max_connections),
             },
         );
-        let listener = Listener::spawn(cfg, channel.clone(), &changes_channel);
+        let listener = match (&opts.listen_url, opts.pooler) {
+            (Some(url), _) => {
+                let listen_cfg: tokio_postgres::Config = url.parse().map_err(|e| {
+                    StoreError::permanent("parsing the Postgres URL to LISTEN on", e)
+                })?;
+                Some(Listener::spawn(
+                    listen_cfg,
+                    channel.clone(),
+                    &changes_channel,
+                ))
+            }
+            (None, Pooler::None) => Some(Listener::spawn(cfg, channel.clone(), &changes_channel)),
+            (None, Pooler::Transaction) => {
+                tracing::warn!(
+                    %target,
+                    "behind a transaction pooler without a listen URL (KEEL_DATABASE_LISTEN_URL): \
+                     no LISTEN, so workers find new jobs by polling (up to the poll interval \
+                     late) and jobs finishing on other replicas are seen only when re-read"
+                );
+                None
+            }
+        };
+        if sql.are_unnamed() {
+            warn_without_statement_timeout(&pool, &sql, &target, opts.statement_timeout).await;
+        }
         Ok(Self {
             pool,
+            sql,
             clock,
             target,
             channel,
@@ -273,8 +348,9 @@ impl PgStore {
         }
         let mut out = Vec::with_capacity(held.len());
         for conn in &held {
-            let row = conn
-                .query_one("SELECT current_setting($1)", &[&setting])
+            let row = self
+                .sql
+                .query_one(conn, "SELECT current_setting($1)", &[&setting])
                 .await
                 .map_err(|e| error::db(e, format!("reading {setting}")))?;
             out.push(
@@ -285,6 +361,12 @@ impl PgStore {
         Ok(out)
     }
 
+    /// How many times the wakeup listener has (re)started listening; 0 without one.
+    #[cfg(test)]
+    fn listens(&self) -> u64 {
+        self.listener.as_ref().map_or(0, Listener::listens)
+    }
+
     /// Applies pending migrations in one transaction. Safe to call from several processes
     /// starting at once: they serialise on an advisory lock keyed by the schema (so stores in
     /// different schemas do not wait for each other), and the later ones find nothing to do.
@@ -292,8 +374,11 @@ impl PgStore {
         let ctx = || format!("migrating the schema on {}", self.target);
         let mut conn = self.conn(&ctx).await?;
         let tx = conn.transaction().await.map_err(|e| error::db(e, ctx()))?;
+        // Typed by hand rather than through `self.sql`: behind a transaction pooler its
+        // types are learned on another connection, which cannot see the tracking table
+        // this transaction creates.
         let schema: Option<String> = tx
-            .query_one("SELECT current_schema()", &[])
+            .query_typed_one("SELECT current_schema()", &[])
             .await
             .and_then(|row| row.try_get(0))
             .map_err(|e| error::db(e, ctx()))?;
@@ -319,7 +404,7 @@ impl PgStore {
         .await
         .map_err(|e| error::db(e, ctx()))?;
         let applied = tx
-            .query(
+            .query_typed(
                 "SELECT version, checksum FROM keel_schema_migrations ORDER BY version",
                 &[],
             )
@@ -346,10 +431,15 @@ impl PgStore {
             tx.batch_execute(m.sql)
                 .await
                 .map_err(|e| error::db(e, mctx()))?;
-            tx.execute(
+            tx.query_typed(
                 "INSERT INTO keel_schema_migrations (version, name, checksum, applied_at) \
                  VALUES ($1, $2, $3, $4)",
-                &[&m.version, &m.name, &m.checksum(), &now],
+                &[
+                    (&m.version, Type::INT8),
+                    (&m.name, Type::TEXT),
+                    (&m.checksum(), Type::TEXT),
+                    (&now, Type::TIMESTAMPTZ),
+                ],
             )
             .await
             .map_err(|e| error::db(e, mctx()))?;
@@ -373,46 +463,36 @@ impl PgStore {
         self.pool.get().await.map_err(|e| error::pool(e, ctx()))
     }
 
-    /// A pooled connection with `sql` prepared on it (from the connection's statement
-    /// cache after the first time).
-    async fn prepared(&self, sql: &str, ctx: Ctx<'_>) -> Result<(Object, Statement), StoreError> {
-        let conn = self.conn(ctx).await?;
-        let stmt = conn
-            .prepare_cached(sql)
-            .await
-            .map_err(|e| error::db(e, ctx()))?;
-        Ok((conn, stmt))
-    }
-
-    /// Runs one prepared statement and returns its rows.
+    /// Runs one statement and returns its rows.
     async fn query(
         &self,
         sql: &str,
         params: &[&(dyn ToSql + Sync)],
         ctx: Ctx<'_>,
     ) -> Result<Vec<Row>, StoreError> {
-        let (conn, stmt) = self.prepared(sql, ctx).await?;
-        conn.query(&stmt, params)
+        let conn = self.conn(ctx).await?;
+        self.sql
+            .query(&conn, sql, params)
             .await
             .map_err(|e| error::db(e, ctx()))
     }
 
-    /// Runs one prepared statement on a pooled connection and returns how many rows it
-    /// changed.
+    /// Runs one statement on a pooled connection and returns how many rows it changed.
     async fn execute(
         &self,
         sql: &str,
         params: &[&(dyn ToSql + Sync)],
         ctx: Ctx<'_>,
     ) -> Result<u64, StoreError> {
-        let (conn, stmt) = self.prepared(sql, ctx).await?;
-        conn.execute(&stmt, params)
+        let conn = self.conn(ctx).await?;
+        self.sql
+            .execute(&conn, sql, params)
             .await
             .map_err(|e| error::db(e, ctx()))
     }
 
     /// Runs one statement planned afresh for these parameters and the table as it is now
-    /// (see [`query_replanned`]); for statements whose best plan depends on how many jobs
+    /// (see [`Statements::query_replanned`]); for statements whose best plan depends on how many jobs
     /// there are.
     async fn query_fresh(
         &self,
@@ -421,7 +501,8 @@ impl PgStore {
         ctx: Ctx<'_>,
     ) -> Result<Vec<Row>, StoreError> {
         let conn = self.conn(ctx).await?;
-        query_replanned(&conn, sql, params)
+        self.sql
+            .query_replanned(&conn, sql, params)
             .await
             .map_err(|e| error::db(e, ctx()))
     }
@@ -439,7 +520,9 @@ impl PgStore {
         ctx: Ctx<'_>,
     ) -> Result<Vec<Result<(), StoreError>>, StoreError> {
         let conn = self.conn(ctx).await?;
-        let rows = query_replanned(&conn, sql, params)
+        let rows = self
+            .sql
+            .query_replanned(&conn, sql, params)
             .await
             .map_err(|e| error::db(e, ctx()))?;
         let applied = rows
@@ -463,7 +546,8 @@ impl PgStore {
         let existing: HashSet<Uuid> = if missing.is_empty() {
             HashSet::new()
         } else {
-            query_replanned(&conn, EXISTING_SQL, &[&missing])
+            self.sql
+                .query_replanned(&conn, EXISTING_SQL, &[&missing])
                 .await
                 .map_err(|e| error::db(e, ctx()))?
                 .iter()
@@ -501,27 +585,21 @@ impl PgStore {
     ) -> Result<Job, StoreError> {
         const ATTEMPTS: usize = 3;
         let conn = self.conn(ctx).await?;
-        let update = conn
-            .prepare_cached(sql)
-            .await
-            .map_err(|e| error::db(e, ctx()))?;
-        let read = conn
-            .prepare_cached(STATE_OF_SQL)
-            .await
-            .map_err(|e| error::db(e, ctx()))?;
         for _ in 0..ATTEMPTS {
             let now = self.clock.now();
             let mut params: Vec<&(dyn ToSql + Sync)> = vec![id.as_uuid(), &now];
             params.extend(channels.iter().map(|c| *c as &(dyn ToSql + Sync)));
-            let row = conn
-                .query_opt(&update, &params)
+            let row = self
+                .sql
+                .query_opt(&conn, sql, &params)
                 .await
                 .map_err(|e| error::db(e, ctx()))?;
             if let Some(row) = row {
                 return rows::job_from_row(&row);
             }
-            let Some(row) = conn
-                .query_opt(&read, &[id.as_uuid()])
+            let Some(row) = self
+                .sql
+                .query_opt(&conn, STATE_OF_SQL, &[id.as_uuid()])
                 .await
                 .map_err(|e| error::db(e, ctx()))?
             else {
@@ -539,30 +617,30 @@ impl PgStore {
     }
 }
 
-/// Runs `sql` as the unnamed statement, so Postgres plans it for these parameters and for
-/// the table as it is at this moment. The named prepared statement is only asked for its
-/// parameter types (cached per connection).
-///
-/// A named statement settles on a generic plan after five executions and keeps it until the
-/// table's statistics change. On a young table that plan is made for a few hundred rows: the
-/// completion batch hashed a sequential scan of the whole table into every commit, and a
-/// fresh schema under W2 fell minutes behind before autovacuum's first ANALYZE (a minute
-/// away at the default naptime) replaced the plan. A custom plan reads the table's current
-/// size each time. Planning is paid once per batch (about 0.15 ms of Postgres CPU per
-/// statement, measured at one job per batch), so this is for batch statements (lease,
-/// heartbeat, completion, release) and listings, not for per-job ones.
-async fn query_replanned(
-    conn: &deadpool_postgres::ClientWrapper,
-    sql: &str,
-    params: &[&(dyn ToSql + Sync)],
-) -> Result<Vec<Row>, tokio_postgres::Error> {
-    let stmt = conn.prepare_cached(sql).await?;
-    let typed: Vec<(&(dyn ToSql + Sync), tokio_postgres::types::Type)> = params
-        .iter()
-        .copied()
-        .zip(stmt.params().iter().cloned())
-        .collect();
-    conn.query_typed(sql, &typed).await
+/// Behind a transaction pooler the statement timeout cannot be a startup option: says so
+/// once when the role and database set none, since a statement left running by a request
+/// that gave up then runs unbounded.
+async fn warn_without_statement_timeout(
+    pool: &Pool,
+    sql: &Statements,
+    target: &str,
+    wanted: Option<Duration>,
+) {
+    let Some(wanted) = wanted else { return };
+    let Ok(conn) = pool.get().await else { return };
+    let current: Option<String> = sql
+        .query_one(&conn, "SELECT current_setting('statement_timeout')", &[])
+        .await
+        .and_then(|row| row.try_get(0))
+        .ok();
+    if current.as_deref() == Some("0") {
+        tracing::warn!(
+            %target,
+            wanted_ms = wanted.as_millis() as u64,
+            "behind a transaction pooler Keel cannot set statement_timeout per connection, and \
+             the role and database set none: set it there (ALTER ROLE <user> SET statement_timeout = '…')"
+        );
+    }
 }
 
 /// `host:port/db as user` for messages; the password never appears.
@@ -627,17 +705,19 @@ impl Store for PgStore {
     }
 
     fn wakeups(&self) -> Option<Box<dyn WakeupStream>> {
-        Some(self.listener.subscribe())
+        self.listener.as_ref().map(Listener::subscribe)
     }
 
     fn changes(&self) -> Option<Box<dyn ChangeStream>> {
-        Some(self.listener.subscribe_changes())
+        self.listener.as_ref().map(Listener::subscribe_changes)
     }
 
     /// Stops the listener (ending every wakeup and change stream), writes the inserts already queued
     /// and waits for those in flight, then closes the pool and its maintenance task.
     async fn close(&self) {
-        self.listener.stop().await;
+        if let Some(listener) = &self.listener {
+            listener.stop().await;
+        }
         self.committer.close().await;
         self.pool.close();
         self.maintenance.stop().await;

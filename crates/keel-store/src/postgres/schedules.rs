@@ -180,13 +180,11 @@ impl ScheduleStore for PgStore {
         let tx = conn.transaction().await.map_err(|e| error::db(e, ctx()))?;
         let keys: [&(dyn ToSql + Sync); 2] = [&tenant.as_str(), &schedule.as_str()];
 
-        let check = tx
-            .prepare_cached(FENCE_SQL)
-            .await
-            .map_err(|e| error::db(e, ctx()))?;
-        let holds = tx
+        let holds = self
+            .sql
             .query_opt(
-                &check,
+                &tx,
+                FENCE_SQL,
                 &[&MAINTENANCE_ROLE, &fence.owner.as_str(), &epoch, &now],
             )
             .await
@@ -195,12 +193,9 @@ impl ScheduleStore for PgStore {
         if !holds {
             return Err(not_leader());
         }
-        let lock = tx
-            .prepare_cached(SCHEDULE_LOCK_SQL)
-            .await
-            .map_err(|e| error::db(e, ctx()))?;
-        let live = match tx
-            .query_opt(&lock, &keys)
+        let live = match self
+            .sql
+            .query_opt(&tx, SCHEDULE_LOCK_SQL, &keys)
             .await
             .map_err(|e| error::db(e, ctx()))?
         {
@@ -216,12 +211,13 @@ impl ScheduleStore for PgStore {
 
         let tick_ats: Vec<Timestamp> = ticks.iter().map(|(at, _)| *at).collect();
         let job_ids: Vec<Uuid> = ticks.iter().map(|(_, j)| *j.id.as_uuid()).collect();
-        let record = tx
-            .prepare_cached(TICKS_RECORD_SQL)
-            .await
-            .map_err(|e| error::db(e, ctx()))?;
-        let recorded: HashSet<Uuid> = tx
-            .query(&record, &[keys[0], keys[1], &tick_ats, &job_ids])
+        let recorded: HashSet<Uuid> = self
+            .sql
+            .query(
+                &tx,
+                TICKS_RECORD_SQL,
+                &[keys[0], keys[1], &tick_ats, &job_ids],
+            )
             .await
             .map_err(|e| error::db(e, ctx()))?
             .iter()
@@ -238,13 +234,10 @@ impl ScheduleStore for PgStore {
         }
         if !jobs.is_empty() {
             let refs: Vec<&Job> = jobs.iter().collect();
-            commit::insert_jobs(&tx, &refs, &self.channel, &ctx).await?;
+            commit::insert_jobs(&self.sql, &tx, &refs, &self.channel, &ctx).await?;
         }
-        let advance = tx
-            .prepare_cached(SCHEDULE_ADVANCE_SQL)
-            .await
-            .map_err(|e| error::db(e, ctx()))?;
-        tx.execute(&advance, &[keys[0], keys[1], &latest])
+        self.sql
+            .execute(&tx, SCHEDULE_ADVANCE_SQL, &[keys[0], keys[1], &latest])
             .await
             .map_err(|e| error::db(e, ctx()))?;
         tx.commit().await.map_err(|e| error::db(e, ctx()))?;

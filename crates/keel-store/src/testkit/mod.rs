@@ -5,6 +5,8 @@
 //! - Postgres tests read `KEEL_TEST_DATABASE_URL`. When it is unset they skip with a notice
 //!   written straight to stderr (past the test harness's output capture, so it is seen);
 //!   when `KEEL_REQUIRE_SERVICES=1` (CI) a missing or unreachable database fails instead.
+//! - [`pgbouncer`]: a real PgBouncer in transaction mode in front of the test server, and
+//!   a database per test reached through it ([`Harness::pgbouncer`]).
 //! - [`conformance`]: the cases, and [`conformance_suite!`](crate::conformance_suite) to
 //!   stamp them out as `#[tokio::test]`s for a backend.
 
@@ -14,8 +16,10 @@
 
 pub mod conformance;
 pub mod intercept;
+pub mod pgbouncer;
 
 pub use intercept::{Intercept, Intercepted, Interceptor, Op, intercept};
+pub use pgbouncer::{PgBouncer, PgDatabase};
 
 use std::io::Write as _;
 use std::sync::Arc;
@@ -123,8 +127,17 @@ impl Drop for PgSchema {
 /// their `Drop`).
 #[derive(Debug)]
 enum Backing {
-    Sqlite { _dir: tempfile::TempDir },
-    Postgres { _schema: PgSchema },
+    Sqlite {
+        _dir: tempfile::TempDir,
+    },
+    Postgres {
+        _schema: PgSchema,
+    },
+    /// Field order matters: the bouncer goes first, then the database it served.
+    PgBouncer {
+        _bouncer: PgBouncer,
+        _database: PgDatabase,
+    },
 }
 
 /// A fresh, migrated store for one test, with a clock the test controls.
@@ -183,11 +196,43 @@ impl Harness {
         })
     }
 
+    /// A store in a new database reached through a PgBouncer in transaction mode (statements
+    /// unnamed, `LISTEN` straight to the server), or `None` (skipped, with a notice naming
+    /// `test`) when no server or no PgBouncer is available.
+    pub async fn pgbouncer(test: &str) -> Option<Self> {
+        let bouncer = PgBouncer::start(test, None)?;
+        let database = PgDatabase::create(&pg_url_or_skip(test)?).await;
+        let url = bouncer.url(&database.name);
+        let clock = ManualClock::starting_now();
+        let store = PgStore::connect(
+            &url,
+            PgOptions {
+                pooler: crate::Pooler::Transaction,
+                listen_url: Some(bouncer.direct_url(&database.name)),
+                ..PgOptions::for_tests()
+            },
+            clock_arc(&clock),
+        )
+        .await
+        .expect("connect postgres store through pgbouncer");
+        store.migrate().await.expect("migrate through pgbouncer");
+        Some(Self {
+            store: Arc::new(store),
+            clock,
+            url,
+            backing: Backing::PgBouncer {
+                _bouncer: bouncer,
+                _database: database,
+            },
+        })
+    }
+
     /// Which backend this is, for messages.
     pub fn backend(&self) -> &'static str {
         match self.backing {
             Backing::Sqlite { .. } => "sqlite",
             Backing::Postgres { .. } => "postgres",
+            Backing::PgBouncer { .. } => "postgres through pgbouncer",
         }
     }
 }

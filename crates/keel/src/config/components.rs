@@ -63,6 +63,8 @@ impl Config {
             max_lifetime: Some(self.db_pool_max_lifetime),
             acquire_timeout: self.db_acquire_timeout,
             statement_timeout: Some(self.request_timeout + STATEMENT_TIMEOUT_MARGIN),
+            pooler: self.database_pooler,
+            listen_url: self.database_listen_url.as_ref().map(|u| u.0.clone()),
             ..PgOptions::default()
         }
     }

@@ -13,6 +13,7 @@ use keel_api::{ApiKey, Rate, Role};
 use keel_core::{QueueName, TenantId, WorkerId};
 use keel_resilience::ChaosSettings;
 use keel_runtime::{HostRateLimit, QueueConfig, SigningSecret};
+use keel_store::{DatabaseUrl, Pooler};
 
 use super::LogFormat;
 
@@ -123,6 +124,33 @@ pub(super) fn addr_or_off(s: &str) -> Result<Option<SocketAddr>, String> {
         Ok(None)
     } else {
         parse_addr(s).map(Some)
+    }
+}
+
+/// `none` or `transaction`.
+pub(super) fn pooler(s: &str) -> Result<Pooler, String> {
+    match s.trim().to_ascii_lowercase().as_str() {
+        "none" | "session" => Ok(Pooler::None),
+        "transaction" => Ok(Pooler::Transaction),
+        other => Err(format!(
+            "{other:?} is not a pooler mode: none (Postgres itself, or a session-mode pooler) or transaction"
+        )),
+    }
+}
+
+/// A Postgres URL (`postgres://…`), kept as written.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PostgresUrl(pub String);
+
+/// A Postgres URL; blank for none.
+pub(super) fn postgres_url(s: &str) -> Result<Option<PostgresUrl>, String> {
+    let s = s.trim();
+    if s.is_empty() {
+        return Ok(None);
+    }
+    match DatabaseUrl::parse(s)? {
+        DatabaseUrl::Postgres(url) => Ok(Some(PostgresUrl(url))),
+        DatabaseUrl::Sqlite(_) => Err("must be a postgres:// URL".to_owned()),
     }
 }
 

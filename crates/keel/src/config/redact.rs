@@ -17,10 +17,11 @@ use keel_api::{ApiKey, Rate, Role};
 use keel_core::{TenantId, WorkerId};
 use keel_resilience::ChaosSettings;
 use keel_runtime::{HostRateLimit, QueueConfig, SigningSecret};
-use keel_store::DatabaseUrl;
+use keel_store::{DatabaseUrl, Pooler};
 use serde::{Serialize, Serializer};
 
 use super::LogFormat;
+use super::parse::PostgresUrl;
 
 /// How a setting's value is shown.
 pub(crate) trait Show {
@@ -150,6 +151,26 @@ fn redact_if_set<S: Serializer>(set: bool, s: S) -> Result<S::Ok, S::Error> {
         s.serialize_str("***")
     } else {
         s.serialize_none()
+    }
+}
+
+/// The URL with its password, if any, replaced.
+impl Redact for Option<PostgresUrl> {
+    fn redact<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Some(PostgresUrl(u)) => s.serialize_str(&redact_password(u)),
+            None => s.serialize_none(),
+        }
+    }
+}
+
+/// `none` or `transaction`, as `KEEL_DATABASE_POOLER` is written.
+impl Show for Pooler {
+    fn show<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(match self {
+            Pooler::None => "none",
+            Pooler::Transaction => "transaction",
+        })
     }
 }
 

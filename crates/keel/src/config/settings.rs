@@ -18,15 +18,15 @@ use keel_api::{ApiKey, Rate};
 use keel_core::{TenantId, WorkerId};
 use keel_resilience::ChaosSettings;
 use keel_runtime::{HostRateLimit, QueueConfig, SigningSecret};
-use keel_store::DatabaseUrl;
+use keel_store::{DatabaseUrl, Pooler};
 
 use super::LogFormat;
 use super::declare::{SettingDoc, settings};
 use super::parse::{
-    MAX_ADMISSION_LIMIT, addr_or_off, admin_token, admission_wait, backlog, burst, chaos, count,
-    default_worker_id, host_rate, leader_ttl, lease_wait, log_filter, log_format, optional_path,
-    parse_addr, parse_api_keys, parse_bool, parse_duration, parse_queues, positive_duration,
-    prefetch, rate_or_off, signing_secret, worker_id,
+    MAX_ADMISSION_LIMIT, PostgresUrl, addr_or_off, admin_token, admission_wait, backlog, burst,
+    chaos, count, default_worker_id, host_rate, leader_ttl, lease_wait, log_filter, log_format,
+    optional_path, parse_addr, parse_api_keys, parse_bool, parse_duration, parse_queues, pooler,
+    positive_duration, postgres_url, prefetch, rate_or_off, signing_secret, worker_id,
 };
 
 settings! {
@@ -59,6 +59,16 @@ settings! {
     /// Where jobs are stored: sqlite://PATH or postgres://USER@HOST:PORT/DB.
     database_url: DatabaseUrl = "sqlite://keel.db",
         env "KEEL_DATABASE_URL", value "URL", parse DatabaseUrl::parse, secret;
+    /// What sits between Keel and Postgres: none (Postgres itself, or a session-mode
+    /// pooler) or transaction (PgBouncer's pool_mode = transaction: no startup options, no
+    /// named prepared statements, no session state; set statement_timeout on the role).
+    database_pooler: Pooler = "none",
+        env "KEEL_DATABASE_POOLER", value "none|transaction", parse pooler;
+    /// Postgres URL for LISTEN/NOTIFY wakeups when database_url goes through a transaction
+    /// pooler: straight to Postgres, past it. Unset behind such a pooler: wakeups fall back
+    /// to polling (poll_interval).
+    database_listen_url: Option<PostgresUrl> = "",
+        env "KEEL_DATABASE_LISTEN_URL", value "URL", parse postgres_url, secret;
     /// At startup, keep retrying an unreachable database this long (0s: fail at once).
     database_wait: Duration = "30s",
         env "KEEL_DATABASE_WAIT", value "DURATION", parse parse_duration;

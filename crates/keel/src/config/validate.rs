@@ -6,6 +6,7 @@
 
 use keel_api::Rate;
 use keel_api::tls::{Tls, TlsFiles};
+use keel_store::{DatabaseUrl, Pooler};
 
 use super::settings::Parsed;
 use super::sources::{Problems, Texts};
@@ -16,6 +17,7 @@ pub(super) fn check(p: &mut Parsed, texts: &Texts, problems: &mut Problems) {
     api_exposure(p, problems);
     admin_exposure(p, problems);
     tls_identity(p, problems);
+    pooler_needs_postgres(p, problems);
     admission_bounds(p, texts, problems);
     default_rate_burst(p, texts, problems);
 }
@@ -109,6 +111,27 @@ fn admin_exposure(p: &Parsed, problems: &mut Problems) {
             format!(
                 "refusing to put the admin listener on non-loopback {admin} without a token: it serves profiles, task dumps, configuration and the chaos switches; set KEEL_ADMIN_TOKEN (every admin request must then send Authorization: Bearer <token>), or keep it on 127.0.0.1 or ::1"
             ),
+        );
+    }
+}
+
+/// The pooler settings are about Postgres: on SQLite they would be silently meaningless.
+fn pooler_needs_postgres(p: &Parsed, problems: &mut Problems) {
+    let Some(DatabaseUrl::Sqlite(_)) = &p.database_url else {
+        return;
+    };
+    if p.database_pooler.is_some_and(|m| m != Pooler::None) {
+        problem(
+            problems,
+            "database_pooler",
+            "applies to a postgres:// database_url only".to_owned(),
+        );
+    }
+    if matches!(p.database_listen_url, Some(Some(_))) {
+        problem(
+            problems,
+            "database_listen_url",
+            "applies to a postgres:// database_url only".to_owned(),
         );
     }
 }

@@ -39,7 +39,7 @@ async fn wakeups_reach_stores_on_the_same_schema_only() {
     let mut heard = b.wakeups().expect("Postgres delivers wakeups");
     let mut overheard = elsewhere.wakeups().expect("Postgres delivers wakeups");
     eventually("both listeners to be listening", || {
-        b.listener.listens() >= 1 && elsewhere.listener.listens() >= 1
+        b.listens() >= 1 && elsewhere.listens() >= 1
     })
     .await;
 
@@ -89,10 +89,7 @@ async fn listener_reconnects_after_its_connection_is_killed() {
     };
     let store = store_in(&schema, PgOptions::for_tests()).await;
     let mut wakeups = store.wakeups().expect("Postgres delivers wakeups");
-    eventually("the listener to be listening", || {
-        store.listener.listens() >= 1
-    })
-    .await;
+    eventually("the listener to be listening", || store.listens() >= 1).await;
     let conn = store.pool.get().await.expect("connection");
     let killed: i64 = conn
         .query_one(
@@ -112,10 +109,7 @@ async fn listener_reconnects_after_its_connection_is_killed() {
         store.channel
     );
     drop(conn);
-    eventually("the listener to listen again", || {
-        store.listener.listens() >= 2
-    })
-    .await;
+    eventually("the listener to listen again", || store.listens() >= 2).await;
     let queue = QueueName::parse("after-reconnect").expect("valid queue");
     store
         .insert(vec![noop().queue(queue.clone())])
@@ -142,7 +136,7 @@ async fn announcer_and_listener(
     let a = store_with_clock(schema, PgOptions::for_tests(), Arc::new(clock.clone())).await;
     let b = store_in(schema, PgOptions::for_tests()).await;
     let heard = b.changes().expect("Postgres delivers changes");
-    eventually("the listener to be listening", || b.listener.listens() >= 1).await;
+    eventually("the listener to be listening", || b.listens() >= 1).await;
     (clock, a, b, heard)
 }
 
