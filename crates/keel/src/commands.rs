@@ -71,19 +71,29 @@ pub async fn serve(args: &ServeArgs) -> ExitCode {
         Err(e) => {
             tracing::error!(error = format!("{e:#}"), "cannot start");
             eprintln!("error: {e:#}");
-            let unavailable = e
+            let store_error = e
                 .chain()
-                .any(|c| c.downcast_ref::<keel_core::StoreError>().is_some());
+                .find_map(|c| c.downcast_ref::<keel_core::StoreError>());
             let unbound = e
                 .chain()
                 .any(|c| c.downcast_ref::<crate::app::BindError>().is_some());
-            return ExitCode::from(if unavailable {
-                EX_UNAVAILABLE
-            } else if unbound {
-                EX_OSERR
-            } else {
-                1
-            });
+            // A database that answers but disagrees with the settings (a transaction
+            // pooler without KEEL_DATABASE_POOLER) is the configuration's fault: waiting
+            // and restarting cannot fix it.
+            return ExitCode::from(
+                if matches!(
+                    store_error,
+                    Some(keel_core::StoreError::Misconfigured { .. })
+                ) {
+                    EX_CONFIG
+                } else if store_error.is_some() {
+                    EX_UNAVAILABLE
+                } else if unbound {
+                    EX_OSERR
+                } else {
+                    1
+                },
+            );
         }
     };
     let shutdown = async move {

@@ -13,7 +13,9 @@
 //! - a cancel sent to one replica stops the job running on another (cross-replica events);
 //! - a gRPC Watch on one replica sees, in order, the transitions another replica makes.
 //!
-//! Postgres only: a SQLite database belongs to one process.
+//! Postgres only: a SQLite database belongs to one process. Each scenario runs twice: on
+//! Postgres itself, and through a real PgBouncer in transaction mode with `LISTEN` straight
+//! to Postgres (`KEEL_DATABASE_POOLER=transaction`, `KEEL_DATABASE_LISTEN_URL`).
 
 use std::collections::{BTreeSet, HashMap};
 use std::time::{Duration, Instant};
@@ -25,7 +27,9 @@ use serde_json::{Value, json};
 use tokio::task::JoinSet;
 
 use crate::child::KeelProcess;
-use crate::helpers::{Backend, CPU_HEAVY, all_jobs, database, metric_value, within};
+use keel_store::testkit::{PgBouncer, PgDatabase, pg_url_or_skip};
+
+use crate::helpers::{Backend, Backing, CPU_HEAVY, all_jobs, database, metric_value, within};
 
 const REPLICAS: usize = 3;
 
@@ -42,15 +46,113 @@ fn replica_env() -> Vec<(&'static str, &'static str)> {
     ]
 }
 
-async fn start_replicas(url: &str, n: usize, extra: &[(&str, &str)]) -> Vec<KeelProcess> {
+async fn start_replicas(db: &Target, n: usize, extra: &[(&str, &str)]) -> Vec<KeelProcess> {
     let mut env = replica_env();
     env.extend_from_slice(extra);
     let mut replicas = Vec::new();
     for _ in 0..n {
-        replicas.push(KeelProcess::start(url, &env).await);
+        replicas.push(db.start(&env).await);
     }
     replicas
 }
+
+/// Where the replicas' database is: Postgres itself, or a PgBouncer in transaction mode in
+/// front of it (statements unnamed, `LISTEN` straight to Postgres).
+#[derive(Debug, Clone, Copy)]
+enum Via {
+    Postgres,
+    PgBouncer,
+}
+
+impl std::fmt::Display for Via {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Via::Postgres => "postgres",
+            Via::PgBouncer => "pgbouncer",
+        })
+    }
+}
+
+/// The replicas' database, the settings that reach it, and what keeps it alive.
+struct Target {
+    url: String,
+    env: Vec<(&'static str, String)>,
+    _backing: TargetBacking,
+}
+
+#[allow(dead_code)]
+enum TargetBacking {
+    Postgres(Backing),
+    /// The bouncer first: it is stopped before its database is dropped.
+    PgBouncer(PgBouncer, PgDatabase),
+}
+
+/// The database for `test` reached `via`, or `None` when the test is skipped.
+async fn target(via: Via, test: &str) -> Option<Target> {
+    match via {
+        Via::Postgres => {
+            let (url, backing) = database(Backend::Postgres, test).await?;
+            Some(Target {
+                url,
+                env: Vec::new(),
+                _backing: TargetBacking::Postgres(backing),
+            })
+        }
+        Via::PgBouncer => {
+            let bouncer = PgBouncer::start(test, None)?;
+            let database = PgDatabase::create(&pg_url_or_skip(test)?).await;
+            Some(Target {
+                url: bouncer.url(&database.name),
+                env: vec![
+                    ("KEEL_DATABASE_POOLER", "transaction".to_owned()),
+                    (
+                        "KEEL_DATABASE_LISTEN_URL",
+                        bouncer.direct_url(&database.name),
+                    ),
+                ],
+                _backing: TargetBacking::PgBouncer(bouncer, database),
+            })
+        }
+    }
+}
+
+impl Target {
+    /// A replica on this database, with `extra` settings.
+    async fn start(&self, extra: &[(&str, &str)]) -> KeelProcess {
+        let mut env: Vec<(&str, &str)> = self.env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        env.extend_from_slice(extra);
+        KeelProcess::start(&self.url, &env).await
+    }
+}
+
+/// Each scenario twice: on Postgres itself, and through PgBouncer in transaction mode.
+macro_rules! on_both_targets {
+    ($($name:ident),* $(,)?) => {
+        $(
+            mod $name {
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn postgres() {
+                    super::$name(super::Via::Postgres).await;
+                }
+
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn pgbouncer() {
+                    super::$name(super::Via::PgBouncer).await;
+                }
+            }
+        )*
+    };
+}
+
+on_both_targets!(
+    fifty_thousand_jobs_through_three_replicas_all_complete_once,
+    cron_fires_once_per_tick_across_replicas_a_leader_kill_and_a_full_stop,
+    one_hundred_concurrent_unique_inserts_create_one_job,
+    an_idempotent_retry_on_another_replica_replays_the_original_bytes,
+    a_frozen_replica_loses_its_job_and_its_late_outcome_is_refused,
+    a_cancel_sent_to_one_replica_stops_the_job_running_on_another,
+    a_watch_on_one_replica_sees_the_transitions_made_on_another,
+);
 
 fn http() -> reqwest::Client {
     reqwest::Client::builder()
@@ -92,16 +194,16 @@ async fn leader_index(replicas: &[&KeelProcess], http: &reqwest::Client, limit: 
     .await
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn fifty_thousand_jobs_through_three_replicas_all_complete_once() {
+async fn fifty_thousand_jobs_through_three_replicas_all_complete_once(via: Via) {
     const JOBS: usize = 50_000;
     const BATCH: usize = 500;
-    let test = "scale_out::fifty_thousand_jobs_through_three_replicas_all_complete_once";
-    let Some((url, _backing)) = database(Backend::Postgres, test).await else {
+    let test =
+        format!("scale_out::fifty_thousand_jobs_through_three_replicas_all_complete_once::{via}");
+    let Some(db) = target(via, &test).await else {
         return;
     };
     let _exclusive = CPU_HEAVY.lock().await;
-    let replicas = start_replicas(&url, REPLICAS, &[("KEEL_QUEUES", "default:64")]).await;
+    let replicas = start_replicas(&db, REPLICAS, &[("KEEL_QUEUES", "default:64")]).await;
     let http = http();
 
     let started = Instant::now();
@@ -211,14 +313,15 @@ fn assert_every_tick_once(ticks: &HashMap<chrono::DateTime<chrono::Utc>, usize>)
     secs.len()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn cron_fires_once_per_tick_across_replicas_a_leader_kill_and_a_full_stop() {
-    let test = "scale_out::cron_fires_once_per_tick_across_replicas_a_leader_kill_and_a_full_stop";
-    let Some((url, _backing)) = database(Backend::Postgres, test).await else {
+async fn cron_fires_once_per_tick_across_replicas_a_leader_kill_and_a_full_stop(via: Via) {
+    let test = format!(
+        "scale_out::cron_fires_once_per_tick_across_replicas_a_leader_kill_and_a_full_stop::{via}"
+    );
+    let Some(db) = target(via, &test).await else {
         return;
     };
     let _exclusive = CPU_HEAVY.lock().await;
-    let mut replicas = start_replicas(&url, REPLICAS, &[]).await;
+    let mut replicas = start_replicas(&db, REPLICAS, &[]).await;
     let http = http();
     let schedule = json!({
         "cron": "* * * * * *",
@@ -264,7 +367,7 @@ async fn cron_fires_once_per_tick_across_replicas_a_leader_kill_and_a_full_stop(
     tokio::time::sleep(Duration::from_secs(10)).await;
 
     // One replica comes back and catches the missed ticks up, once.
-    let back = KeelProcess::start(&url, &replica_env()).await;
+    let back = db.start(&replica_env()).await;
     let client = Client::new(back.base.clone(), None).unwrap();
     let restarted_at = chrono::Utc::now();
     let ticks = within(
@@ -303,15 +406,14 @@ async fn cron_fires_once_per_tick_across_replicas_a_leader_kill_and_a_full_stop(
     assert_eq!(resp.status(), 200);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn one_hundred_concurrent_unique_inserts_create_one_job() {
-    let test = "scale_out::one_hundred_concurrent_unique_inserts_create_one_job";
-    let Some((url, _backing)) = database(Backend::Postgres, test).await else {
+async fn one_hundred_concurrent_unique_inserts_create_one_job(via: Via) {
+    let test = format!("scale_out::one_hundred_concurrent_unique_inserts_create_one_job::{via}");
+    let Some(db) = target(via, &test).await else {
         return;
     };
     let _exclusive = CPU_HEAVY.lock().await;
     // No queue is served: the job must stay queued, holding its key, for the whole test.
-    let replicas = start_replicas(&url, REPLICAS, &[("KEEL_QUEUES", "elsewhere:1")]).await;
+    let replicas = start_replicas(&db, REPLICAS, &[("KEEL_QUEUES", "elsewhere:1")]).await;
     let http = http();
     let mut inserts = JoinSet::new();
     for i in 0..100 {
@@ -355,14 +457,15 @@ async fn one_hundred_concurrent_unique_inserts_create_one_job() {
     assert_eq!(jobs.len(), 1);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_idempotent_retry_on_another_replica_replays_the_original_bytes() {
-    let test = "scale_out::an_idempotent_retry_on_another_replica_replays_the_original_bytes";
-    let Some((url, _backing)) = database(Backend::Postgres, test).await else {
+async fn an_idempotent_retry_on_another_replica_replays_the_original_bytes(via: Via) {
+    let test = format!(
+        "scale_out::an_idempotent_retry_on_another_replica_replays_the_original_bytes::{via}"
+    );
+    let Some(db) = target(via, &test).await else {
         return;
     };
     let _exclusive = CPU_HEAVY.lock().await;
-    let replicas = start_replicas(&url, 2, &[]).await;
+    let replicas = start_replicas(&db, 2, &[]).await;
     let http = http();
     let body = json!({"kind": "echo", "args": {"order": 7}});
     let first = http
@@ -416,15 +519,15 @@ async fn an_idempotent_retry_on_another_replica_replays_the_original_bytes() {
     assert_eq!(other.status(), 409, "same key, different payload");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_frozen_replica_loses_its_job_and_its_late_outcome_is_refused() {
-    let test = "scale_out::a_frozen_replica_loses_its_job_and_its_late_outcome_is_refused";
-    let Some((url, _backing)) = database(Backend::Postgres, test).await else {
+async fn a_frozen_replica_loses_its_job_and_its_late_outcome_is_refused(via: Via) {
+    let test =
+        format!("scale_out::a_frozen_replica_loses_its_job_and_its_late_outcome_is_refused::{via}");
+    let Some(db) = target(via, &test).await else {
         return;
     };
     let _exclusive = CPU_HEAVY.lock().await;
     let http = http();
-    let frozen = KeelProcess::start(&url, &replica_env()).await;
+    let frozen = db.start(&replica_env()).await;
     let client = Client::new(frozen.base.clone(), None).unwrap();
     let resp = http
         .post(frozen.url("/v1/jobs"))
@@ -451,7 +554,7 @@ async fn a_frozen_replica_loses_its_job_and_its_late_outcome_is_refused() {
 
     // Frozen with the job running; two other replicas take over.
     signal(&frozen, Signal::SIGSTOP);
-    let others = start_replicas(&url, 2, &[]).await;
+    let others = start_replicas(&db, 2, &[]).await;
     let other_client = Client::new(others[0].base.clone(), None).unwrap();
     let finished = within(
         Duration::from_secs(30),
@@ -523,26 +626,24 @@ async fn a_frozen_replica_loses_its_job_and_its_late_outcome_is_refused() {
     assert_eq!(counted[2], 0.0, "the frozen replica rescued nothing");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_cancel_sent_to_one_replica_stops_the_job_running_on_another() {
-    let test = "scale_out::a_cancel_sent_to_one_replica_stops_the_job_running_on_another";
-    let Some((url, _backing)) = database(Backend::Postgres, test).await else {
+async fn a_cancel_sent_to_one_replica_stops_the_job_running_on_another(via: Via) {
+    let test =
+        format!("scale_out::a_cancel_sent_to_one_replica_stops_the_job_running_on_another::{via}");
+    let Some(db) = target(via, &test).await else {
         return;
     };
     let _exclusive = CPU_HEAVY.lock().await;
     let http = http();
     // The runner's first heartbeat is an hour away: only the cross-replica event can stop
     // its job within this test.
-    let runner = KeelProcess::start(
-        &url,
-        &[
+    let runner = db
+        .start(&[
             ("KEEL_LEASE_TIMEOUT", "2h"),
             ("KEEL_HEARTBEAT_INTERVAL", "1h"),
             ("KEEL_POLL_INTERVAL", "200ms"),
-        ],
-    )
-    .await;
-    let front = KeelProcess::start(&url, &[("KEEL_QUEUES", "elsewhere:1")]).await;
+        ])
+        .await;
+    let front = db.start(&[("KEEL_QUEUES", "elsewhere:1")]).await;
     let resp = http
         .post(front.url("/v1/jobs"))
         .json(&json!({"kind": "sleep", "args": {"ms": 60000}}))
@@ -594,8 +695,7 @@ async fn a_cancel_sent_to_one_replica_stops_the_job_running_on_another() {
 /// failed and completed through another's WorkerService, reaches the watcher with every
 /// transition in order (the other replica's outcomes are not announced: the watch's reads
 /// find them).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_watch_on_one_replica_sees_the_transitions_made_on_another() {
+async fn a_watch_on_one_replica_sees_the_transitions_made_on_another(via: Via) {
     use keel_api::grpc::pb;
     use keel_api::grpc::pb::JobState::Retryable;
     use keel_api::grpc::pb::job_service_client::JobServiceClient;
@@ -604,11 +704,12 @@ async fn a_watch_on_one_replica_sees_the_transitions_made_on_another() {
         assert_failed_then_completed, complete, lease_stream, open, token, watch_id,
     };
 
-    let test = "scale_out::a_watch_on_one_replica_sees_the_transitions_made_on_another";
-    let Some((url, _backing)) = database(Backend::Postgres, test).await else {
+    let test =
+        format!("scale_out::a_watch_on_one_replica_sees_the_transitions_made_on_another::{via}");
+    let Some(db) = target(via, &test).await else {
         return;
     };
-    let replicas = start_replicas(&url, 2, &[]).await;
+    let replicas = start_replicas(&db, 2, &[]).await;
     let (a, b) = (&replicas[0], &replicas[1]);
     let queue = "xr-watch";
     let job = Client::new(&a.base, None)
