@@ -342,8 +342,16 @@ async fn write(shared: &Shared, jobs: &[&Job], callers: usize) -> Result<Holders
             format!("inserting jobs (group commit of {n} jobs from {callers} callers)")
         }
     };
+    let unique = jobs.iter().any(|j| j.unique.is_some());
+    if unique {
+        shared
+            .sql
+            .ready(&*INSERT_STATEMENTS)
+            .await
+            .map_err(|e| error::db(e, ctx()))?;
+    }
     let mut conn = shared.pool.get().await.map_err(|e| error::pool(e, ctx()))?;
-    if !jobs.iter().any(|j| j.unique.is_some()) {
+    if !unique {
         return insert_jobs(&shared.sql, &conn, jobs, &shared.channel, &ctx).await;
     }
     let tx = conn.transaction().await.map_err(|e| error::db(e, ctx()))?;
@@ -351,6 +359,11 @@ async fn write(shared: &Shared, jobs: &[&Job], callers: usize) -> Result<Holders
     tx.commit().await.map_err(|e| error::db(e, ctx()))?;
     Ok(holders)
 }
+
+/// Every statement [`insert_jobs`] may run: what a transaction that inserts makes
+/// [`ready`](Statements::ready) before it begins.
+pub(super) static INSERT_STATEMENTS: std::sync::LazyLock<[&'static str; 3]> =
+    std::sync::LazyLock::new(|| [INSERT_SQL, &INSERT_UNIQUE_SQL, &UNIQUE_HOLDERS_SQL]);
 
 /// Unique jobs that were not inserted because their key was held: the id asked for → the
 /// job holding the key, which the caller gets in its place.

@@ -36,6 +36,17 @@ impl PgStore {
         let now = self.clock.now();
         let expires_at = now + to_delta(ttl);
         let key_params: [&(dyn ToSql + Sync); 3] = [&tenant.as_str(), &key.as_str(), &now];
+        let mut statements = vec![
+            IDEMPOTENCY_READ_SQL,
+            IDEMPOTENCY_EXPIRE_SQL,
+            IDEMPOTENCY_CLAIM_SQL,
+            IDEMPOTENCY_RESPOND_SQL,
+        ];
+        statements.extend(commit::INSERT_STATEMENTS.iter());
+        self.sql
+            .ready(&statements)
+            .await
+            .map_err(|e| error::db(e, ctx()))?;
         let mut conn = self.conn(&ctx).await?;
         // Fast path: a replay (the common reason a key comes back) needs no transaction, and
         // never builds a response it would throw away.

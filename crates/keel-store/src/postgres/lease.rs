@@ -111,6 +111,10 @@ impl WorkStore for PgStore {
         let id = params.lease.id;
         let ctx = || format!("recording a failed attempt of job {id}");
         let now = self.clock.now();
+        self.sql
+            .ready(&[FAIL_LOCK_SQL, &FAIL_UPDATE_SQL])
+            .await
+            .map_err(|e| error::db(e, ctx()))?;
         let mut conn = self.conn(&ctx).await?;
         let tx = conn.transaction().await.map_err(|e| error::db(e, ctx()))?;
         let Some(row) = self

@@ -48,6 +48,10 @@ impl MaintenanceStore for PgStore {
         }
         let ctx = || "rescuing jobs with expired leases".to_owned();
         let now = self.clock.now();
+        self.sql
+            .ready(&[&RESCUE_LOCK_SQL, &RESCUE_UPDATE_SQL])
+            .await
+            .map_err(|e| error::db(e, ctx()))?;
         let mut conn = self.conn(&ctx).await?;
         let tx = conn.transaction().await.map_err(|e| error::db(e, ctx()))?;
         let expired = self

@@ -176,6 +176,17 @@ impl ScheduleStore for PgStore {
         let not_leader = || StoreError::NotLeader(fence.epoch.0);
         let epoch = i64::try_from(fence.epoch.0).map_err(|_| not_leader())?;
         let now = self.clock.now();
+        let mut statements = vec![
+            FENCE_SQL,
+            SCHEDULE_LOCK_SQL,
+            TICKS_RECORD_SQL,
+            SCHEDULE_ADVANCE_SQL,
+        ];
+        statements.extend(commit::INSERT_STATEMENTS.iter());
+        self.sql
+            .ready(&statements)
+            .await
+            .map_err(|e| error::db(e, ctx()))?;
         let mut conn = self.conn(&ctx).await?;
         let tx = conn.transaction().await.map_err(|e| error::db(e, ctx()))?;
         let keys: [&(dyn ToSql + Sync); 2] = [&tenant.as_str(), &schedule.as_str()];

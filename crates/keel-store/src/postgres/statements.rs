@@ -31,11 +31,15 @@ pub(super) trait Conn: deadpool_postgres::GenericClient {
     /// The driver's own client, for unnamed statements.
     type Driver: tokio_postgres::GenericClient + Sync;
 
+    /// Whether this is a transaction, which holds its server connection until it ends.
+    const IN_TRANSACTION: bool;
+
     fn driver(&self) -> &Self::Driver;
 }
 
 impl Conn for deadpool_postgres::Object {
     type Driver = tokio_postgres::Client;
+    const IN_TRANSACTION: bool = false;
 
     fn driver(&self) -> &tokio_postgres::Client {
         self
@@ -44,6 +48,7 @@ impl Conn for deadpool_postgres::Object {
 
 impl<'a> Conn for deadpool_postgres::Transaction<'a> {
     type Driver = tokio_postgres::Transaction<'a>;
+    const IN_TRANSACTION: bool = true;
 
     fn driver(&self) -> &tokio_postgres::Transaction<'a> {
         self
@@ -88,13 +93,39 @@ impl Statements {
         self.unnamed.is_some()
     }
 
+    /// Learns the types of the statements a transaction is about to run, before it holds a
+    /// server connection: learning takes one, and a transaction learning while it holds the
+    /// pooler's last one would wait for itself. A no-op for named statements.
+    pub(super) async fn ready(&self, sqls: &[&str]) -> Result<(), Error> {
+        if let Some(describer) = &self.unnamed {
+            for sql in sqls {
+                describer.types(sql).await?;
+            }
+        }
+        Ok(())
+    }
+
     /// The parameter types of `sql`, when statements are unnamed; `None` when they are
     /// named (the prepared statement knows them).
-    async fn types(&self, sql: &str) -> Result<Option<Arc<[Type]>>, Error> {
-        match &self.unnamed {
-            None => Ok(None),
-            Some(describer) => describer.types(sql).await.map(Some),
+    ///
+    /// Inside a transaction, a statement not made [`ready`](Self::ready) is described on
+    /// the transaction's own connection (prepared and closed within it) rather than wait
+    /// for the describer, which could need the very server connection the transaction
+    /// holds. Should the caller be cancelled mid-describe, that statement stays prepared
+    /// on the server connection, so transactions make their statements ready first.
+    async fn types<C: Conn>(&self, conn: &C, sql: &str) -> Result<Option<Arc<[Type]>>, Error> {
+        let Some(describer) = &self.unnamed else {
+            return Ok(None);
+        };
+        if let Some(types) = describer.known(sql) {
+            return Ok(Some(types));
         }
+        if C::IN_TRANSACTION {
+            let types: Arc<[Type]> = conn.driver().prepare(sql).await?.params().into();
+            describer.remember(sql.into(), Arc::clone(&types));
+            return Ok(Some(types));
+        }
+        describer.types(sql).await.map(Some)
     }
 
     /// Runs `sql` and returns its rows.
@@ -104,7 +135,7 @@ impl Statements {
         sql: &str,
         params: Params<'_>,
     ) -> Result<Vec<Row>, Error> {
-        match self.types(sql).await? {
+        match self.types(conn, sql).await? {
             None => {
                 let stmt = conn.prepare_cached(sql).await?;
                 conn.query(&stmt, params).await
@@ -120,7 +151,7 @@ impl Statements {
         sql: &str,
         params: Params<'_>,
     ) -> Result<Option<Row>, Error> {
-        match self.types(sql).await? {
+        match self.types(conn, sql).await? {
             None => {
                 let stmt = conn.prepare_cached(sql).await?;
                 conn.query_opt(&stmt, params).await
@@ -140,7 +171,7 @@ impl Statements {
         sql: &str,
         params: Params<'_>,
     ) -> Result<Row, Error> {
-        match self.types(sql).await? {
+        match self.types(conn, sql).await? {
             None => {
                 let stmt = conn.prepare_cached(sql).await?;
                 conn.query_one(&stmt, params).await
@@ -160,7 +191,7 @@ impl Statements {
         sql: &str,
         params: Params<'_>,
     ) -> Result<u64, Error> {
-        match self.types(sql).await? {
+        match self.types(conn, sql).await? {
             None => {
                 let stmt = conn.prepare_cached(sql).await?;
                 conn.execute(&stmt, params).await
@@ -195,7 +226,7 @@ impl Statements {
         sql: &str,
         params: Params<'_>,
     ) -> Result<Vec<Row>, Error> {
-        let types = match self.types(sql).await? {
+        let types = match self.types(conn, sql).await? {
             Some(types) => types,
             None => conn.prepare_cached(sql).await?.params().into(),
         };
@@ -279,6 +310,11 @@ impl Describer {
             // the server connection on with nothing of Keel's left on it.
         };
         tx.rollback().await?;
+        self.remember(sql, Arc::clone(&types));
+        Ok(types)
+    }
+
+    fn remember(&self, sql: Box<str>, types: Arc<[Type]>) {
         let mut known = self
             .known
             .lock()
@@ -286,7 +322,6 @@ impl Describer {
         if known.len() >= MAX_REMEMBERED {
             known.clear();
         }
-        known.insert(sql, Arc::clone(&types));
-        Ok(types)
+        known.insert(sql, types);
     }
 }

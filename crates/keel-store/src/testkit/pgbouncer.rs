@@ -167,8 +167,9 @@ impl PgBouncer {
         let child = command
             .arg(self.dir.path().join("pgbouncer.ini"))
             .stdin(Stdio::null())
+            // Its log is the logfile in its directory, shown if it fails to start.
             .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
+            .stderr(Stdio::null())
             .spawn()
             .unwrap_or_else(|e| panic!("starting {}: {e}", self.binary.display()));
         self.child = Some(child);

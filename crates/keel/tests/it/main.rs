@@ -40,6 +40,7 @@ mod idempotency;
 mod jobs;
 mod metrics;
 mod openapi;
+mod pgbouncer;
 mod prefetch;
 mod resilience_api;
 mod scale_out;

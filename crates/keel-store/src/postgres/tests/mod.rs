@@ -20,6 +20,9 @@
 //!   only that caller; close answers every caller.
 //! - **Wakeups**: a notification reaches other stores on the same schema and no other, and
 //!   the listener comes back after its connection is killed.
+//! - **PgBouncer** in transaction mode: no session state outlives a transaction, and the
+//!   ways of talking a transaction pooler breaks are configuration errors naming the
+//!   setting.
 //! - **State changes**: what complete, fail, cancel, retry and rescue announce reaches
 //!   another store on the same schema, in order and nothing else; a completion batch too
 //!   large for one notification is split under Postgres's payload limit and arrives whole.
@@ -35,6 +38,7 @@ use crate::testkit::PgSchema;
 
 mod connect;
 mod notify;
+mod pgbouncer;
 mod plans;
 mod pool;
 mod writes;
