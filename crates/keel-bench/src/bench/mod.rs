@@ -35,7 +35,7 @@ use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
 use self::report::{Backend, RunRecord};
-use self::server::{ScratchSchema, ServerSpec, Spawned};
+use self::server::{ScratchDatabase, ScratchSchema, ServerSpec, Spawned};
 use self::workloads::Ctx;
 use crate::generator::Endpoint;
 use crate::parse_duration;
@@ -101,6 +101,13 @@ pub struct BenchArgs {
     /// dropped). Without it, each run uses a fresh temporary SQLite file.
     #[arg(long, value_name = "URL", conflicts_with = "url")]
     pub database_url: Option<String>,
+    /// Serve through this PgBouncer in transaction mode, in front of --database-url's
+    /// server (e.g. postgres://postgres@127.0.0.1:6432/postgres): each run gets a fresh
+    /// database instead of a schema (a transaction pooler cannot choose a schema), reached
+    /// through the pooler with KEEL_DATABASE_POOLER=transaction and LISTEN straight to the
+    /// server. The pgbench reference still runs on the server directly.
+    #[arg(long, value_name = "URL", requires = "database_url")]
+    pub pooler_url: Option<String>,
     /// Benchmark an already running Keel instead of starting one (loopback only). Its queue
     /// --queue must be served there and used by nothing else while the bench runs.
     #[arg(long, value_name = "URL")]
@@ -318,8 +325,12 @@ impl Settings {
 enum Target {
     /// Start a server per run on a fresh SQLite file.
     Sqlite { data_dir: Option<PathBuf> },
-    /// Start a server per run in a fresh schema of this Postgres.
-    Postgres { base_url: String },
+    /// Start a server per run in a fresh schema of this Postgres, or in a fresh database
+    /// reached through the transaction pooler at `pooler_url`.
+    Postgres {
+        base_url: String,
+        pooler_url: Option<String>,
+    },
     /// Use a running server.
     External {
         addr: SocketAddr,
@@ -367,7 +378,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<Outcome> {
     let settings = Settings::resolve(&args, backend == Backend::Postgres)?;
     let progress = Progress;
     let postgres_version = match &target {
-        Target::Postgres { base_url } => {
+        Target::Postgres { base_url, .. } => {
             Some(server::postgres_version(base_url).await.map_err(|e| {
                 anyhow::Error::new(Unreachable(format!(
                     "cannot reach the Postgres given by --database-url: {e:#}"
@@ -587,7 +598,10 @@ fn target(args: &BenchArgs) -> anyhow::Result<Target> {
             data_dir: args.data_dir.clone(),
         }),
         Some(url) => match DatabaseUrl::parse(url) {
-            Ok(DatabaseUrl::Postgres(u)) => Ok(Target::Postgres { base_url: u }),
+            Ok(DatabaseUrl::Postgres(u)) => Ok(Target::Postgres {
+                base_url: u,
+                pooler_url: args.pooler_url.clone(),
+            }),
             Ok(DatabaseUrl::Sqlite(_)) => anyhow::bail!(
                 "--database-url is for Postgres; SQLite is the default (use --data-dir to choose where its file goes)"
             ),
@@ -631,48 +645,91 @@ async fn one_run(
         Target::Sqlite { data_dir } => {
             let dir = server::sqlite_dir(data_dir.as_ref())?;
             let url = format!("sqlite://{}", dir.path().join("bench.db").display());
-            let result = with_server(&url, settings, args, rec, cancel, progress).await;
+            let result = with_server(&url, &[], settings, args, rec, cancel, progress).await;
             drop(dir);
             result
         }
-        Target::Postgres { base_url } => {
+        Target::Postgres {
+            base_url,
+            pooler_url: None,
+        } => {
             let schema = ScratchSchema::create(base_url, "keel_bench").await?;
-            let result = with_server(schema.url(), settings, args, rec, cancel, progress).await;
+            let result =
+                with_server(schema.url(), &[], settings, args, rec, cancel, progress).await;
             let name = schema.name().to_owned();
             if let Err(e) = schema.drop_now().await {
                 rec.notes
                     .push(format!("could not drop schema {name}: {e:#}"));
             }
             result?;
-            if let Some(program) = &settings.pgbench
-                && !cancel.is_cancelled()
-            {
-                progress.note(&format!(
-                    "  pgbench reference: 3 scripts × {:?}, {} clients",
-                    settings.pgbench_duration,
-                    pgbench::CLIENTS
-                ));
-                let figures = tokio::select! {
-                    f = pgbench::run(program, base_url, settings.pgbench_duration) => f,
-                    () = cancel.cancelled() => Err(anyhow::anyhow!("interrupted")),
-                };
-                match figures {
-                    Ok(f) => {
-                        rec.set("pgbench.lifecycle_minimal_jobs_per_s", f.lifecycle_minimal);
-                        rec.set("pgbench.lifecycle_keel_jobs_per_s", f.lifecycle_keel);
-                        rec.set("pgbench.insert_tps", f.insert_tps);
-                        rec.errors.extend(f.errors);
-                        progress.note(&format!(
-                            "  pgbench lifecycle {:.0} jobs/s (minimal table), {:.0} jobs/s (Keel's table); one-row insert {:.0} tx/s",
-                            f.lifecycle_minimal.unwrap_or(0.0),
-                            f.lifecycle_keel.unwrap_or(0.0),
-                            f.insert_tps.unwrap_or(0.0)
-                        ));
-                    }
-                    Err(e) => rec.errors.push(format!("pgbench: {e:#}")),
-                }
-            }
+            pgbench_reference(base_url, settings, rec, cancel, progress).await;
             Ok(())
+        }
+        Target::Postgres {
+            base_url,
+            pooler_url: Some(pooler),
+        } => {
+            let database = ScratchDatabase::create(base_url, "keel_bench").await?;
+            let env = [
+                ("KEEL_DATABASE_POOLER".to_owned(), "transaction".to_owned()),
+                (
+                    "KEEL_DATABASE_LISTEN_URL".to_owned(),
+                    database.url_via(base_url)?,
+                ),
+            ];
+            let url = database.url_via(pooler)?;
+            rec.notes.push(format!(
+                "served through the transaction pooler at {}",
+                url.rsplit_once('@')
+                    .map_or(pooler.as_str(), |(_, host)| host)
+            ));
+            let result = with_server(&url, &env, settings, args, rec, cancel, progress).await;
+            let name = database.name().to_owned();
+            if let Err(e) = database.drop_now().await {
+                rec.notes
+                    .push(format!("could not drop database {name}: {e:#}"));
+            }
+            result?;
+            pgbench_reference(base_url, settings, rec, cancel, progress).await;
+            Ok(())
+        }
+    }
+}
+
+/// The pgbench reference on the server at `base_url`, into `rec` (unless disabled).
+async fn pgbench_reference(
+    base_url: &str,
+    settings: &Settings,
+    rec: &mut RunRecord,
+    cancel: &CancellationToken,
+    progress: Progress,
+) {
+    if let Some(program) = &settings.pgbench
+        && !cancel.is_cancelled()
+    {
+        progress.note(&format!(
+            "  pgbench reference: 3 scripts × {:?}, {} clients",
+            settings.pgbench_duration,
+            pgbench::CLIENTS
+        ));
+        let figures = tokio::select! {
+            f = pgbench::run(program, base_url, settings.pgbench_duration) => f,
+            () = cancel.cancelled() => Err(anyhow::anyhow!("interrupted")),
+        };
+        match figures {
+            Ok(f) => {
+                rec.set("pgbench.lifecycle_minimal_jobs_per_s", f.lifecycle_minimal);
+                rec.set("pgbench.lifecycle_keel_jobs_per_s", f.lifecycle_keel);
+                rec.set("pgbench.insert_tps", f.insert_tps);
+                rec.errors.extend(f.errors);
+                progress.note(&format!(
+                    "  pgbench lifecycle {:.0} jobs/s (minimal table), {:.0} jobs/s (Keel's table); one-row insert {:.0} tx/s",
+                    f.lifecycle_minimal.unwrap_or(0.0),
+                    f.lifecycle_keel.unwrap_or(0.0),
+                    f.insert_tps.unwrap_or(0.0)
+                ));
+            }
+            Err(e) => rec.errors.push(format!("pgbench: {e:#}")),
         }
     }
 }
@@ -680,6 +737,7 @@ async fn one_run(
 /// Starts a server on `database_url`, runs the workloads, and stops it whatever happened.
 async fn with_server(
     database_url: &str,
+    env: &[(String, String)],
     settings: &Settings,
     args: &BenchArgs,
     rec: &mut RunRecord,
@@ -698,7 +756,8 @@ async fn with_server(
         } else {
             Vec::new()
         },
-        extra_env: args.server_env.clone(),
+        // The target's settings first: --server-env may override them.
+        extra_env: env.iter().cloned().chain(args.server_env.clone()).collect(),
     };
     let server = tokio::select! {
         s = Spawned::start(&spec) => s?,

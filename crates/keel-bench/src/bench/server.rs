@@ -445,6 +445,62 @@ impl ScratchSchema {
     }
 }
 
+/// A Postgres database of its own for one run through a transaction pooler, which cannot
+/// choose a schema (`search_path` would be a startup option, and PgBouncer refuses those).
+#[derive(Debug)]
+pub(crate) struct ScratchDatabase {
+    name: String,
+    base: String,
+}
+
+impl ScratchDatabase {
+    /// Creates `<prefix>_<random>` on the server at `base`.
+    pub(crate) async fn create(base: &str, prefix: &str) -> anyhow::Result<Self> {
+        let name = format!("{prefix}_{}", uuid::Uuid::new_v4().simple());
+        execute(base, &format!("CREATE DATABASE {name}"))
+            .await
+            .with_context(|| format!("creating database {name}"))?;
+        Ok(Self {
+            name,
+            base: base.to_owned(),
+        })
+    }
+
+    /// `url` (the server's, or a pooler's in front of it) naming this database.
+    pub(crate) fn url_via(&self, url: &str) -> anyhow::Result<String> {
+        let (head, query) = url
+            .split_once('?')
+            .map_or((url, None), |(h, q)| (h, Some(q)));
+        let Some((server, _)) = head
+            .strip_prefix("postgres://")
+            .or_else(|| head.strip_prefix("postgresql://"))
+            .and_then(|rest| rest.split_once('/').or(Some((rest, ""))))
+        else {
+            anyhow::bail!("{url} is not a postgres:// URL");
+        };
+        Ok(match query {
+            Some(q) => format!("postgres://{server}/{}?{q}", self.name),
+            None => format!("postgres://{server}/{}", self.name),
+        })
+    }
+
+    /// The database's name.
+    pub(crate) fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Drops the database, closing whatever is still connected to it (the pooler's server
+    /// connections).
+    pub(crate) async fn drop_now(self) -> anyhow::Result<()> {
+        execute(
+            &self.base,
+            &format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name),
+        )
+        .await
+        .with_context(|| format!("dropping database {}", self.name))
+    }
+}
+
 /// Runs `sql` on a short-lived connection to `url`.
 pub(crate) async fn execute(url: &str, sql: &str) -> anyhow::Result<()> {
     let client = connect(url).await?;

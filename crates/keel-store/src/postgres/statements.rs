@@ -290,17 +290,17 @@ impl Describer {
         if let Some(types) = self.known(&sql) {
             return Ok(types);
         }
-        if conn.as_ref().is_none_or(tokio_postgres::Client::is_closed) {
-            let (client, connection) = self.cfg.connect(tokio_postgres::NoTls).await?;
-            tokio::spawn(async move {
-                if let Err(e) = connection.await {
-                    tracing::debug!(error = %e, "the statement-describing connection ended");
-                }
-            });
-            *conn = Some(client);
-        }
-        let Some(client) = conn.as_mut() else {
-            unreachable!("connected above")
+        let client = match conn.take() {
+            Some(client) if !client.is_closed() => conn.insert(client),
+            _ => {
+                let (client, connection) = self.cfg.connect(tokio_postgres::NoTls).await?;
+                tokio::spawn(async move {
+                    if let Err(e) = connection.await {
+                        tracing::debug!(error = %e, "the statement-describing connection ended");
+                    }
+                });
+                conn.insert(client)
+            }
         };
         let tx = client.transaction().await?;
         let types: Arc<[Type]> = {

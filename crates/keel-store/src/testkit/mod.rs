@@ -99,28 +99,31 @@ impl PgSchema {
 
 impl Drop for PgSchema {
     fn drop(&mut self) {
-        // Drop runs inside (or outside) a runtime that may be shutting down, so the cleanup
-        // gets a thread and a runtime of its own.
-        let base = self.base_url.clone();
-        let name = self.name.clone();
-        let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("build cleanup runtime");
-            rt.block_on(async move {
-                if let Ok((client, conn)) =
-                    tokio_postgres::connect(&base, tokio_postgres::NoTls).await
-                {
-                    tokio::spawn(conn);
-                    let _ = client
-                        .batch_execute(&format!("DROP SCHEMA IF EXISTS {name} CASCADE"))
-                        .await;
-                }
-            });
-        })
-        .join();
+        run_on_drop(
+            &self.base_url,
+            format!("DROP SCHEMA IF EXISTS {} CASCADE", self.name),
+        );
     }
+}
+
+/// Runs `sql` on the server at `url`, for a `Drop` impl's cleanup. Drop runs inside (or
+/// outside) a runtime that may be shutting down, so the cleanup gets a thread and a runtime
+/// of its own; a failure is ignored (the test is over).
+fn run_on_drop(url: &str, sql: String) {
+    let url = url.to_owned();
+    let _ = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("build cleanup runtime");
+        rt.block_on(async move {
+            if let Ok((client, conn)) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await {
+                tokio::spawn(conn);
+                let _ = client.batch_execute(&sql).await;
+            }
+        });
+    })
+    .join();
 }
 
 /// What keeps a harness's database alive until the harness is dropped (both are removed by
