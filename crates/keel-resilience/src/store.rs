@@ -91,25 +91,39 @@ const MISCONFIGURATION_MEMORY: Duration = Duration::from_secs(30);
 /// so the breaker does not count it; without this, requests would fail with nothing but
 /// the log saying why. Cheap to clone: clones share the slot.
 #[derive(Debug, Clone, Default)]
-pub struct Misconfiguration(std::sync::Arc<std::sync::Mutex<Option<(Instant, String)>>>);
+pub struct Misconfiguration(std::sync::Arc<std::sync::Mutex<Option<Met>>>);
+
+/// A configuration error: when it was last met and last logged, and what it said.
+#[derive(Debug)]
+struct Met {
+    seen: Instant,
+    logged: Instant,
+    message: String,
+}
 
 impl Misconfiguration {
-    /// Remembers `e` and logs it, at most once per [`MISCONFIGURATION_MEMORY`].
+    /// Remembers `e`, and logs it unless it was logged in the last
+    /// [`MISCONFIGURATION_MEMORY`] (so an error that keeps happening is logged every 30 s).
     fn record(&self, e: &StoreError) {
         let now = Instant::now();
         let mut last = self
             .0
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let logged_lately = last
-            .as_ref()
-            .is_some_and(|(at, _)| now.duration_since(*at) < MISCONFIGURATION_MEMORY);
         let message = error_chain(e);
-        if !logged_lately {
-            tracing::error!(error = %message, "the database connection is misconfigured");
-        }
+        let logged = match last.as_ref() {
+            Some(met) if now.duration_since(met.logged) < MISCONFIGURATION_MEMORY => met.logged,
+            _ => {
+                tracing::error!(error = %message, "the database connection is misconfigured");
+                now
+            }
+        };
         metrics::counter!("keel_store_misconfigured_total").increment(1);
-        *last = Some((now, message));
+        *last = Some(Met {
+            seen: now,
+            logged,
+            message,
+        });
     }
 
     /// The configuration error met in the last [`MISCONFIGURATION_MEMORY`], if any.
@@ -119,8 +133,8 @@ impl Misconfiguration {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         last.as_ref()
-            .filter(|(at, _)| at.elapsed() < MISCONFIGURATION_MEMORY)
-            .map(|(_, message)| message.clone())
+            .filter(|met| met.seen.elapsed() < MISCONFIGURATION_MEMORY)
+            .map(|met| met.message.clone())
     }
 }
 

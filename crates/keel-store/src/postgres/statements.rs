@@ -281,7 +281,10 @@ impl Describer {
         let text: Box<str> = sql.into();
         match tokio::spawn(async move { this.learn(text).await }).await {
             Ok(learned) => learned,
-            Err(join) => std::panic::resume_unwind(join.into_panic()),
+            Err(join) if join.is_panic() => std::panic::resume_unwind(join.into_panic()),
+            // Nothing aborts the task: it was cancelled because the runtime is shutting
+            // down, which drops this caller too.
+            Err(_) => std::future::pending().await,
         }
     }
 
