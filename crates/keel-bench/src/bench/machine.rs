@@ -11,8 +11,10 @@ use anyhow::Context as _;
 use serde_json::{Value, json};
 use tokio::time::Instant;
 
-/// What the machine is: cores, memory, CPU, kernel, Postgres version.
-pub(crate) async fn describe(postgres_version: Option<String>) -> Value {
+use super::server::PostgresServer;
+
+/// What the machine is: cores, memory, CPU, kernel, and the Postgres server benchmarked.
+pub(crate) async fn describe(postgres: Option<&PostgresServer>) -> Value {
     let mem_total_mib = read("/proc/meminfo").await.and_then(|t| {
         t.lines()
             .find(|l| l.starts_with("MemTotal:"))
@@ -36,7 +38,8 @@ pub(crate) async fn describe(postgres_version: Option<String>) -> Value {
         "kernel": kernel,
         "os": std::env::consts::OS,
         "arch": std::env::consts::ARCH,
-        "postgres_version": postgres_version,
+        "postgres_version": postgres.map(|p| &p.version),
+        "postgres": postgres,
     })
 }
 

@@ -377,9 +377,9 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<Outcome> {
     };
     let settings = Settings::resolve(&args, backend == Backend::Postgres)?;
     let progress = Progress;
-    let postgres_version = match &target {
+    let postgres = match &target {
         Target::Postgres { base_url, .. } => {
-            Some(server::postgres_version(base_url).await.map_err(|e| {
+            Some(server::postgres_server(base_url).await.map_err(|e| {
                 anyhow::Error::new(Unreachable(format!(
                     "cannot reach the Postgres given by --database-url: {e:#}"
                 )))
@@ -485,6 +485,20 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<Outcome> {
             .map(|l| format!("{l:.2}"))
             .unwrap_or_else(|| "unknown".into()),
     ));
+    if let Some(pg) = &postgres {
+        progress.note(&format!(
+            "postgres: autovacuum {} · shared_buffers {} · synchronous_commit {} · fsync {}{}",
+            pg.autovacuum,
+            pg.shared_buffers,
+            pg.synchronous_commit,
+            pg.fsync,
+            if pg.autovacuum == "off" {
+                " (no dead row is cleaned during the runs: the workloads after a backlog pay for them)"
+            } else {
+                ""
+            }
+        ));
+    }
     for r in &records {
         for e in &r.errors {
             progress.note(&format!("run {}: not measured: {e}", r.run));
@@ -500,7 +514,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<Outcome> {
         "started_at_unix": started_unix,
         "backend": backend,
         "interrupted": interrupted,
-        "machine": machine::describe(postgres_version).await,
+        "machine": machine::describe(postgres.as_ref()).await,
         "fdatasync_per_s": fdatasync,
         "fdatasync_dir": probe_dir.display().to_string(),
         "load_average_before": load_before,

@@ -509,13 +509,38 @@ pub(crate) async fn execute(url: &str, sql: &str) -> anyhow::Result<()> {
 }
 
 /// `SELECT version()` of the server at `url`.
-pub(crate) async fn postgres_version(url: &str) -> anyhow::Result<String> {
+/// What the Postgres at `--database-url` is, recorded beside the figures: its version, and
+/// the settings that change what a job table costs over time.
+#[derive(Debug, Clone, serde::Serialize)]
+pub(crate) struct PostgresServer {
+    pub(crate) version: String,
+    /// `on` or `off`. Off, the dead rows every lease and completion leaves are never
+    /// cleaned while the bench runs: the workloads after a backlog (W2 after W1, W2p after
+    /// both) step over all of them.
+    pub(crate) autovacuum: String,
+    pub(crate) shared_buffers: String,
+    pub(crate) synchronous_commit: String,
+    pub(crate) fsync: String,
+}
+
+/// Reads [`PostgresServer`] from the server at `url`.
+pub(crate) async fn postgres_server(url: &str) -> anyhow::Result<PostgresServer> {
     let client = connect(url).await?;
     let row = client
-        .query_one("SELECT version()", &[])
+        .query_one(
+            "SELECT version(), current_setting('autovacuum'), current_setting('shared_buffers'), \
+             current_setting('synchronous_commit'), current_setting('fsync')",
+            &[],
+        )
         .await
-        .context("SELECT version()")?;
-    row.try_get(0).context("reading version()")
+        .context("reading the server's version and settings")?;
+    Ok(PostgresServer {
+        version: row.try_get(0)?,
+        autovacuum: row.try_get(1)?,
+        shared_buffers: row.try_get(2)?,
+        synchronous_commit: row.try_get(3)?,
+        fsync: row.try_get(4)?,
+    })
 }
 
 async fn connect(url: &str) -> anyhow::Result<tokio_postgres::Client> {

@@ -320,6 +320,15 @@ impl PgStore {
         if sql.are_unnamed() {
             warn_without_statement_timeout(&pool, &sql, &target, opts.statement_timeout).await;
         }
+        if autovacuum_is_off(&pool, &sql).await == Some(true) {
+            tracing::warn!(
+                %target,
+                "autovacuum is off on this Postgres server: the dead row versions every lease \
+                 and completion leaves are never reclaimed, so the job table and its indexes \
+                 grow without bound and each lease slows down; turn autovacuum on (Keel sets \
+                 per-table thresholds for it) or run VACUUM on the job table regularly"
+            );
+        }
         Ok(Self {
             pool,
             sql,
@@ -641,6 +650,20 @@ async fn warn_without_statement_timeout(
              the role and database set none: set it there (ALTER ROLE <user> SET statement_timeout = '…')"
         );
     }
+}
+
+/// Whether the server runs without autovacuum (`None`: could not tell). Every lease and
+/// completion leaves a dead row version behind (a job's state is indexed, so its updates
+/// are never HOT), and a queue table lives on vacuum: without it the lease index keeps an
+/// entry for every job ever leased, and each lease on a quiet queue steps over all of them.
+async fn autovacuum_is_off(pool: &Pool, sql: &Statements) -> Option<bool> {
+    let conn = pool.get().await.ok()?;
+    let setting: String = sql
+        .query_one(&conn, "SELECT current_setting('autovacuum')", &[])
+        .await
+        .and_then(|row| row.try_get(0))
+        .ok()?;
+    Some(setting == "off")
 }
 
 /// `host:port/db as user` for messages; the password never appears.

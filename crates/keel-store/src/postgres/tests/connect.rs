@@ -1,6 +1,6 @@
 //! Connecting and migrating: error classes for an unreachable server and a missing
 //! database, concurrent migrations, a search_path naming no schema, what the server refuses as
-//! data, and the statement timeout.
+//! data, the statement timeout, and noticing a server without autovacuum.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -202,4 +202,25 @@ async fn statement_timeout_bounds_every_statement_but_not_migrations() {
     drop(conn);
     store.migrate().await.expect("migrations lift the timeout");
     store.close().await;
+}
+
+/// The startup check that warns about a server without autovacuum reads the server's own
+/// setting (on this test server or any other: compared with `SHOW autovacuum`).
+#[tokio::test]
+async fn a_server_without_autovacuum_is_noticed() {
+    let Some(schema) = schema_or_skip("a_server_without_autovacuum_is_noticed").await else {
+        return;
+    };
+    let store = store_in(&schema, PgOptions::default()).await;
+    let conn = store.pool.get().await.expect("connection");
+    let shown: String = conn
+        .query_one("SHOW autovacuum", &[])
+        .await
+        .expect("SHOW autovacuum")
+        .get(0);
+    assert_eq!(
+        super::super::autovacuum_is_off(&store.pool, &store.sql).await,
+        Some(shown == "off"),
+        "SHOW autovacuum says {shown}"
+    );
 }
