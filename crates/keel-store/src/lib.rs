@@ -62,6 +62,23 @@ impl DatabaseUrl {
     }
 }
 
+/// `url` (a `postgres://` URL) naming `database` instead of its own, keeping everything
+/// else: user, password, host, port, query. Tests, the test PgBouncer and `keel bench` reach
+/// databases of their own this way.
+pub fn postgres_url_with_database(url: &str, database: &str) -> String {
+    let (head, query) = url
+        .split_once('?')
+        .map_or((url, None), |(h, q)| (h, Some(q)));
+    let authority = head.find("://").map_or(0, |i| i + 3);
+    let server = head[authority..]
+        .find('/')
+        .map_or(head, |slash| &head[..authority + slash]);
+    match query {
+        Some(q) => format!("{server}/{database}?{q}"),
+        None => format!("{server}/{database}"),
+    }
+}
+
 /// The conflict both backends report when an idempotency key comes back with a different
 /// request: one wording, so API clients see the same 409 whichever store is behind it. The
 /// key is quoted as text (`"k-1"`), escaped, since it is client input.
@@ -279,6 +296,26 @@ mod tests {
             DatabaseUrl::parse("sqlite://")
                 .unwrap_err()
                 .contains("no file path")
+        );
+    }
+
+    #[test]
+    fn a_postgres_url_names_another_database_and_keeps_the_rest() {
+        assert_eq!(
+            postgres_url_with_database("postgres://u:p@h:5433/old?sslmode=disable", "new"),
+            "postgres://u:p@h:5433/new?sslmode=disable"
+        );
+        assert_eq!(
+            postgres_url_with_database("postgres://u@h/old", "new"),
+            "postgres://u@h/new"
+        );
+        assert_eq!(
+            postgres_url_with_database("postgresql://h", "new"),
+            "postgresql://h/new"
+        );
+        assert_eq!(
+            postgres_url_with_database("postgres://h?a=1", "new"),
+            "postgres://h/new?a=1"
         );
     }
 }

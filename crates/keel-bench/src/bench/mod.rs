@@ -35,7 +35,7 @@ use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
 use self::report::{Backend, RunRecord};
-use self::server::{ScratchDatabase, ScratchSchema, ServerSpec, Spawned};
+use self::server::{Scratch, ServerSpec, Spawned};
 use self::workloads::Ctx;
 use crate::generator::Endpoint;
 use crate::parse_duration;
@@ -614,7 +614,14 @@ fn target(args: &BenchArgs) -> anyhow::Result<Target> {
         Some(url) => match DatabaseUrl::parse(url) {
             Ok(DatabaseUrl::Postgres(u)) => Ok(Target::Postgres {
                 base_url: u,
-                pooler_url: args.pooler_url.clone(),
+                pooler_url: match args.pooler_url.as_deref().map(DatabaseUrl::parse) {
+                    None => None,
+                    Some(Ok(DatabaseUrl::Postgres(pooler))) => Some(pooler),
+                    Some(Ok(DatabaseUrl::Sqlite(_))) => {
+                        anyhow::bail!("--pooler-url must be a postgres:// URL")
+                    }
+                    Some(Err(e)) => anyhow::bail!("--pooler-url: {e}"),
+                },
             }),
             Ok(DatabaseUrl::Sqlite(_)) => anyhow::bail!(
                 "--database-url is for Postgres; SQLite is the default (use --data-dir to choose where its file goes)"
@@ -665,43 +672,36 @@ async fn one_run(
         }
         Target::Postgres {
             base_url,
-            pooler_url: None,
+            pooler_url,
         } => {
-            let schema = ScratchSchema::create(base_url, "keel_bench").await?;
-            let result =
-                with_server(schema.url(), &[], settings, args, rec, cancel, progress).await;
-            let name = schema.name().to_owned();
-            if let Err(e) = schema.drop_now().await {
-                rec.notes
-                    .push(format!("could not drop schema {name}: {e:#}"));
-            }
-            result?;
-            pgbench_reference(base_url, settings, rec, cancel, progress).await;
-            Ok(())
-        }
-        Target::Postgres {
-            base_url,
-            pooler_url: Some(pooler),
-        } => {
-            let database = ScratchDatabase::create(base_url, "keel_bench").await?;
-            let env = [
-                ("KEEL_DATABASE_POOLER".to_owned(), "transaction".to_owned()),
-                (
-                    "KEEL_DATABASE_LISTEN_URL".to_owned(),
-                    database.url_via(base_url)?,
-                ),
-            ];
-            let url = database.url_via(pooler)?;
-            rec.notes.push(format!(
-                "served through the transaction pooler at {}",
-                url.rsplit_once('@')
-                    .map_or(pooler.as_str(), |(_, host)| host)
-            ));
+            let (scratch, url, env) = match pooler_url {
+                None => {
+                    let scratch = Scratch::schema(base_url, "keel_bench").await?;
+                    let url = scratch.url().to_owned();
+                    (scratch, url, Vec::new())
+                }
+                Some(pooler) => {
+                    let scratch = Scratch::database(base_url, "keel_bench").await?;
+                    let env = vec![
+                        ("KEEL_DATABASE_POOLER".to_owned(), "transaction".to_owned()),
+                        (
+                            "KEEL_DATABASE_LISTEN_URL".to_owned(),
+                            scratch.url().to_owned(),
+                        ),
+                    ];
+                    let url = scratch.url_on(pooler);
+                    rec.notes.push(format!(
+                        "served through the transaction pooler at {}",
+                        url.rsplit_once('@')
+                            .map_or(pooler.as_str(), |(_, host)| host)
+                    ));
+                    (scratch, url, env)
+                }
+            };
             let result = with_server(&url, &env, settings, args, rec, cancel, progress).await;
-            let name = database.name().to_owned();
-            if let Err(e) = database.drop_now().await {
-                rec.notes
-                    .push(format!("could not drop database {name}: {e:#}"));
+            let what = scratch.to_string();
+            if let Err(e) = scratch.drop_now().await {
+                rec.notes.push(format!("could not drop {what}: {e:#}"));
             }
             result?;
             pgbench_reference(base_url, settings, rec, cancel, progress).await;

@@ -26,7 +26,7 @@ use keel_core::SystemClock;
 use keel_store::{DatabaseUrl, PgOptions, SqliteOptions};
 use tokio::process::Command;
 
-use super::server::{ScratchSchema, execute};
+use super::server::{Scratch, execute};
 
 /// pgbench clients, as in the reference figures.
 pub(crate) const CLIENTS: usize = 8;
@@ -142,7 +142,7 @@ pub(crate) async fn run(
     base_url: &str,
     duration: Duration,
 ) -> anyhow::Result<Figures> {
-    let schema = ScratchSchema::create(base_url, "keel_bench_pgbench").await?;
+    let schema = Scratch::schema(base_url, "keel_bench_pgbench").await?;
     let outcome = run_in(program, &schema, duration).await;
     let dropped = schema.drop_now().await;
     let figures = outcome?;
@@ -150,11 +150,7 @@ pub(crate) async fn run(
     Ok(figures)
 }
 
-async fn run_in(
-    program: &Path,
-    schema: &ScratchSchema,
-    duration: Duration,
-) -> anyhow::Result<Figures> {
+async fn run_in(program: &Path, schema: &Scratch, duration: Duration) -> anyhow::Result<Figures> {
     // Keel's own tables, created by Keel's migrations exactly as `keel serve` would.
     let url = DatabaseUrl::parse(schema.url()).map_err(|e| anyhow::anyhow!("{e}"))?;
     let (store, _) = keel_store::open(

@@ -399,105 +399,107 @@ impl Drop for RssSampler {
     }
 }
 
-/// A Postgres schema of its own for one run, so runs never see each other's jobs and the
-/// database is left as it was found. Connections made with [`ScratchSchema::url`] see only
-/// this schema (`search_path` in the connection options).
+/// Where one run's jobs live on Postgres, so runs never see each other's jobs and the
+/// server is left as it was found: a schema of its own, chosen by `search_path` in the
+/// connection options; or, for a run through a transaction pooler (which cannot carry
+/// options, so cannot choose a schema), a database of its own.
 #[derive(Debug)]
-pub(crate) struct ScratchSchema {
+pub(crate) struct Scratch {
+    kind: ScratchKind,
     name: String,
-    url: String,
+    /// The server it was created on.
     base: String,
+    /// `base`, reaching the scratch schema or database.
+    url: String,
 }
 
-impl ScratchSchema {
-    /// Creates `<prefix>_<random>` on the server at `base`.
-    pub(crate) async fn create(base: &str, prefix: &str) -> anyhow::Result<Self> {
-        let name = format!("{prefix}_{}", uuid::Uuid::new_v4().simple());
-        execute(base, &format!("CREATE SCHEMA {name}"))
-            .await
-            .with_context(|| format!("creating schema {name}"))?;
-        let sep = if base.contains('?') { '&' } else { '?' };
-        Ok(Self {
-            url: format!("{base}{sep}options=-csearch_path%3D{name}"),
-            name,
-            base: base.to_owned(),
-        })
+#[derive(Debug, Clone, Copy)]
+enum ScratchKind {
+    Schema,
+    Database,
+}
+
+impl ScratchKind {
+    fn sql_name(self) -> &'static str {
+        match self {
+            Self::Schema => "SCHEMA",
+            Self::Database => "DATABASE",
+        }
+    }
+}
+
+impl std::fmt::Display for Scratch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let kind = match self.kind {
+            ScratchKind::Schema => "schema",
+            ScratchKind::Database => "database",
+        };
+        write!(f, "{kind} {}", self.name)
+    }
+}
+
+impl Scratch {
+    /// Creates the schema `<prefix>_<random>` on the server at `base`.
+    pub(crate) async fn schema(base: &str, prefix: &str) -> anyhow::Result<Self> {
+        Self::create(ScratchKind::Schema, base, prefix).await
     }
 
-    /// The URL that works inside the schema.
+    /// Creates the database `<prefix>_<random>` on the server at `base`.
+    pub(crate) async fn database(base: &str, prefix: &str) -> anyhow::Result<Self> {
+        Self::create(ScratchKind::Database, base, prefix).await
+    }
+
+    async fn create(kind: ScratchKind, base: &str, prefix: &str) -> anyhow::Result<Self> {
+        let name = format!("{prefix}_{}", uuid::Uuid::new_v4().simple());
+        let mut scratch = Self {
+            kind,
+            name,
+            base: base.to_owned(),
+            url: String::new(),
+        };
+        execute(
+            base,
+            &format!("CREATE {} {}", kind.sql_name(), scratch.name),
+        )
+        .await
+        .with_context(|| format!("creating {scratch}"))?;
+        scratch.url = scratch.url_on(base);
+        Ok(scratch)
+    }
+
+    /// The URL that works inside it, on the server it was created on.
     pub(crate) fn url(&self) -> &str {
         &self.url
     }
 
-    /// The schema's name.
-    pub(crate) fn name(&self) -> &str {
-        &self.name
+    /// `url` (its server's, or a pooler's in front of that server) reaching it.
+    pub(crate) fn url_on(&self, url: &str) -> String {
+        match self.kind {
+            ScratchKind::Schema => {
+                let sep = if url.contains('?') { '&' } else { '?' };
+                format!("{url}{sep}options=-csearch_path%3D{}", self.name)
+            }
+            ScratchKind::Database => keel_store::postgres_url_with_database(url, &self.name),
+        }
     }
 
-    /// Drops the schema and everything in it.
+    /// Drops it and everything in it; a database with whatever is still connected to it
+    /// (a pooler's server connections).
     pub(crate) async fn drop_now(self) -> anyhow::Result<()> {
-        execute(
-            &self.base,
-            &format!("DROP SCHEMA IF EXISTS {} CASCADE", self.name),
-        )
-        .await
-        .with_context(|| format!("dropping schema {}", self.name))
-    }
-}
-
-/// A Postgres database of its own for one run through a transaction pooler, which cannot
-/// choose a schema (`search_path` would be a startup option, and PgBouncer refuses those).
-#[derive(Debug)]
-pub(crate) struct ScratchDatabase {
-    name: String,
-    base: String,
-}
-
-impl ScratchDatabase {
-    /// Creates `<prefix>_<random>` on the server at `base`.
-    pub(crate) async fn create(base: &str, prefix: &str) -> anyhow::Result<Self> {
-        let name = format!("{prefix}_{}", uuid::Uuid::new_v4().simple());
-        execute(base, &format!("CREATE DATABASE {name}"))
-            .await
-            .with_context(|| format!("creating database {name}"))?;
-        Ok(Self {
-            name,
-            base: base.to_owned(),
-        })
-    }
-
-    /// `url` (the server's, or a pooler's in front of it) naming this database.
-    pub(crate) fn url_via(&self, url: &str) -> anyhow::Result<String> {
-        let (head, query) = url
-            .split_once('?')
-            .map_or((url, None), |(h, q)| (h, Some(q)));
-        let Some((server, _)) = head
-            .strip_prefix("postgres://")
-            .or_else(|| head.strip_prefix("postgresql://"))
-            .and_then(|rest| rest.split_once('/').or(Some((rest, ""))))
-        else {
-            anyhow::bail!("{url} is not a postgres:// URL");
+        let how = match self.kind {
+            ScratchKind::Schema => "CASCADE",
+            ScratchKind::Database => "WITH (FORCE)",
         };
-        Ok(match query {
-            Some(q) => format!("postgres://{server}/{}?{q}", self.name),
-            None => format!("postgres://{server}/{}", self.name),
-        })
-    }
-
-    /// The database's name.
-    pub(crate) fn name(&self) -> &str {
-        &self.name
-    }
-
-    /// Drops the database, closing whatever is still connected to it (the pooler's server
-    /// connections).
-    pub(crate) async fn drop_now(self) -> anyhow::Result<()> {
         execute(
             &self.base,
-            &format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name),
+            &format!(
+                "DROP {} IF EXISTS {} {how}",
+                self.kind.sql_name(),
+                self.name
+            ),
         )
         .await
-        .with_context(|| format!("dropping database {}", self.name))
+        .with_context(|| format!("dropping {self}"))
     }
 }
 

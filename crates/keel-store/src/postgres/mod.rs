@@ -266,20 +266,18 @@ impl PgStore {
         let pool = pool::build(cfg.clone(), &opts).map_err(|e| {
             StoreError::permanent(format!("building the connection pool for {target}"), e)
         })?;
-        let schema: Option<String> = {
+        let server = {
             let conn = pool
                 .get()
                 .await
                 .map_err(|e| error::pool(e, format!("connecting to {target}")))?;
-            // Also proves the server answers. NULL when no schema of the search_path exists
-            // yet; `migrate` reports that, and wakeups fall back to a shared channel.
-            sql.query_one(&conn, "SELECT current_schema()", &[])
+            // Also proves the server answers.
+            ServerFacts::read(&conn, &sql)
                 .await
-                .and_then(|row| row.try_get(0))
                 .map_err(|e| error::db(e, format!("checking that {target} answers")))?
         };
-        let channel = listen::channel_for(schema.as_deref());
-        let changes_channel = listen::changes_channel_for(schema.as_deref());
+        let channel = listen::channel_for(server.schema.as_deref());
+        let changes_channel = listen::changes_channel_for(server.schema.as_deref());
         if let Err(e) = pool::top_up(&pool, opts.min_idle).await {
             tracing::warn!(error = %e, %target, "could not open min_idle Postgres connections");
         }
@@ -317,18 +315,7 @@ impl PgStore {
                 None
             }
         };
-        if sql.are_unnamed() {
-            warn_without_statement_timeout(&pool, &sql, &target, opts.statement_timeout).await;
-        }
-        if autovacuum_is_off(&pool, &sql).await == Some(true) {
-            tracing::warn!(
-                %target,
-                "autovacuum is off on this Postgres server: the dead row versions every lease \
-                 and completion leaves are never reclaimed, so the job table and its indexes \
-                 grow without bound and each lease slows down; turn autovacuum on (Keel sets \
-                 per-table thresholds for it) or run VACUUM on the job table regularly"
-            );
-        }
+        server.warn(&target, sql.are_unnamed(), opts.statement_timeout);
         Ok(Self {
             pool,
             sql,
@@ -626,44 +613,65 @@ impl PgStore {
     }
 }
 
-/// Behind a transaction pooler the statement timeout cannot be a startup option: says so
-/// once when the role and database set none, since a statement left running by a request
-/// that gave up then runs unbounded.
-async fn warn_without_statement_timeout(
-    pool: &Pool,
-    sql: &Statements,
-    target: &str,
-    wanted: Option<Duration>,
-) {
-    let Some(wanted) = wanted else { return };
-    let Ok(conn) = pool.get().await else { return };
-    let current: Option<String> = sql
-        .query_one(&conn, "SELECT current_setting('statement_timeout')", &[])
-        .await
-        .and_then(|row| row.try_get(0))
-        .ok();
-    if current.as_deref() == Some("0") {
-        tracing::warn!(
-            %target,
-            wanted_ms = wanted.as_millis() as u64,
-            "behind a transaction pooler Keel cannot set statement_timeout per connection, and \
-             the role and database set none: set it there (ALTER ROLE <user> SET statement_timeout = '…')"
-        );
-    }
+/// What `connect` reads from the server, in the round trip that proves it answers.
+#[derive(Debug)]
+struct ServerFacts {
+    /// NULL when no schema of the search_path exists yet; `migrate` reports that, and
+    /// wakeups fall back to a shared channel.
+    schema: Option<String>,
+    /// Every lease and completion leaves a dead row version behind (a job's state is
+    /// indexed, so its updates are never HOT), and a queue table lives on vacuum: without
+    /// it the lease index keeps an entry for every job ever leased, and each lease on a
+    /// quiet queue steps over all of them.
+    autovacuum_off: bool,
+    /// No statement timeout from the role, the database or the connection.
+    statement_timeout_unset: bool,
 }
 
-/// Whether the server runs without autovacuum (`None`: could not tell). Every lease and
-/// completion leaves a dead row version behind (a job's state is indexed, so its updates
-/// are never HOT), and a queue table lives on vacuum: without it the lease index keeps an
-/// entry for every job ever leased, and each lease on a quiet queue steps over all of them.
-async fn autovacuum_is_off(pool: &Pool, sql: &Statements) -> Option<bool> {
-    let conn = pool.get().await.ok()?;
-    let setting: String = sql
-        .query_one(&conn, "SELECT current_setting('autovacuum')", &[])
-        .await
-        .and_then(|row| row.try_get(0))
-        .ok()?;
-    Some(setting == "off")
+impl ServerFacts {
+    async fn read(
+        conn: &deadpool_postgres::Object,
+        sql: &Statements,
+    ) -> Result<Self, tokio_postgres::Error> {
+        let row = sql
+            .query_one(
+                conn,
+                "SELECT current_schema(), current_setting('autovacuum') = 'off', \
+                 current_setting('statement_timeout') = '0'",
+                &[],
+            )
+            .await?;
+        Ok(Self {
+            schema: row.try_get(0)?,
+            autovacuum_off: row.try_get(1)?,
+            statement_timeout_unset: row.try_get(2)?,
+        })
+    }
+
+    /// Warns once, at startup, about settings that hurt a job server. Behind a transaction
+    /// pooler (`unnamed` statements) the statement timeout cannot be a startup option, so
+    /// when the role and database set none, a statement left running by a request that
+    /// gave up runs unbounded.
+    fn warn(&self, target: &str, unnamed: bool, statement_timeout: Option<Duration>) {
+        if let Some(wanted) = statement_timeout.filter(|_| unnamed && self.statement_timeout_unset)
+        {
+            tracing::warn!(
+                %target,
+                wanted_ms = wanted.as_millis() as u64,
+                "behind a transaction pooler Keel cannot set statement_timeout per connection, and \
+                 the role and database set none: set it there (ALTER ROLE <user> SET statement_timeout = '…')"
+            );
+        }
+        if self.autovacuum_off {
+            tracing::warn!(
+                %target,
+                "autovacuum is off on this Postgres server: the dead row versions every lease \
+                 and completion leaves are never reclaimed, so the job table and its indexes \
+                 grow without bound and each lease slows down; turn autovacuum on (Keel sets \
+                 per-table thresholds for it) or run VACUUM on the job table regularly"
+            );
+        }
+    }
 }
 
 /// `host:port/db as user` for messages; the password never appears.

@@ -77,16 +77,7 @@ impl PgSchema {
     /// Creates a uniquely named schema on the server at `base_url`.
     pub async fn create(base_url: &str) -> Self {
         let name = format!("keel_test_{}", uuid::Uuid::new_v4().simple());
-        let (client, conn) = tokio_postgres::connect(base_url, tokio_postgres::NoTls)
-            .await
-            .unwrap_or_else(|e| panic!("cannot connect to {TEST_DATABASE_URL}: {e}"));
-        let conn = tokio::spawn(conn);
-        client
-            .batch_execute(&format!("CREATE SCHEMA {name}"))
-            .await
-            .expect("create test schema");
-        drop(client);
-        let _ = conn.await;
+        run_once(base_url, &format!("CREATE SCHEMA {name}")).await;
         let sep = if base_url.contains('?') { '&' } else { '?' };
         let url = format!("{base_url}{sep}options=-csearch_path%3D{name}");
         Self {
@@ -104,6 +95,21 @@ impl Drop for PgSchema {
             format!("DROP SCHEMA IF EXISTS {} CASCADE", self.name),
         );
     }
+}
+
+/// Runs `sql` on a connection of its own to the test server at `url`; panics (failing the
+/// test) when it cannot.
+async fn run_once(url: &str, sql: &str) {
+    let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .unwrap_or_else(|e| panic!("cannot connect to {TEST_DATABASE_URL}: {e}"));
+    let conn = tokio::spawn(conn);
+    client
+        .batch_execute(sql)
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"));
+    drop(client);
+    let _ = conn.await;
 }
 
 /// Runs `sql` on the server at `url`, for a `Drop` impl's cleanup. Drop runs inside (or

@@ -134,14 +134,7 @@ impl PgBouncer {
 
     /// A URL reaching `database` on the server itself, past PgBouncer (for `LISTEN`).
     pub fn direct_url(&self, database: &str) -> String {
-        let mut cfg: tokio_postgres::Config = self.server_url.parse().expect("checked at start");
-        cfg.dbname(database);
-        let host = match cfg.get_hosts().first() {
-            Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
-            _ => "127.0.0.1".to_owned(),
-        };
-        let port = cfg.get_ports().first().copied().unwrap_or(5432);
-        format!("postgres://{}@{host}:{port}/{database}", self.user)
+        crate::postgres_url_with_database(&self.server_url, database)
     }
 
     /// Kills PgBouncer (SIGKILL: every client and server connection it held drops).
@@ -217,16 +210,7 @@ impl PgDatabase {
     /// Creates a uniquely named database on the server at `server_url`.
     pub async fn create(server_url: &str) -> Self {
         let name = format!("keel_test_{}", uuid::Uuid::new_v4().simple());
-        let (client, conn) = tokio_postgres::connect(server_url, tokio_postgres::NoTls)
-            .await
-            .unwrap_or_else(|e| panic!("cannot connect to {TEST_DATABASE_URL}: {e}"));
-        let conn = tokio::spawn(conn);
-        client
-            .batch_execute(&format!("CREATE DATABASE {name}"))
-            .await
-            .expect("create test database");
-        drop(client);
-        let _ = conn.await;
+        super::run_once(server_url, &format!("CREATE DATABASE {name}")).await;
         Self {
             name,
             server_url: server_url.to_owned(),

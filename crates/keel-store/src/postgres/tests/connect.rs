@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use keel_core::Store;
 
-use super::{clock, schema_or_skip, store_in, with_database};
+use super::{clock, schema_or_skip, store_in};
 use crate::postgres::{PgOptions, PgStore};
 use crate::testkit::pg_url_or_skip;
 
@@ -48,7 +48,7 @@ async fn malformed_url_and_missing_database_are_permanent() {
     else {
         return;
     };
-    let url = with_database(&base, "keel_no_such_database");
+    let url = crate::postgres_url_with_database(&base, "keel_no_such_database");
     let err = PgStore::connect(&url, PgOptions::for_tests(), clock())
         .await
         .expect_err("the database does not exist");
@@ -218,9 +218,12 @@ async fn a_server_without_autovacuum_is_noticed() {
         .await
         .expect("SHOW autovacuum")
         .get(0);
+    let facts = super::super::ServerFacts::read(&conn, &store.sql)
+        .await
+        .expect("read the server's facts");
     assert_eq!(
-        super::super::autovacuum_is_off(&store.pool, &store.sql).await,
-        Some(shown == "off"),
+        facts.autovacuum_off,
+        shown == "off",
         "SHOW autovacuum says {shown}"
     );
 }

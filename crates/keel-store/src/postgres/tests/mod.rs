@@ -47,18 +47,6 @@ fn clock() -> Arc<dyn Clock> {
     Arc::new(ManualClock::starting_now())
 }
 
-/// `base` with its database name replaced (test URLs are `postgres://…/db[?…]`).
-fn with_database(base: &str, db: &str) -> String {
-    let (head, query) = base
-        .split_once('?')
-        .map_or((base, None), |(h, q)| (h, Some(q)));
-    let head = head.rsplit_once('/').map_or(head, |(h, _)| h);
-    match query {
-        Some(q) => format!("{head}/{db}?{q}"),
-        None => format!("{head}/{db}"),
-    }
-}
-
 async fn backend_pid(conn: &Object) -> i32 {
     conn.query_one("SELECT pg_backend_pid()", &[])
         .await
