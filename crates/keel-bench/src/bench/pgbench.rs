@@ -79,6 +79,12 @@ WHERE id = ANY (:ids::bigint[]) AND state = 'running';
 /// A time-ordered UUID: 16 hex digits of microseconds since the epoch, 16 random ones.
 const TIME_ORDERED_ID: &str = "(lpad(to_hex((extract(epoch FROM clock_timestamp()) * 1000000)::bigint), 16, '0') || substr(md5(random()::text), 1, 16))::uuid";
 
+/// The completion finds its rows as Keel's does (`postgres::lease`): by primary key, with the
+/// lease as the fence and no `state = 'running'` term. Such a term matches the predicate of
+/// the partial running index, and the planner then ANDs a scan of that whole index — every
+/// dead entry the run has left in it — into each completion: 3–4 ms per 100 jobs after a few
+/// seconds, which made this reference read 23–27k jobs/s where Keel's own statements on the
+/// same table sustain 35–38k.
 fn keel_lifecycle() -> String {
     format!(
         "
@@ -106,7 +112,7 @@ SELECT coalesce(array_agg(id), '{{}}') AS ids FROM leased \\gset
 UPDATE jobs
 SET state = 'completed', finished_at = now(), lease_owner = NULL, lease_token = NULL,
     lease_expires_at = NULL
-WHERE id = ANY (:ids::uuid[]) AND state = 'running';
+WHERE id = ANY (:ids::uuid[]) AND lease_token IS NOT NULL;
 "
     )
 }
