@@ -396,9 +396,12 @@ async fn poll(cx: PollCtx) -> Option<JoinSet<()>> {
                 Ok(leased) => {
                     backoff = Duration::from_millis(100);
                     // A long poll that waited for work says nothing about the round trip.
-                    if !waited || leased.len() >= asked {
+                    let full = leased.len() >= asked;
+                    if !waited || full {
                         pace.leased(sent.elapsed());
                     }
+                    // Slow start after an idle spell, as the built-in dispatchers do.
+                    pace.answered(full, buffer.is_empty() && cx.slots.available_permits() > 0);
                     take_lease(&cx, leased, &mut buffer);
                 }
                 Err(e) => {

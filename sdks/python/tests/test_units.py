@@ -421,6 +421,58 @@ def test_pace_with_prefetch_off_holds_nothing_ahead() -> None:
         Pace(-1, FakeClock())
 
 
+def test_pace_slow_start_doubles_the_floor_while_full_leases_find_the_slots_starving() -> None:
+    clock = FakeClock()
+    pace = Pace(256, clock)
+    assert pace.prefetch() == 1  # nothing measured yet
+    seen = []
+    for _ in range(10):
+        pace.answered(True, True)
+        seen.append(pace.prefetch())
+    # No rate measured (the clock never moves): the prefetch is the floor, up to the cap.
+    assert pace.rate == 0.0
+    assert seen == [1, 2, 4, 8, 16, 32, 64, 128, 256, 256]
+    assert pace.floor == 256
+    # A cap that is no power of two still bounds the floor.
+    odd = Pace(20, clock)
+    seen = []
+    for _ in range(7):
+        odd.answered(True, True)
+        seen.append(odd.prefetch())
+    assert seen == [1, 2, 4, 8, 16, 20, 20]
+    # A measured rate above the floor still wins.
+    pace.floor = 2
+    pace.rate, pace.rtt = 1000.0, 0.01
+    assert pace.prefetch() == 40
+
+
+def test_pace_slow_start_halves_once_the_slots_have_work_or_a_lease_comes_short() -> None:
+    pace = Pace(256, FakeClock())
+    for _ in range(9):
+        pace.answered(True, True)
+    assert pace.prefetch() == 256
+    pace.answered(True, False)  # full, but the slots still had work in hand
+    assert pace.floor == 128 and pace.prefetch() == 128
+    pace.answered(False, True)  # fewer jobs than asked: no backlog to chase
+    assert pace.floor == 64 and pace.prefetch() == 64
+    pace.answered(False, False)
+    assert pace.floor == 32 and pace.prefetch() == 32
+    for _ in range(10):
+        pace.answered(False, False)
+    assert pace.floor == 0 and pace.prefetch() == 1  # back to the measured pace
+    # From a floor of 0, a starving full answer starts again at 1.
+    pace.answered(True, True)
+    assert pace.floor == 1
+
+
+def test_pace_slow_start_with_prefetch_off_holds_nothing_ahead() -> None:
+    off = Pace(0, FakeClock())
+    for _ in range(5):
+        off.answered(True, True)
+        assert off.prefetch() == 0
+    assert off.floor == 1  # clamped to max(cap, 1), as in Rust; prefetch() stays 0
+
+
 def test_daemon_pool_runs_calls_on_daemon_threads() -> None:
     pool = DaemonPool(2, "t")
     seen: List[bool] = []

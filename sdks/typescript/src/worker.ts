@@ -69,7 +69,8 @@ export interface WorkerOptions {
    * background. Within this cap the buffer follows the worker's pace (jobs started per
    * second × the lease round trip × 4, at least 1): dozens for millisecond jobs, one for
    * jobs that take seconds, so long jobs do not sit here while other workers have free
-   * slots. Buffered jobs are leased (`running` on the server, attempt counted): they are
+   * slots. After an idle spell, while leases come back full to slots with nothing
+   * buffered, it doubles at each lease until the measured pace catches up (slow start). Buffered jobs are leased (`running` on the server, attempt counted): they are
    * heartbeated, one cancelled or lost while it waits is dropped without running, and on
    * stop they are released at once without using an attempt.
    *
@@ -338,6 +339,10 @@ export class Worker {
         // A full answer, or one to a request that did not wait, measured a round trip; a
         // short answer to a long poll may have waited on the server for work.
         if (more || wait === 0) this.#pace.leased(tookMs);
+        // Slow start after an idle spell, as the server's dispatchers do: full relative to
+        // what this lease asked for; starving judged now, before its jobs are buffered, over
+        // the whole worker (the pace, the buffer and the slots are shared by its pollers).
+        this.#pace.answered(more, this.#buffer.length === 0 && this.#busy < this.concurrency);
         // The server leased them somewhere between sending and now; counting from now
         // errs on the side of retrying an outcome a little longer than needed.
         const leaseUntil = Date.now() + this.leaseMs;

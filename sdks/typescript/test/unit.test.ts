@@ -244,6 +244,68 @@ test("a prefetch cap of 0 holds nothing ahead", () => {
   assert.equal(pace.prefetch(), 0);
 });
 
+test("full leases to starving slots double the prefetch's floor up to the cap", () => {
+  const now = 0; // no window ever closes: no rate is measured, only the floor moves
+  const pace = new Pace(256, () => now);
+  assert.equal(pace.prefetch(), 1, "nothing measured yet");
+  assert.equal(pace.state.floor, 0);
+  const floors: number[] = [];
+  const seen: number[] = [];
+  for (let i = 0; i < 10; i++) {
+    pace.answered(true, true);
+    floors.push(pace.state.floor);
+    seen.push(pace.prefetch());
+  }
+  assert.deepEqual(floors, [1, 2, 4, 8, 16, 32, 64, 128, 256, 256]);
+  assert.deepEqual(seen, [1, 2, 4, 8, 16, 32, 64, 128, 256, 256]);
+  assert.equal(pace.state.rate, 0);
+
+  // A cap that is not a power of two still bounds it.
+  const odd = new Pace(100, () => now);
+  for (let i = 0; i < 10; i++) odd.answered(true, true);
+  assert.equal(odd.state.floor, 100);
+  assert.equal(odd.prefetch(), 100);
+});
+
+test("a lease that is not full, or finds the slots with work, halves the floor", () => {
+  let now = 0;
+  const pace = new Pace(256, () => now);
+  for (let i = 0; i < 9; i++) pace.answered(true, true);
+  assert.equal(pace.prefetch(), 256);
+  pace.answered(true, false);
+  assert.equal(pace.prefetch(), 128, "the slots had work: halve");
+  pace.answered(false, true);
+  assert.equal(pace.prefetch(), 64, "fewer jobs than asked: no backlog to chase");
+  pace.answered(false, false);
+  assert.equal(pace.prefetch(), 32);
+  pace.answered(true, true);
+  assert.equal(pace.prefetch(), 64, "starving again: doubles from where it was");
+  for (let i = 0; i < 10; i++) pace.answered(false, false);
+  assert.equal(pace.state.floor, 0);
+  assert.equal(pace.prefetch(), 1, "back to the measured pace");
+
+  // The floor is only a floor: a measured pace above it wins.
+  for (let i = 0; i < 3; i++) pace.answered(true, true);
+  assert.equal(pace.prefetch(), 4);
+  for (let i = 0; i < 60; i++) pace.leased(10);
+  pace.started(50);
+  now = 50; // 50 starts in 50 ms: 1000/s, halved into the 0 average: 500/s
+  pace.started(0);
+  assert.equal(pace.prefetch(), 20, "ceil(500/s × 10 ms × 4) over a floor of 4");
+});
+
+test("a prefetch cap of 0 stays 0 whatever the leases answer", () => {
+  const now = 0;
+  const pace = new Pace(0, () => now);
+  for (let i = 0; i < 5; i++) {
+    pace.answered(true, true);
+    assert.equal(pace.prefetch(), 0);
+  }
+  assert.equal(pace.state.floor, 1, "the floor is clamped to 1 even without prefetch, as in keel-core");
+  pace.answered(false, true);
+  assert.equal(pace.prefetch(), 0);
+});
+
 test("a full outcome batcher makes the submitter wait for an answer", async () => {
   const sent: string[][] = [];
   const calls: { resolve: (results: OutcomeResult[]) => void }[] = [];

@@ -8,6 +8,13 @@ consume, as Keel's built-in dispatchers do (crates/keel-runtime/src/dispatcher.r
 started per second × the lease round trip × :attr:`Pace.MARGIN`, between one job and the
 worker's ``prefetch`` cap. Millisecond jobs on 20 slots buffer dozens; ten-second jobs
 buffer one.
+
+The rate is measured over windows of :attr:`Pace.WINDOW`, so after an idle spell it lags a
+burst by several windows, and the slots starve meanwhile. So while leases come back full to
+slots that have run out of work (nothing buffered, a slot free), a floor under the prefetch
+doubles at each lease (as TCP's slow start doubles its window), reaching the cap in a few
+round trips; once the slots have work when a lease answers, or a lease brings fewer jobs
+than asked, it halves. See :meth:`Pace.answered`.
 """
 
 from __future__ import annotations
@@ -51,6 +58,8 @@ class Pace:
         self.rate = 0.0
         #: A lease's round trip in seconds (moving average: 0.8 old, 0.2 new).
         self.rtt = 0.001
+        #: The slow-start floor under the prefetch (see the module docs).
+        self.floor = 0
 
     def started(self, n: int) -> None:
         """Counts ``n`` jobs started now (0 just lets a window that ran out close)."""
@@ -68,10 +77,20 @@ class Pace:
         """Counts one lease round trip of ``took`` seconds."""
         self.rtt = 0.8 * self.rtt + 0.2 * max(0.0, took)
 
+    def answered(self, full: bool, starving: bool) -> None:
+        """Counts how a lease answered: ``full`` when it brought every job it asked for
+        (more may be waiting), ``starving`` when the slots had run out of buffered work by
+        then (nothing buffered, a slot free). Both: the slow-start floor doubles, up to the
+        cap. Otherwise it halves."""
+        if full and starving:
+            self.floor = min(max(self.floor * 2, 1), max(self.cap, 1))
+        else:
+            self.floor //= 2
+
     def prefetch(self) -> int:
         """Jobs to hold beyond the slots right now: 0 when prefetch is off, else
-        ``clamp(ceil(rate × rtt × MARGIN), 1, cap)``."""
+        ``clamp(max(ceil(rate × rtt × MARGIN), floor), 1, cap)``."""
         if self.cap == 0:
             return 0
-        want = math.ceil(self.rate * self.rtt * self.MARGIN)
+        want = max(math.ceil(self.rate * self.rtt * self.MARGIN), self.floor)
         return min(max(want, 1), self.cap)

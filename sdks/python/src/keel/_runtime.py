@@ -443,8 +443,13 @@ class Run:
             # Only an answer that did not wait measures the round trip: a full one (the jobs
             # were there) or any with no wait asked. One that waited for work would count
             # the wait.
-            if len(jobs) >= n or s.poll_wait == 0:
+            full = len(jobs) >= n
+            if full or s.poll_wait == 0:
                 self.pace.leased(took)
+            # Slow start after an idle spell, as keel-client's Rust worker and the built-in
+            # dispatchers do: a full answer to slots with nothing left buffered doubles the
+            # prefetch floor; any other answer halves it (see keel._pace).
+            self.pace.answered(full, not self.buffer and self.active < s.concurrency)
             self.reserved -= n
             taken, extra = jobs[:n], jobs[n:]
             for job in extra:

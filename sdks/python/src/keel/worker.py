@@ -7,10 +7,12 @@ It follows docs/workers.md:
   most ``prefetch`` jobs) minus the jobs already buffered, so a slot that frees up takes its
   next job from the buffer instead of waiting for a lease round trip. The buffer follows
   the worker's pace (jobs started per second × the lease round trip × 4, see
-  :mod:`keel._pace`): millisecond jobs keep dozens buffered, long jobs one. With jobs
-  buffered, the poller leases again once a quarter of the slots and buffer is free, so a
-  busy worker leases in batches. Buffered jobs are leased jobs: they are heartbeated, one
-  found cancelled or lost is dropped unrun, and on stop they are released at once;
+  :mod:`keel._pace`): millisecond jobs keep dozens buffered, long jobs one. After an idle
+  spell, while leases come back full to starving slots, it doubles at each lease (a slow
+  start) until the measured rate catches up. With jobs buffered, the poller leases again
+  once a quarter of the slots and buffer is free, so a busy worker leases in batches.
+  Buffered jobs are leased jobs: they are heartbeated, one found cancelled or lost is
+  dropped unrun, and on stop they are released at once;
 - **heartbeat** every held job (buffered, running, or with its outcome on its way) every
   ``heartbeat_interval`` (a third of the lease); when the answer says
   ``cancel_requested``, a running handler's :class:`~keel.Context` is cancelled;
@@ -94,10 +96,11 @@ class Worker:
     256; at most 10 000). A slot that frees up then starts its next job at once instead of
     waiting for a lease round trip, which for short jobs is most of a job's time. The
     buffer actually kept follows the worker's pace (jobs started per second × the lease
-    round trip × 4, at least 1), so long jobs do not wait in it while other workers sit
-    idle; the cap bounds it when jobs are very short or the server slow. Buffered jobs are
-    heartbeated like running ones, and released unrun (no attempt used) when the worker
-    stops. ``prefetch=0`` leases only for free slots, as before this option existed.
+    round trip × 4, at least 1, doubling at each full lease while the slots starve after an
+    idle spell), so long jobs do not wait in it while other workers sit idle; the cap bounds
+    it when jobs are very short or the server slow. Buffered jobs are heartbeated like
+    running ones, and released unrun (no attempt used) when the worker stops.
+    ``prefetch=0`` leases only for free slots, as before this option existed.
 
     Register handlers with :meth:`handler`, then :meth:`run` (blocking) or
     :meth:`run_async`. A worker runs once.
