@@ -78,6 +78,11 @@ pub const POSTGRES: &[Migration] = &[
     ),
     migration!(6, "job_meta", "postgres/0006_job_meta.sql"),
     migration!(7, "lease_walk", "postgres/0007_lease_walk.sql"),
+    migration!(
+        8,
+        "complete_function",
+        "postgres/0008_complete_function.sql"
+    ),
 ];
 
 /// What a migration run did.

@@ -194,7 +194,7 @@ impl PgStore {
             .collect();
         self.fenced_batch(
             &leases,
-            &COMPLETE_SQL,
+            COMPLETE_SQL,
             &[&ids, &tokens, &results, &now],
             &ctx,
         )
@@ -254,23 +254,12 @@ const HEARTBEAT_SQL: &str = "WITH l AS (SELECT * FROM unnest($1::uuid[], $2::uui
        AND j.lease_token = l.token \
      RETURNING l.id, l.token";
 
-/// Completes the leased jobs (`$1` ids, `$2` tokens, `$3` results) at `$4`. lease_owner
-/// stays, as a record of who ran the job. Not announced (see the module documentation).
-pub(super) static COMPLETE_SQL: LazyLock<String> = LazyLock::new(|| {
-    format!(
-        "WITH l AS (SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::text[]) \
-                    AS l(id, token, result)), \
-         locked AS (SELECT j.id FROM jobs j WHERE j.id = ANY($1::uuid[]) \
-                    ORDER BY j.id FOR UPDATE) \
-         UPDATE jobs j SET state = '{to}', result = l.result::json, finished_at = $4, \
-           lease_token = NULL, lease_expires_at = NULL \
-         FROM l \
-         WHERE j.id = l.id AND j.id IN (SELECT id FROM locked) \
-           AND j.lease_token = l.token \
-         RETURNING l.id, l.token",
-        to = target(Transition::Complete),
-    )
-});
+/// Completes the leased jobs (`$1` ids, `$2` tokens, `$3` results) at `$4`, through
+/// `keel_complete` (migrations/postgres/0008_complete_function.sql): fenced and locked as
+/// the module documentation says, with a plan made once per connection rather than once
+/// per batch. Not announced (see the module documentation).
+pub(super) const COMPLETE_SQL: &str =
+    "SELECT job_id, job_token FROM keel_complete($1::uuid[], $2::uuid[], $3::text[], $4)";
 
 /// Gives the leases (`$1` ids, `$2` tokens) back. The attempt the lease started does not
 /// count: it is given back. The job is available again, so its queue's listeners are told

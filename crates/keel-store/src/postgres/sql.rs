@@ -84,7 +84,7 @@ pub(super) const STATE_OF_SQL: &str = "SELECT state FROM jobs WHERE id = $1";
 #[cfg(test)]
 mod tests {
     use super::super::jobs::CANCEL_SQL;
-    use super::super::lease::{COMPLETE_SQL, FAIL_UPDATE_SQL, LEASE_SQL};
+    use super::super::lease::{FAIL_UPDATE_SQL, LEASE_SQL};
     use super::super::maintenance::{DELETE_FINISHED_SQL, PROMOTE_SQL, RESCUE_UPDATE_SQL};
     use super::*;
 
@@ -127,6 +127,15 @@ mod tests {
             ),
             "{walk}"
         );
+        // So is the completion's (0008_complete_function.sql): no guard, the lease token is
+        // the fence (a live token means running), and the Complete transition's target.
+        let complete = include_str!("../../migrations/postgres/0008_complete_function.sql");
+        let to = format!("SET state = '{}'", target(Transition::Complete));
+        assert!(complete.contains(&to), "{to} in {complete}");
+        assert!(
+            complete.contains("AND j.lease_token = l.token"),
+            "{complete}"
+        );
         let cancel = &*CANCEL_SQL;
         assert!(
             cancel.contains("state IN ('scheduled', 'available', 'running', 'retryable')"),
@@ -150,7 +159,8 @@ mod tests {
         assert!(line * CHANGES_PER_NOTIFICATION < 8000);
         // Completions and failures are not announced: a notifying transaction serialises
         // commits (see the documentation of `lease.rs`).
-        assert!(!COMPLETE_SQL.contains("pg_notify"), "{}", *COMPLETE_SQL);
+        let complete = include_str!("../../migrations/postgres/0008_complete_function.sql");
+        assert!(!complete.contains("pg_notify"), "{complete}");
         assert!(
             !FAIL_UPDATE_SQL.contains("pg_notify"),
             "{}",

@@ -15,7 +15,7 @@ use super::{schema_or_skip, store_with_clock};
 use crate::postgres::PgOptions;
 use crate::postgres::idempotency::{IDEMPOTENCY_EXPIRE_SQL, IDEMPOTENCY_READ_SQL};
 use crate::postgres::jobs::ListQuery;
-use crate::postgres::lease::{COMPLETE_SQL, LEASE_SQL};
+use crate::postgres::lease::LEASE_SQL;
 use crate::postgres::maintenance::{
     DELETE_FINISHED_SQL, IDEMPOTENCY_DELETE_EXPIRED_SQL, PROMOTE_SQL, RESCUE_LOCK_SQL,
 };
@@ -179,20 +179,52 @@ struct Case<'a> {
     once: &'a [&'a str],
 }
 
-/// The query keel_lease_walk runs (migrations/postgres/0007_lease_walk.sql), its arguments
-/// as `$1`…`$4`.
-fn lease_walk_sql() -> String {
-    let migration = include_str!("../../../migrations/postgres/0007_lease_walk.sql");
+/// A statement of a PL/pgSQL function of a migration: the one after `marker` (`RETURN
+/// QUERY`, or `PERFORM`, which becomes a SELECT), its parameters renamed to `$1`, `$2`, … as
+/// `args` says, so it can be explained as the function plans it.
+fn function_query(migration: &str, marker: &str, args: &[(&str, &str)]) -> String {
     let query = migration
-        .split("RETURN QUERY")
+        .split(marker)
         .nth(1)
         .and_then(|rest| rest.split(';').next())
-        .expect("the walk's query in its migration");
-    query
-        .replace("p_queue", "$1")
-        .replace("p_max", "$2")
-        .replace("p_tenant", "$3::text")
-        .replace("p_kinds", "$4::text[]")
+        .expect("the function's statement in its migration");
+    let query = if marker == "PERFORM" {
+        format!("SELECT {query}")
+    } else {
+        query.to_owned()
+    };
+    args.iter()
+        .fold(query, |q, (name, param)| q.replace(name, param))
+}
+
+/// The query keel_lease_walk runs (migrations/postgres/0007_lease_walk.sql).
+fn lease_walk_sql() -> String {
+    function_query(
+        include_str!("../../../migrations/postgres/0007_lease_walk.sql"),
+        "RETURN QUERY",
+        &[
+            ("p_queue", "$1"),
+            ("p_max", "$2"),
+            ("p_tenant", "$3::text"),
+            ("p_kinds", "$4::text[]"),
+        ],
+    )
+}
+
+/// The two statements keel_complete runs (migrations/postgres/0008_complete_function.sql):
+/// the lock pass over `$1`, and the update.
+fn complete_sql() -> (String, String) {
+    let migration = include_str!("../../../migrations/postgres/0008_complete_function.sql");
+    let args = [
+        ("p_ids", "$1::uuid[]"),
+        ("p_tokens", "$2::uuid[]"),
+        ("p_results", "$3::text[]"),
+        ("p_finished_at", "$4::timestamptz"),
+    ];
+    (
+        function_query(migration, "PERFORM", &args[..1]),
+        function_query(migration, "RETURN QUERY", &args),
+    )
 }
 
 async fn explain(conn: &Object, case: &Case<'_>) -> Vec<String> {
@@ -327,19 +359,6 @@ async fn explain_hot_queries_use_indexes() {
             once: &[],
         },
         Case {
-            name: "complete",
-            sql: &COMPLETE_SQL,
-            params: vec![&ids, &tokens, &results, &now],
-            literals: format!(
-                "ARRAY['{cursor}'::uuid], ARRAY['{cursor}'::uuid], ARRAY[NULL::text], {}",
-                ts(now)
-            ),
-            // By primary key only, never by the running index (dead entries pile up there).
-            index: "jobs_pkey",
-            generic_uses_index: true,
-            once: &[],
-        },
-        Case {
             name: "list after cursor",
             sql: &after_cursor.sql,
             params: after_cursor.params(),
@@ -435,6 +454,43 @@ async fn explain_hot_queries_use_indexes() {
     conn.batch_execute("RESET enable_sort; RESET enable_bitmapscan")
         .await
         .expect("resetting the walk's settings");
+    // The completion inside keel_complete, planned with the function's own settings.
+    let (lock_sql, complete_sql) = complete_sql();
+    let completion = [
+        Case {
+            name: "complete lock",
+            sql: &lock_sql,
+            params: vec![&ids],
+            literals: format!("ARRAY['{cursor}'::uuid]"),
+            index: "jobs_pkey",
+            generic_uses_index: true,
+            once: &[],
+        },
+        Case {
+            name: "complete",
+            sql: &complete_sql,
+            params: vec![&ids, &tokens, &results, &now],
+            literals: format!(
+                "ARRAY['{cursor}'::uuid], ARRAY['{cursor}'::uuid], ARRAY[NULL::text], {}",
+                ts(now)
+            ),
+            // By primary key only, never by the running index (dead entries pile up there).
+            index: "jobs_pkey",
+            generic_uses_index: true,
+            once: &[],
+        },
+    ];
+    conn.batch_execute(
+        "SET enable_seqscan = off; SET enable_hashjoin = off; SET enable_mergejoin = off",
+    )
+    .await
+    .expect("the completion's settings");
+    for case in &completion {
+        problems.extend(explain(&conn, case).await);
+    }
+    conn.batch_execute("RESET enable_seqscan; RESET enable_hashjoin; RESET enable_mergejoin")
+        .await
+        .expect("resetting the completion's settings");
     assert!(problems.is_empty(), "{}", problems.join("\n\n"));
 
     // The gauges' count (no parameters: one plan) reads the unfinished jobs through their
