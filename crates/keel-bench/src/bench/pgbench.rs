@@ -83,8 +83,8 @@ const TIME_ORDERED_ID: &str = "(lpad(to_hex((extract(epoch FROM clock_timestamp(
 /// lease as the fence and no `state = 'running'` term. Such a term matches the predicate of
 /// the partial running index, and the planner then ANDs a scan of that whole index — every
 /// dead entry the run has left in it — into each completion: 3–4 ms per 100 jobs after a few
-/// seconds, which made this reference read 23–27k jobs/s where Keel's own statements on the
-/// same table sustain 35–38k.
+/// seconds, which made this reference read 23–27k jobs/s where the same script without the
+/// term reads 35–38k (docs/benchmarks.md, fifth pass of issue 14).
 fn keel_lifecycle() -> String {
     format!(
         "

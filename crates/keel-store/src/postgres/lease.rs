@@ -6,9 +6,9 @@
 //! A lease is live while the job can still complete; the token is the fence. The batched
 //! statements RETURN the submitted (id, token) pairs, which lets the caller match outcomes to
 //! items even when a batch names the same job twice with different tokens. They first lock
-//! their rows in id order (`locked`): a heartbeat and a completion batch over the same
-//! running jobs would otherwise lock them in whatever order each join visits them, and
-//! deadlock.
+//! their rows in id order (the `locked` CTE; in `keel_complete`, a statement of its own): a
+//! heartbeat and a completion batch over the same running jobs would otherwise lock them in
+//! whatever order each join visits them, and deadlock.
 //!
 //! They find their rows by primary key only, and have no state predicate: a live token means
 //! the job is running (CHECK jobs_lease_iff_running), and a `state = 'running'` term would
