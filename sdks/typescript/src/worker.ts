@@ -70,7 +70,8 @@ export interface WorkerOptions {
    * second × the lease round trip × 4, at least 1): dozens for millisecond jobs, one for
    * jobs that take seconds, so long jobs do not sit here while other workers have free
    * slots. After an idle spell, while leases come back full to slots with nothing
-   * buffered, it doubles at each lease until the measured pace catches up (slow start). Buffered jobs are leased (`running` on the server, attempt counted): they are
+   * buffered, it doubles at each lease until the measured pace catches up (slow start).
+   * Buffered jobs are leased (`running` on the server, attempt counted): they are
    * heartbeated, one cancelled or lost while it waits is dropped without running, and on
    * stop they are released at once without using an attempt.
    *
