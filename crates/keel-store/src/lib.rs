@@ -79,6 +79,15 @@ pub fn postgres_url_with_database(url: &str, database: &str) -> String {
     }
 }
 
+/// `url` (a `postgres://` URL) with its connections confined to `schema`: a `search_path`
+/// startup option appended to its query. Tests and `keel bench` give each run a schema of
+/// its own this way (docs/scaling.md: not through a transaction pooler, which refuses
+/// startup options).
+pub fn postgres_url_with_schema(url: &str, schema: &str) -> String {
+    let sep = if url.contains('?') { '&' } else { '?' };
+    format!("{url}{sep}options=-csearch_path%3D{schema}")
+}
+
 /// The conflict both backends report when an idempotency key comes back with a different
 /// request: one wording, so API clients see the same 409 whichever store is behind it. The
 /// key is quoted as text (`"k-1"`), escaped, since it is client input.
@@ -296,6 +305,18 @@ mod tests {
             DatabaseUrl::parse("sqlite://")
                 .unwrap_err()
                 .contains("no file path")
+        );
+    }
+
+    #[test]
+    fn a_postgres_url_is_confined_to_a_schema() {
+        assert_eq!(
+            postgres_url_with_schema("postgres://u@h/db", "s1"),
+            "postgres://u@h/db?options=-csearch_path%3Ds1"
+        );
+        assert_eq!(
+            postgres_url_with_schema("postgres://u@h/db?sslmode=disable", "s1"),
+            "postgres://u@h/db?sslmode=disable&options=-csearch_path%3Ds1"
         );
     }
 

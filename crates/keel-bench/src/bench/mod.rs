@@ -677,17 +677,14 @@ async fn one_run(
             let (scratch, url, env) = match pooler_url {
                 None => {
                     let scratch = Scratch::schema(base_url, "keel_bench").await?;
-                    let url = scratch.url().to_owned();
+                    let url = scratch.url();
                     (scratch, url, Vec::new())
                 }
                 Some(pooler) => {
                     let scratch = Scratch::database(base_url, "keel_bench").await?;
                     let env = vec![
                         ("KEEL_DATABASE_POOLER".to_owned(), "transaction".to_owned()),
-                        (
-                            "KEEL_DATABASE_LISTEN_URL".to_owned(),
-                            scratch.url().to_owned(),
-                        ),
+                        ("KEEL_DATABASE_LISTEN_URL".to_owned(), scratch.url()),
                     ];
                     let url = scratch.url_on(pooler);
                     rec.notes.push(format!(

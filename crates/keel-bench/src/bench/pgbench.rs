@@ -157,8 +157,9 @@ pub(crate) async fn run(
 }
 
 async fn run_in(program: &Path, schema: &Scratch, duration: Duration) -> anyhow::Result<Figures> {
+    let inside = schema.url();
     // Keel's own tables, created by Keel's migrations exactly as `keel serve` would.
-    let url = DatabaseUrl::parse(schema.url()).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let url = DatabaseUrl::parse(&inside).map_err(|e| anyhow::anyhow!("{e}"))?;
     let (store, _) = keel_store::open(
         &url,
         SqliteOptions::default(),
@@ -168,7 +169,7 @@ async fn run_in(program: &Path, schema: &Scratch, duration: Duration) -> anyhow:
     .await
     .context("creating Keel's tables for pgbench")?;
     store.close().await;
-    execute(schema.url(), MINIMAL_TABLE)
+    execute(&inside, MINIMAL_TABLE)
         .await
         .context("creating the minimal pgbench table")?;
 
@@ -189,21 +190,21 @@ async fn run_in(program: &Path, schema: &Scratch, duration: Duration) -> anyhow:
 
     let mut f = Figures::default();
     let script = |name: &str| dir.path().join(name);
-    match pgbench(program, schema.url(), &script(scripts[0].0), duration).await {
+    match pgbench(program, &inside, &script(scripts[0].0), duration).await {
         Ok(tps) => f.lifecycle_minimal = Some(tps * BATCH),
         Err(e) => f.errors.push(format!("pgbench lifecycle (minimal): {e:#}")),
     }
-    match pgbench(program, schema.url(), &script(scripts[1].0), duration).await {
+    match pgbench(program, &inside, &script(scripts[1].0), duration).await {
         Ok(tps) => f.lifecycle_keel = Some(tps * BATCH),
         Err(e) => f
             .errors
             .push(format!("pgbench lifecycle (Keel's table): {e:#}")),
     }
     // Start the insert run on an empty table, as Keel's W3 starts on a fresh one.
-    execute(schema.url(), "TRUNCATE jobs")
+    execute(&inside, "TRUNCATE jobs")
         .await
         .context("emptying jobs between pgbench runs")?;
-    match pgbench(program, schema.url(), &script(scripts[2].0), duration).await {
+    match pgbench(program, &inside, &script(scripts[2].0), duration).await {
         Ok(tps) => f.insert_tps = Some(tps),
         Err(e) => f.errors.push(format!("pgbench one-row insert: {e:#}")),
     }

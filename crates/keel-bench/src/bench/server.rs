@@ -409,8 +409,6 @@ pub(crate) struct Scratch {
     name: String,
     /// The server it was created on.
     base: String,
-    /// `base`, reaching the scratch schema or database.
-    url: String,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -451,11 +449,10 @@ impl Scratch {
 
     async fn create(kind: ScratchKind, base: &str, prefix: &str) -> anyhow::Result<Self> {
         let name = format!("{prefix}_{}", uuid::Uuid::new_v4().simple());
-        let mut scratch = Self {
+        let scratch = Self {
             kind,
             name,
             base: base.to_owned(),
-            url: String::new(),
         };
         execute(
             base,
@@ -463,22 +460,18 @@ impl Scratch {
         )
         .await
         .with_context(|| format!("creating {scratch}"))?;
-        scratch.url = scratch.url_on(base);
         Ok(scratch)
     }
 
     /// The URL that works inside it, on the server it was created on.
-    pub(crate) fn url(&self) -> &str {
-        &self.url
+    pub(crate) fn url(&self) -> String {
+        self.url_on(&self.base)
     }
 
     /// `url` (its server's, or a pooler's in front of that server) reaching it.
     pub(crate) fn url_on(&self, url: &str) -> String {
         match self.kind {
-            ScratchKind::Schema => {
-                let sep = if url.contains('?') { '&' } else { '?' };
-                format!("{url}{sep}options=-csearch_path%3D{}", self.name)
-            }
+            ScratchKind::Schema => keel_store::postgres_url_with_schema(url, &self.name),
             ScratchKind::Database => keel_store::postgres_url_with_database(url, &self.name),
         }
     }
@@ -510,7 +503,6 @@ pub(crate) async fn execute(url: &str, sql: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `SELECT version()` of the server at `url`.
 /// What the Postgres at `--database-url` is, recorded beside the figures: its version, and
 /// the settings that change what a job table costs over time.
 #[derive(Debug, Clone, serde::Serialize)]

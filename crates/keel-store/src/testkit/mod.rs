@@ -78,8 +78,7 @@ impl PgSchema {
     pub async fn create(base_url: &str) -> Self {
         let name = format!("keel_test_{}", uuid::Uuid::new_v4().simple());
         run_once(base_url, &format!("CREATE SCHEMA {name}")).await;
-        let sep = if base_url.contains('?') { '&' } else { '?' };
-        let url = format!("{base_url}{sep}options=-csearch_path%3D{name}");
+        let url = crate::postgres_url_with_schema(base_url, &name);
         Self {
             name,
             url,

@@ -105,8 +105,7 @@ async fn search_path_without_schema_is_a_clear_error() {
     else {
         return;
     };
-    let sep = if base.contains('?') { '&' } else { '?' };
-    let url = format!("{base}{sep}options=-csearch_path%3Dkeel_no_such_schema");
+    let url = crate::postgres_url_with_schema(&base, "keel_no_such_schema");
     let store = PgStore::connect(&url, PgOptions::for_tests(), clock())
         .await
         .expect("connecting does not need the schema");
