@@ -212,9 +212,12 @@ impl PgStore {
 /// queues_pkey probe per call, and FOR UPDATE does not reach into it, so leasers of one
 /// queue never lock its settings row. `id = ANY(ARRAY(…))`: the walk's ids are collected
 /// first and the update is primary-key lookups, whatever the planner guesses about a
-/// function's row count (a join on it was planned as a scan of the whole table). The outer
-/// state guard is redundant with the row lock; it is kept so the statement is correct on
-/// its own.
+/// function's row count (a join on it was planned as a scan of the whole table). The update
+/// has no state term of its own: the walk returns only available jobs, locked, so none can
+/// change before the update. A `state IN ('available')` term there matched the lease
+/// index's predicate, and on a table without statistics (a fresh schema, 10 000 jobs
+/// waiting) the planner found the walk's ids by scanning that whole index: 40 ms a lease
+/// instead of 5, and W1 of 10 000 jobs drained at 4 500 jobs/s.
 ///
 /// A `queued`-scope unique job gives up its key for good when first leased, so the same key
 /// can be enqueued again while it runs, and a later retry of it never competes for the key
@@ -236,9 +239,7 @@ fn lease_statement(tenant: &str, kinds: &str) -> String {
            unique_key = CASE WHEN j.unique_scope = 'queued' THEN NULL \
                              ELSE j.unique_key END \
          WHERE j.id = ANY(ARRAY(SELECT keel_lease_walk($1, $2, {tenant}, {kinds}))) \
-           AND j.state IN ({lease}) \
          RETURNING {COLUMNS}",
-        lease = guard(Transition::Lease),
         to = target(Transition::Lease),
     )
 }

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use deadpool_postgres::Object;
 use keel_core::store::ListParams;
-use keel_core::{Clock, JobId, JobState, ManualClock, QueueName, Store};
+use keel_core::{Clock, JobId, JobState, JobStore, ManualClock, QueueName, Store};
 use serde_json::Value;
 use tokio_postgres::types::ToSql;
 
@@ -521,4 +521,71 @@ async fn explain_hot_queries_use_indexes() {
     }
     drop(conn);
     store.close().await;
+}
+
+/// On a table without statistics (a fresh schema: autovacuum has not analysed it yet), the
+/// lease still updates the walk's ids by primary key, not by scanning another index for them.
+#[tokio::test]
+async fn the_lease_of_a_young_table_updates_by_primary_key() {
+    let Some(schema) =
+        schema_or_skip("postgres::tests::the_lease_of_a_young_table_updates_by_primary_key").await
+    else {
+        return;
+    };
+    let clock = ManualClock::starting_now();
+    let store = store_with_clock(&schema, PgOptions::for_tests(), Arc::new(clock.clone())).await;
+    let queue = QueueName::parse("young").expect("valid queue");
+    let jobs: Vec<keel_core::NewJob> = (0..10_000)
+        .map(|_| {
+            keel_core::NewJob::new(keel_core::JobKind::parse("noop").expect("kind"))
+                .queue(queue.clone())
+        })
+        .collect();
+    store.insert(jobs).await.expect("insert");
+    let conn = store.pool.get().await.expect("a pooled connection");
+    let analysed: Option<i64> = conn
+        .query_one(
+            "SELECT analyze_count + autoanalyze_count FROM pg_stat_user_tables \
+             WHERE relid = 'jobs'::regclass",
+            &[],
+        )
+        .await
+        .expect("the table's statistics")
+        .get(0);
+    assert_eq!(analysed, Some(0), "the table must not have been analysed");
+
+    let now = clock.now();
+    let (limit, owner, queue_name) = (100_i64, "w1", queue.as_str());
+    let lease = Case {
+        name: "lease of a young table",
+        sql: &LEASE_SQL,
+        params: vec![&queue_name, &limit, &owner, &now, &now],
+        literals: format!(
+            "'young', 100, 'w1', '{0}'::timestamptz, '{0}'::timestamptz",
+            now.to_rfc3339()
+        ),
+        index: "jobs_pkey",
+        generic_uses_index: true,
+        once: &[],
+    };
+    let problems = explain(&conn, &lease).await;
+    assert!(problems.is_empty(), "{}", problems.join("\n\n"));
+    // And by primary key alone: the lease index holds every waiting job, and a plan that
+    // reads it to find the walk's ids (a scan, or a bitmap ANDed with the primary key's)
+    // reads all of them at every lease.
+    let row = conn
+        .query_one(
+            &format!("EXPLAIN (FORMAT JSON) {}", *LEASE_SQL),
+            &lease.params,
+        )
+        .await
+        .expect("explain the lease");
+    let plan: Value = row.get(0);
+    let facts = PlanFacts::of(&plan);
+    assert_eq!(
+        facts.indexes,
+        ["jobs_pkey"],
+        "{}",
+        serde_json::to_string_pretty(&plan).unwrap_or_default()
+    );
 }
