@@ -11,7 +11,7 @@ use keel_core::{Clock, JobId, JobState, JobStore, ManualClock, QueueName, Store}
 use serde_json::Value;
 use tokio_postgres::types::ToSql;
 
-use super::{schema_or_skip, store_with_clock};
+use super::{noop, schema_or_skip, store_with_clock};
 use crate::postgres::PgOptions;
 use crate::postgres::idempotency::{IDEMPOTENCY_EXPIRE_SQL, IDEMPOTENCY_READ_SQL};
 use crate::postgres::jobs::ListQuery;
@@ -535,12 +535,7 @@ async fn the_lease_of_a_young_table_updates_by_primary_key() {
     let clock = ManualClock::starting_now();
     let store = store_with_clock(&schema, PgOptions::for_tests(), Arc::new(clock.clone())).await;
     let queue = QueueName::parse("young").expect("valid queue");
-    let jobs: Vec<keel_core::NewJob> = (0..10_000)
-        .map(|_| {
-            keel_core::NewJob::new(keel_core::JobKind::parse("noop").expect("kind"))
-                .queue(queue.clone())
-        })
-        .collect();
+    let jobs: Vec<keel_core::NewJob> = (0..10_000).map(|_| noop().queue(queue.clone())).collect();
     store.insert(jobs).await.expect("insert");
     let conn = store.pool.get().await.expect("a pooled connection");
     let analysed: Option<i64> = conn
