@@ -83,6 +83,7 @@ pub const POSTGRES: &[Migration] = &[
         "complete_function",
         "postgres/0008_complete_function.sql"
     ),
+    migration!(9, "generic_plans", "postgres/0009_generic_plans.sql"),
 ];
 
 /// What a migration run did.

@@ -66,12 +66,12 @@ impl WorkStore for PgStore {
         } else {
             (&*LEASE_FILTERED_SQL, &all[..])
         };
-        let rows = self.query_fresh(sql, bound, &ctx).await?;
+        let rows = self.query(sql, bound, &ctx).await?;
         let mut jobs = rows
             .iter()
             .map(rows::job_from_row)
             .collect::<Result<Vec<_>, _>>()?;
-        // UPDATE … RETURNING does not keep the CTE's order.
+        // UPDATE … RETURNING does not keep the walk's order.
         jobs.sort_by_key(|j| (j.priority, j.run_at, j.id));
         Ok(jobs)
     }
@@ -202,26 +202,12 @@ impl PgStore {
     }
 }
 
-/// Leases up to `$2` jobs of queue `$1` for owner `$3` until `$4`, started at `$5`.
-///
-/// The candidates come from `keel_lease_walk` (migrations/postgres/0007_lease_walk.sql): it
-/// walks jobs_lease_idx in lease order and skips rows another replica has locked, so
-/// concurrent leasers never wait on each other and never get the same job, and it plans
-/// itself with sorts and bitmap scans switched off, so stale statistics cannot turn a lease
-/// into a sort of the whole queue. A paused queue yields nothing: its check is one
-/// queues_pkey probe per call, and FOR UPDATE does not reach into it, so leasers of one
-/// queue never lock its settings row. `id = ANY(ARRAY(…))`: the walk's ids are collected
-/// first and the update is primary-key lookups, whatever the planner guesses about a
-/// function's row count (a join on it was planned as a scan of the whole table). The update
-/// has no state term of its own: the walk returns only available jobs, locked, so none can
-/// change before the update. A `state IN ('available')` term there matched the lease
-/// index's predicate, and on a table without statistics (a fresh schema, 10 000 jobs
-/// waiting) the planner found the walk's ids by scanning that whole index: 40 ms a lease
-/// instead of 5, and W1 of 10 000 jobs drained at 4 500 jobs/s.
-///
-/// A `queued`-scope unique job gives up its key for good when first leased, so the same key
-/// can be enqueued again while it runs, and a later retry of it never competes for the key
-/// with the job enqueued meanwhile.
+/// Leases up to `$2` jobs of queue `$1` for owner `$3` until `$4`, started at `$5`, through
+/// `keel_lease` (migrations/postgres/0009_generic_plans.sql): a walk of jobs_lease_idx in
+/// lease order that skips rows another replica has locked, then an update of the rows it
+/// locked by primary key, planned once per connection with settings that leave no plan a
+/// young table's statistics could turn into a scan of the whole queue. The call itself is
+/// a function scan, a plan that is right at any size, so it is a named statement.
 pub(super) static LEASE_SQL: LazyLock<String> =
     LazyLock::new(|| lease_statement("NULL::text", "'{}'::text[]"));
 
@@ -233,15 +219,7 @@ static LEASE_FILTERED_SQL: LazyLock<String> =
 
 /// The lease statement, with the walk's tenant and kinds arguments. See [`LEASE_SQL`].
 fn lease_statement(tenant: &str, kinds: &str) -> String {
-    format!(
-        "UPDATE jobs j SET state = '{to}', attempt = j.attempt + 1, lease_owner = $3, \
-           lease_token = gen_random_uuid(), lease_expires_at = $4, started_at = $5, \
-           unique_key = CASE WHEN j.unique_scope = 'queued' THEN NULL \
-                             ELSE j.unique_key END \
-         WHERE j.id = ANY(ARRAY(SELECT keel_lease_walk($1, $2, {tenant}, {kinds}))) \
-         RETURNING {COLUMNS}",
-        to = target(Transition::Lease),
-    )
+    format!("SELECT {COLUMNS} FROM keel_lease($1, $2, $3, $4, $5, {tenant}, {kinds}) j")
 }
 
 /// Extends the leases (`$1` ids, `$2` tokens) to `$3`; fenced and locked as the module

@@ -114,21 +114,27 @@ mod tests {
 
     #[test]
     fn guards_follow_the_state_machine() {
-        let lease = &*LEASE_SQL;
-        // The guard is the walk's (below); a state term in the update would let the planner
-        // find the walk's ids through the lease index (see `lease.rs`).
-        assert!(!lease.contains("state IN"), "{lease}");
-        assert!(lease.contains("SET state = 'running'"), "{lease}");
-        // The walk is a function of its own migration: its guard is written there by hand.
-        let walk = include_str!("../../migrations/postgres/0007_lease_walk.sql");
-        let sources = format!("j.state IN ({})", guard(Transition::Lease));
-        assert!(walk.contains(&sources), "{sources} in {walk}");
+        // The lease is a function of its own migration (0009_generic_plans.sql): its guard
+        // and target are written there by hand. The guard is the walk's; a state term in the
+        // update would let the planner find the walk's ids through the lease index (see
+        // `lease.rs`).
+        let lease = include_str!("../../migrations/postgres/0009_generic_plans.sql");
+        let lease = lease
+            .split("CREATE FUNCTION keel_lease(")
+            .nth(1)
+            .expect("keel_lease in its migration");
+        let to = format!("SET state = '{}'", target(Transition::Lease));
+        assert!(lease.contains(&to), "{to} in {lease}");
+        let sources = format!("w.state IN ({})", guard(Transition::Lease));
+        assert!(lease.contains(&sources), "{sources} in {lease}");
+        assert_eq!(lease.matches("state IN").count(), 1, "{lease}");
         assert!(
-            walk.contains(
+            lease.contains(
                 "NOT EXISTS (SELECT 1 FROM queues s WHERE s.name = p_queue AND s.paused)"
             ),
-            "{walk}"
+            "{lease}"
         );
+        assert!(LEASE_SQL.contains("FROM keel_lease("), "{}", *LEASE_SQL);
         // So is the completion's (0008_complete_function.sql): no guard, the lease token is
         // the fence (a live token means running), and the Complete transition's target.
         let complete = include_str!("../../migrations/postgres/0008_complete_function.sql");

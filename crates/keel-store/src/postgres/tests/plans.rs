@@ -15,7 +15,6 @@ use super::{noop, schema_or_skip, store_with_clock};
 use crate::postgres::PgOptions;
 use crate::postgres::idempotency::{IDEMPOTENCY_EXPIRE_SQL, IDEMPOTENCY_READ_SQL};
 use crate::postgres::jobs::ListQuery;
-use crate::postgres::lease::LEASE_SQL;
 use crate::postgres::maintenance::{
     DELETE_FINISHED_SQL, IDEMPOTENCY_DELETE_EXPIRED_SQL, PROMOTE_SQL, RESCUE_LOCK_SQL,
 };
@@ -197,19 +196,29 @@ fn function_query(migration: &str, marker: &str, args: &[(&str, &str)]) -> Strin
         .fold(query, |q, (name, param)| q.replace(name, param))
 }
 
-/// The query keel_lease_walk runs (migrations/postgres/0007_lease_walk.sql).
-fn lease_walk_sql() -> String {
+/// The statement keel_lease runs (migrations/postgres/0009_generic_plans.sql): the walk, in
+/// an InitPlan, and the update of the rows it locked.
+fn lease_sql() -> String {
     function_query(
-        include_str!("../../../migrations/postgres/0007_lease_walk.sql"),
+        include_str!("../../../migrations/postgres/0009_generic_plans.sql"),
         "RETURN QUERY",
         &[
             ("p_queue", "$1"),
             ("p_max", "$2"),
-            ("p_tenant", "$3::text"),
-            ("p_kinds", "$4::text[]"),
+            ("p_owner", "$3"),
+            ("p_expires_at", "$4"),
+            ("p_started_at", "$5"),
+            ("p_tenant", "$6::text"),
+            ("p_kinds", "$7::text[]"),
         ],
     )
 }
+
+/// keel_lease's own settings (migrations/postgres/0009_generic_plans.sql), for explaining its
+/// statement as it plans it.
+const LEASE_SETTINGS: &str =
+    "SET enable_seqscan = off; SET enable_sort = off; SET enable_bitmapscan = off";
+const LEASE_SETTINGS_RESET: &str = "RESET enable_seqscan; RESET enable_sort; RESET enable_bitmapscan";
 
 /// The two statements keel_complete runs (migrations/postgres/0008_complete_function.sql):
 /// the lock pass over `$1`, and the update.
@@ -227,13 +236,9 @@ fn complete_sql() -> (String, String) {
     )
 }
 
-async fn explain(conn: &Object, case: &Case<'_>) -> Vec<String> {
-    let row = conn
-        .query_one(&format!("EXPLAIN (FORMAT JSON) {}", case.sql), &case.params)
-        .await
-        .unwrap_or_else(|e| panic!("explaining {}: {e:?}", case.name));
-    let custom: Value = row.get(0);
-
+/// The plan Postgres keeps for `case` when it plans once for any values, as PL/pgSQL does
+/// under `plan_cache_mode = force_generic_plan`.
+async fn generic_plan(conn: &Object, case: &Case<'_>) -> Value {
     let stmt = format!("keel_explain_{}", case.name.replace(' ', "_"));
     conn.batch_execute(&format!(
         "PREPARE {stmt} AS {}; SET plan_cache_mode = force_generic_plan",
@@ -248,10 +253,20 @@ async fn explain(conn: &Object, case: &Case<'_>) -> Vec<String> {
         )
         .await
         .unwrap_or_else(|e| panic!("explaining generic {}: {e:?}", case.name));
-    let generic: Value = row.get(0);
     conn.batch_execute(&format!("DEALLOCATE {stmt}; RESET plan_cache_mode"))
         .await
         .unwrap_or_else(|e| panic!("cleaning up {}: {e:?}", case.name));
+    row.get(0)
+}
+
+async fn explain(conn: &Object, case: &Case<'_>) -> Vec<String> {
+    let row = conn
+        .query_one(&format!("EXPLAIN (FORMAT JSON) {}", case.sql), &case.params)
+        .await
+        .unwrap_or_else(|e| panic!("explaining {}: {e:?}", case.name));
+    let custom: Value = row.get(0);
+
+    let generic = generic_plan(conn, case).await;
 
     let generic_index = case.generic_uses_index.then_some(case.index);
     [
@@ -327,17 +342,6 @@ async fn explain_hot_queries_use_indexes() {
     let (tenants, keys) = (vec!["t3"], vec!["key-3"]);
 
     let cases = [
-        Case {
-            // The update itself: primary-key lookups of the walk's ids (the walk, inside
-            // keel_lease_walk, is checked below).
-            name: "lease",
-            sql: &LEASE_SQL,
-            params: vec![&queue_name, &limit, &owner, &now, &now],
-            literals: format!("'q3', 100, 'w2', {}, {}", ts(now), ts(now)),
-            index: "jobs_pkey",
-            generic_uses_index: true,
-            once: &[],
-        },
         Case {
             name: "list by queue and state",
             sql: &by_queue_state.sql,
@@ -435,25 +439,50 @@ async fn explain_hot_queries_use_indexes() {
     for case in &cases {
         problems.extend(explain(&conn, case).await);
     }
-    // The walk inside keel_lease_walk, planned with the function's own settings.
-    let walk_sql = lease_walk_sql();
+    // The lease inside keel_lease, planned with the function's own settings: the walk
+    // follows the lease index and reads the queue's settings once; the update finds the
+    // walk's ids by primary key.
+    let lease_sql = lease_sql();
     let (no_tenant, every_kind): (Option<&str>, Vec<&str>) = (None, Vec::new());
-    let walk = Case {
-        name: "lease walk",
-        sql: &walk_sql,
-        params: vec![&queue_name, &limit, &no_tenant, &every_kind],
-        literals: "'q3', 100, NULL, '{}'".to_owned(),
-        index: "jobs_lease_idx",
-        generic_uses_index: true,
-        once: &["queues"],
-    };
-    conn.batch_execute("SET enable_sort = off; SET enable_bitmapscan = off")
+    let lease_params: Vec<&(dyn ToSql + Sync)> = vec![
+        &queue_name,
+        &limit,
+        &owner,
+        &now,
+        &now,
+        &no_tenant,
+        &every_kind,
+    ];
+    let lease_literals = format!("'q3', 100, 'w2', {0}, {0}, NULL, '{{}}'", ts(now));
+    let lease = [
+        Case {
+            name: "lease walk",
+            sql: &lease_sql,
+            params: lease_params.clone(),
+            literals: lease_literals.clone(),
+            index: "jobs_lease_idx",
+            generic_uses_index: true,
+            once: &["queues"],
+        },
+        Case {
+            name: "lease update",
+            sql: &lease_sql,
+            params: lease_params,
+            literals: lease_literals,
+            index: "jobs_pkey",
+            generic_uses_index: true,
+            once: &[],
+        },
+    ];
+    conn.batch_execute(LEASE_SETTINGS)
         .await
-        .expect("the walk's settings");
-    problems.extend(explain(&conn, &walk).await);
-    conn.batch_execute("RESET enable_sort; RESET enable_bitmapscan")
+        .expect("the lease's settings");
+    for case in &lease {
+        problems.extend(explain(&conn, case).await);
+    }
+    conn.batch_execute(LEASE_SETTINGS_RESET)
         .await
-        .expect("resetting the walk's settings");
+        .expect("resetting the lease's settings");
     // The completion inside keel_complete, planned with the function's own settings.
     let (lock_sql, complete_sql) = complete_sql();
     let completion = [
@@ -551,36 +580,53 @@ async fn the_lease_of_a_young_table_updates_by_primary_key() {
 
     let now = clock.now();
     let (limit, owner, queue_name) = (100_i64, "w1", queue.as_str());
+    let (no_tenant, every_kind): (Option<&str>, Vec<&str>) = (None, Vec::new());
+    let sql = lease_sql();
     let lease = Case {
         name: "lease of a young table",
-        sql: &LEASE_SQL,
-        params: vec![&queue_name, &limit, &owner, &now, &now],
+        sql: &sql,
+        params: vec![
+            &queue_name,
+            &limit,
+            &owner,
+            &now,
+            &now,
+            &no_tenant,
+            &every_kind,
+        ],
         literals: format!(
-            "'young', 100, 'w1', '{0}'::timestamptz, '{0}'::timestamptz",
+            "'young', 100, 'w1', '{0}'::timestamptz, '{0}'::timestamptz, NULL, '{{}}'",
             now.to_rfc3339()
         ),
         index: "jobs_pkey",
         generic_uses_index: true,
         once: &[],
     };
+    conn.batch_execute(LEASE_SETTINGS)
+        .await
+        .expect("the lease's settings");
     let problems = explain(&conn, &lease).await;
     assert!(problems.is_empty(), "{}", problems.join("\n\n"));
-    // And by primary key alone: the lease index holds every waiting job, and a plan that
-    // reads it to find the walk's ids (a scan, or a bitmap ANDed with the primary key's)
-    // reads all of them at every lease.
-    let row = conn
-        .query_one(
-            &format!("EXPLAIN (FORMAT JSON) {}", *LEASE_SQL),
-            &lease.params,
-        )
-        .await
-        .expect("explain the lease");
-    let plan: Value = row.get(0);
+    // The walk reads the lease index once, and the update finds its ids by primary key
+    // alone: the lease index holds every waiting job, and a plan that reads it again to find
+    // the walk's ids (a scan, or a bitmap ANDed with the primary key's) reads all of them at
+    // every lease. The generic plan is the one keel_lease keeps.
+    let plan = generic_plan(&conn, &lease).await;
     let facts = PlanFacts::of(&plan);
+    let mut job_indexes: Vec<&str> = facts
+        .indexes
+        .iter()
+        .map(String::as_str)
+        .filter(|i| i.starts_with("jobs_"))
+        .collect();
+    job_indexes.sort_unstable();
     assert_eq!(
-        facts.indexes,
-        ["jobs_pkey"],
+        job_indexes,
+        ["jobs_lease_idx", "jobs_pkey"],
         "{}",
         serde_json::to_string_pretty(&plan).unwrap_or_default()
     );
+    conn.batch_execute(LEASE_SETTINGS_RESET)
+        .await
+        .expect("resetting the lease's settings");
 }
