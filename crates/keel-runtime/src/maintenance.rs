@@ -1,6 +1,6 @@
 //! Maintenance: make due jobs available (promote), take back jobs whose lease expired
 //! (rescue), and delete finished jobs, idempotency keys and cron tick records past
-//! retention.
+//! retention; in a loop of its own, vacuum the job tables when the database does not.
 //!
 //! Only the maintenance leader runs it (see `leader.rs`), so N replicas do not run N times
 //! the same statements. That is for efficiency only: every step is a batched store call
@@ -14,8 +14,9 @@ use std::time::Duration;
 
 use keel_core::NewSchedule;
 use keel_core::clock::to_delta;
-use keel_core::store::{PromoteParams, RescueParams, RetentionParams};
-use tokio::time::MissedTickBehavior;
+use keel_core::store::{LeaderEpoch, PromoteParams, RescueParams, RetentionParams};
+use tokio::sync::watch;
+use tokio::time::{Interval, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 
 use crate::handle::JobEvent;
@@ -33,35 +34,85 @@ const TICK_RECORD_MARGIN: Duration = Duration::from_secs(24 * 3600);
 /// While this replica leads, runs a pass every `maintenance.interval`, the first one as
 /// soon as it becomes leader; until `stop` fires.
 pub(crate) async fn run(shared: Arc<Shared>, stop: CancellationToken) {
-    let mut leadership = shared.handle.leadership.subscribe();
-    'terms: loop {
-        if leadership.borrow_and_update().is_none() {
-            tokio::select! {
-                biased;
-                () = stop.cancelled() => break,
-                changed = leadership.changed() => if changed.is_err() { break },
-            }
-            continue;
-        }
-        // A fresh interval per term: its first tick fires at once.
-        let mut tick = tokio::time::interval(shared.config.maintenance.interval);
-        tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                biased;
-                () = stop.cancelled() => break 'terms,
-                changed = leadership.changed() => {
-                    if changed.is_err() {
-                        break 'terms;
-                    }
-                    // Lost, or a new term: decide again.
-                    continue 'terms;
-                }
-                _ = tick.tick() => pass(&shared, &stop).await,
+    let mut ticks = LeaderTicks::new(&shared, shared.config.maintenance.interval);
+    while ticks.next(&stop).await {
+        pass(&shared, &stop).await;
+    }
+    tracing::debug!("maintenance stopped");
+}
+
+/// Time between two looks at whether the job tables need a vacuum nothing else will run
+/// (see [`keel_core::MaintenanceStore::vacuum`]); autovacuum's own pause is a minute. A
+/// vacuum of a large table can take seconds, so it has a loop of its own: promotion and
+/// rescue never wait for it.
+const VACUUM_NAP: Duration = Duration::from_secs(10);
+
+/// While this replica leads, asks the store every [`VACUUM_NAP`] to vacuum what needs it;
+/// until `stop` fires.
+pub(crate) async fn run_vacuum(shared: Arc<Shared>, stop: CancellationToken) {
+    let mut ticks = LeaderTicks::new(&shared, VACUUM_NAP);
+    while ticks.next(&stop).await {
+        match shared.store.vacuum().await {
+            Ok(tables) => tables.iter().for_each(|t| telemetry::vacuumed(t)),
+            Err(e) => {
+                telemetry::store_error("vacuum");
+                telemetry::report_store_error("vacuuming the job tables", &e);
             }
         }
     }
-    tracing::debug!("maintenance stopped");
+    tracing::debug!("vacuum stopped");
+}
+
+/// Ticks every `every` while this replica leads, the first time as soon as it becomes
+/// leader (a fresh interval per term), and not at all while it does not.
+struct LeaderTicks {
+    leadership: watch::Receiver<Option<LeaderEpoch>>,
+    every: Duration,
+    /// The current term's interval; `None` between terms.
+    tick: Option<Interval>,
+}
+
+impl LeaderTicks {
+    fn new(shared: &Shared, every: Duration) -> Self {
+        Self {
+            leadership: shared.handle.leadership.subscribe(),
+            every,
+            tick: None,
+        }
+    }
+
+    /// Waits for the next tick of a term; `false` once `stop` fires or leadership can no
+    /// longer change.
+    async fn next(&mut self, stop: &CancellationToken) -> bool {
+        loop {
+            let Some(tick) = self.tick.as_mut() else {
+                if self.leadership.borrow_and_update().is_some() {
+                    let mut tick = tokio::time::interval(self.every);
+                    tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+                    self.tick = Some(tick);
+                    continue;
+                }
+                tokio::select! {
+                    biased;
+                    () = stop.cancelled() => return false,
+                    changed = self.leadership.changed() => if changed.is_err() { return false },
+                }
+                continue;
+            };
+            tokio::select! {
+                biased;
+                () = stop.cancelled() => return false,
+                changed = self.leadership.changed() => {
+                    if changed.is_err() {
+                        return false;
+                    }
+                    // Lost, or a new term: decide again.
+                    self.tick = None;
+                }
+                _ = tick.tick() => return true,
+            }
+        }
+    }
 }
 
 /// One pass of every step.

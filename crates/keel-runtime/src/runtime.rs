@@ -205,9 +205,11 @@ impl Runtime {
         spawn_loop(&background, &loops_alive, run);
         let run = maintenance::run(Arc::clone(&shared), shared.draining.clone());
         spawn_loop(&background, &loops_alive, run);
+        let run = maintenance::run_vacuum(Arc::clone(&shared), shared.draining.clone());
+        spawn_loop(&background, &loops_alive, run);
         let run = cron::run(Arc::clone(&shared), shared.draining.clone());
         spawn_loop(&background, &loops_alive, run);
-        let loops_started = shared.config.queues.len() + 4;
+        let loops_started = shared.config.queues.len() + 5;
         dispatchers.close();
         background.close();
         tracing::info!(

@@ -46,6 +46,9 @@ pub const DUPLICATE_RUNS: &str = "keel_jobs_duplicate_runs_total";
 pub const STORE_BATCH_SIZE: &str = "keel_store_batch_size";
 /// Rows deleted by retention, by `what` (jobs, idempotency_keys, schedule_ticks).
 pub const MAINTENANCE_DELETED: &str = "keel_maintenance_deleted_total";
+/// Vacuums or analyses Keel ran itself, by `table` (`jobs`, `idempotency_keys`): only when
+/// the database's autovacuum is off (see `MaintenanceStore::vacuum`).
+pub const MAINTENANCE_VACUUMS: &str = "keel_maintenance_vacuums_total";
 /// Webhook attempts by `outcome`: what the receiver answered (`success`, `redirect`,
 /// `client_error`, `throttled` = 429, `server_error`), how the exchange failed (`timeout`,
 /// `connect_error`, `network_error`, `injected` by chaos, `refused` by the SSRF guard), or
@@ -150,6 +153,10 @@ pub fn describe_metrics() {
     );
     describe_counter!(MAINTENANCE_DELETED, "Rows deleted by retention.");
     describe_counter!(
+        MAINTENANCE_VACUUMS,
+        "Vacuums or analyses of a job table Keel ran because autovacuum is off."
+    );
+    describe_counter!(
         WEBHOOK_REQUESTS,
         "Webhook attempts by outcome, including those refused before any request."
     );
@@ -236,6 +243,10 @@ pub(crate) fn rescued(queue: &str, state: keel_core::JobState) {
 
 pub(crate) fn deleted(what: &'static str, n: u64) {
     counter!(MAINTENANCE_DELETED, "what" => what).increment(n);
+}
+
+pub(crate) fn vacuumed(table: &str) {
+    counter!(MAINTENANCE_VACUUMS, "table" => table.to_owned()).increment(1);
 }
 
 pub(crate) fn leader(leading: bool) {

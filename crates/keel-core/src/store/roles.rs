@@ -84,6 +84,7 @@ pub enum Op {
     /// With the epoch of the fence presented, so a refusal can name it.
     EnqueueTicks(LeaderEpoch),
     Ping,
+    Vacuum,
 }
 
 impl Op {
@@ -120,6 +121,7 @@ impl Op {
             Op::SetSchedulePaused => "pausing or resuming a schedule",
             Op::EnqueueTicks(_) => "enqueuing cron ticks",
             Op::Ping => "pinging the database",
+            Op::Vacuum => "vacuuming the job tables",
         }
     }
 }
@@ -291,6 +293,19 @@ pub trait MaintenanceStore: Send + Sync {
     /// Forgets tick records older than `before` (they only guard against enqueuing a tick
     /// twice, and no tick that old is due any more); returns how many.
     async fn delete_old_ticks(&self, before: Timestamp, limit: u32) -> Result<u64, StoreError>;
+
+    /// Reclaims the dead row versions of the store's busiest tables and refreshes their
+    /// statistics, where nothing else does; returns the tables it vacuumed or analysed.
+    ///
+    /// A Postgres queue table lives on vacuum: every lease and completion leaves a dead row
+    /// version and dead index entries, which each lease steps over until a vacuum removes
+    /// them, and a planner without fresh statistics misjudges listings. Autovacuum does that
+    /// when it is on; when a server runs with it off, the job table would rot. Stores whose
+    /// database reclaims space by itself (SQLite rewrites rows in place) do nothing. Safe to
+    /// call from several processes: a table another session is vacuuming is skipped.
+    async fn vacuum(&self) -> Result<Vec<String>, StoreError> {
+        Ok(Vec::new())
+    }
 }
 
 #[async_trait]
@@ -322,6 +337,10 @@ impl<L: StoreLayer> MaintenanceStore for Layered<L> {
     async fn delete_old_ticks(&self, before: Timestamp, limit: u32) -> Result<u64, StoreError> {
         let call = self.inner.delete_old_ticks(before, limit);
         self.layer.write(Op::DeleteOldTicks, call).await
+    }
+
+    async fn vacuum(&self) -> Result<Vec<String>, StoreError> {
+        self.layer.write(Op::Vacuum, self.inner.vacuum()).await
     }
 }
 

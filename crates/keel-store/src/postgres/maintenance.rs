@@ -166,6 +166,59 @@ impl MaintenanceStore for PgStore {
         self.execute(TICKS_DELETE_OLD_SQL, &[&before, &i64::from(limit)], &ctx)
             .await
     }
+
+    async fn vacuum(&self) -> Result<Vec<String>, StoreError> {
+        let ctx = || "vacuuming the job tables".to_owned();
+        let due = self.query(VACUUM_DUE_SQL, &[], &ctx).await?;
+        let mut done = Vec::new();
+        for row in &due {
+            let table: &str = rows::get(row, 0, "relname")?;
+            let vacuum: bool = rows::get(row, 1, "vacuum")?;
+            let analyze: bool = rows::get(row, 2, "analyze")?;
+            let Some(table) = VACUUMED_TABLES.iter().find(|t| **t == table) else {
+                continue;
+            };
+            let statement = match (vacuum, analyze) {
+                (true, true) => format!("VACUUM (TRUNCATE false, ANALYZE) {table}"),
+                (true, false) => format!("VACUUM (TRUNCATE false) {table}"),
+                (false, true) => format!("ANALYZE {table}"),
+                (false, false) => continue,
+            };
+            // TRUNCATE false: giving empty pages at the end of the table back to the file
+            // system takes an exclusive lock, and every lease and enqueue would wait on it
+            // (a stall of 300 ms in `keel bench` W2p); a queue table fills them again soon.
+            let ctx = || format!("running {statement}");
+            let conn = self.conn(&ctx).await?;
+            // A vacuum of a large table may outlast the statement timeout meant for
+            // requests. It runs at autovacuum's pace (vacuum_cost_delay 2 ms per 200 units
+            // of page cost), not flat out: unthrottled, each pass took a core for up to half
+            // a second and `keel bench` W2p's p99 pickup went from 5-9 ms to 7-39 ms. Behind
+            // a transaction pooler a session setting would leak to other clients, so there
+            // the role's settings apply.
+            let session = !self.sql.are_unnamed();
+            let ran = async {
+                if session {
+                    conn.batch_execute("SET statement_timeout = 0").await?;
+                    conn.batch_execute("SET vacuum_cost_delay = 2").await?;
+                }
+                conn.batch_execute(&statement).await?;
+                if session {
+                    conn.batch_execute("RESET statement_timeout").await?;
+                    conn.batch_execute("RESET vacuum_cost_delay").await?;
+                }
+                Ok::<_, tokio_postgres::Error>(())
+            }
+            .await;
+            if let Err(e) = ran {
+                // Its settings are unknown now: the connection is not given back.
+                drop(deadpool_postgres::Object::take(conn));
+                return Err(error::db(e, ctx()));
+            }
+            tracing::debug!(%table, vacuum, analyze, "vacuumed a job table");
+            done.push((*table).to_owned());
+        }
+        Ok(done)
+    }
 }
 
 /// Makes up to `$2` jobs due by `$1` available.
@@ -279,3 +332,16 @@ const TICKS_DELETE_OLD_SQL: &str = "DELETE FROM schedule_ticks t \
        LIMIT $2 \
        FOR UPDATE SKIP LOCKED)) \
      AND t.tick_at < $1";
+
+/// The tables [`MaintenanceStore::vacuum`] looks after: the two whose rows turn over with
+/// traffic (the others change a row at a time, in place).
+const VACUUMED_TABLES: [&str; 2] = ["jobs", "idempotency_keys"];
+
+/// Which of [`VACUUMED_TABLES`] need a vacuum or an analysis that nothing else will run: the
+/// server's or the table's autovacuum is off, no vacuum of it is in progress, and its dead or
+/// newly inserted rows, or the rows changed since its last analysis, passed the thresholds
+/// migration 4 sets for autovacuum (a vacuum after 1000 rows and 2 % of the table, an
+/// analysis after 1000 and 5 %), so Keel does what autovacuum would have done. Only a
+/// table's owner may vacuum it: one Keel's role does not own is left alone.
+const VACUUM_DUE_SQL: &str = "SELECT c.relname::text,        s.n_dead_tup >= 1000 + 0.02 * s.n_live_tup          OR s.n_ins_since_vacuum >= 1000 + 0.02 * s.n_live_tup,        s.n_mod_since_analyze >= 1000 + 0.05 * s.n_live_tup      FROM pg_class c JOIN pg_stat_user_tables s ON s.relid = c.oid      WHERE c.oid IN ('jobs'::regclass, 'idempotency_keys'::regclass)        AND (current_setting('autovacuum') = 'off'             OR coalesce(c.reloptions @> ARRAY['autovacuum_enabled=false'], false))        AND NOT EXISTS (SELECT 1 FROM pg_stat_progress_vacuum p WHERE p.relid = c.oid) \
+       AND pg_has_role(c.relowner, 'USAGE')";

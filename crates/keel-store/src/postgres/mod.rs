@@ -622,7 +622,8 @@ struct ServerFacts {
     /// Every lease and completion leaves a dead row version behind (a job's state is
     /// indexed, so its updates are never HOT), and a queue table lives on vacuum: without
     /// it the lease index keeps an entry for every job ever leased, and each lease on a
-    /// quiet queue steps over all of them.
+    /// quiet queue steps over all of them. Keel then vacuums its own tables
+    /// ([`MaintenanceStore::vacuum`](keel_core::MaintenanceStore::vacuum)).
     autovacuum_off: bool,
     /// No statement timeout from the role, the database or the connection.
     statement_timeout_unset: bool,
@@ -665,10 +666,10 @@ impl ServerFacts {
         if self.autovacuum_off {
             tracing::warn!(
                 %target,
-                "autovacuum is off on this Postgres server: the dead row versions every lease \
-                 and completion leaves are never reclaimed, so the job table and its indexes \
-                 grow without bound and each lease slows down; turn autovacuum on (Keel sets \
-                 per-table thresholds for it) or run VACUUM on the job table regularly"
+                "autovacuum is off on this Postgres server: the maintenance leader vacuums and \
+                 analyses Keel's job tables itself when their dead rows pass autovacuum's \
+                 thresholds, but the server's other tables get nothing; turn autovacuum on \
+                 (Keel sets per-table thresholds for it)"
             );
         }
     }

@@ -26,6 +26,8 @@
 //! - **State changes**: what complete, fail, cancel, retry and rescue announce reaches
 //!   another store on the same schema, in order and nothing else; a completion batch too
 //!   large for one notification is split under Postgres's payload limit and arrives whole.
+//! - **Vacuum**: Keel vacuums and analyses the job table itself where autovacuum is off,
+//!   past autovacuum's thresholds, and leaves it alone where autovacuum runs.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -41,6 +43,7 @@ mod notify;
 mod pgbouncer;
 mod plans;
 mod pool;
+mod vacuum;
 mod writes;
 
 fn clock() -> Arc<dyn Clock> {

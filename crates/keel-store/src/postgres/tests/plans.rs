@@ -218,7 +218,8 @@ fn lease_sql() -> String {
 /// statement as it plans it.
 const LEASE_SETTINGS: &str =
     "SET enable_seqscan = off; SET enable_sort = off; SET enable_bitmapscan = off";
-const LEASE_SETTINGS_RESET: &str = "RESET enable_seqscan; RESET enable_sort; RESET enable_bitmapscan";
+const LEASE_SETTINGS_RESET: &str =
+    "RESET enable_seqscan; RESET enable_sort; RESET enable_bitmapscan";
 
 /// The two statements keel_complete runs (migrations/postgres/0008_complete_function.sql):
 /// the lock pass over `$1`, and the update.
