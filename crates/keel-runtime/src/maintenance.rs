@@ -52,7 +52,15 @@ const VACUUM_NAP: Duration = Duration::from_secs(10);
 pub(crate) async fn run_vacuum(shared: Arc<Shared>, stop: CancellationToken) {
     let mut ticks = LeaderTicks::new(&shared, VACUUM_NAP);
     while ticks.next(&stop).await {
-        match shared.store.vacuum().await {
+        // Shutdown does not wait for a vacuum: the server carries on with one given up here
+        // (a backend notices its client gone only when it next talks to it), and the next
+        // leader's first look finds whatever is left.
+        let vacuumed = tokio::select! {
+            biased;
+            () = stop.cancelled() => break,
+            vacuumed = shared.store.vacuum() => vacuumed,
+        };
+        match vacuumed {
             Ok(tables) => tables.iter().for_each(|t| telemetry::vacuumed(t)),
             Err(e) => {
                 telemetry::store_error("vacuum");

@@ -493,7 +493,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<Outcome> {
             pg.synchronous_commit,
             pg.fsync,
             if pg.autovacuum == "off" {
-                " (no dead row is cleaned during the runs: the workloads after a backlog pay for them)"
+                " (Keel's maintenance leader vacuums its tables itself, at autovacuum's pace)"
             } else {
                 ""
             }
