@@ -198,13 +198,14 @@ impl MaintenanceStore for PgStore {
             let session = !self.sql.are_unnamed();
             let ran = async {
                 if session {
-                    conn.batch_execute("SET statement_timeout = 0").await?;
-                    conn.batch_execute("SET vacuum_cost_delay = 2").await?;
+                    conn.batch_execute("SET statement_timeout = 0; SET vacuum_cost_delay = 2")
+                        .await?;
                 }
+                // Alone in its message: VACUUM refuses to run inside a multi-statement one.
                 conn.batch_execute(&statement).await?;
                 if session {
-                    conn.batch_execute("RESET statement_timeout").await?;
-                    conn.batch_execute("RESET vacuum_cost_delay").await?;
+                    conn.batch_execute("RESET statement_timeout; RESET vacuum_cost_delay")
+                        .await?;
                 }
                 Ok::<_, tokio_postgres::Error>(())
             }
