@@ -169,7 +169,7 @@ impl MaintenanceStore for PgStore {
 
     async fn vacuum(&self) -> Result<Vec<String>, StoreError> {
         let ctx = || "vacuuming the job tables".to_owned();
-        let due = self.query(VACUUM_DUE_SQL, &[], &ctx).await?;
+        let due = self.query(&VACUUM_DUE_SQL, &[], &ctx).await?;
         let mut done = Vec::new();
         for row in &due {
             let table: &str = rows::get(row, 0, "relname")?;
@@ -344,13 +344,22 @@ const VACUUMED_TABLES: [&str; 2] = ["jobs", "idempotency_keys"];
 /// migration 4 sets for autovacuum (a vacuum after 1000 rows and 2 % of the table, an
 /// analysis after 1000 and 5 %), so Keel does what autovacuum would have done. Only a
 /// table's owner may vacuum it: one Keel's role does not own is left alone.
-const VACUUM_DUE_SQL: &str = "SELECT c.relname::text, \
-       s.n_dead_tup >= 1000 + 0.02 * s.n_live_tup \
-         OR s.n_ins_since_vacuum >= 1000 + 0.02 * s.n_live_tup, \
-       s.n_mod_since_analyze >= 1000 + 0.05 * s.n_live_tup \
-     FROM pg_class c JOIN pg_stat_user_tables s ON s.relid = c.oid \
-     WHERE c.oid IN ('jobs'::regclass, 'idempotency_keys'::regclass) \
-       AND (current_setting('autovacuum') = 'off' \
-            OR coalesce(c.reloptions @> ARRAY['autovacuum_enabled=false'], false)) \
-       AND NOT EXISTS (SELECT 1 FROM pg_stat_progress_vacuum p WHERE p.relid = c.oid) \
-       AND pg_has_role(c.relowner, 'USAGE')";
+static VACUUM_DUE_SQL: LazyLock<String> = LazyLock::new(|| {
+    let tables: Vec<String> = VACUUMED_TABLES
+        .iter()
+        .map(|t| format!("'{t}'::regclass"))
+        .collect();
+    format!(
+        "SELECT c.relname::text, \
+           s.n_dead_tup >= 1000 + 0.02 * s.n_live_tup \
+             OR s.n_ins_since_vacuum >= 1000 + 0.02 * s.n_live_tup, \
+           s.n_mod_since_analyze >= 1000 + 0.05 * s.n_live_tup \
+         FROM pg_class c JOIN pg_stat_user_tables s ON s.relid = c.oid \
+         WHERE c.oid IN ({tables}) \
+           AND (current_setting('autovacuum') = 'off' \
+                OR coalesce(c.reloptions @> ARRAY['autovacuum_enabled=false'], false)) \
+           AND NOT EXISTS (SELECT 1 FROM pg_stat_progress_vacuum p WHERE p.relid = c.oid) \
+           AND pg_has_role(c.relowner, 'USAGE')",
+        tables = tables.join(", "),
+    )
+});
