@@ -209,20 +209,53 @@ pub async fn open(
     }
 }
 
+/// How a backend's listing indexes (`jobs_queue_state_idx`, `jobs_tenant_state_idx`) are
+/// shaped, as its listing filter needs to know.
+pub(crate) struct ListingIndexes {
+    /// The states the indexes leave out (their predicate is "every state but these"):
+    /// running jobs on both backends (the `*_lean_listing_indexes` migrations), completed
+    /// ones too on Postgres (`0010_listing_skips_completed`).
+    pub(crate) left_out: &'static [keel_core::JobState],
+    /// Whether a query must carry the predicate's own term for the planner to use them.
+    /// SQLite's planner looks for the term; Postgres proves the predicate from the state
+    /// literal, and an extra term would only skew its row estimate (it multiplies the
+    /// selectivities of the two terms as if they were independent).
+    pub(crate) spell_predicate: bool,
+}
+
+impl ListingIndexes {
+    /// The indexes' predicate, written as the migrations write it: `state <> 'x'` for one
+    /// left-out state, `state NOT IN ('x', 'y')` for more.
+    pub(crate) fn predicate(&self, prefix: &str) -> String {
+        match self.left_out {
+            [one] => format!("{prefix}state <> '{}'", one.as_str()),
+            many => {
+                let names: Vec<String> = many.iter().map(|s| format!("'{}'", s.as_str())).collect();
+                format!("{prefix}state NOT IN ({})", names.join(", "))
+            }
+        }
+    }
+}
+
 /// A listing's state filter, as SQL text for either backend: the state as a literal (a
-/// closed set of names, so nothing from outside reaches the text), with the term that lets
-/// the listing indexes serve it. Those indexes leave running jobs out (migrations
-/// `*_lean_listing_indexes`), so a plan made for "any state" could not use them, and a
-/// planner only uses a partial index when the query's own terms imply its predicate;
-/// running jobs come from the running index.
-pub(crate) fn listing_state_filter(prefix: &str, state: keel_core::JobState) -> String {
-    if state == keel_core::JobState::Running {
-        format!("{prefix}state = 'running'")
-    } else {
+/// closed set of names, so nothing from outside reaches the text), so the planner knows
+/// whether a partial listing index holds it, plus the indexes' predicate where the backend
+/// needs it spelled out. A state the indexes leave out gets no such term: running jobs come
+/// from the running index, completed ones (Postgres) from the primary key, where they are
+/// most of a kept table, so a walk in id order meets them densely.
+pub(crate) fn listing_state_filter(
+    prefix: &str,
+    state: keel_core::JobState,
+    indexes: &ListingIndexes,
+) -> String {
+    if indexes.spell_predicate && !indexes.left_out.contains(&state) {
         format!(
-            "{prefix}state = '{}' AND {prefix}state <> 'running'",
-            state.as_str()
+            "{prefix}state = '{}' AND {}",
+            state.as_str(),
+            indexes.predicate(prefix)
         )
+    } else {
+        format!("{prefix}state = '{}'", state.as_str())
     }
 }
 
@@ -242,6 +275,7 @@ pub(crate) enum ListingValue<'a> {
 pub(crate) fn listing_conditions(
     p: &keel_core::store::ListParams,
     prefix: &str,
+    indexes: &ListingIndexes,
     mut bind: impl FnMut(ListingValue<'_>) -> String,
 ) -> Option<String> {
     let mut clauses = Vec::new();
@@ -261,7 +295,7 @@ pub(crate) fn listing_conditions(
         term("id", ">", ListingValue::Id(after));
     }
     if let Some(s) = p.state {
-        clauses.push(listing_state_filter(prefix, s));
+        clauses.push(listing_state_filter(prefix, s, indexes));
     }
     (!clauses.is_empty()).then(|| clauses.join(" AND "))
 }

@@ -84,6 +84,11 @@ pub const POSTGRES: &[Migration] = &[
         "postgres/0008_complete_function.sql"
     ),
     migration!(9, "generic_plans", "postgres/0009_generic_plans.sql"),
+    migration!(
+        10,
+        "listing_skips_completed",
+        "postgres/0010_listing_skips_completed.sql"
+    ),
 ];
 
 /// What a migration run did.

@@ -7,13 +7,13 @@ use std::sync::LazyLock;
 
 use async_trait::async_trait;
 use keel_core::store::{IdempotentInsert, IdempotentOutcome, JobPage, ListParams};
-use keel_core::{Job, JobId, JobStore, NewJob, StoreError, Transition};
+use keel_core::{Job, JobId, JobState, JobStore, NewJob, StoreError, Transition};
 use tokio_postgres::types::ToSql;
 
 use super::rows::COLUMNS;
 use super::sql::{guard, target};
 use super::{PgStore, rows, validate_all};
-use crate::{ListingValue, unique_key_held};
+use crate::{ListingIndexes, ListingValue, unique_key_held};
 
 #[async_trait]
 impl JobStore for PgStore {
@@ -135,11 +135,20 @@ static RETRY_SQL: LazyLock<String> = LazyLock::new(|| {
     )
 });
 
+/// The listing indexes leave out running jobs, which have their own index, and completed
+/// ones (migrations `0005_lean_listing_indexes` and `0010_listing_skips_completed`), so that
+/// a job's lease and its completion add no entry to either.
+pub(super) const LISTING_INDEXES: ListingIndexes = ListingIndexes {
+    left_out: &[JobState::Running, JobState::Completed],
+    spell_predicate: false,
+};
+
 /// A `list` statement for one combination of filters, with its parameters.
 ///
 /// Only the filters present appear in the text, so each shape is its own prepared statement
 /// with its own plan: queue filters use `jobs_queue_state_idx`, tenant filters
-/// `jobs_tenant_state_idx`, and an unfiltered page walks the primary key from the cursor.
+/// `jobs_tenant_state_idx`, running jobs the running index, and an unfiltered page, or one
+/// of completed jobs, walks the primary key from the cursor.
 pub(super) struct ListQuery {
     pub(super) sql: String,
     params: Vec<Box<dyn ToSql + Sync + Send>>,
@@ -148,7 +157,7 @@ pub(super) struct ListQuery {
 impl ListQuery {
     pub(super) fn new(p: &ListParams) -> Self {
         let mut params: Vec<Box<dyn ToSql + Sync + Send>> = Vec::new();
-        let filter = crate::listing_conditions(p, "j.", |value| {
+        let filter = crate::listing_conditions(p, "j.", &LISTING_INDEXES, |value| {
             params.push(match value {
                 ListingValue::Text(text) => Box::new(text.to_owned()),
                 ListingValue::Id(id) => Box::new(*id.as_uuid()),
@@ -175,8 +184,6 @@ impl ListQuery {
 
 #[cfg(test)]
 mod tests {
-    use keel_core::JobState;
-
     use super::*;
 
     #[test]
@@ -197,11 +204,22 @@ mod tests {
         assert!(
             q.sql.contains(
                 "WHERE j.queue = $1 AND j.id > $2 AND j.state = 'available' \
-                 AND j.state <> 'running' ORDER BY j.id LIMIT $3"
+                 ORDER BY j.id LIMIT $3"
             ),
             "{}",
             q.sql
         );
         assert_eq!(q.params().len(), 3);
+        let done = ListQuery::new(&ListParams {
+            state: Some(JobState::Completed),
+            limit: 10,
+            ..ListParams::default()
+        });
+        assert!(
+            done.sql
+                .contains("WHERE j.state = 'completed' ORDER BY j.id LIMIT $1"),
+            "{}",
+            done.sql
+        );
     }
 }

@@ -65,25 +65,32 @@ impl QueueStore for PgStore {
 
 /// Every queue's counts per state, and its paused flag. One statement, so counts and flags
 /// come from one snapshot. A queue known only from `queues` (paused or resumed, no jobs)
-/// comes back as one row with a NULL state and count. Running jobs are counted apart: the
-/// listing indexes leave them out, and the running index holds only them.
+/// comes back as one row with a NULL state and count. The states the listing indexes leave
+/// out are counted apart ([`LISTING_INDEXES`](super::jobs::LISTING_INDEXES)): running jobs by the running index,
+/// completed ones by a scan of the finished jobs.
 const QUEUE_STATS_SQL: &str = "SELECT COALESCE(c.queue, q.name), c.state, c.n, \
        COALESCE(q.paused, false) \
      FROM (SELECT queue, state, count(*) AS n FROM jobs \
-           WHERE state <> 'running' GROUP BY queue, state \
+           WHERE state NOT IN ('running', 'completed') GROUP BY queue, state \
            UNION ALL \
            SELECT queue, state, count(*) FROM jobs \
-           WHERE state = 'running' GROUP BY queue, state) c \
+           WHERE state = 'running' GROUP BY queue, state \
+           UNION ALL \
+           SELECT queue, state, count(*) FROM jobs \
+           WHERE state = 'completed' GROUP BY queue, state) c \
      FULL JOIN queues q ON q.name = c.queue";
 
 /// One tenant's view (`$1`): only the queues holding its jobs, counting only those (served
-/// by the (tenant, state, id) index, and the running index).
+/// by the (tenant, state, id) index, and the left-out states apart as above).
 const QUEUE_STATS_OF_TENANT_SQL: &str = "SELECT c.queue, c.state, c.n, COALESCE(q.paused, false) \
      FROM (SELECT queue, state, count(*) AS n FROM jobs \
-           WHERE tenant = $1 AND state <> 'running' GROUP BY queue, state \
+           WHERE tenant = $1 AND state NOT IN ('running', 'completed') GROUP BY queue, state \
            UNION ALL \
            SELECT queue, state, count(*) FROM jobs \
-           WHERE tenant = $1 AND state = 'running' GROUP BY queue, state) c \
+           WHERE tenant = $1 AND state = 'running' GROUP BY queue, state \
+           UNION ALL \
+           SELECT queue, state, count(*) FROM jobs \
+           WHERE tenant = $1 AND state = 'completed' GROUP BY queue, state) c \
      LEFT JOIN queues q ON q.name = c.queue";
 
 /// The gauges' count: unfinished jobs only, by partial index (see DEPTH_COUNTS).
@@ -109,14 +116,48 @@ const SET_QUEUE_PAUSED_SQL: &str = "WITH saved AS ( \
 /// One queue's counts per state (of one tenant's jobs when `$2` is not NULL) and its paused
 /// flag, in the row shape of [`QUEUE_STATS_SQL`]: the queue's own row always comes back
 /// (a NULL state and count when it holds no jobs), so an unused name answers zeros. Served
-/// by the (queue, state, id) index, and the running jobs apart as in the full statistics.
+/// by the (queue, state, id) index, and the left-out states apart as in the full statistics.
 const QUEUE_STATS_OF_ONE_SQL: &str = "SELECT n.name, c.state, c.n, COALESCE(q.paused, false) \
      FROM (SELECT $1::text AS name) n \
      LEFT JOIN (SELECT state, count(*) AS n FROM jobs \
                 WHERE queue = $1 AND ($2::text IS NULL OR tenant = $2) \
-                  AND state <> 'running' GROUP BY state \
+                  AND state NOT IN ('running', 'completed') GROUP BY state \
                 UNION ALL \
                 SELECT state, count(*) FROM jobs \
                 WHERE queue = $1 AND ($2::text IS NULL OR tenant = $2) \
-                  AND state = 'running' GROUP BY state) c ON true \
+                  AND state = 'running' GROUP BY state \
+                UNION ALL \
+                SELECT state, count(*) FROM jobs \
+                WHERE queue = $1 AND ($2::text IS NULL OR tenant = $2) \
+                  AND state = 'completed' GROUP BY state) c ON true \
      LEFT JOIN queues q ON q.name = n.name";
+
+#[cfg(test)]
+mod tests {
+    use super::super::jobs::LISTING_INDEXES;
+    use super::*;
+
+    /// Each statistics statement counts the indexed states by the listing indexes' own
+    /// predicate, and every state they leave out in a part of its own: no state is missed
+    /// or counted twice.
+    #[test]
+    fn statistics_count_each_state_once() {
+        let indexed = LISTING_INDEXES.predicate("");
+        for sql in [
+            QUEUE_STATS_SQL,
+            QUEUE_STATS_OF_TENANT_SQL,
+            QUEUE_STATS_OF_ONE_SQL,
+        ] {
+            assert_eq!(sql.matches(&indexed).count(), 1, "{sql}");
+            for state in LISTING_INDEXES.left_out {
+                let apart = format!("state = '{}'", state.as_str());
+                assert_eq!(sql.matches(&apart).count(), 1, "{apart} in {sql}");
+            }
+            assert_eq!(
+                sql.matches("UNION ALL").count(),
+                LISTING_INDEXES.left_out.len(),
+                "{sql}"
+            );
+        }
+    }
+}

@@ -5,13 +5,21 @@ use std::sync::{Arc, LazyLock};
 
 use async_trait::async_trait;
 use keel_core::store::{IdempotentInsert, IdempotentOutcome, JobPage, ListParams};
-use keel_core::{Job, JobId, JobStore, NewJob, StoreError, Transition};
+use keel_core::{Job, JobId, JobState, JobStore, NewJob, StoreError, Transition};
 use rusqlite::params;
 use rusqlite::types::Value;
 
 use super::rows::{COLUMNS, micros};
 use super::{SqliteStore, insert_rows, query_jobs, refused, state_guard, validate_all};
-use crate::unique_key_held;
+use crate::{ListingIndexes, unique_key_held};
+
+/// The listing indexes leave out running jobs only (migration `0004_lean_listing_indexes`).
+/// Unlike Postgres, SQLite touches an index only when a change moves the job in it, so
+/// completed jobs cost a completion one insert into each and stay listed by index.
+const LISTING_INDEXES: ListingIndexes = ListingIndexes {
+    left_out: &[JobState::Running],
+    spell_predicate: true,
+};
 
 #[async_trait]
 impl JobStore for SqliteStore {
@@ -48,7 +56,7 @@ impl JobStore for SqliteStore {
         let limit = p.effective_limit();
         self.read("listing jobs", move |conn| {
             let mut args: Vec<Value> = Vec::new();
-            let where_ = crate::listing_conditions(&p, "", |value| {
+            let where_ = crate::listing_conditions(&p, "", &LISTING_INDEXES, |value| {
                 args.push(match value {
                     crate::ListingValue::Text(text) => Value::Text(text.to_owned()),
                     crate::ListingValue::Id(id) => Value::Blob(id.as_bytes().to_vec()),
@@ -60,7 +68,7 @@ impl JobStore for SqliteStore {
             // Running jobs are few and only the running index holds them all; without the
             // hint a page of them would walk the primary key (the whole table when fewer
             // than a page run).
-            let index = if p.state == Some(keel_core::JobState::Running) {
+            let index = if p.state == Some(JobState::Running) {
                 "INDEXED BY jobs_expired_lease_idx "
             } else {
                 ""
