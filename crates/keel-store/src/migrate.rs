@@ -89,6 +89,11 @@ pub const POSTGRES: &[Migration] = &[
         "listing_skips_completed",
         "postgres/0010_listing_skips_completed.sql"
     ),
+    migration!(
+        11,
+        "lease_commits_async",
+        "postgres/0011_lease_commits_async.sql"
+    ),
 ];
 
 /// What a migration run did.

@@ -203,7 +203,9 @@ impl PgStore {
 }
 
 /// Leases up to `$2` jobs of queue `$1` for owner `$3` until `$4`, started at `$5`, through
-/// `keel_lease` (migrations/postgres/0009_generic_plans.sql): a walk of jobs_lease_idx in
+/// `keel_lease` (migrations/postgres/0009_generic_plans.sql; since
+/// `0011_lease_commits_async.sql` its transaction commits without waiting for the WAL
+/// flush, which that migration explains): a walk of jobs_lease_idx in
 /// lease order that skips rows another replica has locked, then an update of the rows it
 /// locked by primary key, planned once per connection with settings that leave no plan a
 /// young table's statistics could turn into a scan of the whole queue. The call itself is

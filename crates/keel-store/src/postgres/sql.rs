@@ -114,13 +114,13 @@ mod tests {
 
     #[test]
     fn guards_follow_the_state_machine() {
-        // The lease is a function of its own migration (0009_generic_plans.sql): its guard
-        // and target are written there by hand. The guard is the walk's; a state term in the
+        // The lease is a function of its own migrations (0009_generic_plans.sql, redefined
+        // by 0011_lease_commits_async.sql): its guard and target are written there by hand. The guard is the walk's; a state term in the
         // update would let the planner find the walk's ids through the lease index (see
         // `lease.rs`).
-        let lease = include_str!("../../migrations/postgres/0009_generic_plans.sql");
+        let lease = include_str!("../../migrations/postgres/0011_lease_commits_async.sql");
         let lease = lease
-            .split("CREATE FUNCTION keel_lease(")
+            .split("CREATE OR REPLACE FUNCTION keel_lease(")
             .nth(1)
             .expect("keel_lease in its migration");
         let to = format!("SET state = '{}'", target(Transition::Lease));

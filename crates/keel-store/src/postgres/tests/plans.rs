@@ -196,11 +196,11 @@ fn function_query(migration: &str, marker: &str, args: &[(&str, &str)]) -> Strin
         .fold(query, |q, (name, param)| q.replace(name, param))
 }
 
-/// The statement keel_lease runs (migrations/postgres/0009_generic_plans.sql): the walk, in
-/// an InitPlan, and the update of the rows it locked.
+/// The statement keel_lease runs (migrations/postgres/0011_lease_commits_async.sql, which
+/// redefines migration 9's): the walk, in an InitPlan, and the update of the rows it locked.
 fn lease_sql() -> String {
     function_query(
-        include_str!("../../../migrations/postgres/0009_generic_plans.sql"),
+        include_str!("../../../migrations/postgres/0011_lease_commits_async.sql"),
         "RETURN QUERY",
         &[
             ("p_queue", "$1"),
@@ -214,7 +214,7 @@ fn lease_sql() -> String {
     )
 }
 
-/// keel_lease's own settings (migrations/postgres/0009_generic_plans.sql), for explaining its
+/// keel_lease's own settings (migrations/postgres/0011_lease_commits_async.sql), for explaining its
 /// statement as it plans it.
 const LEASE_SETTINGS: &str =
     "SET enable_seqscan = off; SET enable_sort = off; SET enable_bitmapscan = off";

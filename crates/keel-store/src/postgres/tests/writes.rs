@@ -436,3 +436,52 @@ async fn overlapping_heartbeats_and_completions_do_not_deadlock() {
     }
     store.close().await;
 }
+
+/// The lease commits without waiting for its WAL flush (migration 11), and only the lease:
+/// the setting lives in the lease's own transaction, so the next transaction on the same
+/// pooled connection (a completion, an enqueue) commits durably.
+#[tokio::test]
+async fn only_the_lease_commits_asynchronously() {
+    let Some(schema) =
+        schema_or_skip("postgres::tests::only_the_lease_commits_asynchronously").await
+    else {
+        return;
+    };
+    let clock = ManualClock::starting_now();
+    let store = store_with_clock(&schema, PgOptions::for_tests(), Arc::new(clock.clone())).await;
+    let queue = QueueName::parse("async-lease").expect("valid queue");
+    store
+        .insert(vec![noop().queue(queue.clone())])
+        .await
+        .expect("insert");
+    let mut conn = store.pool.get().await.expect("a pooled connection");
+    let setting = "SELECT current_setting('synchronous_commit')";
+    let before: String = conn.query_one(setting, &[]).await.expect("setting").get(0);
+    assert_eq!(before, "on");
+
+    let now = clock.now();
+    let expires = now + chrono::TimeDelta::seconds(30);
+    let tx = conn.transaction().await.expect("begin");
+    let leased = tx
+        .query(
+            &*crate::postgres::lease::LEASE_SQL,
+            &[&queue.as_str(), &10_i64, &"w1", &expires, &now],
+        )
+        .await
+        .expect("lease");
+    assert_eq!(leased.len(), 1);
+    let inside: String = tx.query_one(setting, &[]).await.expect("setting").get(0);
+    assert_eq!(inside, "off", "the lease's transaction commits asynchronously");
+    tx.commit().await.expect("commit");
+
+    let after: String = conn.query_one(setting, &[]).await.expect("setting").get(0);
+    assert_eq!(after, "on", "the connection's next transaction commits durably");
+    let running: i64 = conn
+        .query_one("SELECT count(*) FROM jobs WHERE state = 'running'", &[])
+        .await
+        .expect("count")
+        .get(0);
+    assert_eq!(running, 1, "the lease is committed and visible");
+    drop(conn);
+    store.close().await;
+}
