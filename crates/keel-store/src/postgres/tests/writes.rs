@@ -471,11 +471,17 @@ async fn only_the_lease_commits_asynchronously() {
         .expect("lease");
     assert_eq!(leased.len(), 1);
     let inside: String = tx.query_one(setting, &[]).await.expect("setting").get(0);
-    assert_eq!(inside, "off", "the lease's transaction commits asynchronously");
+    assert_eq!(
+        inside, "off",
+        "the lease's transaction commits asynchronously"
+    );
     tx.commit().await.expect("commit");
 
     let after: String = conn.query_one(setting, &[]).await.expect("setting").get(0);
-    assert_eq!(after, "on", "the connection's next transaction commits durably");
+    assert_eq!(
+        after, "on",
+        "the connection's next transaction commits durably"
+    );
     let running: i64 = conn
         .query_one("SELECT count(*) FROM jobs WHERE state = 'running'", &[])
         .await
