@@ -8,9 +8,13 @@
 //! background while slots drain the buffer, and a worker hands its outcome to the completer
 //! and gives its slot back before the write is done ([`crate::worker`]). How far ahead
 //! follows the queue's pace ([`Pace`]: jobs started per second × the lease round trip),
-//! capped by [`crate::RuntimeConfig::prefetch`]. With one lease in flight at a time, a
+//! capped by [`crate::RuntimeConfig::prefetch`]. With few leases in flight at a time, a
 //! busy queue's leases batch themselves: whatever room opened up during one round trip is
-//! asked for by the next.
+//! asked for by the next. Up to [`MAX_LEASES`] are in flight when the room allows: a
+//! second lease runs while the first is still being answered (on Postgres, the walk and
+//! update of one batch are CPU on one backend, and a single lease at a time left the
+//! second core idle; `SKIP LOCKED` keeps the two batches apart). A second lease is only
+//! sent for at least half the prefetch, so a quiet queue still leases one call at a time.
 //!
 //! Buffered jobs are leased jobs like running ones: the heartbeat extends their leases, a
 //! user's cancel (or a lost lease) fires their token and the dispatcher drops them instead
@@ -43,6 +47,8 @@ use crate::runtime::Shared;
 use crate::telemetry;
 use crate::worker;
 
+/// Most leases of one queue in flight at once (see the module documentation).
+const MAX_LEASES: usize = 2;
 /// First delay after a failed lease; doubles per consecutive failure.
 const LEASE_RETRY_BASE: Duration = Duration::from_millis(100);
 /// Longest delay between lease attempts while the store keeps failing, so the queue is
@@ -72,7 +78,8 @@ struct Buffered {
 
 type LeaseCall = Pin<Box<dyn Future<Output = Result<Vec<Job>, StoreError>> + Send>>;
 
-/// The lease in flight: the call, how many jobs it asked for, and when it was sent (its
+/// A lease in flight: the call, how many jobs it asked for (counted against the room, so
+/// leases in flight never ask for more than the queue can hold), and when it was sent (its
 /// round trip feeds [`Pace`]).
 struct Leasing {
     call: LeaseCall,
@@ -88,7 +95,7 @@ pub(crate) async fn run(shared: Arc<Shared>, queue: QueueConfig, wake: Arc<Notif
     let mut pace = Pace::new(shared.config.prefetch_cap(), std::time::Instant::now());
     let stop = shared.draining.clone();
     let mut buffer: VecDeque<Buffered> = VecDeque::new();
-    let mut leasing: Option<Leasing> = None;
+    let mut leasing: Vec<Leasing> = Vec::new();
     // Whether the queue may have more work: the last lease came back full, or something
     // woke us since. While false, only a wakeup or the poll interval leads to a lease.
     let mut more = true;
@@ -106,18 +113,19 @@ pub(crate) async fn run(shared: Arc<Shared>, queue: QueueConfig, wake: Arc<Notif
         }
         let capacity = queue.concurrency + pace.prefetch();
         let running = queue.concurrency - slots.available_permits();
-        let room = capacity.saturating_sub(running + buffer.len());
-        // With work buffered, wait until half the prefetch was taken before leasing again,
-        // so a busy queue does not lease one job per finished job, yet the rest of the
-        // buffer still covers the round trip. With nothing buffered, lease at once: a
-        // worker is idle, or will be as soon as one finishes.
-        if leasing.is_none()
+        let asked: usize = leasing.iter().map(|l| l.asked).sum();
+        let room = capacity.saturating_sub(running + buffer.len() + asked);
+        // With work buffered or a lease in flight, wait until half the prefetch is free
+        // before leasing again, so a busy queue does not lease one job per finished job,
+        // yet the rest of the buffer still covers the round trip. With nothing buffered or
+        // asked for, lease at once: a worker is idle, or will be as soon as one finishes.
+        if leasing.len() < MAX_LEASES
             && more
             && retry_at.is_none()
             && room > 0
-            && (buffer.is_empty() || room >= (pace.prefetch() / 2).max(1))
+            && ((leasing.is_empty() && buffer.is_empty()) || room >= (pace.prefetch() / 2).max(1))
         {
-            leasing = Some(Leasing {
+            leasing.push(Leasing {
                 call: lease_call(&shared, &queue, room),
                 asked: room,
                 sent: Instant::now(),
@@ -163,10 +171,10 @@ pub(crate) async fn run(shared: Arc<Shared>, queue: QueueConfig, wake: Arc<Notif
         }
     }
     // A lease in flight was granted to us: its jobs join the buffer and go back with it.
-    if let Some(Leasing { call, asked, .. }) = leasing.take()
-        && let Ok(jobs) = call.await
-    {
-        take_lease(&shared, &queue, jobs, asked, &mut buffer);
+    for Leasing { call, asked, .. } in leasing {
+        if let Ok(jobs) = call.await {
+            take_lease(&shared, &queue, jobs, asked, &mut buffer);
+        }
     }
     release_buffer(&shared, &queue, buffer).await;
     telemetry::jobs_prefetched(&queue.name, 0);
@@ -315,18 +323,25 @@ async fn release_buffer(shared: &Arc<Shared>, queue: &QueueConfig, buffer: VecDe
     drop(buffer);
 }
 
-/// The lease in flight's answer, with how many jobs it asked for and its round trip; never
-/// resolves when no lease is in flight. Cancel-safe: dropped before the answer, the call
-/// stays in `leasing` and is polled again next time (the loop drops it on every freed slot,
-/// which is why the send time lives in [`Leasing`], not here).
-async fn finish(leasing: &mut Option<Leasing>) -> (Result<Vec<Job>, StoreError>, usize, Duration) {
-    let Some(l) = leasing.as_mut() else {
+/// The first answer among the leases in flight, with how many jobs it asked for and its
+/// round trip; that lease leaves `leasing`, the others stay. Never resolves when no lease
+/// is in flight. Cancel-safe: dropped before an answer, every call stays in `leasing` and
+/// is polled again next time (the loop drops this future on every freed slot, which is why
+/// the send time lives in [`Leasing`], not here).
+async fn finish(leasing: &mut Vec<Leasing>) -> (Result<Vec<Job>, StoreError>, usize, Duration) {
+    if leasing.is_empty() {
         return std::future::pending().await;
-    };
-    let answer = (&mut l.call).await;
-    let (asked, took) = (l.asked, l.sent.elapsed());
-    *leasing = None;
-    (answer, asked, took)
+    }
+    std::future::poll_fn(|cx| {
+        for i in 0..leasing.len() {
+            if let std::task::Poll::Ready(answer) = leasing[i].call.as_mut().poll(cx) {
+                let done = leasing.swap_remove(i);
+                return std::task::Poll::Ready((answer, done.asked, done.sent.elapsed()));
+            }
+        }
+        std::task::Poll::Pending
+    })
+    .await
 }
 
 /// Sleeps until `at`; forever when there is no `at`.
@@ -368,14 +383,14 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_lease_round_trip_counts_from_the_send_across_interruptions() {
         let answer_after = Duration::from_millis(30);
-        let mut leasing = Some(Leasing {
+        let mut leasing = vec![Leasing {
             call: Box::pin(async move {
                 tokio::time::sleep(answer_after).await;
                 Ok(Vec::new())
             }),
             asked: 7,
             sent: Instant::now(),
-        });
+        }];
         let mut interrupted = 0;
         let (answer, asked, took) = loop {
             tokio::select! {
@@ -387,6 +402,31 @@ mod tests {
         assert!(answer.is_ok());
         assert_eq!(asked, 7);
         assert!(took >= answer_after, "{took:?}");
-        assert!(leasing.is_none());
+        assert!(leasing.is_empty());
+    }
+
+    /// With two leases in flight, the first to answer comes out and the other stays in
+    /// flight, still counted from its own send.
+    #[tokio::test(start_paused = true)]
+    async fn the_first_of_two_leases_to_answer_comes_out_first() {
+        let lease = |after_ms: u64, asked: usize| Leasing {
+            call: Box::pin(async move {
+                tokio::time::sleep(Duration::from_millis(after_ms)).await;
+                Ok(Vec::new())
+            }),
+            asked,
+            sent: Instant::now(),
+        };
+        let mut leasing = vec![lease(50, 1), lease(20, 2)];
+        let (answer, asked, took) = finish(&mut leasing).await;
+        assert!(answer.is_ok());
+        assert_eq!(asked, 2);
+        assert!(took >= Duration::from_millis(20) && took < Duration::from_millis(50));
+        assert_eq!(leasing.len(), 1);
+        assert_eq!(leasing[0].asked, 1);
+        let (_, asked, took) = finish(&mut leasing).await;
+        assert_eq!(asked, 1);
+        assert!(took >= Duration::from_millis(50), "{took:?}");
+        assert!(leasing.is_empty());
     }
 }
