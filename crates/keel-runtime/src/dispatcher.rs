@@ -170,7 +170,8 @@ pub(crate) async fn run(shared: Arc<Shared>, queue: QueueConfig, wake: Arc<Notif
             () = sleep_until(retry_at) => retry_at = None,
         }
     }
-    // A lease in flight was granted to us: its jobs join the buffer and go back with it.
+    // Leases still in flight were granted to us: their jobs join the buffer and go back
+    // with it.
     for Leasing { call, asked, .. } in leasing {
         if let Ok(jobs) = call.await {
             take_lease(&shared, &queue, jobs, asked, &mut buffer);
