@@ -330,9 +330,8 @@ async fn release_buffer(shared: &Arc<Shared>, queue: &QueueConfig, buffer: VecDe
 /// is polled again next time (the loop drops this future on every freed slot, which is why
 /// the send time lives in [`Leasing`], not here).
 async fn finish(leasing: &mut Vec<Leasing>) -> (Result<Vec<Job>, StoreError>, usize, Duration) {
-    if leasing.is_empty() {
-        return std::future::pending().await;
-    }
+    // With nothing in flight the loop finds nothing ready and nothing registers a wakeup:
+    // pending for good, as wanted.
     std::future::poll_fn(|cx| {
         for i in 0..leasing.len() {
             if let std::task::Poll::Ready(answer) = leasing[i].call.as_mut().poll(cx) {
@@ -429,5 +428,8 @@ mod tests {
         assert_eq!(asked, 1);
         assert!(took >= Duration::from_millis(50), "{took:?}");
         assert!(leasing.is_empty());
+        // Nothing in flight: no answer, ever.
+        let idle = tokio::time::timeout(Duration::from_secs(3600), finish(&mut leasing)).await;
+        assert!(idle.is_err());
     }
 }
