@@ -31,16 +31,21 @@ async fn post(http: &reqwest::Client, url: &str) -> (u16, serde_json::Value) {
     (status, body)
 }
 
-/// Clears every fault, which also ends the latencies being injected into background work
-/// (maintenance, leases), so the process can stop within its grace.
-async fn clear_chaos(http: &reqwest::Client, keel: &KeelProcess) {
-    let cleared = http
+/// Replaces the injected faults through the admin API; calls that start afterwards get them.
+async fn put_chaos(http: &reqwest::Client, keel: &KeelProcess, settings: serde_json::Value) {
+    let put = http
         .put(format!("{}/debug/chaos", keel.admin))
-        .json(&json!({}))
+        .json(&settings)
         .send()
         .await
         .unwrap();
-    assert_eq!(cleared.status(), 200);
+    assert_eq!(put.status(), 200);
+}
+
+/// Clears every fault, which also ends the latencies being injected into background work
+/// (maintenance, leases), so the process can stop within its grace.
+async fn clear_chaos(http: &reqwest::Client, keel: &KeelProcess) {
+    put_chaos(http, keel, json!({})).await;
 }
 
 async fn slow_auth_and_slow_store_answer_504_naming_the_step(backend: Backend, test: &str) {
@@ -112,16 +117,9 @@ async fn a_client_that_leaves_takes_its_work_with_it(backend: Backend, test: &st
     let Some((url, _backing)) = database(backend, test).await else {
         return;
     };
-    // Store writes take a minute (chaos's longest) and the deadline is two: only the
-    // client's departure can end the work done for it within the 40 s allowed below.
-    let keel = KeelProcess::start(
-        &url,
-        &[
-            ("KEEL_CHAOS", "store_write.latency_ms=60000"),
-            ("KEEL_REQUEST_TIMEOUT", "2m"),
-        ],
-    )
-    .await;
+    // The deadline is two minutes: only the client's departure can end the work done for it
+    // within the 40 s allowed below.
+    let keel = KeelProcess::start(&url, &[("KEEL_REQUEST_TIMEOUT", "2m")]).await;
     let http = reqwest::Client::new();
     let baseline = within(Duration::from_secs(15), "a first tasks gauge", async {
         loop {
@@ -133,6 +131,11 @@ async fn a_client_that_leaves_takes_its_work_with_it(backend: Backend, test: &st
         }
     })
     .await;
+    // Store writes take a minute (chaos's longest) from now on. Set only now, not at
+    // startup: the background writes started at startup (leases, reaper, schedules) would
+    // otherwise all land a minute after it, and on a slow machine inside the window below,
+    // opening pool connections (each a task) that have nothing to do with the clients.
+    put_chaos(&http, &keel, json!({"store_write": {"latency_ms": 60000}})).await;
 
     // 50 clients that give up after 12 s: two of the gauge's 5 s refreshes, so the gauge
     // must first show their connections' tasks alive, then show them gone. They leave at
@@ -175,14 +178,17 @@ async fn a_client_that_leaves_takes_its_work_with_it(backend: Backend, test: &st
     }
     assert_eq!(gave_up, 50, "every client must have given up waiting");
 
-    // Long before the store latency is over, the server holds no task for them.
+    // Long before the store latency is over, the server holds no task for them. A few tasks
+    // of slack, far below the 50 that would stay: the baseline was read before this test's
+    // own keep-alive connection to the admin port existed, and a background read may have
+    // opened a pool connection (each is a task) since.
     let settled = within(
         Duration::from_secs(40),
         "tasks returning to baseline",
         async {
             loop {
                 let v = alive_tasks(&http, &keel).await;
-                if v <= baseline + 2.0 {
+                if v <= baseline + 5.0 {
                     return v;
                 }
                 tokio::time::sleep(Duration::from_millis(200)).await;
