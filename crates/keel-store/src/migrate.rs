@@ -94,6 +94,11 @@ pub const POSTGRES: &[Migration] = &[
         "lease_commits_async",
         "postgres/0011_lease_commits_async.sql"
     ),
+    migration!(
+        12,
+        "heartbeat_release_functions",
+        "postgres/0012_heartbeat_release_functions.sql"
+    ),
 ];
 
 /// What a migration run did.

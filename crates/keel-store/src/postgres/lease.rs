@@ -5,10 +5,12 @@
 //!
 //! A lease is live while the job can still complete; the token is the fence. The batched
 //! statements RETURN the submitted (id, token) pairs, which lets the caller match outcomes to
-//! items even when a batch names the same job twice with different tokens. They first lock
-//! their rows in id order (the `locked` CTE; in `keel_complete`, a statement of its own): a
-//! heartbeat and a completion batch over the same running jobs would otherwise lock them in
-//! whatever order each join visits them, and deadlock.
+//! items even when a batch names the same job twice with different tokens. They are
+//! functions of the migrations (`keel_extend_leases`, `keel_complete`, `keel_release`) that
+//! first lock their rows in id order, in a statement of their own: a heartbeat and a
+//! completion batch over the same running jobs would otherwise lock them in whatever order
+//! each join visits them, and deadlock. The update then looks each id up by primary key, a
+//! plan linear in the batch (migration 12 tells what a join to the locked rows cost).
 //!
 //! They find their rows by primary key only, and have no state predicate: a live token means
 //! the job is running (CHECK jobs_lease_iff_running), and a `state = 'running'` term would
@@ -36,7 +38,7 @@ use tokio_postgres::types::ToSql;
 use uuid::Uuid;
 
 use super::rows::COLUMNS;
-use super::sql::{guard, target};
+use super::sql::guard;
 use super::{PgStore, error, next_state, rows, split};
 use crate::codec;
 
@@ -170,7 +172,7 @@ impl WorkStore for PgStore {
         }
         let ctx = || format!("releasing jobs (batch of {})", leases.len());
         let (ids, tokens) = split(&leases);
-        self.fenced_batch(&leases, &RELEASE_SQL, &[&ids, &tokens, &self.channel], &ctx)
+        self.fenced_batch(&leases, RELEASE_SQL, &[&ids, &tokens, &self.channel], &ctx)
             .await
     }
 }
@@ -224,16 +226,11 @@ fn lease_statement(tenant: &str, kinds: &str) -> String {
     format!("SELECT {COLUMNS} FROM keel_lease($1, $2, $3, $4, $5, {tenant}, {kinds}) j")
 }
 
-/// Extends the leases (`$1` ids, `$2` tokens) to `$3`; fenced and locked as the module
-/// documentation says.
-const HEARTBEAT_SQL: &str = "WITH l AS (SELECT * FROM unnest($1::uuid[], $2::uuid[]) AS l(id, token)), \
-     locked AS (SELECT j.id FROM jobs j WHERE j.id = ANY($1::uuid[]) \
-                ORDER BY j.id FOR UPDATE) \
-     UPDATE jobs j SET lease_expires_at = $3 \
-     FROM l \
-     WHERE j.id = l.id AND j.id IN (SELECT id FROM locked) \
-       AND j.lease_token = l.token \
-     RETURNING l.id, l.token";
+/// Extends the leases (`$1` ids, `$2` tokens) to `$3`, through `keel_extend_leases`
+/// (migrations/postgres/0012_heartbeat_release_functions.sql): fenced and locked as the
+/// module documentation says, with a plan linear in the batch whatever the statistics.
+const HEARTBEAT_SQL: &str =
+    "SELECT job_id, job_token FROM keel_extend_leases($1::uuid[], $2::uuid[], $3)";
 
 /// Completes the leased jobs (`$1` ids, `$2` tokens, `$3` results) at `$4`, through
 /// `keel_complete` (migrations/postgres/0008_complete_function.sql): fenced and locked as
@@ -242,26 +239,11 @@ const HEARTBEAT_SQL: &str = "WITH l AS (SELECT * FROM unnest($1::uuid[], $2::uui
 pub(super) const COMPLETE_SQL: &str =
     "SELECT job_id, job_token FROM keel_complete($1::uuid[], $2::uuid[], $3::text[], $4)";
 
-/// Gives the leases (`$1` ids, `$2` tokens) back. The attempt the lease started does not
-/// count: it is given back. The job is available again, so its queue's listeners are told
-/// ($3 is the channel; Postgres folds identical notifications of one transaction into one).
-static RELEASE_SQL: LazyLock<String> = LazyLock::new(|| {
-    format!(
-        "WITH l AS (SELECT * FROM unnest($1::uuid[], $2::uuid[]) AS l(id, token)), \
-         locked AS (SELECT j.id FROM jobs j WHERE j.id = ANY($1::uuid[]) \
-                    ORDER BY j.id FOR UPDATE), \
-         released AS ( \
-           UPDATE jobs j SET state = '{to}', attempt = GREATEST(j.attempt - 1, 0), \
-             lease_token = NULL, lease_expires_at = NULL \
-           FROM l \
-           WHERE j.id = l.id AND j.id IN (SELECT id FROM locked) \
-             AND j.lease_token = l.token \
-           RETURNING l.id, l.token, j.queue \
-         ) \
-         SELECT r.id, r.token, pg_notify($3, r.queue) FROM released r",
-        to = target(Transition::Release),
-    )
-});
+/// Gives the leases (`$1` ids, `$2` tokens) back, through `keel_release`
+/// (migrations/postgres/0012_heartbeat_release_functions.sql). The attempt the lease
+/// started does not count: it is given back. The job is available again, so its queue's
+/// listeners are told ($3 is the channel).
+const RELEASE_SQL: &str = "SELECT job_id, job_token FROM keel_release($1::uuid[], $2::uuid[], $3)";
 
 /// The first step of `fail`: locks the job and reads what decides retry or discard.
 const FAIL_LOCK_SQL: &str = "SELECT j.state, j.lease_token, j.attempt, j.max_attempts, \

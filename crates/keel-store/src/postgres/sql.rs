@@ -144,6 +144,22 @@ mod tests {
             complete.contains("AND j.lease_token = l.token"),
             "{complete}"
         );
+        // The heartbeat's and the release's (0012_heartbeat_release_functions.sql) too: the
+        // token is the fence, and the release's target is the Release transition's.
+        let functions =
+            include_str!("../../migrations/postgres/0012_heartbeat_release_functions.sql");
+        assert_eq!(
+            functions.matches("AND j.lease_token = l.token").count(),
+            2,
+            "{functions}"
+        );
+        let release = functions
+            .split("CREATE FUNCTION keel_release(")
+            .nth(1)
+            .expect("keel_release in its migration");
+        let to = format!("SET state = '{}'", target(Transition::Release));
+        assert!(release.contains(&to), "{to} in {release}");
+        assert!(!functions.contains("state IN"), "{functions}");
         let cancel = &*CANCEL_SQL;
         assert!(
             cancel.contains("state IN ('scheduled', 'available', 'running', 'retryable')"),
@@ -175,5 +191,20 @@ mod tests {
             *FAIL_UPDATE_SQL
         );
         assert!(RESCUE_UPDATE_SQL.contains("pg_notify($6"));
+        // A released job is available again: its queue's listeners are told.
+        let functions =
+            include_str!("../../migrations/postgres/0012_heartbeat_release_functions.sql");
+        let body = |tag: &str| {
+            functions
+                .split(tag)
+                .nth(1)
+                .unwrap_or_else(|| panic!("{tag} in 0012_heartbeat_release_functions.sql"))
+        };
+        let (extend, release) = (body("$extend$"), body("$release$"));
+        assert!(!extend.contains("pg_notify("), "{extend}");
+        assert!(
+            release.contains("pg_notify(p_channel, r.queue)"),
+            "{release}"
+        );
     }
 }

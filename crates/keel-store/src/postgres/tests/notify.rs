@@ -6,6 +6,7 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
+use keel_core::store::LeaseRef;
 use keel_core::{
     Clock, JobId, JobState, JobStore, MaintenanceStore, ManualClock, QueueName, Store, WorkStore,
 };
@@ -21,8 +22,8 @@ async fn within<T>(wait: Duration, next: impl Future<Output = Option<T>>) -> Opt
 }
 
 /// An insert through one store wakes another store on the same schema, for that queue (and
-/// not for a queue that only got a scheduled job); promotion wakes it too. A store on
-/// another schema hears nothing.
+/// not for a queue that only got a scheduled job); promotion and a release wake it too. A
+/// store on another schema hears nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wakeups_reach_stores_on_the_same_schema_only() {
     let Some(base) =
@@ -67,6 +68,26 @@ async fn wakeups_reach_stores_on_the_same_schema_only() {
     assert_eq!(
         within(Duration::from_secs(5), heard.next()).await,
         Some(later)
+    );
+
+    // Leasing wakes nobody; giving the leases back makes the jobs available again, and
+    // wakes their queue once.
+    let leased = lease_from(&a, &mail, 10).await;
+    assert_eq!(leased.len(), 2);
+    let leases: Vec<_> = leased
+        .iter()
+        .map(|j| LeaseRef::of(j).expect("a leased job carries its lease"))
+        .collect();
+    let released = a.release(leases).await.expect("release");
+    assert!(released.iter().all(Result::is_ok), "{released:?}");
+    assert_eq!(
+        within(Duration::from_secs(5), heard.next()).await,
+        Some(mail.clone())
+    );
+    assert_eq!(
+        within(Duration::from_millis(500), heard.next()).await,
+        None,
+        "one wakeup per queue released"
     );
     assert_eq!(
         within(Duration::from_millis(500), overheard.next()).await,

@@ -73,6 +73,9 @@ struct PlanFacts {
     once: BTreeSet<String>,
     /// Relations read anywhere else.
     elsewhere: BTreeSet<String>,
+    /// CTEs read as the inner side of a nested loop: read again for every outer row, so the
+    /// statement is quadratic in a batch (migration 12 tells what that cost a heartbeat).
+    rescanned_ctes: Vec<String>,
 }
 
 impl PlanFacts {
@@ -109,6 +112,17 @@ impl PlanFacts {
                 if let Some(index) = map.get("Index Name").and_then(Value::as_str) {
                     self.indexes.push(index.to_owned());
                 }
+                if map.get("Node Type").and_then(Value::as_str) == Some("Nested Loop") {
+                    let inner = map
+                        .get("Plans")
+                        .and_then(Value::as_array)
+                        .into_iter()
+                        .flatten()
+                        .filter(|p| p["Parent Relationship"] == "Inner")
+                        .filter(|p| p["Node Type"] == "CTE Scan");
+                    self.rescanned_ctes
+                        .extend(inner.filter_map(|p| p["CTE Name"].as_str().map(str::to_owned)));
+                }
                 map.values().for_each(|v| self.walk(v, in_init_plan));
             }
             Value::Array(items) => items.iter().for_each(|v| self.walk(v, in_init_plan)),
@@ -117,9 +131,9 @@ impl PlanFacts {
     }
 }
 
-/// What is wrong with `plan`, if anything: a sequential scan of a large table, not using the
-/// index the statement was designed for (when `index` is given), or reading a table of
-/// `once` other than once per statement.
+/// What is wrong with `plan`, if anything: a sequential scan of a large table, a CTE read
+/// again for every row of a join, not using the index the statement was designed for (when
+/// `index` is given), or reading a table of `once` other than once per statement.
 fn check(
     name: &str,
     mode: &str,
@@ -133,6 +147,13 @@ fn check(
         return Some(format!(
             "{name} ({mode}) scans {:?} sequentially:\n{}",
             facts.seq_scans,
+            pretty()
+        ));
+    }
+    if !facts.rescanned_ctes.is_empty() {
+        return Some(format!(
+            "{name} ({mode}) reads {:?} again for every row of a nested loop:\n{}",
+            facts.rescanned_ctes,
             pretty()
         ));
     }
@@ -234,6 +255,35 @@ fn complete_sql() -> (String, String) {
     (
         function_query(migration, "PERFORM", &args[..1]),
         function_query(migration, "RETURN QUERY", &args),
+    )
+}
+
+/// The update of keel_extend_leases and the update of keel_release
+/// (migrations/postgres/0012_heartbeat_release_functions.sql); their lock pass is
+/// keel_complete's, word for word.
+fn extend_and_release_sql() -> (String, String) {
+    let migration =
+        include_str!("../../../migrations/postgres/0012_heartbeat_release_functions.sql");
+    let (extend, release) = migration
+        .split_once("CREATE FUNCTION keel_release(")
+        .expect("keel_release in its migration");
+    let lock = "PERFORM FROM jobs j WHERE j.id = ANY(p_ids) ORDER BY j.id FOR UPDATE;";
+    assert!(
+        extend.contains(lock) && release.contains(lock),
+        "{migration}"
+    );
+    let ids = [("p_ids", "$1::uuid[]"), ("p_tokens", "$2::uuid[]")];
+    (
+        function_query(
+            extend,
+            "RETURN QUERY",
+            &[ids[0], ids[1], ("p_expires_at", "$3::timestamptz")],
+        ),
+        function_query(
+            release,
+            "RETURN QUERY",
+            &[ids[0], ids[1], ("p_channel", "$3::text")],
+        ),
     )
 }
 
@@ -527,13 +577,37 @@ async fn explain_hot_queries_use_indexes() {
             once: &[],
         },
     ];
+    // The heartbeat's and the release's updates, planned with the same settings.
+    let (extend_sql, release_sql) = extend_and_release_sql();
+    let channel = "keel_wakeups";
+    let batch_literals = format!("ARRAY['{cursor}'::uuid], ARRAY['{cursor}'::uuid]");
+    let completion = completion.into_iter().chain([
+        Case {
+            name: "extend leases",
+            sql: &extend_sql,
+            params: vec![&ids, &tokens, &now],
+            literals: format!("{batch_literals}, {}", ts(now)),
+            index: "jobs_pkey",
+            generic_uses_index: true,
+            once: &[],
+        },
+        Case {
+            name: "release",
+            sql: &release_sql,
+            params: vec![&ids, &tokens, &channel],
+            literals: format!("{batch_literals}, '{channel}'"),
+            index: "jobs_pkey",
+            generic_uses_index: true,
+            once: &[],
+        },
+    ]);
     conn.batch_execute(
         "SET enable_seqscan = off; SET enable_hashjoin = off; SET enable_mergejoin = off",
     )
     .await
     .expect("the completion's settings");
-    for case in &completion {
-        problems.extend(explain(&conn, case).await);
+    for case in completion {
+        problems.extend(explain(&conn, &case).await);
     }
     conn.batch_execute("RESET enable_seqscan; RESET enable_hashjoin; RESET enable_mergejoin")
         .await
