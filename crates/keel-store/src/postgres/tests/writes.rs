@@ -1,6 +1,6 @@
 //! Writes: group commit (shared commits, one caller's duplicate failing only that caller,
-//! close answering every caller), idempotent claims, pausing, and heartbeats overlapping
-//! completions without deadlock.
+//! close answering every caller), idempotent claims, pausing, heartbeats overlapping
+//! completions without deadlock, and heartbeats and releases of thousands of leases.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -488,6 +488,115 @@ async fn only_the_lease_commits_asynchronously() {
         .expect("count")
         .get(0);
     assert_eq!(running, 1, "the lease is committed and visible");
+    drop(conn);
+    store.close().await;
+}
+
+/// A heartbeat and a release of thousands of leases (a replica's prefetched jobs and queued
+/// completions after a stall) apply to each live lease and to nothing else: every job gets
+/// the new expiry, stale tokens and unknown ids are told apart, and the release makes every
+/// job available with its attempt given back. Migration 12 keeps these batches linear; this
+/// checks they stay correct at that size.
+#[tokio::test]
+async fn thousands_of_leases_extend_and_release_each_one() {
+    use keel_core::store::{HeartbeatParams, LeaseParams, LeaseRef};
+    use keel_core::{JobId, LeaseToken};
+
+    let Some(schema) =
+        schema_or_skip("postgres::tests::thousands_of_leases_extend_and_release_each_one").await
+    else {
+        return;
+    };
+    let clock = ManualClock::starting_now();
+    let store = store_with_clock(&schema, PgOptions::for_tests(), Arc::new(clock.clone())).await;
+    let queue = QueueName::parse("many").expect("valid queue");
+    for _ in 0..5 {
+        let jobs = (0..1000).map(|_| noop().queue(queue.clone())).collect();
+        store.insert(jobs).await.expect("insert");
+    }
+    let mut leases: Vec<LeaseRef> = Vec::new();
+    while leases.len() < 5000 {
+        let leased = store
+            .lease(LeaseParams {
+                queue: queue.clone(),
+                max: 1000,
+                lease_for: Duration::from_secs(30),
+                owner: keel_core::WorkerId::parse("many").expect("worker"),
+                tenant: None,
+                kinds: Vec::new(),
+            })
+            .await
+            .expect("lease");
+        assert!(!leased.is_empty(), "only {} leased", leases.len());
+        leases.extend(leased.iter().filter_map(LeaseRef::of));
+    }
+    let stale: Vec<LeaseRef> = leases[..10]
+        .iter()
+        .map(|l| LeaseRef {
+            id: l.id,
+            token: LeaseToken::new(),
+        })
+        .collect();
+    let missing: Vec<LeaseRef> = (0..5)
+        .map(|_| LeaseRef {
+            id: JobId::new(),
+            token: LeaseToken::new(),
+        })
+        .collect();
+
+    clock.advance(Duration::from_secs(20));
+    let batch: Vec<LeaseRef> = leases
+        .iter()
+        .chain(&stale)
+        .chain(&missing)
+        .copied()
+        .collect();
+    let answers = store
+        .heartbeat(HeartbeatParams {
+            leases: batch,
+            lease_for: Duration::from_secs(60),
+        })
+        .await
+        .expect("heartbeat");
+    assert_eq!(answers.len(), 5015);
+    let expires = clock.now() + chrono::TimeDelta::seconds(60);
+    for (i, answer) in answers.iter().enumerate() {
+        match i {
+            0..5000 => assert_eq!(answer.as_ref().ok(), Some(&expires), "lease {i}"),
+            5000..5010 => assert!(
+                matches!(answer, Err(StoreError::StaleLease(_))),
+                "{i}: {answer:?}"
+            ),
+            _ => assert!(
+                matches!(answer, Err(StoreError::NotFound(_))),
+                "{i}: {answer:?}"
+            ),
+        }
+    }
+    let conn = store.pool.get().await.expect("connection");
+    let extended: i64 = conn
+        .query_one(
+            "SELECT count(*) FROM jobs WHERE state = 'running' AND lease_expires_at = $1",
+            &[&expires],
+        )
+        .await
+        .expect("count extended")
+        .get(0);
+    assert_eq!(extended, 5000);
+
+    let released = store.release(leases).await.expect("release");
+    assert_eq!(released.len(), 5000);
+    assert!(released.iter().all(Result::is_ok));
+    let available: i64 = conn
+        .query_one(
+            "SELECT count(*) FROM jobs WHERE state = 'available' AND attempt = 0 \
+             AND lease_token IS NULL",
+            &[],
+        )
+        .await
+        .expect("count released")
+        .get(0);
+    assert_eq!(available, 5000);
     drop(conn);
     store.close().await;
 }
