@@ -33,7 +33,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use deadpool_postgres::Object;
-use keel_core::{Clock, ManualClock};
+use keel_core::{Clock, ManualClock, QueueName, WorkStore};
 
 use super::{PgOptions, PgStore};
 use crate::testkit::PgSchema;
@@ -87,6 +87,21 @@ fn keyed_request(key: &str) -> keel_core::store::IdempotentInsert {
 
 fn noop() -> keel_core::NewJob {
     keel_core::NewJob::new(keel_core::JobKind::parse("noop").expect("valid kind"))
+}
+
+/// Leases up to `max` jobs of `queue` through `store`, for 30 s.
+async fn lease_from(store: &PgStore, queue: &QueueName, max: u32) -> Vec<keel_core::Job> {
+    store
+        .lease(keel_core::store::LeaseParams {
+            queue: queue.clone(),
+            max,
+            lease_for: Duration::from_secs(30),
+            owner: keel_core::WorkerId::parse("w").expect("valid worker"),
+            tenant: None,
+            kinds: Vec::new(),
+        })
+        .await
+        .expect("lease")
 }
 
 async fn count_jobs(store: &PgStore) -> i64 {

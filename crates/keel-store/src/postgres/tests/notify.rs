@@ -11,7 +11,7 @@ use keel_core::{
     Clock, JobId, JobState, JobStore, MaintenanceStore, ManualClock, QueueName, Store, WorkStore,
 };
 
-use super::{eventually, noop, schema_or_skip, store_in, store_with_clock};
+use super::{eventually, lease_from, noop, schema_or_skip, store_in, store_with_clock};
 use crate::postgres::{PgOptions, PgStore};
 use crate::testkit::{PgSchema, pg_url_or_skip};
 
@@ -159,21 +159,6 @@ async fn announcer_and_listener(
     let heard = b.changes().expect("Postgres delivers changes");
     eventually("the listener to be listening", || b.listens() >= 1).await;
     (clock, a, b, heard)
-}
-
-/// Leases up to `max` jobs of `queue` through `store`, for 30 s.
-async fn lease_from(store: &PgStore, queue: &QueueName, max: u32) -> Vec<keel_core::Job> {
-    store
-        .lease(keel_core::store::LeaseParams {
-            queue: queue.clone(),
-            max,
-            lease_for: Duration::from_secs(30),
-            owner: keel_core::WorkerId::parse("w").expect("valid worker"),
-            tenant: None,
-            kinds: Vec::new(),
-        })
-        .await
-        .expect("lease")
 }
 
 /// Every kind of announced move (cancel, retry, rescue) made through one store reaches

@@ -11,7 +11,8 @@ use keel_core::{
 };
 
 use super::{
-    count_jobs, eventually, keyed_request, noop, schema_or_skip, store_in, store_with_clock,
+    count_jobs, eventually, keyed_request, lease_from, noop, schema_or_skip, store_in,
+    store_with_clock,
 };
 use crate::postgres::PgOptions;
 
@@ -369,7 +370,7 @@ async fn close_answers_every_insert() {
 /// must never deadlock: every batched lease-fenced update locks its rows in id order first.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn overlapping_heartbeats_and_completions_do_not_deadlock() {
-    use keel_core::store::{Completion, HeartbeatParams, LeaseParams, LeaseRef};
+    use keel_core::store::{Completion, HeartbeatParams, LeaseRef};
     use rand::seq::SliceRandom;
 
     let Some(schema) =
@@ -388,17 +389,7 @@ async fn overlapping_heartbeats_and_completions_do_not_deadlock() {
             })
             .collect();
         store.insert(jobs).await.expect("insert");
-        let leased = store
-            .lease(LeaseParams {
-                queue: q.clone(),
-                max: 400,
-                lease_for: Duration::from_secs(60),
-                owner: keel_core::WorkerId::parse("dl").expect("worker"),
-                tenant: None,
-                kinds: Vec::new(),
-            })
-            .await
-            .expect("lease");
+        let leased = lease_from(&store, &q, 400).await;
         let leases: Vec<LeaseRef> = leased.iter().filter_map(LeaseRef::of).collect();
         let mut tasks = Vec::new();
         for t in 0..4 {
@@ -499,7 +490,7 @@ async fn only_the_lease_commits_asynchronously() {
 /// checks they stay correct at that size.
 #[tokio::test]
 async fn thousands_of_leases_extend_and_release_each_one() {
-    use keel_core::store::{HeartbeatParams, LeaseParams, LeaseRef};
+    use keel_core::store::{HeartbeatParams, LeaseRef};
     use keel_core::{JobId, LeaseToken};
 
     let Some(schema) =
@@ -516,17 +507,7 @@ async fn thousands_of_leases_extend_and_release_each_one() {
     }
     let mut leases: Vec<LeaseRef> = Vec::new();
     while leases.len() < 5000 {
-        let leased = store
-            .lease(LeaseParams {
-                queue: queue.clone(),
-                max: 1000,
-                lease_for: Duration::from_secs(30),
-                owner: keel_core::WorkerId::parse("many").expect("worker"),
-                tenant: None,
-                kinds: Vec::new(),
-            })
-            .await
-            .expect("lease");
+        let leased = lease_from(&store, &queue, 1000).await;
         assert!(!leased.is_empty(), "only {} leased", leases.len());
         leases.extend(leased.iter().filter_map(LeaseRef::of));
     }
