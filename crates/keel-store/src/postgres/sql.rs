@@ -88,6 +88,12 @@ mod tests {
     use super::super::maintenance::{DELETE_FINISHED_SQL, PROMOTE_SQL, RESCUE_UPDATE_SQL};
     use super::*;
 
+    /// The migrations whose functions hold batched statements, read by both tests below.
+    const COMPLETE_FUNCTION: &str =
+        include_str!("../../migrations/postgres/0008_complete_function.sql");
+    const HEARTBEAT_RELEASE_FUNCTIONS: &str =
+        include_str!("../../migrations/postgres/0012_heartbeat_release_functions.sql");
+
     #[test]
     fn every_single_statement_transition_has_one_target() {
         for t in [
@@ -137,7 +143,7 @@ mod tests {
         assert!(LEASE_SQL.contains("FROM keel_lease("), "{}", *LEASE_SQL);
         // So is the completion's (0008_complete_function.sql): no guard, the lease token is
         // the fence (a live token means running), and the Complete transition's target.
-        let complete = include_str!("../../migrations/postgres/0008_complete_function.sql");
+        let complete = COMPLETE_FUNCTION;
         let to = format!("SET state = '{}'", target(Transition::Complete));
         assert!(complete.contains(&to), "{to} in {complete}");
         assert!(
@@ -146,8 +152,7 @@ mod tests {
         );
         // The heartbeat's and the release's (0012_heartbeat_release_functions.sql) too: the
         // token is the fence, and the release's target is the Release transition's.
-        let functions =
-            include_str!("../../migrations/postgres/0012_heartbeat_release_functions.sql");
+        let functions = HEARTBEAT_RELEASE_FUNCTIONS;
         assert_eq!(
             functions.matches("AND j.lease_token = l.token").count(),
             2,
@@ -183,7 +188,7 @@ mod tests {
         assert!(line * CHANGES_PER_NOTIFICATION < 8000);
         // Completions and failures are not announced: a notifying transaction serialises
         // commits (see the documentation of `lease.rs`).
-        let complete = include_str!("../../migrations/postgres/0008_complete_function.sql");
+        let complete = COMPLETE_FUNCTION;
         assert!(!complete.contains("pg_notify"), "{complete}");
         assert!(
             !FAIL_UPDATE_SQL.contains("pg_notify"),
@@ -192,8 +197,7 @@ mod tests {
         );
         assert!(RESCUE_UPDATE_SQL.contains("pg_notify($6"));
         // A released job is available again: its queue's listeners are told.
-        let functions =
-            include_str!("../../migrations/postgres/0012_heartbeat_release_functions.sql");
+        let functions = HEARTBEAT_RELEASE_FUNCTIONS;
         let body = |tag: &str| {
             functions
                 .split(tag)
