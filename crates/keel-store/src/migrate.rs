@@ -99,6 +99,11 @@ pub const POSTGRES: &[Migration] = &[
         "heartbeat_release_functions",
         "postgres/0012_heartbeat_release_functions.sql"
     ),
+    migration!(
+        13,
+        "heartbeat_skips_busy_rows",
+        "postgres/0013_heartbeat_skips_busy_rows.sql"
+    ),
 ];
 
 /// What a migration run did.

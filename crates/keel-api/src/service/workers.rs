@@ -27,7 +27,8 @@ const RECHECK: Duration = Duration::from_secs(1);
 /// What a heartbeat found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Heartbeat {
-    /// The new expiry, or `None` once the job was cancelled.
+    /// When the lease now expires (see [`keel_core::WorkStore::heartbeat`]), or `None` once the job
+    /// was cancelled.
     pub expires_at: Option<Timestamp>,
     /// A user cancelled the job: the worker should stop its handler.
     pub cancel_requested: bool,

@@ -207,8 +207,11 @@ pub trait WorkStore: Send + Sync {
     /// concurrently; it becomes `running` with `attempt` + 1 and a fresh lease token.
     async fn lease(&self, params: LeaseParams) -> Result<Vec<Job>, StoreError>;
 
-    /// Extends leases that are still held; per item, the new expiry or
-    /// [`StoreError::StaleLease`] / [`StoreError::NotFound`].
+    /// Extends leases that are still held; per item, the lease's expiry after the call, or
+    /// [`StoreError::StaleLease`] / [`StoreError::NotFound`]. The expiry is the new one,
+    /// except that a store may leave a lease whose row another write holds at that moment
+    /// (almost always the job's outcome being committed) at its current expiry rather than
+    /// wait for it; the next heartbeat extends it if it is still held.
     async fn heartbeat(
         &self,
         params: HeartbeatParams,

@@ -7,10 +7,13 @@
 //! statements RETURN the submitted (id, token) pairs, which lets the caller match outcomes to
 //! items even when a batch names the same job twice with different tokens. They are
 //! functions of the migrations (`keel_extend_leases`, `keel_complete`, `keel_release`) that
-//! first lock their rows in id order, in a statement of their own: a heartbeat and a
-//! completion batch over the same running jobs would otherwise lock them in whatever order
-//! each join visits them, and deadlock. The update then looks each id up by primary key, a
-//! plan linear in the batch (migration 12 tells what a join to the locked rows cost).
+//! first lock their rows in a statement of their own. A completion and a release lock in id
+//! order: two batches over the same running jobs would otherwise lock them in whatever order
+//! each join visits them, and deadlock. A heartbeat waits for no lock at all: it skips the
+//! rows another transaction holds (almost always their outcome being written) and reports
+//! those leases as held until their current expiry, so it never stalls behind completion
+//! commits, nor stalls them (migration 13). The updates then look each id up by primary key,
+//! a plan linear in the batch (migration 12 tells what a join to the locked rows cost).
 //!
 //! They find their rows by primary key only, and have no state predicate: a live token means
 //! the job is running (CHECK jobs_lease_iff_running), and a `state = 'running'` term would
@@ -88,18 +91,16 @@ impl WorkStore for PgStore {
         let ctx = || format!("extending leases (batch of {})", params.leases.len());
         let expires_at = self.clock.now() + to_delta(params.lease_for);
         let (ids, tokens) = split(&params.leases);
-        let outcomes = self
-            .fenced_batch(
-                &params.leases,
-                HEARTBEAT_SQL,
-                &[&ids, &tokens, &expires_at],
-                &ctx,
-            )
-            .await?;
-        Ok(outcomes
-            .into_iter()
-            .map(|r| r.map(|()| expires_at))
-            .collect())
+        // Per lease, its expiry now: `expires_at`, or an earlier one for a lease whose row
+        // another transaction is writing (migrations/postgres/0013_heartbeat_skips_busy_rows.sql).
+        self.fenced_batch(
+            &params.leases,
+            HEARTBEAT_SQL,
+            &[&ids, &tokens, &expires_at],
+            |row| row.try_get(2),
+            &ctx,
+        )
+        .await
     }
 
     async fn complete(
@@ -172,8 +173,14 @@ impl WorkStore for PgStore {
         }
         let ctx = || format!("releasing jobs (batch of {})", leases.len());
         let (ids, tokens) = split(&leases);
-        self.fenced_batch(&leases, RELEASE_SQL, &[&ids, &tokens, &self.channel], &ctx)
-            .await
+        self.fenced_batch(
+            &leases,
+            RELEASE_SQL,
+            &[&ids, &tokens, &self.channel],
+            |_| Ok(()),
+            &ctx,
+        )
+        .await
     }
 }
 
@@ -198,6 +205,7 @@ impl PgStore {
             &leases,
             COMPLETE_SQL,
             &[&ids, &tokens, &results, &now],
+            |_| Ok(()),
             &ctx,
         )
         .await
@@ -227,10 +235,11 @@ fn lease_statement(tenant: &str, kinds: &str) -> String {
 }
 
 /// Extends the leases (`$1` ids, `$2` tokens) to `$3`, through `keel_extend_leases`
-/// (migrations/postgres/0012_heartbeat_release_functions.sql): fenced and locked as the
-/// module documentation says, with a plan linear in the batch whatever the statistics.
+/// (migrations/postgres/0013_heartbeat_skips_busy_rows.sql): fenced by token, with a plan
+/// linear in the batch whatever the statistics, and never waiting for a row another
+/// transaction holds. Returns each lease still held with its expiry.
 const HEARTBEAT_SQL: &str =
-    "SELECT job_id, job_token FROM keel_extend_leases($1::uuid[], $2::uuid[], $3)";
+    "SELECT job_id, job_token, expires_at FROM keel_extend_leases($1::uuid[], $2::uuid[], $3)";
 
 /// Completes the leased jobs (`$1` ids, `$2` tokens, `$3` results) at `$4`, through
 /// `keel_complete` (migrations/postgres/0008_complete_function.sql): fenced and locked as

@@ -47,7 +47,7 @@ mod task;
 #[cfg(all(test, feature = "testkit"))]
 mod tests;
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -506,37 +506,36 @@ impl PgStore {
     /// Runs one lease-fenced batch statement (`heartbeat`, `complete`, `release`) whose
     /// first two parameters are the ids and tokens of `leases` and which returns the
     /// `(id, token)` pairs it applied to (rows of NULLs, if a statement ever returns them,
-    /// are skipped). Items it did not apply to are told apart with one more query: the
-    /// job exists (its lease is stale) or it does not.
-    async fn fenced_batch(
+    /// are skipped), each with what `value` reads from the rest of its row. Items it did
+    /// not apply to are told apart with one more query: the job exists (its lease is
+    /// stale) or it does not.
+    async fn fenced_batch<T: Clone>(
         &self,
         leases: &[LeaseRef],
         sql: &str,
         params: &[&(dyn ToSql + Sync)],
+        value: impl Fn(&Row) -> Result<T, tokio_postgres::Error>,
         ctx: Ctx<'_>,
-    ) -> Result<Vec<Result<(), StoreError>>, StoreError> {
+    ) -> Result<Vec<Result<T, StoreError>>, StoreError> {
         let conn = self.conn(ctx).await?;
         let rows = self
             .sql
             .query_replanned(&conn, sql, params)
             .await
             .map_err(|e| error::db(e, ctx()))?;
-        let applied = rows
-            .iter()
-            .map(|r| {
-                let id: Option<Uuid> = r.try_get(0)?;
-                let token: Option<Uuid> = r.try_get(1)?;
-                Ok(id.zip(token))
-            })
-            .collect::<Result<Vec<Option<(Uuid, Uuid)>>, tokio_postgres::Error>>()
-            .map_err(|e| error::db(e, ctx()))?
-            .into_iter()
-            .flatten()
-            .collect::<HashSet<(Uuid, Uuid)>>();
-        let held = |l: &LeaseRef| applied.contains(&(*l.id.as_uuid(), *l.token.as_uuid()));
+        let db = |e: tokio_postgres::Error| error::db(e, ctx());
+        let mut applied = HashMap::with_capacity(rows.len());
+        for r in &rows {
+            let id: Option<Uuid> = r.try_get(0).map_err(db)?;
+            let token: Option<Uuid> = r.try_get(1).map_err(db)?;
+            if let Some(pair) = id.zip(token) {
+                applied.insert(pair, value(r).map_err(db)?);
+            }
+        }
+        let held = |l: &LeaseRef| applied.get(&(*l.id.as_uuid(), *l.token.as_uuid()));
         let missing: Vec<Uuid> = leases
             .iter()
-            .filter(|l| !held(l))
+            .filter(|l| held(l).is_none())
             .map(|l| *l.id.as_uuid())
             .collect();
         let existing: HashSet<Uuid> = if missing.is_empty() {
@@ -545,17 +544,17 @@ impl PgStore {
             self.sql
                 .query_replanned(&conn, EXISTING_SQL, &[&missing])
                 .await
-                .map_err(|e| error::db(e, ctx()))?
+                .map_err(db)?
                 .iter()
                 .map(|r| r.try_get::<_, Uuid>(0))
                 .collect::<Result<_, _>>()
-                .map_err(|e| error::db(e, ctx()))?
+                .map_err(db)?
         };
         Ok(leases
             .iter()
             .map(|l| {
-                if held(l) {
-                    Ok(())
+                if let Some(v) = held(l) {
+                    Ok(v.clone())
                 } else if existing.contains(l.id.as_uuid()) {
                     Err(StoreError::StaleLease(l.id))
                 } else {

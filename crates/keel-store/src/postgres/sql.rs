@@ -93,6 +93,9 @@ mod tests {
         include_str!("../../migrations/postgres/0008_complete_function.sql");
     const HEARTBEAT_RELEASE_FUNCTIONS: &str =
         include_str!("../../migrations/postgres/0012_heartbeat_release_functions.sql");
+    /// keel_extend_leases as migration 13 redefined it.
+    const HEARTBEAT_FUNCTION: &str =
+        include_str!("../../migrations/postgres/0013_heartbeat_skips_busy_rows.sql");
 
     #[test]
     fn every_single_statement_transition_has_one_target() {
@@ -150,21 +153,33 @@ mod tests {
             complete.contains("AND j.lease_token = l.token"),
             "{complete}"
         );
-        // The heartbeat's and the release's (0012_heartbeat_release_functions.sql) too: the
-        // token is the fence, and the release's target is the Release transition's.
-        let functions = HEARTBEAT_RELEASE_FUNCTIONS;
-        assert_eq!(
-            functions.matches("AND j.lease_token = l.token").count(),
-            2,
-            "{functions}"
-        );
-        let release = functions
+        // The release's (0012_heartbeat_release_functions.sql) too: the token is the fence,
+        // and the target is the Release transition's.
+        let release = HEARTBEAT_RELEASE_FUNCTIONS
             .split("CREATE FUNCTION keel_release(")
             .nth(1)
             .expect("keel_release in its migration");
+        assert!(release.contains("AND j.lease_token = l.token"), "{release}");
         let to = format!("SET state = '{}'", target(Transition::Release));
         assert!(release.contains(&to), "{to} in {release}");
-        assert!(!functions.contains("state IN"), "{functions}");
+        assert!(!release.contains("state IN"), "{release}");
+        // And the heartbeat's (0013_heartbeat_skips_busy_rows.sql): it locks only the rows
+        // whose token is still the lease's, skipping those another transaction holds,
+        // updates only what it locked, and answers only the leases still held.
+        let heartbeat = HEARTBEAT_FUNCTION;
+        let (lock, rest) = heartbeat
+            .split_once("FOR UPDATE OF j SKIP LOCKED")
+            .expect("the heartbeat's lock pass");
+        assert!(lock.contains("AND j.lease_token = l.token"), "{lock}");
+        let (update, read) = rest
+            .split_once("RETURN QUERY")
+            .expect("the heartbeat's read");
+        assert!(update.contains("FROM unnest(v_free)"), "{update}");
+        assert!(read.contains("AND j.lease_token = l.token"), "{read}");
+        assert!(
+            !heartbeat.contains("state IN") && !heartbeat.contains("state ="),
+            "{heartbeat}"
+        );
         let cancel = &*CANCEL_SQL;
         assert!(
             cancel.contains("state IN ('scheduled', 'available', 'running', 'retryable')"),
@@ -204,8 +219,11 @@ mod tests {
                 .nth(1)
                 .unwrap_or_else(|| panic!("{tag} in 0012_heartbeat_release_functions.sql"))
         };
-        let (extend, release) = (body("$extend$"), body("$release$"));
-        assert!(!extend.contains("pg_notify("), "{extend}");
+        let release = body("$release$");
+        assert!(
+            !HEARTBEAT_FUNCTION.contains("pg_notify("),
+            "{HEARTBEAT_FUNCTION}"
+        );
         assert!(
             release.contains("pg_notify(p_channel, r.queue)"),
             "{release}"

@@ -88,10 +88,22 @@ impl PgSchema {
 }
 
 impl Drop for PgSchema {
+    /// The test is over, so sessions still holding locks on the schema's tables are ended
+    /// first. A test that panics while one of its connections is inside a transaction
+    /// (holding a row lock, say) leaves that transaction open: the connection's task is
+    /// never polled again, and the drop would otherwise wait for its locks forever,
+    /// turning the test's failure into a hang.
     fn drop(&mut self) {
+        let name = &self.name;
         run_on_drop(
             &self.base_url,
-            format!("DROP SCHEMA IF EXISTS {} CASCADE", self.name),
+            format!(
+                "SELECT pg_terminate_backend(l.pid) FROM pg_locks l \
+                 JOIN pg_class c ON c.oid = l.relation \
+                 JOIN pg_namespace n ON n.oid = c.relnamespace \
+                 WHERE n.nspname = '{name}' AND l.pid <> pg_backend_pid(); \
+                 DROP SCHEMA IF EXISTS {name} CASCADE"
+            ),
         );
     }
 }

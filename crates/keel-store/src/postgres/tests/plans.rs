@@ -73,9 +73,9 @@ struct PlanFacts {
     once: BTreeSet<String>,
     /// Relations read anywhere else.
     elsewhere: BTreeSet<String>,
-    /// CTEs read as the inner side of a nested loop: read again for every outer row, so the
-    /// statement is quadratic in a batch (migration 12 tells what that cost a heartbeat).
-    rescanned_ctes: Vec<String>,
+    /// CTEs and a batch's `unnest`ed arrays read as the inner side of a nested loop: read again for every outer row, so the statement is quadratic in a batch
+    /// (migration 12 tells what that cost a heartbeat).
+    rescanned: Vec<String>,
 }
 
 impl PlanFacts {
@@ -119,9 +119,16 @@ impl PlanFacts {
                         .into_iter()
                         .flatten()
                         .filter(|p| p["Parent Relationship"] == "Inner")
-                        .filter(|p| p["Node Type"] == "CTE Scan");
-                    self.rescanned_ctes
-                        .extend(inner.filter_map(|p| p["CTE Name"].as_str().map(str::to_owned)));
+                        .filter_map(|p| match p["Node Type"].as_str() {
+                            Some("CTE Scan") => p["CTE Name"].as_str(),
+                            // Not a function called per row on purpose (the release's
+                            // pg_notify): a batch's arrays read again.
+                            Some("Function Scan") if p["Function Name"] == "unnest" => {
+                                Some("unnest")
+                            }
+                            _ => None,
+                        });
+                    self.rescanned.extend(inner.map(str::to_owned));
                 }
                 map.values().for_each(|v| self.walk(v, in_init_plan));
             }
@@ -131,8 +138,8 @@ impl PlanFacts {
     }
 }
 
-/// What is wrong with `plan`, if anything: a sequential scan of a large table, a CTE read
-/// again for every row of a join, not using the index the statement was designed for (when
+/// What is wrong with `plan`, if anything: a sequential scan of a large table, a CTE or a
+/// function read again for every row of a join, not using the index the statement was designed for (when
 /// `index` is given), or reading a table of `once` other than once per statement.
 fn check(
     name: &str,
@@ -150,10 +157,10 @@ fn check(
             pretty()
         ));
     }
-    if !facts.rescanned_ctes.is_empty() {
+    if !facts.rescanned.is_empty() {
         return Some(format!(
             "{name} ({mode}) reads {:?} again for every row of a nested loop:\n{}",
-            facts.rescanned_ctes,
+            facts.rescanned,
             pretty()
         ));
     }
@@ -258,39 +265,62 @@ fn complete_sql() -> (String, String) {
     )
 }
 
-/// The update of keel_extend_leases and the update of keel_release
-/// (migrations/postgres/0012_heartbeat_release_functions.sql); their lock pass is
-/// keel_complete's, word for word.
-fn extend_and_release_sql() -> (String, String) {
+/// The three statements keel_extend_leases runs
+/// (migrations/postgres/0013_heartbeat_skips_busy_rows.sql): the lock pass that skips rows
+/// other transactions hold, the update of the rows it locked (`$1`, its array of ids), and
+/// the read of every lease still held.
+fn extend_sql() -> [String; 3] {
+    let migration = include_str!("../../../migrations/postgres/0013_heartbeat_skips_busy_rows.sql");
+    let batch = [("p_ids", "$1::uuid[]"), ("p_tokens", "$2::uuid[]")];
+    let update = "UPDATE jobs j SET lease_expires_at";
+    [
+        format!(
+            "SELECT array_agg(f.id){}",
+            function_query(migration, "INTO v_free", &batch)
+        ),
+        format!(
+            "{update}{}",
+            function_query(
+                migration,
+                update,
+                &[
+                    ("v_free", "$1::uuid[]"),
+                    ("p_expires_at", "$2::timestamptz")
+                ],
+            )
+        ),
+        function_query(migration, "RETURN QUERY", &batch),
+    ]
+}
+
+/// The update of keel_release (migrations/postgres/0012_heartbeat_release_functions.sql);
+/// its lock pass is keel_complete's, word for word.
+fn release_sql() -> String {
     let migration =
         include_str!("../../../migrations/postgres/0012_heartbeat_release_functions.sql");
-    let (extend, release) = migration
+    let (_, release) = migration
         .split_once("CREATE FUNCTION keel_release(")
         .expect("keel_release in its migration");
     let lock = "PERFORM FROM jobs j WHERE j.id = ANY(p_ids) ORDER BY j.id FOR UPDATE;";
-    assert!(
-        extend.contains(lock) && release.contains(lock),
-        "{migration}"
-    );
-    let ids = [("p_ids", "$1::uuid[]"), ("p_tokens", "$2::uuid[]")];
-    (
-        function_query(
-            extend,
-            "RETURN QUERY",
-            &[ids[0], ids[1], ("p_expires_at", "$3::timestamptz")],
-        ),
-        function_query(
-            release,
-            "RETURN QUERY",
-            &[ids[0], ids[1], ("p_channel", "$3::text")],
-        ),
+    assert!(release.contains(lock), "{migration}");
+    function_query(
+        release,
+        "RETURN QUERY",
+        &[
+            ("p_ids", "$1::uuid[]"),
+            ("p_tokens", "$2::uuid[]"),
+            ("p_channel", "$3::text"),
+        ],
     )
 }
 
 /// The plan Postgres keeps for `case` when it plans once for any values, as PL/pgSQL does
 /// under `plan_cache_mode = force_generic_plan`.
 async fn generic_plan(conn: &Object, case: &Case<'_>) -> Value {
-    let stmt = format!("keel_explain_{}", case.name.replace(' ', "_"));
+    let stmt = format!(
+        "keel_explain_{}",
+        case.name.replace(|c: char| !c.is_ascii_alphanumeric(), "_")
+    );
     conn.batch_execute(&format!(
         "PREPARE {stmt} AS {}; SET plan_cache_mode = force_generic_plan",
         case.sql
@@ -577,16 +607,35 @@ async fn explain_hot_queries_use_indexes() {
             once: &[],
         },
     ];
-    // The heartbeat's and the release's updates, planned with the same settings.
-    let (extend_sql, release_sql) = extend_and_release_sql();
+    // The heartbeat's statements and the release's update, planned with the same settings.
+    let [extend_lock_sql, extend_sql, extended_sql] = extend_sql();
+    let release_sql = release_sql();
     let channel = "keel_wakeups";
     let batch_literals = format!("ARRAY['{cursor}'::uuid], ARRAY['{cursor}'::uuid]");
     let completion = completion.into_iter().chain([
         Case {
-            name: "extend leases",
+            name: "extend leases: lock",
+            sql: &extend_lock_sql,
+            params: vec![&ids, &tokens],
+            literals: batch_literals.clone(),
+            index: "jobs_pkey",
+            generic_uses_index: true,
+            once: &[],
+        },
+        Case {
+            name: "extend leases: update",
             sql: &extend_sql,
-            params: vec![&ids, &tokens, &now],
-            literals: format!("{batch_literals}, {}", ts(now)),
+            params: vec![&ids, &now],
+            literals: format!("ARRAY['{cursor}'::uuid], {}", ts(now)),
+            index: "jobs_pkey",
+            generic_uses_index: true,
+            once: &[],
+        },
+        Case {
+            name: "extend leases: read",
+            sql: &extended_sql,
+            params: vec![&ids, &tokens],
+            literals: batch_literals.clone(),
             index: "jobs_pkey",
             generic_uses_index: true,
             once: &[],

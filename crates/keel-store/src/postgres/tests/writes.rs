@@ -1,6 +1,7 @@
 //! Writes: group commit (shared commits, one caller's duplicate failing only that caller,
 //! close answering every caller), idempotent claims, pausing, heartbeats overlapping
-//! completions without deadlock, and heartbeats and releases of thousands of leases.
+//! completions without deadlock, heartbeats that skip rows being written, and heartbeats
+//! and releases of thousands of leases.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -367,7 +368,8 @@ async fn close_answers_every_insert() {
 }
 
 /// Heartbeats and completions over the same running jobs, each batch in a random order,
-/// must never deadlock: every batched lease-fenced update locks its rows in id order first.
+/// must never deadlock: a completion locks its rows in id order first, and a heartbeat waits
+/// for no lock.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn overlapping_heartbeats_and_completions_do_not_deadlock() {
     use keel_core::store::{Completion, HeartbeatParams, LeaseRef};
@@ -578,6 +580,90 @@ async fn thousands_of_leases_extend_and_release_each_one() {
         .expect("count released")
         .get(0);
     assert_eq!(available, 5000);
+    drop(conn);
+    store.close().await;
+}
+
+/// A heartbeat does not wait for a row another transaction holds (a completion being
+/// committed, say): it extends every other lease and answers that one as still held until
+/// its current expiry. Once the row is free again, the next heartbeat extends it. Were it to
+/// wait, the heartbeat would run into its statement timeout and answer an error.
+#[tokio::test]
+async fn a_heartbeat_skips_a_row_another_transaction_holds() {
+    use keel_core::store::{HeartbeatParams, LeaseRef};
+
+    let Some(schema) =
+        schema_or_skip("postgres::tests::a_heartbeat_skips_a_row_another_transaction_holds").await
+    else {
+        return;
+    };
+    let clock = ManualClock::starting_now();
+    let options = PgOptions {
+        statement_timeout: Some(Duration::from_secs(5)),
+        ..PgOptions::for_tests()
+    };
+    let store = store_with_clock(&schema, options, Arc::new(clock.clone())).await;
+    let queue = QueueName::parse("busy").expect("valid queue");
+    store
+        .insert((0..3).map(|_| noop().queue(queue.clone())).collect())
+        .await
+        .expect("insert");
+    let leased = lease_from(&store, &queue, 3).await;
+    assert_eq!(leased.len(), 3);
+    let leases: Vec<LeaseRef> = leased.iter().filter_map(LeaseRef::of).collect();
+    let busy = leased[1].id;
+    let busy_expiry = leased[1]
+        .lease
+        .as_ref()
+        .expect("a leased job has a lease")
+        .expires_at;
+
+    let mut holder = store.pool.get().await.expect("connection");
+    let tx = holder.transaction().await.expect("begin");
+    tx.query_one(
+        "SELECT id FROM jobs WHERE id = $1 FOR UPDATE",
+        &[busy.as_uuid()],
+    )
+    .await
+    .expect("lock the row");
+
+    let heartbeat = |lease_for| {
+        store.heartbeat(HeartbeatParams {
+            leases: leases.clone(),
+            lease_for,
+        })
+    };
+    clock.advance(Duration::from_secs(10));
+    let answers = heartbeat(Duration::from_secs(60))
+        .await
+        .expect("a heartbeat that waits for no lock");
+    let extended = clock.now() + chrono::TimeDelta::seconds(60);
+    let expected: Vec<Option<_>> = leased
+        .iter()
+        .map(|j| Some(if j.id == busy { busy_expiry } else { extended }))
+        .collect();
+    let got: Vec<Option<_>> = answers.iter().map(|a| a.as_ref().ok().copied()).collect();
+    assert_eq!(got, expected, "{answers:?}");
+    tx.rollback().await.expect("release the row");
+    drop(holder);
+
+    clock.advance(Duration::from_secs(10));
+    let answers = heartbeat(Duration::from_secs(60)).await.expect("heartbeat");
+    let extended = clock.now() + chrono::TimeDelta::seconds(60);
+    assert!(
+        answers.iter().all(|a| a.as_ref().ok() == Some(&extended)),
+        "{answers:?}"
+    );
+    let conn = store.pool.get().await.expect("connection");
+    let stored: i64 = conn
+        .query_one(
+            "SELECT count(*) FROM jobs WHERE state = 'running' AND lease_expires_at = $1",
+            &[&extended],
+        )
+        .await
+        .expect("count extended")
+        .get(0);
+    assert_eq!(stored, 3);
     drop(conn);
     store.close().await;
 }
