@@ -556,16 +556,8 @@ async fn thousands_of_leases_extend_and_release_each_one() {
             ),
         }
     }
+    assert_eq!(running_until(&store, expires).await, 5000);
     let conn = store.pool.get().await.expect("connection");
-    let extended: i64 = conn
-        .query_one(
-            "SELECT count(*) FROM jobs WHERE state = 'running' AND lease_expires_at = $1",
-            &[&expires],
-        )
-        .await
-        .expect("count extended")
-        .get(0);
-    assert_eq!(extended, 5000);
 
     let released = store.release(leases).await.expect("release");
     assert_eq!(released.len(), 5000);
@@ -654,16 +646,18 @@ async fn a_heartbeat_skips_a_row_another_transaction_holds() {
         answers.iter().all(|a| a.as_ref().ok() == Some(&extended)),
         "{answers:?}"
     );
-    let conn = store.pool.get().await.expect("connection");
-    let stored: i64 = conn
-        .query_one(
-            "SELECT count(*) FROM jobs WHERE state = 'running' AND lease_expires_at = $1",
-            &[&extended],
-        )
-        .await
-        .expect("count extended")
-        .get(0);
-    assert_eq!(stored, 3);
-    drop(conn);
+    assert_eq!(running_until(&store, extended).await, 3);
     store.close().await;
+}
+
+/// How many running jobs' leases expire at `expires`, as stored.
+async fn running_until(store: &crate::postgres::PgStore, expires: keel_core::Timestamp) -> i64 {
+    let conn = store.pool.get().await.expect("connection");
+    conn.query_one(
+        "SELECT count(*) FROM jobs WHERE state = 'running' AND lease_expires_at = $1",
+        &[&expires],
+    )
+    .await
+    .expect("count the leases extended")
+    .get(0)
 }
