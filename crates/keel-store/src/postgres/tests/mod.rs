@@ -105,10 +105,19 @@ async fn lease_from(store: &PgStore, queue: &QueueName, max: u32) -> Vec<keel_co
 }
 
 async fn count_jobs(store: &PgStore) -> i64 {
+    count_jobs_where(store, "true", &[]).await
+}
+
+/// How many stored jobs match `filter` (a WHERE clause over `jobs`, with `params`).
+async fn count_jobs_where(
+    store: &PgStore,
+    filter: &str,
+    params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+) -> i64 {
     let conn = store.pool.get().await.expect("connection");
-    conn.query_one("SELECT count(*) FROM jobs", &[])
+    conn.query_one(&format!("SELECT count(*) FROM jobs WHERE {filter}"), params)
         .await
-        .expect("count jobs")
+        .unwrap_or_else(|e| panic!("counting jobs where {filter}: {e}"))
         .get(0)
 }
 

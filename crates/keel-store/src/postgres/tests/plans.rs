@@ -73,8 +73,9 @@ struct PlanFacts {
     once: BTreeSet<String>,
     /// Relations read anywhere else.
     elsewhere: BTreeSet<String>,
-    /// CTEs and a batch's `unnest`ed arrays read as the inner side of a nested loop: read again for every outer row, so the statement is quadratic in a batch
-    /// (migration 12 tells what that cost a heartbeat).
+    /// CTEs and a batch's `unnest`ed arrays read as the inner side of a nested loop: read
+    /// again for every outer row, so the statement is quadratic in a batch (migration 12
+    /// tells what that cost a heartbeat).
     rescanned: Vec<String>,
 }
 
@@ -139,8 +140,9 @@ impl PlanFacts {
 }
 
 /// What is wrong with `plan`, if anything: a sequential scan of a large table, a CTE or a
-/// function read again for every row of a join, not using the index the statement was designed for (when
-/// `index` is given), or reading a table of `once` other than once per statement.
+/// batch's `unnest` read again for every row of a join, not using the index the statement
+/// was designed for (when `index` is given), or reading a table of `once` other than once
+/// per statement.
 fn check(
     name: &str,
     mode: &str,

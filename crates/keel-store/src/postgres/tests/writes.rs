@@ -12,8 +12,8 @@ use keel_core::{
 };
 
 use super::{
-    count_jobs, eventually, keyed_request, lease_from, noop, schema_or_skip, store_in,
-    store_with_clock,
+    count_jobs, count_jobs_where, eventually, keyed_request, lease_from, noop, schema_or_skip,
+    store_in, store_with_clock,
 };
 use crate::postgres::PgOptions;
 
@@ -556,23 +556,21 @@ async fn thousands_of_leases_extend_and_release_each_one() {
             ),
         }
     }
-    assert_eq!(running_until(&store, expires).await, 5000);
-    let conn = store.pool.get().await.expect("connection");
+    assert_eq!(
+        count_jobs_where(&store, RUNNING_UNTIL, &[&expires]).await,
+        5000
+    );
 
     let released = store.release(leases).await.expect("release");
     assert_eq!(released.len(), 5000);
     assert!(released.iter().all(Result::is_ok));
-    let available: i64 = conn
-        .query_one(
-            "SELECT count(*) FROM jobs WHERE state = 'available' AND attempt = 0 \
-             AND lease_token IS NULL",
-            &[],
-        )
-        .await
-        .expect("count released")
-        .get(0);
+    let available = count_jobs_where(
+        &store,
+        "state = 'available' AND attempt = 0 AND lease_token IS NULL",
+        &[],
+    )
+    .await;
     assert_eq!(available, 5000);
-    drop(conn);
     store.close().await;
 }
 
@@ -646,18 +644,12 @@ async fn a_heartbeat_skips_a_row_another_transaction_holds() {
         answers.iter().all(|a| a.as_ref().ok() == Some(&extended)),
         "{answers:?}"
     );
-    assert_eq!(running_until(&store, extended).await, 3);
+    assert_eq!(
+        count_jobs_where(&store, RUNNING_UNTIL, &[&extended]).await,
+        3
+    );
     store.close().await;
 }
 
-/// How many running jobs' leases expire at `expires`, as stored.
-async fn running_until(store: &crate::postgres::PgStore, expires: keel_core::Timestamp) -> i64 {
-    let conn = store.pool.get().await.expect("connection");
-    conn.query_one(
-        "SELECT count(*) FROM jobs WHERE state = 'running' AND lease_expires_at = $1",
-        &[&expires],
-    )
-    .await
-    .expect("count the leases extended")
-    .get(0)
-}
+/// Running jobs whose stored lease expires at `$1`.
+const RUNNING_UNTIL: &str = "state = 'running' AND lease_expires_at = $1";
