@@ -104,6 +104,11 @@ pub const POSTGRES: &[Migration] = &[
         "heartbeat_skips_busy_rows",
         "postgres/0013_heartbeat_skips_busy_rows.sql"
     ),
+    migration!(
+        14,
+        "completion_locks_as_it_updates",
+        "postgres/0014_completion_locks_as_it_updates.sql"
+    ),
 ];
 
 /// What a migration run did.

@@ -6,14 +6,16 @@
 //! A lease is live while the job can still complete; the token is the fence. The batched
 //! statements RETURN the submitted (id, token) pairs, which lets the caller match outcomes to
 //! items even when a batch names the same job twice with different tokens. They are
-//! functions of the migrations (`keel_extend_leases`, `keel_complete`, `keel_release`) that
-//! first lock their rows in a statement of their own. A completion and a release lock in id
-//! order: two batches over the same running jobs would otherwise lock them in whatever order
-//! each join visits them, and deadlock. A heartbeat waits for no lock at all: it skips the
-//! rows another transaction holds (almost always their outcome being written) and reports
-//! those leases as held until their current expiry, so it never stalls behind completion
-//! commits, nor stalls them (migration 13). The updates then look each id up by primary key,
-//! a plan linear in the batch (migration 12 tells what a join to the locked rows cost).
+//! functions of the migrations (`keel_extend_leases`, `keel_complete`, `keel_release`). A
+//! completion and a release lock their rows in id order: two batches over the same running
+//! jobs would otherwise lock them in whatever order each join visits them, and deadlock. A
+//! release locks them in a statement of its own first; a completion, the most frequent,
+//! takes each lock as its update reaches the row, walking the batch sorted by id (migration
+//! 14). A heartbeat waits for no lock at all: it skips the rows another transaction holds
+//! (almost always their outcome being written) and reports those leases as held until their
+//! current expiry, so it never stalls behind completion commits, nor stalls them (migration
+//! 13). The updates look each id up by primary key, a plan linear in the batch (migration 12
+//! tells what a join to the locked rows cost).
 //!
 //! They find their rows by primary key only, and have no state predicate: a live token means
 //! the job is running (CHECK jobs_lease_iff_running), and a `state = 'running'` term would
@@ -242,7 +244,7 @@ const HEARTBEAT_SQL: &str =
     "SELECT job_id, job_token, expires_at FROM keel_extend_leases($1::uuid[], $2::uuid[], $3)";
 
 /// Completes the leased jobs (`$1` ids, `$2` tokens, `$3` results) at `$4`, through
-/// `keel_complete` (migrations/postgres/0008_complete_function.sql): fenced and locked as
+/// `keel_complete` (migrations/postgres/0014_completion_locks_as_it_updates.sql): fenced and locked as
 /// the module documentation says, with a plan made once per connection rather than once
 /// per batch. Not announced (see the module documentation).
 pub(super) const COMPLETE_SQL: &str =

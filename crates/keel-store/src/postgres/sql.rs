@@ -89,8 +89,9 @@ mod tests {
     use super::*;
 
     /// The migrations whose functions hold batched statements, read by both tests below.
+    /// keel_complete as migration 14 redefined it.
     const COMPLETE_FUNCTION: &str =
-        include_str!("../../migrations/postgres/0008_complete_function.sql");
+        include_str!("../../migrations/postgres/0014_completion_locks_as_it_updates.sql");
     const HEARTBEAT_RELEASE_FUNCTIONS: &str =
         include_str!("../../migrations/postgres/0012_heartbeat_release_functions.sql");
     /// keel_extend_leases as migration 13 redefined it.
@@ -144,8 +145,9 @@ mod tests {
             "{lease}"
         );
         assert!(LEASE_SQL.contains("FROM keel_lease("), "{}", *LEASE_SQL);
-        // So is the completion's (0008_complete_function.sql): no guard, the lease token is
-        // the fence (a live token means running), and the Complete transition's target.
+        // So is the completion's (0014_completion_locks_as_it_updates.sql): no guard, the
+        // lease token is the fence (a live token means running), and the Complete
+        // transition's target. Its update takes the locks, over the batch sorted by id.
         let complete = COMPLETE_FUNCTION;
         let to = format!("SET state = '{}'", target(Transition::Complete));
         assert!(complete.contains(&to), "{to} in {complete}");
@@ -153,6 +155,8 @@ mod tests {
             complete.contains("AND j.lease_token = l.token"),
             "{complete}"
         );
+        assert!(complete.contains("ORDER BY u.id"), "{complete}");
+        assert!(!complete.contains("FOR UPDATE"), "{complete}");
         // The release's (0012_heartbeat_release_functions.sql) too: the token is the fence,
         // and the target is the Release transition's.
         let release = HEARTBEAT_RELEASE_FUNCTIONS

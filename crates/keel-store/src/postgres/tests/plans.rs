@@ -251,20 +251,54 @@ const LEASE_SETTINGS: &str =
 const LEASE_SETTINGS_RESET: &str =
     "RESET enable_seqscan; RESET enable_sort; RESET enable_bitmapscan";
 
-/// The two statements keel_complete runs (migrations/postgres/0008_complete_function.sql):
-/// the lock pass over `$1`, and the update.
-fn complete_sql() -> (String, String) {
-    let migration = include_str!("../../../migrations/postgres/0008_complete_function.sql");
-    let args = [
-        ("p_ids", "$1::uuid[]"),
-        ("p_tokens", "$2::uuid[]"),
-        ("p_results", "$3::text[]"),
-        ("p_finished_at", "$4::timestamptz"),
-    ];
-    (
-        function_query(migration, "PERFORM", &args[..1]),
-        function_query(migration, "RETURN QUERY", &args),
+/// The one statement keel_complete runs
+/// (migrations/postgres/0014_completion_locks_as_it_updates.sql).
+fn complete_sql() -> String {
+    let migration =
+        include_str!("../../../migrations/postgres/0014_completion_locks_as_it_updates.sql");
+    function_query(
+        migration,
+        "RETURN QUERY",
+        &[
+            ("p_ids", "$1::uuid[]"),
+            ("p_tokens", "$2::uuid[]"),
+            ("p_results", "$3::text[]"),
+            ("p_finished_at", "$4::timestamptz"),
+        ],
     )
+}
+
+/// Whether `plan` reaches its rows in id order: a nested loop whose outer side sorts the
+/// batch by id and whose inner side looks each id up by primary key. The completion takes
+/// each row's lock as it reaches it, so this order is what keeps it out of deadlocks with
+/// the other writers that lock running rows in id order (migration 14).
+fn reaches_rows_in_id_order(plan: &Value) -> bool {
+    fn find<'a>(plan: &'a Value, node_type: &str) -> Option<&'a Value> {
+        if plan.get("Node Type").and_then(Value::as_str) == Some(node_type) {
+            return Some(plan);
+        }
+        let children = plan.get("Plans").and_then(Value::as_array)?;
+        children.iter().find_map(|c| find(c, node_type))
+    }
+    let root = plan.get(0).and_then(|p| p.get("Plan")).unwrap_or(plan);
+    let Some(nested) = find(root, "Nested Loop") else {
+        return false;
+    };
+    let children = nested.get("Plans").and_then(Value::as_array);
+    let (Some(outer), Some(inner)) = (
+        children.and_then(|c| c.first()),
+        children.and_then(|c| c.get(1)),
+    ) else {
+        return false;
+    };
+    let sorted_by_id = find(outer, "Sort")
+        .and_then(|s| s.get("Sort Key"))
+        .and_then(Value::as_array)
+        .and_then(|keys| keys.first())
+        .and_then(Value::as_str)
+        == Some("u.id");
+    let by_primary_key = inner.get("Index Name").and_then(Value::as_str) == Some("jobs_pkey");
+    sorted_by_id && by_primary_key
 }
 
 /// The three statements keel_extend_leases runs
@@ -295,8 +329,8 @@ fn extend_sql() -> [String; 3] {
     ]
 }
 
-/// The update of keel_release (migrations/postgres/0012_heartbeat_release_functions.sql);
-/// its lock pass is keel_complete's, word for word.
+/// The update of keel_release (migrations/postgres/0012_heartbeat_release_functions.sql),
+/// after its lock pass in id order.
 fn release_sql() -> String {
     let migration =
         include_str!("../../../migrations/postgres/0012_heartbeat_release_functions.sql");
@@ -584,31 +618,20 @@ async fn explain_hot_queries_use_indexes() {
         .await
         .expect("resetting the lease's settings");
     // The completion inside keel_complete, planned with the function's own settings.
-    let (lock_sql, complete_sql) = complete_sql();
-    let completion = [
-        Case {
-            name: "complete lock",
-            sql: &lock_sql,
-            params: vec![&ids],
-            literals: format!("ARRAY['{cursor}'::uuid]"),
-            index: "jobs_pkey",
-            generic_uses_index: true,
-            once: &[],
-        },
-        Case {
-            name: "complete",
-            sql: &complete_sql,
-            params: vec![&ids, &tokens, &results, &now],
-            literals: format!(
-                "ARRAY['{cursor}'::uuid], ARRAY['{cursor}'::uuid], ARRAY[NULL::text], {}",
-                ts(now)
-            ),
-            // By primary key only, never by the running index (dead entries pile up there).
-            index: "jobs_pkey",
-            generic_uses_index: true,
-            once: &[],
-        },
-    ];
+    let complete_sql = complete_sql();
+    let completion = [Case {
+        name: "complete",
+        sql: &complete_sql,
+        params: vec![&ids, &tokens, &results, &now],
+        literals: format!(
+            "ARRAY['{cursor}'::uuid], ARRAY['{cursor}'::uuid], ARRAY[NULL::text], {}",
+            ts(now)
+        ),
+        // By primary key only, never by the running index (dead entries pile up there).
+        index: "jobs_pkey",
+        generic_uses_index: true,
+        once: &[],
+    }];
     // The heartbeat's statements and the release's update, planned with the same settings.
     let [extend_lock_sql, extend_sql, extended_sql] = extend_sql();
     let release_sql = release_sql();
@@ -659,6 +682,22 @@ async fn explain_hot_queries_use_indexes() {
     .expect("the completion's settings");
     for case in completion {
         problems.extend(explain(&conn, &case).await);
+        if case.name == "complete" {
+            let custom: Value = conn
+                .query_one(&format!("EXPLAIN (FORMAT JSON) {}", case.sql), &case.params)
+                .await
+                .expect("explaining the completion")
+                .get(0);
+            let generic = generic_plan(&conn, &case).await;
+            for (mode, plan) in [("custom plan", &custom), ("generic plan", &generic)] {
+                if !reaches_rows_in_id_order(plan) {
+                    problems.push(format!(
+                        "complete ({mode}) does not reach its rows in id order:\n{}",
+                        serde_json::to_string_pretty(plan).unwrap_or_default()
+                    ));
+                }
+            }
+        }
     }
     conn.batch_execute("RESET enable_seqscan; RESET enable_hashjoin; RESET enable_mergejoin")
         .await
