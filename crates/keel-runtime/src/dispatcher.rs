@@ -44,7 +44,7 @@ use crate::config::QueueConfig;
 use crate::handle::JobEvent;
 use crate::inflight::{Claim, StopCause};
 use crate::runtime::Shared;
-use crate::telemetry;
+use crate::telemetry::{self, QueueMetrics};
 use crate::worker;
 
 /// Most leases of one queue in flight at once (see the module documentation).
@@ -93,6 +93,7 @@ pub(crate) async fn run(shared: Arc<Shared>, queue: QueueConfig, wake: Arc<Notif
     let slots = Arc::new(Semaphore::new(queue.concurrency));
     let freed = Arc::new(Notify::new());
     let mut pace = Pace::new(shared.config.prefetch_cap(), std::time::Instant::now());
+    let metrics = Arc::new(QueueMetrics::new(&queue.name, shared.handlers.kinds()));
     let stop = shared.draining.clone();
     let mut buffer: VecDeque<Buffered> = VecDeque::new();
     let mut leasing: Vec<Leasing> = Vec::new();
@@ -105,11 +106,11 @@ pub(crate) async fn run(shared: Arc<Shared>, queue: QueueConfig, wake: Arc<Notif
     let mut retry_at: Option<Instant> = None;
     let mut reported = usize::MAX;
     loop {
-        let started = start_buffered(&shared, &slots, &freed, &mut buffer);
+        let started = start_buffered(&shared, &metrics, &slots, &freed, &mut buffer);
         pace.started(started, std::time::Instant::now());
         if buffer.len() != reported {
             reported = buffer.len();
-            telemetry::jobs_prefetched(&queue.name, reported);
+            metrics.prefetched(reported);
         }
         let capacity = queue.concurrency + pace.prefetch();
         let running = queue.concurrency - slots.available_permits();
@@ -178,7 +179,7 @@ pub(crate) async fn run(shared: Arc<Shared>, queue: QueueConfig, wake: Arc<Notif
         }
     }
     release_buffer(&shared, &queue, buffer).await;
-    telemetry::jobs_prefetched(&queue.name, 0);
+    metrics.prefetched(0);
     tracing::debug!(queue = %queue.name, "dispatcher stopped");
 }
 
@@ -186,6 +187,7 @@ pub(crate) async fn run(shared: Arc<Shared>, queue: QueueConfig, wake: Arc<Notif
 /// while they waited: cancelled by a user, or found lost by the heartbeat.
 fn start_buffered(
     shared: &Arc<Shared>,
+    metrics: &Arc<QueueMetrics>,
     slots: &Arc<Semaphore>,
     freed: &Arc<Notify>,
     buffer: &mut VecDeque<Buffered>,
@@ -208,7 +210,9 @@ fn start_buffered(
             permit: Some(permit),
             freed: Arc::clone(freed),
         };
-        shared.jobs.spawn(worker::run_job(job, claim, slot));
+        shared
+            .jobs
+            .spawn(worker::run_job(job, claim, slot, Arc::clone(metrics)));
         started += 1;
     }
     started

@@ -19,7 +19,7 @@ use crate::handle::JobEvent;
 use crate::handler::{JobContext, JobError};
 use crate::inflight::{Cause, Claim, StopCause};
 use crate::runtime::Shared;
-use crate::telemetry::{self, BusyGuard, Outcome};
+use crate::telemetry::{self, BusyGuard, Outcome, QueueMetrics};
 
 /// How long a handler whose token fired may take to return before its task is aborted.
 /// Cooperative cancellation first (the handler can stop cleanly), then a hard stop, so a
@@ -33,11 +33,11 @@ const WRITE_ATTEMPTS: u32 = 6;
 const WRITE_BACKOFF: Duration = Duration::from_millis(50);
 
 /// Runs `job`, leased by this process and registered by `claim`, on `slot` (one worker slot
-/// of its queue). The slot is given back as soon as the outcome is handed to the completer
+/// of its queue), counted in `metrics` (its queue's series). The slot is given back as soon as the outcome is handed to the completer
 /// (or, for the rarer failures and releases, written), so the next job starts while this
 /// one's write is in flight; the claim lasts until the write is done, so the lease is kept
 /// alive that long.
-pub(crate) async fn run_job(job: Job, claim: Claim, slot: Slot) {
+pub(crate) async fn run_job(job: Job, claim: Claim, slot: Slot, metrics: Arc<QueueMetrics>) {
     let span = tracing::info_span!(
         "job",
         job_id = %job.id,
@@ -46,7 +46,9 @@ pub(crate) async fn run_job(job: Job, claim: Claim, slot: Slot) {
         attempt = job.attempt,
         tenant = %job.tenant,
     );
-    run_claimed(job, claim, slot).instrument(span).await;
+    run_claimed(job, claim, slot, metrics)
+        .instrument(span)
+        .await;
 }
 
 /// What the job's attempt came to, before it is written.
@@ -60,34 +62,32 @@ enum Verdict {
 struct Meta {
     id: JobId,
     queue: QueueName,
-    kind: String,
     lease: LeaseRef,
 }
 
-async fn run_claimed(job: Job, claim: Claim, slot: Slot) {
+async fn run_claimed(job: Job, claim: Claim, slot: Slot, metrics: Arc<QueueMetrics>) {
     let shared = Arc::clone(claim.shared());
-    let registered = shared.handlers.get(&job.kind).is_some();
     let meta = Meta {
         id: job.id,
         queue: job.queue.clone(),
-        kind: telemetry::kind_label(&job.kind, registered),
         lease: claim.lease,
     };
-    let busy = BusyGuard::new(&meta.queue);
+    let series = metrics.kind(&job.kind);
+    let busy = BusyGuard::new(&metrics);
     if let Some(started) = job.started_at {
         let wait = (started - job.run_at).num_microseconds().unwrap_or(0) as f64 / 1e6;
-        telemetry::job_wait(&meta.queue, wait);
+        metrics.job_wait(wait);
     }
     tracing::debug!("job started");
 
     let started = Instant::now();
     let verdict = execute(&shared, job, &claim.token, &claim.cause).await;
-    telemetry::job_duration(&meta.queue, &meta.kind, started.elapsed());
+    series.job_duration(started.elapsed());
     drop(busy);
 
     shared.handle.running.mark_finishing(meta.id);
     let outcome = record(&shared, &meta, verdict, &claim.cause, slot).await;
-    telemetry::job_finished(&meta.queue, &meta.kind, outcome);
+    series.job_finished(outcome);
     if shared.draining.is_cancelled() {
         let counter = if outcome == Outcome::Released {
             &shared.released
