@@ -507,7 +507,10 @@ async fn watch_reports_transitions_in_order(backend: Backend, test: &str) {
     assert_eq!(first.job.as_ref().map(|j| j.id.as_str()), Some(id.as_str()));
     events.push((first.state(), first.attempt));
 
-    // Attempt 1 fails (retry now), attempt 2 completes.
+    // Attempt 1 fails (retry in 2 s), attempt 2 completes. Not "retry now": a job watch
+    // reports what its reads find, and a job due at once can be promoted back to available
+    // before the read that follows the failure, on a loaded machine, so the watch would
+    // never show it retryable.
     let mut w = WorkerServiceClient::new(ch.clone());
     let mut s = lease_stream(&ch, open(&queue, 1)).await.unwrap();
     let job = s.next().await.jobs.remove(0);
@@ -516,7 +519,10 @@ async fn watch_reports_transitions_in_order(backend: Backend, test: &str) {
         token: token(&job),
         error: "first".into(),
         permanent: false,
-        retry_in: Some(prost_types::Duration::default()),
+        retry_in: Some(prost_types::Duration {
+            seconds: 2,
+            nanos: 0,
+        }),
     })
     .await
     .unwrap();
