@@ -198,7 +198,7 @@ pub fn describe_metrics() {
 /// The series a queue's jobs update as they start and end, resolved once per queue served
 /// here rather than once per job. Resolving a series through the recorder builds its label
 /// set, hashes it and looks it up in the registry; at four series per noop job that was
-/// about a twelfth of Keel's own CPU while it drained a backlog on Postgres (`perf`, `keel
+/// about a ninth of Keel's own CPU while it drained a backlog on Postgres (`perf`, `keel
 /// bench --workloads w1`), CPU the database on the same cores could have used. Each series
 /// is still registered on first use, as the macros do, so `/metrics` shows the same series
 /// at the same moments.
