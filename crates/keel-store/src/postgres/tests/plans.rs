@@ -376,35 +376,32 @@ async fn generic_plan(conn: &Object, case: &Case<'_>) -> Value {
     row.get(0)
 }
 
-async fn explain(conn: &Object, case: &Case<'_>) -> Vec<String> {
+/// `case`'s custom plan (its parameters bound) and its generic plan, each with its name.
+async fn plans(conn: &Object, case: &Case<'_>) -> [(&'static str, Value); 2] {
     let row = conn
         .query_one(&format!("EXPLAIN (FORMAT JSON) {}", case.sql), &case.params)
         .await
         .unwrap_or_else(|e| panic!("explaining {}: {e:?}", case.name));
     let custom: Value = row.get(0);
-
     let generic = generic_plan(conn, case).await;
+    [("custom plan", custom), ("generic plan", generic)]
+}
 
+/// What is wrong with `plans` of `case` (see [`check`]).
+fn plan_problems(case: &Case<'_>, plans: &[(&'static str, Value); 2]) -> Vec<String> {
+    let [(custom_mode, custom), (generic_mode, generic)] = plans;
     let generic_index = case.generic_uses_index.then_some(case.index);
     [
-        check(
-            case.name,
-            "custom plan",
-            &custom,
-            Some(case.index),
-            case.once,
-        ),
-        check(
-            case.name,
-            "generic plan",
-            &generic,
-            generic_index,
-            case.once,
-        ),
+        check(case.name, custom_mode, custom, Some(case.index), case.once),
+        check(case.name, generic_mode, generic, generic_index, case.once),
     ]
     .into_iter()
     .flatten()
     .collect()
+}
+
+async fn explain(conn: &Object, case: &Case<'_>) -> Vec<String> {
+    plan_problems(case, &plans(conn, case).await)
 }
 
 #[tokio::test]
@@ -617,9 +614,15 @@ async fn explain_hot_queries_use_indexes() {
     conn.batch_execute(LEASE_SETTINGS_RESET)
         .await
         .expect("resetting the lease's settings");
-    // The completion inside keel_complete, planned with the function's own settings.
+    // The completion inside keel_complete, and the heartbeat's statements and the
+    // release's update, each planned with its function's settings (the same for all).
+    conn.batch_execute(
+        "SET enable_seqscan = off; SET enable_hashjoin = off; SET enable_mergejoin = off",
+    )
+    .await
+    .expect("the completion's settings");
     let complete_sql = complete_sql();
-    let completion = [Case {
+    let complete = Case {
         name: "complete",
         sql: &complete_sql,
         params: vec![&ids, &tokens, &results, &now],
@@ -631,13 +634,22 @@ async fn explain_hot_queries_use_indexes() {
         index: "jobs_pkey",
         generic_uses_index: true,
         once: &[],
-    }];
-    // The heartbeat's statements and the release's update, planned with the same settings.
+    };
+    let complete_plans = plans(&conn, &complete).await;
+    problems.extend(plan_problems(&complete, &complete_plans));
+    for (mode, plan) in &complete_plans {
+        if !reaches_rows_in_id_order(plan) {
+            problems.push(format!(
+                "complete ({mode}) does not reach its rows in id order:\n{}",
+                serde_json::to_string_pretty(plan).unwrap_or_default()
+            ));
+        }
+    }
     let [extend_lock_sql, extend_sql, extended_sql] = extend_sql();
     let release_sql = release_sql();
     let channel = "keel_wakeups";
     let batch_literals = format!("ARRAY['{cursor}'::uuid], ARRAY['{cursor}'::uuid]");
-    let completion = completion.into_iter().chain([
+    let batched = [
         Case {
             name: "extend leases: lock",
             sql: &extend_lock_sql,
@@ -674,30 +686,9 @@ async fn explain_hot_queries_use_indexes() {
             generic_uses_index: true,
             once: &[],
         },
-    ]);
-    conn.batch_execute(
-        "SET enable_seqscan = off; SET enable_hashjoin = off; SET enable_mergejoin = off",
-    )
-    .await
-    .expect("the completion's settings");
-    for case in completion {
-        problems.extend(explain(&conn, &case).await);
-        if case.name == "complete" {
-            let custom: Value = conn
-                .query_one(&format!("EXPLAIN (FORMAT JSON) {}", case.sql), &case.params)
-                .await
-                .expect("explaining the completion")
-                .get(0);
-            let generic = generic_plan(&conn, &case).await;
-            for (mode, plan) in [("custom plan", &custom), ("generic plan", &generic)] {
-                if !reaches_rows_in_id_order(plan) {
-                    problems.push(format!(
-                        "complete ({mode}) does not reach its rows in id order:\n{}",
-                        serde_json::to_string_pretty(plan).unwrap_or_default()
-                    ));
-                }
-            }
-        }
+    ];
+    for case in &batched {
+        problems.extend(explain(&conn, case).await);
     }
     conn.batch_execute("RESET enable_seqscan; RESET enable_hashjoin; RESET enable_mergejoin")
         .await
