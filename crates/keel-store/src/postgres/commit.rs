@@ -23,6 +23,9 @@
 //!   batch stands even if a caller leaves meanwhile; the answer is dropped.
 //! - **Close** writes everything queued before it, refuses what comes after with a clear
 //!   error, and waits for the batches in flight.
+//! - **Wakeups** follow the commit: the statement notifies no one, and the queues that got
+//!   available jobs are handed to the store's notifier (`wakeup.rs`), so concurrent batches
+//!   are not made to commit one at a time by Postgres's notification lock.
 //! - **Unique jobs** go through the same batches: a batch holding any is written with
 //!   `INSERT_UNIQUE_SQL` in a transaction that skips jobs whose key is held and reads their
 //!   holders ([`insert_jobs`]), and each caller gets the holder in the place of its skipped
@@ -34,19 +37,20 @@
 //! [`JobColumns`] which lays out their parameters, live in `rows.rs` beside the columns they
 //! write.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::fmt;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use deadpool_postgres::Pool;
-use keel_core::{Job, JobId, StoreError};
+use keel_core::{Job, JobId, JobState, StoreError};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 use uuid::Uuid;
 
 use super::rows::{INSERT_SQL, INSERT_UNIQUE_SQL, JobColumns, UNIQUE_HOLDERS_SQL};
 use super::statements::{Conn, Statements};
 use super::task::Background;
+use super::wakeup::Wakeups;
 use super::{error, rows};
 
 /// How the committer batches; see [`PgOptions`](super::PgOptions) for each field's reason.
@@ -102,20 +106,25 @@ impl fmt::Debug for Committer {
 struct Shared {
     pool: Pool,
     sql: Statements,
-    /// The store's notification channel (`$15` of [`INSERT_SQL`]).
-    channel: String,
+    /// Told which queues got available jobs once a batch has committed.
+    wakeups: Arc<Wakeups>,
     stats: Arc<Stats>,
 }
 
 impl Committer {
-    /// Starts the committer task, writing through `pool` and notifying `channel`.
-    pub(super) fn spawn(pool: Pool, sql: Statements, channel: String, settings: Settings) -> Self {
+    /// Starts the committer task, writing through `pool` and waking `wakeups`.
+    pub(super) fn spawn(
+        pool: Pool,
+        sql: Statements,
+        wakeups: Arc<Wakeups>,
+        settings: Settings,
+    ) -> Self {
         let (tx, rx) = mpsc::channel(settings.queue.max(1));
         let stats = Arc::new(Stats::default());
         let shared = Arc::new(Shared {
             pool,
             sql,
-            channel,
+            wakeups,
             stats: Arc::clone(&stats),
         });
         // The committer ends on its own close message (after writing what was queued), not
@@ -351,13 +360,26 @@ async fn write(shared: &Shared, jobs: &[&Job], callers: usize) -> Result<Holders
             .map_err(|e| error::db(e, ctx()))?;
     }
     let mut conn = shared.pool.get().await.map_err(|e| error::pool(e, ctx()))?;
-    if !unique {
-        return insert_jobs(&shared.sql, &conn, jobs, &shared.channel, &ctx).await;
-    }
-    let tx = conn.transaction().await.map_err(|e| error::db(e, ctx()))?;
-    let holders = insert_jobs(&shared.sql, &tx, jobs, &shared.channel, &ctx).await?;
-    tx.commit().await.map_err(|e| error::db(e, ctx()))?;
+    let holders = if unique {
+        let tx = conn.transaction().await.map_err(|e| error::db(e, ctx()))?;
+        let holders = insert_jobs(&shared.sql, &tx, jobs, &ctx).await?;
+        tx.commit().await.map_err(|e| error::db(e, ctx()))?;
+        holders
+    } else {
+        insert_jobs(&shared.sql, &conn, jobs, &ctx).await?
+    };
+    drop(conn);
+    shared.wakeups.wake(woken(jobs, &holders));
     Ok(holders)
+}
+
+/// The queues to wake after `jobs` committed: those of the available jobs that went in (a
+/// unique job in `holders` was not inserted; its key's holder was already there).
+pub(super) fn woken<'a>(jobs: &[&'a Job], holders: &Holders) -> BTreeSet<&'a str> {
+    jobs.iter()
+        .filter(|j| j.state == JobState::Available && !holders.contains_key(&j.id))
+        .map(|j| j.queue.as_str())
+        .collect()
 }
 
 /// Every statement [`insert_jobs`] may run: what a transaction that inserts makes
@@ -379,9 +401,10 @@ pub(super) fn substitute(jobs: Vec<Job>, holders: &Holders) -> Vec<Job> {
         .collect()
 }
 
-/// Inserts `jobs` through `client` and notifies the wakeup `channel` of queues that got
-/// available jobs; the one insert routine of the store (group commits, idempotent inserts,
-/// cron ticks), so jobs are stored and announced the same way whichever path they take.
+/// Inserts `jobs` through `client`: the one insert routine of the store (group commits,
+/// idempotent inserts, cron ticks), so jobs are stored the same way whichever path they
+/// take. It does not notify: once the caller has committed, it wakes the queues [`woken`]
+/// names (`wakeup.rs` says why not in the same transaction).
 ///
 /// Without unique jobs this is one plain statement. With them, `client` must be a
 /// transaction (the caller commits): the insert skips jobs whose key is held, then the
@@ -393,14 +416,13 @@ pub(super) async fn insert_jobs<C: Conn>(
     sql: &Statements,
     client: &C,
     jobs: &[&Job],
-    channel: &str,
     ctx: &(dyn Fn() -> String + Send + Sync),
 ) -> Result<Holders, StoreError> {
     // Each round follows a holder that vanished between two statements; several in a row
     // means the key is being taken and released continuously.
     const ROUNDS: usize = 5;
     if !jobs.iter().any(|j| j.unique.is_some()) {
-        let columns = JobColumns::of(jobs.iter().copied(), jobs.len(), channel);
+        let columns = JobColumns::of(jobs.iter().copied(), jobs.len());
         sql.execute(client, INSERT_SQL, &columns.params())
             .await
             .map_err(|e| error::db(e, ctx()))?;
@@ -409,18 +431,15 @@ pub(super) async fn insert_jobs<C: Conn>(
     let mut holders = Holders::new();
     let mut pending: Vec<&Job> = jobs.to_vec();
     for _ in 0..ROUNDS {
-        let columns = JobColumns::of(pending.iter().copied(), pending.len(), channel);
+        let columns = JobColumns::of(pending.iter().copied(), pending.len());
         let inserted = sql
             .query(client, &INSERT_UNIQUE_SQL, &columns.unique_params())
             .await
             .map_err(|e| error::db(e, ctx()))?
             .iter()
-            .map(|r| r.try_get::<_, Option<Uuid>>(0))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| error::db(e, ctx()))?
-            .into_iter()
-            .flatten()
-            .collect::<HashSet<Uuid>>();
+            .map(|r| r.try_get::<_, Uuid>(0))
+            .collect::<Result<HashSet<Uuid>, _>>()
+            .map_err(|e| error::db(e, ctx()))?;
         // Only a job with a key can be skipped: any other conflict fails the statement.
         let skipped: Vec<&Job> = pending
             .iter()

@@ -98,14 +98,20 @@ impl PgStore {
                 .map_err(|e| error::db(e, ctx()))?
                 .is_some();
             if claimed {
-                let mut holders = commit::Holders::new();
-                if !jobs.is_empty() {
+                let refs: Vec<&Job> = jobs.iter().collect();
+                let holders = if refs.is_empty() {
+                    commit::Holders::new()
+                } else {
                     // A duplicate job id fails here as a Conflict; dropping `tx` rolls the
                     // key back with the jobs.
-                    let refs: Vec<&Job> = jobs.iter().collect();
-                    holders =
-                        commit::insert_jobs(&self.sql, &tx, &refs, &self.channel, &ctx).await?;
-                }
+                    commit::insert_jobs(&self.sql, &tx, &refs, &ctx).await?
+                };
+                // Woken once committed, from the jobs that went in.
+                let wake: Vec<String> = commit::woken(&refs, &holders)
+                    .into_iter()
+                    .map(str::to_owned)
+                    .collect();
+                drop(refs);
                 let jobs = commit::substitute(jobs, &holders);
                 let response = match response {
                     Response::Ready(response) => response,
@@ -124,6 +130,7 @@ impl PgStore {
                     }
                 };
                 tx.commit().await.map_err(|e| error::db(e, ctx()))?;
+                self.wakeups.wake(wake.iter().map(String::as_str));
                 return Ok(IdempotentOutcome::Created { jobs, response });
             }
             // Another transaction committed the key while this one waited. Read it with a

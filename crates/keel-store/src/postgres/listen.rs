@@ -2,11 +2,16 @@
 //! in-process.
 //!
 //! Every statement that makes jobs available calls `pg_notify(channel, queue)` (see
-//! `sql.rs`). A store keeps one connection of its own, outside the pool, that `LISTEN`s on
-//! the channel and forwards each notification's queue name into a broadcast channel; each
-//! [`Store::wakeups`](keel_core::Store::wakeups) call subscribes a new receiver. So an idle
-//! dispatcher in any replica starts a job within milliseconds of an enqueue anywhere,
-//! instead of at its next poll.
+//! `sql.rs`), except inserts, whose wakeups this listener sends itself once they have
+//! committed (`wakeup.rs`). A store keeps one connection of its own, outside the pool, that
+//! `LISTEN`s on the channel and forwards each notification's queue name into a broadcast
+//! channel; each [`Store::wakeups`](keel_core::Store::wakeups) call subscribes a new
+//! receiver. So an idle dispatcher in any replica starts a job within milliseconds of an
+//! enqueue anywhere, instead of at its next poll.
+//!
+//! - **Its own wakeups** are sent on this connection, one round at a time, and ignored when
+//!   they come back (the notification carries the sender's backend pid, learned with the
+//!   `LISTEN`): the process that inserted woke its own dispatchers already.
 //!
 //! - **Outside the pool**: a listening session must stay open and idle indefinitely, and a
 //!   pooled connection is recycled, lent to other statements and capped by `max_lifetime`.
@@ -26,8 +31,9 @@
 //!   [`StateChange`] for every [`Store::changes`](keel_core::Store::changes) subscriber.
 //!   Best effort too: a consumer waiting for a job re-reads it on a timer as well.
 
-use std::future::poll_fn;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::future::{Future, poll_fn};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -36,9 +42,11 @@ use keel_core::store::StateChange;
 use keel_core::{ChangeStream, JobId, JobState, QueueName, WakeupStream};
 use rand::Rng as _;
 use tokio::sync::broadcast;
-use tokio_postgres::{AsyncMessage, Config, NoTls};
+use tokio_postgres::types::Type;
+use tokio_postgres::{AsyncMessage, Config, NoTls, SimpleQueryMessage, Statement};
 
 use super::task::{Background, Stopped};
+use super::wakeup::{Pending, WAKE_SQL};
 
 /// Notices buffered per subscriber before it lags. A subscriber that falls this far behind
 /// is busy leasing anyway; it skips ahead rather than holding memory for stale notices.
@@ -48,6 +56,12 @@ const CAPACITY: usize = 1024;
 /// completion batch announces up to a few thousand jobs at once, and a subscriber (a
 /// replica's event fan-out) drains them quickly but not within one notification.
 const CHANGES_CAPACITY: usize = 8192;
+
+/// Shortest time between two rounds of this store's insert wakeups. They only serve other
+/// replicas (this process woke its own dispatchers already), so a round may wait this long
+/// for more queues to collect, which caps the notifying transactions at 1,000 a second
+/// however many inserts commit.
+const WAKE_ROUND_MIN: Duration = Duration::from_millis(1);
 
 /// First reconnect delay after the connection drops; doubled per failed attempt.
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
@@ -114,6 +128,8 @@ struct Fanout {
     jobs_channel: String,
     wakeups: broadcast::Sender<QueueName>,
     changes: broadcast::Sender<StateChange>,
+    /// The wakeups this store's inserts left to send.
+    pending: Arc<Pending>,
 }
 
 /// The listener task and the means to subscribe to it and stop it.
@@ -125,16 +141,24 @@ pub(super) struct Listener {
     /// The same, for state changes.
     changes: Mutex<Option<broadcast::Sender<StateChange>>>,
     task: Background,
-    /// Successful `LISTEN`s so far: 1 after the first connection, +1 per reconnect.
+    /// How far the sessions got (tests wait on it, and find the session's backend).
     #[cfg_attr(not(test), allow(dead_code))]
-    listens: Arc<AtomicU64>,
+    progress: Arc<Progress>,
 }
 
 impl Listener {
     /// Starts listening on `channel` (wakeups) and `changes_channel` over a connection of its
     /// own made from `cfg`. Returns at once: the connection is made in the background (and
     /// remade whenever it drops), so an unreachable server delays wakeups, never the store.
-    pub(super) fn spawn(mut cfg: Config, channel: String, changes_channel: &str) -> Self {
+    ///
+    /// The same connection sends the wakeups of this store's inserts, taken from `pending`
+    /// (`wakeup.rs` says why here).
+    pub(super) fn spawn(
+        mut cfg: Config,
+        channel: String,
+        changes_channel: &str,
+        pending: Arc<Pending>,
+    ) -> Self {
         // The connection idles for hours between notifications; keepalives make a peer that
         // vanished without a FIN (a failover, a dropped NAT entry) show up as an error within
         // about a minute, so the task reconnects instead of waiting forever on a dead socket.
@@ -144,9 +168,9 @@ impl Listener {
             .keepalives_retries(3);
         let (sender, _) = broadcast::channel(CAPACITY);
         let (changes, _) = broadcast::channel(CHANGES_CAPACITY);
-        let listens = Arc::new(AtomicU64::new(0));
+        let progress = Arc::new(Progress::default());
         let listen = format!(
-            "{}; {}",
+            "{}; {}; SELECT pg_backend_pid()",
             listen_statement(&channel),
             listen_statement(changes_channel)
         );
@@ -154,16 +178,17 @@ impl Listener {
             jobs_channel: channel,
             wakeups: sender.clone(),
             changes: changes.clone(),
+            pending,
         };
         let task = Background::spawn({
-            let listens = Arc::clone(&listens);
-            move |stopped| run(cfg, listen, fanout, stopped, listens)
+            let progress = Arc::clone(&progress);
+            move |stopped| run(cfg, listen, fanout, stopped, progress)
         });
         Self {
             sender: Mutex::new(Some(sender)),
             changes: Mutex::new(Some(changes)),
             task,
-            listens,
+            progress,
         }
     }
 
@@ -191,7 +216,13 @@ impl Listener {
     /// How many times a `LISTEN` has succeeded (tests wait on it before sending).
     #[cfg(test)]
     pub(super) fn listens(&self) -> u64 {
-        self.listens.load(Ordering::Acquire)
+        self.progress.listens.load(Ordering::Acquire)
+    }
+
+    /// The backend process id of the latest listening session (0 before the first).
+    #[cfg(test)]
+    pub(super) fn backend(&self) -> i32 {
+        self.progress.backend.load(Ordering::Acquire)
     }
 }
 
@@ -257,6 +288,15 @@ async fn next_skipping_lag<T: Clone>(
     }
 }
 
+/// What the listening sessions report to the store.
+#[derive(Debug, Default)]
+struct Progress {
+    /// Successful `LISTEN`s so far: 1 after the first connection, +1 per reconnect.
+    listens: AtomicU64,
+    /// The backend process id of the latest session.
+    backend: AtomicI32,
+}
+
 /// Why a listening session ended.
 struct SessionEnd {
     /// Whether it got as far as `LISTEN` (then the backoff starts over).
@@ -269,13 +309,13 @@ async fn run(
     listen: String,
     fanout: Fanout,
     mut stopped: Stopped,
-    listens: Arc<AtomicU64>,
+    progress: Arc<Progress>,
 ) {
     let channel = fanout.jobs_channel.clone();
     let mut delay = BACKOFF_MIN;
     loop {
         let end = tokio::select! {
-            end = session(&cfg, &listen, &fanout, &listens) => end,
+            end = session(&cfg, &listen, &fanout, &progress) => end,
             // close() asked us to stop, or the store was dropped. Dropping the session's
             // future closes its connection.
             _ = stopped.changed() => return,
@@ -300,8 +340,11 @@ async fn run(
     }
 }
 
+/// One round of wakeups in flight on the listening connection.
+type Sending<'a> = Pin<Box<dyn Future<Output = Result<u64, tokio_postgres::Error>> + Send + 'a>>;
+
 /// Connects, listens, and forwards notifications until the connection fails.
-async fn session(cfg: &Config, listen: &str, fanout: &Fanout, listens: &AtomicU64) -> SessionEnd {
+async fn session(cfg: &Config, listen: &str, fanout: &Fanout, progress: &Progress) -> SessionEnd {
     let (client, mut connection) = match cfg.connect(NoTls).await {
         Ok(pair) => pair,
         Err(e) => {
@@ -313,26 +356,72 @@ async fn session(cfg: &Config, listen: &str, fanout: &Fanout, listens: &AtomicU6
     };
     // The connection must be driven for LISTEN's reply to arrive, so the statement and the
     // connection are polled together; poll_message (rather than awaiting the connection as a
-    // future) is what surfaces the notifications.
-    let subscribe = client.batch_execute(listen);
+    // future) is what surfaces the notifications. The same round trip learns this session's
+    // backend, to tell our own wakeups when they come back; then the wakeup statement is
+    // prepared once for the session.
+    let subscribe = async {
+        let pid = backend_pid(&client.simple_query(listen).await?);
+        let wake = client
+            .prepare_typed(WAKE_SQL, &[Type::TEXT, Type::TEXT_ARRAY])
+            .await?;
+        Ok::<_, tokio_postgres::Error>((pid, wake))
+    };
     tokio::pin!(subscribe);
-    let mut listened = false;
+    let mut own_pid = None;
+    let mut wake: Option<Statement> = None;
+    let mut last_round = tokio::time::Instant::now();
+    // The wakeups being sent, one round at a time; more collect in `pending` meanwhile.
+    let mut sending: Option<Sending<'_>> = None;
     loop {
+        let listened = own_pid.is_some();
         tokio::select! {
             done = &mut subscribe, if !listened => match done {
-                Ok(()) => {
-                    listened = true;
-                    listens.fetch_add(1, Ordering::AcqRel);
+                Ok((Some(pid), statement)) => {
+                    own_pid = Some(pid);
+                    wake = Some(statement);
+                    progress.backend.store(pid, Ordering::Release);
+                    progress.listens.fetch_add(1, Ordering::AcqRel);
                     tracing::debug!(%listen, "Postgres wakeup listener ready");
+                }
+                Ok((None, _)) => {
+                    return SessionEnd { listened, error: format!("{listen}: no backend pid") };
                 }
                 Err(e) => {
                     return SessionEnd { listened, error: format!("{listen}: {e}") };
+                }
+            },
+            () = fanout.pending.ready(), if listened && sending.is_none() => {
+                if let Some(statement) = wake.clone() {
+                    let not_before = last_round + WAKE_ROUND_MIN;
+                    last_round = not_before.max(tokio::time::Instant::now());
+                    let (client, fanout) = (&client, fanout);
+                    sending = Some(Box::pin(async move {
+                        tokio::time::sleep_until(not_before).await;
+                        let queues = fanout.pending.take();
+                        if queues.is_empty() {
+                            return Ok(0);
+                        }
+                        client.execute(&statement, &[&fanout.jobs_channel, &queues]).await
+                    }));
+                }
+            },
+            sent = async { sending.as_mut().expect("guarded by is_some").await }, if sending.is_some() => {
+                sending = None;
+                if let Err(e) = sent {
+                    // Those wakeups are lost (the polls cover them); a broken connection
+                    // shows up in poll_message too.
+                    tracing::warn!(error = %e, "could not send wakeups on the listening connection");
                 }
             },
             message = poll_fn(|cx| connection.poll_message(cx)) => match message {
                 Some(Ok(AsyncMessage::Notification(n))) => {
                     // No subscriber is not an error: nobody is waiting right now.
                     if n.channel() == fanout.jobs_channel {
+                        // Our own wakeup: this process woke its dispatchers when the insert
+                        // returned.
+                        if Some(n.process_id()) == own_pid {
+                            continue;
+                        }
                         if let Ok(queue) = QueueName::parse(n.payload()) {
                             let _ = fanout.wakeups.send(queue);
                         }
@@ -353,6 +442,15 @@ async fn session(cfg: &Config, listen: &str, fanout: &Fanout, listens: &AtomicU6
             },
         }
     }
+}
+
+/// The backend's process id from the answer to [`Listener::spawn`]'s `LISTEN …; SELECT
+/// pg_backend_pid()`.
+fn backend_pid(messages: &[SimpleQueryMessage]) -> Option<i32> {
+    messages.iter().find_map(|m| match m {
+        SimpleQueryMessage::Row(row) => row.get(0)?.parse().ok(),
+        _ => None,
+    })
 }
 
 #[cfg(test)]

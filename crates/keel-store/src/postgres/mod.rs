@@ -13,9 +13,10 @@
 //!   lifetime and a warm minimum; see `pool.rs`.
 //! - **Inserts are group-committed**: concurrent `insert` calls are merged into one
 //!   statement by a committer task, each caller answered after the commit; see `commit.rs`.
-//! - **Wakeups**: statements that make jobs available `pg_notify` the store's channel, and a
-//!   listening connection outside the pool turns the notifications into
-//!   [`Store::wakeups`] streams; see `listen.rs`.
+//! - **Wakeups**: statements that make jobs available `pg_notify` the store's channel (inserts
+//!   once they have committed, from a notifier of their own: `wakeup.rs`), and a listening
+//!   connection outside the pool turns the notifications into [`Store::wakeups`] streams;
+//!   see `listen.rs`.
 //! - **State changes**: cancel, retry and rescue announce the jobs they moved (completions
 //!   and failures are not announced: see `lease.rs` for the measured reason) on a second
 //!   channel, heard on the same connection and handed to [`Store::changes`]
@@ -46,6 +47,7 @@ mod statements;
 mod task;
 #[cfg(all(test, feature = "testkit"))]
 mod tests;
+mod wakeup;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
@@ -71,6 +73,7 @@ use listen::Listener;
 use sql::{EXISTING_SQL, STATE_OF_SQL};
 use statements::Statements;
 use task::Background;
+use wakeup::Wakeups;
 
 /// Connection pool settings. Each bounds a resource so overload turns into fast, retryable
 /// errors instead of unbounded waits (guarantee G5).
@@ -186,6 +189,8 @@ pub struct PgStore {
     /// Where state changes are sent and heard: `keel_changes:<schema>`.
     changes_channel: String,
     maintenance: Background,
+    /// Sends the wakeups of committed inserts (`wakeup.rs`).
+    wakeups: Arc<Wakeups>,
     committer: Committer,
     /// `None` behind a transaction pooler without a listen URL: nothing is heard, and
     /// waiters poll.
@@ -282,10 +287,18 @@ impl PgStore {
             tracing::warn!(error = %e, %target, "could not open min_idle Postgres connections");
         }
         let maintenance = pool::keep(&pool, &opts);
+        // The listener sends the inserts' wakeups on its own connection; without one, the
+        // pool does.
+        let wakeups = Arc::new(match (&opts.listen_url, opts.pooler) {
+            (None, Pooler::Transaction) => {
+                Wakeups::through_pool(pool.clone(), sql.clone(), channel.clone())
+            }
+            _ => Wakeups::for_listener(),
+        });
         let committer = Committer::spawn(
             pool.clone(),
             sql.clone(),
-            channel.clone(),
+            Arc::clone(&wakeups),
             commit::Settings {
                 queue: opts.insert_queue,
                 max_batch: opts.insert_batch_max,
@@ -302,9 +315,15 @@ impl PgStore {
                     listen_cfg,
                     channel.clone(),
                     &changes_channel,
+                    wakeups.pending(),
                 ))
             }
-            (None, Pooler::None) => Some(Listener::spawn(cfg, channel.clone(), &changes_channel)),
+            (None, Pooler::None) => Some(Listener::spawn(
+                cfg,
+                channel.clone(),
+                &changes_channel,
+                wakeups.pending(),
+            )),
             (None, Pooler::Transaction) => {
                 tracing::warn!(
                     %target,
@@ -324,6 +343,7 @@ impl PgStore {
             channel,
             changes_channel,
             maintenance,
+            wakeups,
             committer,
             listener,
         })
@@ -361,6 +381,12 @@ impl PgStore {
     #[cfg(test)]
     fn listens(&self) -> u64 {
         self.listener.as_ref().map_or(0, Listener::listens)
+    }
+
+    /// The listening session's backend process id; 0 without one.
+    #[cfg(test)]
+    fn listener_backend(&self) -> i32 {
+        self.listener.as_ref().map_or(0, Listener::backend)
     }
 
     /// Applies pending migrations in one transaction. Safe to call from several processes
@@ -750,6 +776,8 @@ impl Store for PgStore {
             listener.stop().await;
         }
         self.committer.close().await;
+        // After the last batch, so its wakeups go out; before the pool closes under them.
+        self.wakeups.stop().await;
         self.pool.close();
         self.maintenance.stop().await;
     }

@@ -7,7 +7,6 @@
 //! name that fails validation, a negative attempt count) is a [`StoreError::Permanent`]
 //! naming the column, never a panic.
 
-use std::collections::BTreeSet;
 use std::sync::LazyLock;
 use std::time::Duration;
 
@@ -203,15 +202,11 @@ pub(super) struct JobColumns<'a> {
     unique_keys: Vec<Option<&'a str>>,
     /// Their scopes' stored spelling.
     unique_scopes: Vec<Option<&'static str>>,
-    /// The store's notification channel.
-    channel: &'a str,
-    /// Queues that receive available jobs, each once: whom to notify.
-    notify: Vec<&'a str>,
 }
 
 impl<'a> JobColumns<'a> {
-    /// The columns of `jobs` (`n` is a capacity hint), notifying on `channel`.
-    pub(super) fn of(jobs: impl IntoIterator<Item = &'a Job>, n: usize, channel: &'a str) -> Self {
+    /// The columns of `jobs` (`n` is a capacity hint).
+    pub(super) fn of(jobs: impl IntoIterator<Item = &'a Job>, n: usize) -> Self {
         let mut c = Self {
             ids: Vec::with_capacity(n),
             queues: Vec::with_capacity(n),
@@ -229,10 +224,7 @@ impl<'a> JobColumns<'a> {
             metas: Vec::with_capacity(n),
             unique_keys: Vec::with_capacity(n),
             unique_scopes: Vec::with_capacity(n),
-            channel,
-            notify: Vec::new(),
         };
-        let mut notify = BTreeSet::new();
         for j in jobs {
             c.ids.push(*j.id.as_uuid());
             c.queues.push(j.queue.as_str());
@@ -255,17 +247,13 @@ impl<'a> JobColumns<'a> {
                 .push(j.unique.as_ref().map(|u| u.key.as_str()));
             c.unique_scopes
                 .push(j.unique.as_ref().map(|u| u.scope.as_str()));
-            if j.state == JobState::Available {
-                notify.insert(j.queue.as_str());
-            }
         }
-        c.notify = notify.into_iter().collect();
         c
     }
 
-    /// `$1..$15`, the parameters both insert statements start with: one array per column,
-    /// then the channel.
-    fn row_params(&self) -> [&(dyn ToSql + Sync); 15] {
+    /// `$1..$14` of [`INSERT_SQL`], which [`INSERT_UNIQUE_SQL`] starts with: one array per
+    /// column.
+    pub(super) fn params(&self) -> [&(dyn ToSql + Sync); 14] {
         [
             &self.ids,
             &self.queues,
@@ -281,21 +269,12 @@ impl<'a> JobColumns<'a> {
             &self.run_ats,
             &self.created_ats,
             &self.metas,
-            &self.channel,
         ]
     }
 
-    /// `$1..$16` of [`INSERT_SQL`].
-    pub(super) fn params(&self) -> Vec<&(dyn ToSql + Sync)> {
-        let mut params = self.row_params().to_vec();
-        params.push(&self.notify);
-        params
-    }
-
-    /// `$1..$17` of [`INSERT_UNIQUE_SQL`] (which notifies from the rows it inserted, so it
-    /// takes no queue list).
+    /// `$1..$16` of [`INSERT_UNIQUE_SQL`].
     pub(super) fn unique_params(&self) -> Vec<&(dyn ToSql + Sync)> {
-        let mut params = self.row_params().to_vec();
+        let mut params = self.params().to_vec();
         params.extend([
             &self.unique_keys as &(dyn ToSql + Sync),
             &self.unique_scopes,
@@ -313,7 +292,7 @@ const UNIQUE_HOLDING: &str = "j.unique_key IS NOT NULL \
      AND (j.unique_scope = 'period' \
           OR j.state IN ('scheduled', 'available', 'retryable', 'running'))";
 
-/// Inserts a batch without unique jobs, `$1..$16` as [`JobColumns::params`] lays them out.
+/// Inserts a batch without unique jobs, `$1..$14` as [`JobColumns::params`] lays them out.
 ///
 /// One statement for the whole batch: columns travel as arrays and are zipped back into rows
 /// by unnest. JSON travels as text and is cast here, so `args` is stored exactly as
@@ -321,12 +300,8 @@ const UNIQUE_HOLDING: &str = "j.unique_key IS NOT NULL \
 /// row: a group commit merges callers that arrived at different instants, and each job keeps
 /// the time its own caller saw.
 ///
-/// The same statement notifies listeners ($15 is the store's channel, $16 the distinct
-/// queues that received available jobs). A data-modifying CTE always runs to completion
-/// whether or not the outer query reads it, so the notifications are queued only if every
-/// row was inserted, and Postgres delivers them at commit.
-pub(super) const INSERT_SQL: &str = "WITH inserted AS ( \
-     INSERT INTO jobs (id, queue, kind, tenant, args, priority, state, \
+/// It notifies no one: listeners are woken after the commit (`wakeup.rs` says why).
+pub(super) const INSERT_SQL: &str = "INSERT INTO jobs (id, queue, kind, tenant, args, priority, state, \
      max_attempts, timeout_ms, backoff, tags, run_at, created_at, meta) \
      SELECT t.id, t.queue, t.kind, t.tenant, t.args::json, t.priority, t.state, \
      t.max_attempts, t.timeout_ms, t.backoff::jsonb, t.tags::jsonb, t.run_at, \
@@ -335,9 +310,7 @@ pub(super) const INSERT_SQL: &str = "WITH inserted AS ( \
      $6::int2[], $7::text[], $8::int4[], $9::int8[], $10::text[], $11::text[], \
      $12::timestamptz[], $13::timestamptz[], $14::text[]) \
      AS t(id, queue, kind, tenant, args, priority, state, max_attempts, timeout_ms, \
-     backoff, tags, run_at, created_at, meta) \
-     ) \
-     SELECT pg_notify($15, q.queue) FROM unnest($16::text[]) AS q(queue)";
+     backoff, tags, run_at, created_at, meta)";
 
 /// The insert for batches holding unique jobs, `$1..$17` as [`JobColumns::unique_params`]
 /// lays them out ([`INSERT_SQL`] stays as lean as before for the rest). A job whose key is
@@ -349,13 +322,10 @@ pub(super) const INSERT_SQL: &str = "WITH inserted AS ( \
 /// goes to the first job naming it. The conflict target names the partial unique index only
 /// (the primary key is no arbiter), so a duplicate id still fails as a Conflict.
 ///
-/// $15 is the wakeup channel ($16/$17 the keys and scopes); queues are notified from the
-/// rows actually inserted. The UNION's second branch yields one NULL row per notified queue;
-/// the caller skips NULL ids.
+/// `$15`/`$16` are the keys and scopes. Like [`INSERT_SQL`], it notifies no one.
 pub(super) static INSERT_UNIQUE_SQL: LazyLock<String> = LazyLock::new(|| {
     format!(
-        "WITH inserted AS ( \
-         INSERT INTO jobs AS j (id, queue, kind, tenant, args, priority, state, \
+        "INSERT INTO jobs AS j (id, queue, kind, tenant, args, priority, state, \
          max_attempts, timeout_ms, backoff, tags, run_at, created_at, meta, unique_key, \
          unique_scope) \
          SELECT t.id, t.queue, t.kind, t.tenant, t.args::json, t.priority, t.state, \
@@ -363,18 +333,13 @@ pub(super) static INSERT_UNIQUE_SQL: LazyLock<String> = LazyLock::new(|| {
          t.created_at, t.meta::json, t.unique_key, t.unique_scope \
          FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], \
          $6::int2[], $7::text[], $8::int4[], $9::int8[], $10::text[], $11::text[], \
-         $12::timestamptz[], $13::timestamptz[], $14::text[], $16::text[], $17::text[]) \
+         $12::timestamptz[], $13::timestamptz[], $14::text[], $15::text[], $16::text[]) \
          WITH ORDINALITY \
          AS t(id, queue, kind, tenant, args, priority, state, max_attempts, timeout_ms, \
          backoff, tags, run_at, created_at, meta, unique_key, unique_scope, ord) \
          ORDER BY t.tenant, t.unique_key, t.ord \
          ON CONFLICT (tenant, unique_key) WHERE {holding} DO NOTHING \
-         RETURNING j.id, j.queue, j.state \
-         ) \
-         SELECT i.id FROM inserted i \
-         UNION ALL \
-         SELECT NULL FROM (SELECT pg_notify($15, i.queue) FROM inserted i \
-           WHERE i.state = 'available' GROUP BY i.queue) n",
+         RETURNING j.id",
         holding = UNIQUE_HOLDING.replace("j.", ""),
     )
 });

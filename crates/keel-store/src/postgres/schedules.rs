@@ -243,15 +243,19 @@ impl ScheduleStore for PgStore {
                 jobs.push(job.into_job(now));
             }
         }
-        if !jobs.is_empty() {
-            let refs: Vec<&Job> = jobs.iter().collect();
-            commit::insert_jobs(&self.sql, &tx, &refs, &self.channel, &ctx).await?;
-        }
+        let refs: Vec<&Job> = jobs.iter().collect();
+        let holders = if refs.is_empty() {
+            commit::Holders::new()
+        } else {
+            commit::insert_jobs(&self.sql, &tx, &refs, &ctx).await?
+        };
         self.sql
             .execute(&tx, SCHEDULE_ADVANCE_SQL, &[keys[0], keys[1], &latest])
             .await
             .map_err(|e| error::db(e, ctx()))?;
         tx.commit().await.map_err(|e| error::db(e, ctx()))?;
+        self.wakeups.wake(commit::woken(&refs, &holders));
+        drop(refs);
         enqueued.sort_by_key(|(at, _)| *at);
         Ok(TickOutcome {
             skipped: total - enqueued.len(),

@@ -215,6 +215,14 @@ mod tests {
             *FAIL_UPDATE_SQL
         );
         assert!(RESCUE_UPDATE_SQL.contains("pg_notify($6"));
+        // Nor do inserts notify in their own transaction: the notifier wakes their queues
+        // after the commit (`wakeup.rs`).
+        for insert in [
+            super::super::rows::INSERT_SQL,
+            &super::super::rows::INSERT_UNIQUE_SQL,
+        ] {
+            assert!(!insert.contains("pg_notify"), "{insert}");
+        }
         // A released job is available again: its queue's listeners are told.
         let functions = HEARTBEAT_RELEASE_FUNCTIONS;
         let body = |tag: &str| {

@@ -11,7 +11,9 @@ use keel_core::{
     Clock, JobId, JobState, JobStore, MaintenanceStore, ManualClock, QueueName, Store, WorkStore,
 };
 
-use super::{eventually, lease_from, noop, schema_or_skip, store_in, store_with_clock};
+use super::{
+    eventually, keyed_request, lease_from, noop, schema_or_skip, store_in, store_with_clock,
+};
 use crate::postgres::{PgOptions, PgStore};
 use crate::testkit::{PgSchema, pg_url_or_skip};
 
@@ -112,27 +114,21 @@ async fn listener_reconnects_after_its_connection_is_killed() {
     let mut wakeups = store.wakeups().expect("Postgres delivers wakeups");
     eventually("the listener to be listening", || store.listens() >= 1).await;
     let conn = store.pool.get().await.expect("connection");
-    let killed: i64 = conn
+    let killed: bool = conn
         .query_one(
-            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
-             WHERE query = $1 AND pid <> pg_backend_pid()",
-            &[&format!(
-                "LISTEN \"{}\"; LISTEN \"{}\"",
-                store.channel, store.changes_channel
-            )],
+            "SELECT pg_terminate_backend($1)",
+            &[&store.listener_backend()],
         )
         .await
         .expect("terminate the listener")
         .get(0);
-    assert_eq!(
-        killed, 1,
-        "exactly one session listens on {}",
-        store.channel
-    );
+    assert!(killed, "the listening session was not found");
     drop(conn);
     eventually("the listener to listen again", || store.listens() >= 2).await;
+    // Inserted through another store: a store does not hear its own inserts' wakeups.
+    let other = store_in(&schema, PgOptions::for_tests()).await;
     let queue = QueueName::parse("after-reconnect").expect("valid queue");
-    store
+    other
         .insert(vec![noop().queue(queue.clone())])
         .await
         .expect("insert");
@@ -140,7 +136,60 @@ async fn listener_reconnects_after_its_connection_is_killed() {
         within(Duration::from_secs(5), wakeups.next()).await,
         Some(queue)
     );
-    store.close().await;
+    for s in [store, other] {
+        s.close().await;
+    }
+}
+
+/// An insert's wakeup is sent after its commit from the inserting store's listening
+/// connection: other stores on the schema hear it, the inserting store (whose process woke
+/// its own dispatchers when the insert returned) does not hear it come back. A plain batch
+/// and an idempotent insert both wake.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn insert_wakeups_reach_other_stores_but_not_their_sender() {
+    let Some(schema) =
+        schema_or_skip("postgres::tests::insert_wakeups_reach_other_stores_but_not_their_sender")
+            .await
+    else {
+        return;
+    };
+    let a = store_in(&schema, PgOptions::for_tests()).await;
+    let b = store_in(&schema, PgOptions::for_tests()).await;
+    let mut own = a.wakeups().expect("Postgres delivers wakeups");
+    let mut heard = b.wakeups().expect("Postgres delivers wakeups");
+    eventually("both listeners to be listening", || {
+        a.listens() >= 1 && b.listens() >= 1
+    })
+    .await;
+
+    let plain = QueueName::parse("plain").expect("valid queue");
+    a.insert(vec![noop().queue(plain.clone())])
+        .await
+        .expect("insert");
+    assert_eq!(
+        within(Duration::from_secs(5), heard.next()).await,
+        Some(plain)
+    );
+
+    let keyed = QueueName::parse("keyed").expect("valid queue");
+    let mut request = keyed_request("wake-once");
+    request.jobs = vec![noop().queue(keyed.clone())];
+    a.insert_idempotent(request)
+        .await
+        .expect("idempotent insert");
+    assert_eq!(
+        within(Duration::from_secs(5), heard.next()).await,
+        Some(keyed)
+    );
+
+    assert_eq!(
+        within(Duration::from_millis(500), own.next()).await,
+        None,
+        "the inserting store heard its own wakeup"
+    );
+    for s in [a, b] {
+        s.close().await;
+    }
 }
 
 /// Two stores on `schema`: `a`, on a clock the test moves, makes the moves; `b` hears
