@@ -255,7 +255,6 @@ impl ScheduleStore for PgStore {
             .map_err(|e| error::db(e, ctx()))?;
         tx.commit().await.map_err(|e| error::db(e, ctx()))?;
         self.wakeups.wake(commit::woken(&refs, &holders));
-        drop(refs);
         enqueued.sort_by_key(|(at, _)| *at);
         Ok(TickOutcome {
             skipped: total - enqueued.len(),
