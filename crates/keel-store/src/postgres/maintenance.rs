@@ -191,9 +191,11 @@ impl MaintenanceStore for PgStore {
             let conn = self.conn(&ctx).await?;
             // A vacuum of a large table may outlast the statement timeout meant for
             // requests. It runs at autovacuum's pace (vacuum_cost_delay 2 ms per 200 units
-            // of page cost), not flat out: unthrottled, each pass took a core for up to half
-            // a second and `keel bench` W2p's p99 pickup went from 5-9 ms to 7-39 ms. Behind
-            // a transaction pooler a session setting would leak to other clients, so there
+            // of page cost), not flat out, so it leaves a shared server's disk and cores to
+            // its other work. Unthrottled, each pass took a core for up to half a second
+            // (benchmarks.md, sixth pass); on the leaner schema it is 3-5 times shorter but
+            // `keel bench` W2p's tail did not move either way (thirteenth pass). Behind a
+            // transaction pooler a session setting would leak to other clients, so there
             // the role's settings apply.
             let session = !self.sql.are_unnamed();
             let ran = async {
