@@ -128,6 +128,7 @@ impl WorkStore for PgStore {
             .await
             .map_err(|e| error::db(e, ctx()))?
         else {
+            super::roll_back(tx, &ctx).await?;
             return Err(StoreError::NotFound(id));
         };
         let state = rows::state(rows::get(&row, 0, "state")?)?;
@@ -137,6 +138,7 @@ impl WorkStore for PgStore {
                 .sources()
                 .contains(&state)
         {
+            super::roll_back(tx, &ctx).await?;
             return Err(StoreError::StaleLease(id));
         }
         let attempt = rows::count("attempt", rows::get(&row, 2, "attempt")?)?;

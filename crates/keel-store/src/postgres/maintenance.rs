@@ -60,6 +60,7 @@ impl MaintenanceStore for PgStore {
             .await
             .map_err(|e| error::db(e, ctx()))?;
         if expired.is_empty() {
+            super::roll_back(tx, &ctx).await?;
             return Ok(Vec::new());
         }
         let n = expired.len();

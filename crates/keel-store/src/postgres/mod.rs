@@ -212,6 +212,18 @@ impl std::fmt::Debug for PgStore {
 /// Lazily built context for an error message: only formatted when something failed.
 type Ctx<'a> = &'a (dyn Fn() -> String + Send + Sync);
 
+/// Rolls `tx` back and waits for the server's answer: how a transaction that found nothing
+/// to do, or a reason to refuse, ends early. Dropping it instead sends its `ROLLBACK`
+/// without waiting, and the connection goes back to the pool at once, so the next
+/// statement on it is pipelined behind that `ROLLBACK`. Postgres itself answers both in
+/// order, but PgBouncer before 1.21 in transaction mode hands the server connection on at
+/// the `ROLLBACK`'s answer while the next statement is still arriving: a large one (a batch
+/// insert's bind message) was split between two server connections, and the second one
+/// closed with `FATAL: invalid frontend message type 255` under another client.
+async fn roll_back(tx: deadpool_postgres::Transaction<'_>, ctx: Ctx<'_>) -> Result<(), StoreError> {
+    tx.rollback().await.map_err(|e| error::db(e, ctx()))
+}
+
 impl PgStore {
     /// Connects to the server at `url` (libpq URL syntax, including
     /// `?options=-csearch_path%3D<schema>`), verifies it answers, warms `min_idle`

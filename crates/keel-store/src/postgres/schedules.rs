@@ -202,6 +202,7 @@ impl ScheduleStore for PgStore {
             .map_err(|e| error::db(e, ctx()))?
             .is_some();
         if !holds {
+            super::roll_back(tx, &ctx).await?;
             return Err(not_leader());
         }
         let live = match self
@@ -214,6 +215,7 @@ impl ScheduleStore for PgStore {
             None => false,
         };
         if !live {
+            super::roll_back(tx, &ctx).await?;
             return Ok(TickOutcome {
                 enqueued: Vec::new(),
                 skipped: ticks.len(),
