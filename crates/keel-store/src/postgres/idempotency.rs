@@ -111,7 +111,6 @@ impl PgStore {
                     .into_iter()
                     .map(str::to_owned)
                     .collect();
-                drop(refs);
                 let jobs = commit::substitute(jobs, &holders);
                 let response = match response {
                     Response::Ready(response) => response,

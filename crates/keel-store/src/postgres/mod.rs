@@ -73,7 +73,7 @@ use listen::Listener;
 use sql::{EXISTING_SQL, STATE_OF_SQL};
 use statements::Statements;
 use task::Background;
-use wakeup::Wakeups;
+use wakeup::{Pending, Wakeups};
 
 /// Connection pool settings. Each bounds a resource so overload turns into fast, retryable
 /// errors instead of unbounded waits (guarantee G5).
@@ -299,13 +299,41 @@ impl PgStore {
             tracing::warn!(error = %e, %target, "could not open min_idle Postgres connections");
         }
         let maintenance = pool::keep(&pool, &opts);
+        let pending = Arc::new(Pending::default());
+        let listener = match (&opts.listen_url, opts.pooler) {
+            (Some(url), _) => {
+                let listen_cfg: tokio_postgres::Config = url.parse().map_err(|e| {
+                    StoreError::permanent("parsing the Postgres URL to LISTEN on", e)
+                })?;
+                Some(Listener::spawn(
+                    listen_cfg,
+                    channel.clone(),
+                    &changes_channel,
+                    Arc::clone(&pending),
+                ))
+            }
+            (None, Pooler::None) => Some(Listener::spawn(
+                cfg,
+                channel.clone(),
+                &changes_channel,
+                Arc::clone(&pending),
+            )),
+            (None, Pooler::Transaction) => {
+                tracing::warn!(
+                    %target,
+                    "behind a transaction pooler without a listen URL (KEEL_DATABASE_LISTEN_URL): \
+                     no LISTEN, so workers find new jobs by polling (up to the poll interval \
+                     late) and jobs finishing on other replicas are seen only when re-read"
+                );
+                None
+            }
+        };
         // The listener sends the inserts' wakeups on its own connection; without one, the
         // pool does.
-        let wakeups = Arc::new(match (&opts.listen_url, opts.pooler) {
-            (None, Pooler::Transaction) => {
-                Wakeups::through_pool(pool.clone(), sql.clone(), channel.clone())
-            }
-            _ => Wakeups::for_listener(),
+        let wakeups = Arc::new(if listener.is_some() {
+            Wakeups::for_listener(pending)
+        } else {
+            Wakeups::through_pool(pending, pool.clone(), sql.clone(), channel.clone())
         });
         let committer = Committer::spawn(
             pool.clone(),
@@ -318,34 +346,6 @@ impl PgStore {
                 concurrency: opts.insert_commits.min(opts.max_connections),
             },
         );
-        let listener = match (&opts.listen_url, opts.pooler) {
-            (Some(url), _) => {
-                let listen_cfg: tokio_postgres::Config = url.parse().map_err(|e| {
-                    StoreError::permanent("parsing the Postgres URL to LISTEN on", e)
-                })?;
-                Some(Listener::spawn(
-                    listen_cfg,
-                    channel.clone(),
-                    &changes_channel,
-                    wakeups.pending(),
-                ))
-            }
-            (None, Pooler::None) => Some(Listener::spawn(
-                cfg,
-                channel.clone(),
-                &changes_channel,
-                wakeups.pending(),
-            )),
-            (None, Pooler::Transaction) => {
-                tracing::warn!(
-                    %target,
-                    "behind a transaction pooler without a listen URL (KEEL_DATABASE_LISTEN_URL): \
-                     no LISTEN, so workers find new jobs by polling (up to the poll interval \
-                     late) and jobs finishing on other replicas are seen only when re-read"
-                );
-                None
-            }
-        };
         server.warn(&target, sql.are_unnamed(), opts.statement_timeout);
         Ok(Self {
             pool,

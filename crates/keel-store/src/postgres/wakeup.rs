@@ -83,18 +83,22 @@ impl Pending {
 }
 
 impl Wakeups {
-    /// A notifier whose wakeups the store's listener sends ([`pending`](Self::pending)).
-    pub(super) fn for_listener() -> Self {
+    /// A notifier whose wakeups the store's listener sends, from `pending`.
+    pub(super) fn for_listener(pending: Arc<Pending>) -> Self {
         Self {
-            pending: Arc::new(Pending::default()),
+            pending,
             task: None,
         }
     }
 
     /// A notifier sending on `channel` through connections of `pool`, for a store without a
     /// listener.
-    pub(super) fn through_pool(pool: Pool, sql: Statements, channel: String) -> Self {
-        let pending = Arc::new(Pending::default());
+    pub(super) fn through_pool(
+        pending: Arc<Pending>,
+        pool: Pool,
+        sql: Statements,
+        channel: String,
+    ) -> Self {
         let task = Background::spawn({
             let pending = Arc::clone(&pending);
             move |stopped| run(pending, pool, sql, channel, stopped)
@@ -103,11 +107,6 @@ impl Wakeups {
             pending,
             task: Some(task),
         }
-    }
-
-    /// What the sender takes its queues from.
-    pub(super) fn pending(&self) -> Arc<Pending> {
-        Arc::clone(&self.pending)
     }
 
     /// Queues a wakeup for each of `queues`. Call it only once the jobs are committed.
