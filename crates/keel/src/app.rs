@@ -512,7 +512,8 @@ async fn track_depths(
 }
 
 /// Keeps `keel_queue_depth{queue,state}` and `keel_queue_paused{queue}` (from the depths
-/// [`track_depths`] last read), `keel_db_pool_connections{state}`, `keel_tasks_alive`,
+/// [`track_depths`] last read), `keel_db_pool_connections{state}`,
+/// `keel_db_pool_closed_unanswered_total`, `keel_tasks_alive`,
 /// `keel_admission_limit` and the runtime, allocator and process gauges ([`ProcessGauges`])
 /// current, drops idle rate-limit buckets (bounding their memory), and runs the Prometheus
 /// histogram upkeep.
@@ -553,6 +554,7 @@ async fn refresh_gauges(
         ] {
             metrics::gauge!("keel_db_pool_connections", "state" => state).set(n as f64);
         }
+        metrics::counter!("keel_db_pool_closed_unanswered_total").absolute(pool.closed_unanswered);
         // None until the first read: a zero then would be a guess, not a count.
         let stats = depths.borrow().clone();
         if let Some(stats) = stats {

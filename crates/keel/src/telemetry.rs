@@ -83,6 +83,13 @@ fn describe_metrics() {
         "Database pool connections, by state: max, idle, in_use, waiting (callers queued \
          for a connection)."
     );
+    metrics::describe_counter!(
+        "keel_db_pool_closed_unanswered_total",
+        "Database connections closed because the call using them ended before every answer \
+         came back (a caller that gave up, a transaction ended by an error). Only behind a \
+         transaction pooler (KEEL_DATABASE_POOLER=transaction), where the next call must not \
+         be pipelined behind an unanswered request; a steady rise means calls time out."
+    );
     metrics::describe_gauge!(
         "keel_queue_depth",
         "Unfinished jobs (scheduled, available, running, retryable) per queue and state, \

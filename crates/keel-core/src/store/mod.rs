@@ -281,6 +281,11 @@ pub struct PoolStats {
     pub in_use: usize,
     /// Callers waiting for a connection (on SQLite: writes queued for the writer thread).
     pub waiting: usize,
+    /// Connections closed, since the store opened, because the call using them ended before
+    /// every answer came back (a caller that gave up, a transaction ended by an error).
+    /// Only behind a transaction pooler, where the next call's statements must not follow
+    /// an unanswered request; elsewhere such connections are reused and this stays 0.
+    pub closed_unanswered: u64,
 }
 
 /// The response an idempotent request produced, kept so a replay returns it byte for byte.

@@ -42,11 +42,11 @@ use std::fmt;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use deadpool_postgres::Pool;
 use keel_core::{Job, JobId, JobState, StoreError};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 use uuid::Uuid;
 
+use super::pool::Lender;
 use super::rows::{INSERT_SQL, INSERT_UNIQUE_SQL, JobColumns, UNIQUE_HOLDERS_SQL};
 use super::statements::{Conn, Statements};
 use super::task::Background;
@@ -104,7 +104,7 @@ impl fmt::Debug for Committer {
 
 /// What the committing tasks share.
 struct Shared {
-    pool: Pool,
+    lender: Lender,
     sql: Statements,
     /// Told which queues got available jobs once a batch has committed.
     wakeups: Arc<Wakeups>,
@@ -112,9 +112,10 @@ struct Shared {
 }
 
 impl Committer {
-    /// Starts the committer task, writing through `pool` and waking `wakeups`.
+    /// Starts the committer task, writing through connections `lender` lends and waking
+    /// `wakeups`.
     pub(super) fn spawn(
-        pool: Pool,
+        lender: Lender,
         sql: Statements,
         wakeups: Arc<Wakeups>,
         settings: Settings,
@@ -122,7 +123,7 @@ impl Committer {
         let (tx, rx) = mpsc::channel(settings.queue.max(1));
         let stats = Arc::new(Stats::default());
         let shared = Arc::new(Shared {
-            pool,
+            lender,
             sql,
             wakeups,
             stats: Arc::clone(&stats),
@@ -359,16 +360,20 @@ async fn write(shared: &Shared, jobs: &[&Job], callers: usize) -> Result<Holders
             .await
             .map_err(|e| error::db(e, ctx()))?;
     }
-    let mut conn = shared.pool.get().await.map_err(|e| error::pool(e, ctx()))?;
+    let mut conn = shared
+        .lender
+        .lend()
+        .await
+        .map_err(|e| error::pool(e, ctx()))?;
     let holders = if unique {
         let tx = conn.transaction().await.map_err(|e| error::db(e, ctx()))?;
         let holders = insert_jobs(&shared.sql, &tx, jobs, &ctx).await?;
         tx.commit().await.map_err(|e| error::db(e, ctx()))?;
         holders
     } else {
-        insert_jobs(&shared.sql, &conn, jobs, &ctx).await?
+        insert_jobs(&shared.sql, &*conn, jobs, &ctx).await?
     };
-    drop(conn);
+    conn.answered();
     shared.wakeups.wake(woken(jobs, &holders));
     Ok(holders)
 }

@@ -52,10 +52,11 @@ impl PgStore {
         // never builds a response it would throw away.
         if let Some(row) = self
             .sql
-            .query_opt(&conn, IDEMPOTENCY_READ_SQL, &key_params)
+            .query_opt(&*conn, IDEMPOTENCY_READ_SQL, &key_params)
             .await
             .map_err(|e| error::db(e, ctx()))?
         {
+            conn.answered();
             return replay(&row, &fingerprint, &key);
         }
         let jobs: Vec<Job> = jobs.into_iter().map(|j| j.into_job(now)).collect();
@@ -129,6 +130,7 @@ impl PgStore {
                     }
                 };
                 tx.commit().await.map_err(|e| error::db(e, ctx()))?;
+                conn.answered();
                 self.wakeups.wake(wake.iter().map(String::as_str));
                 return Ok(IdempotentOutcome::Created { jobs, response });
             }
@@ -137,13 +139,15 @@ impl PgStore {
             tx.rollback().await.map_err(|e| error::db(e, ctx()))?;
             if let Some(row) = self
                 .sql
-                .query_opt(&conn, IDEMPOTENCY_READ_SQL, &key_params)
+                .query_opt(&*conn, IDEMPOTENCY_READ_SQL, &key_params)
                 .await
                 .map_err(|e| error::db(e, ctx()))?
             {
+                conn.answered();
                 return replay(&row, &fingerprint, &key);
             }
         }
+        conn.answered();
         Err(StoreError::transient(
             ctx(),
             "the key kept being claimed and released concurrently",

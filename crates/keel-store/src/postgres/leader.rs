@@ -26,7 +26,7 @@ impl LeaderStore for PgStore {
             let won = self
                 .sql
                 .query_opt(
-                    &conn,
+                    &*conn,
                     CAMPAIGN_SQL,
                     &[&MAINTENANCE_ROLE, &params.owner.as_str(), &expires_at, &now],
                 )
@@ -36,11 +36,12 @@ impl LeaderStore for PgStore {
                 Some(row) => Some(row),
                 None => self
                     .sql
-                    .query_opt(&conn, LEADER_SQL, &[&MAINTENANCE_ROLE])
+                    .query_opt(&*conn, LEADER_SQL, &[&MAINTENANCE_ROLE])
                     .await
                     .map_err(|e| error::db(e, ctx()))?,
             };
             if let Some(row) = row {
+                conn.answered();
                 let owner: &str = rows::get(&row, 0, "owner")?;
                 let epoch: i64 = rows::get(&row, 1, "epoch")?;
                 return Ok(Leadership {
@@ -52,6 +53,7 @@ impl LeaderStore for PgStore {
                 });
             }
         }
+        conn.answered();
         Err(StoreError::transient(
             ctx(),
             "the leader row kept disappearing between the campaign and reading the winner",

@@ -129,6 +129,7 @@ impl WorkStore for PgStore {
             .map_err(|e| error::db(e, ctx()))?
         else {
             super::roll_back(tx, &ctx).await?;
+            conn.answered();
             return Err(StoreError::NotFound(id));
         };
         let state = rows::state(rows::get(&row, 0, "state")?)?;
@@ -139,6 +140,7 @@ impl WorkStore for PgStore {
                 .contains(&state)
         {
             super::roll_back(tx, &ctx).await?;
+            conn.answered();
             return Err(StoreError::StaleLease(id));
         }
         let attempt = rows::count("attempt", rows::get(&row, 2, "attempt")?)?;
@@ -165,6 +167,7 @@ impl WorkStore for PgStore {
             .map_err(|e| error::db(e, ctx()))?;
         let job = rows::job_from_row(&row)?;
         tx.commit().await.map_err(|e| error::db(e, ctx()))?;
+        conn.answered();
         Ok(job)
     }
 

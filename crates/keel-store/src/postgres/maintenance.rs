@@ -61,6 +61,7 @@ impl MaintenanceStore for PgStore {
             .map_err(|e| error::db(e, ctx()))?;
         if expired.is_empty() {
             super::roll_back(tx, &ctx).await?;
+            conn.answered();
             return Ok(Vec::new());
         }
         let n = expired.len();
@@ -130,6 +131,7 @@ impl MaintenanceStore for PgStore {
             .await
             .map_err(|e| error::db(e, ctx()))?;
         tx.commit().await.map_err(|e| error::db(e, ctx()))?;
+        conn.answered();
         Ok(rescued)
     }
 
@@ -215,9 +217,10 @@ impl MaintenanceStore for PgStore {
             .await;
             if let Err(e) = ran {
                 // Its settings are unknown now: the connection is not given back.
-                drop(deadpool_postgres::Object::take(conn));
+                conn.discard();
                 return Err(error::db(e, ctx()));
             }
+            conn.answered();
             tracing::debug!(%table, vacuum, analyze, "vacuumed a job table");
             done.push((*table).to_owned());
         }

@@ -54,7 +54,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use deadpool_postgres::{Object, Pool};
+use deadpool_postgres::Pool;
 use keel_core::store::{
     IdempotentOutcome, LeaseRef, PoolStats, QueueStats, StateCounts, StoredResponse,
 };
@@ -70,6 +70,7 @@ use crate::key_reused;
 use crate::migrate::{self, MigrationReport};
 use commit::Committer;
 use listen::Listener;
+use pool::{Lender, Lent};
 use sql::{EXISTING_SQL, STATE_OF_SQL};
 use statements::Statements;
 use task::Background;
@@ -179,6 +180,8 @@ impl PgOptions {
 /// committer, which borrows one per batch).
 pub struct PgStore {
     pool: Pool,
+    /// Lends `pool`'s connections to calls (`pool.rs`).
+    lender: Lender,
     /// How statements are sent: named, or unnamed behind a transaction pooler.
     sql: Statements,
     clock: Arc<dyn Clock>,
@@ -299,6 +302,7 @@ impl PgStore {
             tracing::warn!(error = %e, %target, "could not open min_idle Postgres connections");
         }
         let maintenance = pool::keep(&pool, &opts);
+        let lender = Lender::new(pool.clone(), sql.are_unnamed());
         let pending = Arc::new(Pending::default());
         let listener = match (&opts.listen_url, opts.pooler) {
             (Some(url), _) => {
@@ -333,10 +337,10 @@ impl PgStore {
         let wakeups = Arc::new(if listener.is_some() {
             Wakeups::for_listener(pending)
         } else {
-            Wakeups::through_pool(pending, pool.clone(), sql.clone(), channel.clone())
+            Wakeups::through_pool(pending, lender.clone(), sql.clone(), channel.clone())
         });
         let committer = Committer::spawn(
-            pool.clone(),
+            lender.clone(),
             sql.clone(),
             Arc::clone(&wakeups),
             commit::Settings {
@@ -349,6 +353,7 @@ impl PgStore {
         server.warn(&target, sql.are_unnamed(), opts.statement_timeout);
         Ok(Self {
             pool,
+            lender,
             sql,
             clock,
             target,
@@ -481,6 +486,7 @@ impl PgStore {
             report.current = report.current.max(m.version);
         }
         tx.commit().await.map_err(|e| error::db(e, ctx()))?;
+        conn.answered();
         if !report.applied.is_empty() {
             tracing::info!(
                 applied = ?report.applied,
@@ -492,9 +498,10 @@ impl PgStore {
         Ok(report)
     }
 
-    /// A pooled connection, or why none could be had.
-    async fn conn(&self, ctx: Ctx<'_>) -> Result<Object, StoreError> {
-        self.pool.get().await.map_err(|e| error::pool(e, ctx()))
+    /// A pooled connection for one call, or why none could be had. The call says
+    /// [`answered`](Lent::answered) once it has every answer it asked for.
+    async fn conn(&self, ctx: Ctx<'_>) -> Result<Lent, StoreError> {
+        self.lender.lend().await.map_err(|e| error::pool(e, ctx()))
     }
 
     /// Runs one statement and returns its rows.
@@ -505,10 +512,13 @@ impl PgStore {
         ctx: Ctx<'_>,
     ) -> Result<Vec<Row>, StoreError> {
         let conn = self.conn(ctx).await?;
-        self.sql
-            .query(&conn, sql, params)
+        let rows = self
+            .sql
+            .query(&*conn, sql, params)
             .await
-            .map_err(|e| error::db(e, ctx()))
+            .map_err(|e| error::db(e, ctx()))?;
+        conn.answered();
+        Ok(rows)
     }
 
     /// Runs one statement on a pooled connection and returns how many rows it changed.
@@ -519,10 +529,13 @@ impl PgStore {
         ctx: Ctx<'_>,
     ) -> Result<u64, StoreError> {
         let conn = self.conn(ctx).await?;
-        self.sql
-            .execute(&conn, sql, params)
+        let changed = self
+            .sql
+            .execute(&*conn, sql, params)
             .await
-            .map_err(|e| error::db(e, ctx()))
+            .map_err(|e| error::db(e, ctx()))?;
+        conn.answered();
+        Ok(changed)
     }
 
     /// Runs one statement planned afresh for these parameters and the table as it is now
@@ -535,10 +548,13 @@ impl PgStore {
         ctx: Ctx<'_>,
     ) -> Result<Vec<Row>, StoreError> {
         let conn = self.conn(ctx).await?;
-        self.sql
-            .query_replanned(&conn, sql, params)
+        let rows = self
+            .sql
+            .query_replanned(&*conn, sql, params)
             .await
-            .map_err(|e| error::db(e, ctx()))
+            .map_err(|e| error::db(e, ctx()))?;
+        conn.answered();
+        Ok(rows)
     }
 
     /// Runs one lease-fenced batch statement (`heartbeat`, `complete`, `release`) whose
@@ -558,7 +574,7 @@ impl PgStore {
         let conn = self.conn(ctx).await?;
         let rows = self
             .sql
-            .query_replanned(&conn, sql, params)
+            .query_replanned(&*conn, sql, params)
             .await
             .map_err(|e| error::db(e, ctx()))?;
         let db = |e: tokio_postgres::Error| error::db(e, ctx());
@@ -580,7 +596,7 @@ impl PgStore {
             HashSet::new()
         } else {
             self.sql
-                .query_replanned(&conn, EXISTING_SQL, &[&missing])
+                .query_replanned(&*conn, EXISTING_SQL, &[&missing])
                 .await
                 .map_err(db)?
                 .iter()
@@ -588,6 +604,7 @@ impl PgStore {
                 .collect::<Result<_, _>>()
                 .map_err(db)?
         };
+        conn.answered();
         Ok(leases
             .iter()
             .map(|l| {
@@ -624,25 +641,29 @@ impl PgStore {
             params.extend(channels.iter().map(|c| *c as &(dyn ToSql + Sync)));
             let row = self
                 .sql
-                .query_opt(&conn, sql, &params)
+                .query_opt(&*conn, sql, &params)
                 .await
                 .map_err(|e| error::db(e, ctx()))?;
             if let Some(row) = row {
+                conn.answered();
                 return rows::job_from_row(&row);
             }
             let Some(row) = self
                 .sql
-                .query_opt(&conn, STATE_OF_SQL, &[id.as_uuid()])
+                .query_opt(&*conn, STATE_OF_SQL, &[id.as_uuid()])
                 .await
                 .map_err(|e| error::db(e, ctx()))?
             else {
+                conn.answered();
                 return Err(StoreError::NotFound(id));
             };
             let from = rows::state(rows::get(&row, 0, "state")?)?;
             if let Err(source) = from.apply(transition) {
+                conn.answered();
                 return Err(StoreError::IllegalTransition { id, source });
             }
         }
+        conn.answered();
         Err(StoreError::transient(
             ctx(),
             format!("job {id} kept changing state concurrently"),
@@ -758,8 +779,9 @@ impl Store for PgStore {
         let conn = self.conn(&ctx).await?;
         conn.simple_query("SELECT 1")
             .await
-            .map(drop)
-            .map_err(|e| error::db(e, ctx()))
+            .map_err(|e| error::db(e, ctx()))?;
+        conn.answered();
+        Ok(())
     }
 
     fn pool_stats(&self) -> PoolStats {
@@ -770,6 +792,7 @@ impl Store for PgStore {
             in_use: st.size.saturating_sub(st.available),
             // Inserts queued for the committer wait for a connection too, one batch away.
             waiting: st.waiting + self.committer.queued(),
+            closed_unanswered: self.lender.closed_unanswered(),
         }
     }
 

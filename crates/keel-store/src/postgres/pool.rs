@@ -9,12 +9,18 @@
 //! - **min_idle**: connections are opened at startup and topped up in the background, so the
 //!   first requests after startup or after a burst of dropped connections do not each pay for
 //!   a TCP + auth handshake.
+//!
+//! Store calls borrow connections through a [`Lender`], which behind a transaction pooler
+//! closes a connection its call dropped before every answer came back (see [`Lent`]).
 
+use std::ops::{Deref, DerefMut};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use deadpool_postgres::{
-    Hook, HookError, Manager, ManagerConfig, Pool, PoolError, RecyclingMethod, Runtime, Timeouts,
-    WeakPool,
+    Hook, HookError, Manager, ManagerConfig, Object, Pool, PoolError, RecyclingMethod, Runtime,
+    Timeouts, WeakPool,
 };
 
 use super::PgOptions;
@@ -58,6 +64,117 @@ pub(super) fn build(
         }));
     }
     builder.build()
+}
+
+/// Lends the pool's connections to store calls, one [`Lent`] per call; cheap to clone.
+#[derive(Clone)]
+pub(super) struct Lender {
+    pool: Pool,
+    /// Whether a connection dropped before its answers came back is closed rather than
+    /// given back: behind a transaction pooler.
+    close_unanswered: bool,
+    /// How many were closed that way, for [`PoolStats`](keel_core::store::PoolStats).
+    closed: Arc<AtomicU64>,
+}
+
+impl Lender {
+    /// Lends from `pool`; `behind_pooler` when a transaction pooler sits in front of
+    /// Postgres.
+    pub(super) fn new(pool: Pool, behind_pooler: bool) -> Self {
+        Self {
+            pool,
+            close_unanswered: behind_pooler,
+            closed: Arc::default(),
+        }
+    }
+
+    /// A connection for one call, waiting up to the pool's acquire timeout.
+    pub(super) async fn lend(&self) -> Result<Lent, PoolError> {
+        Ok(Lent {
+            conn: Some(self.pool.get().await?),
+            answered: false,
+            closed: self.close_unanswered.then(|| Arc::clone(&self.closed)),
+        })
+    }
+
+    /// Connections closed because their call dropped them unanswered.
+    pub(super) fn closed_unanswered(&self) -> u64 {
+        self.closed.load(Ordering::Relaxed)
+    }
+}
+
+/// A pooled connection lent for one store call. Dropped, it goes back to the pool, except
+/// behind a transaction pooler when the call did not say it had every answer it asked for
+/// ([`answered`](Self::answered)): then it is closed.
+///
+/// A call drops its connection early when its caller gives up (a request's deadline, the
+/// leader's campaign timeout) or when it returns on an error with a transaction open,
+/// whose `ROLLBACK` tokio-postgres then sends without waiting. A request on it may still be
+/// unanswered, and the next call's statements would be pipelined behind it. Postgres
+/// answers a connection's requests in order, so straight to Postgres that is harmless, and
+/// the connection goes back to the pool (closing it would turn every request that gives up
+/// under overload into a reconnect). But PgBouncer before 1.21 in transaction mode hands
+/// its server connection on at that request's answer while the next statement may still be
+/// arriving: a batch insert's 95 kB bind message was split between two server connections,
+/// and the second one closed with `FATAL: invalid frontend message type 255` under another
+/// client (docs/scaling.md).
+pub(super) struct Lent {
+    conn: Option<Object>,
+    answered: bool,
+    /// `Some` behind a transaction pooler: counts the connections closed unanswered.
+    closed: Option<Arc<AtomicU64>>,
+}
+
+impl Lent {
+    /// Gives the connection back: the call has had every answer it asked for (its last
+    /// statement, its commit or its awaited rollback returned).
+    pub(super) fn answered(mut self) {
+        self.answered = true;
+    }
+
+    /// Closes the connection instead of giving it back, whatever it was used for: its
+    /// session's state is unknown (a setting a failed statement may have left changed).
+    pub(super) fn discard(mut self) {
+        if let Some(conn) = self.conn.take() {
+            drop(Object::take(conn));
+        }
+    }
+}
+
+impl Deref for Lent {
+    type Target = Object;
+
+    fn deref(&self) -> &Object {
+        self.conn
+            .as_ref()
+            .expect("a lent connection is present until dropped")
+    }
+}
+
+impl DerefMut for Lent {
+    fn deref_mut(&mut self) -> &mut Object {
+        self.conn
+            .as_mut()
+            .expect("a lent connection is present until dropped")
+    }
+}
+
+impl Drop for Lent {
+    fn drop(&mut self) {
+        let Some(conn) = self.conn.take() else { return };
+        match &self.closed {
+            Some(closed) if !self.answered => {
+                // Out of the pool: dropping the client closes the connection, and the pooler
+                // ends whatever was left of its transaction.
+                drop(Object::take(conn));
+                closed.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(
+                    "closed a pooled connection its call dropped before every answer came back"
+                );
+            }
+            _ => drop(conn),
+        }
+    }
 }
 
 /// Opens connections until at least `min_idle` are idle (or the pool is full). Never waits

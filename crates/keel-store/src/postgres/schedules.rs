@@ -203,6 +203,7 @@ impl ScheduleStore for PgStore {
             .is_some();
         if !holds {
             super::roll_back(tx, &ctx).await?;
+            conn.answered();
             return Err(not_leader());
         }
         let live = match self
@@ -216,6 +217,7 @@ impl ScheduleStore for PgStore {
         };
         if !live {
             super::roll_back(tx, &ctx).await?;
+            conn.answered();
             return Ok(TickOutcome {
                 enqueued: Vec::new(),
                 skipped: ticks.len(),
@@ -256,6 +258,7 @@ impl ScheduleStore for PgStore {
             .await
             .map_err(|e| error::db(e, ctx()))?;
         tx.commit().await.map_err(|e| error::db(e, ctx()))?;
+        conn.answered();
         self.wakeups.wake(commit::woken(&refs, &holders));
         enqueued.sort_by_key(|(at, _)| *at);
         Ok(TickOutcome {

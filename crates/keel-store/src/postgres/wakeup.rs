@@ -38,10 +38,11 @@
 use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex, PoisonError};
 
-use deadpool_postgres::Pool;
+use keel_core::StoreError;
 use tokio::sync::Notify;
 
 use super::error;
+use super::pool::Lender;
 use super::statements::Statements;
 use super::task::{Background, Stopped};
 
@@ -91,17 +92,17 @@ impl Wakeups {
         }
     }
 
-    /// A notifier sending on `channel` through connections of `pool`, for a store without a
-    /// listener.
+    /// A notifier sending on `channel` through connections `lender` lends, for a store
+    /// without a listener.
     pub(super) fn through_pool(
         pending: Arc<Pending>,
-        pool: Pool,
+        lender: Lender,
         sql: Statements,
         channel: String,
     ) -> Self {
         let task = Background::spawn({
             let pending = Arc::clone(&pending);
-            move |stopped| run(pending, pool, sql, channel, stopped)
+            move |stopped| run(pending, lender, sql, channel, stopped)
         });
         Self {
             pending,
@@ -141,7 +142,7 @@ impl Wakeups {
 
 async fn run(
     pending: Arc<Pending>,
-    pool: Pool,
+    lender: Lender,
     sql: Statements,
     channel: String,
     mut stopped: Stopped,
@@ -153,7 +154,7 @@ async fn run(
         };
         let queues = pending.take();
         if !queues.is_empty() {
-            send(&pool, &sql, &channel, &queues).await;
+            send(&lender, &sql, &channel, &queues).await;
         }
         if stopping {
             return;
@@ -163,13 +164,15 @@ async fn run(
 
 /// One round of notifications through the pool. A failure is logged and dropped: the jobs
 /// are stored, and the workers' poll finds them.
-async fn send(pool: &Pool, sql: &Statements, channel: &str, queues: &[String]) {
+async fn send(lender: &Lender, sql: &Statements, channel: &str, queues: &[String]) {
     let ctx = || format!("notifying {} queue(s) of new jobs", queues.len());
     let sent = async {
-        let conn = pool.get().await.map_err(|e| error::pool(e, ctx()))?;
-        sql.execute(&conn, WAKE_SQL, &[&channel, &queues])
+        let conn = lender.lend().await.map_err(|e| error::pool(e, ctx()))?;
+        sql.execute(&*conn, WAKE_SQL, &[&channel, &queues])
             .await
-            .map_err(|e| error::db(e, ctx()))
+            .map_err(|e| error::db(e, ctx()))?;
+        conn.answered();
+        Ok::<_, StoreError>(())
     }
     .await;
     if let Err(e) = sent {

@@ -495,6 +495,7 @@ impl Store for SqliteStore {
             idle,
             in_use: readers.saturating_sub(idle) + 1,
             waiting: self.writer.queued(),
+            closed_unanswered: 0,
         }
     }
 

@@ -7,11 +7,11 @@ use std::time::Duration;
 
 use keel_core::store::{
     CampaignParams, Completion, FailParams, IdempotentInsert, LeaseParams, LeaseRef, ListParams,
-    StoredResponse,
+    RescueParams, StoredResponse,
 };
 use keel_core::{
-    IdempotencyKey, Job, JobStore as _, LeaderStore as _, QueueName, Store as _, StoreError,
-    TenantId, WorkStore as _, WorkerId,
+    IdempotencyKey, Job, JobId, JobStore as _, LeaderStore as _, MaintenanceStore as _, QueueName,
+    Store as _, StoreError, TenantId, WorkStore as _, WorkerId,
 };
 
 use super::{PgOptions, PgStore, clock, noop};
@@ -93,7 +93,9 @@ async fn session_state(bouncer: &PgBouncer, database: &str) -> Vec<(String, Stri
 
 /// Every kind of statement the store sends, through a bouncer with one server connection;
 /// then that connection holds nothing of Keel's: a test that fails the day a named
-/// statement, a `LISTEN`, a lock or a setting outlives its transaction.
+/// statement, a `LISTEN`, a lock or a setting outlives its transaction. Every call,
+/// refusals included (a stale lease, a missing job, a replayed key), had all its answers,
+/// so none closed its connection.
 #[tokio::test]
 async fn no_session_state_outlives_a_transaction() {
     let test = "postgres::tests::pgbouncer::no_session_state_outlives_a_transaction";
@@ -107,20 +109,19 @@ async fn no_session_state_outlives_a_transaction() {
     // Group-committed inserts, an idempotent insert (a transaction), reads and listings.
     let jobs = store.insert(vec![noop(), noop(), noop()]).await.unwrap();
     store.get(jobs[0].id).await.unwrap();
-    store
-        .insert_idempotent(IdempotentInsert {
-            tenant: TenantId::default(),
-            key: IdempotencyKey::parse("k1").unwrap(),
-            fingerprint: "f".into(),
-            ttl: Duration::from_secs(60),
-            jobs: vec![noop()],
-            respond: Box::new(|jobs: &[Job]| StoredResponse {
-                status: 201,
-                body: format!("{}", jobs.len()).into_bytes(),
-            }),
-        })
-        .await
-        .unwrap();
+    let keyed = || IdempotentInsert {
+        tenant: TenantId::default(),
+        key: IdempotencyKey::parse("k1").unwrap(),
+        fingerprint: "f".into(),
+        ttl: Duration::from_secs(60),
+        jobs: vec![noop()],
+        respond: Box::new(|jobs: &[Job]| StoredResponse {
+            status: 201,
+            body: format!("{}", jobs.len()).into_bytes(),
+        }),
+    };
+    store.insert_idempotent(keyed()).await.unwrap();
+    store.insert_idempotent(keyed()).await.unwrap();
     store.list(ListParams::default()).await.unwrap();
     // The worker's round: lease, complete, fail (a transaction), release.
     let leased = store
@@ -155,6 +156,36 @@ async fn no_session_state_outlives_a_transaction() {
         .unwrap();
     store.release(vec![leases[2]]).await.unwrap();
     store.cancel(jobs[0].id).await.ok();
+    // Refusals: a lease that moved on, a job that does not exist, a move its state forbids.
+    let stale = store
+        .fail(FailParams {
+            lease: leases[0],
+            error: "late".into(),
+            permanent: false,
+            retry_at: None,
+        })
+        .await;
+    assert!(matches!(stale, Err(StoreError::StaleLease(_))), "{stale:?}");
+    let missing = JobId::new();
+    assert!(matches!(
+        store.get(missing).await,
+        Err(StoreError::NotFound(_))
+    ));
+    assert!(matches!(
+        store.cancel(missing).await,
+        Err(StoreError::NotFound(_))
+    ));
+    assert!(matches!(
+        store.cancel(leased[0].id).await,
+        Err(StoreError::IllegalTransition { .. })
+    ));
+    assert!(
+        store
+            .rescue(RescueParams { limit: 10 })
+            .await
+            .unwrap()
+            .is_empty()
+    );
     // Leadership (a single statement with a term) and maintenance (a transaction).
     store
         .campaign(CampaignParams {
@@ -168,7 +199,67 @@ async fn no_session_state_outlives_a_transaction() {
     let after = session_state(&bouncer, &database.name).await;
     assert_eq!(after, fresh, "state left on the server connection");
     assert_eq!(after[0], ("prepared statements".to_owned(), "0".to_owned()));
+    assert_eq!(
+        store.pool_stats().closed_unanswered,
+        0,
+        "a call that had every answer closed its connection"
+    );
     store.close().await;
+}
+
+/// A call whose caller gives up while its statement waits (here on a row lock held by
+/// another session): behind the bouncer its connection is closed rather than lent to the
+/// next call, whose statements would otherwise follow the unanswered one on it (the split
+/// bind message of docs/scaling.md). Straight to Postgres, which answers in order, the
+/// connection is kept. Either way the store goes on serving.
+#[tokio::test]
+async fn a_call_given_up_mid_request_closes_its_connection_behind_a_pooler_only() {
+    let test = "postgres::tests::pgbouncer::a_call_given_up_mid_request_closes_its_connection_behind_a_pooler_only";
+    let Some((bouncer, database, pooled)) = through_bouncer(test, 2).await else {
+        return;
+    };
+    let direct = PgStore::connect(
+        &bouncer.direct_url(&database.name),
+        PgOptions::for_tests(),
+        clock(),
+    )
+    .await
+    .expect("connect straight to Postgres");
+    let (locker, conn) =
+        tokio_postgres::connect(&bouncer.direct_url(&database.name), tokio_postgres::NoTls)
+            .await
+            .expect("the locking session connects");
+    tokio::spawn(conn);
+
+    for (store, closed) in [(&pooled, 1), (&direct, 0)] {
+        let job = store.insert(vec![noop()]).await.unwrap().remove(0);
+        locker.batch_execute("BEGIN").await.unwrap();
+        locker
+            .execute(
+                "SELECT 1 FROM jobs WHERE id = $1 FOR UPDATE",
+                &[job.id.as_uuid()],
+            )
+            .await
+            .unwrap();
+        // The lock is held until the ROLLBACK below: the cancel cannot finish first.
+        let gave_up = tokio::time::timeout(Duration::from_millis(200), store.cancel(job.id)).await;
+        assert!(
+            gave_up.is_err(),
+            "the cancel waited for the lock: {gave_up:?}"
+        );
+        assert_eq!(store.pool_stats().closed_unanswered, closed);
+        locker.batch_execute("ROLLBACK").await.unwrap();
+
+        let more = store.insert(vec![noop(), noop()]).await.unwrap();
+        assert_eq!(store.get(more[1].id).await.unwrap().id, more[1].id);
+        assert_eq!(
+            store.pool_stats().closed_unanswered,
+            closed,
+            "only the call given up closed its connection"
+        );
+    }
+    direct.close().await;
+    pooled.close().await;
 }
 
 /// Keel set up for Postgres itself (named statements, the statement timeout as a startup
