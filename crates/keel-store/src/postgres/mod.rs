@@ -179,8 +179,7 @@ impl PgOptions {
 /// connection for the duration of one statement or transaction (inserts through the group
 /// committer, which borrows one per batch).
 pub struct PgStore {
-    pool: Pool,
-    /// Lends `pool`'s connections to calls (`pool.rs`).
+    /// Lends the pool's connections to calls (`pool.rs`).
     lender: Lender,
     /// How statements are sent: named, or unnamed behind a transaction pooler.
     sql: Statements,
@@ -204,7 +203,7 @@ impl std::fmt::Debug for PgStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PgStore")
             .field("target", &self.target)
-            .field("pool", &self.pool.status())
+            .field("pool", &self.pool().status())
             .field("channel", &self.channel)
             .field("committer", &self.committer)
             .field("clock", &self.clock)
@@ -216,13 +215,11 @@ impl std::fmt::Debug for PgStore {
 type Ctx<'a> = &'a (dyn Fn() -> String + Send + Sync);
 
 /// Rolls `tx` back and waits for the server's answer: how a transaction that found nothing
-/// to do, or a reason to refuse, ends early. Dropping it instead sends its `ROLLBACK`
-/// without waiting, and the connection goes back to the pool at once, so the next
-/// statement on it is pipelined behind that `ROLLBACK`. Postgres itself answers both in
-/// order, but PgBouncer before 1.21 in transaction mode hands the server connection on at
-/// the `ROLLBACK`'s answer while the next statement is still arriving: a large one (a batch
-/// insert's bind message) was split between two server connections, and the second one
-/// closed with `FATAL: invalid frontend message type 255` under another client.
+/// to do, or a reason to refuse, ends early, so that its call can then say
+/// [`answered`](Lent::answered) and keep its connection. Dropping it instead sends its
+/// `ROLLBACK` without waiting, and behind a transaction pooler the [`Lent`] connection is
+/// then closed rather than given back (see there for why): harmless on an error path, but
+/// a reconnect every second for the leader's rescue pass, which usually finds nothing.
 async fn roll_back(tx: deadpool_postgres::Transaction<'_>, ctx: Ctx<'_>) -> Result<(), StoreError> {
     tx.rollback().await.map_err(|e| error::db(e, ctx()))
 }
@@ -302,7 +299,7 @@ impl PgStore {
             tracing::warn!(error = %e, %target, "could not open min_idle Postgres connections");
         }
         let maintenance = pool::keep(&pool, &opts);
-        let lender = Lender::new(pool.clone(), sql.are_unnamed());
+        let lender = Lender::new(pool, sql.are_unnamed());
         let pending = Arc::new(Pending::default());
         let listener = match (&opts.listen_url, opts.pooler) {
             (Some(url), _) => {
@@ -352,7 +349,6 @@ impl PgStore {
         );
         server.warn(&target, sql.are_unnamed(), opts.statement_timeout);
         Ok(Self {
-            pool,
             lender,
             sql,
             clock,
@@ -375,9 +371,9 @@ impl PgStore {
     #[cfg(any(test, feature = "testkit"))]
     pub async fn show_on_every_connection(&self, setting: &str) -> Result<Vec<String>, StoreError> {
         let ctx = || format!("checking out every pooled connection of {}", self.target);
-        let mut held = Vec::with_capacity(self.pool.status().max_size);
-        for _ in 0..self.pool.status().max_size {
-            held.push(self.pool.get().await.map_err(|e| error::pool(e, ctx()))?);
+        let mut held = Vec::with_capacity(self.pool().status().max_size);
+        for _ in 0..self.pool().status().max_size {
+            held.push(self.pool().get().await.map_err(|e| error::pool(e, ctx()))?);
         }
         let mut out = Vec::with_capacity(held.len());
         for conn in &held {
@@ -496,6 +492,12 @@ impl PgStore {
             );
         }
         Ok(report)
+    }
+
+    /// The connection pool, for its status and its life cycle (calls borrow through
+    /// [`conn`](Self::conn)).
+    fn pool(&self) -> &Pool {
+        self.lender.pool()
     }
 
     /// A pooled connection for one call, or why none could be had. The call says
@@ -785,7 +787,7 @@ impl Store for PgStore {
     }
 
     fn pool_stats(&self) -> PoolStats {
-        let st = self.pool.status();
+        let st = self.pool().status();
         PoolStats {
             max: st.max_size,
             idle: st.available,
@@ -813,7 +815,7 @@ impl Store for PgStore {
         self.committer.close().await;
         // After the last batch, so its wakeups go out; before the pool closes under them.
         self.wakeups.stop().await;
-        self.pool.close();
+        self.pool().close();
         self.maintenance.stop().await;
     }
 }

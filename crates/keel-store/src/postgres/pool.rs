@@ -70,11 +70,10 @@ pub(super) fn build(
 #[derive(Clone)]
 pub(super) struct Lender {
     pool: Pool,
-    /// Whether a connection dropped before its answers came back is closed rather than
-    /// given back: behind a transaction pooler.
-    close_unanswered: bool,
-    /// How many were closed that way, for [`PoolStats`](keel_core::store::PoolStats).
-    closed: Arc<AtomicU64>,
+    /// `Some` behind a transaction pooler, where a connection dropped before its answers
+    /// came back is closed rather than given back: how many were, for
+    /// [`PoolStats`](keel_core::store::PoolStats).
+    closed: Option<Arc<AtomicU64>>,
 }
 
 impl Lender {
@@ -83,9 +82,13 @@ impl Lender {
     pub(super) fn new(pool: Pool, behind_pooler: bool) -> Self {
         Self {
             pool,
-            close_unanswered: behind_pooler,
-            closed: Arc::default(),
+            closed: behind_pooler.then(Arc::default),
         }
+    }
+
+    /// The pool itself: its status, and closing it.
+    pub(super) fn pool(&self) -> &Pool {
+        &self.pool
     }
 
     /// A connection for one call, waiting up to the pool's acquire timeout.
@@ -93,13 +96,15 @@ impl Lender {
         Ok(Lent {
             conn: Some(self.pool.get().await?),
             answered: false,
-            closed: self.close_unanswered.then(|| Arc::clone(&self.closed)),
+            closed: self.closed.clone(),
         })
     }
 
     /// Connections closed because their call dropped them unanswered.
     pub(super) fn closed_unanswered(&self) -> u64 {
-        self.closed.load(Ordering::Relaxed)
+        self.closed
+            .as_ref()
+            .map_or(0, |c| c.load(Ordering::Relaxed))
     }
 }
 

@@ -86,7 +86,7 @@ async fn concurrent_migrations_apply_once() {
     assert_eq!(applied, all, "each migration applied exactly once");
     let again = stores[0].migrate().await.expect("migrate again");
     assert!(again.applied.is_empty());
-    let conn = stores[0].pool.get().await.expect("connection");
+    let conn = stores[0].pool().get().await.expect("connection");
     let rows: i64 = conn
         .query_one("SELECT count(*) FROM keel_schema_migrations", &[])
         .await
@@ -137,7 +137,7 @@ async fn data_the_server_refuses_is_rejected_not_a_failure() {
     let store = PgStore::connect(&base, PgOptions::for_tests(), clock())
         .await
         .expect("connect");
-    let conn = store.pool.get().await.expect("connection");
+    let conn = store.pool().get().await.expect("connection");
     let deep = format!("{}0{}", "[".repeat(100_000), "]".repeat(100_000));
     for (sql, param) in [
         ("SELECT $1::text::jsonb", r#"["a\u0000b"]"#.to_owned()),
@@ -171,7 +171,7 @@ async fn statement_timeout_bounds_every_statement_but_not_migrations() {
         ..PgOptions::for_tests()
     };
     let store = store_in(&schema, opts).await;
-    let conn = store.pool.get().await.expect("connection");
+    let conn = store.pool().get().await.expect("connection");
     let shown: String = conn
         .query_one("SHOW statement_timeout", &[])
         .await
@@ -211,7 +211,7 @@ async fn a_server_without_autovacuum_is_noticed() {
         return;
     };
     let store = store_in(&schema, PgOptions::default()).await;
-    let conn = store.pool.get().await.expect("connection");
+    let conn = store.pool().get().await.expect("connection");
     let shown: String = conn
         .query_one("SHOW autovacuum", &[])
         .await

@@ -114,7 +114,7 @@ async fn count_jobs_where(
     filter: &str,
     params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
 ) -> i64 {
-    let conn = store.pool.get().await.expect("connection");
+    let conn = store.pool().get().await.expect("connection");
     conn.query_one(&format!("SELECT count(*) FROM jobs WHERE {filter}"), params)
         .await
         .unwrap_or_else(|e| panic!("counting jobs where {filter}: {e}"))

@@ -113,7 +113,7 @@ async fn listener_reconnects_after_its_connection_is_killed() {
     let store = store_in(&schema, PgOptions::for_tests()).await;
     let mut wakeups = store.wakeups().expect("Postgres delivers wakeups");
     eventually("the listener to be listening", || store.listens() >= 1).await;
-    let conn = store.pool.get().await.expect("connection");
+    let conn = store.pool().get().await.expect("connection");
     let killed: bool = conn
         .query_one(
             "SELECT pg_terminate_backend($1)",

@@ -412,7 +412,7 @@ async fn explain_hot_queries_use_indexes() {
     };
     let clock = ManualClock::starting_now();
     let store = store_with_clock(&schema, PgOptions::for_tests(), Arc::new(clock.clone())).await;
-    let conn = store.pool.get().await.expect("a pooled connection");
+    let conn = store.pool().get().await.expect("a pooled connection");
     conn.batch_execute(LOAD)
         .await
         .expect("load and analyze jobs");
@@ -739,7 +739,7 @@ async fn the_lease_of_a_young_table_updates_by_primary_key() {
     let queue = QueueName::parse("young").expect("valid queue");
     let jobs: Vec<keel_core::NewJob> = (0..10_000).map(|_| noop().queue(queue.clone())).collect();
     store.insert(jobs).await.expect("insert");
-    let conn = store.pool.get().await.expect("a pooled connection");
+    let conn = store.pool().get().await.expect("a pooled connection");
     let analysed: Option<i64> = conn
         .query_one(
             "SELECT analyze_count + autoanalyze_count FROM pg_stat_user_tables \

@@ -26,16 +26,16 @@ async fn pool_keeps_min_idle_warm_and_retires_old_connections() {
     let store = PgStore::connect(&base, opts, clock())
         .await
         .expect("connect");
-    let status = store.pool.status();
+    let status = store.pool().status();
     assert!(
         status.size >= 3,
         "min_idle connections are opened at connect: {status:?}"
     );
 
     let held = [
-        store.pool.get().await.expect("connection"),
-        store.pool.get().await.expect("connection"),
-        store.pool.get().await.expect("connection"),
+        store.pool().get().await.expect("connection"),
+        store.pool().get().await.expect("connection"),
+        store.pool().get().await.expect("connection"),
     ];
     let mut first = HashSet::new();
     for c in &held {
@@ -44,7 +44,7 @@ async fn pool_keeps_min_idle_warm_and_retires_old_connections() {
     drop(held);
     tokio::time::sleep(Duration::from_millis(600)).await;
     // Past max_lifetime: whatever the pool hands out now is a new backend.
-    let conn = store.pool.get().await.expect("connection");
+    let conn = store.pool().get().await.expect("connection");
     let pid = backend_pid(&conn).await;
     assert!(
         !first.contains(&pid),
@@ -53,14 +53,14 @@ async fn pool_keeps_min_idle_warm_and_retires_old_connections() {
     drop(conn);
 
     // The maintenance task evicts expired idle connections and tops the pool back up.
-    let pool = store.pool.clone();
+    let pool = store.pool().clone();
     eventually("the pool to be topped up to min_idle", || {
         pool.status().size >= 3
     })
     .await;
 
     store.close().await;
-    assert!(store.pool.is_closed());
+    assert!(store.pool().is_closed());
     assert!(
         store.maintenance.is_finished(),
         "close() stops and joins the maintenance task"
@@ -85,7 +85,7 @@ async fn exhausted_pool_fails_fast_and_transient() {
         .await
         .expect("connect");
     // Held for the rest of the test: only the acquire timeout can end the ping's wait.
-    let busy = store.pool.get().await.expect("the only connection");
+    let busy = store.pool().get().await.expect("the only connection");
     let err = store.ping().await.expect_err("no connection free");
     assert!(err.is_transient(), "{err:?}");
     drop(busy);
@@ -107,8 +107,8 @@ async fn killed_connection_is_transient_and_replaced() {
     let store = PgStore::connect(&base, opts, clock())
         .await
         .expect("connect");
-    let victim = store.pool.get().await.expect("connection");
-    let killer = store.pool.get().await.expect("connection");
+    let victim = store.pool().get().await.expect("connection");
+    let killer = store.pool().get().await.expect("connection");
     let pid = backend_pid(&victim).await;
     killer
         .execute("SELECT pg_terminate_backend($1)", &[&pid])

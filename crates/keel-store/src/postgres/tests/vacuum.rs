@@ -40,7 +40,7 @@ async fn the_job_table_is_vacuumed_when_its_autovacuum_is_off() {
         return;
     };
     let store = store_in(&schema, PgOptions::for_tests()).await;
-    let conn = store.pool.get().await.expect("a pooled connection");
+    let conn = store.pool().get().await.expect("a pooled connection");
     conn.batch_execute("ALTER TABLE jobs SET (autovacuum_enabled = false)")
         .await
         .expect("switch the table's autovacuum off");
@@ -66,7 +66,7 @@ async fn the_job_table_is_left_to_autovacuum_when_it_runs() {
         return;
     };
     let store = store_in(&schema, PgOptions::for_tests()).await;
-    let conn = store.pool.get().await.expect("a pooled connection");
+    let conn = store.pool().get().await.expect("a pooled connection");
     let server_autovacuum_off: bool = conn
         .query_one("SELECT current_setting('autovacuum') = 'off'", &[])
         .await

@@ -51,14 +51,14 @@ async fn idempotent_claim_waits_for_an_unfinished_holder() {
         return;
     };
     let store = Arc::new(store_in(&schema, PgOptions::for_tests()).await);
-    let watcher = store.pool.get().await.expect("connection");
+    let watcher = store.pool().get().await.expect("connection");
     for commit in [true, false] {
         let key = if commit {
             "held-then-committed"
         } else {
             "held-then-rolled-back"
         };
-        let mut holder = store.pool.get().await.expect("connection");
+        let mut holder = store.pool().get().await.expect("connection");
         let tx = holder.transaction().await.expect("begin");
         tx.execute(
             "INSERT INTO idempotency_keys \
@@ -162,7 +162,7 @@ async fn pausing_records_the_flag_and_time() {
         .set_queue_paused(queue.clone(), false)
         .await
         .expect("resume");
-    let conn = store.pool.get().await.expect("connection");
+    let conn = store.pool().get().await.expect("connection");
     let rows = conn
         .query("SELECT name, paused, updated_at FROM queues", &[])
         .await
@@ -241,8 +241,8 @@ async fn one_callers_duplicate_fails_only_that_caller() {
         .await
         .expect("first insert");
 
-    let mut holder = store.pool.get().await.expect("connection");
-    let watcher = store.pool.get().await.expect("connection");
+    let mut holder = store.pool().get().await.expect("connection");
+    let watcher = store.pool().get().await.expect("connection");
     let tx = holder.transaction().await.expect("begin");
     tx.batch_execute("LOCK TABLE jobs IN SHARE MODE")
         .await
@@ -448,7 +448,7 @@ async fn only_the_lease_commits_asynchronously() {
         .insert(vec![noop().queue(queue.clone())])
         .await
         .expect("insert");
-    let mut conn = store.pool.get().await.expect("a pooled connection");
+    let mut conn = store.pool().get().await.expect("a pooled connection");
     let setting = "SELECT current_setting('synchronous_commit')";
     let before: String = conn.query_one(setting, &[]).await.expect("setting").get(0);
     assert_eq!(before, "on");
@@ -609,7 +609,7 @@ async fn a_heartbeat_skips_a_row_another_transaction_holds() {
         .expect("a leased job has a lease")
         .expires_at;
 
-    let mut holder = store.pool.get().await.expect("connection");
+    let mut holder = store.pool().get().await.expect("connection");
     let tx = holder.transaction().await.expect("begin");
     tx.query_one(
         "SELECT id FROM jobs WHERE id = $1 FOR UPDATE",
